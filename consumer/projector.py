@@ -1,0 +1,267 @@
+"""Projects results-stream events into PostgreSQL (executions and the chain of node runs).
+
+It is a consumer group of its own on the results stream, so it can run inside every worker process
+(the default) or alone as `nova projector`. Writes are idempotent upserts keyed by the event's stream
+id: a row takes a column from an event only if that event is newer than the last one applied to the
+row, so replaying an event, or applying two in either order, leaves the same row. Each batch is one
+transaction and is acknowledged only after it commits; while PostgreSQL is down the events simply
+wait in the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from tenacity import wait_exponential_jitter
+
+from shared.connections import REDIS_UNAVAILABLE, ensure_groups, open_pool
+from shared.events import Event
+from shared.settings import Settings
+from shared.streams import EXECUTION_STATUS_BY_EVENT, EventType, Keys, entry_id_parts, parse_iso
+
+log = logging.getLogger(__name__)
+
+# Columns taken from the newest event win; "first" columns keep the first value seen.
+_NEWER = "(EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (e.last_event_ms, e.last_event_seq)"
+
+UPSERT_EXECUTION = f"""
+INSERT INTO executions AS e (
+    id, task_id, workflow_id, workflow_name, client_slug, status, initial_context, final_context,
+    error, nodes_executed, current_node, attempt, consumer, enqueued_at, started_at, finished_at,
+    updated_at, last_event_ms, last_event_seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, 0), $11, COALESCE($12, 0), $13, $14, $15, $16,
+        $17, $18, $19)
+ON CONFLICT (id) DO UPDATE SET
+    workflow_name   = COALESCE(e.workflow_name, EXCLUDED.workflow_name),
+    initial_context = COALESCE(e.initial_context, EXCLUDED.initial_context),
+    enqueued_at     = COALESCE(e.enqueued_at, EXCLUDED.enqueued_at),
+    started_at      = COALESCE(e.started_at, EXCLUDED.started_at),
+    status          = CASE WHEN {_NEWER} THEN EXCLUDED.status ELSE e.status END,
+    final_context   = CASE WHEN {_NEWER} AND $8::jsonb IS NOT NULL THEN EXCLUDED.final_context ELSE e.final_context END,
+    error           = CASE WHEN {_NEWER} AND $9::jsonb IS NOT NULL THEN EXCLUDED.error ELSE e.error END,
+    nodes_executed  = CASE WHEN {_NEWER} AND $10::int IS NOT NULL THEN EXCLUDED.nodes_executed ELSE e.nodes_executed END,
+    current_node    = CASE WHEN {_NEWER} AND $11::text IS NOT NULL THEN EXCLUDED.current_node ELSE e.current_node END,
+    attempt         = CASE WHEN {_NEWER} AND $12::int IS NOT NULL THEN EXCLUDED.attempt ELSE e.attempt END,
+    consumer        = CASE WHEN {_NEWER} AND $13::text IS NOT NULL THEN EXCLUDED.consumer ELSE e.consumer END,
+    finished_at     = CASE WHEN {_NEWER} AND $16::timestamptz IS NOT NULL THEN EXCLUDED.finished_at ELSE e.finished_at END,
+    updated_at      = CASE WHEN {_NEWER} THEN EXCLUDED.updated_at ELSE e.updated_at END,
+    last_event_ms   = CASE WHEN {_NEWER} THEN EXCLUDED.last_event_ms ELSE e.last_event_ms END,
+    last_event_seq  = CASE WHEN {_NEWER} THEN EXCLUDED.last_event_seq ELSE e.last_event_seq END
+"""  # noqa: E501
+
+_NODE_NEWER = "(EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (n.last_event_ms, n.last_event_seq)"
+
+# A node_started event resets the row (a node re-run after a crash shows as running again); a
+# node_finished event fills in its outcome. The input context and start time of the run are kept.
+UPSERT_NODE_RUN = f"""
+INSERT INTO node_runs AS n (
+    execution_id, step, node_id, node_type, status, input_context, output_context, stdout, stderr,
+    decision, next_node, error, started_at, finished_at, duration_ms, last_event_ms, last_event_seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+ON CONFLICT (execution_id, step) DO UPDATE SET
+    node_id        = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.node_id ELSE n.node_id END,
+    node_type      = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.node_type ELSE n.node_type END,
+    status         = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.status ELSE n.status END,
+    input_context  = CASE WHEN {_NODE_NEWER} THEN COALESCE(EXCLUDED.input_context, n.input_context)
+                          ELSE COALESCE(n.input_context, EXCLUDED.input_context) END,
+    started_at     = CASE WHEN {_NODE_NEWER} THEN COALESCE(EXCLUDED.started_at, n.started_at)
+                          ELSE COALESCE(n.started_at, EXCLUDED.started_at) END,
+    output_context = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.output_context ELSE n.output_context END,
+    stdout         = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.stdout ELSE n.stdout END,
+    stderr         = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.stderr ELSE n.stderr END,
+    decision       = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.decision ELSE n.decision END,
+    next_node      = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.next_node ELSE n.next_node END,
+    error          = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.error ELSE n.error END,
+    finished_at    = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.finished_at ELSE n.finished_at END,
+    duration_ms    = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.duration_ms ELSE n.duration_ms END,
+    last_event_ms  = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.last_event_ms ELSE n.last_event_ms END,
+    last_event_seq = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.last_event_seq ELSE n.last_event_seq END
+"""
+
+UPSERT_CLIENT = "INSERT INTO clients (slug, name) VALUES ($1, $1) ON CONFLICT (slug) DO NOTHING"
+
+
+def execution_row(event: Event) -> tuple[Any, ...]:
+    d = event.data
+    ms, seq = entry_id_parts(event.id)
+    t = event.type
+    ts = parse_iso(event.ts)
+    error = d.get("error") if t in (EventType.FAILED, EventType.DEAD, EventType.RETRY) else None
+    final = d.get("final_context") if t in (EventType.SUCCEEDED, EventType.FAILED) else None
+    nodes = d.get("nodes_executed")
+    if t == EventType.NODE_FINISHED:
+        nodes = d.get("step")
+    return (
+        event.execution_id,
+        event.task_id,
+        event.workflow_id,
+        d.get("workflow_name"),
+        event.client,
+        EXECUTION_STATUS_BY_EVENT[t],
+        d.get("initial_context") if t == EventType.QUEUED else None,
+        final,
+        error,
+        nodes,
+        d.get("node_id") if t == EventType.NODE_STARTED else None,
+        d.get("attempt") if t in (EventType.RETRY, EventType.STARTED) else None,
+        d.get("consumer") if t == EventType.STARTED else None,
+        parse_iso(d.get("enqueued_at")) if t == EventType.QUEUED else None,
+        parse_iso(d.get("started_at")) if t == EventType.STARTED else None,
+        parse_iso(d.get("finished_at")) if t in (EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD) else None,
+        ts,
+        ms,
+        seq,
+    )
+
+
+def node_run_row(event: Event) -> tuple[Any, ...]:
+    d = event.data
+    ms, seq = entry_id_parts(event.id)
+    started = event.type == EventType.NODE_STARTED
+    return (
+        event.execution_id,
+        int(d["step"]),
+        d["node_id"],
+        d["node_type"],
+        "running" if started else d.get("status", "success"),
+        d.get("input_context") if started else None,
+        None if started else d.get("output_context"),
+        None if started else d.get("stdout"),
+        None if started else d.get("stderr"),
+        None if started else d.get("decision"),
+        None if started else d.get("next_node"),
+        None if started else d.get("error"),
+        parse_iso(d.get("started_at")),
+        None if started else parse_iso(d.get("finished_at")),
+        None if started else d.get("duration_ms"),
+        ms,
+        seq,
+    )
+
+
+async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> None:
+    """Write a batch of events in one transaction: clients, then executions, then node runs."""
+    events = sorted(events, key=lambda e: entry_id_parts(e.id))
+    async with conn.transaction():
+        clients = sorted({e.client for e in events})
+        if clients:
+            await conn.executemany(UPSERT_CLIENT, [(c,) for c in clients])
+        await conn.executemany(UPSERT_EXECUTION, [execution_row(e) for e in events])
+        node_rows = [node_run_row(e) for e in events if e.type in (EventType.NODE_STARTED, EventType.NODE_FINISHED)]
+        if node_rows:
+            await conn.executemany(UPSERT_NODE_RUN, node_rows)
+
+
+class Projector:
+    def __init__(self, settings: Settings, redis: Redis, pool: asyncpg.Pool | None, *, consumer: str) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pool = pool
+        self.keys = Keys.from_settings(settings)
+        self.consumer = consumer
+        self.projected = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        wait = wait_exponential_jitter(initial=0.1, max=5.0)
+        failures = 0
+        # Our own pending entries first (a previous life of this consumer name), then new ones.
+        cursor = "0"
+        while not stop.is_set():
+            try:
+                if self.pool is None:
+                    self.pool = await open_pool(self.settings)
+                entries = await self._next_batch(cursor)
+                if cursor == "0" and not entries:
+                    cursor = ">"
+                    continue
+                if entries:
+                    await self._project(entries)
+                    if cursor != ">":
+                        cursor = entries[-1][0]
+                elif cursor == ">":
+                    await self._reclaim_stale()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await ensure_groups(self.redis, self.keys)
+            except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                failures += 1
+                delay = wait(_Attempt(failures))
+                log.warning("projector waiting %.1fs: %s", delay, exc)
+                # Unacknowledged entries stay pending for this consumer; re-read them from the start.
+                cursor = "0"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+    async def _next_batch(self, cursor: str) -> list[tuple[str, dict[str, str]]]:
+        reply = await self.redis.xreadgroup(
+            self.keys.projector_group,
+            self.consumer,
+            {self.keys.results: cursor},
+            count=self.settings.projector_batch,
+            block=1000 if cursor == ">" else None,
+        )
+        entries: list[tuple[str, dict[str, str]]] = []
+        for _stream, items in reply or []:
+            entries.extend((i, f) for i, f in items if f is not None)
+        return entries
+
+    async def _reclaim_stale(self) -> None:
+        """Take over events a dead projector consumer read but never acknowledged."""
+        idle_ms = int(self.settings.visibility_timeout * 1000)
+        reply = await self.redis.xautoclaim(
+            self.keys.results, self.keys.projector_group, self.consumer, idle_ms, count=self.settings.projector_batch
+        )
+        claimed = [(i, f) for i, f in (reply[1] if len(reply) > 1 else []) if i is not None and f is not None]
+        if claimed:
+            log.info("projector reclaimed %d stale event(s)", len(claimed))
+            await self._project(claimed)
+
+    async def _project(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        assert self.pool is not None
+        events: list[Event] = []
+        poison: list[str] = []
+        for entry_id, fields in entries:
+            try:
+                events.append(Event.from_entry(entry_id, fields))
+            except (KeyError, ValueError) as exc:
+                log.error("results entry %s is not an event (%s); skipped", entry_id, exc)
+                poison.append(entry_id)
+        async with self.pool.acquire() as conn:
+            try:
+                await apply_events(conn, events)
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+                # One bad event must not block the stream: apply one by one, skip what fails.
+                for event in events:
+                    try:
+                        await apply_events(conn, [event])
+                    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+                        log.error("event %s (%s) cannot be projected: %s", event.id, event.type, exc)
+        await self.redis.xack(self.keys.results, self.keys.projector_group, *[i for i, _ in entries])
+        self.projected += len(events)
+
+
+class _Attempt:
+    def __init__(self, attempt_number: int) -> None:
+        self.attempt_number = attempt_number
+
+
+async def serve_projector(settings: Settings, *, stop: asyncio.Event) -> None:
+    """Run only the projector (`nova projector`), for deployments that separate it from workers."""
+    from shared.connections import create_redis
+
+    redis = create_redis(settings)
+    try:
+        await ensure_groups(redis, Keys.from_settings(settings))
+        await Projector(settings, redis, None, consumer=settings.consumer).run(stop)
+    finally:
+        await redis.aclose()

@@ -1,0 +1,62 @@
+"""Parsing a requests-stream entry into a typed request, or saying exactly why it is malformed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from shared.streams import RequestField, decode_fields
+
+
+class MalformedRequest(ValueError):
+    """An entry the worker cannot run; its message becomes the dead-letter reason."""
+
+
+@dataclass(frozen=True)
+class ExecutionRequest:
+    entry_id: str
+    task_id: str
+    execution_id: int
+    workflow_id: int
+    workflow_name: str
+    client: str
+    enqueued_at: str
+    initial_context: dict[str, Any]
+    payload: dict[str, Any]
+    fields: dict[str, str]
+
+
+def parse_request(entry_id: str, raw: dict[Any, Any]) -> ExecutionRequest:
+    fields = decode_fields(raw)
+    missing = [f.value for f in (RequestField.TASK_ID, RequestField.EXECUTION_ID, RequestField.WORKFLOW_ID,
+                                 RequestField.CLIENT, RequestField.PAYLOAD) if not fields.get(f)]  # fmt: skip
+    if missing:
+        raise MalformedRequest(f"missing field(s): {', '.join(missing)}")
+    try:
+        execution_id = int(fields[RequestField.EXECUTION_ID])
+        workflow_id = int(fields[RequestField.WORKFLOW_ID])
+    except ValueError as exc:
+        raise MalformedRequest(f"execution_id and workflow_id must be integers ({exc})") from None
+    try:
+        payload = orjson.loads(fields[RequestField.PAYLOAD])
+    except orjson.JSONDecodeError as exc:
+        raise MalformedRequest(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise MalformedRequest("payload must be a JSON object")
+    context = payload.get("initial_context", {})
+    if not isinstance(context, dict):
+        raise MalformedRequest("payload.initial_context must be a JSON object")
+    return ExecutionRequest(
+        entry_id=entry_id,
+        task_id=fields[RequestField.TASK_ID],
+        execution_id=execution_id,
+        workflow_id=workflow_id,
+        workflow_name=fields.get(RequestField.WORKFLOW_NAME, ""),
+        client=fields[RequestField.CLIENT],
+        enqueued_at=fields.get(RequestField.ENQUEUED_AT, ""),
+        initial_context=context,
+        payload=payload,
+        fields=fields,
+    )

@@ -1,0 +1,369 @@
+"""One delivery of one execution request, from claim to acknowledgement.
+
+Every state change goes through one atomic script (shared/scripts.py): a status event on the results
+stream plus the task hash that GET /tasks reads. The request entry is acknowledged only together with
+its terminal event, its parking for a retry, or its dead letter, so a crash at any point leaves it
+pending for reclaim, and the checkpoint in the task hash lets the next delivery resume after the last
+completed node instead of repeating finished side effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from consumer.engine import Checkpoint, NodeRecord, OpenSandbox, Outcome, run_workflow
+from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
+from consumer.sandbox.base import SandboxInfraError, SandboxSpec
+from shared.catalog import WorkflowCatalog
+from shared.connections import REDIS_UNAVAILABLE
+from shared.events import event_fields
+from shared.scripts import Scripts
+from shared.settings import Settings
+from shared.streams import (
+    TERMINAL_STATUSES,
+    DeadLetterField,
+    EventType,
+    Keys,
+    TaskField,
+    TaskStatus,
+    decode_fields,
+    dumps,
+    loads,
+    now_iso,
+)
+from shared.workflow import Definition, InvalidDefinition, Node, validate_definition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What every run shares with its worker."""
+
+    settings: Settings
+    redis: Redis
+    keys: Keys
+    scripts: Scripts
+    catalog: WorkflowCatalog
+    open_sandbox: OpenSandbox
+    consumer: str
+    definitions: dict[int, Definition]
+
+
+def backoff_seconds(settings: Settings, attempt: int) -> float:
+    """Exponential backoff with full jitter for retry number `attempt` (1-based)."""
+    ceiling = min(settings.retry_backoff_max, settings.retry_backoff * 2 ** (attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+async def _durably(action: Any, settings: Settings) -> Any:
+    """Redis writes a run cannot skip: retried through a short outage, then given up (entry stays pending)."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(REDIS_UNAVAILABLE),
+        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        stop=stop_after_delay(settings.visibility_timeout),
+        reraise=True,
+    ):
+        with attempt:
+            return await action()
+    return None  # unreachable: tenacity reraises
+
+
+class Run:
+    def __init__(self, ctx: RunContext, entry_id: str, raw: dict[Any, Any], deliveries: int) -> None:
+        self.ctx = ctx
+        self.entry_id = entry_id
+        self.raw = raw
+        self.deliveries = deliveries
+        self.request: ExecutionRequest | None = None
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    async def execute(self) -> None:
+        ctx = self.ctx
+        try:
+            request = self.request = parse_request(self.entry_id, self.raw)
+        except MalformedRequest as exc:
+            await self._dead_letter("malformed", str(exc), None)
+            return
+        task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(request.task_id)))
+        if task.get(TaskField.STATUS) in TERMINAL_STATUSES:
+            # A redelivery of work already finished: acknowledge, never run twice.
+            await ctx.redis.xack(ctx.keys.requests, ctx.keys.worker_group, self.entry_id)
+            return
+        if self.deliveries > ctx.settings.max_deliveries:
+            await self._dead_letter(
+                "max_deliveries",
+                f"delivered {self.deliveries} times (max_deliveries={ctx.settings.max_deliveries})",
+                task,
+            )
+            return
+        definition = await self._definition(request, task)
+        if definition is None:
+            return
+        checkpoint_raw = loads(task.get(TaskField.CHECKPOINT))
+        resume = Checkpoint.from_json(checkpoint_raw) if checkpoint_raw else None
+        attempt = int(task.get(TaskField.ATTEMPT) or 0)
+        started_at = task.get(TaskField.STARTED_AT) or now_iso()
+        await self._record(
+            EventType.STARTED,
+            {
+                "workflow_name": request.workflow_name,
+                "started_at": started_at,
+                "consumer": ctx.consumer,
+                "delivery": self.deliveries,
+                "attempt": attempt,
+                "resumed_from_step": resume.step if resume else 0,
+            },
+            {
+                TaskField.STATUS: TaskStatus.RUNNING,
+                TaskField.STARTED_AT: started_at,
+                TaskField.CONSUMER: ctx.consumer,
+                TaskField.EXECUTION_ID: str(request.execution_id),
+                TaskField.WORKFLOW_ID: str(request.workflow_id),
+                TaskField.WORKFLOW_NAME: request.workflow_name,
+                TaskField.CLIENT: request.client,
+                TaskField.TASK_ID: request.task_id,
+            },
+        )
+        try:
+            outcome = await run_workflow(
+                definition,
+                request.initial_context,
+                open_sandbox=ctx.open_sandbox,
+                spec=SandboxSpec(execution_id=request.execution_id, client=request.client),
+                hooks=_Hooks(self),
+                default_executor=ctx.settings.default_executor,
+                node_timeout=ctx.settings.node_timeout,
+                execution_timeout=ctx.settings.execution_timeout,
+                resume=resume,
+                extra_context=self._node_identity,
+            )
+        except SandboxInfraError as exc:
+            await self._transient_failure(attempt, exc)
+            return
+        await self._finish(outcome)
+
+    async def _definition(self, request: ExecutionRequest, task: dict[str, str]) -> Definition | None:
+        ctx = self.ctx
+        definition = ctx.definitions.get(request.workflow_id)
+        if definition is not None:
+            return definition
+        workflow = await ctx.catalog.get(request.workflow_id)
+        if workflow is None:
+            await self._dead_letter("unknown_workflow", f"workflow {request.workflow_id} does not exist", task)
+            return None
+        try:
+            definition = validate_definition(workflow.definition)
+        except (InvalidDefinition, ValueError) as exc:
+            await self._dead_letter("invalid_definition", str(exc), task)
+            return None
+        ctx.definitions[request.workflow_id] = definition
+        return definition
+
+    def _node_identity(self, step: int, node: Node) -> dict[str, Any]:
+        request = self.request
+        assert request is not None
+        # Stable across redeliveries and retries: external systems can deduplicate on it.
+        key = f"{request.execution_id}:{node.id}:{step}"
+        return {
+            "_nova": {
+                "execution_id": request.execution_id,
+                "task_id": request.task_id,
+                "node_id": node.id,
+                "step": step,
+                "idempotency_key": key,
+            }
+        }
+
+    # ---- outcomes ------------------------------------------------------------------------------
+
+    async def _finish(self, outcome: Outcome) -> None:
+        finished_at = now_iso()
+        if outcome.status == "success":
+            result = {"final_context": outcome.final_context, "nodes_executed": outcome.nodes_executed}
+            await self._record(
+                EventType.SUCCEEDED,
+                {"finished_at": finished_at, **result},
+                {
+                    TaskField.STATUS: TaskStatus.SUCCESS,
+                    TaskField.FINISHED_AT: finished_at,
+                    TaskField.RESULT: dumps(result),
+                    TaskField.NODES_EXECUTED: str(outcome.nodes_executed),
+                },
+                terminal=True,
+            )
+        else:
+            await self._record(
+                EventType.FAILED,
+                {
+                    "finished_at": finished_at,
+                    "final_context": outcome.final_context,
+                    "nodes_executed": outcome.nodes_executed,
+                    "error": outcome.error,
+                },
+                {
+                    TaskField.STATUS: TaskStatus.FAILURE,
+                    TaskField.FINISHED_AT: finished_at,
+                    TaskField.ERROR: dumps(outcome.error),
+                    TaskField.NODES_EXECUTED: str(outcome.nodes_executed),
+                },
+                terminal=True,
+            )
+
+    async def _transient_failure(self, attempt: int, exc: Exception) -> None:
+        ctx = self.ctx
+        request = self.request
+        assert request is not None
+        error = {"node_id": None, "type": type(exc).__name__, "message": str(exc), "traceback": "",
+                 "reason": "transient"}  # fmt: skip
+        if attempt >= ctx.settings.max_retries:
+            task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(request.task_id)))
+            await self._dead_letter(
+                "retries_exhausted", f"{error['type']}: {error['message']} after {attempt} retries", task
+            )
+            return
+        next_attempt = attempt + 1
+        delay = backoff_seconds(ctx.settings, next_attempt)
+        due_ms = int((time.time() + delay) * 1000)
+        retry_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(due_ms / 1000)) + "Z"
+        log.warning("task %s: transient error, retry %d in %.2fs: %s", request.task_id, next_attempt, delay, exc)
+        await _durably(
+            lambda: ctx.scripts.retry_later(
+                task_id=request.task_id,
+                entry_id=self.entry_id,
+                request=request.fields,
+                due_ms=due_ms,
+                event=self._event(EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at}),
+                task_fields={
+                    TaskField.STATUS: TaskStatus.RETRY,
+                    TaskField.ATTEMPT: str(next_attempt),
+                    TaskField.ERROR: dumps(error),
+                    TaskField.UPDATED_AT: now_iso(),
+                },
+                results_maxlen=ctx.settings.results_maxlen,
+            ),
+            ctx.settings,
+        )
+
+    async def _dead_letter(self, reason: str, message: str, task: dict[str, str] | None) -> None:
+        ctx = self.ctx
+        request = self.request
+        fields = decode_fields(self.raw)
+        attempts = task.get(TaskField.ATTEMPT, "0") if task else "0"
+        letter = {
+            **fields,
+            DeadLetterField.REASON: reason,
+            DeadLetterField.ERROR: message,
+            DeadLetterField.ATTEMPTS: attempts,
+            DeadLetterField.DELIVERIES: str(self.deliveries),
+            DeadLetterField.ORIGINAL_ID: self.entry_id,
+            DeadLetterField.DEAD_AT: now_iso(),
+        }
+        log.warning("entry %s dead-lettered (%s): %s", self.entry_id, reason, message)
+        error = {"node_id": None, "type": reason, "message": message, "traceback": "", "reason": reason}
+        event = task_fields = None
+        if request is not None:
+            finished_at = now_iso()
+            event = self._event(
+                EventType.DEAD,
+                {"finished_at": finished_at, "reason": reason, "error": error, "attempts": int(attempts)},
+            )
+            task_fields = {
+                TaskField.STATUS: TaskStatus.DEAD,
+                TaskField.FINISHED_AT: finished_at,
+                TaskField.ERROR: dumps(error),
+                TaskField.UPDATED_AT: finished_at,
+            }
+        await _durably(
+            lambda: ctx.scripts.dead_letter(
+                entry_id=self.entry_id,
+                letter=letter,
+                task_id=request.task_id if request else None,
+                event=event,
+                task_fields=task_fields,
+                results_maxlen=ctx.settings.results_maxlen,
+                task_ttl=ctx.settings.task_ttl,
+            ),
+            ctx.settings,
+        )
+
+    # ---- recording -----------------------------------------------------------------------------
+
+    def _event(self, type_: EventType, data: dict[str, Any]) -> dict[str, str]:
+        request = self.request
+        assert request is not None
+        return event_fields(
+            type_,
+            task_id=request.task_id,
+            execution_id=request.execution_id,
+            workflow_id=request.workflow_id,
+            client=request.client,
+            data=data,
+        )
+
+    async def _record(
+        self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str], *, terminal: bool = False
+    ) -> None:
+        ctx = self.ctx
+        request = self.request
+        assert request is not None
+        event = self._event(type_, data)
+        fields = {**task_fields, TaskField.UPDATED_AT: event["ts"]}
+        result = await _durably(
+            lambda: ctx.scripts.record(
+                task_id=request.task_id,
+                event=event,
+                task_fields=fields,
+                terminal=terminal,
+                ack_entry_id=self.entry_id,
+                results_maxlen=ctx.settings.results_maxlen,
+                task_ttl=ctx.settings.task_ttl,
+            ),
+            ctx.settings,
+        )
+        if not result.written:
+            raise AlreadyFinished(request.task_id, result.status)
+
+
+class AlreadyFinished(Exception):
+    """Another delivery of this task reached a terminal state first; this one stops quietly."""
+
+
+class _Hooks:
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
+        await self.run._record(
+            EventType.NODE_STARTED,
+            {
+                "step": step,
+                "node_id": node.id,
+                "node_type": node.type.value,
+                "started_at": started_at,
+                "input_context": context,
+            },
+            {TaskField.CURRENT_NODE: node.id},
+        )
+
+    async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:
+        await self.run._record(
+            EventType.NODE_FINISHED,
+            record.as_json(),
+            {
+                TaskField.CHECKPOINT: dumps(checkpoint.as_json()),
+                TaskField.NODES_EXECUTED: str(record.step),
+            },
+        )
+
+
+def run_for(ctx: RunContext, entry_id: str, raw: dict[Any, Any], deliveries: int) -> Run:
+    return Run(ctx, entry_id, raw, deliveries)

@@ -1,0 +1,319 @@
+"""The stream consumer: reads execution requests as a member of the workers' group and runs them.
+
+Backpressure: XREADGROUP asks for only as many entries as there are free slots, so a busy worker
+leaves the rest of the stream to its peers. Alongside the reader run three small loops: a heartbeat
+that keeps this worker's in-flight entries fresh, a reclaimer that takes over entries whose worker
+went silent, and housekeeping (due retries, trimming, removing dead consumers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from tenacity import wait_exponential_jitter
+
+from consumer.maintenance import Maintenance
+from consumer.runs import AlreadyFinished, RunContext, run_for
+from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
+from shared.catalog import WorkflowCatalog
+from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
+from shared.scripts import Scripts
+from shared.settings import Settings
+from shared.streams import Keys
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        catalog: WorkflowCatalog,
+        providers: dict[str, SandboxProvider],
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys.from_settings(settings)
+        self.scripts = Scripts(redis, self.keys)
+        self.consumer = settings.consumer
+        self.providers = providers
+        self.ctx = RunContext(
+            settings=settings,
+            redis=redis,
+            keys=self.keys,
+            scripts=self.scripts,
+            catalog=catalog,
+            open_sandbox=self._open_sandbox,
+            consumer=self.consumer,
+            definitions={},
+        )
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+        self.maintenance = Maintenance(settings, redis, self.keys, self.scripts, self.consumer)
+        # Counters for metrics and tests.
+        self.completed = 0
+
+    async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
+        provider = self.providers.get(spec.executor)
+        if provider is None:
+            raise SandboxInfraError(f"no sandbox provider for executor '{spec.executor}'")
+        return await provider.open(spec)
+
+    @property
+    def free_slots(self) -> int:
+        return self.settings.concurrency - len(self.inflight)
+
+    def _start(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
+        if entry_id in self.inflight:
+            return
+        task = asyncio.create_task(self._run(entry_id, fields, deliveries), name=f"run {entry_id}")
+        self.inflight[entry_id] = task
+
+    async def _run(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
+        try:
+            await run_for(self.ctx, entry_id, fields, deliveries).execute()
+        except AlreadyFinished as exc:
+            log.info("entry %s: task %s already finished elsewhere", entry_id, exc.args[0])
+        except asyncio.CancelledError:
+            # Shutdown or lost ownership: the entry stays pending and resumes from its checkpoint.
+            raise
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("entry %s left pending, Redis unavailable: %s", entry_id, exc)
+        except Exception:
+            log.exception("entry %s: unexpected error; left pending for redelivery", entry_id)
+        finally:
+            self.inflight.pop(entry_id, None)
+            self.completed += 1
+            self._slot_freed.set()
+
+    # ---- loops ---------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._until_redis(lambda: ensure_groups(self.redis, self.keys), stop)
+        log.info("worker %s reading %s as group %s (concurrency %d)", self.consumer, self.keys.requests,
+                 self.keys.worker_group, self.settings.concurrency)  # fmt: skip
+        # The side loops outlive `stop`: the heartbeat must keep draining runs fresh.
+        closed = asyncio.Event()
+        vt = self.settings.visibility_timeout
+        loops = [
+            asyncio.create_task(self._every(vt / 3, self._heartbeat, closed)),
+            asyncio.create_task(self._every(vt / 2, self._reclaim, stop)),
+            asyncio.create_task(self._every(self._promote_interval(), self._promote, stop)),
+            asyncio.create_task(self._every(max(vt, 5.0), self.maintenance.run, stop)),
+        ]
+        try:
+            await self._read_loop(stop)
+            await self._drain()
+        finally:
+            closed.set()
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            # Reached only on an unexpected error in the read loop: runs must not outlive it.
+            for task in self.inflight.values():
+                task.cancel()
+            await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+
+    def _promote_interval(self) -> float:
+        return min(1.0, max(0.02, self.settings.retry_backoff / 2))
+
+    async def _read_loop(self, stop: asyncio.Event) -> None:
+        wait = wait_exponential_jitter(initial=0.1, max=5.0)
+        failures = 0
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                if self.free_slots <= 0:
+                    self._slot_freed.clear()
+                    freed = asyncio.create_task(self._slot_freed.wait())
+                    await asyncio.wait({freed, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    freed.cancel()
+                    continue
+                read = asyncio.create_task(self._read(self.free_slots))
+                done, _ = await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    # Stopping: an entry delivered to a cancelled read stays pending and is reclaimed.
+                    read.cancel()
+                    with contextlib.suppress(BaseException):
+                        await read
+                    break
+                try:
+                    entries = read.result()
+                    failures = 0
+                except REDIS_UNAVAILABLE as exc:
+                    failures += 1
+                    delay = wait(_RetryState(failures))
+                    log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                    await _sleep_or_stop(delay, stop)
+                    continue
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        # Redis lost its data (restart without AOF, FLUSHALL): recreate and go on.
+                        log.warning("consumer group missing; recreating it")
+                        await ensure_groups(self.redis, self.keys)
+                        continue
+                    raise
+                for entry_id, fields in entries:
+                    self._start(entry_id, fields, 1)
+        finally:
+            stop_wait.cancel()
+
+    async def _read(self, count: int) -> list[tuple[str, dict[str, str]]]:
+        reply = await self.redis.xreadgroup(
+            self.keys.worker_group,
+            self.consumer,
+            {self.keys.requests: ">"},
+            count=count,
+            block=2000,
+        )
+        entries: list[tuple[str, dict[str, str]]] = []
+        for _stream, items in reply or []:
+            entries.extend(items)
+        return entries
+
+    async def _heartbeat(self) -> None:
+        ids = list(self.inflight)
+        if not ids:
+            return
+        kept = await self.scripts.heartbeat(self.consumer, ids)
+        for entry_id in ids:
+            if entry_id not in kept and entry_id in self.inflight:
+                # Another worker reclaimed it (we were silent too long): stop our copy so the
+                # node in flight does not run twice at once.
+                log.warning("entry %s was taken over by another worker; cancelling our run", entry_id)
+                self.inflight[entry_id].cancel()
+
+    async def _reclaim(self) -> None:
+        free = self.free_slots
+        if free <= 0:
+            return
+        idle_ms = int(self.settings.visibility_timeout * 1000)
+        reply = await self.redis.xautoclaim(
+            self.keys.requests, self.keys.worker_group, self.consumer, idle_ms, start_id="0-0", count=free
+        )
+        claimed = reply[1] if len(reply) > 1 else []
+        live: list[tuple[str, dict[str, str]]] = []
+        for entry_id, fields in claimed:
+            # Redis 6.2 answers nil for an entry deleted while pending; Maintenance acks those.
+            if entry_id is not None and fields is not None:
+                live.append((entry_id, fields))
+        if not live:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, _ in live:
+            pipe.xpending_range(self.keys.requests, self.keys.worker_group, min=entry_id, max=entry_id, count=1)
+        counts = await pipe.execute()
+        for (entry_id, fields), info in zip(live, counts, strict=True):
+            deliveries = int(info[0]["times_delivered"]) if info else 1
+            log.info("reclaimed entry %s (delivery %d)", entry_id, deliveries)
+            self._start(entry_id, fields, deliveries)
+
+    async def _promote(self) -> None:
+        await self.scripts.promote_due(int(time.time() * 1000))
+
+    async def _every(self, interval: float, action: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await action()
+            except asyncio.CancelledError:
+                raise
+            except REDIS_UNAVAILABLE as exc:
+                log.debug("%s skipped: Redis unavailable (%s)", getattr(action, "__name__", action), exc)
+            except Exception:
+                log.exception("%s failed", getattr(action, "__name__", action))
+            await _sleep_or_stop(interval, stop)
+
+    async def _until_redis(self, action: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
+        wait = wait_exponential_jitter(initial=0.1, max=5.0)
+        failures = 0
+        while not stop.is_set():
+            try:
+                await action()
+                return
+            except REDIS_UNAVAILABLE as exc:
+                failures += 1
+                delay = wait(_RetryState(failures))
+                log.warning("Redis unavailable at start (%s); retrying in %.1fs", exc, delay)
+                await _sleep_or_stop(delay, stop)
+
+    async def _drain(self) -> None:
+        """Give in-flight runs the grace period, then cancel them; their entries stay pending."""
+        if not self.inflight:
+            return
+        log.info("draining %d in-flight run(s) for up to %.0fs", len(self.inflight), self.settings.shutdown_grace)
+        _, pending = await asyncio.wait(set(self.inflight.values()), timeout=self.settings.shutdown_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("%d run(s) left pending for reclaim", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+class _RetryState:
+    """The one attribute tenacity's wait strategies read."""
+
+    def __init__(self, attempt_number: int) -> None:
+        self.attempt_number = attempt_number
+
+
+async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+def default_providers(settings: Settings) -> dict[str, SandboxProvider]:
+    from consumer.sandbox.local import LocalSandboxProvider
+
+    providers: dict[str, SandboxProvider] = {"local": LocalSandboxProvider(settings)}
+    return providers
+
+
+async def _start_providers(providers: dict[str, SandboxProvider]) -> None:
+    for provider in providers.values():
+        start = getattr(provider, "start", None)
+        if start is not None:
+            await start()
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event,
+    providers: dict[str, SandboxProvider] | None = None,
+) -> None:
+    """Run a worker (and the projector, unless disabled) until `stop` is set, then drain."""
+    from consumer.projector import Projector
+
+    redis = create_redis(settings)
+    pool: asyncpg.Pool | None = None
+    try:
+        pool = await open_pool(settings)
+    except Exception as exc:
+        # Workers do not need PostgreSQL to execute: workflows are read from Redis, and events
+        # wait in the results stream until the projector can write them.
+        log.warning("PostgreSQL unavailable at start (%s); executing without it", exc)
+    providers = providers if providers is not None else default_providers(settings)
+    await _start_providers(providers)
+    keys = Keys.from_settings(settings)
+    worker = Worker(settings, redis, WorkflowCatalog(redis, pool, keys), providers)
+    tasks = [asyncio.create_task(worker.run(stop), name="worker")]
+    if settings.run_projector:
+        projector = Projector(settings, redis, pool, consumer=worker.consumer)
+        tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for provider in providers.values():
+            await provider.aclose()
+        if pool is not None:
+            await pool.close()
+        await redis.aclose()

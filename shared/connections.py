@@ -1,0 +1,52 @@
+"""Opening the Redis client and the PostgreSQL pool; callers own them (open in a lifespan, pass down)."""
+
+from __future__ import annotations
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.db import create_pool
+from shared.settings import Settings
+from shared.streams import Keys
+
+# Errors that mean "Redis is unreachable or restarting", as opposed to a bad command.
+REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ConnectionError, OSError)
+
+
+class NotConfigured(RuntimeError):
+    pass
+
+
+def create_redis(settings: Settings, **kwargs: object) -> Redis:
+    if not settings.redis_url:
+        raise NotConfigured("REDIS_URL is not set (or run `nova dev`, which starts an embedded Redis)")
+    options: dict[str, object] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 15,
+        "max_connections": 256,
+    }
+    options.update(kwargs)
+    return Redis.from_url(settings.redis_url, **options)  # type: ignore[arg-type]
+
+
+async def open_pool(settings: Settings, *, max_size: int = 10) -> asyncpg.Pool:
+    if not settings.database_url:
+        raise NotConfigured("DATABASE_URL is not set (or run `nova dev`, which starts an embedded PostgreSQL)")
+    return await create_pool(settings.database_url, min_size=1, max_size=max_size)
+
+
+async def ensure_groups(redis: Redis, keys: Keys) -> None:
+    """Create both consumer groups (and their streams) if missing.
+
+    Groups start at id 0, not $, so entries appended before the first worker ever ran are not skipped.
+    """
+    for stream, group in ((keys.requests, keys.worker_group), (keys.results, keys.projector_group)):
+        try:
+            await redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise

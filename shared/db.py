@@ -1,0 +1,93 @@
+"""PostgreSQL access: the connection pool and versioned migrations.
+
+Migrations are the numbered ``shared/migrations/NNNN_name.sql`` files, applied in order, each in its
+own transaction, under an advisory lock so that several processes running ``nova migrate`` at once
+(every replica on deploy) apply each file exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import orjson
+
+log = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same in every NOVA process.
+_MIGRATION_LOCK = 0x4E4F5641
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("shared.migrations").iterdir():
+        if entry.name.endswith(".sql") and entry.name[:4].isdigit():
+            version = int(entry.name[:4])
+            found.append(Migration(version, entry.name[5:-4], entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb round-trips through orjson: the same codec as the streams, and faster than json.
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+        format="text",
+    )
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
+    )
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply the migrations this database lacks; returns the versions applied now."""
+    async with conn.transaction():
+        # Under the lock too: concurrent CREATE TABLE IF NOT EXISTS can still collide.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+    applied: list[int] = []
+    for migration in migrations():
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            done = await conn.fetchval(
+                "SELECT 1 FROM schema_migrations WHERE version = $1", migration.version
+            )
+            if done:
+                continue
+            log.info("applying migration %04d %s", migration.version, migration.name)
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+            applied.append(migration.version)
+    return applied
+
+
+async def migrate_url(dsn: str) -> list[int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()

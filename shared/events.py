@@ -1,0 +1,84 @@
+"""Status events: the schema of a results-stream entry and the `data` each type carries.
+
+data by type (JSON in the `data` field):
+- queued:        {workflow_name, enqueued_at, initial_context}
+- started:       {workflow_name, started_at, consumer, delivery, resumed_from_step}
+- node_started:  {step, node_id, node_type, started_at, input_context}
+- node_finished: {step, node_id, node_type, status, started_at, finished_at, duration_ms,
+                  output_context, stdout, stderr, decision, next_node, error}
+- retry:         {attempt, error, retry_at}
+- succeeded:     {finished_at, final_context, nodes_executed}
+- failed:        {finished_at, final_context, nodes_executed, error}
+- dead:          {finished_at, reason, error, attempts}
+An `error` is {node_id, type, message, traceback, reason}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared.streams import EventField, EventType, decode_fields, dumps, loads, now_iso
+
+
+def event_fields(
+    type_: EventType,
+    *,
+    task_id: str,
+    execution_id: int,
+    workflow_id: int,
+    client: str,
+    data: dict[str, Any],
+    ts: str | None = None,
+) -> dict[str, str]:
+    return {
+        EventField.TYPE: type_.value,
+        EventField.TASK_ID: task_id,
+        EventField.EXECUTION_ID: str(execution_id),
+        EventField.WORKFLOW_ID: str(workflow_id),
+        EventField.CLIENT: client,
+        EventField.TS: ts or now_iso(),
+        EventField.DATA: dumps(data),
+    }
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: EventType
+    task_id: str
+    execution_id: int
+    workflow_id: int
+    client: str
+    ts: str
+    data: dict[str, Any]
+
+    @classmethod
+    def from_entry(cls, entry_id: str | bytes, fields: dict[Any, Any]) -> Event:
+        """Raises ValueError/KeyError on an entry that is not a well-formed event."""
+        f = decode_fields(fields)
+        data = loads(f.get(EventField.DATA)) or {}
+        if not isinstance(data, dict):
+            raise ValueError("event data is not a JSON object")
+        return cls(
+            id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+            type=EventType(f[EventField.TYPE]),
+            task_id=f[EventField.TASK_ID],
+            execution_id=int(f[EventField.EXECUTION_ID]),
+            workflow_id=int(f[EventField.WORKFLOW_ID]),
+            client=f[EventField.CLIENT],
+            ts=f[EventField.TS],
+            data=data,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type.value,
+            "task_id": self.task_id,
+            "execution_id": self.execution_id,
+            "workflow_id": self.workflow_id,
+            "client": self.client,
+            "ts": self.ts,
+            "data": self.data,
+        }

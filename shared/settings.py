@@ -1,0 +1,114 @@
+"""Typed configuration for every NOVA process, read once from the environment.
+
+The three deployment-wide variables keep their conventional names (REDIS_URL, DATABASE_URL,
+E2B_API_KEY, PORT) so that Railway's service references work unchanged; everything specific to
+NOVA is prefixed with ``NOVA_``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from functools import cached_property
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NOVA_", extra="ignore", populate_by_name=True)
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis server URL (REDIS_URL). Unset: `nova dev` starts an embedded Redis.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+        description="PostgreSQL URL (DATABASE_URL). Unset: `nova dev` starts an embedded PostgreSQL.",
+    )
+    e2b_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("E2B_API_KEY", "e2b_api_key"),
+        description="E2B API key (E2B_API_KEY); needed only for nodes that run with executor 'e2b'.",
+    )
+    host: str = Field(default="0.0.0.0", description="Address the API binds to (NOVA_HOST).")
+    port: int = Field(
+        default=8000,
+        validation_alias=AliasChoices("PORT", "NOVA_PORT", "port"),
+        description="Port the API listens on (PORT, Railway's convention).",
+    )
+
+    requests_stream: str = Field(default="nova:requests", description="Stream of execution requests.")
+    results_stream: str = Field(default="nova:results", description="Stream of status events.")
+    dead_letter_stream: str = Field(default="nova:dlq", description="Stream of dead-lettered requests.")
+    worker_group: str = Field(default="nova-workers", description="Consumer group of the workers.")
+    projector_group: str = Field(
+        default="nova-projector", description="Consumer group that projects events to PostgreSQL."
+    )
+    key_prefix: str = Field(default="nova", description="Prefix of every other Redis key NOVA writes.")
+
+    concurrency: int = Field(default=10, ge=1, le=1000, description="Executions in flight per worker.")
+    consumer_name: str | None = Field(
+        default=None, description="Consumer name in the group; default host-pid-random, unique per process."
+    )
+    execution_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds one execution may run (a workflow may set its own)."
+    )
+    node_timeout: float = Field(
+        default=120.0, gt=0, description="Default seconds for one node (a node may set `timeout`)."
+    )
+    visibility_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a claimed entry may go without a heartbeat before reclaim."
+    )
+    max_deliveries: int = Field(
+        default=5, ge=1, description="Deliveries of one entry before it goes to the dead-letter stream."
+    )
+    max_retries: int = Field(default=3, ge=0, description="Retries of a transient failure.")
+    retry_backoff: float = Field(default=1.0, gt=0, description="First retry delay in seconds (doubles).")
+    retry_backoff_max: float = Field(default=60.0, gt=0, description="Largest retry delay in seconds.")
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="Seconds in-flight runs get to finish after SIGTERM."
+    )
+    results_maxlen: int = Field(
+        default=1_000_000, ge=1000, description="Approximate retention of the results stream (entries)."
+    )
+    task_ttl: int = Field(
+        default=7 * 24 * 3600, ge=60, description="Seconds a finished task's status stays in Redis."
+    )
+    projector_batch: int = Field(default=500, ge=1, description="Events the projector writes per batch.")
+    run_projector: bool = Field(default=True, description="Run the PostgreSQL projector inside each worker.")
+
+    default_executor: str = Field(default="local", description="Sandbox for nodes without `executor`.")
+    e2b_template: str = Field(default="base", description="E2B template the e2b sandbox starts from.")
+    sandbox_python: str | None = Field(
+        default=None, description="Python interpreter for the local sandbox (default: this one)."
+    )
+    sandbox_pool_size: int = Field(default=2, ge=0, description="Pre-started local sandbox interpreters.")
+
+    data_dir: str = Field(default=".nova", description="Where `nova dev` keeps embedded server data.")
+    log_level: str = Field(default="INFO", description="Logging level.")
+
+    @cached_property
+    def consumer(self) -> str:
+        """This process's consumer name: unique so that replicas share a group without colliding."""
+        if self.consumer_name:
+            return self.consumer_name
+        return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def describe_settings() -> str:
+    """One line per setting, for `--help` epilogs."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            env = str(alias.choices[0])
+        else:
+            env = f"NOVA_{name.upper()}"
+        default = field.default
+        shown = "unset" if default is None else repr(default)
+        lines.append(f"{env} (default {shown}): {field.description}")
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""Every Redis key, stream field and status name NOVA uses, defined once.
+
+The README's "Streams and keys" section documents these for `redis-cli` users; keep the two in step.
+Entries are flat field/value pairs of UTF-8 strings so that `XRANGE` output reads as it is; nested
+values (contexts, results, errors) travel as one JSON field encoded with orjson.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from shared.settings import Settings
+
+
+class TaskStatus(StrEnum):
+    """Status of a task as `GET /tasks/{id}` reports it (Celery's vocabulary, which clients know)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    RETRY = "RETRY"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    DEAD = "DEAD"
+
+
+TERMINAL_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.DEAD})
+
+
+class EventType(StrEnum):
+    """The `type` field of a results-stream entry."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    NODE_STARTED = "node_started"
+    NODE_FINISHED = "node_finished"
+    RETRY = "retry"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD})
+
+# The execution status an event moves an execution to (the `executions.status` column).
+EXECUTION_STATUS_BY_EVENT: dict[EventType, str] = {
+    EventType.QUEUED: "queued",
+    EventType.STARTED: "running",
+    EventType.NODE_STARTED: "running",
+    EventType.NODE_FINISHED: "running",
+    EventType.RETRY: "retrying",
+    EventType.SUCCEEDED: "success",
+    EventType.FAILED: "failure",
+    EventType.DEAD: "dead",
+}
+
+
+class RequestField(StrEnum):
+    """Fields of a requests-stream entry (one execution request)."""
+
+    TASK_ID = "task_id"
+    EXECUTION_ID = "execution_id"
+    WORKFLOW_ID = "workflow_id"
+    WORKFLOW_NAME = "workflow_name"
+    CLIENT = "client"
+    ENQUEUED_AT = "enqueued_at"
+    # JSON object: {"initial_context": {...}} plus optional "replay_of" / "resume" keys.
+    PAYLOAD = "payload"
+
+
+class EventField(StrEnum):
+    """Fields of a results-stream entry (one status event)."""
+
+    TYPE = "type"
+    TASK_ID = "task_id"
+    EXECUTION_ID = "execution_id"
+    WORKFLOW_ID = "workflow_id"
+    CLIENT = "client"
+    TS = "ts"
+    # JSON object whose keys depend on `type` (see shared/events.py).
+    DATA = "data"
+
+
+class TaskField(StrEnum):
+    """Fields of the task hash, the fresh state `GET /tasks/{id}` reads without PostgreSQL."""
+
+    STATUS = "status"
+    TASK_ID = "task_id"
+    EXECUTION_ID = "execution_id"
+    WORKFLOW_ID = "workflow_id"
+    WORKFLOW_NAME = "workflow_name"
+    CLIENT = "client"
+    ENQUEUED_AT = "enqueued_at"
+    STARTED_AT = "started_at"
+    FINISHED_AT = "finished_at"
+    CURRENT_NODE = "current_node"
+    NODES_EXECUTED = "nodes_executed"
+    ATTEMPT = "attempt"
+    CONSUMER = "consumer"
+    RESULT = "result"  # JSON, on SUCCESS
+    ERROR = "error"  # JSON, on FAILURE / RETRY / DEAD
+    CHECKPOINT = "checkpoint"  # JSON: where a re-delivered run resumes
+    UPDATED_AT = "updated_at"
+
+
+class DeadLetterField(StrEnum):
+    """Fields a dead-letter entry adds to the original request's fields."""
+
+    REASON = "dlq_reason"
+    ERROR = "dlq_error"
+    ATTEMPTS = "dlq_attempts"
+    DELIVERIES = "dlq_deliveries"
+    ORIGINAL_ID = "dlq_original_id"
+    DEAD_AT = "dlq_dead_at"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names for one deployment, derived from settings."""
+
+    requests: str
+    results: str
+    dead_letter: str
+    worker_group: str
+    projector_group: str
+    prefix: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keys:
+        return cls(
+            requests=settings.requests_stream,
+            results=settings.results_stream,
+            dead_letter=settings.dead_letter_stream,
+            worker_group=settings.worker_group,
+            projector_group=settings.projector_group,
+            prefix=settings.key_prefix,
+        )
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def workflow(self, workflow_id: int) -> str:
+        return f"{self.prefix}:workflow:{workflow_id}"
+
+    def idempotency(self, client: str, key: str) -> str:
+        return f"{self.prefix}:idem:{client}:{key}"
+
+    @property
+    def execution_seq(self) -> str:
+        return f"{self.prefix}:seq:execution"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set of requests waiting for a retry, scored by due time in ms."""
+        return f"{self.prefix}:delayed"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def loads(value: str | bytes | None) -> Any:
+    if value is None or value == "" or value == b"":
+        return None
+    return orjson.loads(value)
+
+
+def decode_fields(fields: dict[Any, Any]) -> dict[str, str]:
+    """Stream and hash replies as str->str, whether or not the client decodes responses."""
+    out: dict[str, str] = {}
+    for k, v in fields.items():
+        key = k.decode() if isinstance(k, bytes) else str(k)
+        out[key] = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+    return out
+
+
+def entry_id_parts(entry_id: str) -> tuple[int, int]:
+    """A stream id's (milliseconds, sequence): stream ids order events totally."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

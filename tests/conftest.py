@@ -1,0 +1,164 @@
+"""Real servers for the suite: one Redis and one PostgreSQL per session, started here on free ports in
+temp dirs, plus factories for private servers that a test may kill and restart.
+
+Each test gets a flushed Redis and its own database, cloned from a migrated template (fast: a file
+copy inside PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from shared.db import create_pool, migrate_url
+from shared.embedded import (
+    PostgresServer,
+    RedisServer,
+    find_redis_server,
+    packaged_redis_server,
+)
+from shared.settings import Settings
+from shared.streams import Keys
+
+_db_counter = itertools.count()
+
+
+def redis_binaries() -> list[str]:
+    """Every distinct redis-server here: the packaged 6.2 and the one on PATH (7.x) when present."""
+    seen: dict[str, str] = {}
+    for binary in (packaged_redis_server(), find_redis_server()):
+        if binary:
+            version = RedisServer(Path("/nonexistent"), binary=binary, port=1).version()
+            seen.setdefault(version, binary)
+    return list(seen.values())
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"), durable=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_db(pg_server: PostgresServer) -> str:
+    conn = await asyncpg.connect(pg_server.url)
+    try:
+        await conn.execute("CREATE DATABASE nova_template")
+    finally:
+        await conn.close()
+    await migrate_url(_db_url(pg_server, "nova_template"))
+    return "nova_template"
+
+
+def _db_url(server: PostgresServer, name: str) -> str:
+    return f"postgresql://postgres@127.0.0.1:{server.port}/{name}"
+
+
+@pytest.fixture
+async def db_url(pg_server: PostgresServer, template_db: str) -> AsyncIterator[str]:
+    name = f"test_{os.getpid()}_{next(_db_counter)}"
+    conn = await asyncpg.connect(pg_server.url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE {template_db}')
+    finally:
+        await conn.close()
+    yield _db_url(pg_server, name)
+    conn = await asyncpg.connect(pg_server.url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisServer) -> str:
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    return redis_server.url
+
+
+def make_settings(redis_url: str, db_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "database_url": db_url,
+        "concurrency": 4,
+        "node_timeout": 10.0,
+        "execution_timeout": 30.0,
+        "visibility_timeout": 5.0,
+        "retry_backoff": 0.05,
+        "retry_backoff_max": 0.2,
+        "shutdown_grace": 5.0,
+        "sandbox_pool_size": 1,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(redis_url: str, db_url: str) -> Settings:
+    return make_settings(redis_url, db_url)
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys.from_settings(settings)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url or "", decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(settings.database_url or "", min_size=1, max_size=4)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Private Redis servers a test may kill and restart; all stopped afterwards."""
+    made: list[RedisServer] = []
+
+    def make(**kwargs: object) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(made)}", **kwargs).start()  # type: ignore[arg-type]
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.kill()
+
+
+@pytest.fixture
+def pg_factory(tmp_path: Path) -> Iterator[Callable[..., PostgresServer]]:
+    """Private PostgreSQL servers a test may stop and restart; all stopped afterwards."""
+    made: list[PostgresServer] = []
+
+    def make(**kwargs: object) -> PostgresServer:
+        kwargs.setdefault("durable", False)
+        server = PostgresServer(tmp_path / f"pg{len(made)}", **kwargs).start()  # type: ignore[arg-type]
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
