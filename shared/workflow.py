@@ -144,13 +144,14 @@ def _graph_problems(d: Definition) -> Iterable[DefinitionProblem]:
     if not any(n.type == NodeType.END for n in d.nodes):
         yield DefinitionProblem(node=None, message="the workflow has no end node")
 
+    bad = False
     for edge in d.edges:
         for ref in (edge.source, edge.target):
             if ref not in ids:
+                bad = True
                 message = f"edge {edge.source} -> {edge.target} names unknown node '{ref}'"
                 yield DefinitionProblem(node=ref, message=message)
 
-    bad = False
     for node in d.nodes:
         for problem in _node_problems(d, node, ids):
             bad = True

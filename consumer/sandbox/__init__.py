@@ -1,0 +1,1 @@
+"""Sandboxes that run workflow node code outside the worker's interpreter."""

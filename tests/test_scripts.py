@@ -1,0 +1,210 @@
+"""Each atomic step in shared/scripts.py, with its race, on every Redis version available here
+(the packaged 6.2 and the 7.x on PATH, when present)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.embedded import RedisServer
+from shared.events import event_fields
+from shared.scripts import Scripts
+from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
+from tests.conftest import redis_binaries
+
+
+def _version(binary: str) -> str:
+    return RedisServer(Path("/nonexistent"), binary=binary, port=1).version()
+
+
+KEYS = Keys(
+    requests="t:requests",
+    results="t:results",
+    dead_letter="t:dlq",
+    worker_group="workers",
+    projector_group="projector",
+    prefix="t",
+)
+
+
+@pytest.fixture(scope="module", params=redis_binaries(), ids=lambda b: f"redis-{_version(b)}")
+def versioned_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), binary=request.param).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(versioned_server.url, decode_responses=True)
+    await client.flushall()
+    await client.xgroup_create(KEYS.requests, KEYS.worker_group, id="0", mkstream=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def scripts(r: Redis) -> Scripts:
+    return Scripts(r, KEYS)
+
+
+async def enqueue(scripts: Scripts, task_id: str, key: str | None = None, client: str = "acme"):
+    return await scripts.enqueue(
+        task_id=task_id,
+        workflow_id=1,
+        workflow_name="wf",
+        client=client,
+        enqueued_at=now_iso(),
+        payload=dumps({"initial_context": {}}),
+        queued_data=dumps({"workflow_name": "wf"}),
+        results_maxlen=10_000,
+        idempotency_key=key,
+    )
+
+
+def event(task_id: str, type_: EventType) -> dict[str, str]:
+    return event_fields(type_, task_id=task_id, execution_id=1, workflow_id=1, client="acme", data={})
+
+
+async def test_enqueue_writes_hash_entry_and_event_together(r: Redis, scripts: Scripts) -> None:
+    result = await enqueue(scripts, "a")
+    assert result.created and result.execution_id == 1 and result.entry_id
+    assert await r.hget(KEYS.task("a"), TaskField.STATUS) == TaskStatus.PENDING
+    [(entry_id, fields)] = await r.xrange(KEYS.requests)
+    assert entry_id == result.entry_id
+    assert fields["task_id"] == "a" and fields["execution_id"] == "1" and fields["client"] == "acme"
+    [(_, queued)] = await r.xrange(KEYS.results)
+    assert queued["type"] == "queued" and queued["task_id"] == "a"
+    assert (await enqueue(scripts, "b")).execution_id == 2
+
+
+async def test_idempotency_key_race_enqueues_once(r: Redis, scripts: Scripts) -> None:
+    results = await asyncio.gather(*(enqueue(scripts, f"task{i}", key="k1") for i in range(20)))
+    assert sum(res.created for res in results) == 1
+    assert len({(res.task_id, res.execution_id) for res in results}) == 1
+    assert await r.xlen(KEYS.requests) == 1
+    other = await enqueue(scripts, "other", key="k1", client="globex")
+    assert other.created and other.task_id == "other"
+
+
+async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, scripts: Scripts) -> None:
+    await enqueue(scripts, "a")
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
+    entry_id = reply[0][1][0][0]
+
+    async def finish(status: TaskStatus, type_: EventType):
+        return await scripts.record(
+            task_id="a",
+            event=event("a", type_),
+            task_fields={TaskField.STATUS: status},
+            terminal=True,
+            ack_entry_id=entry_id,
+            results_maxlen=10_000,
+            task_ttl=60,
+        )
+
+    results = await asyncio.gather(
+        *(finish(TaskStatus.SUCCESS, EventType.SUCCEEDED) for _ in range(5)),
+        *(finish(TaskStatus.FAILURE, EventType.FAILED) for _ in range(5)),
+    )
+    assert sum(res.written for res in results) == 1
+    terminal = [f for _, f in await r.xrange(KEYS.results) if f["type"] in ("succeeded", "failed")]
+    assert len(terminal) == 1
+    assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
+    assert 0 < await r.ttl(KEYS.task("a")) <= 60
+    # Progress after the end is refused too, and does not touch the status.
+    late = await scripts.record(
+        task_id="a", event=event("a", EventType.NODE_STARTED), task_fields={TaskField.STATUS: TaskStatus.RUNNING},
+        terminal=False, ack_entry_id=entry_id, results_maxlen=10_000, task_ttl=60,
+    )  # fmt: skip
+    assert not late.written and late.status in ("SUCCESS", "FAILURE")
+
+
+async def test_retry_later_parks_and_promote_moves_each_once(r: Redis, scripts: Scripts) -> None:
+    await enqueue(scripts, "a")
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
+    entry_id, fields = reply[0][1][0]
+    parked = await scripts.retry_later(
+        task_id="a", entry_id=entry_id, request=fields, due_ms=1000,
+        event=event("a", EventType.RETRY), task_fields={TaskField.STATUS: TaskStatus.RETRY, TaskField.ATTEMPT: "1"},
+        results_maxlen=10_000,
+    )  # fmt: skip
+    assert parked
+    assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
+    assert await r.zcard(KEYS.delayed) == 1
+    assert await scripts.promote_due(999) == 0
+    moved = await asyncio.gather(*(scripts.promote_due(2000) for _ in range(5)))
+    assert sum(moved) == 1
+    assert await r.zcard(KEYS.delayed) == 0
+    entries = await r.xrange(KEYS.requests)
+    assert len(entries) == 2
+    assert entries[1][1] == fields
+
+
+async def test_dead_letter_acks_and_ends_task_once(r: Redis, scripts: Scripts) -> None:
+    await enqueue(scripts, "a")
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
+    entry_id, fields = reply[0][1][0]
+    letter = {**fields, "dlq_reason": "max_deliveries"}
+    ends = await asyncio.gather(
+        *(
+            scripts.dead_letter(
+                entry_id=entry_id, letter=letter, task_id="a", event=event("a", EventType.DEAD),
+                task_fields={TaskField.STATUS: TaskStatus.DEAD}, results_maxlen=10_000, task_ttl=60,
+            )
+            for _ in range(3)
+        )
+    )  # fmt: skip
+    assert sum(written for written, _ in ends) == 1
+    assert await r.hget(KEYS.task("a"), TaskField.STATUS) == TaskStatus.DEAD
+    assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
+    dead_events = [f for _, f in await r.xrange(KEYS.results) if f["type"] == "dead"]
+    assert len(dead_events) == 1
+    # A garbage entry (no task) is dead-lettered without touching any task.
+    await r.xadd(KEYS.requests, {"junk": "1"})
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
+    junk_id = reply[0][1][0][0]
+    written, dlq_id = await scripts.dead_letter(
+        entry_id=junk_id, letter={"junk": "1", "dlq_reason": "malformed"}, task_id=None, event=None,
+        task_fields=None, results_maxlen=10_000, task_ttl=60,
+    )  # fmt: skip
+    assert not written and dlq_id
+    assert await r.xlen(KEYS.dead_letter) == 4
+
+
+async def test_heartbeat_refreshes_own_entries_and_never_steals_back(r: Redis, scripts: Scripts) -> None:
+    await enqueue(scripts, "a")
+    await enqueue(scripts, "b")
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
+    ids = [entry_id for entry_id, _ in reply[0][1]]
+    # Another worker takes over the second entry.
+    await r.xclaim(KEYS.requests, KEYS.worker_group, "w2", 0, [ids[1]])
+    kept = await scripts.heartbeat("w1", ids)
+    assert kept == {ids[0]}
+    owners = {
+        p["message_id"]: p["consumer"] for p in await r.xpending_range(KEYS.requests, KEYS.worker_group, "-", "+", 10)
+    }
+    assert owners == {ids[0]: "w1", ids[1]: "w2"}
+    # JUSTID: a heartbeat is not a delivery.
+    [info] = await r.xpending_range(KEYS.requests, KEYS.worker_group, ids[0], ids[0], 1)
+    assert info["times_delivered"] == 1
+
+
+async def test_remove_consumer_only_when_it_owns_nothing(r: Redis, scripts: Scripts) -> None:
+    await enqueue(scripts, "a")
+    await r.xreadgroup(KEYS.worker_group, "busy", {KEYS.requests: ">"})
+    await r.xreadgroup(KEYS.worker_group, "idle", {KEYS.requests: ">"})
+    assert not await scripts.remove_consumer_if_idle(KEYS.requests, KEYS.worker_group, "busy")
+    assert await scripts.remove_consumer_if_idle(KEYS.requests, KEYS.worker_group, "idle")
+    names = {c["name"] for c in await r.xinfo_consumers(KEYS.requests, KEYS.worker_group)}
+    assert names == {"busy"}
+
+
+async def test_raise_sequence_only_raises(r: Redis, scripts: Scripts) -> None:
+    assert await scripts.raise_sequence(10) == 10
+    assert await scripts.raise_sequence(3) == 10
+    assert (await enqueue(scripts, "a")).execution_id == 11
