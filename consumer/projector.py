@@ -262,6 +262,6 @@ async def serve_projector(settings: Settings, *, stop: asyncio.Event) -> None:
     redis = create_redis(settings)
     try:
         await ensure_groups(redis, Keys.from_settings(settings))
-        await Projector(settings, redis, None, consumer=settings.consumer).run(stop)
+        await Projector(settings, redis, None, consumer=settings.new_consumer_name()).run(stop)
     finally:
         await redis.aclose()

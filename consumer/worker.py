@@ -44,7 +44,7 @@ class Worker:
         self.redis = redis
         self.keys = Keys.from_settings(settings)
         self.scripts = Scripts(redis, self.keys)
-        self.consumer = settings.consumer
+        self.consumer = settings.new_consumer_name()
         self.providers = providers
         self.ctx = RunContext(
             settings=settings,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from functools import cached_property
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,9 +90,12 @@ class Settings(BaseSettings):
     data_dir: str = Field(default=".nova", description="Where `nova dev` keeps embedded server data.")
     log_level: str = Field(default="INFO", description="Logging level.")
 
-    @cached_property
-    def consumer(self) -> str:
-        """This process's consumer name: unique so that replicas share a group without colliding."""
+    def new_consumer_name(self) -> str:
+        """A consumer name unique to the caller, so that replicas share a group without colliding.
+
+        Called once per worker or projector; a method, not a cached value, so that copies of the
+        settings (tests run several workers in one process) never share a name by accident.
+        """
         if self.consumer_name:
             return self.consumer_name
         return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

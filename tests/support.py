@@ -1,0 +1,189 @@
+"""Helpers the pipeline and fault tests share: run workers in-process or as real processes, enqueue,
+and wait for events on the results stream (blocking reads, never sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from consumer.sandbox.base import SandboxProvider
+from consumer.worker import serve
+from shared.catalog import StoredWorkflow, WorkflowCatalog
+from shared.events import Event
+from shared.scripts import EnqueueResult, Scripts
+from shared.settings import Settings
+from shared.streams import TERMINAL_EVENTS, Keys, dumps, now_iso
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def linear(*actions: str, **extra: Any) -> dict[str, Any]:
+    """start -> action 1 -> ... -> action n -> end."""
+    nodes: list[dict[str, Any]] = [{"id": "start", "type": "start", "next": "a1" if actions else "end"}]
+    for i, code in enumerate(actions, 1):
+        nxt = f"a{i + 1}" if i < len(actions) else "end"
+        nodes.append({"id": f"a{i}", "type": "action", "code": code, "next": nxt})
+    nodes.append({"id": "end", "type": "end"})
+    return {"nodes": nodes, "edges": [], **extra}
+
+
+BRANCHING = {
+    "nodes": [
+        {"id": "start", "type": "start", "next": "total"},
+        {"id": "total", "type": "action", "code": "context['total'] = sum(context['items'])", "next": "big"},
+        {"id": "big", "type": "decision", "code": "context['total'] > 100", "on_true": "approve", "on_false": "auto"},
+        {"id": "approve", "type": "action", "code": "context['route'] = 'manual'", "next": "end"},
+        {"id": "auto", "type": "action", "code": "context['route'] = 'auto'", "next": "end"},
+        {"id": "end", "type": "end"},
+    ],
+    "edges": [],
+}
+
+
+async def create_workflow(
+    redis: Redis, settings: Settings, pool: Any, definition: dict[str, Any], name: str = "wf"
+) -> StoredWorkflow:
+    return await WorkflowCatalog(redis, pool, Keys.from_settings(settings)).create(name, None, definition)
+
+
+async def enqueue(
+    redis: Redis, settings: Settings, workflow: StoredWorkflow, context: dict[str, Any] | None = None,
+    client: str = "acme", key: str | None = None,
+) -> EnqueueResult:  # fmt: skip
+    context = context or {}
+    return await Scripts(redis, Keys.from_settings(settings)).enqueue(
+        task_id=uuid.uuid4().hex,
+        workflow_id=workflow.id,
+        workflow_name=workflow.name,
+        client=client,
+        enqueued_at=now_iso(),
+        payload=dumps({"initial_context": context}),
+        queued_data=dumps({"workflow_name": workflow.name, "enqueued_at": now_iso(), "initial_context": context}),
+        results_maxlen=settings.results_maxlen,
+        idempotency_key=key,
+    )
+
+
+async def wait_for_events(
+    redis: Redis, settings: Settings, predicate: Any, count: int = 1, timeout: float = 30.0
+) -> list[Event]:
+    """Block on the results stream until `count` events match `predicate`; returns them."""
+    found: list[Event] = []
+    cursor = "0"
+    deadline = time.monotonic() + timeout
+    while len(found) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"saw {len(found)} of {count} expected events within {timeout}s")
+        reply = await redis.xread({settings.results_stream: cursor}, block=int(min(remaining, 1.0) * 1000) or 1)
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                cursor = entry_id
+                event = Event.from_entry(entry_id, fields)
+                if predicate(event):
+                    found.append(event)
+    return found
+
+
+async def wait_terminal(
+    redis: Redis, settings: Settings, task_ids: list[str], timeout: float = 30.0
+) -> dict[str, Event]:
+    wanted = set(task_ids)
+    events = await wait_for_events(
+        redis, settings, lambda e: e.task_id in wanted and e.type in TERMINAL_EVENTS, len(wanted), timeout
+    )
+    return {e.task_id: e for e in events}
+
+
+async def wait_projected(pool: Any, execution_ids: list[int], statuses: set[str], timeout: float = 30.0) -> None:
+    """PostgreSQL has no notification for the projector's commits; poll it, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = await pool.fetchval(
+            "SELECT count(*) FROM executions WHERE id = ANY($1::bigint[]) AND status = ANY($2::text[])",
+            execution_ids,
+            list(statuses),
+        )
+        if n == len(execution_ids):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n} of {len(execution_ids)} executions projected within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class RunningWorker:
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+
+
+@asynccontextmanager
+async def in_process_worker(
+    settings: Settings, providers: dict[str, SandboxProvider] | None = None, **overrides: Any
+) -> AsyncIterator[RunningWorker]:
+    s = settings.model_copy(update=overrides) if overrides else settings
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(s, stop=stop, providers=providers))
+    worker = RunningWorker(stop, task)
+    try:
+        yield worker
+    finally:
+        if not task.done():
+            await worker.shutdown()
+        else:
+            task.result()
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOVA_")}
+    env.update(
+        REDIS_URL=settings.redis_url or "",
+        DATABASE_URL=settings.database_url or "",
+        NOVA_VISIBILITY_TIMEOUT=str(settings.visibility_timeout),
+        NOVA_CONCURRENCY=str(settings.concurrency),
+        NOVA_RETRY_BACKOFF=str(settings.retry_backoff),
+        NOVA_RETRY_BACKOFF_MAX=str(settings.retry_backoff_max),
+        NOVA_SHUTDOWN_GRACE=str(settings.shutdown_grace),
+        NOVA_SANDBOX_POOL_SIZE=str(settings.sandbox_pool_size),
+        NOVA_LOG_LEVEL="INFO",
+    )
+    env.update(extra)
+    return env
+
+
+def start_worker_process(settings: Settings, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """`nova worker` as a real process (its own interpreter), logging to a file."""
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "worker"],
+            cwd=ROOT,
+            env=worker_env(settings, **extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    # The whole group: the worker's sandbox children die with it, as in a container crash.
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

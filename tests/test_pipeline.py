@@ -1,0 +1,155 @@
+"""The pipeline end to end against real servers: requests stream -> worker -> results stream -> PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncpg
+from redis.asyncio import Redis
+
+from consumer.projector import apply_events
+from shared.events import Event
+from shared.settings import Settings
+from shared.streams import EventType, TaskField, TaskStatus, loads
+from tests.support import (
+    BRANCHING,
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    wait_for_events,
+    wait_projected,
+    wait_terminal,
+)
+
+
+async def test_linear_workflow_succeeds_and_is_projected(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    double = "context['n'] = context['n'] * 2\nprint('doubled')"
+    root = "import math\ncontext['root'] = math.isqrt(context['n'])"
+    wf = await create_workflow(redis, settings, pool, linear(double, root))
+    async with in_process_worker(settings):
+        task = await enqueue(redis, settings, wf, {"n": 8})
+        events = await wait_terminal(redis, settings, [task.task_id])
+        assert events[task.task_id].type == EventType.SUCCEEDED
+        state = await redis.hgetall(f"nova:task:{task.task_id}")
+        assert state[TaskField.STATUS] == TaskStatus.SUCCESS
+        result = loads(state[TaskField.RESULT])
+        assert result == {"final_context": {"n": 16, "root": 4}, "nodes_executed": 4}
+        await wait_projected(pool, [task.execution_id], {"success"})
+    row = await pool.fetchrow("SELECT * FROM executions WHERE id = $1", task.execution_id)
+    assert row["task_id"] == task.task_id and row["final_context"] == {"n": 16, "root": 4}
+    assert row["nodes_executed"] == 4 and row["started_at"] <= row["finished_at"]
+    chain = await pool.fetch("SELECT * FROM node_runs WHERE execution_id = $1 ORDER BY step", task.execution_id)
+    assert [(r["step"], r["node_id"], r["status"]) for r in chain] == [
+        (1, "start", "success"), (2, "a1", "success"), (3, "a2", "success"), (4, "end", "success"),
+    ]  # fmt: skip
+    assert chain[1]["input_context"] == {"n": 8} and chain[1]["output_context"] == {"n": 16}
+    assert chain[1]["stdout"] == "doubled\n"
+    # The worker's per-node identity is visible to node code but not left in the context.
+    assert "_nova" not in row["final_context"]
+
+
+async def test_branching_workflow_takes_each_branch(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    wf = await create_workflow(redis, settings, pool, BRANCHING)
+    async with in_process_worker(settings):
+        big = await enqueue(redis, settings, wf, {"items": [60, 70]})
+        small = await enqueue(redis, settings, wf, {"items": [10, 20]})
+        events = await wait_terminal(redis, settings, [big.task_id, small.task_id])
+        assert events[big.task_id].data["final_context"] == {"items": [60, 70], "total": 130, "route": "manual"}
+        assert events[small.task_id].data["final_context"] == {"items": [10, 20], "total": 30, "route": "auto"}
+        await wait_projected(pool, [big.execution_id, small.execution_id], {"success"})
+    for task, decision, taken in ((big, True, "approve"), (small, False, "auto")):
+        row = await pool.fetchrow(
+            "SELECT decision, next_node FROM node_runs WHERE execution_id = $1 AND node_id = 'big'", task.execution_id
+        )
+        assert (row["decision"], row["next_node"]) == (decision, taken)
+
+
+async def test_failing_node_fails_the_execution_once(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    wf = await create_workflow(
+        redis, settings, pool, linear("context['a'] = 1", "raise ValueError('bad invoice ' + context['id'])")
+    )
+    async with in_process_worker(settings):
+        task = await enqueue(redis, settings, wf, {"id": "INV-7"})
+        events = await wait_terminal(redis, settings, [task.task_id])
+        failed = events[task.task_id]
+        assert failed.type == EventType.FAILED
+        error = failed.data["error"]
+        assert error["node_id"] == "a2" and error["type"] == "ValueError"
+        assert error["message"] == "bad invoice INV-7"
+        assert "a2" in error["traceback"] and "ValueError" in error["traceback"]
+        await wait_projected(pool, [task.execution_id], {"failure"})
+    state = await redis.hgetall(f"nova:task:{task.task_id}")
+    assert state[TaskField.STATUS] == TaskStatus.FAILURE and state[TaskField.ATTEMPT] == "0"
+    # Deterministic failures are not retried.
+    kinds = [e.type for e in await wait_for_events(redis, settings, lambda e: e.task_id == task.task_id, 1)]
+    assert EventType.RETRY not in kinds
+    row = await pool.fetchrow("SELECT status, error, final_context FROM executions WHERE id = $1", task.execution_id)
+    assert row["status"] == "failure" and row["error"]["node_id"] == "a2"
+    assert row["final_context"] == {"id": "INV-7", "a": 1}
+    failed_run = await pool.fetchrow(
+        "SELECT status, error FROM node_runs WHERE execution_id = $1 AND node_id = 'a2'", task.execution_id
+    )
+    assert failed_run["status"] == "failure" and failed_run["error"]["type"] == "ValueError"
+
+
+async def test_projector_is_idempotent_and_order_independent(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, BRANCHING)
+    async with in_process_worker(settings, run_projector=False):
+        task = await enqueue(redis, settings, wf, {"items": [500]})
+        await wait_terminal(redis, settings, [task.task_id])
+    events = [Event.from_entry(i, f) for i, f in await redis.xrange(settings.results_stream)]
+    assert len(events) >= 10
+
+    async def snapshot() -> tuple[object, object]:
+        execution = await pool.fetchrow("SELECT * FROM executions WHERE id = $1", task.execution_id)
+        runs = await pool.fetch("SELECT * FROM node_runs WHERE execution_id = $1 ORDER BY step", task.execution_id)
+        return dict(execution), [dict(r) for r in runs]
+
+    async with pool.acquire() as conn:
+        await apply_events(conn, events)
+        once = await snapshot()
+        # The same events again, one at a time, newest first: nothing changes.
+        for event in reversed(events):
+            await apply_events(conn, [event])
+        await apply_events(conn, events)
+    assert await snapshot() == once
+    execution, runs = once
+    assert execution["status"] == "success" and execution["final_context"]["route"] == "manual"  # type: ignore[index]
+    assert len(runs) == 5  # type: ignore[arg-type]
+
+
+async def test_projector_applies_events_in_any_order_to_the_same_rows(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, BRANCHING)
+    async with in_process_worker(settings, run_projector=False):
+        task = await enqueue(redis, settings, wf, {"items": [1]})
+        await wait_terminal(redis, settings, [task.task_id])
+    events = [Event.from_entry(i, f) for i, f in await redis.xrange(settings.results_stream)]
+    async with pool.acquire() as conn:
+        for event in reversed(events):
+            await apply_events(conn, [event])
+    row = await pool.fetchrow("SELECT * FROM executions WHERE id = $1", task.execution_id)
+    assert row["status"] == "success" and row["initial_context"] == {"items": [1]}
+    assert row["enqueued_at"] is not None and row["started_at"] is not None
+    statuses = [
+        r["status"] for r in await pool.fetch("SELECT status FROM node_runs WHERE execution_id = $1", task.execution_id)
+    ]
+    assert statuses == ["success"] * 5
+
+
+async def test_reads_only_as_many_entries_as_free_slots(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("import time\ntime.sleep(0.5)"))
+    async with in_process_worker(settings, concurrency=2):
+        tasks = [await enqueue(redis, settings, wf) for _ in range(6)]
+        await wait_for_events(
+            redis, settings, lambda e: e.type == EventType.NODE_STARTED and e.data["node_id"] == "a1", 2
+        )
+        pending = await redis.xpending(settings.requests_stream, settings.worker_group)
+        # Two in flight; the other four wait in the stream for any worker with a free slot.
+        assert pending["pending"] == 2
+        [group] = await redis.xinfo_groups(settings.requests_stream)
+        undelivered = await redis.xrange(settings.requests_stream, min=f"({group['last-delivered-id']}", max="+")
+        assert len(undelivered) == 4
+        await wait_terminal(redis, settings, [t.task_id for t in tasks])
