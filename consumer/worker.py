@@ -23,6 +23,7 @@ from tenacity import wait_exponential_jitter
 from consumer.maintenance import Maintenance
 from consumer.runs import AlreadyFinished, RunContext, run_for
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
+from consumer.scheduler import Scheduler
 from shared.catalog import WorkflowCatalog
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
 from shared.scripts import Scripts
@@ -305,7 +306,12 @@ async def serve(
     await _start_providers(providers)
     keys = Keys.from_settings(settings)
     worker = Worker(settings, redis, WorkflowCatalog(redis, pool, keys), providers)
-    tasks = [asyncio.create_task(worker.run(stop), name="worker")]
+    tasks = [
+        asyncio.create_task(worker.run(stop), name="worker"),
+        asyncio.create_task(
+            Scheduler(settings, redis, worker.ctx.catalog, worker.consumer).run(stop), name="scheduler"
+        ),
+    ]
     if settings.run_projector:
         projector = Projector(settings, redis, pool, consumer=worker.consumer)
         tasks.append(asyncio.create_task(projector.run(stop), name="projector"))

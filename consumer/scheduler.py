@@ -1,0 +1,111 @@
+"""Fires scheduled executions from inside the workers.
+
+Exactly once per tick, however many replicas run: each tick is enqueued with the idempotency key
+`schedule:{id}:{tick_ms}`, so the atomic enqueue step itself refuses a second copy. A lease
+(`nova:scheduler:lease`, SET NX PX) makes one replica do the work at a time so the others do not
+even try; if the holder dies the lease expires and another replica takes over within a few seconds.
+A tick missed during downtime fires once on recovery (the schedule's score is the missed tick), and
+the next fire time is then computed from now, not from the missed tick, so a long outage does not
+produce a burst of one execution per missed minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.asyncio import Redis
+
+from shared.catalog import WorkflowCatalog
+from shared.connections import REDIS_UNAVAILABLE
+from shared.schedules import ScheduleStore
+from shared.scripts import Scripts
+from shared.settings import Settings
+from shared.streams import Keys, dumps, now_iso
+
+log = logging.getLogger(__name__)
+
+LEASE_MS = 5000
+# Renew well before expiry; a release is compare-and-delete so we never drop someone else's lease.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, redis: Redis, catalog: WorkflowCatalog, consumer: str) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys.from_settings(settings)
+        self.store = ScheduleStore(redis, self.keys)
+        self.scripts = Scripts(redis, self.keys)
+        self.catalog = catalog
+        self.consumer = consumer
+        self.lease_key = f"{self.keys.prefix}:scheduler:lease"
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self.fired = 0
+
+    async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    if await self.hold_lease():
+                        await self.tick()
+                except asyncio.CancelledError:
+                    raise
+                except REDIS_UNAVAILABLE as exc:
+                    log.debug("scheduler skipped a tick: %s", exc)
+                except Exception:
+                    log.exception("scheduler tick failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._release(keys=[self.lease_key], args=[self.consumer])
+
+    async def hold_lease(self) -> bool:
+        return bool(await self._renew(keys=[self.lease_key], args=[self.consumer, LEASE_MS]))
+
+    async def tick(self, now_ms: int | None = None) -> int:
+        """Fire every due schedule once; returns how many executions were enqueued."""
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        fired = 0
+        for schedule_id, tick_ms in await self.store.due(now_ms):
+            schedule = await self.store.get(schedule_id)
+            if schedule is None:
+                await self.store.drop_orphan(schedule_id)
+                continue
+            workflow = await self.catalog.get(schedule.workflow_id)
+            if workflow is None:
+                log.error("schedule %s names missing workflow %s; skipping its tick", schedule_id, schedule.workflow_id)
+            else:
+                context = {**schedule.initial_context, "_schedule": {"id": schedule.id, "tick_ms": tick_ms}}
+                enqueued_at = now_iso()
+                result = await self.scripts.enqueue(
+                    task_id=f"sched-{schedule.id}-{tick_ms}",
+                    workflow_id=workflow.id,
+                    workflow_name=workflow.name,
+                    client=schedule.client,
+                    enqueued_at=enqueued_at,
+                    payload=dumps({"initial_context": context, "schedule_id": schedule.id}),
+                    queued_data=dumps(
+                        {"workflow_name": workflow.name, "enqueued_at": enqueued_at, "initial_context": context}
+                    ),
+                    results_maxlen=self.settings.results_maxlen,
+                    idempotency_key=f"schedule:{schedule.id}:{tick_ms}",
+                    idempotency_ttl=max(24 * 3600, self.settings.task_ttl),
+                )
+                if result.created:
+                    fired += 1
+                    log.info("schedule %s fired tick %d as task %s", schedule.id, tick_ms, result.task_id)
+            await self.store.advance(schedule_id, schedule.next_after(max(now_ms, tick_ms)))
+        self.fired += fired
+        return fired

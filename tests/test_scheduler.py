@@ -1,0 +1,87 @@
+"""Scheduled executions: exactly one execution per tick, whatever the number of replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from consumer.scheduler import Scheduler
+from shared.catalog import WorkflowCatalog
+from shared.schedules import InvalidSchedule, ScheduleStore, validate_cron
+from shared.settings import Settings
+from shared.streams import EventType, Keys
+from tests.support import create_workflow, in_process_worker, linear, wait_for_events
+
+
+def scheduler(redis: Redis, settings: Settings, pool: asyncpg.Pool, name: str) -> Scheduler:
+    keys = Keys.from_settings(settings)
+    return Scheduler(settings, redis, WorkflowCatalog(redis, pool, keys), name)
+
+
+def test_cron_validation() -> None:
+    assert validate_cron("*/5  * * * *") == "*/5 * * * *"
+    assert validate_cron("* * * * * */10") == "* * * * * */10"
+    for bad in ("", "every minute", "* * *", "61 * * * *"):
+        with pytest.raises(InvalidSchedule):
+            validate_cron(bad)
+
+
+async def test_concurrent_schedulers_fire_a_tick_once(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, Keys.from_settings(settings))
+    schedule = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={"a": 1})
+    [(_, tick)] = await store.due(int(time.time() * 1000) + 61_000)
+    replicas = [scheduler(redis, settings, pool, f"r{i}") for i in range(5)]
+    fired = await asyncio.gather(*(r.tick(now_ms=tick + 10) for r in replicas))
+    assert sum(fired) == 1
+    assert await redis.xlen(settings.requests_stream) == 1
+    [(_, entry)] = await redis.xrange(settings.requests_stream)
+    assert entry["task_id"] == f"sched-{schedule.id}-{tick}"
+    [(_, nxt)] = await store.list()
+    assert nxt is not None and nxt > tick
+
+
+async def test_missed_ticks_fire_once_on_recovery(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    keys = Keys.from_settings(settings)
+    store = ScheduleStore(redis, keys)
+    schedule = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    now = int(time.time() * 1000)
+    # Down for ten minutes: ten ticks were missed.
+    await redis.zadd(f"{keys.prefix}:schedules:next", {schedule.id: now - 600_000})
+    s = scheduler(redis, settings, pool, "r")
+    assert await s.tick(now_ms=now) == 1
+    assert await s.tick(now_ms=now) == 0
+    [(_, nxt)] = await store.list()
+    assert nxt is not None and now < nxt <= now + 60_000
+
+
+async def test_lease_has_one_holder(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    a, b = scheduler(redis, settings, pool, "a"), scheduler(redis, settings, pool, "b")
+    assert await a.hold_lease()
+    assert not await b.hold_lease()
+    assert await a.hold_lease()  # renewal
+    await redis.delete(a.lease_key)  # the holder's lease expired
+    assert await b.hold_lease()
+    assert not await a.hold_lease()
+
+
+async def test_every_second_schedule_with_two_workers(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
+    store = ScheduleStore(redis, Keys.from_settings(settings))
+    schedule = await store.create(cron="* * * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    async with in_process_worker(settings), in_process_worker(settings):
+        done = await wait_for_events(
+            redis, settings, lambda e: e.type == EventType.SUCCEEDED and e.task_id.startswith("sched-"), 3
+        )
+        await store.delete(schedule.id)
+    assert all(e.data["final_context"]["ran"] for e in done)
+    queued = await wait_for_events(redis, settings, lambda e: e.type == EventType.QUEUED, 3)
+    ticks = Counter(e.data["initial_context"]["_schedule"]["tick_ms"] for e in queued)
+    assert all(n == 1 for n in ticks.values()), ticks
+    assert all(tick % 1000 == 0 for tick in ticks)
