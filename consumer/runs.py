@@ -37,6 +37,7 @@ from shared.streams import (
     dumps,
     loads,
     now_iso,
+    parse_iso,
 )
 from shared.workflow import Definition, InvalidDefinition, Node, validate_definition
 
@@ -83,6 +84,7 @@ class Run:
         self.raw = raw
         self.deliveries = deliveries
         self.request: ExecutionRequest | None = None
+        self.started_at = ""
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -111,11 +113,12 @@ class Run:
         checkpoint_raw = loads(task.get(TaskField.CHECKPOINT))
         resume = Checkpoint.from_json(checkpoint_raw) if checkpoint_raw else None
         attempt = int(task.get(TaskField.ATTEMPT) or 0)
-        started_at = task.get(TaskField.STARTED_AT) or now_iso()
+        started_at = self.started_at = task.get(TaskField.STARTED_AT) or now_iso()
         await self._record(
             EventType.STARTED,
             {
                 "workflow_name": request.workflow_name,
+                "enqueued_at": request.enqueued_at,
                 "started_at": started_at,
                 "consumer": ctx.consumer,
                 "delivery": self.deliveries,
@@ -187,11 +190,16 @@ class Run:
 
     async def _finish(self, outcome: Outcome) -> None:
         finished_at = now_iso()
+        timing = {
+            "started_at": self.started_at,
+            "finished_at": finished_at,
+            "duration_ms": _ms_between(self.started_at, finished_at),
+        }
         if outcome.status == "success":
             result = {"final_context": outcome.final_context, "nodes_executed": outcome.nodes_executed}
             await self._record(
                 EventType.SUCCEEDED,
-                {"finished_at": finished_at, **result},
+                {**timing, **result},
                 {
                     TaskField.STATUS: TaskStatus.SUCCESS,
                     TaskField.FINISHED_AT: finished_at,
@@ -204,7 +212,7 @@ class Run:
             await self._record(
                 EventType.FAILED,
                 {
-                    "finished_at": finished_at,
+                    **timing,
                     "final_context": outcome.final_context,
                     "nodes_executed": outcome.nodes_executed,
                     "error": outcome.error,
@@ -363,6 +371,11 @@ class _Hooks:
                 TaskField.NODES_EXECUTED: str(record.step),
             },
         )
+
+
+def _ms_between(start: str, end: str) -> float | None:
+    a, b = parse_iso(start), parse_iso(end)
+    return round((b - a).total_seconds() * 1000, 3) if a and b else None
 
 
 def run_for(ctx: RunContext, entry_id: str, raw: dict[Any, Any], deliveries: int) -> Run:

@@ -2,13 +2,13 @@
 
 data by type (JSON in the `data` field):
 - queued:        {workflow_name, enqueued_at, initial_context}
-- started:       {workflow_name, started_at, consumer, delivery, resumed_from_step}
+- started:       {workflow_name, enqueued_at, started_at, consumer, delivery, attempt, resumed_from_step}
 - node_started:  {step, node_id, node_type, started_at, input_context}
 - node_finished: {step, node_id, node_type, status, started_at, finished_at, duration_ms,
                   output_context, stdout, stderr, decision, next_node, error}
 - retry:         {attempt, error, retry_at}
-- succeeded:     {finished_at, final_context, nodes_executed}
-- failed:        {finished_at, final_context, nodes_executed, error}
+- succeeded:     {started_at, finished_at, duration_ms, final_context, nodes_executed}
+- failed:        {started_at, finished_at, duration_ms, final_context, nodes_executed, error}
 - dead:          {finished_at, reason, error, attempts}
 An `error` is {node_id, type, message, traceback, reason}.
 """

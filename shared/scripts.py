@@ -16,7 +16,8 @@ from redis.asyncio import Redis
 from shared.streams import Keys, TaskStatus
 
 # Enqueue one execution request.
-# KEYS: 1 requests stream, 2 results stream, 3 execution id sequence, 4 task hash, 5 idempotency key or ""
+# KEYS: 1 requests stream, 2 results stream, 3 execution id sequence, 4 task hash, 5 idempotency key or "",
+#       6 the task's event-id list
 # ARGV: 1 task_id, 2 workflow_id, 3 workflow_name, 4 client, 5 enqueued_at, 6 payload JSON,
 #       7 queued event data JSON, 8 results maxlen, 9 idempotency ttl seconds
 # Returns {task_id, execution_id, request entry id or "", 1 if newly enqueued else 0}.
@@ -38,9 +39,10 @@ redis.call('HSET', KEYS[4],
 local entry = redis.call('XADD', KEYS[1], '*',
   'task_id', ARGV[1], 'execution_id', exec_id, 'workflow_id', ARGV[2], 'workflow_name', ARGV[3],
   'client', ARGV[4], 'enqueued_at', ARGV[5], 'payload', ARGV[6])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*',
+local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*',
   'type', 'queued', 'task_id', ARGV[1], 'execution_id', exec_id, 'workflow_id', ARGV[2],
   'client', ARGV[4], 'ts', ARGV[5], 'data', ARGV[7])
+redis.call('RPUSH', KEYS[6], event_id)
 if KEYS[5] ~= '' then
   -- "task_id execution_id": a repeat is answered from this key alone.
   redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. exec_id, 'EX', ARGV[9])
@@ -49,7 +51,7 @@ return {ARGV[1], tostring(exec_id), entry, 1}
 """
 
 # Record a status event and the task's new state; terminal events also acknowledge the request.
-# KEYS: 1 task hash, 2 results stream, 3 requests stream
+# KEYS: 1 task hash, 2 results stream, 3 requests stream, 4 the task's event-id list
 # ARGV: 1 results maxlen, 2 request entry id ("" if none; acked only with a terminal event, or when
 #       the task is already terminal), 3 worker group, 4 task ttl (0: none),
 #       5 1 if terminal else 0, 6 number of event field/value items (2n), then the event's
@@ -68,12 +70,16 @@ local n = tonumber(ARGV[6])
 local event = {}
 for i = 7, 6 + n do event[#event + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(event))
+redis.call('RPUSH', KEYS[4], id)
 local fields = {}
 for i = 7 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 if ARGV[5] == '1' then
   if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]) end
-  if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+  if tonumber(ARGV[4]) > 0 then
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+  end
 end
 return {1, id, redis.call('HGET', KEYS[1], 'status') or ''}
 """
@@ -93,7 +99,7 @@ return current
 
 
 # Park a run that hit a transient error until its retry is due, freeing the worker's slot.
-# KEYS: 1 task hash, 2 results stream, 3 requests stream, 4 delayed-retries sorted set
+# KEYS: 1 task hash, 2 results stream, 3 requests stream, 4 delayed-retries sorted set, 5 event-id list
 # ARGV: 1 results maxlen, 2 request entry id, 3 worker group, 4 due time (ms), 5 member (JSON of the
 #       request's fields), 6 number of event items (2n), then event items, then task hash items.
 # Returns 1, or 0 when the task was already terminal (then the entry is only acknowledged).
@@ -108,7 +114,7 @@ end
 local n = tonumber(ARGV[6])
 local event = {}
 for i = 7, 6 + n do event[#event + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(event))
+redis.call('RPUSH', KEYS[5], redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(event)))
 local fields = {}
 for i = 7 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
@@ -133,7 +139,8 @@ return #due
 """
 
 # Move a request to the dead-letter stream; if it belongs to a live task, end that task as DEAD.
-# KEYS: 1 dead-letter stream, 2 requests stream, 3 task hash ("" if none), 4 results stream
+# KEYS: 1 dead-letter stream, 2 requests stream, 3 task hash ("" if none), 4 results stream,
+#       5 the task's event-id list ("" if none)
 # ARGV: 1 worker group, 2 request entry id, 3 results maxlen, 4 task ttl,
 #       5 number of dead-letter items (2n), then those, 6+n.. number of event items (2m) then those,
 #       then the task hash items.
@@ -152,12 +159,17 @@ if status == 'SUCCESS' or status == 'FAILURE' or status == 'DEAD' then return {0
 local m = tonumber(ARGV[6 + n])
 local event = {}
 for i = 7 + n, 6 + n + m do event[#event + 1] = ARGV[i] end
-if m > 0 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', unpack(event)) end
+if m > 0 then
+  redis.call('RPUSH', KEYS[5], redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', unpack(event)))
+end
 local fields = {}
 for i = 7 + n + m, #ARGV do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then
   redis.call('HSET', KEYS[3], unpack(fields))
-  if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
+  if tonumber(ARGV[4]) > 0 then
+    redis.call('EXPIRE', KEYS[3], ARGV[4])
+    redis.call('EXPIRE', KEYS[5], ARGV[4])
+  end
 end
 return {1, dlq_id}
 """
@@ -246,6 +258,7 @@ class Scripts:
                 self.keys.execution_seq,
                 self.keys.task(task_id),
                 idem,
+                self.keys.task_events(task_id),
             ],
             args=[
                 task_id,
@@ -281,7 +294,7 @@ class Scripts:
         event_items: list[str] = [x for kv in event.items() for x in kv]
         task_items: list[str] = [x for kv in task_fields.items() for x in kv]
         reply = await self._record(
-            keys=[self.keys.task(task_id), self.keys.results, self.keys.requests],
+            keys=[self.keys.task(task_id), self.keys.results, self.keys.requests, self.keys.task_events(task_id)],
             args=[
                 results_maxlen,
                 ack_entry_id or "",
@@ -313,7 +326,13 @@ class Scripts:
         event_items = [x for kv in event.items() for x in kv]
         task_items = [x for kv in task_fields.items() for x in kv]
         reply = await self._retry_later(
-            keys=[self.keys.task(task_id), self.keys.results, self.keys.requests, self.keys.delayed],
+            keys=[
+                self.keys.task(task_id),
+                self.keys.results,
+                self.keys.requests,
+                self.keys.delayed,
+                self.keys.task_events(task_id),
+            ],
             args=[
                 results_maxlen,
                 entry_id,
@@ -350,6 +369,7 @@ class Scripts:
                 self.keys.requests,
                 self.keys.task(task_id) if task_id else "",
                 self.keys.results,
+                self.keys.task_events(task_id) if task_id else "",
             ],
             args=[
                 self.keys.worker_group,

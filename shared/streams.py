@@ -143,6 +143,10 @@ class Keys:
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
 
+    def task_events(self, task_id: str) -> str:
+        """List of the task's results-stream entry ids, in order: replays one task without a scan."""
+        return f"{self.prefix}:task:{task_id}:events"
+
     def workflow(self, workflow_id: int) -> str:
         return f"{self.prefix}:workflow:{workflow_id}"
 

@@ -116,6 +116,11 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
     assert len(terminal) == 1
     assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
     assert 0 < await r.ttl(KEYS.task("a")) <= 60
+    # The task's own event index lists its queued and terminal events, in order, and expires with it.
+    ids = await r.lrange(KEYS.task_events("a"), 0, -1)
+    all_ids = [i for i, f in await r.xrange(KEYS.results) if f["task_id"] == "a"]
+    assert ids == all_ids and len(ids) == 2
+    assert 0 < await r.ttl(KEYS.task_events("a")) <= 60
     # Progress after the end is refused too, and does not touch the status.
     late = await scripts.record(
         task_id="a", event=event("a", EventType.NODE_STARTED), task_fields={TaskField.STATUS: TaskStatus.RUNNING},
