@@ -1,0 +1,123 @@
+"""One reader of the results stream per API process, fanned out to every live subscriber.
+
+Subscribers (SSE clients, metrics) get events through bounded in-memory queues, so a thousand
+clients cost one XREAD loop, not a thousand. A subscriber that falls too far behind is dropped rather
+than allowed to grow memory: its client reconnects with Last-Event-ID and replays from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from shared.connections import REDIS_UNAVAILABLE
+from shared.events import Event
+from shared.streams import Keys
+
+log = logging.getLogger(__name__)
+
+Filter = Callable[[Event], bool]
+
+
+class Subscription:
+    def __init__(self, hub: EventHub, accept: Filter | None, maxsize: int) -> None:
+        self.hub = hub
+        self.accept = accept
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
+        self.overflowed = False
+
+    def offer(self, event: Event) -> None:
+        if self.overflowed or (self.accept is not None and not self.accept(event)):
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            # Make room for the end-of-stream marker so the reader wakes up and leaves.
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+    async def get(self, timeout: float) -> Event | None:
+        """The next event; None when dropped for lagging. Raises TimeoutError when idle for `timeout`."""
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    def close(self) -> None:
+        self.hub.unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventHub:
+    def __init__(self, redis: Redis, keys: Keys, *, block_ms: int = 1000, batch: int = 1000) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.block_ms = block_ms
+        self.batch = batch
+        self.subscribers: set[Subscription] = set()
+        self.observers: list[Callable[[Event], None]] = []
+        self.last_id = "$"
+        self._task: asyncio.Task[None] | None = None
+
+    def subscribe(self, accept: Filter | None = None, maxsize: int = 10_000) -> Subscription:
+        sub = Subscription(self, accept, maxsize)
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self.subscribers.discard(sub)
+
+    def observe(self, observer: Callable[[Event], None]) -> None:
+        """Called for every event (metrics); must be fast and must not raise."""
+        self.observers.append(observer)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for sub in list(self.subscribers):
+            # Wake every reader so SSE responses end with the process.
+            sub.overflowed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                if self.last_id == "$":
+                    # Pin "now" to a concrete id so a reconnect after an outage misses nothing.
+                    info = await self.redis.xrevrange(self.keys.results, count=1)
+                    self.last_id = info[0][0] if info else "0-0"
+                reply = await self.redis.xread({self.keys.results: self.last_id}, count=self.batch, block=self.block_ms)
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("event hub: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for _stream, items in reply or []:
+                for entry_id, fields in items:
+                    self.last_id = entry_id
+                    try:
+                        event = Event.from_entry(entry_id, fields)
+                    except (KeyError, ValueError):
+                        continue
+                    for observer in self.observers:
+                        observer(event)
+                    for sub in list(self.subscribers):
+                        sub.offer(event)
