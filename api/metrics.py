@@ -47,13 +47,18 @@ class Metrics:
         self.delayed = Gauge("nova_delayed_retries", "Requests parked for a retry", registry=r)
         self.executions = Gauge("nova_executions", "Executions by status (PostgreSQL)", ["status"], registry=r)
         self.enqueue_to_start = Histogram(
-            "nova_enqueue_to_start_seconds", "From enqueue to a worker starting the run", buckets=_LATENCY_BUCKETS,
+            "nova_enqueue_to_start_seconds",
+            "From enqueue to a worker starting the run",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
         self.run_duration = Histogram(
-            "nova_run_duration_seconds", "From start to terminal state", ["outcome"], buckets=_LATENCY_BUCKETS,
+            "nova_run_duration_seconds",
+            "From start to terminal state",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
 
     def observe(self, event: Event) -> None:
         """Event hub observer: cheap, never raises."""

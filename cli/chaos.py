@@ -40,12 +40,16 @@ SUCCEEDING = {
         {"id": "start", "type": "start", "next": "parse"},
         {"id": "parse", "type": "action", "code": "context['total'] = sum(context['items'])", "next": "check"},
         {"id": "check", "type": "decision", "code": "context['total'] > 10", "on_true": "big", "on_false": "small"},
-        {"id": "big", "type": "action", "code": "import time\ntime.sleep(0.05)\ncontext['route'] = 'big'",
-         "next": "end"},
+        {
+            "id": "big",
+            "type": "action",
+            "code": "import time\ntime.sleep(0.05)\ncontext['route'] = 'big'",
+            "next": "end",
+        },
         {"id": "small", "type": "action", "code": "context['route'] = 'small'", "next": "end"},
         {"id": "end", "type": "end"},
     ]
-}  # fmt: skip
+}
 FAILING = {
     "nodes": [
         {"id": "start", "type": "start", "next": "boom"},

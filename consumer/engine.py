@@ -180,9 +180,14 @@ async def run_workflow(
                         reason="timeout",
                     )
                 result = await _run_node(
-                    node, ctx, sandboxes, default_executor, node_timeout, remaining,
+                    node,
+                    ctx,
+                    sandboxes,
+                    default_executor,
+                    node_timeout,
+                    remaining,
                     extra_context(step, node) if extra_context else None,
-                )  # fmt: skip
+                )
                 ctx = result.context
                 decision = result.decision
                 stdout, stderr = result.stdout, result.stderr
@@ -190,20 +195,37 @@ async def run_workflow(
                 duration = (time.perf_counter() - t0) * 1000
                 error = exc.as_json(node.id)
                 record = NodeRecord(
-                    step=step, node_id=node.id, node_type=node.type.value, status="failure",
-                    started_at=started_at, finished_at=now_iso(), duration_ms=duration,
-                    output_context=None, stdout=exc.stdout, stderr=exc.stderr, error=error,
-                )  # fmt: skip
+                    step=step,
+                    node_id=node.id,
+                    node_type=node.type.value,
+                    status="failure",
+                    started_at=started_at,
+                    finished_at=now_iso(),
+                    duration_ms=duration,
+                    output_context=None,
+                    stdout=exc.stdout,
+                    stderr=exc.stderr,
+                    error=error,
+                )
                 # The failed node is not a completed step: a retry of the execution starts at it.
                 await hooks.node_finished(record, Checkpoint(step - 1, node.id, ctx, visits))
                 return Outcome("failure", ctx, step, error)
             nxt = definition.branch(node, decision) if node.type == NodeType.DECISION else definition.successor(node)
             duration = (time.perf_counter() - t0) * 1000
             record = NodeRecord(
-                step=step, node_id=node.id, node_type=node.type.value, status="success",
-                started_at=started_at, finished_at=now_iso(), duration_ms=duration,
-                output_context=ctx, stdout=stdout, stderr=stderr, decision=decision, next_node=nxt,
-            )  # fmt: skip
+                step=step,
+                node_id=node.id,
+                node_type=node.type.value,
+                status="success",
+                started_at=started_at,
+                finished_at=now_iso(),
+                duration_ms=duration,
+                output_context=ctx,
+                stdout=stdout,
+                stderr=stderr,
+                decision=decision,
+                next_node=nxt,
+            )
             await hooks.node_finished(record, Checkpoint(step, nxt, ctx, visits))
             current = nxt
         return Outcome("success", ctx, step)

@@ -72,8 +72,10 @@ class Maintenance:
         # Deleting a live-but-quiet consumer is harmless: its next XREADGROUP recreates it.
         threshold_ms = int(max(self.settings.visibility_timeout * 5, 60) * 1000)
         removed: list[str] = []
-        for stream, group in ((self.keys.requests, self.keys.worker_group),
-                              (self.keys.results, self.keys.projector_group)):  # fmt: skip
+        for stream, group in (
+            (self.keys.requests, self.keys.worker_group),
+            (self.keys.results, self.keys.projector_group),
+        ):
             for consumer in await self.redis.xinfo_consumers(stream, group):
                 name = consumer["name"]
                 if name == self.consumer or consumer["pending"] or consumer["idle"] < threshold_ms:

@@ -30,8 +30,17 @@ class ExecutionRequest:
 
 def parse_request(entry_id: str, raw: dict[Any, Any]) -> ExecutionRequest:
     fields = decode_fields(raw)
-    missing = [f.value for f in (RequestField.TASK_ID, RequestField.EXECUTION_ID, RequestField.WORKFLOW_ID,
-                                 RequestField.CLIENT, RequestField.PAYLOAD) if not fields.get(f)]  # fmt: skip
+    missing = [
+        f.value
+        for f in (
+            RequestField.TASK_ID,
+            RequestField.EXECUTION_ID,
+            RequestField.WORKFLOW_ID,
+            RequestField.CLIENT,
+            RequestField.PAYLOAD,
+        )
+        if not fields.get(f)
+    ]
     if missing:
         raise MalformedRequest(f"missing field(s): {', '.join(missing)}")
     try:

@@ -230,8 +230,13 @@ class Run:
         ctx = self.ctx
         request = self.request
         assert request is not None
-        error = {"node_id": None, "type": type(exc).__name__, "message": str(exc), "traceback": "",
-                 "reason": "transient"}  # fmt: skip
+        error = {
+            "node_id": None,
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": "",
+            "reason": "transient",
+        }
         if attempt >= ctx.settings.max_retries:
             task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(request.task_id)))
             await self._dead_letter(

@@ -100,8 +100,13 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._until_redis(lambda: ensure_groups(self.redis, self.keys), stop)
-        log.info("worker %s reading %s as group %s (concurrency %d)", self.consumer, self.keys.requests,
-                 self.keys.worker_group, self.settings.concurrency)  # fmt: skip
+        log.info(
+            "worker %s reading %s as group %s (concurrency %d)",
+            self.consumer,
+            self.keys.requests,
+            self.keys.worker_group,
+            self.settings.concurrency,
+        )
         # The side loops outlive `stop`: the heartbeat must keep draining runs fresh.
         closed = asyncio.Event()
         vt = self.settings.visibility_timeout

@@ -49,9 +49,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
-    return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
-    )
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs)
 
 
 async def migrate(conn: asyncpg.Connection) -> list[int]:
@@ -69,9 +67,7 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     for migration in migrations():
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            done = await conn.fetchval(
-                "SELECT 1 FROM schema_migrations WHERE version = $1", migration.version
-            )
+            done = await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", migration.version)
             if done:
                 continue
             log.info("applying migration %04d %s", migration.version, migration.name)

@@ -104,7 +104,7 @@ class DeadLetters:
                     "enqueued_at": enqueued_at,
                     "initial_context": context,
                     "replay_of": replay_of,
-                }  # fmt: skip
+                }
             ),
             results_maxlen=self.settings.results_maxlen,
             idempotency_key=f"replay:{letter.id}",

@@ -143,15 +143,23 @@ class RedisServer(_Server):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
-            "--daemonize", "no",
-            "--logfile", str(self.log_path),
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.log_path),
+        ]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
@@ -228,10 +236,24 @@ class PostgresServer(_Server):
         if (self.pgdata / "PG_VERSION").exists():
             return
         result = subprocess.run(
-            [str(self.bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
-             "-E", "UTF8", "--no-sync", "--no-instructions"],
-            capture_output=True, text=True, check=False, cwd=self.data_dir, **self._run_kwargs(),  # type: ignore[arg-type]
-        )  # fmt: skip
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=self.data_dir,
+            **self._run_kwargs(),  # type: ignore[arg-type]
+        )
         if result.returncode != 0:
             raise EmbeddedServerError(f"initdb failed: {result.stderr or result.stdout}")
 
@@ -242,11 +264,22 @@ class PostgresServer(_Server):
             # Left by a SIGKILLed postmaster; postgres checks the pid itself but a reused pid fools it.
             stale.unlink()
         args = [
-            str(self.bindir / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
-            "-h", "127.0.0.1", "-k", str(self.socket_dir),
-            "-c", "max_connections=200", "-c", "shared_buffers=32MB",
-            "-c", "listen_addresses=127.0.0.1",
-        ]  # fmt: skip
+            str(self.bindir / "postgres"),
+            "-D",
+            str(self.pgdata),
+            "-p",
+            str(self.port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(self.socket_dir),
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=32MB",
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ]
         if not self.durable:
             args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         log_file = open(self.log_path, "ab")

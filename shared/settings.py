@@ -68,15 +68,11 @@ class Settings(BaseSettings):
     max_retries: int = Field(default=3, ge=0, description="Retries of a transient failure.")
     retry_backoff: float = Field(default=1.0, gt=0, description="First retry delay in seconds (doubles).")
     retry_backoff_max: float = Field(default=60.0, gt=0, description="Largest retry delay in seconds.")
-    shutdown_grace: float = Field(
-        default=30.0, ge=0, description="Seconds in-flight runs get to finish after SIGTERM."
-    )
+    shutdown_grace: float = Field(default=30.0, ge=0, description="Seconds in-flight runs get to finish after SIGTERM.")
     results_maxlen: int = Field(
         default=1_000_000, ge=1000, description="Approximate retention of the results stream (entries)."
     )
-    task_ttl: int = Field(
-        default=7 * 24 * 3600, ge=60, description="Seconds a finished task's status stays in Redis."
-    )
+    task_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="Seconds a finished task's status stays in Redis.")
     projector_batch: int = Field(default=500, ge=1, description="Events the projector writes per batch.")
     run_projector: bool = Field(default=True, description="Run the PostgreSQL projector inside each worker.")
 

@@ -59,9 +59,13 @@ async def create_workflow(
 
 
 async def enqueue(
-    redis: Redis, settings: Settings, workflow: StoredWorkflow, context: dict[str, Any] | None = None,
-    client: str = "acme", key: str | None = None,
-) -> EnqueueResult:  # fmt: skip
+    redis: Redis,
+    settings: Settings,
+    workflow: StoredWorkflow,
+    context: dict[str, Any] | None = None,
+    client: str = "acme",
+    key: str | None = None,
+) -> EnqueueResult:
     context = context or {}
     return await Scripts(redis, Keys.from_settings(settings)).enqueue(
         task_id=uuid.uuid4().hex,

@@ -91,12 +91,23 @@ async def test_malformed_entries_are_dead_lettered_and_the_worker_keeps_going(
     stream = settings.requests_stream
     # What someone might type in redis-cli.
     await redis.xadd(stream, {"hello": "world"})
-    await redis.xadd(stream, {"task_id": "t1", "execution_id": "901", "workflow_id": str(wf.id), "client": "acme",
-                              "payload": "{not json"})  # fmt: skip
-    await redis.xadd(stream, {"task_id": "t2", "execution_id": "902", "workflow_id": "999", "client": "acme",
-                              "payload": dumps({"initial_context": {}})})  # fmt: skip
-    await redis.xadd(stream, {"task_id": "t3", "execution_id": "x", "workflow_id": "1", "client": "acme",
-                              "payload": "{}"})  # fmt: skip
+    await redis.xadd(
+        stream,
+        {"task_id": "t1", "execution_id": "901", "workflow_id": str(wf.id), "client": "acme", "payload": "{not json"},
+    )
+    await redis.xadd(
+        stream,
+        {
+            "task_id": "t2",
+            "execution_id": "902",
+            "workflow_id": "999",
+            "client": "acme",
+            "payload": dumps({"initial_context": {}}),
+        },
+    )
+    await redis.xadd(
+        stream, {"task_id": "t3", "execution_id": "x", "workflow_id": "1", "client": "acme", "payload": "{}"}
+    )
     async with in_process_worker(settings):
         good = await enqueue(redis, settings, wf)
         done = await wait_terminal(redis, settings, [good.task_id, "t2"])

@@ -39,8 +39,11 @@ async def test_linear_workflow_succeeds_and_is_projected(redis: Redis, settings:
     assert row["nodes_executed"] == 4 and row["started_at"] <= row["finished_at"]
     chain = await pool.fetch("SELECT * FROM node_runs WHERE execution_id = $1 ORDER BY step", task.execution_id)
     assert [(r["step"], r["node_id"], r["status"]) for r in chain] == [
-        (1, "start", "success"), (2, "a1", "success"), (3, "a2", "success"), (4, "end", "success"),
-    ]  # fmt: skip
+        (1, "start", "success"),
+        (2, "a1", "success"),
+        (3, "a2", "success"),
+        (4, "end", "success"),
+    ]
     assert chain[1]["input_context"] == {"n": 8} and chain[1]["output_context"] == {"n": 16}
     assert chain[1]["stdout"] == "doubled\n"
     # The worker's per-node identity is visible to node code but not left in the context.

@@ -123,9 +123,14 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
     assert 0 < await r.ttl(KEYS.task_events("a")) <= 60
     # Progress after the end is refused too, and does not touch the status.
     late = await scripts.record(
-        task_id="a", event=event("a", EventType.NODE_STARTED), task_fields={TaskField.STATUS: TaskStatus.RUNNING},
-        terminal=False, ack_entry_id=entry_id, results_maxlen=10_000, task_ttl=60,
-    )  # fmt: skip
+        task_id="a",
+        event=event("a", EventType.NODE_STARTED),
+        task_fields={TaskField.STATUS: TaskStatus.RUNNING},
+        terminal=False,
+        ack_entry_id=entry_id,
+        results_maxlen=10_000,
+        task_ttl=60,
+    )
     assert not late.written and late.status in ("SUCCESS", "FAILURE")
 
 
@@ -134,10 +139,14 @@ async def test_retry_later_parks_and_promote_moves_each_once(r: Redis, scripts: 
     reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
     entry_id, fields = reply[0][1][0]
     parked = await scripts.retry_later(
-        task_id="a", entry_id=entry_id, request=fields, due_ms=1000,
-        event=event("a", EventType.RETRY), task_fields={TaskField.STATUS: TaskStatus.RETRY, TaskField.ATTEMPT: "1"},
+        task_id="a",
+        entry_id=entry_id,
+        request=fields,
+        due_ms=1000,
+        event=event("a", EventType.RETRY),
+        task_fields={TaskField.STATUS: TaskStatus.RETRY, TaskField.ATTEMPT: "1"},
         results_maxlen=10_000,
-    )  # fmt: skip
+    )
     assert parked
     assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
     assert await r.zcard(KEYS.delayed) == 1
@@ -158,12 +167,17 @@ async def test_dead_letter_acks_and_ends_task_once(r: Redis, scripts: Scripts) -
     ends = await asyncio.gather(
         *(
             scripts.dead_letter(
-                entry_id=entry_id, letter=letter, task_id="a", event=event("a", EventType.DEAD),
-                task_fields={TaskField.STATUS: TaskStatus.DEAD}, results_maxlen=10_000, task_ttl=60,
+                entry_id=entry_id,
+                letter=letter,
+                task_id="a",
+                event=event("a", EventType.DEAD),
+                task_fields={TaskField.STATUS: TaskStatus.DEAD},
+                results_maxlen=10_000,
+                task_ttl=60,
             )
             for _ in range(3)
         )
-    )  # fmt: skip
+    )
     assert sum(written for written, _ in ends) == 1
     assert await r.hget(KEYS.task("a"), TaskField.STATUS) == TaskStatus.DEAD
     assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
@@ -174,9 +188,14 @@ async def test_dead_letter_acks_and_ends_task_once(r: Redis, scripts: Scripts) -
     reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
     junk_id = reply[0][1][0][0]
     written, dlq_id = await scripts.dead_letter(
-        entry_id=junk_id, letter={"junk": "1", "dlq_reason": "malformed"}, task_id=None, event=None,
-        task_fields=None, results_maxlen=10_000, task_ttl=60,
-    )  # fmt: skip
+        entry_id=junk_id,
+        letter={"junk": "1", "dlq_reason": "malformed"},
+        task_id=None,
+        event=None,
+        task_fields=None,
+        results_maxlen=10_000,
+        task_ttl=60,
+    )
     assert not written and dlq_id
     assert await r.xlen(KEYS.dead_letter) == 4
 
