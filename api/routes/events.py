@@ -1,0 +1,140 @@
+"""Server-sent events: one task's events (replay, then live, then close) and the live feed of all events.
+
+Each SSE event has `id` = its results-stream entry id, `event` = its type and `data` = the event as
+JSON. A client that reconnects with `Last-Event-ID` gets exactly the events after that id: no gap (we
+subscribe to the live feed before replaying) and no repeat (everything at or below the last id sent is
+skipped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from sse_starlette.sse import EventSourceResponse
+
+from api.event_hub import EventHub, Filter
+from shared.events import Event
+from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, dumps, entry_id_parts
+
+router = APIRouter(tags=["events"])
+
+KEEPALIVE_SECONDS = 15
+
+
+def _sse(event: Event) -> dict[str, Any]:
+    return {"id": event.id, "event": event.type.value, "data": dumps(event.as_json())}
+
+
+def _after(last_event_id: str | None) -> tuple[int, int]:
+    if not last_event_id:
+        return (0, 0)
+    try:
+        return entry_id_parts(last_event_id.strip())
+    except ValueError:
+        return (0, 0)
+
+
+async def _replay_task(redis: Any, keys: Keys, task_id: str) -> list[Event]:
+    ids = await redis.lrange(keys.task_events(task_id), 0, -1)
+    if not ids:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for entry_id in ids:
+        pipe.xrange(keys.results, min=entry_id, max=entry_id, count=1)
+    events = []
+    for reply in await pipe.execute():
+        # An id whose entry was trimmed from the results stream has nothing left to replay.
+        for entry_id, fields in reply:
+            events.append(Event.from_entry(entry_id, fields))
+    return events
+
+
+async def task_event_stream(
+    redis: Any, keys: Keys, hub: EventHub, task_id: str, last_event_id: str | None, allowed: Filter | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    last = _after(last_event_id)
+    # Subscribe first: an event published while we replay is then both replayed and queued, and
+    # the id check drops the copy; subscribing after would lose it.
+    with hub.subscribe(lambda e: e.task_id == task_id) as sub:
+        for event in await _replay_task(redis, keys, task_id):
+            if entry_id_parts(event.id) <= last:
+                continue
+            last = entry_id_parts(event.id)
+            yield _sse(event)
+            if event.type in TERMINAL_EVENTS:
+                return
+        status = await redis.hget(keys.task(task_id), TaskField.STATUS)
+        if status in TERMINAL_STATUSES:
+            # Terminal, but its terminal event was trimmed away: nothing more will come.
+            return
+        while True:
+            event = await sub.queue.get()
+            if event is None:
+                # Dropped for lagging (or the server is stopping): the client resumes by Last-Event-ID.
+                return
+            if entry_id_parts(event.id) <= last:
+                continue
+            last = entry_id_parts(event.id)
+            yield _sse(event)
+            if event.type in TERMINAL_EVENTS:
+                return
+
+
+async def feed_stream(
+    redis: Any, keys: Keys, hub: EventHub, accept: Filter, last_event_id: str | None, backlog: int = 10_000
+) -> AsyncIterator[dict[str, Any]]:
+    last = _after(last_event_id)
+    with hub.subscribe(accept) as sub:
+        if last_event_id:
+            # Resume: what the client missed while disconnected, bounded.
+            entries = await redis.xrange(keys.results, min=f"({last[0]}-{last[1]}", max="+", count=backlog)
+            for entry_id, fields in entries:
+                event = Event.from_entry(entry_id, fields)
+                last = entry_id_parts(event.id)
+                if accept(event):
+                    yield _sse(event)
+        while True:
+            event = await sub.queue.get()
+            if event is None:
+                return
+            if entry_id_parts(event.id) <= last:
+                continue
+            last = entry_id_parts(event.id)
+            yield _sse(event)
+
+
+def sse_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    return EventSourceResponse(events, ping=KEEPALIVE_SECONDS, headers={"Cache-Control": "no-cache"})
+
+
+def feed_filter(workflow_id: int | None, client: str | None) -> Filter:
+    def accept(event: Event) -> bool:
+        if workflow_id is not None and event.workflow_id != workflow_id:
+            return False
+        return client is None or event.client == client
+
+    return accept
+
+
+@router.get("/events", summary="Live feed of all status events (SSE)")
+async def all_events(
+    request: Request,
+    workflow_id: int | None = Query(default=None, description="Only events of this workflow"),
+    last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
+) -> EventSourceResponse:
+    state = request.app.state
+    return sse_response(feed_stream(state.redis, state.keys, state.hub, feed_filter(workflow_id, None), last_event_id))
+
+
+@router.get("/tasks/{task_id}/events", summary="One task's events: past ones, then live, closing after the end (SSE)")
+async def task_events(
+    request: Request,
+    task_id: str,
+    last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
+) -> EventSourceResponse:
+    state = request.app.state
+    if not await state.redis.exists(state.keys.task(task_id)):
+        raise HTTPException(status_code=404, detail=f"task {task_id} not found")
+    return sse_response(task_event_stream(state.redis, state.keys, state.hub, task_id, last_event_id))

@@ -1,0 +1,65 @@
+"""Scheduled executions (cron), fired by the workers' scheduler exactly once per tick."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from pydantic import BaseModel, Field
+
+from shared.schedules import InvalidSchedule, Schedule, ScheduleStore
+
+router = APIRouter(tags=["schedules"])
+
+
+class ScheduleIn(BaseModel):
+    cron: str = Field(description="Five cron fields, or six with seconds last", examples=["*/5 * * * *"])
+    workflow_id: int
+    client_slug: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    initial_context: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(default=None, max_length=200)
+
+
+def _out(schedule: Schedule, next_ms: int | None) -> dict[str, Any]:
+    data = schedule.as_json()
+    data["client_slug"] = data.pop("client")
+    data["next_fire_at"] = (
+        datetime.fromtimestamp(next_ms / 1000, UTC).isoformat().replace("+00:00", "Z") if next_ms else None
+    )
+    return data
+
+
+def _store(request: Request) -> ScheduleStore:
+    return ScheduleStore(request.app.state.redis, request.app.state.keys)
+
+
+@router.post("/schedules", status_code=201, summary="Create a schedule")
+async def create_schedule(request: Request, body: ScheduleIn) -> dict[str, Any]:
+    if await request.app.state.catalog.get(body.workflow_id) is None:
+        raise HTTPException(status_code=404, detail=f"workflow {body.workflow_id} not found")
+    store = _store(request)
+    try:
+        schedule = await store.create(
+            cron=body.cron,
+            workflow_id=body.workflow_id,
+            client=body.client_slug,
+            initial_context=body.initial_context,
+            name=body.name,
+        )
+    except InvalidSchedule as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    return _out(schedule, schedule.next_after(int(datetime.now(UTC).timestamp() * 1000)))
+
+
+@router.get("/schedules", summary="List schedules with their next fire time")
+async def list_schedules(request: Request) -> dict[str, Any]:
+    items = [_out(s, n) for s, n in await _store(request).list()]
+    return {"items": items, "count": len(items)}
+
+
+@router.delete("/schedules/{schedule_id}", status_code=204, summary="Delete a schedule")
+async def delete_schedule(request: Request, schedule_id: str) -> Response:
+    if not await _store(request).delete(schedule_id):
+        raise HTTPException(status_code=404, detail=f"schedule {schedule_id} not found")
+    return Response(status_code=204)
