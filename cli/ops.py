@@ -1,0 +1,121 @@
+"""Operator commands: `nova inspect`, `nova dlq list|replay|delete|purge`, `nova chaos`.
+
+They talk to Redis directly (REDIS_URL), so they work when the API is down, which is when operators
+need them most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import typer
+
+from shared.catalog import WorkflowCatalog
+from shared.connections import REDIS_UNAVAILABLE, NotConfigured, create_redis
+from shared.dead_letters import DeadLetters, NotReplayable
+from shared.inspection import inspect, render_text
+from shared.settings import Settings
+from shared.streams import Keys
+
+T = TypeVar("T")
+
+dlq_app = typer.Typer(help="Inspect, replay and purge the dead-letter stream.", no_args_is_help=True)
+
+
+def _with_redis(action: Callable[[Any, Keys, Settings], Awaitable[T]]) -> T:
+    settings = Settings()
+
+    async def run() -> T:
+        redis = create_redis(settings)
+        try:
+            return await action(redis, Keys.from_settings(settings), settings)
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(run())
+    except NotConfigured as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except REDIS_UNAVAILABLE as exc:
+        typer.echo(f"error: Redis is unreachable at {settings.redis_url}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def inspect_command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
+    """Stream lengths, group lag and pending, consumers with pending and idle time, DLQ size."""
+    report = _with_redis(lambda redis, keys, _settings: inspect(redis, keys))
+    typer.echo(json.dumps(report, indent=2) if as_json else render_text(report))
+
+
+def _dead_letters(redis: Any, keys: Keys, settings: Settings) -> DeadLetters:
+    # Without PostgreSQL: replays read workflows from their Redis copy.
+    return DeadLetters(redis, keys, settings, WorkflowCatalog(redis, None, keys))
+
+
+@dlq_app.command("list")
+def dlq_list(
+    count: int = typer.Option(50, help="How many entries."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Dead letters, oldest first, with their reason."""
+    letters = _with_redis(lambda r, k, s: _dead_letters(r, k, s).list(count=count))
+    if as_json:
+        typer.echo(json.dumps([d.as_json() for d in letters], indent=2))
+        return
+    if not letters:
+        typer.echo("the dead-letter stream is empty")
+    for d in letters:
+        info = d.as_json()
+        typer.echo(f"{d.id}  {info['reason']:<18} task {info['task_id'] or '-'}  {info['error']}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(entry_id: str = typer.Argument(..., help="Dead-letter entry id (see `nova dlq list`).")) -> None:
+    """Run a dead letter again as a new task (once, however often this is called)."""
+
+    async def replay(redis: Any, keys: Keys, settings: Settings) -> str:
+        dlq = _dead_letters(redis, keys, settings)
+        letter = await dlq.get(entry_id)
+        if letter is None:
+            raise LookupError(f"dead letter {entry_id} not found")
+        return (await dlq.replay(letter)).task_id
+
+    try:
+        task_id = _with_redis(replay)
+    except (LookupError, NotReplayable) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"replayed {entry_id} as task {task_id}")
+
+
+@dlq_app.command("delete")
+def dlq_delete(entry_id: str = typer.Argument(..., help="Dead-letter entry id.")) -> None:
+    """Delete one dead letter."""
+    if not _with_redis(lambda r, k, s: _dead_letters(r, k, s).delete(entry_id)):
+        typer.echo(f"error: dead letter {entry_id} not found", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"deleted {entry_id}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation.")) -> None:
+    """Delete every dead letter."""
+    if not yes:
+        typer.confirm("Delete every entry of the dead-letter stream?", abort=True)
+    removed = _with_redis(lambda r, k, s: _dead_letters(r, k, s).purge())
+    typer.echo(f"purged {removed} dead letter(s)")
+
+
+def chaos_command(
+    executions: int = typer.Option(2000, help="Executions to submit."),
+    workers: int = typer.Option(3, help="Worker processes."),
+    seed: int = typer.Option(0, help="Random seed for the choice of victims."),
+) -> None:
+    """Submit executions while killing workers, restarting Redis and stopping PostgreSQL; print one JSON line."""
+    from cli.chaos import main
+
+    raise typer.Exit(main(executions, workers, seed))
