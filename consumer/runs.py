@@ -39,7 +39,7 @@ from shared.streams import (
     now_iso,
     parse_iso,
 )
-from shared.workflow import Definition, InvalidDefinition, Node, validate_definition
+from shared.workflow import Definition, InvalidDefinition, Node, NodeType, validate_definition
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ def backoff_seconds(settings: Settings, attempt: int) -> float:
 
 async def _durably(action: Any, settings: Settings) -> Any:
     """Redis writes a run cannot skip: retried through a short outage, then given up (entry stays pending)."""
+    try:
+        # The common case pays for one call, not for setting up a retry loop.
+        return await action()
+    except REDIS_UNAVAILABLE:
+        pass
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(REDIS_UNAVAILABLE),
         wait=wait_exponential_jitter(initial=0.05, max=2.0),
@@ -85,6 +90,9 @@ class Run:
         self.deliveries = deliveries
         self.request: ExecutionRequest | None = None
         self.started_at = ""
+        # Events not yet written, with the task fields they set (see _flush).
+        self._events: list[dict[str, str]] = []
+        self._fields: dict[str, str] = {}
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -114,7 +122,7 @@ class Run:
         resume = Checkpoint.from_json(checkpoint_raw) if checkpoint_raw else None
         attempt = int(task.get(TaskField.ATTEMPT) or 0)
         started_at = self.started_at = task.get(TaskField.STARTED_AT) or now_iso()
-        await self._record(
+        self._buffer(
             EventType.STARTED,
             {
                 "workflow_name": request.workflow_name,
@@ -150,6 +158,7 @@ class Run:
                 extra_context=self._node_identity,
             )
         except SandboxInfraError as exc:
+            await self._flush()
             await self._transient_failure(attempt, exc)
             return
         await self._finish(outcome)
@@ -322,18 +331,28 @@ class Run:
             data=data,
         )
 
-    async def _record(
-        self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str], *, terminal: bool = False
-    ) -> None:
+    def _buffer(self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str]) -> None:
+        self._events.append(self._event(type_, data))
+        self._fields.update(task_fields)
+
+    async def _flush(self, *, terminal: bool = False) -> None:
+        """Write the buffered events and task fields in one atomic step.
+
+        Runs flush right before action code starts (so the previous node's checkpoint is durable
+        before anything with side effects runs) and at the end; events of start, end and decision
+        nodes ride along, so a run costs one round trip per action node, plus one.
+        """
+        if not self._events:
+            return
         ctx = self.ctx
         request = self.request
         assert request is not None
-        event = self._event(type_, data)
-        fields = {**task_fields, TaskField.UPDATED_AT: event["ts"]}
+        events, fields = self._events, {**self._fields, TaskField.UPDATED_AT: self._events[-1]["ts"]}
+        self._events, self._fields = [], {}
         result = await _durably(
             lambda: ctx.scripts.record(
                 task_id=request.task_id,
-                event=event,
+                events=events,
                 task_fields=fields,
                 terminal=terminal,
                 ack_entry_id=self.entry_id,
@@ -345,6 +364,12 @@ class Run:
         if not result.written:
             raise AlreadyFinished(request.task_id, result.status)
 
+    async def _record(
+        self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str], *, terminal: bool = False
+    ) -> None:
+        self._buffer(type_, data, task_fields)
+        await self._flush(terminal=terminal)
+
 
 class AlreadyFinished(Exception):
     """Another delivery of this task reached a terminal state first; this one stops quietly."""
@@ -355,7 +380,7 @@ class _Hooks:
         self.run = run
 
     async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
-        await self.run._record(
+        self.run._buffer(
             EventType.NODE_STARTED,
             {
                 "step": step,
@@ -366,9 +391,12 @@ class _Hooks:
             },
             {TaskField.CURRENT_NODE: node.id},
         )
+        # Only action code has side effects; everything before it must be durable before it runs.
+        if node.type == NodeType.ACTION:
+            await self.run._flush()
 
     async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:
-        await self.run._record(
+        self.run._buffer(
             EventType.NODE_FINISHED,
             record.as_json(),
             {

@@ -50,29 +50,35 @@ end
 return {ARGV[1], tostring(exec_id), entry, 1}
 """
 
-# Record a status event and the task's new state; terminal events also acknowledge the request.
+# Record status events and the task's new state; terminal events also acknowledge the request.
 # KEYS: 1 task hash, 2 results stream, 3 requests stream, 4 the task's event-id list
 # ARGV: 1 results maxlen, 2 request entry id ("" if none; acked only with a terminal event, or when
-#       the task is already terminal), 3 worker group, 4 task ttl (0: none),
-#       5 1 if terminal else 0, 6 number of event field/value items (2n), then the event's
-#       field/value pairs, then the task hash's field/value pairs.
-# Returns {written (1/0), event entry id or "", current status}.
+#       the task is already terminal), 3 worker group, 4 task ttl (0: none), 5 1 if terminal else 0,
+#       6 number of events k, then k times: the event's item count (2n) and its field/value pairs,
+#       then the task hash's field/value pairs.
+# Returns {written (1/0), last event entry id or "", current status}.
 # Why a script: a task has exactly one terminal state. If it is terminal already (another worker
 # finished a reclaimed copy first), nothing is written and the delivery is only acknowledged; and a
-# terminal event is never written without the ack, nor the ack without the event.
+# terminal event is never written without the ack, nor the ack without the event. Several events
+# per call let a run record a node's end and the next node's start in one round trip.
 RECORD = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'SUCCESS' or status == 'FAILURE' or status == 'DEAD' then
   if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]) end
   return {0, '', status}
 end
-local n = tonumber(ARGV[6])
-local event = {}
-for i = 7, 6 + n do event[#event + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(event))
-redis.call('RPUSH', KEYS[4], id)
+local pos = 7
+local id = ''
+for _ = 1, tonumber(ARGV[6]) do
+  local n = tonumber(ARGV[pos])
+  local event = {}
+  for i = pos + 1, pos + n do event[#event + 1] = ARGV[i] end
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(event))
+  redis.call('RPUSH', KEYS[4], id)
+  pos = pos + n + 1
+end
 local fields = {}
-for i = 7 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = pos, #ARGV do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 if ARGV[5] == '1' then
   if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]) end
@@ -284,14 +290,17 @@ class Scripts:
         self,
         *,
         task_id: str,
-        event: dict[str, str],
+        events: list[dict[str, str]],
         task_fields: dict[str, str],
         terminal: bool,
         ack_entry_id: str | None,
         results_maxlen: int,
         task_ttl: int,
     ) -> RecordResult:
-        event_items: list[str] = [x for kv in event.items() for x in kv]
+        event_items: list[Any] = []
+        for event in events:
+            event_items.append(len(event) * 2)
+            event_items.extend(x for kv in event.items() for x in kv)
         task_items: list[str] = [x for kv in task_fields.items() for x in kv]
         reply = await self._record(
             keys=[self.keys.task(task_id), self.keys.results, self.keys.requests, self.keys.task_events(task_id)],
@@ -301,7 +310,7 @@ class Scripts:
                 self.keys.worker_group,
                 task_ttl,
                 "1" if terminal else "0",
-                len(event_items),
+                len(events),
                 *event_items,
                 *task_items,
             ],

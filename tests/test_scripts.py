@@ -99,7 +99,7 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
     async def finish(status: TaskStatus, type_: EventType):
         return await scripts.record(
             task_id="a",
-            event=event("a", type_),
+            events=[event("a", type_)],
             task_fields={TaskField.STATUS: status},
             terminal=True,
             ack_entry_id=entry_id,
@@ -124,7 +124,7 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
     # Progress after the end is refused too, and does not touch the status.
     late = await scripts.record(
         task_id="a",
-        event=event("a", EventType.NODE_STARTED),
+        events=[event("a", EventType.NODE_STARTED)],
         task_fields={TaskField.STATUS: TaskStatus.RUNNING},
         terminal=False,
         ack_entry_id=entry_id,
@@ -232,3 +232,23 @@ async def test_raise_sequence_only_raises(r: Redis, scripts: Scripts) -> None:
     assert await scripts.raise_sequence(10) == 10
     assert await scripts.raise_sequence(3) == 10
     assert (await enqueue(scripts, "a")).execution_id == 11
+
+
+async def test_record_writes_several_events_in_order(r: Redis, scripts: Scripts) -> None:
+    await enqueue(scripts, "a")
+    kinds = [EventType.STARTED, EventType.NODE_STARTED, EventType.NODE_FINISHED]
+    result = await scripts.record(
+        task_id="a",
+        events=[event("a", k) for k in kinds],
+        task_fields={TaskField.STATUS: TaskStatus.RUNNING, TaskField.CURRENT_NODE: "start"},
+        terminal=False,
+        ack_entry_id=None,
+        results_maxlen=10_000,
+        task_ttl=60,
+    )
+    entries = await r.xrange(KEYS.results)
+    assert [f["type"] for _, f in entries] == ["queued", *kinds]
+    assert result.written and result.event_id == entries[-1][0] and result.status == "RUNNING"
+    assert await r.lrange(KEYS.task_events("a"), 0, -1) == [i for i, _ in entries]
+    assert await r.hget(KEYS.task("a"), TaskField.CURRENT_NODE) == "start"
+    assert await r.ttl(KEYS.task("a")) == -1
