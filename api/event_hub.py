@@ -80,7 +80,18 @@ class EventHub:
         self.observers.append(observer)
 
     async def start(self) -> None:
+        # Pin the position now, not when the task first runs: events appended in between count.
+        try:
+            await self._pin()
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("event hub: Redis unavailable at start (%s)", exc)
         self._task = asyncio.create_task(self._run(), name="event-hub")
+
+    async def _pin(self) -> None:
+        if self.last_id == "$":
+            # A concrete id, not "$", so a reconnect after an outage misses nothing.
+            latest = await self.redis.xrevrange(self.keys.results, count=1)
+            self.last_id = latest[0][0] if latest else "0-0"
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -97,10 +108,7 @@ class EventHub:
         delay = 0.1
         while True:
             try:
-                if self.last_id == "$":
-                    # Pin "now" to a concrete id so a reconnect after an outage misses nothing.
-                    info = await self.redis.xrevrange(self.keys.results, count=1)
-                    self.last_id = info[0][0] if info else "0-0"
+                await self._pin()
                 reply = await self.redis.xread({self.keys.results: self.last_id}, count=self.batch, block=self.block_ms)
                 delay = 0.1
             except asyncio.CancelledError:
