@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("E2B_API_KEY", "e2b_api_key"),
         description="E2B API key (E2B_API_KEY); needed only for nodes that run with executor 'e2b'.",
     )
+    admin_key: SecretStr | None = Field(
+        default=None, description="Operators' API key (Bearer); unset: no admin access over HTTP."
+    )
+    secrets_key: SecretStr | None = Field(
+        default=None, description="Fernet key that encrypts client credentials at rest (`nova secrets-key`)."
+    )
     host: str = Field(default="0.0.0.0", description="Address the API binds to (NOVA_HOST).")
     port: int = Field(
         default=8000,

@@ -1,0 +1,198 @@
+"""Clients, their API keys and their stored credentials.
+
+PostgreSQL holds the record; Redis holds what the hot paths need without a database round trip: the
+key hashes (`nova:apikeys`, hash -> client slug) checked on every request, and each client's
+credentials still encrypted (`nova:credentials:{slug}`, name -> Fernet token) for the workers, which
+decrypt them only to hand them to that client's sandbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+import asyncpg
+from cryptography.fernet import Fernet, InvalidToken
+from redis.asyncio import Redis
+
+from shared.streams import Keys
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+KEY_PREFIX = "nova_"
+
+
+class ClientError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the operator (admin) or one client."""
+
+    admin: bool
+    client: str | None
+
+    def may_see(self, client: str | None) -> bool:
+        return self.admin or (client is not None and client == self.client)
+
+
+ADMIN = Principal(admin=True, client=None)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_admin_key(presented: str, admin_key: str | None) -> bool:
+    return bool(admin_key) and hmac.compare_digest(presented.encode(), (admin_key or "").encode())
+
+
+class Vault:
+    """Encrypts credentials at rest; without a key configured, storing credentials is refused."""
+
+    def __init__(self, secret: str | None) -> None:
+        self._fernet = Fernet(secret.encode()) if secret else None
+
+    @staticmethod
+    def new_key() -> str:
+        return Fernet.generate_key().decode()
+
+    def encrypt(self, value: str) -> str:
+        if self._fernet is None:
+            raise ClientError("NOVA_SECRETS_KEY is not set: credentials cannot be stored")
+        return self._fernet.encrypt(value.encode()).decode()
+
+    def decrypt(self, token: str) -> str:
+        if self._fernet is None:
+            raise ClientError("NOVA_SECRETS_KEY is not set: credentials cannot be read")
+        try:
+            return self._fernet.decrypt(token.encode()).decode()
+        except InvalidToken:
+            raise ClientError("a stored credential does not decrypt with NOVA_SECRETS_KEY") from None
+
+
+class ClientStore:
+    def __init__(self, redis: Redis, pool: asyncpg.Pool | None, keys: Keys, vault: Vault) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.keys = keys
+        self.vault = vault
+
+    @property
+    def _api_keys(self) -> str:
+        return f"{self.keys.prefix}:apikeys"
+
+    def _credentials(self, slug: str) -> str:
+        return f"{self.keys.prefix}:credentials:{slug}"
+
+    def _db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise ClientError("managing clients needs PostgreSQL")
+        return self.pool
+
+    async def create(self, slug: str, name: str) -> str:
+        """Create a client and its first API key; returns the key (shown once, stored hashed)."""
+        if not SLUG.match(slug):
+            raise ClientError(f"'{slug}' is not a valid client slug (a-z, 0-9, '-', '_', up to 63 characters)")
+        pool = self._db()
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """INSERT INTO clients (slug, name) VALUES ($1, $2)
+                   ON CONFLICT (slug) DO UPDATE SET name = EXCLUDED.name
+                   RETURNING (xmax = 0) AS created""",
+                slug,
+                name,
+            )
+            existing = await conn.fetchval(
+                "SELECT count(*) FROM api_keys WHERE client_slug = $1 AND revoked_at IS NULL", slug
+            )
+            if not row["created"] and existing:
+                raise ClientError(f"client '{slug}' already exists (use rotate-key for a new key)")
+            return await self._issue(conn, slug)
+
+    async def rotate(self, slug: str) -> str:
+        """Revoke the client's keys and issue a new one."""
+        pool = self._db()
+        async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT 1 FROM clients WHERE slug = $1", slug):
+                raise ClientError(f"client '{slug}' does not exist")
+            revoked = await conn.fetch(
+                """UPDATE api_keys SET revoked_at = now()
+                   WHERE client_slug = $1 AND revoked_at IS NULL RETURNING key_hash""",
+                slug,
+            )
+            if revoked:
+                await self.redis.hdel(self._api_keys, *[r["key_hash"] for r in revoked])
+            return await self._issue(conn, slug)
+
+    async def _issue(self, conn: asyncpg.Connection, slug: str) -> str:
+        key = f"{KEY_PREFIX}{secrets.token_urlsafe(32)}"
+        digest = hash_key(key)
+        await conn.execute(
+            "INSERT INTO api_keys (client_slug, key_hash, prefix) VALUES ($1, $2, $3)", slug, digest, key[:9]
+        )
+        await self.redis.hset(self._api_keys, digest, slug)
+        return key
+
+    async def resolve(self, key: str) -> str | None:
+        """The client a key belongs to, or None (unknown or revoked)."""
+        digest = hash_key(key)
+        slug = await self.redis.hget(self._api_keys, digest)
+        if slug is not None or self.pool is None:
+            return slug
+        # Redis lost its copy (flush, new instance): PostgreSQL is the record.
+        try:
+            slug = await self.pool.fetchval(
+                "SELECT client_slug FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", digest
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return None
+        if slug is not None:
+            await self.redis.hset(self._api_keys, digest, slug)
+        return slug
+
+    async def list(self) -> list[dict[str, object]]:
+        rows = await self._db().fetch(
+            """SELECT c.slug, c.name, c.created_at,
+                      count(k.id) FILTER (WHERE k.revoked_at IS NULL) AS active_keys
+               FROM clients c LEFT JOIN api_keys k ON k.client_slug = c.slug
+               GROUP BY c.slug ORDER BY c.slug"""
+        )
+        return [
+            {
+                "slug": r["slug"],
+                "name": r["name"],
+                "created_at": r["created_at"].isoformat(),
+                "active_keys": r["active_keys"],
+            }
+            for r in rows
+        ]
+
+    async def exists(self, slug: str) -> bool:
+        return bool(await self._db().fetchval("SELECT 1 FROM clients WHERE slug = $1", slug))
+
+    async def set_credential(self, slug: str, name: str, value: str) -> None:
+        token = self.vault.encrypt(value)
+        await self._db().execute(
+            """INSERT INTO client_credentials (client_slug, name, ciphertext) VALUES ($1, $2, $3)
+               ON CONFLICT (client_slug, name) DO UPDATE SET ciphertext = EXCLUDED.ciphertext, updated_at = now()""",
+            slug,
+            name,
+            token,
+        )
+        await self.redis.hset(self._credentials(slug), name, token)
+
+    async def credential_names(self, slug: str) -> list[str]:
+        return sorted(await self.redis.hkeys(self._credentials(slug)))
+
+    async def delete_credential(self, slug: str, name: str) -> bool:
+        await self._db().execute("DELETE FROM client_credentials WHERE client_slug = $1 AND name = $2", slug, name)
+        return bool(await self.redis.hdel(self._credentials(slug), name))
+
+    async def secrets_for(self, slug: str) -> dict[str, str]:
+        """Decrypted credentials for one client's sandbox; never log or return these."""
+        tokens = await self.redis.hgetall(self._credentials(slug))
+        return {name: self.vault.decrypt(token) for name, token in tokens.items()}
