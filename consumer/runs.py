@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from consumer.engine import Checkpoint, NodeRecord, OpenSandbox, Outcome, run_wo
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
 from consumer.sandbox.base import SandboxInfraError, SandboxSpec
 from shared.catalog import WorkflowCatalog
+from shared.clients import ClientError
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import event_fields
 from shared.scripts import Scripts
@@ -56,6 +58,8 @@ class RunContext:
     open_sandbox: OpenSandbox
     consumer: str
     definitions: dict[int, Definition]
+    # The client's decrypted credentials, for its sandboxes only (never events, logs or PostgreSQL).
+    client_secrets: Callable[[str], Awaitable[dict[str, str]]] | None = None
 
 
 def backoff_seconds(settings: Settings, attempt: int) -> float:
@@ -145,11 +149,12 @@ class Run:
             },
         )
         try:
+            secrets = await self._secrets(request.client)
             outcome = await run_workflow(
                 definition,
                 request.initial_context,
                 open_sandbox=ctx.open_sandbox,
-                spec=SandboxSpec(execution_id=request.execution_id, client=request.client),
+                spec=SandboxSpec(execution_id=request.execution_id, client=request.client, secrets=secrets),
                 hooks=_Hooks(self),
                 default_executor=ctx.settings.default_executor,
                 node_timeout=ctx.settings.node_timeout,
@@ -179,6 +184,15 @@ class Run:
             return None
         ctx.definitions[request.workflow_id] = definition
         return definition
+
+    async def _secrets(self, client: str) -> dict[str, str]:
+        if self.ctx.client_secrets is None:
+            return {}
+        try:
+            return await self.ctx.client_secrets(client)
+        except ClientError as exc:
+            # A configuration problem of the deployment, not of the workflow: retried, then dead-lettered.
+            raise SandboxInfraError(f"credentials of client '{client}' unavailable: {exc}") from None
 
     def _node_identity(self, step: int, node: Node) -> dict[str, Any]:
         request = self.request

@@ -25,6 +25,7 @@ from consumer.runs import AlreadyFinished, RunContext, run_for
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
 from consumer.scheduler import Scheduler
 from shared.catalog import WorkflowCatalog
+from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
 from shared.scripts import Scripts
 from shared.settings import Settings
@@ -40,6 +41,7 @@ class Worker:
         redis: Redis,
         catalog: WorkflowCatalog,
         providers: dict[str, SandboxProvider],
+        client_secrets: Callable[[str], Awaitable[dict[str, str]]] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -56,6 +58,7 @@ class Worker:
             open_sandbox=self._open_sandbox,
             consumer=self.consumer,
             definitions={},
+            client_secrets=client_secrets,
         )
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
@@ -310,7 +313,9 @@ async def serve(
     providers = providers if providers is not None else default_providers(settings)
     await _start_providers(providers)
     keys = Keys.from_settings(settings)
-    worker = Worker(settings, redis, WorkflowCatalog(redis, pool, keys), providers)
+    vault = Vault(settings.secrets_key.get_secret_value() if settings.secrets_key else None)
+    clients = ClientStore(redis, pool, keys, vault)
+    worker = Worker(settings, redis, WorkflowCatalog(redis, pool, keys), providers, clients.secrets_for)
     tasks = [
         asyncio.create_task(worker.run(stop), name="worker"),
         asyncio.create_task(
