@@ -6,9 +6,9 @@ import asyncio
 
 import asyncpg
 import pytest
-from consumer.sandbox.local import LocalSandboxProvider
 from redis.asyncio import Redis
 
+from consumer.sandbox.local import LocalSandboxProvider
 from shared.catalog import WorkflowCatalog
 from shared.dead_letters import DeadLetters, NotReplayable
 from shared.settings import Settings

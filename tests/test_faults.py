@@ -6,11 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-from consumer.sandbox.local import LocalSandboxProvider
 from redis.asyncio import Redis
 
 from consumer.maintenance import Maintenance
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
+from consumer.sandbox.local import LocalSandboxProvider
 from shared.db import create_pool, migrate_url
 from shared.embedded import PostgresServer, RedisServer
 from shared.scripts import Scripts

@@ -1,0 +1,340 @@
+"""The local sandbox: node code in a separate, limited Python process per execution.
+
+Each execution gets its own `python -I runner.py` process (consumer/sandbox/runner.py), with a scrubbed
+environment, a fresh private working directory, resource limits (memory, CPU, open files, processes,
+file size, output and context size) and its own process group, killed as a whole when the execution
+ends. The process is reused for that execution's nodes, so imports and globals persist between them
+as NOVA's users expect, and is never reused for another execution.
+
+When the worker runs as root (containers), each sandbox process also runs under its own unprivileged
+uid, so one execution cannot read another's directory or the worker's files, and the process limit
+is enforced (Linux does not apply RLIMIT_NPROC to root). Without root every sandbox shares the
+worker's uid: limits still apply, but isolation between executions is weaker; use E2B for that.
+
+A warm pool keeps a few processes started ahead of need, so a node does not pay interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from consumer.sandbox.base import NodeError, NodeResult, SandboxInfraError, SandboxSpec
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUNNER = Path(__file__).with_name("runner.py")
+_HEADER = struct.Struct(">I")
+# Unprivileged uids handed to sandboxes when running as root; far above any real account.
+_UID_BASE = 200_000
+_UID_SPAN = 50_000
+_uids = itertools.cycle(range(_UID_BASE, _UID_BASE + _UID_SPAN))
+_START_TIMEOUT = 30.0
+
+
+class LocalSandbox:
+    def __init__(self, proc: asyncio.subprocess.Process, workdir: Path, max_context_bytes: int) -> None:
+        self.proc = proc
+        self.workdir = workdir
+        self.max_context_bytes = max_context_bytes
+        self.dead = False
+        self._lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        payload = orjson.dumps(message)
+        self.proc.stdin.write(_HEADER.pack(len(payload)) + payload)
+        await self.proc.stdin.drain()
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        header = await self.proc.stdout.readexactly(_HEADER.size)
+        return orjson.loads(await self.proc.stdout.readexactly(_HEADER.unpack(header)[0]))
+
+    async def handshake(self) -> None:
+        try:
+            ready = await asyncio.wait_for(self._receive(), _START_TIMEOUT)
+        except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
+            await self.close()
+            raise SandboxInfraError(f"local sandbox did not start: {exc!r}") from None
+        if not ready.get("ready"):
+            await self.close()
+            raise SandboxInfraError(f"local sandbox sent {ready!r} instead of its greeting")
+
+    async def init(self, env: dict[str, str]) -> None:
+        async with self._lock:
+            try:
+                await self._send({"op": "init", "env": env})
+                await asyncio.wait_for(self._receive(), _START_TIMEOUT)
+            except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
+                await self.close()
+                raise SandboxInfraError(f"local sandbox did not accept its environment: {exc!r}") from None
+
+    async def run_action(self, node_id: str, code: str, context: dict[str, Any], timeout: float) -> NodeResult:
+        reply = await self._call(
+            {"op": "action", "node_id": node_id, "code": code, "context": context}, node_id, timeout
+        )
+        return NodeResult(
+            context=reply["context"],
+            stdout=reply.get("stdout", ""),
+            stderr=reply.get("stderr", ""),
+            duration_ms=reply.get("duration_ms", 0.0),
+        )
+
+    async def evaluate(self, node_id: str, expression: str, context: dict[str, Any], timeout: float) -> NodeResult:
+        reply = await self._call(
+            {"op": "evaluate", "node_id": node_id, "code": expression, "context": context}, node_id, timeout
+        )
+        return NodeResult(
+            context=context,
+            stdout=reply.get("stdout", ""),
+            stderr=reply.get("stderr", ""),
+            duration_ms=reply.get("duration_ms", 0.0),
+            decision=bool(reply["value"]),
+        )
+
+    async def _call(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
+        if self.dead:
+            raise SandboxInfraError(f"the sandbox of this execution is gone (node '{node_id}')")
+        size = len(orjson.dumps(request["context"]))
+        if size > self.max_context_bytes:
+            raise NodeError(
+                type="ContextTooLarge",
+                message=f"context of {size} bytes exceeds the limit of {self.max_context_bytes} "
+                f"before node '{node_id}'",
+                reason="limit:context",
+            )
+        async with self._lock:
+            try:
+                await self._send(request)
+                reply = await asyncio.wait_for(self._receive(), timeout)
+            except TimeoutError:
+                await self.close()
+                raise NodeError(
+                    type="TimeoutError",
+                    message=f"node '{node_id}' exceeded its time limit of {timeout:g}s",
+                    reason="timeout",
+                ) from None
+            except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+                returncode = await self._reap()
+                raise _crash(node_id, returncode) from None
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise NodeError(
+                type=error.get("type", "Error"),
+                message=error.get("message", ""),
+                traceback=error.get("traceback", ""),
+                reason=error.get("reason", "exception"),
+                stdout=reply.get("stdout", ""),
+                stderr=reply.get("stderr", ""),
+            )
+        return reply
+
+    async def _reap(self) -> int | None:
+        self.dead = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 5)
+        returncode = self.proc.returncode
+        await self.close()
+        return returncode
+
+    async def close(self) -> None:
+        self.dead = True
+        # The whole process group: whatever node code spawned dies with its sandbox.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 10)
+        await _group_gone(self.proc.pid)
+        if self.proc.stdin is not None:
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
+        await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+
+
+async def _group_gone(pgid: int, timeout: float = 5.0) -> None:
+    """Wait until no process of the group is left (children of node code are not ours to wait for)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        await asyncio.sleep(0.01)
+    log.warning("processes of sandbox group %d outlived SIGKILL for %.0fs", pgid, timeout)
+
+
+def _usable_by_others(path: str) -> bool:
+    """Whether an unprivileged uid can execute `path` (every folder on the way traversable)."""
+    real = Path(os.path.realpath(path))
+    if not real.exists() or not real.stat().st_mode & 0o001:
+        return False
+    return all(parent.stat().st_mode & 0o001 for parent in real.parents)
+
+
+def _interpreter(configured: str | None, root: bool) -> tuple[str, bool]:
+    """The Python for node code, and whether sandboxes can run under their own uids.
+
+    As root we want separate uids, which needs an interpreter other users can run: the configured
+    one or this one if they qualify (a venv under /root does not), else the system's python3.
+    """
+    preferred = configured or sys.executable
+    if not root:
+        return preferred, False
+    candidates = [preferred] if configured else [preferred, "/usr/local/bin/python3", "/usr/bin/python3"]
+    for candidate in candidates:
+        if _usable_by_others(candidate):
+            return candidate, True
+    log.warning("no Python that an unprivileged user can run; sandboxes share the worker's uid")
+    return preferred, False
+
+
+def _crash(node_id: str, returncode: int | None) -> NodeError:
+    if returncode is not None and returncode < 0:
+        sig = signal.Signals(-returncode)
+        if sig == signal.SIGXCPU:
+            return NodeError(
+                type="CPUTimeLimitExceeded",
+                message=f"node '{node_id}' exceeded the CPU time limit",
+                reason="limit:cpu",
+            )
+        what = f"was killed by {sig.name}"
+    else:
+        what = f"exited with status {returncode}"
+    return NodeError(
+        type="SandboxCrashed", message=f"the sandbox process {what} while running node '{node_id}'", reason="crashed"
+    )
+
+
+class LocalSandboxProvider:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        memory_limit_mb: int = 512,
+        cpu_seconds: int | None = None,
+        max_output_bytes: int = 1 << 20,
+        max_context_bytes: int = 16 << 20,
+        max_processes: int = 64,
+        max_open_files: int = 256,
+        max_file_bytes: int = 256 << 20,
+    ) -> None:
+        self._root = os.geteuid() == 0
+        self.python, self.separate_uids = _interpreter(settings.sandbox_python, self._root)
+        self.pool_size = settings.sandbox_pool_size
+        self.max_context_bytes = max_context_bytes
+        self.limits = {
+            "memory_bytes": memory_limit_mb << 20,
+            "cpu_seconds": cpu_seconds or int(settings.execution_timeout) + 1,
+            "output_bytes": max_output_bytes,
+            "context_bytes": max_context_bytes,
+            "processes": max_processes,
+            "open_files": max_open_files,
+            "file_bytes": max_file_bytes,
+        }
+        self._limits_arg = orjson.dumps(self.limits).decode()
+        self._pool: list[LocalSandbox] = []
+        self._refilling: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.started = 0
+
+    async def start(self) -> None:
+        await self._refill()
+
+    async def _spawn(self) -> LocalSandbox:
+        workdir = Path(tempfile.mkdtemp(prefix="nova-sandbox-"))
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(workdir),
+            "TMPDIR": str(workdir),
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        kwargs: dict[str, Any] = {}
+        if self.separate_uids:
+            uid = next(_uids)
+            os.chown(workdir, uid, uid)
+            kwargs = {"user": uid, "group": uid, "extra_groups": []}
+        os.chmod(workdir, 0o700)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.python,
+                "-I",
+                str(RUNNER),
+                self._limits_arg,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                cwd=workdir,
+                env=env,
+                start_new_session=True,
+                limit=self.max_context_bytes * 2 + (1 << 20),
+                **kwargs,
+            )
+        except OSError as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise SandboxInfraError(f"could not start the local sandbox ({self.python}): {exc}") from None
+        sandbox = LocalSandbox(proc, workdir, self.max_context_bytes)
+        await sandbox.handshake()
+        self.started += 1
+        return sandbox
+
+    async def _refill(self) -> None:
+        while not self._closed and len(self._pool) < self.pool_size:
+            try:
+                self._pool.append(await self._spawn())
+            except SandboxInfraError as exc:
+                log.warning("warm pool refill failed: %s", exc)
+                return
+
+    def _refill_later(self) -> None:
+        if self.pool_size and not self._refilling and not self._closed:
+            task = asyncio.create_task(self._refill())
+            self._refilling.add(task)
+            task.add_done_callback(self._refilling.discard)
+
+    async def open(self, spec: SandboxSpec) -> LocalSandbox:
+        t0 = time.perf_counter()
+        sandbox = None
+        while self._pool:
+            candidate = self._pool.pop()
+            if candidate.proc.returncode is None:
+                sandbox = candidate
+                break
+            await candidate.close()
+        if sandbox is None:
+            sandbox = await self._spawn()
+        self._refill_later()
+        if spec.secrets:
+            await sandbox.init(spec.secrets)
+        log.debug("sandbox for execution %s ready in %.1f ms", spec.execution_id, (time.perf_counter() - t0) * 1000)
+        return sandbox
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in list(self._refilling):
+            task.cancel()
+        await asyncio.gather(*self._refilling, return_exceptions=True)
+        pool, self._pool = self._pool, []
+        await asyncio.gather(*(s.close() for s in pool), return_exceptions=True)

@@ -1,0 +1,190 @@
+"""The local sandbox's isolation and limits: each breach fails only its node, with a clear message."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from consumer.sandbox.base import NodeError, SandboxSpec
+from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
+from shared.settings import Settings
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[LocalSandboxProvider]:
+    p = LocalSandboxProvider(Settings(sandbox_pool_size=1), memory_limit_mb=256, max_output_bytes=64 * 1024)
+    await p.start()
+    yield p
+    await p.aclose()
+
+
+async def sandbox(provider: LocalSandboxProvider, execution_id: int = 1, **secrets: str) -> LocalSandbox:
+    return await provider.open(SandboxSpec(execution_id=execution_id, client="acme", secrets=secrets))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
+async def test_actions_decisions_and_persistent_globals(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    try:
+        first = await sb.run_action(
+            "a", "import json\ncounter = 1\ncontext['n'] = context['n'] + 1\nprint('hi')", {"n": 1}, 5
+        )
+        assert first.context == {"n": 2} and first.stdout == "hi\n"
+        second = await sb.run_action("b", "counter += 1\ncontext['s'] = json.dumps({'c': counter})", first.context, 5)
+        assert second.context == {"n": 2, "s": '{"c": 2}'}
+        decision = await sb.evaluate("d", "context['n'] > 1 and counter == 2", second.context, 5)
+        assert decision.decision is True and decision.context == second.context
+        rebound = await sb.run_action("c", "context = {'fresh': True}", {"old": 1}, 5)
+        assert rebound.context == {"fresh": True}
+    finally:
+        await sb.close()
+
+
+async def test_exception_names_node_line_and_type(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    try:
+        with pytest.raises(NodeError) as info:
+            await sb.run_action("parse", "x = 1\nprint('before')\nraise KeyError('vendor')", {}, 5)
+        err = info.value
+        assert (err.type, err.message, err.reason) == ("KeyError", "'vendor'", "exception")
+        assert 'File "<node parse>", line 3' in err.traceback and "raise KeyError('vendor')" in err.traceback
+        assert "runner.py" not in err.traceback and err.stdout == "before\n"
+        # The sandbox is still usable after a failing node.
+        assert (await sb.run_action("next", "context['ok'] = 1", {}, 5)).context == {"ok": 1}
+    finally:
+        await sb.close()
+
+
+async def test_infinite_loop_times_out_and_kills_the_process(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("spin", "while True: pass", {}, 0.5)
+    assert info.value.reason == "timeout" and "spin" in info.value.message and "0.5s" in info.value.message
+    assert not alive(sb.pid) and not sb.workdir.exists()
+
+
+async def test_memory_bomb_fails_the_node_only(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    try:
+        with pytest.raises(NodeError) as info:
+            await sb.run_action("bomb", "blocks = []\nwhile True: blocks.append(bytearray(50 << 20))", {}, 10)
+        assert info.value.reason == "limit:memory" and "memory limit" in info.value.message
+    finally:
+        await sb.close()
+    other = await sandbox(provider, 2)
+    try:
+        assert (await other.run_action("fine", "context['x'] = 1", {}, 5)).context == {"x": 1}
+    finally:
+        await other.close()
+
+
+async def test_output_flood_is_capped_with_a_clear_error(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    try:
+        with pytest.raises(NodeError) as info:
+            await sb.run_action("flood", "chunk = 'x' * (1 << 20)\nfor _ in range(100): print(chunk)", {}, 10)
+        assert info.value.reason == "limit:output" and "65536 bytes" in info.value.message
+    finally:
+        await sb.close()
+
+
+async def test_unserialisable_context_names_the_key(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    try:
+        with pytest.raises(NodeError) as info:
+            await sb.run_action(
+                "dates", "import datetime\ncontext['invoice'] = {'when': datetime.date(2026, 1, 1)}", {}, 5
+            )
+        assert info.value.reason == "serialization"
+        assert info.value.message == "context['invoice']['when'] is not JSON-serialisable (date)"
+    finally:
+        await sb.close()
+
+
+async def test_environment_is_scrubbed_and_secrets_are_private(
+    provider: LocalSandboxProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOVA_WORKER_ONLY_SECRET", "do-not-leak")
+    mine = await sandbox(provider, 1, IMAP_PASSWORD="p1")
+    theirs = await sandbox(provider, 2)
+    try:
+        code = "import os\ncontext['env'] = dict(os.environ)"
+        env = (await mine.run_action("env", code, {}, 5)).context["env"]
+        assert env["IMAP_PASSWORD"] == "p1" and "NOVA_WORKER_ONLY_SECRET" not in env
+        assert not any(k in env for k in ("REDIS_URL", "DATABASE_URL", "E2B_API_KEY"))
+        other_env = (await theirs.run_action("env", code, {}, 5)).context["env"]
+        assert "IMAP_PASSWORD" not in other_env
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_close_kills_the_process_and_removes_its_directory(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    await sb.run_action("w", "open('scratch.txt', 'w').write('x')", {}, 5)
+    assert (sb.workdir / "scratch.txt").exists()
+    await sb.close()
+    await sb.close()  # idempotent
+    assert not alive(sb.pid) and not sb.workdir.exists()
+
+
+async def test_pool_never_hands_out_a_process_twice(provider: LocalSandboxProvider) -> None:
+    seen = set()
+    for i in range(4):
+        sb = await sandbox(provider, i)
+        assert sb.pid not in seen
+        seen.add(sb.pid)
+        await sb.run_action("n", "assert 'leftover' not in globals()\nleftover = 1", {}, 5)
+        await sb.close()
+
+
+needs_uids = pytest.mark.skipif(os.geteuid() != 0, reason="separate sandbox uids need the worker to run as root")
+
+
+@needs_uids
+async def test_one_execution_cannot_read_anothers_directory(provider: LocalSandboxProvider) -> None:
+    assert provider.separate_uids
+    victim = await sandbox(provider, 1)
+    thief = await sandbox(provider, 2)
+    try:
+        await victim.run_action("w", "open('invoice.txt', 'w').write('secret')", {}, 5)
+        with pytest.raises(NodeError) as info:
+            await thief.run_action("r", f"context['x'] = open({str(victim.workdir / 'invoice.txt')!r}).read()", {}, 5)
+        assert info.value.type == "PermissionError"
+        with pytest.raises(NodeError) as info:
+            await thief.run_action("ls", f"import os\ncontext['x'] = os.listdir({str(victim.workdir)!r})", {}, 5)
+        assert info.value.type == "PermissionError"
+    finally:
+        await victim.close()
+        await thief.close()
+
+
+@needs_uids
+async def test_fork_bomb_is_contained_and_cleaned_up(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    with pytest.raises(NodeError) as info:
+        await sb.run_action(
+            "forks", "import os\nwhile True:\n    if os.fork() == 0:\n        import time; time.sleep(60)", {}, 10
+        )
+    assert info.value.type == "BlockingIOError"
+    uid = Path(f"/proc/{sb.pid}/status").read_text().split("Uid:")[1].split()[0]
+    await sb.close()
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _uid_of(p) == uid]
+    assert leftovers == []
+
+
+def _uid_of(proc: Path) -> str | None:
+    try:
+        return (proc / "status").read_text().split("Uid:")[1].split()[0]
+    except (OSError, IndexError):
+        return None
