@@ -168,7 +168,7 @@ class Projector:
         self.projected = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        wait = wait_exponential_jitter(initial=0.1, max=5.0)
+        wait = wait_exponential_jitter(multiplier=0.1, max=5.0)
         failures = 0
         # Our own pending entries first (a previous life of this consumer name), then new ones.
         cursor = "0"

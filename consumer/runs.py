@@ -77,7 +77,7 @@ async def _durably(action: Any, settings: Settings) -> Any:
         pass
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(REDIS_UNAVAILABLE),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
         stop=stop_after_delay(settings.visibility_timeout),
         reraise=True,
     ):

@@ -136,7 +136,7 @@ class Worker:
         return min(1.0, max(0.02, self.settings.retry_backoff / 2))
 
     async def _read_loop(self, stop: asyncio.Event) -> None:
-        wait = wait_exponential_jitter(initial=0.1, max=5.0)
+        wait = wait_exponential_jitter(multiplier=0.1, max=5.0)
         failures = 0
         stop_wait = asyncio.create_task(stop.wait())
         try:
@@ -242,7 +242,7 @@ class Worker:
             await _sleep_or_stop(interval, stop)
 
     async def _until_redis(self, action: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
-        wait = wait_exponential_jitter(initial=0.1, max=5.0)
+        wait = wait_exponential_jitter(multiplier=0.1, max=5.0)
         failures = 0
         while not stop.is_set():
             try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -25,6 +27,10 @@ def create_redis(settings: Settings, **kwargs: object) -> Redis:
         raise NotConfigured("REDIS_URL is not set (or run `nova dev`, which starts an embedded Redis)")
     options: dict[str, object] = {
         "decode_responses": True,
+        # A dropped connection (Redis restarting, a proxy closing idle sockets) is retried a few
+        # times before callers see it; longer outages are handled by each caller's own backoff.
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         "socket_connect_timeout": 5,
         "health_check_interval": 15,
         "max_connections": 256,

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from consumer.sandbox.base import SandboxProvider
 from consumer.worker import serve
 from shared.catalog import StoredWorkflow, WorkflowCatalog
+from shared.connections import REDIS_UNAVAILABLE
 from shared.events import Event
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
@@ -91,7 +92,12 @@ async def wait_for_events(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"saw {len(found)} of {count} expected events within {timeout}s")
-        reply = await redis.xread({settings.results_stream: cursor}, block=int(min(remaining, 1.0) * 1000) or 1)
+        try:
+            reply = await redis.xread({settings.results_stream: cursor}, block=int(min(remaining, 1.0) * 1000) or 1)
+        except REDIS_UNAVAILABLE:
+            # The fault tests restart Redis under our feet; the events are still there afterwards.
+            await asyncio.sleep(0.05)
+            continue
         for _stream, items in reply or []:
             for entry_id, fields in items:
                 cursor = entry_id
