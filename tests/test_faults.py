@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -247,11 +250,12 @@ async def test_postgres_outage_delays_projection_but_not_execution(
         await pool.close()
 
 
-async def test_checkpoint_resume_skips_finished_nodes(
-    redis: Redis, settings: Settings, pool: asyncpg.Pool, tmp_path: Any
-) -> None:
+async def test_checkpoint_resume_skips_finished_nodes(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
     """A delivery that finds a checkpoint resumes after the last completed node."""
-    marker = tmp_path / "side-effects.txt"
+    # Node code may run under its own uid: the side-effect log must be writable by anyone.
+    shared_dir = Path(tempfile.mkdtemp())
+    shared_dir.chmod(0o777)
+    marker = shared_dir / "side-effects.txt"
     count = 3
     effect = f"open({str(marker)!r}, 'a').write(context['_nova']['idempotency_key'] + '\\n')"
     wf = await create_workflow(redis, settings, pool, linear(*([effect] * count)))
@@ -262,9 +266,11 @@ async def test_checkpoint_resume_skips_finished_nodes(
     await redis.hset(keys.task(task.task_id), TaskField.CHECKPOINT, dumps(checkpoint))
     async with in_process_worker(settings):
         done = await wait_terminal(redis, settings, [task.task_id])
+    assert done[task.task_id].type == EventType.SUCCEEDED, done[task.task_id].data
     assert done[task.task_id].data["final_context"] == {"resumed": True}
     assert done[task.task_id].data["nodes_executed"] == count + 2
     lines = marker.read_text().splitlines()
     assert lines == [f"{task.execution_id}:a{i}:{i + 1}" for i in range(2, count + 1)]
     started = await wait_for_events(redis, settings, of_task(task.task_id, EventType.STARTED), 1)
     assert started[0].data["resumed_from_step"] == 2
+    shutil.rmtree(shared_dir)
