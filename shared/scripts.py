@@ -207,6 +207,29 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# Re-open a FAILURE so that it runs again from its failed node (POST /executions/{id}/retry).
+# KEYS: 1 task hash, 2 requests stream, 3 results stream, 4 the task's event-id list
+# ARGV: 1 results maxlen, 2 number of event items (2n), then the event, then the request's fields.
+# Returns the status the task had: the retry happened only if it was FAILURE.
+# Why a script: two operators retrying at once must start one run, not two.
+REOPEN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'FAILURE' then return status or '' end
+local n = tonumber(ARGV[2])
+local event = {}
+for i = 3, 2 + n do event[#event + 1] = ARGV[i] end
+local request = {}
+for i = 3 + n, #ARGV do request[#request + 1] = ARGV[i] end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
+redis.call('HSET', KEYS[1], 'status', 'RETRY', 'attempt', attempt)
+redis.call('HDEL', KEYS[1], 'finished_at', 'result')
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[4])
+redis.call('RPUSH', KEYS[4], redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', unpack(event)))
+redis.call('XADD', KEYS[2], '*', unpack(request))
+return status
+"""
+
 
 @dataclass
 class EnqueueResult:
@@ -241,6 +264,7 @@ class Scripts:
         self._dead_letter = redis.register_script(DEAD_LETTER)
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._remove_idle_consumer = redis.register_script(REMOVE_IDLE_CONSUMER)
+        self._reopen = redis.register_script(REOPEN)
 
     async def enqueue(
         self,
@@ -394,6 +418,15 @@ class Scripts:
         )
         written, dlq_id = (_s(x) for x in reply)
         return written == "1", dlq_id
+
+    async def reopen(self, *, task_id: str, event: dict[str, str], request: dict[str, str], results_maxlen: int) -> str:
+        event_items = [x for kv in event.items() for x in kv]
+        request_items = [x for kv in request.items() for x in kv]
+        reply = await self._reopen(
+            keys=[self.keys.task(task_id), self.keys.requests, self.keys.results, self.keys.task_events(task_id)],
+            args=[results_maxlen, len(event_items), *event_items, *request_items],
+        )
+        return _s(reply)
 
     async def remove_consumer_if_idle(self, stream: str, group: str, consumer: str) -> bool:
         return int(await self._remove_idle_consumer(keys=[stream], args=[group, consumer])) == 1

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
         default=None, description="Fernet key that encrypts client credentials at rest (`nova secrets-key`)."
     )
     host: str = Field(default="0.0.0.0", description="Address the API binds to (NOVA_HOST).")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body the API accepts.")
     port: int = Field(
         default=8000,
         validation_alias=AliasChoices("PORT", "NOVA_PORT", "port"),

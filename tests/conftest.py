@@ -13,9 +13,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from api.app import create_app
+from shared.clients import Vault
 from shared.db import create_pool, migrate_url
 from shared.embedded import (
     PostgresServer,
@@ -27,6 +31,8 @@ from shared.settings import Settings
 from shared.streams import Keys
 
 _db_counter = itertools.count()
+ADMIN_KEY = "test-admin-key"
+SECRETS_KEY = Vault.new_key()
 
 
 def redis_binaries() -> list[str]:
@@ -104,6 +110,8 @@ def make_settings(redis_url: str, db_url: str, **overrides: object) -> Settings:
         "retry_backoff_max": 0.2,
         "shutdown_grace": 5.0,
         "sandbox_pool_size": 1,
+        "admin_key": ADMIN_KEY,
+        "secrets_key": SECRETS_KEY,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -162,3 +170,25 @@ def pg_factory(tmp_path: Path) -> Iterator[Callable[..., PostgresServer]]:
     yield make
     for server in made:
         server.stop()
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def api(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process, as the operator (admin key)."""
+    transport = httpx.ASGITransport(app=app)
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as client:
+        yield client
+
+
+@pytest.fixture
+async def anonymous(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://nova") as client:
+        yield client

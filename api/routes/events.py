@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Header, Query
 from sse_starlette.sse import EventSourceResponse
 
+from api.deps import Caller, Res
+from api.errors import ApiError
 from api.event_hub import EventHub, Filter
+from api.schemas import errors
 from shared.events import Event
 from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, dumps, entry_id_parts
 
@@ -52,7 +55,7 @@ async def _replay_task(redis: Any, keys: Keys, task_id: str) -> list[Event]:
 
 
 async def task_event_stream(
-    redis: Any, keys: Keys, hub: EventHub, task_id: str, last_event_id: str | None, allowed: Filter | None = None
+    redis: Any, keys: Keys, hub: EventHub, task_id: str, last_event_id: str | None
 ) -> AsyncIterator[dict[str, Any]]:
     last = _after(last_event_id)
     # Subscribe first: an event published while we replay is then both replayed and queued, and
@@ -118,23 +121,30 @@ def feed_filter(workflow_id: int | None, client: str | None) -> Filter:
     return accept
 
 
-@router.get("/events", summary="Live feed of all status events (SSE)")
+@router.get("/events", summary="Live feed of all status events (SSE)", responses=errors(401, 503))
 async def all_events(
-    request: Request,
+    res: Res,
+    caller: Caller,
     workflow_id: int | None = Query(default=None, description="Only events of this workflow"),
     last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
 ) -> EventSourceResponse:
-    state = request.app.state
-    return sse_response(feed_stream(state.redis, state.keys, state.hub, feed_filter(workflow_id, None), last_event_id))
+    # A client key sees its own executions' events only.
+    accept = feed_filter(workflow_id, None if caller.admin else caller.client)
+    return sse_response(feed_stream(res.redis, res.keys, res.hub, accept, last_event_id))
 
 
-@router.get("/tasks/{task_id}/events", summary="One task's events: past ones, then live, closing after the end (SSE)")
+@router.get(
+    "/tasks/{task_id}/events",
+    summary="One task's events: past ones, then live, closing after the end (SSE)",
+    responses=errors(401, 404, 503),
+)
 async def task_events(
-    request: Request,
     task_id: str,
+    res: Res,
+    caller: Caller,
     last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
 ) -> EventSourceResponse:
-    state = request.app.state
-    if not await state.redis.exists(state.keys.task(task_id)):
-        raise HTTPException(status_code=404, detail=f"task {task_id} not found")
-    return sse_response(task_event_stream(state.redis, state.keys, state.hub, task_id, last_event_id))
+    client = await res.redis.hget(res.keys.task(task_id), TaskField.CLIENT)
+    if client is None or not caller.may_see(client):
+        raise ApiError(404, f"task {task_id} not found")
+    return sse_response(task_event_stream(res.redis, res.keys, res.hub, task_id, last_event_id))

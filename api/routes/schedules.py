@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from api.deps import Admin, Res
+from api.errors import ApiError
 from shared.schedules import InvalidSchedule, Schedule, ScheduleStore
 
 router = APIRouter(tags=["schedules"])
@@ -30,15 +32,15 @@ def _out(schedule: Schedule, next_ms: int | None) -> dict[str, Any]:
     return data
 
 
-def _store(request: Request) -> ScheduleStore:
-    return ScheduleStore(request.app.state.redis, request.app.state.keys)
+def _store(res: Res) -> ScheduleStore:
+    return ScheduleStore(res.redis, res.keys)
 
 
 @router.post("/schedules", status_code=201, summary="Create a schedule")
-async def create_schedule(request: Request, body: ScheduleIn) -> dict[str, Any]:
-    if await request.app.state.catalog.get(body.workflow_id) is None:
-        raise HTTPException(status_code=404, detail=f"workflow {body.workflow_id} not found")
-    store = _store(request)
+async def create_schedule(res: Res, _: Admin, body: ScheduleIn) -> dict[str, Any]:
+    if await res.catalog.get(body.workflow_id) is None:
+        raise ApiError(404, f"workflow {body.workflow_id} not found")
+    store = _store(res)
     try:
         schedule = await store.create(
             cron=body.cron,
@@ -48,18 +50,18 @@ async def create_schedule(request: Request, body: ScheduleIn) -> dict[str, Any]:
             name=body.name,
         )
     except InvalidSchedule as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
+        raise ApiError(422, str(exc)) from None
     return _out(schedule, schedule.next_after(int(datetime.now(UTC).timestamp() * 1000)))
 
 
 @router.get("/schedules", summary="List schedules with their next fire time")
-async def list_schedules(request: Request) -> dict[str, Any]:
-    items = [_out(s, n) for s, n in await _store(request).list()]
+async def list_schedules(res: Res, _: Admin) -> dict[str, Any]:
+    items = [_out(s, n) for s, n in await _store(res).list()]
     return {"items": items, "count": len(items)}
 
 
 @router.delete("/schedules/{schedule_id}", status_code=204, summary="Delete a schedule")
-async def delete_schedule(request: Request, schedule_id: str) -> Response:
-    if not await _store(request).delete(schedule_id):
-        raise HTTPException(status_code=404, detail=f"schedule {schedule_id} not found")
+async def delete_schedule(res: Res, _: Admin, schedule_id: str) -> Response:
+    if not await _store(res).delete(schedule_id):
+        raise ApiError(404, f"schedule {schedule_id} not found")
     return Response(status_code=204)

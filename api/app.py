@@ -1,0 +1,96 @@
+"""The FastAPI application: resources opened in the lifespan, routers, errors, the dashboard page."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from importlib import resources as package_files
+
+import asyncpg
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+
+from api import errors
+from api.deps import Resources
+from api.event_hub import EventHub
+from api.limits import BodySizeLimit
+from api.metrics import Metrics
+from api.routes import clients, events, executions, health, operations, schedules, tasks, workflows
+from shared.catalog import WorkflowCatalog
+from shared.clients import ClientStore, Vault
+from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
+from shared.scripts import Scripts
+from shared.settings import Settings
+from shared.streams import Keys
+
+log = logging.getLogger(__name__)
+
+
+async def _sync_sequence(scripts: Scripts, pool: asyncpg.Pool | None) -> None:
+    """Never hand out an execution id PostgreSQL already has (after a Redis flush or a new Redis)."""
+    if pool is None:
+        return
+    highest = await pool.fetchval("SELECT coalesce(max(id), 0) FROM executions")
+    await scripts.raise_sequence(int(highest))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = create_redis(settings)
+        keys = Keys.from_settings(settings)
+        pool: asyncpg.Pool | None = None
+        try:
+            pool = await open_pool(settings)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("PostgreSQL unavailable at start (%s); enqueueing still works", exc)
+        scripts = Scripts(redis, keys)
+        vault = Vault(settings.secrets_key.get_secret_value() if settings.secrets_key else None)
+        res = Resources(
+            settings=settings,
+            redis=redis,
+            keys=keys,
+            scripts=scripts,
+            catalog=WorkflowCatalog(redis, pool, keys),
+            clients=ClientStore(redis, pool, keys, vault),
+            hub=EventHub(redis, keys),
+            metrics=Metrics(),
+            pool=pool,
+        )
+        res.hub.observe(res.metrics.observe)
+        try:
+            await ensure_groups(redis, keys)
+            await _sync_sequence(scripts, pool)
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("Redis unavailable at start (%s); requests will answer 503 until it is back", exc)
+        await res.hub.start()
+        app.state.resources = res
+        try:
+            yield
+        finally:
+            await res.hub.stop()
+            if res.pool is not None:
+                await res.pool.close()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="NOVA Streams",
+        version="1.0",
+        description="Workflow executions on Redis Streams. Every route but /health needs a Bearer key.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for module in (health, workflows, tasks, executions, events, operations, schedules, clients):
+        app.include_router(module.router)
+
+    page = package_files.files("api").joinpath("static/index.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app

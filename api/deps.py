@@ -1,0 +1,111 @@
+"""What routes get from the application: its resources, and who is calling.
+
+Every route but /health and the dashboard's page requires `Authorization: Bearer <key>`: the
+operators' key (NOVA_ADMIN_KEY) or a client's key. SSE routes also accept `?access_token=` because
+browsers' EventSource cannot send headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import asyncpg
+from fastapi import Depends, Header, Query, Request
+from redis.asyncio import Redis
+
+from api.errors import ApiError, unavailable
+from api.event_hub import EventHub
+from api.metrics import Metrics
+from shared.catalog import WorkflowCatalog
+from shared.clients import ADMIN, ClientStore, Principal, is_admin_key
+from shared.connections import REDIS_UNAVAILABLE, open_pool
+from shared.scripts import Scripts
+from shared.settings import Settings
+from shared.streams import Keys
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    redis: Redis
+    keys: Keys
+    scripts: Scripts
+    catalog: WorkflowCatalog
+    clients: ClientStore
+    hub: EventHub
+    metrics: Metrics
+    pool: asyncpg.Pool | None = None
+    _pool_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise unavailable("PostgreSQL")
+        return self.pool
+
+    async def ensure_pool(self) -> None:
+        """Open the pool if PostgreSQL was down when the API started."""
+        if self.pool is not None:
+            return
+        async with self._pool_lock:
+            if self.pool is None:
+                self.pool = await open_pool(self.settings)
+                self.catalog.pool = self.pool
+                self.clients.pool = self.pool
+
+
+async def resources(request: Request) -> Resources:
+    res: Resources = request.app.state.resources
+    if res.pool is None:
+        # PostgreSQL was down at start; try again (cheaply, under a lock) on each request until it is back.
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            await asyncio.wait_for(res.ensure_pool(), 2)
+    return res
+
+
+Res = Annotated[Resources, Depends(resources)]
+
+
+async def principal(
+    res: Res,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+    access_token: Annotated[str | None, Query(description="API key, for EventSource clients")] = None,
+) -> Principal:
+    key = None
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise _unauthorized("Authorization must be 'Bearer <API key>'")
+        key = value.strip()
+    elif access_token:
+        key = access_token
+    if not key:
+        raise _unauthorized("this route needs an API key: send 'Authorization: Bearer <key>'")
+    admin = res.settings.admin_key.get_secret_value() if res.settings.admin_key else None
+    if is_admin_key(key, admin):
+        return ADMIN
+    try:
+        client = await res.clients.resolve(key)
+    except REDIS_UNAVAILABLE:
+        raise unavailable("Redis") from None
+    if client is None:
+        raise _unauthorized("unknown or revoked API key")
+    return Principal(admin=False, client=client)
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+Caller = Annotated[Principal, Depends(principal)]
+
+
+async def admin(caller: Caller) -> Principal:
+    if not caller.admin:
+        raise ApiError(403, "this route is for operators (the admin key)")
+    return caller
+
+
+Admin = Annotated[Principal, Depends(admin)]

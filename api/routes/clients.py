@@ -1,0 +1,68 @@
+"""Operators manage clients, their API keys and their stored credentials (values are write-only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from api.deps import Admin, Res
+from api.errors import ApiError
+from api.schemas import ClientIn, ClientKeyOut, CredentialIn, errors
+from shared.clients import ClientError
+
+router = APIRouter(tags=["clients"])
+
+
+@router.post("/clients", status_code=201, response_model=ClientKeyOut, responses=errors(401, 403, 409, 422, 503))
+async def create_client(body: ClientIn, res: Res, _: Admin) -> ClientKeyOut:
+    res.db()
+    try:
+        key = await res.clients.create(body.slug, body.name)
+    except ClientError as exc:
+        raise ApiError(409, str(exc)) from None
+    return ClientKeyOut(slug=body.slug, api_key=key)
+
+
+@router.get("/clients", responses=errors(401, 403, 503))
+async def list_clients(res: Res, _: Admin) -> dict[str, Any]:
+    res.db()
+    items = await res.clients.list()
+    return {"items": items, "count": len(items)}
+
+
+@router.post("/clients/{slug}/rotate-key", response_model=ClientKeyOut, responses=errors(401, 403, 404, 503))
+async def rotate_key(slug: str, res: Res, _: Admin) -> ClientKeyOut:
+    res.db()
+    try:
+        key = await res.clients.rotate(slug)
+    except ClientError as exc:
+        raise ApiError(404, str(exc)) from None
+    return ClientKeyOut(slug=slug, api_key=key)
+
+
+@router.put("/clients/{slug}/credentials/{name}", status_code=204, responses=errors(401, 403, 404, 422, 503))
+async def set_credential(slug: str, name: str, body: CredentialIn, res: Res, _: Admin) -> Response:
+    if not await res.clients.exists(slug):
+        raise ApiError(404, f"client '{slug}' not found")
+    if not name.replace("_", "").isalnum() or not name[0].isalpha():
+        raise ApiError(422, "credential names are environment variable names (letters, digits, '_')")
+    try:
+        await res.clients.set_credential(slug, name, body.value)
+    except ClientError as exc:
+        raise ApiError(422, str(exc)) from None
+    return Response(status_code=204)
+
+
+@router.get("/clients/{slug}/credentials", responses=errors(401, 403, 503))
+async def credential_names(slug: str, res: Res, _: Admin) -> dict[str, Any]:
+    # Names only: a stored credential's value is never returned.
+    names = await res.clients.credential_names(slug)
+    return {"items": names, "count": len(names)}
+
+
+@router.delete("/clients/{slug}/credentials/{name}", status_code=204, responses=errors(401, 403, 404, 503))
+async def delete_credential(slug: str, name: str, res: Res, _: Admin) -> Response:
+    if not await res.clients.delete_credential(slug, name):
+        raise ApiError(404, f"credential '{name}' of client '{slug}' not found")
+    return Response(status_code=204)

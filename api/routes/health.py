@@ -1,0 +1,39 @@
+"""Reachability of Redis and PostgreSQL; 503 when either is down (for load balancers and Railway)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import Res
+from api.schemas import CheckOut, HealthOut
+
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT = 1.0
+
+
+async def _check(probe: Callable[[], Awaitable[Any]]) -> CheckOut:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(probe(), CHECK_TIMEOUT)
+    except Exception as exc:
+        return CheckOut(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+    return CheckOut(ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+@router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
+async def health(res: Res) -> JSONResponse:
+    async def postgres() -> None:
+        await res.ensure_pool()
+        await res.db().fetchval("SELECT 1")
+
+    redis, pg = await asyncio.gather(_check(res.redis.ping), _check(postgres))
+    ok = redis.ok and pg.ok
+    body = HealthOut(status="ok" if ok else "degraded", redis=redis, postgres=pg)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -1,0 +1,69 @@
+"""Task status, read from the task hash in Redis: fresh, and independent of PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import Caller, Res
+from api.errors import ApiError
+from api.schemas import TaskOut, errors
+from shared.streams import TaskField, TaskStatus, loads
+
+router = APIRouter(tags=["tasks"])
+
+MESSAGES = {
+    TaskStatus.PENDING: "Task is queued, waiting for worker",
+    TaskStatus.RUNNING: "Task is executing",
+    TaskStatus.RETRY: "Task hit a transient error and will be retried",
+    TaskStatus.SUCCESS: "Task completed successfully",
+    TaskStatus.FAILURE: "Task failed",
+    TaskStatus.DEAD: "Task was dead-lettered",
+}
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+def task_view(task: dict[str, str]) -> TaskOut:
+    status = TaskStatus(task[TaskField.STATUS])
+    execution_id = _int(task.get(TaskField.EXECUTION_ID))
+    out: dict[str, Any] = {
+        "task_id": task[TaskField.TASK_ID],
+        "status": status.value,
+        "message": MESSAGES[status],
+        "execution_id": execution_id,
+        "workflow_id": _int(task.get(TaskField.WORKFLOW_ID)),
+        "workflow_name": task.get(TaskField.WORKFLOW_NAME),
+        "client_slug": task.get(TaskField.CLIENT),
+        "enqueued_at": task.get(TaskField.ENQUEUED_AT),
+        "started_at": task.get(TaskField.STARTED_AT),
+        "finished_at": task.get(TaskField.FINISHED_AT),
+    }
+    if status in (TaskStatus.RUNNING, TaskStatus.RETRY):
+        out["meta"] = {
+            "execution_id": execution_id,
+            "workflow_id": out["workflow_id"],
+            "workflow_name": out["workflow_name"],
+            "started_at": out["started_at"],
+            "current_node": task.get(TaskField.CURRENT_NODE),
+            "nodes_executed": _int(task.get(TaskField.NODES_EXECUTED)) or 0,
+            "attempt": _int(task.get(TaskField.ATTEMPT)) or 0,
+        }
+    if status == TaskStatus.SUCCESS:
+        result = loads(task.get(TaskField.RESULT)) or {}
+        out["result"] = {"execution_id": execution_id, "status": "success", **result}
+    if status in (TaskStatus.FAILURE, TaskStatus.DEAD, TaskStatus.RETRY):
+        out["error"] = loads(task.get(TaskField.ERROR))
+    return TaskOut(**out)
+
+
+@router.get("/tasks/{task_id}", response_model=TaskOut, responses=errors(401, 404, 503))
+async def get_task(task_id: str, res: Res, caller: Caller) -> TaskOut:
+    task = await res.redis.hgetall(res.keys.task(task_id))
+    # Another client's task answers exactly like a missing one: its existence is not ours to reveal.
+    if not task or TaskField.STATUS not in task or not caller.may_see(task.get(TaskField.CLIENT)):
+        raise ApiError(404, f"task {task_id} not found")
+    return task_view(task)

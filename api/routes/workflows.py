@@ -1,0 +1,119 @@
+"""Workflows: create, list, read, and execute (append one request to the stream and return)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from pydantic import ValidationError
+
+from api.deps import Admin, Caller, Res
+from api.errors import ApiError
+from api.schemas import ExecuteIn, ExecuteOut, WorkflowIn, WorkflowList, WorkflowOut, errors
+from shared.catalog import StoredWorkflow
+from shared.streams import dumps, now_iso
+from shared.workflow import InvalidDefinition, validate_definition
+
+router = APIRouter(tags=["workflows"])
+
+MAX_CONTEXT_BYTES = 256 * 1024
+
+
+def _out(workflow: StoredWorkflow) -> WorkflowOut:
+    return WorkflowOut(**workflow.as_json())
+
+
+@router.post("/workflows", status_code=201, response_model=WorkflowOut, responses=errors(401, 403, 422, 503))
+async def create_workflow(body: WorkflowIn, res: Res, _: Admin) -> WorkflowOut:
+    try:
+        definition = validate_definition(body.definition)
+    except InvalidDefinition as exc:
+        problems = [p.model_dump() for p in exc.problems]
+        raise ApiError(422, f"invalid workflow definition: {exc}", details=problems) from None
+    except ValidationError as exc:
+        problems = [
+            {"node": None, "message": f"definition.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"}
+            for e in exc.errors()
+        ]
+        raise ApiError(422, f"invalid workflow definition: {problems[0]['message']}", details=problems) from None
+    del definition  # validated; stored as the client wrote it
+    workflow = await res.catalog.create(body.name, body.description, body.definition)
+    return _out(workflow)
+
+
+@router.get("/workflows", response_model=WorkflowList, responses=errors(401, 503))
+async def list_workflows(
+    res: Res,
+    _: Caller,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> WorkflowList:
+    res.db()
+    items = [_out(w) for w in await res.catalog.list(limit=limit, offset=offset)]
+    return WorkflowList(items=items, count=len(items))
+
+
+async def _workflow(res: Res, workflow_id: int) -> StoredWorkflow:
+    workflow = await res.catalog.get(workflow_id)
+    if workflow is None:
+        raise ApiError(404, f"workflow {workflow_id} not found")
+    return workflow
+
+
+@router.get("/workflows/{workflow_id}", response_model=WorkflowOut, responses=errors(401, 404, 503))
+async def get_workflow(workflow_id: int, res: Res, _: Caller) -> WorkflowOut:
+    return _out(await _workflow(res, workflow_id))
+
+
+@router.post(
+    "/workflows/{workflow_id}/execute",
+    status_code=202,
+    response_model=ExecuteOut,
+    responses=errors(401, 403, 404, 413, 422, 503),
+)
+async def execute_workflow(
+    workflow_id: int,
+    body: ExecuteIn,
+    res: Res,
+    caller: Caller,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> ExecuteOut:
+    client = body.client_slug
+    if not caller.admin:
+        if client is not None and client != caller.client:
+            raise ApiError(403, f"this key belongs to client '{caller.client}', not '{client}'")
+        client = caller.client
+    if client is None:
+        raise ApiError(422, "client_slug: required when executing with the admin key")
+    workflow = await _workflow(res, workflow_id)
+    context_json = dumps(body.initial_context)
+    if len(context_json) > MAX_CONTEXT_BYTES:
+        raise ApiError(413, f"initial_context is {len(context_json)} bytes; the limit is {MAX_CONTEXT_BYTES}")
+    enqueued_at = now_iso()
+    result = await res.scripts.enqueue(
+        task_id=uuid.uuid4().hex,
+        workflow_id=workflow.id,
+        workflow_name=workflow.name,
+        client=client,
+        enqueued_at=enqueued_at,
+        payload=f'{{"initial_context":{context_json}}}',
+        queued_data=dumps(
+            {"workflow_name": workflow.name, "enqueued_at": enqueued_at, "initial_context": body.initial_context}
+        ),
+        results_maxlen=res.settings.results_maxlen,
+        idempotency_key=idempotency_key,
+    )
+    message = (
+        f"Workflow queued for execution. Use GET /tasks/{result.task_id} to check status."
+        if result.created
+        else f"Already queued with this Idempotency-Key. Use GET /tasks/{result.task_id} to check status."
+    )
+    return ExecuteOut(
+        task_id=result.task_id,
+        status="queued",
+        workflow_id=workflow.id,
+        workflow_name=workflow.name,
+        execution_id=result.execution_id,
+        message=message,
+    )

@@ -1,0 +1,145 @@
+"""Request and response bodies; the OpenAPI schema is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorOut} for status in statuses}
+
+
+class WorkflowIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=5000)
+    definition: dict[str, Any] = Field(description="NOVA's graph format: nodes and edges")
+
+
+class WorkflowOut(BaseModel):
+    id: int
+    name: str
+    description: str | None
+    definition: dict[str, Any]
+    created_at: str
+
+
+class WorkflowList(BaseModel):
+    items: list[WorkflowOut]
+    count: int
+
+
+class ExecuteIn(BaseModel):
+    client_slug: str | None = Field(
+        default=None, pattern=SLUG_PATTERN, description="The client to run as; a client key may omit it"
+    )
+    initial_context: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecuteOut(BaseModel):
+    task_id: str
+    status: Literal["queued"]
+    workflow_id: int
+    workflow_name: str
+    execution_id: int
+    message: str
+
+
+class TaskOut(BaseModel):
+    task_id: str
+    status: Literal["PENDING", "RUNNING", "RETRY", "SUCCESS", "FAILURE", "DEAD"]
+    message: str
+    execution_id: int | None = None
+    workflow_id: int | None = None
+    workflow_name: str | None = None
+    client_slug: str | None = None
+    enqueued_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    meta: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class NodeRunOut(BaseModel):
+    step: int
+    node_id: str
+    node_type: str
+    status: str
+    input_context: dict[str, Any] | None
+    output_context: dict[str, Any] | None
+    stdout: str | None
+    stderr: str | None
+    decision: bool | None
+    next_node: str | None
+    error: dict[str, Any] | None
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: float | None
+
+
+class ExecutionSummary(BaseModel):
+    id: int
+    task_id: str
+    workflow_id: int
+    workflow_name: str | None
+    client_slug: str
+    status: str
+    nodes_executed: int
+    current_node: str | None
+    attempt: int
+    enqueued_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: float | None
+
+
+class ExecutionOut(ExecutionSummary):
+    initial_context: dict[str, Any] | None
+    final_context: dict[str, Any] | None
+    error: dict[str, Any] | None
+    chain: list[NodeRunOut]
+
+
+class ExecutionList(BaseModel):
+    items: list[ExecutionSummary]
+    count: int
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    redis: CheckOut
+    postgres: CheckOut
+
+
+class ClientIn(BaseModel):
+    slug: str = Field(pattern=SLUG_PATTERN)
+    name: str = Field(min_length=1, max_length=200)
+
+
+class ClientKeyOut(BaseModel):
+    slug: str
+    api_key: str = Field(description="Shown once: store it now")
+
+
+class CredentialIn(BaseModel):
+    value: str = Field(min_length=1, max_length=64 * 1024)

@@ -1,0 +1,322 @@
+"""The HTTP contract: shapes clients rely on, the pipeline behind them, and one error shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from api.app import create_app
+from shared.db import migrate_url
+from shared.embedded import PostgresServer, RedisServer
+from shared.settings import Settings
+from shared.streams import EventType
+from tests.conftest import ADMIN_KEY, make_settings
+from tests.support import BRANCHING, in_process_worker, linear, wait_for_events, wait_projected, wait_terminal
+
+
+def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], (fragment, body)
+    return body["error"]
+
+
+async def create(api: httpx.AsyncClient, definition: dict[str, Any], name: str = "Invoice Processing V3") -> int:
+    response = await api.post("/workflows", json={"name": name, "description": "test", "definition": definition})
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+async def test_workflow_create_list_get(api: httpx.AsyncClient) -> None:
+    response = await api.post("/workflows", json={"name": "Triage", "definition": BRANCHING})
+    assert response.status_code == 201
+    created = response.json()
+    assert isinstance(created["id"], int) and created["name"] == "Triage" and created["definition"] == BRANCHING
+    assert created["description"] is None and created["created_at"]
+    listed = (await api.get("/workflows")).json()
+    assert listed["count"] == 1 and listed["items"][0]["id"] == created["id"]
+    assert (await api.get(f"/workflows/{created['id']}")).json() == created
+    assert_error(await api.get("/workflows/999"), 404, "workflow 999 not found")
+
+
+async def test_execute_returns_202_and_task_is_pending_at_once(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    wf = await create(api, linear("pass"))
+    response = await api.post(
+        f"/workflows/{wf}/execute", json={"client_slug": "idom", "initial_context": {"invoice": "A-1"}}
+    )
+    assert response.status_code == 202
+    body = response.json()
+    assert set(body) == {"task_id", "status", "workflow_id", "workflow_name", "message", "execution_id"}
+    assert body["status"] == "queued" and body["workflow_id"] == wf and body["workflow_name"] == "Invoice Processing V3"
+    assert f"GET /tasks/{body['task_id']}" in body["message"]
+    task = (await api.get(f"/tasks/{body['task_id']}")).json()
+    assert task["status"] == "PENDING" and task["message"] == "Task is queued, waiting for worker"
+    assert task["execution_id"] == body["execution_id"] and task["client_slug"] == "idom"
+    [(_, entry)] = await redis.xrange(settings.requests_stream)
+    assert entry == {
+        "task_id": body["task_id"],
+        "execution_id": str(body["execution_id"]),
+        "workflow_id": str(wf),
+        "workflow_name": "Invoice Processing V3",
+        "client": "idom",
+        "enqueued_at": entry["enqueued_at"],
+        "payload": '{"initial_context":{"invoice":"A-1"}}',
+    }
+    queued = await wait_for_events(redis, settings, lambda e: e.type == EventType.QUEUED)
+    assert queued[0].task_id == body["task_id"]
+
+
+async def test_idempotency_key_returns_the_same_task(api: httpx.AsyncClient, redis: Redis, settings: Settings) -> None:
+    wf = await create(api, linear("pass"))
+    body = {"client_slug": "idom", "initial_context": {}}
+    first = (await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "k-1"})).json()
+    again = await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "k-1"})
+    assert again.status_code == 202 and again.json()["task_id"] == first["task_id"]
+    assert "Already queued" in again.json()["message"]
+    other = await api.post(
+        f"/workflows/{wf}/execute", json={**body, "client_slug": "acme"}, headers={"Idempotency-Key": "k-1"}
+    )
+    assert other.json()["task_id"] != first["task_id"]
+    assert await redis.xlen(settings.requests_stream) == 2
+
+
+async def test_task_lifecycle_shapes_and_execution_chain(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings, pool: Any
+) -> None:
+    wf = await create(api, BRANCHING)
+    async with in_process_worker(settings):
+        body = (
+            await api.post(
+                f"/workflows/{wf}/execute", json={"client_slug": "idom", "initial_context": {"items": [700, 600]}}
+            )
+        ).json()
+        await wait_terminal(redis, settings, [body["task_id"]])
+        await wait_projected(pool, [body["execution_id"]], {"success"})
+    task = (await api.get(f"/tasks/{body['task_id']}")).json()
+    assert task["status"] == "SUCCESS" and task["message"] == "Task completed successfully"
+    assert task["execution_id"] == body["execution_id"]
+    assert task["result"] == {
+        "execution_id": body["execution_id"],
+        "status": "success",
+        "final_context": {"items": [700, 600], "total": 1300, "route": "manual"},
+        "nodes_executed": 5,
+    }
+    execution = (await api.get(f"/executions/{body['execution_id']}")).json()
+    assert execution["status"] == "success" and execution["task_id"] == body["task_id"]
+    assert execution["final_context"]["route"] == "manual" and execution["duration_ms"] >= 0
+    chain = execution["chain"]
+    assert [n["node_id"] for n in chain] == ["start", "total", "big", "approve", "end"]
+    assert chain[2]["decision"] is True and chain[2]["next_node"] == "approve"
+    assert chain[1]["input_context"] == {"items": [700, 600]} and chain[1]["output_context"]["total"] == 1300
+    listed = (await api.get("/executions", params={"workflow_id": wf})).json()
+    assert listed["count"] == 1 and listed["items"][0]["id"] == body["execution_id"]
+
+
+async def test_running_task_carries_meta_and_failure_carries_error(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    wf = await create(api, linear("import time\ntime.sleep(1)", "raise RuntimeError('no vendor')"))
+    async with in_process_worker(settings):
+        body = (await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})).json()
+        await wait_for_events(redis, settings, lambda e: e.type == EventType.NODE_STARTED and e.data["node_id"] == "a1")
+        running = (await api.get(f"/tasks/{body['task_id']}")).json()
+        assert running["status"] == "RUNNING" and running["message"] == "Task is executing"
+        meta = running["meta"]
+        assert meta["execution_id"] == body["execution_id"] and meta["workflow_id"] == wf
+        assert meta["workflow_name"] == "Invoice Processing V3" and meta["started_at"] and meta["current_node"] == "a1"
+        await wait_terminal(redis, settings, [body["task_id"]])
+    failed = (await api.get(f"/tasks/{body['task_id']}")).json()
+    assert failed["status"] == "FAILURE"
+    assert failed["error"]["node_id"] == "a2" and failed["error"]["type"] == "RuntimeError"
+    assert failed["error"]["message"] == "no vendor" and "Traceback" in failed["error"]["traceback"]
+
+
+async def test_retry_of_a_failure_resumes_at_the_failed_node(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings, pool: Any
+) -> None:
+    # Fails until the context says otherwise: the retry runs a2 again with the context it had there.
+    wf = await create(api, linear("context['a1_runs'] = context.get('a1_runs', 0) + 1", "assert context.get('fixed')"))
+    async with in_process_worker(settings):
+        body = (await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})).json()
+        await wait_terminal(redis, settings, [body["task_id"]])
+        await wait_projected(pool, [body["execution_id"]], {"failure"})
+        # Mend the checkpointed context the way an operator fix would, then retry.
+        key = f"nova:task:{body['task_id']}"
+        import orjson
+
+        checkpoint = orjson.loads(await redis.hget(key, "checkpoint"))
+        assert checkpoint["next_node"] == "a2" and checkpoint["context"] == {"a1_runs": 1}
+        checkpoint["context"]["fixed"] = True
+        await redis.hset(key, "checkpoint", orjson.dumps(checkpoint).decode())
+        retried = await api.post(f"/executions/{body['execution_id']}/retry")
+        assert retried.status_code == 202 and retried.json()["task_id"] == body["task_id"]
+        assert_error(await api.post(f"/executions/{body['execution_id']}/retry"), 409, "not FAILURE")
+        done = await wait_for_events(
+            redis, settings, lambda e: e.task_id == body["task_id"] and e.type == EventType.SUCCEEDED
+        )
+        await wait_projected(pool, [body["execution_id"]], {"success"})
+    assert done[0].data["final_context"] == {"a1_runs": 1, "fixed": True}
+    steps = await pool.fetch(
+        "SELECT step, node_id, status FROM node_runs WHERE execution_id = $1 ORDER BY step", body["execution_id"]
+    )
+    assert [(r["node_id"], r["status"]) for r in steps] == [
+        ("start", "success"),
+        ("a1", "success"),
+        ("a2", "success"),
+        ("end", "success"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("definition", "node", "fragment"),
+    [
+        (
+            linear("pass")
+            | {
+                "nodes": [
+                    *linear("pass")["nodes"][:1],
+                    {"id": "a1", "type": "action", "code": "pass", "next": "nope"},
+                    {"id": "end", "type": "end"},
+                ]
+            },
+            "a1",
+            "'nope', which is not a node",
+        ),
+        ({"nodes": [{"id": "end", "type": "end"}]}, None, "no start node"),
+        (
+            {
+                "nodes": [
+                    {"id": "s", "type": "start", "next": "e"},
+                    {"id": "e", "type": "end"},
+                    {"id": "lost", "type": "end"},
+                ]
+            },
+            "lost",
+            "unreachable",
+        ),
+        (
+            {
+                "nodes": [
+                    {"id": "s", "type": "start", "next": "a"},
+                    {"id": "a", "type": "action", "code": "pass", "next": "b"},
+                    {"id": "b", "type": "decision", "code": "True", "on_true": "a", "on_false": "e"},
+                    {"id": "e", "type": "end"},
+                ]
+            },
+            "a",
+            "cycle",
+        ),
+        (
+            {
+                "nodes": [
+                    {"id": "s", "type": "start", "next": "d"},
+                    {"id": "d", "type": "decision", "code": "True", "on_true": "e"},
+                    {"id": "e", "type": "end"},
+                ]
+            },
+            "d",
+            "no on_false",
+        ),
+        (linear("def x(:"), "a1", "does not compile"),
+    ],
+)
+async def test_invalid_definitions_are_422_naming_the_node(
+    api: httpx.AsyncClient, definition: dict[str, Any], node: str | None, fragment: str
+) -> None:
+    error = assert_error(await api.post("/workflows", json={"name": "bad", "definition": definition}), 422, fragment)
+    if node:
+        assert f"'{node}'" in error["message"] and any(p["node"] == node for p in error["details"])
+
+
+async def test_bad_bodies_are_422_with_the_field_named(api: httpx.AsyncClient) -> None:
+    wf = await create(api, linear("pass"))
+    assert_error(await api.post(f"/workflows/{wf}/execute", json={"initial_context": {}}), 422, "client_slug")
+    assert_error(await api.post(f"/workflows/{wf}/execute", json={"client_slug": "Not A Slug"}), 422, "client_slug")
+    assert_error(
+        await api.post(f"/workflows/{wf}/execute", json={"client_slug": "a", "initial_context": [1]}),
+        422,
+        "initial_context",
+    )
+    assert_error(
+        await api.post(f"/workflows/{wf}/execute", content=b"{not json", headers={"Content-Type": "application/json"}),
+        422,
+    )
+    assert_error(await api.post("/workflows", json={"definition": {}}), 422, "name")
+    assert_error(
+        await api.post("/workflows", json={"name": "x", "definition": {"nodes": "start"}}), 422, "definition.nodes"
+    )
+    assert_error(await api.post("/workflows/999/execute", json={"client_slug": "a"}), 404, "workflow 999")
+    assert_error(await api.get("/tasks/nope"), 404, "task nope not found")
+    assert_error(await api.get("/executions/424242"), 404, "execution 424242")
+    assert_error(await api.delete("/workflows"), 405)
+    assert_error(
+        await api.post(
+            f"/workflows/{wf}/execute", content=b"x" * (2 << 20), headers={"Content-Type": "application/json"}
+        ),
+        413,
+        "limit",
+    )
+
+
+async def test_health_ok(api: httpx.AsyncClient) -> None:
+    body = (await api.get("/health")).json()
+    assert body["status"] == "ok" and body["redis"]["ok"] and body["postgres"]["ok"]
+
+
+async def test_redis_down_gives_503_never_202_and_recovers(
+    redis_factory: Callable[..., RedisServer], db_url: str
+) -> None:
+    server = redis_factory()
+    settings = make_settings(server.url, db_url)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://n", headers=headers
+        ) as api:
+            wf = await create(api, linear("pass"))
+            server.stop()
+            down = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})
+            assert_error(down, 503, "Redis")
+            assert down.headers["Retry-After"]
+            health = await api.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "degraded"
+            server.start()
+            up = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})
+            assert up.status_code == 202
+    client = Redis.from_url(server.url, decode_responses=True)
+    # Only the request accepted after the restart is in the stream (this Redis keeps nothing across restarts).
+    assert await client.xlen(settings.requests_stream) == 1
+    await client.aclose()
+
+
+async def test_postgres_down_keeps_enqueue_and_task_status_working(
+    redis: Redis, settings: Settings, pg_factory: Callable[..., PostgresServer]
+) -> None:
+    pg = pg_factory()
+    await migrate_url(pg.url)
+    settings = settings.model_copy(update={"database_url": pg.url})
+    app: FastAPI = create_app(settings)
+    async with app.router.lifespan_context(app):
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://n", headers=headers
+        ) as api:
+            wf = await create(api, linear("pass"))
+            pg.stop()
+            accepted = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})
+            assert accepted.status_code == 202
+            assert (await api.get(f"/tasks/{accepted.json()['task_id']}")).json()["status"] == "PENDING"
+            assert_error(await api.get("/executions/1"), 503, "PostgreSQL")
+            assert (await api.get("/health")).status_code == 503
+            pg.start()
+            assert (await api.get("/health")).status_code == 200
