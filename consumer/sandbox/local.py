@@ -27,6 +27,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,15 @@ class LocalSandbox:
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
 
 
+def _demote(uid: int) -> Callable[[], None]:
+    def demote() -> None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+    return demote
+
+
 async def _group_gone(pgid: int, timeout: float = 5.0) -> None:
     """Wait until no process of the group is left (children of node code are not ours to wait for)."""
     deadline = time.monotonic() + timeout
@@ -275,7 +285,8 @@ class LocalSandboxProvider:
         if self.separate_uids:
             uid = next(_uids)
             os.chown(workdir, uid, uid)
-            kwargs = {"user": uid, "group": uid, "extra_groups": []}
+            # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
+            kwargs = {"preexec_fn": _demote(uid)}
         os.chmod(workdir, 0o700)
         try:
             proc = await asyncio.create_subprocess_exec(

