@@ -160,8 +160,9 @@ class RedisServer(_Server):
             "--logfile",
             str(self.log_path),
         ]
+        # Its own session: a terminal's Ctrl-C reaches only our process, which stops servers last.
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
         )
         _wait_for_port(self.port, self.proc, timeout, self.log_path)
         return self
