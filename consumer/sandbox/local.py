@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import logging
 import os
@@ -172,13 +174,26 @@ class LocalSandbox:
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
 
 
-def _demote(uid: int) -> Callable[[], None]:
-    def demote() -> None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
 
-    return demote
+
+def _child_setup(uid: int | None) -> Callable[[], None]:
+    """Runs in the sandbox process before exec: drop to its uid, and die with the worker.
+
+    Sandboxes run in their own session (so they can be killed as a group), which also means a
+    SIGKILLed worker would leave them running: the parent-death signal closes that gap. It is set
+    after setuid because changing credentials clears it.
+    """
+
+    def setup() -> None:
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return setup
 
 
 async def _group_gone(pgid: int, timeout: float = 5.0) -> None:
@@ -281,12 +296,10 @@ class LocalSandboxProvider:
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
-        kwargs: dict[str, Any] = {}
+        uid = None
         if self.separate_uids:
             uid = next(_uids)
             os.chown(workdir, uid, uid)
-            # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
-            kwargs = {"preexec_fn": _demote(uid)}
         os.chmod(workdir, 0o700)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -301,7 +314,8 @@ class LocalSandboxProvider:
                 env=env,
                 start_new_session=True,
                 limit=self.max_context_bytes * 2 + (1 << 20),
-                **kwargs,
+                # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
+                preexec_fn=_child_setup(uid),
             )
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
