@@ -188,3 +188,18 @@ def _uid_of(proc: Path) -> str | None:
         return (proc / "status").read_text().split("Uid:")[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+@needs_uids
+async def test_concurrent_sandboxes_never_share_a_uid_even_across_workers() -> None:
+    # Two providers stand for two worker processes on one machine (the uid lease is an flock).
+    providers = [LocalSandboxProvider(Settings(sandbox_pool_size=0)) for _ in range(2)]
+    boxes = [await p.open(SandboxSpec(execution_id=i, client="c")) for i in range(6) for p in providers]
+    try:
+        uids = [b.lease.uid for b in boxes if b.lease]
+        assert len(uids) == 12 and len(set(uids)) == 12
+    finally:
+        for b in boxes:
+            await b.close()
+        for p in providers:
+            await p.aclose()

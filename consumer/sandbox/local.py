@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import itertools
+import fcntl
 import logging
 import os
+import random
 import shutil
 import signal
 import struct
@@ -45,14 +46,47 @@ _HEADER = struct.Struct(">I")
 # Unprivileged uids handed to sandboxes when running as root; far above any real account.
 _UID_BASE = 200_000
 _UID_SPAN = 50_000
-_uids = itertools.cycle(range(_UID_BASE, _UID_BASE + _UID_SPAN))
+_UID_LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-uids"
+
+
+class UidLease:
+    """An exclusive uid for one sandbox, across every worker process on this machine.
+
+    Held as an flock on a per-uid file: the kernel releases it if the worker dies, so a crashed
+    worker never leaks uids, and two workers never hand the same uid to two live sandboxes.
+    """
+
+    def __init__(self) -> None:
+        _UID_LOCKS.mkdir(mode=0o700, exist_ok=True)
+        start = random.randrange(_UID_SPAN)
+        for i in range(_UID_SPAN):
+            uid = _UID_BASE + (start + i) % _UID_SPAN
+            fd = os.open(_UID_LOCKS / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.uid, self._fd = uid, fd
+            return
+        raise SandboxInfraError("no free sandbox uid")
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 _START_TIMEOUT = 30.0
 
 
 class LocalSandbox:
-    def __init__(self, proc: asyncio.subprocess.Process, workdir: Path, max_context_bytes: int) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, workdir: Path, max_context_bytes: int, lease: UidLease | None = None
+    ) -> None:
         self.proc = proc
         self.workdir = workdir
+        self.lease = lease
         self.max_context_bytes = max_context_bytes
         self.dead = False
         self._lock = asyncio.Lock()
@@ -172,6 +206,10 @@ class LocalSandbox:
             with contextlib.suppress(Exception):
                 self.proc.stdin.close()
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+        if self.lease is not None:
+            # Only now: no process of this uid is left, and its files are gone.
+            self.lease.release()
+            self.lease = None
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -296,9 +334,9 @@ class LocalSandboxProvider:
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
-        uid = None
-        if self.separate_uids:
-            uid = next(_uids)
+        lease = UidLease() if self.separate_uids else None
+        uid = lease.uid if lease else None
+        if uid is not None:
             os.chown(workdir, uid, uid)
         os.chmod(workdir, 0o700)
         try:
@@ -319,8 +357,10 @@ class LocalSandboxProvider:
             )
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
+            if lease is not None:
+                lease.release()
             raise SandboxInfraError(f"could not start the local sandbox ({self.python}): {exc}") from None
-        sandbox = LocalSandbox(proc, workdir, self.max_context_bytes)
+        sandbox = LocalSandbox(proc, workdir, self.max_context_bytes, lease)
         await sandbox.handshake()
         self.started += 1
         return sandbox
