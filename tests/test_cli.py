@@ -1,0 +1,158 @@
+"""The `nova` command: help, idempotent migrations, operator commands, and `nova dev` end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from shared.embedded import free_port
+from shared.settings import Settings
+from tests.support import ROOT, create_workflow, enqueue, in_process_worker, linear, wait_terminal
+
+
+def nova(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NOVA_") and k not in ("REDIS_URL", "DATABASE_URL")}
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help_lists_commands_and_settings() -> None:
+    out = nova("--help").stdout
+    for command in ("dev", "api", "worker", "migrate", "projector", "inspect", "dlq", "clients"):
+        assert re.search(rf"^\s+{command}\b", out, re.M), command
+    for variable in ("REDIS_URL", "DATABASE_URL", "E2B_API_KEY", "PORT", "NOVA_CONCURRENCY", "NOVA_VISIBILITY_TIMEOUT"):
+        assert variable in out
+
+
+def test_migrate_is_idempotent(db_url: str) -> None:
+    # The test database comes migrated; a fresh one shows both runs.
+    first = nova("migrate", env={"DATABASE_URL": db_url})
+    assert first.returncode == 0 and first.stdout.strip() == "database is up to date"
+
+
+def test_migrate_fresh_database_then_again(pg_server: object) -> None:
+    import asyncpg
+
+    async def fresh() -> str:
+        conn = await asyncpg.connect(pg_server.url)  # type: ignore[attr-defined]
+        await conn.execute("CREATE DATABASE migrate_twice")
+        await conn.close()
+        return pg_server.url.rsplit("/", 1)[0] + "/migrate_twice"  # type: ignore[attr-defined]
+
+    url = asyncio.run(fresh())
+    first = nova("migrate", env={"DATABASE_URL": url})
+    assert first.returncode == 0 and first.stdout.startswith("applied migrations 1, 2")
+    second = nova("migrate", env={"DATABASE_URL": url})
+    assert second.returncode == 0 and second.stdout.strip() == "database is up to date"
+
+
+def test_migrate_reports_an_unreachable_database_in_one_line() -> None:
+    result = nova("migrate", env={"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    unset = nova("migrate")
+    assert unset.returncode == 1 and "DATABASE_URL is not set" in unset.stderr
+
+
+async def test_inspect_and_dlq_commands_against_a_live_system(redis: Redis, settings: Settings, pool: object) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    env = {"REDIS_URL": settings.redis_url or ""}
+    async with in_process_worker(settings):
+        task = await enqueue(redis, settings, wf)
+        await redis.xadd(settings.requests_stream, {"junk": "entry"})
+        await wait_terminal(redis, settings, [task.task_id])
+        await redis.xread({settings.dead_letter_stream: "0"}, block=10_000)
+        # A consumer that read an entry and went silent: a stuck consumer to spot.
+        stuck = await enqueue(redis, settings, wf)
+        inspected = await asyncio.to_thread(nova, "inspect", "--json", env=env)
+    report = json.loads(inspected.stdout)
+    groups = {g["group"]: g for g in report["groups"]}
+    assert report["dead_letters"] == 1 and groups["nova-workers"]["consumers"] >= 1
+    del stuck
+    text = await asyncio.to_thread(nova, "inspect", env=env)
+    assert "nova-workers" in text.stdout and "dead letters:    1" in text.stdout
+    listed = await asyncio.to_thread(nova, "dlq", "list", "--json", env=env)
+    [letter] = json.loads(listed.stdout)
+    assert letter["reason"] == "malformed"
+    replay = await asyncio.to_thread(nova, "dlq", "replay", letter["id"], env=env)
+    assert replay.returncode == 1 and "not a complete request" in replay.stderr
+    purged = await asyncio.to_thread(nova, "dlq", "purge", "--yes", env=env)
+    assert purged.stdout.strip() == "purged 1 dead letter(s)"
+    down = await asyncio.to_thread(nova, "inspect", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}"})
+    assert down.returncode == 1 and "unreachable" in down.stderr
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.timeout(180)
+def test_nova_dev_runs_the_printed_curl_to_success_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOVA_") and k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(NOVA_DATA_DIR=str(tmp_path / "data"), PORT=str(port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "dev"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, f"nova dev ended early: {''.join(lines)}"
+            lines.append(line)
+            if line.startswith("Ctrl-C stops"):
+                break
+        printed = "".join(lines)
+        curl = next(line for line in lines if line.startswith("curl -s -X POST"))
+        args = shlex.split(curl)
+        url = args[args.index("POST") + 1]
+        headers = dict(h.split(": ", 1) for h in (args[i + 1] for i, a in enumerate(args) if a == "-H"))
+        body = json.loads(args[args.index("-d") + 1])
+        accepted = httpx.post(url, json=body, headers=headers, timeout=10)
+        assert accepted.status_code == 202, accepted.text
+        task_id = accepted.json()["task_id"]
+        assert f"http://127.0.0.1:{port}/docs" in printed and "redis://" in printed and "postgresql://" in printed
+        status = {}
+        for _ in range(200):
+            status = httpx.get(f"http://127.0.0.1:{port}/tasks/{task_id}", headers=headers, timeout=10).json()
+            if status["status"] in ("SUCCESS", "FAILURE", "DEAD"):
+                break
+            time.sleep(0.05)
+        assert status["status"] == "SUCCESS", status
+        final = status["result"]["final_context"]
+        assert final["total"] == 1315.0 and final["status"] == "pending_approval"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0
+    assert not _port_open(port)
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False).stdout
+    assert leftovers.strip() == ""
