@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
+from shared.connections import create_redis
 from shared.db import migrate_url
 from shared.embedded import PostgresServer, RedisServer, free_port
 from shared.settings import Settings
@@ -76,6 +78,7 @@ class Chaos:
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.kills = 0
+        self.admin_key = secrets.token_urlsafe(24)
 
     # ---- processes -----------------------------------------------------------------------------
 
@@ -93,6 +96,7 @@ class Chaos:
             NOVA_MAX_DELIVERIES="10",
             NOVA_SANDBOX_POOL_SIZE="2",
             NOVA_LOG_LEVEL="WARNING",
+            NOVA_ADMIN_KEY=self.admin_key,
         )
         return env
 
@@ -137,9 +141,10 @@ class Chaos:
         for i in range(self.workers):
             self.spawn(f"worker{i}", "worker")
         base = f"http://127.0.0.1:{self.port}"
-        redis = Redis.from_url(self.redis_server.url, decode_responses=True)
+        redis = create_redis(Settings(redis_url=self.redis_server.url))
         try:
-            async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            headers = {"Authorization": f"Bearer {self.admin_key}"}
+            async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as http:
                 await self._wait_healthy(http)
                 ok_id = await self._create(http, "chaos-succeeding", SUCCEEDING)
                 bad_id = await self._create(http, "chaos-failing", FAILING)
@@ -256,7 +261,7 @@ class Chaos:
                 terminal_events[fields.get("task_id", "")] += 1
         rows = await self._projected(ids)
         counts = Counter(statuses.values())
-        dlq_poison = sum(1 async for _, f in _scan(redis, "nova:dlq") if f.get("dlq_reason") == "malformed")
+        dlq_poison = len([1 async for _, f in _scan(redis, "nova:dlq") if f.get("dlq_reason") == "malformed"])
         duplicated = sum(1 for t in ids if terminal_events[t] > 1) + rows["bad_chains"]
         lost = sum(1 for t in ids if statuses.get(t) not in TERMINAL_STATUSES or terminal_events[t] == 0)
         return {
@@ -268,8 +273,25 @@ class Chaos:
             "poison_dead_lettered": f"{dlq_poison}/{poison}",
             "lost": lost + (poison - dlq_poison) + rows["missing"],
             "duplicated": duplicated,
+            "duplicated_terminal_events": sum(1 for t in ids if terminal_events[t] > 1),
+            "chains_not_matching_runs": rows["bad_chains"],
             "projected": rows["projected"],
         }
+
+    async def _projector_caught_up(self, deadline: float) -> None:
+        """Every event projected: the chain check must not race the last batches."""
+        redis = create_redis(Settings(redis_url=self.redis_server.url))
+        try:
+            while time.monotonic() < deadline:
+                groups = {g["name"]: g for g in await redis.xinfo_groups("nova:results")}
+                group = groups.get("nova-projector")
+                if group is not None:
+                    unread = await redis.xrange("nova:results", min=f"({group['last-delivered-id']}", max="+", count=1)
+                    if group["pending"] == 0 and not unread:
+                        return
+                await asyncio.sleep(0.2)
+        finally:
+            await redis.aclose()
 
     async def _projected(self, ids: list[str]) -> dict[str, int]:
         """Every accepted execution recorded once in PostgreSQL, with a chain matching its run."""
@@ -285,6 +307,7 @@ class Chaos:
                 if projected == len(ids) or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.5)
+            await self._projector_caught_up(deadline)
             bad_chains = await conn.fetchval(
                 """SELECT count(*) FROM executions e
                    WHERE e.task_id = ANY($1::text[]) AND e.status IN ('success', 'failure')

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import asyncpg
@@ -172,10 +173,16 @@ class Projector:
         failures = 0
         # Our own pending entries first (a previous life of this consumer name), then new ones.
         cursor = "0"
+        next_reclaim = 0.0
         while not stop.is_set():
             try:
                 if self.pool is None:
                     self.pool = await open_pool(self.settings)
+                # Events a dead projector read but never wrote: taken over on a timer, not only
+                # when idle, so a busy stream does not keep them waiting.
+                if time.monotonic() >= next_reclaim:
+                    await self._reclaim_stale()
+                    next_reclaim = time.monotonic() + self.settings.visibility_timeout / 2
                 entries = await self._next_batch(cursor)
                 if cursor == "0" and not entries:
                     cursor = ">"
@@ -184,8 +191,6 @@ class Projector:
                     await self._project(entries)
                     if cursor != ">":
                         cursor = entries[-1][0]
-                elif cursor == ">":
-                    await self._reclaim_stale()
                 failures = 0
             except asyncio.CancelledError:
                 raise
