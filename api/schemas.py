@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path, Query
 from pydantic import BaseModel, Field
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+BIGINT_MAX = 2**63 - 1
+
+# Ids are PostgreSQL bigints: anything larger is refused as invalid, not passed down to fail there.
+PathId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
+QueryId = Annotated[int | None, Query(ge=1, le=BIGINT_MAX)]
+# A Redis stream entry id (ms-seq), checked here so that Redis never sees a malformed one.
+STREAM_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
+StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="A stream entry id, e.g. 1700000000000-0")]
 
 
 class ErrorDetail(BaseModel):
@@ -19,8 +28,13 @@ class ErrorOut(BaseModel):
     error: ErrorDetail
 
 
+# Any authenticated route may answer these: no or a bad key, a client key on an operator route, a
+# body over the size limit, invalid input, and Redis or PostgreSQL being unavailable.
+COMMON_ERRORS = (401, 403, 413, 422, 503)
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorOut} for status in statuses}
+    return {status: {"model": ErrorOut} for status in sorted({*COMMON_ERRORS, *statuses})}
 
 
 class WorkflowIn(BaseModel):

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header
 from sse_starlette.sse import EventSourceResponse
 
 from api.deps import Caller, Res
 from api.errors import ApiError
 from api.event_hub import EventHub, Filter
-from api.schemas import errors
+from api.schemas import QueryId, errors
 from shared.events import Event
 from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, dumps, entry_id_parts
 
@@ -125,7 +125,7 @@ def feed_filter(workflow_id: int | None, client: str | None) -> Filter:
 async def all_events(
     res: Res,
     caller: Caller,
-    workflow_id: int | None = Query(default=None, description="Only events of this workflow"),
+    workflow_id: QueryId = None,
     last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
 ) -> EventSourceResponse:
     # A client key sees its own executions' events only.

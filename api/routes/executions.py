@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import Caller, Res
 from api.errors import ApiError, unavailable
-from api.schemas import ExecuteOut, ExecutionList, ExecutionOut, ExecutionSummary, NodeRunOut, errors
+from api.schemas import ExecuteOut, ExecutionList, ExecutionOut, ExecutionSummary, NodeRunOut, PathId, QueryId, errors
 from shared.clients import Principal
 from shared.events import event_fields
 from shared.streams import EventType, RequestField, TaskField, dumps
@@ -65,7 +65,7 @@ def _visible(caller: Principal, row: asyncpg.Record | None, execution_id: int) -
 
 
 @router.get("/executions/{execution_id}", response_model=ExecutionOut, responses=errors(401, 404, 503))
-async def get_execution(execution_id: int, res: Res, caller: Caller) -> ExecutionOut:
+async def get_execution(execution_id: PathId, res: Res, caller: Caller) -> ExecutionOut:
     rows = await _fetch(
         res, f"SELECT {_SUMMARY}, initial_context, final_context, error FROM executions WHERE id = $1", execution_id
     )
@@ -90,7 +90,7 @@ async def get_execution(execution_id: int, res: Res, caller: Caller) -> Executio
 async def list_executions(
     res: Res,
     caller: Caller,
-    workflow_id: int | None = None,
+    workflow_id: QueryId = None,
     client_slug: str | None = None,
     status: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -115,7 +115,7 @@ async def list_executions(
 @router.post(
     "/executions/{execution_id}/retry", status_code=202, response_model=ExecuteOut, responses=errors(401, 404, 409, 503)
 )
-async def retry_execution(execution_id: int, res: Res, caller: Caller) -> ExecuteOut:
+async def retry_execution(execution_id: PathId, res: Res, caller: Caller) -> ExecuteOut:
     """Run a FAILURE again from its failed node, with the context it had there."""
     rows = await _fetch(res, "SELECT task_id, client_slug FROM executions WHERE id = $1", execution_id)
     row = _visible(caller, rows[0] if rows else None, execution_id)

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import Admin, Res, Resources
 from api.errors import ApiError
+from api.schemas import STREAM_ID_PATTERN, StreamId, errors
 from shared.dead_letters import DeadLetters, NotReplayable
 from shared.inspection import inspect
 
@@ -20,30 +21,35 @@ def _dead_letters(res: Resources) -> DeadLetters:
     return DeadLetters(res.redis, res.keys, res.settings, res.catalog)
 
 
-@router.get("/inspect", summary="Stream lengths, group lag and pending, consumers, dead letters")
+@router.get("/inspect", summary="Stream lengths, group lag and pending, consumers, dead letters", responses=errors())
 async def inspect_queue(res: Res, _: Admin) -> dict[str, Any]:
     return await inspect(res.redis, res.keys)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses=errors())
 async def metrics(res: Res, _: Admin) -> Response:
     body = await res.metrics.render(res.redis, res.keys, res.pool)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/dlq", summary="Dead-lettered requests, oldest first")
+@router.get("/dlq", summary="Dead-lettered requests, oldest first", responses=errors())
 async def list_dead_letters(
     res: Res,
     _: Admin,
     count: int = Query(default=100, ge=1, le=1000),
-    after: str | None = Query(default=None, description="Return entries after this id (paging)"),
+    after: str | None = Query(default=None, pattern=STREAM_ID_PATTERN, description="Entries after this id (paging)"),
 ) -> dict[str, Any]:
     letters = await _dead_letters(res).list(count=count, after=after)
     return {"items": [d.as_json() for d in letters], "count": len(letters)}
 
 
-@router.post("/dlq/{entry_id}/replay", status_code=202, summary="Run a dead-lettered request again as a new task")
-async def replay_dead_letter(res: Res, _: Admin, entry_id: str) -> dict[str, Any]:
+@router.post(
+    "/dlq/{entry_id}/replay",
+    status_code=202,
+    summary="Run a dead-lettered request again as a new task",
+    responses=errors(404),
+)
+async def replay_dead_letter(res: Res, _: Admin, entry_id: StreamId) -> dict[str, Any]:
     dlq = _dead_letters(res)
     letter = await dlq.get(entry_id)
     if letter is None:
@@ -61,8 +67,8 @@ async def replay_dead_letter(res: Res, _: Admin, entry_id: str) -> dict[str, Any
     }
 
 
-@router.delete("/dlq/{entry_id}", status_code=204, summary="Delete a dead letter")
-async def delete_dead_letter(res: Res, _: Admin, entry_id: str) -> Response:
+@router.delete("/dlq/{entry_id}", status_code=204, summary="Delete a dead letter", responses=errors(404))
+async def delete_dead_letter(res: Res, _: Admin, entry_id: StreamId) -> Response:
     if not await _dead_letters(res).delete(entry_id):
         raise ApiError(404, f"dead letter {entry_id} not found")
     return Response(status_code=204)

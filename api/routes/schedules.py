@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import Admin, Res
 from api.errors import ApiError
+from api.schemas import errors
 from shared.schedules import InvalidSchedule, Schedule, ScheduleStore
 
 router = APIRouter(tags=["schedules"])
@@ -17,7 +18,7 @@ router = APIRouter(tags=["schedules"])
 
 class ScheduleIn(BaseModel):
     cron: str = Field(description="Five cron fields, or six with seconds last", examples=["*/5 * * * *"])
-    workflow_id: int
+    workflow_id: int = Field(ge=1, le=2**63 - 1)
     client_slug: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     initial_context: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, max_length=200)
@@ -36,7 +37,7 @@ def _store(res: Res) -> ScheduleStore:
     return ScheduleStore(res.redis, res.keys)
 
 
-@router.post("/schedules", status_code=201, summary="Create a schedule")
+@router.post("/schedules", status_code=201, summary="Create a schedule", responses=errors(404))
 async def create_schedule(res: Res, _: Admin, body: ScheduleIn) -> dict[str, Any]:
     if await res.catalog.get(body.workflow_id) is None:
         raise ApiError(404, f"workflow {body.workflow_id} not found")
@@ -54,13 +55,13 @@ async def create_schedule(res: Res, _: Admin, body: ScheduleIn) -> dict[str, Any
     return _out(schedule, schedule.next_after(int(datetime.now(UTC).timestamp() * 1000)))
 
 
-@router.get("/schedules", summary="List schedules with their next fire time")
+@router.get("/schedules", summary="List schedules with their next fire time", responses=errors())
 async def list_schedules(res: Res, _: Admin) -> dict[str, Any]:
     items = [_out(s, n) for s, n in await _store(res).list()]
     return {"items": items, "count": len(items)}
 
 
-@router.delete("/schedules/{schedule_id}", status_code=204, summary="Delete a schedule")
+@router.delete("/schedules/{schedule_id}", status_code=204, summary="Delete a schedule", responses=errors(404))
 async def delete_schedule(res: Res, _: Admin, schedule_id: str) -> Response:
     if not await _store(res).delete(schedule_id):
         raise ApiError(404, f"schedule {schedule_id} not found")

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from api.deps import Admin, Caller, Res
 from api.errors import ApiError
-from api.schemas import ExecuteIn, ExecuteOut, WorkflowIn, WorkflowList, WorkflowOut, errors
+from api.schemas import BIGINT_MAX, ExecuteIn, ExecuteOut, PathId, WorkflowIn, WorkflowList, WorkflowOut, errors
 from shared.catalog import StoredWorkflow
 from shared.streams import dumps, now_iso
 from shared.workflow import InvalidDefinition, validate_definition
@@ -47,7 +47,7 @@ async def list_workflows(
     res: Res,
     _: Caller,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=BIGINT_MAX)] = 0,
 ) -> WorkflowList:
     res.db()
     items = [_out(w) for w in await res.catalog.list(limit=limit, offset=offset)]
@@ -62,7 +62,7 @@ async def _workflow(res: Res, workflow_id: int) -> StoredWorkflow:
 
 
 @router.get("/workflows/{workflow_id}", response_model=WorkflowOut, responses=errors(401, 404, 503))
-async def get_workflow(workflow_id: int, res: Res, _: Caller) -> WorkflowOut:
+async def get_workflow(workflow_id: PathId, res: Res, _: Caller) -> WorkflowOut:
     return _out(await _workflow(res, workflow_id))
 
 
@@ -73,7 +73,7 @@ async def get_workflow(workflow_id: int, res: Res, _: Caller) -> WorkflowOut:
     responses=errors(401, 403, 404, 413, 422, 503),
 )
 async def execute_workflow(
-    workflow_id: int,
+    workflow_id: PathId,
     body: ExecuteIn,
     res: Res,
     caller: Caller,
