@@ -9,6 +9,8 @@ import orjson
 
 from shared.streams import RequestField, decode_fields
 
+_BIGINT_MAX = 2**63 - 1
+
 
 class MalformedRequest(ValueError):
     """An entry the worker cannot run; its message becomes the dead-letter reason."""
@@ -48,6 +50,8 @@ def parse_request(entry_id: str, raw: dict[Any, Any]) -> ExecutionRequest:
         workflow_id = int(fields[RequestField.WORKFLOW_ID])
     except ValueError as exc:
         raise MalformedRequest(f"execution_id and workflow_id must be integers ({exc})") from None
+    if not (0 < execution_id <= _BIGINT_MAX and 0 < workflow_id <= _BIGINT_MAX):
+        raise MalformedRequest("execution_id and workflow_id must be between 1 and 2^63-1")
     try:
         payload = orjson.loads(fields[RequestField.PAYLOAD])
     except orjson.JSONDecodeError as exc:
