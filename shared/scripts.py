@@ -230,6 +230,29 @@ redis.call('XADD', KEYS[2], '*', unpack(request))
 return status
 """
 
+# Token bucket per client: ARGV[1] tokens per second, ARGV[2] burst. KEYS: 1 the bucket hash.
+# Returns {1, 0} when a token was taken, else {0, ms until the next token}.
+# Why a script: every API replica shares one bucket per client, and read-refill-take must be atomic.
+TAKE_TOKEN = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
+tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = math.ceil((1 - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return {allowed, wait}
+"""
+
 
 @dataclass
 class EnqueueResult:
@@ -265,6 +288,7 @@ class Scripts:
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._remove_idle_consumer = redis.register_script(REMOVE_IDLE_CONSUMER)
         self._reopen = redis.register_script(REOPEN)
+        self._take_token = redis.register_script(TAKE_TOKEN)
 
     async def enqueue(
         self,
@@ -418,6 +442,11 @@ class Scripts:
         )
         written, dlq_id = (_s(x) for x in reply)
         return written == "1", dlq_id
+
+    async def take_token(self, client: str, rate: float, burst: int) -> tuple[bool, int]:
+        """(allowed, milliseconds until the next token) for one request of `client`."""
+        allowed, wait = await self._take_token(keys=[f"{self.keys.prefix}:ratelimit:{client}"], args=[rate, burst])
+        return int(allowed) == 1, int(wait)
 
     async def reopen(self, *, task_id: str, event: dict[str, str], request: dict[str, str], results_maxlen: int) -> str:
         event_items = [x for kv in event.items() for x in kv]

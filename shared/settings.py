@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         default=None, description="Fernet key that encrypts client credentials at rest (`nova secrets-key`)."
     )
     host: str = Field(default="0.0.0.0", description="Address the API binds to (NOVA_HOST).")
+    client_rate: float = Field(
+        default=100.0, gt=0, description="Executions per second one client may start (token bucket, all replicas)."
+    )
+    client_burst: int = Field(default=200, ge=1, description="Executions one client may start in a burst.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body the API accepts.")
     port: int = Field(
         default=8000,

@@ -320,3 +320,36 @@ async def test_postgres_down_keeps_enqueue_and_task_status_working(
             assert (await api.get("/health")).status_code == 503
             pg.start()
             assert (await api.get("/health")).status_code == 200
+
+
+async def test_one_client_flooding_gets_429_while_others_are_served(db_url: str, redis_url: str) -> None:
+    settings = make_settings(redis_url, db_url, client_rate=2.0, client_burst=5)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://n", headers=headers
+        ) as api:
+            wf = await create(api, linear("pass"))
+            flood = [await api.post(f"/workflows/{wf}/execute", json={"client_slug": "flood"}) for _ in range(8)]
+            assert [r.status_code for r in flood[:5]] == [202] * 5
+            limited = flood[5]
+            error = assert_error(limited, 429, "'flood'", "2 executions/s")
+            assert error["code"] == "rate_limited" and int(limited.headers["Retry-After"]) >= 1
+            # Another client is not slowed down by the flood.
+            assert (await api.post(f"/workflows/{wf}/execute", json={"client_slug": "calm"})).status_code == 202
+
+
+async def test_limits_answer_with_the_limit_named(api: httpx.AsyncClient) -> None:
+    wf = await create(api, linear("pass"))
+    big_context = {"blob": "x" * (300 * 1024)}
+    assert_error(
+        await api.post(f"/workflows/{wf}/execute", json={"client_slug": "a", "initial_context": big_context}),
+        413,
+        "initial_context",
+        "limit",
+    )
+    huge_code = linear("x = 1\n" * 20_000)
+    assert_error(await api.post("/workflows", json={"name": "big", "definition": huge_code}), 422, "code")
+    many = {"nodes": [{"id": f"n{i}", "type": "end"} for i in range(501)]}
+    assert_error(await api.post("/workflows", json={"name": "many", "definition": many}), 422, "nodes")

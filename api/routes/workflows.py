@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Annotated
 
@@ -70,7 +71,7 @@ async def get_workflow(workflow_id: PathId, res: Res, _: Caller) -> WorkflowOut:
     "/workflows/{workflow_id}/execute",
     status_code=202,
     response_model=ExecuteOut,
-    responses=errors(401, 403, 404, 413, 422, 503),
+    responses=errors(404, 429),
 )
 async def execute_workflow(
     workflow_id: PathId,
@@ -86,6 +87,14 @@ async def execute_workflow(
         client = caller.client
     if client is None:
         raise ApiError(422, "client_slug: required when executing with the admin key")
+    allowed, wait_ms = await res.scripts.take_token(client, res.settings.client_rate, res.settings.client_burst)
+    if not allowed:
+        retry_after = max(1, math.ceil(wait_ms / 1000))
+        raise ApiError(
+            429,
+            f"client '{client}' is over its rate of {res.settings.client_rate:g} executions/s; retry in {retry_after}s",
+            headers={"Retry-After": str(retry_after)},
+        )
     workflow = await _workflow(res, workflow_id)
     context_json = dumps(body.initial_context)
     if len(context_json) > MAX_CONTEXT_BYTES:
