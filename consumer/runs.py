@@ -323,6 +323,7 @@ class Run:
                 entry_id=self.entry_id,
                 letter=letter,
                 task_id=request.task_id if request else None,
+                client=request.client if request else None,
                 event=event,
                 task_fields=task_fields,
                 results_maxlen=ctx.settings.results_maxlen,
@@ -366,6 +367,7 @@ class Run:
         result = await _durably(
             lambda: ctx.scripts.record(
                 task_id=request.task_id,
+                client=request.client,
                 events=events,
                 task_fields=fields,
                 terminal=terminal,

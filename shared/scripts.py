@@ -17,10 +17,12 @@ from shared.streams import Keys, TaskStatus
 
 # Enqueue one execution request.
 # KEYS: 1 requests stream, 2 results stream, 3 execution id sequence, 4 task hash, 5 idempotency key or "",
-#       6 the task's event-id list
+#       6 the task's event-id list, 7 the client's in-flight counter
 # ARGV: 1 task_id, 2 workflow_id, 3 workflow_name, 4 client, 5 enqueued_at, 6 payload JSON,
-#       7 queued event data JSON, 8 results maxlen, 9 idempotency ttl seconds
-# Returns {task_id, execution_id, request entry id or "", 1 if newly enqueued else 0}.
+#       7 queued event data JSON, 8 results maxlen, 9 idempotency ttl seconds,
+#       10 most executions the client may have in flight (0: no cap)
+# Returns {task_id, execution_id, request entry id or "", 1 if newly enqueued, 0 if an idempotent
+# repeat, 2 if refused because the client is at its cap (then the execution id is its in-flight count)}.
 # Why one script: the task hash (so GET /tasks answers PENDING at once), the request entry and the
 # queued event appear together or not at all, and an idempotency key maps to exactly one task.
 ENQUEUE = """
@@ -31,6 +33,11 @@ if KEYS[5] ~= '' then
     return {string.sub(existing, 1, sep - 1), string.sub(existing, sep + 1), '', 0}
   end
 end
+local inflight = tonumber(redis.call('GET', KEYS[7]) or '0')
+if tonumber(ARGV[10]) > 0 and inflight >= tonumber(ARGV[10]) then
+  return {'', tostring(inflight), '', 2}
+end
+redis.call('INCR', KEYS[7])
 local exec_id = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[4],
   'status', 'PENDING', 'task_id', ARGV[1], 'execution_id', exec_id, 'workflow_id', ARGV[2],
@@ -51,7 +58,8 @@ return {ARGV[1], tostring(exec_id), entry, 1}
 """
 
 # Record status events and the task's new state; terminal events also acknowledge the request.
-# KEYS: 1 task hash, 2 results stream, 3 requests stream, 4 the task's event-id list
+# KEYS: 1 task hash, 2 results stream, 3 requests stream, 4 the task's event-id list,
+#       5 the client's in-flight counter (decremented with the terminal event)
 # ARGV: 1 results maxlen, 2 request entry id ("" if none; acked only with a terminal event, or when
 #       the task is already terminal), 3 worker group, 4 task ttl (0: none), 5 1 if terminal else 0,
 #       6 number of events k, then k times: the event's item count (2n) and its field/value pairs,
@@ -86,6 +94,7 @@ if ARGV[5] == '1' then
     redis.call('EXPIRE', KEYS[1], ARGV[4])
     redis.call('EXPIRE', KEYS[4], ARGV[4])
   end
+  if redis.call('DECR', KEYS[5]) <= 0 then redis.call('DEL', KEYS[5]) end
 end
 return {1, id, redis.call('HGET', KEYS[1], 'status') or ''}
 """
@@ -146,7 +155,7 @@ return #due
 
 # Move a request to the dead-letter stream; if it belongs to a live task, end that task as DEAD.
 # KEYS: 1 dead-letter stream, 2 requests stream, 3 task hash ("" if none), 4 results stream,
-#       5 the task's event-id list ("" if none)
+#       5 the task's event-id list ("" if none), 6 the client's in-flight counter ("" if none)
 # ARGV: 1 worker group, 2 request entry id, 3 results maxlen, 4 task ttl,
 #       5 number of dead-letter items (2n), then those, 6+n.. number of event items (2m) then those,
 #       then the task hash items.
@@ -177,6 +186,7 @@ if #fields > 0 then
     redis.call('EXPIRE', KEYS[5], ARGV[4])
   end
 end
+if KEYS[6] ~= '' and redis.call('DECR', KEYS[6]) <= 0 then redis.call('DEL', KEYS[6]) end
 return {1, dlq_id}
 """
 
@@ -208,7 +218,8 @@ return 1
 """
 
 # Re-open a FAILURE so that it runs again from its failed node (POST /executions/{id}/retry).
-# KEYS: 1 task hash, 2 requests stream, 3 results stream, 4 the task's event-id list
+# KEYS: 1 task hash, 2 requests stream, 3 results stream, 4 the task's event-id list,
+#       5 the client's in-flight counter
 # ARGV: 1 results maxlen, 2 number of event items (2n), then the event, then the request's fields.
 # Returns the status the task had: the retry happened only if it was FAILURE.
 # Why a script: two operators retrying at once must start one run, not two.
@@ -227,6 +238,7 @@ redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[4])
 redis.call('RPUSH', KEYS[4], redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', unpack(event)))
 redis.call('XADD', KEYS[2], '*', unpack(request))
+redis.call('INCR', KEYS[5])
 return status
 """
 
@@ -252,6 +264,14 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return {allowed, wait}
 """
+
+
+class AtCapacity(Exception):
+    """The client already has its maximum number of executions in flight."""
+
+    def __init__(self, client: str, inflight: int, cap: int) -> None:
+        super().__init__(f"client '{client}' has {inflight} executions in flight (limit {cap})")
+        self.client, self.inflight, self.cap = client, inflight, cap
 
 
 @dataclass
@@ -303,6 +323,7 @@ class Scripts:
         results_maxlen: int,
         idempotency_key: str | None = None,
         idempotency_ttl: int = 24 * 3600,
+        max_inflight: int = 0,
     ) -> EnqueueResult:
         idem = self.keys.idempotency(client, idempotency_key) if idempotency_key else ""
         reply = await self._enqueue(
@@ -313,6 +334,7 @@ class Scripts:
                 self.keys.task(task_id),
                 idem,
                 self.keys.task_events(task_id),
+                self.keys.inflight(client),
             ],
             args=[
                 task_id,
@@ -324,20 +346,24 @@ class Scripts:
                 queued_data,
                 results_maxlen,
                 idempotency_ttl,
+                max_inflight,
             ],
         )
-        existing_task, exec_id, entry, created = (_s(x) for x in reply)
+        existing_task, exec_id, entry, outcome = (_s(x) for x in reply)
+        if outcome == "2":
+            raise AtCapacity(client, int(exec_id), max_inflight)
         return EnqueueResult(
             task_id=existing_task,
             execution_id=int(exec_id) if exec_id else 0,
             entry_id=entry or None,
-            created=created == "1",
+            created=outcome == "1",
         )
 
     async def record(
         self,
         *,
         task_id: str,
+        client: str,
         events: list[dict[str, str]],
         task_fields: dict[str, str],
         terminal: bool,
@@ -351,7 +377,13 @@ class Scripts:
             event_items.extend(x for kv in event.items() for x in kv)
         task_items: list[str] = [x for kv in task_fields.items() for x in kv]
         reply = await self._record(
-            keys=[self.keys.task(task_id), self.keys.results, self.keys.requests, self.keys.task_events(task_id)],
+            keys=[
+                self.keys.task(task_id),
+                self.keys.results,
+                self.keys.requests,
+                self.keys.task_events(task_id),
+                self.keys.inflight(client),
+            ],
             args=[
                 results_maxlen,
                 ack_entry_id or "",
@@ -412,6 +444,7 @@ class Scripts:
         entry_id: str,
         letter: dict[str, str],
         task_id: str | None,
+        client: str | None = None,
         event: dict[str, str] | None,
         task_fields: dict[str, str] | None,
         results_maxlen: int,
@@ -427,6 +460,7 @@ class Scripts:
                 self.keys.task(task_id) if task_id else "",
                 self.keys.results,
                 self.keys.task_events(task_id) if task_id else "",
+                self.keys.inflight(client) if task_id and client else "",
             ],
             args=[
                 self.keys.worker_group,
@@ -448,11 +482,19 @@ class Scripts:
         allowed, wait = await self._take_token(keys=[f"{self.keys.prefix}:ratelimit:{client}"], args=[rate, burst])
         return int(allowed) == 1, int(wait)
 
-    async def reopen(self, *, task_id: str, event: dict[str, str], request: dict[str, str], results_maxlen: int) -> str:
+    async def reopen(
+        self, *, task_id: str, client: str, event: dict[str, str], request: dict[str, str], results_maxlen: int
+    ) -> str:
         event_items = [x for kv in event.items() for x in kv]
         request_items = [x for kv in request.items() for x in kv]
         reply = await self._reopen(
-            keys=[self.keys.task(task_id), self.keys.requests, self.keys.results, self.keys.task_events(task_id)],
+            keys=[
+                self.keys.task(task_id),
+                self.keys.requests,
+                self.keys.results,
+                self.keys.task_events(task_id),
+                self.keys.inflight(client),
+            ],
             args=[results_maxlen, len(event_items), *event_items, *request_items],
         )
         return _s(reply)

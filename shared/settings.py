@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         default=100.0, gt=0, description="Executions per second one client may start (token bucket, all replicas)."
     )
     client_burst: int = Field(default=200, ge=1, description="Executions one client may start in a burst.")
+    client_max_inflight: int = Field(
+        default=1000, ge=0, description="Accepted, unfinished executions one client may have (0: no cap)."
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body the API accepts.")
     port: int = Field(
         default=8000,

@@ -147,6 +147,10 @@ class Keys:
         """List of the task's results-stream entry ids, in order: replays one task without a scan."""
         return f"{self.prefix}:task:{task_id}:events"
 
+    def inflight(self, client: str) -> str:
+        """A client's count of accepted, not yet finished executions (the per-client cap)."""
+        return f"{self.prefix}:inflight:{client}"
+
     def workflow(self, workflow_id: int) -> str:
         return f"{self.prefix}:workflow:{workflow_id}"
 

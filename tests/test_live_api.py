@@ -263,3 +263,34 @@ async def test_credentials_never_leave_the_sandbox(
     leaks = [text[:200] for text in seen if secret in text]
     assert leaks == []
     assert any("logged in" in text for text in seen)
+
+
+async def test_a_flooding_client_is_capped_and_others_are_not_starved(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    capped = settings.model_copy(update={"client_max_inflight": 4})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(capped), host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+        await asyncio.sleep(0.01)
+    wf = await create_workflow(redis, settings, pool, linear("import time\ntime.sleep(0.3)"))
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as http:
+            flood = [await http.post(f"/workflows/{wf.id}/execute", json={"client_slug": "flood"}) for _ in range(20)]
+            assert [r.status_code for r in flood].count(202) == 4
+            refused = next(r for r in flood if r.status_code == 429)
+            assert "4 executions in flight (limit 4)" in refused.json()["error"]["message"]
+            calm = await http.post(f"/workflows/{wf.id}/execute", json={"client_slug": "calm"})
+            assert calm.status_code == 202
+            async with in_process_worker(capped, concurrency=2):
+                ids = [r.json()["task_id"] for r in flood if r.status_code == 202] + [calm.json()["task_id"]]
+                done = await wait_terminal(redis, settings, ids)
+                # The calm client waited behind at most the flood's cap, not behind the whole flood.
+                assert done[calm.json()["task_id"]].type == "succeeded"
+                again = await http.post(f"/workflows/{wf.id}/execute", json={"client_slug": "flood"})
+                assert again.status_code == 202
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)

@@ -99,6 +99,7 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
     async def finish(status: TaskStatus, type_: EventType):
         return await scripts.record(
             task_id="a",
+            client="acme",
             events=[event("a", type_)],
             task_fields={TaskField.STATUS: status},
             terminal=True,
@@ -124,6 +125,7 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
     # Progress after the end is refused too, and does not touch the status.
     late = await scripts.record(
         task_id="a",
+        client="acme",
         events=[event("a", EventType.NODE_STARTED)],
         task_fields={TaskField.STATUS: TaskStatus.RUNNING},
         terminal=False,
@@ -170,6 +172,7 @@ async def test_dead_letter_acks_and_ends_task_once(r: Redis, scripts: Scripts) -
                 entry_id=entry_id,
                 letter=letter,
                 task_id="a",
+                client="acme",
                 event=event("a", EventType.DEAD),
                 task_fields={TaskField.STATUS: TaskStatus.DEAD},
                 results_maxlen=10_000,
@@ -239,6 +242,7 @@ async def test_record_writes_several_events_in_order(r: Redis, scripts: Scripts)
     kinds = [EventType.STARTED, EventType.NODE_STARTED, EventType.NODE_FINISHED]
     result = await scripts.record(
         task_id="a",
+        client="acme",
         events=[event("a", k) for k in kinds],
         task_fields={TaskField.STATUS: TaskStatus.RUNNING, TaskField.CURRENT_NODE: "start"},
         terminal=False,
@@ -252,3 +256,29 @@ async def test_record_writes_several_events_in_order(r: Redis, scripts: Scripts)
     assert await r.lrange(KEYS.task_events("a"), 0, -1) == [i for i, _ in entries]
     assert await r.hget(KEYS.task("a"), TaskField.CURRENT_NODE) == "start"
     assert await r.ttl(KEYS.task("a")) == -1
+
+
+async def test_inflight_cap_counts_unfinished_tasks_per_client(r: Redis, scripts: Scripts) -> None:
+    from shared.scripts import AtCapacity
+
+    async def capped(task_id: str, client: str = "acme"):
+        return await scripts.enqueue(
+            task_id=task_id, workflow_id=1, workflow_name="wf", client=client, enqueued_at=now_iso(),
+            payload="{}", queued_data="{}", results_maxlen=10_000, max_inflight=2,
+        )  # fmt: skip
+
+    await capped("a")
+    await capped("b")
+    with pytest.raises(AtCapacity, match="2 executions in flight"):
+        await capped("c")
+    await capped("other", client="globex")
+    assert await r.get(KEYS.inflight("acme")) == "2"
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"}, count=1)
+    entry_id = reply[0][1][0][0]
+    await scripts.record(
+        task_id="a", client="acme", events=[event("a", EventType.SUCCEEDED)],
+        task_fields={TaskField.STATUS: TaskStatus.SUCCESS}, terminal=True, ack_entry_id=entry_id,
+        results_maxlen=10_000, task_ttl=60,
+    )  # fmt: skip
+    assert await r.get(KEYS.inflight("acme")) == "1"
+    await capped("c")  # a slot was freed by the terminal event

@@ -13,6 +13,7 @@ from api.deps import Admin, Caller, Res
 from api.errors import ApiError
 from api.schemas import BIGINT_MAX, ExecuteIn, ExecuteOut, PathId, WorkflowIn, WorkflowList, WorkflowOut, errors
 from shared.catalog import StoredWorkflow
+from shared.scripts import AtCapacity
 from shared.streams import dumps, now_iso
 from shared.workflow import InvalidDefinition, validate_definition
 
@@ -100,19 +101,24 @@ async def execute_workflow(
     if len(context_json) > MAX_CONTEXT_BYTES:
         raise ApiError(413, f"initial_context is {len(context_json)} bytes; the limit is {MAX_CONTEXT_BYTES}")
     enqueued_at = now_iso()
-    result = await res.scripts.enqueue(
-        task_id=uuid.uuid4().hex,
-        workflow_id=workflow.id,
-        workflow_name=workflow.name,
-        client=client,
-        enqueued_at=enqueued_at,
-        payload=f'{{"initial_context":{context_json}}}',
-        queued_data=dumps(
-            {"workflow_name": workflow.name, "enqueued_at": enqueued_at, "initial_context": body.initial_context}
-        ),
-        results_maxlen=res.settings.results_maxlen,
-        idempotency_key=idempotency_key,
-    )
+    try:
+        result = await res.scripts.enqueue(
+            task_id=uuid.uuid4().hex,
+            workflow_id=workflow.id,
+            workflow_name=workflow.name,
+            client=client,
+            enqueued_at=enqueued_at,
+            payload=f'{{"initial_context":{context_json}}}',
+            queued_data=dumps(
+                {"workflow_name": workflow.name, "enqueued_at": enqueued_at, "initial_context": body.initial_context}
+            ),
+            results_maxlen=res.settings.results_maxlen,
+            idempotency_key=idempotency_key,
+            max_inflight=res.settings.client_max_inflight,
+        )
+    except AtCapacity as exc:
+        # One client cannot fill the queue: its share is capped, so others' requests stay close to the front.
+        raise ApiError(429, str(exc), headers={"Retry-After": "1"}) from None
     message = (
         f"Workflow queued for execution. Use GET /tasks/{result.task_id} to check status."
         if result.created
