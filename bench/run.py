@@ -1,0 +1,594 @@
+"""`make bench`: NOVA Streams against the Redis ceiling and Celery, same machine, same run.
+
+    python -m bench.run [--quick]
+
+Starts its own Redis and PostgreSQL, runs each scenario in real processes (API, workers, Celery
+workers, a separate load-generator process), and writes bench/results/latest.json and latest.md.
+Every figure is the median of the repetitions, with min and max. A scenario that fails is reported
+with its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from redis.asyncio import Redis
+
+from shared.db import migrate_url
+from shared.embedded import PostgresServer, RedisServer, free_port
+from shared.scripts import Scripts
+from shared.settings import Settings
+from shared.streams import Keys, dumps, now_iso
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+ADMIN = "bench-admin-key"
+AUTH = f"Authorization: Bearer {ADMIN}"
+START_END = {"nodes": [{"id": "s", "type": "start", "next": "e"}, {"id": "e", "type": "end"}]}
+
+
+def chain(n: int, code: str = "context['i'] = context.get('i', 0) + 1") -> dict[str, Any]:
+    nodes: list[dict[str, Any]] = [{"id": "s", "type": "start", "next": "a1"}]
+    nodes += [
+        {"id": f"a{i}", "type": "action", "code": code, "next": f"a{i + 1}" if i < n else "e"} for i in range(1, n + 1)
+    ]
+    nodes.append({"id": "e", "type": "end"})
+    return {"nodes": nodes}
+
+
+def figure(samples: list[float], unit: str, goal: float | None = None, higher: bool = True) -> dict[str, Any]:
+    median = statistics.median(samples)
+    met = None if goal is None else (median >= goal if higher else median <= goal)
+    return {
+        "median": round(median, 3),
+        "min": round(min(samples), 3),
+        "max": round(max(samples), 3),
+        "n": len(samples),
+        "unit": unit,
+        "goal": goal,
+        "met": met,
+    }
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.reps = 3
+        self.tmp = Path(tempfile.mkdtemp(prefix="nova-bench-"))
+        self.redis_server = RedisServer(self.tmp / "redis")
+        self.pg = PostgresServer(self.tmp / "pg")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.figures: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+
+    # ---- processes -----------------------------------------------------------------------------
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOVA_")}
+        env.update(
+            REDIS_URL=self.redis_server.url,
+            DATABASE_URL=self.pg.url,
+            NOVA_ADMIN_KEY=ADMIN,
+            NOVA_LOG_LEVEL="WARNING",
+            NOVA_CLIENT_RATE="1000000",
+            NOVA_CLIENT_BURST="1000000",
+            NOVA_CLIENT_MAX_INFLIGHT="0",
+            BENCH_CELERY_REDIS=self.redis_server.url.replace("/0", "/1"),
+        )
+        env.update(extra)
+        return env
+
+    def spawn(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            list(args),
+            env=self.env(**env),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / f"proc{len(self.procs)}.log", "wb"),
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def nova(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        return self.spawn(sys.executable, "-m", "cli.main", *args, **env)
+
+    async def api(self) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        proc = self.nova("api", PORT=str(port), NOVA_HOST="127.0.0.1")
+        base = f"http://127.0.0.1:{port}"
+        await self._wait_http(f"{base}/health")
+        return proc, base
+
+    async def _wait_http(self, url: str) -> None:
+        async with httpx.AsyncClient() as http:
+            for _ in range(600):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(url)).status_code < 500:
+                        return
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"{url} did not come up")
+
+    def loadgen(self, *args: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.loadgen", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    async def fresh(self) -> tuple[Redis, asyncpg.Pool]:
+        redis = Redis.from_url(self.redis_server.url, decode_responses=True)
+        await redis.flushall()
+        conn = await asyncpg.connect(self.pg.url)
+        await conn.execute("TRUNCATE executions, node_runs, workflows, clients CASCADE")
+        await conn.close()
+        from shared.db import create_pool
+
+        return redis, await create_pool(self.pg.url)
+
+    async def workflow(self, base: str, definition: dict[str, Any]) -> int:
+        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+            response = await http.post("/workflows", json={"name": "bench", "definition": definition})
+            response.raise_for_status()
+            return int(response.json()["id"])
+
+    # ---- scenarios -----------------------------------------------------------------------------
+
+    def redis_ceiling(self) -> None:
+        binary = shutil.which("redis-benchmark")
+        n = "50000" if self.quick else "200000"
+        samples = []
+        for _ in range(self.reps):
+            if binary:
+                out = subprocess.run(
+                    [
+                        binary,
+                        "-p",
+                        str(self.redis_server.port),
+                        "-n",
+                        n,
+                        "-P",
+                        "16",
+                        "-c",
+                        "50",
+                        "-q",
+                        "XADD",
+                        "bench:ceiling",
+                        "MAXLEN",
+                        "~",
+                        "100000",
+                        "*",
+                        "field",
+                        "value",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=120,
+                )
+                samples.append(float(out.stdout.split(":")[-1].split()[0]))
+        self.figures["redis_xadd_ceiling"] = figure(samples, "ops/s")
+
+    async def enqueue_http(self) -> None:
+        await self.fresh()
+        proc, base = await self.api()
+        try:
+            wf = await self.workflow(base, START_END)
+            body = json.dumps({"client_slug": "bench", "initial_context": {"invoice": 1}})
+            seconds = "3" if self.quick else "5"
+            runs = [
+                self.loadgen("post", f"{base}/workflows/{wf}/execute", body, "64", seconds, AUTH)
+                for _ in range(self.reps)
+            ]
+        finally:
+            self.stop(proc)
+        assert all(set(r["statuses"]) == {"202"} for r in runs), runs
+        self.figures["enqueue_http_rps"] = figure([r["rps"] for r in runs], "req/s", 3000)
+        self.figures["enqueue_http_p99"] = figure([r["p99_ms"] for r in runs], "ms", 15, higher=False)
+
+    async def enqueue_celery(self) -> None:
+        await self.fresh()
+        port = free_port()
+        proc = self.spawn(
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.celery_api:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            await self._wait_http(f"{base}/docs")
+            body = json.dumps({"initial_context": {"invoice": 1}})
+            seconds = "3" if self.quick else "5"
+            runs = [self.loadgen("post", f"{base}/workflows/1/execute", body, "64", seconds) for _ in range(self.reps)]
+        finally:
+            self.stop(proc)
+        self.figures["celery_enqueue_http_rps"] = figure([r["rps"] for r in runs], "req/s")
+        self.figures["celery_enqueue_http_p99"] = figure([r["p99_ms"] for r in runs], "ms")
+
+    async def _preload(self, redis: Redis, wf_id: int, n: int) -> list[str]:
+        scripts = Scripts(redis, Keys.from_settings(Settings()))
+        ids = []
+        for start in range(0, n, 500):
+            batch = []
+            for _ in range(start, min(n, start + 500)):
+                task_id = uuid.uuid4().hex
+                ids.append(task_id)
+                batch.append(
+                    scripts.enqueue(
+                        task_id=task_id,
+                        workflow_id=wf_id,
+                        workflow_name="bench",
+                        client="bench",
+                        enqueued_at=now_iso(),
+                        payload='{"initial_context":{}}',
+                        queued_data=dumps({"workflow_name": "bench"}),
+                        results_maxlen=2_000_000,
+                    )
+                )
+            await asyncio.gather(*batch)
+        return ids
+
+    async def consumer_throughput(self, processes: int, definition: dict[str, Any], n: int) -> tuple[float, float]:
+        """Executions per second until all are terminal in Redis, and until all are projected to PostgreSQL."""
+        redis, pool = await self.fresh()
+        api, base = await self.api()
+        try:
+            wf = await self.workflow(base, definition)
+        finally:
+            self.stop(api)
+        await self._preload(redis, wf, n)
+        t0 = time.perf_counter()
+        workers = [self.nova("worker", NOVA_CONCURRENCY="64", NOVA_SANDBOX_POOL_SIZE="8") for _ in range(processes)]
+        terminal_at = None
+        try:
+            while True:
+                projected = await pool.fetchval("SELECT count(*) FROM executions WHERE status = 'success'")
+                if terminal_at is None:
+                    pending = await redis.xpending("nova:requests", "nova-workers")
+                    group = (await redis.xinfo_groups("nova:requests"))[0]
+                    undelivered = await redis.xrange("nova:requests", min=f"({group['last-delivered-id']}", count=1)
+                    if not pending["pending"] and not undelivered:
+                        terminal_at = time.perf_counter()
+                if projected >= n:
+                    break
+                if time.perf_counter() - t0 > 600:
+                    raise TimeoutError(f"only {projected} of {n} projected")
+                await asyncio.sleep(0.05)
+            done_at = time.perf_counter()
+        finally:
+            for w in workers:
+                self.stop(w)
+            await pool.close()
+            await redis.aclose()
+        return n / ((terminal_at or done_at) - t0), n / (done_at - t0)
+
+    async def throughput(self) -> None:
+        n = 5000 if self.quick else 20000
+        one = [await self.consumer_throughput(1, START_END, n) for _ in range(self.reps)]
+        self.figures["consumer_1proc_exec_s"] = figure([p for _, p in one], "exec/s", 2000)
+        self.figures["consumer_1proc_exec_s_redis_only"] = figure([t for t, _ in one], "exec/s")
+        two = [await self.consumer_throughput(2, START_END, n) for _ in range(self.reps)]
+        self.figures["consumer_2proc_exec_s"] = figure([p for _, p in two], "exec/s")
+        ratio = self.figures["consumer_2proc_exec_s"]["median"] / self.figures["consumer_1proc_exec_s"]["median"]
+        self.figures["consumer_2proc_scaling"] = figure([ratio], "x", 1.7)
+        m = 2000 if self.quick else 5000
+        action = [await self.consumer_throughput(1, chain(1, "context['ok'] = 1"), m) for _ in range(self.reps)]
+        self.figures["consumer_1proc_action_exec_s"] = figure([p for _, p in action], "exec/s", 500)
+
+    async def celery_throughput(self) -> None:
+        n = 5000 if self.quick else 20000
+        best: dict[str, Any] | None = None
+        for pool_name, concurrency in (("prefork", "2"), ("threads", "16")):
+            samples = []
+            for _ in range(self.reps):
+                redis = Redis.from_url(self.env()["BENCH_CELERY_REDIS"], decode_responses=True)
+                await redis.flushdb()
+                code = f"from bench.celery_app import noop\nfor i in range({n}): noop.apply_async(args=[{{}}])"
+                subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=self.env(), check=True, timeout=600)
+                t0 = time.perf_counter()
+                worker = self.spawn(
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.celery_app",
+                    "worker",
+                    "--pool",
+                    pool_name,
+                    "-c",
+                    concurrency,
+                    "--loglevel",
+                    "WARNING",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                )
+                try:
+                    while True:
+                        done = 0
+                        async for _ in redis.scan_iter("celery-task-meta-*", count=5000):
+                            done += 1
+                        if done >= n:
+                            break
+                        if time.perf_counter() - t0 > 600:
+                            raise TimeoutError(f"celery finished {done} of {n}")
+                        await asyncio.sleep(0.2)
+                    samples.append(n / (time.perf_counter() - t0))
+                finally:
+                    self.stop(worker)
+                    await redis.aclose()
+            result = figure(samples, "exec/s")
+            result["pool"] = pool_name
+            self.figures[f"celery_{pool_name}_exec_s"] = result
+            if best is None or result["median"] > best["median"]:
+                best = result
+        assert best is not None
+        self.figures["celery_best_exec_s"] = best
+
+    async def round_trip(self) -> None:
+        await self.fresh()
+        api, base = await self.api()
+        worker = self.nova("worker", NOVA_CONCURRENCY="8")
+        try:
+            wf = await self.workflow(base, START_END)
+            n = 100 if self.quick else 300
+            samples = []
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    task = (await http.post(f"/workflows/{wf}/execute", json={"client_slug": "bench"})).json()
+                    while (await http.get(f"/tasks/{task['task_id']}")).json()["status"] != "SUCCESS":
+                        pass
+                    samples.append((time.perf_counter() - t0) * 1000)
+        finally:
+            self.stop(worker)
+            self.stop(api)
+        samples.sort()
+        self.figures["round_trip_p50"] = figure([samples[len(samples) // 2]], "ms", 3, higher=False)
+        self.figures["round_trip_p99"] = figure([samples[int(len(samples) * 0.99)]], "ms", 10, higher=False)
+
+    async def chain40(self) -> None:
+        await self.fresh()
+        api, base = await self.api()
+        worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="4")
+        try:
+            wf = await self.workflow(base, chain(40))
+            per_node = []
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+                for _ in range(5 if self.quick else 15):
+                    t0 = time.perf_counter()
+                    task = (await http.post(f"/workflows/{wf}/execute", json={"client_slug": "bench"})).json()
+                    while (await http.get(f"/tasks/{task['task_id']}")).json()["status"] not in ("SUCCESS", "FAILURE"):
+                        await asyncio.sleep(0.001)
+                    per_node.append((time.perf_counter() - t0) * 1000 / 40)
+        finally:
+            self.stop(worker)
+            self.stop(api)
+        self.figures["chain40_ms_per_node"] = figure(per_node, "ms", 2, higher=False)
+
+    async def sse_fanout(self) -> None:
+        redis, pool = await self.fresh()
+        await pool.close()
+        api, base = await self.api()
+        subscribers, events = (300, 10) if self.quick else (1000, 20)
+        try:
+            listener = subprocess.Popen(
+                [sys.executable, "-m", "bench.loadgen", "sse", f"{base}/events", str(subscribers), str(events), AUTH],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert listener.stdout is not None
+            ready = await asyncio.to_thread(listener.stdout.readline)
+            assert "ready" in ready, ready
+            for i in range(events):
+                await redis.xadd(
+                    "nova:results",
+                    {
+                        "type": "queued",
+                        "task_id": f"fan{i}",
+                        "execution_id": "1",
+                        "workflow_id": "1",
+                        "client": "bench",
+                        "ts": now_iso(),
+                        "data": json.dumps({"sent_at": time.time()}),
+                    },
+                )
+                await asyncio.sleep(0.1)
+            out = json.loads((await asyncio.to_thread(listener.communicate, timeout=120))[0].strip().splitlines()[-1])
+        finally:
+            self.stop(api)
+            await redis.aclose()
+        assert out["received"] == subscribers * events, out
+        self.figures["sse_fanout_subscribers"] = figure([subscribers], "clients")
+        self.figures["sse_fanout_p99"] = figure([out["p99_ms"]], "ms", 50, higher=False)
+        self.figures["sse_fanout_p50"] = figure([out["p50_ms"]], "ms")
+
+    async def memory(self) -> None:
+        redis, pool = await self.fresh()
+        api, base = await self.api()
+        try:
+            wf = await self.workflow(base, START_END)
+        finally:
+            self.stop(api)
+        n = 10000 if self.quick else 100000
+        worker = self.nova("worker", NOVA_CONCURRENCY="50")
+        try:
+            warm = 2000
+            await self._preload(redis, wf, warm)
+            await self._drained(redis)
+            start_rss = _rss_mb(worker.pid)
+            for chunk in range(0, n, 20000):
+                await self._preload(redis, wf, min(20000, n - chunk))
+                await self._drained(redis)
+            end_rss = _rss_mb(worker.pid)
+        finally:
+            self.stop(worker)
+            await pool.close()
+            await redis.aclose()
+        self.figures["worker_rss_start_mb"] = figure([start_rss], "MB", 120, higher=False)
+        self.figures["worker_rss_end_mb"] = figure([end_rss], "MB", 120, higher=False)
+        self.figures["worker_rss_executions"] = figure([n], "executions")
+
+    async def _drained(self, redis: Redis) -> None:
+        while True:
+            pending = await redis.xpending("nova:requests", "nova-workers")
+            group = (await redis.xinfo_groups("nova:requests"))[0]
+            undelivered = await redis.xrange("nova:requests", min=f"({group['last-delivered-id']}", count=1)
+            if not pending["pending"] and not undelivered:
+                return
+            await asyncio.sleep(0.1)
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.redis_server.start()
+        self.pg.start()
+        await migrate_url(self.pg.url)
+        scenarios: list[tuple[str, Callable[[], Any]]] = [
+            ("redis_ceiling", self.redis_ceiling),
+            ("enqueue_http", self.enqueue_http),
+            ("enqueue_celery", self.enqueue_celery),
+            ("throughput", self.throughput),
+            ("celery_throughput", self.celery_throughput),
+            ("round_trip", self.round_trip),
+            ("chain40", self.chain40),
+            ("sse_fanout", self.sse_fanout),
+            ("memory", self.memory),
+        ]
+        try:
+            for name, scenario in scenarios:
+                t0 = time.perf_counter()
+                try:
+                    result = scenario()
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception as exc:
+                    self.errors[name] = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                print(f"{name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        finally:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    self.stop(proc)
+            self.pg.stop()
+            self.redis_server.stop()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._ratios()
+        return {
+            "machine": _machine(self.redis_server, self.pg),
+            "quick": self.quick,
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "figures": self.figures,
+            "errors": self.errors,
+        }
+
+    def _ratios(self) -> None:
+        f = self.figures
+
+        def ratio(a: str, b: str, name: str, goal: float | None) -> None:
+            if a in f and b in f and f[b]["median"]:
+                f[name] = figure([f[a]["median"] / f[b]["median"]], "x", goal)
+
+        ratio("enqueue_http_rps", "celery_enqueue_http_rps", "enqueue_vs_celery", 3)
+        ratio("consumer_1proc_exec_s", "celery_best_exec_s", "consumer_vs_celery", 5)
+        ratio("enqueue_http_rps", "redis_xadd_ceiling", "enqueue_vs_redis_ceiling", None)
+        ratio("consumer_1proc_exec_s", "redis_xadd_ceiling", "consumer_vs_redis_ceiling", None)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _machine(redis_server: RedisServer, pg: PostgresServer) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    return {
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "redis_server": redis_server.version(),
+        "postgres": subprocess.run(
+            [str(pg.bindir / "postgres"), "--version"], capture_output=True, text=True
+        ).stdout.strip(),
+        "packages": {p: version(p) for p in ("redis", "fastapi", "uvicorn", "asyncpg", "celery")},
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cores']} cores, Python {m['python']}, Redis {m['redis_server']}, {m['postgres']}"
+        f"{' (quick run)' if report['quick'] else ''}.",
+        "",
+        "| figure | median | min | max | unit | goal | met |",
+        "| --- | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for name, f in report["figures"].items():
+        goal = (
+            ""
+            if f["goal"] is None
+            else f"{'≥' if name.endswith(('rps', 'exec_s', 'scaling', 'celery')) else '≤'} {f['goal']}"
+        )
+        met = {True: "yes", False: "**no**", None: ""}[f["met"]]
+        lines.append(f"| {name} | {f['median']} | {f['min']} | {f['max']} | {f['unit']} | {goal} | {met} |")
+    for name, error in report["errors"].items():
+        lines.append(f"\nScenario `{name}` failed: {error}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
+    args = parser.parse_args()
+    report = asyncio.run(Bench(args.quick).run())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "latest.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
