@@ -246,9 +246,9 @@ class Bench:
     async def _preload(self, redis: Redis, wf_id: int, n: int) -> list[str]:
         scripts = Scripts(redis, Keys.from_settings(Settings()))
         ids = []
-        for start in range(0, n, 500):
+        for start in range(0, n, 50):
             batch = []
-            for _ in range(start, min(n, start + 500)):
+            for _ in range(start, min(n, start + 50)):
                 task_id = uuid.uuid4().hex
                 ids.append(task_id)
                 batch.append(

@@ -283,6 +283,10 @@ def default_providers(settings: Settings) -> dict[str, SandboxProvider]:
     from consumer.sandbox.local import LocalSandboxProvider
 
     providers: dict[str, SandboxProvider] = {"local": LocalSandboxProvider(settings)}
+    if settings.e2b_api_key or settings.default_executor == "e2b":
+        from consumer.sandbox.e2b import E2BSandboxProvider
+
+        providers["e2b"] = E2BSandboxProvider(settings)
     return providers
 
 

@@ -221,7 +221,30 @@ def _error(type_: str, message: str, tb: str, reason: str) -> dict:
     return {"type": type_, "message": message, "traceback": tb, "reason": reason}
 
 
+def run_once(request_path: str, limits: dict) -> None:
+    """One node, one process (remote sandboxes): the request is a file, the response one stdout line."""
+    with open(request_path, "rb") as f:
+        request = json.loads(f.read())
+    os.unlink(request_path)
+    proto_out = os.fdopen(os.dup(1), "w")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    _apply_limits(limits)
+    runner = Runner(open(os.devnull, "rb"), open(os.devnull, "wb"), limits)
+    response = runner.run_node(request)
+    context_json = response.pop("context_json", None)
+    text = json.dumps(response, separators=(",", ":"))
+    if context_json is not None:
+        text = f'{text[:-1]},"context":{context_json}}}'
+    proto_out.write(text + "\n")
+    proto_out.flush()
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--once":
+        run_once(sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+        return
     limits = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     # Keep the protocol on private descriptors, then close the standard ones to node code.
     proto_in = os.fdopen(os.dup(0), "rb", buffering=0)

@@ -1,0 +1,143 @@
+"""The E2B sandbox through the real `e2b` SDK, over real HTTP, against a local stand-in of E2B."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from consumer.engine import Checkpoint, NodeRecord, run_workflow
+from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.e2b import E2BSandboxProvider
+from consumer.sandbox.local import LocalSandboxProvider
+from shared.settings import Settings
+from shared.workflow import Node, validate_definition
+from tests.e2b_standin import StandInServer
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInServer]:
+    with StandInServer() as server:
+        for name, value in server.sdk_environment().items():
+            monkeypatch.setenv(name, value)
+        yield server
+
+
+@pytest.fixture
+async def provider(standin: StandInServer) -> AsyncIterator[E2BSandboxProvider]:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-nodes"))
+    yield p
+    await p.aclose()
+
+
+def spec(**secrets: str) -> SandboxSpec:
+    return SandboxSpec(execution_id=7, client="acme", executor="e2b", secrets=secrets)
+
+
+async def test_runs_nodes_and_kills_the_sandbox_on_close(provider: E2BSandboxProvider, standin: StandInServer) -> None:
+    sb = await provider.open(spec(IMAP_PASSWORD="pw"))
+    [sandbox_id] = standin.state.created
+    assert standin.state.envs[sandbox_id] == {"IMAP_PASSWORD": "pw"}
+    result = await sb.run_action(
+        "a", "import os\ncontext['n'] += len(os.environ['IMAP_PASSWORD'])\nprint('ok')", {"n": 1}, 10
+    )
+    assert result.context == {"n": 3} and result.stdout == "ok\n"
+    decision = await sb.evaluate("d", "context['n'] == 3", result.context, 10)
+    assert decision.decision is True
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("bad", "x = 1\nraise KeyError('vendor')", {}, 10)
+    assert (info.value.type, info.value.reason) == ("KeyError", "exception")
+    assert 'File "<node bad>", line 2' in info.value.traceback
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("spin", "while True: pass", {}, 0.5)
+    assert info.value.reason == "timeout" and "0.5s" in info.value.message
+    await sb.close()
+    await sb.close()
+    assert standin.state.killed == [sandbox_id] and sandbox_id not in standin.state.sandboxes
+    assert any("runner.py --once" in c for c in standin.state.commands)
+
+
+@pytest.mark.parametrize(("status", "fragment"), [(500, "could not create"), (429, "could not create"),
+                                                  (401, "permanent")])  # fmt: skip
+async def test_create_errors_are_infrastructure_errors(
+    provider: E2BSandboxProvider, standin: StandInServer, status: int, fragment: str
+) -> None:
+    standin.state.fail["create"] = status
+    with pytest.raises(SandboxInfraError, match=fragment):
+        await provider.open(spec())
+
+
+async def test_upload_error_is_infrastructure_and_the_sandbox_is_not_leaked(
+    provider: E2BSandboxProvider, standin: StandInServer
+) -> None:
+    standin.state.fail["upload"] = 503
+    with pytest.raises(SandboxInfraError, match="upload"):
+        await provider.open(spec())
+    assert standin.state.killed == standin.state.created != []
+
+
+async def test_run_error_is_infrastructure(provider: E2BSandboxProvider, standin: StandInServer) -> None:
+    sb = await provider.open(spec())
+    standin.state.fail["run"] = "UNAVAILABLE"
+    with pytest.raises(SandboxInfraError, match="could not run node 'a'"):
+        await sb.run_action("a", "pass", {}, 5)
+    await sb.close()
+
+
+async def test_kill_error_does_not_fail_close(provider: E2BSandboxProvider, standin: StandInServer) -> None:
+    sb = await provider.open(spec())
+    standin.state.fail["kill"] = 500
+    await sb.close()
+    assert standin.state.killed == standin.state.created
+
+
+async def test_worker_shutdown_kills_every_open_sandbox(provider: E2BSandboxProvider, standin: StandInServer) -> None:
+    await provider.open(spec())
+    await provider.open(spec())
+    await provider.aclose()
+    assert sorted(standin.state.killed) == sorted(standin.state.created) and len(standin.state.created) == 2
+
+
+class _Hooks:
+    async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
+        return None
+
+    async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:
+        return None
+
+
+async def test_same_workflow_same_final_context_locally_and_on_e2b(provider: E2BSandboxProvider) -> None:
+    definition = validate_definition({
+        "nodes": [
+            {"id": "s", "type": "start", "next": "total"},
+            {"id": "total", "type": "action", "next": "big",
+             "code": "context['total'] = sum(l['qty'] * l['price'] for l in context['lines'])"},
+            {"id": "big", "type": "decision", "code": "context['total'] > 100", "on_true": "review", "on_false": "ok"},
+            {"id": "review", "type": "action", "next": "e",
+             "code": "import hashlib\ncontext['ref'] = hashlib.sha1(b'x').hexdigest()[:8]"},
+            {"id": "ok", "type": "action", "code": "context['ref'] = None", "next": "e"},
+            {"id": "e", "type": "end"},
+        ]
+    })  # fmt: skip
+    local = LocalSandboxProvider(Settings(sandbox_pool_size=0))
+    context = {"lines": [{"qty": 3, "price": 50.0}]}
+    outcomes = []
+    for open_sandbox in (local.open, provider.open):
+        outcome = await run_workflow(
+            definition, context, open_sandbox=open_sandbox, spec=spec(), hooks=_Hooks(), node_timeout=10
+        )
+        outcomes.append((outcome.status, outcome.final_context, outcome.nodes_executed))
+    await local.aclose()
+    assert outcomes[0] == outcomes[1] == ("success", {**context, "total": 150.0, "ref": "11f6ad8e"}, 5)
+
+
+@pytest.mark.skipif(not os.environ.get("E2B_API_KEY"), reason="E2B_API_KEY is not set: the live E2B test is skipped")
+async def test_live_e2b() -> None:
+    live = E2BSandboxProvider(Settings())
+    sb = await live.open(spec())
+    try:
+        assert (await sb.run_action("a", "context['x'] = 1", {}, 60)).context == {"x": 1}
+    finally:
+        await live.aclose()
