@@ -70,8 +70,9 @@ def figure(samples: list[float], unit: str, goal: float | None = None, higher: b
 
 
 class Bench:
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, only: set[str] | None = None) -> None:
         self.quick = quick
+        self.only = only
         self.reps = 3
         self.tmp = Path(tempfile.mkdtemp(prefix="nova-bench-"))
         self.redis_server = RedisServer(self.tmp / "redis")
@@ -497,6 +498,8 @@ class Bench:
         ]
         try:
             for name, scenario in scenarios:
+                if self.only and name not in self.only:
+                    continue
                 t0 = time.perf_counter()
                 try:
                     result = scenario()
@@ -582,8 +585,9 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
+    parser.add_argument("--only", nargs="*", help="run only these scenarios (by name)")
     args = parser.parse_args()
-    report = asyncio.run(Bench(args.quick).run())
+    report = asyncio.run(Bench(args.quick, set(args.only or [])).run())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "latest.md").write_text(markdown(report))

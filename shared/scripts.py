@@ -17,12 +17,16 @@ from shared.streams import Keys, TaskStatus
 
 # Enqueue one execution request.
 # KEYS: 1 requests stream, 2 results stream, 3 execution id sequence, 4 task hash, 5 idempotency key or "",
-#       6 the task's event-id list, 7 the client's in-flight counter
+#       6 the task's event-id list, 7 the client's in-flight counter, 8 the client's rate bucket
 # ARGV: 1 task_id, 2 workflow_id, 3 workflow_name, 4 client, 5 enqueued_at, 6 payload JSON,
 #       7 queued event data JSON, 8 results maxlen, 9 idempotency ttl seconds,
-#       10 most executions the client may have in flight (0: no cap)
-# Returns {task_id, execution_id, request entry id or "", 1 if newly enqueued, 0 if an idempotent
-# repeat, 2 if refused because the client is at its cap (then the execution id is its in-flight count)}.
+#       10 most executions the client may have in flight (0: no cap),
+#       11 executions per second the client may start (0: no limit), 12 its burst
+# Returns {task_id, execution_id, request entry id or "", outcome}: outcome 1 newly enqueued, 0 an
+# idempotent repeat, 2 refused at the in-flight cap (execution id slot: the in-flight count), 3 refused
+# by the rate limit (execution id slot: milliseconds until a token frees).
+# Admission (rate, cap) and the enqueue are one step, so a refused request leaves no trace and an
+# accepted one is counted exactly once, whichever API replica took it.
 # Why one script: the task hash (so GET /tasks answers PENDING at once), the request entry and the
 # queued event appear together or not at all, and an idempotency key maps to exactly one task.
 ENQUEUE = """
@@ -36,6 +40,19 @@ end
 local inflight = tonumber(redis.call('GET', KEYS[7]) or '0')
 if tonumber(ARGV[10]) > 0 and inflight >= tonumber(ARGV[10]) then
   return {'', tostring(inflight), '', 2}
+end
+local rate, burst = tonumber(ARGV[11]), tonumber(ARGV[12])
+if rate > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local state = redis.call('HMGET', KEYS[8], 'tokens', 'at')
+  local tokens = math.min(burst, (tonumber(state[1]) or burst) + (now - (tonumber(state[2]) or now)) * rate / 1000)
+  if tokens < 1 then
+    redis.call('HSET', KEYS[8], 'tokens', tostring(tokens), 'at', now)
+    return {'', tostring(math.ceil((1 - tokens) * 1000 / rate)), '', 3}
+  end
+  redis.call('HSET', KEYS[8], 'tokens', tostring(tokens - 1), 'at', now)
+  redis.call('PEXPIRE', KEYS[8], math.ceil(burst * 1000 / rate) + 1000)
 end
 redis.call('INCR', KEYS[7])
 local exec_id = redis.call('INCR', KEYS[3])
@@ -242,29 +259,6 @@ redis.call('INCR', KEYS[5])
 return status
 """
 
-# Token bucket per client: ARGV[1] tokens per second, ARGV[2] burst. KEYS: 1 the bucket hash.
-# Returns {1, 0} when a token was taken, else {0, ms until the next token}.
-# Why a script: every API replica shares one bucket per client, and read-refill-take must be atomic.
-TAKE_TOKEN = """
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
-tokens = math.min(burst, tokens + (now - at) * rate / 1000)
-local allowed = 0
-local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
-else
-  wait = math.ceil((1 - tokens) * 1000 / rate)
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return {allowed, wait}
-"""
-
 
 class AtCapacity(Exception):
     """The client already has its maximum number of executions in flight."""
@@ -272,6 +266,14 @@ class AtCapacity(Exception):
     def __init__(self, client: str, inflight: int, cap: int) -> None:
         super().__init__(f"client '{client}' has {inflight} executions in flight (limit {cap})")
         self.client, self.inflight, self.cap = client, inflight, cap
+
+
+class RateLimited(Exception):
+    """The client is starting executions faster than its rate."""
+
+    def __init__(self, client: str, wait_ms: int, rate: float) -> None:
+        super().__init__(f"client '{client}' is over its rate of {rate:g} executions/s")
+        self.client, self.wait_ms, self.rate = client, wait_ms, rate
 
 
 @dataclass
@@ -308,7 +310,6 @@ class Scripts:
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._remove_idle_consumer = redis.register_script(REMOVE_IDLE_CONSUMER)
         self._reopen = redis.register_script(REOPEN)
-        self._take_token = redis.register_script(TAKE_TOKEN)
 
     async def enqueue(
         self,
@@ -324,6 +325,8 @@ class Scripts:
         idempotency_key: str | None = None,
         idempotency_ttl: int = 24 * 3600,
         max_inflight: int = 0,
+        rate: float = 0,
+        burst: int = 1,
     ) -> EnqueueResult:
         idem = self.keys.idempotency(client, idempotency_key) if idempotency_key else ""
         reply = await self._enqueue(
@@ -335,6 +338,7 @@ class Scripts:
                 idem,
                 self.keys.task_events(task_id),
                 self.keys.inflight(client),
+                f"{self.keys.prefix}:ratelimit:{client}",
             ],
             args=[
                 task_id,
@@ -347,11 +351,15 @@ class Scripts:
                 results_maxlen,
                 idempotency_ttl,
                 max_inflight,
+                rate,
+                burst,
             ],
         )
         existing_task, exec_id, entry, outcome = (_s(x) for x in reply)
         if outcome == "2":
             raise AtCapacity(client, int(exec_id), max_inflight)
+        if outcome == "3":
+            raise RateLimited(client, int(exec_id), rate)
         return EnqueueResult(
             task_id=existing_task,
             execution_id=int(exec_id) if exec_id else 0,
@@ -476,11 +484,6 @@ class Scripts:
         )
         written, dlq_id = (_s(x) for x in reply)
         return written == "1", dlq_id
-
-    async def take_token(self, client: str, rate: float, burst: int) -> tuple[bool, int]:
-        """(allowed, milliseconds until the next token) for one request of `client`."""
-        allowed, wait = await self._take_token(keys=[f"{self.keys.prefix}:ratelimit:{client}"], args=[rate, burst])
-        return int(allowed) == 1, int(wait)
 
     async def reopen(
         self, *, task_id: str, client: str, event: dict[str, str], request: dict[str, str], results_maxlen: int

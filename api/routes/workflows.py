@@ -13,7 +13,7 @@ from api.deps import Admin, Caller, Res
 from api.errors import ApiError
 from api.schemas import BIGINT_MAX, ExecuteIn, ExecuteOut, PathId, WorkflowIn, WorkflowList, WorkflowOut, errors
 from shared.catalog import StoredWorkflow
-from shared.scripts import AtCapacity
+from shared.scripts import AtCapacity, RateLimited
 from shared.streams import dumps, now_iso
 from shared.workflow import InvalidDefinition, validate_definition
 
@@ -88,14 +88,6 @@ async def execute_workflow(
         client = caller.client
     if client is None:
         raise ApiError(422, "client_slug: required when executing with the admin key")
-    allowed, wait_ms = await res.scripts.take_token(client, res.settings.client_rate, res.settings.client_burst)
-    if not allowed:
-        retry_after = max(1, math.ceil(wait_ms / 1000))
-        raise ApiError(
-            429,
-            f"client '{client}' is over its rate of {res.settings.client_rate:g} executions/s; retry in {retry_after}s",
-            headers={"Retry-After": str(retry_after)},
-        )
     workflow = await _workflow(res, workflow_id)
     context_json = dumps(body.initial_context)
     if len(context_json) > MAX_CONTEXT_BYTES:
@@ -115,7 +107,12 @@ async def execute_workflow(
             results_maxlen=res.settings.results_maxlen,
             idempotency_key=idempotency_key,
             max_inflight=res.settings.client_max_inflight,
+            rate=res.settings.client_rate,
+            burst=res.settings.client_burst,
         )
+    except RateLimited as exc:
+        retry_after = max(1, math.ceil(exc.wait_ms / 1000))
+        raise ApiError(429, f"{exc}; retry in {retry_after}s", headers={"Retry-After": str(retry_after)}) from None
     except AtCapacity as exc:
         # One client cannot fill the queue: its share is capped, so others' requests stay close to the front.
         raise ApiError(429, str(exc), headers={"Retry-After": "1"}) from None
