@@ -310,7 +310,7 @@ class Bench:
         self.figures["consumer_2proc_exec_s"] = figure([p for _, p in two], "exec/s")
         ratio = self.figures["consumer_2proc_exec_s"]["median"] / self.figures["consumer_1proc_exec_s"]["median"]
         self.figures["consumer_2proc_scaling"] = figure([ratio], "x", 1.7)
-        m = 2000 if self.quick else 5000
+        m = 300 if self.quick else 1000
         action = [await self.consumer_throughput(1, chain(1, "context['ok'] = 1"), m) for _ in range(self.reps)]
         self.figures["consumer_1proc_action_exec_s"] = figure([p for _, p in action], "exec/s", 500)
 
@@ -443,6 +443,35 @@ class Bench:
         self.figures["sse_fanout_p99"] = figure([out["p99_ms"]], "ms", 50, higher=False)
         self.figures["sse_fanout_p50"] = figure([out["p50_ms"]], "ms")
 
+    async def sandbox_overhead(self) -> None:
+        """A trivial node's cost through the local sandbox: warm (pooled interpreter) and cold (started for it)."""
+        from consumer.sandbox.base import SandboxSpec
+        from consumer.sandbox.local import LocalSandboxProvider
+
+        n = 200 if self.quick else 1000
+        provider = LocalSandboxProvider(Settings(sandbox_pool_size=0))
+        sandbox = await provider.open(SandboxSpec(execution_id=1, client="bench"))
+        warm = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            await sandbox.run_action("n", "context['i'] = context.get('i', 0) + 1", {"i": i}, 10)
+            warm.append((time.perf_counter() - t0) * 1000)
+        await sandbox.close()
+        cold = []
+        for i in range(20 if self.quick else 50):
+            t0 = time.perf_counter()
+            fresh = await provider.open(SandboxSpec(execution_id=i, client="bench"))
+            await fresh.run_action("n", "pass", {}, 10)
+            cold.append((time.perf_counter() - t0) * 1000)
+            await fresh.close()
+        await provider.aclose()
+        warm.sort()
+        cold.sort()
+        self.figures["node_warm_p50"] = figure([warm[len(warm) // 2]], "ms", 3, higher=False)
+        self.figures["node_warm_p99"] = figure([warm[int(len(warm) * 0.99)]], "ms")
+        self.figures["node_cold_p50"] = figure([cold[len(cold) // 2]], "ms")
+        self.figures["node_cold_p99"] = figure([cold[int(len(cold) * 0.99)]], "ms")
+
     async def memory(self) -> None:
         redis, pool = await self.fresh()
         api, base = await self.api()
@@ -495,6 +524,7 @@ class Bench:
             ("chain40", self.chain40),
             ("sse_fanout", self.sse_fanout),
             ("memory", self.memory),
+            ("sandbox_overhead", self.sandbox_overhead),
         ]
         try:
             for name, scenario in scenarios:

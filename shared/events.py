@@ -16,6 +16,7 @@ An `error` is {node_id, type, message, traceback, reason}.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from shared.streams import EventField, EventType, decode_fields, dumps, loads, now_iso
@@ -70,6 +71,11 @@ class Event:
             ts=f[EventField.TS],
             data=data,
         )
+
+    @cached_property
+    def encoded(self) -> str:
+        """as_json() encoded once: fanned out to many SSE clients, it is not re-encoded for each."""
+        return dumps(self.as_json())
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -156,3 +156,22 @@ def test_nova_dev_runs_the_printed_curl_to_success_and_stops_cleanly(tmp_path: P
     assert not _port_open(port)
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False).stdout
     assert leftovers.strip() == ""
+
+
+async def test_clients_commands_create_list_and_rotate(settings: Settings, redis: Redis, pool: object) -> None:
+    from shared.clients import ClientStore, Vault
+    from shared.streams import Keys
+
+    env = {"REDIS_URL": settings.redis_url or "", "DATABASE_URL": settings.database_url or ""}
+    created = await asyncio.to_thread(nova, "clients", "create", "acme", "--name", "Acme Corp", env=env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    store = ClientStore(redis, pool, Keys.from_settings(settings), Vault(None))  # type: ignore[arg-type]
+    assert await store.resolve(key) == "acme"
+    listed = await asyncio.to_thread(nova, "clients", "list", env=env)
+    assert "acme" in listed.stdout and "Acme Corp" in listed.stdout and "active keys: 1" in listed.stdout
+    again = await asyncio.to_thread(nova, "clients", "create", "acme", "--name", "Acme Corp", env=env)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    rotated = await asyncio.to_thread(nova, "clients", "rotate-key", "acme", env=env)
+    new_key = rotated.stdout.strip().splitlines()[-1]
+    assert await store.resolve(new_key) == "acme" and await store.resolve(key) is None

@@ -19,7 +19,7 @@ from api.errors import ApiError
 from api.event_hub import EventHub, Filter
 from api.schemas import QueryId, errors
 from shared.events import Event
-from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, dumps, entry_id_parts
+from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, entry_id_parts
 
 router = APIRouter(tags=["events"])
 
@@ -27,7 +27,7 @@ KEEPALIVE_SECONDS = 15
 
 
 def _sse(event: Event) -> dict[str, Any]:
-    return {"id": event.id, "event": event.type.value, "data": dumps(event.as_json())}
+    return {"id": event.id, "event": event.type.value, "data": event.encoded}
 
 
 def _after(last_event_id: str | None) -> tuple[int, int]:

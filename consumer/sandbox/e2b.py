@@ -37,7 +37,8 @@ from e2b.exceptions import (
     TimeoutException,
 )
 
-from consumer.sandbox.base import NodeError, NodeResult, SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.protocol import RunnerSandbox
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ REMOTE_DIR = ".nova"
 _PERMANENT = (AuthenticationException,)
 
 
-class E2BSandbox:
+class E2BSandbox(RunnerSandbox):
     def __init__(self, sandbox: AsyncSandbox, limits: str, registry: set[E2BSandbox]) -> None:
         self.sandbox = sandbox
         self.limits = limits
@@ -56,29 +57,7 @@ class E2BSandbox:
         self._registry = registry
         registry.add(self)
 
-    async def run_action(self, node_id: str, code: str, context: dict[str, Any], timeout: float) -> NodeResult:
-        reply = await self._run(
-            {"op": "action", "node_id": node_id, "code": code, "context": context}, node_id, timeout
-        )
-        return NodeResult(
-            context=reply["context"],
-            stdout=reply.get("stdout", ""),
-            stderr=reply.get("stderr", ""),
-            duration_ms=reply.get("duration_ms", 0.0),
-        )
-
-    async def evaluate(self, node_id: str, expression: str, context: dict[str, Any], timeout: float) -> NodeResult:
-        request = {"op": "evaluate", "node_id": node_id, "code": expression, "context": context}
-        reply = await self._run(request, node_id, timeout)
-        return NodeResult(
-            context=context,
-            stdout=reply.get("stdout", ""),
-            stderr=reply.get("stderr", ""),
-            duration_ms=reply.get("duration_ms", 0.0),
-            decision=bool(reply["value"]),
-        )
-
-    async def _run(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
+    async def _call(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
         if self.closed:
             raise SandboxInfraError(f"the E2B sandbox of this execution is closed (node '{node_id}')")
         path = f"{REMOTE_DIR}/request-{uuid.uuid4().hex}.json"
@@ -111,16 +90,6 @@ class E2BSandbox:
             reply = orjson.loads(result.stdout.strip().splitlines()[-1])
         except (IndexError, orjson.JSONDecodeError):
             raise SandboxInfraError(f"E2B returned no response for node '{node_id}': {result.stderr[-500:]}") from None
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise NodeError(
-                type=error.get("type", "Error"),
-                message=error.get("message", ""),
-                traceback=error.get("traceback", ""),
-                reason=error.get("reason", "exception"),
-                stdout=reply.get("stdout", ""),
-                stderr=reply.get("stderr", ""),
-            )
         return reply
 
     async def close(self) -> None:

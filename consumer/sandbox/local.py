@@ -36,7 +36,8 @@ from typing import Any
 
 import orjson
 
-from consumer.sandbox.base import NodeError, NodeResult, SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.protocol import RunnerSandbox
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class UidLease:
 _START_TIMEOUT = 30.0
 
 
-class LocalSandbox:
+class LocalSandbox(RunnerSandbox):
     def __init__(
         self, proc: asyncio.subprocess.Process, workdir: Path, max_context_bytes: int, lease: UidLease | None = None
     ) -> None:
@@ -125,29 +126,6 @@ class LocalSandbox:
                 await self.close()
                 raise SandboxInfraError(f"local sandbox did not accept its environment: {exc!r}") from None
 
-    async def run_action(self, node_id: str, code: str, context: dict[str, Any], timeout: float) -> NodeResult:
-        reply = await self._call(
-            {"op": "action", "node_id": node_id, "code": code, "context": context}, node_id, timeout
-        )
-        return NodeResult(
-            context=reply["context"],
-            stdout=reply.get("stdout", ""),
-            stderr=reply.get("stderr", ""),
-            duration_ms=reply.get("duration_ms", 0.0),
-        )
-
-    async def evaluate(self, node_id: str, expression: str, context: dict[str, Any], timeout: float) -> NodeResult:
-        reply = await self._call(
-            {"op": "evaluate", "node_id": node_id, "code": expression, "context": context}, node_id, timeout
-        )
-        return NodeResult(
-            context=context,
-            stdout=reply.get("stdout", ""),
-            stderr=reply.get("stderr", ""),
-            duration_ms=reply.get("duration_ms", 0.0),
-            decision=bool(reply["value"]),
-        )
-
     async def _call(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
         if self.dead:
             raise SandboxInfraError(f"the sandbox of this execution is gone (node '{node_id}')")
@@ -173,16 +151,6 @@ class LocalSandbox:
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 returncode = await self._reap()
                 raise _crash(node_id, returncode) from None
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise NodeError(
-                type=error.get("type", "Error"),
-                message=error.get("message", ""),
-                traceback=error.get("traceback", ""),
-                reason=error.get("reason", "exception"),
-                stdout=reply.get("stdout", ""),
-                stderr=reply.get("stderr", ""),
-            )
         return reply
 
     async def _reap(self) -> int | None:
