@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from consumer.engine import Checkpoint, NodeRecord, OpenSandbox, Outcome, run_workflow
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
-from consumer.sandbox.base import SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxSpec
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientError
 from shared.connections import REDIS_UNAVAILABLE
@@ -149,12 +149,11 @@ class Run:
             },
         )
         try:
-            secrets = await self._secrets(request.client)
             outcome = await run_workflow(
                 definition,
                 request.initial_context,
-                open_sandbox=ctx.open_sandbox,
-                spec=SandboxSpec(execution_id=request.execution_id, client=request.client, secrets=secrets),
+                open_sandbox=self._open_sandbox,
+                spec=SandboxSpec(execution_id=request.execution_id, client=request.client),
                 hooks=_Hooks(self),
                 default_executor=ctx.settings.default_executor,
                 node_timeout=ctx.settings.node_timeout,
@@ -184,6 +183,12 @@ class Run:
             return None
         ctx.definitions[request.workflow_id] = definition
         return definition
+
+    async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
+        # Credentials are read when a sandbox is opened, not per execution: runs without node code
+        # (or whose nodes fail before one runs) cost no extra round trip.
+        spec.secrets = await self._secrets(spec.client)
+        return await self.ctx.open_sandbox(spec)
 
     async def _secrets(self, client: str) -> dict[str, str]:
         if self.ctx.client_secrets is None:

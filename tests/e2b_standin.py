@@ -46,6 +46,8 @@ class StandIn:
     commands: list[str] = field(default_factory=list)
     # step name ("create", "upload", "run", "kill") -> HTTP status (or Connect code name for "run")
     fail: dict[str, Any] = field(default_factory=dict)
+    # Process groups still running, killed when the stand-in stops.
+    running: set[int] = field(default_factory=set)
 
 
 class ProcessService(process_connect.Process):
@@ -79,6 +81,7 @@ class ProcessService(process_connect.Process):
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+        self.state.running.add(proc.pid)
         try:
             yield process_pb.StartResponse(
                 event=process_pb.ProcessEvent(event=Oneof("start", process_pb.ProcessEvent.StartEvent(pid=proc.pid)))
@@ -114,6 +117,7 @@ class ProcessService(process_connect.Process):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+            self.state.running.discard(proc.pid)
 
 
 def _app(state: StandIn) -> Starlette:
@@ -213,5 +217,8 @@ class StandInServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        for pgid in list(self.state.running):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
         for root in self.state.sandboxes.values():
             shutil.rmtree(root, ignore_errors=True)
