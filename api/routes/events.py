@@ -16,7 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from api.deps import Caller, Res
 from api.errors import ApiError
-from api.event_hub import EventHub, Filter
+from api.event_hub import EventHub, Filter, Subscription
 from api.schemas import QueryId, errors
 from shared.events import Event
 from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, entry_id_parts
@@ -37,6 +37,18 @@ def _after(last_event_id: str | None) -> tuple[int, int]:
         return entry_id_parts(last_event_id.strip())
     except ValueError:
         return (0, 0)
+
+
+async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: bool) -> AsyncIterator[dict[str, Any]]:
+    """The hub's events after `last`, in order and without repeats."""
+    # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
+    while (event := await sub.queue.get()) is not None:
+        if entry_id_parts(event.id) <= last:
+            continue
+        last = entry_id_parts(event.id)
+        yield _sse(event)
+        if until_terminal and event.type in TERMINAL_EVENTS:
+            return
 
 
 async def _replay_task(redis: Any, keys: Keys, task_id: str) -> list[Event]:
@@ -72,17 +84,8 @@ async def task_event_stream(
         if status in TERMINAL_STATUSES:
             # Terminal, but its terminal event was trimmed away: nothing more will come.
             return
-        while True:
-            event = await sub.queue.get()
-            if event is None:
-                # Dropped for lagging (or the server is stopping): the client resumes by Last-Event-ID.
-                return
-            if entry_id_parts(event.id) <= last:
-                continue
-            last = entry_id_parts(event.id)
-            yield _sse(event)
-            if event.type in TERMINAL_EVENTS:
-                return
+        async for item in _live(sub, last, until_terminal=True):
+            yield item
 
 
 async def feed_stream(
@@ -98,14 +101,8 @@ async def feed_stream(
                 last = entry_id_parts(event.id)
                 if accept(event):
                     yield _sse(event)
-        while True:
-            event = await sub.queue.get()
-            if event is None:
-                return
-            if entry_id_parts(event.id) <= last:
-                continue
-            last = entry_id_parts(event.id)
-            yield _sse(event)
+        async for item in _live(sub, last, until_terminal=False):
+            yield item
 
 
 def sse_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
