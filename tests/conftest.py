@@ -7,8 +7,11 @@ copy inside PostgreSQL).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -53,10 +56,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("postgres"), durable=False).start()
-    yield server
-    server.stop()
+def pg_server() -> Iterator[PostgresServer]:
+    with private_dir("postgres") as root:
+        server = PostgresServer(root, durable=False).start()
+        yield server
+        server.stop()
+
+
+@contextlib.contextmanager
+def private_dir(name: str) -> Iterator[Path]:
+    """A data folder outside pytest's temp tree.
+
+    As root, PostgreSQL runs as an unprivileged user that must traverse to its data; pytest resets its
+    own temp root to mode 0700 when it finds it opened up, which would cut a running server off.
+    """
+    root = Path(tempfile.mkdtemp(prefix=f"nova-test-{name}-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -157,19 +175,20 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 @pytest.fixture
-def pg_factory(tmp_path: Path) -> Iterator[Callable[..., PostgresServer]]:
+def pg_factory() -> Iterator[Callable[..., PostgresServer]]:
     """Private PostgreSQL servers a test may stop and restart; all stopped afterwards."""
     made: list[PostgresServer] = []
+    with private_dir("pg") as root:
 
-    def make(**kwargs: object) -> PostgresServer:
-        kwargs.setdefault("durable", False)
-        server = PostgresServer(tmp_path / f"pg{len(made)}", **kwargs).start()  # type: ignore[arg-type]
-        made.append(server)
-        return server
+        def make(**kwargs: object) -> PostgresServer:
+            kwargs.setdefault("durable", False)
+            server = PostgresServer(root / f"pg{len(made)}", **kwargs).start()  # type: ignore[arg-type]
+            made.append(server)
+            return server
 
-    yield make
-    for server in made:
-        server.stop()
+        yield make
+        for server in made:
+            server.stop()
 
 
 @pytest.fixture

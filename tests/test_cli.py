@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from shared.embedded import free_port
 from shared.settings import Settings
+from tests.conftest import private_dir
 from tests.support import ROOT, create_workflow, enqueue, in_process_worker, linear, wait_terminal
 
 
@@ -108,7 +109,13 @@ def _port_open(port: int) -> bool:
 
 
 @pytest.mark.timeout(180)
-def test_nova_dev_runs_the_printed_curl_to_success_and_stops_cleanly(tmp_path: Path) -> None:
+def test_nova_dev_runs_the_printed_curl_to_success_and_stops_cleanly() -> None:
+    # Outside pytest's temp tree: nova dev's PostgreSQL must keep access to its data (see private_dir).
+    with private_dir("dev") as data:
+        _run_nova_dev(data)
+
+
+def _run_nova_dev(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NOVA_") and k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(NOVA_DATA_DIR=str(tmp_path / "data"), PORT=str(port))
