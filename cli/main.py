@@ -127,8 +127,12 @@ def migrate() -> None:
     if not settings.database_url:
         typer.echo("error: DATABASE_URL is not set", err=True)
         raise typer.Exit(1)
-    from shared.db import migrate_url
+    from shared.db import migrate_url, migrations
 
+    if not migrations():
+        # An install that left the .sql files out would otherwise report "up to date" on an empty database.
+        typer.echo("error: no migration files are installed (shared/migrations/*.sql)", err=True)
+        raise typer.Exit(1)
     try:
         applied = asyncio.run(migrate_url(settings.database_url))
     except (OSError, ConnectionError) as exc:
