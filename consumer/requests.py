@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from shared.streams import RequestField, decode_fields
+from shared.streams import RequestField, decode_fields, printable
 
 _BIGINT_MAX = 2**63 - 1
 
@@ -32,6 +32,9 @@ class ExecutionRequest:
 
 def parse_request(entry_id: str, raw: dict[Any, Any]) -> ExecutionRequest:
     fields = decode_fields(raw)
+    for name, value in fields.items():
+        if not _is_utf8(name) or not _is_utf8(value):
+            raise MalformedRequest(f"field {printable(name)!r} is not valid UTF-8: {printable(value)[:80]!r}")
     missing = [
         f.value
         for f in (
@@ -73,3 +76,12 @@ def parse_request(entry_id: str, raw: dict[Any, Any]) -> ExecutionRequest:
         payload=payload,
         fields=fields,
     )
+
+
+def _is_utf8(value: str) -> bool:
+    # Bytes that are not UTF-8 arrive as lone surrogates (the Redis client decodes with surrogateescape).
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from shared.catalog import WorkflowCatalog
 from shared.clients import ClientError
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import event_fields
-from shared.scripts import Scripts
+from shared.scripts import RecordOutcome, Scripts
 from shared.settings import Settings
 from shared.streams import (
     TERMINAL_STATUSES,
@@ -273,15 +274,16 @@ class Run:
             return
         next_attempt = attempt + 1
         delay = backoff_seconds(ctx.settings, next_attempt)
-        due_ms = int((time.time() + delay) * 1000)
-        retry_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(due_ms / 1000)) + "Z"
+        # Shown to people only; the due time itself is Redis's clock plus the delay.
+        retry_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + delay)) + "Z"
         log.warning("task %s: transient error, retry %d in %.2fs: %s", request.task_id, next_attempt, delay, exc)
         await _durably(
             lambda: ctx.scripts.retry_later(
                 task_id=request.task_id,
                 entry_id=self.entry_id,
+                consumer=ctx.consumer,
                 request=request.fields,
-                due_ms=due_ms,
+                delay_ms=int(delay * 1000),
                 event=self._event(EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at}),
                 task_fields={
                     TaskField.STATUS: TaskStatus.RETRY,
@@ -289,7 +291,6 @@ class Run:
                     TaskField.ERROR: dumps(error),
                     TaskField.UPDATED_AT: now_iso(),
                 },
-                results_maxlen=ctx.settings.results_maxlen,
             ),
             ctx.settings,
         )
@@ -326,12 +327,12 @@ class Run:
         await _durably(
             lambda: ctx.scripts.dead_letter(
                 entry_id=self.entry_id,
+                consumer=ctx.consumer,
                 letter=letter,
                 task_id=request.task_id if request else None,
                 client=request.client if request else None,
                 event=event,
                 task_fields=task_fields,
-                results_maxlen=ctx.settings.results_maxlen,
                 task_ttl=ctx.settings.task_ttl,
             ),
             ctx.settings,
@@ -369,6 +370,9 @@ class Run:
         assert request is not None
         events, fields = self._events, {**self._fields, TaskField.UPDATED_AT: self._events[-1]["ts"]}
         self._events, self._fields = [], {}
+        # One token per write, kept across re-sends: a call whose reply was lost and that is sent
+        # again (by the client's retry or _durably) is answered without writing twice.
+        token = uuid.uuid4().hex
         result = await _durably(
             lambda: ctx.scripts.record(
                 task_id=request.task_id,
@@ -377,11 +381,14 @@ class Run:
                 task_fields=fields,
                 terminal=terminal,
                 ack_entry_id=self.entry_id,
-                results_maxlen=ctx.settings.results_maxlen,
+                consumer=ctx.consumer,
+                token=token,
                 task_ttl=ctx.settings.task_ttl,
             ),
             ctx.settings,
         )
+        if result.outcome == RecordOutcome.NOT_OWNER:
+            raise TakenOver(request.task_id, self.entry_id)
         if not result.written:
             raise AlreadyFinished(request.task_id, result.status)
 
@@ -394,6 +401,10 @@ class Run:
 
 class AlreadyFinished(Exception):
     """Another delivery of this task reached a terminal state first; this one stops quietly."""
+
+
+class TakenOver(Exception):
+    """Another worker reclaimed this run's entry (this one was silent too long): it owns the run now."""
 
 
 class _Hooks:

@@ -20,10 +20,11 @@ from redis.asyncio import Redis
 
 from shared.catalog import WorkflowCatalog
 from shared.connections import REDIS_UNAVAILABLE
+from shared.enqueue import NewExecution, enqueue_execution
 from shared.schedules import ScheduleStore
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, dumps, now_iso
+from shared.streams import Keys
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +89,19 @@ class Scheduler:
                 log.error("schedule %s names missing workflow %s; skipping its tick", schedule_id, schedule.workflow_id)
             else:
                 context = {**schedule.initial_context, "_schedule": {"id": schedule.id, "tick_ms": tick_ms}}
-                enqueued_at = now_iso()
-                result = await self.scripts.enqueue(
-                    task_id=f"sched-{schedule.id}-{tick_ms}",
-                    workflow_id=workflow.id,
-                    workflow_name=workflow.name,
-                    client=schedule.client,
-                    enqueued_at=enqueued_at,
-                    payload=dumps({"initial_context": context, "schedule_id": schedule.id}),
-                    queued_data=dumps(
-                        {"workflow_name": workflow.name, "enqueued_at": enqueued_at, "initial_context": context}
+                result = await enqueue_execution(
+                    self.scripts,
+                    NewExecution(
+                        workflow_id=workflow.id,
+                        workflow_name=workflow.name,
+                        client=schedule.client,
+                        initial_context=context,
+                        extra={"schedule_id": schedule.id},
+                        task_id=f"sched-{schedule.id}-{tick_ms}",
+                        idempotency_key=f"schedule:{schedule.id}:{tick_ms}",
+                        idempotency_ttl=max(24 * 3600, self.settings.task_ttl),
                     ),
-                    results_maxlen=self.settings.results_maxlen,
-                    idempotency_key=f"schedule:{schedule.id}:{tick_ms}",
-                    idempotency_ttl=max(24 * 3600, self.settings.task_ttl),
+                    floor=self.catalog.highest_execution_id,
                 )
                 if result.created:
                     fired += 1

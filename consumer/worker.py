@@ -1,9 +1,12 @@
 """The stream consumer: reads execution requests as a member of the workers' group and runs them.
 
 Backpressure: XREADGROUP asks for only as many entries as there are free slots, so a busy worker
-leaves the rest of the stream to its peers. Alongside the reader run three small loops: a heartbeat
-that keeps this worker's in-flight entries fresh, a reclaimer that takes over entries whose worker
-went silent, and housekeeping (due retries, trimming, removing dead consumers).
+leaves the rest of the stream to its peers. Before reading new entries, the reader takes over entries
+whose worker went silent (XAUTOCLAIM, resuming its scan where the last one stopped), so a crashed
+worker's runs do not wait behind the whole backlog. Alongside the reader run small loops: a heartbeat
+that keeps this worker's in-flight entries fresh, a watchdog that gives runs up when the heartbeat
+cannot reach Redis (another worker will take them over: running on would run their nodes twice),
+promotion of due retries, and housekeeping (trimming, removing dead consumers).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from redis.exceptions import ResponseError
 from tenacity import wait_exponential_jitter
 
 from consumer.maintenance import Maintenance
-from consumer.runs import AlreadyFinished, RunContext, run_for
+from consumer.runs import AlreadyFinished, RunContext, TakenOver, run_for
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
 from consumer.scheduler import Scheduler
 from shared.catalog import WorkflowCatalog
@@ -63,8 +66,13 @@ class Worker:
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self.maintenance = Maintenance(settings, redis, self.keys, self.scripts, self.consumer)
-        # Counters for metrics and tests.
-        self.completed = 0
+        # When this worker last knew its runs' entries were fresh in Redis (monotonic seconds).
+        self._fresh_at = time.monotonic()
+        # Reclaim is held back until then: after an outage, idle times include the downtime, and
+        # live runs must get their heartbeat in before anyone takes them for dead.
+        self._reclaim_not_before = 0.0
+        self._next_reclaim = 0.0
+        self._reclaim_cursor = "0-0"
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
         provider = self.providers.get(spec.executor)
@@ -87,6 +95,8 @@ class Worker:
             await run_for(self.ctx, entry_id, fields, deliveries).execute()
         except AlreadyFinished as exc:
             log.info("entry %s: task %s already finished elsewhere", entry_id, exc.args[0])
+        except TakenOver as exc:
+            log.warning("entry %s: task %s was taken over by another worker; stopped", entry_id, exc.args[0])
         except asyncio.CancelledError:
             # Shutdown or lost ownership: the entry stays pending and resumes from its checkpoint.
             raise
@@ -96,7 +106,6 @@ class Worker:
             log.exception("entry %s: unexpected error; left pending for redelivery", entry_id)
         finally:
             self.inflight.pop(entry_id, None)
-            self.completed += 1
             self._slot_freed.set()
 
     # ---- loops ---------------------------------------------------------------------------------
@@ -113,9 +122,10 @@ class Worker:
         # The side loops outlive `stop`: the heartbeat must keep draining runs fresh.
         closed = asyncio.Event()
         vt = self.settings.visibility_timeout
+        self._fresh_at = time.monotonic()
         loops = [
-            asyncio.create_task(self._every(vt / 3, self._heartbeat, closed)),
-            asyncio.create_task(self._every(vt / 2, self._reclaim, stop)),
+            asyncio.create_task(self._every(vt / 4, self._heartbeat, closed)),
+            asyncio.create_task(self._every(vt / 8, self._watchdog, closed)),
             asyncio.create_task(self._every(self._promote_interval(), self._promote, stop)),
             asyncio.create_task(self._every(max(vt, 5.0), self.maintenance.run, stop)),
         ]
@@ -147,7 +157,11 @@ class Worker:
                     await asyncio.wait({freed, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                     freed.cancel()
                     continue
-                read = asyncio.create_task(self._read(self.free_slots))
+                if time.monotonic() >= self._next_reclaim:
+                    self._next_reclaim = time.monotonic() + self.settings.visibility_timeout / 2
+                    read: asyncio.Task[Any] = asyncio.create_task(self._reclaim())
+                else:
+                    read = asyncio.create_task(self._read(self.free_slots))
                 done, _ = await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if read not in done:
                     # Stopping: an entry delivered to a cancelled read stays pending and is reclaimed.
@@ -159,6 +173,7 @@ class Worker:
                     entries = read.result()
                     failures = 0
                 except REDIS_UNAVAILABLE as exc:
+                    self._outage()
                     failures += 1
                     delay = wait(_RetryState(failures))
                     log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
@@ -189,11 +204,25 @@ class Worker:
             entries.extend(items)
         return entries
 
+    def _outage(self) -> None:
+        """Redis was unreachable: hold reclaims back until live runs have had their heartbeat."""
+        self._reclaim_not_before = time.monotonic() + self.settings.visibility_timeout
+
     async def _heartbeat(self) -> None:
+        sent_at = time.monotonic()
         ids = list(self.inflight)
         if not ids:
+            self._fresh_at = sent_at
             return
-        kept = await self.scripts.heartbeat(self.consumer, ids)
+        try:
+            # Bounded: a partitioned connection would otherwise hang this loop and the watchdog's view.
+            kept = await asyncio.wait_for(
+                self.scripts.heartbeat(self.consumer, ids), timeout=self.settings.visibility_timeout / 4
+            )
+        except (*REDIS_UNAVAILABLE, TimeoutError):
+            self._outage()
+            raise
+        self._fresh_at = sent_at
         for entry_id in ids:
             if entry_id not in kept and entry_id in self.inflight:
                 # Another worker reclaimed it (we were silent too long): stop our copy so the
@@ -201,14 +230,42 @@ class Worker:
                 log.warning("entry %s was taken over by another worker; cancelling our run", entry_id)
                 self.inflight[entry_id].cancel()
 
-    async def _reclaim(self) -> None:
-        free = self.free_slots
-        if free <= 0:
+    async def _watchdog(self) -> None:
+        """Give every run up when the heartbeat has not reached Redis for half the visibility timeout.
+
+        By then another worker may be about to reclaim the entries; a worker cut off from Redis (or
+        frozen, e.g. SIGSTOP) that ran on would run the same nodes twice. Cancelling a run kills its
+        sandbox; its entry stays pending, and whoever holds it next resumes from the checkpoint.
+        """
+        silent = time.monotonic() - self._fresh_at
+        if not self.inflight or silent <= self.settings.visibility_timeout / 2:
             return
+        log.error(
+            "no heartbeat reached Redis for %.1fs; giving up %d run(s) before they can be taken over",
+            silent,
+            len(self.inflight),
+        )
+        for task in list(self.inflight.values()):
+            task.cancel()
+        await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+
+    async def _reclaim(self) -> list[tuple[str, dict[str, str]]]:
+        """Take over entries idle past the visibility timeout; returns none (it starts them itself)."""
+        free = self.free_slots
+        if free <= 0 or time.monotonic() < self._reclaim_not_before or await self._redis_restarted_recently():
+            return []
         idle_ms = int(self.settings.visibility_timeout * 1000)
         reply = await self.redis.xautoclaim(
-            self.keys.requests, self.keys.worker_group, self.consumer, idle_ms, start_id="0-0", count=free
+            self.keys.requests,
+            self.keys.worker_group,
+            self.consumer,
+            idle_ms,
+            start_id=self._reclaim_cursor,
+            count=free,
         )
+        # Resume the scan where it stopped: restarting at 0-0 would re-read the same head of the
+        # pending list each time and never reach entries behind it.
+        self._reclaim_cursor = reply[0] if reply and reply[0] else "0-0"
         claimed = reply[1] if len(reply) > 1 else []
         live: list[tuple[str, dict[str, str]]] = []
         for entry_id, fields in claimed:
@@ -216,7 +273,7 @@ class Worker:
             if entry_id is not None and fields is not None:
                 live.append((entry_id, fields))
         if not live:
-            return
+            return []
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, _ in live:
             pipe.xpending_range(self.keys.requests, self.keys.worker_group, min=entry_id, max=entry_id, count=1)
@@ -225,9 +282,17 @@ class Worker:
             deliveries = int(info[0]["times_delivered"]) if info else 1
             log.info("reclaimed entry %s (delivery %d)", entry_id, deliveries)
             self._start(entry_id, fields, deliveries)
+        return []
+
+    async def _redis_restarted_recently(self) -> bool:
+        # A restarted Redis (or a promoted replica) keeps delivery times from its AOF or replication
+        # stream, so idle times include the downtime; wait until every live worker has been able to
+        # send a heartbeat since.
+        info = await self.redis.info("server")
+        return float(info.get("uptime_in_seconds", 0)) < self.settings.visibility_timeout
 
     async def _promote(self) -> None:
-        await self.scripts.promote_due(int(time.time() * 1000))
+        await self.scripts.promote_due()
 
     async def _every(self, interval: float, action: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -235,7 +300,8 @@ class Worker:
                 await action()
             except asyncio.CancelledError:
                 raise
-            except REDIS_UNAVAILABLE as exc:
+            except (*REDIS_UNAVAILABLE, TimeoutError) as exc:
+                self._outage()
                 log.debug("%s skipped: Redis unavailable (%s)", getattr(action, "__name__", action), exc)
             except Exception:
                 log.exception("%s failed", getattr(action, "__name__", action))

@@ -105,6 +105,12 @@ class WorkflowCatalog:
         )
         return [_from_row(r) for r in rows]
 
+    async def highest_execution_id(self) -> int:
+        """The largest execution id PostgreSQL holds: the floor of Redis's id sequence."""
+        if self.pool is None:
+            raise RuntimeError("PostgreSQL is not connected")
+        return int(await self.pool.fetchval("SELECT coalesce(max(id), 0) FROM executions"))
+
     async def _cache(self, workflow: StoredWorkflow) -> None:
         await self.redis.set(self.keys.workflow(workflow.id), dumps(workflow.as_json()))
         self._memory[workflow.id] = workflow

@@ -27,6 +27,11 @@ def create_redis(settings: Settings, **kwargs: object) -> Redis:
         raise NotConfigured("REDIS_URL is not set (or run `nova dev`, which starts an embedded Redis)")
     options: dict[str, object] = {
         "decode_responses": True,
+        # Anyone with access to Redis can write bytes that are not UTF-8 into a stream. Strict decoding
+        # would raise inside XREADGROUP/XAUTOCLAIM and stall every entry of that batch (and
+        # maintenance) for ever; surrogateescape decodes them to lone surrogates that the request
+        # parser refuses (a dead letter with its reason) and encodes them back to the same bytes.
+        "encoding_errors": "surrogateescape",
         # A dropped connection (Redis restarting, a proxy closing idle sockets) is retried a few
         # times before callers see it; longer outages are handled by each caller's own backoff.
         "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),

@@ -7,16 +7,16 @@ a retried request) starts one task, not two; the dead letter is deleted once its
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
 from shared.catalog import WorkflowCatalog
+from shared.enqueue import NewExecution, enqueue_execution
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
-from shared.streams import DeadLetterField, Keys, RequestField, dumps, loads, now_iso
+from shared.streams import DeadLetterField, Keys, RequestField, loads, printable
 
 
 class NotReplayable(ValueError):
@@ -33,17 +33,19 @@ class DeadLetter:
         return self.fields.get(DeadLetterField.REASON, "")
 
     def as_json(self) -> dict[str, Any]:
+        # A letter may hold bytes that are not UTF-8 (that is often why it is here).
+        fields = {printable(k): printable(v) for k, v in self.fields.items()}
         return {
             "id": self.id,
-            "reason": self.reason,
-            "error": self.fields.get(DeadLetterField.ERROR, ""),
-            "attempts": int(self.fields.get(DeadLetterField.ATTEMPTS) or 0),
-            "deliveries": int(self.fields.get(DeadLetterField.DELIVERIES) or 0),
-            "original_id": self.fields.get(DeadLetterField.ORIGINAL_ID, ""),
-            "dead_at": self.fields.get(DeadLetterField.DEAD_AT, ""),
-            "task_id": self.fields.get(RequestField.TASK_ID),
-            "client": self.fields.get(RequestField.CLIENT),
-            "fields": self.fields,
+            "reason": fields.get(DeadLetterField.REASON, ""),
+            "error": fields.get(DeadLetterField.ERROR, ""),
+            "attempts": int(fields.get(DeadLetterField.ATTEMPTS) or 0),
+            "deliveries": int(fields.get(DeadLetterField.DELIVERIES) or 0),
+            "original_id": fields.get(DeadLetterField.ORIGINAL_ID, ""),
+            "dead_at": fields.get(DeadLetterField.DEAD_AT, ""),
+            "task_id": fields.get(RequestField.TASK_ID),
+            "client": fields.get(RequestField.CLIENT),
+            "fields": fields,
         }
 
 
@@ -88,26 +90,18 @@ class DeadLetters:
         workflow = await self.catalog.get(workflow_id)
         if workflow is None:
             raise NotReplayable(f"workflow {workflow_id} of dead letter {letter.id} does not exist")
-        context = payload.get("initial_context", {})
-        replay_of = f.get(RequestField.TASK_ID)
-        enqueued_at = now_iso()
-        result = await self.scripts.enqueue(
-            task_id=uuid.uuid4().hex,
-            workflow_id=workflow.id,
-            workflow_name=workflow.name,
-            client=client,
-            enqueued_at=enqueued_at,
-            payload=dumps({**payload, "initial_context": context, "replay_of": replay_of}),
-            queued_data=dumps(
-                {
-                    "workflow_name": workflow.name,
-                    "enqueued_at": enqueued_at,
-                    "initial_context": context,
-                    "replay_of": replay_of,
-                }
+        extra = {k: v for k, v in payload.items() if k != "initial_context"}
+        result = await enqueue_execution(
+            self.scripts,
+            NewExecution(
+                workflow_id=workflow.id,
+                workflow_name=workflow.name,
+                client=client,
+                initial_context=payload.get("initial_context", {}),
+                extra={**extra, "replay_of": f.get(RequestField.TASK_ID)},
+                idempotency_key=f"replay:{letter.id}",
             ),
-            results_maxlen=self.settings.results_maxlen,
-            idempotency_key=f"replay:{letter.id}",
+            floor=self.catalog.highest_execution_id,
         )
         await self.delete(letter.id)
         return result

@@ -105,6 +105,12 @@ class TaskField(StrEnum):
     ERROR = "error"  # JSON, on FAILURE / RETRY / DEAD
     CHECKPOINT = "checkpoint"  # JSON: where a re-delivered run resumes
     UPDATED_AT = "updated_at"
+    # Bookkeeping of the atomic steps (shared/lua/): the request entry the task was enqueued as, and
+    # the tokens that make a re-sent call (its reply lost) a no-op.
+    ENTRY = "entry"
+    TOKEN = "token"
+    LAST_EVENT = "last_event"
+    REOPEN_TOKEN = "reopen_token"
 
 
 class DeadLetterField(StrEnum):
@@ -150,6 +156,10 @@ class Keys:
     def inflight(self, client: str) -> str:
         """A client's count of accepted, not yet finished executions (the per-client cap)."""
         return f"{self.prefix}:inflight:{client}"
+
+    def rate_bucket(self, client: str) -> str:
+        """A client's token bucket (the per-client rate limit), shared by every API replica."""
+        return f"{self.prefix}:ratelimit:{client}"
 
     def workflow(self, workflow_id: int) -> str:
         return f"{self.prefix}:workflow:{workflow_id}"
@@ -200,3 +210,9 @@ def entry_id_parts(entry_id: str) -> tuple[int, int]:
     """A stream id's (milliseconds, sequence): stream ids order events totally."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def printable(value: str) -> str:
+    """A string read from Redis, with bytes that are not UTF-8 (decoded as lone surrogates by the
+    client's surrogateescape) shown as \\x escapes: safe to log and to encode as JSON."""
+    return value.encode(errors="surrogateescape").decode(errors="backslashreplace")

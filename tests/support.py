@@ -9,23 +9,24 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from redis.asyncio import Redis
 
 from consumer.sandbox.base import SandboxProvider
 from consumer.worker import serve
 from shared.catalog import StoredWorkflow, WorkflowCatalog
 from shared.connections import REDIS_UNAVAILABLE
+from shared.enqueue import NewExecution, enqueue_execution
 from shared.events import Event
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
-from shared.streams import TERMINAL_EVENTS, Keys, dumps, now_iso
+from shared.streams import TERMINAL_EVENTS, Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,18 +68,22 @@ async def enqueue(
     client: str = "acme",
     key: str | None = None,
 ) -> EnqueueResult:
-    context = context or {}
-    return await Scripts(redis, Keys.from_settings(settings)).enqueue(
-        task_id=uuid.uuid4().hex,
+    async def floor() -> int:
+        # The tests' PostgreSQL, as the API's catalog would read it.
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM executions"))
+        finally:
+            await conn.close()
+
+    execution = NewExecution(
         workflow_id=workflow.id,
         workflow_name=workflow.name,
         client=client,
-        enqueued_at=now_iso(),
-        payload=dumps({"initial_context": context}),
-        queued_data=dumps({"workflow_name": workflow.name, "enqueued_at": now_iso(), "initial_context": context}),
-        results_maxlen=settings.results_maxlen,
+        initial_context=context or {},
         idempotency_key=key,
     )
+    return await enqueue_execution(Scripts(redis, Keys.from_settings(settings)), execution, floor=floor)
 
 
 async def wait_for_events(

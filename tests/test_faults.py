@@ -231,6 +231,11 @@ async def test_postgres_outage_delays_projection_but_not_execution(
     settings = settings.model_copy(update={"database_url": pg.url})
     pool = await create_pool(pg.url)
     wf = await create_workflow(redis, settings, pool, linear("context['done'] = True"))
+    # The API raises the id sequence from PostgreSQL when it starts; with PostgreSQL down and no
+    # sequence in Redis, enqueueing is refused rather than risk handing out an id twice.
+    await Scripts(redis, Keys.from_settings(settings)).raise_sequence(
+        await pool.fetchval("SELECT coalesce(max(id), 0) FROM executions")
+    )
     await pool.close()
     async with in_process_worker(settings):
         pg.stop()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -43,6 +44,7 @@ async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
     client = Redis.from_url(versioned_server.url, decode_responses=True)
     await client.flushall()
     await client.xgroup_create(KEYS.requests, KEYS.worker_group, id="0", mkstream=True)
+    await Scripts(client, KEYS).raise_sequence(0)
     yield client
     await client.aclose()
 
@@ -61,7 +63,6 @@ async def enqueue(scripts: Scripts, task_id: str, key: str | None = None, client
         enqueued_at=now_iso(),
         payload=dumps({"initial_context": {}}),
         queued_data=dumps({"workflow_name": "wf"}),
-        results_maxlen=10_000,
         idempotency_key=key,
     )
 
@@ -104,7 +105,8 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
             task_fields={TaskField.STATUS: status},
             terminal=True,
             ack_entry_id=entry_id,
-            results_maxlen=10_000,
+            consumer="w1",
+            token=uuid.uuid4().hex,
             task_ttl=60,
         )
 
@@ -130,7 +132,8 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
         task_fields={TaskField.STATUS: TaskStatus.RUNNING},
         terminal=False,
         ack_entry_id=entry_id,
-        results_maxlen=10_000,
+        consumer="w1",
+        token="late",
         task_ttl=60,
     )
     assert not late.written and late.status in ("SUCCESS", "FAILURE")
@@ -143,17 +146,19 @@ async def test_retry_later_parks_and_promote_moves_each_once(r: Redis, scripts: 
     parked = await scripts.retry_later(
         task_id="a",
         entry_id=entry_id,
+        consumer="w1",
         request=fields,
-        due_ms=1000,
+        delay_ms=3_600_000,
         event=event("a", EventType.RETRY),
         task_fields={TaskField.STATUS: TaskStatus.RETRY, TaskField.ATTEMPT: "1"},
-        results_maxlen=10_000,
     )
-    assert parked
+    assert parked == 1
     assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
     assert await r.zcard(KEYS.delayed) == 1
-    assert await scripts.promote_due(999) == 0
-    moved = await asyncio.gather(*(scripts.promote_due(2000) for _ in range(5)))
+    assert await scripts.promote_due() == 0  # due in an hour, by Redis's clock
+    [member] = await r.zrange(KEYS.delayed, 0, -1)
+    await r.zadd(KEYS.delayed, {member: 0}, xx=True)  # the hour has passed
+    moved = await asyncio.gather(*(scripts.promote_due() for _ in range(5)))
     assert sum(moved) == 1
     assert await r.zcard(KEYS.delayed) == 0
     entries = await r.xrange(KEYS.requests)
@@ -170,12 +175,12 @@ async def test_dead_letter_acks_and_ends_task_once(r: Redis, scripts: Scripts) -
         *(
             scripts.dead_letter(
                 entry_id=entry_id,
+                consumer="w1",
                 letter=letter,
                 task_id="a",
                 client="acme",
                 event=event("a", EventType.DEAD),
                 task_fields={TaskField.STATUS: TaskStatus.DEAD},
-                results_maxlen=10_000,
                 task_ttl=60,
             )
             for _ in range(3)
@@ -192,15 +197,16 @@ async def test_dead_letter_acks_and_ends_task_once(r: Redis, scripts: Scripts) -
     junk_id = reply[0][1][0][0]
     written, dlq_id = await scripts.dead_letter(
         entry_id=junk_id,
+        consumer="w1",
         letter={"junk": "1", "dlq_reason": "malformed"},
         task_id=None,
         event=None,
         task_fields=None,
-        results_maxlen=10_000,
         task_ttl=60,
     )
     assert not written and dlq_id
-    assert await r.xlen(KEYS.dead_letter) == 4
+    # One letter per request: the racing copies found the entry acknowledged and wrote none.
+    assert await r.xlen(KEYS.dead_letter) == 2
 
 
 async def test_heartbeat_refreshes_own_entries_and_never_steals_back(r: Redis, scripts: Scripts) -> None:
@@ -247,7 +253,7 @@ async def test_record_writes_several_events_in_order(r: Redis, scripts: Scripts)
         task_fields={TaskField.STATUS: TaskStatus.RUNNING, TaskField.CURRENT_NODE: "start"},
         terminal=False,
         ack_entry_id=None,
-        results_maxlen=10_000,
+        token="t1",
         task_ttl=60,
     )
     entries = await r.xrange(KEYS.results)
@@ -264,7 +270,7 @@ async def test_inflight_cap_counts_unfinished_tasks_per_client(r: Redis, scripts
     async def capped(task_id: str, client: str = "acme"):
         return await scripts.enqueue(
             task_id=task_id, workflow_id=1, workflow_name="wf", client=client, enqueued_at=now_iso(),
-            payload="{}", queued_data="{}", results_maxlen=10_000, max_inflight=2,
+            payload="{}", queued_data="{}", max_inflight=2,
         )  # fmt: skip
 
     await capped("a")
@@ -277,8 +283,8 @@ async def test_inflight_cap_counts_unfinished_tasks_per_client(r: Redis, scripts
     entry_id = reply[0][1][0][0]
     await scripts.record(
         task_id="a", client="acme", events=[event("a", EventType.SUCCEEDED)],
-        task_fields={TaskField.STATUS: TaskStatus.SUCCESS}, terminal=True, ack_entry_id=entry_id,
-        results_maxlen=10_000, task_ttl=60,
+        task_fields={TaskField.STATUS: TaskStatus.SUCCESS}, terminal=True, ack_entry_id=entry_id, consumer="w1",
+        token="t1", task_ttl=60,
     )  # fmt: skip
     assert await r.get(KEYS.inflight("acme")) == "1"
     await capped("c")  # a slot was freed by the terminal event

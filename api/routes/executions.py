@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -144,7 +145,7 @@ async def retry_execution(execution_id: PathId, res: Res, caller: Caller) -> Exe
         data={"attempt": attempt, "error": None, "retry_at": None, "manual": True},
     )
     previous = await res.scripts.reopen(
-        task_id=task_id, client=client, event=event, request=request, results_maxlen=res.settings.results_maxlen
+        task_id=task_id, client=client, token=uuid.uuid4().hex, event=event, request=request
     )
     if previous != "FAILURE":
         raise ApiError(409, f"execution {execution_id} is {previous or 'unknown'}, not FAILURE: nothing to retry")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
@@ -13,8 +12,8 @@ from api.deps import Admin, Caller, Res
 from api.errors import ApiError
 from api.schemas import BIGINT_MAX, ExecuteIn, ExecuteOut, PathId, WorkflowIn, WorkflowList, WorkflowOut, errors
 from shared.catalog import StoredWorkflow
+from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.scripts import AtCapacity, RateLimited
-from shared.streams import dumps, now_iso
 from shared.workflow import InvalidDefinition, validate_definition
 
 router = APIRouter(tags=["workflows"])
@@ -89,27 +88,27 @@ async def execute_workflow(
     if client is None:
         raise ApiError(422, "client_slug: required when executing with the admin key")
     workflow = await _workflow(res, workflow_id)
-    context_json = dumps(body.initial_context)
-    if len(context_json) > MAX_CONTEXT_BYTES:
-        raise ApiError(413, f"initial_context is {len(context_json)} bytes; the limit is {MAX_CONTEXT_BYTES}")
-    enqueued_at = now_iso()
-    try:
-        result = await res.scripts.enqueue(
-            task_id=uuid.uuid4().hex,
-            workflow_id=workflow.id,
-            workflow_name=workflow.name,
-            client=client,
-            enqueued_at=enqueued_at,
-            payload=f'{{"initial_context":{context_json}}}',
-            queued_data=dumps(
-                {"workflow_name": workflow.name, "enqueued_at": enqueued_at, "initial_context": body.initial_context}
-            ),
-            results_maxlen=res.settings.results_maxlen,
-            idempotency_key=idempotency_key,
+    execution = NewExecution(
+        workflow_id=workflow.id,
+        workflow_name=workflow.name,
+        client=client,
+        initial_context=body.initial_context,
+        idempotency_key=idempotency_key,
+        admission=Admission(
             max_inflight=res.settings.client_max_inflight,
             rate=res.settings.client_rate,
             burst=res.settings.client_burst,
+        ),
+    )
+    payload = execution.payload()
+    if len(payload) > MAX_CONTEXT_BYTES:
+        raise ApiError(413, f"initial_context is about {len(payload)} bytes; the limit is {MAX_CONTEXT_BYTES}")
+    try:
+        result = await enqueue_execution(
+            res.scripts, execution, floor=res.catalog.highest_execution_id, payload=payload
         )
+    except SequenceUnavailable as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
     except RateLimited as exc:
         retry_after = max(1, math.ceil(exc.wait_ms / 1000))
         raise ApiError(429, f"{exc}; retry in {retry_after}s", headers={"Retry-After": str(retry_after)}) from None

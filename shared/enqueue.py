@@ -1,0 +1,98 @@
+"""Enqueueing an execution: the one function every caller (API, scheduler, dead-letter replay, tests)
+goes through, so the request entry, its payload and its queued event are built in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.scripts import EnqueueResult, Scripts, SequenceLost
+from shared.streams import dumps, now_iso
+
+log = logging.getLogger(__name__)
+
+# The largest execution id PostgreSQL knows (its `executions` table): the floor of the id sequence.
+SequenceFloor = Callable[[], Awaitable[int]]
+
+
+class SequenceUnavailable(Exception):
+    """Redis lost the execution id sequence and PostgreSQL cannot say where it stood."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Per-client limits checked atomically with the enqueue (0: none)."""
+
+    max_inflight: int = 0
+    rate: float = 0
+    burst: int = 1
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    workflow_id: int
+    workflow_name: str
+    client: str
+    initial_context: dict[str, Any]
+    # Request keys beside initial_context (e.g. replay_of, schedule_id); also shown on the queued event.
+    extra: dict[str, Any] = field(default_factory=dict)
+    task_id: str = ""
+    idempotency_key: str | None = None
+    idempotency_ttl: int = 24 * 3600
+    admission: Admission = Admission()
+
+    def payload(self) -> str:
+        return dumps({**self.extra, "initial_context": self.initial_context})
+
+
+async def enqueue_execution(
+    scripts: Scripts, execution: NewExecution, *, floor: SequenceFloor, payload: str | None = None
+) -> EnqueueResult:
+    """Append one execution request (see shared/lua/enqueue.lua). `payload` may be passed when the
+    caller has already serialized it (to measure it); it must equal `execution.payload()`.
+
+    Raises AtCapacity / RateLimited (admission refused), SequenceUnavailable.
+    """
+    enqueued_at = now_iso()
+    task_id = execution.task_id or uuid.uuid4().hex
+    call = {
+        "task_id": task_id,
+        "workflow_id": execution.workflow_id,
+        "workflow_name": execution.workflow_name,
+        "client": execution.client,
+        "enqueued_at": enqueued_at,
+        "payload": payload if payload is not None else execution.payload(),
+        "queued_data": dumps(
+            {
+                "workflow_name": execution.workflow_name,
+                "enqueued_at": enqueued_at,
+                "initial_context": execution.initial_context,
+                **execution.extra,
+            }
+        ),
+        "idempotency_key": execution.idempotency_key,
+        "idempotency_ttl": execution.idempotency_ttl,
+        "max_inflight": execution.admission.max_inflight,
+        "rate": execution.admission.rate,
+        "burst": execution.admission.burst,
+    }
+    try:
+        return await scripts.enqueue(**call)
+    except SequenceLost:
+        pass
+    # Redis lost its data (a restart without persistence, a flush, a new server): ids handed out
+    # from 1 again would collide with executions PostgreSQL already holds.
+    try:
+        highest = await floor()
+    except Exception as exc:
+        raise SequenceUnavailable(
+            "execution ids cannot be handed out safely: Redis lost its id sequence and PostgreSQL is unreachable"
+            f" ({exc})"
+        ) from exc
+    log.warning("execution id sequence missing from Redis; raised to %d from PostgreSQL", highest)
+    await scripts.raise_sequence(highest)
+    return await scripts.enqueue(**call)

@@ -1,0 +1,83 @@
+-- Enqueue one execution request: admission (in-flight cap, rate), the task hash, the request entry
+-- and the queued event, together or not at all.
+--
+-- Why one script: a refused request leaves no trace and an accepted one is counted exactly once,
+-- whichever API replica took it; GET /tasks answers PENDING the moment the call returns; and an
+-- idempotency key maps to exactly one task.
+-- Safe to run twice (a reply lost on the way back and the call re-sent): a second call for a task id
+-- that already has its hash answers what the first call did and writes nothing.
+local requests_stream = KEYS[1]
+local results_stream = KEYS[2]
+local sequence_key = KEYS[3]     -- the execution id sequence
+local task_key = KEYS[4]
+local idempotency_key = KEYS[5]  -- '' when the caller gave none
+local task_events_key = KEYS[6]  -- the task's results-stream ids, in order
+local inflight_key = KEYS[7]     -- the client's count of unfinished executions
+local rate_key = KEYS[8]         -- the client's token bucket
+
+local task_id = ARGV[1]
+local workflow_id = ARGV[2]
+local workflow_name = ARGV[3]
+local client = ARGV[4]
+local enqueued_at = ARGV[5]
+local payload = ARGV[6]          -- JSON
+local queued_data = ARGV[7]      -- JSON, the queued event's data
+local idempotency_ttl = ARGV[8]  -- seconds
+local max_inflight = tonumber(ARGV[9])  -- 0: no cap
+local rate = tonumber(ARGV[10])         -- executions per second, 0: no limit
+local burst = tonumber(ARGV[11])
+
+-- Reply: {task_id, execution_id, request entry id or '', outcome}
+local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE = 1, 0, 2, 3, 4
+
+if idempotency_key ~= '' then
+  local existing = redis.call('GET', idempotency_key)
+  if existing then
+    local sep = string.find(existing, ' ', 1, true)
+    return {string.sub(existing, 1, sep - 1), string.sub(existing, sep + 1), '', REPEAT}
+  end
+end
+local previous = redis.call('HMGET', task_key, 'execution_id', 'entry')
+if previous[1] then
+  -- This very call again: answer as the first time did.
+  return {task_id, previous[1], previous[2] or '', NEW}
+end
+if redis.call('EXISTS', sequence_key) == 0 then
+  -- Redis lost its data: the caller raises the sequence above every id PostgreSQL knows, then
+  -- calls again. Handing out ids from 1 again would merge two clients' executions.
+  return {'', '', '', NO_SEQUENCE}
+end
+local inflight = tonumber(redis.call('GET', inflight_key) or '0')
+if max_inflight > 0 and inflight >= max_inflight then
+  return {'', tostring(inflight), '', AT_CAPACITY}
+end
+if rate > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local state = redis.call('HMGET', rate_key, 'tokens', 'at')
+  local tokens = math.min(burst, (tonumber(state[1]) or burst) + (now - (tonumber(state[2]) or now)) * rate / 1000)
+  if tokens < 1 then
+    redis.call('HSET', rate_key, 'tokens', tostring(tokens), 'at', now)
+    return {'', tostring(math.ceil((1 - tokens) * 1000 / rate)), '', RATE_LIMITED}
+  end
+  redis.call('HSET', rate_key, 'tokens', tostring(tokens - 1), 'at', now)
+  redis.call('PEXPIRE', rate_key, math.ceil(burst * 1000 / rate) + 1000)
+end
+redis.call('INCR', inflight_key)
+local execution_id = redis.call('INCR', sequence_key)
+local entry = redis.call('XADD', requests_stream, '*',
+  'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
+  'workflow_name', workflow_name, 'client', client, 'enqueued_at', enqueued_at, 'payload', payload)
+redis.call('HSET', task_key,
+  'status', 'PENDING', 'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
+  'workflow_name', workflow_name, 'client', client, 'enqueued_at', enqueued_at, 'attempt', '0',
+  'updated_at', enqueued_at, 'entry', entry)
+local event_id = redis.call('XADD', results_stream, '*',
+  'type', 'queued', 'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
+  'client', client, 'ts', enqueued_at, 'data', queued_data)
+redis.call('RPUSH', task_events_key, event_id)
+if idempotency_key ~= '' then
+  -- "task_id execution_id": a repeat is answered from this key alone.
+  redis.call('SET', idempotency_key, task_id .. ' ' .. execution_id, 'EX', idempotency_ttl)
+end
+return {task_id, tostring(execution_id), entry, NEW}

@@ -1,0 +1,44 @@
+-- Helpers prepended to every script of this folder (EVAL has no includes). Only functions here:
+-- each script names its own KEYS and ARGV at its top.
+
+-- A task has exactly one terminal state; nothing is written over it.
+local function is_terminal(status)
+  return status == 'SUCCESS' or status == 'FAILURE' or status == 'DEAD'
+end
+
+-- Whether `entry` is pending in `group` and delivered to `consumer` now. A worker whose entry was
+-- reclaimed by another (it went silent, or was cut off from Redis) no longer owns it, and whatever
+-- it would write (events, checkpoint, retry, dead letter) belongs to the new owner.
+local function owns(stream, group, entry, consumer)
+  local pending = redis.call('XPENDING', stream, group, entry, entry, 1)
+  return #pending > 0 and pending[1][2] == consumer
+end
+
+-- Reads `count` flat lists, each written as its item count then its items, from ARGV at `pos`.
+-- Returns the lists and the position after them.
+local function read_lists(count, pos)
+  local lists = {}
+  for _ = 1, count do
+    local n = tonumber(ARGV[pos])
+    local list = {}
+    for i = pos + 1, pos + n do list[#list + 1] = ARGV[i] end
+    lists[#lists + 1] = list
+    pos = pos + n + 1
+  end
+  return lists, pos
+end
+
+-- ARGV from `pos` to the end, as one flat list.
+local function rest_of_argv(pos)
+  local list = {}
+  for i = pos, #ARGV do list[#list + 1] = ARGV[i] end
+  return list
+end
+
+-- Appends one event to the results stream and its id to the task's event list; returns the id.
+-- (The results stream is trimmed by maintenance, never past what a group has not yet read.)
+local function append_event(results_stream, task_events_key, event)
+  local id = redis.call('XADD', results_stream, '*', unpack(event))
+  redis.call('RPUSH', task_events_key, id)
+  return id
+end

@@ -1,0 +1,54 @@
+-- Record a run's status events and its task's new state; a terminal event also acknowledges the
+-- request and releases the client's in-flight slot.
+--
+-- Why a script: a task has exactly one terminal state. If it is terminal already (another delivery
+-- finished first), nothing is written and the delivery is only acknowledged; a terminal event is
+-- never written without the ack, nor the ack without the event. A run that lost its entry to another
+-- worker writes nothing (its checkpoint would overwrite the new owner's). Several events per call
+-- let a run record a node's end and the next node's start in one round trip.
+-- Safe to run twice: each call carries a token; the same token again answers as the first call did.
+local task_key = KEYS[1]
+local results_stream = KEYS[2]
+local requests_stream = KEYS[3]
+local task_events_key = KEYS[4]
+local inflight_key = KEYS[5]
+
+local entry = ARGV[1]       -- the request entry this run holds ('' for none: no ownership check)
+local group = ARGV[2]       -- the workers' group
+local consumer = ARGV[3]    -- this run's worker
+local task_ttl = tonumber(ARGV[4])   -- seconds a finished task is kept (0: for ever)
+local terminal = ARGV[5] == '1'
+local token = ARGV[6]       -- unique per call
+local event_count = tonumber(ARGV[7])
+-- ARGV[8..]: event_count events (item count, then field/value pairs), then the task's field/value pairs.
+
+-- Reply: {outcome, last event id or '', current status}
+local WRITTEN, FINISHED, NOT_OWNER = 1, 0, -1
+
+local state = redis.call('HMGET', task_key, 'status', 'token', 'last_event')
+if state[2] == token then
+  return {WRITTEN, state[3] or '', state[1] or ''}
+end
+if is_terminal(state[1]) then
+  if entry ~= '' then redis.call('XACK', requests_stream, group, entry) end
+  return {FINISHED, '', state[1]}
+end
+if entry ~= '' and not owns(requests_stream, group, entry, consumer) then
+  return {NOT_OWNER, '', state[1] or ''}
+end
+local events, pos = read_lists(event_count, 8)
+local id = ''
+for _, event in ipairs(events) do id = append_event(results_stream, task_events_key, event) end
+local fields = rest_of_argv(pos)
+fields[#fields + 1] = 'token'; fields[#fields + 1] = token
+fields[#fields + 1] = 'last_event'; fields[#fields + 1] = id
+redis.call('HSET', task_key, unpack(fields))
+if terminal then
+  if entry ~= '' then redis.call('XACK', requests_stream, group, entry) end
+  if task_ttl > 0 then
+    redis.call('EXPIRE', task_key, task_ttl)
+    redis.call('EXPIRE', task_events_key, task_ttl)
+  end
+  if redis.call('DECR', inflight_key) <= 0 then redis.call('DEL', inflight_key) end
+end
+return {WRITTEN, id, redis.call('HGET', task_key, 'status') or ''}
