@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from shared.embedded import RedisServer
 from shared.events import event_fields
-from shared.scripts import Scripts
+from shared.scripts import RecordOutcome, Scripts
 from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
 from tests.conftest import redis_binaries
 
@@ -288,3 +288,216 @@ async def test_inflight_cap_counts_unfinished_tasks_per_client(r: Redis, scripts
     )  # fmt: skip
     assert await r.get(KEYS.inflight("acme")) == "1"
     await capped("c")  # a slot was freed by the terminal event
+
+
+# ---- each step run twice with the same arguments (its reply lost, the call re-sent) ----------------
+
+
+async def snapshot(r: Redis) -> dict[str, object]:
+    """Every key's type and content, pending lists with owners and delivery counts (not idle times)."""
+    state: dict[str, object] = {}
+    for key in sorted(await r.keys("*")):
+        kind = await r.type(key)
+        if kind == "string":
+            value: object = await r.get(key)
+        elif kind == "hash":
+            value = await r.hgetall(key)
+        elif kind == "list":
+            value = await r.lrange(key, 0, -1)
+        elif kind == "zset":
+            value = await r.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            groups = await r.xinfo_groups(key)
+            pending = {
+                g["name"]: [
+                    (p["message_id"], p["consumer"], p["times_delivered"])
+                    for p in await r.xpending_range(key, g["name"], "-", "+", 1000)
+                ]
+                for g in groups
+            }
+            value = (await r.xrange(key), pending)
+        else:
+            value = kind
+        state[key] = (kind, value, await r.ttl(key) > 0)
+    return state
+
+
+async def twice(r: Redis, step: Callable[[], Awaitable[object]]) -> None:
+    await step()
+    once = await snapshot(r)
+    await step()
+    assert await snapshot(r) == once
+
+
+async def delivered(r: Redis, scripts: Scripts, task_id: str, consumer: str = "w1") -> tuple[str, dict[str, str]]:
+    await enqueue(scripts, task_id)
+    reply = await r.xreadgroup(KEYS.worker_group, consumer, {KEYS.requests: ">"}, count=1)
+    return reply[0][1][0]
+
+
+async def test_enqueue_twice_is_enqueue_once(r: Redis, scripts: Scripts) -> None:
+    limited = dict(workflow_id=1, workflow_name="wf", client="acme", enqueued_at="t", payload="{}", queued_data="{}")
+    await twice(r, lambda: scripts.enqueue(task_id="a", **limited))
+    await twice(r, lambda: scripts.enqueue(task_id="b", idempotency_key="k", **limited))
+    await twice(r, lambda: scripts.enqueue(task_id="c", max_inflight=10, rate=5, burst=5, **limited))
+    assert await r.xlen(KEYS.requests) == 3
+    assert await r.get(KEYS.inflight("acme")) == "3"
+    # The re-sent call is answered as the first one was.
+    again = await scripts.enqueue(task_id="a", **limited)
+    assert again.created and again.execution_id == 1 and again.entry_id == (await r.xrange(KEYS.requests))[0][0]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+async def test_record_twice_is_record_once(r: Redis, scripts: Scripts, terminal: bool) -> None:
+    entry_id, _ = await delivered(r, scripts, "a")
+    call = dict(
+        task_id="a",
+        client="acme",
+        events=[event("a", EventType.NODE_FINISHED), event("a", EventType.SUCCEEDED)],
+        task_fields={TaskField.STATUS: TaskStatus.SUCCESS if terminal else TaskStatus.RUNNING},
+        terminal=terminal,
+        ack_entry_id=entry_id,
+        consumer="w1",
+        token="one-call",
+        task_ttl=60,
+    )
+    await twice(r, lambda: scripts.record(**call))
+    again = await scripts.record(**call)
+    assert again.written and again.event_id == (await r.xrevrange(KEYS.results, count=1))[0][0]
+
+
+async def test_retry_later_promote_and_dead_letter_twice_are_once(r: Redis, scripts: Scripts) -> None:
+    entry_id, fields = await delivered(r, scripts, "a")
+    await twice(
+        r,
+        lambda: scripts.retry_later(
+            task_id="a",
+            entry_id=entry_id,
+            consumer="w1",
+            request=fields,
+            delay_ms=0,
+            event=event("a", EventType.RETRY),
+            task_fields={TaskField.STATUS: TaskStatus.RETRY},
+        ),
+    )
+    await twice(r, scripts.promote_due)
+    entry_id, fields = await delivered(r, scripts, "b")
+    await twice(
+        r,
+        lambda: scripts.dead_letter(
+            entry_id=entry_id,
+            consumer="w1",
+            letter={**fields, "dlq_reason": "max_deliveries"},
+            task_id="b",
+            client="acme",
+            event=event("b", EventType.DEAD),
+            task_fields={TaskField.STATUS: TaskStatus.DEAD},
+            task_ttl=60,
+        ),
+    )
+    assert await r.xlen(KEYS.dead_letter) == 1
+
+
+async def test_reopen_heartbeat_and_bookkeeping_twice_are_once(r: Redis, scripts: Scripts) -> None:
+    entry_id, fields = await delivered(r, scripts, "a")
+    await scripts.record(
+        task_id="a", client="acme", events=[event("a", EventType.FAILED)],
+        task_fields={TaskField.STATUS: TaskStatus.FAILURE}, terminal=True, ack_entry_id=entry_id,
+        consumer="w1", token="t", task_ttl=60,
+    )  # fmt: skip
+    await twice(
+        r,
+        lambda: scripts.reopen(
+            task_id="a", client="acme", token="retry-1", event=event("a", EventType.RETRY), request=fields
+        ),
+    )
+    assert (
+        await scripts.reopen(
+            task_id="a", client="acme", token="retry-1", event=event("a", EventType.RETRY), request=fields
+        )
+        == "FAILURE"
+    )
+    entry_id, _ = await delivered(r, scripts, "b")
+    await twice(r, lambda: scripts.heartbeat("w1", [entry_id]))
+    await twice(r, lambda: scripts.raise_sequence(50))
+    await r.xreadgroup(KEYS.worker_group, "idle", {KEYS.requests: ">"})
+    await twice(r, lambda: scripts.remove_consumer_if_idle(KEYS.requests, KEYS.worker_group, "idle"))
+
+
+# ---- ownership, terminal states, the id sequence ---------------------------------------------------
+
+
+async def test_heartbeat_refreshes_every_entry_it_holds(r: Redis, scripts: Scripts) -> None:
+    for task_id in ("a", "b", "c"):
+        await enqueue(scripts, task_id)
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
+    ids = [entry_id for entry_id, _ in reply[0][1]]
+    # Make them look an hour old, then heartbeat: each must be fresh again, not only the oldest.
+    await r.xclaim(KEYS.requests, KEYS.worker_group, "w1", 0, ids, idle=3_600_000, justid=True)
+    assert await scripts.heartbeat("w1", ids) == set(ids)
+    idle = {p["message_id"]: p["time_since_delivered"] for p in await r.xpending_range(
+        KEYS.requests, KEYS.worker_group, "-", "+", 10)}  # fmt: skip
+    assert all(idle[i] < 600_000 for i in ids), idle
+
+
+async def test_heartbeat_keeps_live_entries_behind_many_orphans(r: Redis, scripts: Scripts) -> None:
+    for i in range(150):
+        await enqueue(scripts, f"orphan{i}")
+    await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})  # pending to w1, run by nobody
+    for i in range(30):
+        await enqueue(scripts, f"live{i}")
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
+    live = [entry_id for entry_id, _ in reply[0][1]]
+    assert await scripts.heartbeat("w1", live) == set(live)
+
+
+async def test_a_run_that_lost_its_entry_writes_nothing(r: Redis, scripts: Scripts) -> None:
+    entry_id, _ = await delivered(r, scripts, "a")
+    await r.xclaim(KEYS.requests, KEYS.worker_group, "w2", 0, [entry_id])  # reclaimed by w2
+    before = await snapshot(r)
+    stale = await scripts.record(
+        task_id="a", client="acme", events=[event("a", EventType.NODE_FINISHED)],
+        task_fields={TaskField.CHECKPOINT: '{"step": 9}'}, terminal=False, ack_entry_id=entry_id,
+        consumer="w1", token="stale", task_ttl=60,
+    )  # fmt: skip
+    assert stale.outcome == RecordOutcome.NOT_OWNER and not stale.written
+    parked = await scripts.retry_later(
+        task_id="a", entry_id=entry_id, consumer="w1", request={}, delay_ms=0,
+        event=event("a", EventType.RETRY), task_fields={},
+    )  # fmt: skip
+    assert parked == -1
+    assert await snapshot(r) == before
+
+
+async def test_dead_letter_of_a_finished_task_writes_no_letter(r: Redis, scripts: Scripts) -> None:
+    entry_id, fields = await delivered(r, scripts, "a")
+    await r.hset(KEYS.task("a"), TaskField.STATUS, TaskStatus.SUCCESS)  # a copy finished meanwhile
+    written, letter_id = await scripts.dead_letter(
+        entry_id=entry_id, consumer="w1", letter={**fields, "dlq_reason": "max_deliveries"}, task_id="a",
+        client="acme", event=event("a", EventType.DEAD), task_fields={TaskField.STATUS: TaskStatus.DEAD}, task_ttl=60,
+    )  # fmt: skip
+    assert not written and letter_id == ""
+    assert await r.xlen(KEYS.dead_letter) == 0
+    assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
+    assert await r.hget(KEYS.task("a"), TaskField.STATUS) == TaskStatus.SUCCESS
+
+
+async def test_lost_sequence_is_raised_from_the_floor_before_any_id_is_handed_out(r: Redis, scripts: Scripts) -> None:
+    from shared.enqueue import NewExecution, SequenceUnavailable, enqueue_execution
+
+    await enqueue(scripts, "a")
+    await r.flushall()  # Redis lost its data; PostgreSQL knows executions up to 41
+    new = NewExecution(workflow_id=1, workflow_name="wf", client="globex", initial_context={})
+
+    async def unreachable() -> int:
+        raise OSError("connection refused")
+
+    with pytest.raises(SequenceUnavailable, match="PostgreSQL is unreachable"):
+        await enqueue_execution(scripts, new, floor=unreachable)
+    assert await r.xlen(KEYS.requests) == 0
+
+    async def floor() -> int:
+        return 41
+
+    result = await enqueue_execution(scripts, new, floor=floor)
+    assert result.created and result.execution_id == 42
