@@ -20,6 +20,7 @@ from api.routes import clients, events, executions, health, operations, schedule
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
+from shared.durability import StrictDurability
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub=EventHub(redis, keys),
             metrics=Metrics(),
             pool=pool,
+            strict=StrictDurability(redis, settings.strict_wait_ms) if settings.durability == "strict" else None,
         )
         res.hub.observe(res.metrics.observe)
         try:

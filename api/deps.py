@@ -22,6 +22,7 @@ from api.metrics import Metrics
 from shared.catalog import WorkflowCatalog
 from shared.clients import ADMIN, ClientStore, Principal, is_admin_key
 from shared.connections import REDIS_UNAVAILABLE, open_pool
+from shared.durability import StrictDurability
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
@@ -38,6 +39,8 @@ class Resources:
     hub: EventHub
     metrics: Metrics
     pool: asyncpg.Pool | None = None
+    # Set in strict durability mode: what each enqueue confirms before the 202.
+    strict: StrictDurability | None = None
     _pool_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def db(self) -> asyncpg.Pool:

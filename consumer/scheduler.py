@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 from redis.asyncio import Redis
 
@@ -77,7 +76,10 @@ class Scheduler:
 
     async def tick(self, now_ms: int | None = None) -> int:
         """Fire every due schedule once; returns how many executions were enqueued."""
-        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        if now_ms is None:
+            # Redis's clock, not this host's: replicas with skewed clocks must agree on what is due.
+            seconds, micros = await self.redis.time()
+            now_ms = seconds * 1000 + micros // 1000
         fired = 0
         for schedule_id, tick_ms in await self.store.due(now_ms):
             schedule = await self.store.get(schedule_id)

@@ -128,8 +128,12 @@ class RedisServer(_Server):
         port: int | None = None,
         binary: str | None = None,
         appendonly: bool = False,
+        appendfsync: str = "everysec",
+        replicaof: RedisServer | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.appendfsync = appendfsync
+        self.replicaof = replicaof
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         self.appendonly = appendonly
@@ -154,12 +158,14 @@ class RedisServer(_Server):
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--daemonize",
             "no",
             "--logfile",
             str(self.log_path),
         ]
+        if self.replicaof is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replicaof.port)]
         # Its own session: a terminal's Ctrl-C reaches only our process, which stops servers last.
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.durability import StrictDurability
 from shared.scripts import EnqueueResult, Scripts, SequenceLost
 from shared.streams import dumps, now_iso
 
@@ -50,13 +51,30 @@ class NewExecution:
 
 
 async def enqueue_execution(
-    scripts: Scripts, execution: NewExecution, *, floor: SequenceFloor, payload: str | None = None
+    scripts: Scripts,
+    execution: NewExecution,
+    *,
+    floor: SequenceFloor,
+    payload: str | None = None,
+    strict: StrictDurability | None = None,
 ) -> EnqueueResult:
     """Append one execution request (see shared/lua/enqueue.lua). `payload` may be passed when the
-    caller has already serialized it (to measure it); it must equal `execution.payload()`.
+    caller has already serialized it (to measure it); it must equal `execution.payload()`. With
+    `strict`, return only once the request is durable (see shared/durability.py).
 
-    Raises AtCapacity / RateLimited (admission refused), SequenceUnavailable.
+    Raises AtCapacity / RateLimited (admission refused), SequenceUnavailable, NotDurable.
     """
+    if strict is None:
+        return await _enqueue(scripts, execution, floor, payload)
+    async with scripts.redis.client() as connection:
+        result = await _enqueue(Scripts(connection, scripts.keys), execution, floor, payload)
+        await strict.confirm(connection)
+    return result
+
+
+async def _enqueue(
+    scripts: Scripts, execution: NewExecution, floor: SequenceFloor, payload: str | None
+) -> EnqueueResult:
     enqueued_at = now_iso()
     task_id = execution.task_id or uuid.uuid4().hex
     call = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,12 @@ class Settings(BaseSettings):
     client_max_inflight: int = Field(
         default=1000, ge=0, description="Accepted, unfinished executions one client may have (0: no cap)."
     )
+    durability: Literal["relaxed", "strict"] = Field(
+        default="relaxed",
+        description="strict: the API answers 202 only once the request is on a replica (WAIT) or fsynced "
+        "(appendfsync always), else 503; relaxed: once Redis has it in memory.",
+    )
+    strict_wait_ms: int = Field(default=1000, ge=1, description="How long strict mode waits for a replica (ms).")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body the API accepts.")
     port: int = Field(
         default=8000,

@@ -12,6 +12,7 @@ from api.deps import Admin, Caller, Res
 from api.errors import ApiError
 from api.schemas import BIGINT_MAX, ExecuteIn, ExecuteOut, PathId, WorkflowIn, WorkflowList, WorkflowOut, errors
 from shared.catalog import StoredWorkflow
+from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.scripts import AtCapacity, RateLimited
 from shared.workflow import InvalidDefinition, validate_definition
@@ -71,7 +72,7 @@ async def get_workflow(workflow_id: PathId, res: Res, _: Caller) -> WorkflowOut:
     "/workflows/{workflow_id}/execute",
     status_code=202,
     response_model=ExecuteOut,
-    responses=errors(404, 429),
+    responses=errors(404, 429, 503),
 )
 async def execute_workflow(
     workflow_id: PathId,
@@ -105,10 +106,17 @@ async def execute_workflow(
         raise ApiError(413, f"initial_context is about {len(payload)} bytes; the limit is {MAX_CONTEXT_BYTES}")
     try:
         result = await enqueue_execution(
-            res.scripts, execution, floor=res.catalog.highest_execution_id, payload=payload
+            res.scripts, execution, floor=res.catalog.highest_execution_id, payload=payload, strict=res.strict
         )
     except SequenceUnavailable as exc:
         raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
+    except NotDurable as exc:
+        # The request may still run: a client that retries with the same Idempotency-Key gets this task.
+        raise ApiError(
+            503,
+            f"accepted but not confirmed durable: {exc}; retry with the same Idempotency-Key",
+            headers={"Retry-After": "1"},
+        ) from None
     except RateLimited as exc:
         retry_after = max(1, math.ceil(exc.wait_ms / 1000))
         raise ApiError(429, f"{exc}; retry in {retry_after}s", headers={"Retry-After": str(retry_after)}) from None

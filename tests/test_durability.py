@@ -1,0 +1,84 @@
+"""Strict durability mode (shared/durability.py): the API's 202 means the request survives a Redis
+crash; without the means to promise that, the API says so with a 503 instead."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+
+from api.app import create_app
+from shared.embedded import RedisServer
+from tests.conftest import ADMIN_KEY, make_settings
+from tests.support import linear
+
+
+@asynccontextmanager
+async def strict_api(redis_url: str, db_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    settings = make_settings(redis_url, db_url, durability="strict", strict_wait_ms=200)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as client:
+            yield client
+
+
+async def execute(api: httpx.AsyncClient) -> httpx.Response:
+    wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
+    return await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"}, headers={"Idempotency-Key": "k"})
+
+
+async def test_strict_mode_refuses_to_promise_what_redis_cannot_keep(
+    redis_factory: Callable[..., RedisServer], db_url: str
+) -> None:
+    volatile = redis_factory(appendonly=True)  # appendfsync everysec: up to a second can be lost
+    async with strict_api(volatile.url, db_url) as api:
+        response = await execute(api)
+    assert response.status_code == 503
+    assert "appendfsync always" in response.json()["error"]["message"]
+
+
+async def test_strict_mode_accepts_with_fsync_always(redis_factory: Callable[..., RedisServer], db_url: str) -> None:
+    durable = redis_factory(appendonly=True, appendfsync="always")
+    async with strict_api(durable.url, db_url) as api:
+        response = await execute(api)
+    assert response.status_code == 202, response.text
+
+
+async def test_strict_mode_waits_for_a_replica(redis_factory: Callable[..., RedisServer], db_url: str) -> None:
+    primary = redis_factory()
+    replica = redis_factory(replicaof=primary)
+    async with strict_api(primary.url, db_url) as api:
+        await _replica_online(primary)
+        response = await execute(api)
+        assert response.status_code == 202, response.text
+        # A replica that stops answering cannot confirm: 503, and the same key later gets the same task.
+        assert replica.proc is not None
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            wf = (await api.post("/workflows", json={"name": "w2", "definition": linear("pass")})).json()["id"]
+            stalled = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+    assert stalled.status_code == 503 and "no replica confirmed" in stalled.json()["error"]["message"]
+
+
+async def _replica_online(server: RedisServer) -> None:
+    # A replica counts for WAIT once its initial sync is done (state=online).
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(server.url, decode_responses=True)
+    try:
+        for _ in range(300):
+            replica = (await client.info("replication")).get("slave0")
+            if isinstance(replica, dict) and replica.get("state") == "online":
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("the replica did not come online")
+    finally:
+        await client.aclose()
