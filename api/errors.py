@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.connections import REDIS_UNAVAILABLE
@@ -87,6 +88,16 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return JSONResponse(
             error_body(_CODES.get(exc.status_code, "error"), message), exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(OutOfMemoryError)
+    async def redis_full(_: Request, exc: Exception) -> JSONResponse:
+        # maxmemory reached under noeviction: nothing was written; retrying later is right.
+        log.error("Redis is out of memory: %s", exc)
+        return JSONResponse(
+            error_body("unavailable", "Redis is out of memory; retry shortly"),
+            503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
 
     for error in REDIS_UNAVAILABLE:

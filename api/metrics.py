@@ -45,6 +45,11 @@ class Metrics:
         )
         self.dead_letters = Gauge("nova_dead_letters", "Entries in the dead-letter stream", registry=r)
         self.delayed = Gauge("nova_delayed_retries", "Requests parked for a retry", registry=r)
+        # Alarm on used/max: with maxmemory-policy noeviction, a full Redis refuses every write, and
+        # no run can then finish or be dead-lettered.
+        self.redis_memory = Gauge(
+            "nova_redis_memory_bytes", "Redis memory: used, and maxmemory (0: no limit)", ["kind"], registry=r
+        )
         self.executions = Gauge("nova_executions", "Executions by status (PostgreSQL)", ["status"], registry=r)
         self.enqueue_to_start = Histogram(
             "nova_enqueue_to_start_seconds",
@@ -90,6 +95,9 @@ class Metrics:
             self.consumer_idle.labels(consumer["group"], consumer["consumer"]).set(consumer["idle_s"])
         self.dead_letters.set(report["dead_letters"])
         self.delayed.set(report["delayed_retries"])
+        memory = await redis.info("memory")
+        self.redis_memory.labels("used").set(int(memory.get("used_memory", 0)))
+        self.redis_memory.labels("max").set(int(memory.get("maxmemory", 0)))
         if pool is not None:
             try:
                 rows = await pool.fetch("SELECT status, count(*) AS n FROM executions GROUP BY status")

@@ -82,3 +82,28 @@ async def _replica_online(server: RedisServer) -> None:
         raise TimeoutError("the replica did not come online")
     finally:
         await client.aclose()
+
+
+async def test_a_full_redis_answers_503_and_shows_in_metrics(
+    redis_factory: Callable[..., RedisServer], db_url: str
+) -> None:
+    from redis.asyncio import Redis
+
+    server = redis_factory()
+    settings = make_settings(server.url, db_url)
+    app = create_app(settings)
+    admin = Redis.from_url(server.url, decode_responses=True)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as api:
+            wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
+            await admin.config_set("maxmemory", "1")  # noeviction (the default): every write is refused
+            try:
+                response = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
+                metrics = (await api.get("/metrics")).text
+            finally:
+                await admin.config_set("maxmemory", "0")
+    await admin.aclose()
+    assert response.status_code == 503 and "out of memory" in response.json()["error"]["message"]
+    assert 'nova_redis_memory_bytes{kind="max"} 1.0' in metrics
