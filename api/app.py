@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("PostgreSQL unavailable at start (%s); enqueueing still works", exc)
         scripts = Scripts(redis, keys)
-        vault = Vault(settings.secrets_key.get_secret_value() if settings.secrets_key else None)
+        vault = Vault.from_settings(settings)
         res = Resources(
             settings=settings,
             redis=redis,

@@ -173,7 +173,7 @@ def _clients(action: Callable[..., Awaitable[object]]) -> object:
         redis = create_redis(settings)
         pool = await open_pool(settings)
         try:
-            vault = Vault(settings.secrets_key.get_secret_value() if settings.secrets_key else None)
+            vault = Vault.from_settings(settings)
             return await action(ClientStore(redis, pool, Keys.from_settings(settings), vault))
         finally:
             await pool.close()

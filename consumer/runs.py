@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from consumer.engine import Checkpoint, NodeRecord, OpenSandbox, Outcome, run_workflow
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
-from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import NodeError, Sandbox, SandboxInfraError, SandboxSpec
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientError
 from shared.connections import REDIS_UNAVAILABLE
@@ -41,6 +41,7 @@ from shared.streams import (
     loads,
     now_iso,
     parse_iso,
+    printable,
 )
 from shared.workflow import Definition, InvalidDefinition, Node, NodeType, validate_definition
 
@@ -78,7 +79,7 @@ async def _durably(action: Any, settings: Settings) -> Any:
         pass
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(REDIS_UNAVAILABLE),
-        wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
+        wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
         stop=stop_after_delay(settings.visibility_timeout),
         reraise=True,
     ):
@@ -87,54 +88,100 @@ async def _durably(action: Any, settings: Settings) -> Any:
     return None  # unreachable: tenacity reraises
 
 
-class Run:
-    def __init__(self, ctx: RunContext, entry_id: str, raw: dict[Any, Any], deliveries: int) -> None:
-        self.ctx = ctx
-        self.entry_id = entry_id
-        self.raw = raw
-        self.deliveries = deliveries
-        self.request: ExecutionRequest | None = None
-        self.started_at = ""
-        # Events not yet written, with the task fields they set (see _flush).
-        self._events: list[dict[str, str]] = []
-        self._fields: dict[str, str] = {}
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a requests-stream entry to this worker."""
 
-    # ---- the run -------------------------------------------------------------------------------
+    entry_id: str
+    raw: dict[Any, Any]
+    deliveries: int  # how many times the entry has been delivered, this one included
+
+
+async def run_delivery(ctx: RunContext, delivery: Delivery) -> None:
+    """Parse the entry and run it; an entry that is not a request is dead-lettered with the reason."""
+    try:
+        request = parse_request(delivery.entry_id, delivery.raw)
+    except MalformedRequest as exc:
+        await dead_letter(ctx, delivery, None, "malformed", str(exc), None)
+        return
+    await Run(ctx, delivery, request).execute()
+
+
+class Run:
+    """One delivery of a parsed request: claim, run the workflow, record the outcome."""
+
+    def __init__(self, ctx: RunContext, delivery: Delivery, request: ExecutionRequest) -> None:
+        self.ctx = ctx
+        self.delivery = delivery
+        self.request = request
+        self.started_at = ""
+        self.recorder = Recorder(ctx, delivery, request)
 
     async def execute(self) -> None:
-        ctx = self.ctx
-        try:
-            request = self.request = parse_request(self.entry_id, self.raw)
-        except MalformedRequest as exc:
-            await self._dead_letter("malformed", str(exc), None)
+        task = await self._task_state()
+        if task is None:
             return
-        task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(request.task_id)))
-        if task.get(TaskField.STATUS) in TERMINAL_STATUSES:
-            # A redelivery of work already finished: acknowledge, never run twice.
-            await ctx.redis.xack(ctx.keys.requests, ctx.keys.worker_group, self.entry_id)
-            return
-        if self.deliveries > ctx.settings.max_deliveries:
+        if self.delivery.deliveries > self.ctx.settings.max_deliveries:
             await self._dead_letter(
                 "max_deliveries",
-                f"delivered {self.deliveries} times (max_deliveries={ctx.settings.max_deliveries})",
+                f"delivered {self.delivery.deliveries} times (max_deliveries={self.ctx.settings.max_deliveries})",
                 task,
             )
             return
-        definition = await self._definition(request, task)
+        definition = await self._definition(task)
         if definition is None:
             return
         checkpoint_raw = loads(task.get(TaskField.CHECKPOINT))
         resume = Checkpoint.from_json(checkpoint_raw) if checkpoint_raw else None
         attempt = int(task.get(TaskField.ATTEMPT) or 0)
+        self._start(task, attempt, resume)
+        try:
+            outcome = await self._run_workflow(definition, resume)
+        except SandboxInfraError as exc:
+            await self.recorder.flush()
+            await self._transient_failure(attempt, exc)
+            return
+        await self._finish(outcome)
+
+    async def _task_state(self) -> dict[str, str] | None:
+        """The task hash, or None when the task is finished already (the entry is then acknowledged)."""
+        ctx = self.ctx
+        task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(self.request.task_id)))
+        if task.get(TaskField.STATUS) in TERMINAL_STATUSES:
+            # A redelivery of work already finished: acknowledge, never run twice.
+            await ctx.redis.xack(ctx.keys.requests, ctx.keys.worker_group, self.delivery.entry_id)
+            return None
+        return task
+
+    async def _definition(self, task: dict[str, str]) -> Definition | None:
+        ctx = self.ctx
+        workflow_id = self.request.workflow_id
+        definition = ctx.definitions.get(workflow_id)
+        if definition is not None:
+            return definition
+        workflow = await ctx.catalog.get(workflow_id)
+        if workflow is None:
+            await self._dead_letter("unknown_workflow", f"workflow {workflow_id} does not exist", task)
+            return None
+        try:
+            definition = validate_definition(workflow.definition)
+        except (InvalidDefinition, ValueError) as exc:
+            await self._dead_letter("invalid_definition", str(exc), task)
+            return None
+        ctx.definitions[workflow_id] = definition
+        return definition
+
+    def _start(self, task: dict[str, str], attempt: int, resume: Checkpoint | None) -> None:
+        ctx, request = self.ctx, self.request
         started_at = self.started_at = task.get(TaskField.STARTED_AT) or now_iso()
-        self._buffer(
+        self.recorder.buffer(
             EventType.STARTED,
             {
                 "workflow_name": request.workflow_name,
                 "enqueued_at": request.enqueued_at,
                 "started_at": started_at,
                 "consumer": ctx.consumer,
-                "delivery": self.deliveries,
+                "delivery": self.delivery.deliveries,
                 "attempt": attempt,
                 "resumed_from_step": resume.step if resume else 0,
             },
@@ -149,41 +196,21 @@ class Run:
                 TaskField.TASK_ID: request.task_id,
             },
         )
-        try:
-            outcome = await run_workflow(
-                definition,
-                request.initial_context,
-                open_sandbox=self._open_sandbox,
-                spec=SandboxSpec(execution_id=request.execution_id, client=request.client),
-                hooks=_Hooks(self),
-                default_executor=ctx.settings.default_executor,
-                node_timeout=ctx.settings.node_timeout,
-                execution_timeout=ctx.settings.execution_timeout,
-                resume=resume,
-                extra_context=self._node_identity,
-            )
-        except SandboxInfraError as exc:
-            await self._flush()
-            await self._transient_failure(attempt, exc)
-            return
-        await self._finish(outcome)
 
-    async def _definition(self, request: ExecutionRequest, task: dict[str, str]) -> Definition | None:
-        ctx = self.ctx
-        definition = ctx.definitions.get(request.workflow_id)
-        if definition is not None:
-            return definition
-        workflow = await ctx.catalog.get(request.workflow_id)
-        if workflow is None:
-            await self._dead_letter("unknown_workflow", f"workflow {request.workflow_id} does not exist", task)
-            return None
-        try:
-            definition = validate_definition(workflow.definition)
-        except (InvalidDefinition, ValueError) as exc:
-            await self._dead_letter("invalid_definition", str(exc), task)
-            return None
-        ctx.definitions[request.workflow_id] = definition
-        return definition
+    async def _run_workflow(self, definition: Definition, resume: Checkpoint | None) -> Outcome:
+        ctx, request = self.ctx, self.request
+        return await run_workflow(
+            definition,
+            request.initial_context,
+            open_sandbox=self._open_sandbox,
+            spec=SandboxSpec(execution_id=request.execution_id, client=request.client),
+            hooks=RecordingHooks(self.recorder),
+            default_executor=ctx.settings.default_executor,
+            node_timeout=ctx.settings.node_timeout,
+            execution_timeout=ctx.settings.execution_timeout,
+            resume=resume,
+            extra_context=self._node_identity,
+        )
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
         # Credentials are read when a sandbox is opened, not per execution: runs without node code
@@ -202,7 +229,6 @@ class Run:
 
     def _node_identity(self, step: int, node: Node) -> dict[str, Any]:
         request = self.request
-        assert request is not None
         # Stable across redeliveries and retries: external systems can deduplicate on it.
         key = f"{request.execution_id}:{node.id}:{step}"
         return {
@@ -226,7 +252,7 @@ class Run:
         }
         if outcome.status == "success":
             result = {"final_context": outcome.final_context, "nodes_executed": outcome.nodes_executed}
-            await self._record(
+            self.recorder.buffer(
                 EventType.SUCCEEDED,
                 {**timing, **result},
                 {
@@ -235,10 +261,9 @@ class Run:
                     TaskField.RESULT: dumps(result),
                     TaskField.NODES_EXECUTED: str(outcome.nodes_executed),
                 },
-                terminal=True,
             )
         else:
-            await self._record(
+            self.recorder.buffer(
                 EventType.FAILED,
                 {
                     **timing,
@@ -252,20 +277,12 @@ class Run:
                     TaskField.ERROR: dumps(outcome.error),
                     TaskField.NODES_EXECUTED: str(outcome.nodes_executed),
                 },
-                terminal=True,
             )
+        await self.recorder.flush(terminal=True)
 
     async def _transient_failure(self, attempt: int, exc: Exception) -> None:
-        ctx = self.ctx
-        request = self.request
-        assert request is not None
-        error = {
-            "node_id": None,
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": "",
-            "reason": "transient",
-        }
+        ctx, request = self.ctx, self.request
+        error = NodeError(type(exc).__name__, str(exc), reason="transient").as_json(None)
         if attempt >= ctx.settings.max_retries:
             task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(request.task_id)))
             await self._dead_letter(
@@ -277,14 +294,15 @@ class Run:
         # Shown to people only; the due time itself is Redis's clock plus the delay.
         retry_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + delay)) + "Z"
         log.warning("task %s: transient error, retry %d in %.2fs: %s", request.task_id, next_attempt, delay, exc)
+        event = self.recorder.event(EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at})
         await _durably(
             lambda: ctx.scripts.retry_later(
                 task_id=request.task_id,
-                entry_id=self.entry_id,
+                entry_id=self.delivery.entry_id,
                 consumer=ctx.consumer,
                 request=request.fields,
                 delay_ms=int(delay * 1000),
-                event=self._event(EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at}),
+                event=event,
                 task_fields={
                     TaskField.STATUS: TaskStatus.RETRY,
                     TaskField.ATTEMPT: str(next_attempt),
@@ -295,54 +313,70 @@ class Run:
             ctx.settings,
         )
 
-    async def _dead_letter(self, reason: str, message: str, task: dict[str, str] | None) -> None:
-        ctx = self.ctx
-        request = self.request
-        fields = decode_fields(self.raw)
-        attempts = task.get(TaskField.ATTEMPT, "0") if task else "0"
-        letter = {
-            **fields,
-            DeadLetterField.REASON: reason,
-            DeadLetterField.ERROR: message,
-            DeadLetterField.ATTEMPTS: attempts,
-            DeadLetterField.DELIVERIES: str(self.deliveries),
-            DeadLetterField.ORIGINAL_ID: self.entry_id,
-            DeadLetterField.DEAD_AT: now_iso(),
-        }
-        log.warning("entry %s dead-lettered (%s): %s", self.entry_id, reason, message)
-        error = {"node_id": None, "type": reason, "message": message, "traceback": "", "reason": reason}
-        event = task_fields = None
-        if request is not None:
-            finished_at = now_iso()
-            event = self._event(
-                EventType.DEAD,
-                {"finished_at": finished_at, "reason": reason, "error": error, "attempts": int(attempts)},
-            )
-            task_fields = {
-                TaskField.STATUS: TaskStatus.DEAD,
-                TaskField.FINISHED_AT: finished_at,
-                TaskField.ERROR: dumps(error),
-                TaskField.UPDATED_AT: finished_at,
-            }
-        await _durably(
-            lambda: ctx.scripts.dead_letter(
-                entry_id=self.entry_id,
-                consumer=ctx.consumer,
-                letter=letter,
-                task_id=request.task_id if request else None,
-                client=request.client if request else None,
-                event=event,
-                task_fields=task_fields,
-                task_ttl=ctx.settings.task_ttl,
-            ),
-            ctx.settings,
+    async def _dead_letter(self, reason: str, message: str, task: dict[str, str]) -> None:
+        await dead_letter(self.ctx, self.delivery, self.request, reason, message, task)
+
+
+async def dead_letter(
+    ctx: RunContext,
+    delivery: Delivery,
+    request: ExecutionRequest | None,
+    reason: str,
+    message: str,
+    task: dict[str, str] | None,
+) -> None:
+    """Move the entry to the dead-letter stream; a parsed request's task ends as DEAD with it."""
+    attempts = task.get(TaskField.ATTEMPT, "0") if task else "0"
+    letter = {
+        **decode_fields(delivery.raw),
+        DeadLetterField.REASON: reason,
+        DeadLetterField.ERROR: message,
+        DeadLetterField.ATTEMPTS: attempts,
+        DeadLetterField.DELIVERIES: str(delivery.deliveries),
+        DeadLetterField.ORIGINAL_ID: delivery.entry_id,
+        DeadLetterField.DEAD_AT: now_iso(),
+    }
+    log.warning("entry %s dead-lettered (%s): %s", delivery.entry_id, reason, printable(message))
+    event = task_fields = None
+    if request is not None:
+        finished_at = now_iso()
+        error = NodeError(reason, message, reason=reason).as_json(None)
+        event = Recorder(ctx, delivery, request).event(
+            EventType.DEAD, {"finished_at": finished_at, "reason": reason, "error": error, "attempts": int(attempts)}
         )
+        task_fields = {
+            TaskField.STATUS: TaskStatus.DEAD,
+            TaskField.FINISHED_AT: finished_at,
+            TaskField.ERROR: dumps(error),
+            TaskField.UPDATED_AT: finished_at,
+        }
+    await _durably(
+        lambda: ctx.scripts.dead_letter(
+            entry_id=delivery.entry_id,
+            consumer=ctx.consumer,
+            letter=letter,
+            task_id=request.task_id if request else None,
+            client=request.client if request else None,
+            event=event,
+            task_fields=task_fields,
+            task_ttl=ctx.settings.task_ttl,
+        ),
+        ctx.settings,
+    )
 
-    # ---- recording -----------------------------------------------------------------------------
 
-    def _event(self, type_: EventType, data: dict[str, Any]) -> dict[str, str]:
+class Recorder:
+    """A run's status events and task fields, buffered and written in one atomic step per flush."""
+
+    def __init__(self, ctx: RunContext, delivery: Delivery, request: ExecutionRequest) -> None:
+        self.ctx = ctx
+        self.delivery = delivery
+        self.request = request
+        self._events: list[dict[str, str]] = []
+        self._fields: dict[str, str] = {}
+
+    def event(self, type_: EventType, data: dict[str, Any]) -> dict[str, str]:
         request = self.request
-        assert request is not None
         return event_fields(
             type_,
             task_id=request.task_id,
@@ -352,11 +386,11 @@ class Run:
             data=data,
         )
 
-    def _buffer(self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str]) -> None:
-        self._events.append(self._event(type_, data))
+    def buffer(self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str]) -> None:
+        self._events.append(self.event(type_, data))
         self._fields.update(task_fields)
 
-    async def _flush(self, *, terminal: bool = False) -> None:
+    async def flush(self, *, terminal: bool = False) -> None:
         """Write the buffered events and task fields in one atomic step.
 
         Runs flush right before action code starts (so the previous node's checkpoint is durable
@@ -365,9 +399,7 @@ class Run:
         """
         if not self._events:
             return
-        ctx = self.ctx
-        request = self.request
-        assert request is not None
+        ctx, request = self.ctx, self.request
         events, fields = self._events, {**self._fields, TaskField.UPDATED_AT: self._events[-1]["ts"]}
         self._events, self._fields = [], {}
         # One token per write, kept across re-sends: a call whose reply was lost and that is sent
@@ -380,7 +412,7 @@ class Run:
                 events=events,
                 task_fields=fields,
                 terminal=terminal,
-                ack_entry_id=self.entry_id,
+                ack_entry_id=self.delivery.entry_id,
                 consumer=ctx.consumer,
                 token=token,
                 task_ttl=ctx.settings.task_ttl,
@@ -388,15 +420,9 @@ class Run:
             ctx.settings,
         )
         if result.outcome == RecordOutcome.NOT_OWNER:
-            raise TakenOver(request.task_id, self.entry_id)
+            raise TakenOver(request.task_id, self.delivery.entry_id)
         if not result.written:
             raise AlreadyFinished(request.task_id, result.status)
-
-    async def _record(
-        self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str], *, terminal: bool = False
-    ) -> None:
-        self._buffer(type_, data, task_fields)
-        await self._flush(terminal=terminal)
 
 
 class AlreadyFinished(Exception):
@@ -407,12 +433,14 @@ class TakenOver(Exception):
     """Another worker reclaimed this run's entry (this one was silent too long): it owns the run now."""
 
 
-class _Hooks:
-    def __init__(self, run: Run) -> None:
-        self.run = run
+class RecordingHooks:
+    """The engine's hooks: each step becomes events, and action code starts only once they are durable."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
 
     async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
-        self.run._buffer(
+        self.recorder.buffer(
             EventType.NODE_STARTED,
             {
                 "step": step,
@@ -425,10 +453,10 @@ class _Hooks:
         )
         # Only action code has side effects; everything before it must be durable before it runs.
         if node.type == NodeType.ACTION:
-            await self.run._flush()
+            await self.recorder.flush()
 
     async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:
-        self.run._buffer(
+        self.recorder.buffer(
             EventType.NODE_FINISHED,
             record.as_json(),
             {
@@ -441,7 +469,3 @@ class _Hooks:
 def _ms_between(start: str, end: str) -> float | None:
     a, b = parse_iso(start), parse_iso(end)
     return round((b - a).total_seconds() * 1000, 3) if a and b else None
-
-
-def run_for(ctx: RunContext, entry_id: str, raw: dict[Any, Any], deliveries: int) -> Run:
-    return Run(ctx, entry_id, raw, deliveries)

@@ -21,12 +21,12 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
-from tenacity import wait_exponential_jitter
 
 from consumer.maintenance import Maintenance
-from consumer.runs import AlreadyFinished, RunContext, TakenOver, run_for
+from consumer.runs import AlreadyFinished, Delivery, RunContext, TakenOver, run_delivery
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
 from consumer.scheduler import Scheduler
+from shared.backoff import Backoff, sleep_or_stop
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
@@ -92,7 +92,7 @@ class Worker:
 
     async def _run(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
         try:
-            await run_for(self.ctx, entry_id, fields, deliveries).execute()
+            await run_delivery(self.ctx, Delivery(entry_id, fields, deliveries))
         except AlreadyFinished as exc:
             log.info("entry %s: task %s already finished elsewhere", entry_id, exc.args[0])
         except TakenOver as exc:
@@ -146,8 +146,7 @@ class Worker:
         return min(1.0, max(0.02, self.settings.retry_backoff / 2))
 
     async def _read_loop(self, stop: asyncio.Event) -> None:
-        wait = wait_exponential_jitter(multiplier=0.1, max=5.0)
-        failures = 0
+        backoff = Backoff()
         stop_wait = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -171,13 +170,12 @@ class Worker:
                     break
                 try:
                     entries = read.result()
-                    failures = 0
+                    backoff.reset()
                 except REDIS_UNAVAILABLE as exc:
                     self._outage()
-                    failures += 1
-                    delay = wait(_RetryState(failures))
+                    delay = backoff.next_delay()
                     log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                    await _sleep_or_stop(delay, stop)
+                    await sleep_or_stop(delay, stop)
                     continue
                 except ResponseError as exc:
                     if "NOGROUP" in str(exc):
@@ -240,6 +238,13 @@ class Worker:
         silent = time.monotonic() - self._fresh_at
         if not self.inflight or silent <= self.settings.visibility_timeout / 2:
             return
+        try:
+            # A late heartbeat may only mean a busy host (the loop ran late), not a lost Redis: renew
+            # now, and keep the runs whose entries are still ours.
+            await self._heartbeat()
+            return
+        except (*REDIS_UNAVAILABLE, TimeoutError):
+            silent = time.monotonic() - self._fresh_at
         log.error(
             "no heartbeat reached Redis for %.1fs; giving up %d run(s) before they can be taken over",
             silent,
@@ -305,20 +310,18 @@ class Worker:
                 log.debug("%s skipped: Redis unavailable (%s)", getattr(action, "__name__", action), exc)
             except Exception:
                 log.exception("%s failed", getattr(action, "__name__", action))
-            await _sleep_or_stop(interval, stop)
+            await sleep_or_stop(interval, stop)
 
     async def _until_redis(self, action: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
-        wait = wait_exponential_jitter(multiplier=0.1, max=5.0)
-        failures = 0
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 await action()
                 return
             except REDIS_UNAVAILABLE as exc:
-                failures += 1
-                delay = wait(_RetryState(failures))
+                delay = backoff.next_delay()
                 log.warning("Redis unavailable at start (%s); retrying in %.1fs", exc, delay)
-                await _sleep_or_stop(delay, stop)
+                await sleep_or_stop(delay, stop)
 
     async def _drain(self) -> None:
         """Give in-flight runs the grace period, then cancel them; their entries stay pending."""
@@ -331,18 +334,6 @@ class Worker:
         if pending:
             log.warning("%d run(s) left pending for reclaim", len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
-
-
-class _RetryState:
-    """The one attribute tenacity's wait strategies read."""
-
-    def __init__(self, attempt_number: int) -> None:
-        self.attempt_number = attempt_number
-
-
-async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 def default_providers(settings: Settings) -> dict[str, SandboxProvider]:
@@ -358,9 +349,7 @@ def default_providers(settings: Settings) -> dict[str, SandboxProvider]:
 
 async def _start_providers(providers: dict[str, SandboxProvider]) -> None:
     for provider in providers.values():
-        start = getattr(provider, "start", None)
-        if start is not None:
-            await start()
+        await provider.start()
 
 
 async def serve(
@@ -383,7 +372,7 @@ async def serve(
     providers = providers if providers is not None else default_providers(settings)
     await _start_providers(providers)
     keys = Keys.from_settings(settings)
-    vault = Vault(settings.secrets_key.get_secret_value() if settings.secrets_key else None)
+    vault = Vault.from_settings(settings)
     clients = ClientStore(redis, pool, keys, vault)
     worker = Worker(settings, redis, WorkflowCatalog(redis, pool, keys), providers, clients.secrets_for)
     tasks = [

@@ -18,6 +18,7 @@ import asyncpg
 from cryptography.fernet import Fernet, InvalidToken
 from redis.asyncio import Redis
 
+from shared.settings import Settings
 from shared.streams import Keys
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -55,6 +56,10 @@ class Vault:
 
     def __init__(self, secret: str | None) -> None:
         self._fernet = Fernet(secret.encode()) if secret else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Vault:
+        return cls(settings.secrets_key.get_secret_value() if settings.secrets_key else None)
 
     @staticmethod
     def new_key() -> str:

@@ -32,7 +32,7 @@ class FlakyProvider:
         self.opened = 0
 
     async def start(self) -> None:
-        await self.inner.start()  # type: ignore[attr-defined]
+        await self.inner.start()
 
     async def open(self, spec: SandboxSpec) -> Sandbox:
         if self.failures > 0:

@@ -78,6 +78,10 @@ class Sandbox(Protocol):
 class SandboxProvider(Protocol):
     """Hands out sandboxes of one kind (local, e2b); lives as long as the worker."""
 
+    async def start(self) -> None:
+        """Prepare before the first open (e.g. pre-start a pool); may do nothing."""
+        ...
+
     async def open(self, spec: SandboxSpec) -> Sandbox: ...
 
     async def aclose(self) -> None: ...

@@ -38,7 +38,7 @@ from e2b.exceptions import (
 )
 
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
-from consumer.sandbox.protocol import RunnerSandbox
+from consumer.sandbox.runner_client import RunnerSandbox
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
-from consumer.sandbox.protocol import RunnerSandbox
+from consumer.sandbox.runner_client import RunnerSandbox
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""What every sandbox that runs consumer/sandbox/runner.py shares: requests in, NodeResults out.
+"""The client side of consumer/sandbox/runner.py, shared by every sandbox that runs it: requests in,
+NodeResults out.
 
 A sandbox only has to deliver a request dict to the runner and bring back its response dict
 (`_call`); turning responses into results or NodeErrors is the same wherever the runner runs.
