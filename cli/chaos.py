@@ -154,9 +154,9 @@ class Chaos:
     def env(self, role: str = "api") -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NOVA_")}
         # Only workers go through the fault proxy: the API's own resilience is not what is measured.
-        through_proxy = role == "worker" and self.proxy is not None
+        redis_url = self.proxy.url if role == "worker" and self.proxy is not None else self.redis_server.url
         env.update(
-            REDIS_URL=self.proxy.url if through_proxy and self.proxy else self.redis_server.url,
+            REDIS_URL=redis_url,
             DATABASE_URL=self.pg.url,
             PORT=str(self.port),
             NOVA_HOST="127.0.0.1",
@@ -364,8 +364,12 @@ class Chaos:
                 break
             await asyncio.sleep(0.5)
         terminal_events: Counter[str] = Counter()
+        # Every event carries its own timestamp and data, so two entries equal in every field are one
+        # write that happened twice (a step re-run after its reply was lost), never two real events.
+        events: Counter[tuple[tuple[str, str], ...]] = Counter()
         async for entry_id, fields in _scan(redis, "nova:results"):
             del entry_id
+            events[tuple(sorted(fields.items()))] += 1
             if fields.get("type") in ("succeeded", "failed", "dead"):
                 terminal_events[fields.get("task_id", "")] += 1
         rows = await self._projected(ids)
@@ -387,6 +391,7 @@ class Chaos:
             "duplicated": duplicated,
             "duplicated_terminal_events": sum(1 for t in ids if terminal_events[t] > 1),
             "chains_not_matching_runs": rows["bad_chains"],
+            "events_written_twice": sum(n - 1 for n in events.values() if n > 1),
             "projected": rows["projected"],
         }
         if self.long_nodes:
@@ -520,7 +525,13 @@ def passed(report: dict[str, Any]) -> bool:
         if key in report
         for done, total in [report[key].split("/")]
     )
-    return report["lost"] == 0 and report["duplicated"] == 0 and report.get("node_started_twice", 0) == 0 and complete
+    return (
+        report["lost"] == 0
+        and report["duplicated"] == 0
+        and report["events_written_twice"] == 0
+        and report.get("node_started_twice", 0) == 0
+        and complete
+    )
 
 
 def main(

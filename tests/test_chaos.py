@@ -76,6 +76,7 @@ async def test_faulty_run_injected_every_fault(faulty_report: dict[str, Any]) ->
 async def test_faulty_run_loses_and_duplicates_nothing(faulty_report: dict[str, Any]) -> None:
     report = faulty_report
     assert report["lost"] == 0 and report["duplicated"] == 0, report
+    assert report["events_written_twice"] == 0, report
     assert report["succeeded"] + report["failed"] + report["dead"] == 100, report
     assert report["poison_dead_lettered"] == "1/1", report
 
