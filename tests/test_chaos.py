@@ -44,7 +44,7 @@ async def test_small_chaos_run_loses_and_duplicates_nothing() -> None:
 
 @pytest.fixture(scope="module")
 async def faulty_report() -> AsyncIterator[dict[str, Any]]:
-    """One run with every fault: 100 executions, 5 with a 3 s node (visibility timeout 2 s), 1% of the
+    """One run with every fault: 100 executions, 10 with a 3 s node (visibility timeout 2 s), 1% of the
     workers' replies lost, one entry with non-UTF-8 bytes. `timeout` bounds the wait for executions
     that never end, so today's failures show up in the report instead of hanging the suite."""
     yield await Chaos(
@@ -55,7 +55,7 @@ async def faulty_report() -> AsyncIterator[dict[str, Any]]:
         seed=11,
         timeout=60.0,
         long_node_seconds=3.0,
-        long_every=20,
+        long_every=10,
         drop_probability=0.01,
     ).run()
 
@@ -67,7 +67,7 @@ async def test_faulty_run_injected_every_fault(faulty_report: dict[str, Any]) ->
     assert report["accepted"] == 100, report
     assert report["worker_kills"] >= 3, report
     assert report["replies_dropped"] > 0, report
-    assert report["long_succeeded"].endswith("/5"), report
+    assert report["long_succeeded"].endswith("/10"), report
     assert report["bad_bytes_dead_lettered"].endswith("/1"), report
     assert report["poison_dead_lettered"].endswith("/1"), report
 
@@ -85,7 +85,7 @@ async def test_faulty_run_loses_and_duplicates_nothing(faulty_report: dict[str, 
 async def test_faulty_run_starts_no_long_node_twice(faulty_report: dict[str, Any]) -> None:
     report = faulty_report
     assert report["node_started_twice"] == 0, report
-    assert report["long_succeeded"] == "5/5", report
+    assert report["long_succeeded"] == "10/10", report
 
 
 @pytest.mark.xfail(strict=False, reason=UTF8_POISON)
