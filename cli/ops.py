@@ -114,8 +114,22 @@ def chaos_command(
     executions: int = typer.Option(2000, help="Executions to submit."),
     workers: int = typer.Option(3, help="Worker processes."),
     seed: int = typer.Option(0, help="Random seed for the choice of victims."),
+    long_nodes: bool = typer.Option(True, help="Some executions run a node longer than the visibility timeout."),
+    lost_replies: bool = typer.Option(True, help="Workers reach Redis through a proxy that loses some replies."),
+    drop_probability: float = typer.Option(0.01, help="Fraction of replies to workers that the proxy loses."),
+    bad_bytes: bool = typer.Option(True, help="One request entry per hundred carries non-UTF-8 bytes."),
 ) -> None:
     """Submit executions while killing workers, restarting Redis and stopping PostgreSQL; print one JSON line."""
     from cli.chaos import main
 
-    raise typer.Exit(main(executions, workers, seed))
+    raise typer.Exit(
+        main(
+            executions,
+            workers,
+            seed,
+            long_nodes=long_nodes,
+            lost_replies=lost_replies,
+            bad_bytes=bad_bytes,
+            drop_probability=drop_probability,
+        )
+    )
