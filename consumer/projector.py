@@ -310,7 +310,10 @@ class Projector:
                     await self._reclaim_stale()
                     next_reclaim = time.monotonic() + self.settings.visibility_timeout / 2
                 entries = await self._next_batch(cursor)
-                if cursor == "0" and not entries:
+                if cursor != ">" and not entries:
+                    # Our pending entries are all re-read (the cursor walks past them after each
+                    # batch): on to new ones. Testing only for "0" here left the loop re-reading an
+                    # empty history forever after any PostgreSQL error.
                     cursor = ">"
                     continue
                 if entries:
