@@ -369,6 +369,7 @@ class Projector:
             except (KeyError, ValueError, TypeError) as exc:
                 refused.append(Refusal(entry_id, "malformed", f"not an event: {type(exc).__name__}: {exc}"))
         pool = await self._db()
+        written: list[Refusal] = []
         for attempt in range(1, RETRIES_ON_ROLLBACK + 1):
             try:
                 async with pool.acquire() as conn:
