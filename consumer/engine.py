@@ -207,8 +207,11 @@ async def run_workflow(
                     stderr=exc.stderr,
                     error=error,
                 )
-                # The failed node is not a completed step: a retry of the execution starts at it.
-                await hooks.node_finished(record, Checkpoint(step - 1, node.id, ctx, visits))
+                # The failed node is not a completed step: a retry of the execution starts at it, and
+                # counts its visit again on entry. The failed visit is therefore taken out of the
+                # checkpoint, or a node with max_visits 1 could never be retried.
+                retry_visits = {**visits, node.id: visits[node.id] - 1}
+                await hooks.node_finished(record, Checkpoint(step - 1, node.id, ctx, retry_visits))
                 return Outcome("failure", ctx, step, error)
             nxt = definition.branch(node, decision) if node.type == NodeType.DECISION else definition.successor(node)
             duration = (time.perf_counter() - t0) * 1000

@@ -6,6 +6,12 @@ id: a row takes a column from an event only if that event is newer than the last
 row, so replaying an event, or applying two in either order, leaves the same row. Each batch is one
 transaction and is acknowledged only after it commits; while PostgreSQL is down the events simply
 wait in the stream.
+
+Every event read is either written or kept: an entry that is not an event, an event PostgreSQL
+refuses, or one that claims an execution id already stored for another task is logged and moved,
+with its reason, to the projector's dead-letter stream (`{prefix}:projector:dlq`) in the same Redis
+transaction that acknowledges it. Rows are written in key order, so concurrent projectors lock
+shared rows in the same order; a deadlock or serialization failure is retried.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -21,10 +28,20 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from tenacity import wait_exponential_jitter
 
-from shared.connections import REDIS_UNAVAILABLE, ensure_groups, open_pool
+from shared.connections import REDIS_UNAVAILABLE, NotConfigured, ensure_groups
+from shared.db import LazyPool
 from shared.events import Event
 from shared.settings import Settings
-from shared.streams import EXECUTION_STATUS_BY_EVENT, EventType, Keys, entry_id_parts, parse_iso
+from shared.streams import (
+    EXECUTION_STATUS_BY_EVENT,
+    DeadLetterField,
+    EventType,
+    Keys,
+    decode_fields,
+    entry_id_parts,
+    now_iso,
+    parse_iso,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +71,7 @@ ON CONFLICT (id) DO UPDATE SET
     updated_at      = CASE WHEN {_NEWER} THEN EXCLUDED.updated_at ELSE e.updated_at END,
     last_event_ms   = CASE WHEN {_NEWER} THEN EXCLUDED.last_event_ms ELSE e.last_event_ms END,
     last_event_seq  = CASE WHEN {_NEWER} THEN EXCLUDED.last_event_seq ELSE e.last_event_seq END
+WHERE e.task_id = EXCLUDED.task_id
 """  # noqa: E501
 
 _NODE_NEWER = "(EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (n.last_event_ms, n.last_event_seq)"
@@ -86,6 +104,45 @@ ON CONFLICT (execution_id, step) DO UPDATE SET
 """
 
 UPSERT_CLIENT = "INSERT INTO clients (slug, name) VALUES ($1, $1) ON CONFLICT (slug) DO NOTHING"
+
+# Errors that say "this event cannot be stored" (bad data, a broken constraint, a value past a limit),
+# as opposed to PostgreSQL being unavailable or the schema being wrong, which must stop the projector
+# until fixed rather than send every event to the dead-letter stream.
+EVENT_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
+
+# Deadlocks and serialization failures: the transaction was rolled back and may simply run again.
+RETRIES_ON_ROLLBACK = 5
+
+
+def dead_letter_stream(keys: Keys) -> str:
+    """Events the projector read but cannot write, kept for an operator (never trimmed by NOVA)."""
+    return f"{keys.prefix}:projector:dlq"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A results-stream entry the projector will not write, and why."""
+
+    entry_id: str
+    reason: str  # "malformed" | "rejected" | "execution_id_reused"
+    detail: str
+
+
+def pg_safe(value: Any) -> Any:
+    """`value` with every U+0000 in its strings (dict keys too, at any depth) replaced by U+FFFD.
+
+    PostgreSQL's text and jsonb cannot hold U+0000, while JSON, Python and Redis can: any client may
+    send one, and text extracted from PDFs often carries them. Only the PostgreSQL copy is changed;
+    the results stream and the task hash keep the exact value. Two keys that differ only by U+0000
+    versus U+FFFD collapse into one in PostgreSQL (the later wins).
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {pg_safe(k): pg_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [pg_safe(v) for v in value]
+    return value
 
 
 def execution_row(event: Event) -> tuple[Any, ...]:
@@ -146,29 +203,100 @@ def node_run_row(event: Event) -> tuple[Any, ...]:
     )
 
 
-async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> None:
-    """Write a batch of events in one transaction: clients, then executions, then node runs."""
-    events = sorted(events, key=lambda e: entry_id_parts(e.id))
+async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Refusal]:
+    """Write a batch of events in one transaction: clients, then executions, then node runs.
+
+    Returns the events not written: those whose rows cannot be built from their content, and those
+    naming an execution id that PostgreSQL already holds for another task (Redis lost its data and
+    handed the id out again). The latter are never merged into the stored row. Raises what
+    PostgreSQL raises for the batch as a whole (EVENT_REFUSED for content it will not store).
+    """
+    refused: list[Refusal] = []
+    executions: list[tuple[tuple[Any, ...], Event]] = []
+    node_runs: list[tuple[tuple[Any, ...], Event]] = []
+    for event in events:
+        try:
+            row = pg_safe_row(execution_row(event))
+            node = None
+            if event.type in (EventType.NODE_STARTED, EventType.NODE_FINISHED):
+                node = pg_safe_row(node_run_row(event))
+        except Exception as exc:
+            # Building rows is pure computation: any failure is this event's content, never the system.
+            refused.append(Refusal(event.id, "malformed", f"{type(exc).__name__}: {exc}"))
+            continue
+        executions.append((row, event))
+        if node is not None:
+            node_runs.append((node, event))
+    # Key order, not stream order: two projectors whose batches share rows take their row locks in
+    # the same order and cannot deadlock each other. Events of one row stay in stream order (the id
+    # is the row's tiebreaker), though the upserts would converge in any order.
+    executions.sort(key=lambda pair: (pair[0][0], entry_id_parts(pair[1].id)))
+    node_runs.sort(key=lambda pair: (pair[0][0], pair[0][1], entry_id_parts(pair[1].id)))
     async with conn.transaction():
-        clients = sorted({e.client for e in events})
+        clients = sorted({row[4] for row, _ in executions})
         if clients:
             await conn.executemany(UPSERT_CLIENT, [(c,) for c in clients])
-        await conn.executemany(UPSERT_EXECUTION, [execution_row(e) for e in events])
-        node_rows = [node_run_row(e) for e in events if e.type in (EventType.NODE_STARTED, EventType.NODE_FINISHED)]
-        if node_rows:
-            await conn.executemany(UPSERT_NODE_RUN, node_rows)
+        if executions:
+            await conn.executemany(UPSERT_EXECUTION, [row for row, _ in executions])
+            # The upsert leaves a row stored for another task untouched; find the events it refused.
+            # Every id of the batch has a row now, locked by this transaction, so this read is exact.
+            stored: dict[int, str] = dict(
+                await conn.fetch(
+                    "SELECT id, task_id FROM executions WHERE id = ANY($1::bigint[])",
+                    sorted({row[0] for row, _ in executions}),
+                )
+            )
+            for row, event in executions:
+                if stored.get(row[0]) != row[1]:
+                    refused.append(
+                        Refusal(
+                            event.id,
+                            "execution_id_reused",
+                            f"execution {row[0]} is stored for task {stored.get(row[0])}, not {row[1]}",
+                        )
+                    )
+        skip = {r.entry_id for r in refused}
+        rows = [row for row, event in node_runs if event.id not in skip]
+        if rows:
+            await conn.executemany(UPSERT_NODE_RUN, rows)
+    return refused
+
+
+def pg_safe_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(pg_safe(v) for v in row)
 
 
 class Projector:
-    def __init__(self, settings: Settings, redis: Redis, pool: asyncpg.Pool | None, *, consumer: str) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis, pool: asyncpg.Pool | LazyPool | None, *, consumer: str
+    ) -> None:
+        """`pool` may be an open pool, a LazyPool (opened when PostgreSQL answers), or None: the
+        projector then opens its own from the settings, and closes it when it stops."""
         self.settings = settings
         self.redis = redis
+        self._own_pool = pool is None
         self.pool = pool
         self.keys = Keys.from_settings(settings)
+        self.dead_letters = dead_letter_stream(self.keys)
         self.consumer = consumer
         self.projected = 0
+        self.refused = 0
+
+    async def _db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            if not self.settings.database_url:
+                raise NotConfigured("DATABASE_URL is not set (or run `nova dev`, which starts an embedded PostgreSQL)")
+            self.pool = LazyPool(self.settings.database_url)
+        return await self.pool.get() if isinstance(self.pool, LazyPool) else self.pool
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._loop(stop)
+        finally:
+            if self._own_pool and isinstance(self.pool, LazyPool):
+                await self.pool.close()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         wait = wait_exponential_jitter(multiplier=0.1, max=5.0)
         failures = 0
         # Our own pending entries first (a previous life of this consumer name), then new ones.
@@ -176,15 +304,16 @@ class Projector:
         next_reclaim = 0.0
         while not stop.is_set():
             try:
-                if self.pool is None:
-                    self.pool = await open_pool(self.settings)
                 # Events a dead projector read but never wrote: taken over on a timer, not only
                 # when idle, so a busy stream does not keep them waiting.
                 if time.monotonic() >= next_reclaim:
                     await self._reclaim_stale()
                     next_reclaim = time.monotonic() + self.settings.visibility_timeout / 2
                 entries = await self._next_batch(cursor)
-                if cursor == "0" and not entries:
+                if cursor != ">" and not entries:
+                    # Our pending entries are all re-read (the cursor walks past them after each
+                    # batch): on to new ones. Testing only for "0" here left the loop re-reading an
+                    # empty history forever after any PostgreSQL error.
                     cursor = ">"
                     continue
                 if entries:
@@ -232,27 +361,70 @@ class Projector:
             await self._project(claimed)
 
     async def _project(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        assert self.pool is not None
         events: list[Event] = []
-        poison: list[str] = []
+        refused: list[Refusal] = []
         for entry_id, fields in entries:
             try:
                 events.append(Event.from_entry(entry_id, fields))
-            except (KeyError, ValueError) as exc:
-                log.error("results entry %s is not an event (%s); skipped", entry_id, exc)
-                poison.append(entry_id)
-        async with self.pool.acquire() as conn:
+            except (KeyError, ValueError, TypeError) as exc:
+                refused.append(Refusal(entry_id, "malformed", f"not an event: {type(exc).__name__}: {exc}"))
+        pool = await self._db()
+        written: list[Refusal] = []
+        for attempt in range(1, RETRIES_ON_ROLLBACK + 1):
             try:
-                await apply_events(conn, events)
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
-                # One bad event must not block the stream: apply one by one, skip what fails.
-                for event in events:
-                    try:
-                        await apply_events(conn, [event])
-                    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-                        log.error("event %s (%s) cannot be projected: %s", event.id, event.type, exc)
-        await self.redis.xack(self.keys.results, self.keys.projector_group, *[i for i, _ in entries])
-        self.projected += len(events)
+                async with pool.acquire() as conn:
+                    written = await self._write(conn, events)
+                break
+            except asyncpg.TransactionRollbackError as exc:
+                # Rows are written in key order, so this is rare; the rollback undid the batch.
+                if attempt == RETRIES_ON_ROLLBACK:
+                    raise
+                log.warning("projector batch rolled back (%s); writing it again", exc)
+        refused += written
+        await self._dead_letter_and_ack(entries, refused)
+        self.refused += len(refused)
+        self.projected += len(entries) - len(refused)
+
+    async def _write(self, conn: asyncpg.Connection, events: list[Event]) -> list[Refusal]:
+        try:
+            return await apply_events(conn, events)
+        except EVENT_REFUSED:
+            pass
+        # Something in the batch cannot be stored: write the events one by one to find it, so the
+        # others still land. Anything else (PostgreSQL gone, a schema problem) propagates: the batch
+        # stays pending and is read again.
+        refused: list[Refusal] = []
+        for event in events:
+            try:
+                refused += await apply_events(conn, [event])
+            except EVENT_REFUSED as exc:
+                refused.append(Refusal(event.id, "rejected", f"{type(exc).__name__}: {exc}"))
+        return refused
+
+    async def _dead_letter_and_ack(self, entries: list[tuple[str, dict[str, str]]], refused: list[Refusal]) -> None:
+        """Keep the refused entries in the projector's dead-letter stream and acknowledge the batch,
+        atomically: an entry leaves the pending list only once it is either written or kept."""
+        by_id = dict(entries)
+        dead_at = now_iso()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for refusal in refused:
+                log.error(
+                    "results entry %s cannot be projected (%s): %s; kept in %s",
+                    refusal.entry_id,
+                    refusal.reason,
+                    refusal.detail,
+                    self.dead_letters,
+                )
+                letter = {
+                    **decode_fields(by_id.get(refusal.entry_id) or {}),
+                    DeadLetterField.REASON: refusal.reason,
+                    DeadLetterField.ERROR: refusal.detail,
+                    DeadLetterField.ORIGINAL_ID: refusal.entry_id,
+                    DeadLetterField.DEAD_AT: dead_at,
+                }
+                pipe.xadd(self.dead_letters, letter)  # type: ignore[arg-type]
+            pipe.xack(self.keys.results, self.keys.projector_group, *[i for i, _ in entries])
+            await pipe.execute()
 
 
 class _Attempt:

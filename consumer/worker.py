@@ -30,6 +30,7 @@ from shared.backoff import Backoff, sleep_or_stop
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
+from shared.db import LazyPool
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
@@ -362,9 +363,11 @@ async def serve(
     from consumer.projector import Projector
 
     redis = create_redis(settings)
+    # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.
+    lazy_pool = LazyPool(settings.database_url) if settings.database_url else None
     pool: asyncpg.Pool | None = None
     try:
-        pool = await open_pool(settings)
+        pool = await lazy_pool.get() if lazy_pool is not None else await open_pool(settings)
     except Exception as exc:
         # Workers do not need PostgreSQL to execute: workflows are read from Redis, and events
         # wait in the results stream until the projector can write them.
@@ -374,7 +377,7 @@ async def serve(
     keys = Keys.from_settings(settings)
     vault = Vault.from_settings(settings)
     clients = ClientStore(redis, pool, keys, vault)
-    worker = Worker(settings, redis, WorkflowCatalog(redis, pool, keys), providers, clients.secrets_for)
+    worker = Worker(settings, redis, WorkflowCatalog(redis, lazy_pool, keys), providers, clients.secrets_for)
     tasks = [
         asyncio.create_task(worker.run(stop), name="worker"),
         asyncio.create_task(
@@ -382,13 +385,13 @@ async def serve(
         ),
     ]
     if settings.run_projector:
-        projector = Projector(settings, redis, pool, consumer=worker.consumer)
+        projector = Projector(settings, redis, lazy_pool, consumer=worker.consumer)
         tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
     try:
         await asyncio.gather(*tasks)
     finally:
         for provider in providers.values():
             await provider.aclose()
-        if pool is not None:
-            await pool.close()
+        if lazy_pool is not None:
+            await lazy_pool.close()
         await redis.aclose()

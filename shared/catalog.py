@@ -3,6 +3,10 @@
 Workflows are immutable once created, so every process may cache them forever. The enqueue path and
 the workers read the Redis copy (then their own memory), never PostgreSQL: executions keep flowing
 while PostgreSQL is down, and the API does no database round trip per enqueue.
+
+A workflow missing from Redis (after a flush, on a new instance) is looked up in PostgreSQL. While
+PostgreSQL cannot be reached that lookup has no answer: `get` raises CatalogUnavailable, which
+callers treat as transient, instead of returning None ("no such workflow").
 """
 
 from __future__ import annotations
@@ -14,7 +18,28 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from shared.db import LazyPool
 from shared.streams import Keys, dumps, loads
+
+# What reaching PostgreSQL raises while it is down, restarting or out of connections (as opposed to
+# an error in the query itself).
+POSTGRES_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.InterfaceError,
+)
+
+
+class CatalogUnavailable(ConnectionError):
+    """The workflow is not in Redis and PostgreSQL, its record, cannot be reached: unknown for now.
+
+    Transient: the run (or request) should be retried later, not dead-lettered. A ConnectionError,
+    so code that already treats lost connections as transient (the API's 503, the worker leaving an
+    entry pending) does the right thing without knowing this class.
+    """
 
 
 @dataclass(frozen=True)
@@ -47,16 +72,22 @@ def _from_row(row: asyncpg.Record) -> StoredWorkflow:
 
 
 class WorkflowCatalog:
-    def __init__(self, redis: Redis, pool: asyncpg.Pool | None, keys: Keys) -> None:
+    def __init__(self, redis: Redis, pool: asyncpg.Pool | LazyPool | None, keys: Keys) -> None:
+        """`pool` may be a LazyPool: a process started while PostgreSQL was down then opens it once
+        PostgreSQL is back. None means this deployment has no PostgreSQL at all."""
         self.redis = redis
         self.pool = pool
         self.keys = keys
         self._memory: dict[int, StoredWorkflow] = {}
 
-    async def create(self, name: str, description: str | None, definition: dict[str, Any]) -> StoredWorkflow:
+    async def _db(self, needed_for: str) -> asyncpg.Pool:
         if self.pool is None:
-            raise RuntimeError("creating a workflow needs PostgreSQL")
-        row = await self.pool.fetchrow(
+            raise RuntimeError(f"{needed_for} needs PostgreSQL")
+        return await self.pool.get() if isinstance(self.pool, LazyPool) else self.pool
+
+    async def create(self, name: str, description: str | None, definition: dict[str, Any]) -> StoredWorkflow:
+        pool = await self._db("creating a workflow")
+        row = await pool.fetchrow(
             """INSERT INTO workflows (name, description, definition) VALUES ($1, $2, $3)
                RETURNING id, name, description, definition, created_at""",
             name,
@@ -85,9 +116,15 @@ class WorkflowCatalog:
             return workflow
         if self.pool is None:
             return None
-        row = await self.pool.fetchrow(
-            "SELECT id, name, description, definition, created_at FROM workflows WHERE id = $1", workflow_id
-        )
+        try:
+            pool = await self._db("reading a workflow")
+            row = await pool.fetchrow(
+                "SELECT id, name, description, definition, created_at FROM workflows WHERE id = $1", workflow_id
+            )
+        except POSTGRES_UNREACHABLE as exc:
+            raise CatalogUnavailable(
+                f"workflow {workflow_id} is not in Redis and PostgreSQL is unreachable ({type(exc).__name__}: {exc})"
+            ) from exc
         if row is None:
             return None
         workflow = _from_row(row)
@@ -95,9 +132,8 @@ class WorkflowCatalog:
         return workflow
 
     async def list(self, *, limit: int = 100, offset: int = 0) -> list[StoredWorkflow]:
-        if self.pool is None:
-            raise RuntimeError("listing workflows needs PostgreSQL")
-        rows = await self.pool.fetch(
+        pool = await self._db("listing workflows")
+        rows = await pool.fetch(
             """SELECT id, name, description, definition, created_at FROM workflows
                ORDER BY id LIMIT $1 OFFSET $2""",
             limit,

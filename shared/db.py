@@ -7,6 +7,7 @@ own transaction, under an advisory lock so that several processes running ``nova
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -50,6 +51,48 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs)
+
+
+class LazyPool:
+    """A pool opened on first use, and again on the next use after an open failed.
+
+    A long-lived process (a worker) may start while PostgreSQL is down; with a pool opened once at
+    start it would run without PostgreSQL for the rest of its life. Once open, asyncpg's pool replaces
+    broken connections itself, so only the first successful open matters.
+    """
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def current(self) -> asyncpg.Pool | None:
+        """The pool if it is open, without trying to open it."""
+        return self._pool
+
+    async def get(self) -> asyncpg.Pool:
+        """The open pool; raises what connecting raises (OSError, asyncpg errors) while PostgreSQL is
+        unreachable, and tries again on the next call."""
+        if self._pool is not None:
+            return self._pool
+        async with self._opening:
+            # One open at a time: callers that waited use the pool the first one opened.
+            if self._pool is None:
+                if self._closed:
+                    raise asyncpg.InterfaceError("pool is closed")
+                self._pool = await create_pool(self.dsn, min_size=self.min_size, max_size=self.max_size)
+            return self._pool
+
+    async def close(self) -> None:
+        async with self._opening:
+            self._closed = True
+            if self._pool is not None:
+                await self._pool.close()
+                self._pool = None
 
 
 async def migrate(conn: asyncpg.Connection) -> list[int]:

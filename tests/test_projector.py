@@ -1,0 +1,330 @@
+"""The projector against real Redis and PostgreSQL: every event it reads is either written or kept,
+with its reason, in the projector's dead-letter stream; it never merges two executions into one row,
+and concurrent projectors do not deadlock each other."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from consumer.projector import Projector, apply_events
+from shared.connections import ensure_groups
+from shared.db import create_pool, migrate_url
+from shared.embedded import PostgresServer
+from shared.events import Event, event_fields
+from shared.settings import Settings
+from shared.streams import EventType, Keys, TaskField, loads
+from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_projected, wait_terminal
+
+NUL, REPLACEMENT = "\x00", "\ufffd"
+
+
+def dead_letter_key(settings: Settings) -> str:
+    return f"{Keys.from_settings(settings).prefix}:projector:dlq"
+
+
+class Emitter:
+    """Appends well-formed events of one execution to the results stream, as a worker would."""
+
+    def __init__(
+        self, redis: Redis, settings: Settings, *, execution_id: int, task_id: str, client: str, workflow_id: int
+    ) -> None:
+        self.redis, self.settings = redis, settings
+        self.ids = {"execution_id": execution_id, "task_id": task_id, "client": client, "workflow_id": workflow_id}
+
+    async def emit(self, type_: EventType, data: dict[str, Any], **override: Any) -> str:
+        fields = event_fields(type_, **{**self.ids, **override}, data=data)  # type: ignore[arg-type]
+        return str(await self.redis.xadd(self.settings.results_stream, fields))  # type: ignore[arg-type]
+
+    async def whole_run(self, initial: dict[str, Any], final: dict[str, Any], stdout: str = "") -> None:
+        t = "2024-05-01T10:00:00.000Z"
+        await self.emit(EventType.QUEUED, {"workflow_name": "wf", "enqueued_at": t, "initial_context": initial})
+        await self.emit(
+            EventType.STARTED,
+            {"workflow_name": "wf", "enqueued_at": t, "started_at": t, "consumer": "w1", "delivery": 1, "attempt": 0},
+        )
+        node = {"step": 1, "node_id": "a1", "node_type": "action", "started_at": t}
+        await self.emit(EventType.NODE_STARTED, {**node, "input_context": initial})
+        await self.emit(
+            EventType.NODE_FINISHED,
+            {
+                **node,
+                "status": "success",
+                "finished_at": t,
+                "duration_ms": 1.0,
+                "output_context": final,
+                "stdout": stdout,
+            },
+        )
+        await self.emit(
+            EventType.SUCCEEDED,
+            {"started_at": t, "finished_at": t, "duration_ms": 1.0, "final_context": final, "nodes_executed": 1},
+        )
+
+
+async def drain(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    """Run a projector until it has acknowledged every entry of the results stream."""
+    await ensure_groups(redis, Keys.from_settings(settings))
+    stop = asyncio.Event()
+    task = asyncio.create_task(Projector(settings, redis, pool, consumer="p-test").run(stop))
+    try:
+        await wait_read(redis, settings, task, acked=True)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def wait_read(redis: Redis, settings: Settings, projector: asyncio.Task[None], *, acked: bool) -> None:
+    """Until the projectors' group has read every entry of the results stream and acknowledged them
+    all (`acked`), or holds at least one read but unacknowledged: Redis's own record, polled."""
+    keys = Keys.from_settings(settings)
+    deadline = time.monotonic() + 30
+    while True:
+        if projector.done():
+            projector.result()
+            raise AssertionError("the projector stopped by itself")
+        last = (await redis.xinfo_stream(keys.results))["last-generated-id"]
+        group = next(g for g in await redis.xinfo_groups(keys.results) if g["name"] == keys.projector_group)
+        if acked and group["last-delivered-id"] == last and group["pending"] == 0:
+            return
+        if not acked and group["pending"] > 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"projector did not read the results stream: {group}")
+        await asyncio.sleep(0.02)
+
+
+async def dead_letters(redis: Redis, settings: Settings) -> list[dict[str, str]]:
+    return [fields for _id, fields in await redis.xrange(dead_letter_key(settings))]
+
+
+# ---- A: U+0000 ----------------------------------------------------------------------------------
+
+
+async def test_nul_characters_are_replaced_in_postgresql_only(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    run = Emitter(redis, settings, execution_id=1, task_id="t-nul", client="acme", workflow_id=wf.id)
+    initial = {"pdf": f"%PDF{NUL}1", f"key{NUL}": [{"deep": NUL}]}
+    final = {**initial, "pages": [f"a{NUL}b"]}
+    await run.whole_run(initial, final, stdout=f"printed{NUL}")
+
+    await drain(redis, settings, pool)
+
+    row = await pool.fetchrow("SELECT status, initial_context, final_context FROM executions WHERE id = 1")
+    assert row["status"] == "success"
+    assert row["initial_context"] == {"pdf": f"%PDF{REPLACEMENT}1", f"key{REPLACEMENT}": [{"deep": REPLACEMENT}]}
+    assert row["final_context"]["pages"] == [f"a{REPLACEMENT}b"]
+    node = await pool.fetchrow("SELECT input_context, output_context, stdout FROM node_runs WHERE execution_id = 1")
+    assert node["input_context"] == row["initial_context"]
+    assert node["output_context"]["pages"] == [f"a{REPLACEMENT}b"]
+    assert node["stdout"] == f"printed{REPLACEMENT}"
+    # Redis keeps what the run produced, byte for byte.
+    events = [Event.from_entry(i, f) for i, f in await redis.xrange(settings.results_stream)]
+    assert events[-1].type == EventType.SUCCEEDED and events[-1].data["final_context"] == final
+    assert await dead_letters(redis, settings) == []
+
+
+async def test_a_run_whose_context_carries_nul_lands_its_terminal_status(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("context['text'] = context['pdf'].upper()"))
+    async with in_process_worker(settings):
+        task = await enqueue(redis, settings, wf, {"pdf": f"page{NUL}one"})
+        done = await wait_terminal(redis, settings, [task.task_id])
+        assert done[task.task_id].type == EventType.SUCCEEDED
+        await wait_projected(pool, [task.execution_id], {"success"})
+    result = loads(await redis.hget(Keys.from_settings(settings).task(task.task_id), TaskField.RESULT))
+    assert result["final_context"] == {"pdf": f"page{NUL}one", "text": f"PAGE{NUL}ONE"}
+    final = await pool.fetchval("SELECT final_context FROM executions WHERE id = $1", task.execution_id)
+    assert final == {"pdf": f"page{REPLACEMENT}one", "text": f"PAGE{REPLACEMENT}ONE"}
+
+
+async def test_events_postgresql_refuses_are_logged_and_kept_not_dropped(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    good = Emitter(redis, settings, execution_id=1, task_id="t-good", client="acme", workflow_id=wf.id)
+    bad = Emitter(redis, settings, execution_id=2, task_id="t-bad", client="acme", workflow_id=wf.id)
+    await good.whole_run({"n": 1}, {"n": 2})
+    # More nodes than an integer column holds: PostgreSQL refuses the row.
+    too_big = await bad.emit(
+        EventType.SUCCEEDED,
+        {"finished_at": "2024-05-01T10:00:00Z", "final_context": {}, "nodes_executed": 2**40},
+    )
+    # A timestamp that is not one: the row cannot even be built.
+    bad_time = await bad.emit(EventType.STARTED, {"started_at": "yesterday"}, execution_id=3, task_id="t-time")
+    # Not an event at all.
+    junk = str(await redis.xadd(settings.results_stream, {"hello": "world"}))
+
+    with caplog.at_level(logging.ERROR, logger="consumer.projector"):
+        await drain(redis, settings, pool)
+
+    assert await pool.fetchval("SELECT status FROM executions WHERE id = 1") == "success"
+    letters = {f["dlq_original_id"]: f for f in await dead_letters(redis, settings)}
+    assert set(letters) == {too_big, bad_time, junk}
+    assert letters[too_big]["task_id"] == "t-bad" and letters[too_big]["dlq_reason"] == "rejected"
+    assert "out of int32 range" in letters[too_big]["dlq_error"]
+    assert letters[bad_time]["dlq_reason"] == "malformed" and "yesterday" in letters[bad_time]["dlq_error"]
+    assert letters[junk]["dlq_reason"] == "malformed" and letters[junk]["hello"] == "world"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for entry_id in (too_big, bad_time, junk):
+        assert entry_id in logged
+
+
+# ---- B: execution ids handed out again ------------------------------------------------------------
+
+
+async def test_an_execution_id_given_out_again_is_refused_not_merged(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    acme = Emitter(redis, settings, execution_id=7, task_id="t-acme", client="acme", workflow_id=wf.id)
+    await acme.whole_run({"owner": "acme"}, {"owner": "acme", "secret": "acme's"})
+    await drain(redis, settings, pool)
+    before = dict(await pool.fetchrow("SELECT * FROM executions WHERE id = 7"))
+    runs_before = [dict(r) for r in await pool.fetch("SELECT * FROM node_runs WHERE execution_id = 7")]
+
+    # Redis lost its data and handed id 7 out again, to another client's task.
+    globex = Emitter(redis, settings, execution_id=7, task_id="t-globex", client="globex", workflow_id=wf.id)
+    await globex.whole_run({"owner": "globex"}, {"owner": "globex", "secret": "globex's"})
+    with caplog.at_level(logging.ERROR, logger="consumer.projector"):
+        await drain(redis, settings, pool)
+
+    assert dict(await pool.fetchrow("SELECT * FROM executions WHERE id = 7")) == before
+    assert [dict(r) for r in await pool.fetch("SELECT * FROM node_runs WHERE execution_id = 7")] == runs_before
+    letters = await dead_letters(redis, settings)
+    assert len(letters) == 5
+    assert {f["task_id"] for f in letters} == {"t-globex"}
+    assert {f["dlq_reason"] for f in letters} == {"execution_id_reused"}
+    assert all("t-acme" in f["dlq_error"] for f in letters)
+    assert "t-globex" in caplog.text
+
+
+async def test_an_execution_id_reused_within_one_batch_keeps_the_first_task(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    first = Emitter(redis, settings, execution_id=9, task_id="t-first", client="acme", workflow_id=wf.id)
+    second = Emitter(redis, settings, execution_id=9, task_id="t-second", client="globex", workflow_id=wf.id)
+    await first.whole_run({"who": "first"}, {"who": "first"})
+    await second.whole_run({"who": "second"}, {"who": "second"})
+
+    await drain(redis, settings, pool)
+
+    row = await pool.fetchrow("SELECT task_id, client_slug, final_context FROM executions WHERE id = 9")
+    assert (row["task_id"], row["client_slug"], row["final_context"]) == ("t-first", "acme", {"who": "first"})
+    assert await pool.fetchval("SELECT output_context FROM node_runs WHERE execution_id = 9") == {"who": "first"}
+    assert {f["task_id"] for f in await dead_letters(redis, settings)} == {"t-second"}
+
+
+# ---- E: concurrent projectors ---------------------------------------------------------------------
+
+
+def started(execution_id: int, entry_id: str, workflow_id: int) -> Event:
+    t = "2024-05-01T10:00:00.000Z"
+    fields = event_fields(
+        EventType.STARTED,
+        task_id=f"t{execution_id}",
+        execution_id=execution_id,
+        workflow_id=workflow_id,
+        client="acme",
+        data={"workflow_name": "wf", "started_at": t, "consumer": entry_id, "attempt": 0},
+    )
+    return Event.from_entry(entry_id, fields)
+
+
+async def wait_blocked(pool: asyncpg.Pool, database: str, count: int) -> None:
+    """Until `count` sessions of the test database wait on a lock (PostgreSQL's own view of it)."""
+    deadline = time.monotonic() + 30
+    while True:
+        n = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", database
+        )
+        if n >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n} of {count} sessions blocked")
+        await asyncio.sleep(0.01)
+
+
+async def test_two_projectors_writing_overlapping_rows_do_not_deadlock(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    async with pool.acquire() as conn:
+        await apply_events(conn, [started(i, f"1-{i}", wf.id) for i in (1, 2, 3)])
+    # Two batches touching executions 1 and 2, whose stream order differs: A has 1 before 2 (with 3
+    # in between), B has 2 before 1.
+    batch_a = [started(1, "10-0", wf.id), started(3, "11-0", wf.id), started(2, "12-0", wf.id)]
+    batch_b = [started(2, "10-1", wf.id), started(1, "11-1", wf.id)]
+    database = await pool.fetchval("SELECT current_database()")
+
+    holder, conn_a, conn_b = [await pool.acquire() for _ in range(3)]
+    try:
+        # A third session holds row 3 so that A stops inside its batch: B then gets as far as it can.
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT 1 FROM executions WHERE id = 3 FOR UPDATE")
+        write_a = asyncio.create_task(apply_events(conn_a, batch_a))
+        await wait_blocked(pool, database, 1)
+        write_b = asyncio.create_task(apply_events(conn_b, batch_b))
+        await wait_blocked(pool, database, 2)
+        await holding.rollback()
+        results = await asyncio.gather(write_a, write_b, return_exceptions=True)
+    finally:
+        for conn in (holder, conn_a, conn_b):
+            await pool.release(conn)
+
+    assert results == [[], []]
+    consumers = dict(await pool.fetch("SELECT id, consumer FROM executions ORDER BY id"))
+    assert consumers == {1: "11-1", 2: "12-0", 3: "11-0"}
+
+
+# ---- outages -------------------------------------------------------------------------------------
+
+
+async def test_after_a_postgresql_outage_the_projector_writes_the_events_it_held_and_newer_ones(
+    redis: Redis, settings: Settings, pg_factory: Callable[..., PostgresServer]
+) -> None:
+    pg = pg_factory()
+    await migrate_url(pg.url)
+    settings = settings.model_copy(update={"database_url": pg.url})
+    pool = await create_pool(pg.url, min_size=1, max_size=2)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await ensure_groups(redis, Keys.from_settings(settings))
+    stop = asyncio.Event()
+    projector = asyncio.create_task(Projector(settings, redis, pool, consumer="p-test").run(stop))
+    try:
+        runs = [
+            Emitter(redis, settings, execution_id=i, task_id=f"t{i}", client="acme", workflow_id=wf.id)
+            for i in (1, 2, 3)
+        ]
+        await runs[0].whole_run({}, {"n": 1})
+        await wait_read(redis, settings, projector, acked=True)
+        pg.stop()
+        # Read while PostgreSQL is down: they stay pending for this projector.
+        await runs[1].whole_run({}, {"n": 2})
+        await wait_read(redis, settings, projector, acked=False)
+        pg.start()
+        # Events appended after the outage must be read too, not only the held ones.
+        await runs[2].whole_run({}, {"n": 3})
+        await wait_read(redis, settings, projector, acked=True)
+    finally:
+        stop.set()
+        await asyncio.wait_for(projector, 10)
+        await pool.close()
+    check = await create_pool(pg.url, min_size=1, max_size=1)
+    try:
+        statuses = dict(await check.fetch("SELECT id, status FROM executions ORDER BY id"))
+    finally:
+        await check.close()
+    assert statuses == {1: "success", 2: "success", 3: "success"}
