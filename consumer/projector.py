@@ -17,7 +17,6 @@ shared rows in the same order; a deadlock or serialization failure is retried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
-from tenacity import wait_exponential_jitter
 
+from shared.backoff import Backoff, sleep_or_stop
 from shared.connections import REDIS_UNAVAILABLE, NotConfigured, ensure_groups
 from shared.db import LazyPool
 from shared.events import Event
@@ -112,11 +111,6 @@ EVENT_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, a
 
 # Deadlocks and serialization failures: the transaction was rolled back and may simply run again.
 RETRIES_ON_ROLLBACK = 5
-
-
-def dead_letter_stream(keys: Keys) -> str:
-    """Events the projector read but cannot write, kept for an operator (never trimmed by NOVA)."""
-    return f"{keys.prefix}:projector:dlq"
 
 
 @dataclass(frozen=True)
@@ -277,7 +271,7 @@ class Projector:
         self._own_pool = pool is None
         self.pool = pool
         self.keys = Keys.from_settings(settings)
-        self.dead_letters = dead_letter_stream(self.keys)
+        self.dead_letters = self.keys.projector_dead_letter
         self.consumer = consumer
         self.projected = 0
         self.refused = 0
@@ -297,8 +291,7 @@ class Projector:
                 await self.pool.close()
 
     async def _loop(self, stop: asyncio.Event) -> None:
-        wait = wait_exponential_jitter(multiplier=0.1, max=5.0)
-        failures = 0
+        backoff = Backoff()
         # Our own pending entries first (a previous life of this consumer name), then new ones.
         cursor = "0"
         next_reclaim = 0.0
@@ -320,7 +313,7 @@ class Projector:
                     await self._project(entries)
                     if cursor != ">":
                         cursor = entries[-1][0]
-                failures = 0
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
@@ -328,13 +321,11 @@ class Projector:
                     raise
                 await ensure_groups(self.redis, self.keys)
             except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                failures += 1
-                delay = wait(_Attempt(failures))
+                delay = backoff.next_delay()
                 log.warning("projector waiting %.1fs: %s", delay, exc)
                 # Unacknowledged entries stay pending for this consumer; re-read them from the start.
                 cursor = "0"
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await sleep_or_stop(delay, stop)
 
     async def _next_batch(self, cursor: str) -> list[tuple[str, dict[str, str]]]:
         reply = await self.redis.xreadgroup(
@@ -425,11 +416,6 @@ class Projector:
                 pipe.xadd(self.dead_letters, letter)  # type: ignore[arg-type]
             pipe.xack(self.keys.results, self.keys.projector_group, *[i for i, _ in entries])
             await pipe.execute()
-
-
-class _Attempt:
-    def __init__(self, attempt_number: int) -> None:
-        self.attempt_number = attempt_number
 
 
 async def serve_projector(settings: Settings, *, stop: asyncio.Event) -> None:

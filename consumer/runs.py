@@ -23,7 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from consumer.engine import Checkpoint, NodeRecord, OpenSandbox, Outcome, run_workflow
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
 from consumer.sandbox.base import NodeError, Sandbox, SandboxInfraError, SandboxSpec
-from shared.catalog import WorkflowCatalog
+from shared.catalog import CatalogUnavailable, WorkflowCatalog
 from shared.clients import ClientError
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import event_fields
@@ -128,12 +128,17 @@ class Run:
                 task,
             )
             return
-        definition = await self._definition(task)
+        attempt = int(task.get(TaskField.ATTEMPT) or 0)
+        try:
+            definition = await self._definition(task)
+        except CatalogUnavailable as exc:
+            # Only PostgreSQL knows the workflow and it is unreachable: wait and retry, do not bury it.
+            await self._transient_failure(attempt, exc)
+            return
         if definition is None:
             return
         checkpoint_raw = loads(task.get(TaskField.CHECKPOINT))
         resume = Checkpoint.from_json(checkpoint_raw) if checkpoint_raw else None
-        attempt = int(task.get(TaskField.ATTEMPT) or 0)
         self._start(task, attempt, resume)
         try:
             outcome = await self._run_workflow(definition, resume)

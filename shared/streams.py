@@ -172,6 +172,11 @@ class Keys:
         return f"{self.prefix}:seq:execution"
 
     @property
+    def projector_dead_letter(self) -> str:
+        """Events the projector read but cannot write, kept for an operator (never trimmed by NOVA)."""
+        return f"{self.prefix}:projector:dlq"
+
+    @property
     def delayed(self) -> str:
         """Sorted set of requests waiting for a retry, scored by due time in ms."""
         return f"{self.prefix}:delayed"

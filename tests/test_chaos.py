@@ -3,8 +3,7 @@
 The first run has the faults the product already survives: workers SIGKILLed, Redis restarted,
 PostgreSQL stopped; nothing may be lost or duplicated. The second run adds, at small scale, the faults
 `nova chaos` turns on by default (long nodes, lost replies, non-UTF-8 request entries); it runs once
-and each of its checks is its own test, so that the ones known to fail today are marked as such one
-by one while the rest keep guarding.
+and each of its checks is its own test, so a failure names the promise it broke.
 """
 
 from __future__ import annotations
@@ -15,12 +14,6 @@ from typing import Any
 import pytest
 
 from cli.chaos import Chaos
-
-# The checks below fail until the worker fixes land; strict=False so that merging them turns these
-# into XPASS, a prompt to remove the marks.
-HEARTBEAT_ONE_ENTRY = "heartbeat refreshes only one in-flight entry: long nodes are reclaimed and run again"
-LUA_RERUN = "atomic scripts re-run after a lost reply write their events twice"
-UTF8_POISON = "a non-UTF-8 request entry breaks XREADGROUP/XAUTOCLAIM instead of being dead-lettered"
 
 
 @pytest.mark.timeout(120)
@@ -46,7 +39,7 @@ async def test_small_chaos_run_loses_and_duplicates_nothing() -> None:
 async def faulty_report() -> AsyncIterator[dict[str, Any]]:
     """One run with every fault: 100 executions, 10 with a 3 s node (visibility timeout 2 s), 1% of the
     workers' replies lost, one entry with non-UTF-8 bytes. `timeout` bounds the wait for executions
-    that never end, so today's failures show up in the report instead of hanging the suite."""
+    that never end, so a failure shows up in the report instead of hanging the suite."""
     yield await Chaos(
         executions=100,
         workers=3,
@@ -72,7 +65,6 @@ async def test_faulty_run_injected_every_fault(faulty_report: dict[str, Any]) ->
     assert report["poison_dead_lettered"].endswith("/1"), report
 
 
-@pytest.mark.xfail(strict=False, reason=f"{UTF8_POISON}; {LUA_RERUN}")
 async def test_faulty_run_loses_and_duplicates_nothing(faulty_report: dict[str, Any]) -> None:
     report = faulty_report
     assert report["lost"] == 0 and report["duplicated"] == 0, report
@@ -81,13 +73,11 @@ async def test_faulty_run_loses_and_duplicates_nothing(faulty_report: dict[str, 
     assert report["poison_dead_lettered"] == "1/1", report
 
 
-@pytest.mark.xfail(strict=False, reason=HEARTBEAT_ONE_ENTRY)
 async def test_faulty_run_starts_no_long_node_twice(faulty_report: dict[str, Any]) -> None:
     report = faulty_report
     assert report["node_started_twice"] == 0, report
     assert report["long_succeeded"] == "10/10", report
 
 
-@pytest.mark.xfail(strict=False, reason=UTF8_POISON)
 async def test_faulty_run_dead_letters_the_non_utf8_entry(faulty_report: dict[str, Any]) -> None:
     assert faulty_report["bad_bytes_dead_lettered"] == "1/1", faulty_report
