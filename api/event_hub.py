@@ -94,10 +94,16 @@ class EventHub:
             self.last_id = latest[0][0] if latest else "0-0"
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            # One cancel may be lost: redis-py sends each command through asyncio.wait_for, which on
+            # Python 3.11 returns normally when the cancel lands just as the send completes, and the
+            # loop would then read on forever. Cancel again until it has ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         for sub in list(self.subscribers):
             # Wake every reader so SSE responses end with the process.
             sub.overflowed = True

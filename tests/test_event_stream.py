@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 
 from api.event_hub import EventHub
 from api.routes.events import feed_filter, feed_stream, task_event_stream
+from shared.connections import create_redis
 from shared.settings import Settings
 from shared.streams import Keys
 from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal
@@ -123,3 +127,43 @@ async def test_hub_fans_out_with_one_reader_and_drops_laggards(redis: Redis, set
         assert slow.overflowed and len(seen) < 5
     finally:
         await hub.stop()
+
+
+async def test_stop_ends_the_hub_even_when_its_cancel_is_swallowed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py sends each command through asyncio.wait_for, which on Python 3.11 returns normally when
+    the task is cancelled just as the send completes: the cancel is lost. stop() must end the hub anyway
+    (a lost cancel once left an API lifespan exit awaiting the reader loop forever)."""
+    client = create_redis(settings)  # as the API opens it: a socket timeout, so sends go through wait_for
+    hub = EventHub(client, Keys.from_settings(settings), block_ms=100)
+    await hub.start()
+    reader = hub._task
+    assert reader is not None
+    stopping: list[asyncio.Task[None]] = []
+    send = Connection._send_packed_command
+
+    async def send_then_stop(self: Connection, command: Any) -> None:
+        await send(self, command)
+        if not stopping:
+            # Runs in wait_for's inner task, which ends right after this: stop() cancels the hub while
+            # wait_for's inner future is already done, the exact window in which the cancel is dropped.
+            stopping.append(asyncio.ensure_future(hub.stop()))
+
+    monkeypatch.setattr(Connection, "_send_packed_command", send_then_stop)
+    try:
+        for _ in range(500):  # the hub's next XREAD (every 100 ms) trips it
+            if stopping:
+                break
+            await asyncio.sleep(0.01)
+        monkeypatch.undo()
+        assert stopping, "the hub sent no command"
+        done, _ = await asyncio.wait(stopping, timeout=5)
+        assert done, "EventHub.stop() is still waiting for a reader loop that lost its cancel"
+        assert reader.done()
+    finally:
+        monkeypatch.undo()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.gather(reader, *stopping), 5)
+        await client.aclose()
