@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import Event
 from shared.streams import Keys
+from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,8 @@ class EventHub:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            # One cancel may be lost: redis-py sends each command through asyncio.wait_for, which on
-            # Python 3.11 returns normally when the cancel lands just as the send completes, and the
-            # loop would then read on forever. Cancel again until it has ended.
-            while not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # A single cancel can be lost (see cancel_until_done), and the loop would read on forever.
+            await cancel_until_done([task])
         for sub in list(self.subscribers):
             # Wake every reader so SSE responses end with the process.
             sub.overflowed = True

@@ -34,6 +34,7 @@ from shared.db import LazyPool
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
+from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class Worker:
         self._reclaim_not_before = 0.0
         self._next_reclaim = 0.0
         self._reclaim_cursor = "0-0"
+        # Cancellations in progress of runs that were taken over (kept so they are not collected).
+        self._stopping: set[asyncio.Task[None]] = set()
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
         provider = self.providers.get(spec.executor)
@@ -135,13 +138,9 @@ class Worker:
             await self._drain()
         finally:
             closed.set()
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await cancel_until_done(loops)
             # Reached only on an unexpected error in the read loop: runs must not outlive it.
-            for task in self.inflight.values():
-                task.cancel()
-            await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+            await cancel_until_done(self.inflight.values())
 
     def _promote_interval(self) -> float:
         return min(1.0, max(0.02, self.settings.retry_backoff / 2))
@@ -227,7 +226,9 @@ class Worker:
                 # Another worker reclaimed it (we were silent too long): stop our copy so the
                 # node in flight does not run twice at once.
                 log.warning("entry %s was taken over by another worker; cancelling our run", entry_id)
-                self.inflight[entry_id].cancel()
+                stopping = asyncio.create_task(cancel_until_done([self.inflight[entry_id]]))
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
 
     async def _watchdog(self) -> None:
         """Give every run up when the heartbeat has not reached Redis for half the visibility timeout.
@@ -251,9 +252,7 @@ class Worker:
             silent,
             len(self.inflight),
         )
-        for task in list(self.inflight.values()):
-            task.cancel()
-        await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+        await cancel_until_done(self.inflight.values())
 
     async def _reclaim(self) -> list[tuple[str, dict[str, str]]]:
         """Take over entries idle past the visibility timeout; returns none (it starts them itself)."""
@@ -330,11 +329,9 @@ class Worker:
             return
         log.info("draining %d in-flight run(s) for up to %.0fs", len(self.inflight), self.settings.shutdown_grace)
         _, pending = await asyncio.wait(set(self.inflight.values()), timeout=self.settings.shutdown_grace)
-        for task in pending:
-            task.cancel()
         if pending:
             log.warning("%d run(s) left pending for reclaim", len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_until_done(pending)
 
 
 def default_providers(settings: Settings) -> dict[str, SandboxProvider]:

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
+from redis.crc import key_slot
 
 from shared.settings import Settings
 
@@ -126,7 +127,18 @@ class DeadLetterField(StrEnum):
 
 @dataclass(frozen=True)
 class Keys:
-    """Redis key names for one deployment, derived from settings."""
+    """Redis key names for one deployment (one shard of it), derived from settings.
+
+    The layout is decided for Redis Cluster too, where every atomic step must touch one slot. On a
+    single Redis (`tag` empty) the names are the documented ones. For a cluster, `Keys.shard()` gives
+    shard n's names, each carrying the hash tag `{<prefix>:<n>}`:
+    - the shard's streams (requests, results, dead letters), delayed retries and id sequence;
+    - each task's hash and event list, in the shard that holds its request and events;
+    - each client's in-flight counter, rate bucket and idempotency keys, in the client's shard
+      (`shard_of_client`): a client's executions all go to one shard, so the enqueue step checks its
+      limits and idempotency in one slot, exactly, across every API replica. Many clients spread the load.
+    Workflow copies and the scheduler's keys are read and written alone, so they need no tag.
+    """
 
     requests: str
     results: str
@@ -134,6 +146,7 @@ class Keys:
     worker_group: str
     projector_group: str
     prefix: str
+    tag: str = ""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keys:
@@ -146,40 +159,62 @@ class Keys:
             prefix=settings.key_prefix,
         )
 
+    @classmethod
+    def shard(cls, settings: Settings, shard: int) -> Keys:
+        """Shard `shard`'s keys on Redis Cluster: every name carries the shard's hash tag."""
+        tag = f"{{{settings.key_prefix}:{shard}}}"
+        return cls(
+            requests=f"{settings.requests_stream}:{tag}",
+            results=f"{settings.results_stream}:{tag}",
+            dead_letter=f"{settings.dead_letter_stream}:{tag}",
+            worker_group=settings.worker_group,
+            projector_group=settings.projector_group,
+            prefix=settings.key_prefix,
+            tag=tag,
+        )
+
+    @staticmethod
+    def shard_of_client(client: str, shards: int) -> int:
+        """The shard that holds a client's executions and counters (stable across processes)."""
+        return key_slot(client.encode()) % shards if shards > 1 else 0
+
+    def _name(self, *parts: str) -> str:
+        return ":".join((self.prefix, self.tag, *parts) if self.tag else (self.prefix, *parts))
+
     def task(self, task_id: str) -> str:
-        return f"{self.prefix}:task:{task_id}"
+        return self._name("task", task_id)
 
     def task_events(self, task_id: str) -> str:
         """List of the task's results-stream entry ids, in order: replays one task without a scan."""
-        return f"{self.prefix}:task:{task_id}:events"
+        return self._name("task", task_id, "events")
 
     def inflight(self, client: str) -> str:
         """A client's count of accepted, not yet finished executions (the per-client cap)."""
-        return f"{self.prefix}:inflight:{client}"
+        return self._name("inflight", client)
 
     def rate_bucket(self, client: str) -> str:
         """A client's token bucket (the per-client rate limit), shared by every API replica."""
-        return f"{self.prefix}:ratelimit:{client}"
+        return self._name("ratelimit", client)
 
     def workflow(self, workflow_id: int) -> str:
         return f"{self.prefix}:workflow:{workflow_id}"
 
     def idempotency(self, client: str, key: str) -> str:
-        return f"{self.prefix}:idem:{client}:{key}"
+        return self._name("idem", client, key)
 
     @property
     def execution_seq(self) -> str:
-        return f"{self.prefix}:seq:execution"
+        return self._name("seq", "execution")
 
     @property
     def projector_dead_letter(self) -> str:
         """Events the projector read but cannot write, kept for an operator (never trimmed by NOVA)."""
-        return f"{self.prefix}:projector:dlq"
+        return self._name("projector", "dlq")
 
     @property
     def delayed(self) -> str:
         """Sorted set of requests waiting for a retry, scored by due time in ms."""
-        return f"{self.prefix}:delayed"
+        return self._name("delayed")
 
 
 def now_iso() -> str:

@@ -14,7 +14,7 @@ from api.app import create_app
 from shared.db import migrate_url
 from shared.embedded import PostgresServer, RedisServer
 from shared.settings import Settings
-from shared.streams import EventType
+from shared.streams import EventType, Keys
 from tests.conftest import ADMIN_KEY, make_settings
 from tests.support import BRANCHING, in_process_worker, linear, wait_for_events, wait_projected, wait_terminal
 
@@ -150,7 +150,7 @@ async def test_retry_of_a_failure_resumes_at_the_failed_node(
         await wait_terminal(redis, settings, [body["task_id"]])
         await wait_projected(pool, [body["execution_id"]], {"failure"})
         # Mend the checkpointed context the way an operator fix would, then retry.
-        key = f"nova:task:{body['task_id']}"
+        key = Keys.from_settings(settings).task(body["task_id"])
         import orjson
 
         checkpoint = orjson.loads(await redis.hget(key, "checkpoint"))

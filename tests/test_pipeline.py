@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from consumer.projector import apply_events
 from shared.events import Event
 from shared.settings import Settings
-from shared.streams import EventType, TaskField, TaskStatus, loads
+from shared.streams import EventType, Keys, TaskField, TaskStatus, loads
 from tests.support import (
     BRANCHING,
     create_workflow,
@@ -29,7 +29,7 @@ async def test_linear_workflow_succeeds_and_is_projected(redis: Redis, settings:
         task = await enqueue(redis, settings, wf, {"n": 8})
         events = await wait_terminal(redis, settings, [task.task_id])
         assert events[task.task_id].type == EventType.SUCCEEDED
-        state = await redis.hgetall(f"nova:task:{task.task_id}")
+        state = await redis.hgetall(Keys.from_settings(settings).task(task.task_id))
         assert state[TaskField.STATUS] == TaskStatus.SUCCESS
         result = loads(state[TaskField.RESULT])
         assert result == {"final_context": {"n": 16, "root": 4}, "nodes_executed": 4}
@@ -80,7 +80,7 @@ async def test_failing_node_fails_the_execution_once(redis: Redis, settings: Set
         assert error["message"] == "bad invoice INV-7"
         assert "a2" in error["traceback"] and "ValueError" in error["traceback"]
         await wait_projected(pool, [task.execution_id], {"failure"})
-    state = await redis.hgetall(f"nova:task:{task.task_id}")
+    state = await redis.hgetall(Keys.from_settings(settings).task(task.task_id))
     assert state[TaskField.STATUS] == TaskStatus.FAILURE and state[TaskField.ATTEMPT] == "0"
     # Deterministic failures are not retried.
     kinds = [e.type for e in await wait_for_events(redis, settings, lambda e: e.task_id == task.task_id, 1)]

@@ -501,3 +501,29 @@ async def test_lost_sequence_is_raised_from_the_floor_before_any_id_is_handed_ou
 
     result = await enqueue_execution(scripts, new, floor=floor)
     assert result.created and result.execution_id == 42
+
+
+def test_every_atomic_step_touches_one_slot_under_a_shard_tag() -> None:
+    from redis.crc import key_slot
+
+    from shared.settings import Settings
+
+    settings = Settings(redis_url="redis://unused")
+    single = Keys.from_settings(settings)
+    assert single.task("t") == "nova:task:t" and single.requests == "nova:requests"  # documented names
+    shards = 4
+    for client in ("acme", "globex", "initech"):
+        keys = Keys.shard(settings, Keys.shard_of_client(client, shards))
+        steps = {
+            "enqueue": [keys.requests, keys.results, keys.execution_seq, keys.task("t"), keys.idempotency(client, "k"),
+                        keys.task_events("t"), keys.inflight(client), keys.rate_bucket(client)],
+            "record": [keys.task("t"), keys.results, keys.requests, keys.task_events("t"), keys.inflight(client)],
+            "retry_later": [keys.task("t"), keys.results, keys.requests, keys.delayed, keys.task_events("t")],
+            "promote_due": [keys.delayed, keys.requests],
+            "dead_letter": [keys.dead_letter, keys.requests, keys.task("t"), keys.results, keys.task_events("t"),
+                            keys.inflight(client)],
+            "reopen": [keys.task("t"), keys.requests, keys.results, keys.task_events("t"), keys.inflight(client)],
+        }  # fmt: skip
+        for step, names in steps.items():
+            assert len({key_slot(n.encode()) for n in names}) == 1, (step, names)
+    assert len({Keys.shard_of_client(c, shards) for c in ("acme", "globex", "initech", "umbrella", "hooli")}) > 1
