@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Header
 from sse_starlette.sse import EventSourceResponse
 
-from api.deps import Caller, Res
+from api.deps import Res, SseCaller
 from api.errors import ApiError
 from api.event_hub import EventHub, Filter, Subscription
 from api.schemas import QueryId, errors
@@ -121,12 +121,13 @@ def feed_filter(workflow_id: int | None, client: str | None) -> Filter:
 @router.get("/events", summary="Live feed of all status events (SSE)", responses=errors(401, 503))
 async def all_events(
     res: Res,
-    caller: Caller,
+    caller: SseCaller,
     workflow_id: QueryId = None,
     last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
 ) -> EventSourceResponse:
     # A client key sees its own executions' events only.
-    accept = feed_filter(workflow_id, None if caller.admin else caller.client)
+    who = caller.principal
+    accept = feed_filter(workflow_id, None if who.admin else who.client)
     return sse_response(feed_stream(res.redis, res.keys, res.hub, accept, last_event_id))
 
 
@@ -138,10 +139,10 @@ async def all_events(
 async def task_events(
     task_id: str,
     res: Res,
-    caller: Caller,
+    caller: SseCaller,
     last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
 ) -> EventSourceResponse:
     client = await res.redis.hget(res.keys.task(task_id), TaskField.CLIENT)
-    if client is None or not caller.may_see(client):
+    if client is None or not caller.principal.may_see(client):
         raise ApiError(404, f"task {task_id} not found")
     return sse_response(task_event_stream(res.redis, res.keys, res.hub, task_id, last_event_id))
