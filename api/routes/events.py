@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 from api.deps import Res, SseCaller
 from api.errors import ApiError
 from api.event_hub import EventHub, Filter, Subscription
-from api.schemas import QueryId, errors
+from api.schemas import QueryId, errors, is_task_id
 from shared.events import Event
 from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, entry_id_parts
 
@@ -142,6 +142,9 @@ async def task_events(
     caller: SseCaller,
     last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
 ) -> EventSourceResponse:
+    if not is_task_id(task_id):
+        # No task can have this id; answered like any unknown task.
+        raise ApiError(404, f"task {task_id} not found")
     client = await res.redis.hget(res.keys.task(task_id), TaskField.CLIENT)
     if client is None or not caller.principal.may_see(client):
         raise ApiError(404, f"task {task_id} not found")

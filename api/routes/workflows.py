@@ -89,7 +89,11 @@ async def execute_workflow(
     if client is None:
         raise ApiError(422, "client_slug: required when executing with the admin key")
     workflow = await _workflow(res, workflow_id)
-    context_json = dumps(body.initial_context)
+    try:
+        context_json = dumps(body.initial_context)
+    except TypeError as exc:
+        # Valid JSON that the event encoding cannot carry, e.g. an integer beyond 64 bits.
+        raise ApiError(422, f"initial_context: {exc}") from None
     if len(context_json) > MAX_CONTEXT_BYTES:
         raise ApiError(413, f"initial_context is {len(context_json)} bytes; the limit is {MAX_CONTEXT_BYTES}")
     enqueued_at = now_iso()
