@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse
 from api import errors
 from api.deps import Resources
 from api.event_hub import EventHub
-from api.limits import BodySizeLimit, JsonBodyGuard
+from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
 from api.metrics import Metrics
 from api.routes import clients, events, executions, health, operations, schedules, tasks, workflows
 from shared.catalog import WorkflowCatalog
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             clients=ClientStore(redis, pool, keys, vault),
             hub=EventHub(redis, keys),
             metrics=Metrics(),
+            stream_slots=StreamSlots(settings.sse_max_connections_per_key),
             pool=pool,
         )
         res.hub.observe(res.metrics.observe)

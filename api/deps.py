@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from api.errors import ApiError, unavailable
 from api.event_hub import EventHub
+from api.limits import StreamSlots
 from api.metrics import Metrics
 from shared.catalog import WorkflowCatalog
 from shared.clients import ADMIN, ClientStore, Principal, hash_key, is_admin_key
@@ -37,6 +38,7 @@ class Resources:
     clients: ClientStore
     hub: EventHub
     metrics: Metrics
+    stream_slots: StreamSlots
     pool: asyncpg.Pool | None = None
     _pool_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

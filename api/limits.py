@@ -146,3 +146,30 @@ def _deeper_than(value: object, limit: int) -> bool:
             children.extend(item for item in items if isinstance(item, dict | list))  # type: ignore[attr-defined]
         level = children
     return False
+
+
+class StreamSlots:
+    """Open event streams per API key, so that one key cannot hold the process's connections.
+
+    Counted per API process, not across replicas: each replica allows the limit on its own. A shared
+    count (in Redis) would outlive a crashed process's connections and need leases; per process is
+    enough to keep one key from exhausting a process.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        held = self.open.get(key, 0)
+        if held >= self.limit:
+            return False
+        self.open[key] = held + 1
+        return True
+
+    def release(self, key: str) -> None:
+        held = self.open.get(key, 0) - 1
+        if held > 0:
+            self.open[key] = held
+        else:
+            self.open.pop(key, None)

@@ -3,14 +3,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
 import httpx
+import orjson
+import uvicorn
 from redis.asyncio import Redis
 
+from api.app import create_app
+from api.event_hub import EventHub
+from api.routes.events import feed_filter, feed_stream
+from shared.embedded import free_port
+from shared.events import event_fields
 from shared.settings import Settings
-from shared.streams import Keys
+from shared.streams import EventType, Keys
 from tests.conftest import ADMIN_KEY
 from tests.support import linear
 from tests.test_api import assert_error, create
+from tests.test_live_api import _client_key, read_sse
 
 
 def nested(depth: int) -> str:
@@ -69,3 +85,113 @@ async def test_access_token_query_is_refused_off_the_sse_routes(anonymous: httpx
         assert error["code"] == "unauthorized"
     # On the SSE routes the token still authenticates (an unknown task: 404, not 401).
     assert_error(await anonymous.get("/tasks/" + "0" * 32 + "/events", params=token), 404, "not found")
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[str]:
+    """The API under uvicorn on a free port, as in test_live_api."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+def results_entry(client: str, task_id: str, padding: int = 0) -> dict[str, str]:
+    data: dict[str, Any] = {"workflow_name": "wf", "enqueued_at": "t", "initial_context": {"pad": "x" * padding}}
+    return event_fields(EventType.QUEUED, task_id=task_id, execution_id=1, workflow_id=1, client=client, data=data)
+
+
+async def add_entries(redis: Redis, settings: Settings, entries: list[dict[str, str]]) -> list[str]:
+    pipe = redis.pipeline(transaction=False)
+    for fields in entries:
+        pipe.xadd(settings.results_stream, fields)  # type: ignore[arg-type]
+    return [str(i) for i in await pipe.execute()]
+
+
+async def test_feed_resume_holds_one_page_of_other_clients_events_and_stops_at_the_byte_bound(
+    redis: Redis, settings: Settings
+) -> None:
+    # 12 MiB of another client's events after one of ours: a resume from the start must neither load
+    # them all at once nor stream on past the byte bound (4 MiB by default).
+    [ours] = await add_entries(redis, settings, [results_entry("acme", "mine")])
+    theirs = await add_entries(redis, settings, [results_entry("globex", f"t{i}", 8192) for i in range(1500)])
+    hub = EventHub(redis, Keys.from_settings(settings), block_ms=100)
+    await hub.start()
+    feed = feed_stream(redis, Keys.from_settings(settings), hub, feed_filter(None, "acme"), "1-0")
+    tracemalloc.start()
+    try:
+        first = await asyncio.wait_for(anext(feed), 10)
+        assert tracemalloc.get_traced_memory()[1] < 3 << 20, "the first event came with the whole backlog"
+        notice = await asyncio.wait_for(anext(feed), 10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert first["id"] == ours
+        assert peak < 3 << 20, f"replay peaked at {peak} bytes"
+        assert notice["event"] == "replay_truncated" and "id" not in notice
+        stopped = orjson.loads(notice["data"])
+        assert stopped["reason"] == "bytes" and stopped["stopped_after"] in theirs
+        assert 4 << 20 <= stopped["scanned_bytes"] < (4 << 20) + 16384
+        # Then live: a new event of ours arrives.
+        [live] = await add_entries(redis, settings, [results_entry("acme", "later")])
+        assert (await asyncio.wait_for(anext(feed), 10))["id"] == live
+    finally:
+        await feed.aclose()
+        await hub.stop()
+
+
+async def test_feed_resume_stops_at_the_entry_bound_and_says_where(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    acme = await _client_key(redis, pool, settings, "acme")
+    entries = [results_entry("acme" if i in (10, 150) else "globex", f"t{i}") for i in range(200)]
+    ids = await add_entries(redis, settings, entries)
+    bounded = settings.model_copy(update={"sse_replay_max_entries": 50})
+    async with serving(bounded) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        headers = {**acme, "Last-Event-ID": "1-0"}
+        async with http.stream("GET", "/events", headers=headers) as response:
+            assert response.status_code == 200
+            replayed = await read_sse(response, limit=2)
+    assert replayed[0]["id"] == ids[10]
+    assert replayed[1]["event"] == "replay_truncated"
+    stopped = orjson.loads(replayed[1]["data"])
+    assert stopped["reason"] == "entries" and stopped["stopped_after"] == ids[49] and stopped["scanned_entries"] == 50
+
+
+async def test_event_streams_are_capped_per_api_key(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    acme = await _client_key(redis, pool, settings, "acme")
+    capped = settings.model_copy(update={"sse_max_connections_per_key": 2})
+    async with serving(capped) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        async with contextlib.AsyncExitStack() as streams:
+            first = await streams.enter_async_context(http.stream("GET", "/events", headers=acme))
+            # A refused stream (an unknown task) holds no slot.
+            missing = await streams.enter_async_context(
+                http.stream("GET", "/tasks/" + "0" * 32 + "/events", headers=acme)
+            )
+            assert (first.status_code, missing.status_code) == (200, 404)
+            token = acme["Authorization"].removeprefix("Bearer ")
+            third = await streams.enter_async_context(http.stream("GET", "/events", params={"access_token": token}))
+            assert third.status_code == 200
+            async with http.stream("GET", "/events", headers=acme) as refused:
+                assert refused.status_code == 429
+                await refused.aread()
+            error = assert_error(refused, 429, "2 open event streams", "per API process")
+            assert error["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
+            # Another key is counted on its own.
+            async with http.stream("GET", "/events", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as other:
+                assert other.status_code == 200
+        # Closed streams give their slots back (the server notices the disconnect on its own time).
+        deadline = time.monotonic() + 10
+        while True:
+            async with http.stream("GET", "/events", headers=acme) as again:
+                if again.status_code == 200:
+                    break
+                assert again.status_code == 429 and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
