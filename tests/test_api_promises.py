@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from api.app import create_app
 from api.event_hub import EventHub
 from api.routes.events import feed_filter, feed_stream
+from api.server import uvicorn_options
 from shared.embedded import free_port
 from shared.events import event_fields
 from shared.settings import Settings
@@ -88,10 +89,11 @@ async def test_access_token_query_is_refused_off_the_sse_routes(anonymous: httpx
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[str]:
+async def serving(settings: Settings, **options: Any) -> AsyncIterator[str]:
     """The API under uvicorn on a free port, as in test_live_api."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", **options)
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
         await asyncio.sleep(0.01)
@@ -195,3 +197,50 @@ async def test_event_streams_are_capped_per_api_key(redis: Redis, settings: Sett
                     break
                 assert again.status_code == 429 and time.monotonic() < deadline
             await asyncio.sleep(0.05)
+
+
+async def raw_request(base: str, head: bytes, filler: int = 0) -> bytes:
+    """Send a request head over a plain socket, with `filler` bytes of one header value inserted; returns
+    what the server answered before closing. The server may close while we are still sending."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            if filler:
+                writer.write(b"X-Filler: ")
+                chunk = b"a" * 65536
+                for _ in range(filler // len(chunk)):
+                    writer.write(chunk)
+                    await writer.drain()
+                writer.write(b"\r\n")
+            writer.write(b"Connection: close\r\n\r\n")
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        await sending
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return answer
+
+
+async def test_oversized_request_heads_are_refused_with_431(settings: Settings) -> None:
+    # The options `nova api` passes to uvicorn (the httptools implementation, as in production).
+    async with serving(settings, **uvicorn_options(settings)) as base:
+        request = b"GET /health HTTP/1.1\r\nHost: nova\r\n"
+        # One 32 MiB header, and many small ones adding up past the limit (64 KiB).
+        big = await raw_request(base, request, filler=32 << 20)
+        many = await raw_request(base, request + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 60) for i in range(2000)))
+        # A sizeable but reasonable head (a 16 KiB cookie) is served.
+        fine = await raw_request(base, request + b"Cookie: " + b"c" * 16384 + b"\r\n")
+    for answer in (big, many):
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+        error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "headers_too_large" and "65536 bytes" in error["message"]
+    assert fine.startswith(b"HTTP/1.1 200 "), fine[:200]
