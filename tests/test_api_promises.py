@@ -66,6 +66,12 @@ async def test_integer_beyond_64_bits_in_context_is_refused_with_422(api: httpx.
     assert error["code"] == "invalid"
 
 
+async def test_text_postgresql_cannot_hold_is_refused_in_execution_filters(api: httpx.AsyncClient) -> None:
+    for params in ({"status": "succ\x00ess"}, {"client_slug": "ac\x00me"}):
+        assert_error(await api.get("/executions", params=params), 422)
+    assert (await api.get("/executions", params={"status": "success", "client_slug": "acme"})).status_code == 200
+
+
 async def test_task_ids_outside_the_issued_format_are_not_found(
     api: httpx.AsyncClient, redis: Redis, settings: Settings
 ) -> None:
