@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse
 from api import errors
 from api.deps import Resources
 from api.event_hub import EventHub
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
 from api.metrics import Metrics
 from api.routes import clients, events, executions, health, operations, schedules, tasks, workflows
 from shared.catalog import WorkflowCatalog
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             clients=ClientStore(redis, pool, keys, vault),
             hub=EventHub(redis, keys),
             metrics=Metrics(),
+            stream_slots=StreamSlots(settings.sse_max_connections_per_key),
             pool=pool,
             strict=StrictDurability(redis, settings.strict_wait_ms) if settings.durability == "strict" else None,
         )
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    # The last added runs first: the size limit bounds what the JSON guard buffers.
+    app.add_middleware(JsonBodyGuard, max_depth=settings.max_json_depth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for module in (health, workflows, tasks, executions, events, operations, schedules, clients):
         app.include_router(module.router)

@@ -1,8 +1,8 @@
 """What routes get from the application: its resources, and who is calling.
 
 Every route but /health and the dashboard's page requires `Authorization: Bearer <key>`: the
-operators' key (NOVA_ADMIN_KEY) or a client's key. SSE routes also accept `?access_token=` because
-browsers' EventSource cannot send headers.
+operators' key (NOVA_ADMIN_KEY) or a client's key. The SSE routes, and only they, also accept
+`?access_token=` because browsers' EventSource cannot send headers.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from redis.asyncio import Redis
 
 from api.errors import ApiError, unavailable
 from api.event_hub import EventHub
+from api.limits import StreamSlots
 from api.metrics import Metrics
 from shared.catalog import WorkflowCatalog
-from shared.clients import ADMIN, ClientStore, Principal, is_admin_key
+from shared.clients import ADMIN, ClientStore, Principal, hash_key, is_admin_key
 from shared.connections import REDIS_UNAVAILABLE, open_pool
 from shared.durability import StrictDurability
 from shared.scripts import Scripts
@@ -38,6 +39,7 @@ class Resources:
     clients: ClientStore
     hub: EventHub
     metrics: Metrics
+    stream_slots: StreamSlots
     pool: asyncpg.Pool | None = None
     # Set in strict durability mode: what each enqueue confirms before the 202.
     strict: StrictDurability | None = None
@@ -71,19 +73,16 @@ async def resources(request: Request) -> Resources:
 Res = Annotated[Resources, Depends(resources)]
 
 
-async def principal(
-    res: Res,
-    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
-    access_token: Annotated[str | None, Query(description="API key, for EventSource clients")] = None,
-) -> Principal:
-    key = None
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise _unauthorized("Authorization must be 'Bearer <API key>'")
-        key = value.strip()
-    elif access_token:
-        key = access_token
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise _unauthorized("Authorization must be 'Bearer <API key>'")
+    return value.strip()
+
+
+async def _authenticate(res: Resources, key: str | None) -> Principal:
     if not key:
         raise _unauthorized("this route needs an API key: send 'Authorization: Bearer <key>'")
     admin = res.settings.admin_key.get_secret_value() if res.settings.admin_key else None
@@ -98,11 +97,45 @@ async def principal(
     return Principal(admin=False, client=client)
 
 
+async def principal(
+    request: Request,
+    res: Res,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+) -> Principal:
+    key = _bearer(authorization)
+    if key is None and "access_token" in request.query_params:
+        # A key in a URL ends up in access logs, proxies and browser history: only the SSE routes,
+        # whose browser client (EventSource) cannot send headers, take that risk.
+        raise _unauthorized(
+            "access_token is accepted on the event-stream routes only; send 'Authorization: Bearer <key>'"
+        )
+    return await _authenticate(res, key)
+
+
+@dataclass(frozen=True)
+class StreamCaller:
+    """The caller of an SSE route, and which key it used (event streams are capped per key)."""
+
+    principal: Principal
+    key_digest: str
+
+
+async def stream_caller(
+    res: Res,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+    access_token: Annotated[str | None, Query(description="API key, for EventSource clients")] = None,
+) -> StreamCaller:
+    key = _bearer(authorization) or access_token
+    caller = await _authenticate(res, key)
+    return StreamCaller(caller, hash_key(key or ""))
+
+
 def _unauthorized(message: str) -> ApiError:
     return ApiError(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
 Caller = Annotated[Principal, Depends(principal)]
+SseCaller = Annotated[StreamCaller, Depends(stream_caller)]
 
 
 async def admin(caller: Caller) -> Principal:

@@ -27,6 +27,7 @@ _CODES = {
     413: "payload_too_large",
     422: "invalid",
     429: "rate_limited",
+    431: "headers_too_large",
     503: "unavailable",
 }
 

@@ -1,7 +1,11 @@
-"""Request body size limit, enforced while the body streams in (a lying Content-Length does not help)."""
+"""Request limits: body size, enforced while the body streams in (a lying Content-Length does not
+help), and JSON bodies that are well-formed and not too deeply nested."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
@@ -50,14 +54,122 @@ class BodySizeLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = dumps(
-            error_body("payload_too_large", f"request body exceeds the limit of {self.max_bytes} bytes")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"request body exceeds the limit of {self.max_bytes} bytes"
+        await _send_error(send, 413, error_body("payload_too_large", message))
+
+
+async def _send_error(send: Send, status: int, error: dict[str, Any]) -> None:
+    body = dumps(error).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class JsonBodyGuard:
+    """JSON request bodies checked before FastAPI parses them, so that they fail as 422, never as 500.
+
+    FastAPI parses with the standard library, which recurses once per nesting level (thousands of
+    levels exhaust the stack) and accepts lone surrogates and NaN, which nothing downstream can encode
+    (orjson, PostgreSQL's jsonb). orjson is strict and bounded (it stops at 1024 levels), so it checks
+    the body first; a walk of the parsed value then applies our own, lower nesting limit. Sits inside
+    BodySizeLimit, so the body it buffers is already bounded.
+    """
+
+    def __init__(self, app: ASGIApp, max_depth: int) -> None:
+        self.app = app
+        self.max_depth = max_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_json(scope):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body: nobody to answer
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        problem = json_problem(body, self.max_depth) if body else None
+        if problem is not None:
+            await _send_error(send, 422, error_body("invalid", problem))
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _is_json(scope: Scope) -> bool:
+    # As FastAPI decides: it parses application/json and application/*+json bodies only.
+    content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def json_problem(body: bytes, max_depth: int) -> str | None:
+    """Why `body` is not acceptable JSON, or None."""
+    too_deep = f"request body is nested too deeply: arrays and objects beyond the limit of {max_depth} levels"
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc):
+            return too_deep
+        return f"request body is not valid JSON: {exc}"
+    return too_deep if _deeper_than(value, max_depth) else None
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    # Level by level, without recursion; stops as soon as the limit is passed.
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        children: list[object] = []
+        for container in level:
+            items = container.values() if isinstance(container, dict) else container
+            children.extend(item for item in items if isinstance(item, dict | list))  # type: ignore[attr-defined]
+        level = children
+    return False
+
+
+class StreamSlots:
+    """Open event streams per API key, so that one key cannot hold the process's connections.
+
+    Counted per API process, not across replicas: each replica allows the limit on its own. A shared
+    count (in Redis) would outlive a crashed process's connections and need leases; per process is
+    enough to keep one key from exhausting a process.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        held = self.open.get(key, 0)
+        if held >= self.limit:
+            return False
+        self.open[key] = held + 1
+        return True
+
+    def release(self, key: str) -> None:
+        held = self.open.get(key, 0) - 1
+        if held > 0:
+            self.open[key] = held
+        else:
+            self.open.pop(key, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
@@ -16,6 +17,15 @@ QueryId = Annotated[int | None, Query(ge=1, le=BIGINT_MAX)]
 # A Redis stream entry id (ms-seq), checked here so that Redis never sees a malformed one.
 STREAM_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
 StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="A stream entry id, e.g. 1700000000000-0")]
+# Task ids as issued: 32 hex digits (execute, DLQ replay), or sched-<schedule id>-<tick ms> (the
+# scheduler). A task id becomes part of Redis key names ("<prefix>:task:<id>" and its ":events" list),
+# so anything else, a ':' above all, must never reach Redis.
+TASK_ID_PATTERN = r"^(?:[0-9a-f]{32}|sched-[0-9a-f]{1,32}-[0-9]{1,20})$"
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
+def is_task_id(value: str) -> bool:
+    return _TASK_ID.fullmatch(value) is not None
 
 
 class ErrorDetail(BaseModel):

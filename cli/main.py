@@ -105,6 +105,7 @@ def api(
     import uvicorn
 
     from api.app import create_app
+    from api.server import uvicorn_options
 
     settings = _settings(port=port, host=host)
     _configure_logging(settings, "api")
@@ -115,7 +116,7 @@ def api(
         log_level=settings.log_level.lower(),
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        **uvicorn_options(settings),
     )
 
 

@@ -60,6 +60,23 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("PORT", "NOVA_PORT", "port"),
         description="Port the API listens on (PORT, Railway's convention).",
     )
+    max_json_depth: int = Field(
+        default=64, ge=2, le=512, description="Deepest nesting of arrays and objects a JSON request body may have."
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=4096, description="Largest request line plus headers the API accepts (431 beyond)."
+    )
+    sse_replay_max_bytes: int = Field(
+        default=4 << 20,
+        ge=1024,
+        description="Bytes of the results stream one Last-Event-ID resume of GET /events may read before it stops.",
+    )
+    sse_replay_max_entries: int = Field(
+        default=10_000, ge=1, description="Results-stream entries one Last-Event-ID resume of GET /events may scan."
+    )
+    sse_max_connections_per_key: int = Field(
+        default=20, ge=1, description="Open event streams one API key may hold on one API process (429 beyond)."
+    )
 
     requests_stream: str = Field(default="nova:requests", description="Stream of execution requests.")
     results_stream: str = Field(default="nova:results", description="Stream of status events.")

@@ -8,22 +8,24 @@ skipped).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Header
 from sse_starlette.sse import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
-from api.deps import Caller, Res
+from api.deps import Res, Resources, SseCaller, StreamCaller
 from api.errors import ApiError
 from api.event_hub import EventHub, Filter, Subscription
-from api.schemas import QueryId, errors
+from api.schemas import QueryId, errors, is_task_id
 from shared.events import Event
-from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, entry_id_parts
+from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, dumps, entry_id_parts
 
 router = APIRouter(tags=["events"])
 
 KEEPALIVE_SECONDS = 15
+STREAM_RETRY_AFTER_SECONDS = 5
 
 
 def _sse(event: Event) -> dict[str, Any]:
@@ -88,25 +90,104 @@ async def task_event_stream(
             yield item
 
 
+# Resume bounds for GET /events (the settings override the bytes and entries). The results stream
+# holds every client's events; a client's resume scans them all and keeps its own, so the scan is
+# read in small pages (at most one page of other clients' events in memory) and stops at a budget.
+REPLAY_PAGE = 64
+REPLAY_MAX_BYTES = 4 << 20
+REPLAY_MAX_ENTRIES = 10_000
+REPLAY_TRUNCATED = "replay_truncated"
+
+
+def _entry_bytes(fields: dict[Any, Any]) -> int:
+    return sum(len(v.encode() if isinstance(v, str) else v) for pair in fields.items() for v in pair)
+
+
 async def feed_stream(
-    redis: Any, keys: Keys, hub: EventHub, accept: Filter, last_event_id: str | None, backlog: int = 10_000
+    redis: Any,
+    keys: Keys,
+    hub: EventHub,
+    accept: Filter,
+    last_event_id: str | None,
+    *,
+    max_bytes: int = REPLAY_MAX_BYTES,
+    max_entries: int = REPLAY_MAX_ENTRIES,
+    page: int = REPLAY_PAGE,
 ) -> AsyncIterator[dict[str, Any]]:
     last = _after(last_event_id)
     with hub.subscribe(accept) as sub:
         if last_event_id:
-            # Resume: what the client missed while disconnected, bounded.
-            entries = await redis.xrange(keys.results, min=f"({last[0]}-{last[1]}", max="+", count=backlog)
-            for entry_id, fields in entries:
-                event = Event.from_entry(entry_id, fields)
-                last = entry_id_parts(event.id)
-                if accept(event):
-                    yield _sse(event)
+            # Resume: what the client missed while disconnected, bounded by entries and bytes scanned.
+            scanned = scanned_bytes = 0
+            reason = None
+            while reason is None:
+                count = min(page, max_entries - scanned)
+                entries = await redis.xrange(keys.results, min=f"({last[0]}-{last[1]}", max="+", count=count)
+                for entry_id, fields in entries:
+                    scanned += 1
+                    scanned_bytes += _entry_bytes(fields)
+                    last = entry_id_parts(entry_id)
+                    try:
+                        event: Event | None = Event.from_entry(entry_id, fields)
+                    except (KeyError, ValueError):
+                        event = None  # not a well-formed event: skipped, as the hub does
+                    if event is not None and accept(event):
+                        yield _sse(event)
+                    if scanned_bytes >= max_bytes or scanned >= max_entries:
+                        reason = "bytes" if scanned_bytes >= max_bytes else "entries"
+                        break
+                if reason is None and len(entries) < count:
+                    break  # caught up with the stream
+                del entries  # one page at a time
+            if reason is not None:
+                yield _truncated(last, reason, scanned, scanned_bytes)
         async for item in _live(sub, last, until_terminal=False):
             yield item
 
 
-def sse_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
-    return EventSourceResponse(events, ping=KEEPALIVE_SECONDS, headers={"Cache-Control": "no-cache"})
+def _truncated(last: tuple[int, int], reason: str, scanned: int, scanned_bytes: int) -> dict[str, Any]:
+    """Where a resume stopped: live events follow, and what lies between is the client's to fetch.
+
+    No SSE id: the client's Last-Event-ID stays its last real event. Reconnecting with
+    Last-Event-ID set to `stopped_after` continues the replay from where it stopped.
+    """
+    stopped_after = f"{last[0]}-{last[1]}"
+    data = {
+        "type": REPLAY_TRUNCATED,
+        "reason": reason,
+        "stopped_after": stopped_after,
+        "scanned_entries": scanned,
+        "scanned_bytes": scanned_bytes,
+        "message": f"replay stopped after {stopped_after} ({reason} limit); live events follow. Reconnect with "
+        f"Last-Event-ID: {stopped_after} for the rest.",
+    }
+    return {"event": REPLAY_TRUNCATED, "data": dumps(data)}
+
+
+class HeldStream(EventSourceResponse):
+    """An event stream that gives its connection slot back however it ends (done, client gone, error)."""
+
+    def __init__(self, events: AsyncIterator[dict[str, Any]], release: Callable[[], None]) -> None:
+        super().__init__(events, ping=KEEPALIVE_SECONDS, headers={"Cache-Control": "no-cache"})
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def sse_response(res: Resources, caller: StreamCaller, events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    slots = res.stream_slots
+    if not slots.acquire(caller.key_digest):
+        raise ApiError(
+            429,
+            f"this API key already has {slots.limit} open event streams, the limit (counted per API process); "
+            "close one or retry later",
+            headers={"Retry-After": str(STREAM_RETRY_AFTER_SECONDS)},
+        )
+    return HeldStream(events, lambda: slots.release(caller.key_digest))
 
 
 def feed_filter(workflow_id: int | None, client: str | None) -> Filter:
@@ -121,13 +202,23 @@ def feed_filter(workflow_id: int | None, client: str | None) -> Filter:
 @router.get("/events", summary="Live feed of all status events (SSE)", responses=errors(401, 503))
 async def all_events(
     res: Res,
-    caller: Caller,
+    caller: SseCaller,
     workflow_id: QueryId = None,
     last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
 ) -> EventSourceResponse:
     # A client key sees its own executions' events only.
-    accept = feed_filter(workflow_id, None if caller.admin else caller.client)
-    return sse_response(feed_stream(res.redis, res.keys, res.hub, accept, last_event_id))
+    who = caller.principal
+    accept = feed_filter(workflow_id, None if who.admin else who.client)
+    stream = feed_stream(
+        res.redis,
+        res.keys,
+        res.hub,
+        accept,
+        last_event_id,
+        max_bytes=res.settings.sse_replay_max_bytes,
+        max_entries=res.settings.sse_replay_max_entries,
+    )
+    return sse_response(res, caller, stream)
 
 
 @router.get(
@@ -138,10 +229,13 @@ async def all_events(
 async def task_events(
     task_id: str,
     res: Res,
-    caller: Caller,
+    caller: SseCaller,
     last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
 ) -> EventSourceResponse:
-    client = await res.redis.hget(res.keys.task(task_id), TaskField.CLIENT)
-    if client is None or not caller.may_see(client):
+    if not is_task_id(task_id):
+        # No task can have this id; answered like any unknown task.
         raise ApiError(404, f"task {task_id} not found")
-    return sse_response(task_event_stream(res.redis, res.keys, res.hub, task_id, last_event_id))
+    client = await res.redis.hget(res.keys.task(task_id), TaskField.CLIENT)
+    if client is None or not caller.principal.may_see(client):
+        raise ApiError(404, f"task {task_id} not found")
+    return sse_response(res, caller, task_event_stream(res.redis, res.keys, res.hub, task_id, last_event_id))

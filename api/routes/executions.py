@@ -11,7 +11,17 @@ from fastapi import APIRouter, Query
 
 from api.deps import Caller, Res
 from api.errors import ApiError, unavailable
-from api.schemas import ExecuteOut, ExecutionList, ExecutionOut, ExecutionSummary, NodeRunOut, PathId, QueryId, errors
+from api.schemas import (
+    SLUG_PATTERN,
+    ExecuteOut,
+    ExecutionList,
+    ExecutionOut,
+    ExecutionSummary,
+    NodeRunOut,
+    PathId,
+    QueryId,
+    errors,
+)
 from shared.clients import Principal
 from shared.events import event_fields
 from shared.streams import EventType, RequestField, TaskField, dumps
@@ -92,8 +102,9 @@ async def list_executions(
     res: Res,
     caller: Caller,
     workflow_id: QueryId = None,
-    client_slug: str | None = None,
-    status: str | None = None,
+    # Patterned, so that text PostgreSQL cannot hold (a NUL byte) is refused here as 422, not there as 500.
+    client_slug: Annotated[str | None, Query(pattern=SLUG_PATTERN)] = None,
+    status: Annotated[str | None, Query(pattern=r"^[a-z_]{1,32}$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> ExecutionList:
     if not caller.admin:

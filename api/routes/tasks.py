@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from api.deps import Caller, Res
 from api.errors import ApiError
-from api.schemas import TaskOut, errors
+from api.schemas import TaskOut, errors, is_task_id
 from shared.streams import TaskField, TaskStatus, loads
 
 router = APIRouter(tags=["tasks"])
@@ -62,6 +62,9 @@ def task_view(task: dict[str, str]) -> TaskOut:
 
 @router.get("/tasks/{task_id}", response_model=TaskOut, responses=errors(401, 404, 503))
 async def get_task(task_id: str, res: Res, caller: Caller) -> TaskOut:
+    if not is_task_id(task_id):
+        # No task can have this id; answered like any unknown task.
+        raise ApiError(404, f"task {task_id} not found")
     task = await res.redis.hgetall(res.keys.task(task_id))
     # Another client's task answers exactly like a missing one: its existence is not ours to reveal.
     if not task or TaskField.STATUS not in task or not caller.may_see(task.get(TaskField.CLIENT)):

@@ -101,7 +101,11 @@ async def execute_workflow(
             burst=res.settings.client_burst,
         ),
     )
-    payload = execution.payload()
+    try:
+        payload = execution.payload()
+    except TypeError as exc:
+        # Valid JSON that the event encoding cannot carry, e.g. an integer beyond 64 bits.
+        raise ApiError(422, f"initial_context: {exc}") from None
     if len(payload) > MAX_CONTEXT_BYTES:
         raise ApiError(413, f"initial_context is about {len(payload)} bytes; the limit is {MAX_CONTEXT_BYTES}")
     try:

@@ -1,0 +1,87 @@
+"""How uvicorn serves the API: the HTTP implementation and its limits, shared by `nova api` and tests.
+
+uvicorn's httptools protocol (the fast one, used in production) has no limit on the size of a request
+head: llhttp parses without one, and uvicorn's only such option, h11_max_incomplete_event_size,
+applies to h11 alone. A client could make the process buffer any amount of headers (32 MiB were
+accepted). The protocol below counts the bytes received while a request head is incomplete and
+answers 431 past the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from api.errors import error_body
+from shared.settings import Settings
+from shared.streams import dumps
+
+# After refusing, how long the connection keeps reading (and discarding) before it closes: closing at
+# once, with the client still sending, resets the connection and can destroy the 431 in flight.
+LINGER_SECONDS = 2.0
+
+
+class HeadLimitedHttpTools(HttpToolsProtocol):
+    max_head_bytes = 64 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._linger: asyncio.TimerHandle | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            return  # refused: the rest is discarded, never parsed nor kept
+        super().data_received(data)
+        if not self._in_head or self.transport.is_closing():
+            return
+        # Counted per chunk after parsing: a chunk that ends one request and starts the next counts
+        # whole, which can only refuse early, and only a client that pipelines large bodies.
+        self._head_bytes += len(data)
+        if self._head_bytes > self.max_head_bytes:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        message = f"request line and headers exceed the limit of {self.max_head_bytes} bytes"
+        body = dumps(error_body("headers_too_large", message)).encode()
+        head = (
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n"
+        )
+        self.transport.write(head + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._linger = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
+def http_protocol(max_head_bytes: int) -> type[asyncio.Protocol]:
+    # A subclass per limit: uvicorn instantiates the protocol class itself, once per connection.
+    return type("HeadLimitedHttpTools", (HeadLimitedHttpTools,), {"max_head_bytes": max_head_bytes})
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The protocol options for uvicorn.run / uvicorn.Config."""
+    return {
+        "http": http_protocol(settings.max_header_bytes),
+        # Unused with the protocol above; keeps the same limit should h11 ever be chosen instead.
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+    }

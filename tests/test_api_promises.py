@@ -1,0 +1,252 @@
+"""Delivery promises of the API under hostile input: bounded SSE replay and connections, 4xx (never a
+5xx) for pathological bodies and ids, a header size limit, and the query-string token only on SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import uvicorn
+from redis.asyncio import Redis
+
+from api.app import create_app
+from api.event_hub import EventHub
+from api.routes.events import feed_filter, feed_stream
+from api.server import uvicorn_options
+from shared.embedded import free_port
+from shared.events import event_fields
+from shared.settings import Settings
+from shared.streams import EventType, Keys
+from tests.conftest import ADMIN_KEY
+from tests.support import linear
+from tests.test_api import assert_error, create
+from tests.test_live_api import _client_key, read_sse
+
+
+def nested(depth: int) -> str:
+    """A JSON value `depth` objects deep: {"a":{"a":...{}...}}."""
+    return '{"a":' * (depth - 1) + "{}" + "}" * (depth - 1)
+
+
+async def execute_raw(api: httpx.AsyncClient, workflow_id: int, context_json: str) -> httpx.Response:
+    body = '{"client_slug":"acme","initial_context":' + context_json + "}"
+    return await api.post(
+        f"/workflows/{workflow_id}/execute", content=body.encode(), headers={"Content-Type": "application/json"}
+    )
+
+
+async def test_deeply_nested_context_is_refused_with_422(api: httpx.AsyncClient) -> None:
+    wf = await create(api, linear("pass"))
+    for depth in (300, 5000):
+        error = assert_error(await execute_raw(api, wf, nested(depth)), 422, "nest", "limit of 64")
+        assert error["code"] == "invalid"
+    # Within the limit (the body's own object is one level): accepted.
+    assert (await execute_raw(api, wf, nested(63))).status_code == 202
+
+
+async def test_lone_surrogate_in_context_is_refused_with_422(api: httpx.AsyncClient) -> None:
+    wf = await create(api, linear("pass"))
+    for text in ('{"k":"\\ud800"}', '{"\\udfff":1}'):
+        error = assert_error(await execute_raw(api, wf, text), 422, "not valid JSON")
+        assert error["code"] == "invalid"
+    # A proper surrogate pair is a character like any other.
+    assert (await execute_raw(api, wf, '{"k":"\\ud83d\\ude00"}')).status_code == 202
+
+
+async def test_integer_beyond_64_bits_in_context_is_refused_with_422(api: httpx.AsyncClient) -> None:
+    wf = await create(api, linear("pass"))
+    error = assert_error(await execute_raw(api, wf, '{"n":' + str(2**64) + "}"), 422, "initial_context", "64-bit")
+    assert error["code"] == "invalid"
+
+
+async def test_text_postgresql_cannot_hold_is_refused_in_execution_filters(api: httpx.AsyncClient) -> None:
+    for params in ({"status": "succ\x00ess"}, {"client_slug": "ac\x00me"}):
+        assert_error(await api.get("/executions", params=params), 422)
+    assert (await api.get("/executions", params={"status": "success", "client_slug": "acme"})).status_code == 200
+
+
+async def test_task_ids_outside_the_issued_format_are_not_found(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    wf = await create(api, linear("pass"))
+    task_id = (await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})).json()["task_id"]
+    keys = Keys.from_settings(settings)
+    # The task's event list lives at "<task key>:events": an id ending in ":events" must never reach Redis.
+    assert await redis.type(keys.task_events(task_id)) == "list"
+    for path in (f"/tasks/{task_id}:events", f"/tasks/{task_id}:events/events"):
+        assert_error(await api.get(path), 404, "not found")
+    assert (await api.get(f"/tasks/{task_id}")).status_code == 200
+
+
+async def test_access_token_query_is_refused_off_the_sse_routes(anonymous: httpx.AsyncClient) -> None:
+    token = {"access_token": ADMIN_KEY}
+    for path in ("/workflows", "/executions", "/tasks/" + "0" * 32):
+        error = assert_error(await anonymous.get(path, params=token), 401, "Authorization")
+        assert error["code"] == "unauthorized"
+    # On the SSE routes the token still authenticates (an unknown task: 404, not 401).
+    assert_error(await anonymous.get("/tasks/" + "0" * 32 + "/events", params=token), 404, "not found")
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, **options: Any) -> AsyncIterator[str]:
+    """The API under uvicorn on a free port, as in test_live_api."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", **options)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+def results_entry(client: str, task_id: str, padding: int = 0) -> dict[str, str]:
+    data: dict[str, Any] = {"workflow_name": "wf", "enqueued_at": "t", "initial_context": {"pad": "x" * padding}}
+    return event_fields(EventType.QUEUED, task_id=task_id, execution_id=1, workflow_id=1, client=client, data=data)
+
+
+async def add_entries(redis: Redis, settings: Settings, entries: list[dict[str, str]]) -> list[str]:
+    pipe = redis.pipeline(transaction=False)
+    for fields in entries:
+        pipe.xadd(settings.results_stream, fields)  # type: ignore[arg-type]
+    return [str(i) for i in await pipe.execute()]
+
+
+async def test_feed_resume_holds_one_page_of_other_clients_events_and_stops_at_the_byte_bound(
+    redis: Redis, settings: Settings
+) -> None:
+    # 12 MiB of another client's events after one of ours: a resume from the start must neither load
+    # them all at once nor stream on past the byte bound (4 MiB by default).
+    [ours] = await add_entries(redis, settings, [results_entry("acme", "mine")])
+    theirs = await add_entries(redis, settings, [results_entry("globex", f"t{i}", 8192) for i in range(1500)])
+    hub = EventHub(redis, Keys.from_settings(settings), block_ms=100)
+    await hub.start()
+    feed = feed_stream(redis, Keys.from_settings(settings), hub, feed_filter(None, "acme"), "1-0")
+    tracemalloc.start()
+    try:
+        first = await asyncio.wait_for(anext(feed), 10)
+        assert tracemalloc.get_traced_memory()[1] < 3 << 20, "the first event came with the whole backlog"
+        notice = await asyncio.wait_for(anext(feed), 10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert first["id"] == ours
+        assert peak < 3 << 20, f"replay peaked at {peak} bytes"
+        assert notice["event"] == "replay_truncated" and "id" not in notice
+        stopped = orjson.loads(notice["data"])
+        assert stopped["reason"] == "bytes" and stopped["stopped_after"] in theirs
+        assert 4 << 20 <= stopped["scanned_bytes"] < (4 << 20) + 16384
+        # Then live: a new event of ours arrives.
+        [live] = await add_entries(redis, settings, [results_entry("acme", "later")])
+        assert (await asyncio.wait_for(anext(feed), 10))["id"] == live
+    finally:
+        await feed.aclose()
+        await hub.stop()
+
+
+async def test_feed_resume_stops_at_the_entry_bound_and_says_where(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    acme = await _client_key(redis, pool, settings, "acme")
+    entries = [results_entry("acme" if i in (10, 150) else "globex", f"t{i}") for i in range(200)]
+    ids = await add_entries(redis, settings, entries)
+    bounded = settings.model_copy(update={"sse_replay_max_entries": 50})
+    async with serving(bounded) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        headers = {**acme, "Last-Event-ID": "1-0"}
+        async with http.stream("GET", "/events", headers=headers) as response:
+            assert response.status_code == 200
+            replayed = await read_sse(response, limit=2)
+    assert replayed[0]["id"] == ids[10]
+    assert replayed[1]["event"] == "replay_truncated"
+    stopped = orjson.loads(replayed[1]["data"])
+    assert stopped["reason"] == "entries" and stopped["stopped_after"] == ids[49] and stopped["scanned_entries"] == 50
+
+
+async def test_event_streams_are_capped_per_api_key(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    acme = await _client_key(redis, pool, settings, "acme")
+    capped = settings.model_copy(update={"sse_max_connections_per_key": 2})
+    async with serving(capped) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        async with contextlib.AsyncExitStack() as streams:
+            first = await streams.enter_async_context(http.stream("GET", "/events", headers=acme))
+            # A refused stream (an unknown task) holds no slot.
+            missing = await streams.enter_async_context(
+                http.stream("GET", "/tasks/" + "0" * 32 + "/events", headers=acme)
+            )
+            assert (first.status_code, missing.status_code) == (200, 404)
+            token = acme["Authorization"].removeprefix("Bearer ")
+            third = await streams.enter_async_context(http.stream("GET", "/events", params={"access_token": token}))
+            assert third.status_code == 200
+            async with http.stream("GET", "/events", headers=acme) as refused:
+                assert refused.status_code == 429
+                await refused.aread()
+            error = assert_error(refused, 429, "2 open event streams", "per API process")
+            assert error["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
+            # Another key is counted on its own.
+            async with http.stream("GET", "/events", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as other:
+                assert other.status_code == 200
+        # Closed streams give their slots back (the server notices the disconnect on its own time).
+        deadline = time.monotonic() + 10
+        while True:
+            async with http.stream("GET", "/events", headers=acme) as again:
+                if again.status_code == 200:
+                    break
+                assert again.status_code == 429 and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+
+async def raw_request(base: str, head: bytes, filler: int = 0) -> bytes:
+    """Send a request head over a plain socket, with `filler` bytes of one header value inserted; returns
+    what the server answered before closing. The server may close while we are still sending."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            if filler:
+                writer.write(b"X-Filler: ")
+                chunk = b"a" * 65536
+                for _ in range(filler // len(chunk)):
+                    writer.write(chunk)
+                    await writer.drain()
+                writer.write(b"\r\n")
+            writer.write(b"Connection: close\r\n\r\n")
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        await sending
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return answer
+
+
+async def test_oversized_request_heads_are_refused_with_431(settings: Settings) -> None:
+    # The options `nova api` passes to uvicorn (the httptools implementation, as in production).
+    async with serving(settings, **uvicorn_options(settings)) as base:
+        request = b"GET /health HTTP/1.1\r\nHost: nova\r\n"
+        # One 32 MiB header, and many small ones adding up past the limit (64 KiB).
+        big = await raw_request(base, request, filler=32 << 20)
+        many = await raw_request(base, request + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 60) for i in range(2000)))
+        # A sizeable but reasonable head (a 16 KiB cookie) is served.
+        fine = await raw_request(base, request + b"Cookie: " + b"c" * 16384 + b"\r\n")
+    for answer in (big, many):
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+        error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "headers_too_large" and "65536 bytes" in error["message"]
+    assert fine.startswith(b"HTTP/1.1 200 "), fine[:200]
