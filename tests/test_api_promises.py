@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from api.app import create_app
 from api.event_hub import EventHub
-from api.routes.events import feed_filter, feed_stream
+from api.event_streams import feed_filter, feed_stream
 from api.server import uvicorn_options
 from shared.embedded import free_port
 from shared.events import event_fields

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
 from api.event_hub import EventHub
-from api.routes.events import feed_filter, feed_stream, task_event_stream
+from api.event_streams import feed_filter, feed_stream, task_event_stream
 from shared.connections import create_redis
 from shared.settings import Settings
 from shared.streams import Keys

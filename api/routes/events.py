@@ -1,9 +1,7 @@
-"""Server-sent events: one task's events (replay, then live, then close) and the live feed of all events.
+"""Server-sent events routes: one task's events and the live feed (the streams: api/event_streams.py).
 
 Each SSE event has `id` = its results-stream entry id, `event` = its type and `data` = the event as
-JSON. A client that reconnects with `Last-Event-ID` gets exactly the events after that id: no gap (we
-subscribe to the live feed before replaying) and no repeat (everything at or below the last id sent is
-skipped).
+JSON; every stream holds one of the key's connection slots until it ends.
 """
 
 from __future__ import annotations
@@ -17,151 +15,14 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import Res, Resources, SseCaller, StreamCaller
 from api.errors import ApiError
-from api.event_hub import EventHub, Filter, Subscription
+from api.event_streams import feed_filter, feed_stream, task_event_stream
 from api.schemas import QueryId, errors, is_task_id
-from shared.events import Event
-from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, dumps, entry_id_parts
+from shared.streams import TaskField
 
 router = APIRouter(tags=["events"])
 
 KEEPALIVE_SECONDS = 15
 STREAM_RETRY_AFTER_SECONDS = 5
-
-
-def _sse(event: Event) -> dict[str, Any]:
-    return {"id": event.id, "event": event.type.value, "data": event.encoded}
-
-
-def _after(last_event_id: str | None) -> tuple[int, int]:
-    if not last_event_id:
-        return (0, 0)
-    try:
-        return entry_id_parts(last_event_id.strip())
-    except ValueError:
-        return (0, 0)
-
-
-async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: bool) -> AsyncIterator[dict[str, Any]]:
-    """The hub's events after `last`, in order and without repeats."""
-    # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
-    while (event := await sub.queue.get()) is not None:
-        if entry_id_parts(event.id) <= last:
-            continue
-        last = entry_id_parts(event.id)
-        yield _sse(event)
-        if until_terminal and event.type in TERMINAL_EVENTS:
-            return
-
-
-async def _replay_task(redis: Any, keys: Keys, task_id: str) -> list[Event]:
-    ids = await redis.lrange(keys.task_events(task_id), 0, -1)
-    if not ids:
-        return []
-    pipe = redis.pipeline(transaction=False)
-    for entry_id in ids:
-        pipe.xrange(keys.results, min=entry_id, max=entry_id, count=1)
-    events = []
-    for reply in await pipe.execute():
-        # An id whose entry was trimmed from the results stream has nothing left to replay.
-        for entry_id, fields in reply:
-            events.append(Event.from_entry(entry_id, fields))
-    return events
-
-
-async def task_event_stream(
-    redis: Any, keys: Keys, hub: EventHub, task_id: str, last_event_id: str | None
-) -> AsyncIterator[dict[str, Any]]:
-    last = _after(last_event_id)
-    # Subscribe first: an event published while we replay is then both replayed and queued, and
-    # the id check drops the copy; subscribing after would lose it.
-    with hub.subscribe(lambda e: e.task_id == task_id) as sub:
-        for event in await _replay_task(redis, keys, task_id):
-            if entry_id_parts(event.id) <= last:
-                continue
-            last = entry_id_parts(event.id)
-            yield _sse(event)
-            if event.type in TERMINAL_EVENTS:
-                return
-        status = await redis.hget(keys.task(task_id), TaskField.STATUS)
-        if status in TERMINAL_STATUSES:
-            # Terminal, but its terminal event was trimmed away: nothing more will come.
-            return
-        async for item in _live(sub, last, until_terminal=True):
-            yield item
-
-
-# Resume bounds for GET /events (the settings override the bytes and entries). The results stream
-# holds every client's events; a client's resume scans them all and keeps its own, so the scan is
-# read in small pages (at most one page of other clients' events in memory) and stops at a budget.
-REPLAY_PAGE = 64
-REPLAY_MAX_BYTES = 4 << 20
-REPLAY_MAX_ENTRIES = 10_000
-REPLAY_TRUNCATED = "replay_truncated"
-
-
-def _entry_bytes(fields: dict[Any, Any]) -> int:
-    return sum(len(v.encode() if isinstance(v, str) else v) for pair in fields.items() for v in pair)
-
-
-async def feed_stream(
-    redis: Any,
-    keys: Keys,
-    hub: EventHub,
-    accept: Filter,
-    last_event_id: str | None,
-    *,
-    max_bytes: int = REPLAY_MAX_BYTES,
-    max_entries: int = REPLAY_MAX_ENTRIES,
-    page: int = REPLAY_PAGE,
-) -> AsyncIterator[dict[str, Any]]:
-    last = _after(last_event_id)
-    with hub.subscribe(accept) as sub:
-        if last_event_id:
-            # Resume: what the client missed while disconnected, bounded by entries and bytes scanned.
-            scanned = scanned_bytes = 0
-            reason = None
-            while reason is None:
-                count = min(page, max_entries - scanned)
-                entries = await redis.xrange(keys.results, min=f"({last[0]}-{last[1]}", max="+", count=count)
-                for entry_id, fields in entries:
-                    scanned += 1
-                    scanned_bytes += _entry_bytes(fields)
-                    last = entry_id_parts(entry_id)
-                    try:
-                        event: Event | None = Event.from_entry(entry_id, fields)
-                    except (KeyError, ValueError):
-                        event = None  # not a well-formed event: skipped, as the hub does
-                    if event is not None and accept(event):
-                        yield _sse(event)
-                    if scanned_bytes >= max_bytes or scanned >= max_entries:
-                        reason = "bytes" if scanned_bytes >= max_bytes else "entries"
-                        break
-                if reason is None and len(entries) < count:
-                    break  # caught up with the stream
-                del entries  # one page at a time
-            if reason is not None:
-                yield _truncated(last, reason, scanned, scanned_bytes)
-        async for item in _live(sub, last, until_terminal=False):
-            yield item
-
-
-def _truncated(last: tuple[int, int], reason: str, scanned: int, scanned_bytes: int) -> dict[str, Any]:
-    """Where a resume stopped: live events follow, and what lies between is the client's to fetch.
-
-    No SSE id: the client's Last-Event-ID stays its last real event. Reconnecting with
-    Last-Event-ID set to `stopped_after` continues the replay from where it stopped.
-    """
-    stopped_after = f"{last[0]}-{last[1]}"
-    data = {
-        "type": REPLAY_TRUNCATED,
-        "reason": reason,
-        "stopped_after": stopped_after,
-        "scanned_entries": scanned,
-        "scanned_bytes": scanned_bytes,
-        "message": f"replay stopped after {stopped_after} ({reason} limit); live events follow. Reconnect with "
-        f"Last-Event-ID: {stopped_after} for the rest.",
-    }
-    return {"event": REPLAY_TRUNCATED, "data": dumps(data)}
 
 
 class HeldStream(EventSourceResponse):
@@ -188,15 +49,6 @@ def sse_response(res: Resources, caller: StreamCaller, events: AsyncIterator[dic
             headers={"Retry-After": str(STREAM_RETRY_AFTER_SECONDS)},
         )
     return HeldStream(events, lambda: slots.release(caller.key_digest))
-
-
-def feed_filter(workflow_id: int | None, client: str | None) -> Filter:
-    def accept(event: Event) -> bool:
-        if workflow_id is not None and event.workflow_id != workflow_id:
-            return False
-        return client is None or event.client == client
-
-    return accept
 
 
 @router.get("/events", summary="Live feed of all status events (SSE)", responses=errors(401, 503))
