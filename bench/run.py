@@ -33,8 +33,8 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
+from cli.embedded import PostgresServer, RedisServer, free_port
 from shared.db import migrate_url
-from shared.embedded import PostgresServer, RedisServer, free_port
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys, dumps, now_iso

@@ -46,10 +46,10 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
+from cli.embedded import PostgresServer, RedisServer, free_port
 from cli.faultproxy import FaultProxy
 from shared.connections import create_redis
 from shared.db import migrate_url
-from shared.embedded import PostgresServer, RedisServer, free_port
 from shared.settings import Settings
 from shared.streams import TERMINAL_STATUSES, Keys
 

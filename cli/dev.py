@@ -21,9 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from cli.embedded import PostgresServer, RedisServer, find_postgres_bindir, find_redis_server
 from shared.clients import Vault
 from shared.db import migrate_url
-from shared.embedded import PostgresServer, RedisServer, find_postgres_bindir, find_redis_server
 from shared.settings import Settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "invoice_triage.json"

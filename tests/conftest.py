@@ -7,11 +7,8 @@ copy inside PostgreSQL).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -22,30 +19,16 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from api.app import create_app
-from shared.clients import Vault
-from shared.db import create_pool, migrate_url
-from shared.embedded import (
+from cli.embedded import (
     PostgresServer,
     RedisServer,
-    find_redis_server,
-    packaged_redis_server,
 )
+from shared.db import create_pool, migrate_url
 from shared.settings import Settings
 from shared.streams import Keys
+from tests.support import ADMIN_KEY, make_settings, private_dir
 
 _db_counter = itertools.count()
-ADMIN_KEY = "test-admin-key"
-SECRETS_KEY = Vault.new_key()
-
-
-def redis_binaries() -> list[str]:
-    """Every distinct redis-server here: the packaged 6.2 and the one on PATH (7.x) when present."""
-    seen: dict[str, str] = {}
-    for binary in (packaged_redis_server(), find_redis_server()):
-        if binary:
-            version = RedisServer(Path("/nonexistent"), binary=binary, port=1).version()
-            seen.setdefault(version, binary)
-    return list(seen.values())
 
 
 @pytest.fixture(scope="session")
@@ -61,20 +44,6 @@ def pg_server() -> Iterator[PostgresServer]:
         server = PostgresServer(root, durable=False).start()
         yield server
         server.stop()
-
-
-@contextlib.contextmanager
-def private_dir(name: str) -> Iterator[Path]:
-    """A data folder outside pytest's temp tree.
-
-    As root, PostgreSQL runs as an unprivileged user that must traverse to its data; pytest resets its
-    own temp root to mode 0700 when it finds it opened up, which would cut a running server off.
-    """
-    root = Path(tempfile.mkdtemp(prefix=f"nova-test-{name}-"))
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -114,25 +83,6 @@ async def redis_url(redis_server: RedisServer) -> str:
     await client.flushall()
     await client.aclose()
     return redis_server.url
-
-
-def make_settings(redis_url: str, db_url: str, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "redis_url": redis_url,
-        "database_url": db_url,
-        "concurrency": 4,
-        "node_timeout": 10.0,
-        "execution_timeout": 30.0,
-        "visibility_timeout": 5.0,
-        "retry_backoff": 0.05,
-        "retry_backoff_max": 0.2,
-        "shutdown_grace": 5.0,
-        "sandbox_pool_size": 1,
-        "admin_key": ADMIN_KEY,
-        "secrets_key": SECRETS_KEY,
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture

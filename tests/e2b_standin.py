@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from shared.embedded import free_port
+from cli.embedded import free_port
 
 
 @dataclass

@@ -4,12 +4,15 @@ and wait for events on the results stream (blocking reads, never sleeps)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +21,11 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from cli.embedded import RedisServer, find_redis_server, packaged_redis_server
 from consumer.sandbox.base import SandboxProvider
 from consumer.worker import serve
 from shared.catalog import StoredWorkflow, WorkflowCatalog
+from shared.clients import Vault
 from shared.connections import REDIS_UNAVAILABLE
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.events import Event
@@ -202,3 +207,52 @@ def kill9(proc: subprocess.Popen[bytes]) -> None:
     # The whole group: the worker's sandbox children die with it, as in a container crash.
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# ---- settings and servers shared by conftest and the tests ------------------------------------------
+
+ADMIN_KEY = "test-admin-key"
+SECRETS_KEY = Vault.new_key()
+
+
+def redis_binaries() -> list[str]:
+    """Every distinct redis-server here: the packaged 6.2 and the one on PATH (7.x) when present."""
+    seen: dict[str, str] = {}
+    for binary in (packaged_redis_server(), find_redis_server()):
+        if binary:
+            version = RedisServer(Path("/nonexistent"), binary=binary, port=1).version()
+            seen.setdefault(version, binary)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def private_dir(name: str) -> Iterator[Path]:
+    """A data folder outside pytest's temp tree.
+
+    As root, PostgreSQL runs as an unprivileged user that must traverse to its data; pytest resets its
+    own temp root to mode 0700 when it finds it opened up, which would cut a running server off.
+    """
+    root = Path(tempfile.mkdtemp(prefix=f"nova-test-{name}-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def make_settings(redis_url: str, db_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "database_url": db_url,
+        "concurrency": 4,
+        "node_timeout": 10.0,
+        "execution_timeout": 30.0,
+        "visibility_timeout": 5.0,
+        "retry_backoff": 0.05,
+        "retry_backoff_max": 0.2,
+        "shutdown_grace": 5.0,
+        "sandbox_pool_size": 1,
+        "admin_key": ADMIN_KEY,
+        "secrets_key": SECRETS_KEY,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]

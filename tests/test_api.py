@@ -11,12 +11,20 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from api.app import create_app
+from cli.embedded import PostgresServer, RedisServer
 from shared.db import migrate_url
-from shared.embedded import PostgresServer, RedisServer
 from shared.settings import Settings
 from shared.streams import EventType, Keys
-from tests.conftest import ADMIN_KEY, make_settings
-from tests.support import BRANCHING, in_process_worker, linear, wait_for_events, wait_projected, wait_terminal
+from tests.support import (
+    ADMIN_KEY,
+    BRANCHING,
+    in_process_worker,
+    linear,
+    make_settings,
+    wait_for_events,
+    wait_projected,
+    wait_terminal,
+)
 
 
 def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:

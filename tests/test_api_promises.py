@@ -20,12 +20,11 @@ from api.app import create_app
 from api.event_hub import EventHub
 from api.event_streams import feed_filter, feed_stream
 from api.server import uvicorn_options
-from shared.embedded import free_port
+from cli.embedded import free_port
 from shared.events import event_fields
 from shared.settings import Settings
 from shared.streams import EventType, Keys
-from tests.conftest import ADMIN_KEY
-from tests.support import linear
+from tests.support import ADMIN_KEY, linear
 from tests.test_api import assert_error, create
 from tests.test_live_api import _client_key, read_sse
 

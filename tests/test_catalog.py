@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded import PostgresServer
 from shared.catalog import CatalogUnavailable, StoredWorkflow, WorkflowCatalog
 from shared.db import LazyPool, create_pool, migrate_url
-from shared.embedded import PostgresServer
 from shared.settings import Settings
 from shared.streams import EventType, Keys, entry_id_parts
 from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal

@@ -18,10 +18,9 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from shared.embedded import free_port
+from cli.embedded import free_port
 from shared.settings import Settings
-from tests.conftest import private_dir
-from tests.support import ROOT, create_workflow, enqueue, in_process_worker, linear, wait_terminal
+from tests.support import ROOT, create_workflow, enqueue, in_process_worker, linear, private_dir, wait_terminal
 
 
 def nova(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

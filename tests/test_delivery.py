@@ -15,17 +15,25 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded import RedisServer
 from consumer.maintenance import Maintenance
 from consumer.worker import Worker
 from shared.catalog import WorkflowCatalog
 from shared.connections import create_redis, ensure_groups
 from shared.dead_letters import DeadLetters
-from shared.embedded import RedisServer
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys
-from tests.conftest import make_settings, redis_binaries
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_for_events, wait_terminal
+from tests.support import (
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    make_settings,
+    redis_binaries,
+    wait_for_events,
+    wait_terminal,
+)
 
 
 @pytest.fixture

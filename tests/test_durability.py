@@ -12,9 +12,8 @@ from contextlib import asynccontextmanager
 import httpx
 
 from api.app import create_app
-from shared.embedded import RedisServer
-from tests.conftest import ADMIN_KEY, make_settings
-from tests.support import linear
+from cli.embedded import RedisServer
+from tests.support import ADMIN_KEY, linear, make_settings
 
 
 @asynccontextmanager

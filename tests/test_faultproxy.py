@@ -12,8 +12,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cli.embedded import RedisServer
 from cli.faultproxy import FaultProxy
-from shared.embedded import RedisServer
 
 
 @pytest.fixture

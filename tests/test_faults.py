@@ -11,16 +11,23 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from cli.embedded import PostgresServer, RedisServer
 from consumer.maintenance import Maintenance
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.db import create_pool, migrate_url
-from shared.embedded import PostgresServer, RedisServer
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, loads
-from tests.conftest import make_settings
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_for_events, wait_terminal
+from tests.support import (
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    make_settings,
+    wait_for_events,
+    wait_terminal,
+)
 
 
 class FlakyProvider:

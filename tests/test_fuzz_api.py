@@ -12,9 +12,9 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis import checks
 
 from api.app import create_app
-from shared.embedded import free_port
+from cli.embedded import free_port
 from shared.settings import Settings
-from tests.conftest import ADMIN_KEY
+from tests.support import ADMIN_KEY
 
 # What the API promises under any input: never a 5xx, and responses (status codes, bodies, content
 # types) as the schema declares them. Semantic refusals of schema-valid input (an invalid graph,

@@ -15,12 +15,20 @@ import uvicorn
 from redis.asyncio import Redis
 
 from api.app import create_app
+from cli.embedded import free_port
 from shared.clients import ClientStore, Vault
-from shared.embedded import free_port
 from shared.settings import Settings
 from shared.streams import Keys
-from tests.conftest import ADMIN_KEY, SECRETS_KEY
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_projected, wait_terminal
+from tests.support import (
+    ADMIN_KEY,
+    SECRETS_KEY,
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    wait_projected,
+    wait_terminal,
+)
 
 
 @dataclass

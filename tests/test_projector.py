@@ -14,10 +14,10 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded import PostgresServer
 from consumer.projector import Projector, apply_events
 from shared.connections import ensure_groups
 from shared.db import create_pool, migrate_url
-from shared.embedded import PostgresServer
 from shared.events import Event, event_fields
 from shared.settings import Settings
 from shared.streams import EventType, Keys, TaskField, loads

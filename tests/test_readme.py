@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 from redis.asyncio import Redis
 
-from shared.embedded import packaged_redis_server
+from cli.embedded import packaged_redis_server
 from shared.settings import Settings
 from tests.support import ROOT, create_workflow, enqueue, in_process_worker, linear, wait_terminal
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from shared.embedded import RedisServer
+from cli.embedded import RedisServer
 from shared.events import event_fields
 from shared.scripts import RecordOutcome, Scripts
 from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
-from tests.conftest import redis_binaries
+from tests.support import redis_binaries
 
 
 def _version(binary: str) -> str:
