@@ -132,8 +132,9 @@ class Run:
         try:
             definition = await self._definition(task)
         except CatalogUnavailable as exc:
-            # Only PostgreSQL knows the workflow and it is unreachable: wait and retry, do not bury it.
-            await self._transient_failure(attempt, exc)
+            # Only PostgreSQL knows the workflow and it is unreachable: wait for it without spending
+            # a retry (nothing of the workflow ran), rather than bury the request as unknown.
+            await self._transient_failure(attempt, exc, spend_retry=False)
             return
         if definition is None:
             return
@@ -285,17 +286,17 @@ class Run:
             )
         await self.recorder.flush(terminal=True)
 
-    async def _transient_failure(self, attempt: int, exc: Exception) -> None:
+    async def _transient_failure(self, attempt: int, exc: Exception, *, spend_retry: bool = True) -> None:
         ctx, request = self.ctx, self.request
         error = NodeError(type(exc).__name__, str(exc), reason="transient").as_json(None)
-        if attempt >= ctx.settings.max_retries:
+        if spend_retry and attempt >= ctx.settings.max_retries:
             task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(request.task_id)))
             await self._dead_letter(
                 "retries_exhausted", f"{error['type']}: {error['message']} after {attempt} retries", task
             )
             return
-        next_attempt = attempt + 1
-        delay = backoff_seconds(ctx.settings, next_attempt)
+        next_attempt = attempt + 1 if spend_retry else attempt
+        delay = backoff_seconds(ctx.settings, max(next_attempt, 1))
         # Shown to people only; the due time itself is Redis's clock plus the delay.
         retry_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + delay)) + "Z"
         log.warning("task %s: transient error, retry %d in %.2fs: %s", request.task_id, next_attempt, delay, exc)

@@ -143,9 +143,8 @@ class WorkflowCatalog:
 
     async def highest_execution_id(self) -> int:
         """The largest execution id PostgreSQL holds: the floor of Redis's id sequence."""
-        if self.pool is None:
-            raise RuntimeError("PostgreSQL is not connected")
-        return int(await self.pool.fetchval("SELECT coalesce(max(id), 0) FROM executions"))
+        pool = await self._db("raising the execution id sequence")
+        return int(await pool.fetchval("SELECT coalesce(max(id), 0) FROM executions"))
 
     async def _cache(self, workflow: StoredWorkflow) -> None:
         await self.redis.set(self.keys.workflow(workflow.id), dumps(workflow.as_json()))

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from cli.embedded import PostgresServer
 from shared.catalog import CatalogUnavailable, StoredWorkflow, WorkflowCatalog
 from shared.db import LazyPool, create_pool, migrate_url
+from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, entry_id_parts
 from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal
@@ -58,6 +59,9 @@ async def test_worker_started_during_a_postgresql_outage_runs_a_workflow_only_po
     pg = pg_factory()
     wf = await known_only_to_postgres(redis, settings, pg)
     settings = settings.model_copy(update={"database_url": pg.url})
+    # The API raises the id sequence from PostgreSQL when it starts (none here yet); with PostgreSQL
+    # down and no sequence in Redis, enqueueing would be refused rather than risk a reused id.
+    await Scripts(redis, Keys.from_settings(settings)).raise_sequence(0)
     pg.stop()
     async with in_process_worker(settings, visibility_timeout=1.0):
         task = await enqueue(redis, settings, wf)
