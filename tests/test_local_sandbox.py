@@ -203,3 +203,40 @@ async def test_concurrent_sandboxes_never_share_a_uid_even_across_workers() -> N
             await b.close()
         for p in providers:
             await p.aclose()
+
+
+# Node code is hostile: it can reach the runner object in its own interpreter and write to the
+# protocol itself. The worker checks every reply frame where node code cannot reach.
+FIND_RUNNER = "import gc\nrunner = next(o for o in gc.get_objects() if type(o).__name__ == 'Runner')\n"
+
+
+async def test_a_forged_frame_header_fails_the_node_without_reading_it(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    code = FIND_RUNNER + "runner.proto_out.write((300 << 20).to_bytes(4, 'big'))\nrunner.proto_out.flush()"
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("forger", code, {}, 10)
+    assert info.value.reason == "limit:output" and "314572800 bytes" in info.value.message
+    assert sb.dead and not alive(sb.pid)
+
+
+async def test_a_reply_that_is_not_json_fails_the_node(provider: LocalSandboxProvider) -> None:
+    sb = await sandbox(provider)
+    code = FIND_RUNNER + "runner.proto_out.write((4).to_bytes(4, 'big') + b'\\xff{]x')\nrunner.proto_out.flush()"
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("garbler", code, {}, 10)
+    assert info.value.reason == "output" and "not JSON" in info.value.message
+    assert sb.dead
+
+
+async def test_a_context_cap_lifted_inside_the_sandbox_still_holds() -> None:
+    p = LocalSandboxProvider(Settings(sandbox_pool_size=0), max_context_bytes=256 * 1024)
+    await p.start()
+    try:
+        sb = await sandbox(p)
+        code = FIND_RUNNER + "runner.context_cap = 1 << 40\ncontext['blob'] = 'x' * (2 << 20)"
+        with pytest.raises(NodeError) as info:
+            await sb.run_action("lifter", code, {}, 10)
+        assert info.value.reason in ("limit:context", "limit:output"), info.value
+        assert sb.dead
+    finally:
+        await p.aclose()

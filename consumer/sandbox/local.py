@@ -79,16 +79,24 @@ class UidLease:
 
 
 _START_TIMEOUT = 30.0
+# Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
+_REPLY_SLACK = 1 << 20
 
 
 class LocalSandbox(RunnerSandbox):
     def __init__(
-        self, proc: asyncio.subprocess.Process, workdir: Path, max_context_bytes: int, lease: UidLease | None = None
+        self,
+        proc: asyncio.subprocess.Process,
+        workdir: Path,
+        max_context_bytes: int,
+        lease: UidLease | None = None,
+        max_output_bytes: int = 1 << 20,
     ) -> None:
         self.proc = proc
         self.workdir = workdir
         self.lease = lease
         self.max_context_bytes = max_context_bytes
+        self.max_output_bytes = max_output_bytes
         self.dead = False
         self._lock = asyncio.Lock()
 
@@ -102,10 +110,33 @@ class LocalSandbox(RunnerSandbox):
         self.proc.stdin.write(_HEADER.pack(len(payload)) + payload)
         await self.proc.stdin.drain()
 
+    @property
+    def max_reply_bytes(self) -> int:
+        # A reply carries a context, stdout and stderr, each capped by the runner; the runner lives in
+        # the node's own interpreter, where node code can lift its caps, so the worker checks again.
+        return self.max_context_bytes + 2 * self.max_output_bytes + _REPLY_SLACK
+
     async def _receive(self) -> dict[str, Any]:
+        """One reply frame, checked here where node code cannot reach: a frame over the cap or that
+        does not decode is refused before it is read whole (BadReply)."""
         assert self.proc.stdout is not None
         header = await self.proc.stdout.readexactly(_HEADER.size)
-        return orjson.loads(await self.proc.stdout.readexactly(_HEADER.unpack(header)[0]))
+        size = _HEADER.unpack(header)[0]
+        if size > self.max_reply_bytes:
+            raise BadReply(f"a reply of {size} bytes, over the limit of {self.max_reply_bytes}", "limit:output")
+        try:
+            reply = orjson.loads(await self.proc.stdout.readexactly(size))
+        except orjson.JSONDecodeError as exc:
+            raise BadReply(f"a reply that is not JSON ({exc})", "output") from None
+        if not isinstance(reply, dict):
+            raise BadReply("a reply that is not a JSON object", "output")
+        if size > self.max_context_bytes and "context" in reply:
+            context_size = len(orjson.dumps(reply["context"]))
+            if context_size > self.max_context_bytes:
+                raise BadReply(
+                    f"a context of {context_size} bytes, over the limit of {self.max_context_bytes}", "limit:context"
+                )
+        return reply
 
     async def handshake(self) -> None:
         try:
@@ -151,6 +182,14 @@ class LocalSandbox(RunnerSandbox):
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 returncode = await self._reap()
                 raise _crash(node_id, returncode) from None
+            except BadReply as exc:
+                # The node's own doing (it wrote to the protocol or lifted a cap): a failure of that
+                # node, not of the sandbox service, so it is not retried or redelivered. The sandbox
+                # is not trusted after it.
+                await self.close()
+                raise NodeError(
+                    type="BadReply", message=f"node '{node_id}' sent {exc.args[0]}", reason=exc.reason
+                ) from None
         return reply
 
     async def _reap(self) -> int | None:
@@ -178,6 +217,14 @@ class LocalSandbox(RunnerSandbox):
             # Only now: no process of this uid is left, and its files are gone.
             self.lease.release()
             self.lease = None
+
+
+class BadReply(Exception):
+    """A reply frame the worker refuses: too large, not JSON, or a context over its cap."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -328,7 +375,9 @@ class LocalSandboxProvider:
             if lease is not None:
                 lease.release()
             raise SandboxInfraError(f"could not start the local sandbox ({self.python}): {exc}") from None
-        sandbox = LocalSandbox(proc, workdir, self.max_context_bytes, lease)
+        sandbox = LocalSandbox(
+            proc, workdir, self.max_context_bytes, lease, max_output_bytes=self.limits["output_bytes"]
+        )
         await sandbox.handshake()
         self.started += 1
         return sandbox
