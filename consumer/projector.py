@@ -326,6 +326,20 @@ class Projector:
                 # Unacknowledged entries stay pending for this consumer; re-read them from the start.
                 cursor = "0"
                 await sleep_or_stop(delay, stop)
+            except Exception:
+                # The projector runs inside each worker: nothing it meets may end the worker (seen:
+                # asyncpg's InternalClientError on a connection broken by a PostgreSQL restart).
+                # Drop the pool's connections, wait, and read the unacknowledged entries again.
+                delay = backoff.next_delay()
+                log.exception("projector failed unexpectedly; retrying in %.1fs", delay)
+                await self._expire_connections()
+                cursor = "0"
+                await sleep_or_stop(delay, stop)
+
+    async def _expire_connections(self) -> None:
+        pool = self.pool.current if isinstance(self.pool, LazyPool) else self.pool
+        if pool is not None:
+            await pool.expire_connections()
 
     async def _next_batch(self, cursor: str) -> list[tuple[str, dict[str, str]]]:
         reply = await self.redis.xreadgroup(

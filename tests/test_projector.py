@@ -328,3 +328,33 @@ async def test_after_a_postgresql_outage_the_projector_writes_the_events_it_held
     finally:
         await check.close()
     assert statuses == {1: "success", 2: "success", 3: "success"}
+
+
+async def test_an_unexpected_error_in_a_batch_does_not_end_the_projector(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """Seen in `nova chaos`: a connection broken by a PostgreSQL restart raised asyncpg's
+    InternalClientError, which ended the projector and with it the whole worker."""
+
+    class BrokenOnce(Projector):
+        failed = False
+
+        async def _write(self, conn: asyncpg.Connection, events: list[Event]) -> Any:
+            if not BrokenOnce.failed:
+                BrokenOnce.failed = True
+                raise asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress")
+            return await super()._write(conn, events)
+
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    emitter = Emitter(redis, settings, execution_id=7, task_id="t-7", client="acme", workflow_id=wf.id)
+    await emitter.whole_run({"a": 1}, {"a": 2})
+    await ensure_groups(redis, Keys.from_settings(settings))
+    stop = asyncio.Event()
+    task = asyncio.create_task(BrokenOnce(settings, redis, pool, consumer="p-test").run(stop))
+    try:
+        await wait_read(redis, settings, task, acked=True)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert BrokenOnce.failed
+    assert await pool.fetchval("SELECT status FROM executions WHERE id = 7") in ("success", "completed")
