@@ -211,3 +211,30 @@ async def test_worker_cut_off_from_redis_stops_its_runs_before_they_can_be_taken
     # The first copy was stopped (its sandbox killed) before it could finish; the node then ran again.
     assert lines == [f"start:{task.execution_id}", f"start:{task.execution_id}", f"end:{task.execution_id}"]
     await client.aclose()
+
+
+async def test_results_are_trimmed_to_their_length_but_never_past_what_the_projector_has_not_acknowledged(
+    redis: Redis, settings: Settings
+) -> None:
+    settings = settings.model_copy(update={"results_maxlen": 1000})
+    keys = Keys.from_settings(settings)
+    await ensure_groups(redis, keys)
+    pipe = redis.pipeline(transaction=False)
+    for i in range(3000):
+        # One entry per millisecond: the trim estimates its cut from the ids' times.
+        pipe.xadd(keys.results, {"type": "queued", "n": str(i)}, id=f"{1_700_000_000_000 + i}-0")
+    added = await pipe.execute()
+    maintenance = Maintenance(settings, redis, keys, Scripts(redis, keys), "me")
+    # PostgreSQL is down: the projector has read nothing. Nothing may go, however long the stream.
+    assert await maintenance.trim_results() == 0
+    assert await redis.xlen(keys.results) == 3000
+    # It catches up on the first 2,500 and acknowledges 2,400; 100 are read but not yet written, 500 unread.
+    reply = await redis.xreadgroup(keys.projector_group, "p1", {keys.results: ">"}, count=2500)
+    read = [entry_id for entry_id, _ in reply[0][1]]
+    await redis.xack(keys.results, keys.projector_group, *read[:2400])
+    assert await maintenance.trim_results() > 0
+    remaining = {entry_id for entry_id, _ in await redis.xrange(keys.results)}
+    assert set(added[2400:]) <= remaining, "an entry the projector still needs was trimmed"
+    assert 1000 <= len(remaining) < 3000
+    pending = await redis.xpending(keys.results, keys.projector_group)
+    assert pending["pending"] == 100
