@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.backoff import Backoff, sleep_or_stop
-from shared.connections import REDIS_UNAVAILABLE, NotConfigured, ensure_groups
+from shared.connections import REDIS_UNAVAILABLE, NotConfigured, autoclaim, ensure_groups, is_missing_group
 from shared.db import LazyPool
 from shared.events import Event
 from shared.settings import Settings
@@ -317,7 +317,7 @@ class Projector:
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not is_missing_group(exc):
                     raise
                 await ensure_groups(self.redis, self.keys)
             except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -357,10 +357,14 @@ class Projector:
     async def _reclaim_stale(self) -> None:
         """Take over events a dead projector consumer read but never acknowledged."""
         idle_ms = int(self.settings.visibility_timeout * 1000)
-        reply = await self.redis.xautoclaim(
-            self.keys.results, self.keys.projector_group, self.consumer, idle_ms, count=self.settings.projector_batch
+        _, claimed = await autoclaim(
+            self.redis,
+            self.keys.results,
+            self.keys.projector_group,
+            self.consumer,
+            idle_ms,
+            count=self.settings.projector_batch,
         )
-        claimed = [(i, f) for i, f in (reply[1] if len(reply) > 1 else []) if i is not None and f is not None]
         if claimed:
             log.info("projector reclaimed %d stale event(s)", len(claimed))
             await self._project(claimed)

@@ -29,7 +29,7 @@ from consumer.scheduler import Scheduler
 from shared.backoff import Backoff, sleep_or_stop
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
-from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
+from shared.connections import REDIS_UNAVAILABLE, autoclaim, create_redis, ensure_groups, is_missing_group, open_pool
 from shared.db import LazyPool
 from shared.scripts import Scripts
 from shared.settings import Settings
@@ -178,7 +178,7 @@ class Worker:
                     await sleep_or_stop(delay, stop)
                     continue
                 except ResponseError as exc:
-                    if "NOGROUP" in str(exc):
+                    if is_missing_group(exc):
                         # Redis lost its data (restart without AOF, FLUSHALL): recreate and go on.
                         log.warning("consumer group missing; recreating it")
                         await ensure_groups(self.redis, self.keys)
@@ -260,23 +260,17 @@ class Worker:
         if free <= 0 or time.monotonic() < self._reclaim_not_before or await self._redis_restarted_recently():
             return []
         idle_ms = int(self.settings.visibility_timeout * 1000)
-        reply = await self.redis.xautoclaim(
+        # Resume the scan where it stopped: restarting at 0-0 would re-read the same head of the
+        # pending list each time and never reach entries behind it.
+        self._reclaim_cursor, live = await autoclaim(
+            self.redis,
             self.keys.requests,
             self.keys.worker_group,
             self.consumer,
             idle_ms,
-            start_id=self._reclaim_cursor,
+            start=self._reclaim_cursor,
             count=free,
         )
-        # Resume the scan where it stopped: restarting at 0-0 would re-read the same head of the
-        # pending list each time and never reach entries behind it.
-        self._reclaim_cursor = reply[0] if reply and reply[0] else "0-0"
-        claimed = reply[1] if len(reply) > 1 else []
-        live: list[tuple[str, dict[str, str]]] = []
-        for entry_id, fields in claimed:
-            # Redis 6.2 answers nil for an entry deleted while pending; Maintenance acks those.
-            if entry_id is not None and fields is not None:
-                live.append((entry_id, fields))
         if not live:
             return []
         pipe = self.redis.pipeline(transaction=False)

@@ -61,3 +61,22 @@ async def ensure_groups(redis: Redis, keys: Keys) -> None:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+
+def is_missing_group(exc: ResponseError) -> bool:
+    """Redis lost its data (a restart without persistence, a flush): the caller recreates the groups."""
+    return "NOGROUP" in str(exc)
+
+
+async def autoclaim(
+    redis: Redis, stream: str, group: str, consumer: str, idle_ms: int, *, start: str = "0-0", count: int
+) -> tuple[str, list[tuple[str, dict[str, str]]]]:
+    """XAUTOCLAIM: the cursor to resume the scan from ("0-0" when it wrapped) and the claimed entries.
+
+    Redis 6.2 answers nil for an entry deleted while it was pending; those are left out (maintenance
+    acknowledges them).
+    """
+    reply = await redis.xautoclaim(stream, group, consumer, idle_ms, start_id=start, count=count)
+    cursor = reply[0] if reply and reply[0] else "0-0"
+    claimed = reply[1] if len(reply) > 1 else []
+    return cursor, [(i, f) for i, f in claimed if i is not None and f is not None]
