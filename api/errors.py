@@ -91,23 +91,18 @@ def install(app: FastAPI) -> None:
             error_body(_CODES.get(exc.status_code, "error"), message), exc.status_code, headers=exc.headers
         )
 
+    def retry_shortly(message: str) -> JSONResponse:
+        return JSONResponse(error_body("unavailable", message), 503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
     @app.exception_handler(OutOfMemoryError)
     async def redis_full(_: Request, exc: Exception) -> JSONResponse:
         # maxmemory reached under noeviction: nothing was written; retrying later is right.
         log.error("Redis is out of memory: %s", exc)
-        return JSONResponse(
-            error_body("unavailable", "Redis is out of memory; retry shortly"),
-            503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        return retry_shortly("Redis is out of memory; retry shortly")
 
     for error in REDIS_UNAVAILABLE:
 
         @app.exception_handler(error)
         async def redis_down(_: Request, exc: Exception) -> JSONResponse:
             log.warning("Redis unavailable: %s", exc)
-            return JSONResponse(
-                error_body("unavailable", "Redis is unavailable right now; retry shortly"),
-                503,
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
+            return retry_shortly("Redis is unavailable right now; retry shortly")

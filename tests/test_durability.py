@@ -17,14 +17,17 @@ from tests.support import ADMIN_KEY, linear, make_settings
 
 
 @asynccontextmanager
-async def strict_api(redis_url: str, db_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = make_settings(redis_url, db_url, durability="strict", strict_wait_ms=200)
-    app = create_app(settings)
+async def api_on(redis_url: str, db_url: str, **overrides: object) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process on a Redis of the test's own, as the operator."""
+    app = create_app(make_settings(redis_url, db_url, **overrides))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
         async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as client:
             yield client
+
+
+STRICT: dict[str, object] = {"durability": "strict", "strict_wait_ms": 200}
 
 
 async def execute(api: httpx.AsyncClient) -> httpx.Response:
@@ -36,7 +39,7 @@ async def test_strict_mode_refuses_to_promise_what_redis_cannot_keep(
     redis_factory: Callable[..., RedisServer], db_url: str
 ) -> None:
     volatile = redis_factory(appendonly=True)  # appendfsync everysec: up to a second can be lost
-    async with strict_api(volatile.url, db_url) as api:
+    async with api_on(volatile.url, db_url, **STRICT) as api:
         response = await execute(api)
     assert response.status_code == 503
     assert "appendfsync always" in response.json()["error"]["message"]
@@ -44,7 +47,7 @@ async def test_strict_mode_refuses_to_promise_what_redis_cannot_keep(
 
 async def test_strict_mode_accepts_with_fsync_always(redis_factory: Callable[..., RedisServer], db_url: str) -> None:
     durable = redis_factory(appendonly=True, appendfsync="always")
-    async with strict_api(durable.url, db_url) as api:
+    async with api_on(durable.url, db_url, **STRICT) as api:
         response = await execute(api)
     assert response.status_code == 202, response.text
 
@@ -52,7 +55,7 @@ async def test_strict_mode_accepts_with_fsync_always(redis_factory: Callable[...
 async def test_strict_mode_waits_for_a_replica(redis_factory: Callable[..., RedisServer], db_url: str) -> None:
     primary = redis_factory()
     replica = redis_factory(replicaof=primary)
-    async with strict_api(primary.url, db_url) as api:
+    async with api_on(primary.url, db_url, **STRICT) as api:
         await _replica_online(primary)
         response = await execute(api)
         assert response.status_code == 202, response.text
@@ -89,20 +92,15 @@ async def test_a_full_redis_answers_503_and_shows_in_metrics(
     from redis.asyncio import Redis
 
     server = redis_factory()
-    settings = make_settings(server.url, db_url)
-    app = create_app(settings)
     admin = Redis.from_url(server.url, decode_responses=True)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as api:
-            wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
-            await admin.config_set("maxmemory", "1")  # noeviction (the default): every write is refused
-            try:
-                response = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
-                metrics = (await api.get("/metrics")).text
-            finally:
-                await admin.config_set("maxmemory", "0")
+    async with api_on(server.url, db_url) as api:
+        wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
+        await admin.config_set("maxmemory", "1")  # noeviction (the default): every write is refused
+        try:
+            response = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
+            metrics = (await api.get("/metrics")).text
+        finally:
+            await admin.config_set("maxmemory", "0")
     await admin.aclose()
     assert response.status_code == 503 and "out of memory" in response.json()["error"]["message"]
     assert 'nova_redis_memory_bytes{kind="max"} 1.0' in metrics

@@ -69,11 +69,11 @@ class Emitter:
         )
 
 
-async def drain(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+async def drain(redis: Redis, settings: Settings, pool: asyncpg.Pool, kind: type[Projector] = Projector) -> None:
     """Run a projector until it has acknowledged every entry of the results stream."""
     await ensure_groups(redis, Keys.from_settings(settings))
     stop = asyncio.Event()
-    task = asyncio.create_task(Projector(settings, redis, pool, consumer="p-test").run(stop))
+    task = asyncio.create_task(kind(settings, redis, pool, consumer="p-test").run(stop))
     try:
         await wait_read(redis, settings, task, acked=True)
     finally:
@@ -348,13 +348,6 @@ async def test_an_unexpected_error_in_a_batch_does_not_end_the_projector(
     wf = await create_workflow(redis, settings, pool, linear("pass"))
     emitter = Emitter(redis, settings, execution_id=7, task_id="t-7", client="acme", workflow_id=wf.id)
     await emitter.whole_run({"a": 1}, {"a": 2})
-    await ensure_groups(redis, Keys.from_settings(settings))
-    stop = asyncio.Event()
-    task = asyncio.create_task(BrokenOnce(settings, redis, pool, consumer="p-test").run(stop))
-    try:
-        await wait_read(redis, settings, task, acked=True)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    await drain(redis, settings, pool, BrokenOnce)
     assert BrokenOnce.failed
     assert await pool.fetchval("SELECT status FROM executions WHERE id = 7") in ("success", "completed")
