@@ -27,10 +27,31 @@ MASK = "***"
 # Shorter values match ordinary text by accident (every "abc" in every output) and protect little.
 MIN_SECRET_LENGTH = 4
 
-# Fields of event data that carry what node code produced; the rest (steps, timings, node ids) is the
-# run's own bookkeeping, whose types the projector relies on and which no node can write into.
-CONTEXT_FIELDS = ("input_context", "output_context", "final_context")
-CONTENT_FIELDS = ("stdout", "stderr", "error", "decision")
+CONTEXT_FIELDS = frozenset({"input_context", "output_context", "final_context"})
+# Event data that is the run's own bookkeeping: no node writes into it, and the projector relies on its
+# types (a step masked into text would not fit its column). Every other field is masked, so a field
+# added later that carries node output (stdout, errors, a protocol message) is covered by default.
+BOOKKEEPING_FIELDS = frozenset(
+    {
+        "step",
+        "node_id",
+        "node_type",
+        "status",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+        "next_node",
+        "nodes_executed",
+        "workflow_name",
+        "enqueued_at",
+        "consumer",
+        "delivery",
+        "attempt",
+        "attempts",
+        "resumed_from_step",
+        "retry_at",
+    }
+)
 
 
 def _scalars(value: Any) -> Iterator[str]:
@@ -66,13 +87,10 @@ class Masker:
 
     def __init__(self, secrets: Iterable[Any] = (), hidden_keys: Iterable[str] = (), keep: Iterable[str] = ()) -> None:
         kept = set(keep)
-        forms = {
-            form
-            for value in secrets
-            for text in _scalars(value)
-            if len(text) >= MIN_SECRET_LENGTH and text not in kept
-            for form in _forms(text)
-        }
+        self._texts = frozenset(
+            text for value in secrets for text in _scalars(value) if len(text) >= MIN_SECRET_LENGTH and text not in kept
+        )
+        forms = {form for text in self._texts for form in _forms(text)}
         self.hidden_keys = frozenset(hidden_keys)
         # Longest first: where one secret contains another, the whole of the longer one is masked.
         ordered = sorted(forms, key=lambda f: (-len(f), f))
@@ -99,10 +117,9 @@ class Masker:
         if isinstance(value, list | tuple):
             return [self._value(v) for v in value]
         if isinstance(value, int | float) and not isinstance(value, bool):
-            # A numeric secret (a PIN) copied as a number: shown as masked text rather than as itself.
-            text = str(value)
-            masked = self.text(text)
-            return value if masked == text else masked
+            # A numeric secret (a PIN) copied as a number: shown as masked text. Only the whole number:
+            # one that merely contains the digits (a count, a duration) is no copy of it.
+            return MASK if str(value) in self._texts else value
         return value
 
     def context(self, context: dict[str, Any]) -> dict[str, Any]:
@@ -112,14 +129,15 @@ class Masker:
         return self.value(context)
 
     def event_data(self, data: dict[str, Any]) -> dict[str, Any]:
-        """An event's data as shown: its contexts and the node's output and errors masked."""
+        """An event's data as shown: contexts without credential keys, everything but bookkeeping masked."""
         if not self.active:
             return data
-        shown = dict(data)
-        for key in CONTEXT_FIELDS:
-            if isinstance(shown.get(key), dict):
-                shown[key] = self.context(shown[key])
-        for key in CONTENT_FIELDS:
-            if key in shown:
-                shown[key] = self.value(shown[key])
+        shown = {}
+        for key, value in data.items():
+            if key in BOOKKEEPING_FIELDS:
+                shown[key] = value
+            elif key in CONTEXT_FIELDS and isinstance(value, dict):
+                shown[key] = self.context(value)
+            else:
+                shown[key] = self.value(value)
         return shown

@@ -91,6 +91,7 @@ def test_masker_hides_secrets_printed_copied_nested_and_inside_text() -> None:
         "copy": "hunter2-secret",
         "nested": {"list": [{"url": "imap://u:hunter2-secret@h"}], "hunter2-secret": 1},
         "pin": 48213907,
+        "count": 148213907,
         "printed_json": json.dumps({"p": 'x"hunter2-secret'}),
         "url": "postgres://u:" + quote("hunter2-secret", safe="") + "@db",
         "repr": repr(["hunter2-secret"]),
@@ -102,6 +103,7 @@ def test_masker_hides_secrets_printed_copied_nested_and_inside_text() -> None:
         "copy": MASK,
         "nested": {"list": [{"url": f"imap://u:{MASK}@h"}], MASK: 1},
         "pin": MASK,
+        "count": 148213907,
         "printed_json": json.dumps({"p": f'x"{MASK}'}),
         "url": f"postgres://u:{MASK}@db",
         "repr": repr([MASK]),
@@ -121,9 +123,10 @@ def test_masker_rules_short_longest_first_slug_and_structural_fields() -> None:
     # a secret equal to the client's slug is the tenant's public name and stays readable.
     assert masker.text("abc token-1234-extended token-1234 acme") == f"abc {MASK} {MASK} acme"
     assert masker.context({"api_key": "abc", "x": "abc"}) == {"x": "abc"}
-    # Only what node code produced is masked: steps, timings and node ids keep their types.
-    data = {"step": 1234, "duration_ms": 1234.5, "node_id": "n", "stdout": "token-1234\n", "output_context": {}}
-    assert Masker(["1234"]).event_data(data) == {**data, "stdout": f"token-{MASK}\n"}
+    # The run's bookkeeping keeps its types; everything else (a field added later too) is masked.
+    data = {"step": 1234, "duration_ms": 1234.5, "stdout": "token-1234\n", "message": "1234", "output_context": {}}
+    shown = {**data, "stdout": f"token-{MASK}\n", "message": MASK}
+    assert Masker(["1234"]).event_data(data) == shown
     # Without secrets nothing is copied or changed.
     assert Masker().event_data(data) is data and Masker().value(data) is data
 
