@@ -7,8 +7,10 @@ them only to hand them to that client's node code.
 
 A credential is a JSON value (a port stays an int) and is either a secret (masked wherever a run
 shows it) or a setting (shown as is). Its token is `secret:<Fernet token>` or `setting:<Fernet
-token>`, the Fernet token holding the value as JSON; a bare Fernet token is a credential stored
-before values were typed, a string whose kind follows its name (secret_by_default).
+token>`, the Fernet token holding `{"value", "secret"}` as JSON: the kind in clear lets the API list
+kinds without decrypting, the encrypted copy cannot be flipped to unmask a secret. A bare Fernet token
+is a credential stored before values were typed, a string whose kind follows its name
+(secret_by_default).
 """
 
 from __future__ import annotations
@@ -291,8 +293,9 @@ class ClientStore:
     async def set_credential(self, slug: str, name: str, value: CredentialValue, secret: bool | None = None) -> None:
         """Store a credential; `secret` None takes the name's default (secret_by_default)."""
         check_credential(name, value)
-        kind = _SECRET if (secret_by_default(name) if secret is None else secret) else _SETTING
-        token = f"{kind}:{self.vault.encrypt(orjson.dumps(value).decode())}"
+        is_secret = secret_by_default(name) if secret is None else secret
+        sealed = self.vault.encrypt(orjson.dumps({"value": value, "secret": is_secret}).decode())
+        token = f"{_SECRET if is_secret else _SETTING}:{sealed}"
         await self._db().execute(
             """INSERT INTO client_credentials (client_slug, name, ciphertext) VALUES ($1, $2, $3)
                ON CONFLICT (client_slug, name) DO UPDATE SET ciphertext = EXCLUDED.ciphertext, updated_at = now()""",
@@ -319,11 +322,15 @@ class ClientStore:
         tokens = await self.redis.hgetall(self._credentials(slug))
         items = {}
         for name, token in tokens.items():
-            sealed, secret = self._parse(name, token)
+            sealed, listed_secret = self._parse(name, token)
             plain = self.vault.decrypt(sealed)
-            # Credentials stored before values were typed hold the bare string.
-            value = plain if sealed == token else orjson.loads(plain)
-            items[name] = Credential(value, secret)
+            if sealed == token:
+                # Stored before values were typed: the bare string.
+                items[name] = Credential(plain, listed_secret)
+                continue
+            stored = orjson.loads(plain)
+            # Either copy of the kind saying secret makes it one: an edited token unmasks nothing.
+            items[name] = Credential(stored["value"], bool(stored["secret"]) or listed_secret)
         return ClientCredentials(slug, items)
 
     async def secrets_for(self, slug: str) -> dict[str, str]:

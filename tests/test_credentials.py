@@ -178,6 +178,11 @@ async def test_credentials_are_stored_typed_with_their_kind(
     assert (await clients.credential_kinds("acme"))["email_password"] is True
     stored = str([dict(r) for r in await pool.fetch("SELECT * FROM client_credentials")])
     assert PASSWORD not in stored and json.dumps(PASSWORD)[1:-1] not in stored
+    # The kind in clear only serves listings: flipping it does not unmask a secret.
+    key = f"{settings.key_prefix}:credentials:acme"
+    await redis.hset(key, "email_password", "setting:" + (await redis.hget(key, "email_password")).partition(":")[2])
+    assert (await clients.credential_kinds("acme"))["email_password"] is False
+    assert (await clients.credentials_for("acme")).items["email_password"].secret is True
     # A credential stored before values were typed: a bare token holding the string.
     await redis.hset(f"{settings.key_prefix}:credentials:acme", "db_host", Vault(SECRETS_KEY).encrypt("db.acme"))
     await redis.hset(f"{settings.key_prefix}:credentials:acme", "OLD_TOKEN", Vault(SECRETS_KEY).encrypt("t-0987"))
