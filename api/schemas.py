@@ -166,4 +166,18 @@ class ClientKeyOut(BaseModel):
 
 
 class CredentialIn(BaseModel):
-    value: str = Field(min_length=1, max_length=64 * 1024)
+    # Any JSON value, kept as typed (a port stays an int); the store checks its encoded size.
+    value: (
+        Annotated[str, Field(min_length=1, max_length=64 * 1024)]
+        | int
+        | float
+        | bool
+        | list[Any]
+        | dict[str, Any]
+        | None
+    )
+    secret: bool | None = Field(
+        default=None,
+        description="Masked wherever a run shows it (default: true, except NOVA's host, port, user and "
+        "whitelist names)",
+    )

@@ -5,6 +5,10 @@ stream plus the task hash that GET /tasks reads. The request entry is acknowledg
 its terminal event, its parking for a retry, or its dead letter, so a crash at any point leaves it
 pending for reclaim, and the checkpoint in the task hash lets the next delivery resume after the last
 completed node instead of repeating finished side effects.
+
+Node code sees its client's credentials (shared/clients.py) in its context and environment; what the
+run shows goes through the client's Masker (shared/masking.py), applied where events and task fields
+are built here, and a checkpoint that may hold a copied secret is encrypted with the secrets key.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import logging
 import random
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from redis.asyncio import Redis
@@ -24,9 +30,10 @@ from consumer.engine import Checkpoint, NodeRecord, OpenSandbox, Outcome, run_wo
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
 from consumer.sandbox.base import NodeError, Sandbox, SandboxInfraError, SandboxSpec
 from shared.catalog import CatalogUnavailable, WorkflowCatalog
-from shared.clients import ClientError
+from shared.clients import ClientCredentials, ClientError, Vault
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import event_fields
+from shared.masking import Masker
 from shared.scripts import RecordOutcome, Scripts
 from shared.settings import Settings
 from shared.streams import (
@@ -60,8 +67,42 @@ class RunContext:
     open_sandbox: OpenSandbox
     consumer: str
     definitions: dict[int, Definition]
-    # The client's decrypted credentials, for its sandboxes only (never events, logs or PostgreSQL).
-    client_secrets: Callable[[str], Awaitable[dict[str, str]]] | None = None
+    # The client's decrypted credentials, for its node code only (never events, logs or PostgreSQL).
+    client_credentials: Callable[[str], Awaitable[ClientCredentials]] | None = None
+
+    @cached_property
+    def vault(self) -> Vault:
+        """Encrypts checkpoints that may hold secrets (the same key as the credentials)."""
+        return Vault.from_settings(self.settings)
+
+
+# A checkpoint encrypted at rest: this prefix, then a Fernet token of its JSON. JSON never starts so.
+SEALED_CHECKPOINT = "sealed:"
+
+
+class CheckpointUnreadable(Exception):
+    """A sealed checkpoint this worker cannot decrypt (no key, or another one): a deployment problem."""
+
+
+def checkpoint_field(checkpoint: Checkpoint, vault: Vault, seal: bool) -> str:
+    """The checkpoint as stored in the task hash: the true context (resume needs it), encrypted when
+    `seal` (the run has secrets) and a key is configured."""
+    text = dumps(checkpoint.as_json())
+    return SEALED_CHECKPOINT + vault.encrypt(text) if seal and vault.has_key else text
+
+
+def read_checkpoint(stored: str | None, vault: Vault) -> Checkpoint | None:
+    if not stored:
+        return None
+    if stored.startswith(SEALED_CHECKPOINT):
+        try:
+            stored = vault.decrypt(stored.removeprefix(SEALED_CHECKPOINT))
+        except ClientError:
+            raise CheckpointUnreadable(
+                "the checkpoint does not decrypt with this worker's NOVA_SECRETS_KEY (missing or changed)"
+            ) from None
+    data = loads(stored)
+    return Checkpoint.from_json(data) if data else None
 
 
 def backoff_seconds(settings: Settings, attempt: int) -> float:
@@ -104,7 +145,21 @@ async def run_delivery(ctx: RunContext, delivery: Delivery) -> None:
     except MalformedRequest as exc:
         await dead_letter(ctx, delivery, None, "malformed", str(exc), None)
         return
-    await Run(ctx, delivery, request).execute()
+    run = Run(ctx, delivery, request)
+    try:
+        await run.execute()
+    except (AlreadyFinished, TakenOver, *REDIS_UNAVAILABLE):
+        raise
+    except Exception as exc:
+        masker = run.recorder.masker
+        if not masker.active:
+            raise
+        # The worker logs an unexpected error with its traceback, whose values may include a secret.
+        raise RunCrashed(masker.text("".join(traceback.format_exception(exc)))) from None
+
+
+class RunCrashed(Exception):
+    """An unexpected error of a run that has secrets, its traceback masked (the entry stays pending)."""
 
 
 class Run:
@@ -116,6 +171,7 @@ class Run:
         self.request = request
         self.started_at = ""
         self.recorder = Recorder(ctx, delivery, request)
+        self.credentials = ClientCredentials(request.client)
 
     async def execute(self) -> None:
         task = await self._task_state()
@@ -138,8 +194,12 @@ class Run:
             return
         if definition is None:
             return
-        checkpoint_raw = loads(task.get(TaskField.CHECKPOINT))
-        resume = Checkpoint.from_json(checkpoint_raw) if checkpoint_raw else None
+        try:
+            resume = read_checkpoint(task.get(TaskField.CHECKPOINT), self.ctx.vault)
+            await self._load_credentials(definition)
+        except (CheckpointUnreadable, SandboxInfraError) as exc:
+            await self._transient_failure(attempt, exc)
+            return
         self._start(task, attempt, resume)
         try:
             outcome = await self._run_workflow(definition, resume)
@@ -210,28 +270,43 @@ class Run:
             request.initial_context,
             open_sandbox=self._open_sandbox,
             spec=SandboxSpec(execution_id=request.execution_id, client=request.client),
-            hooks=RecordingHooks(self.recorder),
+            hooks=RecordingHooks(self.recorder, ctx.vault, seal=self.credentials.has_secrets),
             default_executor=ctx.settings.default_executor,
             node_timeout=ctx.settings.node_timeout,
             execution_timeout=ctx.settings.execution_timeout,
             resume=resume,
-            extra_context=self._node_identity,
+            extra_context=self._node_context,
         )
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
-        # Credentials are read when a sandbox is opened, not per execution: runs without node code
-        # (or whose nodes fail before one runs) cost no extra round trip.
-        spec.secrets = await self._secrets(spec.client)
+        spec.secrets = self.credentials.environment()
         return await self.ctx.open_sandbox(spec)
 
-    async def _secrets(self, client: str) -> dict[str, str]:
-        if self.ctx.client_secrets is None:
-            return {}
+    async def _load_credentials(self, definition: Definition) -> None:
+        """Read the client's credentials before the first node: every node's context carries them,
+        and the masker must know them before anything is shown."""
+        client = self.request.client
+        # Only action and decision code sees credentials: runs without any cost no round trip.
+        if self.ctx.client_credentials is None or all(
+            n.type in (NodeType.START, NodeType.END) for n in definition.nodes
+        ):
+            return
         try:
-            return await self.ctx.client_secrets(client)
+            self.credentials = await self.ctx.client_credentials(client)
         except ClientError as exc:
             # A configuration problem of the deployment, not of the workflow: retried, then dead-lettered.
             raise SandboxInfraError(f"credentials of client '{client}' unavailable: {exc}") from None
+        self.recorder.masker = self.credentials.masker()
+
+    def _node_context(self, step: int, node: Node) -> dict[str, Any]:
+        """Read-only keys the engine adds to the context a node sees and removes from what it leaves:
+        the node's identity, the client's credentials (NOVA's names, as stored), and client_slug."""
+        return {
+            **self._node_identity(step, node),
+            **self.credentials.context(),
+            # Last: no credential and no node can pass for another tenant.
+            "client_slug": self.request.client,
+        }
 
     def _node_identity(self, step: int, node: Node) -> dict[str, Any]:
         request = self.request
@@ -256,8 +331,10 @@ class Run:
             "finished_at": finished_at,
             "duration_ms": _ms_between(self.started_at, finished_at),
         }
+        # Masked once; the task hash (GET /tasks) stores the same shown values as the event.
+        shown = self.recorder.shown({"final_context": outcome.final_context, "error": outcome.error})
         if outcome.status == "success":
-            result = {"final_context": outcome.final_context, "nodes_executed": outcome.nodes_executed}
+            result = {"final_context": shown["final_context"], "nodes_executed": outcome.nodes_executed}
             self.recorder.buffer(
                 EventType.SUCCEEDED,
                 {**timing, **result},
@@ -267,28 +344,31 @@ class Run:
                     TaskField.RESULT: dumps(result),
                     TaskField.NODES_EXECUTED: str(outcome.nodes_executed),
                 },
+                shown=True,
             )
         else:
             self.recorder.buffer(
                 EventType.FAILED,
                 {
                     **timing,
-                    "final_context": outcome.final_context,
+                    "final_context": shown["final_context"],
                     "nodes_executed": outcome.nodes_executed,
-                    "error": outcome.error,
+                    "error": shown["error"],
                 },
                 {
                     TaskField.STATUS: TaskStatus.FAILURE,
                     TaskField.FINISHED_AT: finished_at,
-                    TaskField.ERROR: dumps(outcome.error),
+                    TaskField.ERROR: dumps(shown["error"]),
                     TaskField.NODES_EXECUTED: str(outcome.nodes_executed),
                 },
+                shown=True,
             )
         await self.recorder.flush(terminal=True)
 
     async def _transient_failure(self, attempt: int, exc: Exception, *, spend_retry: bool = True) -> None:
         ctx, request = self.ctx, self.request
-        error = NodeError(type(exc).__name__, str(exc), reason="transient").as_json(None)
+        masker = self.recorder.masker
+        error = masker.value(NodeError(type(exc).__name__, str(exc), reason="transient").as_json(None))
         if spend_retry and attempt >= ctx.settings.max_retries:
             task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(request.task_id)))
             await self._dead_letter(
@@ -299,8 +379,12 @@ class Run:
         delay = backoff_seconds(ctx.settings, max(next_attempt, 1))
         # Shown to people only; the due time itself is Redis's clock plus the delay.
         retry_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + delay)) + "Z"
-        log.warning("task %s: transient error, retry %d in %.2fs: %s", request.task_id, next_attempt, delay, exc)
-        event = self.recorder.event(EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at})
+        log.warning(
+            "task %s: transient error, retry %d in %.2fs: %s", request.task_id, next_attempt, delay, error["message"]
+        )
+        event = self.recorder.event(
+            EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at}, shown=True
+        )
         await _durably(
             lambda: ctx.scripts.retry_later(
                 task_id=request.task_id,
@@ -320,7 +404,7 @@ class Run:
         )
 
     async def _dead_letter(self, reason: str, message: str, task: dict[str, str]) -> None:
-        await dead_letter(self.ctx, self.delivery, self.request, reason, message, task)
+        await dead_letter(self.ctx, self.delivery, self.request, reason, self.recorder.masker.text(message), task)
 
 
 async def dead_letter(
@@ -380,8 +464,15 @@ class Recorder:
         self.request = request
         self._events: list[dict[str, str]] = []
         self._fields: dict[str, str] = {}
+        # The run's credentials, once loaded; until then there is nothing to hide.
+        self.masker = Masker()
 
-    def event(self, type_: EventType, data: dict[str, Any]) -> dict[str, str]:
+    def shown(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Event data as it may be shown: credential keys dropped from contexts, secrets masked."""
+        return self.masker.event_data(data)
+
+    def event(self, type_: EventType, data: dict[str, Any], *, shown: bool = False) -> dict[str, str]:
+        """An event, its data masked here (the one place every event passes) unless already `shown`."""
         request = self.request
         return event_fields(
             type_,
@@ -389,11 +480,13 @@ class Recorder:
             execution_id=request.execution_id,
             workflow_id=request.workflow_id,
             client=request.client,
-            data=data,
+            data=data if shown else self.shown(data),
         )
 
-    def buffer(self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str]) -> None:
-        self._events.append(self.event(type_, data))
+    def buffer(
+        self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str], *, shown: bool = False
+    ) -> None:
+        self._events.append(self.event(type_, data, shown=shown))
         self._fields.update(task_fields)
 
     async def flush(self, *, terminal: bool = False) -> None:
@@ -442,8 +535,12 @@ class TakenOver(Exception):
 class RecordingHooks:
     """The engine's hooks: each step becomes events, and action code starts only once they are durable."""
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder, vault: Vault, *, seal: bool = False) -> None:
         self.recorder = recorder
+        self.vault = vault
+        # Whether checkpoints are encrypted: when the run has secrets, which node code may have copied
+        # into its context in forms no masker recognises.
+        self.seal = seal
 
     async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
         self.recorder.buffer(
@@ -466,7 +563,8 @@ class RecordingHooks:
             EventType.NODE_FINISHED,
             record.as_json(),
             {
-                TaskField.CHECKPOINT: dumps(checkpoint.as_json()),
+                # Internal state, never shown: true values, so that a resumed node sees real ones.
+                TaskField.CHECKPOINT: checkpoint_field(checkpoint, self.vault, self.seal),
                 TaskField.NODES_EXECUTED: str(record.step),
             },
         )

@@ -28,7 +28,7 @@ from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, S
 from consumer.scheduler import Scheduler
 from shared.backoff import Backoff, sleep_or_stop
 from shared.catalog import WorkflowCatalog
-from shared.clients import ClientStore, Vault
+from shared.clients import ClientCredentials, ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, autoclaim, create_redis, ensure_groups, is_missing_group, open_pool
 from shared.db import LazyPool
 from shared.scripts import Scripts
@@ -46,7 +46,7 @@ class Worker:
         redis: Redis,
         catalog: WorkflowCatalog,
         providers: dict[str, SandboxProvider],
-        client_secrets: Callable[[str], Awaitable[dict[str, str]]] | None = None,
+        client_credentials: Callable[[str], Awaitable[ClientCredentials]] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -63,7 +63,7 @@ class Worker:
             open_sandbox=self._open_sandbox,
             consumer=self.consumer,
             definitions={},
-            client_secrets=client_secrets,
+            client_credentials=client_credentials,
         )
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
@@ -368,7 +368,7 @@ async def serve(
     keys = Keys.from_settings(settings)
     vault = Vault.from_settings(settings)
     clients = ClientStore(redis, pool, keys, vault)
-    worker = Worker(settings, redis, WorkflowCatalog(redis, lazy_pool, keys), providers, clients.secrets_for)
+    worker = Worker(settings, redis, WorkflowCatalog(redis, lazy_pool, keys), providers, clients.credentials_for)
     tasks = [
         asyncio.create_task(worker.run(stop), name="worker"),
         asyncio.create_task(

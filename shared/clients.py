@@ -2,27 +2,71 @@
 
 PostgreSQL holds the record; Redis holds what the hot paths need without a database round trip: the
 key hashes (`nova:apikeys`, hash -> client slug) checked on every request, and each client's
-credentials still encrypted (`nova:credentials:{slug}`, name -> Fernet token) for the workers, which
-decrypt them only to hand them to that client's sandbox.
+credentials still encrypted (`nova:credentials:{slug}`, name -> token) for the workers, which decrypt
+them only to hand them to that client's node code.
+
+A credential is a JSON value (a port stays an int) and is either a secret (masked wherever a run
+shows it) or a setting (shown as is). Its token is `secret:<Fernet token>` or `setting:<Fernet
+token>`, the Fernet token holding `{"value", "secret"}` as JSON: the kind in clear lets the API list
+kinds without decrypting, the encrypted copy cannot be flipped to unmask a secret. A bare Fernet token
+is a credential stored before values were typed, a string whose kind follows its name
+(secret_by_default).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
+import orjson
 from cryptography.fernet import Fernet, InvalidToken
 from redis.asyncio import Redis
 
+from shared.masking import Masker
 from shared.settings import Settings
 from shared.streams import Keys
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 KEY_PREFIX = "nova_"
+# Credential names are environment variable names: node code also reads them from os.environ.
+CREDENTIAL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+# Injected beside the credentials (the tenant's name); a credential of that name would shadow it.
+RESERVED_NAMES = frozenset({"client_slug"})
+MAX_CREDENTIAL_BYTES = 64 * 1024
+
+CredentialValue = str | int | float | bool | list[Any] | dict[str, Any] | None
+
+# The names NOVA's worker injects (its get_email_credentials and get_database_credentials) that hold
+# configuration rather than secrets: hosts, ports, users, the sender whitelist, the database name and
+# its table schemas. Masking them would garble ordinary output (every "993", every table name) and
+# hide nothing an attacker needs. Every other name (passwords, tokens, keys, anything unknown) is a
+# secret unless stored with "secret": false.
+NOVA_SETTINGS = frozenset(
+    {
+        "email_user",
+        "imap_host",
+        "imap_port",
+        "smtp_host",
+        "smtp_port",
+        "sender_whitelist",
+        "db_host",
+        "db_port",
+        "db_name",
+        "db_user",
+        "database_schemas",
+    }
+)
+
+
+def secret_by_default(name: str) -> bool:
+    """Whether a credential stored without "secret" is one: all but NOVA's setting names (any case)."""
+    return name.lower() not in NOVA_SETTINGS
 
 
 class ClientError(ValueError):
@@ -57,6 +101,10 @@ class Vault:
     def __init__(self, secret: str | None) -> None:
         self._fernet = Fernet(secret.encode()) if secret else None
 
+    @property
+    def has_key(self) -> bool:
+        return self._fernet is not None
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Vault:
         return cls(settings.secrets_key.get_secret_value() if settings.secrets_key else None)
@@ -77,6 +125,69 @@ class Vault:
             return self._fernet.decrypt(token.encode()).decode()
         except InvalidToken:
             raise ClientError("a stored credential does not decrypt with NOVA_SECRETS_KEY") from None
+
+
+@dataclass(frozen=True)
+class Credential:
+    value: CredentialValue
+    secret: bool
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """One client's decrypted credentials, as its node code receives them."""
+
+    slug: str
+    items: dict[str, Credential] = field(default_factory=dict)
+
+    @property
+    def has_secrets(self) -> bool:
+        return any(c.secret for c in self.items.values())
+
+    def context(self) -> dict[str, Any]:
+        """NOVA's way: each credential in the context under its own name, typed as stored.
+
+        Containers are copied: a sandbox running in the worker's own process must not be able to
+        change what the next node receives.
+        """
+        return {name: copy.deepcopy(c.value) for name, c in self.items.items()}
+
+    def environment(self) -> dict[str, str]:
+        """Each credential as an environment variable: strings as they are, other values as JSON."""
+        return {
+            name: c.value if isinstance(c.value, str) else orjson.dumps(c.value).decode()
+            for name, c in self.items.items()
+            if c.value is not None
+        }
+
+    def masker(self) -> Masker:
+        """Hides these credentials' keys and secret values; the client's slug is public, never masked."""
+        return Masker(
+            (c.value for c in self.items.values() if c.secret),
+            hidden_keys=self.items.keys(),
+            keep=(self.slug,),
+        )
+
+
+def check_credential(name: str, value: CredentialValue) -> None:
+    """Raises ClientError for a name or value that cannot be stored."""
+    if not CREDENTIAL_NAME.match(name):
+        raise ClientError(
+            "credential names are environment variable names (ASCII letters, digits, '_'; a letter first)"
+        )
+    if name in RESERVED_NAMES:
+        raise ClientError(f"'{name}' is set by NOVA for every run and cannot be a credential")
+    if value == "":
+        raise ClientError("a credential value cannot be empty")
+    try:
+        size = len(orjson.dumps(value))
+    except orjson.JSONEncodeError as exc:
+        raise ClientError(f"a credential value must be JSON: {exc}") from None
+    if size > MAX_CREDENTIAL_BYTES:
+        raise ClientError(f"a credential value is limited to {MAX_CREDENTIAL_BYTES} bytes as JSON ({size})")
+
+
+_SECRET, _SETTING = "secret", "setting"
 
 
 class ClientStore:
@@ -179,8 +290,12 @@ class ClientStore:
     async def exists(self, slug: str) -> bool:
         return bool(await self._db().fetchval("SELECT 1 FROM clients WHERE slug = $1", slug))
 
-    async def set_credential(self, slug: str, name: str, value: str) -> None:
-        token = self.vault.encrypt(value)
+    async def set_credential(self, slug: str, name: str, value: CredentialValue, secret: bool | None = None) -> None:
+        """Store a credential; `secret` None takes the name's default (secret_by_default)."""
+        check_credential(name, value)
+        is_secret = secret_by_default(name) if secret is None else secret
+        sealed = self.vault.encrypt(orjson.dumps({"value": value, "secret": is_secret}).decode())
+        token = f"{_SECRET if is_secret else _SETTING}:{sealed}"
         await self._db().execute(
             """INSERT INTO client_credentials (client_slug, name, ciphertext) VALUES ($1, $2, $3)
                ON CONFLICT (client_slug, name) DO UPDATE SET ciphertext = EXCLUDED.ciphertext, updated_at = now()""",
@@ -193,11 +308,40 @@ class ClientStore:
     async def credential_names(self, slug: str) -> list[str]:
         return sorted(await self.redis.hkeys(self._credentials(slug)))
 
+    async def credential_kinds(self, slug: str) -> dict[str, bool]:
+        """Name -> whether it is a secret; read from the tokens without decrypting any value."""
+        tokens = await self.redis.hgetall(self._credentials(slug))
+        return {name: self._parse(name, token)[1] for name, token in sorted(tokens.items())}
+
     async def delete_credential(self, slug: str, name: str) -> bool:
         await self._db().execute("DELETE FROM client_credentials WHERE client_slug = $1 AND name = $2", slug, name)
         return bool(await self.redis.hdel(self._credentials(slug), name))
 
-    async def secrets_for(self, slug: str) -> dict[str, str]:
-        """Decrypted credentials for one client's sandbox; never log or return these."""
+    async def credentials_for(self, slug: str) -> ClientCredentials:
+        """Decrypted credentials for one client's node code; never log or return these."""
         tokens = await self.redis.hgetall(self._credentials(slug))
-        return {name: self.vault.decrypt(token) for name, token in tokens.items()}
+        items = {}
+        for name, token in tokens.items():
+            sealed, listed_secret = self._parse(name, token)
+            plain = self.vault.decrypt(sealed)
+            if sealed == token:
+                # Stored before values were typed: the bare string.
+                items[name] = Credential(plain, listed_secret)
+                continue
+            stored = orjson.loads(plain)
+            # Either copy of the kind saying secret makes it one: an edited token unmasks nothing.
+            items[name] = Credential(stored["value"], bool(stored["secret"]) or listed_secret)
+        return ClientCredentials(slug, items)
+
+    async def secrets_for(self, slug: str) -> dict[str, str]:
+        """One client's credentials as its sandbox's environment; never log or return these."""
+        return (await self.credentials_for(slug)).environment()
+
+    @staticmethod
+    def _parse(name: str, token: str) -> tuple[str, bool]:
+        """(the Fernet token, whether the credential is a secret)."""
+        kind, sep, sealed = token.partition(":")
+        # Fernet tokens are URL-safe base64 and never contain ':'.
+        if not sep:
+            return token, secret_by_default(name)
+        return sealed, kind != _SETTING

@@ -43,12 +43,15 @@ async def rotate_key(slug: str, res: Res, _: Admin) -> ClientKeyOut:
 
 @router.put("/clients/{slug}/credentials/{name}", status_code=204, responses=errors(401, 403, 404, 422, 503))
 async def set_credential(slug: str, name: str, body: CredentialIn, res: Res, _: Admin) -> Response:
+    """Store a credential: a secret (masked wherever a run shows it) unless `"secret": false`.
+
+    Node code of the client's runs reads it as `context[name]`, typed as stored, and as the
+    environment variable `name`.
+    """
     if not await res.clients.exists(slug):
         raise ApiError(404, f"client '{slug}' not found")
-    if not name.replace("_", "").isalnum() or not name[0].isalpha():
-        raise ApiError(422, "credential names are environment variable names (letters, digits, '_')")
     try:
-        await res.clients.set_credential(slug, name, body.value)
+        await res.clients.set_credential(slug, name, body.value, body.secret)
     except ClientError as exc:
         raise ApiError(422, str(exc)) from None
     return Response(status_code=204)
@@ -56,9 +59,13 @@ async def set_credential(slug: str, name: str, body: CredentialIn, res: Res, _: 
 
 @router.get("/clients/{slug}/credentials", responses=errors(401, 403, 503))
 async def credential_names(slug: str, res: Res, _: Admin) -> dict[str, Any]:
-    # Names only: a stored credential's value is never returned.
-    names = await res.clients.credential_names(slug)
-    return {"items": names, "count": len(names)}
+    # Names and kinds only: a stored credential's value is never returned.
+    kinds = await res.clients.credential_kinds(slug)
+    return {
+        "items": list(kinds),
+        "count": len(kinds),
+        "credentials": [{"name": name, "secret": secret} for name, secret in kinds.items()],
+    }
 
 
 @router.delete("/clients/{slug}/credentials/{name}", status_code=204, responses=errors(401, 403, 404, 503))
