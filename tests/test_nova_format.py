@@ -176,6 +176,11 @@ async def test_nova_workflows_run_with_novas_paths_and_contexts(
     async with in_process_worker(settings, e2b_api_key=None, e2b_fallback="local"):
         tasks = {name: await enqueue(redis, settings, wf, context) for name, (wf, context) in runs.items()}
         done = await wait_terminal(redis, settings, [t.task_id for t in tasks.values()])
+        # The projection (run by the worker) takes label decisions (no true/false) and failed decisions alike.
+        succeeded = [tasks[n].execution_id for n in ("paginate", "billing", "bug", "protocol")]
+        failures = [tasks[n].execution_id for n in ("protocol-error", "branch-decision")]
+        await wait_projected(pool, succeeded, {EXECUTION_STATUS_BY_EVENT[EventType.SUCCEEDED]})
+        await wait_projected(pool, failures, {EXECUTION_STATUS_BY_EVENT[EventType.FAILED]})
     end = {name: done[task.task_id] for name, task in tasks.items()}
     paths = {name: await node_path(redis, settings, task.task_id) for name, task in tasks.items()}
 
@@ -229,11 +234,6 @@ async def test_nova_workflows_run_with_novas_paths_and_contexts(
     # ... and says so when the workflow is created.
     assert [w.node for w in graph_warnings(validate_definition(BRANCH_DECISION))] == ["has_pdf_decision"]
 
-    # The projection takes label decisions (no true/false) and failed decisions alike.
-    succeeded = [tasks[n].execution_id for n in ("paginate", "billing", "bug", "protocol")]
-    failures = [tasks[n].execution_id for n in ("protocol-error", "branch-decision")]
-    await wait_projected(pool, succeeded, {EXECUTION_STATUS_BY_EVENT[EventType.SUCCEEDED]})
-    await wait_projected(pool, failures, {EXECUTION_STATUS_BY_EVENT[EventType.FAILED]})
     row = await pool.fetchrow(
         "SELECT decision, next_node FROM node_runs WHERE execution_id = $1 AND node_id = 'classify'",
         tasks["billing"].execution_id,
