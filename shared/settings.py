@@ -138,8 +138,9 @@ class Settings(BaseSettings):
     @classmethod
     def _no_fallback(cls, value: object) -> object:
         # An empty variable (a template's placeholder) means no fallback, as unset does.
-        if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
-            return None
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return None if value in {"", "none", "off"} else value
         return value
 
     def new_consumer_name(self) -> str:
