@@ -266,6 +266,10 @@ def test_e2b_provider_follows_the_key_then_the_fallback() -> None:
     assert isinstance(fallback["e2b"], AliasProvider) and fallback["e2b"].target is fallback["local"]
     neither = default_providers(Settings(e2b_api_key=None, e2b_fallback=""))
     assert isinstance(neither["e2b"], UnavailableProvider)
+    # The variable is read case-insensitively, and "none"/"off"/empty mean no fallback.
+    assert (
+        Settings(e2b_fallback=" Local ").e2b_fallback == "local" and Settings(e2b_fallback="off").e2b_fallback is None
+    )
 
 
 def test_nova_dev_sets_the_fallback_and_says_so() -> None:
