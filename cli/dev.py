@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,29 @@ EXAMPLE_CONTEXT = {
     "vendor": "Acme Paper",
     "lines": [{"qty": 3, "price": 120.0}, {"qty": 10, "price": 95.5}],
 }
+
+
+def e2b_fallback_env(settings: Settings, environ: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """What `nova dev` adds to its workers' environment for e2b nodes, and the line that says so.
+
+    Without an E2B key, nodes with executor 'e2b' (NOVA's default, and NOVA's cached/ai nodes with code)
+    would fail; on a developer's machine they run in the local sandbox instead, unless
+    NOVA_E2B_FALLBACK was set explicitly (even to nothing).
+    """
+    if settings.e2b_api_key is not None:
+        return {}, None
+    if "NOVA_E2B_FALLBACK" in environ:
+        if settings.e2b_fallback == "local":
+            return (
+                {},
+                "e2b: no E2B_API_KEY; nodes with executor 'e2b' run in the local sandbox (NOVA_E2B_FALLBACK=local)",
+            )
+        return {}, "e2b: no E2B_API_KEY and no fallback; nodes with executor 'e2b' fail their execution"
+    note = (
+        "e2b: no E2B_API_KEY, so `nova dev` sets NOVA_E2B_FALLBACK=local: nodes with executor 'e2b' "
+        "(and NOVA's cached/ai nodes with code) run in the local sandbox"
+    )
+    return {"NOVA_E2B_FALLBACK": "local"}, note
 
 
 def _persistent_secret(path: Path, make: object) -> str:
@@ -120,6 +144,10 @@ class Dev:
             "NOVA_ADMIN_KEY": admin_key,
             "NOVA_SECRETS_KEY": secrets_key,
         }
+        fallback, note = e2b_fallback_env(self.settings, os.environ)
+        env.update(fallback)
+        if note:
+            print(note, flush=True)
         await self.spawn("api", env, "api")
         for i in range(self.workers):
             await self.spawn(f"worker-{i + 1}", env, "worker")

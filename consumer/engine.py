@@ -4,11 +4,27 @@ The engine knows nothing of Redis: the worker hands it hooks that record each st
 checkpoint to resume from when a run was interrupted. Node code runs only through sandboxes;
 errors in the workflow's own code end the run as a failure (NodeError), while SandboxInfraError
 escapes to the worker, which decides whether to retry.
+
+The rules, NOVA's unless said otherwise:
+- Merge: what a node leaves is merged into the context. Keys it sets are added or replaced; keys it
+  deleted stay (NOVA's dict.update: a node's output cannot express a deletion).
+- Output protocol: when the last line a node prints (blank lines and bare {}, [] or null skipped) is a
+  JSON object with "context_updates", that object is the node's output: its context_updates are merged
+  (and nothing else of what the code did to `context`); "status": "error" fails the node with its
+  "message". Any other printing is only output (NOVA merged a stray JSON line or failed the node on it).
+- Decisions: an expression's value picks the branch (ours: its truth, or a string when the decision's
+  branches carry labels); statements must set context[<decision id>] to a bool or a string, lower-cased
+  and matched against the branch labels. A decision that sets nothing, sets another type, or matches no
+  branch fails at that node (NOVA raised those out of its engine).
+- Loops: at most 2 x the node count steps (NOVA's bound), unless some node sets max_visits: then each
+  such node may be entered that often, and MAX_STEPS bounds the whole run.
+- Timeouts: a node's `timeout` or the default, never past the execution's own limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,10 +32,14 @@ from typing import Any, Protocol
 
 from consumer.sandbox.base import NodeError, NodeResult, Sandbox, SandboxSpec
 from shared.streams import now_iso
-from shared.workflow import Definition, Node, NodeType
+from shared.workflow import BOOLEAN_LABELS, Definition, Node, NodeType
 
 # A safety net for graphs whose cycles are bounded only per node: no run takes more steps.
 MAX_STEPS = 10_000
+# Output lines NOVA's executor skipped when looking for a node's result.
+_EMPTY_JSON = frozenset({"{}", "[]", "null"})
+# Keys named in a "did not set" error, at most (the context may be large).
+_KEYS_SHOWN = 50
 
 
 @dataclass
@@ -58,7 +78,10 @@ class NodeRecord:
     output_context: dict[str, Any] | None
     stdout: str = ""
     stderr: str = ""
+    # A true/false result as a bool (None for a label or a non-branching node) ...
     decision: bool | None = None
+    # ... and every result as NOVA's `decision_result` text: "true", "false" or the label.
+    decision_result: str | None = None
     next_node: str | None = None
     error: dict[str, Any] | None = None
 
@@ -75,6 +98,7 @@ class NodeRecord:
             "stdout": self.stdout,
             "stderr": self.stderr,
             "decision": self.decision,
+            "decision_result": self.decision_result,
             "next_node": self.next_node,
             "error": self.error,
         }
@@ -95,6 +119,7 @@ class Hooks(Protocol):
 
 
 OpenSandbox = Callable[[SandboxSpec], Awaitable[Sandbox]]
+ExtraContext = Callable[[int, Node], dict[str, Any]]
 
 
 class _Sandboxes:
@@ -137,132 +162,292 @@ async def run_workflow(
     spec: SandboxSpec,
     hooks: Hooks,
     default_executor: str = "local",
-    node_timeout: float = 120.0,
+    node_timeout: float = 60.0,
     execution_timeout: float = 600.0,
     resume: Checkpoint | None = None,
-    extra_context: Callable[[int, Node], dict[str, Any]] | None = None,
+    extra_context: ExtraContext | None = None,
 ) -> Outcome:
     """Run the graph from start (or from `resume`) to an end node or the first failure.
 
     `extra_context(step, node)` adds read-only keys to the context a node sees (such as its stable
     idempotency key); they are removed from what the node leaves behind.
     """
-    deadline = time.monotonic() + (definition.timeout or execution_timeout)
-    if resume is not None:
-        step, current, ctx, visits = resume.step, resume.next_node, dict(resume.context), dict(resume.visits)
-    else:
-        step, current, ctx, visits = 0, definition.start.id, dict(context), {}
-    sandboxes = _Sandboxes(open_sandbox, spec)
+    run = _Run(
+        definition,
+        hooks,
+        _Sandboxes(open_sandbox, spec),
+        # A fresh run is a resume from before the start node.
+        resume or Checkpoint(step=0, next_node=definition.start.id, context=context),
+        default_executor=default_executor,
+        node_timeout=node_timeout,
+        deadline=time.monotonic() + (definition.timeout or execution_timeout),
+        extra_context=extra_context,
+    )
     try:
-        while current is not None:
-            node = definition.node(current)
-            step += 1
-            visits[node.id] = visits.get(node.id, 0) + 1
-            if step > MAX_STEPS or (node.max_visits is not None and visits[node.id] > node.max_visits):
-                limit = node.max_visits if node.max_visits is not None else MAX_STEPS
-                error = NodeError(
-                    type="LoopLimitExceeded",
-                    message=f"node '{node.id}' entered more than {limit} times",
-                    reason="max_visits",
-                )
-                return Outcome("failure", ctx, step - 1, error.as_json(node.id))
-            started_at = now_iso()
-            await hooks.node_started(step, node, started_at, ctx)
-            t0 = time.perf_counter()
-            decision: bool | None = None
-            stdout = stderr = ""
-            try:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise NodeError(
-                        type="TimeoutError",
-                        message=f"execution time limit reached before node '{node.id}'",
-                        reason="timeout",
-                    )
-                result = await _run_node(
-                    node,
-                    ctx,
-                    sandboxes,
-                    default_executor,
-                    node_timeout,
-                    remaining,
-                    extra_context(step, node) if extra_context else None,
-                )
-                ctx = result.context
-                decision = result.decision
-                stdout, stderr = result.stdout, result.stderr
-            except NodeError as exc:
-                duration = (time.perf_counter() - t0) * 1000
-                error = exc.as_json(node.id)
-                record = NodeRecord(
-                    step=step,
-                    node_id=node.id,
-                    node_type=node.type.value,
-                    status="failure",
-                    started_at=started_at,
-                    finished_at=now_iso(),
-                    duration_ms=duration,
-                    output_context=None,
-                    stdout=exc.stdout,
-                    stderr=exc.stderr,
-                    error=error,
-                )
-                # The failed node is not a completed step: a retry of the execution starts at it, and
-                # counts its visit again on entry. The failed visit is therefore taken out of the
-                # checkpoint, or a node with max_visits 1 could never be retried.
-                retry_visits = {**visits, node.id: visits[node.id] - 1}
-                await hooks.node_finished(record, Checkpoint(step - 1, node.id, ctx, retry_visits))
-                return Outcome("failure", ctx, step, error)
-            nxt = definition.branch(node, decision) if node.type == NodeType.DECISION else definition.successor(node)
-            duration = (time.perf_counter() - t0) * 1000
-            record = NodeRecord(
-                step=step,
-                node_id=node.id,
-                node_type=node.type.value,
-                status="success",
-                started_at=started_at,
-                finished_at=now_iso(),
-                duration_ms=duration,
-                output_context=ctx,
-                stdout=stdout,
-                stderr=stderr,
-                decision=decision,
-                next_node=nxt,
-            )
-            await hooks.node_finished(record, Checkpoint(step, nxt, ctx, visits))
-            current = nxt
-        return Outcome("success", ctx, step)
+        return await run.to_end()
     finally:
-        await sandboxes.close()
+        await run.sandboxes.close()
 
 
-async def _run_node(
-    node: Node,
-    ctx: dict[str, Any],
-    sandboxes: _Sandboxes,
-    default_executor: str,
-    node_timeout: float,
-    remaining: float,
-    extra: dict[str, Any] | None,
-) -> NodeResult:
-    if node.type in (NodeType.START, NodeType.END):
-        return NodeResult(context=ctx)
-    timeout = min(node.timeout or node_timeout, remaining)
-    sandbox = await sandboxes.get(node.executor or default_executor)
-    given = {**ctx, **extra} if extra else ctx
-    code = node.code or ""
-    try:
-        if node.type == NodeType.DECISION:
-            result = await asyncio.wait_for(sandbox.evaluate(node.id, code, given, timeout), timeout + 5)
-            result.context = ctx
-            return result
-        result = await asyncio.wait_for(sandbox.run_action(node.id, code, given, timeout), timeout + 5)
-    except TimeoutError:
-        # The sandbox enforces the limit itself; this only fires if it failed to.
+@dataclass
+class _Visit:
+    """One node run in progress: what its record and the run's outcome are built from."""
+
+    node: Node
+    started_at: str
+    t0: float
+    # The context after the node's output was merged (None until it ran).
+    merged: dict[str, Any] | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+
+class _Run:
+    def __init__(
+        self,
+        definition: Definition,
+        hooks: Hooks,
+        sandboxes: _Sandboxes,
+        start: Checkpoint,
+        *,
+        default_executor: str,
+        node_timeout: float,
+        deadline: float,
+        extra_context: ExtraContext | None,
+    ) -> None:
+        self.definition = definition
+        self.hooks = hooks
+        self.sandboxes = sandboxes
+        self.default_executor = default_executor
+        self.node_timeout = node_timeout
+        self.deadline = deadline
+        self.extra_context = extra_context
+        self.step = start.step
+        self.current = start.next_node
+        self.ctx = dict(start.context)
+        self.visits = dict(start.visits)
+        self.step_limit = MAX_STEPS if definition.uses_max_visits else 2 * len(definition.nodes)
+
+    async def to_end(self) -> Outcome:
+        while self.current is not None:
+            node = self.definition.node(self.current)
+            self.step += 1
+            self.visits[node.id] = self.visits.get(node.id, 0) + 1
+            over = self._over_bound(node)
+            if over is not None:
+                return Outcome("failure", self.ctx, self.step - 1, over.as_json(node.id))
+            failed = await self._visit(node)
+            if failed is not None:
+                return failed
+        return Outcome("success", self.ctx, self.step)
+
+    def _over_bound(self, node: Node) -> NodeError | None:
+        if node.max_visits is not None and self.visits[node.id] > node.max_visits:
+            return NodeError(
+                type="LoopLimitExceeded",
+                message=f"node '{node.id}' entered more than {node.max_visits} times (its max_visits)",
+                reason="max_visits",
+            )
+        if self.step > self.step_limit:
+            rule = (
+                f"at most {MAX_STEPS} steps in all"
+                if self.definition.uses_max_visits
+                else f"at most 2 x {len(self.definition.nodes)} nodes; set max_visits on a node of the loop for more"
+            )
+            return NodeError(
+                type="LoopLimitExceeded",
+                message=f"workflow exceeded max iterations ({self.step_limit}) entering node '{node.id}' ({rule})",
+                reason="max_steps",
+            )
+        return None
+
+    async def _visit(self, node: Node) -> Outcome | None:
+        """Run one node and record it; returns the run's outcome when the node failed."""
+        started_at = now_iso()
+        await self.hooks.node_started(self.step, node, started_at, self.ctx)
+        visit = _Visit(node, started_at, time.perf_counter())
+        try:
+            result = await self._execute(node)
+            visit.merged, visit.stdout, visit.stderr = result.context, result.stdout, result.stderr
+            nxt, decision, label = self._choose_next(node, result)
+        except NodeError as exc:
+            return await self._failed(visit, exc)
+        record = self._record(visit, "success", visit.merged, decision=decision, decision_result=label, next_node=nxt)
+        self.ctx, self.current = result.context, nxt
+        await self.hooks.node_finished(record, Checkpoint(self.step, nxt, self.ctx, self.visits))
+        return None
+
+    async def _failed(self, visit: _Visit, exc: NodeError) -> Outcome:
+        error = exc.as_json(visit.node.id)
+        if visit.merged is None:
+            # The node's code failed: whatever it printed came with the error.
+            visit.stdout, visit.stderr = exc.stdout, exc.stderr
+        record = self._record(visit, "failure", visit.merged, error=error)
+        # The failed node is not a completed step: a retry of the execution starts at it, with the
+        # context it was given, and counts its visit again on entry. The failed visit is therefore taken
+        # out of the checkpoint, or a node with max_visits 1 could never be retried.
+        node_id = visit.node.id
+        retry_visits = {**self.visits, node_id: self.visits[node_id] - 1}
+        await self.hooks.node_finished(record, Checkpoint(self.step - 1, node_id, self.ctx, retry_visits))
+        # A decision that ran but could not branch leaves its changes in the final context, as in NOVA.
+        return Outcome("failure", visit.merged if visit.merged is not None else self.ctx, self.step, error)
+
+    def _record(
+        self,
+        visit: _Visit,
+        status: str,
+        output_context: dict[str, Any] | None,
+        *,
+        decision: bool | None = None,
+        decision_result: str | None = None,
+        next_node: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> NodeRecord:
+        return NodeRecord(
+            step=self.step,
+            node_id=visit.node.id,
+            node_type=visit.node.type.value,
+            status=status,
+            started_at=visit.started_at,
+            finished_at=now_iso(),
+            duration_ms=(time.perf_counter() - visit.t0) * 1000,
+            output_context=output_context,
+            stdout=visit.stdout,
+            stderr=visit.stderr,
+            decision=decision,
+            decision_result=decision_result,
+            next_node=next_node,
+            error=error,
+        )
+
+    # ---- running a node ------------------------------------------------------------------------
+
+    async def _execute(self, node: Node) -> NodeResult:
+        """Run the node's code; the result's context is the run's context with the node's output merged."""
+        if node.type in (NodeType.START, NodeType.END):
+            return NodeResult(context=self.ctx)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise NodeError(
+                type="TimeoutError",
+                message=f"execution time limit reached before node '{node.id}'",
+                reason="timeout",
+            )
+        timeout = min(node.timeout or self.node_timeout, remaining)
+        sandbox = await self.sandboxes.get(_executor(node, self.default_executor))
+        extra = self.extra_context(self.step, node) if self.extra_context else None
+        given = {**self.ctx, **extra} if extra else self.ctx
+        code = node.code or ""
+        try:
+            if node.is_expression_decision:
+                call = sandbox.evaluate(node.id, code, given, timeout)
+            else:
+                call = sandbox.run_action(node.id, code, given, timeout)
+            result = await asyncio.wait_for(call, timeout + 5)
+        except TimeoutError:
+            # The sandbox enforces the limit itself; this only fires if it failed to.
+            raise NodeError(
+                type="TimeoutError", message=f"node '{node.id}' exceeded {timeout:g}s", reason="timeout"
+            ) from None
+        output = _node_output(node, result)
+        for key in extra or ():
+            output.pop(key, None)
+        result.context = {**self.ctx, **output}
+        return result
+
+    def _choose_next(self, node: Node, result: NodeResult) -> tuple[str | None, bool | None, str | None]:
+        """The next node, and for a branching node its result (as a bool when true/false, and as text)."""
+        if not self.definition.is_branching(node):
+            return self.definition.successor(node), None, None
+        label = self._result_label(node, result)
+        nxt = self.definition.branch(node, label)
+        if nxt is None:
+            conditions = [candidate for candidate, _ in self.definition.branches(node)]
+            raise NodeError(
+                type="DecisionError",
+                message=f"No edge found for decision result '{label}' from node {node.id}. "
+                f"Available conditions: {conditions}",
+                reason="decision",
+            )
+        decision = label == "true" if label in BOOLEAN_LABELS else None
+        return nxt, decision, label
+
+    def _result_label(self, node: Node, result: NodeResult) -> str:
+        if node.is_expression_decision:
+            value = result.decision
+            if isinstance(value, str) and self.definition.has_labels(node):
+                return value.lower()
+            if value is not None or result.context.get(node.id) is None:
+                # Truth, as before labels existed: a string on a true/false decision counts as non-empty.
+                return "true" if value else "false"
+            # An expression that gave None but set the decision's key (a call, a protocol print).
+        value = result.context.get(node.id)
+        kind = {NodeType.DECISION: "DecisionNode", NodeType.ACTION: "ActionNode"}.get(node.type, "Node")
+        if value is None:
+            keys = list(result.context)
+            shown = keys[:_KEYS_SHOWN] + (["..."] if len(keys) > _KEYS_SHOWN else [])
+            raise NodeError(
+                type="DecisionError",
+                message=f"{kind} {node.id} did not set '{node.id}' in context. Available context keys: {shown}",
+                reason="decision",
+            )
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return value.lower()
         raise NodeError(
-            type="TimeoutError", message=f"node '{node.id}' exceeded {timeout:g}s", reason="timeout"
-        ) from None
-    if extra:
-        for key in extra:
-            result.context.pop(key, None)
-    return result
+            type="DecisionError",
+            message=f"{kind} {node.id} set '{node.id}' to unsupported type: {type(value).__name__} = "
+            f"{_short(value)}. Expected bool or str.",
+            reason="decision",
+        )
+
+
+def _executor(node: Node, default: str) -> str:
+    executor = node.sandbox_executor or default
+    # NOVA's AI executors as a default still mean "code in E2B".
+    return "e2b" if executor in ("cached", "ai") else executor
+
+
+def _node_output(node: Node, result: NodeResult) -> dict[str, Any]:
+    """What the node gives to merge: its protocol object's context_updates, else the context it left."""
+    line = _last_output_line(result.stdout)
+    if line is None or not line.startswith("{"):
+        return dict(result.context)
+    try:
+        printed = json.loads(line)
+    except ValueError:
+        return dict(result.context)
+    if not isinstance(printed, dict) or "context_updates" not in printed:
+        return dict(result.context)
+    if printed.get("status") == "error":
+        raise NodeError(
+            type="CodeExecutionError",
+            message=f"Code execution error: {printed.get('message')}",
+            reason="reported",
+            stdout=result.stdout,
+            stderr=result.stderr,
+        )
+    updates = printed["context_updates"]
+    if not isinstance(updates, dict):
+        raise NodeError(
+            type="TypeError",
+            message=f"node '{node.id}' printed context_updates as {type(updates).__name__}, not an object",
+            reason="output",
+            stdout=result.stdout,
+            stderr=result.stderr,
+        )
+    return updates
+
+
+def _last_output_line(stdout: str) -> str | None:
+    for raw in reversed(stdout.splitlines()):
+        line = raw.strip()
+        if line and line not in _EMPTY_JSON:
+            return line
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."

@@ -24,7 +24,14 @@ from redis.exceptions import ResponseError
 
 from consumer.maintenance import Maintenance
 from consumer.runs import AlreadyFinished, Delivery, RunContext, TakenOver, run_delivery
-from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
+from consumer.sandbox.base import (
+    AliasProvider,
+    Sandbox,
+    SandboxInfraError,
+    SandboxProvider,
+    SandboxSpec,
+    UnavailableProvider,
+)
 from consumer.scheduler import Scheduler
 from shared.backoff import Backoff, sleep_or_stop
 from shared.catalog import WorkflowCatalog
@@ -328,14 +335,27 @@ class Worker:
             await cancel_until_done(pending)
 
 
+E2B_UNAVAILABLE = (
+    "executor 'e2b' is not available: no E2B_API_KEY is configured on the workers (set it, or set "
+    "NOVA_E2B_FALLBACK=local to run e2b nodes in the local sandbox)"
+)
+
+
 def default_providers(settings: Settings) -> dict[str, SandboxProvider]:
     from consumer.sandbox.local import LocalSandboxProvider
 
-    providers: dict[str, SandboxProvider] = {"local": LocalSandboxProvider(settings)}
-    if settings.e2b_api_key or settings.default_executor == "e2b":
+    local = LocalSandboxProvider(settings)
+    providers: dict[str, SandboxProvider] = {"local": local}
+    if settings.e2b_api_key:
         from consumer.sandbox.e2b import E2BSandboxProvider
 
         providers["e2b"] = E2BSandboxProvider(settings)
+    elif settings.e2b_fallback == "local":
+        providers["e2b"] = AliasProvider(local)
+    else:
+        # Without a key E2B refuses every sandbox: fail the node once, clearly, rather than retry and
+        # dead-letter an execution that cannot succeed.
+        providers["e2b"] = UnavailableProvider("e2b", E2B_UNAVAILABLE)
     return providers
 
 

@@ -5,7 +5,7 @@ data by type (JSON in the `data` field):
 - started:       {workflow_name, enqueued_at, started_at, consumer, delivery, attempt, resumed_from_step}
 - node_started:  {step, node_id, node_type, started_at, input_context}
 - node_finished: {step, node_id, node_type, status, started_at, finished_at, duration_ms,
-                  output_context, stdout, stderr, decision, next_node, error}
+                  output_context, stdout, stderr, decision, decision_result, next_node, error}
 - retry:         {attempt, error, retry_at}
 - succeeded:     {started_at, finished_at, duration_ms, final_context, nodes_executed}
 - failed:        {started_at, finished_at, duration_ms, final_context, nodes_executed, error}

@@ -12,7 +12,7 @@ import socket
 import uuid
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,7 +95,12 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="Seconds one execution may run (a workflow may set its own)."
     )
     node_timeout: float = Field(
-        default=120.0, gt=0, description="Default seconds for one node (a node may set `timeout`)."
+        default=60.0, gt=0, description="Default seconds for one node (a node may set `timeout`; NOVA's default)."
+    )
+    max_node_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="Largest `timeout` a node may set; a workflow asking for more is refused (422) naming the node.",
     )
     visibility_timeout: float = Field(
         default=60.0, gt=0, description="Seconds a claimed entry may go without a heartbeat before reclaim."
@@ -116,6 +121,11 @@ class Settings(BaseSettings):
 
     default_executor: str = Field(default="local", description="Sandbox for nodes without `executor`.")
     e2b_template: str = Field(default="base", description="E2B template the e2b sandbox starts from.")
+    e2b_fallback: Literal["local"] | None = Field(
+        default=None,
+        description="Where nodes with executor 'e2b' (or NOVA's cached/ai with code) run when E2B_API_KEY is "
+        "unset: 'local' (the local sandbox; `nova dev` sets it), or unset: such a node fails its execution at once.",
+    )
     sandbox_python: str | None = Field(
         default=None, description="Python interpreter for the local sandbox (default: this one)."
     )
@@ -123,6 +133,15 @@ class Settings(BaseSettings):
 
     data_dir: str = Field(default=".nova", description="Where `nova dev` keeps embedded server data.")
     log_level: str = Field(default="INFO", description="Logging level.")
+
+    @field_validator("e2b_fallback", mode="before")
+    @classmethod
+    def _no_fallback(cls, value: object) -> object:
+        # An empty variable (a template's placeholder) means no fallback, as unset does.
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return None if value in {"", "none", "off"} else value
+        return value
 
     def new_consumer_name(self) -> str:
         """A consumer name unique to the caller, so that replicas share a group without colliding.

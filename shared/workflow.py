@@ -1,25 +1,37 @@
-"""NOVA's workflow graph format: the model, its validation, and how to walk it.
+"""The workflow graph format, ours and NOVA's side by side: the model, its validation, how to walk it.
 
-A definition is ``{"nodes": [...], "edges": [...], "timeout"?: seconds}``. Nodes have an ``id`` and a
-``type`` (start, action, decision, end). Action nodes carry Python ``code`` that reads and updates
-``context``; decision nodes carry a Python boolean expression in ``code`` and branch to ``on_true`` /
-``on_false``. The successor of a start or action node is its ``next`` or its single outgoing edge;
-a decision's branches may also be given as edges with ``"condition": true|false``.
+A definition is ``{"nodes": [...], "edges": [...], "timeout"?: seconds}``. Any other top-level key (NOVA's
+``name``, ``description``, ``model``, ``initial_context``...) and any unknown node key (``label``,
+``model``...) is kept and ignored. Nodes have an ``id`` and a ``type`` (start, action, decision, end);
+action and decision nodes carry Python ``code`` that reads and updates ``context``.
 
-Cycles are refused unless bounded: some node on every cycle must set ``max_visits``; the engine
-fails the execution when a node is entered more often than that.
+Where a node goes next:
+- a start or action node: its ``next``, else its single out-edge (``{"from", "to", "condition"?}``; a
+  single edge is followed whatever its condition, as in NOVA). An action whose two or more out-edges all
+  carry a condition branches on ``context[<its id>]`` like a decision (NOVA's rule).
+- a decision: the branch whose label matches its result. Branches are ``on_true``/``on_false`` and
+  out-edges with a ``condition``, compared case-insensitively ("true"/"false", or a label such as
+  "approve"). Its code is either one Python expression whose value is the result (ours), or statements
+  that set ``context[<its id>]`` to a bool or a string (NOVA's).
+
+Loops are allowed: the engine bounds a run (see consumer/engine.py). Validation refuses what cannot
+run and only warns about what NOVA accepts and never runs (unreachable nodes, edges out of end nodes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_NODES = 500
 MAX_CODE_BYTES = 64 * 1024
+# NOVA's AI executors: here they run the node's own code, as e2b does; there is no code generation.
+AI_EXECUTORS = frozenset({"cached", "ai"})
+BOOLEAN_LABELS = frozenset({"true", "false"})
 
 
 class NodeType(StrEnum):
@@ -35,13 +47,36 @@ class Node(BaseModel):
     id: str = Field(min_length=1, max_length=200)
     type: NodeType
     code: str | None = Field(default=None, max_length=MAX_CODE_BYTES)
+    label: str | None = None
+    # NOVA's prompt for AI code generation; kept, never run (a node needs `code` here).
+    prompt: str | None = None
     next: str | None = None
     on_true: str | None = None
     on_false: str | None = None
+    # The ceiling is a setting (NOVA_MAX_NODE_TIMEOUT), checked by validate_definition with the node named.
     timeout: float | None = Field(default=None, gt=0, le=24 * 3600)
-    executor: Literal["local", "e2b"] | None = None
+    executor: Literal["local", "e2b", "cached", "ai"] | None = None
     max_visits: int | None = Field(default=None, ge=1, le=100_000)
     name: str | None = None
+
+    @property
+    def sandbox_executor(self) -> str | None:
+        """The sandbox kind that runs this node's code (None: the worker's default)."""
+        return "e2b" if self.executor in AI_EXECUTORS else self.executor
+
+    @property
+    def is_expression_decision(self) -> bool:
+        """A decision written as one expression (ours), not as statements that set its key (NOVA's)."""
+        return self.type == NodeType.DECISION and is_expression(self.code or "")
+
+
+@lru_cache(maxsize=4096)
+def is_expression(code: str) -> bool:
+    try:
+        compile(code, "<decision>", "eval")
+    except SyntaxError:
+        return False
+    return True
 
 
 class Edge(BaseModel):
@@ -49,14 +84,18 @@ class Edge(BaseModel):
 
     source: str = Field(alias="from")
     target: str = Field(alias="to")
-    condition: bool | None = None
+    condition: str | None = None
 
     @field_validator("condition", mode="before")
     @classmethod
     def _condition(cls, value: Any) -> Any:
-        # NOVA's editor writes conditions as the strings "true"/"false".
-        if isinstance(value, str) and value.lower() in {"true", "false"}:
-            return value.lower() == "true"
+        # One form for both dialects: NOVA writes "true"/"false"/"approve", ours may write JSON booleans.
+        # Lower-cased, because a decision's result is (NOVA compares it lower-cased with the condition
+        # as written, so "True" could never match there; here it does).
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return value.strip().lower() or None
         return value
 
 
@@ -77,30 +116,70 @@ class Definition(BaseModel):
             self.__dict__["_node_index"] = index
         return index
 
+    def out_edges(self, node_id: str) -> list[Edge]:
+        index = self.__dict__.get("_edge_index")
+        if index is None:
+            index = {}
+            for edge in self.edges:
+                index.setdefault(edge.source, []).append(edge)
+            self.__dict__["_edge_index"] = index
+        return index.get(node_id, [])
+
     @property
     def start(self) -> Node:
         return next(n for n in self.nodes if n.type == NodeType.START)
 
+    @property
+    def uses_max_visits(self) -> bool:
+        return any(n.max_visits is not None for n in self.nodes)
+
+    def is_branching(self, node: Node) -> bool:
+        """Whether the node picks its successor by a result (decisions, and NOVA's branching actions)."""
+        if node.type == NodeType.DECISION:
+            return True
+        if node.type == NodeType.END or node.next:
+            return False
+        out = self.out_edges(node.id)
+        return len(out) >= 2 and all(e.condition is not None for e in out)
+
+    def branches(self, node: Node) -> list[tuple[str, str]]:
+        """(label, target) pairs of a branching node, in the order they are tried."""
+        pairs: list[tuple[str, str]] = []
+        if node.type == NodeType.DECISION:
+            if node.on_true:
+                pairs.append(("true", node.on_true))
+            if node.on_false:
+                pairs.append(("false", node.on_false))
+        pairs.extend((e.condition, e.target) for e in self.out_edges(node.id) if e.condition is not None)
+        return pairs
+
+    def has_labels(self, node: Node) -> bool:
+        """Whether some branch is labelled with something other than true/false."""
+        return any(label not in BOOLEAN_LABELS for label, _ in self.branches(node))
+
     def successor(self, node: Node) -> str | None:
-        """The node after a start or action node (None for an end node)."""
+        """The node after a non-branching node (None for an end node)."""
         if node.type == NodeType.END:
             return None
         if node.next:
             return node.next
-        out = [e.target for e in self.edges if e.source == node.id and e.condition is None]
-        return out[0] if len(out) == 1 else None
+        out = self.out_edges(node.id)
+        return out[0].target if len(out) == 1 else None
 
-    def branch(self, node: Node, outcome: bool) -> str | None:
-        """The node a decision leads to for its outcome."""
-        direct = node.on_true if outcome else node.on_false
-        if direct:
-            return direct
-        out = [e.target for e in self.edges if e.source == node.id and e.condition is outcome]
-        return out[0] if len(out) == 1 else None
+    def branch(self, node: Node, outcome: bool | str) -> str | None:
+        """The node a branching node leads to for its result (a bool, or a label compared case-insensitively)."""
+        if isinstance(outcome, bool):
+            label = "true" if outcome else "false"
+        else:
+            label = outcome.lower()
+        for candidate, target in self.branches(node):
+            if candidate == label:
+                return target
+        return None
 
     def targets(self, node: Node) -> list[str]:
-        if node.type == NodeType.DECISION:
-            return [t for t in (self.branch(node, True), self.branch(node, False)) if t]
+        if self.is_branching(node):
+            return list(dict.fromkeys(target for _, target in self.branches(node)))
         nxt = self.successor(node)
         return [nxt] if nxt else []
 
@@ -118,105 +197,176 @@ class InvalidDefinition(ValueError):
         super().__init__("; ".join(p.message for p in problems))
 
 
-def validate_definition(raw: dict[str, Any] | Definition) -> Definition:
-    """Parse and check a definition; raises pydantic.ValidationError or InvalidDefinition."""
+def validate_definition(raw: dict[str, Any] | Definition, *, max_node_timeout: float | None = None) -> Definition:
+    """Parse and check a definition; raises pydantic.ValidationError or InvalidDefinition.
+
+    `max_node_timeout` (NOVA_MAX_NODE_TIMEOUT) refuses a node `timeout` above it; None skips that check,
+    for workflows already stored (a lowered ceiling must not stop them from running).
+    """
     definition = raw if isinstance(raw, Definition) else Definition.model_validate(raw)
-    problems = list(_graph_problems(definition))
+    problems, _ = _analyse(definition, max_node_timeout)
     if problems:
         raise InvalidDefinition(problems)
     return definition
 
 
-def _graph_problems(d: Definition) -> Iterable[DefinitionProblem]:
+def graph_warnings(definition: Definition) -> list[DefinitionProblem]:
+    """What a valid definition holds that will never run or is ignored, each naming its node."""
+    return _analyse(definition, None)[1]
+
+
+def _analyse(d: Definition, max_node_timeout: float | None) -> tuple[list[DefinitionProblem], list[DefinitionProblem]]:
+    problems: list[DefinitionProblem] = []
+    warnings: list[DefinitionProblem] = []
     ids: dict[str, Node] = {}
     for node in d.nodes:
         if node.id in ids:
-            yield DefinitionProblem(node=node.id, message=f"node '{node.id}' is defined twice")
+            problems.append(DefinitionProblem(node=node.id, message=f"node '{node.id}' is defined twice"))
         ids[node.id] = node
 
     starts = [n for n in d.nodes if n.type == NodeType.START]
     if not starts:
-        yield DefinitionProblem(node=None, message="the workflow has no start node")
-        return
+        problems.append(DefinitionProblem(node=None, message="the workflow has no start node"))
+        return problems, warnings
     if len(starts) > 1:
         names = ", ".join(f"'{n.id}'" for n in starts)
-        yield DefinitionProblem(node=starts[1].id, message=f"the workflow has several start nodes: {names}")
+        problems.append(DefinitionProblem(node=starts[1].id, message=f"the workflow has several start nodes: {names}"))
     if not any(n.type == NodeType.END for n in d.nodes):
-        yield DefinitionProblem(node=None, message="the workflow has no end node")
+        problems.append(DefinitionProblem(node=None, message="the workflow has no end node"))
 
-    bad = False
-    for edge in d.edges:
-        for ref in (edge.source, edge.target):
-            if ref not in ids:
-                bad = True
-                message = f"edge {edge.source} -> {edge.target} names unknown node '{ref}'"
-                yield DefinitionProblem(node=ref, message=message)
-
+    references = list(_reference_problems(d, ids))
+    problems.extend(references)
     for node in d.nodes:
-        for problem in _node_problems(d, node, ids):
-            bad = True
-            yield problem
-    if bad:
-        return
+        problems.extend(_content_problems(node, max_node_timeout))
+        warnings.extend(_content_warnings(node))
+    if references:
+        return problems, warnings
 
     reachable = _reachable(d, starts[0].id)
     for node in d.nodes:
         if node.id not in reachable:
+            # NOVA runs such a graph: the node never runs, so it is only worth a warning.
             kind = "end node" if node.type == NodeType.END else "node"
-            yield DefinitionProblem(node=node.id, message=f"{kind} '{node.id}' is unreachable from start")
-    if not any(ids[n].type == NodeType.END for n in reachable):
-        yield DefinitionProblem(node=starts[0].id, message="no end node is reachable from start")
+            warnings.append(DefinitionProblem(node=node.id, message=f"{kind} '{node.id}' is unreachable from start"))
+        elif node.type == NodeType.END:
+            if d.out_edges(node.id) or node.next:
+                message = f"end node '{node.id}' has outgoing edges; they are ignored (a run stops at an end node)"
+                warnings.append(DefinitionProblem(node=node.id, message=message))
+        else:
+            problems.extend(_structure_problems(d, node))
+    if problems:
+        return problems, warnings
 
-    for component in _cycles(d):
-        if not any(ids[n].max_visits for n in component):
+    if not any(ids[n].type == NodeType.END for n in reachable):
+        problems.append(DefinitionProblem(node=starts[0].id, message="no end node is reachable from start"))
+    for component in _cycles(d, reachable):
+        # Loops are bounded at run time; one no node can ever leave is a certain failure.
+        exits = any(t not in component for n in component for t in d.targets(ids[n]))
+        if not exits:
             first = sorted(component)[0]
             members = ", ".join(f"'{n}'" for n in sorted(component))
-            yield DefinitionProblem(
-                node=first,
-                message=f"node '{first}' is on a cycle ({members}) with no bound: set max_visits on one of them",
+            problems.append(
+                DefinitionProblem(node=first, message=f"node '{first}' is on a cycle ({members}) with no way out")
             )
+    return problems, warnings
 
 
-def _node_problems(d: Definition, node: Node, ids: dict[str, Node]) -> Iterable[DefinitionProblem]:
+def _reference_problems(d: Definition, ids: dict[str, Node]) -> Iterable[DefinitionProblem]:
+    for edge in d.edges:
+        for ref in (edge.source, edge.target):
+            if ref not in ids:
+                message = f"edge {edge.source} -> {edge.target} names unknown node '{ref}'"
+                yield DefinitionProblem(node=ref, message=message)
+    for node in d.nodes:
+        for attr in ("next", "on_true", "on_false"):
+            ref = getattr(node, attr)
+            if ref is not None and ref not in ids:
+                yield DefinitionProblem(
+                    node=node.id, message=f"node '{node.id}' has {attr} '{ref}', which is not a node"
+                )
+
+
+def _content_problems(node: Node, max_node_timeout: float | None) -> Iterable[DefinitionProblem]:
+    """What is wrong with a node on its own, reachable or not (NOVA parses every node too)."""
     nid = node.id
-    for attr in ("next", "on_true", "on_false"):
-        ref = getattr(node, attr)
-        if ref is not None and ref not in ids:
-            yield DefinitionProblem(node=nid, message=f"node '{nid}' has {attr} '{ref}', which is not a node")
-    if node.type == NodeType.END:
-        if any(e.source == nid for e in d.edges) or node.next:
-            yield DefinitionProblem(node=nid, message=f"end node '{nid}' must not have outgoing edges")
-        return
-    if node.type == NodeType.ACTION:
-        if not node.code or not node.code.strip():
-            yield DefinitionProblem(node=nid, message=f"action node '{nid}' has no code")
-        else:
-            yield from _compile_problem(nid, node.code, "exec")
-    if node.type == NodeType.DECISION:
-        if not node.code or not node.code.strip():
-            yield DefinitionProblem(node=nid, message=f"decision node '{nid}' has no code (a boolean expression)")
-        else:
-            yield from _compile_problem(nid, node.code, "eval")
-        for outcome, attr in ((True, "on_true"), (False, "on_false")):
-            if d.branch(node, outcome) is None:
-                yield DefinitionProblem(node=nid, message=f"decision node '{nid}' has no {attr} branch")
-        return
-    if node.next is None:
-        out = [e for e in d.edges if e.source == nid and e.condition is None]
-        if not out:
-            yield DefinitionProblem(node=nid, message=f"node '{nid}' has no next node")
-        elif len(out) > 1:
-            targets = ", ".join(f"'{e.target}'" for e in out)
-            yield DefinitionProblem(node=nid, message=f"node '{nid}' has several next nodes ({targets})")
-
-
-def _compile_problem(nid: str, code: str, mode: str) -> Iterable[DefinitionProblem]:
-    try:
-        compile(code, f"<node {nid}>", mode)
-    except SyntaxError as exc:
-        what = "expression" if mode == "eval" else "code"
-        message = f"node '{nid}' {what} does not compile: {exc.msg} (line {exc.lineno})"
+    if max_node_timeout is not None and node.timeout is not None and node.timeout > max_node_timeout:
+        message = (
+            f"node '{nid}' has timeout {node.timeout:g}s, above the limit of {max_node_timeout:g}s "
+            "(NOVA_MAX_NODE_TIMEOUT)"
+        )
         yield DefinitionProblem(node=nid, message=message)
+    if node.type not in (NodeType.ACTION, NodeType.DECISION):
+        return
+    if not node.code or not node.code.strip():
+        if node.prompt or node.executor in AI_EXECUTORS:
+            message = (
+                f"node '{nid}' has only a prompt (executor '{node.executor or 'e2b'}'): AI code generation is "
+                "not available here; give the node Python `code`"
+            )
+            yield DefinitionProblem(node=nid, message=message)
+        else:
+            yield DefinitionProblem(node=nid, message=f"{node.type.value} node '{nid}' has no code")
+        return
+    try:
+        compile(node.code, f"<node {nid}>", "exec")
+    except SyntaxError as exc:
+        message = f"node '{nid}' code does not compile: {exc.msg} (line {exc.lineno})"
+        yield DefinitionProblem(node=nid, message=message)
+
+
+def _content_warnings(node: Node) -> Iterable[DefinitionProblem]:
+    nid = node.id
+    if node.type == NodeType.DECISION and node.code and not node.is_expression_decision and nid not in node.code:
+        # NOVA's own fixtures set context['branch_decision'], which NOVA never reads: say so at create.
+        message = (
+            f"decision node '{nid}' is not an expression and its code never names '{nid}': it must set "
+            f"context['{nid}'] to a bool or a string"
+        )
+        yield DefinitionProblem(node=nid, message=message)
+
+
+def _structure_problems(d: Definition, node: Node) -> Iterable[DefinitionProblem]:
+    """Whether a reachable start, action or decision node has somewhere definite to go."""
+    nid = node.id
+    out = d.out_edges(nid)
+    if d.is_branching(node):
+        yield from _branch_problems(d, node)
+        return
+    if node.next is not None:
+        others = sorted({e.target for e in out if e.target != node.next})
+        if others:
+            edges = ", ".join(f"'{t}'" for t in others)
+            yield DefinitionProblem(node=nid, message=f"node '{nid}' has next '{node.next}' and edges to {edges}")
+        return
+    if not out:
+        yield DefinitionProblem(node=nid, message=f"node '{nid}' has no next node")
+    elif len(out) > 1:
+        targets = ", ".join(f"'{e.target}'" for e in out)
+        yield DefinitionProblem(
+            node=nid,
+            message=f"node '{nid}' has several next nodes ({targets}); to branch on context['{nid}'], "
+            "give every edge a condition",
+        )
+
+
+def _branch_problems(d: Definition, node: Node) -> Iterable[DefinitionProblem]:
+    nid = node.id
+    if node.type == NodeType.DECISION:
+        for edge in d.out_edges(nid):
+            if edge.condition is None:
+                yield DefinitionProblem(
+                    node=nid, message=f"decision node '{nid}' has an edge to '{edge.target}' without a condition"
+                )
+    seen: dict[str, str] = {}
+    for label, target in d.branches(node):
+        if seen.setdefault(label, target) != target:
+            message = f"node '{nid}' has two branches for '{label}' ('{seen[label]}', '{target}')"
+            yield DefinitionProblem(node=nid, message=message)
+    if node.type == NodeType.DECISION and not any(label not in BOOLEAN_LABELS for label in seen):
+        # A true/false decision needs both ways; one branching on labels needs only the labels it names.
+        for label, attr in (("true", "on_true"), ("false", "on_false")):
+            if label not in seen:
+                yield DefinitionProblem(node=nid, message=f"decision node '{nid}' has no {attr} branch")
 
 
 def _reachable(d: Definition, start: str) -> set[str]:
@@ -230,9 +380,9 @@ def _reachable(d: Definition, start: str) -> set[str]:
     return seen
 
 
-def _cycles(d: Definition) -> list[set[str]]:
-    """Strongly connected components that contain a cycle (Tarjan's algorithm, iterative)."""
-    graph = {n.id: d.targets(n) for n in d.nodes}
+def _cycles(d: Definition, within: set[str]) -> list[set[str]]:
+    """Strongly connected components among `within` that contain a cycle (Tarjan's algorithm, iterative)."""
+    graph = {n.id: [t for t in d.targets(n) if t in within] for n in d.nodes if n.id in within}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()

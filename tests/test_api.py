@@ -201,22 +201,25 @@ async def test_retry_of_a_failure_resumes_at_the_failed_node(
         ),
         ({"nodes": [{"id": "end", "type": "end"}]}, None, "no start node"),
         (
+            # Issue 12: an unreachable node is only a warning now; a prompt-only AI node is refused.
             {
                 "nodes": [
-                    {"id": "s", "type": "start", "next": "e"},
+                    {"id": "s", "type": "start", "next": "ask"},
+                    {"id": "ask", "type": "action", "executor": "cached", "prompt": "sum it", "next": "e"},
                     {"id": "e", "type": "end"},
-                    {"id": "lost", "type": "end"},
                 ]
             },
-            "lost",
-            "unreachable",
+            "ask",
+            "AI code generation is not available here",
         ),
         (
+            # Issue 12: a loop through a decision is accepted now; one that nothing can leave is not.
             {
                 "nodes": [
-                    {"id": "s", "type": "start", "next": "a"},
-                    {"id": "a", "type": "action", "code": "pass", "next": "b"},
+                    {"id": "s", "type": "start", "next": "b"},
+                    {"id": "a", "type": "action", "code": "pass", "next": "c"},
                     {"id": "b", "type": "decision", "code": "True", "on_true": "a", "on_false": "e"},
+                    {"id": "c", "type": "action", "code": "pass", "next": "a"},
                     {"id": "e", "type": "end"},
                 ]
             },

@@ -1,8 +1,9 @@
 """The interface every sandbox implements, and the errors that tell a retry from a failure.
 
 A sandbox runs one execution's node code outside the worker's interpreter. It is opened per
-execution, reused across that execution's nodes (so imports and globals persist between nodes, as
-NOVA's users expect), and closed when the execution ends, whatever the outcome.
+execution, reused across that execution's nodes and closed when the execution ends, whatever the
+outcome. NOVA started a fresh sandbox for every node, so only the JSON context carried over; reuse is a
+superset of that (the local sandbox also keeps imports and globals between an execution's nodes).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ class NodeResult:
     stdout: str = ""
     stderr: str = ""
     duration_ms: float = 0.0
-    # A decision's outcome; None for an action.
-    decision: bool | None = None
+    # The value of a decision expression: a bool or a string picks its branch; None for an action, or
+    # when the expression gave None (the engine then reads the key the code may have set, as NOVA does).
+    decision: bool | str | None = None
 
 
 @dataclass
@@ -69,7 +71,8 @@ class Sandbox(Protocol):
         ...
 
     async def evaluate(self, node_id: str, expression: str, context: dict[str, Any], timeout: float) -> NodeResult:
-        """Evaluate a decision's boolean expression against `context`; `decision` holds the result."""
+        """Evaluate a decision's expression against `context`; `decision` holds its value (a bool or a
+        string, anything else as its truth), `context` what the expression left."""
         ...
 
     async def close(self) -> None: ...
@@ -85,3 +88,38 @@ class SandboxProvider(Protocol):
     async def open(self, spec: SandboxSpec) -> Sandbox: ...
 
     async def aclose(self) -> None: ...
+
+
+class UnavailableProvider:
+    """Stands for an executor this worker cannot offer: every node that needs it fails at once, with
+    `message`, instead of retrying an open that can never succeed."""
+
+    def __init__(self, executor: str, message: str) -> None:
+        self.executor = executor
+        self.message = message
+
+    async def start(self) -> None:
+        return None
+
+    async def open(self, spec: SandboxSpec) -> Sandbox:
+        raise NodeError(type="ExecutorUnavailable", message=self.message, reason="executor_unavailable")
+
+    async def aclose(self) -> None:
+        return None
+
+
+class AliasProvider:
+    """Serves one executor with another's provider (NOVA_E2B_FALLBACK=local); that provider is started
+    and closed under its own name, not again here."""
+
+    def __init__(self, target: SandboxProvider) -> None:
+        self.target = target
+
+    async def start(self) -> None:
+        return None
+
+    async def open(self, spec: SandboxSpec) -> Sandbox:
+        return await self.target.open(spec)
+
+    async def aclose(self) -> None:
+        return None

@@ -4,7 +4,7 @@ Each execution gets its own `python -I runner.py` process (consumer/sandbox/runn
 environment, a fresh private working directory, resource limits (memory, CPU, open files, processes,
 file size, output and context size) and its own process group, killed as a whole when the execution
 ends. The process is reused for that execution's nodes, so imports and globals persist between them
-as NOVA's users expect, and is never reused for another execution.
+(NOVA gave each node a fresh sandbox; this is a superset), and is never reused for another execution.
 
 When the worker runs as root (containers), each sandbox process also runs under its own unprivileged
 uid, so one execution cannot read another's directory or the worker's files, and the process limit

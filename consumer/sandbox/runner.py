@@ -9,6 +9,7 @@ captured per node through sys.stdout/sys.stderr instead).
 Standard library only: it must start fast and must not import the project.
 """
 
+import base64
 import io
 import json
 import linecache
@@ -108,7 +109,9 @@ class Runner:
         self.proto_out = proto_out
         self.output_cap = int(limits.get("output_bytes") or 1 << 20)
         self.context_cap = int(limits.get("context_bytes") or 16 << 20)
-        self.globals: dict = {"__name__": "__nova_node__", "__builtins__": __builtins__}
+        # json and base64 preloaded: NOVA's executor imported them above every node's code, and NOVA's
+        # workflows use them without importing.
+        self.globals: dict = {"__name__": "__nova_node__", "__builtins__": __builtins__, "json": json, "base64": base64}
         self.sources: dict[str, list[str]] = {}
 
     def _read_exact(self, size: int) -> bytes | None:
@@ -156,6 +159,8 @@ class Runner:
     def run_node(self, request: dict) -> dict:
         node_id = request["node_id"]
         out, err = CappedWriter("stdout", self.output_cap), CappedWriter("stderr", self.output_cap)
+        # Put back whatever was there, not sys.__stdout__: the tests run this class in their own process.
+        saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
         started = time.perf_counter()
         try:
@@ -174,7 +179,7 @@ class Runner:
             # Node code may raise anything, SystemExit included: it ends the node, not the runner.
             response = {"ok": False, "error": _error(type(exc).__name__, str(exc), _node_traceback(exc), "exception")}
         finally:
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            sys.stdout, sys.stderr = saved
         response["stdout"] = out.value()
         response["stderr"] = err.value()
         response["duration_ms"] = (time.perf_counter() - started) * 1000
@@ -185,8 +190,19 @@ class Runner:
         self.globals["context"] = request.get("context") or {}
         if request["op"] == "evaluate":
             value = eval(_compile(request["code"], filename, "eval"), self.globals)
-            return {"ok": True, "value": bool(value)}
+            # A bool or a string picks the decision's branch; None lets the worker read the key the
+            # expression may have set (NOVA's way); anything else counts by its truth.
+            if value is not None and not isinstance(value, bool | str):
+                value = bool(value)
+            reply = self._context_reply(node_id)
+            if reply["ok"]:
+                reply["value"] = value
+            return reply
         exec(_compile(request["code"], filename, "exec"), self.globals)
+        return self._context_reply(node_id)
+
+    def _context_reply(self, node_id: str) -> dict:
+        """The context node code left, encoded once, or the error that stops it from leaving."""
         context = self.globals.get("context")
         if not isinstance(context, dict):
             return {

@@ -44,10 +44,12 @@ class RunnerSandbox:
     async def evaluate(self, node_id: str, expression: str, context: dict[str, Any], timeout: float) -> NodeResult:
         request = {"op": "evaluate", "node_id": node_id, "code": expression, "context": context}
         reply = checked(await self._call(request, node_id, timeout))
+        value = reply.get("value")
         return NodeResult(
-            context=context,
+            # What the expression left (a call may change the context; NOVA keeps a decision's changes).
+            context=reply.get("context", context),
             stdout=reply.get("stdout", ""),
             stderr=reply.get("stderr", ""),
             duration_ms=reply.get("duration_ms", 0.0),
-            decision=bool(reply["value"]),
+            decision=value if value is None or isinstance(value, bool | str) else bool(value),
         )
