@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.catalog import CatalogUnavailable
 from shared.connections import REDIS_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ _CODES = {
     422: "invalid",
     429: "rate_limited",
     431: "headers_too_large",
+    500: "internal",
     503: "unavailable",
 }
 
@@ -89,6 +91,16 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return JSONResponse(
             error_body(_CODES.get(exc.status_code, "error"), message), exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(CatalogUnavailable)
+    async def catalog_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # A workflow only PostgreSQL knows while PostgreSQL is down: unknown for now, not missing.
+        log.warning("catalog unavailable: %s", exc)
+        return JSONResponse(
+            error_body("unavailable", "PostgreSQL is unavailable right now; retry shortly"),
+            503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
 
     @app.exception_handler(OutOfMemoryError)

@@ -59,7 +59,8 @@ class RunContext:
     catalog: WorkflowCatalog
     open_sandbox: OpenSandbox
     consumer: str
-    definitions: dict[int, Definition]
+    # Validated definitions by (workflow id, version): a version never changes, so they are kept.
+    definitions: dict[tuple[int, int], Definition]
     # The client's decrypted credentials, for its sandboxes only (never events, logs or PostgreSQL).
     client_secrets: Callable[[str], Awaitable[dict[str, str]]] | None = None
 
@@ -162,10 +163,13 @@ class Run:
     async def _definition(self, task: dict[str, str]) -> Definition | None:
         ctx = self.ctx
         workflow_id = self.request.workflow_id
-        definition = ctx.definitions.get(workflow_id)
+        # The version the request was queued with; a request from before versions runs the current one.
+        version = self.request.payload.get("workflow_version")
+        version = version if isinstance(version, int) and not isinstance(version, bool) else None
+        definition = ctx.definitions.get((workflow_id, version)) if version is not None else None
         if definition is not None:
             return definition
-        workflow = await ctx.catalog.get(workflow_id)
+        workflow = await ctx.catalog.get(workflow_id, version)
         if workflow is None:
             await self._dead_letter("unknown_workflow", f"workflow {workflow_id} does not exist", task)
             return None
@@ -174,7 +178,7 @@ class Run:
         except (InvalidDefinition, ValueError) as exc:
             await self._dead_letter("invalid_definition", str(exc), task)
             return None
-        ctx.definitions[workflow_id] = definition
+        ctx.definitions[(workflow_id, workflow.version)] = definition
         return definition
 
     def _start(self, task: dict[str, str], attempt: int, resume: Checkpoint | None) -> None:

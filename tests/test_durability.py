@@ -28,6 +28,7 @@ async def strict_api(redis_url: str, db_url: str) -> AsyncIterator[httpx.AsyncCl
 
 
 async def execute(api: httpx.AsyncClient) -> httpx.Response:
+    assert (await api.post("/clients", json={"slug": "acme", "name": "Acme"})).status_code == 201
     wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
     return await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"}, headers={"Idempotency-Key": "k"})
 
@@ -97,6 +98,7 @@ async def test_a_full_redis_answers_503_and_shows_in_metrics(
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
         async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as api:
             wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
+            assert (await api.post("/clients", json={"slug": "acme", "name": "Acme"})).status_code == 201
             await admin.config_set("maxmemory", "1")  # noeviction (the default): every write is refused
             try:
                 response = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})

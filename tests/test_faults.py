@@ -258,7 +258,7 @@ async def test_postgres_outage_delays_projection_but_not_execution(
         pool = await create_pool(pg.url)
         from tests.support import wait_projected
 
-        await wait_projected(pool, [t.execution_id for t in tasks], {"success"}, timeout=60)
+        await wait_projected(pool, [t.execution_id for t in tasks], {"completed"}, timeout=60)
         await pool.close()
 
 
