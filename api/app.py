@@ -24,6 +24,7 @@ from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
 from shared.durability import StrictDurability
+from shared.executions import KnownClients
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub=EventHub(redis, keys),
             metrics=Metrics(),
             stream_slots=StreamSlots(settings.sse_max_connections_per_key),
+            known_clients=KnownClients(redis, keys),
             pool=pool,
             strict=StrictDurability(redis, settings.strict_wait_ms) if settings.durability == "strict" else None,
         )

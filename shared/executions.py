@@ -491,26 +491,39 @@ class UnknownClient(LookupError):
     pass
 
 
-async def require_client(redis: Redis, keys: Keys, pool: asyncpg.Pool | None, slug: str) -> None:
-    """Raise UnknownClient unless the client exists. Known slugs are kept in a Redis set, so that
-    executing needs no PostgreSQL round trip (nor PostgreSQL at all) once a client has been seen;
-    raises CatalogUnavailable when only PostgreSQL could say and it cannot be reached."""
-    if await redis.sismember(keys.clients, slug):
-        return
-    if pool is None:
-        raise CatalogUnavailable(f"client '{slug}' is not in Redis and PostgreSQL is unreachable")
-    try:
-        found = await pool.fetchval("SELECT 1 FROM clients WHERE slug = $1", slug)
-    except POSTGRES_UNREACHABLE as exc:
-        raise CatalogUnavailable(f"client '{slug}' is not in Redis and PostgreSQL is unreachable ({exc})") from exc
-    if not found:
-        raise UnknownClient(f"client '{slug}' not found")
-    await redis.sadd(keys.clients, slug)
+class KnownClients:
+    """Which clients exist, for the execute path: a process memory of the ones seen, then a Redis set,
+    then PostgreSQL (the record). Clients are never deleted, so a client once seen stays known: after
+    the first execution, naming a client costs no round trip at all, and needs no PostgreSQL."""
 
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._seen: set[str] = set()
 
-async def remember_client(redis: Redis, keys: Keys, slug: str) -> None:
-    """A client just created: known to the execute path at once."""
-    await redis.sadd(keys.clients, slug)
+    async def require(self, pool: asyncpg.Pool | None, slug: str) -> None:
+        """Raise UnknownClient unless the client exists; CatalogUnavailable when only PostgreSQL could
+        say and it cannot be reached."""
+        if slug in self._seen:
+            return
+        if not await self.redis.sismember(self.keys.clients, slug):
+            if pool is None:
+                raise CatalogUnavailable(f"client '{slug}' is not in Redis and PostgreSQL is unreachable")
+            try:
+                found = await pool.fetchval("SELECT 1 FROM clients WHERE slug = $1", slug)
+            except POSTGRES_UNREACHABLE as exc:
+                raise CatalogUnavailable(
+                    f"client '{slug}' is not in Redis and PostgreSQL is unreachable ({exc})"
+                ) from exc
+            if not found:
+                raise UnknownClient(f"client '{slug}' not found")
+            await self.redis.sadd(self.keys.clients, slug)
+        self._seen.add(slug)
+
+    async def remember(self, slug: str) -> None:
+        """A client just created: known to every API replica's execute path at once."""
+        await self.redis.sadd(self.keys.clients, slug)
+        self._seen.add(slug)
 
 
 # ---- retry ----------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from api.deps import Admin, Res
 from api.errors import ApiError
 from api.schemas import ClientIn, ClientKeyOut, CredentialIn, errors
 from shared.clients import ClientError
-from shared.executions import remember_client
 
 router = APIRouter(tags=["clients"])
 
@@ -23,7 +22,7 @@ async def create_client(body: ClientIn, res: Res, _: Admin) -> ClientKeyOut:
     except ClientError as exc:
         raise ApiError(409, str(exc)) from None
     # The execute route may name it at once, without asking PostgreSQL.
-    await remember_client(res.redis, res.keys, body.slug)
+    await res.known_clients.remember(body.slug)
     return ClientKeyOut(slug=body.slug, api_key=key)
 
 

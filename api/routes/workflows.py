@@ -35,7 +35,7 @@ from shared.catalog import (
 )
 from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
-from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, require_client, unprojected_active
+from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
 from shared.scripts import AtCapacity, RateLimited
 from shared.workflow import InvalidDefinition, validate_definition
 
@@ -155,7 +155,7 @@ async def _client_of(res: Res, caller_client: str | None, admin: bool, requested
     if requested is None:
         return NO_CLIENT
     try:
-        await require_client(res.redis, res.keys, res.pool, requested)
+        await res.known_clients.require(res.pool, requested)
     except UnknownClient:
         raise ApiError(404, f"Client '{requested}' not found") from None
     except CatalogUnavailable:
