@@ -45,6 +45,15 @@ def _install_log_record_factory() -> None:
 _install_log_record_factory()
 
 
+class RequestIdLogFilter(logging.Filter):
+    """For a handler whose format shows %(request_id)s: "-" outside a request, and for records made
+    without the factory (logging.makeLogRecord)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = getattr(record, "request_id", None) or "-"
+        return True
+
+
 def _incoming(scope: Scope) -> str | None:
     for name, value in scope.get("headers") or []:
         if name == HEADER:
