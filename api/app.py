@@ -8,19 +8,23 @@ from collections.abc import AsyncIterator
 from importlib import resources as package_files
 
 import asyncpg
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from api import errors
 from api.deps import Resources
 from api.event_hub import EventHub
 from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
 from api.metrics import Metrics
+from api.request_context import RequestContext
 from api.routes import clients, events, executions, health, operations, schedules, tasks, workflows
+from api.version import SERVICE, VERSION
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
 from shared.durability import StrictDurability
+from shared.executions import KnownClients
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
@@ -60,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub=EventHub(redis, keys),
             metrics=Metrics(),
             stream_slots=StreamSlots(settings.sse_max_connections_per_key),
+            known_clients=KnownClients(redis, keys),
             pool=pool,
             strict=StrictDurability(redis, settings.strict_wait_ms) if settings.durability == "strict" else None,
         )
@@ -80,22 +85,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await redis.aclose()
 
     app = FastAPI(
-        title="NOVA Streams",
-        version="1.0",
+        title=SERVICE,
+        version=VERSION,
         description="Workflow executions on Redis Streams. Every route but /health needs a Bearer key.",
         lifespan=lifespan,
     )
     errors.install(app)
-    # The last added runs first: the size limit bounds what the JSON guard buffers.
+    # The last added runs first: the size limit bounds what the JSON guard buffers; CORS answers
+    # preflights before any of them (and adds its headers to their refusals); every response,
+    # whichever layer wrote it, carries the request id.
     app.add_middleware(JsonBodyGuard, max_depth=settings.max_json_depth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            # As NOVA did; our keys travel in the Authorization header, which browsers send on request.
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContext)
     for module in (health, workflows, tasks, executions, events, operations, schedules, clients):
         app.include_router(module.router)
 
     page = package_files.files("api").joinpath("static/index.html").read_text()
 
     @app.get("/", include_in_schema=False)
-    async def dashboard() -> HTMLResponse:
-        return HTMLResponse(page)
+    async def root(request: Request) -> Response:
+        # Browsers get the dashboard; NOVA's scripts, which ask for JSON, get what NOVA answered here.
+        if "text/html" in request.headers.get("accept", ""):
+            return HTMLResponse(page)
+        return JSONResponse(
+            {"name": SERVICE, "version": VERSION, "status": "healthy", "docs": "/docs", "redoc": "/redoc"}
+        )
 
     return app

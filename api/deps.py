@@ -24,6 +24,7 @@ from shared.catalog import WorkflowCatalog
 from shared.clients import ADMIN, ClientStore, Principal, hash_key, is_admin_key
 from shared.connections import REDIS_UNAVAILABLE, open_pool
 from shared.durability import StrictDurability
+from shared.executions import KnownClients
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
@@ -40,6 +41,7 @@ class Resources:
     hub: EventHub
     metrics: Metrics
     stream_slots: StreamSlots
+    known_clients: KnownClients
     pool: asyncpg.Pool | None = None
     # Set in strict durability mode: what each enqueue confirms before the 202.
     strict: StrictDurability | None = None

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.catalog import CatalogUnavailable
 from shared.connections import REDIS_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ _CODES = {
     422: "invalid",
     429: "rate_limited",
     431: "headers_too_large",
+    500: "internal",
     503: "unavailable",
 }
 
@@ -93,6 +95,12 @@ def install(app: FastAPI) -> None:
 
     def retry_shortly(message: str) -> JSONResponse:
         return JSONResponse(error_body("unavailable", message), 503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    @app.exception_handler(CatalogUnavailable)
+    async def catalog_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # A workflow only PostgreSQL knows while PostgreSQL is down: unknown for now, not missing.
+        log.warning("catalog unavailable: %s", exc)
+        return retry_shortly("PostgreSQL is unavailable right now; retry shortly")
 
     @app.exception_handler(OutOfMemoryError)
     async def redis_full(_: Request, exc: Exception) -> JSONResponse:

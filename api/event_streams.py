@@ -13,6 +13,7 @@ from typing import Any
 
 from api.event_hub import EventHub, Filter, Subscription
 from shared.events import Event
+from shared.executions import task_events
 from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, dumps, entry_id_parts
 
 
@@ -46,21 +47,6 @@ async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: boo
             return
 
 
-async def _replay_task(redis: Any, keys: Keys, task_id: str) -> list[Event]:
-    ids = await redis.lrange(keys.task_events(task_id), 0, -1)
-    if not ids:
-        return []
-    pipe = redis.pipeline(transaction=False)
-    for entry_id in ids:
-        pipe.xrange(keys.results, min=entry_id, max=entry_id, count=1)
-    events = []
-    for reply in await pipe.execute():
-        # An id whose entry was trimmed from the results stream has nothing left to replay.
-        for entry_id, fields in reply:
-            events.append(Event.from_entry(entry_id, fields))
-    return events
-
-
 async def task_event_stream(
     redis: Any, keys: Keys, hub: EventHub, task_id: str, last_event_id: str | None
 ) -> AsyncIterator[dict[str, Any]]:
@@ -68,7 +54,7 @@ async def task_event_stream(
     # Subscribe first: an event published while we replay is then both replayed and queued, and
     # the id check drops the copy; subscribing after would lose it.
     with hub.subscribe(lambda e: e.task_id == task_id) as sub:
-        for event in await _replay_task(redis, keys, task_id):
+        for event in await task_events(redis, keys, task_id):
             if not _newer(event, last):
                 continue
             last = entry_id_parts(event.id)

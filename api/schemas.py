@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 BIGINT_MAX = 2**63 - 1
@@ -47,30 +47,67 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorOut} for status in sorted({*COMMON_ERRORS, *statuses})}
 
 
+# NOVA's body key is graph_definition; ours was definition, still accepted.
+_GRAPH = AliasChoices("graph_definition", "definition")
+_GRAPH_DESCRIPTION = (
+    "The workflow graph (nodes and edges); a whole NOVA fixture file may be sent, other keys are kept. "
+    "`definition` is accepted as another name for it."
+)
+
+
 class WorkflowIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=255)
     description: str | None = Field(default=None, max_length=5000)
-    definition: dict[str, Any] = Field(description="NOVA's graph format: nodes and edges")
+    graph_definition: dict[str, Any] = Field(validation_alias=_GRAPH, description=_GRAPH_DESCRIPTION)
+
+
+class WorkflowUpdate(BaseModel):
+    """Fields left out (or null) stay as they are; any change stores a new version."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=255)
+    description: str | None = Field(default=None, max_length=5000)
+    graph_definition: dict[str, Any] | None = Field(
+        default=None, validation_alias=_GRAPH, description=_GRAPH_DESCRIPTION
+    )
 
 
 class WorkflowOut(BaseModel):
     id: int
     name: str
     description: str | None
-    definition: dict[str, Any]
+    graph_definition: dict[str, Any]
     created_at: str
+    updated_at: str
+    version: int = Field(description="Increases with each update; executions run the version they were queued with")
+
+
+class GraphWarning(BaseModel):
+    node: str | None
+    message: str
+
+
+class WorkflowSaved(WorkflowOut):
+    warnings: list[GraphWarning] = Field(description="Accepted, but worth a look (e.g. nodes no path reaches)")
 
 
 class WorkflowList(BaseModel):
-    items: list[WorkflowOut]
-    count: int
+    workflows: list[WorkflowOut]
+    total: int = Field(description="Live workflows in all, whatever skip and limit")
+    count: int = Field(description="Workflows in this page")
+
+
+class MessageOut(BaseModel):
+    message: str
 
 
 class ExecuteIn(BaseModel):
     client_slug: str | None = Field(
-        default=None, pattern=SLUG_PATTERN, description="The client to run as; a client key may omit it"
+        default=None,
+        pattern=SLUG_PATTERN,
+        description="The client to run as (its credentials); a client key runs as its own client, and the "
+        "admin key without one runs with no client's credentials",
     )
-    initial_context: dict[str, Any] = Field(default_factory=dict)
+    initial_context: dict[str, Any] | None = Field(default=None, description="null is the same as {}")
 
 
 class ExecuteOut(BaseModel):
@@ -78,6 +115,7 @@ class ExecuteOut(BaseModel):
     status: Literal["queued"]
     workflow_id: int
     workflow_name: str
+    workflow_version: int | None = None
     execution_id: int
     message: str
 
@@ -94,8 +132,15 @@ class TaskOut(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     meta: dict[str, Any] | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="Once finished: execution_id, status (success or failed), final_context, execution_trace, "
+        "nodes_executed, error",
+    )
+    error: str | None = Field(default=None, description="What went wrong, as one line of text")
+    error_detail: dict[str, Any] | None = Field(
+        default=None, description="The same error: node_id, type, message, traceback, reason"
+    )
 
 
 class NodeRunOut(BaseModel):
@@ -107,7 +152,7 @@ class NodeRunOut(BaseModel):
     output_context: dict[str, Any] | None
     stdout: str | None
     stderr: str | None
-    decision: bool | None
+    decision: bool | str | None
     next_node: str | None
     error: dict[str, Any] | None
     started_at: str | None
@@ -115,13 +160,20 @@ class NodeRunOut(BaseModel):
     duration_ms: float | None
 
 
+EXECUTION_STATUS_DESCRIPTION = (
+    "pending, running, completed or failed (NOVA's words), retrying (a transient error, to be retried) "
+    "or dead (dead-lettered)"
+)
+
+
 class ExecutionSummary(BaseModel):
     id: int
     task_id: str
     workflow_id: int
     workflow_name: str | None
+    workflow_version: int | None = Field(description="The version of the workflow the execution runs")
     client_slug: str
-    status: str
+    status: str = Field(description=EXECUTION_STATUS_DESCRIPTION)
     nodes_executed: int
     current_node: str | None
     attempt: int
@@ -129,18 +181,52 @@ class ExecutionSummary(BaseModel):
     started_at: str | None
     finished_at: str | None
     duration_ms: float | None
+    created_at: str | None = Field(description="When it was queued (NOVA's name for enqueued_at)")
+    completed_at: str | None = Field(description="When it finished (NOVA's name for finished_at)")
+    error: str | None = Field(description="What went wrong, as one line of text")
 
 
 class ExecutionOut(ExecutionSummary):
     initial_context: dict[str, Any] | None
     final_context: dict[str, Any] | None
-    error: dict[str, Any] | None
+    result: dict[str, Any] | None = Field(description="The final context (NOVA's name)")
+    error_detail: dict[str, Any] | None = Field(description="The error: node_id, type, message, traceback, reason")
     chain: list[NodeRunOut]
+    projected: bool = Field(description="false: read from Redis, PostgreSQL has not recorded it yet")
 
 
 class ExecutionList(BaseModel):
-    items: list[ExecutionSummary]
-    count: int
+    executions: list[ExecutionSummary]
+    total: int = Field(description="Executions matching the filters in all, whatever skip and limit")
+    count: int = Field(description="Executions in this page")
+
+
+class ChainEntryOut(BaseModel):
+    id: int
+    execution_id: int
+    node_id: str
+    node_type: str
+    code_executed: str | None
+    input_context: dict[str, Any] | None
+    output_result: dict[str, Any] | None
+    execution_time: float = Field(description="Seconds")
+    status: str = Field(description="success, failed or running")
+    error_message: str | None
+    decision_result: str | None
+    path_taken: str | None
+    ai_metadata: dict[str, Any]
+    timestamp: str | None
+    steps: list[dict[str, Any]]
+    step: int
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: float | None
+
+
+class ChainOut(BaseModel):
+    execution_id: int
+    entries: list[ChainEntryOut]
+    total: int
 
 
 class CheckOut(BaseModel):
@@ -150,7 +236,9 @@ class CheckOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["healthy", "degraded"]
+    service: str
+    version: str
     redis: CheckOut
     postgres: CheckOut
 

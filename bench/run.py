@@ -161,7 +161,13 @@ class Bench:
 
     async def workflow(self, base: str, definition: dict[str, Any]) -> int:
         async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
-            response = await http.post("/workflows", json={"name": "bench", "definition": definition})
+            # The client the scenarios execute as (409: it exists already).
+            client = await http.post("/clients", json={"slug": "bench", "name": "Bench"})
+            if client.status_code != 409:
+                client.raise_for_status()
+            # Workflow names are unique: one per call.
+            name = f"bench-{uuid.uuid4().hex[:8]}"
+            response = await http.post("/workflows", json={"name": name, "graph_definition": definition})
             response.raise_for_status()
             return int(response.json()["id"])
 
@@ -302,7 +308,7 @@ class Bench:
         terminal_at = None
         try:
             while True:
-                projected = await pool.fetchval("SELECT count(*) FROM executions WHERE status = 'success'")
+                projected = await pool.fetchval("SELECT count(*) FROM executions WHERE status = 'completed'")
                 if terminal_at is None:
                     pending = await redis.xpending("nova:requests", "nova-workers")
                     group = (await redis.xinfo_groups("nova:requests"))[0]

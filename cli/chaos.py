@@ -225,6 +225,10 @@ class Chaos:
             headers = {"Authorization": f"Bearer {self.admin_key}"}
             async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as http:
                 await self._wait_healthy(http)
+                for i in range(5):
+                    # The clients the executions run as (see _submit).
+                    created = await http.post("/clients", json={"slug": f"client-{i}", "name": f"Client {i}"})
+                    created.raise_for_status()
                 ok_id = await self._create(http, "chaos-succeeding", SUCCEEDING)
                 bad_id = await self._create(http, "chaos-failing", FAILING)
                 long_id = None
@@ -467,7 +471,7 @@ class Chaos:
             while True:
                 projected = await conn.fetchval(
                     "SELECT count(*) FROM executions WHERE task_id = ANY($1::text[])"
-                    " AND status IN ('success', 'failure', 'dead')",
+                    " AND status IN ('completed', 'failed', 'dead')",
                     ids,
                 )
                 if projected == len(ids) or time.monotonic() > deadline:
@@ -476,7 +480,7 @@ class Chaos:
             await self._projector_caught_up(deadline)
             bad_chains = await conn.fetchval(
                 """SELECT count(*) FROM executions e
-                   WHERE e.task_id = ANY($1::text[]) AND e.status IN ('success', 'failure')
+                   WHERE e.task_id = ANY($1::text[]) AND e.status IN ('completed', 'failed')
                      AND e.nodes_executed <> (SELECT count(*) FROM node_runs n WHERE n.execution_id = e.id)""",
                 ids,
             )

@@ -32,13 +32,20 @@ app.command("inspect")(inspect_command)
 app.command("chaos")(chaos_command)
 
 
-def _configure_logging(settings: Settings, role: str) -> None:
+def _configure_logging(settings: Settings, role: str, *, request_ids: bool = False) -> None:
+    """`request_ids`: the API's lines name the request they belong to (its X-Request-ID)."""
+    request = "[%(request_id)s] " if request_ids else ""
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: {request}%(message)s",
         stream=sys.stderr,
         force=True,
     )
+    if request_ids:
+        from api.request_context import RequestIdLogFilter
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RequestIdLogFilter())
 
 
 def _settings(**overrides: object) -> Settings:
@@ -108,7 +115,7 @@ def api(
     from api.server import uvicorn_options
 
     settings = _settings(port=port, host=host)
-    _configure_logging(settings, "api")
+    _configure_logging(settings, "api", request_ids=True)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -51,11 +51,12 @@ UPSERT_EXECUTION = f"""
 INSERT INTO executions AS e (
     id, task_id, workflow_id, workflow_name, client_slug, status, initial_context, final_context,
     error, nodes_executed, current_node, attempt, consumer, enqueued_at, started_at, finished_at,
-    updated_at, last_event_ms, last_event_seq)
+    updated_at, last_event_ms, last_event_seq, workflow_version)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, 0), $11, COALESCE($12, 0), $13, $14, $15, $16,
-        $17, $18, $19)
+        $17, $18, $19, $20)
 ON CONFLICT (id) DO UPDATE SET
     workflow_name   = COALESCE(e.workflow_name, EXCLUDED.workflow_name),
+    workflow_version = COALESCE(e.workflow_version, EXCLUDED.workflow_version),
     initial_context = COALESCE(e.initial_context, EXCLUDED.initial_context),
     enqueued_at     = COALESCE(e.enqueued_at, EXCLUDED.enqueued_at),
     started_at      = COALESCE(e.started_at, EXCLUDED.started_at),
@@ -169,6 +170,7 @@ def execution_row(event: Event) -> tuple[Any, ...]:
         ts,
         ms,
         seq,
+        d.get("workflow_version") if t == EventType.QUEUED else None,
     )
 
 

@@ -33,6 +33,7 @@ from shared.catalog import CatalogUnavailable, WorkflowCatalog
 from shared.clients import ClientCredentials, ClientError, Vault
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import event_fields
+from shared.executions import NO_CLIENT
 from shared.masking import Masker
 from shared.scripts import RecordOutcome, Scripts
 from shared.settings import Settings
@@ -66,7 +67,8 @@ class RunContext:
     catalog: WorkflowCatalog
     open_sandbox: OpenSandbox
     consumer: str
-    definitions: dict[int, Definition]
+    # Validated definitions by (workflow id, version): a version never changes, so they are kept.
+    definitions: dict[tuple[int, int], Definition]
     # The client's decrypted credentials, for its node code only (never events, logs or PostgreSQL).
     client_credentials: Callable[[str], Awaitable[ClientCredentials]] | None = None
 
@@ -222,10 +224,13 @@ class Run:
     async def _definition(self, task: dict[str, str]) -> Definition | None:
         ctx = self.ctx
         workflow_id = self.request.workflow_id
-        definition = ctx.definitions.get(workflow_id)
+        # The version the request was queued with; a request from before versions runs the current one.
+        version = self.request.payload.get("workflow_version")
+        version = version if isinstance(version, int) and not isinstance(version, bool) else None
+        definition = ctx.definitions.get((workflow_id, version)) if version is not None else None
         if definition is not None:
             return definition
-        workflow = await ctx.catalog.get(workflow_id)
+        workflow = await ctx.catalog.get(workflow_id, version)
         if workflow is None:
             await self._dead_letter("unknown_workflow", f"workflow {workflow_id} does not exist", task)
             return None
@@ -234,7 +239,7 @@ class Run:
         except (InvalidDefinition, ValueError) as exc:
             await self._dead_letter("invalid_definition", str(exc), task)
             return None
-        ctx.definitions[workflow_id] = definition
+        ctx.definitions[(workflow_id, workflow.version)] = definition
         return definition
 
     def _start(self, task: dict[str, str], attempt: int, resume: Checkpoint | None) -> None:
@@ -301,11 +306,13 @@ class Run:
     def _node_context(self, step: int, node: Node) -> dict[str, Any]:
         """Read-only keys the engine adds to the context a node sees and removes from what it leaves:
         the node's identity, the client's credentials (NOVA's names, as stored), and client_slug."""
+        client = self.request.client
         return {
             **self._node_identity(step, node),
             **self.credentials.context(),
-            # Last: no credential and no node can pass for another tenant.
-            "client_slug": self.request.client,
+            # Last: no credential and no node can pass for another tenant. A run without a client (the
+            # admin key without client_slug) has none, as in NOVA.
+            **({"client_slug": client} if client != NO_CLIENT else {}),
         }
 
     def _node_identity(self, step: int, node: Node) -> dict[str, Any]:

@@ -96,6 +96,7 @@ class Scheduler:
                     NewExecution(
                         workflow_id=workflow.id,
                         workflow_name=workflow.name,
+                        workflow_version=workflow.version,
                         client=schedule.client,
                         initial_context=context,
                         extra={"schedule_id": schedule.id},

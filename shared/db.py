@@ -95,6 +95,11 @@ class LazyPool:
                 self._pool = None
 
 
+def _log_notice(_conn: asyncpg.Connection, message: asyncpg.PostgresLogMessage) -> None:
+    # What a migration says with RAISE NOTICE (e.g. the workflows it renamed) reaches the operator.
+    log.warning("migration: %s", message.message)
+
+
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Apply the migrations this database lacks; returns the versions applied now."""
     async with conn.transaction():
@@ -114,7 +119,11 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
             if done:
                 continue
             log.info("applying migration %04d %s", migration.version, migration.name)
-            await conn.execute(migration.sql)
+            conn.add_log_listener(_log_notice)
+            try:
+                await conn.execute(migration.sql)
+            finally:
+                conn.remove_log_listener(_log_notice)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                 migration.version,

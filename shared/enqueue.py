@@ -39,6 +39,8 @@ class NewExecution:
     workflow_name: str
     client: str
     initial_context: dict[str, Any]
+    # The version the execution runs, whatever updates follow; None: the one current when it starts.
+    workflow_version: int | None = None
     # Request keys beside initial_context (e.g. replay_of, schedule_id); also shown on the queued event.
     extra: dict[str, Any] = field(default_factory=dict)
     task_id: str = ""
@@ -46,8 +48,12 @@ class NewExecution:
     idempotency_ttl: int = 24 * 3600
     admission: Admission = Admission()
 
+    def extra_fields(self) -> dict[str, Any]:
+        version = {} if self.workflow_version is None else {"workflow_version": self.workflow_version}
+        return {**self.extra, **version}
+
     def payload(self) -> str:
-        return dumps({**self.extra, "initial_context": self.initial_context})
+        return dumps({**self.extra_fields(), "initial_context": self.initial_context})
 
 
 async def enqueue_execution(
@@ -89,7 +95,7 @@ async def _enqueue(
                 "workflow_name": execution.workflow_name,
                 "enqueued_at": enqueued_at,
                 "initial_context": execution.initial_context,
-                **execution.extra,
+                **execution.extra_fields(),
             }
         ),
         "idempotency_key": execution.idempotency_key,

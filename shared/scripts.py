@@ -40,6 +40,11 @@ def counted(items: list[str]) -> list[Any]:
     return [len(items), *items]
 
 
+# How long the execution id -> task id map is kept: it is read only until the projector has written the
+# execution to PostgreSQL (normally within a second), so the default task TTL is ample.
+EXECUTION_KEY_TTL = 7 * 24 * 3600
+
+
 class EnqueueOutcome(IntEnum):
     REPEAT = 0  # an idempotency key already named a task: its ids are returned
     NEW = 1
@@ -151,6 +156,8 @@ class Scripts:
                 max_inflight,
                 rate,
                 burst,
+                self.keys.execution(""),
+                EXECUTION_KEY_TTL,
             ],
         )
         existing_task, exec_id, entry, outcome_raw = (_s(x) for x in reply)

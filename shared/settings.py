@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         default=64 * 1024, ge=4096, description="Largest request line plus headers the API accepts (431 beyond)."
     )
+    cors_origins: str = Field(
+        default="",
+        description="Origins browsers may call the API from, comma-separated (e.g. a dashboard's URL); empty: none.",
+    )
     sse_replay_max_bytes: int = Field(
         default=4 << 20,
         ge=1024,
@@ -142,6 +146,10 @@ class Settings(BaseSettings):
             value = value.strip().lower()
             return None if value in {"", "none", "off"} else value
         return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def new_consumer_name(self) -> str:
         """A consumer name unique to the caller, so that replicas share a group without colliding.

@@ -47,17 +47,53 @@ class EventType(StrEnum):
 
 TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD})
 
-# The execution status an event moves an execution to (the `executions.status` column).
-EXECUTION_STATUS_BY_EVENT: dict[EventType, str] = {
-    EventType.QUEUED: "queued",
-    EventType.STARTED: "running",
-    EventType.NODE_STARTED: "running",
-    EventType.NODE_FINISHED: "running",
-    EventType.RETRY: "retrying",
-    EventType.SUCCEEDED: "success",
-    EventType.FAILED: "failure",
-    EventType.DEAD: "dead",
+
+class ExecutionStatus(StrEnum):
+    """Status of an execution as PostgreSQL records it and `GET /executions` reports it: NOVA's words
+    (pending, running, completed, failed), plus ours where NOVA has none (retrying, dead)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+# The execution status an event moves an execution to (the `executions.status` column). Migration 0003
+# rewrote rows projected with the earlier words (LEGACY_EXECUTION_STATUSES).
+EXECUTION_STATUS_BY_EVENT: dict[EventType, ExecutionStatus] = {
+    EventType.QUEUED: ExecutionStatus.PENDING,
+    EventType.STARTED: ExecutionStatus.RUNNING,
+    EventType.NODE_STARTED: ExecutionStatus.RUNNING,
+    EventType.NODE_FINISHED: ExecutionStatus.RUNNING,
+    EventType.RETRY: ExecutionStatus.RETRYING,
+    EventType.SUCCEEDED: ExecutionStatus.COMPLETED,
+    EventType.FAILED: ExecutionStatus.FAILED,
+    EventType.DEAD: ExecutionStatus.DEAD,
 }
+
+# The same statuses as the task hash says them (`GET /tasks`, Celery's words), for an execution read
+# from Redis before PostgreSQL has it.
+EXECUTION_STATUS_BY_TASK_STATUS: dict[TaskStatus, ExecutionStatus] = {
+    TaskStatus.PENDING: ExecutionStatus.PENDING,
+    TaskStatus.RUNNING: ExecutionStatus.RUNNING,
+    TaskStatus.RETRY: ExecutionStatus.RETRYING,
+    TaskStatus.SUCCESS: ExecutionStatus.COMPLETED,
+    TaskStatus.FAILURE: ExecutionStatus.FAILED,
+    TaskStatus.DEAD: ExecutionStatus.DEAD,
+}
+
+# Words executions were recorded with before NOVA's: still accepted as filters, so that existing
+# clients (and NOVA's own docs, which say `?status=success`) keep finding what they mean.
+LEGACY_EXECUTION_STATUSES: dict[str, ExecutionStatus] = {
+    "queued": ExecutionStatus.PENDING,
+    "success": ExecutionStatus.COMPLETED,
+    "failure": ExecutionStatus.FAILED,
+}
+
+# Executions that are not finished: a workflow with any of these cannot be deleted.
+ACTIVE_EXECUTION_STATUSES = frozenset({ExecutionStatus.PENDING, ExecutionStatus.RUNNING, ExecutionStatus.RETRYING})
 
 
 class RequestField(StrEnum):
@@ -69,7 +105,7 @@ class RequestField(StrEnum):
     WORKFLOW_NAME = "workflow_name"
     CLIENT = "client"
     ENQUEUED_AT = "enqueued_at"
-    # JSON object: {"initial_context": {...}} plus optional "replay_of" / "resume" keys.
+    # JSON object: {"initial_context": {...}, "workflow_version": n} plus optional "replay_of" / "resume" keys.
     PAYLOAD = "payload"
 
 
@@ -197,7 +233,21 @@ class Keys:
         return self._name("ratelimit", client)
 
     def workflow(self, workflow_id: int) -> str:
+        """The workflow's current version and state (JSON, without its definition)."""
         return f"{self.prefix}:workflow:{workflow_id}"
+
+    def workflow_version(self, workflow_id: int, version: int) -> str:
+        """One stored version of a workflow with its definition (JSON; never changes once written)."""
+        return f"{self.prefix}:workflow:{workflow_id}:v{version}"
+
+    def execution(self, execution_id: int | str) -> str:
+        """The task id of an execution, so that it can be read from Redis before PostgreSQL has it."""
+        return self._name("execution", str(execution_id))
+
+    @property
+    def clients(self) -> str:
+        """Set of client slugs known to exist (a copy of PostgreSQL's clients, filled on lookup)."""
+        return f"{self.prefix}:clients"
 
     def idempotency(self, client: str, key: str) -> str:
         return self._name("idem", client, key)

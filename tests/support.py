@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -60,8 +61,10 @@ BRANCHING = {
 
 
 async def create_workflow(
-    redis: Redis, settings: Settings, pool: Any, definition: dict[str, Any], name: str = "wf"
+    redis: Redis, settings: Settings, pool: Any, definition: dict[str, Any], name: str | None = None
 ) -> StoredWorkflow:
+    # Names are unique among live workflows: a test that makes several gets a new one each time.
+    name = name or f"wf-{uuid.uuid4().hex[:8]}"
     return await WorkflowCatalog(redis, pool, Keys.from_settings(settings)).create(name, None, definition)
 
 
@@ -84,6 +87,7 @@ async def enqueue(
     execution = NewExecution(
         workflow_id=workflow.id,
         workflow_name=workflow.name,
+        workflow_version=workflow.version,
         client=client,
         initial_context=context or {},
         idempotency_key=key,

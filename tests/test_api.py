@@ -42,28 +42,47 @@ async def create(api: httpx.AsyncClient, definition: dict[str, Any], name: str =
     return int(response.json()["id"])
 
 
+async def add_clients(api: httpx.AsyncClient, *slugs: str) -> None:
+    """Executing as a client needs the client to exist."""
+    for slug in slugs:
+        response = await api.post("/clients", json={"slug": slug, "name": slug.title()})
+        assert response.status_code == 201, response.text
+
+
 async def test_workflow_create_list_get(api: httpx.AsyncClient) -> None:
     response = await api.post("/workflows", json={"name": "Triage", "definition": BRANCHING})
     assert response.status_code == 201
     created = response.json()
-    assert isinstance(created["id"], int) and created["name"] == "Triage" and created["definition"] == BRANCHING
-    assert created["description"] is None and created["created_at"]
+    assert isinstance(created["id"], int) and created["name"] == "Triage"
+    assert created["graph_definition"] == BRANCHING and created["warnings"] == [] and created["version"] == 1
+    assert created["description"] is None and created["created_at"] == created["updated_at"]
     listed = (await api.get("/workflows")).json()
-    assert listed["count"] == 1 and listed["items"][0]["id"] == created["id"]
-    assert (await api.get(f"/workflows/{created['id']}")).json() == created
-    assert_error(await api.get("/workflows/999"), 404, "workflow 999 not found")
+    assert listed["total"] == listed["count"] == 1 and listed["workflows"][0]["id"] == created["id"]
+    stored = {k: v for k, v in created.items() if k != "warnings"}
+    assert (await api.get(f"/workflows/{created['id']}")).json() == stored
+    assert_error(await api.get("/workflows/999"), 404, "Workflow 999 not found")
 
 
 async def test_execute_returns_202_and_task_is_pending_at_once(
     api: httpx.AsyncClient, redis: Redis, settings: Settings
 ) -> None:
     wf = await create(api, linear("pass"))
+    await add_clients(api, "idom")
     response = await api.post(
         f"/workflows/{wf}/execute", json={"client_slug": "idom", "initial_context": {"invoice": "A-1"}}
     )
     assert response.status_code == 202
     body = response.json()
-    assert set(body) == {"task_id", "status", "workflow_id", "workflow_name", "message", "execution_id"}
+    assert set(body) == {
+        "task_id",
+        "status",
+        "workflow_id",
+        "workflow_name",
+        "workflow_version",
+        "message",
+        "execution_id",
+    }
+    assert body["workflow_version"] == 1
     assert body["status"] == "queued" and body["workflow_id"] == wf and body["workflow_name"] == "Invoice Processing V3"
     assert f"GET /tasks/{body['task_id']}" in body["message"]
     task = (await api.get(f"/tasks/{body['task_id']}")).json()
@@ -77,7 +96,7 @@ async def test_execute_returns_202_and_task_is_pending_at_once(
         "workflow_name": "Invoice Processing V3",
         "client": "idom",
         "enqueued_at": entry["enqueued_at"],
-        "payload": '{"initial_context":{"invoice":"A-1"}}',
+        "payload": '{"workflow_version":1,"initial_context":{"invoice":"A-1"}}',
     }
     queued = await wait_for_events(redis, settings, lambda e: e.type == EventType.QUEUED)
     assert queued[0].task_id == body["task_id"]
@@ -85,6 +104,7 @@ async def test_execute_returns_202_and_task_is_pending_at_once(
 
 async def test_idempotency_key_returns_the_same_task(api: httpx.AsyncClient, redis: Redis, settings: Settings) -> None:
     wf = await create(api, linear("pass"))
+    await add_clients(api, "idom", "acme")
     body = {"client_slug": "idom", "initial_context": {}}
     first = (await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "k-1"})).json()
     again = await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "k-1"})
@@ -101,6 +121,7 @@ async def test_task_lifecycle_shapes_and_execution_chain(
     api: httpx.AsyncClient, redis: Redis, settings: Settings, pool: Any
 ) -> None:
     wf = await create(api, BRANCHING)
+    await add_clients(api, "idom")
     async with in_process_worker(settings):
         body = (
             await api.post(
@@ -108,31 +129,35 @@ async def test_task_lifecycle_shapes_and_execution_chain(
             )
         ).json()
         await wait_terminal(redis, settings, [body["task_id"]])
-        await wait_projected(pool, [body["execution_id"]], {"success"})
+        await wait_projected(pool, [body["execution_id"]], {"completed"})
     task = (await api.get(f"/tasks/{body['task_id']}")).json()
     assert task["status"] == "SUCCESS" and task["message"] == "Task completed successfully"
     assert task["execution_id"] == body["execution_id"]
+    trace = task["result"].pop("execution_trace")
     assert task["result"] == {
         "execution_id": body["execution_id"],
         "status": "success",
         "final_context": {"items": [700, 600], "total": 1300, "route": "manual"},
         "nodes_executed": 5,
+        "error": None,
     }
+    assert [t["node_id"] for t in trace] == ["start", "total", "big", "approve", "end"]
     execution = (await api.get(f"/executions/{body['execution_id']}")).json()
-    assert execution["status"] == "success" and execution["task_id"] == body["task_id"]
+    assert execution["status"] == "completed" and execution["task_id"] == body["task_id"]
     assert execution["final_context"]["route"] == "manual" and execution["duration_ms"] >= 0
     chain = execution["chain"]
     assert [n["node_id"] for n in chain] == ["start", "total", "big", "approve", "end"]
     assert chain[2]["decision"] is True and chain[2]["next_node"] == "approve"
     assert chain[1]["input_context"] == {"items": [700, 600]} and chain[1]["output_context"]["total"] == 1300
     listed = (await api.get("/executions", params={"workflow_id": wf})).json()
-    assert listed["count"] == 1 and listed["items"][0]["id"] == body["execution_id"]
+    assert listed["total"] == 1 and listed["executions"][0]["id"] == body["execution_id"]
 
 
 async def test_running_task_carries_meta_and_failure_carries_error(
     api: httpx.AsyncClient, redis: Redis, settings: Settings
 ) -> None:
     wf = await create(api, linear("import time\ntime.sleep(1)", "raise RuntimeError('no vendor')"))
+    await add_clients(api, "idom")
     async with in_process_worker(settings):
         body = (await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})).json()
         await wait_for_events(redis, settings, lambda e: e.type == EventType.NODE_STARTED and e.data["node_id"] == "a1")
@@ -144,8 +169,10 @@ async def test_running_task_carries_meta_and_failure_carries_error(
         await wait_terminal(redis, settings, [body["task_id"]])
     failed = (await api.get(f"/tasks/{body['task_id']}")).json()
     assert failed["status"] == "FAILURE"
-    assert failed["error"]["node_id"] == "a2" and failed["error"]["type"] == "RuntimeError"
-    assert failed["error"]["message"] == "no vendor" and "Traceback" in failed["error"]["traceback"]
+    detail = failed["error_detail"]
+    assert detail["node_id"] == "a2" and detail["type"] == "RuntimeError"
+    assert detail["message"] == "no vendor" and "Traceback" in detail["traceback"]
+    assert failed["error"] == "Node a2 failed: RuntimeError: no vendor"
 
 
 async def test_retry_of_a_failure_resumes_at_the_failed_node(
@@ -153,10 +180,11 @@ async def test_retry_of_a_failure_resumes_at_the_failed_node(
 ) -> None:
     # Fails until the context says otherwise: the retry runs a2 again with the context it had there.
     wf = await create(api, linear("context['a1_runs'] = context.get('a1_runs', 0) + 1", "assert context.get('fixed')"))
+    await add_clients(api, "idom")
     async with in_process_worker(settings):
         body = (await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})).json()
         await wait_terminal(redis, settings, [body["task_id"]])
-        await wait_projected(pool, [body["execution_id"]], {"failure"})
+        await wait_projected(pool, [body["execution_id"]], {"failed"})
         # Mend the checkpointed context the way an operator fix would, then retry.
         key = Keys.from_settings(settings).task(body["task_id"])
         import orjson
@@ -171,7 +199,7 @@ async def test_retry_of_a_failure_resumes_at_the_failed_node(
         done = await wait_for_events(
             redis, settings, lambda e: e.task_id == body["task_id"] and e.type == EventType.SUCCEEDED
         )
-        await wait_projected(pool, [body["execution_id"]], {"success"})
+        await wait_projected(pool, [body["execution_id"]], {"completed"})
     assert done[0].data["final_context"] == {"a1_runs": 1, "fixed": True}
     steps = await pool.fetch(
         "SELECT step, node_id, status FROM node_runs WHERE execution_id = $1 ORDER BY step", body["execution_id"]
@@ -250,7 +278,6 @@ async def test_invalid_definitions_are_422_naming_the_node(
 
 async def test_bad_bodies_are_422_with_the_field_named(api: httpx.AsyncClient) -> None:
     wf = await create(api, linear("pass"))
-    assert_error(await api.post(f"/workflows/{wf}/execute", json={"initial_context": {}}), 422, "client_slug")
     assert_error(await api.post(f"/workflows/{wf}/execute", json={"client_slug": "Not A Slug"}), 422, "client_slug")
     assert_error(
         await api.post(f"/workflows/{wf}/execute", json={"client_slug": "a", "initial_context": [1]}),
@@ -265,9 +292,9 @@ async def test_bad_bodies_are_422_with_the_field_named(api: httpx.AsyncClient) -
     assert_error(
         await api.post("/workflows", json={"name": "x", "definition": {"nodes": "start"}}), 422, "definition.nodes"
     )
-    assert_error(await api.post("/workflows/999/execute", json={"client_slug": "a"}), 404, "workflow 999")
+    assert_error(await api.post("/workflows/999/execute", json={"client_slug": "a"}), 404, "Workflow 999")
     assert_error(await api.get("/tasks/nope"), 404, "task nope not found")
-    assert_error(await api.get("/executions/424242"), 404, "execution 424242")
+    assert_error(await api.get("/executions/424242"), 404, "Execution 424242")
     assert_error(await api.delete("/workflows"), 405)
     assert_error(
         await api.post(
@@ -280,7 +307,8 @@ async def test_bad_bodies_are_422_with_the_field_named(api: httpx.AsyncClient) -
 
 async def test_health_ok(api: httpx.AsyncClient) -> None:
     body = (await api.get("/health")).json()
-    assert body["status"] == "ok" and body["redis"]["ok"] and body["postgres"]["ok"]
+    assert body["status"] == "healthy" and body["redis"]["ok"] and body["postgres"]["ok"]
+    assert body["service"] == "NOVA Streams" and body["version"]
 
 
 async def test_redis_down_gives_503_never_202_and_recovers(
@@ -295,6 +323,7 @@ async def test_redis_down_gives_503_never_202_and_recovers(
             transport=httpx.ASGITransport(app=app), base_url="http://n", headers=headers
         ) as api:
             wf = await create(api, linear("pass"))
+            await add_clients(api, "idom")
             server.stop()
             down = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})
             assert_error(down, 503, "Redis")
@@ -323,11 +352,15 @@ async def test_postgres_down_keeps_enqueue_and_task_status_working(
             transport=httpx.ASGITransport(app=app), base_url="http://n", headers=headers
         ) as api:
             wf = await create(api, linear("pass"))
+            await add_clients(api, "idom")
             pg.stop()
             accepted = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})
             assert accepted.status_code == 202
             assert (await api.get(f"/tasks/{accepted.json()['task_id']}")).json()["status"] == "PENDING"
-            assert_error(await api.get("/executions/1"), 503, "PostgreSQL")
+            # Redis knows the execution PostgreSQL has not recorded; one neither knows cannot be answered.
+            pending = (await api.get(f"/executions/{accepted.json()['execution_id']}")).json()
+            assert pending["status"] == "pending" and pending["projected"] is False
+            assert_error(await api.get("/executions/999"), 503, "PostgreSQL")
             assert (await api.get("/health")).status_code == 503
             pg.start()
             assert (await api.get("/health")).status_code == 200
@@ -342,6 +375,7 @@ async def test_one_client_flooding_gets_429_while_others_are_served(db_url: str,
             transport=httpx.ASGITransport(app=app), base_url="http://n", headers=headers
         ) as api:
             wf = await create(api, linear("pass"))
+            await add_clients(api, "flood", "calm")
             flood = [await api.post(f"/workflows/{wf}/execute", json={"client_slug": "flood"}) for _ in range(8)]
             assert [r.status_code for r in flood[:5]] == [202] * 5
             limited = flood[5]
@@ -353,6 +387,7 @@ async def test_one_client_flooding_gets_429_while_others_are_served(db_url: str,
 
 async def test_limits_answer_with_the_limit_named(api: httpx.AsyncClient) -> None:
     wf = await create(api, linear("pass"))
+    await add_clients(api, "a")
     big_context = {"blob": "x" * (300 * 1024)}
     assert_error(
         await api.post(f"/workflows/{wf}/execute", json={"client_slug": "a", "initial_context": big_context}),

@@ -25,7 +25,7 @@ from shared.events import event_fields
 from shared.settings import Settings
 from shared.streams import EventType, Keys
 from tests.support import ADMIN_KEY, linear
-from tests.test_api import assert_error, create
+from tests.test_api import add_clients, assert_error, create
 from tests.test_live_api import _client_key, read_sse
 
 
@@ -43,6 +43,7 @@ async def execute_raw(api: httpx.AsyncClient, workflow_id: int, context_json: st
 
 async def test_deeply_nested_context_is_refused_with_422(api: httpx.AsyncClient) -> None:
     wf = await create(api, linear("pass"))
+    await add_clients(api, "acme")
     for depth in (300, 5000):
         error = assert_error(await execute_raw(api, wf, nested(depth)), 422, "nest", "limit of 64")
         assert error["code"] == "invalid"
@@ -52,6 +53,7 @@ async def test_deeply_nested_context_is_refused_with_422(api: httpx.AsyncClient)
 
 async def test_lone_surrogate_in_context_is_refused_with_422(api: httpx.AsyncClient) -> None:
     wf = await create(api, linear("pass"))
+    await add_clients(api, "acme")
     for text in ('{"k":"\\ud800"}', '{"\\udfff":1}'):
         error = assert_error(await execute_raw(api, wf, text), 422, "not valid JSON")
         assert error["code"] == "invalid"
@@ -61,6 +63,7 @@ async def test_lone_surrogate_in_context_is_refused_with_422(api: httpx.AsyncCli
 
 async def test_integer_beyond_64_bits_in_context_is_refused_with_422(api: httpx.AsyncClient) -> None:
     wf = await create(api, linear("pass"))
+    await add_clients(api, "acme")
     error = assert_error(await execute_raw(api, wf, '{"n":' + str(2**64) + "}"), 422, "initial_context", "64-bit")
     assert error["code"] == "invalid"
 
@@ -75,6 +78,7 @@ async def test_task_ids_outside_the_issued_format_are_not_found(
     api: httpx.AsyncClient, redis: Redis, settings: Settings
 ) -> None:
     wf = await create(api, linear("pass"))
+    await add_clients(api, "acme")
     task_id = (await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})).json()["task_id"]
     keys = Keys.from_settings(settings)
     # The task's event list lives at "<task key>:events": an id ending in ":events" must never reach Redis.

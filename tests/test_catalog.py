@@ -27,7 +27,8 @@ async def known_only_to_postgres(redis: Redis, settings: Settings, pg: PostgresS
     finally:
         await pool.close()
     # As after a Redis flush or a new Redis instance: PostgreSQL still has the workflow, Redis has not.
-    await redis.delete(Keys.from_settings(settings).workflow(wf.id))
+    keys = Keys.from_settings(settings)
+    await redis.delete(keys.workflow(wf.id), keys.workflow_version(wf.id, wf.version))
     return wf
 
 

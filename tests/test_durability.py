@@ -31,6 +31,7 @@ STRICT: dict[str, object] = {"durability": "strict", "strict_wait_ms": 200}
 
 
 async def execute(api: httpx.AsyncClient) -> httpx.Response:
+    assert (await api.post("/clients", json={"slug": "acme", "name": "Acme"})).status_code == 201
     wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
     return await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"}, headers={"Idempotency-Key": "k"})
 
@@ -95,6 +96,7 @@ async def test_a_full_redis_answers_503_and_shows_in_metrics(
     admin = Redis.from_url(server.url, decode_responses=True)
     async with api_on(server.url, db_url) as api:
         wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
+        assert (await api.post("/clients", json={"slug": "acme", "name": "Acme"})).status_code == 201
         await admin.config_set("maxmemory", "1")  # noeviction (the default): every write is refused
         try:
             response = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})

@@ -89,7 +89,7 @@ async def test_retries_exhausted_go_to_the_dead_letter_stream(
     [(_, letter)] = await redis.xrange(settings.dead_letter_stream)
     assert letter["task_id"] == task.task_id and letter["dlq_reason"] == "retries_exhausted"
     assert letter["dlq_attempts"] == "2" and "sandbox service unavailable" in letter["dlq_error"]
-    assert loads(letter["payload"]) == {"initial_context": {"invoice": 1}}
+    assert loads(letter["payload"]) == {"workflow_version": 1, "initial_context": {"invoice": 1}}
     state = await redis.hgetall(Keys.from_settings(settings).task(task.task_id))
     assert state[TaskField.STATUS] == TaskStatus.DEAD
 
@@ -258,7 +258,7 @@ async def test_postgres_outage_delays_projection_but_not_execution(
         pool = await create_pool(pg.url)
         from tests.support import wait_projected
 
-        await wait_projected(pool, [t.execution_id for t in tasks], {"success"}, timeout=60)
+        await wait_projected(pool, [t.execution_id for t in tasks], {"completed"}, timeout=60)
         await pool.close()
 
 

@@ -124,13 +124,13 @@ async def test_metrics_after_known_work(live: Live, redis: Redis, settings: Sett
     async with in_process_worker(settings):
         tasks = [await enqueue(redis, settings, ok) for _ in range(3)] + [await enqueue(redis, settings, bad)]
         await wait_terminal(redis, settings, [t.task_id for t in tasks])
-        await wait_projected(pool, [t.execution_id for t in tasks], {"success", "failure"})
+        await wait_projected(pool, [t.execution_id for t in tasks], {"completed", "failed"})
     await redis.xadd(settings.dead_letter_stream, {"dlq_reason": "malformed"})
     async with httpx.AsyncClient(base_url=live.base, headers=live.admin, timeout=30) as http:
         text = (await http.get("/metrics")).text
     values = _samples(text)
-    assert values['nova_executions{status="success"}'] == 3
-    assert values['nova_executions{status="failure"}'] == 1
+    assert values['nova_executions{status="completed"}'] == 3
+    assert values['nova_executions{status="failed"}'] == 1
     assert values["nova_dead_letters"] == 1
     assert values['nova_stream_length{stream="nova:requests"}'] == 4
     assert values['nova_group_pending{group="nova-workers",stream="nova:requests"}'] == 0
@@ -183,7 +183,7 @@ async def test_clients_see_only_their_own_work(
         impostor = await http.post(f"/workflows/{wf.id}/execute", json={"client_slug": "acme"}, headers=globex)
         assert impostor.status_code == 403
         await wait_terminal(redis, settings, [task_id])
-        await wait_projected(pool, [execution_id], {"success"})
+        await wait_projected(pool, [execution_id], {"completed"})
         assert (await http.get(f"/tasks/{task_id}", headers=acme)).json()["client_slug"] == "acme"
         for path in (f"/tasks/{task_id}", f"/executions/{execution_id}", f"/tasks/{task_id}/events"):
             other = await http.get(path, headers=globex)
@@ -257,7 +257,7 @@ async def test_credentials_never_leave_the_sandbox(
             body = accepted.json()
             done = await wait_terminal(redis, settings, [body["task_id"]])
             assert done[body["task_id"]].data["final_context"]["password_length"] == len(secret)
-            await wait_projected(pool, [body["execution_id"]], {"success"})
+            await wait_projected(pool, [body["execution_id"]], {"completed"})
         for path in (f"/tasks/{body['task_id']}", f"/executions/{body['execution_id']}", "/clients"):
             seen.append((await http.get(path, headers=live.admin)).text)
         async with http.stream("GET", f"/tasks/{body['task_id']}/events", headers=acme) as response:
@@ -283,6 +283,8 @@ async def test_a_flooding_client_is_capped_and_others_are_not_starved(
     while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
         await asyncio.sleep(0.01)
     wf = await create_workflow(redis, settings, pool, linear("import time\ntime.sleep(0.3)"))
+    for slug in ("flood", "calm"):
+        await _client_key(redis, pool, settings, slug)
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as http:

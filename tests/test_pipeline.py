@@ -33,7 +33,7 @@ async def test_linear_workflow_succeeds_and_is_projected(redis: Redis, settings:
         assert state[TaskField.STATUS] == TaskStatus.SUCCESS
         result = loads(state[TaskField.RESULT])
         assert result == {"final_context": {"n": 16, "root": 4}, "nodes_executed": 4}
-        await wait_projected(pool, [task.execution_id], {"success"})
+        await wait_projected(pool, [task.execution_id], {"completed"})
     row = await pool.fetchrow("SELECT * FROM executions WHERE id = $1", task.execution_id)
     assert row["task_id"] == task.task_id and row["final_context"] == {"n": 16, "root": 4}
     assert row["nodes_executed"] == 4 and row["started_at"] <= row["finished_at"]
@@ -58,7 +58,7 @@ async def test_branching_workflow_takes_each_branch(redis: Redis, settings: Sett
         events = await wait_terminal(redis, settings, [big.task_id, small.task_id])
         assert events[big.task_id].data["final_context"] == {"items": [60, 70], "total": 130, "route": "manual"}
         assert events[small.task_id].data["final_context"] == {"items": [10, 20], "total": 30, "route": "auto"}
-        await wait_projected(pool, [big.execution_id, small.execution_id], {"success"})
+        await wait_projected(pool, [big.execution_id, small.execution_id], {"completed"})
     for task, decision, taken in ((big, True, "approve"), (small, False, "auto")):
         row = await pool.fetchrow(
             "SELECT decision, next_node FROM node_runs WHERE execution_id = $1 AND node_id = 'big'", task.execution_id
@@ -79,14 +79,14 @@ async def test_failing_node_fails_the_execution_once(redis: Redis, settings: Set
         assert error["node_id"] == "a2" and error["type"] == "ValueError"
         assert error["message"] == "bad invoice INV-7"
         assert "a2" in error["traceback"] and "ValueError" in error["traceback"]
-        await wait_projected(pool, [task.execution_id], {"failure"})
+        await wait_projected(pool, [task.execution_id], {"failed"})
     state = await redis.hgetall(Keys.from_settings(settings).task(task.task_id))
     assert state[TaskField.STATUS] == TaskStatus.FAILURE and state[TaskField.ATTEMPT] == "0"
     # Deterministic failures are not retried.
     kinds = [e.type for e in await wait_for_events(redis, settings, lambda e: e.task_id == task.task_id, 1)]
     assert EventType.RETRY not in kinds
     row = await pool.fetchrow("SELECT status, error, final_context FROM executions WHERE id = $1", task.execution_id)
-    assert row["status"] == "failure" and row["error"]["node_id"] == "a2"
+    assert row["status"] == "failed" and row["error"]["node_id"] == "a2"
     assert row["final_context"] == {"id": "INV-7", "a": 1}
     failed_run = await pool.fetchrow(
         "SELECT status, error FROM node_runs WHERE execution_id = $1 AND node_id = 'a2'", task.execution_id
@@ -118,7 +118,7 @@ async def test_projector_is_idempotent_and_order_independent(
         await apply_events(conn, events)
     assert await snapshot() == once
     execution, runs = once
-    assert execution["status"] == "success" and execution["final_context"]["route"] == "manual"  # type: ignore[index]
+    assert execution["status"] == "completed" and execution["final_context"]["route"] == "manual"  # type: ignore[index]
     assert len(runs) == 5  # type: ignore[arg-type]
 
 
@@ -134,7 +134,7 @@ async def test_projector_applies_events_in_any_order_to_the_same_rows(
         for event in reversed(events):
             await apply_events(conn, [event])
     row = await pool.fetchrow("SELECT * FROM executions WHERE id = $1", task.execution_id)
-    assert row["status"] == "success" and row["initial_context"] == {"items": [1]}
+    assert row["status"] == "completed" and row["initial_context"] == {"items": [1]}
     assert row["enqueued_at"] is not None and row["started_at"] is not None
     statuses = [
         r["status"] for r in await pool.fetch("SELECT status FROM node_runs WHERE execution_id = $1", task.execution_id)

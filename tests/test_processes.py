@@ -41,7 +41,7 @@ async def test_two_worker_processes_run_each_task_exactly_once(
         done = await wait_terminal(redis, settings, [t.task_id for t in tasks], timeout=90)
         assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
         assert all(done[t.task_id].data["final_context"]["n"] == i + 1 for i, t in enumerate(tasks))
-        await wait_projected(pool, [t.execution_id for t in tasks], {"success"}, timeout=60)
+        await wait_projected(pool, [t.execution_id for t in tasks], {"completed"}, timeout=60)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -82,7 +82,7 @@ async def test_kill9_mid_run_resumes_elsewhere_without_repeating_finished_nodes(
     async with in_process_worker(fast):
         done = await wait_terminal(redis, settings, [task.task_id], timeout=60)
         assert done[task.task_id].type == EventType.SUCCEEDED, done[task.task_id].data
-        await wait_projected(pool, [task.execution_id], {"success"})
+        await wait_projected(pool, [task.execution_id], {"completed"})
     # The e-mail node finished before the crash: it ran once. Only a2, in flight, ran twice.
     assert effects.read_text().splitlines() == [f"{task.execution_id}:a1:2"]
     started = await wait_for_events(

@@ -120,7 +120,7 @@ async def test_nul_characters_are_replaced_in_postgresql_only(
     await drain(redis, settings, pool)
 
     row = await pool.fetchrow("SELECT status, initial_context, final_context FROM executions WHERE id = 1")
-    assert row["status"] == "success"
+    assert row["status"] == "completed"
     assert row["initial_context"] == {"pdf": f"%PDF{REPLACEMENT}1", f"key{REPLACEMENT}": [{"deep": REPLACEMENT}]}
     assert row["final_context"]["pages"] == [f"a{REPLACEMENT}b"]
     node = await pool.fetchrow("SELECT input_context, output_context, stdout FROM node_runs WHERE execution_id = 1")
@@ -141,7 +141,7 @@ async def test_a_run_whose_context_carries_nul_lands_its_terminal_status(
         task = await enqueue(redis, settings, wf, {"pdf": f"page{NUL}one"})
         done = await wait_terminal(redis, settings, [task.task_id])
         assert done[task.task_id].type == EventType.SUCCEEDED
-        await wait_projected(pool, [task.execution_id], {"success"})
+        await wait_projected(pool, [task.execution_id], {"completed"})
     result = loads(await redis.hget(Keys.from_settings(settings).task(task.task_id), TaskField.RESULT))
     assert result["final_context"] == {"pdf": f"page{NUL}one", "text": f"PAGE{NUL}ONE"}
     final = await pool.fetchval("SELECT final_context FROM executions WHERE id = $1", task.execution_id)
@@ -168,7 +168,7 @@ async def test_events_postgresql_refuses_are_logged_and_kept_not_dropped(
     with caplog.at_level(logging.ERROR, logger="consumer.projector"):
         await drain(redis, settings, pool)
 
-    assert await pool.fetchval("SELECT status FROM executions WHERE id = 1") == "success"
+    assert await pool.fetchval("SELECT status FROM executions WHERE id = 1") == "completed"
     letters = {f["dlq_original_id"]: f for f in await dead_letters(redis, settings)}
     assert set(letters) == {too_big, bad_time, junk}
     assert letters[too_big]["task_id"] == "t-bad" and letters[too_big]["dlq_reason"] == "rejected"
@@ -327,7 +327,7 @@ async def test_after_a_postgresql_outage_the_projector_writes_the_events_it_held
         statuses = dict(await check.fetch("SELECT id, status FROM executions ORDER BY id"))
     finally:
         await check.close()
-    assert statuses == {1: "success", 2: "success", 3: "success"}
+    assert statuses == {1: "completed", 2: "completed", 3: "completed"}
 
 
 async def test_an_unexpected_error_in_a_batch_does_not_end_the_projector(
@@ -350,4 +350,4 @@ async def test_an_unexpected_error_in_a_batch_does_not_end_the_projector(
     await emitter.whole_run({"a": 1}, {"a": 2})
     await drain(redis, settings, pool, BrokenOnce)
     assert BrokenOnce.failed
-    assert await pool.fetchval("SELECT status FROM executions WHERE id = 7") in ("success", "completed")
+    assert await pool.fetchval("SELECT status FROM executions WHERE id = 7") == "completed"

@@ -21,6 +21,8 @@ async def create_client(body: ClientIn, res: Res, _: Admin) -> ClientKeyOut:
         key = await res.clients.create(body.slug, body.name)
     except ClientError as exc:
         raise ApiError(409, str(exc)) from None
+    # The execute route may name it at once, without asking PostgreSQL.
+    await res.known_clients.remember(body.slug)
     return ClientKeyOut(slug=body.slug, api_key=key)
 
 

@@ -1,4 +1,5 @@
-"""Reachability of Redis and PostgreSQL; 503 when either is down (for load balancers and Railway)."""
+"""Reachability of Redis and PostgreSQL; 503 when either is down (for load balancers and Railway).
+NOVA's fields (status "healthy", service, version) come first, for its clients and scripts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import Res
 from api.schemas import CheckOut, HealthOut
+from api.version import SERVICE, VERSION
 
 router = APIRouter(tags=["health"])
 
@@ -35,5 +37,5 @@ async def health(res: Res) -> JSONResponse:
 
     redis, pg = await asyncio.gather(_check(res.redis.ping), _check(postgres))
     ok = redis.ok and pg.ok
-    body = HealthOut(status="ok" if ok else "degraded", redis=redis, postgres=pg)
+    body = HealthOut(status="healthy" if ok else "degraded", service=SERVICE, version=VERSION, redis=redis, postgres=pg)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -1,4 +1,6 @@
-"""Task status, read from the task hash in Redis: fresh, and independent of PostgreSQL."""
+"""Task status, read from the task hash and the task's events in Redis: fresh, and independent of
+PostgreSQL. A finished task answers as NOVA's clients read a Celery result (`result.status`,
+`result.execution_trace`, `error` as text); unlike NOVA, a failed workflow is FAILURE, not SUCCESS."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from fastapi import APIRouter
 from api.deps import Caller, Res
 from api.errors import ApiError
 from api.schemas import TaskOut, errors, is_task_id
+from shared.executions import Executions, error_message
 from shared.streams import TaskField, TaskStatus, loads
 
 router = APIRouter(tags=["tasks"])
@@ -27,7 +30,9 @@ def _int(value: str | None) -> int | None:
     return int(value) if value else None
 
 
-def task_view(task: dict[str, str]) -> TaskOut:
+def task_view(task: dict[str, str], trace: list[dict[str, Any]] | None = None, final_context: Any = None) -> TaskOut:
+    """The task as GET /tasks/{id} shows it; `trace` and `final_context` (from the task's events) for a
+    finished task."""
     status = TaskStatus(task[TaskField.STATUS])
     execution_id = _int(task.get(TaskField.EXECUTION_ID))
     out: dict[str, Any] = {
@@ -52,11 +57,29 @@ def task_view(task: dict[str, str]) -> TaskOut:
             "nodes_executed": _int(task.get(TaskField.NODES_EXECUTED)) or 0,
             "attempt": _int(task.get(TaskField.ATTEMPT)) or 0,
         }
+    error = loads(task.get(TaskField.ERROR)) if status != TaskStatus.SUCCESS else None
+    if status in (TaskStatus.FAILURE, TaskStatus.DEAD, TaskStatus.RETRY):
+        out["error"] = error_message(error)
+        out["error_detail"] = error
     if status == TaskStatus.SUCCESS:
         result = loads(task.get(TaskField.RESULT)) or {}
-        out["result"] = {"execution_id": execution_id, "status": "success", **result}
-    if status in (TaskStatus.FAILURE, TaskStatus.DEAD, TaskStatus.RETRY):
-        out["error"] = loads(task.get(TaskField.ERROR))
+        out["result"] = {
+            "execution_id": execution_id,
+            "status": "success",
+            **result,
+            "execution_trace": trace or [],
+            "error": None,
+        }
+    elif status in (TaskStatus.FAILURE, TaskStatus.DEAD):
+        # What NOVA's clients check after a run: result.status and result.error.
+        out["result"] = {
+            "execution_id": execution_id,
+            "status": "failed",
+            "final_context": final_context,
+            "execution_trace": trace or [],
+            "nodes_executed": _int(task.get(TaskField.NODES_EXECUTED)),
+            "error": out["error"],
+        }
     return TaskOut(**out)
 
 
@@ -69,4 +92,7 @@ async def get_task(task_id: str, res: Res, caller: Caller) -> TaskOut:
     # Another client's task answers exactly like a missing one: its existence is not ours to reveal.
     if not task or TaskField.STATUS not in task or not caller.may_see(task.get(TaskField.CLIENT)):
         raise ApiError(404, f"task {task_id} not found")
-    return task_view(task)
+    if task[TaskField.STATUS] not in (TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.DEAD):
+        return task_view(task)
+    trace, final_context = await Executions(res.redis, res.keys, res.pool, res.catalog).trace(task)
+    return task_view(task, trace, final_context)

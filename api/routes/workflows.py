@@ -1,19 +1,41 @@
-"""Workflows: create, list, read, and execute (append one request to the stream and return)."""
+"""Workflows: create, list, read, update (a new version), delete, and execute (append one request to the
+stream and return)."""
 
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from pydantic import ValidationError
 
 from api.deps import Admin, Caller, Res
-from api.errors import ApiError
-from api.schemas import BIGINT_MAX, ExecuteIn, ExecuteOut, PathId, WorkflowIn, WorkflowList, WorkflowOut, errors
-from shared.catalog import StoredWorkflow
+from api.errors import ApiError, unavailable
+from api.schemas import (
+    BIGINT_MAX,
+    ExecuteIn,
+    ExecuteOut,
+    GraphWarning,
+    MessageOut,
+    PathId,
+    WorkflowIn,
+    WorkflowList,
+    WorkflowOut,
+    WorkflowSaved,
+    WorkflowUpdate,
+    errors,
+)
+from shared.catalog import (
+    CatalogUnavailable,
+    DuplicateName,
+    StoredWorkflow,
+    WorkflowBusy,
+    WorkflowHead,
+    definition_warnings,
+)
 from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
+from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
 from shared.scripts import AtCapacity, RateLimited
 from shared.workflow import InvalidDefinition, validate_definition
 
@@ -26,46 +48,121 @@ def _out(workflow: StoredWorkflow) -> WorkflowOut:
     return WorkflowOut(**workflow.as_json())
 
 
-@router.post("/workflows", status_code=201, response_model=WorkflowOut, responses=errors(401, 403, 422, 503))
-async def create_workflow(body: WorkflowIn, res: Res, _: Admin) -> WorkflowOut:
+def _saved(workflow: StoredWorkflow, warnings: list[GraphWarning]) -> WorkflowSaved:
+    return WorkflowSaved(**workflow.as_json(), warnings=warnings)
+
+
+def _checked(graph: dict[str, Any], max_node_timeout: float) -> list[GraphWarning]:
+    """Validate a graph (422 naming the node); returns its warnings."""
     try:
-        definition = validate_definition(body.definition)
+        definition = validate_definition(graph, max_node_timeout=max_node_timeout)
     except InvalidDefinition as exc:
         problems = [p.model_dump() for p in exc.problems]
         raise ApiError(422, f"invalid workflow definition: {exc}", details=problems) from None
     except ValidationError as exc:
         problems = [
-            {"node": None, "message": f"definition.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"}
+            {"node": None, "message": f"graph_definition.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"}
             for e in exc.errors()
         ]
         raise ApiError(422, f"invalid workflow definition: {problems[0]['message']}", details=problems) from None
-    del definition  # validated; stored as the client wrote it
-    workflow = await res.catalog.create(body.name, body.description, body.definition)
-    return _out(workflow)
+    return [GraphWarning(**w.model_dump()) for w in definition_warnings(definition)]
+
+
+def _duplicate(exc: DuplicateName) -> ApiError:
+    # NOVA answered 400; its loader scripts look the workflow up by name after a refusal.
+    return ApiError(409, f"Workflow '{exc.name}' already exists", details={"existing_id": exc.existing_id})
+
+
+@router.post("/workflows", status_code=201, response_model=WorkflowSaved, responses=errors(401, 403, 409, 422, 503))
+async def create_workflow(body: WorkflowIn, res: Res, _: Admin) -> WorkflowSaved:
+    warnings = _checked(body.graph_definition, res.settings.max_node_timeout)
+    res.db()
+    try:
+        # Stored as the client wrote it, other keys of a fixture file included.
+        workflow = await res.catalog.create(body.name, body.description, body.graph_definition)
+    except DuplicateName as exc:
+        raise _duplicate(exc) from None
+    return _saved(workflow, warnings)
 
 
 @router.get("/workflows", response_model=WorkflowList, responses=errors(401, 503))
 async def list_workflows(
     res: Res,
     _: Caller,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0, le=BIGINT_MAX)] = 0,
+    skip: Annotated[int | None, Query(ge=0, le=BIGINT_MAX, description="Workflows to skip")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int | None, Query(ge=0, le=BIGINT_MAX, description="Another name for skip")] = None,
 ) -> WorkflowList:
     res.db()
-    items = [_out(w) for w in await res.catalog.list(limit=limit, offset=offset)]
-    return WorkflowList(items=items, count=len(items))
+    items, total = await res.catalog.list(limit=limit, offset=skip if skip is not None else offset or 0)
+    return WorkflowList(workflows=[_out(w) for w in items], total=total, count=len(items))
 
 
 async def _workflow(res: Res, workflow_id: int) -> StoredWorkflow:
     workflow = await res.catalog.get(workflow_id)
     if workflow is None:
-        raise ApiError(404, f"workflow {workflow_id} not found")
+        raise ApiError(404, f"Workflow {workflow_id} not found")
     return workflow
 
 
 @router.get("/workflows/{workflow_id}", response_model=WorkflowOut, responses=errors(401, 404, 503))
 async def get_workflow(workflow_id: PathId, res: Res, _: Caller) -> WorkflowOut:
     return _out(await _workflow(res, workflow_id))
+
+
+@router.put("/workflows/{workflow_id}", response_model=WorkflowSaved, responses=errors(401, 403, 404, 409, 422, 503))
+async def update_workflow(workflow_id: PathId, body: WorkflowUpdate, res: Res, _: Admin) -> WorkflowSaved:
+    """Store a new version; executions already queued keep running the version they were queued with."""
+    warnings = (
+        _checked(body.graph_definition, res.settings.max_node_timeout) if body.graph_definition is not None else []
+    )
+    res.db()
+    if body.name is None and body.description is None and body.graph_definition is None:
+        return _saved(await _workflow(res, workflow_id), [])  # nothing to change: no new version
+    try:
+        workflow = await res.catalog.update(
+            workflow_id, name=body.name, description=body.description, definition=body.graph_definition
+        )
+    except DuplicateName as exc:
+        raise _duplicate(exc) from None
+    if workflow is None:
+        raise ApiError(404, f"Workflow {workflow_id} not found")
+    return _saved(workflow, warnings)
+
+
+@router.delete("/workflows/{workflow_id}", response_model=MessageOut, responses=errors(401, 403, 404, 409, 503))
+async def delete_workflow(workflow_id: PathId, res: Res, _: Admin) -> MessageOut:
+    """Remove a workflow from listings and from execution; its executions stay readable. Refused (409)
+    while any of its executions is queued or running."""
+    res.db()
+    try:
+        deleted = await res.catalog.delete(workflow_id, lambda wid: unprojected_active(res.redis, res.keys, wid))
+    except WorkflowBusy as exc:
+        raise ApiError(409, str(exc), details={"active_executions": exc.active}) from None
+    except ProjectionBehind as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
+    if not deleted:
+        raise ApiError(404, f"Workflow {workflow_id} not found")
+    return MessageOut(message=f"Workflow {workflow_id} deleted successfully")
+
+
+async def _client_of(res: Res, caller_client: str | None, admin: bool, requested: str | None) -> str:
+    """Who the execution runs as: a client key's own client; for the admin key, the named client (which
+    must exist), or none (NO_CLIENT: no client's credentials) as NOVA did without client_slug."""
+    if not admin:
+        if requested is not None and requested != caller_client:
+            raise ApiError(403, f"this key belongs to client '{caller_client}', not '{requested}'")
+        assert caller_client is not None
+        return caller_client
+    if requested is None:
+        return NO_CLIENT
+    try:
+        await res.known_clients.require(res.pool, requested)
+    except UnknownClient:
+        raise ApiError(404, f"Client '{requested}' not found") from None
+    except CatalogUnavailable:
+        raise unavailable("PostgreSQL") from None
+    return requested
 
 
 @router.post(
@@ -81,19 +178,16 @@ async def execute_workflow(
     caller: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> ExecuteOut:
-    client = body.client_slug
-    if not caller.admin:
-        if client is not None and client != caller.client:
-            raise ApiError(403, f"this key belongs to client '{caller.client}', not '{client}'")
-        client = caller.client
-    if client is None:
-        raise ApiError(422, "client_slug: required when executing with the admin key")
-    workflow = await _workflow(res, workflow_id)
+    workflow: WorkflowHead | None = await res.catalog.current(workflow_id)
+    if workflow is None:
+        raise ApiError(404, f"Workflow {workflow_id} not found")
+    client = await _client_of(res, caller.client, caller.admin, body.client_slug)
     execution = NewExecution(
         workflow_id=workflow.id,
         workflow_name=workflow.name,
+        workflow_version=workflow.version,
         client=client,
-        initial_context=body.initial_context,
+        initial_context=body.initial_context or {},
         idempotency_key=idempotency_key,
         admission=Admission(
             max_inflight=res.settings.client_max_inflight,
@@ -137,6 +231,8 @@ async def execute_workflow(
         status="queued",
         workflow_id=workflow.id,
         workflow_name=workflow.name,
+        # A repeated Idempotency-Key answers the task queued first, whose version may be older.
+        workflow_version=workflow.version if result.created else None,
         execution_id=result.execution_id,
         message=message,
     )

@@ -26,6 +26,8 @@ local idempotency_ttl = ARGV[8]  -- seconds
 local max_inflight = tonumber(ARGV[9])  -- 0: no cap
 local rate = tonumber(ARGV[10])         -- executions per second, 0: no limit
 local burst = tonumber(ARGV[11])
+local execution_key_prefix = ARGV[12]    -- + execution id: the execution -> task id map; '' for none
+local execution_key_ttl = tonumber(ARGV[13])
 
 -- Reply: {task_id, execution_id, request entry id or '', outcome}
 local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE = 1, 0, 2, 3, 4
@@ -65,6 +67,11 @@ if rate > 0 then
 end
 redis.call('INCR', inflight_key)
 local execution_id = redis.call('INCR', sequence_key)
+if execution_key_prefix ~= '' then
+  -- Named from the new id, so not in KEYS: it carries the same hash tag as the keys above (one slot).
+  -- GET /executions/{id} reads it to answer from the task hash before PostgreSQL has the execution.
+  redis.call('SET', execution_key_prefix .. execution_id, task_id, 'EX', execution_key_ttl)
+end
 local entry = redis.call('XADD', requests_stream, '*',
   'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
   'workflow_name', workflow_name, 'client', client, 'enqueued_at', enqueued_at, 'payload', payload)
