@@ -262,7 +262,7 @@ async def test_node_sees_credentials_typed_and_nothing_shown_holds_a_secret(
     async with in_process_worker(settings):
         task = await enqueue(redis, settings, wf, {"invoice": 7})
         done = (await wait_terminal(redis, settings, [task.task_id]))[task.task_id]
-        await wait_projected(pool, [task.execution_id], {"failure"})
+        await wait_projected(pool, [task.execution_id], {"failed"})
     assert done.type == EventType.FAILED
     final = done.data["final_context"]
     # Typed as stored, in the context and (as text) in the environment; settings and the slug as they are.
@@ -353,7 +353,7 @@ async def test_resume_after_a_crash_keeps_the_true_copy_and_shows_none(
     async with in_process_worker(settings, providers={"local": crashing}):
         task = await enqueue(redis, settings, wf)
         done = (await wait_terminal(redis, settings, [task.task_id]))[task.task_id]
-        await wait_projected(pool, [task.execution_id], {"success"})
+        await wait_projected(pool, [task.execution_id], {"completed"})
     assert crashing.crashed and done.type == EventType.SUCCEEDED, done.data
     # The resumed a2 read the copy a1 made before the crash, with its true value.
     assert done.data["final_context"] == {"dsn": f"postgres://app:{MASK}@db/app", "dsn_intact": True}
