@@ -57,8 +57,9 @@ def bwrap_args(bwrap: str, *, workdir: str, shared_dirs: list[str], network: str
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
-        "--tmpfs", "/tmp",
-        "--tmpfs", "/dev/shm",
+        # Fresh and empty per sandbox; sticky and world-writable as usual, since the sandbox's uid is not root.
+        "--perms", "1777", "--tmpfs", "/tmp",
+        "--perms", "1777", "--tmpfs", "/dev/shm",
     ]  # fmt: skip
     for path in shared_dirs:
         # Read-only parents of the work folder (mode 0711: nothing in them can be listed).
