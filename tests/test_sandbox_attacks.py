@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from cli.dev import sandbox_insecure_env
 from consumer.sandbox.base import NodeError, SandboxSpec
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
 from shared.settings import Settings
@@ -207,3 +208,18 @@ async def test_a_fully_isolated_worker_serves_every_client(provider: LocalSandbo
     for i, client in enumerate(("acme", "globex", "initech")):
         box = await open_box(provider, i, client)
         await box.close()
+
+
+async def test_the_start_up_statement_says_what_holds_and_what_is_missing() -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
+    lines = provider.statement()
+    assert any("MISSING" in line and "network" in line for line in lines)
+    assert "one client only" in lines[-1]
+    insecure = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress", sandbox_insecure=True))
+    assert "NOVA_SANDBOX_INSECURE=1" in insecure.statement()[-1]
+
+
+def test_nova_dev_sets_insecure_and_says_so_unless_set() -> None:
+    env, note = sandbox_insecure_env({})
+    assert env == {"NOVA_SANDBOX_INSECURE": "1"} and note is not None and "NOVA_SANDBOX_INSECURE=1" in note
+    assert sandbox_insecure_env({"NOVA_SANDBOX_INSECURE": "0"}) == ({}, None)

@@ -388,7 +388,27 @@ class LocalSandboxProvider:
         self._closed = False
         self.started = 0
 
+    def statement(self) -> list[str]:
+        """What this worker's local sandboxes guarantee, one line each, for its start-up log."""
+        lines = [
+            f"local sandbox: {'holds' if holds else 'MISSING'}: {what}" for holds, what in self.isolation.statements()
+        ]
+        if self.isolation.complete:
+            lines.append("local sandbox: fully isolated; nodes of every client may run on this worker")
+        elif self.insecure:
+            lines.append(
+                "local sandbox: NOVA_SANDBOX_INSECURE=1: nodes of every client run here despite what is missing"
+            )
+        else:
+            lines.append(
+                "local sandbox: isolation incomplete, so this worker runs nodes of one client only (the first it "
+                "sees); NOVA_SANDBOX_INSECURE=1 lifts that"
+            )
+        return lines
+
     async def start(self) -> None:
+        for line in self.statement():
+            (log.warning if "MISSING" in line or "INSECURE" in line else log.info)("%s", line)
         await self._refill()
 
     async def _spawn(self) -> LocalSandbox:
