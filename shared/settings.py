@@ -137,7 +137,12 @@ class Settings(BaseSettings):
     sandbox_network: Literal["egress", "none"] = Field(
         default="egress",
         description="Network of local sandboxes: 'none' (own network namespace, loopback only) or 'egress' "
-        "(today the host's network, unfiltered; see the README's Sandboxes section).",
+        "(the internet; the host, private, shared and link-local ranges refused: see the README's Sandboxes section).",
+    )
+    sandbox_egress_allow: str = Field(
+        default="",
+        description="With network egress: comma-separated CIDRs of internal hosts local sandboxes may reach "
+        "despite the filter (e.g. an internal API).",
     )
     sandbox_cpus: float = Field(default=1.0, gt=0, description="CPUs one local sandbox may use (cgroup quota).")
     sandbox_insecure: bool = Field(

@@ -6,7 +6,9 @@ states at start-up which guarantees are missing (test_isolation_statement_* run 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,6 +19,7 @@ from redis.asyncio import Redis
 
 from cli.dev import sandbox_insecure_env
 from consumer.sandbox.base import NodeError, SandboxSpec
+from consumer.sandbox.isolation import Isolation
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
 from shared.settings import Settings
 from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal
@@ -171,16 +174,35 @@ context['statuses'] = [os.waitpid(pid, 0)[1] for pid in children]
         await sb.close()
 
 
-async def test_isolation_statement_names_what_is_missing() -> None:
-    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
-    lines = provider.isolation.statements()
-    network = [what for _, what in lines if "network" in what]
-    assert len(network) == 1 and "unfiltered" in network[0]
-    assert provider.isolation.complete is False
+# A machine without root: no own uids, no cgroups, egress unfiltered (as `Isolation` reports it there).
+UNPRIVILEGED = Isolation(
+    root=False,
+    separate_uids=False,
+    namespaces=True,
+    namespaces_why="bubblewrap",
+    cgroups=None,
+    cgroups_why="not root (cgroups need it here)",
+    network="egress",
+    egress_why="the filter matches the sandboxes' own uids, which need root",
+)
+
+
+def test_isolation_statement_names_what_is_missing() -> None:
+    lines = dict((what, holds) for holds, what in UNPRIVILEGED.statements())
+    assert lines["sandboxes share the worker's uid"] is False
+    assert any("no cgroups" in what and not holds for what, holds in lines.items())
+    assert any("egress unfiltered" in what and not holds for what, holds in lines.items())
+    assert UNPRIVILEGED.complete is False
+
+
+def incomplete(settings: Settings) -> LocalSandboxProvider:
+    provider = LocalSandboxProvider(settings)
+    provider.isolation = UNPRIVILEGED
+    return provider
 
 
 async def test_an_incompletely_isolated_worker_refuses_a_second_client() -> None:
-    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
+    provider = incomplete(Settings(sandbox_pool_size=0))
     try:
         first = await open_box(provider, 1, "acme")
         await first.close()
@@ -194,7 +216,7 @@ async def test_an_incompletely_isolated_worker_refuses_a_second_client() -> None
 
 
 async def test_insecure_mode_allows_several_clients() -> None:
-    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress", sandbox_insecure=True))
+    provider = incomplete(Settings(sandbox_pool_size=0, sandbox_insecure=True))
     try:
         for i, client in enumerate(("acme", "globex")):
             box = await open_box(provider, i, client)
@@ -211,15 +233,85 @@ async def test_a_fully_isolated_worker_serves_every_client(provider: LocalSandbo
 
 
 async def test_the_start_up_statement_says_what_holds_and_what_is_missing() -> None:
-    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
-    lines = provider.statement()
+    lines = incomplete(Settings(sandbox_pool_size=0)).statement()
     assert any("MISSING" in line and "network" in line for line in lines)
     assert "one client only" in lines[-1]
-    insecure = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress", sandbox_insecure=True))
-    assert "NOVA_SANDBOX_INSECURE=1" in insecure.statement()[-1]
+    assert "NOVA_SANDBOX_INSECURE=1" in incomplete(Settings(sandbox_pool_size=0, sandbox_insecure=True)).statement()[-1]
+
+
+@isolated
+def test_the_start_up_statement_of_a_fully_isolated_worker() -> None:
+    lines = LocalSandboxProvider(Settings(sandbox_pool_size=0)).statement()
+    assert not any("MISSING" in line for line in lines) and "every client" in lines[-1]
 
 
 def test_nova_dev_sets_insecure_and_says_so_unless_set() -> None:
     env, note = sandbox_insecure_env({})
     assert env == {"NOVA_SANDBOX_INSECURE": "1"} and note is not None and "NOVA_SANDBOX_INSECURE=1" in note
     assert sandbox_insecure_env({"NOVA_SANDBOX_INSECURE": "0"}) == ({}, None)
+
+
+@isolated
+async def test_network_egress_refuses_the_host_private_and_metadata_addresses(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    redis_at, pg_at = urlsplit(settings.redis_url), urlsplit(settings.database_url)
+    targets = [
+        (redis_at.hostname or "127.0.0.1", redis_at.port or 0),
+        (pg_at.hostname or "127.0.0.1", pg_at.port or 0),
+        (f"::ffff:{redis_at.hostname}", redis_at.port or 0),  # the IPv4-mapped form
+        ("169.254.169.254", 80),  # cloud metadata
+        ("10.0.0.1", 6379),
+    ]
+    actions = [_probe(host, port).replace("'reached'", f"'reached{i}'").replace("'error'", f"'error{i}'")
+               for i, (host, port) in enumerate(targets)]  # fmt: skip
+    wf = await create_workflow(redis, settings, pool, linear(*actions))
+    task = await enqueue(redis, settings, wf)
+    async with in_process_worker(settings, sandbox_network="egress"):
+        events = await wait_terminal(redis, settings, [task.task_id])
+    final = events[task.task_id].data["final_context"]
+    # Refused at route lookup (EACCES), before any packet leaves: not a timeout.
+    assert [final[f"reached{i}"] for i in range(len(targets))] == [False] * len(targets), final
+    assert {final[f"error{i}"] for i in range(len(targets))} == {"PermissionError"}, final
+
+
+# Run in a network namespace of its own, so this test's allow-list never touches the machine's rules.
+ALLOW_SCRIPT = """
+import os, socket, sys
+from consumer.sandbox.isolation import install_egress_filter
+os.system("ip link set lo up")
+os.system("ip addr add 127.0.0.2/8 dev lo 2>/dev/null")
+why = install_egress_filter(200000, 249999, ["127.0.0.2/32"])
+assert why is None, why
+servers = []
+for host in ("127.0.0.1", "127.0.0.2"):
+    s = socket.socket()
+    s.bind((host, 0))
+    s.listen()
+    servers.append(s)
+pid = os.fork()
+if pid == 0:
+    os.setgroups([]); os.setgid(200007); os.setuid(200007)
+    out = []
+    for s in servers:
+        c = socket.socket()
+        try:
+            c.connect(s.getsockname())
+            out.append("reached")
+        except OSError as exc:
+            out.append(type(exc).__name__)
+    print(" ".join(out), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+@isolated
+async def test_egress_allow_list_opens_only_the_named_hosts() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--net", sys.executable, "-c", ALLOW_SCRIPT,
+        cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split() == ["PermissionError", "reached"]

@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,20 +266,25 @@ class Isolation:
     cgroups: str | None
     cgroups_why: str
     network: str
+    egress_filtered: bool = False
+    egress_why: str = ""
 
     def statements(self) -> list[tuple[bool, str]]:
         """(holds, what) per guarantee, for the worker's start-up lines and the README's table."""
-        net_ok = self.namespaces and self.network == "none"
         if self.network == "none":
+            net_ok = self.namespaces
             net = "network none: own network namespace, loopback only (host services unreachable)"
+            if not self.namespaces:
+                net = f"network none impossible ({self.namespaces_why}): the host's network, unfiltered"
         else:
+            net_ok = self.egress_filtered
             net = (
-                "network egress: the host's network, unfiltered (node code can reach services on the host's "
-                "loopback and private networks; egress filtering is not implemented yet, use "
-                "NOVA_SANDBOX_NETWORK=none where nodes need no network)"
+                "network egress: internet only; the host's loopback and own addresses, private, shared and "
+                "link-local ranges (cloud metadata), IPv6 ULA and link-local refused by policy routing"
+                if self.egress_filtered
+                else f"network egress unfiltered ({self.egress_why}): node code can reach services on the host's "
+                "loopback and private networks"
             )
-        if not self.namespaces:
-            net = f"network: the host's, unfiltered ({self.namespaces_why})"
         return [
             (self.separate_uids, "own uid per sandbox" if self.separate_uids else "sandboxes share the worker's uid"),
             (
@@ -300,3 +306,110 @@ class Isolation:
     @property
     def complete(self) -> bool:
         return all(holds for holds, _ in self.statements())
+
+
+# Destinations node code must not reach with NOVA_SANDBOX_NETWORK=egress: the host itself, private and
+# shared networks (other services, Railway's private IPv6 network), link-local (cloud metadata), and
+# ranges that embed or stand for such addresses. IPv4-mapped IPv6 (::ffff:a.b.c.d) is routed as IPv4,
+# so the IPv4 entries cover it; it is listed too, for sockets that never reach IPv4 routing.
+BLOCKED_V4 = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+)  # fmt: skip
+BLOCKED_V6 = ("::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "fc00::/7", "fe80::/10", "ff00::/8")
+# Policy routing: rules for the sandbox uid range, placed before the host's `local` table (moved from
+# priority 0 to _LOCAL_PREF, which changes nothing for any other process).
+_EGRESS_TABLE = 20050
+_ALLOW_PREF = 40
+_BLOCK_PREF = 50
+_LOCAL_PREF = 100
+_LOCAL_TABLE, _MAIN_TABLE = 255, 254
+
+
+def _nameservers() -> list[str]:
+    servers = []
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                servers.append(parts[1].split("%")[0])
+    return servers
+
+
+_installed: dict[tuple[int, int, tuple[str, ...]], str | None] = {}
+
+
+def install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> str | None:
+    """`_install_egress_filter` once per process and allow-list, on a thread of its own: pyroute2's
+    synchronous API runs an event loop, which cannot nest in the worker's."""
+    key = (uid_first, uid_last, tuple(allow))
+    if key not in _installed:
+        with ThreadPoolExecutor(1) as pool:
+            _installed[key] = pool.submit(_install_egress_filter, uid_first, uid_last, allow).result()
+    return _installed[key]
+
+
+def _install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> str | None:
+    """Refuse connections from sandbox uids to the blocked ranges and this host's own addresses.
+
+    Done with policy routing (pyroute2, netlink) rather than a firewall: a rule matching the uid range
+    sends route lookups to a table of `prohibit` routes, so connect() and sendto() fail with EACCES
+    before a packet leaves; no iptables/nftables is needed, nothing is done per sandbox, and every
+    worker of the machine installs the same rules (idempotently). `allow` (CIDRs an operator names) and
+    the resolvers of /etc/resolv.conf (port 53 only) are looked up normally. Addresses the host gains
+    after start-up are not covered until a worker starts again. Returns why it could not, or None.
+    """
+    import ipaddress
+    import socket
+
+    try:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+    except ImportError:
+        return "pyroute2 is not installed"
+    uids = f"{uid_first}:{uid_last}"
+
+    def quietly(call: object, *args: object, **kwargs: object) -> None:
+        try:
+            call(*args, **kwargs)  # type: ignore[operator]
+        except NetlinkError as exc:
+            if exc.code not in (errno.EEXIST, errno.ENOENT, errno.ESRCH):
+                raise
+
+    def net(cidr: str) -> tuple[int, str, int]:
+        network = ipaddress.ip_network(cidr, strict=False)
+        family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+        return family, str(network.network_address), network.prefixlen
+
+    try:
+        with IPRoute() as ip:
+            own = [(a.get("family"), a.get_attr("IFA_ADDRESS")) for a in ip.get_addr()]
+            for family in (socket.AF_INET, socket.AF_INET6):
+                quietly(ip.rule, "add", family=family, priority=_LOCAL_PREF, table=_LOCAL_TABLE)
+                quietly(ip.rule, "del", family=family, priority=0, table=_LOCAL_TABLE)
+                # Start from a clean slate: an earlier worker may have allowed other hosts.
+                for rule in ip.get_rules(family=family):
+                    if rule.get_attr("FRA_PRIORITY") in (_ALLOW_PREF, _ALLOW_PREF + 1, _BLOCK_PREF):
+                        quietly(ip.rule, "del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
+            blocked = [*BLOCKED_V4, *BLOCKED_V6] + [
+                f"{addr}/{32 if fam == socket.AF_INET else 128}" for fam, addr in own if addr
+            ]
+            for cidr in blocked:
+                family, dst, length = net(cidr)
+                quietly(ip.route, "add", family=family, dst=dst, dst_len=length, type="prohibit", table=_EGRESS_TABLE)
+            allowed: list[tuple[str, dict[str, object]]] = [(cidr, {}) for cidr in allow]
+            for server in _nameservers():
+                for proto in (socket.IPPROTO_UDP, socket.IPPROTO_TCP):
+                    allowed.append((server, {"FRA_IP_PROTO": proto, "FRA_DPORT_RANGE": "53:53"}))
+            for cidr, match in allowed:
+                family, dst, length = net(cidr)
+                for offset, table in ((0, _LOCAL_TABLE), (1, _MAIN_TABLE)):
+                    quietly(
+                        ip.rule, "add", family=family, priority=_ALLOW_PREF + offset, table=table, dst=dst,
+                        dst_len=length, FRA_UID_RANGE=uids, **match,
+                    )  # fmt: skip
+            for family in (socket.AF_INET, socket.AF_INET6):
+                quietly(ip.rule, "add", family=family, priority=_BLOCK_PREF, table=_EGRESS_TABLE, FRA_UID_RANGE=uids)
+    except Exception as exc:  # netlink refused, or pyroute2 itself failed: egress stays unfiltered, said so
+        return f"could not install the egress filter ({exc})"
+    return None

@@ -38,7 +38,15 @@ from typing import Any
 import orjson
 
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
-from consumer.sandbox.isolation import CgroupRoot, Isolation, SandboxCgroup, bwrap_args, find_bwrap, probe_bwrap
+from consumer.sandbox.isolation import (
+    CgroupRoot,
+    Isolation,
+    SandboxCgroup,
+    bwrap_args,
+    find_bwrap,
+    install_egress_filter,
+    probe_bwrap,
+)
 from consumer.sandbox.runner_client import RunnerSandbox
 from shared.settings import Settings
 
@@ -360,6 +368,13 @@ class LocalSandboxProvider:
         if why_not is not None:
             self.bwrap = None
         self.cgroups, cgroups_why = CgroupRoot.detect()
+        egress_why = "not needed"
+        if self.network == "egress":
+            if not self.separate_uids:
+                egress_why = "the filter matches the sandboxes' own uids, which need root"
+            else:
+                allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
+                egress_why = install_egress_filter(_UID_BASE, _UID_BASE + _UID_SPAN - 1, allow) or ""
         self.isolation = Isolation(
             root=self._root,
             separate_uids=self.separate_uids,
@@ -368,6 +383,8 @@ class LocalSandboxProvider:
             cgroups=cgroups_why if self.cgroups else None,
             cgroups_why=cgroups_why,
             network=self.network,
+            egress_filtered=self.network == "egress" and not egress_why,
+            egress_why=egress_why,
         )
         # Without full isolation one worker serves one client only (the first it sees), unless allowed.
         self._client: str | None = None
