@@ -315,3 +315,15 @@ async def test_egress_allow_list_opens_only_the_named_hosts() -> None:
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert out.decode().split() == ["PermissionError", "reached"]
+
+
+@isolated
+async def test_closing_mid_refill_leaves_no_process_or_cgroup() -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=2))
+    await provider.start()
+    box = await open_box(provider, 1)  # starts a refill in the background
+    await box.close()
+    await provider.aclose()  # cancels it, wherever it is
+    assert provider.cgroups is not None
+    mine = [f for parent in provider.cgroups.parents.values() for f in parent.glob(f"{os.getpid()}-*")]
+    assert mine == []

@@ -95,20 +95,12 @@ def probe_bwrap(bwrap: str | None, network: str, as_root: bool) -> str | None:
     return None
 
 
-def _own_cgroup_paths() -> dict[str, str]:
-    """This process's cgroup per v1 controller ('' for the v2 hierarchy)."""
-    paths: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            for name in controllers.split(",") if controllers else [""]:
-                paths[name] = path
-    return paths
-
-
 @dataclass
 class CgroupRoot:
-    """Where sandbox cgroups are made: under this worker's own cgroup, so its limits still apply."""
+    """Where sandbox cgroups are made: `nova-sandboxes` at the top of each hierarchy (a container's
+    own top with a cgroup namespace), shared by every worker of the machine. Not under the worker's own
+    cgroup: whoever made that one could no longer remove it, and a v2 folder holding the worker cannot
+    hand controllers to children."""
 
     version: int
     # v1: one parent folder per controller; v2: a single parent.
@@ -119,13 +111,12 @@ class CgroupRoot:
         """The usable hierarchy and how it was found, or None and why not."""
         if os.geteuid() != 0:
             return None, "not root (cgroups need it here)"
-        own = _own_cgroup_paths()
         if (_CGROUP_FS / "cgroup.controllers").exists():
             available = (_CGROUP_FS / "cgroup.controllers").read_text().split()
             missing = [c for c in ("memory", "pids", "cpu") if c not in available]
             if missing:
                 return None, f"cgroup v2 without the {', '.join(missing)} controller(s)"
-            parent = _CGROUP_FS / own.get("", "/").lstrip("/") / "nova-sandboxes"
+            parent = _CGROUP_FS / "nova-sandboxes"
             try:
                 parent.mkdir(exist_ok=True)
                 _enable_v2_controllers(parent)
@@ -137,7 +128,7 @@ class CgroupRoot:
             base = _CGROUP_FS / name
             if not (base / "cgroup.procs").exists():
                 return None, f"no cgroup v1 '{name}' controller mounted"
-            parent = base / own.get(name, "/").lstrip("/") / "nova-sandboxes"
+            parent = base / "nova-sandboxes"
             try:
                 parent.mkdir(exist_ok=True)
             except OSError as exc:
@@ -210,11 +201,13 @@ class SandboxCgroup:
                 os.close(fd)
 
     def pids(self) -> list[int]:
-        try:
-            text = Path(self.procs_files[0]).read_text()
-        except OSError:
-            return []
-        return [int(line) for line in text.split()]
+        """Every process still in any of the sandbox's folders (v1 controllers let go of an exiting
+        process one after the other)."""
+        found: set[int] = set()
+        for path in self.procs_files:
+            with contextlib.suppress(OSError):
+                found.update(int(line) for line in Path(path).read_text().split())
+        return sorted(found)
 
     def oom_kills(self) -> int:
         """Processes the kernel killed for this sandbox's memory limit."""
@@ -246,13 +239,24 @@ class SandboxCgroup:
                 return False
             await asyncio.sleep(0.002)
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove the folders; False if one is still busy (a process on its way out)."""
+        done = True
         for folder in self.folders.values():
             try:
                 folder.rmdir()
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
-                    log.warning("could not remove sandbox cgroup %s: %s", folder, exc)
+                    done = False
+        return done
+
+    async def remove_soon(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.remove():
+            if time.monotonic() > deadline:
+                log.warning("could not remove sandbox cgroup %s", self.procs_files[0])
+                return
+            await asyncio.sleep(0.005)
 
 
 @dataclass(frozen=True)

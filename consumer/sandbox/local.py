@@ -232,7 +232,7 @@ class LocalSandbox(RunnerSandbox):
             # PID namespace dies with its first process anyway).
             empty = await self.cgroup.kill_all()
             if empty:
-                self.cgroup.remove()
+                await self.cgroup.remove_soon()
                 self.cgroup = None
         else:
             await _group_gone(self.proc.pid)
@@ -482,11 +482,24 @@ class LocalSandboxProvider:
             if lease is not None:
                 lease.release()
             raise SandboxInfraError(f"could not start the local sandbox ({self.python}): {exc}") from None
+        except asyncio.CancelledError:
+            # The worker is closing (a pool refill cancelled mid-start): leave nothing of this sandbox.
+            if cgroup is not None:
+                await cgroup.kill_all()
+                await cgroup.remove_soon()
+            shutil.rmtree(workdir, ignore_errors=True)
+            if lease is not None:
+                lease.release()
+            raise
         sandbox = LocalSandbox(
             proc, workdir, self.max_context_bytes, lease, max_output_bytes=self.limits["output_bytes"], cgroup=cgroup
         )
         sandbox.wrapped = self.bwrap is not None
-        await sandbox.handshake()
+        try:
+            await sandbox.handshake()
+        except asyncio.CancelledError:
+            await sandbox.close()
+            raise
         self.started += 1
         return sandbox
 
