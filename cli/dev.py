@@ -58,6 +58,18 @@ def e2b_fallback_env(settings: Settings, environ: Mapping[str, str]) -> tuple[di
     return {"NOVA_E2B_FALLBACK": "local"}, note
 
 
+def sandbox_insecure_env(environ: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """What `nova dev` adds so its workers run every client's nodes in a local sandbox that may lack
+    isolation (no root on a laptop), and the line that says so; an explicit setting is kept."""
+    if "NOVA_SANDBOX_INSECURE" in environ:
+        return {}, None
+    note = (
+        "sandbox: `nova dev` sets NOVA_SANDBOX_INSECURE=1: workers run nodes of every client even where the "
+        "local sandbox lacks a piece of isolation (each worker logs which); never set it in production"
+    )
+    return {"NOVA_SANDBOX_INSECURE": "1"}, note
+
+
 def _persistent_secret(path: Path, make: object) -> str:
     """A key kept in the data folder, so restarts of `nova dev` keep the same one."""
     if path.exists():
@@ -146,6 +158,10 @@ class Dev:
         }
         fallback, note = e2b_fallback_env(self.settings, os.environ)
         env.update(fallback)
+        if note:
+            print(note, flush=True)
+        insecure, note = sandbox_insecure_env(os.environ)
+        env.update(insecure)
         if note:
             print(note, flush=True)
         await self.spawn("api", env, "api")

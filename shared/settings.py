@@ -134,6 +134,22 @@ class Settings(BaseSettings):
         default=None, description="Python interpreter for the local sandbox (default: this one)."
     )
     sandbox_pool_size: int = Field(default=2, ge=0, description="Pre-started local sandbox interpreters.")
+    sandbox_network: Literal["egress", "none"] = Field(
+        default="egress",
+        description="Network of local sandboxes: 'none' (own network namespace, loopback only) or 'egress' "
+        "(the internet; the host, private, shared and link-local ranges refused: see the README's Sandboxes section).",
+    )
+    sandbox_egress_allow: str = Field(
+        default="",
+        description="With network egress: comma-separated CIDRs of internal hosts local sandboxes may reach "
+        "despite the filter (e.g. an internal API).",
+    )
+    sandbox_cpus: float = Field(default=1.0, gt=0, description="CPUs one local sandbox may use (cgroup quota).")
+    sandbox_insecure: bool = Field(
+        default=False,
+        description="Let a worker whose local sandbox lacks a piece of isolation run nodes of more than one "
+        "client (`nova dev` sets it).",
+    )
 
     data_dir: str = Field(default=".nova", description="Where `nova dev` keeps embedded server data.")
     log_level: str = Field(default="INFO", description="Logging level.")

@@ -177,7 +177,9 @@ async def test_fork_bomb_is_contained_and_cleaned_up(provider: LocalSandboxProvi
             "forks", "import os\nwhile True:\n    if os.fork() == 0:\n        import time; time.sleep(60)", {}, 10
         )
     assert info.value.type == "BlockingIOError"
-    uid = Path(f"/proc/{sb.pid}/status").read_text().split("Uid:")[1].split()[0]
+    # sb.pid is bwrap's (root) when namespaces are in use; the sandbox's own uid is its lease's.
+    assert sb.lease is not None
+    uid = str(sb.lease.uid)
     await sb.close()
     leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _uid_of(p) == uid]
     assert leftovers == []

