@@ -168,6 +168,8 @@ class Chaos:
             NOVA_SANDBOX_POOL_SIZE="2",
             NOVA_LOG_LEVEL="WARNING",
             NOVA_ADMIN_KEY=self.admin_key,
+            # The long nodes log their starts here; sandboxes see the rest of the host read-only.
+            NOVA_SANDBOX_WRITABLE=str(self.starts_path.parent),
         )
         return env
 

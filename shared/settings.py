@@ -145,6 +145,11 @@ class Settings(BaseSettings):
         "despite the filter (e.g. an internal API).",
     )
     sandbox_cpus: float = Field(default=1.0, gt=0, description="CPUs one local sandbox may use (cgroup quota).")
+    sandbox_writable: str = Field(
+        default="",
+        description="Comma-separated host folders every local sandbox may write (bound read-write); none by "
+        "default: everything but its own work folder and /tmp is read-only.",
+    )
     sandbox_insecure: bool = Field(
         default=False,
         description="Let a worker whose local sandbox lacks a piece of isolation run nodes of more than one "

@@ -185,6 +185,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         NOVA_RETRY_BACKOFF_MAX=str(settings.retry_backoff_max),
         NOVA_SHUTDOWN_GRACE=str(settings.shutdown_grace),
         NOVA_SANDBOX_POOL_SIZE=str(settings.sandbox_pool_size),
+        NOVA_SANDBOX_WRITABLE=settings.sandbox_writable,
         NOVA_LOG_LEVEL="INFO",
     )
     env.update(extra)

@@ -49,6 +49,11 @@ def effects() -> Iterator[Path]:
     folder.rmdir()
 
 
+def shared(log: Path) -> dict[str, str]:
+    """Worker settings that let node code write the log (sandboxes see the host read-only otherwise)."""
+    return {"sandbox_writable": str(log.parent)}
+
+
 def logged(log: Path, what: str) -> str:
     """Node code that appends `what` and the execution id to `log`."""
     return f"open({str(log)!r}, 'a').write({what!r} + ':' + str(context['_nova']['execution_id']) + '\\n')"
@@ -62,8 +67,8 @@ async def test_long_nodes_on_two_healthy_workers_each_start_once(
     code = f"{logged(effects, 'start')}\nimport time\ntime.sleep(2.0)"
     wf = await create_workflow(redis, settings, pool, linear(code))
     async with (
-        in_process_worker(settings, visibility_timeout=0.5, concurrency=3, sandbox_pool_size=3),
-        in_process_worker(settings, visibility_timeout=0.5, concurrency=3, sandbox_pool_size=3),
+        in_process_worker(settings, visibility_timeout=0.5, concurrency=3, sandbox_pool_size=3, **shared(effects)),
+        in_process_worker(settings, visibility_timeout=0.5, concurrency=3, sandbox_pool_size=3, **shared(effects)),
     ):
         tasks = [await enqueue(redis, settings, wf) for _ in range(4)]
         done = await wait_terminal(redis, settings, [t.task_id for t in tasks], timeout=60)
@@ -189,7 +194,7 @@ async def test_worker_cut_off_from_redis_stops_its_runs_before_they_can_be_taken
     code = f"{logged(effects, 'start')}\nimport time\ntime.sleep(3)\n{logged(effects, 'end')}"
     wf = await create_workflow(client, settings, pool, linear(code))
     await _await_uptime(client, 1)
-    async with in_process_worker(settings):
+    async with in_process_worker(settings, **shared(effects)):
         task = await enqueue(client, settings, wf)
         await wait_for_events(
             client, settings, lambda e: e.type == EventType.NODE_STARTED and e.data["node_id"] == "a1"

@@ -276,7 +276,8 @@ async def test_checkpoint_resume_skips_finished_nodes(redis: Redis, settings: Se
     # As if a worker finished node a1 (step 2) and then died: its checkpoint is in the task hash.
     checkpoint = {"step": 2, "next_node": "a2", "context": {"resumed": True}, "visits": {"start": 1, "a1": 1}}
     await redis.hset(keys.task(task.task_id), TaskField.CHECKPOINT, dumps(checkpoint))
-    async with in_process_worker(settings):
+    # Sandboxes see the host read-only but for folders an operator shares.
+    async with in_process_worker(settings, sandbox_writable=str(shared_dir)):
         done = await wait_terminal(redis, settings, [task.task_id])
     assert done[task.task_id].type == EventType.SUCCEEDED, done[task.task_id].data
     assert done[task.task_id].data["final_context"] == {"resumed": True}

@@ -66,7 +66,8 @@ async def test_kill9_mid_run_resumes_elsewhere_without_repeating_finished_nodes(
         f"    open({str(marker)!r}, 'w').close()\n    time.sleep(60)\ncontext['done'] = True"
     )
     wf = await create_workflow(redis, settings, pool, linear(send_email, slow_first_time))
-    fast = settings.model_copy(update={"visibility_timeout": 1.0})
+    # Sandboxes see the host read-only but for folders an operator shares.
+    fast = settings.model_copy(update={"visibility_timeout": 1.0, "sandbox_writable": str(shared)})
     victim = start_worker_process(fast, tmp_path / "victim.log")
     task = await enqueue(redis, settings, wf)
     await wait_for_events(

@@ -51,7 +51,15 @@ def find_bwrap() -> str | None:
         return shutil.which("bwrap")
 
 
-def bwrap_args(bwrap: str, *, workdir: str, shared_dirs: list[str], network: str, uid: int | None) -> list[str]:
+def bwrap_args(
+    bwrap: str,
+    *,
+    workdir: str,
+    shared_dirs: list[str],
+    network: str,
+    uid: int | None,
+    writable: list[str] = (),  # type: ignore[assignment]
+) -> list[str]:
     """The bwrap command line (without the program) for one sandbox."""
     args = [
         bwrap,
@@ -65,6 +73,9 @@ def bwrap_args(bwrap: str, *, workdir: str, shared_dirs: list[str], network: str
     for path in shared_dirs:
         # Read-only parents of the work folder (mode 0711: nothing in them can be listed).
         args += ["--ro-bind", path, path]
+    for path in writable:
+        # Folders an operator chose to share with node code (NOVA_SANDBOX_WRITABLE), read-write.
+        args += ["--bind", path, path]
     args += ["--bind", workdir, workdir, "--chdir", workdir]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
     if network == "none":

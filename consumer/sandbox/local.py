@@ -361,6 +361,7 @@ class LocalSandboxProvider:
         self._root = os.geteuid() == 0
         self.python, self.separate_uids = _interpreter(settings.sandbox_python, self._root)
         self.network = settings.sandbox_network
+        self.writable = [p.strip() for p in settings.sandbox_writable.split(",") if p.strip()]
         self.cpus = settings.sandbox_cpus
         self.insecure = settings.sandbox_insecure
         self.bwrap = find_bwrap()
@@ -448,7 +449,12 @@ class LocalSandboxProvider:
         if self.bwrap is not None:
             command = [
                 *bwrap_args(
-                    self.bwrap, workdir=str(workdir), shared_dirs=[str(_WORK_BASE)], network=self.network, uid=uid
+                    self.bwrap,
+                    workdir=str(workdir),
+                    shared_dirs=[str(_WORK_BASE)],
+                    network=self.network,
+                    uid=uid,
+                    writable=self.writable,
                 ),
                 *command,
             ]
