@@ -125,6 +125,17 @@ class Settings(BaseSettings):
 
     default_executor: str = Field(default="local", description="Sandbox for nodes without `executor`.")
     e2b_template: str = Field(default="base", description="E2B template the e2b sandbox starts from.")
+    e2b_sandbox_memory_mb: int = Field(
+        default=512,
+        ge=128,
+        description="RAM of the E2B template's sandboxes; the node runner caps memory at 3/4 of it.",
+    )
+    e2b_lifetime_margin: float = Field(
+        default=60.0, ge=0, description="Seconds an E2B sandbox outlives its execution's deadline."
+    )
+    e2b_max_lifetime: float = Field(
+        default=3600.0, gt=0, description="Longest E2B sandbox lifetime the plan allows (Hobby 3600, Pro 86400)."
+    )
     e2b_fallback: Literal["local"] | None = Field(
         default=None,
         description="Where nodes with executor 'e2b' (or NOVA's cached/ai with code) run when E2B_API_KEY is "

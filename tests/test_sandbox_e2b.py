@@ -59,8 +59,7 @@ async def test_runs_nodes_and_kills_the_sandbox_on_close(provider: E2BSandboxPro
     assert any("runner.py --once" in c for c in standin.state.commands)
 
 
-@pytest.mark.parametrize(("status", "fragment"), [(500, "could not create"), (429, "could not create"),
-                                                  (401, "permanent")])  # fmt: skip
+@pytest.mark.parametrize(("status", "fragment"), [(500, "could not create"), (503, "could not create")])
 async def test_create_errors_are_infrastructure_errors(
     provider: E2BSandboxProvider, standin: StandInServer, status: int, fragment: str
 ) -> None:
@@ -141,3 +140,73 @@ async def test_live_e2b() -> None:
         assert (await sb.run_action("a", "context['x'] = 1", {}, 60)).context == {"x": 1}
     finally:
         await live.aclose()
+
+
+# Each case of the E2B review: classified through the real SDK against a stand-in as strict as E2B.
+
+
+async def test_unreachable_e2b_is_infrastructure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.embedded import free_port
+
+    monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: refused
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key"))
+    with pytest.raises(SandboxInfraError, match="could not create"):
+        await p.open(spec())
+
+
+async def test_bad_key_fails_fast_naming_the_key(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="wrong"))
+    with pytest.raises(NodeError) as info:
+        await p.open(spec())
+    assert info.value.reason == "executor_unavailable" and "E2B_API_KEY" in info.value.message
+    assert p.permanent_error is not None and standin.state.created == []
+
+
+async def test_unknown_template_fails_fast_naming_it(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="no-such"))
+    with pytest.raises(NodeError) as info:
+        await p.open(spec())
+    assert info.value.reason == "executor_unavailable" and "'no-such'" in info.value.message
+
+
+async def test_dropped_stream_reattaches_and_runs_the_node_once(
+    provider: E2BSandboxProvider, standin: StandInServer
+) -> None:
+    sb = await provider.open(spec())
+    standin.state.fail["drop"] = True
+    standin.state.fail_times["drop"] = 1
+    code = "import time\nopen('runs', 'a').write('x')\ntime.sleep(0.3)\ncontext['n'] = 1"
+    result = await sb.run_action("a", code, {}, 10)
+    assert result.context == {"n": 1}
+    [box] = standin.state.sandboxes.values()
+    assert (box.root / "runs").read_text() == "x"  # not run a second time
+    assert sum("runner.py --once" in c for c in standin.state.commands) == 1
+    await sb.close()
+
+
+@pytest.mark.parametrize(("code", "reason"), [("import os\nos._exit(137)", "limit:memory"),
+                                              ("import os\nos._exit(3)", "crashed"),
+                                              ("import os\nos._exit(0)", "crashed")])  # fmt: skip
+async def test_a_crashed_node_is_a_node_failure(provider: E2BSandboxProvider, code: str, reason: str) -> None:
+    sb = await provider.open(spec())
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("a", code, {}, 10)
+    assert info.value.reason == reason
+    await sb.close()
+
+
+async def test_the_runner_memory_cap_sits_below_the_template_ram(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_sandbox_memory_mb=512))
+    sb = await p.open(spec())
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("a", "x = bytearray(450 << 20)", {}, 10)
+    assert info.value.reason == "limit:memory"
+    await p.aclose()
+
+
+async def test_a_vanished_sandbox_is_infrastructure(provider: E2BSandboxProvider, standin: StandInServer) -> None:
+    sb = await provider.open(spec())
+    standin.state.remove(standin.state.created[0])
+    with pytest.raises(SandboxInfraError):
+        await sb.run_action("a", "pass", {}, 5)
+    await sb.close()
