@@ -65,6 +65,7 @@ class Box:
     end_at: float
     started_at: datetime
     procs: dict[int, Proc] = field(default_factory=dict)
+    gone: bool = False
 
 
 @dataclass
@@ -111,6 +112,7 @@ class StandIn:
     def remove(self, sandbox_id: str) -> Box | None:
         box = self.sandboxes.pop(sandbox_id, None)
         if box is not None:
+            box.gone = True
             for proc in box.procs.values():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -167,6 +169,10 @@ class ProcessService(process_connect.Process):
         code = await proc.process.wait()
         proc.ended = True
         box.procs.pop(proc.pid, None)
+        if box.gone:
+            # Killed or expired with its sandbox: the stream breaks, there is no end event.
+            send(ConnectError(Code.UNAVAILABLE, "sandbox not found"))
+            return
         send(_event("end", process_pb.ProcessEvent.EndEvent(exit_code=code, exited=True, status=f"exit status {code}")))
         send(None)
 
@@ -361,6 +367,13 @@ def _app(state: StandIn) -> Starlette:
     )
 
 
+async def _expirer(state: StandIn) -> None:
+    # E2B ends a sandbox at its lifetime whether or not anyone calls it.
+    while True:
+        state.expire()
+        await asyncio.sleep(0.05)
+
+
 class StandInServer:
     """Runs the stand-in on a free port in its own thread and event loop."""
 
@@ -370,7 +383,14 @@ class StandInServer:
         self.server = uvicorn.Server(
             uvicorn.Config(_app(self.state), host="127.0.0.1", port=self.port, log_level="warning")
         )
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    async def _serve(self) -> None:
+        expirer = asyncio.create_task(_expirer(self.state))
+        try:
+            await self.server.serve()
+        finally:
+            expirer.cancel()
 
     @property
     def url(self) -> str:

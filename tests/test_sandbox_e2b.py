@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -210,3 +211,55 @@ async def test_a_vanished_sandbox_is_infrastructure(provider: E2BSandboxProvider
     with pytest.raises(SandboxInfraError):
         await sb.run_action("a", "pass", {}, 5)
     await sb.close()
+
+
+async def test_lifetime_follows_the_executions_deadline_clamped(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_max_lifetime=1800, e2b_lifetime_margin=30))
+    for timeout in (900.0, 7200.0, None):
+        await p.open(SandboxSpec(execution_id=1, client="acme", executor="e2b", timeout=timeout))
+    assert [b["timeout"] for b in standin.state.create_bodies] == [930, 1800, 630]
+    await p.aclose()
+
+
+async def test_a_sandbox_expires_at_its_lifetime_and_the_node_is_infrastructure(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_lifetime_margin=0))
+    sb = await p.open(SandboxSpec(execution_id=1, client="acme", executor="e2b", timeout=1))
+    with pytest.raises(SandboxInfraError):
+        await sb.run_action("a", "import time\ntime.sleep(5)", {}, 3)
+    assert standin.state.expired == standin.state.created
+    await p.aclose()
+
+
+async def test_sandboxes_are_tagged_and_created_with_an_idempotency_key(
+    provider: E2BSandboxProvider, standin: StandInServer
+) -> None:
+    await provider.open(spec())
+    [body] = standin.state.create_bodies
+    assert body["metadata"]["nova_execution_id"] == "7" and body["metadata"]["nova_worker"] == provider.worker
+    assert body["metadata"]["nova_installation"] == "nova"
+    assert len(standin.state.idempotency_keys) == 1
+
+
+async def test_cancelled_during_create_the_sandbox_is_still_killed(
+    provider: E2BSandboxProvider, standin: StandInServer
+) -> None:
+    task = asyncio.create_task(provider.open(spec()))
+    for _ in range(1000):  # until E2B has the create in hand, then cancel mid-flight
+        if standin.state.create_bodies or task.done():
+            break
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await provider.aclose()
+    assert standin.alive() == [] and standin.state.created != []
+
+
+async def test_an_interrupted_kill_is_retried_at_shutdown(provider: E2BSandboxProvider, standin: StandInServer) -> None:
+    sb = await provider.open(spec())
+    standin.state.fail["kill"] = 500
+    standin.state.fail_times["kill"] = 3
+    await sb.close()
+    assert standin.alive() != []
+    await provider.aclose()
+    assert standin.alive() == []

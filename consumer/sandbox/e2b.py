@@ -184,6 +184,7 @@ class E2BSandboxProvider:
         # Set when E2B refused the key or the template: what health and metrics report.
         self.permanent_error: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._creating: set[asyncio.Future[AsyncSandbox]] = set()
 
     def lifetime(self, spec: SandboxSpec) -> int:
         """Seconds the sandbox may live: the execution's own deadline and a margin, within the plan's maximum."""
@@ -218,6 +219,8 @@ class E2BSandboxProvider:
                 idempotency_key=f"nova-{spec.execution_id}-{uuid.uuid4().hex}",
             )
         )
+        self._creating.add(create)
+        create.add_done_callback(self._creating.discard)
         try:
             return await asyncio.shield(create)
         except asyncio.CancelledError:
@@ -276,6 +279,10 @@ class E2BSandboxProvider:
 
     async def aclose(self) -> None:
         # Worker shutdown: nothing may outlive it on E2B's bill.
+        if self._creating:
+            # Creates cancelled mid-way: their sandboxes are killed as their ids arrive.
+            await asyncio.gather(*self._creating, return_exceptions=True)
+            await asyncio.sleep(0)
         for sandbox in list(self.open_sandboxes):
             await self.kill(sandbox)
         if self._background:
