@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
 
 from consumer.engine import Checkpoint, NodeRecord, run_workflow
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
 from consumer.sandbox.e2b import E2BSandboxProvider
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.settings import Settings
+from shared.streams import EventType
 from shared.workflow import Node, validate_definition
 from tests.e2b_standin import StandInServer
+from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal, worker_env
 
 
 @pytest.fixture
@@ -262,4 +271,97 @@ async def test_an_interrupted_kill_is_retried_at_shutdown(provider: E2BSandboxPr
     await sb.close()
     assert standin.alive() != []
     await provider.aclose()
+    assert standin.alive() == []
+
+
+# Plan limits (case 2) and the reaper (case 5): the provider shares its limits through Redis.
+
+
+def _e2b_settings(settings: Settings, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "e2b_api_key": SecretStr("e2b_standin_key"),
+        "e2b_template": "nova-nodes",
+        "e2b_rate_limit_wait": 0.05,
+    }
+    values.update(overrides)
+    return settings.model_copy(update=values)
+
+
+async def test_a_429_waits_without_spending_a_retry(standin: StandInServer, settings: Settings) -> None:
+    # Limits set above the plan's (or a second installation on the key): E2B answers 429.
+    standin.state.max_sandboxes = 1
+    p = E2BSandboxProvider(_e2b_settings(settings, e2b_max_sandboxes=5, e2b_creates_per_second=0))
+    await p.start()
+    first = await p.open(spec())
+    second = asyncio.create_task(p.open(spec()))
+    for _ in range(500):  # until E2B has refused the second at least once
+        if standin.state.rate_limited:
+            break
+        await asyncio.sleep(0.01)
+    assert not second.done()
+    await first.close()
+    sb = await second
+    assert (await sb.run_action("a", "context['x'] = 1", {}, 10)).context == {"x": 1}
+    await p.aclose()
+    assert standin.alive() == []
+
+
+async def test_the_reaper_kills_the_sandboxes_of_a_worker_killed_with_sigkill(
+    standin: StandInServer, settings: Settings, tmp_path: Path
+) -> None:
+    s = _e2b_settings(settings, visibility_timeout=0.5)
+    script = tmp_path / "holder.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from consumer.sandbox.base import SandboxSpec\n"
+        "from consumer.sandbox.e2b import E2BSandboxProvider\n"
+        "from shared.settings import Settings\n"
+        "async def main():\n"
+        "    p = E2BSandboxProvider(Settings())\n"
+        "    await p.start()\n"
+        "    await p.open(SandboxSpec(execution_id=9, client='acme', executor='e2b'))\n"
+        "    print('open', flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**worker_env(s), **standin.sdk_environment(), "NOVA_VISIBILITY_TIMEOUT": "0.5",
+           "NOVA_E2B_TEMPLATE": "nova-nodes", "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and await asyncio.wait_for(proc.stdout.readline(), 30) == b"open\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no shutdown of any kind: the sandbox is left behind
+        await proc.wait()
+    [orphan] = standin.alive()
+    survivor = E2BSandboxProvider(s)
+    await survivor.start()
+    mine = await survivor.open(spec())
+    # Its slot expires one visibility timeout after its last refresh, as its runs would be reclaimed.
+    for _ in range(100):
+        if orphan in await survivor.reap():
+            break
+        await asyncio.sleep(0.05)
+    assert standin.alive() == [mine.sandbox.sandbox_id]
+    await survivor.aclose()
+    assert standin.alive() == []
+
+
+async def test_thirty_in_flight_against_twenty_sandboxes_all_succeed(
+    standin: StandInServer, settings: Settings, redis: Redis, pool: Any
+) -> None:
+    # Scaled: the plan's 20 sandboxes, 3 workers x concurrency 10, creates 50/s instead of 1/s.
+    standin.state.max_sandboxes = 20
+    standin.state.creates_per_second = 50
+    s = _e2b_settings(settings, concurrency=10, e2b_max_sandboxes=20, e2b_creates_per_second=40)
+    workflow = await create_workflow(redis, s, pool, linear("import time\ntime.sleep(0.2)\ncontext['n'] = 1"))
+    enqueued = [await enqueue(redis, s, workflow) for _ in range(40)]
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(
+                in_process_worker(s, providers={"e2b": E2BSandboxProvider(s)}, default_executor="e2b")
+            )
+        events = await wait_terminal(redis, s, [e.task_id for e in enqueued], timeout=60)
+    assert {e.type for e in events.values()} == {EventType.SUCCEEDED}
+    assert await redis.xlen(s.dead_letter_stream) == 0
+    assert standin.state.peak <= 20 and len(standin.state.created) == 40
     assert standin.alive() == []

@@ -27,7 +27,9 @@ the execution at once):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import shlex
 import time
 import uuid
@@ -37,7 +39,7 @@ from typing import Any
 import httpx
 import orjson
 from connectrpc.errors import ConnectError
-from e2b import AsyncSandbox
+from e2b import AsyncSandbox, SandboxQuery
 from e2b.exceptions import (
     AuthenticationException,
     NotFoundException,
@@ -50,7 +52,11 @@ from e2b.sandbox.commands.command_handle import CommandExitException
 
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
 from consumer.sandbox.runner_client import RunnerSandbox
+from shared.connections import create_redis
+from shared.scripts import Scripts
+from shared.semaphore import Semaphore, SemaphoreTimeout
 from shared.settings import Settings
+from shared.streams import Keys
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +77,9 @@ def _status(exc: BaseException) -> int | None:
 
 
 class E2BSandbox(RunnerSandbox):
-    def __init__(self, sandbox: AsyncSandbox, limits: str, provider: E2BSandboxProvider) -> None:
+    def __init__(self, sandbox: AsyncSandbox, limits: str, provider: E2BSandboxProvider, holder: str) -> None:
         self.sandbox = sandbox
+        self.holder = holder
         self.limits = limits
         self.closed = False
         self._provider = provider
@@ -185,35 +192,76 @@ class E2BSandboxProvider:
         self.permanent_error: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._creating: set[asyncio.Future[AsyncSandbox]] = set()
+        # The plan's limits, shared by every worker through Redis (none without Redis: a lone worker).
+        self.semaphore: Semaphore | None = None
+        self._redis: Any = None
 
     def lifetime(self, spec: SandboxSpec) -> int:
         """Seconds the sandbox may live: the execution's own deadline and a margin, within the plan's maximum."""
         deadline = spec.timeout if spec.timeout is not None else self.settings.execution_timeout
         return int(min(deadline + self.settings.e2b_lifetime_margin, self.settings.e2b_max_lifetime))
 
-    def metadata(self, spec: SandboxSpec) -> dict[str, str]:
+    def metadata(self, spec: SandboxSpec, holder: str) -> dict[str, str]:
         return {
             "nova_installation": self.settings.key_prefix,
+            # The semaphore slot it lives under: the reaper kills a sandbox whose slot has expired.
+            "nova_holder": holder,
             "nova_worker": self.worker,
             "nova_execution_id": str(spec.execution_id),
             "nova_client": spec.client,
         }
 
     async def start(self) -> None:
-        return None
+        if self.settings.redis_url and self.semaphore is None:
+            self._redis = create_redis(self.settings)
+            self.semaphore = Semaphore(
+                Scripts(self._redis, Keys.from_settings(self.settings)),
+                "e2b-sandboxes",
+                limit=self.settings.e2b_max_sandboxes,
+                # A holder outlives its last refresh by the reclaim horizon: a crashed worker's slots
+                # come back when its runs are reclaimed.
+                ttl=self.settings.visibility_timeout,
+                rate=self.settings.e2b_creates_per_second,
+            )
+        if self.api_key:
+            try:
+                await self.reap()
+            except Exception as exc:
+                log.warning("could not list E2B sandboxes to reap: %r", exc)
+
+    async def reap(self) -> list[str]:
+        """Kill this installation's sandboxes whose slot has expired (their worker died); their ids."""
+        if self.semaphore is None:
+            return []
+        query = SandboxQuery(metadata={"nova_installation": self.settings.key_prefix})
+        pages = AsyncSandbox.list(query=query, api_key=self.api_key)
+        found = []
+        while pages.has_next:
+            found.extend(await pages.next_items())
+        live = await self.semaphore.live_holders()
+        ours = {s.sandbox.sandbox_id for s in self.open_sandboxes}
+        reaped = []
+        for info in found:
+            if info.sandbox_id in ours or (info.metadata or {}).get("nova_holder") in live:
+                continue
+            log.warning("reaping E2B sandbox %s left by %s", info.sandbox_id, (info.metadata or {}).get("nova_worker"))
+            with contextlib.suppress(Exception):
+                await AsyncSandbox.kill(info.sandbox_id, api_key=self.api_key)
+                reaped.append(info.sandbox_id)
+        return reaped
 
     def _permanent(self, message: str) -> NodeError:
         self.permanent_error = message
         log.error("%s", message)
         return NodeError(type="E2BConfigurationError", message=message, reason="executor_unavailable")
 
-    async def _create(self, spec: SandboxSpec) -> AsyncSandbox:
+    async def _create(self, spec: SandboxSpec, holder: str) -> AsyncSandbox:
         create = asyncio.ensure_future(
             AsyncSandbox.create(
                 template=self.template,
                 timeout=self.lifetime(spec),
                 envs=spec.secrets or None,
-                metadata=self.metadata(spec),
+                metadata=self.metadata(spec, holder),
                 api_key=self.api_key,
                 # The SDK re-sends a create on 502/504: the key makes a second sandbox impossible.
                 idempotency_key=f"nova-{spec.execution_id}-{uuid.uuid4().hex}",
@@ -236,26 +284,58 @@ class E2BSandboxProvider:
         task.add_done_callback(self._background.discard)
 
     async def open(self, spec: SandboxSpec) -> E2BSandbox:
+        deadline = time.monotonic() + (spec.timeout if spec.timeout is not None else self.settings.execution_timeout)
+        holder = f"{self.worker}.{spec.execution_id}.{uuid.uuid4().hex[:8]}"
+        if self.semaphore is not None:
+            try:
+                # Paced here, not by E2B's 429s: waiting for a slot spends no retry.
+                await self.semaphore.acquire(holder, deadline)
+            except SemaphoreTimeout as exc:
+                raise SandboxInfraError(f"no E2B sandbox free: {exc}") from None
         try:
-            sandbox = await self._create(spec)
-        except AuthenticationException:
-            raise self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard") from None
-        except NotFoundException as exc:
-            raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
-        except RateLimitException as exc:
-            raise SandboxInfraError(f"E2B rate limit: {exc}") from None
-        except _TRANSIENT as exc:
-            if _status(exc) == 404:
-                raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
-            raise SandboxInfraError(f"E2B could not create a sandbox: {exc!r}") from None
+            sandbox = await self._create_paced(spec, holder, deadline)
+        except BaseException:
+            await self._release(holder)
+            raise
         self.permanent_error = None
-        wrapped = E2BSandbox(sandbox, self.limits, self)
+        wrapped = E2BSandbox(sandbox, self.limits, self, holder)
         try:
             await sandbox.files.write(f"{REMOTE_DIR}/runner.py", RUNNER.read_bytes(), use_octet_stream=True)
         except _TRANSIENT as exc:
             await wrapped.close()
             raise SandboxInfraError(f"E2B upload of the node runner failed: {exc!r}") from None
         return wrapped
+
+    async def _create_paced(self, spec: SandboxSpec, holder: str, deadline: float) -> AsyncSandbox:
+        while True:
+            try:
+                return await self._create(spec, holder)
+            except AuthenticationException:
+                raise self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard") from None
+            except NotFoundException as exc:
+                raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
+            except RateLimitException as exc:
+                # Over the plan (another installation on the same key, or limits set above the plan's):
+                # wait, spending no retry, as long as the execution may still run.
+                pause = self.settings.e2b_rate_limit_wait * random.uniform(1.0, 1.5)
+                if time.monotonic() + pause > deadline:
+                    raise SandboxInfraError(f"E2B rate limit until the execution's deadline: {exc}") from None
+                log.info("E2B answered 429 (%s); creating again in %.1fs", exc, pause)
+                await asyncio.sleep(pause)
+            except _TRANSIENT as exc:
+                if _status(exc) == 404:
+                    raise self._permanent(
+                        f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}"
+                    ) from None
+                raise SandboxInfraError(f"E2B could not create a sandbox: {exc!r}") from None
+
+    async def _release(self, holder: str) -> None:
+        if self.semaphore is not None:
+            try:
+                await self.semaphore.release(holder)
+            except Exception as exc:
+                # The slot expires with its holder's refreshes anyway.
+                log.warning("could not release E2B slot %s: %r", holder, exc)
 
     async def _kill_sandbox(self, sandbox: AsyncSandbox) -> bool:
         """Kill, retried: True once E2B has no such sandbox any more."""
@@ -276,6 +356,7 @@ class E2BSandboxProvider:
         # Dropped from the registry only once killed: an interrupted kill is retried at shutdown.
         if await self._kill_sandbox(wrapped.sandbox):
             self.open_sandboxes.discard(wrapped)
+            await self._release(wrapped.holder)
 
     async def aclose(self) -> None:
         # Worker shutdown: nothing may outlive it on E2B's bill.
@@ -287,3 +368,8 @@ class E2BSandboxProvider:
             await self.kill(sandbox)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.semaphore is not None:
+            with contextlib.suppress(Exception):
+                await self.semaphore.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
