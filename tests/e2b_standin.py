@@ -81,6 +81,8 @@ class StandIn:
     create_bodies: list[dict[str, Any]] = field(default_factory=list)
     idempotency_keys: list[str] = field(default_factory=list)
     templates: set[str] = field(default_factory=lambda: {"base", "nova-nodes"})
+    # template -> a directory put first on its sandboxes' PATH (a template image with other programs)
+    template_bin: dict[str, Path] = field(default_factory=dict)
     # Plan limits (E2B Hobby: 20 concurrent, 1 create/s); None = unlimited.
     max_sandboxes: int | None = None
     creates_per_second: float | None = None
@@ -271,6 +273,10 @@ def _app(state: StandIn) -> Starlette:
             started_at=datetime.now(UTC),
         )
         state.envs[sandbox_id] = dict(body.get("envVars") or {})
+        if template in state.template_bin:
+            # Commands run in a login shell, as under envd: the profile is where an image sets PATH.
+            profile = state.sandboxes[sandbox_id].root / ".bash_profile"
+            profile.write_text(f'export PATH="{state.template_bin[template]}:$PATH"\n')
         state.peak = max(state.peak, len(state.sandboxes))
         state.created.append(sandbox_id)
         return JSONResponse(

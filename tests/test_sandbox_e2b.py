@@ -365,3 +365,17 @@ async def test_thirty_in_flight_against_twenty_sandboxes_all_succeed(
     assert await redis.xlen(s.dead_letter_stream) == 0
     assert standin.state.peak <= 20 and len(standin.state.created) == 40
     assert standin.alive() == []
+
+
+async def test_a_template_with_python_older_than_3_10_fails_fast(standin: StandInServer, tmp_path: Path) -> None:
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho old 3.8.10\n")
+    fake.chmod(0o755)
+    standin.state.templates.add("old-python")
+    standin.state.template_bin["old-python"] = fake.parent
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="old-python"))
+    with pytest.raises(NodeError) as info:
+        await p.open(spec())
+    assert info.value.reason == "executor_unavailable" and "3.8.10" in info.value.message
+    assert standin.alive() == []

@@ -68,6 +68,10 @@ _TRANSIENT = (ServiceBusyException, SandboxException, httpx.HTTPError, ConnectEr
 # How often an interrupted stream may be reattached before the node is given up as infrastructure.
 _REATTACHES = 5
 _KILL_ATTEMPTS = 3
+# runner.py needs Python >= 3.10 (match, `X | Y` types): checked once per sandbox, before any node.
+_PYTHON_CHECK = (
+    'python3 -c \'import sys; print("ok" if sys.version_info >= (3, 10) else "old", sys.version.split()[0])\''
+)
 # Exit status of a process killed by SIGKILL (the kernel's OOM killer, or RLIMIT_AS in the runner).
 _KILLED = (137, -9)
 
@@ -301,9 +305,19 @@ class E2BSandboxProvider:
         wrapped = E2BSandbox(sandbox, self.limits, self, holder)
         try:
             await sandbox.files.write(f"{REMOTE_DIR}/runner.py", RUNNER.read_bytes(), use_octet_stream=True)
+            version = await sandbox.commands.run(_PYTHON_CHECK, timeout=30)
         except _TRANSIENT as exc:
             await wrapped.close()
-            raise SandboxInfraError(f"E2B upload of the node runner failed: {exc!r}") from None
+            raise SandboxInfraError(f"E2B upload (or check) of the node runner failed: {exc!r}") from None
+        except BaseException:
+            await wrapped.close()
+            raise
+        if not version.stdout.startswith("ok"):
+            await wrapped.close()
+            raise self._permanent(
+                f"the E2B template '{self.template}' has Python {version.stdout.split()[-1:] or '?'}; "
+                "the node runner needs python3 >= 3.10 in it"
+            )
         return wrapped
 
     async def _create_paced(self, spec: SandboxSpec, holder: str, deadline: float) -> AsyncSandbox:
@@ -324,9 +338,7 @@ class E2BSandboxProvider:
                 await asyncio.sleep(pause)
             except _TRANSIENT as exc:
                 if _status(exc) == 404:
-                    raise self._permanent(
-                        f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}"
-                    ) from None
+                    raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
                 raise SandboxInfraError(f"E2B could not create a sandbox: {exc!r}") from None
 
     async def _release(self, holder: str) -> None:
