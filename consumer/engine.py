@@ -24,6 +24,7 @@ The rules, NOVA's unless said otherwise:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -138,6 +139,7 @@ class _Sandboxes:
                 client=self._spec.client,
                 executor=executor,
                 secrets=self._spec.secrets,
+                timeout=self._spec.timeout,
             )
             sandbox = await self._open(spec)
             self._open_ones[executor] = sandbox
@@ -175,7 +177,7 @@ async def run_workflow(
     run = _Run(
         definition,
         hooks,
-        _Sandboxes(open_sandbox, spec),
+        _Sandboxes(open_sandbox, dataclasses.replace(spec, timeout=definition.timeout or execution_timeout)),
         # A fresh run is a resume from before the start node.
         resume or Checkpoint(step=0, next_node=definition.start.id, context=context),
         default_executor=default_executor,

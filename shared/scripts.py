@@ -45,6 +45,12 @@ def counted(items: list[str]) -> list[Any]:
 EXECUTION_KEY_TTL = 7 * 24 * 3600
 
 
+def semaphore_keys(prefix: str, name: str) -> list[str]:
+    """A semaphore's holders and rate bucket: one hash tag, so that a cluster keeps them in one slot."""
+    holders = f"{prefix}:{{semaphore:{name}}}"
+    return [holders, f"{holders}:rate"]
+
+
 class EnqueueOutcome(IntEnum):
     REPEAT = 0  # an idempotency key already named a task: its ids are returned
     NEW = 1
@@ -317,3 +323,25 @@ class Scripts:
             "heartbeat", keys=[self.keys.requests], args=[self.keys.worker_group, consumer, *entry_ids]
         )
         return {_s(x) for x in reply}
+
+    async def semaphore(
+        self,
+        op: str,
+        name: str,
+        holders: list[str],
+        *,
+        ttl_ms: int,
+        limit: int = 0,
+        rate: float = 0,
+        burst: int = 1,
+    ) -> tuple[bool, int]:
+        """One step of the named semaphore (shared/semaphore.py): (done, ms to wait or refreshed count)."""
+        reply = await self._call(
+            "semaphore",
+            keys=semaphore_keys(self.keys.prefix, name),
+            args=[op, ttl_ms, limit, rate, burst, *holders],
+        )
+        return int(reply[0]) == 1, int(reply[1])
+
+    def semaphore_holders_key(self, name: str) -> str:
+        return semaphore_keys(self.keys.prefix, name)[0]

@@ -125,6 +125,28 @@ class Settings(BaseSettings):
 
     default_executor: str = Field(default="local", description="Sandbox for nodes without `executor`.")
     e2b_template: str = Field(default="base", description="E2B template the e2b sandbox starts from.")
+    e2b_sandbox_memory_mb: int = Field(
+        default=512,
+        ge=128,
+        description="RAM of the E2B template's sandboxes; the node runner caps memory at 3/4 of it.",
+    )
+    e2b_lifetime_margin: float = Field(
+        default=60.0, ge=0, description="Seconds an E2B sandbox outlives its execution's deadline."
+    )
+    e2b_max_lifetime: float = Field(
+        default=3600.0, gt=0, description="Longest E2B sandbox lifetime the plan allows (Hobby 3600, Pro 86400)."
+    )
+    e2b_max_sandboxes: int = Field(
+        default=20,
+        ge=1,
+        description="E2B sandboxes alive at once across all workers: the plan's limit (Hobby 20, Pro 100).",
+    )
+    e2b_creates_per_second: float = Field(
+        default=1.0, ge=0, description="E2B sandbox creates per second across all workers (Hobby 1, Pro 5; 0: none)."
+    )
+    e2b_rate_limit_wait: float = Field(
+        default=1.0, gt=0, description="Seconds to wait after E2B answers 429, before creating again (no retry spent)."
+    )
     e2b_fallback: Literal["local"] | None = Field(
         default=None,
         description="Where nodes with executor 'e2b' (or NOVA's cached/ai with code) run when E2B_API_KEY is "

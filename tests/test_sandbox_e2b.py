@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
 
 from consumer.engine import Checkpoint, NodeRecord, run_workflow
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
 from consumer.sandbox.e2b import E2BSandboxProvider
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.settings import Settings
+from shared.streams import EventType
 from shared.workflow import Node, validate_definition
 from tests.e2b_standin import StandInServer
+from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal, worker_env
 
 
 @pytest.fixture
@@ -59,8 +69,7 @@ async def test_runs_nodes_and_kills_the_sandbox_on_close(provider: E2BSandboxPro
     assert any("runner.py --once" in c for c in standin.state.commands)
 
 
-@pytest.mark.parametrize(("status", "fragment"), [(500, "could not create"), (429, "could not create"),
-                                                  (401, "permanent")])  # fmt: skip
+@pytest.mark.parametrize(("status", "fragment"), [(500, "could not create"), (503, "could not create")])
 async def test_create_errors_are_infrastructure_errors(
     provider: E2BSandboxProvider, standin: StandInServer, status: int, fragment: str
 ) -> None:
@@ -141,3 +150,232 @@ async def test_live_e2b() -> None:
         assert (await sb.run_action("a", "context['x'] = 1", {}, 60)).context == {"x": 1}
     finally:
         await live.aclose()
+
+
+# Each case of the E2B review: classified through the real SDK against a stand-in as strict as E2B.
+
+
+async def test_unreachable_e2b_is_infrastructure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.embedded import free_port
+
+    monkeypatch.setenv("E2B_API_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: refused
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key"))
+    with pytest.raises(SandboxInfraError, match="could not create"):
+        await p.open(spec())
+
+
+async def test_bad_key_fails_fast_naming_the_key(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="wrong"))
+    with pytest.raises(NodeError) as info:
+        await p.open(spec())
+    assert info.value.reason == "executor_unavailable" and "E2B_API_KEY" in info.value.message
+    assert p.permanent_error is not None and standin.state.created == []
+
+
+async def test_unknown_template_fails_fast_naming_it(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="no-such"))
+    with pytest.raises(NodeError) as info:
+        await p.open(spec())
+    assert info.value.reason == "executor_unavailable" and "'no-such'" in info.value.message
+
+
+async def test_dropped_stream_reattaches_and_runs_the_node_once(
+    provider: E2BSandboxProvider, standin: StandInServer
+) -> None:
+    sb = await provider.open(spec())
+    standin.state.fail["drop"] = True
+    standin.state.fail_times["drop"] = 1
+    code = "import time\nopen('runs', 'a').write('x')\ntime.sleep(0.3)\ncontext['n'] = 1"
+    result = await sb.run_action("a", code, {}, 10)
+    assert result.context == {"n": 1}
+    [box] = standin.state.sandboxes.values()
+    assert (box.root / "runs").read_text() == "x"  # not run a second time
+    assert sum("runner.py --once" in c for c in standin.state.commands) == 1
+    await sb.close()
+
+
+@pytest.mark.parametrize(("code", "reason"), [("import os\nos._exit(137)", "limit:memory"),
+                                              ("import os\nos._exit(3)", "crashed"),
+                                              ("import os\nos._exit(0)", "crashed")])  # fmt: skip
+async def test_a_crashed_node_is_a_node_failure(provider: E2BSandboxProvider, code: str, reason: str) -> None:
+    sb = await provider.open(spec())
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("a", code, {}, 10)
+    assert info.value.reason == reason
+    await sb.close()
+
+
+async def test_the_runner_memory_cap_sits_below_the_template_ram(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_sandbox_memory_mb=512))
+    sb = await p.open(spec())
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("a", "x = bytearray(450 << 20)", {}, 10)
+    assert info.value.reason == "limit:memory"
+    await p.aclose()
+
+
+async def test_a_vanished_sandbox_is_infrastructure(provider: E2BSandboxProvider, standin: StandInServer) -> None:
+    sb = await provider.open(spec())
+    standin.state.remove(standin.state.created[0])
+    with pytest.raises(SandboxInfraError):
+        await sb.run_action("a", "pass", {}, 5)
+    await sb.close()
+
+
+async def test_lifetime_follows_the_executions_deadline_clamped(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_max_lifetime=1800, e2b_lifetime_margin=30))
+    for timeout in (900.0, 7200.0, None):
+        await p.open(SandboxSpec(execution_id=1, client="acme", executor="e2b", timeout=timeout))
+    assert [b["timeout"] for b in standin.state.create_bodies] == [930, 1800, 630]
+    await p.aclose()
+
+
+async def test_a_sandbox_expires_at_its_lifetime_and_the_node_is_infrastructure(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_lifetime_margin=0))
+    sb = await p.open(SandboxSpec(execution_id=1, client="acme", executor="e2b", timeout=1))
+    with pytest.raises(SandboxInfraError):
+        await sb.run_action("a", "import time\ntime.sleep(5)", {}, 3)
+    assert standin.state.expired == standin.state.created
+    await p.aclose()
+
+
+async def test_sandboxes_are_tagged_and_created_with_an_idempotency_key(
+    provider: E2BSandboxProvider, standin: StandInServer
+) -> None:
+    await provider.open(spec())
+    [body] = standin.state.create_bodies
+    assert body["metadata"]["nova_execution_id"] == "7" and body["metadata"]["nova_worker"] == provider.worker
+    assert body["metadata"]["nova_installation"] == "nova"
+    assert len(standin.state.idempotency_keys) == 1
+
+
+async def test_cancelled_during_create_the_sandbox_is_still_killed(
+    provider: E2BSandboxProvider, standin: StandInServer
+) -> None:
+    task = asyncio.create_task(provider.open(spec()))
+    for _ in range(1000):  # until E2B has the create in hand, then cancel mid-flight
+        if standin.state.create_bodies or task.done():
+            break
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await provider.aclose()
+    assert standin.alive() == [] and standin.state.created != []
+
+
+async def test_an_interrupted_kill_is_retried_at_shutdown(provider: E2BSandboxProvider, standin: StandInServer) -> None:
+    sb = await provider.open(spec())
+    standin.state.fail["kill"] = 500
+    standin.state.fail_times["kill"] = 3
+    await sb.close()
+    assert standin.alive() != []
+    await provider.aclose()
+    assert standin.alive() == []
+
+
+# Plan limits (case 2) and the reaper (case 5): the provider shares its limits through Redis.
+
+
+def _e2b_settings(settings: Settings, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "e2b_api_key": SecretStr("e2b_standin_key"),
+        "e2b_template": "nova-nodes",
+        "e2b_rate_limit_wait": 0.05,
+    }
+    values.update(overrides)
+    return settings.model_copy(update=values)
+
+
+async def test_a_429_waits_without_spending_a_retry(standin: StandInServer, settings: Settings) -> None:
+    # Limits set above the plan's (or a second installation on the key): E2B answers 429.
+    standin.state.max_sandboxes = 1
+    p = E2BSandboxProvider(_e2b_settings(settings, e2b_max_sandboxes=5, e2b_creates_per_second=0))
+    await p.start()
+    first = await p.open(spec())
+    second = asyncio.create_task(p.open(spec()))
+    for _ in range(500):  # until E2B has refused more creates than the SDK's own re-sends (3) cover
+        if standin.state.rate_limited > 5:
+            break
+        await asyncio.sleep(0.01)
+    assert not second.done()
+    await first.close()
+    sb = await second
+    assert (await sb.run_action("a", "context['x'] = 1", {}, 10)).context == {"x": 1}
+    await p.aclose()
+    assert standin.alive() == []
+
+
+async def test_the_reaper_kills_the_sandboxes_of_a_worker_killed_with_sigkill(
+    standin: StandInServer, settings: Settings, tmp_path: Path
+) -> None:
+    s = _e2b_settings(settings, visibility_timeout=0.5)
+    script = tmp_path / "holder.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from consumer.sandbox.base import SandboxSpec\n"
+        "from consumer.sandbox.e2b import E2BSandboxProvider\n"
+        "from shared.settings import Settings\n"
+        "async def main():\n"
+        "    p = E2BSandboxProvider(Settings())\n"
+        "    await p.start()\n"
+        "    await p.open(SandboxSpec(execution_id=9, client='acme', executor='e2b'))\n"
+        "    print('open', flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**worker_env(s), **standin.sdk_environment(), "NOVA_VISIBILITY_TIMEOUT": "0.5",
+           "NOVA_E2B_TEMPLATE": "nova-nodes", "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and await asyncio.wait_for(proc.stdout.readline(), 30) == b"open\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no shutdown of any kind: the sandbox is left behind
+        await proc.wait()
+    [orphan] = standin.alive()
+    survivor = E2BSandboxProvider(s)
+    await survivor.start()
+    mine = await survivor.open(spec())
+    # Its slot expires one visibility timeout after its last refresh, as its runs would be reclaimed.
+    for _ in range(100):
+        if orphan in await survivor.reap():
+            break
+        await asyncio.sleep(0.05)
+    assert standin.alive() == [mine.sandbox.sandbox_id]
+    await survivor.aclose()
+    assert standin.alive() == []
+
+
+async def test_thirty_in_flight_against_twenty_sandboxes_all_succeed(
+    standin: StandInServer, settings: Settings, redis: Redis, pool: Any
+) -> None:
+    # Scaled: the plan's 20 sandboxes, 3 workers x concurrency 10, creates 50/s instead of 1/s.
+    standin.state.max_sandboxes = 20
+    standin.state.creates_per_second = 50
+    s = _e2b_settings(settings, concurrency=10, e2b_max_sandboxes=20, e2b_creates_per_second=40)
+    workflow = await create_workflow(redis, s, pool, linear("import time\ntime.sleep(0.1)\ncontext['n'] = 1"))
+    enqueued = [await enqueue(redis, s, workflow) for _ in range(40)]
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(
+                in_process_worker(s, providers={"e2b": E2BSandboxProvider(s)}, default_executor="e2b")
+            )
+        events = await wait_terminal(redis, s, [e.task_id for e in enqueued], timeout=60)
+    assert {e.type for e in events.values()} == {EventType.SUCCEEDED}
+    assert await redis.xlen(s.dead_letter_stream) == 0
+    assert standin.state.peak <= 20 and len(standin.state.created) == 40
+    assert standin.alive() == []
+
+
+async def test_a_template_with_python_older_than_3_10_fails_fast(standin: StandInServer, tmp_path: Path) -> None:
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho old 3.8.10\n")
+    fake.chmod(0o755)
+    standin.state.templates.add("old-python")
+    standin.state.template_bin["old-python"] = fake.parent
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="old-python"))
+    with pytest.raises(NodeError) as info:
+        await p.open(spec())
+    assert info.value.reason == "executor_unavailable" and "3.8.10" in info.value.message
+    assert standin.alive() == []

@@ -63,6 +63,9 @@ class SandboxSpec:
     executor: str = "local"
     # Per-client secrets, visible only inside this execution's sandbox as environment variables.
     secrets: dict[str, str] = field(default_factory=dict)
+    # Seconds the execution may run (the workflow's own timeout, else NOVA_EXECUTION_TIMEOUT); a cloud
+    # sandbox is given this lifetime. None: the provider's default.
+    timeout: float | None = None
 
 
 class Sandbox(Protocol):

@@ -3,144 +3,385 @@
 One E2B sandbox per execution, created from NOVA_E2B_TEMPLATE with the client's credentials as its
 environment, reused for the execution's nodes and killed when the execution ends (also on failure,
 timeout and worker shutdown). The node runner (the same runner.py as the local sandbox) is uploaded
-once; each node writes its request as a file and runs `python3 runner.py --once request.json`, which
-prints the response. A fresh interpreter per node means that, unlike the local sandbox, imports and
-globals do not persist between nodes here: the context does.
+once; each node writes its request as a file and runs `python3 runner.py --once request.json` with its
+response redirected to a file, so that a dropped stream can reattach to the still-running command and
+still read its reply instead of running the node a second time. A fresh interpreter per node means
+that, unlike the local sandbox, imports and globals do not persist between nodes here: the context does.
 
-Error classification (SandboxInfraError is retried by the worker, then dead-lettered):
+Error classification (SandboxInfraError is retried by the worker, then dead-lettered; NodeError fails
+the execution at once):
 
 | where | what | becomes |
 | --- | --- | --- |
-| create, upload, run | E2B API or daemon unreachable, 5xx, rate limit, timeouts talking to E2B | SandboxInfraError |
-| create | authentication refused, unknown template | SandboxInfraError marked permanent in its message |
+| create | refused key (401), unknown template (404) | NodeError `executor_unavailable` naming them; no retry |
+| create | 429 (plan's concurrent sandboxes or create rate) | SandboxInfraError (paced before: see below) |
+| create, upload, run | 503, E2B unreachable (connect refused, read timeout), other 5xx | SandboxInfraError |
+| run | stream dropped, or ended without an end event | reattach to the running command, take its result |
+| run | the sandbox vanished (expired, killed) | SandboxInfraError |
 | run | the command exceeded the node's time limit | NodeError reason "timeout" |
+| run | non-zero exit, or exit 0 and no reply (node ended its interpreter) | NodeError; 137 is "limit:memory" |
 | run | node code raised, broke a limit, left a bad context | NodeError, as in the local sandbox |
-| kill | any error | logged; closing never fails an execution |
+| kill | any error | retried a few times, then logged and left to the reaper; closing never fails an execution |
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import shlex
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
-from e2b import AsyncSandbox
+from connectrpc.errors import ConnectError
+from e2b import AsyncSandbox, SandboxQuery
 from e2b.exceptions import (
     AuthenticationException,
     NotFoundException,
+    RateLimitException,
     SandboxException,
+    ServiceBusyException,
     TimeoutException,
 )
+from e2b.sandbox.commands.command_handle import CommandExitException
 
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
 from consumer.sandbox.runner_client import RunnerSandbox
+from shared.connections import create_redis
+from shared.scripts import Scripts
+from shared.semaphore import Semaphore, SemaphoreTimeout
 from shared.settings import Settings
+from shared.streams import Keys
 
 log = logging.getLogger(__name__)
 
 RUNNER = Path(__file__).with_name("runner.py")
 # Relative: envd resolves file paths, and runs commands, from the sandbox user's home directory.
 REMOTE_DIR = ".nova"
-_PERMANENT = (AuthenticationException,)
+# Errors that say E2B (API or sandbox daemon) could not be reached or could not serve now: transient.
+_TRANSIENT = (ServiceBusyException, SandboxException, httpx.HTTPError, ConnectError, OSError)
+# How often an interrupted stream may be reattached before the node is given up as infrastructure.
+_REATTACHES = 5
+_KILL_ATTEMPTS = 3
+# runner.py needs Python >= 3.10 (match, `X | Y` types): checked once per sandbox, before any node.
+_PYTHON_CHECK = (
+    'python3 -c \'import sys; print("ok" if sys.version_info >= (3, 10) else "old", sys.version.split()[0])\''
+)
+# Exit status of a process killed by SIGKILL (the kernel's OOM killer, or RLIMIT_AS in the runner).
+_KILLED = (137, -9)
+
+
+def _status(exc: BaseException) -> int | None:
+    return getattr(exc, "status_code", None)
 
 
 class E2BSandbox(RunnerSandbox):
-    def __init__(self, sandbox: AsyncSandbox, limits: str, registry: set[E2BSandbox]) -> None:
+    def __init__(self, sandbox: AsyncSandbox, limits: str, provider: E2BSandboxProvider, holder: str) -> None:
         self.sandbox = sandbox
+        self.holder = holder
         self.limits = limits
         self.closed = False
-        self._registry = registry
-        registry.add(self)
+        self._provider = provider
+        provider.open_sandboxes.add(self)
 
     async def _call(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
         if self.closed:
             raise SandboxInfraError(f"the E2B sandbox of this execution is closed (node '{node_id}')")
-        path = f"{REMOTE_DIR}/request-{uuid.uuid4().hex}.json"
+        name = uuid.uuid4().hex
+        path, reply_path = f"{REMOTE_DIR}/request-{name}.json", f"{REMOTE_DIR}/reply-{name}.json"
         try:
             await self.sandbox.files.write(path, orjson.dumps(request), use_octet_stream=True)
-        except (SandboxException, OSError) as exc:
-            raise SandboxInfraError(f"E2B upload failed before node '{node_id}': {exc}") from None
-        command = f"python3 {REMOTE_DIR}/runner.py --once {shlex.quote(path)} {shlex.quote(self.limits)}"
+        except _TRANSIENT as exc:
+            raise SandboxInfraError(f"E2B upload failed before node '{node_id}': {exc!r}") from None
+        command = (
+            f"python3 {REMOTE_DIR}/runner.py --once {shlex.quote(path)} {shlex.quote(self.limits)}"
+            f" > {shlex.quote(reply_path)}"
+        )
+        started = time.monotonic()
         try:
             # Our own bound too: a daemon that ignores the deadline must not hold the worker's slot.
-            started = time.monotonic()
-            result = await asyncio.wait_for(self.sandbox.commands.run(command, timeout=timeout), timeout + 10)
-        except (TimeoutException, TimeoutError) as exc:
+            stderr = await asyncio.wait_for(self._run(command, node_id, timeout, started), timeout + 10)
+        except TimeoutError:
             if time.monotonic() - started < timeout * 0.9:
-                # The SDK reports an unreachable or paused sandbox as a timeout too; the node's own
-                # limit cannot have been reached this early, so it is the infrastructure.
-                raise SandboxInfraError(f"E2B could not run node '{node_id}': {exc}") from None
+                raise SandboxInfraError(f"E2B did not answer while running node '{node_id}'") from None
             raise NodeError(
                 type="TimeoutError",
                 message=f"node '{node_id}' exceeded its time limit of {timeout:g}s",
                 reason="timeout",
             ) from None
-        except SandboxException as exc:
-            # A non-zero exit also raises (CommandExitException); the runner always exits 0 with a
-            # response, so anything else is the sandbox failing, not the node.
-            raise SandboxInfraError(f"E2B could not run node '{node_id}': {exc}") from None
-        except OSError as exc:
-            raise SandboxInfraError(f"E2B unreachable while running node '{node_id}': {exc}") from None
         try:
-            reply = orjson.loads(result.stdout.strip().splitlines()[-1])
+            output = await self.sandbox.files.read(reply_path, format="bytes")
+        except _TRANSIENT as exc:
+            raise SandboxInfraError(f"E2B could not return the reply of node '{node_id}': {exc!r}") from None
+        try:
+            reply: dict[str, Any] = orjson.loads(bytes(output).strip().splitlines()[-1])
         except (IndexError, orjson.JSONDecodeError):
-            raise SandboxInfraError(f"E2B returned no response for node '{node_id}': {result.stderr[-500:]}") from None
+            # The runner always prints a reply before exiting 0: without one, the node's own code ended
+            # its interpreter (os._exit, a signal): the node failed, running it again would do the same.
+            raise NodeError(
+                type="NodeCrashed",
+                message=f"node '{node_id}' ended its interpreter without a result",
+                reason="crashed",
+                stderr=(stderr or "")[-2000:],
+            ) from None
         return reply
+
+    async def _run(self, command: str, node_id: str, timeout: float, started: float) -> str:
+        """Run the command to its end, reattaching when the stream breaks; its stderr."""
+        try:
+            handle = await self.sandbox.commands.run(command, background=True, timeout=timeout)
+        except _TRANSIENT as exc:
+            raise SandboxInfraError(f"E2B could not run node '{node_id}': {exc!r}") from None
+        pid = handle.pid
+        for _ in range(_REATTACHES):
+            try:
+                result = await handle.wait()
+                return result.stderr or ""
+            except CommandExitException as exc:
+                reason = "limit:memory" if exc.exit_code in _KILLED else "crashed"
+                raise NodeError(
+                    type="NodeCrashed",
+                    message=f"node '{node_id}' ended its interpreter with exit status {exc.exit_code}"
+                    + (" (killed: most likely out of memory)" if reason == "limit:memory" else ""),
+                    reason=reason,
+                    stderr=(exc.stderr or "")[-2000:],
+                ) from None
+            except TimeoutException as exc:
+                if time.monotonic() - started >= timeout * 0.9:
+                    raise NodeError(
+                        type="TimeoutError",
+                        message=f"node '{node_id}' exceeded its time limit of {timeout:g}s",
+                        reason="timeout",
+                    ) from None
+                # Too early for the node's own limit: the stream broke, or the sandbox is gone; reattaching
+                # tells which.
+                log.info("stream of node '%s' broke (%r); reattaching to pid %s", node_id, exc, pid)
+            except Exception as exc:
+                # A dropped stream (ConnectError, an SDK error, "Command ended without an end event"):
+                # the command may still be running; running it again would repeat its effects.
+                log.info("stream of node '%s' broke (%r); reattaching to pid %s", node_id, exc, pid)
+            remaining = max(timeout - (time.monotonic() - started), 0.1)
+            try:
+                handle = await self.sandbox.commands.connect(pid, timeout=remaining)
+            except NotFoundException:
+                # It ended while we were away: its reply is in its file.
+                return ""
+            except _TRANSIENT as exc:
+                raise SandboxInfraError(f"E2B lost node '{node_id}' and could not reattach: {exc!r}") from None
+        raise SandboxInfraError(f"E2B kept dropping the stream of node '{node_id}'")
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self._registry.discard(self)
-        try:
-            await self.sandbox.kill()
-        except Exception as exc:
-            log.warning("could not kill E2B sandbox %s: %s", self.sandbox.sandbox_id, exc)
+        await self._provider.kill(self)
 
 
 class E2BSandboxProvider:
-    def __init__(self, settings: Settings, *, memory_limit_mb: int = 1024, max_output_bytes: int = 1 << 20) -> None:
+    def __init__(self, settings: Settings, *, max_output_bytes: int = 1 << 20) -> None:
         self.settings = settings
         self.template = settings.e2b_template
         self.api_key = settings.e2b_api_key.get_secret_value() if settings.e2b_api_key else None
-        # The sandbox lives at most as long as an execution may (E2B kills it past this).
-        self.lifetime = int(settings.execution_timeout) + 60
-        self.limits = orjson.dumps({"memory_bytes": memory_limit_mb << 20, "output_bytes": max_output_bytes}).decode()
+        # Below the template's RAM, so that the runner's cap, not the kernel, stops a greedy node.
+        memory = settings.e2b_sandbox_memory_mb * 3 // 4
+        self.limits = orjson.dumps({"memory_bytes": memory << 20, "output_bytes": max_output_bytes}).decode()
         self.open_sandboxes: set[E2BSandbox] = set()
+        self.worker = settings.new_consumer_name()
+        # Set when E2B refused the key or the template: what health and metrics report.
+        self.permanent_error: str | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._creating: set[asyncio.Future[AsyncSandbox]] = set()
+        # The plan's limits, shared by every worker through Redis (none without Redis: a lone worker).
+        self.semaphore: Semaphore | None = None
+        self._redis: Any = None
+
+    def lifetime(self, spec: SandboxSpec) -> int:
+        """Seconds the sandbox may live: the execution's own deadline and a margin, within the plan's maximum."""
+        deadline = spec.timeout if spec.timeout is not None else self.settings.execution_timeout
+        return int(min(deadline + self.settings.e2b_lifetime_margin, self.settings.e2b_max_lifetime))
+
+    def metadata(self, spec: SandboxSpec, holder: str) -> dict[str, str]:
+        return {
+            "nova_installation": self.settings.key_prefix,
+            # The semaphore slot it lives under: the reaper kills a sandbox whose slot has expired.
+            "nova_holder": holder,
+            "nova_worker": self.worker,
+            "nova_execution_id": str(spec.execution_id),
+            "nova_client": spec.client,
+        }
 
     async def start(self) -> None:
-        return None
+        if self.settings.redis_url and self.semaphore is None:
+            self._redis = create_redis(self.settings)
+            self.semaphore = Semaphore(
+                Scripts(self._redis, Keys.from_settings(self.settings)),
+                "e2b-sandboxes",
+                limit=self.settings.e2b_max_sandboxes,
+                # A holder outlives its last refresh by the reclaim horizon: a crashed worker's slots
+                # come back when its runs are reclaimed.
+                ttl=self.settings.visibility_timeout,
+                rate=self.settings.e2b_creates_per_second,
+            )
+        if self.api_key:
+            try:
+                await self.reap()
+            except Exception as exc:
+                log.warning("could not list E2B sandboxes to reap: %r", exc)
+
+    async def reap(self) -> list[str]:
+        """Kill this installation's sandboxes whose slot has expired (their worker died); their ids."""
+        if self.semaphore is None:
+            return []
+        query = SandboxQuery(metadata={"nova_installation": self.settings.key_prefix})
+        pages = AsyncSandbox.list(query=query, api_key=self.api_key)
+        found = []
+        while pages.has_next:
+            found.extend(await pages.next_items())
+        live = await self.semaphore.live_holders()
+        ours = {s.sandbox.sandbox_id for s in self.open_sandboxes}
+        reaped = []
+        for info in found:
+            if info.sandbox_id in ours or (info.metadata or {}).get("nova_holder") in live:
+                continue
+            log.warning("reaping E2B sandbox %s left by %s", info.sandbox_id, (info.metadata or {}).get("nova_worker"))
+            with contextlib.suppress(Exception):
+                await AsyncSandbox.kill(info.sandbox_id, api_key=self.api_key)
+                reaped.append(info.sandbox_id)
+        return reaped
+
+    def _permanent(self, message: str) -> NodeError:
+        self.permanent_error = message
+        log.error("%s", message)
+        return NodeError(type="E2BConfigurationError", message=message, reason="executor_unavailable")
+
+    async def _create(self, spec: SandboxSpec, holder: str) -> AsyncSandbox:
+        create = asyncio.ensure_future(
+            AsyncSandbox.create(
+                template=self.template,
+                timeout=self.lifetime(spec),
+                envs=spec.secrets or None,
+                metadata=self.metadata(spec, holder),
+                api_key=self.api_key,
+                # The SDK re-sends a create on 502/504: the key makes a second sandbox impossible.
+                idempotency_key=f"nova-{spec.execution_id}-{uuid.uuid4().hex}",
+            )
+        )
+        self._creating.add(create)
+        create.add_done_callback(self._creating.discard)
+        try:
+            return await asyncio.shield(create)
+        except asyncio.CancelledError:
+            # Cancelled (shutdown, timeout) while E2B creates: kill the sandbox once its id arrives.
+            create.add_done_callback(self._kill_orphan)
+            raise
+
+    def _kill_orphan(self, create: asyncio.Future[AsyncSandbox]) -> None:
+        if create.cancelled() or create.exception() is not None:
+            return
+        task = asyncio.ensure_future(self._kill_sandbox(create.result()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def open(self, spec: SandboxSpec) -> E2BSandbox:
+        deadline = time.monotonic() + (spec.timeout if spec.timeout is not None else self.settings.execution_timeout)
+        holder = f"{self.worker}.{spec.execution_id}.{uuid.uuid4().hex[:8]}"
+        if self.semaphore is not None:
+            try:
+                # Paced here, not by E2B's 429s: waiting for a slot spends no retry.
+                await self.semaphore.acquire(holder, deadline)
+            except SemaphoreTimeout as exc:
+                raise SandboxInfraError(f"no E2B sandbox free: {exc}") from None
         try:
-            sandbox = await AsyncSandbox.create(
-                template=self.template,
-                timeout=self.lifetime,
-                envs=spec.secrets or None,
-                metadata={"nova_execution_id": str(spec.execution_id), "nova_client": spec.client},
-                api_key=self.api_key,
-            )
-        except _PERMANENT as exc:
-            raise SandboxInfraError(f"E2B refused to create a sandbox (permanent: check E2B_API_KEY): {exc}") from None
-        except NotFoundException as exc:
-            raise SandboxInfraError(f"E2B template '{self.template}' not found (permanent): {exc}") from None
-        except (SandboxException, OSError) as exc:
-            raise SandboxInfraError(f"E2B could not create a sandbox: {exc}") from None
-        wrapped = E2BSandbox(sandbox, self.limits, self.open_sandboxes)
+            sandbox = await self._create_paced(spec, holder, deadline)
+        except BaseException:
+            await self._release(holder)
+            raise
+        self.permanent_error = None
+        wrapped = E2BSandbox(sandbox, self.limits, self, holder)
         try:
             await sandbox.files.write(f"{REMOTE_DIR}/runner.py", RUNNER.read_bytes(), use_octet_stream=True)
-        except (SandboxException, OSError) as exc:
+            version = await sandbox.commands.run(_PYTHON_CHECK, timeout=30)
+        except _TRANSIENT as exc:
             await wrapped.close()
-            raise SandboxInfraError(f"E2B upload of the node runner failed: {exc}") from None
+            raise SandboxInfraError(f"E2B upload (or check) of the node runner failed: {exc!r}") from None
+        except BaseException:
+            await wrapped.close()
+            raise
+        if not version.stdout.startswith("ok"):
+            await wrapped.close()
+            raise self._permanent(
+                f"the E2B template '{self.template}' has Python {version.stdout.split()[-1:] or '?'}; "
+                "the node runner needs python3 >= 3.10 in it"
+            )
         return wrapped
+
+    async def _create_paced(self, spec: SandboxSpec, holder: str, deadline: float) -> AsyncSandbox:
+        while True:
+            try:
+                return await self._create(spec, holder)
+            except AuthenticationException:
+                raise self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard") from None
+            except NotFoundException as exc:
+                raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
+            except RateLimitException as exc:
+                # Over the plan (another installation on the same key, or limits set above the plan's):
+                # wait, spending no retry, as long as the execution may still run.
+                pause = self.settings.e2b_rate_limit_wait * random.uniform(1.0, 1.5)
+                if time.monotonic() + pause > deadline:
+                    raise SandboxInfraError(f"E2B rate limit until the execution's deadline: {exc}") from None
+                log.info("E2B answered 429 (%s); creating again in %.1fs", exc, pause)
+                await asyncio.sleep(pause)
+            except _TRANSIENT as exc:
+                if _status(exc) == 404:
+                    raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
+                raise SandboxInfraError(f"E2B could not create a sandbox: {exc!r}") from None
+
+    async def _release(self, holder: str) -> None:
+        if self.semaphore is not None:
+            try:
+                await self.semaphore.release(holder)
+            except Exception as exc:
+                # The slot expires with its holder's refreshes anyway.
+                log.warning("could not release E2B slot %s: %r", holder, exc)
+
+    async def _kill_sandbox(self, sandbox: AsyncSandbox) -> bool:
+        """Kill, retried: True once E2B has no such sandbox any more."""
+        for attempt in range(_KILL_ATTEMPTS):
+            try:
+                await sandbox.kill()
+                return True
+            except NotFoundException:
+                return True
+            except Exception as exc:
+                if _status(exc) == 404:
+                    return True
+                log.warning("could not kill E2B sandbox %s (attempt %d): %r", sandbox.sandbox_id, attempt + 1, exc)
+                await asyncio.sleep(0.2 * 2**attempt)
+        return False
+
+    async def kill(self, wrapped: E2BSandbox) -> None:
+        # Dropped from the registry only once killed: an interrupted kill is retried at shutdown.
+        if await self._kill_sandbox(wrapped.sandbox):
+            self.open_sandboxes.discard(wrapped)
+            await self._release(wrapped.holder)
 
     async def aclose(self) -> None:
         # Worker shutdown: nothing may outlive it on E2B's bill.
+        if self._creating:
+            # Creates cancelled mid-way: their sandboxes are killed as their ids arrive.
+            await asyncio.gather(*self._creating, return_exceptions=True)
+            await asyncio.sleep(0)
         for sandbox in list(self.open_sandboxes):
-            await sandbox.close()
-        self.open_sandboxes.clear()
+            await self.kill(sandbox)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.semaphore is not None:
+            with contextlib.suppress(Exception):
+                await self.semaphore.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
