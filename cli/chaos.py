@@ -73,14 +73,16 @@ SUCCEEDING = {
 def long_workflow(starts_path: Path, seconds: float) -> dict[str, Any]:
     """start -> nap -> end, where nap records its start in `starts_path`, then sleeps `seconds`.
 
-    os.getppid() is the worker process (sandboxes are its direct children): the report uses it to tell
-    a restart after a SIGKILL from a second start under a worker that was still alive.
+    The worker is named in `_nova` (its consumer name, host-pid-random): the report takes its pid to tell
+    a restart after a SIGKILL from a second start under a worker that was still alive. (Sandboxes have
+    their own PID namespace: os.getppid() there is not the worker.)
     """
     nap = "\n".join(
         [
             "import json, os, time",
             "me = context['_nova']",
-            "line = {'task': me['task_id'], 'step': me['step'], 'worker': os.getppid(), 't': time.time()}",
+            "pid = int(me['worker'].rsplit('-', 2)[1])",
+            "line = {'task': me['task_id'], 'step': me['step'], 'worker': pid, 't': time.time()}",
             f"with open({str(starts_path)!r}, 'a') as f:",
             "    f.write(json.dumps(line) + '\\n')",
             f"time.sleep({seconds!r})",

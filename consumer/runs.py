@@ -326,6 +326,9 @@ class Run:
                 "node_id": node.id,
                 "step": step,
                 "idempotency_key": key,
+                # Which worker runs it (its consumer name): sandboxes have their own PID namespace, so
+                # node code cannot tell otherwise; operators and `nova chaos` read it from node logs.
+                "worker": self.ctx.consumer,
             }
         }
 

@@ -56,18 +56,21 @@ async def test_strict_mode_accepts_with_fsync_always(redis_factory: Callable[...
 async def test_strict_mode_waits_for_a_replica(redis_factory: Callable[..., RedisServer], db_url: str) -> None:
     primary = redis_factory()
     replica = redis_factory(replicaof=primary)
-    async with api_on(primary.url, db_url, **STRICT) as api:
-        await _replica_online(primary)
+    await _replica_online(primary)
+    # A healthy replica confirms as soon as it has the write; the wait is only an upper bound, generous
+    # here so a loaded machine cannot make the replica look absent.
+    async with api_on(primary.url, db_url, durability="strict", strict_wait_ms=30_000) as api:
         response = await execute(api)
-        assert response.status_code == 202, response.text
-        # A replica that stops answering cannot confirm: 503, and the same key later gets the same task.
-        assert replica.proc is not None
-        os.kill(replica.proc.pid, signal.SIGSTOP)
-        try:
+    assert response.status_code == 202, response.text
+    # A replica that stops answering cannot confirm: 503, and the same key later gets the same task.
+    assert replica.proc is not None
+    os.kill(replica.proc.pid, signal.SIGSTOP)
+    try:
+        async with api_on(primary.url, db_url, **STRICT) as api:
             wf = (await api.post("/workflows", json={"name": "w2", "definition": linear("pass")})).json()["id"]
             stalled = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
-        finally:
-            os.kill(replica.proc.pid, signal.SIGCONT)
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
     assert stalled.status_code == 503 and "no replica confirmed" in stalled.json()["error"]["message"]
 
 
