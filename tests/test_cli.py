@@ -54,10 +54,10 @@ def test_migrate_fresh_database_then_again(pg_server: object) -> None:
     import asyncpg
 
     async def fresh() -> str:
-        conn = await asyncpg.connect(pg_server.url)  # type: ignore[attr-defined]
-        await conn.execute("CREATE DATABASE migrate_twice")
+        conn = await asyncpg.connect(pg_server.admin_url)  # type: ignore[attr-defined]
+        await conn.execute("CREATE DATABASE migrate_twice OWNER nova")
         await conn.close()
-        return pg_server.url.rsplit("/", 1)[0] + "/migrate_twice"  # type: ignore[attr-defined]
+        return pg_server.url_for("migrate_twice")  # type: ignore[attr-defined]
 
     url = asyncio.run(fresh())
     first = nova("migrate", env={"DATABASE_URL": url})
