@@ -206,6 +206,19 @@ async def test_the_app_role_owns_its_database_and_is_not_a_superuser(locked_pg: 
         await conn.close()
 
 
+def test_postgres_data_files_are_the_servers_own(locked_pg: PostgresServer) -> None:
+    owner = locked_pg.user.pw_uid if locked_pg.user else os.geteuid()
+    files = _files(locked_pg.pgdata)
+    assert any(p.name == "pg_hba.conf" for p in files)
+    for path in [locked_pg.pgdata, *files]:
+        info = path.stat()
+        assert info.st_uid == owner, path
+        assert stat.S_IMODE(info.st_mode) & 0o077 == 0, (path, oct(info.st_mode))
+    # Ours, not the server's (it cannot read the passwords back), and nobody else's either.
+    for path in (locked_pg.credentials_path, locked_pg.log_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
 async def test_postgres_passwords_survive_a_restart(locked_pg: PostgresServer) -> None:
     url = locked_pg.url
     locked_pg.stop()
