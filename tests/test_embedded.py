@@ -149,6 +149,7 @@ def test_as_root_redis_runs_unprivileged(locked_redis: RedisServer) -> None:
 def test_an_aof_left_readable_by_an_older_version_is_locked_at_start(redis_factory: Callable[..., RedisServer]) -> None:
     server = redis_factory(appendonly=True)
     server.stop()
+    assert any("appendonly" in p.name for p in _files(server.data_dir))
     for path in _files(server.data_dir):
         path.chmod(0o644)
     server.data_dir.chmod(0o755)
@@ -161,6 +162,7 @@ def test_an_aof_left_readable_by_an_older_version_is_locked_at_start(redis_facto
 @pytest.mark.skipif(not AS_ROOT, reason="needs another uid to read as")
 def test_another_uid_cannot_read_the_aof(redis_factory: Callable[..., RedisServer]) -> None:
     server = redis_factory(appendonly=True)
+    server.stop()  # SIGTERM: the AOF is on disk (Redis 7 may still be writing its first one at start)
     aof = next(p for p in _files(server.data_dir) if "appendonly" in p.name)
     # As a sandbox would: some other unprivileged uid.
     result = subprocess.run(
