@@ -33,7 +33,7 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
-from cli.embedded import PostgresServer, RedisServer, free_port
+from cli.embedded import APP_USER, PostgresServer, RedisServer, free_port
 from shared.db import migrate_url
 from shared.scripts import Scripts
 from shared.settings import Settings
@@ -150,8 +150,11 @@ class Bench:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     async def fresh(self) -> tuple[Redis, asyncpg.Pool]:
+        # FLUSHALL is an admin command: NOVA's own login (redis_server.url) may not run it.
+        admin = Redis.from_url(self.redis_server.admin_url)
+        await admin.flushall()
+        await admin.aclose()
         redis = Redis.from_url(self.redis_server.url, decode_responses=True)
-        await redis.flushall()
         conn = await asyncpg.connect(self.pg.url)
         await conn.execute("TRUNCATE executions, node_runs, workflows, clients CASCADE")
         await conn.close()
@@ -184,6 +187,11 @@ class Bench:
                         binary,
                         "-p",
                         str(self.redis_server.port),
+                        # The embedded Redis asks for a login; NOVA's user, as the workers have.
+                        "--user",
+                        APP_USER,
+                        "-a",
+                        self.redis_server.app_password,
                         "-n",
                         n,
                         "-P",

@@ -218,7 +218,9 @@ class Chaos:
         await migrate_url(self.pg.url)
         if self.lost_replies:
             # In this process's event loop: forwarding must never wait on anything slow here.
-            self.proxy = await FaultProxy("127.0.0.1", self.redis_server.port, seed=self.seed).start()
+            self.proxy = await FaultProxy(
+                "127.0.0.1", self.redis_server.port, seed=self.seed, credentials=self.redis_server.credentials
+            ).start()
             self.proxy.drop_replies(probability=self.drop_probability)
         self.spawn("api", "api")
         for i in range(self.workers):

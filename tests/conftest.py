@@ -3,6 +3,10 @@ temp dirs, plus factories for private servers that a test may kill and restart.
 
 Each test gets a flushed Redis and its own database, cloned from a migrated template (fast: a file
 copy inside PostgreSQL).
+
+The servers are locked as in production: the code under test connects as the app user (Redis user
+`nova` without admin commands; PostgreSQL role `nova`, owner of its database, not a superuser). Set-up
+that needs more (FLUSHALL, CREATE DATABASE) uses the servers' `admin_url`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from redis.asyncio import Redis
 
 from api.app import create_app
 from cli.embedded import (
+    APP_USER,
     PostgresServer,
     RedisServer,
 )
@@ -48,29 +53,26 @@ def pg_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 async def template_db(pg_server: PostgresServer) -> str:
-    conn = await asyncpg.connect(pg_server.url)
+    conn = await asyncpg.connect(pg_server.admin_url)
     try:
-        await conn.execute("CREATE DATABASE nova_template")
+        # Owned and migrated by the app role, as in production: its clones' tables are the app's.
+        await conn.execute(f"CREATE DATABASE nova_template OWNER {APP_USER}")
     finally:
         await conn.close()
-    await migrate_url(_db_url(pg_server, "nova_template"))
+    await migrate_url(pg_server.url_for("nova_template"))
     return "nova_template"
-
-
-def _db_url(server: PostgresServer, name: str) -> str:
-    return f"postgresql://postgres@127.0.0.1:{server.port}/{name}"
 
 
 @pytest.fixture
 async def db_url(pg_server: PostgresServer, template_db: str) -> AsyncIterator[str]:
     name = f"test_{os.getpid()}_{next(_db_counter)}"
-    conn = await asyncpg.connect(pg_server.url)
+    conn = await asyncpg.connect(pg_server.admin_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE {template_db}')
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE {template_db} OWNER {APP_USER}')
     finally:
         await conn.close()
-    yield _db_url(pg_server, name)
-    conn = await asyncpg.connect(pg_server.url)
+    yield pg_server.url_for(name)
+    conn = await asyncpg.connect(pg_server.admin_url)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -79,7 +81,7 @@ async def db_url(pg_server: PostgresServer, template_db: str) -> AsyncIterator[s
 
 @pytest.fixture
 async def redis_url(redis_server: RedisServer) -> str:
-    client = Redis.from_url(redis_server.url)
+    client = Redis.from_url(redis_server.admin_url)
     await client.flushall()
     await client.aclose()
     return redis_server.url

@@ -54,10 +54,10 @@ def test_migrate_fresh_database_then_again(pg_server: object) -> None:
     import asyncpg
 
     async def fresh() -> str:
-        conn = await asyncpg.connect(pg_server.url)  # type: ignore[attr-defined]
-        await conn.execute("CREATE DATABASE migrate_twice")
+        conn = await asyncpg.connect(pg_server.admin_url)  # type: ignore[attr-defined]
+        await conn.execute("CREATE DATABASE migrate_twice OWNER nova")
         await conn.close()
-        return pg_server.url.rsplit("/", 1)[0] + "/migrate_twice"  # type: ignore[attr-defined]
+        return pg_server.url_for("migrate_twice")  # type: ignore[attr-defined]
 
     url = asyncio.run(fresh())
     first = nova("migrate", env={"DATABASE_URL": url})
@@ -100,6 +100,40 @@ async def test_inspect_and_dlq_commands_against_a_live_system(redis: Redis, sett
     assert purged.stdout.strip() == "purged 1 dead letter(s)"
     down = await asyncio.to_thread(nova, "inspect", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}"})
     assert down.returncode == 1 and "unreachable" in down.stderr
+
+
+def _check_locked(data: Path, lines: list[str]) -> None:
+    """nova dev's servers as node code would find them: logins required, the app's without admin rights."""
+    import asyncpg
+    from redis import Redis as SyncRedis
+    from redis.exceptions import AuthenticationError, NoPermissionError
+
+    def printed(label: str) -> str:
+        return next(line.split()[-1] for line in lines if line.strip().startswith(label + " "))
+
+    redis_url, pg_url = printed("Redis"), printed("PostgreSQL")
+    assert redis_url.startswith("redis://nova:") and pg_url.startswith("postgresql://nova:")
+    app = SyncRedis.from_url(redis_url)
+    anonymous = SyncRedis(host="127.0.0.1", port=app.connection_pool.connection_kwargs["port"])
+    try:
+        with pytest.raises(NoPermissionError):
+            app.config_set("dir", "/tmp")
+        with pytest.raises(AuthenticationError):
+            anonymous.ping()
+    finally:
+        app.close()
+        anonymous.close()
+    for path in (data / "redis").rglob("*"):
+        assert path.stat().st_mode & 0o077 == 0, path
+
+    async def role() -> bool:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            return bool(await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(role()) is False
 
 
 def _port_open(port: int) -> bool:
@@ -146,6 +180,7 @@ def _run_nova_dev(tmp_path: Path) -> None:
         assert accepted.status_code == 202, accepted.text
         task_id = accepted.json()["task_id"]
         assert f"http://127.0.0.1:{port}/docs" in printed and "redis://" in printed and "postgresql://" in printed
+        _check_locked(tmp_path / "data", lines)
         status = {}
         for _ in range(200):
             status = httpx.get(f"http://127.0.0.1:{port}/tasks/{task_id}", headers=headers, timeout=10).json()

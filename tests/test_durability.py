@@ -96,7 +96,7 @@ async def test_a_full_redis_answers_503_and_shows_in_metrics(
     from redis.asyncio import Redis
 
     server = redis_factory()
-    admin = Redis.from_url(server.url, decode_responses=True)
+    admin = Redis.from_url(server.admin_url, decode_responses=True)
     async with api_on(server.url, db_url) as api:
         wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
         assert (await api.post("/clients", json={"slug": "acme", "name": "Acme"})).status_code == 201

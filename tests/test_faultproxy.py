@@ -19,7 +19,7 @@ from cli.faultproxy import FaultProxy
 @pytest.fixture
 async def proxy(redis_server: RedisServer, redis_url: str) -> AsyncIterator[FaultProxy]:
     del redis_url  # requested for its flush: each test starts from an empty Redis
-    async with FaultProxy("127.0.0.1", redis_server.port, seed=1) as p:
+    async with FaultProxy("127.0.0.1", redis_server.port, seed=1, credentials=redis_server.credentials) as p:
         yield p
 
 
@@ -148,7 +148,10 @@ async def test_sever_closes_every_connection(proxy: FaultProxy) -> None:
     streams = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(3)]
     # A PING answered on each proves every connection reached Redis before it is cut.
     for reader, writer in streams:
+        # Redis takes nothing before a login (the suite's servers are locked as in production).
+        writer.write(f"AUTH {proxy.credentials.replace(':', ' ', 1)}\r\n".encode())
         writer.write(b"PING\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n"), 30) == b"+OK\r\n"
         await writer.drain()
         assert await asyncio.wait_for(reader.readuntil(b"\r\n"), 30) == b"+PONG\r\n"
     assert proxy.connections == 3
@@ -177,7 +180,7 @@ async def test_severed_client_reconnects_through_the_proxy(proxy: FaultProxy, re
 
 async def test_upstream_down_closes_the_client(redis_factory: Callable[..., RedisServer]) -> None:
     server = redis_factory()
-    async with FaultProxy("127.0.0.1", server.port) as proxy:
+    async with FaultProxy("127.0.0.1", server.port, credentials=server.credentials) as proxy:
         client = through(proxy)
         try:
             assert await client.ping()

@@ -487,13 +487,13 @@ async def test_root_answers_nova_scripts_with_json_and_browsers_with_the_dashboa
 async def test_migration_keeps_duplicate_names_readable_and_rewrites_statuses(
     pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    conn = await asyncpg.connect(pg_server.url)
+    conn = await asyncpg.connect(pg_server.admin_url)
     try:
         await conn.execute("DROP DATABASE IF EXISTS nova_before_0003")
         await conn.execute("CREATE DATABASE nova_before_0003")
     finally:
         await conn.close()
-    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg_server.port}/nova_before_0003")
+    conn = await asyncpg.connect(pg_server.url_for("nova_before_0003", admin=True))
     try:
         # The schema as it stood before versions, with what it allowed then.
         await conn.execute(
@@ -535,6 +535,6 @@ async def test_migration_keeps_duplicate_names_readable_and_rewrites_statuses(
         assert any('renamed from "Same" to "Same #2"' in r.getMessage() for r in caplog.records)
     finally:
         await conn.close()
-        conn = await asyncpg.connect(pg_server.url)
+        conn = await asyncpg.connect(pg_server.admin_url)
         await conn.execute("DROP DATABASE IF EXISTS nova_before_0003 WITH (FORCE)")
         await conn.close()

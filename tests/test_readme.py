@@ -39,12 +39,18 @@ async def test_readme_redis_cli_commands_work_on_a_live_stream(
         await wait_terminal(redis, settings, [task.task_id])
         # The malformed entry reaches the dead-letter stream.
         await redis.xread({settings.dead_letter_stream: "0"}, block=10_000)
-        port = str(redis.connection_pool.connection_kwargs["port"])
         outputs: dict[str, str] = {}
         for line in readme_redis_cli_commands():
             args = shlex.split(line)[1:]
             proc = await asyncio.create_subprocess_exec(
-                redis_cli(), "-p", port, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+                # The suite's Redis asks for a login, as production's does: NOVA's user reads all of this.
+                redis_cli(),
+                "-u",
+                settings.redis_url or "",
+                "--no-auth-warning",
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
             )
             out = (await asyncio.wait_for(proc.communicate(), 10))[0].decode()
             assert proc.returncode == 0, line

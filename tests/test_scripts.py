@@ -41,7 +41,9 @@ def versioned_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 
 @pytest.fixture
 async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(versioned_server.url, decode_responses=True)
+    # The admin user: these tests flush and list every key; the scripts' own rights are tested in
+    # test_embedded.
+    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
     await client.flushall()
     await client.xgroup_create(KEYS.requests, KEYS.worker_group, id="0", mkstream=True)
     await Scripts(client, KEYS).raise_sequence(0)
