@@ -46,6 +46,7 @@ from shared.streams import (
     TaskStatus,
     decode_fields,
     dumps,
+    entry_id_parts,
     loads,
     now_iso,
     parse_iso,
@@ -237,7 +238,7 @@ class Run:
                 entry_id=self.delivery.entry_id,
                 consumer=ctx.consumer,
                 workflow_id=request.workflow_id,
-                score_ms=int(self.delivery.entry_id.partition("-")[0] or 0),
+                score=_entry_score(self.delivery.entry_id),
                 request=request.fields,
             ),
             ctx.settings,
@@ -600,6 +601,12 @@ class RecordingHooks:
                 TaskField.NODES_EXECUTED: str(record.step),
             },
         )
+
+
+def _entry_score(entry_id: str) -> int:
+    """An entry id as one number in its order (ms and sequence), exact in a sorted set's double."""
+    ms, seq = entry_id_parts(entry_id)
+    return ms * 1000 + min(seq, 999)
 
 
 def _ms_between(start: str, end: str) -> float | None:

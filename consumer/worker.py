@@ -94,6 +94,7 @@ class Worker:
         # Set while the operators drain the workers: finish what is held, take nothing new.
         self.draining = False
         self._undrained = asyncio.Event()
+        self._drain_started = asyncio.Event()
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
         provider = self.providers.get(spec.executor)
@@ -130,6 +131,8 @@ class Worker:
             self.inflight.pop(entry_id, None)
             self._task_of.pop(entry_id, None)
             self._slot_freed.set()
+            if self.draining:
+                self._report(self._report_drained())
 
     # ---- loops ---------------------------------------------------------------------------------
 
@@ -188,7 +191,16 @@ class Worker:
                     read: asyncio.Task[Any] = asyncio.create_task(self._reclaim())
                 else:
                     read = asyncio.create_task(self._read(self.free_slots))
-                done, _ = await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                self._drain_started.clear()
+                drain_wait = asyncio.create_task(self._drain_started.wait())
+                done, _ = await asyncio.wait({read, stop_wait, drain_wait}, return_when=asyncio.FIRST_COMPLETED)
+                drain_wait.cancel()
+                if read not in done and not stop.is_set():
+                    # A drain began during the read: take nothing (what it delivered stays pending).
+                    read.cancel()
+                    with contextlib.suppress(BaseException):
+                        await read
+                    continue
                 if read not in done:
                     # Stopping: an entry delivered to a cancelled read stays pending and is reclaimed.
                     read.cancel()
@@ -297,8 +309,22 @@ class Worker:
         if on != self.draining:
             log.info("drain %s: %s", "started" if on else "ended", "taking nothing new" if on else "reading again")
         self.draining = on
-        if not on:
+        if on:
+            self._drain_started.set()
+            self._report(self._report_drained())
+        else:
             self._undrained.set()
+
+    def _report(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _report_drained(self) -> None:
+        """Tell the operators this worker reads nothing now, and what it still holds (drain progress)."""
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            if self.draining:
+                await self.redis.hset(self.keys.drained, self.consumer, str(len(self.inflight)))
 
     def stop_task(self, task_id: str) -> bool:
         """Stop the run of a cancelled task, if this worker holds it: the run is cancelled (its sandbox
@@ -330,6 +356,8 @@ class Worker:
             pipe.hget(self.keys.task(task_id), "status")
         drain, *statuses = await pipe.execute()
         self._set_draining(bool(drain))
+        if self.draining:
+            await self._report_drained()
         for (_, task_id), status in zip(held, statuses, strict=True):
             if status in ("REVOKED", b"REVOKED"):
                 self.stop_task(task_id)

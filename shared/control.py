@@ -184,6 +184,8 @@ class RunControl:
             pipe.hset(self.keys.control, DRAIN, now_iso())
         else:
             pipe.hdel(self.keys.control, DRAIN)
+        if not on:
+            pipe.delete(self.keys.drained)
         pipe.publish(self.keys.control_channel, f"drain {'on' if on else 'off'}")
         await pipe.execute()
 
@@ -192,10 +194,11 @@ class RunControl:
         flags = decode_fields(await self.redis.hgetall(self.keys.control))
         workflows = sorted(int(k.split(":", 1)[1]) for k in flags if k.startswith("workflow:"))
         pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.drained)
         pipe.zcard(self.keys.parked(QUEUE))
         for workflow_id in workflows:
             pipe.zcard(self.keys.parked(workflow_scope(workflow_id)))
-        queue_parked, *workflow_parked = await pipe.execute()
+        drained, queue_parked, *workflow_parked = await pipe.execute()
         # Drain progress: what the workers still hold (delivered, not yet acknowledged).
         try:
             summary = await self.redis.xpending(self.keys.requests, self.keys.worker_group)
@@ -213,4 +216,6 @@ class RunControl:
             "draining": DRAIN in flags,
             "draining_since": flags.get(DRAIN),
             "held_by_workers": held,
+            # Workers that have heard of the drain and stopped reading, with the runs each still holds.
+            "drained_workers": {k: int(v) for k, v in decode_fields(drained).items()} if DRAIN in flags else {},
         }

@@ -360,15 +360,14 @@ class Scripts:
         outcome, status = (_s(x) for x in reply)
         return CancelOutcome(int(outcome)), status
 
-    async def park(
-        self, *, entry_id: str, consumer: str, workflow_id: int, score_ms: int, request: dict[str, str]
-    ) -> int:
-        """1 parked (paused), 0 not paused: run it, -1 the entry is not this consumer's (any more)."""
+    async def park(self, *, entry_id: str, consumer: str, workflow_id: int, score: int, request: dict[str, str]) -> int:
+        """1 parked (paused), 0 not paused: run it, -1 the entry is not this consumer's (any more).
+        `score` orders the parked requests (the entry's position in the stream): resume keeps it."""
         field = f"workflow:{workflow_id}"
         reply = await self._call(
             "park",
             keys=[self.keys.control, self.keys.requests, self.keys.parked("queue"), self.keys.parked(field)],
-            args=[entry_id, self.keys.worker_group, consumer, field, score_ms, orjson.dumps(request).decode()],
+            args=[entry_id, self.keys.worker_group, consumer, field, score, orjson.dumps(request).decode()],
         )
         return int(reply)
 

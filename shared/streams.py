@@ -280,6 +280,11 @@ class Keys:
         learns of a cancel within a moment rather than at its next heartbeat."""
         return self._name("control", "push")
 
+    @property
+    def drained(self) -> str:
+        """Hash of the workers that have stopped reading for a drain: consumer -> runs it still holds."""
+        return self._name("control", "drained")
+
     def parked(self, scope: str) -> str:
         """Sorted set of requests parked while their scope (`queue`, `workflow:{id}`) is paused, scored
         by their original entry time, so that resume starts them in order."""
