@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -445,3 +446,70 @@ async def test_bulk_cancel_by_filter_and_ids_touches_only_what_matches(
         await wait_projected(pool, [t.execution_id for t in [*of_a, of_b]], {"cancelled"})
         assert await redis.hget(Keys.from_settings(settings).task(globex.task_id), TaskField.STATUS) == "PENDING"
         assert await control.cancel_many(CancelFilter()) == []
+
+
+# ---- the API ----------------------------------------------------------------------------------------
+
+
+async def _client_headers(api: httpx.AsyncClient, slug: str) -> dict[str, str]:
+    response = await api.post("/clients", json={"slug": slug, "name": slug.title()})
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['api_key']}"}
+
+
+async def test_api_cancel_routes_own_only_idempotent_and_retry(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    acme = await _client_headers(api, "acme")
+    globex = await _client_headers(api, "globex")
+    created = await api.post("/workflows", json={"name": "w", "definition": linear("context['ran'] = True")})
+    wf = created.json()["id"]
+    assert (await api.post("/queue/pause")).json() == {"paused": True}
+    first = (await api.post(f"/workflows/{wf}/execute", json={}, headers=acme)).json()
+    second = (await api.post(f"/workflows/{wf}/execute", json={}, headers=acme)).json()
+    # Another client's execution answers 404, exactly like a missing one, and stays queued.
+    assert (await api.post(f"/executions/{first['execution_id']}/cancel", headers=globex)).status_code == 404
+    assert (await api.post(f"/tasks/{first['task_id']}/cancel", headers=globex)).status_code == 404
+    assert (await api.post("/executions/999999/cancel")).status_code == 404
+    assert (await api.post("/tasks/not-a-task/cancel")).status_code == 404
+    response = await api.post(f"/executions/{first['execution_id']}/cancel", headers=acme)
+    assert response.status_code == 200, response.text
+    assert response.json()["cancelled"] and response.json()["status"] == "REVOKED"
+    again = (await api.post(f"/tasks/{first['task_id']}/cancel", headers=acme)).json()
+    assert not again["cancelled"] and again["status"] == "REVOKED"
+    task = (await api.get(f"/tasks/{first['task_id']}", headers=acme)).json()
+    assert task["status"] == "REVOKED" and task["message"] == "Task was cancelled" and "client acme" in task["error"]
+    bulk = await api.post("/executions/cancel", json={"ids": [second["execution_id"], first["execution_id"]]})
+    assert bulk.json()["cancelled"] == 1 and bulk.json()["already_finished"] == 1
+    assert (await api.post("/executions/cancel", json={"status": "completed"})).status_code == 422
+    # Operator-only controls refuse a client key.
+    assert (await api.post("/queue/resume", headers=acme)).status_code == 403
+    assert (await api.post(f"/workflows/{wf}/pause", headers=acme)).status_code == 403
+    assert (await api.post("/workflows/999999/pause")).status_code == 404
+    assert (await api.post("/queue/resume")).json() == {"paused": False, "resumed": 0}
+    async with in_process_worker(settings):
+        await wait_projected(pool, [first["execution_id"], second["execution_id"]], {"cancelled"})
+        listed = (await api.get("/executions", params={"status": "cancelled"})).json()
+        assert listed["total"] == 2
+        retried = await api.post(f"/executions/{first['execution_id']}/retry", headers=acme)
+        assert retried.status_code == 202, retried.text
+        await wait_projected(pool, [first["execution_id"]], {"completed"})
+
+
+async def test_api_pause_resume_and_drain_show_in_control_inspect_and_metrics(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    created = await api.post("/workflows", json={"name": "w", "definition": linear("context['ran'] = True")})
+    wf = created.json()["id"]
+    assert (await api.post(f"/workflows/{wf}/pause")).json() == {"workflow_id": wf, "paused": True}
+    state = (await api.get("/queue/control")).json()
+    assert [w["workflow_id"] for w in state["paused_workflows"]] == [wf] and not state["queue_paused"]
+    drained = (await api.post("/queue/drain")).json()
+    assert drained["draining"] and drained["held_by_workers"] == 0
+    inspected = (await api.get("/inspect")).json()
+    assert inspected["control"]["draining"] and inspected["control"]["paused_workflows"][0]["workflow_id"] == wf
+    metrics = (await api.get("/metrics")).text
+    assert "nova_draining 1.0" in metrics and "nova_paused_workflows 1.0" in metrics
+    assert not (await api.delete("/queue/drain")).json()["draining"]
+    assert (await api.post(f"/workflows/{wf}/resume")).json() == {"workflow_id": wf, "paused": False, "resumed": 0}
+    assert "nova_draining 0.0" in (await api.get("/metrics")).text
