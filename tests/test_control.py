@@ -9,6 +9,7 @@ a paused workflow that starts nothing until resumed and loses nothing, and a dra
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -513,3 +514,37 @@ async def test_api_pause_resume_and_drain_show_in_control_inspect_and_metrics(
     assert not (await api.delete("/queue/drain")).json()["draining"]
     assert (await api.post(f"/workflows/{wf}/resume")).json() == {"workflow_id": wf, "paused": False, "resumed": 0}
     assert "nova_draining 0.0" in (await api.get("/metrics")).text
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------
+
+
+async def test_cli_cancel_pause_resume_drain(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    from tests.test_cli import nova
+
+    wf = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
+    env = {"REDIS_URL": settings.redis_url or "", "DATABASE_URL": settings.database_url or ""}
+    paused = await asyncio.to_thread(nova, "pause", "--workflow", str(wf.id), env=env)
+    assert paused.returncode == 0 and f"paused workflow {wf.id}" in paused.stdout
+    a = await enqueue(redis, settings, wf, {})
+    b = await enqueue(redis, settings, wf, {})
+    c = await enqueue(redis, settings, wf, {})
+    done = await asyncio.to_thread(nova, "cancel", str(a.execution_id), env=env)
+    assert done.returncode == 0 and "cancelled 1 of 1" in done.stdout, done.stderr
+    by_task = await asyncio.to_thread(nova, "cancel", "--task", b.task_id, env=env)
+    assert "cancelled 1 of 1" in by_task.stdout
+    unknown = await asyncio.to_thread(nova, "cancel", "--task", "nope", env=env)
+    assert unknown.returncode == 1 and "not found" in unknown.stdout
+    assert (await asyncio.to_thread(nova, "cancel", env=env)).returncode == 2
+    drained = await asyncio.to_thread(nova, "drain", "--json", env=env)
+    assert json.loads(drained.stdout)["draining"] is True
+    inspected = await asyncio.to_thread(nova, "inspect", env=env)
+    assert "draining:        since" in inspected.stdout and f"paused workflows: {wf.id}" in inspected.stdout
+    assert "drain ended" in (await asyncio.to_thread(nova, "drain", "--off", env=env)).stdout
+    resumed = await asyncio.to_thread(nova, "resume", "--workflow", str(wf.id), env=env)
+    assert resumed.returncode == 0
+    async with in_process_worker(settings):
+        events = await wait_terminal(redis, settings, [c.task_id])
+    assert events[c.task_id].type == EventType.SUCCEEDED
+    help_text = (await asyncio.to_thread(nova, "--help")).stdout
+    assert all(word in help_text for word in ("cancel", "pause", "resume", "drain"))
