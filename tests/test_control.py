@@ -31,9 +31,11 @@ from tests.support import (
     create_workflow,
     enqueue,
     in_process_worker,
+    kill9,
     linear,
     private_dir,
     redis_binaries,
+    start_worker_process,
     wait_for_events,
     wait_projected,
     wait_terminal,
@@ -548,3 +550,64 @@ async def test_cli_cancel_pause_resume_drain(redis: Redis, settings: Settings, p
     assert events[c.task_id].type == EventType.SUCCEEDED
     help_text = (await asyncio.to_thread(nova, "--help")).stdout
     assert all(word in help_text for word in ("cancel", "pause", "resume", "drain"))
+
+
+# ---- failure paths ----------------------------------------------------------------------------------
+
+
+async def test_a_cancel_whose_push_was_missed_is_caught_by_the_heartbeat(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    """A worker reconnecting to the channel misses pushes: its heartbeat re-reads the status."""
+    fast = settings.model_copy(update={"visibility_timeout": 2.0})
+    keys = Keys.from_settings(fast)
+    code = f"import os, time\nopen({str(shared_dir / 'pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(30)"
+    wf = await create_workflow(redis, fast, pool, linear(code))
+    async with in_process_worker(fast):
+        task = await enqueue(redis, fast, wf, {})
+        for _ in range(500):
+            if (shared_dir / "pid").exists() and (shared_dir / "pid").read_text():
+                break
+            await asyncio.sleep(0.02)
+        pid = int((shared_dir / "pid").read_text())
+        # REVOKED written without the push, as if it had been published while the worker was away.
+        await redis.hset(keys.task(task.task_id), TaskField.STATUS, TaskStatus.REVOKED)
+        for _ in range(500):
+            if not _alive(pid) and not (await redis.xpending(fast.requests_stream, fast.worker_group))["pending"]:
+                break
+            await asyncio.sleep(0.02)
+        assert not _alive(pid)
+        assert (await redis.xpending(fast.requests_stream, fast.worker_group))["pending"] == 0
+
+
+async def test_a_run_cancelled_while_its_worker_is_dead_is_never_resumed(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    """kill -9 of the worker holding a run, then a cancel: the worker that reclaims it only acknowledges it."""
+    fast = settings.model_copy(update={"visibility_timeout": 2.0})
+    starts = shared_dir / "starts"
+    code = f"open({str(starts)!r}, 'a').write('x')\nimport time\ntime.sleep(30)"
+    wf = await create_workflow(redis, fast, pool, linear(code))
+    control = RunControl(redis, Keys.from_settings(fast), task_ttl=fast.task_ttl, pool=pool)
+    proc = start_worker_process(fast, shared_dir / "worker.log")
+    try:
+        task = await enqueue(redis, fast, wf, {})
+        for _ in range(1500):
+            if starts.exists() and starts.read_text():
+                break
+            await asyncio.sleep(0.02)
+        assert starts.read_text() == "x"
+    finally:
+        kill9(proc)
+    assert (await control.cancel_task(task.task_id)).outcome == CancelOutcome.CANCELLED
+    async with in_process_worker(fast):
+        for _ in range(500):
+            if not (await redis.xpending(fast.requests_stream, fast.worker_group))["pending"]:
+                break
+            await asyncio.sleep(0.02)
+        assert (await redis.xpending(fast.requests_stream, fast.worker_group))["pending"] == 0
+    # Reclaimed and acknowledged, never run again.
+    assert starts.read_text() == "x"
+    events = await redis.lrange(Keys.from_settings(fast).task_events(task.task_id), 0, -1)
+    last = await redis.xrange(fast.results_stream, events[-1], events[-1])
+    assert last[0][1]["type"] == EventType.CANCELLED
