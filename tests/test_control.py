@@ -611,3 +611,40 @@ async def test_a_run_cancelled_while_its_worker_is_dead_is_never_resumed(
     events = await redis.lrange(Keys.from_settings(fast).task_events(task.task_id), 0, -1)
     last = await redis.xrange(fast.results_stream, events[-1], events[-1])
     assert last[0][1]["type"] == EventType.CANCELLED
+
+
+async def test_sse_task_stream_ends_with_the_cancel(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
+    from api.event_hub import EventHub
+    from api.event_streams import task_event_stream
+
+    keys = Keys.from_settings(settings)
+    hub = EventHub(redis, keys, block_ms=100)
+    await hub.start()
+    try:
+        wf = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
+        task = await enqueue(redis, settings, wf)
+        await RunControl(redis, keys, task_ttl=settings.task_ttl).cancel_task(task.task_id)
+        # The cancel is the terminal event: the stream replays it, then closes.
+        events = [e async for e in task_event_stream(redis, keys, hub, task.task_id, None)]
+        assert [e["event"] for e in events] == ["queued", "cancelled"]
+    finally:
+        await hub.stop()
+
+
+def test_control_steps_touch_one_slot_under_a_shard_tag() -> None:
+    from redis.crc import key_slot
+
+    settings = Settings(redis_url="redis://unused")
+    for shard in range(4):
+        keys = Keys.shard(settings, shard)
+        steps = {
+            "cancel": [keys.task("t"), keys.results, keys.task_events("t"), keys.inflight("acme")],
+            "park": [keys.control, keys.requests, keys.parked(QUEUE), keys.parked(workflow_scope(7))],
+            "resume": [keys.control, keys.parked(workflow_scope(7)), keys.requests],
+        }
+        for step, names in steps.items():
+            slots = {key_slot(n.encode()) for n in names}
+            # The client's counter lives in the client's shard: only shard_of_client's keys share its slot.
+            if step == "cancel" and shard != Keys.shard_of_client("acme", 4):
+                continue
+            assert len(slots) == 1, (step, names)
