@@ -222,8 +222,14 @@ class Run:
         pipe.hmget(ctx.keys.control, "queue", f"workflow:{request.workflow_id}")
         raw, paused = await pipe.execute()
         task = decode_fields(raw)
-        if task.get(TaskField.STATUS) in TERMINAL_STATUSES:
-            # A redelivery of work already finished (or cancelled while queued): acknowledge, never run.
+        # Only a retry of a cancelled run can have a request left behind (a failure's is acknowledged with
+        # its terminal event); its requests carry the retry's token (shared/executions.py retry_failure).
+        replaced = task.get(TaskField.REOPENED_FROM) == TaskStatus.REVOKED and request.payload.get(
+            "reopen_token"
+        ) != task.get(TaskField.REOPEN_TOKEN)
+        if task.get(TaskField.STATUS) in TERMINAL_STATUSES or replaced:
+            # A redelivery of work already finished (or cancelled while queued), or a request a retry
+            # has replaced (a cancelled run's, left queued or pending): acknowledge, never run.
             await ctx.redis.xack(ctx.keys.requests, ctx.keys.worker_group, self.delivery.entry_id)
             return None
         if any(paused) and await self._park():

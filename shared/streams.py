@@ -154,6 +154,7 @@ class TaskField(StrEnum):
     TOKEN = "token"
     LAST_EVENT = "last_event"
     REOPEN_TOKEN = "reopen_token"
+    REOPENED_FROM = "reopened_from"  # the status a retry re-opened (FAILURE or REVOKED)
     CANCEL_REASON = "cancel_reason"  # who cancelled and why, on REVOKED
 
 

@@ -648,3 +648,31 @@ def test_control_steps_touch_one_slot_under_a_shard_tag() -> None:
             if step == "cancel" and shard != Keys.shard_of_client("acme", 4):
                 continue
             assert len(slots) == 1, (step, names)
+
+
+async def test_retrying_a_run_cancelled_while_queued_runs_it_once(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    """The cancelled run's request is still in the stream when the retry adds its own: one runs."""
+    runs = shared_dir / "runs"
+    wf = await create_workflow(redis, settings, pool, linear(f"open({str(runs)!r}, 'a').write('x')"))
+    keys = Keys.from_settings(settings)
+    task = await enqueue(redis, settings, wf, {})
+    await RunControl(redis, keys, task_ttl=settings.task_ttl).cancel_task(task.task_id)
+    await retry_failure(Scripts(redis, keys), task.execution_id, Owner(task.task_id, "acme", wf.id, wf.version))
+    assert await redis.xlen(settings.requests_stream) == 2
+    async with in_process_worker(settings):
+        await wait_projected(pool, [task.execution_id], {"completed"})
+        for _ in range(500):
+            if not (await redis.xpending(settings.requests_stream, settings.worker_group))["pending"]:
+                break
+            await asyncio.sleep(0.02)
+    assert runs.read_text() == "x"
+    starts = [e async for e in _task_events(redis, keys, task.task_id) if e == EventType.STARTED]
+    assert len(starts) == 1
+
+
+async def _task_events(redis: Redis, keys: Keys, task_id: str) -> AsyncIterator[str]:
+    for event_id in await redis.lrange(keys.task_events(task_id), 0, -1):
+        [(_, fields)] = await redis.xrange(keys.results, event_id, event_id)
+        yield fields["type"]
