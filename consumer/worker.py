@@ -248,9 +248,9 @@ class Worker:
     async def _heartbeat(self) -> None:
         sent_at = time.monotonic()
         ids = list(self.inflight)
-        await self._recheck_control(ids)
         if not ids:
             self._fresh_at = sent_at
+            await self._recheck_control_bounded(ids)
             return
         try:
             # Bounded: a partitioned connection would otherwise hang this loop and the watchdog's view.
@@ -261,6 +261,7 @@ class Worker:
             self._outage()
             raise
         self._fresh_at = sent_at
+        await self._recheck_control_bounded(ids)
         for entry_id in ids:
             if entry_id not in kept and entry_id in self.inflight:
                 # Another worker reclaimed it (we were silent too long): stop our copy so the
@@ -282,7 +283,7 @@ class Worker:
                 await pubsub.subscribe(self.keys.control_channel)
                 backoff.reset()
                 # Subscribed: anything pushed before now is read from Redis instead.
-                await self._recheck_control(list(self.inflight))
+                await self._recheck_control_bounded(list(self.inflight))
                 while not closed.is_set():
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
@@ -346,6 +347,14 @@ class Worker:
         except REDIS_UNAVAILABLE:
             # Left pending: whoever reads it next finds the task terminal and acknowledges it.
             log.warning("entry %s of a cancelled task left pending (Redis unavailable)", entry_id)
+
+    async def _recheck_control_bounded(self, entry_ids: list[str]) -> None:
+        """The re-check after a heartbeat: bounded like the heartbeat, and never in its way (a hung or
+        failed re-check must not delay the watchdog's view of whether Redis is reachable)."""
+        try:
+            await asyncio.wait_for(self._recheck_control(entry_ids), timeout=self.settings.visibility_timeout / 4)
+        except (*REDIS_UNAVAILABLE, TimeoutError) as exc:
+            log.debug("control re-check skipped: %s", exc)
 
     async def _recheck_control(self, entry_ids: list[str]) -> None:
         """Read the drain flag and the in-flight tasks' statuses from Redis: the push's safety net."""
