@@ -94,7 +94,8 @@ class Worker:
         # Set while the operators drain the workers: finish what is held, take nothing new.
         self.draining = False
         self._undrained = asyncio.Event()
-        self._drain_started = asyncio.Event()
+        # Whether the reader has stopped for the drain (what the drain's progress reports).
+        self._reader_parked = False
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
         provider = self.providers.get(spec.executor)
@@ -176,9 +177,12 @@ class Worker:
                 if self.draining:
                     # Take nothing new (reclaims included) until the drain ends or the worker stops.
                     self._undrained.clear()
+                    self._reader_parked = True
+                    self._report(self._report_drained())
                     undrained = asyncio.create_task(self._undrained.wait())
                     await asyncio.wait({undrained, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                     undrained.cancel()
+                    self._reader_parked = False
                     continue
                 if self.free_slots <= 0:
                     self._slot_freed.clear()
@@ -191,16 +195,9 @@ class Worker:
                     read: asyncio.Task[Any] = asyncio.create_task(self._reclaim())
                 else:
                     read = asyncio.create_task(self._read(self.free_slots))
-                self._drain_started.clear()
-                drain_wait = asyncio.create_task(self._drain_started.wait())
-                done, _ = await asyncio.wait({read, stop_wait, drain_wait}, return_when=asyncio.FIRST_COMPLETED)
-                drain_wait.cancel()
-                if read not in done and not stop.is_set():
-                    # A drain began during the read: take nothing (what it delivered stays pending).
-                    read.cancel()
-                    with contextlib.suppress(BaseException):
-                        await read
-                    continue
+                # A drain that begins during this read takes effect when it returns (within its 2 s
+                # block): cancelling it could strand what Redis delivered to it until a reclaim.
+                done, _ = await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if read not in done:
                     # Stopping: an entry delivered to a cancelled read stays pending and is reclaimed.
                     read.cancel()
@@ -310,10 +307,7 @@ class Worker:
         if on != self.draining:
             log.info("drain %s: %s", "started" if on else "ended", "taking nothing new" if on else "reading again")
         self.draining = on
-        if on:
-            self._drain_started.set()
-            self._report(self._report_drained())
-        else:
+        if not on:
             self._undrained.set()
 
     def _report(self, coro: Awaitable[None]) -> None:
@@ -324,7 +318,7 @@ class Worker:
     async def _report_drained(self) -> None:
         """Tell the operators this worker reads nothing now, and what it still holds (drain progress)."""
         with contextlib.suppress(*REDIS_UNAVAILABLE):
-            if self.draining:
+            if self.draining and self._reader_parked:
                 await self.redis.hset(self.keys.drained, self.consumer, str(len(self.inflight)))
 
     def stop_task(self, task_id: str) -> bool:
