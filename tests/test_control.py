@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from cli.embedded import RedisServer
 from shared.control import QUEUE, CancelFilter, RunControl, workflow_scope
 from shared.events import event_fields
-from shared.executions import Owner, retry_failure
+from shared.executions import NotRetryable, Owner, retry_failure
 from shared.scripts import CancelOutcome, RecordOutcome, Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
@@ -240,6 +240,10 @@ async def test_reopen_retries_a_revoked_task_and_only_once(r: Redis) -> None:
     assert reopened.task_id == "a"
     assert await r.hget(KEYS.task("a"), TaskField.STATUS) == TaskStatus.RETRY
     assert await r.get(KEYS.inflight("acme")) == "1"
+    # A second retry finds it no longer cancelled: nothing more is queued.
+    with pytest.raises(NotRetryable, match="not FAILURE or REVOKED"):
+        await retry_failure(Scripts(r, KEYS), 1, owner)
+    assert await r.xlen(KEYS.requests) == 2 and await r.get(KEYS.inflight("acme")) == "1"
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------
