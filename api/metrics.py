@@ -50,6 +50,13 @@ class Metrics:
         self.redis_memory = Gauge(
             "nova_redis_memory_bytes", "Redis memory: used, and maxmemory (0: no limit)", ["kind"], registry=r
         )
+        self.queue_paused = Gauge("nova_queue_paused", "1 while the whole queue is paused", registry=r)
+        self.paused_workflows = Gauge("nova_paused_workflows", "Workflows paused", registry=r)
+        self.parked = Gauge("nova_parked", "Requests parked while paused", registry=r)
+        self.draining = Gauge("nova_draining", "1 while the workers are drained", registry=r)
+        self.drain_held = Gauge(
+            "nova_drain_held", "Runs the workers still hold (drain progress: 0 when done)", registry=r
+        )
         self.executions = Gauge("nova_executions", "Executions by status (PostgreSQL)", ["status"], registry=r)
         self.enqueue_to_start = Histogram(
             "nova_enqueue_to_start_seconds",
@@ -95,6 +102,12 @@ class Metrics:
             self.consumer_idle.labels(consumer["group"], consumer["consumer"]).set(consumer["idle_s"])
         self.dead_letters.set(report["dead_letters"])
         self.delayed.set(report["delayed_retries"])
+        control = report["control"]
+        self.queue_paused.set(1 if control["queue_paused"] else 0)
+        self.paused_workflows.set(len(control["paused_workflows"]))
+        self.parked.set(control["parked"])
+        self.draining.set(1 if control["draining"] else 0)
+        self.drain_held.set(control["held_by_workers"])
         memory = await redis.info("memory")
         self.redis_memory.labels("used").set(int(memory.get("used_memory", 0)))
         self.redis_memory.labels("max").set(int(memory.get("maxmemory", 0)))

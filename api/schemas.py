@@ -122,7 +122,7 @@ class ExecuteOut(BaseModel):
 
 class TaskOut(BaseModel):
     task_id: str
-    status: Literal["PENDING", "RUNNING", "RETRY", "SUCCESS", "FAILURE", "DEAD"]
+    status: Literal["PENDING", "RUNNING", "RETRY", "SUCCESS", "FAILURE", "DEAD", "REVOKED"]
     message: str
     execution_id: int | None = None
     workflow_id: int | None = None
@@ -161,8 +161,8 @@ class NodeRunOut(BaseModel):
 
 
 EXECUTION_STATUS_DESCRIPTION = (
-    "pending, running, completed or failed (NOVA's words), retrying (a transient error, to be retried) "
-    "or dead (dead-lettered)"
+    "pending, running, completed or failed (NOVA's words), retrying (a transient error, to be retried), "
+    "dead (dead-lettered) or cancelled"
 )
 
 

@@ -145,7 +145,7 @@ def execution_row(event: Event) -> tuple[Any, ...]:
     ms, seq = entry_id_parts(event.id)
     t = event.type
     ts = parse_iso(event.ts)
-    error = d.get("error") if t in (EventType.FAILED, EventType.DEAD, EventType.RETRY) else None
+    error = d.get("error") if t in (EventType.FAILED, EventType.DEAD, EventType.RETRY, EventType.CANCELLED) else None
     final = d.get("final_context") if t in (EventType.SUCCEEDED, EventType.FAILED) else None
     nodes = d.get("nodes_executed")
     if t == EventType.NODE_FINISHED:
@@ -166,7 +166,9 @@ def execution_row(event: Event) -> tuple[Any, ...]:
         d.get("consumer") if t == EventType.STARTED else None,
         parse_iso(d.get("enqueued_at")) if t == EventType.QUEUED else None,
         parse_iso(d.get("started_at")) if t == EventType.STARTED else None,
-        parse_iso(d.get("finished_at")) if t in (EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD) else None,
+        parse_iso(d.get("finished_at"))
+        if t in (EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD, EventType.CANCELLED)
+        else None,
         ts,
         ms,
         seq,

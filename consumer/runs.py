@@ -46,6 +46,7 @@ from shared.streams import (
     TaskStatus,
     decode_fields,
     dumps,
+    entry_id_parts,
     loads,
     now_iso,
     parse_iso,
@@ -212,14 +213,45 @@ class Run:
         await self._finish(outcome)
 
     async def _task_state(self) -> dict[str, str] | None:
-        """The task hash, or None when the task is finished already (the entry is then acknowledged)."""
-        ctx = self.ctx
-        task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(self.request.task_id)))
-        if task.get(TaskField.STATUS) in TERMINAL_STATUSES:
-            # A redelivery of work already finished: acknowledge, never run twice.
+        """The task hash, or None when the task is finished already (the entry is then acknowledged)
+        or its workflow or the queue is paused (the request is then parked until resumed)."""
+        ctx, request = self.ctx, self.request
+        # The pause flags ride in the same round trip as the task: a delivery costs nothing more.
+        pipe = ctx.redis.pipeline(transaction=False)
+        pipe.hgetall(ctx.keys.task(request.task_id))
+        pipe.hmget(ctx.keys.control, "queue", f"workflow:{request.workflow_id}")
+        raw, paused = await pipe.execute()
+        task = decode_fields(raw)
+        # Only a retry of a cancelled run can have a request left behind (a failure's is acknowledged with
+        # its terminal event); its requests carry the retry's token (shared/executions.py retry_failure).
+        replaced = task.get(TaskField.REOPENED_FROM) == TaskStatus.REVOKED and request.payload.get(
+            "reopen_token"
+        ) != task.get(TaskField.REOPEN_TOKEN)
+        if task.get(TaskField.STATUS) in TERMINAL_STATUSES or replaced:
+            # A redelivery of work already finished (or cancelled while queued), or a request a retry
+            # has replaced (a cancelled run's, left queued or pending): acknowledge, never run.
             await ctx.redis.xack(ctx.keys.requests, ctx.keys.worker_group, self.delivery.entry_id)
             return None
+        if any(paused) and await self._park():
+            return None
         return task
+
+    async def _park(self) -> bool:
+        """Park the request while paused; False when the pause ended meanwhile (the run goes ahead)."""
+        ctx, request = self.ctx, self.request
+        parked = await _durably(
+            lambda: ctx.scripts.park(
+                entry_id=self.delivery.entry_id,
+                consumer=ctx.consumer,
+                workflow_id=request.workflow_id,
+                score=_entry_score(self.delivery.entry_id),
+                request=request.fields,
+            ),
+            ctx.settings,
+        )
+        if parked == 1:
+            log.info("task %s parked: its workflow or the queue is paused", request.task_id)
+        return bool(parked != 0)
 
     async def _definition(self, task: dict[str, str]) -> Definition | None:
         ctx = self.ctx
@@ -578,6 +610,12 @@ class RecordingHooks:
                 TaskField.NODES_EXECUTED: str(record.step),
             },
         )
+
+
+def _entry_score(entry_id: str) -> int:
+    """An entry id as one number in its order (ms and sequence), exact in a sorted set's double."""
+    ms, seq = entry_id_parts(entry_id)
+    return ms * 1000 + min(seq, 999)
 
 
 def _ms_between(start: str, end: str) -> float | None:

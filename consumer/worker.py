@@ -7,6 +7,11 @@ worker's runs do not wait behind the whole backlog. Alongside the reader run sma
 that keeps this worker's in-flight entries fresh, a watchdog that gives runs up when the heartbeat
 cannot reach Redis (another worker will take them over: running on would run their nodes twice),
 promotion of due retries, and housekeeping (trimming, removing dead consumers).
+
+Run control (shared/control.py): a listener on the control channel learns of a cancel by a push and
+stops the run at once (its sandbox is killed with it), and of a drain, after which the reader takes
+nothing new until it ends. The heartbeat re-reads both, so a push missed while disconnected is made
+good within a quarter of the visibility timeout.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from shared.connections import REDIS_UNAVAILABLE, autoclaim, create_redis, ensur
 from shared.db import LazyPool
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys
+from shared.streams import Keys, RequestField, decode_fields
 from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,13 @@ class Worker:
         self._reclaim_cursor = "0-0"
         # Cancellations in progress of runs that were taken over (kept so they are not collected).
         self._stopping: set[asyncio.Task[None]] = set()
+        # The task id of each in-flight entry: a cancel names the task.
+        self._task_of: dict[str, str] = {}
+        # Set while the operators drain the workers: finish what is held, take nothing new.
+        self.draining = False
+        self._undrained = asyncio.Event()
+        # Whether the reader has stopped for the drain (what the drain's progress reports).
+        self._reader_parked = False
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
         provider = self.providers.get(spec.executor)
@@ -100,6 +112,7 @@ class Worker:
             return
         task = asyncio.create_task(self._run(entry_id, fields, deliveries), name=f"run {entry_id}")
         self.inflight[entry_id] = task
+        self._task_of[entry_id] = decode_fields(fields).get(RequestField.TASK_ID, "")
 
     async def _run(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
         try:
@@ -117,7 +130,10 @@ class Worker:
             log.exception("entry %s: unexpected error; left pending for redelivery", entry_id)
         finally:
             self.inflight.pop(entry_id, None)
+            self._task_of.pop(entry_id, None)
             self._slot_freed.set()
+            if self.draining:
+                self._report(self._report_drained())
 
     # ---- loops ---------------------------------------------------------------------------------
 
@@ -139,6 +155,7 @@ class Worker:
             asyncio.create_task(self._every(vt / 8, self._watchdog, closed)),
             asyncio.create_task(self._every(self._promote_interval(), self._promote, stop)),
             asyncio.create_task(self._every(max(vt, 5.0), self.maintenance.run, stop)),
+            asyncio.create_task(self._listen_control(closed), name="control"),
         ]
         try:
             await self._read_loop(stop)
@@ -157,6 +174,16 @@ class Worker:
         stop_wait = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
+                if self.draining:
+                    # Take nothing new (reclaims included) until the drain ends or the worker stops.
+                    self._undrained.clear()
+                    self._reader_parked = True
+                    self._report(self._report_drained())
+                    undrained = asyncio.create_task(self._undrained.wait())
+                    await asyncio.wait({undrained, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    undrained.cancel()
+                    self._reader_parked = False
+                    continue
                 if self.free_slots <= 0:
                     self._slot_freed.clear()
                     freed = asyncio.create_task(self._slot_freed.wait())
@@ -168,6 +195,8 @@ class Worker:
                     read: asyncio.Task[Any] = asyncio.create_task(self._reclaim())
                 else:
                     read = asyncio.create_task(self._read(self.free_slots))
+                # A drain that begins during this read takes effect when it returns (within its 2 s
+                # block): cancelling it could strand what Redis delivered to it until a reclaim.
                 done, _ = await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if read not in done:
                     # Stopping: an entry delivered to a cancelled read stays pending and is reclaimed.
@@ -218,6 +247,7 @@ class Worker:
         ids = list(self.inflight)
         if not ids:
             self._fresh_at = sent_at
+            await self._recheck_control_bounded(ids)
             return
         try:
             # Bounded: a partitioned connection would otherwise hang this loop and the watchdog's view.
@@ -228,6 +258,7 @@ class Worker:
             self._outage()
             raise
         self._fresh_at = sent_at
+        await self._recheck_control_bounded(ids)
         for entry_id in ids:
             if entry_id not in kept and entry_id in self.inflight:
                 # Another worker reclaimed it (we were silent too long): stop our copy so the
@@ -236,6 +267,103 @@ class Worker:
                 stopping = asyncio.create_task(cancel_until_done([self.inflight[entry_id]]))
                 self._stopping.add(stopping)
                 stopping.add_done_callback(self._stopping.discard)
+
+    # ---- run control -----------------------------------------------------------------------------
+
+    async def _listen_control(self, closed: asyncio.Event) -> None:
+        """Follow the control channel: `cancel <task id>`, `drain on|off`. Reconnects after an outage;
+        what was pushed meanwhile is picked up by the heartbeat's re-check."""
+        backoff = Backoff()
+        while not closed.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.control_channel)
+                backoff.reset()
+                # Subscribed: anything pushed before now is read from Redis instead.
+                await self._recheck_control_bounded(list(self.inflight))
+                while not closed.is_set():
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        data = message["data"]
+                        self._on_control(data.decode(errors="replace") if isinstance(data, bytes) else str(data))
+            except asyncio.CancelledError:
+                raise
+            except (*REDIS_UNAVAILABLE, TimeoutError) as exc:
+                delay = backoff.next_delay()
+                log.debug("control channel unavailable (%s); retrying in %.1fs", exc, delay)
+                await sleep_or_stop(delay, closed)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _on_control(self, message: str) -> None:
+        verb, _, arg = message.partition(" ")
+        if verb == "cancel":
+            self.stop_task(arg)
+        elif verb == "drain":
+            self._set_draining(arg == "on")
+
+    def _set_draining(self, on: bool) -> None:
+        if on != self.draining:
+            log.info("drain %s: %s", "started" if on else "ended", "taking nothing new" if on else "reading again")
+        self.draining = on
+        if not on:
+            self._undrained.set()
+
+    def _report(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _report_drained(self) -> None:
+        """Tell the operators this worker reads nothing now, and what it still holds (drain progress)."""
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            if self.draining and self._reader_parked:
+                await self.redis.hset(self.keys.drained, self.consumer, str(len(self.inflight)))
+
+    def stop_task(self, task_id: str) -> bool:
+        """Stop the run of a cancelled task, if this worker holds it: the run is cancelled (its sandbox
+        killed, no further node started), then its entry acknowledged (the task is terminal already)."""
+        entry_id = next((e for e, t in self._task_of.items() if t == task_id), None)
+        if entry_id is None or entry_id not in self.inflight:
+            return False
+        log.info("entry %s: task %s was cancelled; stopping its run", entry_id, task_id)
+        run = self.inflight[entry_id]
+        stopping = asyncio.create_task(self._stop_cancelled(entry_id, run))
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
+        return True
+
+    async def _stop_cancelled(self, entry_id: str, run: asyncio.Task[None]) -> None:
+        await cancel_until_done([run])
+        try:
+            await self.redis.xack(self.keys.requests, self.keys.worker_group, entry_id)
+        except REDIS_UNAVAILABLE:
+            # Left pending: whoever reads it next finds the task terminal and acknowledges it.
+            log.warning("entry %s of a cancelled task left pending (Redis unavailable)", entry_id)
+
+    async def _recheck_control_bounded(self, entry_ids: list[str]) -> None:
+        """The re-check after a heartbeat: bounded like the heartbeat, and never in its way (a hung or
+        failed re-check must not delay the watchdog's view of whether Redis is reachable)."""
+        try:
+            await asyncio.wait_for(self._recheck_control(entry_ids), timeout=self.settings.visibility_timeout / 4)
+        except (*REDIS_UNAVAILABLE, TimeoutError) as exc:
+            log.debug("control re-check skipped: %s", exc)
+
+    async def _recheck_control(self, entry_ids: list[str]) -> None:
+        """Read the drain flag and the in-flight tasks' statuses from Redis: the push's safety net."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.keys.control, "drain")
+        held = [(e, self._task_of.get(e, "")) for e in entry_ids]
+        for _, task_id in held:
+            pipe.hget(self.keys.task(task_id), "status")
+        drain, *statuses = await pipe.execute()
+        self._set_draining(bool(drain))
+        if self.draining:
+            await self._report_drained()
+        for (_, task_id), status in zip(held, statuses, strict=True):
+            if status in ("REVOKED", b"REVOKED"):
+                self.stop_task(task_id)
 
     async def _watchdog(self) -> None:
         """Give every run up when the heartbeat has not reached Redis for half the visibility timeout.

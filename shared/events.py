@@ -10,6 +10,7 @@ data by type (JSON in the `data` field):
 - succeeded:     {started_at, finished_at, duration_ms, final_context, nodes_executed}
 - failed:        {started_at, finished_at, duration_ms, final_context, nodes_executed, error}
 - dead:          {finished_at, reason, error, attempts}
+- cancelled:     {finished_at, cancelled_by, previous_status, current_node, error}
 An `error` is {node_id, type, message, traceback, reason}.
 """
 

@@ -541,14 +541,21 @@ class Reopened:
 
 
 async def retry_failure(scripts: Scripts, execution_id: int, owner: Owner) -> Reopened:
-    """Run a FAILURE again from its failed node, with the context it had there (its checkpoint), and
-    with the workflow version it ran."""
+    """Run a FAILURE again from its failed node, or a cancelled (REVOKED) run from the node after the last
+    one it completed, with the context it had there (its checkpoint), and with the workflow version it ran."""
     task_id = owner.task_id
     task = decode_fields(await scripts.redis.hgetall(scripts.keys.task(task_id)))
     if not task:
         raise NotRetryable(f"execution {execution_id} has expired from Redis and can no longer be retried")
     workflow_id, client = int(task[TaskField.WORKFLOW_ID]), task[TaskField.CLIENT]
-    payload: dict[str, Any] = {"initial_context": {}, "retry_of": "failure"}
+    token = uuid.uuid4().hex
+    payload: dict[str, Any] = {
+        "initial_context": {},
+        "retry_of": "cancel" if task.get(TaskField.STATUS) == TaskStatus.REVOKED else "failure",
+        # A cancelled run may leave its request behind (queued, or pending on a dead worker); the token
+        # tells the workers which request is the retry's, so that the old one is only acknowledged.
+        "reopen_token": token,
+    }
     if owner.workflow_version is not None:
         payload["workflow_version"] = owner.workflow_version
     request = {
@@ -570,9 +577,9 @@ async def retry_failure(scripts: Scripts, execution_id: int, owner: Owner) -> Re
         client=client,
         data={"attempt": attempt, "error": None, "retry_at": None, "manual": True},
     )
-    previous = await scripts.reopen(
-        task_id=task_id, client=client, token=uuid.uuid4().hex, event=event, request=request
-    )
-    if previous != TaskStatus.FAILURE:
-        raise NotRetryable(f"execution {execution_id} is {previous or 'unknown'}, not FAILURE: nothing to retry")
+    previous = await scripts.reopen(task_id=task_id, client=client, token=token, event=event, request=request)
+    if previous not in (TaskStatus.FAILURE, TaskStatus.REVOKED):
+        raise NotRetryable(
+            f"execution {execution_id} is {previous or 'unknown'}, not FAILURE or REVOKED: nothing to retry"
+        )
     return Reopened(task_id=task_id, workflow_id=workflow_id, workflow_name=task.get(TaskField.WORKFLOW_NAME, ""))

@@ -13,6 +13,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared.control import RunControl
 from shared.streams import Keys, entry_id_parts
 
 # Redis 6.2 has no `lag` in XINFO GROUPS; counting undelivered entries by hand stops here.
@@ -80,6 +81,8 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
         "consumers": consumers,
         "delayed_retries": await redis.zcard(keys.delayed),
         "dead_letters": streams["dead_letter"]["length"],
+        # Pauses, what they hold back, and drain progress (shared/control.py).
+        "control": await RunControl(redis, keys, task_ttl=0).state(),
     }
 
 
@@ -100,4 +103,19 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"  {c['consumer']:<36} {c['group']:<16} pending {c['pending']:<5} idle {c['idle_s']:.1f}s")
     lines.append(f"delayed retries: {report['delayed_retries']}")
     lines.append(f"dead letters:    {report['dead_letters']}")
+    control = report.get("control")
+    if control:
+        paused = ", ".join(f"{w['workflow_id']} ({w['parked']} parked)" for w in control["paused_workflows"])
+        lines.append(
+            f"queue paused:    {'yes' if control['queue_paused'] else 'no'} ({control['parked']} parked in all)"
+        )
+        lines.append(f"paused workflows: {paused or '-'}")
+        if control["draining"]:
+            workers = ", ".join(f"{c} holds {n}" for c, n in control["drained_workers"].items()) or "none yet"
+            lines.append(
+                f"draining:        since {control['draining_since']}; {control['held_by_workers']} run(s) still held;"
+                f" stopped reading: {workers}"
+            )
+        else:
+            lines.append("draining:        no")
     return "\n".join(lines)

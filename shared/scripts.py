@@ -65,6 +65,12 @@ class RecordOutcome(IntEnum):
     WRITTEN = 1
 
 
+class CancelOutcome(IntEnum):
+    MISSING = -1  # no such task (expired, never existed, or another client's)
+    ALREADY_TERMINAL = 0  # it had finished (or was cancelled) already: nothing written
+    CANCELLED = 1
+
+
 class AtCapacity(Exception):
     """The client already has its maximum number of executions in flight."""
 
@@ -345,3 +351,68 @@ class Scripts:
 
     def semaphore_holders_key(self, name: str) -> str:
         return semaphore_keys(self.keys.prefix, name)[0]
+
+    async def cancel(
+        self,
+        *,
+        task_id: str,
+        client: str | None,
+        event: dict[str, str],
+        task_fields: dict[str, str],
+        task_ttl: int,
+    ) -> tuple[CancelOutcome, str]:
+        """End a task as REVOKED unless it is terminal already, and push its id to the workers.
+
+        `client` None cancels any client's task (operators); otherwise only that client's (another's
+        answers MISSING, exactly like an unknown id). The in-flight count is the task's client's."""
+        owner = client
+        if owner is None:
+            owner = _s(await self.redis.hget(self.keys.task(task_id), "client") or "")
+        reply = await self._call(
+            "cancel",
+            keys=[
+                self.keys.task(task_id),
+                self.keys.results,
+                self.keys.task_events(task_id),
+                self.keys.inflight(owner),
+            ],
+            args=[
+                client or "",
+                task_ttl,
+                self.keys.control_channel,
+                task_id,
+                *counted(pairs(event)),
+                *pairs(task_fields),
+            ],
+        )
+        outcome, status = (_s(x) for x in reply)
+        return CancelOutcome(int(outcome)), status
+
+    async def park(self, *, entry_id: str, consumer: str, workflow_id: int, score: int, request: dict[str, str]) -> int:
+        """1 parked (paused), 0 not paused: run it, -1 the entry is not this consumer's (any more).
+        `score` orders the parked requests (the entry's position in the stream): resume keeps it."""
+        field = f"workflow:{workflow_id}"
+        reply = await self._call(
+            "park",
+            keys=[self.keys.control, self.keys.requests, self.keys.parked("queue"), self.keys.parked(field)],
+            args=[entry_id, self.keys.worker_group, consumer, field, score, orjson.dumps(request).decode()],
+        )
+        return int(reply)
+
+    async def resume(self, scope: str, *, limit: int = 500) -> int:
+        """Clear the pause of `scope` (`queue` or `workflow:{id}`) and move its parked requests back, in
+        order; returns how many moved."""
+        moved = 0
+        clear = True
+        while True:
+            n = int(
+                await self._call(
+                    "resume",
+                    keys=[self.keys.control, self.keys.parked(scope), self.keys.requests],
+                    args=[scope, limit, "1" if clear else "0"],
+                )
+            )
+            moved += n
+            clear = False
+            if n < limit:
+                return moved

@@ -27,9 +27,11 @@ class TaskStatus(StrEnum):
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
     DEAD = "DEAD"
+    # Cancelled by an operator or its client (Celery's word for it): never starts, or stops for good.
+    REVOKED = "REVOKED"
 
 
-TERMINAL_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.DEAD})
+TERMINAL_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.DEAD, TaskStatus.REVOKED})
 
 
 class EventType(StrEnum):
@@ -43,9 +45,10 @@ class EventType(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     DEAD = "dead"
+    CANCELLED = "cancelled"
 
 
-TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD})
+TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD, EventType.CANCELLED})
 
 
 class ExecutionStatus(StrEnum):
@@ -58,6 +61,7 @@ class ExecutionStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     DEAD = "dead"
+    CANCELLED = "cancelled"
 
 
 # The execution status an event moves an execution to (the `executions.status` column). Migration 0003
@@ -71,6 +75,7 @@ EXECUTION_STATUS_BY_EVENT: dict[EventType, ExecutionStatus] = {
     EventType.SUCCEEDED: ExecutionStatus.COMPLETED,
     EventType.FAILED: ExecutionStatus.FAILED,
     EventType.DEAD: ExecutionStatus.DEAD,
+    EventType.CANCELLED: ExecutionStatus.CANCELLED,
 }
 
 # The same statuses as the task hash says them (`GET /tasks`, Celery's words), for an execution read
@@ -82,6 +87,7 @@ EXECUTION_STATUS_BY_TASK_STATUS: dict[TaskStatus, ExecutionStatus] = {
     TaskStatus.SUCCESS: ExecutionStatus.COMPLETED,
     TaskStatus.FAILURE: ExecutionStatus.FAILED,
     TaskStatus.DEAD: ExecutionStatus.DEAD,
+    TaskStatus.REVOKED: ExecutionStatus.CANCELLED,
 }
 
 # Words executions were recorded with before NOVA's: still accepted as filters, so that existing
@@ -148,6 +154,8 @@ class TaskField(StrEnum):
     TOKEN = "token"
     LAST_EVENT = "last_event"
     REOPEN_TOKEN = "reopen_token"
+    REOPENED_FROM = "reopened_from"  # the status a retry re-opened (FAILURE or REVOKED)
+    CANCEL_REASON = "cancel_reason"  # who cancelled and why, on REVOKED
 
 
 class DeadLetterField(StrEnum):
@@ -260,6 +268,28 @@ class Keys:
     def projector_dead_letter(self) -> str:
         """Events the projector read but cannot write, kept for an operator (never trimmed by NOVA)."""
         return self._name("projector", "dlq")
+
+    @property
+    def control(self) -> str:
+        """Hash of run-control flags: `queue` (paused), `workflow:{id}` (paused), `drain` (workers take
+        nothing new). Read by workers on each delivery, so a flag holds from the moment it is set."""
+        return self._name("control")
+
+    @property
+    def control_channel(self) -> str:
+        """Pub/sub channel of run-control pushes (a cancelled task id, a changed flag): how a worker
+        learns of a cancel within a moment rather than at its next heartbeat."""
+        return self._name("control", "push")
+
+    @property
+    def drained(self) -> str:
+        """Hash of the workers that have stopped reading for a drain: consumer -> runs it still holds."""
+        return self._name("control", "drained")
+
+    def parked(self, scope: str) -> str:
+        """Sorted set of requests parked while their scope (`queue`, `workflow:{id}`) is paused, scored
+        by their original entry time, so that resume starts them in order."""
+        return self._name("parked", scope)
 
     @property
     def delayed(self) -> str:

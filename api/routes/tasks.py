@@ -23,6 +23,7 @@ MESSAGES = {
     TaskStatus.SUCCESS: "Task completed successfully",
     TaskStatus.FAILURE: "Task failed",
     TaskStatus.DEAD: "Task was dead-lettered",
+    TaskStatus.REVOKED: "Task was cancelled",
 }
 
 
@@ -58,7 +59,7 @@ def task_view(task: dict[str, str], trace: list[dict[str, Any]] | None = None, f
             "attempt": _int(task.get(TaskField.ATTEMPT)) or 0,
         }
     error = loads(task.get(TaskField.ERROR)) if status != TaskStatus.SUCCESS else None
-    if status in (TaskStatus.FAILURE, TaskStatus.DEAD, TaskStatus.RETRY):
+    if status in (TaskStatus.FAILURE, TaskStatus.DEAD, TaskStatus.RETRY, TaskStatus.REVOKED):
         out["error"] = error_message(error)
         out["error_detail"] = error
     if status == TaskStatus.SUCCESS:

@@ -3,7 +3,7 @@
 
 -- A task has exactly one terminal state; nothing is written over it.
 local function is_terminal(status)
-  return status == 'SUCCESS' or status == 'FAILURE' or status == 'DEAD'
+  return status == 'SUCCESS' or status == 'FAILURE' or status == 'DEAD' or status == 'REVOKED'
 end
 
 -- Whether `entry` is pending in `group` and delivered to `consumer` now. A worker whose entry was
