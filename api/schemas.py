@@ -9,6 +9,8 @@ from fastapi import Path, Query
 from pydantic import AliasChoices, BaseModel, Field
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# PostgreSQL text cannot hold U+0000: refused here with a 422 rather than there with a 500.
+NO_NUL = r"^[^\x00]*$"
 BIGINT_MAX = 2**63 - 1
 
 # Ids are PostgreSQL bigints: anything larger is refused as invalid, not passed down to fail there.
@@ -56,16 +58,16 @@ _GRAPH_DESCRIPTION = (
 
 
 class WorkflowIn(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
-    description: str | None = Field(default=None, max_length=5000)
+    name: str = Field(min_length=1, max_length=255, pattern=NO_NUL)
+    description: str | None = Field(default=None, max_length=5000, pattern=NO_NUL)
     graph_definition: dict[str, Any] = Field(validation_alias=_GRAPH, description=_GRAPH_DESCRIPTION)
 
 
 class WorkflowUpdate(BaseModel):
     """Fields left out (or null) stay as they are; any change stores a new version."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=255)
-    description: str | None = Field(default=None, max_length=5000)
+    name: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL)
+    description: str | None = Field(default=None, max_length=5000, pattern=NO_NUL)
     graph_definition: dict[str, Any] | None = Field(
         default=None, validation_alias=_GRAPH, description=_GRAPH_DESCRIPTION
     )
@@ -245,7 +247,7 @@ class HealthOut(BaseModel):
 
 class ClientIn(BaseModel):
     slug: str = Field(pattern=SLUG_PATTERN)
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class ClientKeyOut(BaseModel):

@@ -253,3 +253,16 @@ async def test_oversized_request_heads_are_refused_with_431(settings: Settings) 
         error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
         assert error["code"] == "headers_too_large" and "65536 bytes" in error["message"]
     assert fine.startswith(b"HTTP/1.1 200 "), fine[:200]
+
+
+async def test_text_postgresql_cannot_hold_is_a_422_not_a_500(api: httpx.AsyncClient) -> None:
+    """Found by the schema fuzz test: a NUL in a client's or a workflow's name reached PostgreSQL."""
+    client = await api.post("/clients", json={"slug": "nul", "name": "a\u0000b"})
+    assert client.status_code == 422, client.text
+    workflow = await api.post("/workflows", json={"name": "wf\u0000", "graph_definition": {"nodes": [], "edges": []}})
+    assert workflow.status_code == 422, workflow.text
+    described = await api.post(
+        "/workflows",
+        json={"name": "wf", "description": "\u0000", "graph_definition": {"nodes": [], "edges": []}},
+    )
+    assert described.status_code == 422, described.text

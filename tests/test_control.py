@@ -64,7 +64,8 @@ def versioned_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 
 @pytest.fixture
 async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(versioned_server.url, decode_responses=True)
+    # The admin user: the fixture flushes; the scripts' own rights are tested in test_embedded.
+    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
     await client.flushall()
     await client.xgroup_create(KEYS.requests, KEYS.worker_group, id="0", mkstream=True)
     await Scripts(client, KEYS).raise_sequence(0)
@@ -257,11 +258,39 @@ def shared_dir() -> Iterator[Path]:
         yield root
 
 
+@pytest.fixture
+def settings(settings: Settings, shared_dir: Path) -> Settings:
+    # Sandboxes see the host read-only but for folders an operator shares.
+    return settings.model_copy(update={"sandbox_writable": str(shared_dir)})
+
+
+# Node code names its sandbox by uid (leased per live sandbox when the worker is root) and pid: the pid
+# is its own PID namespace's, meaningless here, so the uid is what is checked when there is one.
+WHO = "import os\nopen({path!r}, 'a').write(f'{{os.getuid()}}:{{os.getpid()}} ')\n"
+
+
+def _sandboxes(path: Path) -> list[tuple[int, int]]:
+    if not path.exists():
+        return []
+    return [(int(u), int(p)) for u, p in (item.split(":") for item in path.read_text().split())]
+
+
+def _sandbox_alive(uid: int, pid: int) -> bool:
+    if uid == os.getuid():
+        return _alive(pid)
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            continue
+        uids = next((line.split()[1:] for line in lines if line.startswith("Uid:")), [])
+        state = next((line.split()[1] for line in lines if line.startswith("State:")), "")
+        if uids and int(uids[0]) == uid and state != "Z":
+            return True
+    return False
+
+
 SLOW = "import time\nfor _ in range(300): time.sleep(0.1)\ncontext['slow'] = True"
-
-
-def _pids(path: Path) -> list[int]:
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 def _alive(pid: int) -> bool:
@@ -282,7 +311,7 @@ async def test_cancel_stops_a_running_node_and_kills_its_sandbox(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
 ) -> None:
     pids = shared_dir / "pids"
-    record = f"import os\nopen({str(pids)!r}, 'a').write(f'{{os.getpid()}} ')\ncontext['first'] = 1"
+    record = WHO.format(path=str(pids)) + "context['first'] = 1"
     wf = await create_workflow(redis, settings, pool, linear(record, SLOW, "context['never'] = 1"))
     control = RunControl(redis, Keys.from_settings(settings), task_ttl=settings.task_ttl, pool=pool)
     async with in_process_worker(settings):
@@ -295,10 +324,10 @@ async def test_cancel_stops_a_running_node_and_kills_its_sandbox(
         assert result.outcome == CancelOutcome.CANCELLED
         # The worker stops the run by the push: the node's process is gone without waiting for it.
         for _ in range(250):
-            if not any(_alive(p) for p in _pids(pids)):
+            if not any(_sandbox_alive(*who) for who in _sandboxes(pids)):
                 break
             await asyncio.sleep(0.02)
-        assert _pids(pids) and not any(_alive(p) for p in _pids(pids))
+        assert _sandboxes(pids) and not any(_sandbox_alive(*who) for who in _sandboxes(pids))
         await wait_projected(pool, [task.execution_id], {"cancelled"})
         pending = await redis.xpending(settings.requests_stream, settings.worker_group)
         assert pending["pending"] == 0
@@ -565,7 +594,7 @@ async def test_a_cancel_whose_push_was_missed_is_caught_by_the_heartbeat(
     """A worker reconnecting to the channel misses pushes: its heartbeat re-reads the status."""
     fast = settings.model_copy(update={"visibility_timeout": 2.0})
     keys = Keys.from_settings(fast)
-    code = f"import os, time\nopen({str(shared_dir / 'pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(30)"
+    code = WHO.format(path=str(shared_dir / "pid")) + "import time\ntime.sleep(30)"
     wf = await create_workflow(redis, fast, pool, linear(code))
     async with in_process_worker(fast):
         task = await enqueue(redis, fast, wf, {})
@@ -573,14 +602,17 @@ async def test_a_cancel_whose_push_was_missed_is_caught_by_the_heartbeat(
             if (shared_dir / "pid").exists() and (shared_dir / "pid").read_text():
                 break
             await asyncio.sleep(0.02)
-        pid = int((shared_dir / "pid").read_text())
+        [who] = _sandboxes(shared_dir / "pid")
         # REVOKED written without the push, as if it had been published while the worker was away.
         await redis.hset(keys.task(task.task_id), TaskField.STATUS, TaskStatus.REVOKED)
         for _ in range(500):
-            if not _alive(pid) and not (await redis.xpending(fast.requests_stream, fast.worker_group))["pending"]:
+            if (
+                not _sandbox_alive(*who)
+                and not (await redis.xpending(fast.requests_stream, fast.worker_group))["pending"]
+            ):
                 break
             await asyncio.sleep(0.02)
-        assert not _alive(pid)
+        assert not _sandbox_alive(*who)
         assert (await redis.xpending(fast.requests_stream, fast.worker_group))["pending"] == 0
 
 
