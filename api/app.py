@@ -18,7 +18,7 @@ from api.event_hub import EventHub
 from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
 from api.metrics import Metrics
 from api.request_context import RequestContext
-from api.routes import clients, events, executions, health, operations, schedules, tasks, workflows
+from api.routes import clients, events, executions, health, operations, schedules, tasks, webhooks, workflows
 from api.version import SERVICE, VERSION
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(RequestContext)
-    for module in (health, workflows, tasks, executions, events, operations, schedules, clients):
+    for module in (health, workflows, tasks, executions, events, operations, schedules, clients, webhooks):
         app.include_router(module.router)
 
     page = package_files.files("api").joinpath("static/index.html").read_text()

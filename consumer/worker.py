@@ -398,6 +398,11 @@ async def serve(
     if settings.run_projector:
         projector = Projector(settings, redis, lazy_pool, consumer=worker.consumer)
         tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
+    if settings.run_webhooks:
+        from consumer.webhooks import WebhookDelivery
+
+        webhooks = WebhookDelivery(settings, redis, consumer=worker.consumer)
+        tasks.append(asyncio.create_task(webhooks.run(stop), name="webhooks"))
     try:
         await asyncio.gather(*tasks)
     finally:

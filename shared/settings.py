@@ -135,6 +135,25 @@ class Settings(BaseSettings):
     )
     sandbox_pool_size: int = Field(default=2, ge=0, description="Pre-started local sandbox interpreters.")
 
+    run_webhooks: bool = Field(default=True, description="Deliver webhooks from inside each worker.")
+    webhook_group: str = Field(
+        default="nova-webhooks", description="Consumer group that turns results-stream events into webhook deliveries."
+    )
+    webhook_allow: str = Field(
+        default="",
+        description="CIDRs or host names webhooks may reach although loopback, private, link-local or metadata "
+        "addresses (comma-separated); empty: only public addresses.",
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds one webhook request may take.")
+    webhook_retry_for: float = Field(
+        default=86400.0, gt=0, description="Seconds a webhook delivery is retried before it is dead-lettered."
+    )
+    webhook_backoff: float = Field(default=5.0, gt=0, description="First webhook retry delay in seconds (doubles).")
+    webhook_backoff_max: float = Field(default=1800.0, gt=0, description="Largest webhook retry delay in seconds.")
+    webhook_endpoint_concurrency: int = Field(
+        default=4, ge=1, description="Requests in flight to one webhook endpoint per worker process."
+    )
+
     data_dir: str = Field(default=".nova", description="Where `nova dev` keeps embedded server data.")
     log_level: str = Field(default="INFO", description="Logging level.")
 
