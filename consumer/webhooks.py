@@ -107,9 +107,17 @@ class WebhookDelivery:
                 await sleep_or_stop(delay, stop)
                 continue
             except ResponseError as exc:
-                if not is_missing_group(exc):
-                    raise
-                await self.registry.ensure_group()
+                if is_missing_group(exc):
+                    # Redis lost its data (a flush, a restart without persistence): start again.
+                    await self.registry.ensure_group()
+                    continue
+                log.exception("webhooks: unexpected Redis error")
+                await sleep_or_stop(backoff.next_delay(), stop)
+                continue
+            except Exception:
+                # Webhooks run beside execution in the worker: a bug here must not stop the worker.
+                log.exception("webhooks: unexpected error; going on")
+                await sleep_or_stop(backoff.next_delay(), stop)
                 continue
             if not busy:
                 await sleep_or_stop(DISPATCH_IDLE_S, stop)
@@ -170,7 +178,9 @@ class WebhookDelivery:
 
     @property
     def _lease_ms(self) -> int:
-        return int((self.settings.webhook_timeout * 2 + 5) * 1000)
+        # Longer than one attempt can take (resolving, then the request, each bounded by the timeout),
+        # so a live sender never loses its lease; a dead one's delivery is due again soon after.
+        return int((self.settings.webhook_timeout * 3 + 1) * 1000)
 
     async def dispatch_once(self) -> int:
         """Start sending the deliveries that are due; returns how many were started."""
@@ -253,7 +263,7 @@ class WebhookDelivery:
         """(None, status) when the endpoint took it; else (why not, status if any)."""
         assert self._client is not None
         try:
-            host, address = await self.policy.resolve(endpoint.url)
+            host, address = await self.policy.resolve(endpoint.url, timeout=self.settings.webhook_timeout)
         except EgressRefused as exc:
             return str(exc), None
         url = httpx.URL(endpoint.url)
@@ -267,14 +277,19 @@ class WebhookDelivery:
         }
         extensions = {"sni_hostname": host} if url.scheme == "https" else {}
         try:
-            response = await self._client.post(
-                url.copy_with(host=address),
-                content=delivery.body.encode(),
-                headers=headers,
-                timeout=self.settings.webhook_timeout,
-                extensions=extensions,
+            # httpx's timeout bounds each phase; wait_for bounds the whole (an endpoint answering a byte
+            # at a time would otherwise outlast the lease).
+            response = await asyncio.wait_for(
+                self._client.post(
+                    url.copy_with(host=address),
+                    content=delivery.body.encode(),
+                    headers=headers,
+                    timeout=self.settings.webhook_timeout,
+                    extensions=extensions,
+                ),
+                self.settings.webhook_timeout,
             )
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             return f"no answer within {self.settings.webhook_timeout:g}s", None
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}", None

@@ -157,7 +157,7 @@ class EgressPolicy:
         # the cloud metadata address 169.254.169.254), shared CGNAT space, ULA and reserved ranges.
         return address.is_global and not address.is_multicast
 
-    async def resolve(self, url: str) -> tuple[str, str]:
+    async def resolve(self, url: str, timeout: float = RESOLVE_TIMEOUT) -> tuple[str, str]:
         """(host, address) to connect to for `url`, or EgressRefused saying why.
 
         The caller connects to the address it was given (not the name again), so a DNS answer that
@@ -174,7 +174,7 @@ class EgressPolicy:
         try:
             # Bounded: a resolver that does not answer must not hold a registration or a delivery slot.
             infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT
+                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
             )
         except (OSError, UnicodeError, ValueError, TimeoutError) as exc:
             raise EgressRefused(f"cannot resolve {host}: {exc or 'no answer'}") from None

@@ -10,6 +10,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -25,7 +26,17 @@ from consumer.webhooks import WebhookDelivery
 from shared.settings import Settings
 from shared.streams import EventType
 from shared.webhooks import Delivery, EgressPolicy, EgressRefused, WebhookKeys, WebhookRegistry, delivery_id
-from tests.support import ADMIN_KEY, create_workflow, enqueue, in_process_worker, linear, make_settings, wait_terminal
+from tests.support import (
+    ADMIN_KEY,
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    kill9,
+    linear,
+    make_settings,
+    start_worker_process,
+    wait_terminal,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -395,3 +406,31 @@ async def test_entries_a_crashed_process_read_are_taken_over(
     await redis.xgroup_setid(hook_settings.results_stream, hook_settings.webhook_group, "0")
     await survivor.fan_out_once(block_ms=10)
     assert await redis.hlen(names.deliveries) == 1
+
+
+async def test_a_delivery_in_flight_when_its_worker_is_killed_is_sent_by_another(
+    redis: Redis,
+    hook_settings: Settings,
+    hook_api: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    endpoint = await register(hook_api, receiver, "/hook", event_types=["execution.succeeded"])
+    receiver.script["/hook"] = ["hang"]
+    wf = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
+    env = {"NOVA_WEBHOOK_ALLOW": "127.0.0.1", "NOVA_WEBHOOK_TIMEOUT": "0.6", "NOVA_RUN_PROJECTOR": "false"}
+    proc = start_worker_process(hook_settings, tmp_path / "worker.log", **env)
+    try:
+        task = await enqueue(redis, hook_settings, wf)
+        await wait_terminal(redis, hook_settings, [task.task_id])
+        await until(lambda: receiver.hanging == 1)
+    finally:
+        kill9(proc)
+    [webhook_id] = await expected_ids(redis, hook_settings, endpoint["id"])
+    names = WebhookKeys(hook_settings_keys(hook_settings))
+    # Killed mid-request: the delivery is still there, never recorded as attempted.
+    assert Delivery.decode(await redis.hget(names.deliveries, webhook_id)).attempts == 0
+    async with in_process_worker(hook_settings, run_projector=False):
+        await until(lambda: webhook_id in receiver.accepted("/hook"))
+    assert receiver.bad_signatures == []
