@@ -262,6 +262,8 @@ class WebhookDelivery:
     async def _send(self, endpoint: Endpoint, delivery: Delivery) -> tuple[str | None, int | None]:
         """(None, status) when the endpoint took it; else (why not, status if any)."""
         assert self._client is not None
+        if not endpoint.secret:
+            return "the endpoint's secret does not decrypt with this process's NOVA_SECRETS_KEY", None
         try:
             host, address = await self.policy.resolve(endpoint.url, timeout=self.settings.webhook_timeout)
         except EgressRefused as exc:

@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from standardwebhooks import Webhook
 
+from shared.clients import ClientError, Vault
 from shared.events import Event
 from shared.settings import Settings
 from shared.streams import EventType, Keys, dumps, loads, now_iso
@@ -39,6 +40,7 @@ from shared.streams import EventType, Keys, dumps, loads, now_iso
 # dead endpoint cannot grow Redis without limit.
 DEAD_LETTERS_KEPT = 1000
 RESOLVE_TIMEOUT = 5.0
+SEALED = "sealed:"
 
 
 class WebhookEvent(StrEnum):
@@ -255,6 +257,23 @@ class WebhookRegistry:
         self.keys = keys
         self.settings = settings
         self.names = WebhookKeys(keys)
+        self.vault = Vault.from_settings(settings)
+
+    def _dump(self, endpoint: Endpoint) -> str:
+        data = asdict(endpoint)
+        if self.vault.has_key:
+            # At rest under NOVA_SECRETS_KEY when there is one, as client credentials are.
+            data["secret"] = SEALED + self.vault.encrypt(endpoint.secret)
+        return dumps(data)
+
+    def _load(self, raw: str) -> Endpoint:
+        endpoint = Endpoint(**loads(raw))
+        if endpoint.secret.startswith(SEALED):
+            try:
+                endpoint.secret = self.vault.decrypt(endpoint.secret[len(SEALED) :])
+            except ClientError:
+                endpoint.secret = ""  # unreadable here: deliveries fail (and say so) rather than go unsigned
+        return endpoint
 
     async def ensure_group(self) -> None:
         """The delivery group, created at '$': endpoints receive events from their registration on.
@@ -282,16 +301,16 @@ class WebhookRegistry:
             created_at=now_iso(),
         )
         await self.ensure_group()
-        await self.redis.hset(self.names.endpoints, endpoint.id, dumps(asdict(endpoint)))
+        await self.redis.hset(self.names.endpoints, endpoint.id, self._dump(endpoint))
         return endpoint
 
     async def get(self, endpoint_id: str) -> Endpoint | None:
         raw = await self.redis.hget(self.names.endpoints, endpoint_id)
-        return Endpoint(**loads(raw)) if raw else None
+        return self._load(raw) if raw else None
 
     async def list(self) -> list[Endpoint]:
         raw = await self.redis.hgetall(self.names.endpoints)
-        endpoints = [Endpoint(**loads(value)) for value in raw.values()]
+        endpoints = [self._load(value) for value in raw.values()]
         return sorted(endpoints, key=lambda e: (e.created_at, e.id))
 
     async def delete(self, endpoint_id: str) -> bool:

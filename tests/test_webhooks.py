@@ -28,6 +28,7 @@ from shared.streams import EventType
 from shared.webhooks import Delivery, EgressPolicy, EgressRefused, WebhookKeys, WebhookRegistry, delivery_id
 from tests.support import (
     ADMIN_KEY,
+    SECRETS_KEY,
     create_workflow,
     enqueue,
     in_process_worker,
@@ -301,6 +302,9 @@ async def test_a_client_registers_endpoints_for_its_own_executions_only(
     mine = response.json()
     assert mine["client_slug"] == "acme"
     receiver.secrets["/acme"] = mine["secret"]
+    # The signing secret is at rest under NOVA_SECRETS_KEY, as credentials are.
+    stored = await redis.hget(WebhookKeys(hook_settings_keys(hook_settings)).endpoints, mine["id"])
+    assert mine["secret"] not in stored and '"secret":"sealed:' in stored
 
     listed = (await hook_api.get("/webhooks", headers=as_client("globex"))).json()
     assert listed["count"] == 0
@@ -419,7 +423,13 @@ async def test_a_delivery_in_flight_when_its_worker_is_killed_is_sent_by_another
     endpoint = await register(hook_api, receiver, "/hook", event_types=["execution.succeeded"])
     receiver.script["/hook"] = ["hang"]
     wf = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
-    env = {"NOVA_WEBHOOK_ALLOW": "127.0.0.1", "NOVA_WEBHOOK_TIMEOUT": "0.6", "NOVA_RUN_PROJECTOR": "false"}
+    env = {
+        "NOVA_WEBHOOK_ALLOW": "127.0.0.1",
+        "NOVA_WEBHOOK_TIMEOUT": "0.6",
+        "NOVA_RUN_PROJECTOR": "false",
+        # The endpoint's secret is sealed with it: a worker without it cannot sign.
+        "NOVA_SECRETS_KEY": SECRETS_KEY,
+    }
     proc = start_worker_process(hook_settings, tmp_path / "worker.log", **env)
     try:
         task = await enqueue(redis, hook_settings, wf)
@@ -434,3 +444,23 @@ async def test_a_delivery_in_flight_when_its_worker_is_killed_is_sent_by_another
     async with in_process_worker(hook_settings, run_projector=False):
         await until(lambda: webhook_id in receiver.accepted("/hook"))
     assert receiver.bad_signatures == []
+
+
+async def test_a_worker_without_the_secrets_key_does_not_send_unsigned(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    registry = WebhookRegistry(redis, hook_settings_keys(hook_settings), hook_settings)
+    endpoint = await registry.create(receiver.url("/x"), ["execution.succeeded"], None)
+    names = WebhookKeys(hook_settings_keys(hook_settings))
+    delivery = Delivery(delivery_id(endpoint.id, "1-1"), endpoint.id, "execution.succeeded", "{}", first_at_ms=0)
+    await redis.hset(names.deliveries, delivery.id, delivery.encode())
+    keyless = hook_settings.model_copy(update={"secrets_key": None, "webhook_retry_for": 3600.0 * 24 * 365 * 100})
+    sender = WebhookDelivery(keyless, redis, consumer="c1")
+    sender._client = httpx.AsyncClient()
+    try:
+        assert await sender.attempt(delivery.id) == "retrying"
+    finally:
+        await sender._client.aclose()
+    assert receiver.requests == []
+    [stored] = await registry.deliveries(endpoint.id)
+    assert "NOVA_SECRETS_KEY" in stored["last_error"]
