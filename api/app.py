@@ -25,6 +25,7 @@ from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
 from shared.durability import StrictDurability
 from shared.executions import KnownClients
+from shared.reporting import init_reporting
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
@@ -45,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Here, in the running loop, for Sentry's asyncio integration (a no-op without SENTRY_DSN).
+        init_reporting(settings, "api")
         redis = create_redis(settings)
         keys = Keys.from_settings(settings)
         pool: asyncpg.Pool | None = None

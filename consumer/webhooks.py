@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 from shared.backoff import Backoff, sleep_or_stop
 from shared.connections import REDIS_UNAVAILABLE, autoclaim, is_missing_group
 from shared.events import Event
+from shared.reporting import report_failed_execution
 from shared.settings import Settings
 from shared.streams import Keys, now_iso
 from shared.webhooks import (
@@ -158,12 +159,14 @@ class WebhookDelivery:
     def _deliveries(
         self, entry_id: str, fields: dict[str, str], endpoints: list[Endpoint], now_ms: int
     ) -> list[Delivery]:
-        if not endpoints:
-            return []
         try:
             event = Event.from_entry(entry_id, fields)
         except (ValueError, KeyError):
             return []  # not an event: the projector dead-letters it; nothing to announce
+        # Sentry is one more subscriber of the same events (a no-op without SENTRY_DSN).
+        report_failed_execution(event)
+        if not endpoints:
+            return []
         kind = webhook_event(event)
         if kind is None:
             return []

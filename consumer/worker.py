@@ -372,7 +372,9 @@ async def serve(
 ) -> None:
     """Run a worker (and the projector, unless disabled) until `stop` is set, then drain."""
     from consumer.projector import Projector
+    from shared.reporting import init_reporting
 
+    init_reporting(settings, "worker")
     redis = create_redis(settings)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.
     lazy_pool = LazyPool(settings.database_url) if settings.database_url else None

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("E2B_API_KEY", "e2b_api_key"),
         description="E2B API key (E2B_API_KEY); needed only for nodes that run with executor 'e2b'.",
     )
+    sentry_dsn: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SENTRY_DSN", "sentry_dsn"),
+        description="Sentry DSN (SENTRY_DSN): report unhandled errors and failed executions there; unset: off.",
+    )
     admin_key: SecretStr | None = Field(
         default=None, description="Operators' API key (Bearer); unset: no admin access over HTTP."
     )
