@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from api.metrics import Metrics
 from api.request_context import RequestContext
 from api.routes import clients, events, executions, health, operations, schedules, tasks, webhooks, workflows
 from api.version import SERVICE, VERSION
+from api.worker_watch import WorkerWatch
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
@@ -79,9 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("Redis unavailable at start (%s); requests will answer 503 until it is back", exc)
         await res.hub.start()
         app.state.resources = res
+        watch_stop = asyncio.Event()
+        watch = asyncio.create_task(WorkerWatch(settings, redis).run(watch_stop), name="worker watch")
         try:
             yield
         finally:
+            watch_stop.set()
+            await watch
             await res.hub.stop()
             if res.pool is not None:
                 await res.pool.close()

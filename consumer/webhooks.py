@@ -85,11 +85,14 @@ class WebhookDelivery:
 
     # ---- loops ------------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, *, fan_out: bool = True) -> None:
         # No redirects: a 3xx to an internal address would step around the egress check.
         self._client = httpx.AsyncClient(transport=self._transport, follow_redirects=False, trust_env=False)
         try:
-            await asyncio.gather(self._loop(self.fan_out_once, stop), self._loop(self.dispatch_once, stop))
+            loops = [self._loop(self.dispatch_once, stop)]
+            if fan_out:
+                loops.append(self._loop(self.fan_out_once, stop))
+            await asyncio.gather(*loops)
         finally:
             for task in list(self._tasks):
                 task.cancel()

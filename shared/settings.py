@@ -156,7 +156,17 @@ class Settings(BaseSettings):
     webhook_backoff: float = Field(default=5.0, gt=0, description="First webhook retry delay in seconds (doubles).")
     webhook_backoff_max: float = Field(default=1800.0, gt=0, description="Largest webhook retry delay in seconds.")
     webhook_endpoint_concurrency: int = Field(
-        default=4, ge=1, description="Requests in flight to one webhook endpoint per worker process."
+        default=4, ge=1, description="Requests in flight to one webhook endpoint per process (worker or API)."
+    )
+
+    alert_check_interval: float = Field(
+        default=15.0, gt=0, description="Seconds between the API's checks that workers are alive and keeping up."
+    )
+    alert_pending_age: float = Field(
+        default=300.0, gt=0, description="Seconds a request may wait for a worker before the API raises an alert."
+    )
+    alert_repeat: float = Field(
+        default=900.0, gt=0, description="Seconds before an alert still true is raised again (across API replicas)."
     )
 
     data_dir: str = Field(default=".nova", description="Where `nova dev` keeps embedded server data.")

@@ -50,6 +50,8 @@ class WebhookEvent(StrEnum):
     EXECUTION_FAILED = "execution.failed"
     EXECUTION_DEAD = "execution.dead_lettered"
     NODE_FAILED = "node.failed"
+    # Raised by the API's dead man's switch; operators' endpoints only (api/worker_watch.py).
+    WORKERS_UNAVAILABLE = "workers.unavailable"
 
 
 def webhook_event(event: Event) -> WebhookEvent | None:

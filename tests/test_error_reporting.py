@@ -161,5 +161,8 @@ async def test_an_unhandled_api_error_reaches_sentry_without_the_key(
     sentry_sdk.get_client().flush(timeout=5)
     event = await ingest.wait_for(lambda e: e.get("tags", {}).get("component") == "api" and "exception" in e)
     assert any(v["type"] == "UndefinedTableError" for v in event["exception"]["values"])
+    # No worker runs here: the API's dead man's switch reports that too.
+    alert = await ingest.wait_for(lambda e: e.get("tags", {}).get("alert") == "no_live_worker")
+    assert alert["level"] == "fatal" and alert["fingerprint"] == ["nova-alert", "no_live_worker"]
     everything = b"".join(ingest.raw)
     assert ADMIN_KEY.encode() not in everything

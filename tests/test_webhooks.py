@@ -22,7 +22,9 @@ from redis.asyncio import Redis
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from api.app import create_app
+from api.worker_watch import WorkerWatch
 from consumer.webhooks import WebhookDelivery
+from shared.alerts import check_workers
 from shared.settings import Settings
 from shared.streams import EventType
 from shared.webhooks import Delivery, EgressPolicy, EgressRefused, WebhookKeys, WebhookRegistry, delivery_id
@@ -133,16 +135,21 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def hook_settings(redis_url: str, db_url: str) -> Settings:
-    return make_settings(
-        redis_url,
-        db_url,
-        webhook_allow="127.0.0.1",
-        webhook_timeout=0.3,
-        webhook_backoff=0.05,
-        webhook_backoff_max=0.2,
-        webhook_retry_for=60.0,
-    )
+def overrides() -> dict[str, Any]:
+    """Settings a test changes (with parametrize): the API and the workers must share them."""
+    return {}
+
+
+@pytest.fixture
+def hook_settings(redis_url: str, db_url: str, overrides: dict[str, Any]) -> Settings:
+    values: dict[str, Any] = {
+        "webhook_allow": "127.0.0.1",
+        "webhook_timeout": 0.3,
+        "webhook_backoff": 0.05,
+        "webhook_backoff_max": 0.2,
+        "webhook_retry_for": 60.0,
+    }
+    return make_settings(redis_url, db_url, **{**values, **overrides})
 
 
 @pytest.fixture
@@ -194,7 +201,8 @@ async def expected_ids(redis: Redis, settings: Settings, endpoint_id: str, clien
 async def test_every_event_arrives_signed_through_500s_and_timeouts(
     redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
-    endpoint = await register(hook_api, receiver, "/hook")
+    types = ["execution.succeeded", "execution.failed", "node.failed", "execution.dead_lettered"]
+    endpoint = await register(hook_api, receiver, "/hook", event_types=types)
     # Three 500s, then two requests left unanswered past the timeout, then the endpoint is back.
     receiver.script["/hook"] = ["500", "500", "500", "hang", "hang"]
     good = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
@@ -227,10 +235,11 @@ def hook_settings_keys(settings: Settings) -> Any:
     return Keys.from_settings(settings)
 
 
+@pytest.mark.parametrize("overrides", [{"webhook_retry_for": 0.3}])
 async def test_a_dead_endpoint_is_dead_lettered_then_replayed(
     redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
-    settings = hook_settings.model_copy(update={"webhook_retry_for": 0.3})
+    settings = hook_settings
     endpoint = await register(hook_api, receiver, "/down", event_types=["execution.succeeded"])
     receiver.default["/down"] = "500"
     wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
@@ -263,10 +272,11 @@ async def test_a_dead_endpoint_is_dead_lettered_then_replayed(
     assert receiver.bad_signatures == []
 
 
+@pytest.mark.parametrize("overrides", [{"webhook_timeout": 30.0, "webhook_endpoint_concurrency": 2}])
 async def test_a_slow_endpoint_delays_neither_executions_nor_other_endpoints(
     redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
-    settings = hook_settings.model_copy(update={"webhook_timeout": 30.0, "webhook_endpoint_concurrency": 2})
+    settings = hook_settings
     await register(hook_api, receiver, "/slow", event_types=["execution.succeeded"])
     fast = await register(hook_api, receiver, "/fast", event_types=["execution.succeeded"])
     receiver.default["/slow"] = "hang"
@@ -278,7 +288,8 @@ async def test_a_slow_endpoint_delays_neither_executions_nor_other_endpoints(
         await until(lambda: set(receiver.accepted("/fast")) == set(expected))
         # Still hanging: the slow endpoint holds only its own slots meanwhile.
         assert not receiver.release.is_set() and receiver.hanging >= 1
-        assert receiver.max_hanging <= 2
+        # Two processes send here (the worker, and the API, which sends too): two slots each at most.
+        assert receiver.max_hanging <= 4
         receiver.release.set()
 
 
@@ -413,14 +424,13 @@ async def test_entries_a_crashed_process_read_are_taken_over(
 
 
 async def test_a_delivery_in_flight_when_its_worker_is_killed_is_sent_by_another(
-    redis: Redis,
-    hook_settings: Settings,
-    hook_api: httpx.AsyncClient,
-    pool: asyncpg.Pool,
-    receiver: Receiver,
-    tmp_path: Path,
+    redis: Redis, hook_settings: Settings, pool: asyncpg.Pool, receiver: Receiver, tmp_path: Path
 ) -> None:
-    endpoint = await register(hook_api, receiver, "/hook", event_types=["execution.succeeded"])
+    # Registered without the API, which would send deliveries too: here only the worker may hold it.
+    registry = WebhookRegistry(redis, hook_settings_keys(hook_settings), hook_settings)
+    created = await registry.create(receiver.url("/hook"), ["execution.succeeded"], None)
+    receiver.secrets["/hook"] = created.secret
+    endpoint = created.as_json()
     receiver.script["/hook"] = ["hang"]
     wf = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
     env = {
@@ -464,3 +474,47 @@ async def test_a_worker_without_the_secrets_key_does_not_send_unsigned(
     assert receiver.requests == []
     [stored] = await registry.deliveries(endpoint.id)
     assert "NOVA_SECRETS_KEY" in stored["last_error"]
+
+
+async def test_the_api_alerts_operators_when_no_worker_is_alive(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """The dead man's switch: raised and delivered by the API alone (no worker runs here)."""
+    settings = hook_settings.model_copy(update={"alert_check_interval": 0.1})
+    keys = hook_settings_keys(settings)
+    registry = WebhookRegistry(redis, keys, settings)
+    operators = await registry.create(receiver.url("/ops"), ["workers.unavailable"], None)
+    receiver.secrets["/ops"] = operators.secret
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        [webhook_id] = await until(lambda: list(receiver.accepted("/ops")))
+        # Raised once per repeat interval, however often the API checks meanwhile.
+        assert await WorkerWatch(settings, redis).check_once() == []
+    body = orjson.loads(receiver.accepted("/ops")[webhook_id][0])
+    assert body["type"] == "workers.unavailable" and body["data"]["reason"] == "no_live_worker"
+    assert receiver.bad_signatures == []
+
+
+async def test_requests_waiting_past_the_threshold_raise_an_alert_until_a_worker_takes_them(
+    redis: Redis, hook_settings: Settings, pool: asyncpg.Pool
+) -> None:
+    settings = hook_settings.model_copy(update={"alert_pending_age": 0.2, "run_webhooks": False})
+    keys = hook_settings_keys(settings)
+    wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
+    task = await enqueue(redis, settings, wf)
+
+    async def reasons() -> set[str]:
+        return {a.reason for a in await check_workers(redis, keys, settings)}
+
+    async def waiting() -> bool:
+        return "requests_waiting" in await reasons()
+
+    await until(waiting)
+    assert "no_live_worker" in await reasons()
+    async with in_process_worker(settings):
+        await wait_terminal(redis, settings, [task.task_id])
+
+        async def healthy() -> bool:
+            return await reasons() == set()
+
+        await until(healthy)

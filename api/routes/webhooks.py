@@ -61,10 +61,16 @@ async def create_webhook(res: Res, caller: Caller, body: WebhookIn) -> dict[str,
             raise ApiError(404, f"Client '{client}' not found") from None
         except CatalogUnavailable:
             raise unavailable("PostgreSQL") from None
-    if not body.event_types:
+    types = set(body.event_types)
+    if client is not None:
+        # Workers' health is the operators' concern: a client's endpoint gets its executions only.
+        if "event_types" in body.model_fields_set and WebhookEvent.WORKERS_UNAVAILABLE in types:
+            raise ApiError(422, "workers.unavailable is for operators' endpoints (no client_slug)")
+        types.discard(WebhookEvent.WORKERS_UNAVAILABLE)
+    if not types:
         raise ApiError(422, "event_types must name at least one event type")
     try:
-        endpoint = await _registry(res).create(body.url, [t.value for t in body.event_types], client, body.description)
+        endpoint = await _registry(res).create(body.url, [t.value for t in types], client, body.description)
     except EgressRefused as exc:
         raise ApiError(422, f"webhook URL refused: {exc}") from None
     return endpoint.as_json(with_secret=True)
