@@ -20,8 +20,8 @@ from shared.alerts import Alert, check_workers
 from shared.backoff import sleep_or_stop
 from shared.connections import REDIS_UNAVAILABLE
 from shared.settings import Settings
-from shared.streams import Keys, dumps, now_iso
-from shared.webhooks import Delivery, WebhookEvent, WebhookKeys, WebhookRegistry, delivery_id, redis_ms
+from shared.streams import Keys, now_iso
+from shared.webhooks import WebhookEvent, WebhookKeys, WebhookRegistry, redis_ms
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +68,6 @@ class WorkerWatch:
                 scope.set_context("alert", alert.details)
                 sentry_sdk.capture_message(f"NOVA workers: {alert.message}", level="fatal")
         now_ms = await redis_ms(self.redis)
-        kind = WebhookEvent.WORKERS_UNAVAILABLE
-        body = dumps(
-            {
-                "type": kind.value,
-                "timestamp": now_iso(),
-                "data": {"reason": alert.reason, "message": alert.message, **alert.details},
-            }
-        )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for endpoint in await self.registry.list():
-                if endpoint.client is None and kind.value in endpoint.event_types:
-                    delivery = Delivery(
-                        delivery_id(endpoint.id, f"alert-{alert.reason}-{now_ms}"),
-                        endpoint.id,
-                        kind.value,
-                        body,
-                        now_ms,
-                    )
-                    pipe.hsetnx(self.names.deliveries, delivery.id, delivery.encode())
-                    pipe.zadd(self.names.due, {delivery.id: now_ms}, nx=True)
-            await pipe.execute()
+        data = {"reason": alert.reason, "message": alert.message, **alert.details}
+        # client None: operators' endpoints only.
+        await self.registry.announce(WebhookEvent.WORKERS_UNAVAILABLE, data, f"alert-{alert.reason}-{now_ms}", None)

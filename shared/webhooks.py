@@ -27,6 +27,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+import sentry_sdk
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from standardwebhooks import Webhook
@@ -52,6 +53,8 @@ class WebhookEvent(StrEnum):
     NODE_FAILED = "node.failed"
     # Raised by the API's dead man's switch; operators' endpoints only (api/worker_watch.py).
     WORKERS_UNAVAILABLE = "workers.unavailable"
+    # A schedule's tick that could not be enqueued (its workflow is gone).
+    SCHEDULE_FAILED = "schedule.failed"
 
 
 def webhook_event(event: Event) -> WebhookEvent | None:
@@ -323,6 +326,24 @@ class WebhookRegistry:
             removed, _ = await pipe.execute()
         return bool(removed)
 
+    async def announce(self, kind: WebhookEvent, data: dict[str, Any], occurrence: str, client: str | None) -> int:
+        """Queue `kind` for every endpoint that wants it and may see it: operators' endpoints, and when
+        `client` is given that client's own. `occurrence` names this happening (the same one announced
+        twice makes one delivery). Returns how many deliveries were queued."""
+        now_ms = await redis_ms(self.redis)
+        body = dumps({"type": kind.value, "timestamp": now_iso(), "data": data})
+        queued = 0
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for endpoint in await self.list():
+                if kind.value not in endpoint.event_types or endpoint.client not in (None, client):
+                    continue
+                delivery = Delivery(delivery_id(endpoint.id, occurrence), endpoint.id, kind.value, body, now_ms)
+                pipe.hsetnx(self.names.deliveries, delivery.id, delivery.encode())
+                pipe.zadd(self.names.due, {delivery.id: now_ms}, nx=True)
+                queued += 1
+            await pipe.execute()
+        return queued
+
     async def deliveries(self, endpoint_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """Deliveries still being retried, then dead ones (newest first)."""
         items: list[dict[str, Any]] = []
@@ -350,3 +371,24 @@ class WebhookRegistry:
                 removed, _, _ = await pipe.execute()
             return bool(removed)
         return False
+
+
+async def announce_schedule_failure(settings: Settings, redis: Redis, schedule: Any, tick_ms: int, reason: str) -> None:
+    """A schedule's tick that could not fire: a `schedule.failed` webhook (operators' endpoints and the
+    schedule's client's) and, with SENTRY_DSN, a Sentry event."""
+    data = {
+        "schedule_id": schedule.id,
+        "workflow_id": schedule.workflow_id,
+        "client_slug": schedule.client,
+        "tick_ms": tick_ms,
+        "reason": reason,
+    }
+    registry = WebhookRegistry(redis, Keys.from_settings(settings), settings)
+    await registry.announce(WebhookEvent.SCHEDULE_FAILED, data, f"schedule-{schedule.id}-{tick_ms}", schedule.client)
+    if sentry_sdk.get_client().is_active():
+        with sentry_sdk.new_scope() as scope:
+            scope.set_tag("client", schedule.client)
+            scope.set_tag("schedule_id", schedule.id)
+            scope.set_tag("workflow_id", str(schedule.workflow_id))
+            scope.fingerprint = ["nova-schedule", schedule.id, reason]
+            sentry_sdk.capture_message(f"Schedule {schedule.id} could not fire: {reason}", level="error")

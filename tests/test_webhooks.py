@@ -23,8 +23,11 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from api.app import create_app
 from api.worker_watch import WorkerWatch
+from consumer.scheduler import Scheduler
 from consumer.webhooks import WebhookDelivery
 from shared.alerts import check_workers
+from shared.catalog import WorkflowCatalog
+from shared.schedules import ScheduleStore
 from shared.settings import Settings
 from shared.streams import EventType
 from shared.webhooks import Delivery, EgressPolicy, EgressRefused, WebhookKeys, WebhookRegistry, delivery_id
@@ -518,3 +521,34 @@ async def test_requests_waiting_past_the_threshold_raise_an_alert_until_a_worker
             return await reasons() == set()
 
         await until(healthy)
+
+
+async def test_a_schedule_that_cannot_fire_is_announced_to_operators_and_its_client(
+    redis: Redis, hook_settings: Settings, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    keys = hook_settings_keys(hook_settings)
+    registry = WebhookRegistry(redis, keys, hook_settings)
+    endpoints = {
+        path: await registry.create(receiver.url(path), ["schedule.failed"], client)
+        for path, client in (("/ops", None), ("/acme", "acme"), ("/globex", "globex"))
+    }
+    for path, endpoint in endpoints.items():
+        receiver.secrets[path] = endpoint.secret
+    schedule = await ScheduleStore(redis, keys).create(
+        cron="* * * * * *", workflow_id=987654, client="acme", initial_context={}, name="gone"
+    )
+    scheduler = Scheduler(hook_settings, redis, WorkflowCatalog(redis, pool, keys), "c1")
+    await scheduler.tick(now_ms=(await redis.time())[0] * 1000 + 5000)
+    sender = WebhookDelivery(hook_settings, redis, consumer="c1")
+    sender._client = httpx.AsyncClient(trust_env=False)
+    try:
+        for path in ("/ops", "/acme", "/globex"):
+            for item in await registry.deliveries(endpoints[path].id):
+                assert await sender.attempt(item["id"]) == "delivered"
+    finally:
+        await sender._client.aclose()
+    assert set(receiver.accepted("/ops")) and set(receiver.accepted("/acme")) and not receiver.accepted("/globex")
+    [body] = next(iter(receiver.accepted("/acme").values()))
+    data = orjson.loads(body)
+    assert data["type"] == "schedule.failed" and data["data"]["schedule_id"] == schedule.id
+    assert data["data"]["reason"] == "workflow not found"
