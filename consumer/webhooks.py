@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import defaultdict
 
 import httpx
@@ -33,6 +34,7 @@ from shared.backoff import Backoff, sleep_or_stop
 from shared.connections import REDIS_UNAVAILABLE, autoclaim, is_missing_group
 from shared.events import Event
 from shared.reporting import report_failed_execution
+from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys, now_iso
 from shared.webhooks import (
@@ -57,6 +59,9 @@ log = logging.getLogger(__name__)
 STALE_PENDING_MS = 30_000
 DISPATCH_BATCH = 64
 DISPATCH_IDLE_S = 0.2
+CLEANUP_INTERVAL_S = 60.0
+# A live consumer reads at least every second (its XREADGROUP blocks for one): far past that, it is gone.
+GONE_AFTER_MS = 300_000
 
 
 class WebhookDelivery:
@@ -82,6 +87,8 @@ class WebhookDelivery:
         self._claim_cursor = "0-0"
         self.stale_pending_ms = STALE_PENDING_MS
         self._client: httpx.AsyncClient | None = None
+        self._scripts = Scripts(redis, self.keys)
+        self._next_cleanup = 0.0
 
     # ---- loops ------------------------------------------------------------------------------------
 
@@ -130,6 +137,9 @@ class WebhookDelivery:
 
     async def fan_out_once(self, block_ms: int = 1000) -> int:
         """Turn one batch of events into deliveries; returns how many entries were handled."""
+        if time.monotonic() >= self._next_cleanup:
+            self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
+            await self.remove_gone_consumers()
         self._claim_cursor, entries = await autoclaim(
             self.redis,
             self.keys.results,
@@ -179,6 +189,18 @@ class WebhookDelivery:
             for e in endpoints
             if e.wants(kind, event)
         ]
+
+    async def remove_gone_consumers(self) -> list[str]:
+        """Consumers of processes that are gone (silent a while, owning nothing): as maintenance does
+        for the other groups, so the group's consumer list does not grow with every restart."""
+        removed = []
+        for consumer in await self.redis.xinfo_consumers(self.keys.results, self.group):
+            name = consumer["name"]
+            if name == self.consumer or consumer["pending"] or consumer["idle"] < GONE_AFTER_MS:
+                continue
+            if await self._scripts.remove_consumer_if_idle(self.keys.results, self.group, name):
+                removed.append(name)
+        return removed
 
     # ---- dispatch ---------------------------------------------------------------------------------
 

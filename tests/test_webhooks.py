@@ -552,3 +552,23 @@ async def test_a_schedule_that_cannot_fire_is_announced_to_operators_and_its_cli
     data = orjson.loads(body)
     assert data["type"] == "schedule.failed" and data["data"]["schedule_id"] == schedule.id
     assert data["data"]["reason"] == "workflow not found"
+
+
+async def test_consumers_of_gone_processes_leave_the_group(redis: Redis, hook_settings: Settings) -> None:
+    await WebhookRegistry(redis, hook_settings_keys(hook_settings), hook_settings).ensure_group()
+    stream, group = hook_settings.results_stream, hook_settings.webhook_group
+    first = await redis.xadd(stream, {"not": "an event"})
+    await redis.xreadgroup(group, "gone", {stream: ">"}, count=1)
+    await redis.xack(stream, group, first)
+    await redis.xadd(stream, {"not": "an event"})
+    await redis.xreadgroup(group, "busy", {stream: ">"}, count=1)  # owns a pending entry: kept
+    survivor = WebhookDelivery(hook_settings, redis, consumer="survivor")
+    import consumer.webhooks as module
+
+    original = module.GONE_AFTER_MS
+    module.GONE_AFTER_MS = 0
+    try:
+        assert await survivor.remove_gone_consumers() == ["gone"]
+    finally:
+        module.GONE_AFTER_MS = original
+    assert {c["name"] for c in await redis.xinfo_consumers(stream, group)} == {"busy"}
