@@ -89,6 +89,8 @@ class WebhookDelivery:
         self._client: httpx.AsyncClient | None = None
         self._scripts = Scripts(redis, self.keys)
         self._next_cleanup = 0.0
+        # Set when a send ends: an endpoint's slot is free, so the dispatcher looks again at once.
+        self._slot_freed = asyncio.Event()
 
     # ---- loops ------------------------------------------------------------------------------------
 
@@ -131,7 +133,8 @@ class WebhookDelivery:
                 await sleep_or_stop(backoff.next_delay(), stop)
                 continue
             if not busy:
-                await sleep_or_stop(DISPATCH_IDLE_S, stop)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), DISPATCH_IDLE_S)
 
     # ---- fan-out ----------------------------------------------------------------------------------
 
@@ -212,6 +215,7 @@ class WebhookDelivery:
 
     async def dispatch_once(self) -> int:
         """Start sending the deliveries that are due; returns how many were started."""
+        self._slot_freed.clear()
         now_ms = await redis_ms(self.redis)
         due = await self.redis.zrangebyscore(self.names.due, "-inf", now_ms, start=0, num=DISPATCH_BATCH)
         started = 0
@@ -239,6 +243,7 @@ class WebhookDelivery:
             log.exception("webhook %s: unexpected error; due again when its lease ends", delivery)
         finally:
             self._inflight[endpoint_id] -= 1
+            self._slot_freed.set()
 
     async def attempt(self, delivery_key: str) -> str:
         """Send one delivery once; returns 'delivered', 'retrying', 'dead' or 'dropped'."""
