@@ -91,6 +91,7 @@ class WebhookDelivery:
         self._next_cleanup = 0.0
         # Set when a send ends: an endpoint's slot is free, so the dispatcher looks again at once.
         self._slot_freed = asyncio.Event()
+        self._sending: set[str] = set()
 
     # ---- loops ------------------------------------------------------------------------------------
 
@@ -107,6 +108,20 @@ class WebhookDelivery:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._client.aclose()
+            await self._hand_back()
+
+    async def _hand_back(self) -> None:
+        """On shutdown, make the sends cut short due again at once rather than when their leases end."""
+        if not self._sending:
+            return
+        with contextlib.suppress(Exception):
+            now_ms = await redis_ms(self.redis)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for delivery in self._sending:
+                    pipe.zadd(self.names.due, {delivery: now_ms}, xx=True)
+                    pipe.delete(self.names.lease(delivery))
+                await pipe.execute()
+            self._sending.clear()
 
     async def _loop(self, step: object, stop: asyncio.Event) -> None:
         backoff = Backoff()
@@ -235,11 +250,15 @@ class WebhookDelivery:
         return started
 
     async def _attempt(self, delivery: str, endpoint_id: str) -> None:
+        self._sending.add(delivery)
         try:
             await self.attempt(delivery)
+            self._sending.discard(delivery)
         except REDIS_UNAVAILABLE as exc:
+            self._sending.discard(delivery)
             log.warning("webhook %s: Redis unavailable (%s); due again when its lease ends", delivery, exc)
         except Exception:
+            self._sending.discard(delivery)
             log.exception("webhook %s: unexpected error; due again when its lease ends", delivery)
         finally:
             self._inflight[endpoint_id] -= 1

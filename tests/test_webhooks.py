@@ -572,3 +572,29 @@ async def test_consumers_of_gone_processes_leave_the_group(redis: Redis, hook_se
     finally:
         module.GONE_AFTER_MS = original
     assert {c["name"] for c in await redis.xinfo_consumers(stream, group)} == {"busy"}
+
+
+async def test_a_stopping_worker_hands_its_unfinished_sends_back_at_once(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    settings = hook_settings.model_copy(update={"webhook_timeout": 30.0})
+    keys = hook_settings_keys(settings)
+    registry = WebhookRegistry(redis, keys, settings)
+    endpoint = await registry.create(receiver.url("/x"), ["execution.succeeded"], None)
+    receiver.secrets["/x"] = endpoint.secret
+    receiver.default["/x"] = "hang"
+    names = WebhookKeys(keys)
+    delivery = Delivery(delivery_id(endpoint.id, "1-1"), endpoint.id, "execution.succeeded", "{}", first_at_ms=0)
+    await redis.hset(names.deliveries, delivery.id, delivery.encode())
+    await redis.zadd(names.due, {delivery.id: 0})
+    stop = asyncio.Event()
+    sender = WebhookDelivery(settings, redis, consumer="c1")
+    running = asyncio.create_task(sender.run(stop, fan_out=False))
+    await until(lambda: receiver.hanging == 1)
+    leased_until = await redis.zscore(names.due, delivery.id)
+    stop.set()
+    await running
+    # Due now (not at the end of a 30 s request's lease), unleased, and never counted as an attempt.
+    assert await redis.zscore(names.due, delivery.id) < leased_until
+    assert not await redis.exists(names.lease(delivery.id))
+    assert Delivery.decode(await redis.hget(names.deliveries, delivery.id)).attempts == 0
