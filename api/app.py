@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,13 +19,15 @@ from api.event_hub import EventHub
 from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
 from api.metrics import Metrics
 from api.request_context import RequestContext
-from api.routes import clients, control, events, executions, health, operations, schedules, tasks, workflows
+from api.routes import clients, control, events, executions, health, operations, schedules, tasks, webhooks, workflows
 from api.version import SERVICE, VERSION
+from api.worker_watch import WorkerWatch
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
 from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
 from shared.durability import StrictDurability
 from shared.executions import KnownClients
+from shared.reporting import init_reporting
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
@@ -45,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Here, in the running loop, for Sentry's asyncio integration (a no-op without SENTRY_DSN).
+        init_reporting(settings, "api")
         redis = create_redis(settings)
         keys = Keys.from_settings(settings)
         pool: asyncpg.Pool | None = None
@@ -76,9 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("Redis unavailable at start (%s); requests will answer 503 until it is back", exc)
         await res.hub.start()
         app.state.resources = res
+        watch_stop = asyncio.Event()
+        watch = asyncio.create_task(WorkerWatch(settings, redis).run(watch_stop), name="worker watch")
         try:
             yield
         finally:
+            watch_stop.set()
+            await watch
             await res.hub.stop()
             if res.pool is not None:
                 await res.pool.close()
@@ -108,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(RequestContext)
-    for module in (health, workflows, tasks, executions, events, operations, schedules, clients, control):
+    for module in (health, workflows, tasks, executions, events, operations, schedules, clients, control, webhooks):
         app.include_router(module.router)
 
     page = package_files.files("api").joinpath("static/index.html").read_text()

@@ -207,6 +207,7 @@ class Dev:
         body = shlex.quote(json.dumps({"client_slug": "demo", "initial_context": EXAMPLE_CONTEXT}))
         auth = shlex.quote(f"Authorization: Bearer {key}")
         execute = f"{base}/workflows/{workflow_id}/execute"
+        hook = shlex.quote(json.dumps({"url": "https://example.com/nova-hook", "event_types": ["execution.failed"]}))
         print(
             f"""
 NOVA Streams is running ({self.workers} workers).
@@ -222,6 +223,9 @@ curl -s -X POST {execute} -H 'Content-Type: application/json' -H {auth} -d {body
 
 Then check the task (use the task_id it returned):
 curl -s {base}/tasks/TASK_ID -H {auth}
+
+Get a signed webhook when an execution fails (a public URL; a local receiver needs NOVA_WEBHOOK_ALLOW=127.0.0.1):
+curl -s -X POST {base}/webhooks -H 'Content-Type: application/json' -H {auth} -d {hook}
 
 Ctrl-C stops everything.""",
             flush=True,

@@ -24,6 +24,7 @@ from shared.schedules import ScheduleStore
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
+from shared.webhooks import announce_schedule_failure
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Scheduler:
             workflow = await self.catalog.get(schedule.workflow_id)
             if workflow is None:
                 log.error("schedule %s names missing workflow %s; skipping its tick", schedule_id, schedule.workflow_id)
+                await announce_schedule_failure(self.settings, self.redis, schedule, tick_ms, "workflow not found")
             else:
                 context = {**schedule.initial_context, "_schedule": {"id": schedule.id, "tick_ms": tick_ms}}
                 result = await enqueue_execution(

@@ -500,7 +500,9 @@ async def serve(
 ) -> None:
     """Run a worker (and the projector, unless disabled) until `stop` is set, then drain."""
     from consumer.projector import Projector
+    from shared.reporting import init_reporting
 
+    init_reporting(settings, "worker")
     redis = create_redis(settings)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.
     lazy_pool = LazyPool(settings.database_url) if settings.database_url else None
@@ -526,6 +528,11 @@ async def serve(
     if settings.run_projector:
         projector = Projector(settings, redis, lazy_pool, consumer=worker.consumer)
         tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
+    if settings.run_webhooks:
+        from consumer.webhooks import WebhookDelivery
+
+        webhooks = WebhookDelivery(settings, redis, consumer=worker.consumer)
+        tasks.append(asyncio.create_task(webhooks.run(stop), name="webhooks"))
     try:
         await asyncio.gather(*tasks)
     finally:

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("E2B_API_KEY", "e2b_api_key"),
         description="E2B API key (E2B_API_KEY); needed only for nodes that run with executor 'e2b'.",
     )
+    sentry_dsn: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SENTRY_DSN", "sentry_dsn"),
+        description="Sentry DSN (SENTRY_DSN): report unhandled errors and failed executions there; unset: off.",
+    )
     admin_key: SecretStr | None = Field(
         default=None, description="Operators' API key (Bearer); unset: no admin access over HTTP."
     )
@@ -176,6 +181,35 @@ class Settings(BaseSettings):
         default=False,
         description="Let a worker whose local sandbox lacks a piece of isolation run nodes of more than one "
         "client (`nova dev` sets it).",
+    )
+
+    run_webhooks: bool = Field(default=True, description="Deliver webhooks from inside each worker.")
+    webhook_group: str = Field(
+        default="nova-webhooks", description="Consumer group that turns results-stream events into webhook deliveries."
+    )
+    webhook_allow: str = Field(
+        default="",
+        description="CIDRs or host names webhooks may reach although loopback, private, link-local or metadata "
+        "addresses (comma-separated); empty: only public addresses.",
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds one webhook request may take.")
+    webhook_retry_for: float = Field(
+        default=86400.0, gt=0, description="Seconds a webhook delivery is retried before it is dead-lettered."
+    )
+    webhook_backoff: float = Field(default=5.0, gt=0, description="First webhook retry delay in seconds (doubles).")
+    webhook_backoff_max: float = Field(default=1800.0, gt=0, description="Largest webhook retry delay in seconds.")
+    webhook_endpoint_concurrency: int = Field(
+        default=4, ge=1, description="Requests in flight to one webhook endpoint per process (worker or API)."
+    )
+
+    alert_check_interval: float = Field(
+        default=15.0, gt=0, description="Seconds between the API's checks that workers are alive and keeping up."
+    )
+    alert_pending_age: float = Field(
+        default=300.0, gt=0, description="Seconds a request may wait for a worker before the API raises an alert."
+    )
+    alert_repeat: float = Field(
+        default=900.0, gt=0, description="Seconds before an alert still true is raised again (across API replicas)."
     )
 
     data_dir: str = Field(default=".nova", description="Where `nova dev` keeps embedded server data.")

@@ -181,6 +181,7 @@ def _run_nova_dev(tmp_path: Path) -> None:
         task_id = accepted.json()["task_id"]
         assert f"http://127.0.0.1:{port}/docs" in printed and "redis://" in printed and "postgresql://" in printed
         _check_locked(tmp_path / "data", lines)
+        assert f"curl -s -X POST http://127.0.0.1:{port}/webhooks" in printed  # the webhook example
         status = {}
         for _ in range(200):
             status = httpx.get(f"http://127.0.0.1:{port}/tasks/{task_id}", headers=headers, timeout=10).json()

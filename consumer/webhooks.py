@@ -1,0 +1,354 @@
+"""Webhook delivery: at-least-once, signed, retried with backoff, then dead-lettered per endpoint.
+
+Two loops per process (inside every worker by default):
+
+- Fan-out reads the results stream as the webhook group. For each event some endpoint wants it writes
+  one delivery (body fixed now, so every attempt sends the same bytes) into the retry set, and
+  acknowledges the entry in the same transaction. The group's backlog is therefore never pending
+  entries: a dead endpoint does not hold back the trimming of the results stream (maintenance trims
+  only below every group's floor).
+- Dispatch takes due deliveries from the retry set under a short lease (so replicas do not send the
+  same one at once, and a crash mid-send only delays it until the lease runs out) and sends each in
+  its own task, at most `webhook_endpoint_concurrency` at a time per endpoint: a slow endpoint fills
+  only its own slots, never execution's or another endpoint's.
+
+A 2xx answer completes a delivery; anything else (an error status, a timeout, a refused connection, an
+address the egress policy refuses) is retried with exponential backoff until `webhook_retry_for` has
+passed since the first attempt, then the delivery is moved to the endpoint's dead-letter list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import defaultdict
+
+import httpx
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from shared.backoff import Backoff, sleep_or_stop
+from shared.connections import REDIS_UNAVAILABLE, autoclaim, is_missing_group
+from shared.events import Event
+from shared.reporting import report_failed_execution
+from shared.scripts import Scripts
+from shared.settings import Settings
+from shared.streams import Keys, now_iso
+from shared.webhooks import (
+    DEAD_LETTERS_KEPT,
+    Delivery,
+    EgressPolicy,
+    EgressRefused,
+    Endpoint,
+    WebhookKeys,
+    WebhookRegistry,
+    delivery_id,
+    endpoint_of,
+    payload,
+    redis_ms,
+    sign,
+    webhook_event,
+)
+
+log = logging.getLogger(__name__)
+
+# Entries a crashed process read but never acknowledged are taken over after this long idle.
+STALE_PENDING_MS = 30_000
+DISPATCH_BATCH = 64
+DISPATCH_IDLE_S = 0.2
+CLEANUP_INTERVAL_S = 60.0
+# A live consumer reads at least every second (its XREADGROUP blocks for one): far past that, it is gone.
+GONE_AFTER_MS = 300_000
+
+
+class WebhookDelivery:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        *,
+        consumer: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys.from_settings(settings)
+        self.names = WebhookKeys(self.keys)
+        self.registry = WebhookRegistry(redis, self.keys, settings)
+        self.policy = EgressPolicy.from_settings(settings)
+        self.consumer = consumer
+        self.group = settings.webhook_group
+        self._transport = transport
+        self._inflight: dict[str, int] = defaultdict(int)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._claim_cursor = "0-0"
+        self.stale_pending_ms = STALE_PENDING_MS
+        self._client: httpx.AsyncClient | None = None
+        self._scripts = Scripts(redis, self.keys)
+        self._next_cleanup = 0.0
+        # Set when a send ends: an endpoint's slot is free, so the dispatcher looks again at once.
+        self._slot_freed = asyncio.Event()
+        self._sending: set[str] = set()
+
+    # ---- loops ------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, fan_out: bool = True) -> None:
+        # No redirects: a 3xx to an internal address would step around the egress check.
+        self._client = httpx.AsyncClient(transport=self._transport, follow_redirects=False, trust_env=False)
+        try:
+            loops = [self._loop(self.dispatch_once, stop)]
+            if fan_out:
+                loops.append(self._loop(self.fan_out_once, stop))
+            await asyncio.gather(*loops)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._client.aclose()
+            await self._hand_back()
+
+    async def _hand_back(self) -> None:
+        """On shutdown, make the sends cut short due again at once rather than when their leases end."""
+        if not self._sending:
+            return
+        with contextlib.suppress(Exception):
+            now_ms = await redis_ms(self.redis)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for delivery in self._sending:
+                    pipe.zadd(self.names.due, {delivery: now_ms}, xx=True)
+                    pipe.delete(self.names.lease(delivery))
+                await pipe.execute()
+            self._sending.clear()
+
+    async def _loop(self, step: object, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                busy = await step()  # type: ignore[operator]
+                backoff.reset()
+            except REDIS_UNAVAILABLE as exc:
+                delay = backoff.next_delay()
+                log.warning("webhooks: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                await sleep_or_stop(delay, stop)
+                continue
+            except ResponseError as exc:
+                if is_missing_group(exc):
+                    # Redis lost its data (a flush, a restart without persistence): start again.
+                    await self.registry.ensure_group()
+                    continue
+                log.exception("webhooks: unexpected Redis error")
+                await sleep_or_stop(backoff.next_delay(), stop)
+                continue
+            except Exception:
+                # Webhooks run beside execution in the worker: a bug here must not stop the worker.
+                log.exception("webhooks: unexpected error; going on")
+                await sleep_or_stop(backoff.next_delay(), stop)
+                continue
+            if not busy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), DISPATCH_IDLE_S)
+
+    # ---- fan-out ----------------------------------------------------------------------------------
+
+    async def fan_out_once(self, block_ms: int = 1000) -> int:
+        """Turn one batch of events into deliveries; returns how many entries were handled."""
+        if time.monotonic() >= self._next_cleanup:
+            self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
+            await self.remove_gone_consumers()
+        self._claim_cursor, entries = await autoclaim(
+            self.redis,
+            self.keys.results,
+            self.group,
+            self.consumer,
+            self.stale_pending_ms,
+            start=self._claim_cursor,
+            count=100,
+        )
+        if not entries:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.keys.results: ">"}, count=200, block=block_ms
+            )
+            entries = [e for _, batch in reply or [] for e in batch]
+        if not entries:
+            # Blocking already waited: no idle sleep on top of it.
+            return 1
+        endpoints = await self.registry.list()
+        now_ms = await redis_ms(self.redis)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for entry_id, fields in entries:
+                for delivery in self._deliveries(entry_id, fields, endpoints, now_ms):
+                    # HSETNX/ZADD NX: an entry read twice (a crash before the ack) makes no second delivery.
+                    pipe.hsetnx(self.names.deliveries, delivery.id, delivery.encode())
+                    pipe.zadd(self.names.due, {delivery.id: now_ms}, nx=True)
+            pipe.xack(self.keys.results, self.group, *[entry_id for entry_id, _ in entries])
+            await pipe.execute()
+        return len(entries)
+
+    def _deliveries(
+        self, entry_id: str, fields: dict[str, str], endpoints: list[Endpoint], now_ms: int
+    ) -> list[Delivery]:
+        try:
+            event = Event.from_entry(entry_id, fields)
+        except (ValueError, KeyError):
+            return []  # not an event: the projector dead-letters it; nothing to announce
+        # Sentry is one more subscriber of the same events (a no-op without SENTRY_DSN).
+        report_failed_execution(event)
+        if not endpoints:
+            return []
+        kind = webhook_event(event)
+        if kind is None:
+            return []
+        body = payload(kind, event)
+        return [
+            Delivery(delivery_id(e.id, entry_id), e.id, kind.value, body, first_at_ms=now_ms)
+            for e in endpoints
+            if e.wants(kind, event)
+        ]
+
+    async def remove_gone_consumers(self) -> list[str]:
+        """Consumers of processes that are gone (silent a while, owning nothing): as maintenance does
+        for the other groups, so the group's consumer list does not grow with every restart."""
+        removed = []
+        for consumer in await self.redis.xinfo_consumers(self.keys.results, self.group):
+            name = consumer["name"]
+            if name == self.consumer or consumer["pending"] or consumer["idle"] < GONE_AFTER_MS:
+                continue
+            if await self._scripts.remove_consumer_if_idle(self.keys.results, self.group, name):
+                removed.append(name)
+        return removed
+
+    # ---- dispatch ---------------------------------------------------------------------------------
+
+    @property
+    def _lease_ms(self) -> int:
+        # Longer than one attempt can take (resolving, then the request, each bounded by the timeout),
+        # so a live sender never loses its lease; a dead one's delivery is due again soon after.
+        return int((self.settings.webhook_timeout * 3 + 1) * 1000)
+
+    async def dispatch_once(self) -> int:
+        """Start sending the deliveries that are due; returns how many were started."""
+        self._slot_freed.clear()
+        now_ms = await redis_ms(self.redis)
+        due = await self.redis.zrangebyscore(self.names.due, "-inf", now_ms, start=0, num=DISPATCH_BATCH)
+        started = 0
+        for delivery in due:
+            endpoint_id = endpoint_of(delivery)
+            if self._inflight[endpoint_id] >= self.settings.webhook_endpoint_concurrency:
+                continue  # this endpoint's slots are full; its deliveries wait, others go on
+            if not await self.redis.set(self.names.lease(delivery), self.consumer, nx=True, px=self._lease_ms):
+                continue
+            # Out of everyone's due range while leased; due again by itself if this process dies.
+            await self.redis.zadd(self.names.due, {delivery: now_ms + self._lease_ms}, xx=True)
+            self._inflight[endpoint_id] += 1
+            task = asyncio.create_task(self._attempt(delivery, endpoint_id), name=f"webhook {delivery}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started += 1
+        return started
+
+    async def _attempt(self, delivery: str, endpoint_id: str) -> None:
+        self._sending.add(delivery)
+        try:
+            await self.attempt(delivery)
+            self._sending.discard(delivery)
+        except REDIS_UNAVAILABLE as exc:
+            self._sending.discard(delivery)
+            log.warning("webhook %s: Redis unavailable (%s); due again when its lease ends", delivery, exc)
+        except Exception:
+            self._sending.discard(delivery)
+            log.exception("webhook %s: unexpected error; due again when its lease ends", delivery)
+        finally:
+            self._inflight[endpoint_id] -= 1
+            self._slot_freed.set()
+
+    async def attempt(self, delivery_key: str) -> str:
+        """Send one delivery once; returns 'delivered', 'retrying', 'dead' or 'dropped'."""
+        raw = await self.redis.hget(self.names.deliveries, delivery_key)
+        endpoint = await self.registry.get(endpoint_of(delivery_key))
+        if raw is None or endpoint is None:
+            # Delivered meanwhile by someone whose lease we outlived, or the endpoint was deleted.
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.names.due, delivery_key)
+                pipe.hdel(self.names.deliveries, delivery_key)
+                await pipe.execute()
+            return "dropped"
+        delivery = Delivery.decode(raw)
+        error, status = await self._send(endpoint, delivery)
+        if error is None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.names.due, delivery.id)
+                pipe.hdel(self.names.deliveries, delivery.id)
+                pipe.delete(self.names.lease(delivery.id))
+                await pipe.execute()
+            return "delivered"
+        delivery.attempts += 1
+        delivery.last_error = error
+        delivery.last_status = status
+        now_ms = await redis_ms(self.redis)
+        if now_ms - delivery.first_at_ms >= self.settings.webhook_retry_for * 1000:
+            delivery.dead_at = now_iso()
+            log.warning(
+                "webhook %s to %s dead after %d attempts: %s", delivery.id, endpoint.url, delivery.attempts, error
+            )
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lpush(self.names.dead(endpoint.id), delivery.encode())
+                pipe.ltrim(self.names.dead(endpoint.id), 0, DEAD_LETTERS_KEPT - 1)
+                pipe.zrem(self.names.due, delivery.id)
+                pipe.hdel(self.names.deliveries, delivery.id)
+                pipe.delete(self.names.lease(delivery.id))
+                await pipe.execute()
+            return "dead"
+        delay = min(self.settings.webhook_backoff * 2 ** (delivery.attempts - 1), self.settings.webhook_backoff_max)
+        # Jitter, so that deliveries that failed together (an endpoint's outage) do not return together.
+        next_ms = now_ms + int(delay * random.uniform(0.5, 1.0) * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.names.deliveries, delivery.id, delivery.encode())
+            pipe.zadd(self.names.due, {delivery.id: next_ms}, xx=True)
+            pipe.delete(self.names.lease(delivery.id))
+            await pipe.execute()
+        return "retrying"
+
+    async def _send(self, endpoint: Endpoint, delivery: Delivery) -> tuple[str | None, int | None]:
+        """(None, status) when the endpoint took it; else (why not, status if any)."""
+        assert self._client is not None
+        if not endpoint.secret:
+            return "the endpoint's secret does not decrypt with this process's NOVA_SECRETS_KEY", None
+        try:
+            host, address = await self.policy.resolve(endpoint.url, timeout=self.settings.webhook_timeout)
+        except EgressRefused as exc:
+            return str(exc), None
+        url = httpx.URL(endpoint.url)
+        timestamp = (await redis_ms(self.redis)) // 1000
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "nova-webhooks",
+            # The original name, although the connection goes to the address checked above.
+            "host": url.netloc.decode(),
+            **sign(endpoint.secret, delivery.id, timestamp, delivery.body),
+        }
+        extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+        try:
+            # httpx's timeout bounds each phase; wait_for bounds the whole (an endpoint answering a byte
+            # at a time would otherwise outlast the lease).
+            response = await asyncio.wait_for(
+                self._client.post(
+                    url.copy_with(host=address),
+                    content=delivery.body.encode(),
+                    headers=headers,
+                    timeout=self.settings.webhook_timeout,
+                    extensions=extensions,
+                ),
+                self.settings.webhook_timeout,
+            )
+        except (httpx.TimeoutException, TimeoutError):
+            return f"no answer within {self.settings.webhook_timeout:g}s", None
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}", None
+        with contextlib.suppress(Exception):
+            await response.aclose()
+        if 200 <= response.status_code < 300:
+            return None, response.status_code
+        return f"HTTP {response.status_code}", response.status_code

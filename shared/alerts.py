@@ -1,0 +1,73 @@
+"""The dead man's switch: the API (not the workers, which may be the problem) raises an alert when no
+worker is alive in the group, or when requests wait longer than `NOVA_ALERT_PENDING_AGE`.
+
+What is checked lives here; the API's loop that checks and raises (api/worker_watch.py) sends the alert
+to Sentry and as a `workers.unavailable` webhook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from shared.settings import Settings
+from shared.streams import Keys, entry_id_parts
+from shared.webhooks import redis_ms
+
+
+@dataclass(frozen=True)
+class Alert:
+    reason: str  # "no_live_worker" | "requests_waiting"
+    message: str
+    details: dict[str, Any]
+
+
+async def check_workers(redis: Redis, keys: Keys, settings: Settings) -> list[Alert]:
+    """What is wrong with the workers' group now (empty: nothing)."""
+    now_ms = await redis_ms(redis)
+    group = keys.worker_group
+    try:
+        consumers = await redis.xinfo_consumers(keys.requests, group)
+        [info] = [g for g in await redis.xinfo_groups(keys.requests) if g["name"] == group] or [None]
+    except ResponseError:
+        consumers, info = [], None
+    alerts: list[Alert] = []
+    # A live worker reads (an idle one blocks in XREADGROUP) or heartbeats its entries (a busy one)
+    # more often than the visibility timeout; past it, its peers would take its work for dead too.
+    live_ms = int(settings.visibility_timeout * 1000)
+    live = [c["name"] for c in consumers if int(c["idle"]) < live_ms]
+    if not live:
+        alerts.append(
+            Alert(
+                "no_live_worker",
+                f"no live worker in group {group} (none read or heartbeat within {settings.visibility_timeout:g}s)",
+                {"group": group, "consumers": len(consumers)},
+            )
+        )
+    threshold_ms = int(settings.alert_pending_age * 1000)
+    oldest_ms: int | None = None
+    # The oldest request no worker has taken yet (all of them when no worker ever made the group)...
+    after = f"({info['last-delivered-id']}" if info is not None else "-"
+    waiting = await redis.xrange(keys.requests, min=after, max="+", count=1)
+    if waiting:
+        oldest_ms = entry_id_parts(waiting[0][0])[0]
+    if info is not None:
+        # ...or one taken and then left without a heartbeat for longer than the threshold.
+        stuck = await redis.xpending_range(keys.requests, group, min="-", max="+", count=1, idle=threshold_ms)
+        if stuck:
+            first = entry_id_parts(stuck[0]["message_id"])[0]
+            oldest_ms = first if oldest_ms is None else min(oldest_ms, first)
+    if oldest_ms is not None and now_ms - oldest_ms > threshold_ms:
+        age = (now_ms - oldest_ms) / 1000
+        alerts.append(
+            Alert(
+                "requests_waiting",
+                f"the oldest request in {keys.requests} has waited {age:.0f}s (threshold "
+                f"{settings.alert_pending_age:g}s)",
+                {"group": group, "oldest_waiting_s": round(age, 1), "live_workers": len(live)},
+            )
+        )
+    return alerts

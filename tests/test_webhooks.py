@@ -1,0 +1,600 @@
+"""Webhooks through the real pipeline: a local HTTP receiver that checks Standard Webhooks signatures,
+answers 500 for a while, stops answering, and comes back; real Redis, real workers, the API in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from api.app import create_app
+from api.worker_watch import WorkerWatch
+from consumer.scheduler import Scheduler
+from consumer.webhooks import WebhookDelivery
+from shared.alerts import check_workers
+from shared.catalog import WorkflowCatalog
+from shared.schedules import ScheduleStore
+from shared.settings import Settings
+from shared.streams import EventType
+from shared.webhooks import Delivery, EgressPolicy, EgressRefused, WebhookKeys, WebhookRegistry, delivery_id
+from tests.support import (
+    ADMIN_KEY,
+    SECRETS_KEY,
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    kill9,
+    linear,
+    make_settings,
+    start_worker_process,
+    wait_terminal,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+WANTED = {EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD}
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 standing in for a customer's endpoint.
+
+    Each path is one endpoint with its own secret; `script[path]` lists what the next requests get
+    ("500", "hang" or "ok"); once it is empty they get `default[path]`.
+    """
+
+    def __init__(self) -> None:
+        self.secrets: dict[str, str] = {}
+        self.script: dict[str, list[str]] = defaultdict(list)
+        self.default: dict[str, str] = defaultdict(lambda: "ok")
+        self.requests: list[tuple[str, dict[str, str], bytes, str]] = []  # path, headers, body, answer
+        self.bad_signatures: list[str] = []
+        self.release = threading.Event()
+        self.hanging = 0
+        self.max_hanging = 0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                answer = receiver._answer(self.path, headers, body)
+                if answer == "hang":
+                    with receiver.lock:
+                        receiver.hanging += 1
+                        receiver.max_hanging = max(receiver.max_hanging, receiver.hanging)
+                    receiver.release.wait(20)
+                    with receiver.lock:
+                        receiver.hanging -= 1
+                code = 200 if answer == "ok" else 500
+                try:
+                    self.send_response(code)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender gave up waiting, as it should
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _answer(self, path: str, headers: dict[str, str], body: bytes) -> str:
+        with self.lock:
+            secret = self.secrets.get(path)
+            try:
+                if secret is None:
+                    raise WebhookVerificationError("unknown endpoint")
+                Webhook(secret).verify(body, headers)
+            except WebhookVerificationError as exc:
+                self.bad_signatures.append(f"{path}: {exc}")
+                answer = "bad"
+            else:
+                answer = self.script[path].pop(0) if self.script[path] else self.default[path]
+            self.requests.append((path, headers, body, answer))
+            return answer
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def accepted(self, path: str) -> dict[str, list[bytes]]:
+        """webhook-id -> bodies of the requests answered 200."""
+        out: dict[str, list[bytes]] = defaultdict(list)
+        with self.lock:
+            for p, headers, body, answer in self.requests:
+                if p == path and answer == "ok":
+                    out[headers["webhook-id"]].append(body)
+        return out
+
+    def answers(self, path: str) -> Counter[str]:
+        with self.lock:
+            return Counter(answer for p, _, _, answer in self.requests if p == path)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.thread.start()
+    yield r
+    r.release.set()
+    r.server.shutdown()
+    r.server.server_close()
+
+
+@pytest.fixture
+def overrides() -> dict[str, Any]:
+    """Settings a test changes (with parametrize): the API and the workers must share them."""
+    return {}
+
+
+@pytest.fixture
+def hook_settings(redis_url: str, db_url: str, overrides: dict[str, Any]) -> Settings:
+    values: dict[str, Any] = {
+        "webhook_allow": "127.0.0.1",
+        "webhook_timeout": 0.3,
+        "webhook_backoff": 0.05,
+        "webhook_backoff_max": 0.2,
+        "webhook_retry_for": 60.0,
+    }
+    return make_settings(redis_url, db_url, **{**values, **overrides})
+
+
+@pytest.fixture
+async def hook_api(hook_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app: FastAPI = create_app(hook_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as client:
+            yield client
+
+
+async def register(api: httpx.AsyncClient, receiver: Receiver, path: str, **body: Any) -> dict[str, Any]:
+    response = await api.post("/webhooks", json={"url": receiver.url(path), **body})
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    assert created["secret"].startswith("whsec_")
+    receiver.secrets[path] = created["secret"]
+    return created
+
+
+async def until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """Poll a condition the receiver's thread makes true (it has no notification to wait on)."""
+    deadline = time.monotonic() + timeout
+    while not (result := await condition() if asyncio.iscoroutinefunction(condition) else condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+    return result
+
+
+async def expected_ids(redis: Redis, settings: Settings, endpoint_id: str, client: str | None = None) -> dict[str, str]:
+    """webhook-id -> type for every event on the results stream the endpoint subscribes to."""
+    out: dict[str, str] = {}
+    for entry_id, fields in await redis.xrange(settings.results_stream):
+        if client is not None and fields["client"] != client:
+            continue
+        kind = fields["type"]
+        if kind in WANTED:
+            out[delivery_id(endpoint_id, entry_id)] = {
+                "succeeded": "execution.succeeded",
+                "failed": "execution.failed",
+            }.get(kind, "execution.dead_lettered")
+        elif kind == "node_finished" and orjson.loads(fields["data"])["status"] == "failure":
+            out[delivery_id(endpoint_id, entry_id)] = "node.failed"
+    return out
+
+
+async def test_every_event_arrives_signed_through_500s_and_timeouts(
+    redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    types = ["execution.succeeded", "execution.failed", "node.failed", "execution.dead_lettered"]
+    endpoint = await register(hook_api, receiver, "/hook", event_types=types)
+    # Three 500s, then two requests left unanswered past the timeout, then the endpoint is back.
+    receiver.script["/hook"] = ["500", "500", "500", "hang", "hang"]
+    good = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
+    bad = await create_workflow(redis, hook_settings, pool, linear("raise ValueError('boom')"))
+    async with in_process_worker(hook_settings):
+        tasks = [await enqueue(redis, hook_settings, good) for _ in range(3)]
+        tasks += [await enqueue(redis, hook_settings, bad) for _ in range(2)]
+        await wait_terminal(redis, hook_settings, [t.task_id for t in tasks])
+        expected = await expected_ids(redis, hook_settings, endpoint["id"])
+        assert Counter(expected.values()) == {"execution.succeeded": 3, "execution.failed": 2, "node.failed": 2}
+        await until(lambda: set(receiver.accepted("/hook")) == set(expected))
+    receiver.release.set()
+
+    assert receiver.bad_signatures == []
+    assert receiver.answers("/hook")["500"] == 3 and receiver.answers("/hook")["hang"] == 2
+    accepted = receiver.accepted("/hook")
+    for webhook_id, bodies in accepted.items():
+        # A duplicate is the same delivery again: same webhook-id, same bytes.
+        assert len(set(bodies)) == 1
+        assert orjson.loads(bodies[0])["type"] == expected[webhook_id]
+    # Nothing is left to retry, and the group keeps no pending entries that would pin trimming.
+    assert await redis.zcard(WebhookKeys(hook_settings_keys(hook_settings)).due) == 0
+    [group] = [g for g in await redis.xinfo_groups(hook_settings.results_stream) if g["name"] == "nova-webhooks"]
+    assert group["pending"] == 0
+
+
+def hook_settings_keys(settings: Settings) -> Any:
+    from shared.streams import Keys
+
+    return Keys.from_settings(settings)
+
+
+@pytest.mark.parametrize("overrides", [{"webhook_retry_for": 0.3}])
+async def test_a_dead_endpoint_is_dead_lettered_then_replayed(
+    redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    settings = hook_settings
+    endpoint = await register(hook_api, receiver, "/down", event_types=["execution.succeeded"])
+    receiver.default["/down"] = "500"
+    wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
+    async with in_process_worker(settings):
+        task = await enqueue(redis, settings, wf, context={"note": "hello"})
+        await wait_terminal(redis, settings, [task.task_id])
+
+        async def dead() -> list[dict[str, Any]]:
+            items = (await hook_api.get(f"/webhooks/{endpoint['id']}/deliveries")).json()["items"]
+            return [i for i in items if i["state"] == "dead"]
+
+        [parked] = await until(dead)
+        assert parked["last_status"] == 500 and parked["attempts"] >= 1 and parked["last_error"] == "HTTP 500"
+        assert parked["payload"]["type"] == "execution.succeeded"
+        assert parked["payload"]["data"]["task_id"] == task.task_id
+        [group] = [g for g in await redis.xinfo_groups(settings.results_stream) if g["name"] == "nova-webhooks"]
+        assert group["pending"] == 0
+
+        receiver.default["/down"] = "ok"
+        replay = await hook_api.post(f"/webhooks/{endpoint['id']}/deliveries/{parked['id']}/replay")
+        assert replay.status_code == 202
+        await until(lambda: parked["id"] in receiver.accepted("/down"))
+        again = await hook_api.post(f"/webhooks/{endpoint['id']}/deliveries/{parked['id']}/replay")
+        assert again.status_code == 404
+
+    async def emptied() -> bool:
+        return (await hook_api.get(f"/webhooks/{endpoint['id']}/deliveries")).json()["count"] == 0
+
+    await until(emptied)
+    assert receiver.bad_signatures == []
+
+
+@pytest.mark.parametrize("overrides", [{"webhook_timeout": 30.0, "webhook_endpoint_concurrency": 2}])
+async def test_a_slow_endpoint_delays_neither_executions_nor_other_endpoints(
+    redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    settings = hook_settings
+    await register(hook_api, receiver, "/slow", event_types=["execution.succeeded"])
+    fast = await register(hook_api, receiver, "/fast", event_types=["execution.succeeded"])
+    receiver.default["/slow"] = "hang"
+    wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
+    async with in_process_worker(settings):
+        tasks = [await enqueue(redis, settings, wf) for _ in range(5)]
+        await wait_terminal(redis, settings, [t.task_id for t in tasks])
+        expected = await expected_ids(redis, settings, fast["id"])
+        await until(lambda: set(receiver.accepted("/fast")) == set(expected))
+        # Still hanging: the slow endpoint holds only its own slots meanwhile.
+        assert not receiver.release.is_set() and receiver.hanging >= 1
+        # Two processes send here (the worker, and the API, which sends too): two slots each at most.
+        assert receiver.max_hanging <= 4
+        receiver.release.set()
+
+
+async def test_a_client_registers_endpoints_for_its_own_executions_only(
+    redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    keys = {}
+    for slug in ("acme", "globex"):
+        created = await hook_api.post("/clients", json={"slug": slug, "name": slug.title()})
+        keys[slug] = created.json()["api_key"]
+
+    def as_client(slug: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[slug]}"}
+
+    refused = await hook_api.post(
+        "/webhooks", json={"url": receiver.url("/acme"), "client_slug": "globex"}, headers=as_client("acme")
+    )
+    assert refused.status_code == 403
+    response = await hook_api.post("/webhooks", json={"url": receiver.url("/acme")}, headers=as_client("acme"))
+    assert response.status_code == 201
+    mine = response.json()
+    assert mine["client_slug"] == "acme"
+    receiver.secrets["/acme"] = mine["secret"]
+    # The signing secret is at rest under NOVA_SECRETS_KEY, as credentials are.
+    stored = await redis.hget(WebhookKeys(hook_settings_keys(hook_settings)).endpoints, mine["id"])
+    assert mine["secret"] not in stored and '"secret":"sealed:' in stored
+
+    listed = (await hook_api.get("/webhooks", headers=as_client("globex"))).json()
+    assert listed["count"] == 0
+    assert (await hook_api.get(f"/webhooks/{mine['id']}", headers=as_client("globex"))).status_code == 404
+    assert (await hook_api.delete(f"/webhooks/{mine['id']}", headers=as_client("globex"))).status_code == 404
+    assert (await hook_api.get(f"/webhooks/{mine['id']}/deliveries", headers=as_client("globex"))).status_code == 404
+    assert "secret" not in (await hook_api.get("/webhooks", headers=as_client("acme"))).json()["items"][0]
+
+    wf = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
+    async with in_process_worker(hook_settings):
+        tasks = [await enqueue(redis, hook_settings, wf, client=c) for c in ("acme", "globex", "acme", "globex")]
+        await wait_terminal(redis, hook_settings, [t.task_id for t in tasks])
+        expected = await expected_ids(redis, hook_settings, mine["id"], client="acme")
+        assert len(expected) == 2
+        await until(lambda: set(receiver.accepted("/acme")) == set(expected))
+    bodies = [orjson.loads(b[0]) for b in receiver.accepted("/acme").values()]
+    assert {b["data"]["client_slug"] for b in bodies} == {"acme"}
+    assert (await hook_api.delete(f"/webhooks/{mine['id']}", headers=as_client("acme"))).status_code == 204
+    assert (await hook_api.get("/webhooks")).json()["count"] == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/x",
+        "http://localhost/x",
+        "http://[::1]/x",
+        "http://10.1.2.3/x",
+        "http://192.168.0.10/x",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://100.64.0.1/x",
+        "http://[::ffff:127.0.0.1]/x",
+        "http://[fd00:ec2::254]/x",
+        "ftp://example.com/x",
+        "not a url",
+    ],
+)
+async def test_internal_addresses_are_refused_unless_allow_listed(api: httpx.AsyncClient, url: str) -> None:
+    response = await api.post("/webhooks", json={"url": url})
+    assert response.status_code == 422, response.text
+    assert (await api.get("/webhooks")).json()["count"] == 0
+
+
+def test_the_allow_list_opens_only_what_it_names(settings: Settings) -> None:
+    closed = EgressPolicy.from_settings(settings)
+    opened = EgressPolicy.from_settings(settings.model_copy(update={"webhook_allow": "127.0.0.1/32, hooks.internal"}))
+    loopback, private, public = (ipaddress.ip_address(a) for a in ("127.0.0.1", "10.0.0.7", "93.184.216.34"))
+    assert closed.permits("example.com", public) and opened.permits("example.com", public)
+    assert not closed.permits("x", loopback) and opened.permits("x", loopback)
+    assert not opened.permits("x", private) and opened.permits("hooks.internal", private)
+
+
+async def test_a_name_that_turns_internal_after_registration_is_not_called(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """The address is checked at every attempt, not only at registration (DNS may change meanwhile)."""
+    registry = WebhookRegistry(redis, hook_settings_keys(hook_settings), hook_settings)
+    endpoint = await registry.create(receiver.url("/x"), ["execution.succeeded"], None)
+    receiver.secrets["/x"] = endpoint.secret
+    names = WebhookKeys(hook_settings_keys(hook_settings))
+    delivery = Delivery(delivery_id(endpoint.id, "1-1"), endpoint.id, "execution.succeeded", "{}", first_at_ms=0)
+    await redis.hset(names.deliveries, delivery.id, delivery.encode())
+    await redis.zadd(names.due, {delivery.id: 0})
+    closed = hook_settings.model_copy(update={"webhook_allow": "", "webhook_retry_for": 3600.0 * 24 * 365 * 100})
+    sender = WebhookDelivery(closed, redis, consumer="c1")
+    sender._client = httpx.AsyncClient()
+    try:
+        assert await sender.attempt(delivery.id) == "retrying"
+    finally:
+        await sender._client.aclose()
+    assert receiver.requests == []
+    [stored] = await registry.deliveries(endpoint.id)
+    assert stored["state"] == "retrying" and "NOVA_WEBHOOK_ALLOW" in stored["last_error"]
+    with pytest.raises(EgressRefused):
+        await EgressPolicy.from_settings(closed).resolve(receiver.url("/x"))
+
+
+async def test_entries_a_crashed_process_read_are_taken_over(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """Read but never acknowledged (the process died between the two): another process fans them out."""
+    keys = hook_settings_keys(hook_settings)
+    registry = WebhookRegistry(redis, keys, hook_settings)
+    endpoint = await registry.create(receiver.url("/x"), ["execution.succeeded"], None)
+    fields = {
+        "type": "succeeded",
+        "task_id": "t1",
+        "execution_id": "1",
+        "workflow_id": "1",
+        "client": "acme",
+        "ts": "2026-01-01T00:00:00Z",
+        "data": "{}",
+    }
+    entry_id = await redis.xadd(hook_settings.results_stream, fields)
+    await redis.xreadgroup(hook_settings.webhook_group, "crashed", {hook_settings.results_stream: ">"}, count=10)
+    survivor = WebhookDelivery(hook_settings, redis, consumer="survivor")
+    survivor.stale_pending_ms = 0
+    assert await survivor.fan_out_once(block_ms=10) == 1
+    names = WebhookKeys(keys)
+    assert await redis.zscore(names.due, delivery_id(endpoint.id, entry_id)) is not None
+    assert (await redis.xpending(hook_settings.results_stream, hook_settings.webhook_group))["pending"] == 0
+    # Read again (the group moved back, as after restoring an older snapshot): still one delivery.
+    await redis.xgroup_setid(hook_settings.results_stream, hook_settings.webhook_group, "0")
+    await survivor.fan_out_once(block_ms=10)
+    assert await redis.hlen(names.deliveries) == 1
+
+
+async def test_a_delivery_in_flight_when_its_worker_is_killed_is_sent_by_another(
+    redis: Redis, hook_settings: Settings, pool: asyncpg.Pool, receiver: Receiver, tmp_path: Path
+) -> None:
+    # Registered without the API, which would send deliveries too: here only the worker may hold it.
+    registry = WebhookRegistry(redis, hook_settings_keys(hook_settings), hook_settings)
+    created = await registry.create(receiver.url("/hook"), ["execution.succeeded"], None)
+    receiver.secrets["/hook"] = created.secret
+    endpoint = created.as_json()
+    receiver.script["/hook"] = ["hang"]
+    wf = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
+    env = {
+        "NOVA_WEBHOOK_ALLOW": "127.0.0.1",
+        "NOVA_WEBHOOK_TIMEOUT": "0.6",
+        "NOVA_RUN_PROJECTOR": "false",
+        # The endpoint's secret is sealed with it: a worker without it cannot sign.
+        "NOVA_SECRETS_KEY": SECRETS_KEY,
+    }
+    proc = start_worker_process(hook_settings, tmp_path / "worker.log", **env)
+    try:
+        task = await enqueue(redis, hook_settings, wf)
+        await wait_terminal(redis, hook_settings, [task.task_id])
+        await until(lambda: receiver.hanging == 1)
+    finally:
+        kill9(proc)
+    [webhook_id] = await expected_ids(redis, hook_settings, endpoint["id"])
+    names = WebhookKeys(hook_settings_keys(hook_settings))
+    # Killed mid-request: the delivery is still there, never recorded as attempted.
+    assert Delivery.decode(await redis.hget(names.deliveries, webhook_id)).attempts == 0
+    async with in_process_worker(hook_settings, run_projector=False):
+        await until(lambda: webhook_id in receiver.accepted("/hook"))
+    assert receiver.bad_signatures == []
+
+
+async def test_a_worker_without_the_secrets_key_does_not_send_unsigned(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    registry = WebhookRegistry(redis, hook_settings_keys(hook_settings), hook_settings)
+    endpoint = await registry.create(receiver.url("/x"), ["execution.succeeded"], None)
+    names = WebhookKeys(hook_settings_keys(hook_settings))
+    delivery = Delivery(delivery_id(endpoint.id, "1-1"), endpoint.id, "execution.succeeded", "{}", first_at_ms=0)
+    await redis.hset(names.deliveries, delivery.id, delivery.encode())
+    keyless = hook_settings.model_copy(update={"secrets_key": None, "webhook_retry_for": 3600.0 * 24 * 365 * 100})
+    sender = WebhookDelivery(keyless, redis, consumer="c1")
+    sender._client = httpx.AsyncClient()
+    try:
+        assert await sender.attempt(delivery.id) == "retrying"
+    finally:
+        await sender._client.aclose()
+    assert receiver.requests == []
+    [stored] = await registry.deliveries(endpoint.id)
+    assert "NOVA_SECRETS_KEY" in stored["last_error"]
+
+
+async def test_the_api_alerts_operators_when_no_worker_is_alive(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """The dead man's switch: raised and delivered by the API alone (no worker runs here)."""
+    settings = hook_settings.model_copy(update={"alert_check_interval": 0.1})
+    keys = hook_settings_keys(settings)
+    registry = WebhookRegistry(redis, keys, settings)
+    operators = await registry.create(receiver.url("/ops"), ["workers.unavailable"], None)
+    receiver.secrets["/ops"] = operators.secret
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        [webhook_id] = await until(lambda: list(receiver.accepted("/ops")))
+        # Raised once per repeat interval, however often the API checks meanwhile.
+        assert await WorkerWatch(settings, redis).check_once() == []
+    body = orjson.loads(receiver.accepted("/ops")[webhook_id][0])
+    assert body["type"] == "workers.unavailable" and body["data"]["reason"] == "no_live_worker"
+    assert receiver.bad_signatures == []
+
+
+async def test_requests_waiting_past_the_threshold_raise_an_alert_until_a_worker_takes_them(
+    redis: Redis, hook_settings: Settings, pool: asyncpg.Pool
+) -> None:
+    settings = hook_settings.model_copy(update={"alert_pending_age": 0.2, "run_webhooks": False})
+    keys = hook_settings_keys(settings)
+    wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
+    task = await enqueue(redis, settings, wf)
+
+    async def reasons() -> set[str]:
+        return {a.reason for a in await check_workers(redis, keys, settings)}
+
+    async def waiting() -> bool:
+        return "requests_waiting" in await reasons()
+
+    await until(waiting)
+    assert "no_live_worker" in await reasons()
+    async with in_process_worker(settings):
+        await wait_terminal(redis, settings, [task.task_id])
+
+        async def healthy() -> bool:
+            return await reasons() == set()
+
+        await until(healthy)
+
+
+async def test_a_schedule_that_cannot_fire_is_announced_to_operators_and_its_client(
+    redis: Redis, hook_settings: Settings, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    keys = hook_settings_keys(hook_settings)
+    registry = WebhookRegistry(redis, keys, hook_settings)
+    endpoints = {
+        path: await registry.create(receiver.url(path), ["schedule.failed"], client)
+        for path, client in (("/ops", None), ("/acme", "acme"), ("/globex", "globex"))
+    }
+    for path, endpoint in endpoints.items():
+        receiver.secrets[path] = endpoint.secret
+    schedule = await ScheduleStore(redis, keys).create(
+        cron="* * * * * *", workflow_id=987654, client="acme", initial_context={}, name="gone"
+    )
+    scheduler = Scheduler(hook_settings, redis, WorkflowCatalog(redis, pool, keys), "c1")
+    await scheduler.tick(now_ms=(await redis.time())[0] * 1000 + 5000)
+    sender = WebhookDelivery(hook_settings, redis, consumer="c1")
+    sender._client = httpx.AsyncClient(trust_env=False)
+    try:
+        for path in ("/ops", "/acme", "/globex"):
+            for item in await registry.deliveries(endpoints[path].id):
+                assert await sender.attempt(item["id"]) == "delivered"
+    finally:
+        await sender._client.aclose()
+    assert set(receiver.accepted("/ops")) and set(receiver.accepted("/acme")) and not receiver.accepted("/globex")
+    [body] = next(iter(receiver.accepted("/acme").values()))
+    data = orjson.loads(body)
+    assert data["type"] == "schedule.failed" and data["data"]["schedule_id"] == schedule.id
+    assert data["data"]["reason"] == "workflow not found"
+
+
+async def test_consumers_of_gone_processes_leave_the_group(redis: Redis, hook_settings: Settings) -> None:
+    await WebhookRegistry(redis, hook_settings_keys(hook_settings), hook_settings).ensure_group()
+    stream, group = hook_settings.results_stream, hook_settings.webhook_group
+    first = await redis.xadd(stream, {"not": "an event"})
+    await redis.xreadgroup(group, "gone", {stream: ">"}, count=1)
+    await redis.xack(stream, group, first)
+    await redis.xadd(stream, {"not": "an event"})
+    await redis.xreadgroup(group, "busy", {stream: ">"}, count=1)  # owns a pending entry: kept
+    survivor = WebhookDelivery(hook_settings, redis, consumer="survivor")
+    import consumer.webhooks as module
+
+    original = module.GONE_AFTER_MS
+    module.GONE_AFTER_MS = 0
+    try:
+        assert await survivor.remove_gone_consumers() == ["gone"]
+    finally:
+        module.GONE_AFTER_MS = original
+    assert {c["name"] for c in await redis.xinfo_consumers(stream, group)} == {"busy"}
+
+
+async def test_a_stopping_worker_hands_its_unfinished_sends_back_at_once(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    settings = hook_settings.model_copy(update={"webhook_timeout": 30.0})
+    keys = hook_settings_keys(settings)
+    registry = WebhookRegistry(redis, keys, settings)
+    endpoint = await registry.create(receiver.url("/x"), ["execution.succeeded"], None)
+    receiver.secrets["/x"] = endpoint.secret
+    receiver.default["/x"] = "hang"
+    names = WebhookKeys(keys)
+    delivery = Delivery(delivery_id(endpoint.id, "1-1"), endpoint.id, "execution.succeeded", "{}", first_at_ms=0)
+    await redis.hset(names.deliveries, delivery.id, delivery.encode())
+    await redis.zadd(names.due, {delivery.id: 0})
+    stop = asyncio.Event()
+    sender = WebhookDelivery(settings, redis, consumer="c1")
+    running = asyncio.create_task(sender.run(stop, fan_out=False))
+    await until(lambda: receiver.hanging == 1)
+    leased_until = await redis.zscore(names.due, delivery.id)
+    stop.set()
+    await running
+    # Due now (not at the end of a 30 s request's lease), unleased, and never counted as an attempt.
+    assert await redis.zscore(names.due, delivery.id) < leased_until
+    assert not await redis.exists(names.lease(delivery.id))
+    assert Delivery.decode(await redis.hget(names.deliveries, delivery.id)).attempts == 0
