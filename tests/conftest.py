@@ -31,9 +31,17 @@ from cli.embedded import (
 from shared.db import create_pool, migrate_url
 from shared.settings import Settings
 from shared.streams import Keys
-from tests.support import ADMIN_KEY, make_settings, private_dir
+from tests.support import ADMIN_KEY, make_settings, private_dir, redis_binaries, redis_version
 
 _db_counter = itertools.count()
+
+
+@pytest.fixture(scope="module", params=redis_binaries(), ids=redis_version)
+def versioned_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private Redis per module and per Redis version here (6.2 and 7), for the atomic steps' races."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), binary=request.param).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

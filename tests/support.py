@@ -220,6 +220,11 @@ ADMIN_KEY = "test-admin-key"
 SECRETS_KEY = Vault.new_key()
 
 
+def redis_version(binary: str) -> str:
+    """A redis-server binary's version, as test ids name it (redis-6.2.14, redis-7.0.15)."""
+    return "redis-" + RedisServer(Path("/nonexistent"), binary=binary, port=1).version()
+
+
 def redis_binaries() -> list[str]:
     """Every distinct redis-server here: the packaged 6.2 and the one on PATH (7.x) when present."""
     seen: dict[str, str] = {}

@@ -34,7 +34,6 @@ from tests.support import (
     kill9,
     linear,
     private_dir,
-    redis_binaries,
     start_worker_process,
     wait_for_events,
     wait_projected,
@@ -49,17 +48,6 @@ KEYS = Keys(
     projector_group="projector",
     prefix="c",
 )
-
-
-def _version(binary: str) -> str:
-    return RedisServer(Path("/nonexistent"), binary=binary, port=1).version()
-
-
-@pytest.fixture(scope="module", params=redis_binaries(), ids=lambda b: f"redis-{_version(b)}")
-def versioned_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), binary=request.param).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

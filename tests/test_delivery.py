@@ -31,6 +31,7 @@ from tests.support import (
     linear,
     make_settings,
     redis_binaries,
+    redis_version,
     wait_for_events,
     wait_terminal,
 )
@@ -121,9 +122,7 @@ async def _await_uptime(client: Redis, seconds: int) -> None:
     raise TimeoutError("Redis uptime did not advance")
 
 
-@pytest.mark.parametrize(
-    "binary", redis_binaries(), ids=lambda b: f"redis-{RedisServer(Path('/x'), binary=b, port=1).version()}"
-)
+@pytest.mark.parametrize("binary", redis_binaries(), ids=redis_version)
 async def test_reclaim_scans_past_live_entries_to_reach_dead_ones(
     redis_factory: Callable[..., RedisServer], db_url: str, pool: asyncpg.Pool, binary: str
 ) -> None:

@@ -26,16 +26,12 @@ from shared.events import EventType
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys
-from tests.support import create_workflow, enqueue, in_process_worker, redis_binaries, wait_terminal
+from tests.support import create_workflow, enqueue, in_process_worker, redis_binaries, redis_version, wait_terminal
 
 AS_ROOT = os.geteuid() == 0
 
 
-def _version(binary: str) -> str:
-    return RedisServer(Path("/nonexistent"), binary=binary, port=1).version()
-
-
-@pytest.fixture(params=redis_binaries(), ids=lambda b: f"redis-{_version(b)}")
+@pytest.fixture(params=redis_binaries(), ids=redis_version)
 def locked_redis(request: pytest.FixtureRequest, redis_factory: Callable[..., RedisServer]) -> RedisServer:
     return redis_factory(binary=request.param, appendonly=True)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -15,12 +14,6 @@ from cli.embedded import RedisServer
 from shared.events import event_fields
 from shared.scripts import RecordOutcome, Scripts
 from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
-from tests.support import redis_binaries
-
-
-def _version(binary: str) -> str:
-    return RedisServer(Path("/nonexistent"), binary=binary, port=1).version()
-
 
 KEYS = Keys(
     requests="t:requests",
@@ -30,13 +23,6 @@ KEYS = Keys(
     projector_group="projector",
     prefix="t",
 )
-
-
-@pytest.fixture(scope="module", params=redis_binaries(), ids=lambda b: f"redis-{_version(b)}")
-def versioned_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), binary=request.param).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
