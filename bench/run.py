@@ -35,9 +35,10 @@ from redis.asyncio import Redis
 
 from cli.embedded import APP_USER, PostgresServer, RedisServer, free_port
 from shared.db import migrate_url
+from shared.enqueue import NewExecution, enqueue_execution
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, dumps, now_iso
+from shared.streams import Keys, now_iso
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -280,25 +281,22 @@ class Bench:
         self.figures["celery_enqueue_http_p99"] = figure([r["p99_ms"] for r in runs], "ms")
 
     async def _preload(self, redis: Redis, wf_id: int, n: int) -> list[str]:
+        """Enqueue `n` executions straight into Redis (as the API would, through the one enqueue function)."""
         scripts = Scripts(redis, Keys.from_settings(Settings()))
+
+        async def floor() -> int:
+            return 0  # fresh() empties the executions table before each scenario
+
         ids = []
         for start in range(0, n, 50):
             batch = []
             for _ in range(start, min(n, start + 50)):
                 task_id = uuid.uuid4().hex
                 ids.append(task_id)
-                batch.append(
-                    scripts.enqueue(
-                        task_id=task_id,
-                        workflow_id=wf_id,
-                        workflow_name="bench",
-                        client="bench",
-                        enqueued_at=now_iso(),
-                        payload='{"initial_context":{}}',
-                        queued_data=dumps({"workflow_name": "bench"}),
-                        results_maxlen=2_000_000,
-                    )
+                execution = NewExecution(
+                    workflow_id=wf_id, workflow_name="bench", client="bench", initial_context={}, task_id=task_id
                 )
+                batch.append(enqueue_execution(scripts, execution, floor=floor))
             await asyncio.gather(*batch)
         return ids
 
