@@ -152,19 +152,26 @@ async def test_reclaim_scans_past_live_entries_to_reach_dead_ones(
     await client.aclose()
 
 
-async def test_reclaim_waits_after_an_outage_or_a_redis_restart(
-    redis_factory: Callable[..., RedisServer], db_url: str, pool: asyncpg.Pool
-) -> None:
-    server = redis_factory(appendonly=True)
-    settings = make_settings(server.url, db_url, visibility_timeout=1.0)
-    keys = Keys.from_settings(settings)
-    client = create_redis(settings)
+async def _idle_entry(client: Redis, keys: Keys) -> str:
+    """One entry delivered to a silent consumer and made to look an hour idle."""
     await ensure_groups(client, keys)
     await client.xadd(keys.requests, {"junk": "x"})
     reply = await client.xreadgroup(keys.worker_group, "other", {keys.requests: ">"})
     [(entry_id, _)] = reply[0][1]
-    # The AOF keeps the delivery time: after the restart the entry looks idle for as long as Redis was down.
     await client.xclaim(keys.requests, keys.worker_group, "other", 0, [entry_id], idle=3_600_000, justid=True)
+    return str(entry_id)
+
+
+async def test_reclaim_waits_while_redis_has_been_up_less_than_a_visibility_timeout(
+    redis_factory: Callable[..., RedisServer], db_url: str, pool: asyncpg.Pool
+) -> None:
+    server = redis_factory(appendonly=True)
+    # A visibility timeout far longer than this test: Redis's uptime stays below it throughout.
+    settings = make_settings(server.url, db_url, visibility_timeout=600.0)
+    keys = Keys.from_settings(settings)
+    client = create_redis(settings)
+    await _idle_entry(client, keys)
+    # The AOF keeps the delivery time: after the restart the entry looks idle for as long as Redis was down.
     server.stop()
     server.start()
     worker = Worker(settings, client, WorkflowCatalog(client, pool, keys), providers={})
@@ -172,12 +179,23 @@ async def test_reclaim_waits_after_an_outage_or_a_redis_restart(
     assert not worker.inflight
     [pending] = await client.xpending_range(keys.requests, keys.worker_group, "-", "+", 1)
     assert pending["consumer"] == "other"
-    # Once Redis has been up a visibility timeout, a worker that saw an outage still waits its own grace.
-    await _await_uptime(client, 1)
+    await client.aclose()
+
+
+async def test_reclaim_waits_a_visibility_timeout_after_an_outage_this_worker_saw(
+    redis_factory: Callable[..., RedisServer], db_url: str, pool: asyncpg.Pool
+) -> None:
+    server = redis_factory()
+    settings = make_settings(server.url, db_url, visibility_timeout=1.0)
+    keys = Keys.from_settings(settings)
+    client = create_redis(settings)
+    await _idle_entry(client, keys)
+    await _await_uptime(client, 1)  # Redis itself has been up long enough
+    worker = Worker(settings, client, WorkflowCatalog(client, pool, keys), providers={})
     worker._outage()
     await worker._reclaim()
     assert not worker.inflight
-    worker._reclaim_not_before = 0.0
+    worker._reclaim_not_before = 0.0  # the grace has passed
     await worker._reclaim()
     await asyncio.gather(*worker.inflight.values())
     assert await client.xlen(keys.dead_letter) == 1
