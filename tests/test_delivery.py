@@ -65,11 +65,11 @@ async def test_long_nodes_on_two_healthy_workers_each_start_once(
 ) -> None:
     # Several runs per worker, each far longer than the visibility timeout: every one of them (not
     # only each worker's oldest) must stay with the worker that runs it.
-    code = f"{logged(effects, 'start')}\nimport time\ntime.sleep(2.0)"
+    code = f"{logged(effects, 'start')}\nimport time\ntime.sleep(3.0)"
     wf = await create_workflow(redis, settings, pool, linear(code))
     async with (
-        in_process_worker(settings, visibility_timeout=0.5, concurrency=3, sandbox_pool_size=3, **shared(effects)),
-        in_process_worker(settings, visibility_timeout=0.5, concurrency=3, sandbox_pool_size=3, **shared(effects)),
+        in_process_worker(settings, visibility_timeout=1.0, concurrency=3, sandbox_pool_size=3, **shared(effects)),
+        in_process_worker(settings, visibility_timeout=1.0, concurrency=3, sandbox_pool_size=3, **shared(effects)),
     ):
         tasks = [await enqueue(redis, settings, wf) for _ in range(4)]
         done = await wait_terminal(redis, settings, [t.task_id for t in tasks], timeout=60)
