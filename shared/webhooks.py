@@ -173,8 +173,9 @@ class EgressPolicy:
         try:
             parts = urlsplit(url)
             host, port = parts.hostname, parts.port
-        except ValueError:
-            host = port = None
+        except ValueError as exc:
+            # Found by the schema fuzz test: a malformed host (e.g. "http://[::1") used to end in a 500.
+            raise EgressRefused(f"the URL is malformed: {exc}") from None
         if parts.scheme not in ("http", "https") or not host:
             raise EgressRefused("the URL must be http:// or https:// with a host")
         port = port or (443 if parts.scheme == "https" else 80)

@@ -598,3 +598,10 @@ async def test_a_stopping_worker_hands_its_unfinished_sends_back_at_once(
     assert await redis.zscore(names.due, delivery.id) < leased_until
     assert not await redis.exists(names.lease(delivery.id))
     assert Delivery.decode(await redis.hget(names.deliveries, delivery.id)).attempts == 0
+
+
+async def test_a_malformed_url_is_a_422_not_a_500(api: httpx.AsyncClient) -> None:
+    """Found by the schema fuzz test: a host the URL parser rejects ended in an unbound variable."""
+    response = await api.post("/webhooks", json={"url": "http://[::1/hook"})
+    assert response.status_code == 422, response.text
+    assert "malformed" in response.json()["error"]["message"]
