@@ -451,7 +451,9 @@ class LocalSandboxProvider:
                 *bwrap_args(
                     self.bwrap,
                     workdir=str(workdir),
-                    shared_dirs=[str(_WORK_BASE)],
+                    # The runner's folder too: an install under /tmp (a CI checkout) would otherwise be
+                    # hidden by the sandbox's fresh /tmp.
+                    shared_dirs=[str(_WORK_BASE), str(RUNNER.parent)],
                     network=self.network,
                     uid=uid,
                     writable=self.writable,
