@@ -63,6 +63,23 @@ _UID_LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-uids"
 _WORK_BASE = Path(tempfile.gettempdir()) / "nova-sandboxes"
 
 
+def _sandbox_runner() -> Path:
+    """runner.py where every sandbox can read it: a copy in the sandboxes' base folder.
+
+    An install under /tmp (a CI checkout) is hidden by a sandbox's fresh /tmp, and the install's own
+    folders may not be readable by a sandbox's uid; the base folder is visible in every mode.
+    """
+    _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
+    source = RUNNER.read_bytes()
+    target = _WORK_BASE / "runner.py"
+    if not target.exists() or target.read_bytes() != source:
+        staged = _WORK_BASE / f".runner-{os.getpid()}.py"
+        staged.write_bytes(source)
+        staged.chmod(0o644)
+        os.replace(staged, target)  # atomic: another worker may be reading it
+    return target
+
+
 class UidLease:
     """An exclusive uid for one sandbox, across every worker process on this machine.
 
@@ -444,16 +461,14 @@ class LocalSandboxProvider:
         if uid is not None:
             os.chown(workdir, uid, uid)
         os.chmod(workdir, 0o700)
-        command = [self.python, "-I", str(RUNNER), self._limits_arg]
+        command = [self.python, "-I", str(_sandbox_runner()), self._limits_arg]
         setup_uid = uid
         if self.bwrap is not None:
             command = [
                 *bwrap_args(
                     self.bwrap,
                     workdir=str(workdir),
-                    # The runner's folder too: an install under /tmp (a CI checkout) would otherwise be
-                    # hidden by the sandbox's fresh /tmp.
-                    shared_dirs=[str(_WORK_BASE), str(RUNNER.parent)],
+                    shared_dirs=[str(_WORK_BASE)],
                     network=self.network,
                     uid=uid,
                     writable=self.writable,
