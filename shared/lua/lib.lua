@@ -42,3 +42,11 @@ local function append_event(results_stream, task_events_key, event)
   redis.call('RPUSH', task_events_key, id)
   return id
 end
+
+-- Appends a request kept aside as JSON (a parked or delayed member) back onto the requests stream.
+local function requeue(requests_stream, member)
+  local fields = cjson.decode(member)
+  local flat = {}
+  for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(v) end
+  redis.call('XADD', requests_stream, '*', unpack(flat))
+end

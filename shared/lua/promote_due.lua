@@ -12,10 +12,7 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', delayed_key, '-inf', now_ms, 'LIMIT', 0, limit)
 for _, member in ipairs(due) do
-  local fields = cjson.decode(member)
-  local flat = {}
-  for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(v) end
-  redis.call('XADD', requests_stream, '*', unpack(flat))
+  requeue(requests_stream, member)
   redis.call('ZREM', delayed_key, member)
 end
 return #due

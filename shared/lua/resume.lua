@@ -19,10 +19,7 @@ if clear then redis.call('HDEL', control_key, field) elseif redis.call('HEXISTS'
 end
 local members = redis.call('ZRANGE', parked_key, 0, limit - 1)
 for _, member in ipairs(members) do
-  local fields = cjson.decode(member)
-  local flat = {}
-  for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(v) end
-  redis.call('XADD', requests_stream, '*', unpack(flat))
+  requeue(requests_stream, member)
   redis.call('ZREM', parked_key, member)
 end
 return #members
