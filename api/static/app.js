@@ -247,8 +247,9 @@ function drawChart() {
   const points = means.map((m, i) => (m == null ? null : `${i * w + w / 2},${H - bottom - (m / maxMean) * h}`)).filter(Boolean);
   if (points.length > 1) svg += `<polyline points="${points.join(" ")}" fill="none" stroke="#d29922" stroke-width="2"/>`;
   for (const p of points) { const [x, y] = p.split(","); svg += `<circle cx="${x}" cy="${y}" r="2.5" fill="#d29922"/>`; }
-  svg += `<text x="2" y="11" fill="#8a97a4" font-size="10">${maxCount} runs / 10 s</text>`
-    + `<text x="${W - 2}" y="11" fill="#d29922" font-size="10" text-anchor="end">${esc(ms(maxMean))}</text>`
+  const any = counts.some((c) => c > 0);
+  svg += `<text x="2" y="11" fill="#8a97a4" font-size="10">${any ? `${maxCount} runs / 10 s` : "no run finished"}</text>`
+    + (any ? `<text x="${W - 2}" y="11" fill="#d29922" font-size="10" text-anchor="end">${esc(ms(maxMean))}</text>` : "")
     + `<text x="2" y="${H - 3}" fill="#8a97a4" font-size="10">−5 min</text>`
     + `<text x="${W - 2}" y="${H - 3}" fill="#8a97a4" font-size="10" text-anchor="end">now</text>`;
   $("chart").innerHTML = svg;
