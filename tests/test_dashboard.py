@@ -30,10 +30,11 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium installed (apt-get install chromium; .ci/run installs it)"
 )
 
+FETCH_PAGE = "context['n'] = context.get('n', 0) + 1\nprint('page', context['n'])"
 LOOPING = {
     "nodes": [
         {"id": "start", "type": "start", "next": "fetch"},
-        {"id": "fetch", "type": "action", "code": "context['n'] = context.get('n', 0) + 1\nprint('page', context['n'])"},
+        {"id": "fetch", "type": "action", "code": FETCH_PAGE},
         {"id": "more", "type": "decision", "code": "context['n'] < 3", "on_true": "fetch", "on_false": "end"},
         {"id": "end", "type": "end"},
     ],
