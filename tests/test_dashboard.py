@@ -80,6 +80,7 @@ class Browser:
         await self.page.click(f"#recent tr[data-execution='{execution_id}']", timeout=WAIT_MS)
         await self.page.wait_for_selector(f"#detail-title:text('#{execution_id}')")
         await self.page.wait_for_selector("#graph canvas", timeout=WAIT_MS)
+        await self.page.wait_for_selector("#graph[data-drawn='1']", state="attached", timeout=WAIT_MS)
 
     async def graph(self, name: str) -> str:
         return str(await self.page.get_attribute("#graph", f"data-{name}"))

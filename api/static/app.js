@@ -340,6 +340,7 @@ function drawGraph(d) {
   const el = $("graph");
   el.innerHTML = "";
   el.dataset.nodes = "0";
+  el.dataset.drawn = "0";
   if (typeof vis === "undefined") {
     el.innerHTML = `<p class="bad">The graph library did not load: ${esc($("lib-error").textContent)}</p>`;
     return;
@@ -358,7 +359,8 @@ function drawGraph(d) {
     edges: {arrows: "to", color: {color: "#3a4550", highlight: "#8a97a4"}, font: {color: "#d9e1e8", strokeWidth: 3, strokeColor: "#0b0f14", size: 12, align: "middle"}},
   });
   d.network.on("click", (p) => { if (p.nodes.length) showNode(d, p.nodes[0]); });
-  d.network.once("afterDrawing", () => d.network.fit());
+  // Fitted once drawn; data-drawn tells the browser tests the positions are final.
+  d.network.once("afterDrawing", () => { d.network.fit(); el.dataset.drawn = "1"; });
   el.dataset.nodes = String(d.nodes.length);
   el.dataset.edges = String(d.edges.length);
   el.dataset.workflow = String(d.graph.workflow_id);
