@@ -240,7 +240,7 @@ async def test_the_lit_node_follows_a_running_execution(
     assert b.problems == []
 
 
-async def test_the_cancel_button_cancels_a_running_execution(
+async def test_the_cancel_button_cancels_a_running_and_a_queued_execution(
     live: Live,  # noqa: F811
     redis: Redis,
     settings: Settings,
@@ -248,6 +248,7 @@ async def test_the_cancel_button_cancels_a_running_execution(
     flags: Path,
 ) -> None:
     wf = await create_workflow(redis, settings, pool, linear(waiting(flags / "never")))
+    paused = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
     async with (
         chromium() as b,
         in_process_worker(settings, sandbox_writable=str(flags)),
@@ -267,6 +268,18 @@ async def test_the_cancel_button_cancels_a_running_execution(
         assert task["status"] == "REVOKED"
         await page.wait_for_selector(f"#recent tr[data-execution='{run['execution_id']}'] td[data-status='cancelled']")
         await b.shot("cancelled")
+        # A queued one (its workflow paused, so no worker takes it) never starts.
+        assert (await http.post(f"/workflows/{paused.id}/pause")).status_code == 200
+        queued = await _execute(http, paused.id)
+        await b.open_execution(queued["execution_id"])
+        await b.wait_graph("status", "pending")
+        await page.click("#cancel-btn")
+        await b.wait_graph("status", "cancelled")
+        assert (await http.get(f"/tasks/{queued['task_id']}")).json()["status"] == "REVOKED"
+        assert (await http.post(f"/workflows/{paused.id}/resume")).status_code == 200
+        row = f"#recent tr[data-execution='{queued['execution_id']}']"
+        await page.wait_for_selector(f"{row} td[data-status='cancelled']")
+        assert await b.graph("path") == ""
     assert b.problems == []
 
 

@@ -78,6 +78,12 @@ async def test_sign_in_sets_an_httponly_strict_cookie_that_stands_for_the_key(
     assert (await anonymous.get("/session")).status_code == 401
 
 
+async def test_behind_a_tls_proxy_the_cookie_is_secure(anonymous: httpx.AsyncClient) -> None:
+    response = await anonymous.post("/session", json={"key": ADMIN_KEY}, headers={"X-Forwarded-Proto": "https"})
+    attributes = {part.strip().lower() for part in response.headers["set-cookie"].split(";")}
+    assert "secure" in attributes and "httponly" in attributes
+
+
 async def test_a_bad_key_gets_no_session(anonymous: httpx.AsyncClient) -> None:
     wrong = await anonymous.post("/session", json={"key": "not-a-key"})
     assert wrong.status_code == 401 and "set-cookie" not in wrong.headers

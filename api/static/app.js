@@ -172,7 +172,8 @@ async function loadRecent() {
     const row = rows.get(x.task_id) || {};
     rows.set(x.task_id, {...row, task_id: x.task_id, execution_id: x.id, workflow_id: x.workflow_id,
       workflow: x.workflow_name, client: x.client_slug, status: row.live ? row.status : x.status,
-      node: x.current_node || "", duration_ms: x.duration_ms});
+      // A finished run's last node says nothing; a cancelled or failed one's says where it stopped.
+      node: x.status === "completed" ? "" : x.current_node || "", duration_ms: x.duration_ms});
     const t = x.finished_at ? Date.parse(x.finished_at) : NaN;
     if (t >= since && x.duration_ms != null) finished.set(x.task_id, {t, duration: x.duration_ms});
   }
