@@ -1,4 +1,4 @@
-"""The FastAPI application: resources opened in the lifespan, routers, errors, the dashboard page."""
+"""The FastAPI application: resources opened in the lifespan, routers, errors, the dashboard."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from importlib import resources as package_files
 
 import asyncpg
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from api import errors
 from api.deps import Resources
@@ -19,7 +17,21 @@ from api.event_hub import EventHub
 from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
 from api.metrics import Metrics
 from api.request_context import RequestContext
-from api.routes import clients, control, events, executions, health, operations, schedules, tasks, webhooks, workflows
+from api.routes import (
+    clients,
+    control,
+    dashboard,
+    events,
+    executions,
+    health,
+    operations,
+    schedules,
+    session,
+    tasks,
+    webhooks,
+    workflows,
+)
+from api.sessions import Sessions
 from api.version import SERVICE, VERSION
 from api.worker_watch import WorkerWatch
 from shared.catalog import WorkflowCatalog
@@ -59,17 +71,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("PostgreSQL unavailable at start (%s); enqueueing still works", exc)
         scripts = Scripts(redis, keys)
         vault = Vault.from_settings(settings)
+        clients = ClientStore(redis, pool, keys, vault)
         res = Resources(
             settings=settings,
             redis=redis,
             keys=keys,
             scripts=scripts,
             catalog=WorkflowCatalog(redis, pool, keys),
-            clients=ClientStore(redis, pool, keys, vault),
+            clients=clients,
             hub=EventHub(redis, keys),
             metrics=Metrics(),
             stream_slots=StreamSlots(settings.sse_max_connections_per_key),
             known_clients=KnownClients(redis, keys),
+            sessions=Sessions(redis, keys, clients, settings.session_ttl),
             pool=pool,
             strict=StrictDurability(redis, settings.strict_wait_ms) if settings.durability == "strict" else None,
         )
@@ -117,18 +131,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(RequestContext)
-    for module in (health, workflows, tasks, executions, events, operations, schedules, clients, control, webhooks):
+    for module in (
+        health,
+        session,
+        workflows,
+        tasks,
+        executions,
+        events,
+        operations,
+        schedules,
+        clients,
+        control,
+        webhooks,
+    ):
         app.include_router(module.router)
 
-    page = package_files.files("api").joinpath("static/index.html").read_text()
-
-    @app.get("/", include_in_schema=False)
-    async def root(request: Request) -> Response:
-        # Browsers get the dashboard; NOVA's scripts, which ask for JSON, get what NOVA answered here.
-        if "text/html" in request.headers.get("accept", ""):
-            return HTMLResponse(page)
-        return JSONResponse(
-            {"name": SERVICE, "version": VERSION, "status": "healthy", "docs": "/docs", "redoc": "/redoc"}
-        )
+    app.include_router(dashboard.create_router())
 
     return app

@@ -2,7 +2,9 @@
 
 Every route but /health and the dashboard's page requires `Authorization: Bearer <key>`: the
 operators' key (NOVA_ADMIN_KEY) or a client's key. The SSE routes, and only they, also accept
-`?access_token=` because browsers' EventSource cannot send headers.
+`?access_token=` because browsers' EventSource cannot send headers. Without either, the dashboard's
+session cookie stands for the key it was opened with (api/sessions.py); a request that changes
+something must then carry the session's CSRF token too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from api.errors import ApiError, unavailable
 from api.event_hub import EventHub
 from api.limits import StreamSlots
 from api.metrics import Metrics
+from api.sessions import COOKIE, CSRF_HEADER, SAFE_METHODS, Session, Sessions
 from shared.catalog import WorkflowCatalog
 from shared.clients import ADMIN, ClientStore, Principal, hash_key, is_admin_key
 from shared.connections import REDIS_UNAVAILABLE, open_pool
@@ -42,6 +45,7 @@ class Resources:
     metrics: Metrics
     stream_slots: StreamSlots
     known_clients: KnownClients
+    sessions: Sessions
     pool: asyncpg.Pool | None = None
     # Set in strict durability mode: what each enqueue confirms before the 202.
     strict: StrictDurability | None = None
@@ -84,7 +88,7 @@ def _bearer(authorization: str | None) -> str | None:
     return value.strip()
 
 
-async def _authenticate(res: Resources, key: str | None) -> Principal:
+async def authenticate(res: Resources, key: str | None) -> Principal:
     if not key:
         raise _unauthorized("this route needs an API key: send 'Authorization: Bearer <key>'")
     admin = res.settings.admin_key.get_secret_value() if res.settings.admin_key else None
@@ -111,7 +115,25 @@ async def principal(
         raise _unauthorized(
             "access_token is accepted on the event-stream routes only; send 'Authorization: Bearer <key>'"
         )
-    return await _authenticate(res, key)
+    if key is None and COOKIE in request.cookies:
+        session = await _session(res, request.cookies[COOKIE])
+        if request.method not in SAFE_METHODS and not session.csrf_matches(request.headers.get(CSRF_HEADER)):
+            # SameSite=Strict already keeps other sites' pages from sending the cookie; the token also
+            # refuses a same-site page (another port, a sibling subdomain) that cannot read it.
+            raise ApiError(403, f"a request signed in by session cookie must carry the session's {CSRF_HEADER}")
+        return session.principal
+    return await authenticate(res, key)
+
+
+async def _session(res: Resources, cookie: str) -> Session:
+    admin = res.settings.admin_key.get_secret_value() if res.settings.admin_key else None
+    try:
+        session = await res.sessions.get(cookie, admin)
+    except REDIS_UNAVAILABLE:
+        raise unavailable("Redis") from None
+    if session is None:
+        raise _unauthorized("the session has expired or was signed out: sign in again (POST /session)")
+    return session
 
 
 @dataclass(frozen=True)
@@ -123,12 +145,17 @@ class StreamCaller:
 
 
 async def stream_caller(
+    request: Request,
     res: Res,
     authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
     access_token: Annotated[str | None, Query(description="API key, for EventSource clients")] = None,
 ) -> StreamCaller:
     key = _bearer(authorization) or access_token
-    caller = await _authenticate(res, key)
+    if not key and COOKIE in request.cookies:
+        # The dashboard's EventSource sends the session cookie; its streams count against the key behind it.
+        session = await _session(res, request.cookies[COOKIE])
+        return StreamCaller(session.principal, session.key_digest)
+    caller = await authenticate(res, key)
     return StreamCaller(caller, hash_key(key or ""))
 
 

@@ -271,3 +271,34 @@ class CredentialIn(BaseModel):
         description="Masked wherever a run shows it (default: true, except NOVA's host, port, user and "
         "whitelist names)",
     )
+
+
+class SessionIn(BaseModel):
+    key: str = Field(min_length=1, max_length=512, description="The admin key or a client's API key")
+
+
+class SessionOut(BaseModel):
+    admin: bool
+    client: str | None = Field(description="The client signed in; null for the operator (admin key)")
+    csrf_token: str = Field(description="Send it as X-CSRF-Token on every request that changes something")
+    expires_in: int | None = Field(default=None, description="Seconds the session has left")
+
+
+class GraphNodeOut(BaseModel):
+    id: str
+    type: str
+    label: str | None = None
+
+
+class GraphEdgeOut(BaseModel):
+    source: str = Field(serialization_alias="from")
+    target: str = Field(serialization_alias="to")
+    label: str | None = Field(default=None, description="The branch label(s) of a decision's edge")
+
+
+class WorkflowGraphOut(BaseModel):
+    workflow_id: int
+    name: str
+    version: int
+    nodes: list[GraphNodeOut]
+    edges: list[GraphEdgeOut]

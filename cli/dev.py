@@ -213,7 +213,7 @@ class Dev:
 NOVA Streams is running ({self.workers} workers).
   API        {base}
   docs       {base}/docs
-  dashboard  {base}/?key={key}
+  dashboard  {base}/  (sign in with the admin key)
   Redis      {redis_url}
   PostgreSQL {database_url}{self._admin_lines()}
   admin key  {key}

@@ -255,7 +255,10 @@ class ClientStore:
 
     async def resolve(self, key: str) -> str | None:
         """The client a key belongs to, or None (unknown or revoked)."""
-        digest = hash_key(key)
+        return await self.resolve_digest(hash_key(key))
+
+    async def resolve_digest(self, digest: str) -> str | None:
+        """The client whose live key has this SHA-256 digest (a session holds the digest, never the key)."""
         slug = await self.redis.hget(self._api_keys, digest)
         if slug is not None or self.pool is None:
             return slug

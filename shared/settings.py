@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     sse_max_connections_per_key: int = Field(
         default=20, ge=1, description="Open event streams one API key may hold on one API process (429 beyond)."
     )
+    session_ttl: int = Field(
+        default=8 * 3600,
+        ge=60,
+        le=30 * 24 * 3600,
+        description="Seconds a dashboard sign-in (session cookie) lasts; signing out or a rotated key ends it sooner.",
+    )
 
     requests_stream: str = Field(default="nova:requests", description="Stream of execution requests.")
     results_stream: str = Field(default="nova:results", description="Stream of status events.")

@@ -252,6 +252,11 @@ class Keys:
         """The task id of an execution, so that it can be read from Redis before PostgreSQL has it."""
         return self._name("execution", str(execution_id))
 
+    def session(self, digest: str) -> str:
+        """A dashboard session (JSON: who signed in, with which key's digest, its CSRF token), expiring with
+        it; named by the SHA-256 of the cookie's value, so that reading Redis gives no usable cookie."""
+        return f"{self.prefix}:session:{digest}"
+
     @property
     def clients(self) -> str:
         """Set of client slugs known to exist (a copy of PostgreSQL's clients, filled on lookup)."""

@@ -15,9 +15,12 @@ from api.schemas import (
     BIGINT_MAX,
     ExecuteIn,
     ExecuteOut,
+    GraphEdgeOut,
+    GraphNodeOut,
     GraphWarning,
     MessageOut,
     PathId,
+    WorkflowGraphOut,
     WorkflowIn,
     WorkflowList,
     WorkflowOut,
@@ -37,7 +40,7 @@ from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
 from shared.scripts import AtCapacity, RateLimited
-from shared.workflow import InvalidDefinition, validate_definition
+from shared.workflow import Definition, InvalidDefinition, validate_definition
 
 router = APIRouter(tags=["workflows"])
 
@@ -108,6 +111,38 @@ async def _workflow(res: Res, workflow_id: int) -> StoredWorkflow:
 @router.get("/workflows/{workflow_id}", response_model=WorkflowOut, responses=errors(401, 404, 503))
 async def get_workflow(workflow_id: PathId, res: Res, _: Caller) -> WorkflowOut:
     return _out(await _workflow(res, workflow_id))
+
+
+@router.get("/workflows/{workflow_id}/graph", response_model=WorkflowGraphOut, responses=errors(401, 404, 409, 503))
+async def get_workflow_graph(
+    workflow_id: PathId,
+    res: Res,
+    _: Caller,
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="A stored version; default current")] = None,
+) -> WorkflowGraphOut:
+    """The graph as the engine reads it, for drawing: nodes, and edges with their branch labels (a
+    decision's true/false, NOVA's labelled edges), whichever way the definition spells them."""
+    workflow = await res.catalog.get(workflow_id, version)
+    if workflow is None:
+        raise ApiError(404, f"Workflow {workflow_id} not found" + (f" at version {version}" if version else ""))
+    try:
+        definition = Definition.model_validate(workflow.definition)
+    except ValidationError:
+        raise ApiError(409, f"workflow {workflow_id} v{workflow.version} has no readable graph") from None
+    nodes = [GraphNodeOut(id=n.id, type=n.type.value, label=n.label or n.name) for n in definition.nodes]
+    edges: list[GraphEdgeOut] = []
+    for node in definition.nodes:
+        if definition.is_branching(node):
+            # Several labels may lead to one node: one edge, its labels joined.
+            labels: dict[str, list[str]] = {}
+            for label, target in definition.branches(node):
+                labels.setdefault(target, []).append(label)
+            edges.extend(GraphEdgeOut(source=node.id, target=t, label=" / ".join(ls)) for t, ls in labels.items())
+        else:
+            edges.extend(GraphEdgeOut(source=node.id, target=t) for t in definition.targets(node))
+    return WorkflowGraphOut(
+        workflow_id=workflow.id, name=workflow.name, version=workflow.version, nodes=nodes, edges=edges
+    )
 
 
 @router.put("/workflows/{workflow_id}", response_model=WorkflowSaved, responses=errors(401, 403, 404, 409, 422, 503))
