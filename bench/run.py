@@ -33,7 +33,9 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
+from bench import cost
 from cli.embedded import APP_USER, PostgresServer, RedisServer, free_port
+from shared.control import RunControl
 from shared.db import migrate_url
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.scripts import Scripts
@@ -45,6 +47,29 @@ RESULTS = ROOT / "bench" / "results"
 ADMIN = "bench-admin-key"
 AUTH = f"Authorization: Bearer {ADMIN}"
 START_END = {"nodes": [{"id": "s", "type": "start", "next": "e"}, {"id": "e", "type": "end"}]}
+# The shape of NOVA's own workflows: start, three actions, a decision, one of two branch actions, end.
+NOVA_SHAPED: dict[str, Any] = {
+    "nodes": [
+        {"id": "start", "type": "start"},
+        {"id": "read", "type": "action", "code": "context['emails'] = [{'id': i} for i in range(3)]"},
+        {"id": "parse", "type": "action", "code": "context['amount'] = 120 + len(context['emails'])"},
+        {"id": "check", "type": "action", "code": "context['valid'] = context['amount'] > 100"},
+        {"id": "route", "type": "decision", "code": "context['route'] = context['valid']"},
+        {"id": "approve", "type": "action", "code": "context['status'] = 'approved'"},
+        {"id": "review", "type": "action", "code": "context['status'] = 'review'"},
+        {"id": "end", "type": "end"},
+    ],
+    "edges": [
+        {"from": "start", "to": "read"},
+        {"from": "read", "to": "parse"},
+        {"from": "parse", "to": "check"},
+        {"from": "check", "to": "route"},
+        {"from": "route", "to": "approve", "condition": "true"},
+        {"from": "route", "to": "review", "condition": "false"},
+        {"from": "approve", "to": "end"},
+        {"from": "review", "to": "end"},
+    ],
+}
 
 
 def chain(n: int, code: str = "context['i'] = context.get('i', 0) + 1") -> dict[str, Any]:
@@ -540,6 +565,112 @@ class Bench:
                 return
             await asyncio.sleep(0.1)
 
+    # ---- the cost model ------------------------------------------------------------------------
+
+    def _pg_pid(self) -> int:
+        return int((self.pg.pgdata / "postmaster.pid").read_text().split()[0])
+
+    async def _drain(self, http: httpx.AsyncClient, on: bool) -> None:
+        (await (http.post if on else http.delete)("/queue/drain")).raise_for_status()
+
+    async def _until_projected(self, pool: asyncpg.Pool, n: int) -> None:
+        deadline = time.perf_counter() + 600
+        while await pool.fetchval("SELECT count(*) FROM executions WHERE status = 'completed'") < n:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"fewer than {n} executions projected")
+            await asyncio.sleep(0.05)
+
+    async def _cost_of(self, definition: dict[str, Any], n: int, concurrency: str) -> tuple[dict, dict]:
+        """CPU ms per execution by role in two phases of one run: the API enqueueing `n` requests while
+        the workers are drained (nothing consumed), then the worker running them to PostgreSQL while
+        the API idles. Each phase's readings cover every process of every role."""
+        _, pool = await self.fresh()
+        api, base = await self.api()
+        worker = self.nova("worker", NOVA_CONCURRENCY=concurrency, NOVA_SANDBOX_POOL_SIZE="8")
+        clock = cost.RoleClock(
+            {"api": [api.pid], "worker": [worker.pid], "redis": [self.redis_server.proc.pid], "pg": [self._pg_pid()]}
+        )
+        try:
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+                wf = await self.workflow(base, definition)
+                await self._drain(http, True)
+                # Warm both up (imports, connections, the sandbox pool) before the first reading.
+                await http.post(f"/workflows/{wf}/execute", json={"client_slug": "bench"})
+                await self._drain(http, False)
+                await self._until_projected(pool, 1)
+                await self._drain(http, True)
+                await asyncio.sleep(1.0)
+                before = clock.read()
+                body = json.dumps({"client_slug": "bench", "initial_context": {"invoice": 1}})
+                sent = 0
+                while sent < n:
+                    run = self.loadgen("post", f"{base}/workflows/{wf}/execute", body, "16", "1", AUTH)
+                    assert set(run["statuses"]) == {"202"}, run
+                    sent += run["requests"]
+                enqueued = clock.read()
+                await self._drain(http, False)
+                await self._until_projected(pool, sent + 1)
+                done = clock.read()
+        finally:
+            self.stop(worker)
+            self.stop(api)
+            await pool.close()
+        return cost.per_execution_ms(before, enqueued, sent), cost.per_execution_ms(enqueued, done, sent)
+
+    async def _steady_throughput(self, processes: int, n: int) -> float:
+        """Executions/s from the moment `processes` warm, drained workers may read a backlog of `n` until
+        all are projected: start-up and the enqueueing are not in the figure."""
+        redis, pool = await self.fresh()
+        api, base = await self.api()
+        control = RunControl(redis, Keys.from_settings(Settings()), task_ttl=3600)
+        try:
+            wf = await self.workflow(base, START_END)
+        finally:
+            self.stop(api)
+        await control.drain(True)
+        workers = [self.nova("worker", NOVA_CONCURRENCY="64") for _ in range(processes)]
+        try:
+            await asyncio.sleep(2.0)  # up, connected and drained before the backlog appears
+            await self._preload(redis, wf, n)
+            t0 = time.perf_counter()
+            await control.drain(False)
+            await self._until_projected(pool, n)
+            return n / (time.perf_counter() - t0)
+        finally:
+            for w in workers:
+                self.stop(w)
+            await pool.close()
+            await redis.aclose()
+
+    async def cost_model(self) -> None:
+        """Issue 17's cost model: CPU per execution per role, the capacity it implies, and its
+        projection of 1 and 2 worker processes against measured runs on this machine."""
+        n = 2000 if self.quick else 6000
+        enqueue, consume = await self._cost_of(START_END, n, "64")
+        for role, ms in enqueue.items():
+            self.figures[f"cpu_enqueue_{role}_ms"] = figure([ms], "ms/exec")
+        for role, ms in consume.items():
+            goal = 0.25 if role == "worker" else None
+            self.figures[f"cpu_noop_{role}_ms"] = figure([ms], "ms/exec", goal, higher=False)
+        _, nova = await self._cost_of(NOVA_SHAPED, 60 if self.quick else 200, "8")
+        for role, ms in nova.items():
+            self.figures[f"cpu_nova_{role}_ms"] = figure([ms], "ms/exec")
+        total = {role: enqueue[role] + consume[role] for role in consume}
+        for name, value in cost.capacity(total).items():
+            self.figures[f"capacity_{name}"] = figure([value], "x" if name == "workers_per_redis" else "exec/s")
+        # The measured runs have no API in them: project them from the consume phase alone.
+        consume_only = {"worker": consume["worker"], "redis": consume["redis"], "pg": consume["pg"]}
+        cores = os.cpu_count() or 1
+        for processes in (1, 2):
+            projected = cost.projected_throughput(consume_only, processes, cores)
+            measured = statistics.median(
+                [await self._steady_throughput(processes, n) for _ in range(1 if self.quick else 2)]
+            )
+            self.figures[f"projected_{processes}proc_exec_s"] = figure([projected], "exec/s")
+            self.figures[f"measured_{processes}proc_exec_s"] = figure([measured], "exec/s")
+            error = abs(projected - measured) / measured * 100
+            self.figures[f"projection_error_{processes}proc"] = figure([error], "%", 25, higher=False)
+
     # ---- the run -------------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -558,6 +689,7 @@ class Bench:
             ("sse_fanout", self.sse_fanout),
             ("memory", self.memory),
             ("sandbox_overhead", self.sandbox_overhead),
+            ("cost_model", self.cost_model),
         ]
         try:
             for name, scenario in scenarios:
@@ -609,7 +741,13 @@ def _rss_mb(pid: int) -> float:
 
 
 def _machine(redis_server: RedisServer, pg: PostgresServer) -> dict[str, Any]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     return {
         "cores": os.cpu_count(),
@@ -619,7 +757,7 @@ def _machine(redis_server: RedisServer, pg: PostgresServer) -> dict[str, Any]:
         "postgres": subprocess.run(
             [str(pg.bindir / "postgres"), "--version"], capture_output=True, text=True
         ).stdout.strip(),
-        "packages": {p: version(p) for p in ("redis", "fastapi", "uvicorn", "asyncpg", "celery")},
+        "packages": {p: installed(p) for p in ("redis", "fastapi", "uvicorn", "asyncpg", "celery")},
     }
 
 
