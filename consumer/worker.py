@@ -427,6 +427,9 @@ class Worker:
 
     async def _promote(self) -> None:
         await self.scripts.promote_due()
+        if self.settings.readable_format > 1:
+            # Requests older workers left for the format this one reads (during a rolling deploy).
+            await self.scripts.take_from_older(self.settings.readable_format)
 
     async def _every(self, interval: float, action: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
         while not stop.is_set():
