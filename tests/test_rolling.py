@@ -11,8 +11,18 @@ git and run as a real process beside this one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -24,11 +34,21 @@ from cli.embedded import RedisServer
 from consumer.projector import Projector
 from consumer.requests import MalformedRequest, parse_request
 from shared.connections import ensure_groups
+from shared.db import Migration, migrate, migrations
 from shared.events import event_fields
 from shared.scripts import Scripts, lua_source
 from shared.settings import Settings
 from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, now_iso
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_projected, wait_terminal
+from tests.support import (
+    ROOT,
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    wait_projected,
+    wait_terminal,
+    worker_env,
+)
 
 NEWER = FORMAT_VERSION + 1
 
@@ -311,3 +331,195 @@ async def _true(value: bool) -> bool:
 
 async def _pending_is(redis: Redis, keys: Keys, n: int) -> bool:
     return int((await redis.xpending(keys.results, keys.projector_group))["pending"]) == n
+
+
+# ---- the previous release's worker beside this one ---------------------------------------------------
+
+
+def previous_release(root: Path) -> str | None:
+    """The newest commit on the first-parent history whose code predates format versions: the release
+    this one replaces (on main, the merge's first parent). None when the checkout has no such history."""
+    git = shutil.which("git")
+    if git is None or not (root / ".git").exists():
+        return None
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([git, *args], cwd=root, capture_output=True, text=True, check=False)
+
+    commits = run("rev-list", "--first-parent", "--max-count=200", "HEAD")
+    if commits.returncode != 0:
+        return None
+    for commit in commits.stdout.split():
+        streams = run("show", f"{commit}:shared/streams.py")
+        if streams.returncode == 0 and "FORMAT_VERSION" not in streams.stdout:
+            return commit
+    return None
+
+
+def export(root: Path, commit: str, into: Path) -> None:
+    """The commit's files (git archive), as a release would be installed."""
+    archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=root, capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+
+
+@pytest.fixture(scope="module")
+def previous_release_dir() -> Iterator[Path]:
+    commit = previous_release(ROOT)
+    if commit is None:
+        pytest.skip(
+            "no previous release to run: this checkout has no git history reaching a commit before format "
+            "versions (a shallow clone or an export); CI runs a full clone of main"
+        )
+    into = Path(tempfile.mkdtemp(prefix="nova-previous-"))
+    into.chmod(0o755)
+    try:
+        export(ROOT, commit, into)
+        yield into
+    finally:
+        shutil.rmtree(into, ignore_errors=True)
+
+
+def start_previous_worker(code: Path, settings: Settings, log_path: Path, consumer: str) -> subprocess.Popen[bytes]:
+    """The previous release's `nova worker`, its own code first on the path, on the same servers."""
+    env = worker_env(settings, NOVA_CONSUMER_NAME=consumer, PYTHONPATH=str(code), NOVA_CONCURRENCY="2")
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "worker"],
+            cwd=code,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+async def test_the_previous_release_worker_runs_beside_this_one(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, tmp_path: Path, previous_release_dir: Path
+) -> None:
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("context['n'] = context['i'] + 1", "context['n'] *= 2"))
+    log_path = tmp_path / "previous.log"
+    old = start_previous_worker(previous_release_dir, settings, log_path, "previous-worker")
+    try:
+        # This release's API writes today's format (1, now said explicitly); the previous worker, alone
+        # first, reads it as its own.
+        first = [await enqueue(redis, settings, wf, {"i": i}) for i in range(4)]
+        done = await wait_terminal(redis, settings, [t.task_id for t in first], timeout=60)
+        assert [done[t.task_id].data["final_context"]["n"] for t in first] == [2, 4, 6, 8]
+        # Then side by side, as during a deploy.
+        async with in_process_worker(settings, consumer_name="this-worker", concurrency=2):
+            rest = [await enqueue(redis, settings, wf, {"i": i}) for i in range(4, 16)]
+            done.update(await wait_terminal(redis, settings, [t.task_id for t in rest], timeout=90))
+            tasks = [*first, *rest]
+            await wait_projected(pool, [t.execution_id for t in tasks], {"completed"}, timeout=60)
+    finally:
+        old.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(asyncio.to_thread(old.wait), 30)
+    assert code == 0, log_path.read_text()[-3000:]
+    assert [done[t.task_id].data["final_context"]["n"] for t in tasks] == [2 * (i + 1) for i in range(16)]
+    events = [(i, f) for i, f in await redis.xrange(keys.results)]
+    started = [(f, loads_data(f)) for _, f in events if f["type"] == EventType.STARTED]
+    # Each task ran once, and the previous release ran the first ones with its own code: its events
+    # have no format field (it predates them), this release's say format 1.
+    assert sorted(f["task_id"] for f, _ in started) == sorted(t.task_id for t in tasks)
+    by_consumer = {d["consumer"] for _, d in started}
+    assert "previous-worker" in by_consumer, by_consumer
+    for f, d in started:
+        expected = None if d["consumer"] == "previous-worker" else str(FORMAT_VERSION)
+        assert f.get("v") == expected, (d["consumer"], f)
+    assert {done[t.task_id].type for t in tasks} == {EventType.SUCCEEDED}
+    assert await redis.xlen(keys.dead_letter) == 0
+    assert await pool.fetchval("SELECT count(*) FROM node_runs") == len(tasks) * 4
+
+
+# ---- migrations while the previous release serves ----------------------------------------------------
+
+# The additive rule (shared/db.py): statements a migration after 0003 may not contain, since the
+# previous release still reads and writes the schema while `nova migrate` runs.
+NOT_ADDITIVE = re.compile(
+    r"\bDROP\s+(TABLE|COLUMN|INDEX|CONSTRAINT|VIEW|TYPE)\b|\bRENAME\b|\bALTER\s+COLUMN\s+\w+\s+(SET\s+DATA\s+)?TYPE\b"
+    r"|\bSET\s+NOT\s+NULL\b|\bTRUNCATE\b|\bDELETE\s+FROM\b|\bADD\s+COLUMN\s+\w+\s+[^,;]*\bNOT\s+NULL\b(?![^,;]*\bDEFAULT\b)",
+    re.IGNORECASE,
+)
+
+
+def test_migrations_after_0003_are_additive() -> None:
+    for migration in migrations():
+        if migration.version > 3:
+            sql = re.sub(r"--[^\n]*", "", migration.sql)
+            found = NOT_ADDITIVE.search(sql)
+            assert found is None, f"migration {migration.version:04d} is not additive: {found.group(0)!r}"
+    # The rule itself catches what it is meant to.
+    assert NOT_ADDITIVE.search("ALTER TABLE executions DROP COLUMN error")
+    assert NOT_ADDITIVE.search("ALTER TABLE executions RENAME COLUMN error TO failure")
+    assert NOT_ADDITIVE.search("ALTER TABLE executions ALTER COLUMN attempt TYPE bigint")
+    assert NOT_ADDITIVE.search("ALTER TABLE executions ADD COLUMN note text NOT NULL")
+    assert not NOT_ADDITIVE.search("ALTER TABLE executions ADD COLUMN note text NOT NULL DEFAULT ''")
+    assert not NOT_ADDITIVE.search("ALTER TABLE executions ADD COLUMN note text; CREATE INDEX i ON executions (note)")
+
+
+def extra_migrations(sleep: float = 0.0) -> list[Migration]:
+    """The packaged migrations and two additive ones of a next release (one slow, to overlap)."""
+    return [
+        *migrations(),
+        Migration(9001, "note", f"SELECT pg_sleep({sleep}); ALTER TABLE executions ADD COLUMN note text;"),
+        Migration(9002, "node_note", "ALTER TABLE node_runs ADD COLUMN note text DEFAULT '';"),
+    ]
+
+
+async def test_two_replicas_migrating_at_once_apply_each_migration_once(settings: Settings) -> None:
+    conns = [await asyncpg.connect(settings.database_url) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(migrate(c, extra_migrations(sleep=0.3)) for c in conns))
+        rows = await conns[0].fetch("SELECT version FROM schema_migrations WHERE version > 9000 ORDER BY version")
+    finally:
+        for c in conns:
+            await c.close()
+    assert sorted(v for a in applied for v in a) == [9001, 9002]
+    assert [r["version"] for r in rows] == [9001, 9002]
+
+
+async def test_a_migration_waiting_for_a_lock_does_not_hold_up_the_projector(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    async with in_process_worker(settings, consumer_name="serving-worker"):
+        before = [await enqueue(redis, settings, wf) for _ in range(3)]
+        await wait_projected(pool, [t.execution_id for t in before], {"completed"})
+        # A long transaction (an operator's report, an API read) holds a lock on executions: the
+        # migration's ALTER TABLE must wait for it.
+        blocker = await asyncpg.connect(settings.database_url)
+        migrator = await asyncpg.connect(settings.database_url)
+        migrating: asyncio.Task[list[int]] | None = None
+        try:
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.fetchval("SELECT count(*) FROM executions")
+            migrating = asyncio.create_task(migrate(migrator, extra_migrations(), lock_timeout="100ms"))
+            await until(lambda: _has_lock_wait(pool), "the migration waiting for its lock")
+            # Meanwhile the projector still writes: the waiting ALTER gives way between its tries, rather
+            # than queue every later upsert behind it for as long as the report runs.
+            during = [await enqueue(redis, settings, wf) for _ in range(3)]
+            await wait_projected(pool, [t.execution_id for t in during], {"completed"})
+            assert not migrating.done()
+            await tx.rollback()
+            assert await asyncio.wait_for(migrating, 60) == [9001, 9002]
+        finally:
+            # The lock goes with the blocker; then the migration ends either way.
+            await blocker.close()
+            if migrating is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(migrating, 60)
+            await migrator.close()
+        # And after the migration, with its new columns, the projector goes on as before.
+        after = [await enqueue(redis, settings, wf) for _ in range(3)]
+        await wait_projected(pool, [t.execution_id for t in after], {"completed"})
+    assert await pool.fetchval("SELECT count(*) FROM executions WHERE note IS NULL") == 9
+
+
+async def _has_lock_wait(pool: asyncpg.Pool) -> bool:
+    waiting = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%ADD COLUMN note%'"
+    )
+    return int(waiting) > 0
