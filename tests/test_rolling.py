@@ -36,6 +36,7 @@ from consumer.requests import MalformedRequest, parse_request
 from shared.connections import ensure_groups
 from shared.db import Migration, migrate, migrations
 from shared.events import event_fields
+from shared.inspection import inspect, render_text
 from shared.scripts import Scripts, lua_source
 from shared.settings import Settings
 from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, now_iso
@@ -247,6 +248,10 @@ async def test_an_old_worker_leaves_newer_requests_to_a_new_worker_which_runs_ea
         assert (await redis.xpending(keys.requests, keys.worker_group))["pending"] == 0
         started = [f for _, f in await redis.xrange(keys.results) if f["type"] == EventType.STARTED]
         assert {f["task_id"] for f in started} == {t.task_id for t in current}
+        # Operators see what waits for the new release.
+        report = await inspect(redis, keys)
+        assert report["left_for_newer_workers"] == {str(NEWER): len(left)}
+        assert f"{len(left)} of format {NEWER}" in render_text(report)
 
         async with in_process_worker(settings, consumer_name="new-worker", test_only_format_version=NEWER):
             done = await wait_terminal(redis, settings, [t.task_id for t in left])
