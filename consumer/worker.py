@@ -506,6 +506,12 @@ async def serve(
     from shared.reporting import init_reporting
 
     init_reporting(settings, "worker")
+    if settings.test_only_format_version:
+        log.warning(
+            "NOVA_TEST_ONLY_FORMAT_VERSION=%d: this worker reads formats it does not know (a test stand-in for a "
+            "newer release); never set it in a deployment",
+            settings.test_only_format_version,
+        )
     redis = create_redis(settings)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.
     lazy_pool = LazyPool(settings.database_url) if settings.database_url else None

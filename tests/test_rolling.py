@@ -33,13 +33,15 @@ from redis.commands.core import AsyncScript
 from cli.embedded import RedisServer
 from consumer.projector import Projector
 from consumer.requests import MalformedRequest, parse_request
+from consumer.webhooks import WebhookDelivery
 from shared.connections import ensure_groups
 from shared.db import Migration, migrate, migrations
 from shared.events import event_fields
 from shared.inspection import inspect, render_text
 from shared.scripts import Scripts, lua_source
 from shared.settings import Settings
-from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, now_iso
+from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, loads, now_iso
+from shared.webhooks import WebhookKeys, WebhookRegistry, delivery_id
 from tests.support import (
     ROOT,
     create_workflow,
@@ -271,8 +273,6 @@ async def test_an_old_worker_leaves_newer_requests_to_a_new_worker_which_runs_ea
 
 
 def loads_data(fields: dict[str, str]) -> dict[str, Any]:
-    from shared.streams import loads
-
     return loads(fields["data"])  # type: ignore[no-any-return]
 
 
@@ -528,3 +528,32 @@ async def _has_lock_wait(pool: asyncpg.Pool) -> bool:
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%ADD COLUMN note%'"
     )
     return int(waiting) > 0
+
+
+async def test_an_old_webhook_consumer_leaves_newer_events_to_a_new_one(redis: Redis, settings: Settings) -> None:
+    settings = settings.model_copy(update={"webhook_allow": "127.0.0.1"})
+    keys = Keys.from_settings(settings)
+    endpoint = await WebhookRegistry(redis, keys, settings).create(
+        "http://127.0.0.1:9/hook", ["execution.succeeded"], None
+    )
+    ids = {}
+    for version in (NEWER, FORMAT_VERSION):
+        fields = event_fields(
+            EventType.SUCCEEDED, task_id=f"t{version}", execution_id=version, workflow_id=1, client="acme", data={}
+        )
+        ids[version] = await redis.xadd(keys.results, {**fields, "v": str(version)})  # type: ignore[arg-type]
+    deliveries = WebhookKeys(keys).deliveries
+    old = WebhookDelivery(settings, redis, consumer="old")
+    assert await old.fan_out_once(block_ms=10) == 2
+    # Only today's event is announced; the newer one is neither announced nor acknowledged.
+    assert await redis.hkeys(deliveries) == [delivery_id(endpoint.id, ids[FORMAT_VERSION])]
+    assert (await redis.xpending(keys.results, settings.webhook_group))["pending"] == 1
+    # An old consumer that takes it over (it went stale) leaves it again.
+    old.stale_pending_ms = 0
+    await old.fan_out_once(block_ms=10)
+    assert await redis.hlen(deliveries) == 1
+    new = WebhookDelivery(settings.model_copy(update={"test_only_format_version": NEWER}), redis, consumer="new")
+    new.stale_pending_ms = 0
+    await new.fan_out_once(block_ms=10)
+    assert sorted(await redis.hkeys(deliveries)) == sorted(delivery_id(endpoint.id, i) for i in ids.values())
+    assert (await redis.xpending(keys.results, settings.webhook_group))["pending"] == 0
