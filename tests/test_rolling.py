@@ -169,11 +169,8 @@ async def test_two_versions_of_a_script_under_one_name_each_run_their_own_code(
 ) -> None:
     # The previous release's enqueue step (no format field) and this one's, side by side on one Redis,
     # as an old and a new API replica during a deploy: each is called by its own hash.
-    current = lua_source("enqueue")
-    previous = current.replace(",\n  'v', format)", ")").replace(", 'v', format)", ")")
-    assert previous != current and "'v', format" not in previous
     old, new = Scripts(r, KEYS), Scripts(r, KEYS)
-    old._registered["enqueue"] = r.register_script(previous)  # type: ignore[assignment]
+    old._registered["enqueue"] = r.register_script(previous_enqueue_source())  # type: ignore[assignment]
     assert isinstance(old._registered["enqueue"], AsyncScript)
     args: dict[str, Any] = {
         "workflow_id": 1,
@@ -193,6 +190,40 @@ async def test_two_versions_of_a_script_under_one_name_each_run_their_own_code(
     assert written == {"old": None, "new": str(FORMAT_VERSION), "old2": None, "new2": str(FORMAT_VERSION)}
     assert await r.hget(KEYS.task("new"), TaskField.VERSION) == str(FORMAT_VERSION)
     assert await r.hget(KEYS.task("old"), TaskField.VERSION) is None
+
+
+def previous_enqueue_source() -> str:
+    """The enqueue step as releases before format versions had it (no `v` written anywhere)."""
+    current = lua_source("enqueue")
+    previous = current.replace(",\n  'v', format)", ")").replace(", 'v', format)", ")")
+    assert previous != current and "'v', format" not in previous
+    return previous
+
+
+async def test_a_request_an_old_api_replica_wrote_is_run_and_projected_by_this_release(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("context['n'] = 7"))
+    old_api = Scripts(redis, keys)
+    old_api._registered["enqueue"] = redis.register_script(previous_enqueue_source())  # type: ignore[assignment]
+    await old_api.raise_sequence(0)  # a fresh Redis: the API raises its id sequence first
+    result = await old_api.enqueue(
+        task_id="from-old-api",
+        workflow_id=wf.id,
+        workflow_name=wf.name,
+        client="acme",
+        enqueued_at=now_iso(),
+        payload=dumps({"workflow_version": wf.version, "initial_context": {}}),
+        queued_data=dumps({"workflow_name": wf.name, "initial_context": {}}),
+    )
+    [(_, entry)] = await redis.xrange(keys.requests)
+    assert "v" not in entry  # format 1, unsaid
+    async with in_process_worker(settings):
+        done = await wait_terminal(redis, settings, ["from-old-api"])
+        await wait_projected(pool, [result.execution_id], {"completed"})
+    assert done["from-old-api"].type == EventType.SUCCEEDED
+    assert done["from-old-api"].data["final_context"] == {"n": 7}
 
 
 def test_the_format_steps_touch_one_slot_under_a_shard_tag() -> None:
