@@ -537,7 +537,8 @@ async def test_a_migration_waiting_for_a_lock_does_not_hold_up_the_projector(
             # Meanwhile the projector still writes: the waiting ALTER gives way between its tries, rather
             # than queue every later upsert behind it for as long as the report runs.
             during = [await enqueue(redis, settings, wf) for _ in range(3)]
-            await wait_projected(pool, [t.execution_id for t in during], {"completed"})
+            # Bounded from outside too: were the upserts queued behind the ALTER, so would this read be.
+            await asyncio.wait_for(wait_projected(pool, [t.execution_id for t in during], {"completed"}), 40)
             assert not migrating.done()
             await tx.rollback()
             assert await asyncio.wait_for(migrating, 60) == [9001, 9002]
