@@ -303,6 +303,33 @@ async def test_an_old_worker_leaves_newer_requests_to_a_new_worker_which_runs_ea
     await wait_projected(pool, [t.execution_id for t in [*left, *current]], {"completed"})
 
 
+async def test_a_newer_request_a_crashed_worker_held_is_reclaimed_left_and_run_once(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings.model_copy(update={"visibility_timeout": 1.0})
+    keys = Keys.from_settings(settings)
+    await ensure_groups(redis, keys)
+    wf = await create_workflow(redis, settings, pool, linear("context['n'] = 1"))
+    [task] = await enqueue_newer(redis, settings, wf, monkeypatch, 1)
+    # Workers read it and died (kill -9) before doing anything with it, more times than max_deliveries.
+    await redis.xreadgroup(keys.worker_group, "crashed", {keys.requests: ">"})
+    for _ in range(settings.max_deliveries):
+        await redis.xclaim(keys.requests, keys.worker_group, "crashed", 0, [task.entry_id])
+    [held] = await redis.xpending_range(keys.requests, keys.worker_group, min="-", max="+", count=1)
+    assert held["times_delivered"] > settings.max_deliveries
+    async with in_process_worker(settings, consumer_name="old-worker"):
+        # The old worker reclaims it past max_deliveries: still not dead-lettered, only left.
+        await until(lambda: _zcard(redis, keys.newer_format(NEWER), 1), "the reclaimed request left to newer workers")
+    assert await redis.xlen(keys.dead_letter) == 0
+    assert await redis.hget(keys.task(task.task_id), TaskField.STATUS) == TaskStatus.PENDING
+    async with in_process_worker(settings, consumer_name="new-worker", test_only_format_version=NEWER):
+        done = await wait_terminal(redis, settings, [task.task_id])
+    assert done[task.task_id].type == EventType.SUCCEEDED
+    started = [loads_data(f) for _, f in await redis.xrange(keys.results) if f["type"] == EventType.STARTED]
+    # One run, on a fresh entry: the deliveries of the old one do not follow it.
+    assert [(s["consumer"], s["delivery"]) for s in started] == [("new-worker", 1)]
+
+
 def loads_data(fields: dict[str, str]) -> dict[str, Any]:
     return loads(fields["data"])  # type: ignore[no-any-return]
 
