@@ -12,6 +12,12 @@ refuses, or one that claims an execution id already stored for another task is l
 with its reason, to the projector's dead-letter stream (`{prefix}:projector:dlq`) in the same Redis
 transaction that acknowledges it. Rows are written in key order, so concurrent projectors lock
 shared rows in the same order; a deadlock or serialization failure is retried.
+
+An event of a format newer than this projector reads (written by a newer release during a rolling
+deploy) is neither written nor dead-lettered: it is left pending in the group, marked idle for a
+visibility timeout at once, so that the next reclaim of any projector may take it over, and a newer one
+projects it under its own stream id (the upserts' order is kept). Meanwhile the results stream is not
+trimmed past it, and the group goes on reading what follows.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from shared.streams import (
     Keys,
     decode_fields,
     entry_id_parts,
+    format_version,
     now_iso,
     parse_iso,
 )
@@ -279,6 +286,9 @@ class Projector:
         self.consumer = consumer
         self.projected = 0
         self.refused = 0
+        # Events of a newer format left pending for a newer projector (counted each time seen).
+        self.left_to_newer = 0
+        self._reclaim_cursor = "0-0"
 
     async def _db(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -361,12 +371,15 @@ class Projector:
     async def _reclaim_stale(self) -> None:
         """Take over events a dead projector consumer read but never acknowledged."""
         idle_ms = int(self.settings.visibility_timeout * 1000)
-        _, claimed = await autoclaim(
+        # Resume the scan where it stopped: events left to a newer projector stay pending, and a scan
+        # from the start each time would find only them while stale events behind them waited.
+        self._reclaim_cursor, claimed = await autoclaim(
             self.redis,
             self.keys.results,
             self.keys.projector_group,
             self.consumer,
             idle_ms,
+            start=self._reclaim_cursor,
             count=self.settings.projector_batch,
         )
         if claimed:
@@ -376,7 +389,16 @@ class Projector:
     async def _project(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         events: list[Event] = []
         refused: list[Refusal] = []
+        newer: list[str] = []
+        readable = self.settings.readable_format
         for entry_id, fields in entries:
+            version = format_version(decode_fields(fields))
+            if version is None:
+                refused.append(Refusal(entry_id, "malformed", "field v (the format version) is not a positive integer"))
+                continue
+            if version > readable:
+                newer.append(entry_id)
+                continue
             try:
                 events.append(Event.from_entry(entry_id, fields))
             except (KeyError, ValueError, TypeError) as exc:
@@ -394,9 +416,36 @@ class Projector:
                     raise
                 log.warning("projector batch rolled back (%s); writing it again", exc)
         refused += written
-        await self._dead_letter_and_ack(entries, refused)
+        if newer:
+            await self._leave_to_newer(newer)
+            entries = [(i, f) for i, f in entries if i not in set(newer)]
+        if entries:
+            await self._dead_letter_and_ack(entries, refused)
         self.refused += len(refused)
         self.projected += len(entries) - len(refused)
+
+    async def _leave_to_newer(self, entry_ids: list[str]) -> None:
+        """Leave events of a newer format pending, idle enough for any projector's next reclaim: a newer
+        one projects them; this one (or another old one) only passes them on again."""
+        idle_ms = int(self.settings.visibility_timeout * 1000)
+        # JUSTID: the delivery count is not raised; IDLE: claimable at once, not a timeout later.
+        await self.redis.execute_command(
+            "XCLAIM",
+            self.keys.results,
+            self.keys.projector_group,
+            self.consumer,
+            0,
+            *entry_ids,
+            "IDLE",
+            idle_ms,
+            "JUSTID",
+        )
+        self.left_to_newer += len(entry_ids)
+        log.info(
+            "%d event(s) of a format newer than %d left pending for a newer projector",
+            len(entry_ids),
+            self.settings.readable_format,
+        )
 
     async def _write(self, conn: asyncpg.Connection, events: list[Event]) -> list[Refusal]:
         try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from shared.streams import RequestField, decode_fields, printable
+from shared.streams import RequestField, decode_fields, format_version, printable
 
 _BIGINT_MAX = 2**63 - 1
 
@@ -48,6 +48,8 @@ def parse_request(entry_id: str, raw: dict[Any, Any]) -> ExecutionRequest:
     ]
     if missing:
         raise MalformedRequest(f"missing field(s): {', '.join(missing)}")
+    if format_version(fields) is None:
+        raise MalformedRequest(f"field v (the format version) must be a positive integer, not {fields['v'][:20]!r}")
     try:
         execution_id = int(fields[RequestField.EXECUTION_ID])
         workflow_id = int(fields[RequestField.WORKFLOW_ID])

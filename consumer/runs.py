@@ -38,6 +38,7 @@ from shared.masking import Masker
 from shared.scripts import RecordOutcome, Scripts
 from shared.settings import Settings
 from shared.streams import (
+    FORMAT_VERSION,
     TERMINAL_STATUSES,
     DeadLetterField,
     EventType,
@@ -47,6 +48,7 @@ from shared.streams import (
     decode_fields,
     dumps,
     entry_id_parts,
+    format_version,
     loads,
     now_iso,
     parse_iso,
@@ -142,7 +144,14 @@ class Delivery:
 
 
 async def run_delivery(ctx: RunContext, delivery: Delivery) -> None:
-    """Parse the entry and run it; an entry that is not a request is dead-lettered with the reason."""
+    """Parse the entry and run it; an entry that is not a request is dead-lettered with the reason,
+    and one of a format newer than this worker reads is left to the workers that read it."""
+    fields = decode_fields(delivery.raw)
+    version = format_version(fields)
+    if version is not None and version > ctx.settings.readable_format:
+        # Before parsing: a newer format need not parse here, and is never this worker's to judge.
+        await leave_to_newer(ctx, delivery, fields, version)
+        return
     try:
         request = parse_request(delivery.entry_id, delivery.raw)
     except MalformedRequest as exc:
@@ -232,6 +241,13 @@ class Run:
             # has replaced (a cancelled run's, left queued or pending): acknowledge, never run.
             await ctx.redis.xack(ctx.keys.requests, ctx.keys.worker_group, self.delivery.entry_id)
             return None
+        hash_format = format_version(task)
+        if hash_format is None or hash_format > ctx.settings.readable_format:
+            # A newer worker ran this task and wrote its state (its checkpoint above all) in a format
+            # this one does not read: resuming from it could repeat or skip nodes. A value that is not
+            # a format at all is treated as newer than this worker: it is not this worker's to judge.
+            await leave_to_newer(ctx, self.delivery, request.fields, hash_format or ctx.settings.readable_format + 1)
+            return None
         if any(paused) and await self._park():
             return None
         return task
@@ -297,6 +313,9 @@ class Run:
                 TaskField.WORKFLOW_NAME: request.workflow_name,
                 TaskField.CLIENT: request.client,
                 TaskField.TASK_ID: request.task_id,
+                # The format this worker writes the task's state in (its checkpoint): an older worker
+                # that reclaims the entry leaves it to workers that read it.
+                TaskField.VERSION: str(FORMAT_VERSION),
             },
         )
 
@@ -447,6 +466,35 @@ class Run:
 
     async def _dead_letter(self, reason: str, message: str, task: dict[str, str]) -> None:
         await dead_letter(self.ctx, self.delivery, self.request, reason, self.recorder.masker.text(message), task)
+
+
+async def leave_to_newer(ctx: RunContext, delivery: Delivery, fields: dict[str, str], version: int) -> None:
+    """Leave a request of a newer format to the workers that read it: never run here, never
+    dead-lettered (see shared/lua/leave_to_newer.lua for why it is parked rather than handed back)."""
+    try:
+        member = dumps(fields)
+    except TypeError:
+        # Bytes that are not UTF-8 cannot be kept as JSON: the entry stays pending, and is reclaimed
+        # (by a newer worker, or again by an older one) after the visibility timeout.
+        log.warning("entry %s of format %d has bytes that are not UTF-8; left pending", delivery.entry_id, version)
+        return
+    left = await _durably(
+        lambda: ctx.scripts.leave_to_newer(
+            entry_id=delivery.entry_id,
+            consumer=ctx.consumer,
+            version=version,
+            score=_entry_score(delivery.entry_id),
+            member=member,
+        ),
+        ctx.settings,
+    )
+    if left == 1:
+        log.info(
+            "entry %s has format %d (this worker reads up to %d): left to newer workers",
+            delivery.entry_id,
+            version,
+            ctx.settings.readable_format,
+        )
 
 
 async def dead_letter(

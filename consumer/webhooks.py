@@ -36,7 +36,7 @@ from shared.events import Event
 from shared.reporting import report_failed_execution
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, now_iso
+from shared.streams import Keys, decode_fields, format_version, now_iso
 from shared.webhooks import (
     DEAD_LETTERS_KEPT,
     Delivery,
@@ -175,6 +175,15 @@ class WebhookDelivery:
         if not entries:
             # Blocking already waited: no idle sleep on top of it.
             return 1
+        handled = len(entries)
+        # Events of a format newer than this process reads (a newer release's, during a rolling deploy)
+        # are not announced from what this one understands of them: left pending, unacknowledged, a newer
+        # process claims them once they are stale (an old one that claims them leaves them again).
+        readable = self.settings.readable_format
+        newer = {i for i, f in entries if (v := format_version(decode_fields(f))) is not None and v > readable}
+        entries = [(i, f) for i, f in entries if i not in newer]
+        if not entries:
+            return handled
         endpoints = await self.registry.list()
         now_ms = await redis_ms(self.redis)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -185,12 +194,14 @@ class WebhookDelivery:
                     pipe.zadd(self.names.due, {delivery.id: now_ms}, nx=True)
             pipe.xack(self.keys.results, self.group, *[entry_id for entry_id, _ in entries])
             await pipe.execute()
-        return len(entries)
+        return handled
 
     def _deliveries(
         self, entry_id: str, fields: dict[str, str], endpoints: list[Endpoint], now_ms: int
     ) -> list[Delivery]:
         try:
+            if format_version(decode_fields(fields)) is None:
+                raise ValueError("the format version is not a positive integer")
             event = Event.from_entry(entry_id, fields)
         except (ValueError, KeyError):
             return []  # not an event: the projector dead-letters it; nothing to announce

@@ -427,6 +427,9 @@ class Worker:
 
     async def _promote(self) -> None:
         await self.scripts.promote_due()
+        if self.settings.readable_format > 1:
+            # Requests older workers left for the format this one reads (during a rolling deploy).
+            await self.scripts.take_from_older(self.settings.readable_format)
 
     async def _every(self, interval: float, action: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -503,6 +506,12 @@ async def serve(
     from shared.reporting import init_reporting
 
     init_reporting(settings, "worker")
+    if settings.test_only_format_version:
+        log.warning(
+            "NOVA_TEST_ONLY_FORMAT_VERSION=%d: this worker reads formats it does not know (a test stand-in for a "
+            "newer release); never set it in a deployment",
+            settings.test_only_format_version,
+        )
     redis = create_redis(settings)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.
     lazy_pool = LazyPool(settings.database_url) if settings.database_url else None

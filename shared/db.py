@@ -3,6 +3,13 @@
 Migrations are the numbered ``shared/migrations/NNNN_name.sql`` files, applied in order, each in its
 own transaction, under an advisory lock so that several processes running ``nova migrate`` at once
 (every replica on deploy) apply each file exactly once.
+
+They run while the previous release's workers, projector and API are still serving (a rolling deploy),
+so every migration after 0003 is additive: new tables, new nullable (or defaulted) columns, new indexes;
+nothing the running code reads or writes is dropped, renamed or retyped (tests/test_rolling.py checks the
+files). A migration waits at most ``_LOCK_TIMEOUT`` for a table lock and is then tried again from the
+start: an ALTER TABLE queued behind a long transaction would otherwise hold up every later query on that
+table (the projector's upserts) for as long as it waited. A deadlock with the projector is retried too.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ log = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same in every NOVA process.
 _MIGRATION_LOCK = 0x4E4F5641
+# How long one statement of a migration may wait for a table lock before the migration is tried again.
+_LOCK_TIMEOUT = "2s"
+# Tries of one migration that lost a lock wait or a deadlock, with a growing pause between them.
+_MIGRATION_TRIES = 30
 
 
 @dataclass(frozen=True)
@@ -100,8 +111,11 @@ def _log_notice(_conn: asyncpg.Connection, message: asyncpg.PostgresLogMessage) 
     log.warning("migration: %s", message.message)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
-    """Apply the migrations this database lacks; returns the versions applied now."""
+async def migrate(
+    conn: asyncpg.Connection, available: list[Migration] | None = None, *, lock_timeout: str = _LOCK_TIMEOUT
+) -> list[int]:
+    """Apply the migrations this database lacks (`available`: the packaged ones); returns the versions
+    applied now."""
     async with conn.transaction():
         # Under the lock too: concurrent CREATE TABLE IF NOT EXISTS can still collide.
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
@@ -112,25 +126,41 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
     applied: list[int] = []
-    for migration in migrations():
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            done = await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", migration.version)
-            if done:
-                continue
-            log.info("applying migration %04d %s", migration.version, migration.name)
-            conn.add_log_listener(_log_notice)
+    for migration in migrations() if available is None else available:
+        for attempt in range(1, _MIGRATION_TRIES + 1):
             try:
-                await conn.execute(migration.sql)
-            finally:
-                conn.remove_log_listener(_log_notice)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
-            applied.append(migration.version)
+                if await _apply(conn, migration, lock_timeout):
+                    applied.append(migration.version)
+                break
+            except (asyncpg.LockNotAvailableError, asyncpg.TransactionRollbackError) as exc:
+                # Rolled back whole: nothing of it stays, and the next try starts over.
+                if attempt == _MIGRATION_TRIES:
+                    raise
+                log.warning("migration %04d waited too long for a lock (%s); trying again", migration.version, exc)
+                await asyncio.sleep(min(2.0, 0.05 * attempt))
     return applied
+
+
+async def _apply(conn: asyncpg.Connection, migration: Migration, lock_timeout: str) -> bool:
+    """Apply one migration unless applied already; False when it was."""
+    async with conn.transaction():
+        # The advisory lock first, without a timeout: another replica migrating is waited for.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        done = await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", migration.version)
+        if done:
+            return False
+        # set_config: a parameter, not SQL text; local to this transaction.
+        await conn.execute("SELECT set_config('lock_timeout', $1, true)", lock_timeout)
+        log.info("applying migration %04d %s", migration.version, migration.name)
+        conn.add_log_listener(_log_notice)
+        try:
+            await conn.execute(migration.sql)
+        finally:
+            conn.remove_log_listener(_log_notice)
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", migration.version, migration.name
+        )
+        return True
 
 
 async def migrate_url(dsn: str) -> list[int]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from shared.streams import EventField, EventType, decode_fields, dumps, loads, now_iso
+from shared.streams import FORMAT_VERSION, EventField, EventType, decode_fields, dumps, loads, now_iso
 
 
 def event_fields(
@@ -41,6 +41,7 @@ def event_fields(
         EventField.CLIENT: client,
         EventField.TS: ts or now_iso(),
         EventField.DATA: dumps(data),
+        EventField.VERSION: str(FORMAT_VERSION),
     }
 
 

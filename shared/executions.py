@@ -23,6 +23,7 @@ from shared.events import Event, event_fields
 from shared.scripts import Scripts
 from shared.streams import (
     EXECUTION_STATUS_BY_TASK_STATUS,
+    FORMAT_VERSION,
     LEGACY_EXECUTION_STATUSES,
     TERMINAL_EVENTS,
     TERMINAL_STATUSES,
@@ -567,6 +568,7 @@ async def retry_failure(scripts: Scripts, execution_id: int, owner: Owner) -> Re
         RequestField.ENQUEUED_AT: task.get(TaskField.ENQUEUED_AT, ""),
         # The checkpoint in the task hash carries the context; this payload only says why, and which version.
         RequestField.PAYLOAD: dumps(payload),
+        RequestField.VERSION: str(FORMAT_VERSION),
     }
     attempt = int(task.get(TaskField.ATTEMPT) or 0) + 1
     event = event_fields(

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.control import RunControl
-from shared.streams import Keys, entry_id_parts
+from shared.streams import FORMAT_VERSION, Keys, entry_id_parts
 
 # Redis 6.2 has no `lag` in XINFO GROUPS; counting undelivered entries by hand stops here.
 _LAG_SCAN_LIMIT = 100_000
@@ -81,6 +81,13 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
         "consumers": consumers,
         "delayed_retries": await redis.zcard(keys.delayed),
         "dead_letters": streams["dead_letter"]["length"],
+        # Requests older workers left for a newer release's (a rolling deploy in progress, or one rolled
+        # back): by format, the next few after this code's (a deploy skips no more).
+        "left_for_newer_workers": {
+            str(v): n
+            for v in range(FORMAT_VERSION + 1, FORMAT_VERSION + 5)
+            if (n := int(await redis.zcard(keys.newer_format(v))))
+        },
         # Pauses, what they hold back, and drain progress (shared/control.py).
         "control": await RunControl(redis, keys, task_ttl=0).state(),
     }
@@ -103,6 +110,10 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"  {c['consumer']:<36} {c['group']:<16} pending {c['pending']:<5} idle {c['idle_s']:.1f}s")
     lines.append(f"delayed retries: {report['delayed_retries']}")
     lines.append(f"dead letters:    {report['dead_letters']}")
+    newer = report.get("left_for_newer_workers")
+    if newer:
+        shown = ", ".join(f"{n} of format {v}" for v, n in newer.items())
+        lines.append(f"left for newer workers: {shown} (a newer release's workers take them)")
     control = report.get("control")
     if control:
         paused = ", ".join(f"{w['workflow_id']} ({w['parked']} parked)" for w in control["paused_workflows"])

@@ -20,7 +20,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from shared.streams import Keys
+from shared.streams import FORMAT_VERSION, Keys
 
 
 @cache
@@ -170,6 +170,7 @@ class Scripts:
                 burst,
                 self.keys.execution(""),
                 EXECUTION_KEY_TTL,
+                FORMAT_VERSION,
             ],
         )
         existing_task, exec_id, entry, outcome_raw = (_s(x) for x in reply)
@@ -398,6 +399,36 @@ class Scripts:
             args=[entry_id, self.keys.worker_group, consumer, field, score, orjson.dumps(request).decode()],
         )
         return int(reply)
+
+    async def leave_to_newer(self, *, entry_id: str, consumer: str, version: int, score: int, member: str) -> int:
+        """Park a request of a format newer than this worker reads for the workers that read it, and
+        acknowledge its entry: 1 done, -1 the entry is not this consumer's (any more). `member` is the
+        JSON of the request's fields."""
+        reply = await self._call(
+            "leave_to_newer",
+            keys=[self.keys.requests, self.keys.newer_format(version)],
+            args=[entry_id, self.keys.worker_group, consumer, score, member],
+        )
+        return int(reply)
+
+    async def take_from_older(self, readable: int, *, limit: int = 500) -> int:
+        """Move back onto the stream the requests older workers left for formats up to `readable`
+        (this worker's newest); returns how many moved. Format 1 is read by every worker."""
+        moved = 0
+        for version in range(2, readable + 1):
+            while True:
+                # resume.lua with no flag: 'format:N' is never a control field, so it only moves.
+                n = int(
+                    await self._call(
+                        "resume",
+                        keys=[self.keys.control, self.keys.newer_format(version), self.keys.requests],
+                        args=[f"format:{version}", limit, "0"],
+                    )
+                )
+                moved += n
+                if n < limit:
+                    break
+        return moved
 
     async def resume(self, scope: str, *, limit: int = 500) -> int:
         """Clear the pause of `scope` (`queue` or `workflow:{id}`) and move its parked requests back, in

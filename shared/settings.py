@@ -218,6 +218,13 @@ class Settings(BaseSettings):
         default=900.0, gt=0, description="Seconds before an alert still true is raised again (across API replicas)."
     )
 
+    # TESTS ONLY, never set in a deployment: makes this code read entries of a format newer than the one
+    # it writes (shared/streams.py FORMAT_VERSION), standing in for the next release's worker and
+    # projector in the rolling-deploy tests. Left out of `nova --help` and the README.
+    test_only_format_version: int = Field(
+        default=0, ge=0, description="TESTS ONLY: read entries up to this format (a stand-in for a newer release)."
+    )
+
     data_dir: str = Field(default=".nova", description="Where `nova dev` keeps embedded server data.")
     log_level: str = Field(default="INFO", description="Logging level.")
 
@@ -234,6 +241,13 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
+    @property
+    def readable_format(self) -> int:
+        """The newest format of entries, events and task hashes this process reads (older ones too)."""
+        from shared.streams import FORMAT_VERSION
+
+        return max(FORMAT_VERSION, self.test_only_format_version)
+
     def new_consumer_name(self) -> str:
         """A consumer name unique to the caller, so that replicas share a group without colliding.
 
@@ -249,6 +263,8 @@ def describe_settings() -> str:
     """One line per setting, for `--help` epilogs."""
     lines = []
     for name, field in Settings.model_fields.items():
+        if name.startswith("test_only_"):
+            continue
         alias = field.validation_alias
         if isinstance(alias, AliasChoices):
             env = str(alias.choices[0])

@@ -17,6 +17,26 @@ from redis.crc import key_slot
 
 from shared.settings import Settings
 
+# The format of request entries, events and task hashes this code writes, and the newest it reads. An
+# entry or hash without the `v` field is format 1 (written before formats were numbered). Raise it only
+# for a change an older reader would get wrong: during a rolling deploy, old workers leave entries of a
+# newer format to the new workers, and old projectors leave such events to the new projectors.
+FORMAT_VERSION = 1
+VERSION_FIELD = "v"
+
+
+def format_version(fields: dict[str, str]) -> int | None:
+    """The format an entry or hash says it has (1 without the field); None when the field is not a
+    positive integer (such an entry is malformed)."""
+    value = fields.get(VERSION_FIELD)
+    if value is None or value == "":
+        return 1
+    try:
+        version = int(value)
+    except ValueError:
+        return None
+    return version if version >= 1 else None
+
 
 class TaskStatus(StrEnum):
     """Status of a task as `GET /tasks/{id}` reports it (Celery's vocabulary, which clients know)."""
@@ -113,6 +133,7 @@ class RequestField(StrEnum):
     ENQUEUED_AT = "enqueued_at"
     # JSON object: {"initial_context": {...}, "workflow_version": n} plus optional "replay_of" / "resume" keys.
     PAYLOAD = "payload"
+    VERSION = VERSION_FIELD  # the entry's format (FORMAT_VERSION); absent: 1
 
 
 class EventField(StrEnum):
@@ -126,6 +147,7 @@ class EventField(StrEnum):
     TS = "ts"
     # JSON object whose keys depend on `type` (see shared/events.py).
     DATA = "data"
+    VERSION = VERSION_FIELD  # the event's format (FORMAT_VERSION); absent: 1
 
 
 class TaskField(StrEnum):
@@ -156,6 +178,7 @@ class TaskField(StrEnum):
     REOPEN_TOKEN = "reopen_token"
     REOPENED_FROM = "reopened_from"  # the status a retry re-opened (FAILURE or REVOKED)
     CANCEL_REASON = "cancel_reason"  # who cancelled and why, on REVOKED
+    VERSION = VERSION_FIELD  # the format of the hash's fields (the checkpoint's above all); absent: 1
 
 
 class DeadLetterField(StrEnum):
@@ -295,6 +318,11 @@ class Keys:
         """Sorted set of requests parked while their scope (`queue`, `workflow:{id}`) is paused, scored
         by their original entry time, so that resume starts them in order."""
         return self._name("parked", scope)
+
+    def newer_format(self, version: int) -> str:
+        """Sorted set of requests a worker left for workers that read format `version` (it only knows
+        older ones), scored like parked requests; those workers move them back onto the stream."""
+        return self.parked(f"format:{version}")
 
     @property
     def delayed(self) -> str:

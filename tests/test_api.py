@@ -97,6 +97,7 @@ async def test_execute_returns_202_and_task_is_pending_at_once(
         "client": "idom",
         "enqueued_at": entry["enqueued_at"],
         "payload": '{"workflow_version":1,"initial_context":{"invoice":"A-1"}}',
+        "v": "1",  # the format version (shared/streams.py FORMAT_VERSION)
     }
     queued = await wait_for_events(redis, settings, lambda e: e.type == EventType.QUEUED)
     assert queued[0].task_id == body["task_id"]

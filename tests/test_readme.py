@@ -66,6 +66,9 @@ async def test_readme_redis_cli_commands_work_on_a_live_stream(
 
 def test_readme_documents_every_setting() -> None:
     for name, field in Settings.model_fields.items():
+        if name.startswith("test_only_"):
+            # A stand-in for a newer release in the rolling-deploy tests, never for a deployment.
+            continue
         alias = field.validation_alias
         env = getattr(alias, "choices", [None])[0] if alias else f"NOVA_{name.upper()}"
         assert str(env) in README, f"README's configuration table lacks {env}"

@@ -28,6 +28,7 @@ local rate = tonumber(ARGV[10])         -- executions per second, 0: no limit
 local burst = tonumber(ARGV[11])
 local execution_key_prefix = ARGV[12]    -- + execution id: the execution -> task id map; '' for none
 local execution_key_ttl = tonumber(ARGV[13])
+local format = ARGV[14]          -- the format version written on the entry, the task hash and the event
 
 -- Reply: {task_id, execution_id, request entry id or '', outcome}
 local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE = 1, 0, 2, 3, 4
@@ -74,14 +75,15 @@ if execution_key_prefix ~= '' then
 end
 local entry = redis.call('XADD', requests_stream, '*',
   'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
-  'workflow_name', workflow_name, 'client', client, 'enqueued_at', enqueued_at, 'payload', payload)
+  'workflow_name', workflow_name, 'client', client, 'enqueued_at', enqueued_at, 'payload', payload,
+  'v', format)
 redis.call('HSET', task_key,
   'status', 'PENDING', 'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
   'workflow_name', workflow_name, 'client', client, 'enqueued_at', enqueued_at, 'attempt', '0',
-  'updated_at', enqueued_at, 'entry', entry)
+  'updated_at', enqueued_at, 'entry', entry, 'v', format)
 local event_id = redis.call('XADD', results_stream, '*',
   'type', 'queued', 'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
-  'client', client, 'ts', enqueued_at, 'data', queued_data)
+  'client', client, 'ts', enqueued_at, 'data', queued_data, 'v', format)
 redis.call('RPUSH', task_events_key, event_id)
 if idempotency_key ~= '' then
   -- "task_id execution_id": a repeat is answered from this key alone.

@@ -4,6 +4,8 @@
 -- Why a script: clearing the flag and moving what was parked under it happen together, so a request
 -- parked a moment before is moved, and none is parked after (park.lua checks the flag itself).
 -- Safe to run twice: the second call finds no flag and nothing parked.
+-- Also moves back the requests older workers left for a newer format (leave_to_newer.lua): their
+-- 'format:N' scope is never a flag, and the caller never asks to clear it.
 local control_key = KEYS[1]
 local parked_key = KEYS[2]
 local requests_stream = KEYS[3]
