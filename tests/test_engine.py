@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from consumer.engine import Checkpoint, NodeRecord, Outcome, run_workflow
+from consumer.engine import Attempt, Checkpoint, NodeRecord, Outcome, run_workflow
 from consumer.sandbox import runner
 from consumer.sandbox.base import NodeError, NodeResult, Sandbox, SandboxSpec
 from consumer.sandbox.runner_client import RunnerSandbox
@@ -71,7 +71,9 @@ class Recorder:
         self.records: list[NodeRecord] = []
         self.checkpoint: Checkpoint | None = None
 
-    async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
+    async def node_started(
+        self, step: int, node: Node, started_at: str, context: dict[str, Any], attempt: Attempt | None = None
+    ) -> None:
         return None
 
     async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:
@@ -469,7 +471,7 @@ async def test_protocol_errors_fail_the_node(code: str, error_type: str, message
 
 
 async def test_extra_context_is_seen_and_never_merged() -> None:
-    def identity(step: int, node: Node) -> dict[str, Any]:
+    def identity(step: int, node: Node, attempt: Attempt | None) -> dict[str, Any]:
         return {"_nova": {"step": step, "node_id": node.id}}
 
     # Even copied into a protocol object's updates, the extra keys are taken out again.
@@ -598,7 +600,9 @@ async def test_execution_limit_caps_each_node_and_stops_the_run() -> None:
     assert sandbox.limits["a1"] <= 0.2
 
     class SlowHooks(Recorder):
-        async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
+        async def node_started(
+            self, step: int, node: Node, started_at: str, context: dict[str, Any], attempt: Attempt | None = None
+        ) -> None:
             if node.id == "a2":
                 await asyncio.sleep(0.3)
 
