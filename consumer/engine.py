@@ -544,10 +544,16 @@ def _attempt(node: Node, number: int, first_step: int) -> Attempt | None:
 
 
 async def _sleep_until(due_ms: int, longest: float) -> None:
-    """Wait for a retry's due time. `longest` (the policy's largest wait) caps it, should this worker's
-    clock be behind the one that set it; a cancel ends the wait at once (it is a plain sleep)."""
-    remaining = min(due_ms / 1000 - time.time(), longest)
-    if remaining > 0:
+    """Wait for a retry's due time, by the wall clock (the time it was set by may be another worker's).
+    `longest` (the policy's largest wait) caps it, should this worker's clock be behind that one's; a
+    cancel ends the wait at once (it is a plain sleep)."""
+    until = min(due_ms / 1000, time.time() + longest)
+    # The sleep keeps the monotonic clock, which may end it a hair before the wall clock's due time
+    # (or the wall clock may be stepped meanwhile): sleep what is left, a few times at most.
+    for _ in range(3):
+        remaining = until - time.time()
+        if remaining <= 0:
+            return
         await asyncio.sleep(remaining)
 
 
