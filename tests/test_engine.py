@@ -675,3 +675,32 @@ async def test_errors_outside_the_policy_or_past_a_limit_are_not_retried() -> No
     outcome, hooks = await run_code(retrying("raise MemoryError()", 3, ["Exception"]))
     assert outcome.error is not None and outcome.error["reason"] == "limit:memory"
     assert [r.attempt for r in hooks.records if r.node_id == "a"] == [1]
+
+
+async def test_a_decision_retries_its_own_error_but_not_a_missing_branch() -> None:
+    flaky_decision = (
+        "runs = runs + 1 if 'runs' in globals() else 1\n"
+        "if runs == 1: raise TimeoutError('slow lookup')\n"
+        "context['d'] = True"
+    )
+    graph = {
+        "nodes": [
+            {"id": "s", "type": "start", "next": "d"},
+            {"id": "d", "type": "decision", "code": flaky_decision, "on_true": "e", "on_false": "e",
+             "retry": {"attempts": 2, "backoff": {"initial": 0, "max": 0}, "on": ["TimeoutError"]}},
+            {"id": "e", "type": "end"},
+        ]
+    }  # fmt: skip
+    outcome, hooks = await run_code(graph)
+    assert outcome.status == "success", outcome.error
+    assert [(r.node_id, r.attempt, r.status) for r in hooks.records] == [
+        ("s", None, "success"),
+        ("d", 1, "failure"),
+        ("d", 2, "success"),
+        ("e", None, "success"),
+    ]
+    # A statement decision that sets nothing fails its branch choice: deterministic, never retried.
+    no_branch = {**graph, "nodes": [graph["nodes"][0], {**graph["nodes"][1], "code": "x = 1"}, graph["nodes"][2]]}
+    outcome, hooks = await run_code(no_branch)
+    assert outcome.error is not None and outcome.error["type"] == "DecisionError"
+    assert [r.attempt for r in hooks.records if r.node_id == "d"] == [1]
