@@ -160,6 +160,8 @@ class NodeRunOut(BaseModel):
     started_at: str | None
     finished_at: str | None
     duration_ms: float | None
+    attempt: int | None = Field(default=None, description="A node with a retry policy: which attempt this run was")
+    max_attempts: int | None = Field(default=None, description="A node with a retry policy: its attempts in all")
 
 
 EXECUTION_STATUS_DESCRIPTION = (
@@ -223,6 +225,8 @@ class ChainEntryOut(BaseModel):
     started_at: str | None
     finished_at: str | None
     duration_ms: float | None
+    attempt: int | None = Field(default=None, description="A node with a retry policy: which attempt this run was")
+    max_attempts: int | None = Field(default=None, description="A node with a retry policy: its attempts in all")
 
 
 class ChainOut(BaseModel):

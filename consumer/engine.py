@@ -19,11 +19,20 @@ The rules, NOVA's unless said otherwise:
 - Loops: at most 2 x the node count steps (NOVA's bound), unless some node sets max_visits: then each
   such node may be entered that often, and MAX_STEPS bounds the whole run.
 - Timeouts: a node's `timeout` or the default, never past the execution's own limit.
+- Node retries (ours): a node with a `retry` policy whose attempt fails with a qualifying error runs
+  again, alone, from the context it was given (what the failed attempt changed is dropped), after the
+  policy's backoff, for at most its `attempts`. Each attempt is a step of its own in the chain of work
+  (`attempt` numbers it), with one idempotency key for all of them; a retry is not a new visit (loop
+  bounds count the node once). The failed attempt's record and a checkpoint naming the node and the
+  attempts made are durable before the wait, so a worker that dies during it resumes at that node with
+  the count kept. A wait that would end past the execution's deadline is not started: the node fails
+  with its last error. A dead sandbox (a node killed at its time limit) is replaced for the next attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -33,7 +42,7 @@ from typing import Any, Protocol
 
 from consumer.sandbox.base import NodeError, NodeResult, Sandbox, SandboxSpec
 from shared.streams import now_iso
-from shared.workflow import BOOLEAN_LABELS, Definition, Node, NodeType
+from shared.workflow import BOOLEAN_LABELS, RETRYABLE_REASONS, Definition, Node, NodeType
 
 # A safety net for graphs whose cycles are bounded only per node: no run takes more steps.
 MAX_STEPS = 10_000
@@ -44,25 +53,70 @@ _KEYS_SHOWN = 50
 
 
 @dataclass
+class PendingRetry:
+    """A node whose attempt failed and that will run again (its retry policy): part of the checkpoint."""
+
+    node_id: str
+    failed: int  # attempts made so far, all failed
+    first_step: int  # the step of its first attempt: the idempotency key every attempt shares
+    due_ms: int  # wall-clock time (ms since the epoch) before which the next attempt does not start
+
+    def as_json(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "failed": self.failed, "first_step": self.first_step, "due_ms": self.due_ms}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PendingRetry:
+        return cls(str(data["node_id"]), int(data["failed"]), int(data["first_step"]), int(data["due_ms"]))
+
+
+@dataclass
 class Checkpoint:
-    """Where a run stands after a completed node: enough to resume it elsewhere."""
+    """Where a run stands after a completed node (or a failed attempt to retry): enough to resume it
+    elsewhere."""
 
     step: int  # node runs completed so far
     next_node: str | None
     context: dict[str, Any]
     visits: dict[str, int] = field(default_factory=dict)
+    # Steps that were retries of a node (the loop bounds do not count them).
+    retries: int = 0
+    # The next node's attempts so far, when it is to run again under its retry policy.
+    retry: PendingRetry | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"step": self.step, "next_node": self.next_node, "context": self.context, "visits": self.visits}
+        data: dict[str, Any] = {
+            "step": self.step,
+            "next_node": self.next_node,
+            "context": self.context,
+            "visits": self.visits,
+        }
+        # Only runs that retried carry these: every other checkpoint keeps its earlier shape.
+        if self.retries:
+            data["retries"] = self.retries
+        if self.retry is not None:
+            data["retry"] = self.retry.as_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Checkpoint:
+        retry = data.get("retry")
         return cls(
             step=int(data["step"]),
             next_node=data.get("next_node"),
             context=dict(data.get("context") or {}),
             visits={str(k): int(v) for k, v in (data.get("visits") or {}).items()},
+            retries=int(data.get("retries") or 0),
+            retry=PendingRetry.from_json(retry) if isinstance(retry, dict) else None,
         )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Which attempt of a node with a retry policy a run is (None for nodes without one)."""
+
+    number: int  # 1-based
+    of: int  # the policy's attempts
+    first_step: int  # the step of attempt 1
 
 
 @dataclass
@@ -85,9 +139,14 @@ class NodeRecord:
     decision_result: str | None = None
     next_node: str | None = None
     error: dict[str, Any] | None = None
+    # Nodes with a retry policy: which attempt this was, of how many, and, for a failed one that will
+    # run again, when (ISO-8601 UTC).
+    attempt: int | None = None
+    max_attempts: int | None = None
+    retry_at: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "step": self.step,
             "node_id": self.node_id,
             "node_type": self.node_type,
@@ -103,6 +162,9 @@ class NodeRecord:
             "next_node": self.next_node,
             "error": self.error,
         }
+        if self.attempt is not None:
+            data.update(attempt=self.attempt, max_attempts=self.max_attempts, retry_at=self.retry_at)
+        return data
 
 
 @dataclass
@@ -114,13 +176,19 @@ class Outcome:
 
 
 class Hooks(Protocol):
-    async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None: ...
+    async def node_started(
+        self, step: int, node: Node, started_at: str, context: dict[str, Any], attempt: Attempt | None = None
+    ) -> None: ...
 
-    async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None: ...
+    async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:
+        """A node run ended. When `record.retry_at` is set (a failed attempt to be retried), the
+        checkpoint must be durable before this returns: the engine waits next, and a worker that dies
+        then must resume with the attempt counted."""
+        ...
 
 
 OpenSandbox = Callable[[SandboxSpec], Awaitable[Sandbox]]
-ExtraContext = Callable[[int, Node], dict[str, Any]]
+ExtraContext = Callable[[int, Node, Attempt | None], dict[str, Any]]
 
 
 class _Sandboxes:
@@ -133,7 +201,12 @@ class _Sandboxes:
 
     async def get(self, executor: str) -> Sandbox:
         sandbox = self._open_ones.get(executor)
-        if sandbox is None:
+        # A sandbox that died with a node (killed at its time limit, crashed) is replaced: only a node
+        # retry runs code after such a failure.
+        if sandbox is None or getattr(sandbox, "dead", False):
+            if sandbox is not None:
+                with contextlib.suppress(Exception):
+                    await sandbox.close()
             spec = SandboxSpec(
                 execution_id=self._spec.execution_id,
                 client=self._spec.client,
@@ -198,6 +271,7 @@ class _Visit:
     node: Node
     started_at: str
     t0: float
+    attempt: Attempt | None = None
     # The context after the node's output was merged (None until it ran).
     merged: dict[str, Any] | None = None
     stdout: str = ""
@@ -228,17 +302,28 @@ class _Run:
         self.current = start.next_node
         self.ctx = dict(start.context)
         self.visits = dict(start.visits)
+        self.retries = start.retries
+        # A node to run again (resumed from a checkpoint taken after its failed attempt).
+        self.pending: PendingRetry | None = start.retry if start.retry and start.retry.node_id == self.current else None
         self.step_limit = MAX_STEPS if definition.uses_max_visits else 2 * len(definition.nodes)
 
     async def to_end(self) -> Outcome:
         while self.current is not None:
             node = self.definition.node(self.current)
             self.step += 1
-            self.visits[node.id] = self.visits.get(node.id, 0) + 1
-            over = self._over_bound(node)
-            if over is not None:
-                return Outcome("failure", self.ctx, self.step - 1, over.as_json(node.id))
-            failed = await self._visit(node)
+            pending, self.pending = self.pending, None
+            if pending is not None:
+                # A retry: the same visit, counted and bounded on its first attempt.
+                self.retries += 1
+                await _sleep_until(pending.due_ms, node.retry.backoff.max if node.retry else 0.0)
+                attempt = _attempt(node, pending.failed + 1, pending.first_step)
+            else:
+                self.visits[node.id] = self.visits.get(node.id, 0) + 1
+                over = self._over_bound(node)
+                if over is not None:
+                    return Outcome("failure", self.ctx, self.step - 1, over.as_json(node.id))
+                attempt = _attempt(node, 1, self.step)
+            failed = await self._visit(node, attempt)
             if failed is not None:
                 return failed
         return Outcome("success", self.ctx, self.step)
@@ -250,7 +335,7 @@ class _Run:
                 message=f"node '{node.id}' entered more than {node.max_visits} times (its max_visits)",
                 reason="max_visits",
             )
-        if self.step > self.step_limit:
+        if self.step - self.retries > self.step_limit:
             rule = (
                 f"at most {MAX_STEPS} steps in all"
                 if self.definition.uses_max_visits
@@ -263,34 +348,80 @@ class _Run:
             )
         return None
 
-    async def _visit(self, node: Node) -> Outcome | None:
-        """Run one node and record it; returns the run's outcome when the node failed."""
+    async def _visit(self, node: Node, attempt: Attempt | None) -> Outcome | None:
+        """Run one node and record it; returns the run's outcome when the node failed for good."""
         started_at = now_iso()
-        await self.hooks.node_started(self.step, node, started_at, self.ctx)
-        visit = _Visit(node, started_at, time.perf_counter())
+        await self.hooks.node_started(self.step, node, started_at, self.ctx, attempt)
+        visit = _Visit(node, started_at, time.perf_counter(), attempt)
         try:
-            result = await self._execute(node)
+            result = await self._execute(node, attempt)
             visit.merged, visit.stdout, visit.stderr = result.context, result.stdout, result.stderr
             nxt, decision, label = self._choose_next(node, result)
         except NodeError as exc:
-            return await self._failed(visit, exc)
+            delay, stopped = self._retry_delay(node, attempt, exc)
+            if delay is not None and attempt is not None:
+                await self._retry_later(visit, attempt, exc, delay)
+                return None
+            return await self._failed(visit, exc, stopped)
         record = self._record(visit, "success", visit.merged, decision=decision, decision_result=label, next_node=nxt)
         self.ctx, self.current = result.context, nxt
-        await self.hooks.node_finished(record, Checkpoint(self.step, nxt, self.ctx, self.visits))
+        await self.hooks.node_finished(record, Checkpoint(self.step, nxt, self.ctx, self.visits, self.retries))
         return None
 
-    async def _failed(self, visit: _Visit, exc: NodeError) -> Outcome:
+    def _retry_delay(self, node: Node, attempt: Attempt | None, exc: NodeError) -> tuple[float | None, str | None]:
+        """Seconds to wait before the node's next attempt, or None when it fails for good (with why, when
+        the policy would have run it again)."""
+        policy = node.retry
+        if policy is None or attempt is None or attempt.number >= policy.attempts:
+            return None, None
+        if exc.reason not in RETRYABLE_REASONS or not policy.matches(exc.type, exc.bases):
+            return None, None
+        delay = policy.delay(attempt.number)
+        # The wait must end with time left to run the node; past the deadline it only delays the failure.
+        if time.monotonic() + delay >= self.deadline:
+            return None, "deadline"
+        return delay, None
+
+    async def _retry_later(self, visit: _Visit, attempt: Attempt, exc: NodeError, delay: float) -> None:
+        """Record the failed attempt and a checkpoint that runs the node again, from the context it was
+        given, once `delay` has passed; the hooks make both durable before the loop waits."""
+        due_ms = int((time.time() + delay) * 1000)
+        if visit.merged is None:
+            visit.stdout, visit.stderr = exc.stdout, exc.stderr
+        record = self._record(visit, "failure", visit.merged, error=self._error(visit, exc))
+        record.retry_at = _iso_ms(due_ms)
+        node_id = visit.node.id
+        self.pending = PendingRetry(node_id, attempt.number, attempt.first_step, due_ms)
+        # The context stays the node's input: nothing of the failed attempt is kept.
+        await self.hooks.node_finished(
+            record, Checkpoint(self.step, node_id, self.ctx, self.visits, self.retries, self.pending)
+        )
+
+    def _error(self, visit: _Visit, exc: NodeError, stopped: str | None = None) -> dict[str, Any]:
         error = exc.as_json(visit.node.id)
+        if visit.attempt is not None:
+            error["attempt"] = visit.attempt.number
+            error["max_attempts"] = visit.attempt.of
+            if stopped:
+                # Attempts were left, but the next wait would have ended past the execution's deadline.
+                error["retry_stopped"] = stopped
+        return error
+
+    async def _failed(self, visit: _Visit, exc: NodeError, stopped: str | None = None) -> Outcome:
+        error = self._error(visit, exc, stopped)
         if visit.merged is None:
             # The node's code failed: whatever it printed came with the error.
             visit.stdout, visit.stderr = exc.stdout, exc.stderr
         record = self._record(visit, "failure", visit.merged, error=error)
         # The failed node is not a completed step: a retry of the execution starts at it, with the
         # context it was given, and counts its visit again on entry. The failed visit is therefore taken
-        # out of the checkpoint, or a node with max_visits 1 could never be retried.
+        # out of the checkpoint, or a node with max_visits 1 could never be retried. A retry of the
+        # execution gives a node with a retry policy all its attempts again.
         node_id = visit.node.id
         retry_visits = {**self.visits, node_id: self.visits[node_id] - 1}
-        await self.hooks.node_finished(record, Checkpoint(self.step - 1, node_id, self.ctx, retry_visits))
+        was_retry = visit.attempt is not None and visit.attempt.number > 1
+        checkpoint = Checkpoint(self.step - 1, node_id, self.ctx, retry_visits, self.retries - was_retry)
+        await self.hooks.node_finished(record, checkpoint)
         # A decision that ran but could not branch leaves its changes in the final context, as in NOVA.
         return Outcome("failure", visit.merged if visit.merged is not None else self.ctx, self.step, error)
 
@@ -305,7 +436,10 @@ class _Run:
         next_node: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> NodeRecord:
+        attempt = visit.attempt
         return NodeRecord(
+            attempt=attempt.number if attempt else None,
+            max_attempts=attempt.of if attempt else None,
             step=self.step,
             node_id=visit.node.id,
             node_type=visit.node.type.value,
@@ -324,7 +458,7 @@ class _Run:
 
     # ---- running a node ------------------------------------------------------------------------
 
-    async def _execute(self, node: Node) -> NodeResult:
+    async def _execute(self, node: Node, attempt: Attempt | None) -> NodeResult:
         """Run the node's code; the result's context is the run's context with the node's output merged."""
         if node.type in (NodeType.START, NodeType.END):
             return NodeResult(context=self.ctx)
@@ -337,7 +471,7 @@ class _Run:
             )
         timeout = min(node.timeout or self.node_timeout, remaining)
         sandbox = await self.sandboxes.get(_executor(node, self.default_executor))
-        extra = self.extra_context(self.step, node) if self.extra_context else None
+        extra = self.extra_context(self.step, node, attempt) if self.extra_context else None
         given = {**self.ctx, **extra} if extra else self.ctx
         code = node.code or ""
         try:
@@ -403,6 +537,29 @@ class _Run:
             f"{_short(value)}. Expected bool or str.",
             reason="decision",
         )
+
+
+def _attempt(node: Node, number: int, first_step: int) -> Attempt | None:
+    return Attempt(number, node.retry.attempts, first_step) if node.retry is not None else None
+
+
+async def _sleep_until(due_ms: int, longest: float) -> None:
+    """Wait for a retry's due time, by the wall clock (the time it was set by may be another worker's).
+    `longest` (the policy's largest wait) caps it, should this worker's clock be behind that one's; a
+    cancel ends the wait at once (it is a plain sleep)."""
+    until = min(due_ms / 1000, time.time() + longest)
+    # The sleep keeps the monotonic clock, which may end it a hair before the wall clock's due time
+    # (or the wall clock may be stepped meanwhile): sleep what is left, a few times at most.
+    for _ in range(3):
+        remaining = until - time.time()
+        if remaining <= 0:
+            return
+        await asyncio.sleep(remaining)
+
+
+def _iso_ms(epoch_ms: int) -> str:
+    seconds, ms = divmod(epoch_ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
 def _executor(node: Node, default: str) -> str:

@@ -85,11 +85,13 @@ _NODE_NEWER = "(EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (n.last_event
 
 # A node_started event resets the row (a node re-run after a crash shows as running again); a
 # node_finished event fills in its outcome. The input context and start time of the run are kept.
+# Each attempt of a node with a retry policy is a step, hence a row, of its own (attempt numbers it).
 UPSERT_NODE_RUN = f"""
 INSERT INTO node_runs AS n (
     execution_id, step, node_id, node_type, status, input_context, output_context, stdout, stderr,
-    decision, next_node, error, started_at, finished_at, duration_ms, last_event_ms, last_event_seq)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+    decision, next_node, error, started_at, finished_at, duration_ms, last_event_ms, last_event_seq,
+    attempt, max_attempts)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
 ON CONFLICT (execution_id, step) DO UPDATE SET
     node_id        = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.node_id ELSE n.node_id END,
     node_type      = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.node_type ELSE n.node_type END,
@@ -106,6 +108,8 @@ ON CONFLICT (execution_id, step) DO UPDATE SET
     error          = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.error ELSE n.error END,
     finished_at    = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.finished_at ELSE n.finished_at END,
     duration_ms    = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.duration_ms ELSE n.duration_ms END,
+    attempt        = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.attempt ELSE n.attempt END,
+    max_attempts   = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.max_attempts ELSE n.max_attempts END,
     last_event_ms  = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.last_event_ms ELSE n.last_event_ms END,
     last_event_seq = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.last_event_seq ELSE n.last_event_seq END
 """
@@ -205,6 +209,8 @@ def node_run_row(event: Event) -> tuple[Any, ...]:
         None if started else d.get("duration_ms"),
         ms,
         seq,
+        d.get("attempt"),
+        d.get("max_attempts"),
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
-from consumer.engine import Checkpoint, NodeRecord, OpenSandbox, Outcome, run_workflow
+from consumer.engine import Attempt, Checkpoint, NodeRecord, OpenSandbox, Outcome, run_workflow
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
 from consumer.sandbox.base import NodeError, Sandbox, SandboxInfraError, SandboxSpec
 from shared.catalog import CatalogUnavailable, WorkflowCatalog
@@ -354,34 +354,36 @@ class Run:
             raise SandboxInfraError(f"credentials of client '{client}' unavailable: {exc}") from None
         self.recorder.masker = self.credentials.masker()
 
-    def _node_context(self, step: int, node: Node) -> dict[str, Any]:
+    def _node_context(self, step: int, node: Node, attempt: Attempt | None) -> dict[str, Any]:
         """Read-only keys the engine adds to the context a node sees and removes from what it leaves:
         the node's identity, the client's credentials (NOVA's names, as stored), and client_slug."""
         client = self.request.client
         return {
-            **self._node_identity(step, node),
+            **self._node_identity(step, node, attempt),
             **self.credentials.context(),
             # Last: no credential and no node can pass for another tenant. A run without a client (the
             # admin key without client_slug) has none, as in NOVA.
             **({"client_slug": client} if client != NO_CLIENT else {}),
         }
 
-    def _node_identity(self, step: int, node: Node) -> dict[str, Any]:
+    def _node_identity(self, step: int, node: Node, attempt: Attempt | None) -> dict[str, Any]:
         request = self.request
-        # Stable across redeliveries and retries: external systems can deduplicate on it.
-        key = f"{request.execution_id}:{node.id}:{step}"
-        return {
-            "_nova": {
-                "execution_id": request.execution_id,
-                "task_id": request.task_id,
-                "node_id": node.id,
-                "step": step,
-                "idempotency_key": key,
-                # Which worker runs it (its consumer name): sandboxes have their own PID namespace, so
-                # node code cannot tell otherwise; operators and `nova chaos` read it from node logs.
-                "worker": self.ctx.consumer,
-            }
+        # Stable across redeliveries and retries, and the same for every attempt of a node under its retry
+        # policy (an attempt that failed after its side effect is deduplicated by it): the step of attempt 1.
+        key = f"{request.execution_id}:{node.id}:{attempt.first_step if attempt else step}"
+        identity: dict[str, Any] = {
+            "execution_id": request.execution_id,
+            "task_id": request.task_id,
+            "node_id": node.id,
+            "step": step,
+            "idempotency_key": key,
+            # Which worker runs it (its consumer name): sandboxes have their own PID namespace, so
+            # node code cannot tell otherwise; operators and `nova chaos` read it from node logs.
+            "worker": self.ctx.consumer,
         }
+        if attempt is not None:
+            identity["attempt"] = attempt.number
+        return {"_nova": identity}
 
     # ---- outcomes ------------------------------------------------------------------------------
 
@@ -632,18 +634,19 @@ class RecordingHooks:
         # into its context in forms no masker recognises.
         self.seal = seal
 
-    async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
-        self.recorder.buffer(
-            EventType.NODE_STARTED,
-            {
-                "step": step,
-                "node_id": node.id,
-                "node_type": node.type.value,
-                "started_at": started_at,
-                "input_context": context,
-            },
-            {TaskField.CURRENT_NODE: node.id},
-        )
+    async def node_started(
+        self, step: int, node: Node, started_at: str, context: dict[str, Any], attempt: Attempt | None = None
+    ) -> None:
+        data: dict[str, Any] = {
+            "step": step,
+            "node_id": node.id,
+            "node_type": node.type.value,
+            "started_at": started_at,
+            "input_context": context,
+        }
+        if attempt is not None:
+            data.update(attempt=attempt.number, max_attempts=attempt.of)
+        self.recorder.buffer(EventType.NODE_STARTED, data, {TaskField.CURRENT_NODE: node.id})
         # Only action code has side effects; everything before it must be durable before it runs.
         if node.type == NodeType.ACTION:
             await self.recorder.flush()
@@ -658,6 +661,10 @@ class RecordingHooks:
                 TaskField.NODES_EXECUTED: str(record.step),
             },
         )
+        if record.retry_at is not None:
+            # The engine waits for the node's next attempt now: the failed attempt and the checkpoint that
+            # counts it must be durable first, or a worker dying in the wait would run that attempt again.
+            await self.recorder.flush()
 
 
 def _entry_score(entry_id: str) -> int:

@@ -6,6 +6,8 @@ data by type (JSON in the `data` field):
 - node_started:  {step, node_id, node_type, started_at, input_context}
 - node_finished: {step, node_id, node_type, status, started_at, finished_at, duration_ms,
                   output_context, stdout, stderr, decision, decision_result, next_node, error}
+  A node with a retry policy runs once per attempt, each a step: both node events then also carry
+  {attempt, max_attempts}, and a failed attempt that will run again {retry_at}.
 - retry:         {attempt, error, retry_at}
 - succeeded:     {started_at, finished_at, duration_ms, final_context, nodes_executed}
 - failed:        {started_at, finished_at, duration_ms, final_context, nodes_executed, error}

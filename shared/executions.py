@@ -145,6 +145,9 @@ def nova_trace_entry(run: dict[str, Any], code: dict[str, str]) -> dict[str, Any
         "code_executed": executed,
         "decision_result": decision_result,
         "path_taken": run.get("next_node") if run["node_type"] == "decision" else None,
+        # Ours: which attempt of a node with a retry policy this run was, of how many (else None).
+        "attempt": run.get("attempt"),
+        "max_attempts": run.get("max_attempts"),
         "ai_metadata": (
             {
                 "_execution_metadata": {
@@ -223,6 +226,8 @@ def runs_from_events(events: Iterable[Event]) -> list[dict[str, Any]]:
             error=d.get("error") if finished else None,
             finished_at=d.get("finished_at") if finished else None,
             duration_ms=d.get("duration_ms") if finished else None,
+            attempt=d.get("attempt"),
+            max_attempts=d.get("max_attempts"),
         )
         run["input_context"] = run.get("input_context") or d.get("input_context")
         run["started_at"] = run.get("started_at") or d.get("started_at")
@@ -360,7 +365,7 @@ class Owner:
 
 
 _RUN_COLUMNS = """step, node_id, node_type, status, input_context, output_context, stdout, stderr, decision,
-                  next_node, error, started_at, finished_at, duration_ms"""
+                  next_node, error, started_at, finished_at, duration_ms, attempt, max_attempts"""
 
 
 class ExecutionStore:

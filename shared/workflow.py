@@ -16,14 +16,21 @@ Where a node goes next:
 
 Loops are allowed: the engine bounds a run (see consumer/engine.py). Validation refuses what cannot
 run and only warns about what NOVA accepts and never runs (unreachable nodes, edges out of end nodes).
+
+An action or decision may carry a ``retry`` policy for its own errors (ours; NOVA has none):
+``{"attempts": 3, "backoff": {"initial": 1, "factor": 2, "max": 60, "jitter": true}, "on": ["ConnectionError"]}``.
+The engine runs such a node again, alone and from the context it was given, when it fails with an
+error named in ``on`` (its class or a base, qualified as ``imaplib.IMAP4.abort`` or bare); see RetryPolicy.
 """
 
 from __future__ import annotations
 
+import random
+import re
 from collections.abc import Iterable
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -32,6 +39,34 @@ MAX_CODE_BYTES = 64 * 1024
 # NOVA's AI executors: here they run the node's own code, as e2b does; there is no code generation.
 AI_EXECUTORS = frozenset({"cached", "ai"})
 BOOLEAN_LABELS = frozenset({"true", "false"})
+# A node's retry policy: at most this many attempts, and waits of at most this many seconds between them
+# (the execution's deadline bounds them too; a worker slot is held while waiting).
+MAX_ATTEMPTS = 10
+MAX_RETRY_WAIT = 3600.0
+# Errors no retry follows, refused in `retry.on`. A node past a resource limit (memory, CPU, output,
+# context size) hits it again with the same input, and costs its neighbours the resources each time;
+# the engine's own verdicts (loop bounds, a decision without a branch) and a missing or refused executor
+# do not change on a second run either.
+NEVER_RETRIED = frozenset(
+    {
+        "MemoryError",
+        "MemoryLimitExceeded",
+        "CPUTimeLimitExceeded",
+        "OutputLimitExceeded",
+        "ContextTooLarge",
+        "LoopLimitExceeded",
+        "DecisionError",
+        "ExecutorUnavailable",
+        "E2BConfigurationError",
+        "SandboxNotIsolated",
+        "BadReply",
+    }
+)
+# The causes (NodeError.reason) a retry may follow: the node's code raised, reported an error through
+# NOVA's output protocol, ran past its own time limit, or its interpreter died. The others (limit:*,
+# serialization, output, decision, max_visits, ...) are deterministic, whatever their type's name.
+RETRYABLE_REASONS = frozenset({"exception", "reported", "timeout", "crashed"})
+_ERROR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 class NodeType(StrEnum):
@@ -39,6 +74,44 @@ class NodeType(StrEnum):
     ACTION = "action"
     DECISION = "decision"
     END = "end"
+
+
+class Backoff(BaseModel):
+    """The wait before attempt n+1: initial x factor^(n-1), at most `max`; with jitter, a random point in
+    its upper half (so that nodes failing together do not come back together)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial: float = Field(default=1.0, ge=0, le=MAX_RETRY_WAIT)
+    factor: float = Field(default=2.0, ge=1, le=10)
+    max: float = Field(default=60.0, ge=0, le=MAX_RETRY_WAIT)
+    jitter: bool = True
+
+
+class RetryPolicy(BaseModel):
+    """How a node's own failures are retried: `attempts` in all (the first run included), the `backoff`
+    between them, and the error types that qualify (`on`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(ge=1, le=MAX_ATTEMPTS)
+    backoff: Backoff = Field(default_factory=Backoff)
+    on: list[Annotated[str, Field(max_length=200)]] = Field(min_length=1, max_length=50)
+
+    def delay(self, failed: int) -> float:
+        """Seconds to wait after the `failed`-th failed attempt (1-based) before the next one."""
+        b = self.backoff
+        ceiling = min(b.max, b.initial * b.factor ** (failed - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2) if b.jitter else ceiling
+
+    def matches(self, error_type: str, bases: Iterable[str] = ()) -> bool:
+        """Whether an error qualifies: `on` names its type or one of its classes (`bases`, as the runner
+        reports them: module-qualified but for builtins), qualified or by the bare class name."""
+        names = {error_type}
+        for name in bases:
+            names.add(name)
+            names.add(name.rsplit(".", 1)[-1])
+        return any(wanted in names for wanted in self.on)
 
 
 class Node(BaseModel):
@@ -57,6 +130,7 @@ class Node(BaseModel):
     timeout: float | None = Field(default=None, gt=0, le=24 * 3600)
     executor: Literal["local", "e2b", "cached", "ai"] | None = None
     max_visits: int | None = Field(default=None, ge=1, le=100_000)
+    retry: RetryPolicy | None = None
     name: str | None = None
 
     @property
@@ -295,6 +369,8 @@ def _content_problems(node: Node, max_node_timeout: float | None) -> Iterable[De
             "(NOVA_MAX_NODE_TIMEOUT)"
         )
         yield DefinitionProblem(node=nid, message=message)
+    if node.retry is not None:
+        yield from _retry_problems(node, node.retry)
     if node.type not in (NodeType.ACTION, NodeType.DECISION):
         return
     if not node.code or not node.code.strip():
@@ -314,8 +390,36 @@ def _content_problems(node: Node, max_node_timeout: float | None) -> Iterable[De
         yield DefinitionProblem(node=nid, message=message)
 
 
+def _retry_problems(node: Node, policy: RetryPolicy) -> Iterable[DefinitionProblem]:
+    nid = node.id
+    if node.type not in (NodeType.ACTION, NodeType.DECISION):
+        message = f"{node.type.value} node '{nid}' has a retry policy: only action and decision nodes run code to retry"
+        yield DefinitionProblem(node=nid, message=message)
+    if policy.backoff.max < policy.backoff.initial:
+        message = (
+            f"node '{nid}' has retry backoff max {policy.backoff.max:g}s below its initial {policy.backoff.initial:g}s"
+        )
+        yield DefinitionProblem(node=nid, message=message)
+    for name in policy.on:
+        if name in NEVER_RETRIED or name.startswith("limit:"):
+            message = (
+                f"node '{nid}' retries on '{name}', which is never retried: a node past a resource limit "
+                "(memory, CPU, output, context) or refused by the engine fails the same way again"
+            )
+            yield DefinitionProblem(node=nid, message=message)
+        elif not _ERROR_NAME.fullmatch(name):
+            message = (
+                f"node '{nid}' retries on {name!r}, which is not an exception type name "
+                "(such as ConnectionError or imaplib.IMAP4.abort)"
+            )
+            yield DefinitionProblem(node=nid, message=message)
+
+
 def _content_warnings(node: Node) -> Iterable[DefinitionProblem]:
     nid = node.id
+    if node.retry is not None and node.retry.attempts == 1:
+        message = f"node '{nid}' has a retry policy of 1 attempt: it is never retried"
+        yield DefinitionProblem(node=nid, message=message)
     if node.type == NodeType.DECISION and node.code and not node.is_expression_decision and nid not in node.code:
         # NOVA's own fixtures set context['branch_decision'], which NOVA never reads: say so at create.
         message = (

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from consumer.engine import Checkpoint, NodeRecord, Outcome, run_workflow
+from consumer.engine import Attempt, Checkpoint, NodeRecord, Outcome, run_workflow
 from consumer.sandbox import runner
 from consumer.sandbox.base import NodeError, NodeResult, Sandbox, SandboxSpec
 from consumer.sandbox.runner_client import RunnerSandbox
@@ -71,7 +71,9 @@ class Recorder:
         self.records: list[NodeRecord] = []
         self.checkpoint: Checkpoint | None = None
 
-    async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
+    async def node_started(
+        self, step: int, node: Node, started_at: str, context: dict[str, Any], attempt: Attempt | None = None
+    ) -> None:
         return None
 
     async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:
@@ -469,7 +471,7 @@ async def test_protocol_errors_fail_the_node(code: str, error_type: str, message
 
 
 async def test_extra_context_is_seen_and_never_merged() -> None:
-    def identity(step: int, node: Node) -> dict[str, Any]:
+    def identity(step: int, node: Node, attempt: Attempt | None) -> dict[str, Any]:
         return {"_nova": {"step": step, "node_id": node.id}}
 
     # Even copied into a protocol object's updates, the extra keys are taken out again.
@@ -598,7 +600,9 @@ async def test_execution_limit_caps_each_node_and_stops_the_run() -> None:
     assert sandbox.limits["a1"] <= 0.2
 
     class SlowHooks(Recorder):
-        async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
+        async def node_started(
+            self, step: int, node: Node, started_at: str, context: dict[str, Any], attempt: Attempt | None = None
+        ) -> None:
             if node.id == "a2":
                 await asyncio.sleep(0.3)
 
@@ -607,3 +611,96 @@ async def test_execution_limit_caps_each_node_and_stops_the_run() -> None:
     assert outcome.error is not None and outcome.error["node_id"] == "a2"
     assert outcome.error["message"] == "execution time limit reached before node 'a2'"
     assert "a2" not in sandbox.limits
+
+
+# ---- node retries ----------------------------------------------------------------------------------
+
+# Fails its first `fail` runs in this execution's interpreter (globals persist), changing the context first.
+FLAKY = (
+    "runs = runs + 1 if 'runs' in globals() else 1\n"
+    "context['partial'] = runs\n"
+    "if runs <= {fail}: raise ConnectionResetError(f'reset {{runs}}')\n"
+    "del context['partial']\n"
+    "context['runs'] = runs"
+)
+
+
+def retrying(code: str, attempts: int, on: list[str]) -> dict[str, Any]:
+    definition = one_action(code)
+    definition["nodes"][1]["retry"] = {"attempts": attempts, "backoff": {"initial": 0, "max": 0}, "on": on}
+    return definition
+
+
+async def test_retries_of_a_node_do_not_count_toward_the_loop_bound() -> None:
+    # Three nodes allow 6 steps; five attempts of `a` take 7 and are still one visit.
+    outcome, hooks = await run_code(retrying(FLAKY.format(fail=4), 5, ["OSError"]), {"x": 1})
+    assert outcome.status == "success", outcome.error
+    assert outcome.final_context == {"x": 1, "runs": 5} and outcome.nodes_executed == 7
+    attempts = [(r.step, r.attempt, r.status) for r in hooks.records if r.node_id == "a"]
+    assert attempts == [(2, 1, "failure"), (3, 2, "failure"), (4, 3, "failure"), (5, 4, "failure"), (6, 5, "success")]
+    assert all(r.retry_at for r in hooks.records[1:5]) and hooks.records[5].retry_at is None
+
+
+async def test_a_run_stopped_between_attempts_resumes_with_the_count_kept() -> None:
+    class Crash(Exception):
+        pass
+
+    class CrashAfterSecondFailure(Recorder):
+        async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:
+            await super().node_finished(record, checkpoint)
+            if record.attempt == 2 and record.retry_at:
+                raise Crash
+
+    hooks = CrashAfterSecondFailure()
+    sandbox = InProcessSandbox()
+    with pytest.raises(Crash):
+        await run(retrying(FLAKY.format(fail=2), 4, ["ConnectionError"]), sandbox, hooks)
+    resume = hooks.checkpoint
+    assert resume is not None and resume.retry is not None
+    assert (resume.step, resume.next_node, resume.retry.failed, resume.retry.first_step) == (3, "a", 2, 2)
+    assert resume.context == {}  # the node's input, not what the failed attempts left
+    rest = Recorder()
+    outcome = await run(retrying(FLAKY.format(fail=2), 4, ["ConnectionError"]), sandbox, rest, resume)
+    assert outcome.status == "success" and outcome.final_context == {"runs": 3}
+    assert [(r.step, r.attempt) for r in rest.records] == [(4, 3), (5, None)]
+
+
+async def test_errors_outside_the_policy_or_past_a_limit_are_not_retried() -> None:
+    outcome, hooks = await run_code(retrying(FLAKY.format(fail=9), 3, ["TimeoutError"]))
+    assert outcome.error is not None and (outcome.error["type"], outcome.error["attempt"]) == (
+        "ConnectionResetError",
+        1,
+    )
+    # A memory limit is never retried, even when a policy names a base of the error's type.
+    outcome, hooks = await run_code(retrying("raise MemoryError()", 3, ["Exception"]))
+    assert outcome.error is not None and outcome.error["reason"] == "limit:memory"
+    assert [r.attempt for r in hooks.records if r.node_id == "a"] == [1]
+
+
+async def test_a_decision_retries_its_own_error_but_not_a_missing_branch() -> None:
+    flaky_decision = (
+        "runs = runs + 1 if 'runs' in globals() else 1\n"
+        "if runs == 1: raise TimeoutError('slow lookup')\n"
+        "context['d'] = True"
+    )
+    graph = {
+        "nodes": [
+            {"id": "s", "type": "start", "next": "d"},
+            {"id": "d", "type": "decision", "code": flaky_decision, "on_true": "e", "on_false": "e",
+             "retry": {"attempts": 2, "backoff": {"initial": 0, "max": 0}, "on": ["TimeoutError"]}},
+            {"id": "e", "type": "end"},
+        ]
+    }  # fmt: skip
+    outcome, hooks = await run_code(graph)
+    assert outcome.status == "success", outcome.error
+    assert [(r.node_id, r.attempt, r.status) for r in hooks.records] == [
+        ("s", None, "success"),
+        ("d", 1, "failure"),
+        ("d", 2, "success"),
+        ("e", None, "success"),
+    ]
+    # A statement decision that sets nothing fails its branch choice: deterministic, never retried.
+    no_branch = {**graph, "nodes": [graph["nodes"][0], {**graph["nodes"][1], "code": "x = 1"}, graph["nodes"][2]]}
+    outcome, hooks = await run_code(no_branch)
+    assert outcome.error is not None and outcome.error["type"] == "DecisionError"
+    assert [r.attempt for r in hooks.records if r.node_id == "d"] == [1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from consumer.sandbox import local
 from consumer.sandbox.base import NodeError, SandboxSpec
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
 from shared.settings import Settings
@@ -242,3 +243,18 @@ async def test_a_context_cap_lifted_inside_the_sandbox_still_holds() -> None:
         assert sb.dead
     finally:
         await p.aclose()
+
+
+def test_workers_of_two_releases_on_one_host_each_run_their_own_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sandboxes' base folder is the machine's: a worker of another release (another runner.py)
+    # must not replace the copy this one's sandboxes run.
+    ours = local._sandbox_runner()
+    other = tmp_path / "runner.py"
+    other.write_text(local.RUNNER.read_text() + "\n# another release\n")
+    monkeypatch.setattr(local, "RUNNER", other)
+    theirs = local._sandbox_runner()
+    assert theirs != ours and theirs.read_bytes() == other.read_bytes()
+    monkeypatch.undo()
+    assert local._sandbox_runner() == ours and ours.read_bytes() == local.RUNNER.read_bytes()

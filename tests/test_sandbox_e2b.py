@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from consumer.engine import Checkpoint, NodeRecord, run_workflow
+from consumer.engine import Attempt, Checkpoint, NodeRecord, run_workflow
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
 from consumer.sandbox.e2b import E2BSandboxProvider
 from consumer.sandbox.local import LocalSandboxProvider
@@ -110,7 +110,9 @@ async def test_worker_shutdown_kills_every_open_sandbox(provider: E2BSandboxProv
 
 
 class _Hooks:
-    async def node_started(self, step: int, node: Node, started_at: str, context: dict[str, Any]) -> None:
+    async def node_started(
+        self, step: int, node: Node, started_at: str, context: dict[str, Any], attempt: Attempt | None = None
+    ) -> None:
         return None
 
     async def node_finished(self, record: NodeRecord, checkpoint: Checkpoint) -> None:

@@ -63,12 +63,25 @@ def _checked(graph: dict[str, Any], max_node_timeout: float) -> list[GraphWarnin
         problems = [p.model_dump() for p in exc.problems]
         raise ApiError(422, f"invalid workflow definition: {exc}", details=problems) from None
     except ValidationError as exc:
-        problems = [
-            {"node": None, "message": f"graph_definition.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"}
-            for e in exc.errors()
-        ]
+        problems = []
+        for e in exc.errors():
+            node = _node_at(graph, e["loc"])
+            where = f" (node '{node}')" if node else ""
+            message = f"graph_definition.{'.'.join(str(p) for p in e['loc'])}{where}: {e['msg']}"
+            problems.append({"node": node, "message": message})
         raise ApiError(422, f"invalid workflow definition: {problems[0]['message']}", details=problems) from None
     return [GraphWarning(**w.model_dump()) for w in definition_warnings(definition)]
+
+
+def _node_at(graph: dict[str, Any], loc: tuple[Any, ...]) -> str | None:
+    """The id of the node a validation error's location points into (`nodes.3.retry.on`), if it has one."""
+    if len(loc) < 2 or loc[0] != "nodes" or not isinstance(loc[1], int):
+        return None
+    nodes = graph.get("nodes")
+    if not isinstance(nodes, list) or not 0 <= loc[1] < len(nodes) or not isinstance(nodes[loc[1]], dict):
+        return None
+    node_id = nodes[loc[1]].get("id")
+    return node_id if isinstance(node_id, str) and node_id else None
 
 
 def _duplicate(exc: DuplicateName) -> ApiError:

@@ -437,7 +437,7 @@ async function showNode(d, nodeId) {
   if (detail !== d) return;
   const block = (title, v) => (v == null || v === "" ? "" : `<h4>${esc(title)}</h4><pre>${esc(typeof v === "string" ? v : pretty(v))}</pre>`);
   $("node-info").innerHTML = `<h3 id="node-info-title">${esc(nodeId)}</h3>`
-    + (runs.length ? runs.map((r) => `<p class="muted">step ${esc(r.step)} · <span class="${esc(r.status)}">${esc(r.status)}</span>
+    + (runs.length ? runs.map((r) => `<p class="muted">step ${esc(r.step)} · <span class="${esc(r.status)}">${esc(r.status)}</span>${r.attempt ? " · attempt " + esc(r.attempt) + "/" + esc(r.max_attempts) : ""}
         ${r.duration_ms != null ? " · " + esc(ms(r.duration_ms)) : ""}${r.next_node ? " · next " + esc(r.next_node) : ""}</p>`
         + block("input", r.input_context) + block("output", r.output_context) + block("stdout", r.stdout)
         + block("stderr", r.stderr) + block("error", r.error)).join("")

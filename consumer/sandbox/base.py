@@ -27,7 +27,8 @@ class NodeResult:
 
 @dataclass
 class NodeError(Exception):
-    """The workflow's own code failed (raised, timed out, broke a limit). Deterministic: not retried."""
+    """The workflow's own code failed (raised, timed out, broke a limit). Never retried by the worker;
+    only a node's own retry policy (shared/workflow.py RetryPolicy) may run that node again."""
 
     type: str
     message: str
@@ -36,6 +37,9 @@ class NodeError(Exception):
     reason: str = "exception"
     stdout: str = ""
     stderr: str = ""
+    # The error's class and its bases, qualified (from the runner; empty for errors a sandbox or the
+    # engine makes): what a node's retry policy matches. Not part of the shown error.
+    bases: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import hashlib
 import logging
 import os
 import random
@@ -67,11 +68,13 @@ def _sandbox_runner() -> Path:
     """runner.py where every sandbox can read it: a copy in the sandboxes' base folder.
 
     An install under /tmp (a CI checkout) is hidden by a sandbox's fresh /tmp, and the install's own
-    folders may not be readable by a sandbox's uid; the base folder is visible in every mode.
+    folders may not be readable by a sandbox's uid; the base folder is visible in every mode. The copy is
+    named by its content: the folder is the machine's, and workers of two releases on one host (a rolling
+    deploy, two checkouts) must each run their own runner, not whichever wrote the folder last.
     """
     _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
     source = RUNNER.read_bytes()
-    target = _WORK_BASE / "runner.py"
+    target = _WORK_BASE / f"runner-{hashlib.sha256(source).hexdigest()[:16]}.py"
     if not target.exists() or target.read_bytes() != source:
         staged = _WORK_BASE / f".runner-{os.getpid()}.py"
         staged.write_bytes(source)

@@ -177,7 +177,10 @@ class Runner:
             }
         except BaseException as exc:
             # Node code may raise anything, SystemExit included: it ends the node, not the runner.
-            response = {"ok": False, "error": _error(type(exc).__name__, str(exc), _node_traceback(exc), "exception")}
+            error = _error(type(exc).__name__, str(exc), _node_traceback(exc), "exception")
+            # Its classes, for the worker's retry policies (a policy may name a base class).
+            error["bases"] = _class_names(type(exc))
+            response = {"ok": False, "error": error}
         finally:
             sys.stdout, sys.stderr = saved
         response["stdout"] = out.value()
@@ -235,6 +238,17 @@ class Runner:
 
 def _error(type_: str, message: str, tb: str, reason: str) -> dict:
     return {"type": type_, "message": message, "traceback": tb, "reason": reason}
+
+
+def _class_names(cls: type) -> list:
+    """An exception class and its bases as Python names them: `imaplib.IMAP4.abort`, builtins bare
+    (`ConnectionError`); `object` left out, at most 32."""
+    names = []
+    for klass in cls.__mro__[:-1][:32]:
+        module = getattr(klass, "__module__", None) or "builtins"
+        qualname = getattr(klass, "__qualname__", None) or klass.__name__
+        names.append(qualname if module == "builtins" else f"{module}.{qualname}")
+    return names
 
 
 def run_once(request_path: str, limits: dict) -> None:

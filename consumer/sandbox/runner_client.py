@@ -22,6 +22,7 @@ def checked(reply: dict[str, Any]) -> dict[str, Any]:
         message=error.get("message", ""),
         traceback=error.get("traceback", ""),
         reason=error.get("reason", "exception"),
+        bases=tuple(b for b in error.get("bases") or () if isinstance(b, str)),
         stdout=reply.get("stdout", ""),
         stderr=reply.get("stderr", ""),
     )
