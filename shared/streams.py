@@ -113,6 +113,9 @@ class RequestField(StrEnum):
     ENQUEUED_AT = "enqueued_at"
     # JSON object: {"initial_context": {...}, "workflow_version": n} plus optional "replay_of" / "resume" keys.
     PAYLOAD = "payload"
+    # A run that waited for a concurrency key: its first entry's place (shared/lua/concurrency_acquire.lua),
+    # kept on the entries it comes back as, so that it keeps its turn.
+    CONCURRENCY_ORDER = "ckey_order"
 
 
 class EventField(StrEnum):
@@ -156,6 +159,7 @@ class TaskField(StrEnum):
     REOPEN_TOKEN = "reopen_token"
     REOPENED_FROM = "reopened_from"  # the status a retry re-opened (FAILURE or REVOKED)
     CANCEL_REASON = "cancel_reason"  # who cancelled and why, on REVOKED
+    WAITING_FOR = "waiting_for"  # the concurrency key a queued run waits for a slot of (status PENDING)
 
 
 class DeadLetterField(StrEnum):
@@ -290,6 +294,25 @@ class Keys:
         """Sorted set of requests parked while their scope (`queue`, `workflow:{id}`) is paused, scored
         by their original entry time, so that resume starts them in order."""
         return self._name("parked", scope)
+
+    def concurrency_holders(self, key: str) -> str:
+        """A concurrency key's counting semaphore (shared/lua/semaphore.lua's layout): sorted set of
+        holder (task id) -> deadline in ms, refreshed by the holder's worker's heartbeat."""
+        return self._name("ckey", key, "holders")
+
+    def concurrency_waiting(self, key: str) -> str:
+        """Sorted set of the task ids waiting for a slot of a concurrency key, scored by entry order."""
+        return self._name("ckey", key, "waiting")
+
+    def concurrency_parked(self, key: str) -> str:
+        """Hash of the waiting tasks' requests: task id -> JSON of the request's fields."""
+        return self._name("ckey", key, "parked")
+
+    @property
+    def concurrency_index(self) -> str:
+        """Hash of the concurrency keys that have waiters -> their limit: what the promote loop looks at
+        to hand a slot freed by expiry (a crashed holder) to the next waiter."""
+        return self._name("ckeys")
 
     @property
     def delayed(self) -> str:
