@@ -385,7 +385,7 @@ class Scripts:
     ) -> ConcurrencyOutcome:
         """Take a slot of concurrency key `key` for the task, or park its request in the key's wait set
         (shared/lua/concurrency_acquire.lua)."""
-        member = {**request, RequestField.CONCURRENCY_ORDER: str(order)}
+        member = {**request, RequestField.CONCURRENCY_ORDER.value: str(order)}
         reply = await self._call(
             "concurrency_acquire",
             keys=[*self._concurrency_keys(key), self.keys.task(task_id)],
