@@ -66,6 +66,16 @@ from shared.workflow import (
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class HeldSlot:
+    """A run's slot of its workflow's concurrency key; its task id is the holder, the same across
+    redeliveries and reclaims, so that a reclaimed run takes its own slot back rather than a second one."""
+
+    key: str
+    limit: int
+    task_id: str
+
+
 @dataclass
 class RunContext:
     """What every run shares with its worker."""
@@ -84,16 +94,6 @@ class RunContext:
     # The concurrency-key slot each in-flight entry holds: the worker's heartbeat refreshes them, and a
     # cancelled run's is given back once its run has stopped.
     held: dict[str, HeldSlot] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class HeldSlot:
-    """A run's slot of its workflow's concurrency key; its task id is the holder, the same across
-    redeliveries and reclaims, so that a reclaimed run takes its own slot back rather than a second one."""
-
-    key: str
-    limit: int
-    task_id: str
 
     @cached_property
     def vault(self) -> Vault:

@@ -352,10 +352,17 @@ def settings(settings: Settings, shared_dir: Path) -> Settings:
     return settings.model_copy(update={"sandbox_writable": str(shared_dir)})
 
 
+def _writable(path: Path) -> Path:
+    """A file every sandbox may append to: each may run under its own uid."""
+    path.touch()
+    path.chmod(0o666)
+    return path
+
+
 def _exclusive(folder: Path) -> dict[str, Any]:
     """Two nodes that record when a run starts and ends in `folder`, and fail if another run is inside
     (the lock file is created exclusively by the first node and removed by the second)."""
-    lock, log = str(folder / "lock"), str(folder / "log")
+    lock, log = str(folder / "lock"), str(_writable(folder / "log"))
     enter = (
         "import os, time\n"
         f"fd = os.open({lock!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY)\n"
@@ -425,7 +432,7 @@ async def test_a_waiting_run_shows_its_wait_and_a_cancel_removes_it(
 ) -> None:
     flag = shared_dir / "go"
     hold = f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
-    mark = f"open({str(shared_dir / 'ran')!r}, 'a').write(context['who'] + ' ')"
+    mark = f"open({str(_writable(shared_dir / 'ran'))!r}, 'a').write(context['who'] + ' ')"
     graph = linear(hold, mark, concurrency={"key": "{client}", "limit": 1})
     wf = await create_workflow(redis, settings, pool, graph)
     async with in_process_worker(settings):
@@ -449,6 +456,7 @@ async def test_a_waiting_run_shows_its_wait_and_a_cancel_removes_it(
         flag.touch()
         ends = await wait_terminal(redis, settings, [first.task_id, last.task_id, waiting.task_id], timeout=60)
     assert ends[waiting.task_id].type == EventType.CANCELLED
+    assert ends[last.task_id].type == EventType.SUCCEEDED, ends[last.task_id].data["error"]
     assert (shared_dir / "ran").read_text() == "first last "
     assert await redis.zcard(keys.concurrency_waiting("acme")) == 0
 
@@ -473,10 +481,10 @@ async def test_a_killed_holders_slot_comes_back_and_the_waiters_finish(
 ) -> None:
     flag = shared_dir / "go"
     hold = (
-        f"import os, time\nopen({str(shared_dir / 'held')!r}, 'a').write(context['_nova']['worker'] + ' ')\n"
+        f"import os, time\nopen({str(_writable(shared_dir / 'held'))!r}, 'a').write(context['_nova']['worker'] + ' ')\n"
         f"while context['n'] == 0 and not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
     )
-    record = f"open({str(shared_dir / 'done')!r}, 'a').write(str(context['n']) + ' ')"
+    record = f"open({str(_writable(shared_dir / 'done'))!r}, 'a').write(str(context['n']) + ' ')"
     wf = await create_workflow(
         redis, settings, pool, linear(hold, record, concurrency={"key": "{client}", "limit": 1})
     )
