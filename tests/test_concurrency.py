@@ -26,7 +26,8 @@ import pytest
 from redis.asyncio import Redis
 
 from cli.embedded import RedisServer
-from shared.control import RunControl
+from shared.control import RunControl, workflow_scope
+from shared.inspection import inspect, render_text
 from shared.scripts import CancelOutcome, ConcurrencyOutcome, Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, RequestField, TaskField, TaskStatus, dumps, now_iso
@@ -451,6 +452,12 @@ async def test_a_waiting_run_shows_its_wait_and_a_cancel_removes_it(
         shown = (await api.get(f"/tasks/{waiting.task_id}")).json()
         assert (shown["status"], shown["waiting_for"]) == ("PENDING", "acme")
         assert "concurrency key 'acme'" in shown["message"]
+        report = (await api.get("/inspect")).json()["concurrency_waiting"]
+        assert report == {"runs": 2, "keys": [{"key": "acme", "limit": 1, "waiting": 2, "holders": 1}]}
+        assert "concurrency:     2 run(s) waiting for a key: acme (2 waiting, 1/1 held)" in render_text(
+            await inspect(redis, keys)
+        )
+        assert "nova_concurrency_waiting 2.0" in (await api.get("/metrics")).text
         cancel = await api.post(f"/tasks/{waiting.task_id}/cancel")
         assert cancel.status_code == 200 and cancel.json()["cancelled"] is True
         flag.touch()
@@ -485,9 +492,7 @@ async def test_a_killed_holders_slot_comes_back_and_the_waiters_finish(
         f"while context['n'] == 0 and not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
     )
     record = f"open({str(_writable(shared_dir / 'done'))!r}, 'a').write(str(context['n']) + ' ')"
-    wf = await create_workflow(
-        redis, settings, pool, linear(hold, record, concurrency={"key": "{client}", "limit": 1})
-    )
+    wf = await create_workflow(redis, settings, pool, linear(hold, record, concurrency={"key": "{client}", "limit": 1}))
     fast = settings.model_copy(update={"visibility_timeout": 2.0})
     doomed = start_worker_process(fast, tmp_path / "doomed.log")
     try:
@@ -512,3 +517,44 @@ async def test_a_killed_holders_slot_comes_back_and_the_waiters_finish(
     assert await redis.zcard(keys.concurrency_holders("acme")) == 0
     assert json.loads(await redis.hget(keys.task(holder.task_id), TaskField.RESULT) or "{}")["nodes_executed"] >= 1
     assert os.path.exists(flag)
+
+
+async def test_a_pause_while_runs_wait_loses_none_and_overlaps_none(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    """Runs wait for the key, the workflow is paused, the holder finishes (its waiter is woken into the
+    pause and parked for it), then the workflow is resumed: every run finishes, one at a time."""
+    flag = shared_dir / "go"
+    graph = _exclusive(shared_dir)
+    # The first run holds the key until the flag exists.
+    graph["nodes"][1]["code"] += f"while context['n'] == 0 and not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
+    wf = await create_workflow(redis, settings, pool, graph)
+    keys = Keys.from_settings(settings)
+    control = RunControl(redis, keys, task_ttl=settings.task_ttl, visibility_timeout=settings.visibility_timeout)
+    async with in_process_worker(settings):
+        first = await enqueue(redis, settings, wf, {"mailbox": "in", "n": 0})
+        await wait_for_events(
+            redis, settings, lambda e: e.task_id == first.task_id and e.type == EventType.NODE_STARTED
+            and e.data.get("node_id") == "a1",
+        )  # fmt: skip
+        rest = [await enqueue(redis, settings, wf, {"mailbox": "in", "n": n}) for n in (1, 2, 3)]
+        deadline = time.monotonic() + 30
+        while await redis.zcard(keys.concurrency_waiting("acme:in")) < 3:
+            assert time.monotonic() < deadline, "the runs never parked"
+            await asyncio.sleep(0.02)
+        await control.pause(workflow_scope(wf.id))
+        flag.touch()
+        await wait_terminal(redis, settings, [first.task_id])
+        # The woken waiter met the pause: parked for it, nothing of it ran.
+        deadline = time.monotonic() + 30
+        while await redis.zcard(keys.parked(workflow_scope(wf.id))) < 1:
+            assert time.monotonic() < deadline, "the woken run was not parked for the pause"
+            await asyncio.sleep(0.02)
+        assert len(_intervals(shared_dir / "log")) == 1
+        await control.resume(workflow_scope(wf.id))
+        ends = await wait_terminal(redis, settings, [t.task_id for t in rest], timeout=120)
+    assert {e.type for e in ends.values()} == {EventType.SUCCEEDED}
+    intervals = _intervals(shared_dir / "log")
+    assert sorted(n for _, _, n in intervals) == [0, 1, 2, 3]
+    for (_, end, n), (start, _, m) in itertools.pairwise(intervals):
+        assert end <= start, f"run {m} started before run {n} ended"
