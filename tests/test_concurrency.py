@@ -26,11 +26,13 @@ import pytest
 from redis.asyncio import Redis
 
 from cli.embedded import RedisServer
+from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
+from consumer.sandbox.local import LocalSandboxProvider
 from shared.control import RunControl, workflow_scope
 from shared.inspection import inspect, render_text
 from shared.scripts import CancelOutcome, ConcurrencyOutcome, Scripts
 from shared.settings import Settings
-from shared.streams import EventType, Keys, RequestField, TaskField, TaskStatus, dumps, now_iso
+from shared.streams import TERMINAL_EVENTS, EventType, Keys, RequestField, TaskField, TaskStatus, dumps, now_iso
 from shared.workflow import Concurrency, ConcurrencyKeyError, validate_definition
 from tests.support import (
     create_workflow,
@@ -576,3 +578,42 @@ async def test_a_pause_while_runs_wait_loses_none_and_overlaps_none(
     assert sorted(n for _, _, n in intervals) == [0, 1, 2, 3]
     for (_, end, n), (start, _, m) in itertools.pairwise(intervals):
         assert end <= start, f"run {m} started before run {n} ended"
+
+
+class _FailFirstOpen:
+    """The real local sandbox, but its first open fails as an unreachable sandbox service would."""
+
+    def __init__(self, inner: SandboxProvider) -> None:
+        self.inner = inner
+        self.failed = False
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def open(self, spec: SandboxSpec) -> Sandbox:
+        if not self.failed:
+            self.failed = True
+            raise SandboxInfraError("sandbox service unavailable")
+        return await self.inner.open(spec)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_run_waiting_out_a_retry_gives_its_slot_to_the_next(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    graph = linear("context['ran'] = True", concurrency={"key": "{client}", "limit": 1})
+    wf = await create_workflow(redis, settings, pool, graph)
+    tasks = {(await enqueue(redis, settings, wf, {"n": n})).task_id for n in (0, 1)}
+    # A backoff far longer than the other run takes: it can only run if the first let go of the key.
+    slow = settings.model_copy(update={"retry_backoff": 600.0, "retry_backoff_max": 600.0})
+    async with in_process_worker(slow, providers={"local": _FailFirstOpen(LocalSandboxProvider(slow))}):
+        # Delivered together, either may take the key first; that one's sandbox fails and it retries.
+        [end] = await wait_for_events(redis, settings, lambda e: e.task_id in tasks and e.type in TERMINAL_EVENTS)
+    assert end.type == EventType.SUCCEEDED
+    [retrying] = tasks - {end.task_id}
+    keys = Keys.from_settings(settings)
+    assert await redis.hget(keys.task(retrying), TaskField.STATUS) == TaskStatus.RETRY
+    assert await redis.zcard(keys.delayed) == 1
+    assert await redis.zcard(keys.concurrency_holders("acme")) == 0
