@@ -398,6 +398,12 @@ def _exclusive(folder: Path) -> dict[str, Any]:
     return linear(enter, leave, concurrency={"key": "{client}:{mailbox}", "limit": 1})
 
 
+def _with_holder(graph: dict[str, Any], flag: Path) -> dict[str, Any]:
+    """The run with n == 0 keeps the key (inside its first node) until `flag` exists."""
+    graph["nodes"][1]["code"] += f"while context['n'] == 0 and not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
+    return graph
+
+
 def _intervals(log: Path) -> list[tuple[int, float, float]]:
     starts: dict[int, float] = {}
     ends: dict[int, float] = {}
@@ -420,12 +426,34 @@ async def test_runs_with_one_key_never_overlap_across_two_workers_and_all_finish
     assert len(intervals) == runs
     for (_, end, n), (start, _, m) in itertools.pairwise(intervals):
         assert end <= start, f"run {m} started before run {n} ended"
-    # Waiters start in entry order; only the first to find the key free may jump the line.
-    started = [n for _, _, n in intervals]
-    assert started[1:] == sorted(started[1:])
     keys = Keys.from_settings(settings)
     assert await redis.zcard(keys.concurrency_holders("acme:in@acme")) == 0
     assert await redis.hgetall(keys.concurrency_index) == {}
+
+
+async def test_waiters_start_in_the_order_they_were_queued(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    flag = shared_dir / "go"
+    graph = _with_holder(_exclusive(shared_dir), flag)
+    wf = await create_workflow(redis, settings, pool, graph)
+    keys = Keys.from_settings(settings)
+    async with in_process_worker(settings), in_process_worker(settings):
+        first = await enqueue(redis, settings, wf, {"mailbox": "in", "n": 0})
+        await wait_for_events(
+            redis, settings, lambda e: e.task_id == first.task_id and e.type == EventType.NODE_STARTED
+            and e.data.get("node_id") == "a1",
+        )  # fmt: skip
+        # Read by either worker in any order, parked by their place in the stream.
+        rest = [await enqueue(redis, settings, wf, {"mailbox": "in", "n": n}) for n in range(1, 9)]
+        deadline = time.monotonic() + 30
+        while await redis.zcard(keys.concurrency_waiting("acme:in")) < len(rest):
+            assert time.monotonic() < deadline, "the runs never parked"
+            await asyncio.sleep(0.02)
+        flag.touch()
+        ends = await wait_terminal(redis, settings, [t.task_id for t in [first, *rest]], timeout=120)
+    assert {e.type for e in ends.values()} == {EventType.SUCCEEDED}
+    assert [n for _, _, n in _intervals(shared_dir / "log")] == list(range(9))
 
 
 async def test_distinct_keys_run_side_by_side(
@@ -545,10 +573,7 @@ async def test_a_pause_while_runs_wait_loses_none_and_overlaps_none(
     """Runs wait for the key, the workflow is paused, the holder finishes (its waiter is woken into the
     pause and parked for it), then the workflow is resumed: every run finishes, one at a time."""
     flag = shared_dir / "go"
-    graph = _exclusive(shared_dir)
-    # The first run holds the key until the flag exists.
-    graph["nodes"][1]["code"] += f"while context['n'] == 0 and not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
-    wf = await create_workflow(redis, settings, pool, graph)
+    wf = await create_workflow(redis, settings, pool, _with_holder(_exclusive(shared_dir), flag))
     keys = Keys.from_settings(settings)
     control = RunControl(redis, keys, task_ttl=settings.task_ttl, visibility_timeout=settings.visibility_timeout)
     async with in_process_worker(settings):
