@@ -280,9 +280,15 @@ class Worker:
         ttl_ms = int(self.settings.visibility_timeout * 1000)
         for key, holders in by_key.items():
             holders_key = self.keys.concurrency_holders(key)
-            await self.scripts.semaphore(
-                "refresh", key, holders, ttl_ms=ttl_ms, keys=[holders_key, f"{holders_key}:rate"]
-            )
+            # A missed refresh is not fatal (three more come before the slot expires), and must not keep
+            # the heartbeat from its own checks; a Redis lost for longer stops the runs (the watchdog).
+            with contextlib.suppress(*REDIS_UNAVAILABLE, TimeoutError):
+                await asyncio.wait_for(
+                    self.scripts.semaphore(
+                        "refresh", key, holders, ttl_ms=ttl_ms, keys=[holders_key, f"{holders_key}:rate"]
+                    ),
+                    timeout=self.settings.visibility_timeout / 4,
+                )
 
     # ---- run control -----------------------------------------------------------------------------
 
