@@ -297,7 +297,9 @@ class Keys:
 
     def concurrency_holders(self, key: str) -> str:
         """A concurrency key's counting semaphore (shared/lua/semaphore.lua's layout): sorted set of
-        holder (task id) -> deadline in ms, refreshed by the holder's worker's heartbeat."""
+        holder (task id) -> deadline in ms, refreshed by the holder's worker's heartbeat. In the shard's
+        slot, beside the requests stream its waiters go back to: on a cluster a key is counted per shard
+        (a key naming `{client}` stays whole, a client's runs all going to one shard)."""
         return self._name("ckey", key, "holders")
 
     def concurrency_waiting(self, key: str) -> str:
