@@ -456,6 +456,38 @@ async def test_waiters_start_in_the_order_they_were_queued(
     assert [n for _, _, n in _intervals(shared_dir / "log")] == list(range(9))
 
 
+async def test_a_holder_running_past_the_slot_ttl_keeps_its_slot(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    """The worker's heartbeat refreshes its runs' slots: a run longer than the visibility timeout (the
+    slots' ttl) keeps the key, and the next run waits for it."""
+    flag = shared_dir / "go"
+    hold = f"import os, time\nwhile context['n'] == 0 and not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
+    wf = await create_workflow(redis, settings, pool, linear(hold, concurrency={"key": "{client}", "limit": 1}))
+    keys = Keys.from_settings(settings)
+    quick = settings.model_copy(update={"visibility_timeout": 1.0})
+    async with in_process_worker(quick):
+        first = await enqueue(redis, settings, wf, {"n": 0})
+        await wait_for_events(
+            redis, settings, lambda e: e.task_id == first.task_id and e.type == EventType.NODE_STARTED
+            and e.data.get("node_id") == "a1",
+        )  # fmt: skip
+        acquired = await redis.zscore(keys.concurrency_holders("acme"), first.task_id)
+        assert acquired is not None
+        second = await enqueue(redis, settings, wf, {"n": 1})
+        # Until its slot has been refreshed past three times its first deadline's ttl: it outlived it.
+        deadline = time.monotonic() + 60
+        while (await redis.zscore(keys.concurrency_holders("acme"), first.task_id) or 0) < acquired + 3000:
+            assert time.monotonic() < deadline, "the slot was not kept by the heartbeat"
+            await asyncio.sleep(0.05)
+        assert await redis.zrange(keys.concurrency_waiting("acme"), 0, -1) == [second.task_id]
+        assert await redis.hget(keys.task(second.task_id), TaskField.STATUS) == TaskStatus.PENDING
+        flag.touch()
+        ends = await wait_terminal(redis, settings, [first.task_id, second.task_id])
+    assert {e.type for e in ends.values()} == {EventType.SUCCEEDED}
+    assert ends[second.task_id].data["started_at"] >= ends[first.task_id].data["finished_at"]
+
+
 async def test_distinct_keys_run_side_by_side(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
 ) -> None:
