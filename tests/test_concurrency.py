@@ -548,6 +548,33 @@ async def test_a_waiting_run_shows_its_wait_and_a_cancel_removes_it(
     assert await redis.zcard(keys.concurrency_waiting("acme")) == 0
 
 
+async def test_a_cancelled_holder_hands_its_slot_on_once_stopped(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    forever = "import time\nwhile context['n'] == 0: time.sleep(0.02)"
+    wf = await create_workflow(redis, settings, pool, linear(forever, concurrency={"key": "{client}", "limit": 1}))
+    keys = Keys.from_settings(settings)
+    # Slots outlive the test's wait: the waiter can only start through the cancel's release, not expiry.
+    patient = settings.model_copy(update={"visibility_timeout": 120.0})
+    control = RunControl(redis, keys, task_ttl=settings.task_ttl, visibility_timeout=120.0)
+    async with in_process_worker(patient):
+        holder = await enqueue(redis, settings, wf, {"n": 0})
+        await wait_for_events(
+            redis, settings, lambda e: e.task_id == holder.task_id and e.type == EventType.NODE_STARTED
+            and e.data.get("node_id") == "a1",
+        )  # fmt: skip
+        waiter = await enqueue(redis, settings, wf, {"n": 1})
+        deadline = time.monotonic() + 30
+        while await redis.zcard(keys.concurrency_waiting("acme")) < 1:
+            assert time.monotonic() < deadline, "the run never parked"
+            await asyncio.sleep(0.02)
+        assert (await control.cancel_task(holder.task_id, by="test")).outcome == CancelOutcome.CANCELLED
+        ends = await wait_terminal(redis, settings, [holder.task_id, waiter.task_id], timeout=60)
+    assert ends[holder.task_id].type == EventType.CANCELLED
+    assert ends[waiter.task_id].type == EventType.SUCCEEDED
+    assert await redis.zcard(keys.concurrency_holders("acme")) == 0
+
+
 async def test_a_run_missing_a_field_of_its_key_fails_naming_it(
     redis: Redis, settings: Settings, pool: asyncpg.Pool
 ) -> None:
