@@ -53,6 +53,9 @@ class Metrics:
         self.queue_paused = Gauge("nova_queue_paused", "1 while the whole queue is paused", registry=r)
         self.paused_workflows = Gauge("nova_paused_workflows", "Workflows paused", registry=r)
         self.parked = Gauge("nova_parked", "Requests parked while paused", registry=r)
+        self.concurrency_waiting = Gauge(
+            "nova_concurrency_waiting", "Runs waiting for a slot of their workflow's concurrency key", registry=r
+        )
         self.draining = Gauge("nova_draining", "1 while the workers are drained", registry=r)
         self.drain_held = Gauge(
             "nova_drain_held", "Runs the workers still hold (drain progress: 0 when done)", registry=r
@@ -108,6 +111,7 @@ class Metrics:
         self.parked.set(control["parked"])
         self.draining.set(1 if control["draining"] else 0)
         self.drain_held.set(control["held_by_workers"])
+        self.concurrency_waiting.set(report["concurrency_waiting"]["runs"])
         memory = await redis.info("memory")
         self.redis_memory.labels("used").set(int(memory.get("used_memory", 0)))
         self.redis_memory.labels("max").set(int(memory.get("maxmemory", 0)))

@@ -133,6 +133,10 @@ class TaskOut(BaseModel):
     enqueued_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    waiting_for: str | None = Field(
+        default=None,
+        description="The workflow's concurrency key this queued run waits for a slot of (status PENDING)",
+    )
     meta: dict[str, Any] | None = None
     result: dict[str, Any] | None = Field(
         default=None,

@@ -22,7 +22,9 @@ from shared.streams import Keys
 
 
 def _control(redis: Any, keys: Keys, settings: Settings, pool: asyncpg.Pool | None = None) -> RunControl:
-    return RunControl(redis, keys, task_ttl=settings.task_ttl, pool=pool)
+    return RunControl(
+        redis, keys, task_ttl=settings.task_ttl, visibility_timeout=settings.visibility_timeout, pool=pool
+    )
 
 
 def cancel_command(

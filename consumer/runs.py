@@ -19,7 +19,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -35,7 +35,7 @@ from shared.connections import REDIS_UNAVAILABLE
 from shared.events import event_fields
 from shared.executions import NO_CLIENT
 from shared.masking import Masker
-from shared.scripts import RecordOutcome, Scripts
+from shared.scripts import ConcurrencyOutcome, RecordOutcome, Scripts
 from shared.settings import Settings
 from shared.streams import (
     FORMAT_VERSION,
@@ -43,6 +43,7 @@ from shared.streams import (
     DeadLetterField,
     EventType,
     Keys,
+    RequestField,
     TaskField,
     TaskStatus,
     decode_fields,
@@ -54,9 +55,27 @@ from shared.streams import (
     parse_iso,
     printable,
 )
-from shared.workflow import Definition, InvalidDefinition, Node, NodeType, validate_definition
+from shared.workflow import (
+    Concurrency,
+    ConcurrencyKeyError,
+    Definition,
+    InvalidDefinition,
+    Node,
+    NodeType,
+    validate_definition,
+)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    """A run's slot of its workflow's concurrency key; its task id is the holder, the same across
+    redeliveries and reclaims, so that a reclaimed run takes its own slot back rather than a second one."""
+
+    key: str
+    limit: int
+    task_id: str
 
 
 @dataclass
@@ -74,6 +93,9 @@ class RunContext:
     definitions: dict[tuple[int, int], Definition]
     # The client's decrypted credentials, for its node code only (never events, logs or PostgreSQL).
     client_credentials: Callable[[str], Awaitable[ClientCredentials]] | None = None
+    # The concurrency-key slot each in-flight entry holds: the worker's heartbeat refreshes them, and a
+    # cancelled run's is given back once its run has stopped.
+    held: dict[str, HeldSlot] = field(default_factory=dict)
 
     @cached_property
     def vault(self) -> Vault:
@@ -184,6 +206,10 @@ class Run:
         self.started_at = ""
         self.recorder = Recorder(ctx, delivery, request)
         self.credentials = ClientCredentials(request.client)
+        # The concurrency-key slot this run holds, if its workflow declares a key.
+        self.slot: HeldSlot | None = None
+        # Set when the entry turned out to be another worker's: whatever it holds is that worker's too.
+        self.taken_over = False
 
     async def execute(self) -> None:
         task = await self._task_state()
@@ -206,6 +232,23 @@ class Run:
             return
         if definition is None:
             return
+        if definition.concurrency is not None and not await self._take_slot(definition.concurrency, task, attempt):
+            return
+        try:
+            await self._execute_holding(definition, task, attempt)
+        except AlreadyFinished:
+            # Finished elsewhere or cancelled meanwhile: this run holds the slot no longer.
+            await self._release_slot()
+            raise
+        # Any outcome recorded (terminal, or parked for a retry): the slot goes to the next waiter. A
+        # retrying run does not keep it: nothing refreshes a slot while its run sits out a backoff, and
+        # holding it through NOVA_RETRY_BACKOFF_MAX would idle the key; it queues again when due.
+        # Exceptions (cancel, shutdown, Redis lost, taken over) keep it: the entry stays pending and
+        # whoever runs it next takes the same slot back, or the slot expires with its holder.
+        if not self.taken_over:
+            await self._release_slot()
+
+    async def _execute_holding(self, definition: Definition, task: dict[str, str], attempt: int) -> None:
         try:
             resume = read_checkpoint(task.get(TaskField.CHECKPOINT), self.ctx.vault)
             await self._load_credentials(definition)
@@ -268,6 +311,55 @@ class Run:
         if parked == 1:
             log.info("task %s parked: its workflow or the queue is paused", request.task_id)
         return bool(parked != 0)
+
+    async def _take_slot(self, concurrency: Concurrency, task: dict[str, str], attempt: int) -> bool:
+        """Take a slot of the run's concurrency key; False when the run does not go ahead here: parked
+        in the key's wait set (its entry acknowledged), not this worker's entry, or failed because its
+        context cannot fill the key."""
+        ctx, request = self.ctx, self.request
+        try:
+            key = concurrency.render(request.client, request.initial_context)
+        except ConcurrencyKeyError as exc:
+            # Deterministic: the same context fails the same way, so the run fails now, once, naming the
+            # field, rather than retrying.
+            self._start(task, attempt, None)
+            error = NodeError(type(exc).__name__, str(exc), reason="concurrency_key").as_json(None)
+            await self._finish(Outcome("failure", request.initial_context, 0, error))
+            return False
+        try:
+            # A run that waited keeps its first entry's place whenever it comes back.
+            order = int(request.fields.get(RequestField.CONCURRENCY_ORDER) or _entry_score(self.delivery.entry_id))
+        except ValueError:
+            order = _entry_score(self.delivery.entry_id)
+        outcome = await _durably(
+            lambda: ctx.scripts.concurrency_acquire(
+                key=key,
+                limit=concurrency.limit,
+                task_id=request.task_id,
+                entry_id=self.delivery.entry_id,
+                consumer=ctx.consumer,
+                order=order,
+                request=request.fields,
+                ttl_ms=int(ctx.settings.visibility_timeout * 1000),
+            ),
+            ctx.settings,
+        )
+        if outcome == ConcurrencyOutcome.PARKED:
+            log.info("task %s waits for concurrency key %r (limit %d)", request.task_id, key, concurrency.limit)
+            return False
+        if outcome == ConcurrencyOutcome.NOT_OWNER:
+            return False
+        self.slot = HeldSlot(key, concurrency.limit, request.task_id)
+        ctx.held[self.delivery.entry_id] = self.slot
+        return True
+
+    async def _release_slot(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is None:
+            return
+        ctx = self.ctx
+        ctx.held.pop(self.delivery.entry_id, None)
+        await release_slot(ctx, slot)
 
     async def _definition(self, task: dict[str, str]) -> Definition | None:
         ctx = self.ctx
@@ -448,7 +540,7 @@ class Run:
         event = self.recorder.event(
             EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at}, shown=True
         )
-        await _durably(
+        parked = await _durably(
             lambda: ctx.scripts.retry_later(
                 task_id=request.task_id,
                 entry_id=self.delivery.entry_id,
@@ -465,9 +557,31 @@ class Run:
             ),
             ctx.settings,
         )
+        if parked == -1:
+            self.taken_over = True
 
     async def _dead_letter(self, reason: str, message: str, task: dict[str, str]) -> None:
-        await dead_letter(self.ctx, self.delivery, self.request, reason, self.recorder.masker.text(message), task)
+        written = await dead_letter(
+            self.ctx, self.delivery, self.request, reason, self.recorder.masker.text(message), task
+        )
+        if not written:
+            # Not this worker's entry (or finished already): what the run holds is not ours to give back.
+            self.taken_over = True
+
+
+async def release_slot(ctx: RunContext, slot: HeldSlot) -> None:
+    """Give a run's concurrency-key slot back and wake the key's next waiters, in one step."""
+    woken = await _durably(
+        lambda: ctx.scripts.concurrency_release(
+            key=slot.key,
+            limit=slot.limit,
+            task_id=slot.task_id,
+            ttl_ms=int(ctx.settings.visibility_timeout * 1000),
+        ),
+        ctx.settings,
+    )
+    if woken:
+        log.info("concurrency key %r: %d waiting run(s) woken", slot.key, woken)
 
 
 async def leave_to_newer(ctx: RunContext, delivery: Delivery, fields: dict[str, str], version: int) -> None:
@@ -506,8 +620,9 @@ async def dead_letter(
     reason: str,
     message: str,
     task: dict[str, str] | None,
-) -> None:
-    """Move the entry to the dead-letter stream; a parsed request's task ends as DEAD with it."""
+) -> bool:
+    """Move the entry to the dead-letter stream; a parsed request's task ends as DEAD with it. False
+    when nothing was written (the entry was not this worker's, or its task had finished)."""
     attempts = task.get(TaskField.ATTEMPT, "0") if task else "0"
     letter = {
         **decode_fields(delivery.raw),
@@ -532,7 +647,7 @@ async def dead_letter(
             TaskField.ERROR: dumps(error),
             TaskField.UPDATED_AT: finished_at,
         }
-    await _durably(
+    _, letter_id = await _durably(
         lambda: ctx.scripts.dead_letter(
             entry_id=delivery.entry_id,
             consumer=ctx.consumer,
@@ -545,6 +660,7 @@ async def dead_letter(
         ),
         ctx.settings,
     )
+    return bool(letter_id)
 
 
 class Recorder:

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from consumer.maintenance import Maintenance
-from consumer.runs import AlreadyFinished, Delivery, RunContext, TakenOver, run_delivery
+from consumer.runs import AlreadyFinished, Delivery, RunContext, TakenOver, release_slot, run_delivery
 from consumer.sandbox.base import (
     AliasProvider,
     Sandbox,
@@ -131,6 +131,7 @@ class Worker:
         finally:
             self.inflight.pop(entry_id, None)
             self._task_of.pop(entry_id, None)
+            self.ctx.held.pop(entry_id, None)
             self._slot_freed.set()
             if self.draining:
                 self._report(self._report_drained())
@@ -258,6 +259,7 @@ class Worker:
             self._outage()
             raise
         self._fresh_at = sent_at
+        await self._refresh_slots(kept)
         await self._recheck_control_bounded(ids)
         for entry_id in ids:
             if entry_id not in kept and entry_id in self.inflight:
@@ -267,6 +269,26 @@ class Worker:
                 stopping = asyncio.create_task(cancel_until_done([self.inflight[entry_id]]))
                 self._stopping.add(stopping)
                 stopping.add_done_callback(self._stopping.discard)
+
+    async def _refresh_slots(self, kept: set[str]) -> None:
+        """Keep the concurrency-key slots of the runs whose entries are still ours: a holder expires a
+        visibility timeout after its last refresh, as its entry would be reclaimed."""
+        by_key: dict[str, list[str]] = {}
+        for entry_id, slot in list(self.ctx.held.items()):
+            if entry_id in kept:
+                by_key.setdefault(slot.key, []).append(slot.task_id)
+        ttl_ms = int(self.settings.visibility_timeout * 1000)
+        for key, holders in by_key.items():
+            holders_key = self.keys.concurrency_holders(key)
+            # A missed refresh is not fatal (three more come before the slot expires), and must not keep
+            # the heartbeat from its own checks; a Redis lost for longer stops the runs (the watchdog).
+            with contextlib.suppress(*REDIS_UNAVAILABLE, TimeoutError):
+                await asyncio.wait_for(
+                    self.scripts.semaphore(
+                        "refresh", key, holders, ttl_ms=ttl_ms, keys=[holders_key, f"{holders_key}:rate"]
+                    ),
+                    timeout=self.settings.visibility_timeout / 4,
+                )
 
     # ---- run control -----------------------------------------------------------------------------
 
@@ -335,11 +357,16 @@ class Worker:
         return True
 
     async def _stop_cancelled(self, entry_id: str, run: asyncio.Task[None]) -> None:
+        slot = self.ctx.held.get(entry_id)
         await cancel_until_done([run])
         try:
             await self.redis.xack(self.keys.requests, self.keys.worker_group, entry_id)
+            if slot is not None:
+                # Only now that its run has stopped: the next waiter must not start beside it.
+                await release_slot(self.ctx, slot)
         except REDIS_UNAVAILABLE:
-            # Left pending: whoever reads it next finds the task terminal and acknowledges it.
+            # Left pending: whoever reads it next finds the task terminal and acknowledges it; the slot
+            # expires with its holder, and the promote loop hands it on.
             log.warning("entry %s of a cancelled task left pending (Redis unavailable)", entry_id)
 
     async def _recheck_control_bounded(self, entry_ids: list[str]) -> None:
@@ -430,6 +457,8 @@ class Worker:
         if self.settings.readable_format > 1:
             # Requests older workers left for the format this one reads (during a rolling deploy).
             await self.scripts.take_from_older(self.settings.readable_format)
+        # Slots freed by expiry (a crashed holder) are announced by nobody: hand them to the waiters.
+        await self.scripts.wake_concurrency_waiters(int(self.settings.visibility_timeout * 1000))
 
     async def _every(self, interval: float, action: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -79,12 +79,22 @@ class CancelFilter:
 class RunControl:
     """Cancel, pause, resume and drain, bound to one Redis (and PostgreSQL for bulk filters)."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, task_ttl: int, pool: asyncpg.Pool | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        task_ttl: int,
+        pool: asyncpg.Pool | None = None,
+        visibility_timeout: float = 60.0,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts(redis, keys)
         self.task_ttl = task_ttl
         self.pool = pool
+        # How long a concurrency-key slot handed on by a cancel is held for the waiter it wakes.
+        self.visibility_timeout = visibility_timeout
 
     # ---- cancel --------------------------------------------------------------------------------
 
@@ -121,6 +131,7 @@ class RunControl:
                 TaskField.CANCEL_REASON: by,
             },
             task_ttl=self.task_ttl,
+            wait_ttl_ms=int(self.visibility_timeout * 1000),
         )
         return Cancelled(task_id, execution_id, outcome, status)
 

@@ -1,8 +1,8 @@
 """What operators look at: stream lengths, each group's lag and pending, each consumer's work and idle time.
 
 Everything here comes from the commands listed in the README (XLEN, XINFO STREAM/GROUPS/CONSUMERS,
-XPENDING, ZCARD), so what `nova inspect`, `/metrics` and the dashboard show can always be checked
-by hand with redis-cli.
+XPENDING, ZCARD; HGETALL of the concurrency keys' index), so what `nova inspect`, `/metrics` and the
+dashboard show can always be checked by hand with redis-cli.
 """
 
 from __future__ import annotations
@@ -90,7 +90,32 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
         },
         # Pauses, what they hold back, and drain progress (shared/control.py).
         "control": await RunControl(redis, keys, task_ttl=0).state(),
+        "concurrency_waiting": await _concurrency_waiting(redis, keys),
     }
+
+
+# Most concurrency keys listed one by one (the total of waiting runs counts them all).
+_CONCURRENCY_KEYS_LISTED = 100
+
+
+async def _concurrency_waiting(redis: Redis, keys: Keys) -> dict[str, Any]:
+    """The concurrency keys that have runs waiting (ZCARD of their wait set and of their holders)."""
+    index = {_text(k): int(v) for k, v in (await redis.hgetall(keys.concurrency_index)).items()}
+    pipe = redis.pipeline(transaction=False)
+    for key in index:
+        pipe.zcard(keys.concurrency_waiting(key))
+        pipe.zcard(keys.concurrency_holders(key))
+    counts = await pipe.execute() if index else []
+    listed = [
+        {"key": key, "limit": limit, "waiting": int(counts[2 * i]), "holders": int(counts[2 * i + 1])}
+        for i, (key, limit) in enumerate(index.items())
+    ]
+    listed.sort(key=lambda k: -k["waiting"])
+    return {"runs": sum(k["waiting"] for k in listed), "keys": listed[:_CONCURRENCY_KEYS_LISTED]}
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -129,4 +154,10 @@ def render_text(report: dict[str, Any]) -> str:
             )
         else:
             lines.append("draining:        no")
+    waiting = report.get("concurrency_waiting")
+    if waiting:
+        keys = ", ".join(
+            f"{k['key']} ({k['waiting']} waiting, {k['holders']}/{k['limit']} held)" for k in waiting["keys"]
+        )
+        lines.append(f"concurrency:     {waiting['runs']} run(s) waiting for a key{': ' + keys if keys else ''}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from shared.streams import FORMAT_VERSION, Keys
+from shared.streams import FORMAT_VERSION, Keys, RequestField
 
 
 @cache
@@ -63,6 +63,16 @@ class RecordOutcome(IntEnum):
     NOT_OWNER = -1  # the entry was taken over by another worker: nothing written
     FINISHED = 0  # the task was terminal already: nothing written, the entry acknowledged
     WRITTEN = 1
+
+
+# cancel.lua's reply when the task waits for another concurrency key than the one read (internal).
+_CANCEL_STALE_KEY = 2
+
+
+class ConcurrencyOutcome(IntEnum):
+    NOT_OWNER = -1  # the entry is not this worker's (taken over, or parked already): nothing written
+    PARKED = 0  # the key is at its limit: the request waits in the key's wait set, its entry acknowledged
+    ACQUIRED = 1  # the slot is the task's: run it
 
 
 class CancelOutcome(IntEnum):
@@ -341,14 +351,75 @@ class Scripts:
         limit: int = 0,
         rate: float = 0,
         burst: int = 1,
+        keys: list[str] | None = None,
     ) -> tuple[bool, int]:
-        """One step of the named semaphore (shared/semaphore.py): (done, ms to wait or refreshed count)."""
+        """One step of the named semaphore (shared/semaphore.py): (done, ms to wait or refreshed count).
+        `keys` (holders, rate bucket) overrides the names derived from `name`: a concurrency key's."""
         reply = await self._call(
             "semaphore",
-            keys=semaphore_keys(self.keys.prefix, name),
+            keys=keys or semaphore_keys(self.keys.prefix, name),
             args=[op, ttl_ms, limit, rate, burst, *holders],
         )
         return int(reply[0]) == 1, int(reply[1])
+
+    def _concurrency_keys(self, key: str) -> list[str]:
+        k = self.keys
+        return [
+            k.concurrency_holders(key),
+            k.concurrency_waiting(key),
+            k.concurrency_parked(key),
+            k.concurrency_index,
+            k.requests,
+        ]
+
+    async def concurrency_acquire(
+        self,
+        *,
+        key: str,
+        limit: int,
+        task_id: str,
+        entry_id: str,
+        consumer: str,
+        order: int,
+        request: dict[str, str],
+        ttl_ms: int,
+    ) -> ConcurrencyOutcome:
+        """Take a slot of concurrency key `key` for the task, or park its request in the key's wait set
+        (shared/lua/concurrency_acquire.lua)."""
+        member = {**request, RequestField.CONCURRENCY_ORDER.value: str(order)}
+        reply = await self._call(
+            "concurrency_acquire",
+            keys=[*self._concurrency_keys(key), self.keys.task(task_id)],
+            args=[
+                entry_id,
+                self.keys.worker_group,
+                consumer,
+                key,
+                task_id,
+                ttl_ms,
+                limit,
+                order,
+                orjson.dumps(member).decode(),
+            ],
+        )
+        return ConcurrencyOutcome(int(reply))
+
+    async def concurrency_release(self, *, key: str, limit: int, task_id: str, ttl_ms: int) -> int:
+        """Give back the task's slot of `key` and wake the next waiters (task_id '': wake only, into
+        slots freed by expiry); returns how many were woken."""
+        reply = await self._call(
+            "concurrency_release", keys=self._concurrency_keys(key), args=[key, task_id, ttl_ms, limit]
+        )
+        return int(reply)
+
+    async def wake_concurrency_waiters(self, ttl_ms: int) -> int:
+        """Hand every slot freed by an expired holder (a crashed worker's run) to its key's next waiters:
+        the promote loop's half of the concurrency keys. Returns how many were woken."""
+        woken = 0
+        index = await self.redis.hgetall(self.keys.concurrency_index)
+        for raw_key, raw_limit in index.items():
+            woken += await self.concurrency_release(key=_s(raw_key), limit=int(raw_limit), task_id="", ttl_ms=ttl_ms)
+        return woken
 
     def semaphore_holders_key(self, name: str) -> str:
         return semaphore_keys(self.keys.prefix, name)[0]
@@ -361,33 +432,48 @@ class Scripts:
         event: dict[str, str],
         task_fields: dict[str, str],
         task_ttl: int,
+        wait_ttl_ms: int = 60_000,
     ) -> tuple[CancelOutcome, str]:
         """End a task as REVOKED unless it is terminal already, and push its id to the workers.
 
         `client` None cancels any client's task (operators); otherwise only that client's (another's
-        answers MISSING, exactly like an unknown id). The in-flight count is the task's client's."""
-        owner = client
-        if owner is None:
-            owner = _s(await self.redis.hget(self.keys.task(task_id), "client") or "")
-        reply = await self._call(
-            "cancel",
-            keys=[
-                self.keys.task(task_id),
-                self.keys.results,
-                self.keys.task_events(task_id),
-                self.keys.inflight(owner),
-            ],
-            args=[
-                client or "",
-                task_ttl,
-                self.keys.control_channel,
-                task_id,
-                *counted(pairs(event)),
-                *pairs(task_fields),
-            ],
+        answers MISSING, exactly like an unknown id). The in-flight count is the task's client's.
+        `wait_ttl_ms`: how long a slot handed to a concurrency key's next waiter is held (the visibility
+        timeout), when the task was woken from that key's wait set but had not started."""
+        task_client, waiting = (
+            _s(x or "") for x in await self.redis.hmget(self.keys.task(task_id), ["client", "waiting_for"])
         )
-        outcome, status = (_s(x) for x in reply)
-        return CancelOutcome(int(outcome)), status
+        owner = task_client if client is None else client
+        while True:
+            # A task waiting for a concurrency key leaves the key's wait set in the same step.
+            wait_keys = self._concurrency_keys(waiting) if waiting else ["", "", "", "", ""]
+            reply = await self._call(
+                "cancel",
+                keys=[
+                    self.keys.task(task_id),
+                    self.keys.results,
+                    self.keys.task_events(task_id),
+                    self.keys.inflight(owner),
+                    *wait_keys[1:4],
+                    wait_keys[0],
+                    self.keys.requests,
+                ],
+                args=[
+                    client or "",
+                    task_ttl,
+                    self.keys.control_channel,
+                    task_id,
+                    waiting,
+                    wait_ttl_ms,
+                    *counted(pairs(event)),
+                    *pairs(task_fields),
+                ],
+            )
+            outcome, status = (_s(x) for x in reply)
+            if int(outcome) != _CANCEL_STALE_KEY:
+                return CancelOutcome(int(outcome)), status
+            # It was parked for (or left) a concurrency key after it was read: once more with the key it has.
+            waiting = status
 
     async def park(self, *, entry_id: str, consumer: str, workflow_id: int, score: int, request: dict[str, str]) -> int:
         """1 parked (paused), 0 not paused: run it, -1 the entry is not this consumer's (any more).

@@ -136,6 +136,9 @@ class RequestField(StrEnum):
     # JSON object: {"initial_context": {...}, "workflow_version": n} plus optional "replay_of" / "resume" keys.
     PAYLOAD = "payload"
     VERSION = VERSION_FIELD  # the entry's format (FORMAT_VERSION); absent: 1
+    # A run that waited for a concurrency key: its first entry's place (shared/lua/concurrency_acquire.lua),
+    # kept on the entries it comes back as, so that it keeps its turn.
+    CONCURRENCY_ORDER = "ckey_order"
 
 
 class EventField(StrEnum):
@@ -181,6 +184,7 @@ class TaskField(StrEnum):
     REOPENED_FROM = "reopened_from"  # the status a retry re-opened (FAILURE or REVOKED)
     CANCEL_REASON = "cancel_reason"  # who cancelled and why, on REVOKED
     VERSION = VERSION_FIELD  # the format of the hash's fields (the checkpoint's above all); absent: 1
+    WAITING_FOR = "waiting_for"  # the concurrency key a queued run waits for a slot of (status PENDING)
 
 
 class DeadLetterField(StrEnum):
@@ -325,6 +329,27 @@ class Keys:
         """Sorted set of requests a worker left for workers that read format `version` (it only knows
         older ones), scored like parked requests; those workers move them back onto the stream."""
         return self.parked(f"format:{version}")
+
+    def concurrency_holders(self, key: str) -> str:
+        """A concurrency key's counting semaphore (shared/lua/semaphore.lua's layout): sorted set of
+        holder (task id) -> deadline in ms, refreshed by the holder's worker's heartbeat. In the shard's
+        slot, beside the requests stream its waiters go back to: on a cluster a key is counted per shard
+        (a key naming `{client}` stays whole, a client's runs all going to one shard)."""
+        return self._name("ckey", key, "holders")
+
+    def concurrency_waiting(self, key: str) -> str:
+        """Sorted set of the task ids waiting for a slot of a concurrency key, scored by entry order."""
+        return self._name("ckey", key, "waiting")
+
+    def concurrency_parked(self, key: str) -> str:
+        """Hash of the waiting tasks' requests: task id -> JSON of the request's fields."""
+        return self._name("ckey", key, "parked")
+
+    @property
+    def concurrency_index(self) -> str:
+        """Hash of the concurrency keys that have waiters -> their limit: what the promote loop looks at
+        to hand a slot freed by expiry (a crashed holder) to the next waiter."""
+        return self._name("ckeys")
 
     @property
     def delayed(self) -> str:

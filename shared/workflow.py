@@ -1,9 +1,10 @@
 """The workflow graph format, ours and NOVA's side by side: the model, its validation, how to walk it.
 
-A definition is ``{"nodes": [...], "edges": [...], "timeout"?: seconds}``. Any other top-level key (NOVA's
-``name``, ``description``, ``model``, ``initial_context``...) and any unknown node key (``label``,
-``model``...) is kept and ignored. Nodes have an ``id`` and a ``type`` (start, action, decision, end);
-action and decision nodes carry Python ``code`` that reads and updates ``context``.
+A definition is ``{"nodes": [...], "edges": [...], "timeout"?: seconds, "concurrency"?: {"key", "limit"}}``.
+Any other top-level key (NOVA's ``name``, ``description``, ``model``, ``initial_context``...) and any
+unknown node key (``label``, ``model``...) is kept and ignored. Nodes have an ``id`` and a ``type``
+(start, action, decision, end); action and decision nodes carry Python ``code`` that reads and updates
+``context``. ``concurrency`` caps how many runs sharing a key run at once (see Concurrency).
 
 Where a node goes next:
 - a start or action node: its ``next``, else its single out-edge (``{"from", "to", "condition"?}``; a
@@ -32,7 +33,7 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 MAX_NODES = 500
 MAX_CODE_BYTES = 64 * 1024
@@ -173,12 +174,102 @@ class Edge(BaseModel):
         return value
 
 
+# A placeholder of a concurrency key template: `{name}`, where name is `client` or a top-level
+# initial-context field. Anything else between braces is refused by name (see _template_problem).
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Longest key a run may render: it names Redis keys and shows in every waiting task's status.
+MAX_RENDERED_KEY = 1000
+
+
+class ConcurrencyKeyError(ValueError):
+    """A run whose context cannot fill its workflow's concurrency key (a field missing or not a scalar)."""
+
+
+class Concurrency(BaseModel):
+    """At most `limit` runs with the same rendered `key` at once, across every worker and workflow.
+
+    `key` is a template: literal text and `{client}` (the run's client) or `{field}` (a top-level
+    initial-context field), e.g. `{client}:{mailbox}`. It is only ever substituted, never evaluated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=200)
+    limit: StrictInt = Field(ge=1, le=10_000)
+
+    @field_validator("key")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        problem = _template_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @property
+    def fields(self) -> list[str]:
+        """The placeholder names, in order (`client` included)."""
+        return _PLACEHOLDER.findall(self.key)
+
+    def render(self, client: str, context: dict[str, Any]) -> str:
+        """The key of one run; ConcurrencyKeyError when its context lacks a named field."""
+
+        def value(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name == "client":
+                return client
+            if name not in context:
+                raise ConcurrencyKeyError(
+                    f"concurrency key '{self.key}' needs initial_context field '{name}', which this run lacks"
+                )
+            item = context[name]
+            # Only scalars: an object or list has no one spelling, and null is as good as missing.
+            if isinstance(item, bool):
+                return "true" if item else "false"
+            if isinstance(item, str | int | float):
+                return str(item)
+            kind = "null" if item is None else type(item).__name__
+            raise ConcurrencyKeyError(
+                f"concurrency key '{self.key}' needs initial_context field '{name}' to be a string, number "
+                f"or boolean; it is {kind}"
+            )
+
+        rendered = _PLACEHOLDER.sub(value, self.key)
+        if len(rendered) > MAX_RENDERED_KEY:
+            raise ConcurrencyKeyError(
+                f"concurrency key '{self.key}' renders to {len(rendered)} characters; the limit is {MAX_RENDERED_KEY}"
+            )
+        return rendered
+
+
+def _template_problem(template: str) -> str | None:
+    """What is wrong with a concurrency key template, naming the offending part; None when valid."""
+    for match in _PLACEHOLDER.finditer(template):
+        inner, whole = match.group(1), match.group(0)
+        if _FIELD_NAME.fullmatch(inner):
+            continue
+        if not inner:
+            return f"'{whole}' names no field: write '{{client}}' or '{{<initial_context field>}}'"
+        if "!" in inner or ":" in inner:
+            return f"'{whole}' has a conversion or format spec: only plain field names are allowed"
+        if "." in inner:
+            return f"'{whole}' reads an attribute: only top-level field names are allowed"
+        if "[" in inner or "]" in inner:
+            return f"'{whole}' indexes into a field: only top-level field names are allowed"
+        return f"'{whole}' is not a field name (letters, digits and _, not starting with a digit)"
+    rest = _PLACEHOLDER.sub("", template)
+    if "{" in rest or "}" in rest:
+        brace = "{" if "{" in rest else "}"
+        return f"unmatched '{brace}' in '{template}': braces only surround a field name"
+    return None
+
+
 class Definition(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     nodes: list[Node] = Field(min_length=1, max_length=MAX_NODES)
     edges: list[Edge] = Field(default_factory=list)
     timeout: float | None = Field(default=None, gt=0, le=24 * 3600)
+    concurrency: Concurrency | None = None
 
     def node(self, node_id: str) -> Node:
         return self._index()[node_id]

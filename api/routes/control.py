@@ -23,7 +23,13 @@ _ACTIVE_PATTERN = "^(" + "|".join(sorted(s.value for s in ACTIVE_EXECUTION_STATU
 
 
 def _control(res: Resources) -> RunControl:
-    return RunControl(res.redis, res.keys, task_ttl=res.settings.task_ttl, pool=res.pool)
+    return RunControl(
+        res.redis,
+        res.keys,
+        task_ttl=res.settings.task_ttl,
+        visibility_timeout=res.settings.visibility_timeout,
+        pool=res.pool,
+    )
 
 
 def _who(caller: Principal) -> tuple[str | None, str]:

@@ -48,6 +48,9 @@ def task_view(task: dict[str, str], trace: list[dict[str, Any]] | None = None, f
         "started_at": task.get(TaskField.STARTED_AT),
         "finished_at": task.get(TaskField.FINISHED_AT),
     }
+    if status in (TaskStatus.PENDING, TaskStatus.RETRY) and task.get(TaskField.WAITING_FOR):
+        out["waiting_for"] = task[TaskField.WAITING_FOR]
+        out["message"] = f"Task is queued, waiting for a slot of concurrency key '{task[TaskField.WAITING_FOR]}'"
     if status in (TaskStatus.RUNNING, TaskStatus.RETRY):
         out["meta"] = {
             "execution_id": execution_id,

@@ -50,3 +50,46 @@ local function requeue(requests_stream, member)
   for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(v) end
   redis.call('XADD', requests_stream, '*', unpack(flat))
 end
+
+-- Milliseconds since the epoch by Redis's clock: every caller agrees on it, whatever its own clock.
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The counting semaphore (semaphore.lua, and each concurrency key) is a sorted set of holder ->
+-- deadline (ms). Drops the holders past their deadline and returns how many are left.
+local function semaphore_live(holders_key, now)
+  redis.call('ZREMRANGEBYSCORE', holders_key, '-inf', now)
+  return redis.call('ZCARD', holders_key)
+end
+
+-- Gives `holder` a slot until now + ttl_ms, or extends the one it has. Every holder is added with
+-- the same ttl, so the set may expire with the newest deadline.
+local function semaphore_hold(holders_key, holder, now, ttl_ms)
+  redis.call('ZADD', holders_key, now + ttl_ms, holder)
+  redis.call('PEXPIRE', holders_key, ttl_ms)
+end
+
+-- Hands the free slots of concurrency key `name` to its first waiters, in their order: each slot is
+-- held for its waiter at once (so that nobody arriving meanwhile takes it; the waiter's delivery
+-- finds it held and refreshes it), and the waiter's request goes back onto the requests stream.
+-- The key leaves the index when nobody waits any more. Returns how many were woken.
+local function wake_waiters(holders_key, waiting_key, parked_key, index_key, requests_stream, name, limit, now, ttl_ms)
+  local free = limit - semaphore_live(holders_key, now)
+  local woken = 0
+  if free > 0 then
+    for _, holder in ipairs(redis.call('ZRANGE', waiting_key, 0, free - 1)) do
+      local member = redis.call('HGET', parked_key, holder)
+      redis.call('ZREM', waiting_key, holder)
+      redis.call('HDEL', parked_key, holder)
+      if member then
+        semaphore_hold(holders_key, holder, now, ttl_ms)
+        requeue(requests_stream, member)
+        woken = woken + 1
+      end
+    end
+  end
+  if redis.call('ZCARD', waiting_key) == 0 then redis.call('HDEL', index_key, name) end
+  return woken
+end

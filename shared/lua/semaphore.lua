@@ -4,8 +4,10 @@
 -- decision, or two workers seeing the last free slot would both take it. Holders expire: each is
 -- added with a deadline (the caller's reclaim horizon, NOVA_VISIBILITY_TIMEOUT) and refreshed while
 -- its run lives, so a crashed holder's slot comes back when its run is reclaimed, without anyone
--- releasing it. Safe to run twice: acquiring a slot already held only refreshes it, and refresh and
--- release are idempotent.
+-- releasing it. The concurrency keys are the same semaphore (lib.lua's semaphore_* helpers; their
+-- holders are refreshed by this script), with waiters: concurrency_acquire.lua, concurrency_release.lua.
+-- Safe to run twice: acquiring a slot already held only refreshes it, and refresh and release are
+-- idempotent.
 local holders_key = KEYS[1]  -- sorted set: holder -> deadline (ms since the epoch)
 local rate_key = KEYS[2]     -- hash (tokens, at) of the start rate's bucket; unused when the rate is 0
 
@@ -17,9 +19,8 @@ local burst = tonumber(ARGV[5])
 -- ARGV[6..]: holders (acquire takes exactly one)
 
 -- Reply: {1, 0} acquired (or refreshed, released); {0, ms} not acquired, worth asking again in ms.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', holders_key, '-inf', now)
+local now = clock_ms()
+local live = semaphore_live(holders_key, now)
 
 if op == 'release' then
   for i = 6, #ARGV do redis.call('ZREM', holders_key, ARGV[i]) end
@@ -36,10 +37,10 @@ end
 
 local holder = ARGV[6]
 if redis.call('ZSCORE', holders_key, holder) then
-  redis.call('ZADD', holders_key, now + ttl_ms, holder)
+  semaphore_hold(holders_key, holder, now, ttl_ms)
   return {1, 0}
 end
-if redis.call('ZCARD', holders_key) >= limit then
+if live >= limit then
   -- Full: the earliest deadline bounds the wait (a release usually comes sooner).
   local first = redis.call('ZRANGE', holders_key, 0, 0, 'WITHSCORES')
   return {0, math.max(1, tonumber(first[2]) - now)}
@@ -55,6 +56,5 @@ if rate > 0 then
   redis.call('HSET', rate_key, 'tokens', tostring(tokens - 1), 'at', now)
   redis.call('PEXPIRE', rate_key, math.ceil(burst * 1000 / rate) + 1000)
 end
-redis.call('ZADD', holders_key, now + ttl_ms, holder)
-redis.call('PEXPIRE', holders_key, ttl_ms)
+semaphore_hold(holders_key, holder, now, ttl_ms)
 return {1, 0}
