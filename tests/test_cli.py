@@ -38,7 +38,7 @@ def nova(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
 
 def test_help_lists_commands_and_settings() -> None:
     out = nova("--help").stdout
-    for command in ("dev", "api", "worker", "migrate", "projector", "inspect", "dlq", "clients"):
+    for command in ("dev", "api", "worker", "migrate", "projector", "inspect", "dlq", "clients", "cleanup"):
         assert re.search(rf"^\s+{command}\b", out, re.M), command
     for variable in ("REDIS_URL", "DATABASE_URL", "E2B_API_KEY", "PORT", "NOVA_CONCURRENCY", "NOVA_VISIBILITY_TIMEOUT"):
         assert variable in out
@@ -217,3 +217,33 @@ async def test_clients_commands_create_list_and_rotate(settings: Settings, redis
     rotated = await asyncio.to_thread(nova, "clients", "rotate-key", "acme", env=env)
     new_key = rotated.stdout.strip().splitlines()[-1]
     assert await store.resolve(new_key) == "acme" and await store.resolve(key) is None
+
+
+async def test_cleanup_dry_run_says_what_would_go_and_deletes_nothing(
+    settings: Settings, redis: Redis, pool: object
+) -> None:
+    from datetime import timedelta
+
+    from tests.test_retention import ids, seed
+
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await seed(pool, wf.id, 1, 4, "completed", timedelta(days=45))  # type: ignore[arg-type]
+    await seed(pool, wf.id, 5, 6, "running", timedelta(days=45))  # type: ignore[arg-type]
+    await seed(pool, wf.id, 7, 7, "failed", timedelta(days=3))  # type: ignore[arg-type]
+    env = {"REDIS_URL": settings.redis_url or "", "DATABASE_URL": settings.database_url or ""}
+    dry = await asyncio.to_thread(nova, "cleanup", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert re.search(r"executions\s+4\b", dry.stdout) and re.search(r"node_runs\s+8\b", dry.stdout), dry.stdout
+    assert "would delete" in dry.stdout and re.search(r"oldest: \d{4}-\d\d-\d\d", dry.stdout)
+    assert await ids(pool) == set(range(1, 8))  # type: ignore[arg-type]
+    shorter = await asyncio.to_thread(nova, "cleanup", "--dry-run", "--days", "2", "--json", env=env)
+    assert json.loads(shorter.stdout)["executions"] == 5
+    done = await asyncio.to_thread(nova, "cleanup", env=env)
+    assert done.returncode == 0 and re.search(r"executions\s+4\b", done.stdout), done.stdout
+    assert await ids(pool) == {5, 6, 7}  # type: ignore[arg-type]
+    off = await asyncio.to_thread(nova, "cleanup", env={**env, "NOVA_RETENTION_DAYS": "0"})
+    assert off.returncode == 0 and "everything is kept" in off.stdout
+    down = await asyncio.to_thread(
+        nova, "cleanup", env={**env, "DATABASE_URL": f"postgresql://nova@127.0.0.1:{free_port()}/x"}
+    )
+    assert down.returncode == 1 and down.stderr.startswith("error:") and "Traceback" not in down.stderr
