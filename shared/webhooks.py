@@ -57,6 +57,30 @@ class WebhookEvent(StrEnum):
     SCHEDULE_FAILED = "schedule.failed"
 
 
+class InvalidEndpoint(ValueError):
+    """A registration that cannot be made as asked (said in words for a 422 or the CLI)."""
+
+
+def endpoint_event_types(requested: list[str] | None, client: str | None) -> list[str]:
+    """The event types an endpoint is registered for: `requested`, or every type when None.
+
+    A client's endpoint receives its own executions only: `workers.unavailable` (the operators'
+    concern) is left out of its default, and refused when asked for by name."""
+    try:
+        types = set(WebhookEvent) if requested is None else {WebhookEvent(t) for t in requested}
+    except ValueError:
+        unknown = sorted(set(requested or []) - {e.value for e in WebhookEvent})
+        known = ", ".join(e.value for e in WebhookEvent)
+        raise InvalidEndpoint(f"unknown event type(s) {', '.join(unknown)}; known: {known}") from None
+    if client is not None:
+        if requested is not None and WebhookEvent.WORKERS_UNAVAILABLE in types:
+            raise InvalidEndpoint("workers.unavailable is for operators' endpoints (no client_slug)")
+        types.discard(WebhookEvent.WORKERS_UNAVAILABLE)
+    if not types:
+        raise InvalidEndpoint("event_types must name at least one event type")
+    return sorted(t.value for t in types)
+
+
 def webhook_event(event: Event) -> WebhookEvent | None:
     """The webhook type a results-stream event is, if any."""
     if event.type is EventType.SUCCEEDED:

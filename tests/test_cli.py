@@ -247,3 +247,79 @@ async def test_cleanup_dry_run_says_what_would_go_and_deletes_nothing(
         nova, "cleanup", env={**env, "DATABASE_URL": f"postgresql://nova@127.0.0.1:{free_port()}/x"}
     )
     assert down.returncode == 1 and down.stderr.startswith("error:") and "Traceback" not in down.stderr
+
+
+async def test_webhooks_commands_add_list_deliveries_replay_delete(
+    settings: Settings, redis: Redis, pool: object
+) -> None:
+    from shared.streams import Keys
+    from shared.webhooks import WebhookRegistry
+    from tests.support import SECRETS_KEY
+    from tests.test_webhooks import Receiver, until
+
+    receiver = Receiver()
+    receiver.thread.start()
+    hooks = settings.model_copy(
+        update={"webhook_allow": "127.0.0.1", "webhook_retry_for": 0.3, "webhook_backoff": 0.05, "webhook_timeout": 2}
+    )
+    env = {
+        "REDIS_URL": settings.redis_url or "",
+        "DATABASE_URL": settings.database_url or "",
+        "NOVA_WEBHOOK_ALLOW": "127.0.0.1",
+        "NOVA_SECRETS_KEY": SECRETS_KEY,
+    }
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(nova, "webhooks", *args, env=env)
+
+    try:
+        bad = await run("add", receiver.url("/h"), "--event", "execution.finished")
+        assert bad.returncode == 2 and "unknown event type(s) execution.finished" in bad.stderr
+        inside = await run("add", "http://10.1.2.3/hook")
+        assert inside.returncode == 1 and "refused" in inside.stderr and "Traceback" not in inside.stderr
+        nobody = await run("add", receiver.url("/h"), "--client", "nobody")
+        assert nobody.returncode == 1 and "client 'nobody' not found" in nobody.stderr
+        operators_only = await run("add", receiver.url("/h"), "--client", "acme", "--event", "workers.unavailable")
+        assert operators_only.returncode == 2 and "operators' endpoints" in operators_only.stderr
+
+        added = await run("add", receiver.url("/h"), "--event", "execution.succeeded", "--description", "ops")
+        assert added.returncode == 0, added.stderr
+        endpoint_id = added.stdout.split()[1]
+        receiver.secrets["/h"] = added.stdout.strip().splitlines()[-1]
+        assert receiver.secrets["/h"].startswith("whsec_")
+        listed = await run("list", "--json")
+        [shown] = json.loads(listed.stdout)
+        assert shown["id"] == endpoint_id and shown["event_types"] == ["execution.succeeded"] and "secret" not in shown
+
+        receiver.default["/h"] = "500"
+        wf = await create_workflow(redis, settings, pool, linear("pass"))
+        async with in_process_worker(hooks):
+            task = await enqueue(redis, settings, wf)
+            await wait_terminal(redis, settings, [task.task_id])
+
+            registry = WebhookRegistry(redis, Keys.from_settings(settings), hooks)
+
+            async def dead() -> bool:
+                # Polled in-process (a command per poll would cost an interpreter start each).
+                return any(d["state"] == "dead" for d in await registry.deliveries(endpoint_id))
+
+            await until(dead)
+            [parked] = json.loads((await run("deliveries", endpoint_id, "--json")).stdout)
+            assert parked["state"] == "dead" and parked["payload"]["data"]["task_id"] == task.task_id
+            text = await run("deliveries", endpoint_id)
+            assert f"{parked['id']}  dead" in text.stdout and "HTTP 500" in text.stdout
+            receiver.default["/h"] = "ok"
+            replayed = await run("replay", endpoint_id, str(parked["id"]))
+            assert replayed.returncode == 0, replayed.stderr
+            await until(lambda: parked["id"] in receiver.accepted("/h"))
+        again = await run("replay", endpoint_id, str(parked["id"]))
+        assert again.returncode == 1 and "no dead delivery" in again.stderr
+        assert receiver.bad_signatures == []
+        deleted = await run("delete", endpoint_id)
+        assert deleted.returncode == 0 and (await run("list")).stdout.strip() == "no webhook endpoints"
+        gone = await run("deliveries", endpoint_id)
+        assert gone.returncode == 1 and f"webhook {endpoint_id} not found" in gone.stderr
+    finally:
+        receiver.release.set()
+        receiver.server.shutdown()
+        receiver.server.server_close()

@@ -12,7 +12,14 @@ from api.errors import ApiError, unavailable
 from api.schemas import errors
 from shared.clients import Principal
 from shared.executions import CatalogUnavailable, UnknownClient
-from shared.webhooks import EgressRefused, Endpoint, WebhookEvent, WebhookRegistry
+from shared.webhooks import (
+    EgressRefused,
+    Endpoint,
+    InvalidEndpoint,
+    WebhookEvent,
+    WebhookRegistry,
+    endpoint_event_types,
+)
 
 router = APIRouter(tags=["webhooks"])
 
@@ -61,16 +68,13 @@ async def create_webhook(res: Res, caller: Caller, body: WebhookIn) -> dict[str,
             raise ApiError(404, f"Client '{client}' not found") from None
         except CatalogUnavailable:
             raise unavailable("PostgreSQL") from None
-    types = set(body.event_types)
-    if client is not None:
-        # Workers' health is the operators' concern: a client's endpoint gets its executions only.
-        if "event_types" in body.model_fields_set and WebhookEvent.WORKERS_UNAVAILABLE in types:
-            raise ApiError(422, "workers.unavailable is for operators' endpoints (no client_slug)")
-        types.discard(WebhookEvent.WORKERS_UNAVAILABLE)
-    if not types:
-        raise ApiError(422, "event_types must name at least one event type")
+    requested = [t.value for t in body.event_types] if "event_types" in body.model_fields_set else None
     try:
-        endpoint = await _registry(res).create(body.url, [t.value for t in types], client, body.description)
+        types = endpoint_event_types(requested, client)
+    except InvalidEndpoint as exc:
+        raise ApiError(422, str(exc)) from None
+    try:
+        endpoint = await _registry(res).create(body.url, types, client, body.description)
     except EgressRefused as exc:
         raise ApiError(422, f"webhook URL refused: {exc}") from None
     return endpoint.as_json(with_secret=True)
