@@ -1,4 +1,4 @@
-"""`nova webhooks list|add|delete|deliveries|replay`: webhook endpoints from the command line.
+"""`nova webhooks list|add|delete|deliveries|replay|rotate-secret`: webhook endpoints from the command line.
 
 Like the other operator commands they work on Redis directly (REDIS_URL), where endpoints and their
 deliveries live, so they work while the API is down; `add --client` also asks PostgreSQL
@@ -19,7 +19,14 @@ from shared.db import create_pool
 from shared.executions import CatalogUnavailable, KnownClients, UnknownClient
 from shared.settings import Settings
 from shared.streams import Keys
-from shared.webhooks import EgressRefused, InvalidEndpoint, WebhookEvent, WebhookRegistry, endpoint_event_types
+from shared.webhooks import (
+    EgressRefused,
+    InvalidEndpoint,
+    RotationConflict,
+    WebhookEvent,
+    WebhookRegistry,
+    endpoint_event_types,
+)
 
 webhooks_app = typer.Typer(
     help="Webhook endpoints: list, add, delete, their deliveries, and replays.", no_args_is_help=True
@@ -145,3 +152,33 @@ def replay_command(
     if outcome == "not dead":
         raise _fail(f"no dead delivery {delivery_id} for webhook {endpoint_id}")
     typer.echo(f"replaying {delivery_id}: it is sent again now")
+
+
+@webhooks_app.command("rotate-secret")
+def rotate_command(
+    endpoint_id: str = typer.Argument(..., help="Endpoint id."),
+    grace: float | None = typer.Option(
+        None,
+        "--grace",
+        min=0,
+        max=7 * 86400,
+        help="Seconds the old secret still signs beside the new one (default NOVA_WEBHOOK_SECRET_GRACE; 0: none).",
+    ),
+) -> None:
+    """Give an endpoint a new signing secret and print it (shown once); during the grace period every
+    delivery carries signatures from both, so the receiver can switch at its own pace."""
+
+    async def run(redis: Any, keys: Keys, settings: Settings) -> dict[str, Any] | None:
+        registry = WebhookRegistry(redis, keys, settings)
+        rotated = await registry.rotate_secret(endpoint_id, settings.webhook_secret_grace if grace is None else grace)
+        return rotated.as_json() if rotated is not None else None
+
+    try:
+        rotated = _with_redis(run)
+    except RotationConflict as exc:
+        raise _fail(str(exc)) from None
+    if rotated is None:
+        raise _fail(f"webhook {endpoint_id} not found")
+    until = rotated["previous_secret_expires_at"]
+    typer.echo(f"the old secret signs beside the new one until {until}" if until else "the old secret no longer signs")
+    typer.echo(f"new signing secret (store it now, it is not shown again):\n{rotated['secret']}")

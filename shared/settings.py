@@ -215,6 +215,12 @@ class Settings(BaseSettings):
     )
     webhook_backoff: float = Field(default=5.0, gt=0, description="First webhook retry delay in seconds (doubles).")
     webhook_backoff_max: float = Field(default=1800.0, gt=0, description="Largest webhook retry delay in seconds.")
+    webhook_secret_grace: float = Field(
+        default=86400.0,
+        ge=0,
+        le=7 * 86400,
+        description="Seconds a rotated webhook secret still signs beside the new one (a rotation may ask otherwise).",
+    )
     webhook_endpoint_concurrency: int = Field(
         default=4, ge=1, description="Requests in flight to one webhook endpoint per process (worker or API)."
     )

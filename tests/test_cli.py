@@ -252,6 +252,8 @@ async def test_cleanup_dry_run_says_what_would_go_and_deletes_nothing(
 async def test_webhooks_commands_add_list_deliveries_replay_delete(
     settings: Settings, redis: Redis, pool: object
 ) -> None:
+    from standardwebhooks import Webhook
+
     from shared.streams import Keys
     from shared.webhooks import WebhookRegistry
     from tests.support import SECRETS_KEY
@@ -291,6 +293,11 @@ async def test_webhooks_commands_add_list_deliveries_replay_delete(
         [shown] = json.loads(listed.stdout)
         assert shown["id"] == endpoint_id and shown["event_types"] == ["execution.succeeded"] and "secret" not in shown
 
+        # Rotated with a grace period: the receiver, still on the old secret, keeps verifying.
+        rotated = await run("rotate-secret", endpoint_id, "--grace", "600")
+        assert rotated.returncode == 0 and "signs beside the new one until" in rotated.stdout, rotated.stderr
+        new_secret = rotated.stdout.strip().splitlines()[-1]
+        assert new_secret.startswith("whsec_") and new_secret != receiver.secrets["/h"]
         receiver.default["/h"] = "500"
         wf = await create_workflow(redis, settings, pool, linear("pass"))
         async with in_process_worker(hooks):
@@ -312,6 +319,9 @@ async def test_webhooks_commands_add_list_deliveries_replay_delete(
             replayed = await run("replay", endpoint_id, str(parked["id"]))
             assert replayed.returncode == 0, replayed.stderr
             await until(lambda: parked["id"] in receiver.accepted("/h"))
+        [(_, headers, body, _)] = [r for r in receiver.requests if r[3] == "ok"]
+        assert len(headers["webhook-signature"].split(" ")) == 2
+        Webhook(new_secret).verify(body, headers)  # the new secret verifies it too
         again = await run("replay", endpoint_id, str(parked["id"]))
         assert again.returncode == 1 and "no dead delivery" in again.stderr
         assert receiver.bad_signatures == []

@@ -537,3 +537,31 @@ async def test_claim_tick_race_one_worker_claims_each_tick(r: Redis, scripts: Sc
 async def test_claim_tick_twice_is_once(r: Redis, scripts: Scripts) -> None:
     await twice(r, lambda: scripts.claim_tick("cleanup", now_ms=1_000, next_ms=60_000))
     await twice(r, lambda: scripts.claim_tick("cleanup", now_ms=60_001, next_ms=120_000))
+
+
+async def test_rotate_secret_race_one_rotation_writes_and_a_deleted_endpoint_stays_deleted(
+    r: Redis, scripts: Scripts
+) -> None:
+    await r.hset("t:webhooks", "e1", "read")
+
+    def rotate(record: str, expected: str = "read") -> Awaitable[bool]:
+        return scripts.rotate_secret(
+            "t:webhooks", "t:webhooks:previous", endpoint_id="e1", expected=expected, record=record,
+            previous=f"old-of-{record}",
+        )  # fmt: skip
+
+    written = await asyncio.gather(*(rotate(f"new-{n}") for n in range(8)))
+    assert sum(written) == 1
+    winner = f"new-{written.index(True)}"
+    assert await r.hget("t:webhooks", "e1") == winner
+    assert await r.hget("t:webhooks:previous", "e1") == f"old-of-{winner}"
+    await r.hdel("t:webhooks", "e1")
+    assert not await rotate("late", expected=winner)
+    assert await r.hget("t:webhooks", "e1") is None
+
+
+async def test_rotate_secret_twice_is_once(r: Redis, scripts: Scripts) -> None:
+    await r.hset("t:webhooks", "e1", "read")
+    step = dict(endpoint_id="e1", expected="read", record="new", previous="")
+    await twice(r, lambda: scripts.rotate_secret("t:webhooks", "t:webhooks:previous", **step))
+    assert await r.hget("t:webhooks", "e1") == "new"

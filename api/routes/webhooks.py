@@ -16,6 +16,7 @@ from shared.webhooks import (
     EgressRefused,
     Endpoint,
     InvalidEndpoint,
+    RotationConflict,
     WebhookEvent,
     WebhookRegistry,
     endpoint_event_types,
@@ -96,6 +97,34 @@ async def delete_webhook(res: Res, caller: Caller, endpoint_id: str) -> Response
     await _visible(res, caller, endpoint_id)
     await _registry(res).delete(endpoint_id)
     return Response(status_code=204)
+
+
+class RotateIn(BaseModel):
+    grace_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=7 * 86400,
+        description="Seconds the old secret goes on signing beside the new one (default NOVA_WEBHOOK_SECRET_GRACE)",
+    )
+
+
+@router.post(
+    "/webhooks/{endpoint_id}/rotate-secret",
+    summary="Give an endpoint a new signing secret (shown once); the old one signs too for a grace period",
+    responses=errors(404, 409, 422),
+)
+async def rotate_secret(res: Res, caller: Caller, endpoint_id: str, body: RotateIn | None = None) -> dict[str, Any]:
+    await _visible(res, caller, endpoint_id)
+    grace = body.grace_seconds if body is not None and body.grace_seconds is not None else None
+    try:
+        rotated = await _registry(res).rotate_secret(
+            endpoint_id, res.settings.webhook_secret_grace if grace is None else grace
+        )
+    except RotationConflict as exc:
+        raise ApiError(409, str(exc)) from None
+    if rotated is None:
+        raise ApiError(404, f"webhook {endpoint_id} not found")
+    return rotated.as_json()
 
 
 @router.get(
