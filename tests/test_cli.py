@@ -333,3 +333,48 @@ async def test_webhooks_commands_add_list_deliveries_replay_delete(
         receiver.release.set()
         receiver.server.shutdown()
         receiver.server.server_close()
+
+
+def _dev_env(data: Path, port: int) -> dict[str, str]:
+    return {"NOVA_DATA_DIR": str(data), "PORT": str(port)}
+
+
+def test_nova_dev_refuses_a_busy_port_at_once(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = nova("dev", env=_dev_env(tmp_path / "data", port))
+    assert result.returncode == 1
+    assert f"error: port {port} is already in use" in result.stderr and "--port" in result.stderr
+    # Refused before anything started: no server data, no wait for a health check.
+    assert not (tmp_path / "data" / "redis").exists() and not (tmp_path / "data" / "postgres").exists()
+    assert "did not become healthy" not in result.stderr
+
+
+def test_nova_dev_refuses_a_data_folder_another_nova_dev_holds(tmp_path: Path) -> None:
+    import fcntl
+
+    from cli.dev import LOCK_FILE
+
+    data = tmp_path / "data"
+    data.mkdir()
+    # Another `nova dev`: a process holding the folder's lock (as a running one does), with its pid.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl,sys,time; f=open({str(data / LOCK_FILE)!r},'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        result = nova("dev", env=_dev_env(data, free_port()))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1
+    assert f"the data folder {data} is in use by another `nova dev` (pid 4242)" in result.stderr
+    assert "NOVA_DATA_DIR" in result.stderr
+    assert not (data / "redis").exists() and not (data / "postgres").exists()
+    # Once the holder is gone, the folder is free again (the lock dies with its process).
+    with open(data / LOCK_FILE, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
