@@ -94,8 +94,7 @@ class Scheduler:
             if self.cleanup is not None and not self.cleanup.done():
                 # Cut short between or inside a batch: that batch rolls back, the next tick goes on.
                 self.cleanup.cancel()
-                with contextlib.suppress(BaseException):
-                    await self.cleanup
+                await asyncio.gather(self.cleanup, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._release(keys=[self.lease_key], args=[self.consumer])
 

@@ -10,7 +10,9 @@ the batch locks its rows with FOR UPDATE SKIP LOCKED, so a row the projector is 
 skipped (and taken by a later run) rather than waited for, and the projector never waits for more
 than one batch's rows, which are old and finished, so it has nothing to write to them. A row that
 PostgreSQL shows finished while its task in Redis is running again (a retry reopened it and the
-projector has not caught up) is kept: only an execution terminal in both places goes.
+projector has not caught up) is kept: only an execution terminal in both places goes. And the
+execution with the largest id always stays: it is the floor from which a Redis that lost its id
+sequence raises it again, so ids are never handed out twice however old everything is.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ _COUNT_PAGE = 1000
 
 _CANDIDATES = """
 SELECT id, task_id FROM executions
-WHERE status = ANY($1::text[]) AND updated_at < $2 AND NOT (id = ANY($4::bigint[]))
+WHERE status = ANY($1::text[]) AND updated_at < $2 AND NOT (id = ANY($4::bigint[])) AND id < $5
 ORDER BY updated_at
 LIMIT $3
 FOR UPDATE SKIP LOCKED
@@ -90,19 +92,22 @@ class Retention:
         """What `run(cutoff)` would delete, deleting nothing (`nova cleanup --dry-run`)."""
         report = CleanupReport(cutoff=cutoff, dry_run=True)
         async with self.pool.acquire() as conn:
+            floor = await conn.fetchval("SELECT coalesce(max(id), 0) FROM executions")
             row = await conn.fetchrow(
                 "SELECT count(*) AS n, min(updated_at) AS oldest FROM executions "
-                "WHERE status = ANY($1::text[]) AND updated_at < $2",
+                "WHERE status = ANY($1::text[]) AND updated_at < $2 AND id < $3",
                 FINISHED,
                 cutoff,
+                floor,
             )
             report.executions, report.oldest = int(row["n"]), row["oldest"]
             report.node_runs = int(
                 await conn.fetchval(
                     "SELECT count(*) FROM node_runs n JOIN executions e ON e.id = n.execution_id "
-                    "WHERE e.status = ANY($1::text[]) AND e.updated_at < $2",
+                    "WHERE e.status = ANY($1::text[]) AND e.updated_at < $2 AND e.id < $3",
                     FINISHED,
                     cutoff,
+                    floor,
                 )
             )
         for stream in self.dead_letter_streams:
@@ -122,9 +127,10 @@ class Retention:
         batch open there to show that the projector goes on meanwhile)."""
         report = CleanupReport(cutoff=cutoff)
         kept: list[int] = []
-        while True:
+        floor = await self.pool.fetchval("SELECT max(id) FROM executions")
+        while floor is not None:
             async with self.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_CANDIDATES, FINISHED, cutoff, self.batch, kept)
+                rows = await conn.fetch(_CANDIDATES, FINISHED, cutoff, self.batch, kept, floor)
                 if not rows:
                     break
                 reopened = await self._running_in_redis([r["task_id"] for r in rows])

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded import PostgresServer, RedisServer
 from consumer.maintenance import Maintenance
 from consumer.scheduler import CLEANUP, Scheduler
 from shared.catalog import WorkflowCatalog
+from shared.connections import REDIS_UNAVAILABLE
+from shared.db import LazyPool, migrate_url
 from shared.retention import CleanupReport, Retention, cutoff_for
 from shared.scripts import Scripts
 from shared.settings import Settings
@@ -106,6 +110,7 @@ async def test_two_workers_schedulers_run_one_cleanup_per_tick(
         return Scheduler(cron, redis, WorkflowCatalog(redis, pool, keys), name, pool)
 
     a, b = scheduler("worker-a"), scheduler("worker-b")
+    await seed(pool, wf.id, 10_000, 10_000, "completed", DAY)  # a recent one, with the largest id
     now = int(time.time() * 1000)
     # Nobody created it: the first look registers the built-in schedule for its next tick.
     assert await asyncio.gather(a.tick(now_ms=now), b.tick(now_ms=now)) == [0, 0]
@@ -120,7 +125,7 @@ async def test_two_workers_schedulers_run_one_cleanup_per_tick(
         await asyncio.gather(*running)
         last = json.loads(await redis.get(keys.cleanup_last) or "{}")
         assert last["tick_ms"] == int(tick) + n * 60_000 and last["executions"] == 5
-        assert await ids(pool) == set()
+        assert await ids(pool) == {10_000}
     # Retention off: no claim at all.
     off = Scheduler(settings.model_copy(update={"retention_days": 0}), redis, a.catalog, "c", pool)
     assert not await off.claim_cleanup(int(tick) + 3_600_000)
@@ -145,6 +150,7 @@ async def test_projector_keeps_projecting_while_a_big_cleanup_holds_its_batches(
 ) -> None:
     wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
     await seed(pool, wf.id, 1_000_001, 1_002_000, "completed", 60 * DAY)
+    await seed(pool, wf.id, 2_000_000, 2_000_000, "completed", DAY)
     keys = Keys.from_settings(settings)
     projected: list[int] = []
 
@@ -162,7 +168,7 @@ async def test_projector_keeps_projecting_while_a_big_cleanup_holds_its_batches(
             report = await Retention(redis, keys, cleanup_pool, batch=100).run(cutoff_for(30), on_batch=while_held)
     assert report.batches == 20 and report.executions == 2000 and report.node_runs == 4000
     assert len(projected) == 3
-    assert await ids(pool) == set(projected)
+    assert await ids(pool) == {2_000_000, *projected}
 
 
 async def test_dead_letter_streams_are_capped(redis: Redis, settings: Settings) -> None:
@@ -180,3 +186,83 @@ async def test_dead_letter_streams_are_capped(redis: Redis, settings: Settings) 
         assert 1000 <= await redis.xlen(stream) < 2000
         [(_, newest)] = await redis.xrevrange(stream, count=1)
         assert newest["n"] == "2999"
+
+
+async def test_redis_lost_mid_cleanup_rolls_its_batch_back_and_the_next_run_finishes(
+    redis_factory: Callable[..., RedisServer], settings: Settings, pool: asyncpg.Pool
+) -> None:
+    server = redis_factory(appendonly=True)
+    own = settings.model_copy(update={"redis_url": server.url})
+    redis = Redis.from_url(server.url, decode_responses=True)
+    try:
+        wf = await create_workflow(redis, own, pool, linear("pass"))
+        await seed(pool, wf.id, 1, 9, "completed", 40 * DAY)
+        await seed(pool, wf.id, 10, 10, "completed", DAY)
+        retention = Retention(redis, Keys.from_settings(own), pool, batch=3)
+
+        async def stop_redis(report: CleanupReport) -> None:
+            if report.batches == 1:
+                server.stop()  # the next batch's check of Redis fails
+
+        with pytest.raises(REDIS_UNAVAILABLE):
+            await retention.run(cutoff_for(30), pause=0, on_batch=stop_redis)
+        # The first batch is gone whole; the failed one left its rows and their node runs whole.
+        left = await ids(pool)
+        assert len(left) == 7
+        runs = await pool.fetch("SELECT execution_id, count(*) AS n FROM node_runs GROUP BY execution_id")
+        assert {r["execution_id"]: r["n"] for r in runs} == {i: 2 for i in left}
+        server.start()
+        await redis.aclose()
+        redis = Redis.from_url(server.url, decode_responses=True)
+        report = await Retention(redis, Keys.from_settings(own), pool, batch=3).run(cutoff_for(30), pause=0)
+        assert report.executions == 6 and await ids(pool) == {10}
+    finally:
+        await redis.aclose()
+
+
+async def test_postgresql_down_at_a_tick_the_next_tick_cleans_up(
+    redis: Redis, pg_factory: Callable[..., PostgresServer], settings: Settings
+) -> None:
+    pg = pg_factory()
+    await migrate_url(pg.url)
+    own = settings.model_copy(update={"database_url": pg.url, "cleanup_cron": "* * * * *"})
+    keys = Keys.from_settings(own)
+    lazy = LazyPool(pg.url)
+    try:
+        setup = await lazy.get()  # a running worker's pool, open before PostgreSQL goes away
+        wf = await create_workflow(redis, own, setup, linear("pass"))
+        await seed(setup, wf.id, 1, 4, "dead", 40 * DAY)
+        await seed(setup, wf.id, 5, 5, "completed", DAY)
+        scheduler = Scheduler(own, redis, WorkflowCatalog(redis, lazy, keys), "w", lazy)
+        now = int(time.time() * 1000)
+        await scheduler.claim_cleanup(now)  # registers the built-in schedule
+        tick = int(await redis.zscore(keys.builtin_schedules, CLEANUP) or 0)
+        pg.stop()
+        assert await scheduler.claim_cleanup(tick + 10)
+        assert scheduler.cleanup is not None
+        await scheduler.cleanup  # fails inside, logs, and ends: nothing escapes into the scheduler
+        assert await redis.get(keys.cleanup_last) is None
+        pg.start()
+        assert await scheduler.claim_cleanup(tick + 60_010)
+        await scheduler.cleanup
+        last = json.loads(await redis.get(keys.cleanup_last) or "{}")
+        assert last["executions"] == 4 and last["node_runs"] == 8
+        assert await (await lazy.get()).fetchval("SELECT count(*) FROM executions") == 1
+    finally:
+        await lazy.close()
+
+
+async def test_the_largest_execution_id_stays_so_ids_are_never_handed_out_twice(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await seed(pool, wf.id, 1, 3, "completed", 400 * DAY)  # nothing ran for a year
+    keys = Keys.from_settings(settings)
+    retention = Retention(redis, keys, pool)
+    assert (await retention.plan(cutoff_for(30))).executions == 2
+    report = await retention.run(cutoff_for(30), pause=0)
+    assert report.executions == 2 and await ids(pool) == {3}
+    # Redis loses its id sequence: PostgreSQL still says where it stood, and the next id is above it.
+    await redis.delete(keys.execution_seq)
+    task = await enqueue(redis, settings, wf)
+    assert task.execution_id == 4
