@@ -152,12 +152,12 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def sign(secrets: str | list[str], msg_id: str, timestamp: int, body: str) -> dict[str, str]:
+def sign(signing: str | list[str], msg_id: str, timestamp: int, body: str) -> dict[str, str]:
     """The three Standard Webhooks headers for one attempt, signed with each secret given (the current
     one first; during a rotation's grace also the previous): Standard Webhooks lists several
     signatures in one header, space-separated, and a receiver accepts the message if any matches."""
     moment = datetime.fromtimestamp(timestamp, UTC)
-    keys = [secrets] if isinstance(secrets, str) else secrets
+    keys = [signing] if isinstance(signing, str) else signing
     signature = " ".join(Webhook(secret).sign(msg_id, moment, body) for secret in keys)
     return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature}
 
@@ -414,14 +414,14 @@ class WebhookRegistry:
 
     async def signing_secrets(self, endpoint: Endpoint, now_ms: int) -> list[str]:
         """The secrets an attempt is signed with now: the current one, and a rotated one in its grace."""
-        secrets = [endpoint.secret]
+        signing = [endpoint.secret]
         raw = await self.redis.hget(self.names.previous, endpoint.id)
         if raw:
             previous = loads(raw)
             old = self._unseal(previous["secret"])
             if old and now_ms < int(previous["until_ms"]):
-                secrets.append(old)
-        return secrets
+                signing.append(old)
+        return signing
 
     async def announce(self, kind: WebhookEvent, data: dict[str, Any], occurrence: str, client: str | None) -> int:
         """Queue `kind` for every endpoint that wants it and may see it: operators' endpoints, and when
