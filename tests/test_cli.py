@@ -276,14 +276,16 @@ async def test_webhooks_commands_add_list_deliveries_replay_delete(
         return await asyncio.to_thread(nova, "webhooks", *args, env=env)
 
     try:
-        bad = await run("add", receiver.url("/h"), "--event", "execution.finished")
+        # Each command is a new interpreter (seconds on a loaded machine): the refusals run side by side,
+        # and the event-type rules are tested without a process (test_endpoint_event_types_...).
+        bad, inside, nobody = await asyncio.gather(
+            run("add", receiver.url("/h"), "--event", "execution.finished"),
+            run("add", "http://10.1.2.3/hook"),
+            run("add", receiver.url("/h"), "--client", "nobody"),
+        )
         assert bad.returncode == 2 and "unknown event type(s) execution.finished" in bad.stderr
-        inside = await run("add", "http://10.1.2.3/hook")
         assert inside.returncode == 1 and "refused" in inside.stderr and "Traceback" not in inside.stderr
-        nobody = await run("add", receiver.url("/h"), "--client", "nobody")
         assert nobody.returncode == 1 and "client 'nobody' not found" in nobody.stderr
-        operators_only = await run("add", receiver.url("/h"), "--client", "acme", "--event", "workers.unavailable")
-        assert operators_only.returncode == 2 and "operators' endpoints" in operators_only.stderr
 
         added = await run("add", receiver.url("/h"), "--event", "execution.succeeded", "--description", "ops")
         assert added.returncode == 0, added.stderr
@@ -327,7 +329,7 @@ async def test_webhooks_commands_add_list_deliveries_replay_delete(
         assert again.returncode == 1 and "no dead delivery" in again.stderr
         assert receiver.bad_signatures == []
         deleted = await run("delete", endpoint_id)
-        assert deleted.returncode == 0 and (await run("list")).stdout.strip() == "no webhook endpoints"
+        assert deleted.returncode == 0 and await registry.get(endpoint_id) is None
         gone = await run("deliveries", endpoint_id)
         assert gone.returncode == 1 and f"webhook {endpoint_id} not found" in gone.stderr
     finally:
@@ -379,3 +381,17 @@ def test_nova_dev_refuses_a_data_folder_another_nova_dev_holds(tmp_path: Path) -
     # Once the holder is gone, the folder is free again (the lock dies with its process).
     with open(data / LOCK_FILE, "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_endpoint_event_types_the_api_and_the_cli_share() -> None:
+    from shared.webhooks import InvalidEndpoint, WebhookEvent, endpoint_event_types
+
+    assert endpoint_event_types(None, None) == sorted(e.value for e in WebhookEvent)
+    assert "workers.unavailable" not in endpoint_event_types(None, "acme")  # a client's default
+    assert endpoint_event_types(["node.failed", "node.failed"], "acme") == ["node.failed"]
+    with pytest.raises(InvalidEndpoint, match="operators' endpoints"):
+        endpoint_event_types(["workers.unavailable"], "acme")
+    with pytest.raises(InvalidEndpoint, match=r"unknown event type\(s\) bogus; known: execution.succeeded"):
+        endpoint_event_types(["bogus", "node.failed"], None)
+    with pytest.raises(InvalidEndpoint, match="at least one"):
+        endpoint_event_types([], None)
