@@ -6,17 +6,24 @@ real PostgreSQL (from the pgserver package) on free ports, with their data under
 code runs on this machine and reaches their ports, so the API and workers get logins without admin
 rights, and the admin logins are only printed. Then it migrates, starts the API and the workers as child
 processes, loads the example workflow and prints what to paste. Ctrl-C stops everything in order.
+
+Before starting anything it refuses, in plain words, a data folder another `nova dev` holds (a lock
+file under flock: two would start servers on the same data) and an API port something already uses
+(else the API would fail to bind and the wait for its health would be the only sign).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import secrets
 import shlex
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -82,6 +89,50 @@ def _persistent_secret(path: Path, make: object) -> str:
     return value
 
 
+LOCK_FILE = "nova-dev.lock"
+# The API of `nova dev` listens on loopback only.
+API_HOST = "127.0.0.1"
+
+
+class Refused(Exception):
+    """`nova dev` cannot start here; the message says why and what to do."""
+
+
+def lock_data_dir(data: Path) -> int:
+    """Hold the data folder for this process (the lock ends with it, however it ends); returns the
+    lock file's descriptor, to keep open. Refused when another `nova dev` holds it."""
+    data.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise Refused(
+            f"the data folder {data} is in use by another `nova dev` (pid {holder}); stop that one, "
+            "or give this one another folder with NOVA_DATA_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refused when the API could not bind `host:port` (a bind test, released at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: a port left in TIME_WAIT by an earlier run is free, a listening one is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise Refused(
+                    f"port {port} is already in use (another `nova dev`, or another program); stop it, "
+                    "or pick another port with --port or PORT"
+                ) from None
+            raise Refused(f"cannot use port {port} on {host}: {exc.strerror}") from None
+
+
 class Dev:
     def __init__(self, settings: Settings, workers: int) -> None:
         self.settings = settings
@@ -128,6 +179,21 @@ class Dev:
                 await proc.wait()
 
     async def run(self) -> int:
+        try:
+            lock = lock_data_dir(self.data)
+        except Refused as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        try:
+            check_port_free(API_HOST, self.settings.port)
+            return await self._run_locked()
+        except Refused as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            os.close(lock)
+
+    async def _run_locked(self) -> int:
         redis_url, database_url = self.start_servers()
         try:
             return await self._run(redis_url, database_url)
@@ -154,7 +220,7 @@ class Dev:
             "REDIS_URL": redis_url,
             "DATABASE_URL": database_url,
             "PORT": str(self.settings.port),
-            "NOVA_HOST": "127.0.0.1",
+            "NOVA_HOST": API_HOST,
             "NOVA_ADMIN_KEY": admin_key,
             "NOVA_SECRETS_KEY": secrets_key,
         }

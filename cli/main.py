@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable
 import typer
 
 from cli.control import cancel_command, drain_command, pause_command, resume_command
-from cli.ops import chaos_command, dlq_app, inspect_command
+from cli.ops import chaos_command, cleanup_command, dlq_app, inspect_command
+from cli.webhooks import webhooks_app
 from shared.settings import Settings, describe_settings
 
 HELP = f"""NOVA Streams: workflow executions on Redis Streams.
@@ -29,8 +30,10 @@ app = typer.Typer(
 clients_app = typer.Typer(help="Manage clients and their API keys.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(clients_app, name="clients")
+app.add_typer(webhooks_app, name="webhooks")
 app.command("inspect")(inspect_command)
 app.command("chaos")(chaos_command)
+app.command("cleanup")(cleanup_command)
 app.command("cancel")(cancel_command)
 app.command("pause")(pause_command)
 app.command("resume")(resume_command)

@@ -1,4 +1,4 @@
-"""Operator commands: `nova inspect`, `nova dlq list|replay|delete|purge`, `nova chaos`.
+"""Operator commands: `nova inspect`, `nova dlq list|replay|delete|purge`, `nova cleanup`, `nova chaos`.
 
 They talk to Redis directly (REDIS_URL), so they work when the API is down, which is when operators
 need them most.
@@ -11,10 +11,12 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
 import typer
 
 from shared.catalog import WorkflowCatalog
 from shared.connections import REDIS_UNAVAILABLE, NotConfigured, create_redis
+from shared.db import create_pool
 from shared.dead_letters import DeadLetters, NotReplayable
 from shared.inspection import inspect, render_text
 from shared.settings import Settings
@@ -108,6 +110,54 @@ def dlq_purge(yes: bool = typer.Option(False, "--yes", help="Do not ask for conf
         typer.confirm("Delete every entry of the dead-letter stream?", abort=True)
     removed = _with_redis(lambda r, k, s: _dead_letters(r, k, s).purge())
     typer.echo(f"purged {removed} dead letter(s)")
+
+
+def cleanup_command(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; delete nothing."),
+    days: int | None = typer.Option(None, "--days", min=1, help="Keep this many days instead of NOVA_RETENTION_DAYS."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Delete finished executions, their chain of work and dead letters older than the retention, now.
+
+    Workers do this by themselves on NOVA_CLEANUP_CRON; this is for doing it at once, or seeing what
+    it would do. Needs REDIS_URL and DATABASE_URL."""
+    from shared.retention import Retention, cutoff_for
+
+    async def run(redis: Any, keys: Keys, settings: Settings) -> dict[str, Any]:
+        keep = days if days is not None else settings.retention_days
+        if not keep:
+            typer.echo("NOVA_RETENTION_DAYS is 0: everything is kept; nothing to clean up (--days N to override)")
+            raise typer.Exit(0)
+        if not settings.database_url:
+            typer.echo("error: DATABASE_URL is not set", err=True)
+            raise typer.Exit(1)
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            retention = Retention(redis, keys, pool, batch=settings.cleanup_batch)
+            cutoff = cutoff_for(keep)
+            report = await (retention.plan(cutoff) if dry_run else retention.run(cutoff))
+        finally:
+            await pool.close()
+        return report.as_json()
+
+    try:
+        report = _with_redis(run)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        typer.echo(f"error: PostgreSQL is unreachable or refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"finished before {report['cutoff']}: {verb}")
+    typer.echo(f"  executions   {report['executions']}")
+    typer.echo(f"  node_runs    {report['node_runs']}")
+    for stream, n in report["dead_letters"].items():
+        typer.echo(f"  {stream:<12} {n} dead letter(s)")
+    if dry_run:
+        typer.echo(f"oldest: {report['oldest'] or '-'}")
+    elif report["kept_reopened"]:
+        typer.echo(f"kept {report['kept_reopened']} execution(s) a retry has reopened")
 
 
 def chaos_command(

@@ -3,6 +3,9 @@
 - Trim the requests stream below what every group has both delivered and acknowledged (XTRIM MINID).
 - Trim the results stream to about NOVA_RESULTS_MAXLEN entries, but never past an event a group
   (the projector) has not read and acknowledged: a PostgreSQL outage delays projection, never loses it.
+- Cap the dead-letter streams (the requests' and the projector's) at about NOVA_DEAD_LETTER_MAXLEN
+  entries each, so a flood of poison requests cannot fill Redis; by age they follow
+  NOVA_RETENTION_DAYS (the retention cleanup, shared/retention.py).
 - Acknowledge pending ids whose entry no longer exists (Redis 6.2 keeps them in the PEL forever).
 - Remove consumers that own nothing and have been silent for a while (crashed replicas).
 """
@@ -31,6 +34,7 @@ class Maintenance:
     async def run(self) -> None:
         await self.trim_requests()
         await self.trim_results()
+        await self.trim_dead_letters()
         await self.remove_dead_consumers()
 
     async def trim_requests(self) -> int:
@@ -64,6 +68,16 @@ class Maintenance:
         # Approximate MINID removes only whole nodes below the cut: nothing at or above it goes.
         removed = await self.redis.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=True)
         return int(removed or 0)
+
+    async def trim_dead_letters(self) -> int:
+        """Keep about `dead_letter_maxlen` entries per dead-letter stream, dropping the oldest."""
+        removed = 0
+        for stream in (self.keys.dead_letter, self.keys.projector_dead_letter):
+            # Approximate: whole stream nodes only, so the cap costs nothing until it is reached.
+            removed += int(
+                await self.redis.xtrim(stream, maxlen=self.settings.dead_letter_maxlen, approximate=True) or 0
+            )
+        return removed
 
     async def group_floor(self, stream: str) -> tuple[int, int] | None:
         """The oldest id some group of `stream` has not both delivered and acknowledged (None: no group)."""

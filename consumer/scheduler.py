@@ -7,6 +7,11 @@ even try; if the holder dies the lease expires and another replica takes over wi
 A tick missed during downtime fires once on recovery (the schedule's score is the missed tick), and
 the next fire time is then computed from now, not from the missed tick, so a long outage does not
 produce a burst of one execution per missed minute.
+
+Built-in schedules need no operator: the retention cleanup (shared/retention.py) fires on
+NOVA_CLEANUP_CRON. Its tick is claimed by one atomic step that also moves it on (shared/lua/
+claim_tick.lua), so exactly one worker claims each tick even when leases overlap; the claimant runs
+the cleanup in a task of its own, beside the scheduler, which keeps firing schedules meanwhile.
 """
 
 from __future__ import annotations
@@ -15,20 +20,25 @@ import asyncio
 import contextlib
 import logging
 
+import asyncpg
 from redis.asyncio import Redis
 
 from shared.catalog import WorkflowCatalog
 from shared.connections import REDIS_UNAVAILABLE
+from shared.db import LazyPool
 from shared.enqueue import NewExecution, enqueue_execution
-from shared.schedules import ScheduleStore
+from shared.retention import Retention, cutoff_for
+from shared.schedules import ScheduleStore, next_tick
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys
+from shared.streams import Keys, dumps, now_iso
 from shared.webhooks import announce_schedule_failure
 
 log = logging.getLogger(__name__)
 
 LEASE_MS = 5000
+# The built-in schedules' names (members of Keys.builtin_schedules).
+CLEANUP = "cleanup"
 # Renew well before expiry; a release is compare-and-delete so we never drop someone else's lease.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -41,7 +51,15 @@ return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, redis: Redis, catalog: WorkflowCatalog, consumer: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        catalog: WorkflowCatalog,
+        consumer: str,
+        pool: LazyPool | asyncpg.Pool | None = None,
+    ) -> None:
+        """`pool`: PostgreSQL, for the retention cleanup; None runs no cleanup here."""
         self.settings = settings
         self.redis = redis
         self.keys = Keys.from_settings(settings)
@@ -53,6 +71,10 @@ class Scheduler:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self.fired = 0
+        self.pool = pool
+        # Cleanup ticks this scheduler claimed, and the cleanup it runs now (one at a time).
+        self.cleanups = 0
+        self.cleanup: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
         try:
@@ -69,6 +91,10 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval)
         finally:
+            if self.cleanup is not None and not self.cleanup.done():
+                # Cut short between or inside a batch: that batch rolls back, the next tick goes on.
+                self.cleanup.cancel()
+                await asyncio.gather(self.cleanup, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._release(keys=[self.lease_key], args=[self.consumer])
 
@@ -113,4 +139,47 @@ class Scheduler:
                     log.info("schedule %s fired tick %d as task %s", schedule.id, tick_ms, result.task_id)
             await self.store.advance(schedule_id, schedule.next_after(max(now_ms, tick_ms)))
         self.fired += fired
+        await self.claim_cleanup(now_ms)
         return fired
+
+    async def claim_cleanup(self, now_ms: int) -> bool:
+        """Claim the retention cleanup's tick if it is due, and start the cleanup; True if claimed."""
+        if not self.settings.retention_days or self.pool is None:
+            return False
+        tick = await self.scripts.claim_tick(
+            CLEANUP, now_ms=now_ms, next_ms=next_tick(self.settings.cleanup_cron, now_ms)
+        )
+        if tick is None:
+            return False
+        self.cleanups += 1
+        if self.cleanup is not None and not self.cleanup.done():
+            # Still deleting since an earlier tick: that run takes what this tick would.
+            log.info("retention cleanup of an earlier tick still running; tick %d joins it", tick)
+            return True
+        self.cleanup = asyncio.create_task(self._clean(tick), name="retention cleanup")
+        return True
+
+    async def _clean(self, tick: int) -> None:
+        started = now_iso()
+        try:
+            assert self.pool is not None
+            pool = await self.pool.get() if isinstance(self.pool, LazyPool) else self.pool
+            retention = Retention(self.redis, self.keys, pool, batch=self.settings.cleanup_batch)
+            report = await retention.run(cutoff_for(self.settings.retention_days))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # PostgreSQL or Redis away: nothing is lost, the next tick deletes what this one did not.
+            log.warning("retention cleanup of tick %d stopped: %s: %s", tick, type(exc).__name__, exc)
+            return
+        summary = {"tick_ms": tick, "consumer": self.consumer, "started_at": started, "finished_at": now_iso()}
+        summary.update(report.as_json())
+        log.info(
+            "retention cleanup: %d execution(s), %d node run(s), %s dead letter(s) older than %s deleted",
+            report.executions,
+            report.node_runs,
+            sum(report.dead_letters.values()),
+            report.cutoff.isoformat(),
+        )
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await self.redis.set(self.keys.cleanup_last, dumps(summary))

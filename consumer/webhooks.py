@@ -332,13 +332,16 @@ class WebhookDelivery:
         except EgressRefused as exc:
             return str(exc), None
         url = httpx.URL(endpoint.url)
-        timestamp = (await redis_ms(self.redis)) // 1000
+        now_ms = await redis_ms(self.redis)
+        timestamp = now_ms // 1000
+        # Both secrets during a rotation's grace, so a receiver verifies with either.
+        signing = await self.registry.signing_secrets(endpoint, now_ms)
         headers = {
             "content-type": "application/json",
             "user-agent": "nova-webhooks",
             # The original name, although the connection goes to the address checked above.
             "host": url.netloc.decode(),
-            **sign(endpoint.secret, delivery.id, timestamp, delivery.body),
+            **sign(signing, delivery.id, timestamp, delivery.body),
         }
         extensions = {"sni_hostname": host} if url.scheme == "https" else {}
         try:

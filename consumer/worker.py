@@ -560,7 +560,7 @@ async def serve(
     tasks = [
         asyncio.create_task(worker.run(stop), name="worker"),
         asyncio.create_task(
-            Scheduler(settings, redis, worker.ctx.catalog, worker.consumer).run(stop), name="scheduler"
+            Scheduler(settings, redis, worker.ctx.catalog, worker.consumer, lazy_pool).run(stop), name="scheduler"
         ),
     ]
     if settings.run_projector:

@@ -34,11 +34,16 @@ class Schedule:
     created_at: str = ""
 
     def next_after(self, moment_ms: int) -> int:
-        start = datetime.fromtimestamp(moment_ms / 1000, UTC)
-        return int(croniter(self.cron, start).get_next(float) * 1000)
+        return next_tick(self.cron, moment_ms)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def next_tick(cron: str, moment_ms: int) -> int:
+    """The cron expression's first tick after `moment_ms` (ms)."""
+    start = datetime.fromtimestamp(moment_ms / 1000, UTC)
+    return int(croniter(cron, start).get_next(float) * 1000)
 
 
 def validate_cron(expression: str) -> str:

@@ -330,6 +330,21 @@ class Scripts:
         )
         return _s(reply)
 
+    async def claim_tick(self, name: str, *, now_ms: int, next_ms: int) -> int | None:
+        """Claim the due tick of built-in schedule `name` (moving it on to `next_ms`); the tick's
+        time in ms, or None when it is not due or another worker claimed it."""
+        reply = int(await self._call("claim_tick", keys=[self.keys.builtin_schedules], args=[name, now_ms, next_ms]))
+        return reply or None
+
+    async def rotate_secret(
+        self, endpoints_key: str, previous_key: str, *, endpoint_id: str, expected: str, record: str, previous: str
+    ) -> bool:
+        """Write a webhook endpoint's new record and previous secret if the record is still `expected`."""
+        reply = await self._call(
+            "rotate_secret", keys=[endpoints_key, previous_key], args=[endpoint_id, expected, record, previous]
+        )
+        return int(reply) == 1
+
     async def remove_consumer_if_idle(self, stream: str, group: str, consumer: str) -> bool:
         return int(await self._call("remove_idle_consumer", keys=[stream], args=[group, consumer])) == 1
 

@@ -131,6 +131,23 @@ class Settings(BaseSettings):
         default=1_000_000, ge=1000, description="Approximate retention of the results stream (entries)."
     )
     task_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="Seconds a finished task's status stays in Redis.")
+    retention_days: int = Field(
+        default=30,
+        ge=0,
+        description="Days a finished execution, its chain of work and its dead letters are kept (0: for ever).",
+    )
+    cleanup_cron: str = Field(
+        default="30 * * * *",
+        description="When the built-in retention cleanup runs (cron; once per tick across all workers).",
+    )
+    cleanup_batch: int = Field(
+        default=500, ge=1, le=10_000, description="Executions the retention cleanup deletes per transaction."
+    )
+    dead_letter_maxlen: int = Field(
+        default=100_000,
+        ge=1000,
+        description="Approximate most entries each dead-letter stream keeps (the requests' and the projector's).",
+    )
     projector_batch: int = Field(default=500, ge=1, description="Events the projector writes per batch.")
     run_projector: bool = Field(default=True, description="Run the PostgreSQL projector inside each worker.")
 
@@ -204,6 +221,12 @@ class Settings(BaseSettings):
     )
     webhook_backoff: float = Field(default=5.0, gt=0, description="First webhook retry delay in seconds (doubles).")
     webhook_backoff_max: float = Field(default=1800.0, gt=0, description="Largest webhook retry delay in seconds.")
+    webhook_secret_grace: float = Field(
+        default=86400.0,
+        ge=0,
+        le=7 * 86400,
+        description="Seconds a rotated webhook secret still signs beside the new one (a rotation may ask otherwise).",
+    )
     webhook_endpoint_concurrency: int = Field(
         default=4, ge=1, description="Requests in flight to one webhook endpoint per process (worker or API)."
     )
@@ -235,6 +258,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = value.strip().lower()
             return None if value in {"", "none", "off"} else value
+        return value
+
+    @field_validator("cleanup_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        value = " ".join(value.split())
+        if len(value.split()) not in (5, 6) or not croniter.is_valid(value):
+            raise ValueError(f"'{value}' is not a cron expression (5 fields, or 6 with seconds last)")
         return value
 
     @property

@@ -352,6 +352,17 @@ class Keys:
         return self._name("ckeys")
 
     @property
+    def builtin_schedules(self) -> str:
+        """Sorted set of the built-in schedules (the retention cleanup) scored by their next tick in ms.
+        Kept apart from operators' schedules, which the scheduler drops when their record is gone."""
+        return f"{self.prefix}:schedules:builtin"
+
+    @property
+    def cleanup_last(self) -> str:
+        """JSON of the last retention cleanup: its tick, who ran it, when, and what it deleted."""
+        return f"{self.prefix}:cleanup:last"
+
+    @property
     def delayed(self) -> str:
         """Sorted set of requests waiting for a retry, scored by due time in ms."""
         return self._name("delayed")

@@ -7,6 +7,8 @@ Kept in Redis next to the queue (the API registers, every worker's delivery loop
 - `{prefix}:webhooks:due` sorted set: delivery id scored by when it may next be sent (ms, Redis's clock).
 - `{prefix}:webhooks:lease:{delivery id}` string: held while one process sends it.
 - `{prefix}:webhooks:{endpoint id}:dead` list: deliveries that gave up, newest first (capped).
+- `{prefix}:webhooks:previous` hash: endpoint id -> its previous secret and when it stops signing
+  (ms), after a rotation. Kept beside the record, not in it, so the record keeps its shape.
 
 A delivery id is also its `webhook-id` header: `msg_{endpoint id}_{results-stream entry id}`, the same
 for every attempt and replay, so a receiver drops duplicates by it. Signatures follow the Standard
@@ -34,6 +36,7 @@ from standardwebhooks import Webhook
 
 from shared.clients import ClientError, Vault
 from shared.events import Event
+from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, dumps, loads, now_iso
 
@@ -55,6 +58,30 @@ class WebhookEvent(StrEnum):
     WORKERS_UNAVAILABLE = "workers.unavailable"
     # A schedule's tick that could not be enqueued (its workflow is gone).
     SCHEDULE_FAILED = "schedule.failed"
+
+
+class InvalidEndpoint(ValueError):
+    """A registration that cannot be made as asked (said in words for a 422 or the CLI)."""
+
+
+def endpoint_event_types(requested: list[str] | None, client: str | None) -> list[str]:
+    """The event types an endpoint is registered for: `requested`, or every type when None.
+
+    A client's endpoint receives its own executions only: `workers.unavailable` (the operators'
+    concern) is left out of its default, and refused when asked for by name."""
+    try:
+        types = set(WebhookEvent) if requested is None else {WebhookEvent(t) for t in requested}
+    except ValueError:
+        unknown = sorted(set(requested or []) - {e.value for e in WebhookEvent})
+        known = ", ".join(e.value for e in WebhookEvent)
+        raise InvalidEndpoint(f"unknown event type(s) {', '.join(unknown)}; known: {known}") from None
+    if client is not None:
+        if requested is not None and WebhookEvent.WORKERS_UNAVAILABLE in types:
+            raise InvalidEndpoint("workers.unavailable is for operators' endpoints (no client_slug)")
+        types.discard(WebhookEvent.WORKERS_UNAVAILABLE)
+    if not types:
+        raise InvalidEndpoint("event_types must name at least one event type")
+    return sorted(t.value for t in types)
 
 
 def webhook_event(event: Event) -> WebhookEvent | None:
@@ -98,6 +125,7 @@ class WebhookKeys:
         self.endpoints = f"{keys.prefix}:webhooks"
         self.deliveries = f"{keys.prefix}:webhooks:deliveries"
         self.due = f"{keys.prefix}:webhooks:due"
+        self.previous = f"{keys.prefix}:webhooks:previous"
 
     def lease(self, delivery_id: str) -> str:
         return f"{self.prefix}:webhooks:lease:{delivery_id}"
@@ -124,9 +152,13 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def sign(secret: str, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
-    """The three Standard Webhooks headers for one attempt."""
-    signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body)
+def sign(signing: str | list[str], msg_id: str, timestamp: int, body: str) -> dict[str, str]:
+    """The three Standard Webhooks headers for one attempt, signed with each secret given (the current
+    one first; during a rotation's grace also the previous): Standard Webhooks lists several
+    signatures in one header, space-separated, and a receiver accepts the message if any matches."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    keys = [signing] if isinstance(signing, str) else signing
+    signature = " ".join(Webhook(secret).sign(msg_id, moment, body) for secret in keys)
     return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature}
 
 
@@ -257,6 +289,25 @@ class Delivery:
         }
 
 
+class RotationConflict(Exception):
+    """The endpoint changed (another rotation) or went while its secret was being rotated."""
+
+
+@dataclass
+class Rotated:
+    endpoint: Endpoint
+    # When the previous secret stops signing (ms, Redis's clock); None: it stopped at once.
+    previous_until_ms: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        until = self.previous_until_ms
+        return {
+            "id": self.endpoint.id,
+            "secret": self.endpoint.secret,
+            "previous_secret_expires_at": datetime.fromtimestamp(until / 1000, UTC).isoformat() if until else None,
+        }
+
+
 class WebhookRegistry:
     def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self.redis = redis
@@ -267,18 +318,24 @@ class WebhookRegistry:
 
     def _dump(self, endpoint: Endpoint) -> str:
         data = asdict(endpoint)
-        if self.vault.has_key:
-            # At rest under NOVA_SECRETS_KEY when there is one, as client credentials are.
-            data["secret"] = SEALED + self.vault.encrypt(endpoint.secret)
+        data["secret"] = self._seal(endpoint.secret)
         return dumps(data)
+
+    def _seal(self, secret: str) -> str:
+        # At rest under NOVA_SECRETS_KEY when there is one, as client credentials are.
+        return SEALED + self.vault.encrypt(secret) if self.vault.has_key else secret
+
+    def _unseal(self, secret: str) -> str:
+        if not secret.startswith(SEALED):
+            return secret
+        try:
+            return self.vault.decrypt(secret[len(SEALED) :])
+        except ClientError:
+            return ""  # unreadable here: deliveries fail (and say so) rather than go unsigned
 
     def _load(self, raw: str) -> Endpoint:
         endpoint = Endpoint(**loads(raw))
-        if endpoint.secret.startswith(SEALED):
-            try:
-                endpoint.secret = self.vault.decrypt(endpoint.secret[len(SEALED) :])
-            except ClientError:
-                endpoint.secret = ""  # unreadable here: deliveries fail (and say so) rather than go unsigned
+        endpoint.secret = self._unseal(endpoint.secret)
         return endpoint
 
     async def ensure_group(self) -> None:
@@ -324,8 +381,47 @@ class WebhookRegistry:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.names.endpoints, endpoint_id)
             pipe.delete(self.names.dead(endpoint_id))
-            removed, _ = await pipe.execute()
+            pipe.hdel(self.names.previous, endpoint_id)
+            removed, _, _ = await pipe.execute()
         return bool(removed)
+
+    async def rotate_secret(self, endpoint_id: str, grace: float) -> Rotated | None:
+        """Give the endpoint a new secret; the old one goes on signing beside it for `grace` seconds
+        (one previous secret at a time: a rotation within the grace drops the one before). None: no
+        such endpoint; RotationConflict: it changed or went meanwhile (nothing written)."""
+        raw = await self.redis.hget(self.names.endpoints, endpoint_id)
+        if raw is None:
+            return None
+        endpoint = self._load(raw)
+        old = endpoint.secret
+        endpoint.secret = new_secret()
+        until: int | None = None
+        previous = ""
+        if grace > 0 and old:
+            until = await redis_ms(self.redis) + int(grace * 1000)
+            previous = dumps({"secret": self._seal(old), "until_ms": until})
+        replaced = await Scripts(self.redis, self.keys).rotate_secret(
+            self.names.endpoints,
+            self.names.previous,
+            endpoint_id=endpoint_id,
+            expected=raw,
+            record=self._dump(endpoint),
+            previous=previous,
+        )
+        if not replaced:
+            raise RotationConflict(f"webhook {endpoint_id} changed while its secret was rotated; try again")
+        return Rotated(endpoint, until)
+
+    async def signing_secrets(self, endpoint: Endpoint, now_ms: int) -> list[str]:
+        """The secrets an attempt is signed with now: the current one, and a rotated one in its grace."""
+        signing = [endpoint.secret]
+        raw = await self.redis.hget(self.names.previous, endpoint.id)
+        if raw:
+            previous = loads(raw)
+            old = self._unseal(previous["secret"])
+            if old and now_ms < int(previous["until_ms"]):
+                signing.append(old)
+        return signing
 
     async def announce(self, kind: WebhookEvent, data: dict[str, Any], occurrence: str, client: str | None) -> int:
         """Queue `kind` for every endpoint that wants it and may see it: operators' endpoints, and when

@@ -515,3 +515,53 @@ def test_every_atomic_step_touches_one_slot_under_a_shard_tag() -> None:
         for step, names in steps.items():
             assert len({key_slot(n.encode()) for n in names}) == 1, (step, names)
     assert len({Keys.shard_of_client(c, shards) for c in ("acme", "globex", "initech", "umbrella", "hooli")}) > 1
+
+
+# ---- built-in schedules ----------------------------------------------------------------------------
+
+
+async def test_claim_tick_race_one_worker_claims_each_tick(r: Redis, scripts: Scripts) -> None:
+    # Not yet registered: the first look registers the next tick and claims nothing.
+    assert await scripts.claim_tick("cleanup", now_ms=1_000, next_ms=60_000) is None
+    assert await r.zscore(KEYS.builtin_schedules, "cleanup") == 60_000
+    assert await scripts.claim_tick("cleanup", now_ms=59_999, next_ms=60_000) is None  # not due
+    for tick, nxt in ((60_000, 120_000), (120_000, 180_000)):
+        claims = await asyncio.gather(*(scripts.claim_tick("cleanup", now_ms=tick + 5, next_ms=nxt) for _ in range(8)))
+        assert sorted(claims, key=lambda c: c or 0) == [None] * 7 + [tick]
+    # Down through several ticks: the missed one is claimed once, the next is computed from now.
+    claims = [await scripts.claim_tick("cleanup", now_ms=600_005, next_ms=660_000) for _ in range(3)]
+    assert claims == [180_000, None, None]
+    assert await r.zscore(KEYS.builtin_schedules, "cleanup") == 660_000
+
+
+async def test_claim_tick_twice_is_once(r: Redis, scripts: Scripts) -> None:
+    await twice(r, lambda: scripts.claim_tick("cleanup", now_ms=1_000, next_ms=60_000))
+    await twice(r, lambda: scripts.claim_tick("cleanup", now_ms=60_001, next_ms=120_000))
+
+
+async def test_rotate_secret_race_one_rotation_writes_and_a_deleted_endpoint_stays_deleted(
+    r: Redis, scripts: Scripts
+) -> None:
+    await r.hset("t:webhooks", "e1", "read")
+
+    def rotate(record: str, expected: str = "read") -> Awaitable[bool]:
+        return scripts.rotate_secret(
+            "t:webhooks", "t:webhooks:previous", endpoint_id="e1", expected=expected, record=record,
+            previous=f"old-of-{record}",
+        )  # fmt: skip
+
+    written = await asyncio.gather(*(rotate(f"new-{n}") for n in range(8)))
+    assert sum(written) == 1
+    winner = f"new-{written.index(True)}"
+    assert await r.hget("t:webhooks", "e1") == winner
+    assert await r.hget("t:webhooks:previous", "e1") == f"old-of-{winner}"
+    await r.hdel("t:webhooks", "e1")
+    assert not await rotate("late", expected=winner)
+    assert await r.hget("t:webhooks", "e1") is None
+
+
+async def test_rotate_secret_twice_is_once(r: Redis, scripts: Scripts) -> None:
+    await r.hset("t:webhooks", "e1", "read")
+    step = dict(endpoint_id="e1", expected="read", record="new", previous="")
+    await twice(r, lambda: scripts.rotate_secret("t:webhooks", "t:webhooks:previous", **step))
+    assert await r.hget("t:webhooks", "e1") == "new"

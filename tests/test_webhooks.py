@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,18 @@ from consumer.webhooks import WebhookDelivery
 from shared.alerts import check_workers
 from shared.catalog import WorkflowCatalog
 from shared.schedules import ScheduleStore
+from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType
-from shared.webhooks import Delivery, EgressPolicy, EgressRefused, WebhookKeys, WebhookRegistry, delivery_id
+from shared.webhooks import (
+    Delivery,
+    EgressPolicy,
+    EgressRefused,
+    RotationConflict,
+    WebhookKeys,
+    WebhookRegistry,
+    delivery_id,
+)
 from tests.support import (
     ADMIN_KEY,
     SECRETS_KEY,
@@ -605,3 +615,97 @@ async def test_a_malformed_url_is_a_422_not_a_500(api: httpx.AsyncClient) -> Non
     response = await api.post("/webhooks", json={"url": "http://[::1/hook"})
     assert response.status_code == 422, response.text
     assert "malformed" in response.json()["error"]["message"]
+
+
+async def test_a_rotated_secret_signs_beside_the_new_one_until_its_grace_ends(
+    redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    endpoint = await register(hook_api, receiver, "/rot", event_types=["execution.succeeded"])
+    first = receiver.secrets["/rot"]
+    wf = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
+    assert (await hook_api.post("/webhooks/nope/rotate-secret")).status_code == 404
+    negative = await hook_api.post(f"/webhooks/{endpoint['id']}/rotate-secret", json={"grace_seconds": -1})
+    assert negative.status_code == 422
+
+    async def rotate(**body: Any) -> dict[str, Any]:
+        response = await hook_api.post(f"/webhooks/{endpoint['id']}/rotate-secret", json=body)
+        assert response.status_code == 200, response.text
+        rotated: dict[str, Any] = response.json()
+        assert rotated["secret"].startswith("whsec_")
+        return rotated
+
+    async def deliver(verify_with: str) -> list[str]:
+        """One execution's delivery, checked by a receiver that knows only `verify_with`; the
+        signatures it carried (the receiver refuses a delivery that none of them signs)."""
+        receiver.secrets["/rot"] = verify_with
+        seen = len(receiver.requests)
+        task = await enqueue(redis, hook_settings, wf)
+        await wait_terminal(redis, hook_settings, [task.task_id])
+        await until(lambda: any(a == "ok" for _, _, _, a in receiver.requests[seen:]))
+        [(_, headers, _, _)] = [r for r in receiver.requests[seen:] if r[3] == "ok"]
+        return headers["webhook-signature"].split(" ")
+
+    async with in_process_worker(hook_settings):
+        second = await rotate()  # the default grace (a day)
+        assert second["previous_secret_expires_at"] is not None
+        assert len(await deliver(first)) == 2  # the old secret still verifies...
+        assert len(await deliver(second["secret"])) == 2  # ...and so does the new one
+        third = await rotate(grace_seconds=0)
+        assert third["previous_secret_expires_at"] is None
+        assert len(await deliver(third["secret"])) == 1  # no grace: the new secret alone
+        fourth = await rotate(grace_seconds=1)
+        until_ms = datetime.fromisoformat(fourth["previous_secret_expires_at"]).timestamp() * 1000
+
+        async def grace_over() -> bool:
+            seconds, micros = await redis.time()
+            return seconds * 1000 + micros // 1000 > until_ms
+
+        await until(grace_over)
+        receiver.bad_signatures.clear()
+        assert len(await deliver(fourth["secret"])) == 1  # the grace is over: only the new one signs
+    assert receiver.bad_signatures == []
+    # The previous secret rests sealed, as the current one does.
+    stored = await redis.hget(WebhookKeys(hook_settings_keys(hook_settings)).previous, endpoint["id"])
+    assert stored is not None and third["secret"] not in stored and "sealed:" in stored
+    assert (await hook_api.delete(f"/webhooks/{endpoint['id']}")).status_code == 204
+    assert await redis.hget(WebhookKeys(hook_settings_keys(hook_settings)).previous, endpoint["id"]) is None
+
+
+async def test_a_rotation_racing_another_or_a_delete_writes_once_or_not_at_all(
+    redis: Redis, hook_settings: Settings
+) -> None:
+    keys = hook_settings_keys(hook_settings)
+    registry = WebhookRegistry(redis, keys, hook_settings)
+    scripts = Scripts(redis, keys)
+    endpoint = await registry.create("http://127.0.0.1/race", ["execution.succeeded"], None)
+    raw = await redis.hget(registry.names.endpoints, endpoint.id)
+    assert raw is not None
+
+    def record(n: int) -> str:
+        return orjson.dumps({**orjson.loads(raw), "description": f"rotation {n}"}).decode()
+
+    def step(n: int) -> Any:
+        return scripts.rotate_secret(
+            registry.names.endpoints, registry.names.previous, endpoint_id=endpoint.id, expected=raw,
+            record=record(n), previous=orjson.dumps({"secret": f"old-{n}", "until_ms": 1}).decode(),
+        )  # fmt: skip
+
+    # Six rotations that all read the same record: exactly one writes, with its own previous secret.
+    written = await asyncio.gather(*(step(n) for n in range(6)))
+    assert sum(written) == 1
+    winner = written.index(True)
+    assert await redis.hget(registry.names.endpoints, endpoint.id) == record(winner)
+    assert orjson.loads(await redis.hget(registry.names.previous, endpoint.id))["secret"] == f"old-{winner}"
+    # Through the registry: each caller gets a secret that signs, or a conflict, never a dead secret.
+    outcomes = await asyncio.gather(
+        *(registry.rotate_secret(endpoint.id, 60) for _ in range(4)), return_exceptions=True
+    )
+    secrets = [o.endpoint.secret for o in outcomes if not isinstance(o, BaseException) and o is not None]
+    assert secrets and all(isinstance(o, RotationConflict) for o in outcomes if isinstance(o, BaseException))
+    current = await registry.get(endpoint.id)
+    assert current is not None and current.secret in secrets
+    # A delete between the read and the write: the endpoint is not brought back.
+    raw = await redis.hget(registry.names.endpoints, endpoint.id)
+    await registry.delete(endpoint.id)
+    assert not await step(99)
+    assert await registry.get(endpoint.id) is None and await redis.hlen(registry.names.previous) == 0

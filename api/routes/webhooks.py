@@ -12,7 +12,15 @@ from api.errors import ApiError, unavailable
 from api.schemas import errors
 from shared.clients import Principal
 from shared.executions import CatalogUnavailable, UnknownClient
-from shared.webhooks import EgressRefused, Endpoint, WebhookEvent, WebhookRegistry
+from shared.webhooks import (
+    EgressRefused,
+    Endpoint,
+    InvalidEndpoint,
+    RotationConflict,
+    WebhookEvent,
+    WebhookRegistry,
+    endpoint_event_types,
+)
 
 router = APIRouter(tags=["webhooks"])
 
@@ -61,16 +69,13 @@ async def create_webhook(res: Res, caller: Caller, body: WebhookIn) -> dict[str,
             raise ApiError(404, f"Client '{client}' not found") from None
         except CatalogUnavailable:
             raise unavailable("PostgreSQL") from None
-    types = set(body.event_types)
-    if client is not None:
-        # Workers' health is the operators' concern: a client's endpoint gets its executions only.
-        if "event_types" in body.model_fields_set and WebhookEvent.WORKERS_UNAVAILABLE in types:
-            raise ApiError(422, "workers.unavailable is for operators' endpoints (no client_slug)")
-        types.discard(WebhookEvent.WORKERS_UNAVAILABLE)
-    if not types:
-        raise ApiError(422, "event_types must name at least one event type")
+    requested = [t.value for t in body.event_types] if "event_types" in body.model_fields_set else None
     try:
-        endpoint = await _registry(res).create(body.url, [t.value for t in types], client, body.description)
+        types = endpoint_event_types(requested, client)
+    except InvalidEndpoint as exc:
+        raise ApiError(422, str(exc)) from None
+    try:
+        endpoint = await _registry(res).create(body.url, types, client, body.description)
     except EgressRefused as exc:
         raise ApiError(422, f"webhook URL refused: {exc}") from None
     return endpoint.as_json(with_secret=True)
@@ -92,6 +97,34 @@ async def delete_webhook(res: Res, caller: Caller, endpoint_id: str) -> Response
     await _visible(res, caller, endpoint_id)
     await _registry(res).delete(endpoint_id)
     return Response(status_code=204)
+
+
+class RotateIn(BaseModel):
+    grace_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=7 * 86400,
+        description="Seconds the old secret goes on signing beside the new one (default NOVA_WEBHOOK_SECRET_GRACE)",
+    )
+
+
+@router.post(
+    "/webhooks/{endpoint_id}/rotate-secret",
+    summary="Give an endpoint a new signing secret (shown once); the old one signs too for a grace period",
+    responses=errors(404, 409, 422),
+)
+async def rotate_secret(res: Res, caller: Caller, endpoint_id: str, body: RotateIn | None = None) -> dict[str, Any]:
+    await _visible(res, caller, endpoint_id)
+    grace = body.grace_seconds if body is not None and body.grace_seconds is not None else None
+    try:
+        rotated = await _registry(res).rotate_secret(
+            endpoint_id, res.settings.webhook_secret_grace if grace is None else grace
+        )
+    except RotationConflict as exc:
+        raise ApiError(409, str(exc)) from None
+    if rotated is None:
+        raise ApiError(404, f"webhook {endpoint_id} not found")
+    return rotated.as_json()
 
 
 @router.get(
