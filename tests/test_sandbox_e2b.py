@@ -8,23 +8,34 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from consumer.engine import Checkpoint, NodeRecord, run_workflow
-from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import NodeError, SandboxBusy, SandboxInfraError, SandboxSpec
 from consumer.sandbox.e2b import E2BSandboxProvider
 from consumer.sandbox.local import LocalSandboxProvider
+from shared.events import Event
 from shared.settings import Settings
-from shared.streams import EventType
+from shared.streams import EventType, Keys
 from shared.workflow import Node, validate_definition
 from tests.e2b_standin import StandInServer
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal, worker_env
+from tests.support import (
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    wait_for_events,
+    wait_terminal,
+    worker_env,
+)
 
 
 @pytest.fixture
@@ -287,23 +298,94 @@ def _e2b_settings(settings: Settings, **overrides: object) -> Settings:
     return settings.model_copy(update=values)
 
 
-async def test_a_429_waits_without_spending_a_retry(standin: StandInServer, settings: Settings) -> None:
+async def test_a_429_hands_the_run_back_and_frees_its_slot(standin: StandInServer, settings: Settings) -> None:
     # Limits set above the plan's (or a second installation on the key): E2B answers 429.
     standin.state.max_sandboxes = 1
     p = E2BSandboxProvider(_e2b_settings(settings, e2b_max_sandboxes=5, e2b_creates_per_second=0))
     await p.start()
     first = await p.open(spec())
-    second = asyncio.create_task(p.open(spec()))
-    for _ in range(500):  # until E2B has refused more creates than the SDK's own re-sends (3) cover
-        if standin.state.rate_limited > 5:
-            break
-        await asyncio.sleep(0.01)
-    assert not second.done()
+    with pytest.raises(SandboxBusy) as info:
+        await p.open(spec())
+    # Past the SDK's own re-sends (3): the run is handed back with a delay, not waited for inline.
+    assert standin.state.rate_limited > 3 and "429" in str(info.value)
+    assert 0.05 <= info.value.retry_after <= 0.05 * 1.5
+    assert p.semaphore is not None and await p.semaphore.live_holders() == {first.holder}
     await first.close()
-    sb = await second
+    sb = await p.open(spec())
     assert (await sb.run_action("a", "context['x'] = 1", {}, 10)).context == {"x": 1}
     await p.aclose()
     assert standin.alive() == []
+
+
+async def test_a_long_wait_for_a_slot_hands_the_run_back(standin: StandInServer, settings: Settings) -> None:
+    p = E2BSandboxProvider(_e2b_settings(settings, e2b_max_sandboxes=1, e2b_inline_wait=0.1))
+    await p.start()
+    first = await p.open(spec())
+    with pytest.raises(SandboxBusy, match="NOVA_E2B_MAX_SANDBOXES=1"):
+        await p.open(spec())
+    assert len(standin.state.created) == 1  # E2B was never asked
+    await first.close()
+    await p.aclose()
+
+
+async def test_a_short_wait_for_a_create_token_is_waited_inline(standin: StandInServer, settings: Settings) -> None:
+    # 5 creates/s: the second token comes within 200 ms, well inside the inline wait.
+    p = E2BSandboxProvider(_e2b_settings(settings, e2b_creates_per_second=5, e2b_inline_wait=30))
+    await p.start()
+    await p.open(spec())
+    await p.open(spec())
+    assert len(standin.state.created) == 2
+    await p.aclose()
+
+
+def _on(executor: str, code: str) -> dict[str, Any]:
+    definition = linear(code)
+    definition["nodes"][1]["executor"] = executor
+    return definition
+
+
+@pytest.mark.parametrize("limit", ["shared cap", "E2B's 429"])
+async def test_runs_waiting_for_e2b_free_the_worker_for_other_work(
+    standin: StandInServer, settings: Settings, redis: Redis, keys: Keys, pool: Any, tmp_path: Path, limit: str
+) -> None:
+    # Three E2B runs, one sandbox to be had, a worker of concurrency 3. The sandbox's holder waits for
+    # a gate; the other two must wait for it without holding the worker's slots: a local run queued
+    # behind them finishes while they wait.
+    if limit == "shared cap":
+        cap = 1
+    else:
+        cap, standin.state.max_sandboxes = 5, 1  # NOVA's cap above the plan: E2B itself refuses
+    s = _e2b_settings(
+        settings, concurrency=3, e2b_max_sandboxes=cap, e2b_creates_per_second=0, e2b_inline_wait=0.2,
+        e2b_rate_limit_wait=0.1,
+    )  # fmt: skip
+    gate = tmp_path / "gate"
+    waiting = await create_workflow(
+        redis, s, pool, _on("e2b", f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)")
+    )
+    local = await create_workflow(redis, s, pool, _on("local", "context['local'] = True"))
+    async with in_process_worker(s):
+        e2b_runs = [(await enqueue(redis, s, waiting)).task_id for _ in range(3)]
+        # Both runs without a sandbox are handed back (a RETRY that spends no attempt)...
+        handed_back = await wait_for_events(
+            redis, s, lambda e: e.task_id in e2b_runs and e.type == EventType.RETRY, count=2, timeout=60
+        )
+        other = await enqueue(redis, s, local)
+        # ...so the worker has slots for other work while they wait.
+        done = await wait_terminal(redis, s, [other.task_id], timeout=60)
+        assert done[other.task_id].type == EventType.SUCCEEDED
+        statuses = [await redis.hget(keys.task(t), "status") for t in e2b_runs]
+        assert not gate.exists() and "SUCCESS" not in statuses and "DEAD" not in statuses
+        gate.touch()
+        events = await wait_terminal(redis, s, e2b_runs, timeout=60)
+    assert {e.type for e in events.values()} == {EventType.SUCCEEDED}
+    assert await redis.xlen(s.dead_letter_stream) == 0
+    every = [Event.from_entry(i, f) for i, f in await redis.xrange(s.results_stream)]
+    retries = [e for e in every if e.task_id in e2b_runs and e.type == EventType.RETRY]
+    assert len(retries) >= len(handed_back)
+    assert {(e.data["attempt"], e.data["error"]["reason"]) for e in retries} == {(0, "waiting")}
+    assert [await redis.hget(keys.task(t), "attempt") for t in e2b_runs] == ["0"] * 3
+    assert standin.state.peak == 1 and standin.alive() == []
 
 
 async def test_the_reaper_kills_the_sandboxes_of_a_worker_killed_with_sigkill(
@@ -379,3 +461,54 @@ async def test_a_template_with_python_older_than_3_10_fails_fast(standin: StandI
         await p.open(spec())
     assert info.value.reason == "executor_unavailable" and "3.8.10" in info.value.message
     assert standin.alive() == []
+
+
+async def _health_until(api: httpx.AsyncClient, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """/health once `check` holds of it (workers report every quarter visibility timeout)."""
+    deadline = time.monotonic() + 30
+    while True:
+        body: dict[str, Any] = (await api.get("/health")).json()
+        if body.get("workers") and check(body):
+            return body
+        assert time.monotonic() < deadline, f"/health never showed it: {body}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_refused_key_shows_in_health_and_metrics_until_fixed(
+    standin: StandInServer, settings: Settings, redis: Redis, pool: Any, api: httpx.AsyncClient
+) -> None:
+    workflow = await create_workflow(redis, settings, pool, _on("e2b", "context['x'] = 1"))
+    async with in_process_worker(_e2b_settings(settings, e2b_api_key=SecretStr("wrong"))):
+        # Known from the worker's start (its reaper lists sandboxes with the key), before any run needs E2B.
+        body = await _health_until(api, lambda b: not b["workers"]["ok"])
+        [problem] = body["workers"]["problems"]
+        assert problem["executor"] == "e2b" and "E2B_API_KEY" in problem["error"]
+        # The API itself serves on: a worker's key is no reason for a load balancer to drop it.
+        assert body["status"] == "healthy" and body["workers"]["live"] == 1
+        metrics = (await api.get("/metrics")).text
+        assert f'nova_worker_executor_problem{{consumer="{problem["consumer"]}",executor="e2b"}} 1.0' in metrics
+        failed = await enqueue(redis, settings, workflow)
+        [event] = (await wait_terminal(redis, settings, [failed.task_id])).values()
+        assert event.type == EventType.FAILED and event.data["error"]["reason"] == "executor_unavailable"
+    # The key fixed (the worker restarted with it): the fault is gone with the old worker's report.
+    async with in_process_worker(_e2b_settings(settings)):
+        body = await _health_until(api, lambda b: b["workers"]["ok"] and b["workers"]["live"] == 1)
+        assert body["workers"]["problems"] == []
+        ok = await enqueue(redis, settings, workflow)
+        [event] = (await wait_terminal(redis, settings, [ok.task_id])).values()
+        assert event.type == EventType.SUCCEEDED
+        metrics = (await api.get("/metrics")).text
+        assert f'nova_worker_executor_problem{{consumer="{problem["consumer"]}"' not in metrics
+        assert 'nova_worker_executor_problem{consumer="' in metrics and 'executor="e2b"} 0.0' in metrics
+    assert standin.alive() == []
+
+
+async def test_the_fault_clears_once_e2b_accepts_again(standin: StandInServer) -> None:
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-later"))
+    with pytest.raises(NodeError):
+        await p.open(spec())
+    assert p.problem() is not None and "'nova-later'" in (p.problem() or "")
+    standin.state.templates.add("nova-later")  # the operator builds the template
+    await p.open(spec())
+    assert p.problem() is None
+    await p.aclose()

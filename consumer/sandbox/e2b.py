@@ -8,13 +8,15 @@ response redirected to a file, so that a dropped stream can reattach to the stil
 still read its reply instead of running the node a second time. A fresh interpreter per node means
 that, unlike the local sandbox, imports and globals do not persist between nodes here: the context does.
 
-Error classification (SandboxInfraError is retried by the worker, then dead-lettered; NodeError fails
-the execution at once):
+Error classification (SandboxInfraError is retried by the worker, then dead-lettered; SandboxBusy is
+handed back to wait, spending no retry and freeing the worker's slot; NodeError fails the execution
+at once):
 
 | where | what | becomes |
 | --- | --- | --- |
 | create | refused key (401), unknown template (404) | NodeError `executor_unavailable` naming them; no retry |
-| create | 429 (plan's concurrent sandboxes or create rate) | SandboxInfraError (paced before: see below) |
+| open | every slot of NOVA_E2B_MAX_SANDBOXES taken, or the create rate spent, past a short wait | SandboxBusy |
+| create | 429 (plan's concurrent sandboxes or create rate), after the SDK's own re-sends | SandboxBusy |
 | create, upload, run | 503, E2B unreachable (connect refused, read timeout), other 5xx | SandboxInfraError |
 | run | stream dropped, or ended without an end event | reattach to the running command, take its result |
 | run | the sandbox vanished (expired, killed) | SandboxInfraError |
@@ -50,7 +52,7 @@ from e2b.exceptions import (
 )
 from e2b.sandbox.commands.command_handle import CommandExitException
 
-from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import NodeError, SandboxBusy, SandboxInfraError, SandboxSpec
 from consumer.sandbox.runner_client import RunnerSandbox
 from shared.connections import create_redis
 from shared.scripts import Scripts
@@ -230,8 +232,15 @@ class E2BSandboxProvider:
         if self.api_key:
             try:
                 await self.reap()
+            except AuthenticationException:
+                # Known before any execution needs E2B: reported from the start (health, metrics).
+                self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard")
             except Exception as exc:
                 log.warning("could not list E2B sandboxes to reap: %r", exc)
+
+    def problem(self) -> str | None:
+        """What health and metrics report: a refused key or unknown template, until a create succeeds."""
+        return self.permanent_error
 
     async def reap(self) -> list[str]:
         """Kill this installation's sandboxes whose slot has expired (their worker died); their ids."""
@@ -287,17 +296,26 @@ class E2BSandboxProvider:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _busy(self, message: str) -> SandboxBusy:
+        # Jitter: runs handed back together would otherwise all come back at once.
+        return SandboxBusy(message, self.settings.e2b_rate_limit_wait * random.uniform(1.0, 1.5))
+
     async def open(self, spec: SandboxSpec) -> E2BSandbox:
-        deadline = time.monotonic() + (spec.timeout if spec.timeout is not None else self.settings.execution_timeout)
         holder = f"{self.worker}.{spec.execution_id}.{uuid.uuid4().hex[:8]}"
         if self.semaphore is not None:
             try:
-                # Paced here, not by E2B's 429s: waiting for a slot spends no retry.
-                await self.semaphore.acquire(holder, deadline)
-            except SemaphoreTimeout as exc:
-                raise SandboxInfraError(f"no E2B sandbox free: {exc}") from None
+                # Paced here, not by E2B's 429s. The rule: wait inline only up to NOVA_E2B_INLINE_WAIT (a
+                # create token comes within 1/rate s; a slot often within moments); a longer wait
+                # costs the worker slot more than a hand-back (a few Redis writes and a trip through
+                # the delayed set) costs the run.
+                await self.semaphore.acquire(holder, time.monotonic() + self.settings.e2b_inline_wait)
+            except SemaphoreTimeout:
+                raise self._busy(
+                    f"every E2B sandbox slot is taken (NOVA_E2B_MAX_SANDBOXES={self.settings.e2b_max_sandboxes}) "
+                    "or the create rate is spent; waiting"
+                ) from None
         try:
-            sandbox = await self._create_paced(spec, holder, deadline)
+            sandbox = await self._create_classified(spec, holder)
         except BaseException:
             await self._release(holder)
             raise
@@ -320,26 +338,22 @@ class E2BSandboxProvider:
             )
         return wrapped
 
-    async def _create_paced(self, spec: SandboxSpec, holder: str, deadline: float) -> AsyncSandbox:
-        while True:
-            try:
-                return await self._create(spec, holder)
-            except AuthenticationException:
-                raise self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard") from None
-            except NotFoundException as exc:
+    async def _create_classified(self, spec: SandboxSpec, holder: str) -> AsyncSandbox:
+        try:
+            return await self._create(spec, holder)
+        except AuthenticationException:
+            raise self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard") from None
+        except NotFoundException as exc:
+            raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
+        except RateLimitException as exc:
+            # Over the plan (another installation on the same key, or limits set above the plan's), after
+            # the SDK's own re-sends (which honour Retry-After within its request timeout; e2b 2.63 does
+            # not pass the header on): hand the run back, spending no retry.
+            raise self._busy(f"E2B answered 429 ({exc}); waiting") from None
+        except _TRANSIENT as exc:
+            if _status(exc) == 404:
                 raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
-            except RateLimitException as exc:
-                # Over the plan (another installation on the same key, or limits set above the plan's):
-                # wait, spending no retry, as long as the execution may still run.
-                pause = self.settings.e2b_rate_limit_wait * random.uniform(1.0, 1.5)
-                if time.monotonic() + pause > deadline:
-                    raise SandboxInfraError(f"E2B rate limit until the execution's deadline: {exc}") from None
-                log.info("E2B answered 429 (%s); creating again in %.1fs", exc, pause)
-                await asyncio.sleep(pause)
-            except _TRANSIENT as exc:
-                if _status(exc) == 404:
-                    raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
-                raise SandboxInfraError(f"E2B could not create a sandbox: {exc!r}") from None
+            raise SandboxInfraError(f"E2B could not create a sandbox: {exc!r}") from None
 
     async def _release(self, holder: str) -> None:
         if self.semaphore is not None:
