@@ -18,6 +18,9 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from cli.chaos_e2b import E2BPlanRun
+from cli.chaos_e2b import passed as chaos_e2b_passed
+from cli.e2b_standin import StandInServer
 from consumer.engine import Checkpoint, NodeRecord, run_workflow
 from consumer.sandbox.base import NodeError, SandboxBusy, SandboxInfraError, SandboxSpec
 from consumer.sandbox.e2b import E2BSandboxProvider
@@ -26,7 +29,6 @@ from shared.events import Event
 from shared.settings import Settings
 from shared.streams import EventType, Keys
 from shared.workflow import Node, validate_definition
-from tests.e2b_standin import StandInServer
 from tests.support import (
     create_workflow,
     enqueue,
@@ -512,3 +514,15 @@ async def test_the_fault_clears_once_e2b_accepts_again(standin: StandInServer) -
     await p.open(spec())
     assert p.problem() is None
     await p.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_the_e2b_plan_chaos_scenario_at_small_scale() -> None:
+    # `nova chaos --scenario e2b-plan` runs the literal figure (200 executions, Hobby limits); here its
+    # code runs scaled down: worker slots (2 x 3) above the plan's sandboxes (4).
+    report = await E2BPlanRun(
+        executions=12, workers=2, concurrency=3, plan_sandboxes=4, plan_creates_per_second=10, node_seconds=0.5,
+        timeout=60,
+    ).run()  # fmt: skip
+    assert chaos_e2b_passed(report), report
+    assert report["retries_spent"] == 0 and report["sandboxes_created"] == 12, report

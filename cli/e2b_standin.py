@@ -1,4 +1,5 @@
-"""A local stand-in for the parts of E2B that the e2b sandbox uses, for tests without internet.
+"""A local stand-in for the parts of E2B that the e2b sandbox uses, for tests and `nova chaos
+--scenario e2b-plan` without internet (or an E2B bill).
 
 It serves over real HTTP, so the real `e2b` SDK talks to it unchanged, pointed here through the SDK's
 own settings (E2B_API_URL, E2B_SANDBOX_URL): the control plane (create, list and kill sandboxes) and
@@ -87,6 +88,7 @@ class StandIn:
     max_sandboxes: int | None = None
     creates_per_second: float | None = None
     rate_limited: int = 0  # 429s answered
+    create_times: list[float] = field(default_factory=list)  # time.monotonic() of each create served
     peak: int = 0  # most sandboxes alive at once
     # step name ("create", "upload", "run", "kill", "drop") -> HTTP status (or anything for "run"/"drop")
     fail: dict[str, Any] = field(default_factory=dict)
@@ -279,6 +281,7 @@ def _app(state: StandIn) -> Starlette:
             profile.write_text(f'export PATH="{state.template_bin[template]}:$PATH"\n')
         state.peak = max(state.peak, len(state.sandboxes))
         state.created.append(sandbox_id)
+        state.create_times.append(time.monotonic())
         return JSONResponse(
             {
                 "templateID": template,
