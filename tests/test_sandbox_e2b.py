@@ -82,6 +82,23 @@ async def test_runs_nodes_and_kills_the_sandbox_on_close(provider: E2BSandboxPro
     assert any("runner.py --once" in c for c in standin.state.commands)
 
 
+@pytest.mark.parametrize("step", ["create", "create_reply"])
+async def test_a_create_answered_502_is_re_sent_with_the_same_key_and_makes_one_sandbox(
+    provider: E2BSandboxProvider, standin: StandInServer, step: str
+) -> None:
+    # "create_reply": E2B made the sandbox, but its answer was lost (a gateway's 502): the re-send with
+    # the same idempotency key must get that sandbox, not a second one.
+    standin.state.fail[step] = 502
+    standin.state.fail_times[step] = 2
+    sb = await provider.open(spec())
+    # Refused twice then made (3 asks); or made at once, its answer lost, and found by the first re-send (2).
+    asks = 3 if step == "create" else 2
+    assert len(standin.state.idempotency_keys) == asks and len(set(standin.state.idempotency_keys)) == 1
+    assert standin.alive() == standin.state.created == [sb.sandbox.sandbox_id]
+    await sb.close()
+    assert standin.alive() == []
+
+
 @pytest.mark.parametrize(("status", "fragment"), [(500, "could not create"), (503, "could not create")])
 async def test_create_errors_are_infrastructure_errors(
     provider: E2BSandboxProvider, standin: StandInServer, status: int, fragment: str
@@ -308,8 +325,9 @@ async def test_a_429_hands_the_run_back_and_frees_its_slot(standin: StandInServe
     first = await p.open(spec())
     with pytest.raises(SandboxBusy) as info:
         await p.open(spec())
-    # Past the SDK's own re-sends (3): the run is handed back with a delay, not waited for inline.
-    assert standin.state.rate_limited > 3 and "429" in str(info.value)
+    # Handed back with a delay at once: neither waited for inline nor re-sent by the SDK, whose re-sends
+    # would skip the shared create pacing.
+    assert standin.state.rate_limited == 1 and "429" in str(info.value)
     assert 0.05 <= info.value.retry_after <= 0.05 * 1.5
     assert p.semaphore is not None and await p.semaphore.live_holders() == {first.holder}
     await first.close()

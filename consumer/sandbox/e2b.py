@@ -16,8 +16,9 @@ at once):
 | --- | --- | --- |
 | create | refused key (401), unknown template (404) | NodeError `executor_unavailable` naming them; no retry |
 | open | every slot of NOVA_E2B_MAX_SANDBOXES taken, or the create rate spent, past a short wait | SandboxBusy |
-| create | 429 (plan's concurrent sandboxes or create rate), after the SDK's own re-sends | SandboxBusy |
-| create, upload, run | 503, E2B unreachable (connect refused, read timeout), other 5xx | SandboxInfraError |
+| create | 429 (plan's concurrent sandboxes or create rate); never re-sent by the SDK (retries=0) | SandboxBusy |
+| create | 502, 503, 504 | re-sent 3 times with the same idempotency key, then SandboxInfraError |
+| create, upload, run | E2B unreachable (connect refused, read timeout), other 5xx | SandboxInfraError |
 | run | stream dropped, or ended without an end event | reattach to the running command, take its result |
 | run | the sandbox vanished (expired, killed) | SandboxInfraError |
 | run | the command exceeded the node's time limit | NodeError reason "timeout" |
@@ -70,6 +71,8 @@ _TRANSIENT = (ServiceBusyException, SandboxException, httpx.HTTPError, ConnectEr
 # How often an interrupted stream may be reattached before the node is given up as infrastructure.
 _REATTACHES = 5
 _KILL_ATTEMPTS = 3
+# Pauses before re-sending a create that E2B answered 502, 503 or 504 (the SDK's own re-sends are off).
+_CREATE_RESENDS = (0.5, 1.0, 2.0)
 # runner.py needs Python >= 3.10 (match, `X | Y` types): checked once per sandbox, before any node.
 _PYTHON_CHECK = (
     'python3 -c \'import sys; print("ok" if sys.version_info >= (3, 10) else "old", sys.version.split()[0])\''
@@ -80,6 +83,14 @@ _KILLED = (137, -9)
 
 def _status(exc: BaseException) -> int | None:
     return getattr(exc, "status_code", None)
+
+
+def _resendable(exc: Exception) -> bool:
+    """A 502, 503 or 504 on create: E2B may have made the sandbox or not; a re-send with the same
+    idempotency key is safe. (A 429 is not re-sent here: the run is handed back instead.)"""
+    if isinstance(exc, RateLimitException):
+        return False
+    return isinstance(exc, ServiceBusyException) or (isinstance(exc, SandboxException) and _status(exc) in (502, 504))
 
 
 class E2BSandbox(RunnerSandbox):
@@ -268,7 +279,7 @@ class E2BSandboxProvider:
         log.error("%s", message)
         return NodeError(type="E2BConfigurationError", message=message, reason="executor_unavailable")
 
-    async def _create(self, spec: SandboxSpec, holder: str) -> AsyncSandbox:
+    async def _create(self, spec: SandboxSpec, holder: str, key: str) -> AsyncSandbox:
         create = asyncio.ensure_future(
             AsyncSandbox.create(
                 template=self.template,
@@ -276,8 +287,12 @@ class E2BSandboxProvider:
                 envs=spec.secrets or None,
                 metadata=self.metadata(spec, holder),
                 api_key=self.api_key,
-                # The SDK re-sends a create on 502/504: the key makes a second sandbox impossible.
-                idempotency_key=f"nova-{spec.execution_id}-{uuid.uuid4().hex}",
+                # Our re-sends (_create_classified) carry the same key: they cannot make a second sandbox.
+                idempotency_key=key,
+                # No re-sends by the SDK: it would re-send a 429 after its Retry-After outside our create
+                # pacing, colliding with the next paced create (measured: a 429 for two creates in
+                # three at the plan's rate). Re-sends are ours, below.
+                retries=0,
             )
         )
         self._creating.add(create)
@@ -339,21 +354,35 @@ class E2BSandboxProvider:
         return wrapped
 
     async def _create_classified(self, spec: SandboxSpec, holder: str) -> AsyncSandbox:
-        try:
-            return await self._create(spec, holder)
-        except AuthenticationException:
-            raise self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard") from None
-        except NotFoundException as exc:
-            raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
-        except RateLimitException as exc:
-            # Over the plan (another installation on the same key, or limits set above the plan's), after
-            # the SDK's own re-sends (which honour Retry-After within its request timeout; e2b 2.63 does
-            # not pass the header on): hand the run back, spending no retry.
-            raise self._busy(f"E2B answered 429 ({exc}); waiting") from None
-        except _TRANSIENT as exc:
-            if _status(exc) == 404:
-                raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
-            raise SandboxInfraError(f"E2B could not create a sandbox: {exc!r}") from None
+        key = f"nova-{spec.execution_id}-{uuid.uuid4().hex}"
+        for pause in (*_CREATE_RESENDS, None):
+            try:
+                return await self._create(spec, holder, key)
+            except Exception as exc:
+                if pause is None or not _resendable(exc):
+                    error = self._create_error(exc)
+                    if error is exc:
+                        raise
+                    raise error from None
+                log.info("E2B answered %r to a create; re-sending it in %.1fs", exc, pause)
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _create_error(self, exc: Exception) -> Exception:
+        """What a failed create becomes (the table at the top); anything unforeseen stays as it is."""
+        if isinstance(exc, AuthenticationException):
+            return self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard")
+        if isinstance(exc, NotFoundException) or (isinstance(exc, _TRANSIENT) and _status(exc) == 404):
+            # A 404 on create comes back as a plain SandboxException: the status tells.
+            return self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}")
+        if isinstance(exc, RateLimitException):
+            # Over the plan (another installation on the same key, limits set above the plan's, or two
+            # paced creates brought closer by the network): hand the run back, spending no retry. e2b
+            # 2.63 does not pass Retry-After on; NOVA_E2B_RATE_LIMIT_WAIT stands for it.
+            return self._busy(f"E2B answered 429 ({exc}); waiting")
+        if isinstance(exc, _TRANSIENT):
+            return SandboxInfraError(f"E2B could not create a sandbox: {exc!r}")
+        return exc
 
     async def _release(self, holder: str) -> None:
         if self.semaphore is not None:
