@@ -208,6 +208,7 @@ class E2BSandboxProvider:
         # Set when E2B refused the key or the template: what health and metrics report.
         self.permanent_error: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
         self._creating: set[asyncio.Future[AsyncSandbox]] = set()
         # The plan's limits, shared by every worker through Redis (none without Redis: a lone worker).
         self.semaphore: Semaphore | None = None
@@ -241,13 +242,26 @@ class E2BSandboxProvider:
                 rate=self.settings.e2b_creates_per_second,
             )
         if self.api_key:
-            try:
-                await self.reap()
-            except AuthenticationException:
-                # Known before any execution needs E2B: reported from the start (health, metrics).
-                self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard")
-            except Exception as exc:
-                log.warning("could not list E2B sandboxes to reap: %r", exc)
+            await self._reap_once()
+            if self.semaphore is not None and self._reaper is None:
+                self._reaper = asyncio.create_task(self._reap_every(self.settings.visibility_timeout), name="e2b-reap")
+
+    async def _reap_once(self) -> None:
+        try:
+            await self.reap()
+        except AuthenticationException:
+            # Known before any execution needs E2B: reported from the start (health, metrics).
+            self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard")
+        except Exception as exc:
+            log.warning("could not list E2B sandboxes to reap: %r", exc)
+
+    async def _reap_every(self, interval: float) -> None:
+        # A worker that dies without its shutdown (SIGKILL, a second SIGTERM) leaves its sandboxes to
+        # whoever reaps next: every live worker reaps once per visibility timeout, so they go within
+        # two of its death (one for its slots to expire), not at some worker's next start.
+        while True:
+            await asyncio.sleep(max(interval, 0.5))
+            await self._reap_once()
 
     def problem(self) -> str | None:
         """What health and metrics report: a refused key or unknown template, until a create succeeds."""
@@ -415,6 +429,10 @@ class E2BSandboxProvider:
 
     async def aclose(self) -> None:
         # Worker shutdown: nothing may outlive it on E2B's bill.
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         if self._creating:
             # Creates cancelled mid-way: their sandboxes are killed as their ids arrive.
             await asyncio.gather(*self._creating, return_exceptions=True)
