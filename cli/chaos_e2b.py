@@ -46,6 +46,9 @@ class E2BPlanRun:
     # The plan (E2B Hobby), enforced by the stand-in with 429s and configured on the workers.
     plan_sandboxes: int = 20
     plan_creates_per_second: float = 1.0
+    # What the workers are set to (NOVA_E2B_CREATES_PER_SECOND): by default the README's advice, a tenth
+    # below the plan's.
+    creates_per_second: float | None = None
     node_seconds: float = 20.0
     timeout: float = 1800.0
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nova-chaos-e2b-")))
@@ -58,6 +61,10 @@ class E2BPlanRun:
         self.port = free_port()
         self.admin_key = secrets.token_urlsafe(24)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def paced_at(self) -> float:
+        return self.creates_per_second if self.creates_per_second is not None else self.plan_creates_per_second * 0.9
 
     def env(self, standin: StandInServer) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVA_", "E2B_"))}
@@ -73,7 +80,7 @@ class E2BPlanRun:
             NOVA_DEFAULT_EXECUTOR="e2b",
             NOVA_E2B_TEMPLATE="nova-nodes",
             NOVA_E2B_MAX_SANDBOXES=str(self.plan_sandboxes),
-            NOVA_E2B_CREATES_PER_SECOND=str(self.plan_creates_per_second),
+            NOVA_E2B_CREATES_PER_SECOND=str(self.paced_at),
             NOVA_EXECUTION_TIMEOUT=str(max(600.0, self.node_seconds * 4)),
             NOVA_NODE_TIMEOUT=str(self.node_seconds + 60),
             NOVA_MAX_NODE_TIMEOUT=str(max(300.0, self.node_seconds + 60)),
@@ -147,6 +154,7 @@ class E2BPlanRun:
             "workers": self.workers,
             "concurrency": self.concurrency,
             "plan": {"sandboxes": self.plan_sandboxes, "creates_per_second": self.plan_creates_per_second},
+            "paced_at_creates_per_second": self.paced_at,
             "node_seconds": self.node_seconds,
             "succeeded": counts.get("SUCCESS", 0),
             "failed": counts.get("FAILURE", 0),

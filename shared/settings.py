@@ -147,7 +147,10 @@ class Settings(BaseSettings):
         description="E2B sandboxes alive at once across all workers: the plan's limit (Hobby 20, Pro 100).",
     )
     e2b_creates_per_second: float = Field(
-        default=1.0, ge=0, description="E2B sandbox creates per second across all workers (Hobby 1, Pro 5; 0: none)."
+        default=0.9,
+        ge=0,
+        description="E2B sandbox creates per second across all workers: a tenth below the plan's (Hobby 1 -> 0.9, "
+        "Pro 5 -> 4.5), so that network jitter does not bring two creates closer than E2B allows; 0: unpaced.",
     )
     e2b_rate_limit_wait: float = Field(
         default=1.0,
