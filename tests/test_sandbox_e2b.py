@@ -34,6 +34,7 @@ from tests.support import (
     enqueue,
     in_process_worker,
     linear,
+    private_dir,
     wait_for_events,
     wait_terminal,
     worker_env,
@@ -358,6 +359,14 @@ async def test_a_short_wait_for_a_create_token_is_waited_inline(standin: StandIn
     await p.aclose()
 
 
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder local node code may write (sandboxes may run under their own uid and see the host read-only)."""
+    with private_dir("e2b") as root:
+        root.chmod(0o777)
+        yield root
+
+
 def _on(executor: str, code: str) -> dict[str, Any]:
     definition = linear(code)
     definition["nodes"][1]["executor"] = executor
@@ -366,7 +375,14 @@ def _on(executor: str, code: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("limit", ["shared cap", "E2B's 429"])
 async def test_runs_waiting_for_e2b_free_the_worker_for_other_work(
-    standin: StandInServer, settings: Settings, redis: Redis, keys: Keys, pool: Any, tmp_path: Path, limit: str
+    standin: StandInServer,
+    settings: Settings,
+    redis: Redis,
+    keys: Keys,
+    pool: Any,
+    tmp_path: Path,
+    shared_dir: Path,
+    limit: str,
 ) -> None:
     # Three E2B runs, one sandbox to be had, a worker of concurrency 3. The sandbox's holder waits for
     # a gate; the other two must wait for it without holding the worker's slots: a local run queued
@@ -380,11 +396,17 @@ async def test_runs_waiting_for_e2b_free_the_worker_for_other_work(
         e2b_rate_limit_wait=0.1,
     )  # fmt: skip
     gate = tmp_path / "gate"
-    waiting = await create_workflow(
-        redis, s, pool, _on("e2b", f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)")
-    )
+    # A local node first, with a side effect: a run handed back resumes from its checkpoint, after it.
+    effects = shared_dir / "effects.log"
+    effects.touch()
+    effects.chmod(0o666)
+    before = f"open({str(effects)!r}, 'a').write(context['_nova']['task_id'] + '\\n')"
+    wait = f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)"
+    definition = linear(before, wait)
+    definition["nodes"][1]["executor"], definition["nodes"][2]["executor"] = "local", "e2b"
+    waiting = await create_workflow(redis, s, pool, definition)
     local = await create_workflow(redis, s, pool, _on("local", "context['local'] = True"))
-    async with in_process_worker(s):
+    async with in_process_worker(s, sandbox_writable=str(shared_dir)):
         e2b_runs = [(await enqueue(redis, s, waiting)).task_id for _ in range(3)]
         # Both runs without a sandbox are handed back (a RETRY that spends no attempt)...
         handed_back = await wait_for_events(
@@ -406,6 +428,7 @@ async def test_runs_waiting_for_e2b_free_the_worker_for_other_work(
     assert {(e.data["attempt"], e.data["error"]["reason"]) for e in retries} == {(0, "waiting")}
     assert [await redis.hget(keys.task(t), "attempt") for t in e2b_runs] == ["0"] * 3
     assert standin.state.peak == 1 and standin.alive() == []
+    assert sorted(effects.read_text().split()) == sorted(e2b_runs)  # each run's first node ran once
 
 
 async def test_the_reaper_kills_the_sandboxes_of_a_worker_killed_with_sigkill(
