@@ -43,6 +43,14 @@ class Metrics:
         self.consumer_idle = Gauge(
             "nova_consumer_idle_seconds", "Consumer idle time", ["group", "consumer"], registry=r
         )
+        # 1 while a worker reports a lasting fault of an executor (a refused E2B key, an unknown
+        # template), else 0; the message is in /health and /inspect (a label would multiply series).
+        self.executor_problem = Gauge(
+            "nova_worker_executor_problem",
+            "1 while a live worker reports a lasting fault of an executor (see /health)",
+            ["consumer", "executor"],
+            registry=r,
+        )
         self.dead_letters = Gauge("nova_dead_letters", "Entries in the dead-letter stream", registry=r)
         self.delayed = Gauge("nova_delayed_retries", "Requests parked for a retry", registry=r)
         # Alarm on used/max: with maxmemory-policy noeviction, a full Redis refuses every write, and
@@ -103,6 +111,10 @@ class Metrics:
         for consumer in report["consumers"]:
             self.consumer_inflight.labels(consumer["group"], consumer["consumer"]).set(consumer["pending"])
             self.consumer_idle.labels(consumer["group"], consumer["consumer"]).set(consumer["idle_s"])
+        self.executor_problem.clear()
+        for worker in report["workers"]:
+            for executor, problem in (worker.get("executors") or {}).items():
+                self.executor_problem.labels(worker["consumer"], str(executor)).set(1 if problem else 0)
         self.dead_letters.set(report["dead_letters"])
         self.delayed.set(report["delayed_retries"])
         control = report["control"]

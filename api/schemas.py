@@ -245,12 +245,28 @@ class CheckOut(BaseModel):
     error: str | None = None
 
 
+class ExecutorProblemOut(BaseModel):
+    consumer: str
+    executor: str
+    error: str
+
+
+class WorkersHealthOut(BaseModel):
+    live: int = Field(description="Workers whose report is fresh (written within NOVA_VISIBILITY_TIMEOUT)")
+    ok: bool = Field(description="False while any worker reports a lasting executor fault")
+    problems: list[ExecutorProblemOut] = Field(
+        default_factory=list, description="Lasting executor faults (a refused E2B key, an unknown template)"
+    )
+
+
 class HealthOut(BaseModel):
     status: Literal["healthy", "degraded"]
     service: str
     version: str
     redis: CheckOut
     postgres: CheckOut
+    # What the workers report; None when it could not be read (Redis down: `redis` says so).
+    workers: WorkersHealthOut | None = None
 
 
 class ClientIn(BaseModel):

@@ -161,20 +161,34 @@ def cleanup_command(
 
 
 def chaos_command(
-    executions: int = typer.Option(2000, help="Executions to submit."),
+    executions: int | None = typer.Option(None, help="Executions to submit (2000; 200 for e2b-plan)."),
     workers: int = typer.Option(3, help="Worker processes."),
     seed: int = typer.Option(0, help="Random seed for the choice of victims."),
     long_nodes: bool = typer.Option(True, help="Some executions run a node longer than the visibility timeout."),
     lost_replies: bool = typer.Option(True, help="Workers reach Redis through a proxy that loses some replies."),
     drop_probability: float = typer.Option(0.01, help="Fraction of replies to workers that the proxy loses."),
     bad_bytes: bool = typer.Option(True, help="One request entry per hundred carries non-UTF-8 bytes."),
+    scenario: str = typer.Option(
+        "faults",
+        help="faults: kill workers, restart Redis, stop PostgreSQL. e2b-plan: E2B's Hobby limits (20 sandboxes, "
+        "1 create/s) against 3 workers x concurrency 10, through the local E2B stand-in.",
+    ),
+    node_seconds: float = typer.Option(20.0, help="e2b-plan: seconds each execution's E2B node runs."),
 ) -> None:
-    """Submit executions while killing workers, restarting Redis and stopping PostgreSQL; print one JSON line."""
+    """Check the delivery guarantees end to end while things break; print one JSON line."""
+    if scenario == "e2b-plan":
+        from cli.chaos_e2b import E2BPlanRun, passed
+
+        report = asyncio.run(E2BPlanRun(executions=executions or 200, workers=workers, node_seconds=node_seconds).run())
+        print(json.dumps(report))
+        raise typer.Exit(0 if passed(report) else 1)
+    if scenario != "faults":
+        raise typer.BadParameter(f"unknown scenario '{scenario}' (faults, e2b-plan)", param_hint="--scenario")
     from cli.chaos import main
 
     raise typer.Exit(
         main(
-            executions,
+            executions or 2000,
             workers,
             seed,
             long_nodes=long_nodes,

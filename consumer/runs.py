@@ -28,7 +28,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from consumer.engine import Attempt, Checkpoint, NodeRecord, OpenSandbox, Outcome, run_workflow
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
-from consumer.sandbox.base import NodeError, Sandbox, SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import NodeError, Sandbox, SandboxBusy, SandboxInfraError, SandboxSpec
 from shared.catalog import CatalogUnavailable, WorkflowCatalog
 from shared.clients import ClientCredentials, ClientError, Vault
 from shared.connections import REDIS_UNAVAILABLE
@@ -258,6 +258,12 @@ class Run:
         self._start(task, attempt, resume)
         try:
             outcome = await self._run_workflow(definition, resume)
+        except SandboxBusy as exc:
+            # Nothing failed: no sandbox can be had now. The run waits in the delayed set, not in
+            # this worker's slot, and resumes from its checkpoint.
+            await self.recorder.flush()
+            await self._transient_failure(attempt, exc, spend_retry=False, delay=exc.retry_after)
+            return
         except SandboxInfraError as exc:
             await self.recorder.flush()
             await self._transient_failure(attempt, exc)
@@ -520,10 +526,15 @@ class Run:
             )
         await self.recorder.flush(terminal=True)
 
-    async def _transient_failure(self, attempt: int, exc: Exception, *, spend_retry: bool = True) -> None:
+    async def _transient_failure(
+        self, attempt: int, exc: Exception, *, spend_retry: bool = True, delay: float | None = None
+    ) -> None:
+        """Park the request for another delivery (`delay` seconds, else the backoff), or dead-letter it
+        once its retries are spent; a wait that spends no retry is reason "waiting"."""
         ctx, request = self.ctx, self.request
         masker = self.recorder.masker
-        error = masker.value(NodeError(type(exc).__name__, str(exc), reason="transient").as_json(None))
+        reason = "transient" if spend_retry else "waiting"
+        error = masker.value(NodeError(type(exc).__name__, str(exc), reason=reason).as_json(None))
         if spend_retry and attempt >= ctx.settings.max_retries:
             task = decode_fields(await ctx.redis.hgetall(ctx.keys.task(request.task_id)))
             await self._dead_letter(
@@ -531,12 +542,20 @@ class Run:
             )
             return
         next_attempt = attempt + 1 if spend_retry else attempt
-        delay = backoff_seconds(ctx.settings, max(next_attempt, 1))
+        if delay is None:
+            delay = backoff_seconds(ctx.settings, max(next_attempt, 1))
         # Shown to people only; the due time itself is Redis's clock plus the delay.
         retry_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + delay)) + "Z"
-        log.warning(
-            "task %s: transient error, retry %d in %.2fs: %s", request.task_id, next_attempt, delay, error["message"]
-        )
+        if spend_retry:
+            log.warning(
+                "task %s: transient error, retry %d in %.2fs: %s",
+                request.task_id,
+                next_attempt,
+                delay,
+                error["message"],
+            )
+        else:
+            log.info("task %s: handed back for %.2fs: %s", request.task_id, delay, error["message"])
         event = self.recorder.event(
             EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at}, shown=True
         )

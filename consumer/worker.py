@@ -45,7 +45,7 @@ from shared.connections import REDIS_UNAVAILABLE, autoclaim, create_redis, ensur
 from shared.db import LazyPool
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, RequestField, decode_fields
+from shared.streams import Keys, RequestField, decode_fields, dumps, now_iso
 from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class Worker:
             asyncio.create_task(self._every(self._promote_interval(), self._promote, stop)),
             asyncio.create_task(self._every(max(vt, 5.0), self.maintenance.run, stop)),
             asyncio.create_task(self._listen_control(closed), name="control"),
+            asyncio.create_task(self._every(vt / 4, self.report_self, closed)),
         ]
         try:
             await self._read_loop(stop)
@@ -164,6 +165,9 @@ class Worker:
         finally:
             closed.set()
             await cancel_until_done(loops)
+            # Gone at once rather than at its expiry: health and metrics stop counting this worker.
+            with contextlib.suppress(*REDIS_UNAVAILABLE, TimeoutError):
+                await asyncio.wait_for(self.scripts.worker_report(self.consumer, None), 1.0)
             # Reached only on an unexpected error in the read loop: runs must not outlive it.
             await cancel_until_done(self.inflight.values())
 
@@ -289,6 +293,20 @@ class Worker:
                     ),
                     timeout=self.settings.visibility_timeout / 4,
                 )
+
+    async def report_self(self) -> None:
+        """Write what operators see of this worker (shared/inspection.py worker_reports): its executors
+        and their lasting faults (a refused E2B key, an unknown template), its load. Rewritten every
+        quarter visibility timeout; stale one visibility timeout later, so a dead worker's report goes."""
+        report = {
+            "at": now_iso(),
+            "concurrency": self.settings.concurrency,
+            "inflight": len(self.inflight),
+            "draining": self.draining,
+            "executors": {name: _problem(provider) for name, provider in self.providers.items()},
+        }
+        ttl_ms = max(int(self.settings.visibility_timeout * 1000), 1000)
+        await self.scripts.worker_report(self.consumer, dumps(report), ttl_ms=ttl_ms)
 
     # ---- run control -----------------------------------------------------------------------------
 
@@ -493,6 +511,12 @@ class Worker:
         if pending:
             log.warning("%d run(s) left pending for reclaim", len(pending))
             await cancel_until_done(pending)
+
+
+def _problem(provider: SandboxProvider) -> str | None:
+    # Optional in the provider protocol: a test double or an older provider has nothing to report.
+    problem = getattr(provider, "problem", None)
+    return problem() if callable(problem) else None
 
 
 E2B_UNAVAILABLE = (

@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.control import RunControl
-from shared.streams import FORMAT_VERSION, Keys, entry_id_parts
+from shared.streams import FORMAT_VERSION, Keys, entry_id_parts, loads
 
 # Redis 6.2 has no `lag` in XINFO GROUPS; counting undelivered entries by hand stops here.
 _LAG_SCAN_LIMIT = 100_000
@@ -79,6 +80,8 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
         "streams": streams,
         "groups": groups,
         "consumers": consumers,
+        # What each live worker reports of itself: its executors and their lasting faults.
+        "workers": await worker_reports(redis, keys),
         "delayed_retries": await redis.zcard(keys.delayed),
         "dead_letters": streams["dead_letter"]["length"],
         # Requests older workers left for a newer release's (a rolling deploy in progress, or one rolled
@@ -114,8 +117,42 @@ async def _concurrency_waiting(redis: Redis, keys: Keys) -> dict[str, Any]:
     return {"runs": sum(k["waiting"] for k in listed), "keys": listed[:_CONCURRENCY_KEYS_LISTED]}
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
+async def worker_reports(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
+    """What each live worker last reported of itself (consumer/worker.py report_self): `consumer`,
+    `at`, `concurrency`, `inflight`, `draining`, and `executors` (name -> its lasting fault, or None).
+    A report past its deadline (by Redis's clock) is a dead worker's and is left out."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.time()
+    pipe.zrange(keys.worker_report_deadlines, 0, -1, withscores=True)
+    pipe.hgetall(keys.worker_reports)
+    (seconds, micros), deadlines, raw = await pipe.execute()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    live = {_text(consumer) for consumer, deadline in deadlines if deadline > now_ms}
+    reports = []
+    for consumer, value in sorted((_text(k), v) for k, v in raw.items()):
+        if consumer not in live:
+            continue
+        try:
+            data = loads(value)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            reports.append({**data, "consumer": consumer})
+    return reports
+
+
+def executor_problems(reports: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Every lasting executor fault the workers report, one row per worker and executor."""
+    return [
+        {"consumer": report["consumer"], "executor": str(executor), "error": str(error)}
+        for report in reports
+        for executor, error in (report.get("executors") or {}).items()
+        if error
+    ]
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -133,6 +170,10 @@ def render_text(report: dict[str, Any]) -> str:
     lines.append("consumers:")
     for c in report["consumers"]:
         lines.append(f"  {c['consumer']:<36} {c['group']:<16} pending {c['pending']:<5} idle {c['idle_s']:.1f}s")
+    problems = executor_problems(report.get("workers") or [])
+    if problems:
+        lines.append("executor faults:")
+        lines.extend(f"  {p['consumer']:<36} {p['executor']:<8} {p['error']}" for p in problems)
     lines.append(f"delayed retries: {report['delayed_retries']}")
     lines.append(f"dead letters:    {report['dead_letters']}")
     newer = report.get("left_for_newer_workers")

@@ -356,6 +356,15 @@ class Scripts:
         )
         return {_s(x) for x in reply}
 
+    async def worker_report(self, consumer: str, report: str | None, *, ttl_ms: int = 0) -> int:
+        """Write a worker's report (None: remove it, at shutdown); the number of stale reports dropped."""
+        reply = await self._call(
+            "worker_report",
+            keys=[self.keys.worker_reports, self.keys.worker_report_deadlines],
+            args=["remove", consumer] if report is None else ["report", consumer, report, ttl_ms],
+        )
+        return int(reply)
+
     async def semaphore(
         self,
         op: str,

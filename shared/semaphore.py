@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 
 from shared.scripts import Scripts
+
+log = logging.getLogger(__name__)
 
 # Longest single sleep while waiting: a release elsewhere is not announced, so it is polled for.
 _MAX_POLL = 0.5
@@ -71,9 +74,17 @@ class Semaphore:
     async def _refresh(self) -> None:
         while self.held:
             await asyncio.sleep(self.ttl_ms / 3000)
-            with contextlib.suppress(Exception):
+            held = sorted(self.held)
+            try:
+                _, kept = await self.scripts.semaphore("refresh", self.name, held, ttl_ms=self.ttl_ms)
+            except Exception:
                 # A missed refresh is not fatal: two more come before the slot expires.
-                await self.scripts.semaphore("refresh", self.name, sorted(self.held), ttl_ms=self.ttl_ms)
+                continue
+            if kept < len(held):
+                # The script will not bring an expired holder back over whoever took its slot: this
+                # process went silent past the TTL (paused, cut off), and the cap may be exceeded
+                # until its holders finish.
+                log.warning("%d '%s' holder(s) expired while still held", len(held) - kept, self.name)
 
     async def aclose(self) -> None:
         """Stop refreshing and give back every slot still held."""

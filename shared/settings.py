@@ -170,10 +170,22 @@ class Settings(BaseSettings):
         description="E2B sandboxes alive at once across all workers: the plan's limit (Hobby 20, Pro 100).",
     )
     e2b_creates_per_second: float = Field(
-        default=1.0, ge=0, description="E2B sandbox creates per second across all workers (Hobby 1, Pro 5; 0: none)."
+        default=0.9,
+        ge=0,
+        description="E2B sandbox creates per second across all workers: a tenth below the plan's (Hobby 1 -> 0.9, "
+        "Pro 5 -> 4.5), so that network jitter does not bring two creates closer than E2B allows; 0: unpaced.",
     )
     e2b_rate_limit_wait: float = Field(
-        default=1.0, gt=0, description="Seconds to wait after E2B answers 429, before creating again (no retry spent)."
+        default=1.0,
+        gt=0,
+        description="Seconds a run handed back for want of an E2B sandbox (every slot taken, or E2B answered "
+        "429) waits in the delayed set before it tries again (no retry spent, no worker slot held).",
+    )
+    e2b_inline_wait: float = Field(
+        default=2.0,
+        ge=0,
+        description="Longest a run waits for an E2B slot or create token while holding its worker slot; "
+        "a longer wait hands the run back (cheaper than a hand-back only for short waits).",
     )
     e2b_fallback: Literal["local"] | None = Field(
         default=None,

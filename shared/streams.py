@@ -367,6 +367,18 @@ class Keys:
         """Sorted set of requests waiting for a retry, scored by due time in ms."""
         return self._name("delayed")
 
+    @property
+    def worker_reports(self) -> str:
+        """Hash of what each worker reports of itself (its executors' lasting faults, its load):
+        consumer -> JSON, rewritten at each heartbeat interval (shared/lua/worker_report.lua)."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def worker_report_deadlines(self) -> str:
+        """Sorted set: consumer -> when its report goes stale (Redis ms), one visibility timeout after it
+        was written; a dead worker's report is dropped then."""
+        return f"{self.prefix}:workers:deadlines"
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

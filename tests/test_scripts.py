@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from cli.embedded import RedisServer
 from shared.events import event_fields
+from shared.inspection import worker_reports
 from shared.scripts import RecordOutcome, Scripts
 from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
 
@@ -565,3 +566,22 @@ async def test_rotate_secret_twice_is_once(r: Redis, scripts: Scripts) -> None:
     step = dict(endpoint_id="e1", expected="read", record="new", previous="")
     await twice(r, lambda: scripts.rotate_secret("t:webhooks", "t:webhooks:previous", **step))
     assert await r.hget("t:webhooks", "e1") == "new"
+async def test_worker_report_race_a_dead_workers_report_goes_a_live_ones_stays(r: Redis, scripts: Scripts) -> None:
+    await scripts.worker_report("dead", dumps({"executors": {"e2b": "refused key"}}), ttl_ms=200)
+    await scripts.worker_report("live", dumps({"executors": {"e2b": None}}), ttl_ms=60_000)
+    # Readers leave a stale report out by Redis's clock, before anyone has pruned it...
+    deadline = asyncio.get_running_loop().time() + 10
+    while [w["consumer"] for w in await worker_reports(r, KEYS)] != ["live"]:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    assert await r.hexists(KEYS.worker_reports, "dead")
+    # ...and the next live report drops it.
+    assert await scripts.worker_report("live", dumps({"executors": {}}), ttl_ms=60_000) == 1
+    assert await r.hkeys(KEYS.worker_reports) == ["live"]
+    # A shutdown's removal racing a last report (its loop cancelled mid-call): whichever lands last
+    # wins, and the report and its deadline stay together.
+    for _ in range(20):
+        await asyncio.gather(
+            scripts.worker_report("live", None), scripts.worker_report("live", dumps({}), ttl_ms=60_000)
+        )
+        assert set(await r.hkeys(KEYS.worker_reports)) == set(await r.zrange(KEYS.worker_report_deadlines, 0, -1))

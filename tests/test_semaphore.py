@@ -1,21 +1,58 @@
-"""The named cross-worker semaphore (shared/semaphore.py, shared/lua/semaphore.lua) on a real Redis."""
+"""The named cross-worker semaphore (shared/semaphore.py, shared/lua/semaphore.lua) on every Redis
+version here (6.2 and 7), with one test per race of its script."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded import RedisServer
 from shared.scripts import Scripts
 from shared.semaphore import Semaphore, SemaphoreTimeout
 from shared.streams import Keys
 
+KEYS = Keys(
+    requests="t:requests",
+    results="t:results",
+    dead_letter="t:dlq",
+    worker_group="workers",
+    projector_group="projector",
+    prefix="t",
+)
 
-async def test_never_more_holders_than_the_limit_under_a_race(redis: Redis, keys: Keys) -> None:
+
+@pytest.fixture
+async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def scripts(r: Redis) -> Scripts:
+    return Scripts(r, KEYS)
+
+
+async def step(scripts: Scripts, op: str, holders: list[str], ttl_ms: int, **kw: float) -> tuple[bool, int]:
+    """One call of the script, as a Semaphore makes it."""
+    return await scripts.semaphore(op, "s", holders, ttl_ms=ttl_ms, **kw)  # type: ignore[arg-type]
+
+
+async def until_expired(sem: Semaphore) -> None:
+    deadline = time.monotonic() + 10
+    while await sem.live_holders():
+        assert time.monotonic() < deadline, "a holder never expired"
+        await asyncio.sleep(0.02)
+
+
+async def test_never_more_holders_than_the_limit_under_a_race(scripts: Scripts) -> None:
     # Two "workers" (separate Semaphore objects) racing for 3 slots with 12 holders.
-    sems = [Semaphore(Scripts(redis, keys), "race", limit=3, ttl=5) for _ in range(2)]
+    sems = [Semaphore(scripts, "race", limit=3, ttl=5) for _ in range(2)]
     inside = peak = 0
 
     async def use(sem: Semaphore, holder: str) -> None:
@@ -33,10 +70,10 @@ async def test_never_more_holders_than_the_limit_under_a_race(redis: Redis, keys
         await sem.aclose()
 
 
-async def test_acquiring_twice_is_one_slot_and_release_is_idempotent(redis: Redis, keys: Keys) -> None:
-    sem = Semaphore(Scripts(redis, keys), "twice", limit=1, ttl=5)
-    await sem.acquire("a")
-    await sem.acquire("a")  # a re-sent call: the same slot
+async def test_acquiring_twice_is_one_slot_and_release_is_idempotent(scripts: Scripts) -> None:
+    sem = Semaphore(scripts, "twice", limit=1, ttl=5)
+    # A re-sent call racing its original: the same slot, and still room for nobody else.
+    await asyncio.gather(sem.acquire("a"), sem.acquire("a"))
     with pytest.raises(SemaphoreTimeout):
         await sem.acquire("b", deadline=time.monotonic() + 0.2)
     await sem.release("a")
@@ -47,27 +84,87 @@ async def test_acquiring_twice_is_one_slot_and_release_is_idempotent(redis: Redi
     assert await sem.live_holders() == set()
 
 
-async def test_a_crashed_holders_slot_comes_back_after_its_ttl(redis: Redis, keys: Keys) -> None:
-    crashed = Semaphore(Scripts(redis, keys), "crash", limit=1, ttl=0.3)
+async def test_race_acquire_vs_expiry_exactly_one_takes_the_freed_slot(scripts: Scripts) -> None:
+    # A crashed holder's slot frees by Redis's clock; twenty waiters polling for it at that moment:
+    # exactly one gets it, and the crashed one is gone.
+    assert await step(scripts, "acquire", ["crashed"], 300, limit=1) == (True, 0)
+    winners: list[str] = []
+
+    async def wait_for_slot(holder: str) -> None:
+        deadline = time.monotonic() + 10
+        while not winners and time.monotonic() < deadline:
+            ok, _ = await step(scripts, "acquire", [holder], 5000, limit=1)
+            if ok:
+                winners.append(holder)
+                return
+            await asyncio.sleep(0.005)
+
+    await asyncio.gather(*(wait_for_slot(f"w{i}") for i in range(20)))
+    assert len(winners) == 1
+    assert await Semaphore(scripts, "s", limit=1, ttl=5).live_holders() == {winners[0]}
+
+
+async def test_race_release_twice_never_frees_another_holders_slot(scripts: Scripts) -> None:
+    # A release re-sent after its holder expired and the slot went to someone else (or released twice
+    # at once) removes only its own holder: the limit still holds.
+    sem = Semaphore(scripts, "s", limit=1, ttl=0.2)
+    assert await step(scripts, "acquire", ["late"], 200, limit=1) == (True, 0)
+    await until_expired(sem)
+    assert await step(scripts, "acquire", ["next"], 5000, limit=1) == (True, 0)
+    await asyncio.gather(step(scripts, "release", ["late"], 5000), step(scripts, "release", ["late"], 5000))
+    assert (await step(scripts, "acquire", ["third"], 5000, limit=1))[0] is False
+    assert await sem.live_holders() == {"next"}
+
+
+async def test_race_refresh_of_an_expired_holder_does_not_bring_it_back(scripts: Scripts) -> None:
+    # A worker paused past the TTL refreshes a holder whose slot was given away meanwhile: the refresh
+    # must not put it back (two holders for one slot); it reports that it kept nothing.
+    sem = Semaphore(scripts, "s", limit=1, ttl=0.2)
+    assert await step(scripts, "acquire", ["paused"], 200, limit=1) == (True, 0)
+    await until_expired(sem)
+    assert await step(scripts, "acquire", ["other"], 5000, limit=1) == (True, 0)
+    assert await step(scripts, "refresh", ["paused"], 5000) == (True, 0)
+    assert await sem.live_holders() == {"other"}
+    # A live holder's refresh is counted as kept (a longer TTL: its deadline surely moves).
+    assert await step(scripts, "refresh", ["other", "paused"], 6000) == (True, 1)
+
+
+async def test_race_rate_limit_boundary_one_token_per_interval_however_many_ask(scripts: Scripts) -> None:
+    # 2 per second, burst 1: a crowd asking at once gets exactly one start; each refused caller is told
+    # to come back within one interval; and a long pause does not bank tokens beyond the burst.
+    async def crowd() -> list[tuple[bool, int]]:
+        return await asyncio.gather(
+            *(step(scripts, "acquire", [f"h{i}-{time.monotonic_ns()}"], 5000, limit=100, rate=2) for i in range(10))
+        )
+
+    first = await crowd()
+    assert sum(ok for ok, _ in first) == 1
+    assert all(0 < wait <= 500 for ok, wait in first if not ok)
+    await asyncio.sleep(1.25)  # two and a half intervals: still one token, the burst
+    assert sum(ok for ok, _ in await crowd()) == 1
+
+
+async def test_a_crashed_holders_slot_comes_back_after_its_ttl(scripts: Scripts) -> None:
+    crashed = Semaphore(scripts, "crash", limit=1, ttl=0.3)
     await crashed.acquire("dead")
     assert crashed._refresher is not None
     crashed._refresher.cancel()  # its worker stops refreshing: killed
-    alive = Semaphore(Scripts(redis, keys), "crash", limit=1, ttl=0.3)
+    alive = Semaphore(scripts, "crash", limit=1, ttl=0.3)
     await alive.acquire("next", deadline=time.monotonic() + 5)
     assert await alive.live_holders() == {"next"}
     await alive.aclose()
 
 
-async def test_a_refreshed_holder_keeps_its_slot_past_its_ttl(redis: Redis, keys: Keys) -> None:
-    sem = Semaphore(Scripts(redis, keys), "kept", limit=1, ttl=0.3)
+async def test_a_refreshed_holder_keeps_its_slot_past_its_ttl(scripts: Scripts) -> None:
+    sem = Semaphore(scripts, "kept", limit=1, ttl=0.3)
     await sem.acquire("a")
     await asyncio.sleep(0.6)  # two TTLs: only the refreshes keep it
     assert await sem.live_holders() == {"a"}
     await sem.aclose()
 
 
-async def test_the_start_rate_spaces_acquisitions(redis: Redis, keys: Keys) -> None:
-    sem = Semaphore(Scripts(redis, keys), "rate", limit=10, ttl=5, rate=5)
+async def test_the_start_rate_spaces_acquisitions(scripts: Scripts) -> None:
+    sem = Semaphore(scripts, "rate", limit=10, ttl=5, rate=5)
     await sem.acquire("a")
     # The second token comes 200 ms later: not before a short deadline.
     with pytest.raises(SemaphoreTimeout):

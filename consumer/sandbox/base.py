@@ -58,6 +58,16 @@ class SandboxInfraError(Exception):
     """The sandbox itself failed (could not start, died, E2B unreachable). Transient: retried."""
 
 
+class SandboxBusy(SandboxInfraError):
+    """No sandbox can be had now (a plan's limit, a cap shared by the workers): nothing failed. The
+    worker hands the run back to wait `retry_after` seconds in the delayed set, spending no retry and
+    holding no worker slot; it resumes from its checkpoint."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass
 class SandboxSpec:
     """What a sandbox is opened for."""
@@ -95,6 +105,10 @@ class SandboxProvider(Protocol):
     async def open(self, spec: SandboxSpec) -> Sandbox: ...
 
     async def aclose(self) -> None: ...
+
+    # Optional (the worker reads it with getattr, so providers without it still serve):
+    # `def problem(self) -> str | None`, a lasting fault an operator must fix (a refused key, an
+    # unknown template), which the worker reports to health and metrics; None while the provider is fine.
 
 
 class UnavailableProvider:

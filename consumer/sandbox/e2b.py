@@ -8,14 +8,17 @@ response redirected to a file, so that a dropped stream can reattach to the stil
 still read its reply instead of running the node a second time. A fresh interpreter per node means
 that, unlike the local sandbox, imports and globals do not persist between nodes here: the context does.
 
-Error classification (SandboxInfraError is retried by the worker, then dead-lettered; NodeError fails
-the execution at once):
+Error classification (SandboxInfraError is retried by the worker, then dead-lettered; SandboxBusy is
+handed back to wait, spending no retry and freeing the worker's slot; NodeError fails the execution
+at once):
 
 | where | what | becomes |
 | --- | --- | --- |
 | create | refused key (401), unknown template (404) | NodeError `executor_unavailable` naming them; no retry |
-| create | 429 (plan's concurrent sandboxes or create rate) | SandboxInfraError (paced before: see below) |
-| create, upload, run | 503, E2B unreachable (connect refused, read timeout), other 5xx | SandboxInfraError |
+| open | every slot of NOVA_E2B_MAX_SANDBOXES taken, or the create rate spent, past a short wait | SandboxBusy |
+| create | 429 (plan's concurrent sandboxes or create rate); never re-sent by the SDK (retries=0) | SandboxBusy |
+| create | 502, 503, 504 | re-sent 3 times with the same idempotency key, then SandboxInfraError |
+| create, upload, run | E2B unreachable (connect refused, read timeout), other 5xx | SandboxInfraError |
 | run | stream dropped, or ended without an end event | reattach to the running command, take its result |
 | run | the sandbox vanished (expired, killed) | SandboxInfraError |
 | run | the command exceeded the node's time limit | NodeError reason "timeout" |
@@ -50,7 +53,7 @@ from e2b.exceptions import (
 )
 from e2b.sandbox.commands.command_handle import CommandExitException
 
-from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import NodeError, SandboxBusy, SandboxInfraError, SandboxSpec
 from consumer.sandbox.runner_client import RunnerSandbox
 from shared.connections import create_redis
 from shared.scripts import Scripts
@@ -68,6 +71,8 @@ _TRANSIENT = (ServiceBusyException, SandboxException, httpx.HTTPError, ConnectEr
 # How often an interrupted stream may be reattached before the node is given up as infrastructure.
 _REATTACHES = 5
 _KILL_ATTEMPTS = 3
+# Pauses before re-sending a create that E2B answered 502, 503 or 504 (the SDK's own re-sends are off).
+_CREATE_RESENDS = (0.5, 1.0, 2.0)
 # runner.py needs Python >= 3.10 (match, `X | Y` types): checked once per sandbox, before any node.
 _PYTHON_CHECK = (
     'python3 -c \'import sys; print("ok" if sys.version_info >= (3, 10) else "old", sys.version.split()[0])\''
@@ -78,6 +83,14 @@ _KILLED = (137, -9)
 
 def _status(exc: BaseException) -> int | None:
     return getattr(exc, "status_code", None)
+
+
+def _resendable(exc: Exception) -> bool:
+    """A 502, 503 or 504 on create: E2B may have made the sandbox or not; a re-send with the same
+    idempotency key is safe. (A 429 is not re-sent here: the run is handed back instead.)"""
+    if isinstance(exc, RateLimitException):
+        return False
+    return isinstance(exc, ServiceBusyException) or (isinstance(exc, SandboxException) and _status(exc) in (502, 504))
 
 
 class E2BSandbox(RunnerSandbox):
@@ -195,6 +208,7 @@ class E2BSandboxProvider:
         # Set when E2B refused the key or the template: what health and metrics report.
         self.permanent_error: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
         self._creating: set[asyncio.Future[AsyncSandbox]] = set()
         # The plan's limits, shared by every worker through Redis (none without Redis: a lone worker).
         self.semaphore: Semaphore | None = None
@@ -228,10 +242,30 @@ class E2BSandboxProvider:
                 rate=self.settings.e2b_creates_per_second,
             )
         if self.api_key:
-            try:
-                await self.reap()
-            except Exception as exc:
-                log.warning("could not list E2B sandboxes to reap: %r", exc)
+            await self._reap_once()
+            if self.semaphore is not None and self._reaper is None:
+                self._reaper = asyncio.create_task(self._reap_every(self.settings.visibility_timeout), name="e2b-reap")
+
+    async def _reap_once(self) -> None:
+        try:
+            await self.reap()
+        except AuthenticationException:
+            # Known before any execution needs E2B: reported from the start (health, metrics).
+            self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard")
+        except Exception as exc:
+            log.warning("could not list E2B sandboxes to reap: %r", exc)
+
+    async def _reap_every(self, interval: float) -> None:
+        # A worker that dies without its shutdown (SIGKILL, a second SIGTERM) leaves its sandboxes to
+        # whoever reaps next: every live worker reaps once per visibility timeout, so they go within
+        # two of its death (one for its slots to expire), not at some worker's next start.
+        while True:
+            await asyncio.sleep(max(interval, 0.5))
+            await self._reap_once()
+
+    def problem(self) -> str | None:
+        """What health and metrics report: a refused key or unknown template, until a create succeeds."""
+        return self.permanent_error
 
     async def reap(self) -> list[str]:
         """Kill this installation's sandboxes whose slot has expired (their worker died); their ids."""
@@ -259,7 +293,7 @@ class E2BSandboxProvider:
         log.error("%s", message)
         return NodeError(type="E2BConfigurationError", message=message, reason="executor_unavailable")
 
-    async def _create(self, spec: SandboxSpec, holder: str) -> AsyncSandbox:
+    async def _create(self, spec: SandboxSpec, holder: str, key: str) -> AsyncSandbox:
         create = asyncio.ensure_future(
             AsyncSandbox.create(
                 template=self.template,
@@ -267,8 +301,12 @@ class E2BSandboxProvider:
                 envs=spec.secrets or None,
                 metadata=self.metadata(spec, holder),
                 api_key=self.api_key,
-                # The SDK re-sends a create on 502/504: the key makes a second sandbox impossible.
-                idempotency_key=f"nova-{spec.execution_id}-{uuid.uuid4().hex}",
+                # Our re-sends (_create_classified) carry the same key: they cannot make a second sandbox.
+                idempotency_key=key,
+                # No re-sends by the SDK: it would re-send a 429 after its Retry-After outside our create
+                # pacing, colliding with the next paced create (measured with `nova chaos --scenario
+                # e2b-plan`: 455 429s for 200 creates). Re-sends are ours (_create_classified).
+                retries=0,
             )
         )
         self._creating.add(create)
@@ -287,17 +325,26 @@ class E2BSandboxProvider:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _busy(self, message: str) -> SandboxBusy:
+        # Jitter: runs handed back together would otherwise all come back at once.
+        return SandboxBusy(message, self.settings.e2b_rate_limit_wait * random.uniform(1.0, 1.5))
+
     async def open(self, spec: SandboxSpec) -> E2BSandbox:
-        deadline = time.monotonic() + (spec.timeout if spec.timeout is not None else self.settings.execution_timeout)
         holder = f"{self.worker}.{spec.execution_id}.{uuid.uuid4().hex[:8]}"
         if self.semaphore is not None:
             try:
-                # Paced here, not by E2B's 429s: waiting for a slot spends no retry.
-                await self.semaphore.acquire(holder, deadline)
-            except SemaphoreTimeout as exc:
-                raise SandboxInfraError(f"no E2B sandbox free: {exc}") from None
+                # Paced here, not by E2B's 429s. The rule: wait inline only up to NOVA_E2B_INLINE_WAIT (a
+                # create token comes within 1/rate s; a slot often within moments); a longer wait
+                # costs the worker slot more than a hand-back (a few Redis writes and a trip through
+                # the delayed set) costs the run.
+                await self.semaphore.acquire(holder, time.monotonic() + self.settings.e2b_inline_wait)
+            except SemaphoreTimeout:
+                raise self._busy(
+                    f"every E2B sandbox slot is taken (NOVA_E2B_MAX_SANDBOXES={self.settings.e2b_max_sandboxes}) "
+                    "or the create rate is spent; waiting"
+                ) from None
         try:
-            sandbox = await self._create_paced(spec, holder, deadline)
+            sandbox = await self._create_classified(spec, holder)
         except BaseException:
             await self._release(holder)
             raise
@@ -320,26 +367,36 @@ class E2BSandboxProvider:
             )
         return wrapped
 
-    async def _create_paced(self, spec: SandboxSpec, holder: str, deadline: float) -> AsyncSandbox:
-        while True:
+    async def _create_classified(self, spec: SandboxSpec, holder: str) -> AsyncSandbox:
+        key = f"nova-{spec.execution_id}-{uuid.uuid4().hex}"
+        for pause in (*_CREATE_RESENDS, None):
             try:
-                return await self._create(spec, holder)
-            except AuthenticationException:
-                raise self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard") from None
-            except NotFoundException as exc:
-                raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
-            except RateLimitException as exc:
-                # Over the plan (another installation on the same key, or limits set above the plan's):
-                # wait, spending no retry, as long as the execution may still run.
-                pause = self.settings.e2b_rate_limit_wait * random.uniform(1.0, 1.5)
-                if time.monotonic() + pause > deadline:
-                    raise SandboxInfraError(f"E2B rate limit until the execution's deadline: {exc}") from None
-                log.info("E2B answered 429 (%s); creating again in %.1fs", exc, pause)
+                return await self._create(spec, holder, key)
+            except Exception as exc:
+                if pause is None or not _resendable(exc):
+                    error = self._create_error(exc)
+                    if error is exc:
+                        raise
+                    raise error from None
+                log.info("E2B answered %r to a create; re-sending it in %.1fs", exc, pause)
                 await asyncio.sleep(pause)
-            except _TRANSIENT as exc:
-                if _status(exc) == 404:
-                    raise self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}") from None
-                raise SandboxInfraError(f"E2B could not create a sandbox: {exc!r}") from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _create_error(self, exc: Exception) -> Exception:
+        """What a failed create becomes (the table at the top); anything unforeseen stays as it is."""
+        if isinstance(exc, AuthenticationException):
+            return self._permanent("E2B refused the API key (E2B_API_KEY): check it on the E2B dashboard")
+        if isinstance(exc, NotFoundException) or (isinstance(exc, _TRANSIENT) and _status(exc) == 404):
+            # A 404 on create comes back as a plain SandboxException: the status tells.
+            return self._permanent(f"E2B has no template '{self.template}' (NOVA_E2B_TEMPLATE): {exc}")
+        if isinstance(exc, RateLimitException):
+            # Over the plan (another installation on the same key, limits set above the plan's, or two
+            # paced creates brought closer by the network): hand the run back, spending no retry. e2b
+            # 2.63 does not pass Retry-After on; NOVA_E2B_RATE_LIMIT_WAIT stands for it.
+            return self._busy(f"E2B answered 429 ({exc}); waiting")
+        if isinstance(exc, _TRANSIENT):
+            return SandboxInfraError(f"E2B could not create a sandbox: {exc!r}")
+        return exc
 
     async def _release(self, holder: str) -> None:
         if self.semaphore is not None:
@@ -372,6 +429,10 @@ class E2BSandboxProvider:
 
     async def aclose(self) -> None:
         # Worker shutdown: nothing may outlive it on E2B's bill.
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         if self._creating:
             # Creates cancelled mid-way: their sandboxes are killed as their ids arrive.
             await asyncio.gather(*self._creating, return_exceptions=True)

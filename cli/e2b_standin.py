@@ -1,4 +1,5 @@
-"""A local stand-in for the parts of E2B that the e2b sandbox uses, for tests without internet.
+"""A local stand-in for the parts of E2B that the e2b sandbox uses, for tests and `nova chaos
+--scenario e2b-plan` without internet (or an E2B bill).
 
 It serves over real HTTP, so the real `e2b` SDK talks to it unchanged, pointed here through the SDK's
 own settings (E2B_API_URL, E2B_SANDBOX_URL): the control plane (create, list and kill sandboxes) and
@@ -79,7 +80,8 @@ class StandIn:
     commands: list[str] = field(default_factory=list)
     envs: dict[str, dict[str, str]] = field(default_factory=dict)  # sandbox id -> its create-time envs
     create_bodies: list[dict[str, Any]] = field(default_factory=list)
-    idempotency_keys: list[str] = field(default_factory=list)
+    idempotency_keys: list[str] = field(default_factory=list)  # of every create asked for
+    by_idempotency_key: dict[str, dict[str, str]] = field(default_factory=dict)
     templates: set[str] = field(default_factory=lambda: {"base", "nova-nodes"})
     # template -> a directory put first on its sandboxes' PATH (a template image with other programs)
     template_bin: dict[str, Path] = field(default_factory=dict)
@@ -87,8 +89,10 @@ class StandIn:
     max_sandboxes: int | None = None
     creates_per_second: float | None = None
     rate_limited: int = 0  # 429s answered
+    create_times: list[float] = field(default_factory=list)  # time.monotonic() of each create served
     peak: int = 0  # most sandboxes alive at once
-    # step name ("create", "upload", "run", "kill", "drop") -> HTTP status (or anything for "run"/"drop")
+    # step name ("create", "create_reply" (after making the sandbox), "upload", "run", "kill", "drop") ->
+    # HTTP status (or anything for "run"/"drop")
     fail: dict[str, Any] = field(default_factory=dict)
     # step name -> how many more times it fails (absent: for ever, while in `fail`)
     fail_times: dict[str, int] = field(default_factory=dict)
@@ -242,6 +246,13 @@ def _app(state: StandIn) -> Starlette:
         state.expire()
         if not authorised(request):
             return _error(401, "Invalid API key")
+        key = request.headers.get("idempotency-key")
+        if key:
+            state.idempotency_keys.append(key)
+            done = state.by_idempotency_key.get(key)
+            if done is not None and done["sandboxID"] in state.sandboxes:
+                # A re-send of a create that was done: the same sandbox, not a second one.
+                return JSONResponse(done, 201)
         status = state.failing("create")
         if status is not None:
             return _error(status, "injected failure")
@@ -260,8 +271,6 @@ def _app(state: StandIn) -> Starlette:
                 wait = state._next_create - now
                 return _error(429, "rate limit exceeded", {"Retry-After": str(int(wait + 0.999))})
             state._next_create = max(now, state._next_create) + 1 / state.creates_per_second
-        if key := request.headers.get("idempotency-key"):
-            state.idempotency_keys.append(key)
         state.create_bodies.append(body)
         sandbox_id = "sbx" + uuid.uuid4().hex[:12]
         state.sandboxes[sandbox_id] = Box(
@@ -279,16 +288,21 @@ def _app(state: StandIn) -> Starlette:
             profile.write_text(f'export PATH="{state.template_bin[template]}:$PATH"\n')
         state.peak = max(state.peak, len(state.sandboxes))
         state.created.append(sandbox_id)
-        return JSONResponse(
-            {
-                "templateID": template,
-                "sandboxID": sandbox_id,
-                "clientID": "standin",
-                "envdVersion": "0.6.7",
-                "envdAccessToken": "standin-token",
-            },
-            201,
-        )
+        state.create_times.append(time.monotonic())
+        reply = {
+            "templateID": template,
+            "sandboxID": sandbox_id,
+            "clientID": "standin",
+            "envdVersion": "0.6.7",
+            "envdAccessToken": "standin-token",
+        }
+        if key:
+            state.by_idempotency_key[key] = reply
+        status = state.failing("create_reply")
+        if status is not None:
+            # Made, but the answer is lost on the way (a gateway's 502/504).
+            return _error(status, "injected failure after the create")
+        return JSONResponse(reply, 201)
 
     async def listing(request: Request) -> Response:
         state.expire()
