@@ -566,6 +566,8 @@ async def test_rotate_secret_twice_is_once(r: Redis, scripts: Scripts) -> None:
     step = dict(endpoint_id="e1", expected="read", record="new", previous="")
     await twice(r, lambda: scripts.rotate_secret("t:webhooks", "t:webhooks:previous", **step))
     assert await r.hget("t:webhooks", "e1") == "new"
+
+
 async def test_worker_report_race_a_dead_workers_report_goes_a_live_ones_stays(r: Redis, scripts: Scripts) -> None:
     await scripts.worker_report("dead", dumps({"executors": {"e2b": "refused key"}}), ttl_ms=200)
     await scripts.worker_report("live", dumps({"executors": {"e2b": None}}), ttl_ms=60_000)
