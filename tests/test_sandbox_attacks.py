@@ -39,6 +39,20 @@ _WHY_NOT = _full_isolation()
 isolated = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
 
 
+@pytest.fixture(autouse=True, params=["fork", "bwrap"])
+def launch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every attack runs against both ways of starting a sandbox: the fork server and bubblewrap."""
+    monkeypatch.setenv("NOVA_SANDBOX_LAUNCH", request.param)
+    return str(request.param)
+
+
+@isolated
+def test_each_attack_meets_the_launcher_it_names(launch: str) -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0))
+    assert provider.launcher == {"fork": "fork server", "bwrap": "bubblewrap"}[launch]
+    assert provider.statement()[0].startswith(f"local sandbox: started by {'the ' if launch == 'fork' else ''}")
+
+
 @pytest.fixture
 async def provider() -> AsyncIterator[LocalSandboxProvider]:
     p = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none"), memory_limit_mb=256)

@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.forkserver import ForkedProcess, ForkServer, probe_fork_server
 from consumer.sandbox.isolation import (
     CgroupRoot,
     Isolation,
@@ -116,7 +117,7 @@ _REPLY_SLACK = 1 << 20
 class LocalSandbox(RunnerSandbox):
     def __init__(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: asyncio.subprocess.Process | ForkedProcess,
         workdir: Path,
         max_context_bytes: int,
         lease: UidLease | None = None,
@@ -177,7 +178,9 @@ class LocalSandbox(RunnerSandbox):
             ready = await asyncio.wait_for(self._receive(), _START_TIMEOUT)
         except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
             await self.close()
-            raise SandboxInfraError(f"local sandbox did not start: {exc!r}") from None
+            raise SandboxInfraError(
+                f"local sandbox did not start: {exc!r} (exit status {self.proc.returncode})"
+            ) from None
         if not ready.get("ready"):
             await self.close()
             raise SandboxInfraError(f"local sandbox sent {ready!r} instead of its greeting")
@@ -237,9 +240,14 @@ class LocalSandbox(RunnerSandbox):
 
     async def close(self) -> None:
         self.dead = True
-        # The whole process group: whatever node code spawned dies with its sandbox.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        forked = isinstance(self.proc, ForkedProcess)
+        if forked:
+            # Its init, through a pidfd; the kernel kills the rest of its PID namespace.
+            self.proc.kill()
+        if not forked or self.proc.returncode is None:
+            # The whole process group: whatever node code spawned dies with its sandbox.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.returncode is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 10)
@@ -253,7 +261,9 @@ class LocalSandbox(RunnerSandbox):
                 self.cgroup = None
         else:
             await _group_gone(self.proc.pid)
-        if self.proc.stdin is not None:
+        if isinstance(self.proc, ForkedProcess):
+            self.proc.close_pipes()
+        elif self.proc.stdin is not None:
             with contextlib.suppress(Exception):
                 self.proc.stdin.close()
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
@@ -381,31 +391,7 @@ class LocalSandboxProvider:
         self.writable = [p.strip() for p in settings.sandbox_writable.split(",") if p.strip()]
         self.cpus = settings.sandbox_cpus
         self.insecure = settings.sandbox_insecure
-        self.bwrap = find_bwrap()
-        why_not = probe_bwrap(self.bwrap, self.network, self._root)
-        if why_not is not None:
-            self.bwrap = None
-        self.cgroups, cgroups_why = CgroupRoot.detect()
-        egress_why = "not needed"
-        if self.network == "egress":
-            if not self.separate_uids:
-                egress_why = "the filter matches the sandboxes' own uids, which need root"
-            else:
-                allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
-                egress_why = install_egress_filter(_UID_BASE, _UID_BASE + _UID_SPAN - 1, allow) or ""
-        self.isolation = Isolation(
-            root=self._root,
-            separate_uids=self.separate_uids,
-            namespaces=self.bwrap is not None,
-            namespaces_why=why_not or "bubblewrap",
-            cgroups=cgroups_why if self.cgroups else None,
-            cgroups_why=cgroups_why,
-            network=self.network,
-            egress_filtered=self.network == "egress" and not egress_why,
-            egress_why=egress_why,
-        )
-        # Without full isolation one worker serves one client only (the first it sees), unless allowed.
-        self._client: str | None = None
+        self.launch = settings.sandbox_launch
         self.pool_size = settings.sandbox_pool_size
         self.max_context_bytes = max_context_bytes
         self.limits = {
@@ -417,15 +403,87 @@ class LocalSandboxProvider:
             "open_files": max_open_files,
             "file_bytes": max_file_bytes,
         }
+        self.bwrap: str | None = None
+        self.forkserver: ForkServer | None = None
+        why_not: str | None = None
+        self.fork_why: str | None = None
+        if self.launch == "plain":
+            # Forked without namespaces, cgroup or own uid: the fork server's cost without isolation.
+            self.separate_uids = False
+            why_not = "NOVA_SANDBOX_LAUNCH=plain"
+            self.forkserver = self._forkserver(isolate=False)
+        else:
+            if self.launch in ("auto", "fork"):
+                self.fork_why = self._probe_fork_server()
+                if self.fork_why is None:
+                    self.forkserver = self._forkserver(isolate=True)
+                elif self.launch == "fork":
+                    why_not = self.fork_why
+            if self.forkserver is None and self.launch in ("auto", "bwrap"):
+                self.bwrap = find_bwrap()
+                why_not = probe_bwrap(self.bwrap, self.network, self._root)
+                if why_not is not None:
+                    self.bwrap = None
+        self.launcher = (
+            "fork server"
+            if self.forkserver is not None and self.launch != "plain"
+            else ("bubblewrap" if self.bwrap is not None else "plain process")
+        )
+        if self.launch == "plain":
+            self.cgroups, cgroups_why = None, "NOVA_SANDBOX_LAUNCH=plain"
+        else:
+            self.cgroups, cgroups_why = CgroupRoot.detect()
+        egress_why = "not needed"
+        if self.network == "egress":
+            if not self.separate_uids:
+                egress_why = "the filter matches the sandboxes' own uids, which need root"
+            else:
+                allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
+                egress_why = install_egress_filter(_UID_BASE, _UID_BASE + _UID_SPAN - 1, allow) or ""
+        self.isolation = Isolation(
+            root=self._root,
+            separate_uids=self.separate_uids,
+            namespaces=why_not is None and self.launcher != "plain process",
+            namespaces_why=why_not or self.launcher,
+            cgroups=cgroups_why if self.cgroups else None,
+            cgroups_why=cgroups_why,
+            network=self.network,
+            egress_filtered=self.network == "egress" and not egress_why,
+            egress_why=egress_why,
+        )
+        # Without full isolation one worker serves one client only (the first it sees), unless allowed.
+        self._client: str | None = None
         self._limits_arg = orjson.dumps(self.limits).decode()
         self._pool: list[LocalSandbox] = []
         self._refilling: set[asyncio.Task[None]] = set()
         self._closed = False
         self.started = 0
 
+    def _probe_fork_server(self) -> str | None:
+        _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="nova-probe-", dir=_WORK_BASE))
+        try:
+            return probe_fork_server(self.python, RUNNER, self.network, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _forkserver(self, *, isolate: bool) -> ForkServer:
+        # The zygote reads the runner as root before any sandbox exists: the install's own copy, not the
+        # shared one in the base folder (which another install's workers may overwrite).
+        return ForkServer(self.python, RUNNER, {"isolate": isolate, "network": self.network, "limits": self.limits})
+
     def statement(self) -> list[str]:
         """What this worker's local sandboxes guarantee, one line each, for its start-up log."""
-        lines = [
+        if self.launcher == "fork server":
+            how = "started by the fork server (one pre-imported zygote per worker forks each sandbox)"
+        elif self.launcher == "bubblewrap":
+            how = "started by bubblewrap and a fresh interpreter each" + (
+                f" (the fork server cannot run: {self.fork_why})" if self.fork_why else ""
+            )
+        else:
+            how = f"started as plain processes ({self.isolation.namespaces_why})"
+        lines = [f"local sandbox: {how}"]
+        lines += [
             f"local sandbox: {'holds' if holds else 'MISSING'}: {what}" for holds, what in self.isolation.statements()
         ]
         if self.isolation.complete:
@@ -444,6 +502,11 @@ class LocalSandboxProvider:
     async def start(self) -> None:
         for line in self.statement():
             (log.warning if "MISSING" in line or "INSECURE" in line else log.info)("%s", line)
+        if self.forkserver is not None and not self.forkserver.alive:
+            try:
+                await self.forkserver.start()
+            except OSError as exc:
+                log.warning("sandbox fork server: %s (starting it again on first need)", exc)
         await self._refill()
 
     async def _spawn(self) -> LocalSandbox:
@@ -486,18 +549,21 @@ class LocalSandboxProvider:
                     lease.release()
                 raise SandboxInfraError(f"could not create the sandbox's cgroup: {exc}") from None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-                cwd=workdir,
-                env=env,
-                start_new_session=True,
-                limit=self.max_context_bytes * 2 + (1 << 20),
-                # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
-                preexec_fn=_child_setup(setup_uid, cgroup),
-            )
+            if self.forkserver is not None:
+                proc: asyncio.subprocess.Process | ForkedProcess = await self._fork(workdir, env, uid, cgroup)
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    *command,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
+                    cwd=workdir,
+                    env=env,
+                    start_new_session=True,
+                    limit=self.max_context_bytes * 2 + (1 << 20),
+                    # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
+                    preexec_fn=_child_setup(setup_uid, cgroup),
+                )
         except (OSError, subprocess.SubprocessError) as exc:
             if cgroup is not None:
                 cgroup.remove()
@@ -517,7 +583,8 @@ class LocalSandboxProvider:
         sandbox = LocalSandbox(
             proc, workdir, self.max_context_bytes, lease, max_output_bytes=self.limits["output_bytes"], cgroup=cgroup
         )
-        sandbox.wrapped = self.bwrap is not None
+        # bwrap's init and the fork server's both exit with 128 + the signal that killed the runner.
+        sandbox.wrapped = self.bwrap is not None or self.launcher == "fork server"
         try:
             await sandbox.handshake()
         except asyncio.CancelledError:
@@ -525,6 +592,40 @@ class LocalSandboxProvider:
             raise
         self.started += 1
         return sandbox
+
+    async def _fork(
+        self, workdir: Path, env: dict[str, str], uid: int | None, cgroup: SandboxCgroup | None
+    ) -> ForkedProcess:
+        """A sandbox from the fork server: it gets its ends of the protocol pipes and its cgroup.procs
+        files (opened here: the zygote's view of the cgroup file system is read-only)."""
+        assert self.forkserver is not None
+        to_sandbox_r, to_sandbox_w = os.pipe()
+        from_sandbox_r, from_sandbox_w = os.pipe()
+        fds = [to_sandbox_r, from_sandbox_w]
+        try:
+            if cgroup is not None:
+                fds += [os.open(path, os.O_WRONLY) for path in cgroup.procs_files]
+        except OSError:
+            for fd in (*fds, to_sandbox_w, from_sandbox_r):
+                os.close(fd)
+            raise
+        request = {
+            "uid": uid,
+            "workdir": str(workdir),
+            "env": env,
+            "shared": [str(_WORK_BASE)],
+            "writable": self.writable,
+            "limits": self.limits,
+        }
+        try:
+            return await self.forkserver.fork(
+                request, fds, to_sandbox_w, from_sandbox_r, self.max_context_bytes * 2 + (1 << 20)
+            )
+        except BaseException:
+            for fd in (to_sandbox_w, from_sandbox_r):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
 
     async def _refill(self) -> None:
         while not self._closed and len(self._pool) < self.pool_size:
@@ -580,3 +681,5 @@ class LocalSandboxProvider:
         await asyncio.gather(*self._refilling, return_exceptions=True)
         pool, self._pool = self._pool, []
         await asyncio.gather(*(s.close() for s in pool), return_exceptions=True)
+        if self.forkserver is not None:
+            await self.forkserver.aclose()
