@@ -273,6 +273,9 @@ class Zygote:
         os.setresgid(_OVERFLOW_UID, _OVERFLOW_UID, _OVERFLOW_UID)
         os.setresuid(_OVERFLOW_UID, _OVERFLOW_UID, _OVERFLOW_UID)
         prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        # Again: the uid change cleared it. Should the zygote die in between, the worker's cgroup sweep
+        # (it sees the zygote go and closes the sandbox) kills init all the same.
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         while True:
             try:
                 pid, status = os.wait()

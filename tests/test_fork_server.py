@@ -1,0 +1,175 @@
+"""The fork server (consumer/sandbox/zygote.py): what it adds to the attacks of test_sandbox_attacks.py,
+which run against it too. Node code is hostile; the zygote is killed as a crash would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+
+from consumer.sandbox import local
+from consumer.sandbox.base import NodeError, SandboxSpec
+from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
+from shared.settings import Settings
+from tests.test_sandbox_attacks import processes_of
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the fork server needs the worker to run as root"
+    probe = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none", sandbox_launch="fork"))
+    if probe.launcher != "fork server" or not probe.isolation.complete:
+        return f"the fork server cannot run here: {probe.fork_why}"
+    return None
+
+
+_WHY_NOT = _why_not()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[LocalSandboxProvider]:
+    p = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none", sandbox_launch="fork"))
+    await p.start()
+    yield p
+    await p.aclose()
+
+
+async def open_box(provider: LocalSandboxProvider, execution_id: int, client: str = "acme") -> LocalSandbox:
+    return await provider.open(SandboxSpec(execution_id=execution_id, client=client))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "State:\tZ" in open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return True
+
+
+LOOK = """
+import os
+fds = {}
+for fd in os.listdir('/proc/self/fd'):
+    try:
+        fds[fd] = os.readlink(f'/proc/self/fd/{fd}')
+    except OSError:
+        pass
+status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())
+context.update(
+    pid=os.getpid(), fds=fds, dev=sorted(os.listdir('/dev')), net=os.readlink('/proc/self/ns/net'),
+    cap_eff=status['CapEff'].strip(), cap_prm=status['CapPrm'].strip(), no_new_privs=status['NoNewPrivs'].strip(),
+    groups=status['Groups'].strip(), uid=os.getuid(), gid=os.getgid(),
+)
+"""
+
+
+async def test_a_sandbox_holds_no_privilege_and_nothing_of_the_zygotes(provider: LocalSandboxProvider) -> None:
+    sb = await open_box(provider, 1)
+    try:
+        seen = (await sb.run_action("look", LOOK, {}, 10)).context
+    finally:
+        await sb.close()
+    assert sb.lease is None  # released at close: it was leased while the sandbox lived
+    # The runner is PID 2 of its own namespace (its init, PID 1, reaps and relays its exit).
+    assert seen["pid"] == 2
+    # Its own uid and gid, no supplementary group, no capability, no way to gain one.
+    assert seen["uid"] == seen["gid"] and seen["uid"] >= 200_000 and seen["groups"] == ""
+    assert int(seen["cap_eff"], 16) == 0 and int(seen["cap_prm"], 16) == 0 and seen["no_new_privs"] == "1"
+    # Descriptors: /dev/null on 0-2, the protocol's two pipes, the one listdir had open; no socket (the
+    # zygote's control socket), no other sandbox's pipe.
+    kinds = sorted(target.split(":")[0] if ":" in target else target for target in seen["fds"].values())
+    assert len(seen["fds"]) <= 6 and not any(k == "socket" for k in kinds), seen["fds"]
+    assert sum(k == "pipe" for k in kinds) == 2, seen["fds"]
+    # A minimal /dev: no disk, no kmsg, nothing of the host's but these.
+    assert set(seen["dev"]) <= {"null", "zero", "full", "random", "urandom", "tty", "shm", "pts", "fd", "stdin",
+                                "stdout", "stderr"}, seen["dev"]  # fmt: skip
+
+
+async def test_live_sandboxes_never_share_a_network_namespace(provider: LocalSandboxProvider) -> None:
+    boxes = [await open_box(provider, i) for i in range(3)]
+    try:
+        nets = [(await b.run_action("n", LOOK, {}, 10)).context["net"] for b in boxes]
+    finally:
+        for b in boxes:
+            await b.close()
+    assert len(set(nets)) == 3 and os.readlink("/proc/self/ns/net") not in nets
+
+
+async def test_node_code_cannot_undo_its_mounts(provider: LocalSandboxProvider) -> None:
+    code = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+context['umount'] = libc.umount2(b'/tmp', 2) == 0 or ctypes.get_errno()
+context['remount'] = libc.mount(None, b'/', None, 0x20 | 0x1000, None) == 0 or ctypes.get_errno()
+"""
+    sb = await open_box(provider, 1)
+    try:
+        seen = (await sb.run_action("mounts", code, {}, 10)).context
+    finally:
+        await sb.close()
+    assert seen == {"umount": 1, "remount": 1}  # EPERM both: no CAP_SYS_ADMIN left
+
+
+async def test_a_killed_zygote_takes_its_sandboxes_along_and_is_started_again(
+    provider: LocalSandboxProvider,
+) -> None:
+    assert provider.forkserver is not None and provider.forkserver.pid is not None
+    first_zygote = provider.forkserver.pid
+    sb = await open_box(provider, 1)
+    assert sb.lease is not None
+    uid = sb.lease.uid
+    await sb.run_action(
+        "escape", "import os\nif os.fork() == 0:\n    os.setsid()\n    import time; time.sleep(300)", {}, 10
+    )
+    os.kill(first_zygote, signal.SIGKILL)
+    # The kill lands when the kernel gets to it: wait (generously) for the sandbox's init to be gone.
+    for _ in range(3000):
+        if _gone(sb.pid):
+            break
+        await asyncio.sleep(0.01)
+    # The node after it finds its sandbox gone: a crash of that node, not a hang.
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("next", "context['x'] = 1", {}, 10)
+    assert info.value.reason == "crashed", info.value
+    await sb.close()
+    assert processes_of(uid) == []
+    again = await open_box(provider, 2)
+    try:
+        assert (await again.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
+        assert provider.forkserver.pid not in (None, first_zygote)
+    finally:
+        await again.close()
+
+
+async def test_auto_falls_back_to_bwrap_where_the_fork_server_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kernel without mount_setattr (before 5.12), as the probe reports it there.
+    why = "the fork server cannot run here: mount_setattr: Function not implemented"
+    monkeypatch.setattr(local, "probe_fork_server", lambda *args: why)
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none"))
+    try:
+        assert provider.launcher == "bubblewrap" and provider.forkserver is None
+        assert why in provider.statement()[0] and provider.isolation.complete
+        sb = await open_box(provider, 1)
+        try:
+            assert (await sb.run_action("n", "import os\ncontext['p'] = os.getpid()", {}, 10)).context["p"] <= 2
+        finally:
+            await sb.close()
+    finally:
+        await provider.aclose()
+
+
+async def test_plain_mode_says_it_isolates_nothing() -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_launch="plain"))
+    try:
+        assert not provider.isolation.complete and provider.cgroups is None and not provider.separate_uids
+        assert "plain processes" in provider.statement()[0]
+        sb = await open_box(provider, 1)
+        try:
+            assert (await sb.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
+        finally:
+            await sb.close()
+    finally:
+        await provider.aclose()
