@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,8 @@ class UidLease:
 
 
 _START_TIMEOUT = 30.0
+# Emptied sandbox cgroups a provider keeps for reuse.
+_SPARE_CGROUPS = 8
 # Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
 _REPLY_SLACK = 1 << 20
 
@@ -126,6 +128,8 @@ class LocalSandbox(RunnerSandbox):
     ) -> None:
         self.proc = proc
         self.cgroup = cgroup
+        # Where an emptied cgroup goes (the provider keeps a few for the next sandboxes), else removed.
+        self.recycle: Callable[[SandboxCgroup], Awaitable[None]] | None = None
         # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
         self.wrapped = False
         self.workdir = workdir
@@ -257,8 +261,8 @@ class LocalSandbox(RunnerSandbox):
             # PID namespace dies with its first process anyway).
             empty = await self.cgroup.kill_all()
             if empty:
-                await self.cgroup.remove_soon()
-                self.cgroup = None
+                cgroup, self.cgroup = self.cgroup, None
+                await (self.recycle(cgroup) if self.recycle is not None else cgroup.remove_soon())
         else:
             await _group_gone(self.proc.pid)
         if isinstance(self.proc, ForkedProcess):
@@ -455,6 +459,7 @@ class LocalSandboxProvider:
         self._client: str | None = None
         self._limits_arg = orjson.dumps(self.limits).decode()
         self._pool: list[LocalSandbox] = []
+        self._spare_cgroups: list[SandboxCgroup] = []
         self._refilling: set[asyncio.Task[None]] = set()
         self._closed = False
         self.started = 0
@@ -524,7 +529,7 @@ class LocalSandboxProvider:
         if uid is not None:
             os.chown(workdir, uid, uid)
         os.chmod(workdir, 0o700)
-        command = [self.python, "-I", str(_sandbox_runner()), self._limits_arg]
+        command = [] if self.forkserver is not None else [self.python, "-I", str(_sandbox_runner()), self._limits_arg]
         setup_uid = uid
         if self.bwrap is not None:
             command = [
@@ -542,7 +547,7 @@ class LocalSandboxProvider:
         cgroup = None
         if self.cgroups is not None:
             try:
-                cgroup = self.cgroups.create(self.limits["memory_bytes"], self.limits["processes"], self.cpus)
+                cgroup = self._cgroup()
             except OSError as exc:
                 shutil.rmtree(workdir, ignore_errors=True)
                 if lease is not None:
@@ -585,6 +590,7 @@ class LocalSandboxProvider:
         )
         # bwrap's init and the fork server's both exit with 128 + the signal that killed the runner.
         sandbox.wrapped = self.bwrap is not None or self.launcher == "fork server"
+        sandbox.recycle = self._recycle
         try:
             await sandbox.handshake()
         except asyncio.CancelledError:
@@ -592,6 +598,21 @@ class LocalSandboxProvider:
             raise
         self.started += 1
         return sandbox
+
+    def _cgroup(self) -> SandboxCgroup:
+        assert self.cgroups is not None
+        if self._spare_cgroups:
+            group = self._spare_cgroups.pop()
+            group.reuse()
+            return group
+        return self.cgroups.create(self.limits["memory_bytes"], self.limits["processes"], self.cpus)
+
+    async def _recycle(self, group: SandboxCgroup) -> None:
+        """Keep an emptied group (no process of it is left: LocalSandbox.close checked) for the next sandbox."""
+        if self._closed or len(self._spare_cgroups) >= _SPARE_CGROUPS:
+            await group.remove_soon()
+        else:
+            self._spare_cgroups.append(group)
 
     async def _fork(
         self, workdir: Path, env: dict[str, str], uid: int | None, cgroup: SandboxCgroup | None
@@ -681,5 +702,7 @@ class LocalSandboxProvider:
         await asyncio.gather(*self._refilling, return_exceptions=True)
         pool, self._pool = self._pool, []
         await asyncio.gather(*(s.close() for s in pool), return_exceptions=True)
+        spares, self._spare_cgroups = self._spare_cgroups, []
+        await asyncio.gather(*(group.remove_soon() for group in spares), return_exceptions=True)
         if self.forkserver is not None:
             await self.forkserver.aclose()
