@@ -4,6 +4,7 @@ which run against it too. Node code is hostile; the zygote is killed as a crash 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -171,5 +172,46 @@ async def test_plain_mode_says_it_isolates_nothing() -> None:
             assert (await sb.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
         finally:
             await sb.close()
+    finally:
+        await provider.aclose()
+
+
+# Children that together pass the sandbox's memory limit, each under the per-process one: the kernel's
+# OOM killer (counted in the cgroup) ends one of them.
+HOG = """
+import os, time
+children = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(120 << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(1)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+async def test_a_reused_cgroup_does_not_blame_the_next_sandbox_for_an_old_oom_kill() -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_launch="fork"), memory_limit_mb=256)
+    try:
+        hog = await open_box(provider, 1)
+        assert hog.cgroup is not None
+        group = hog.cgroup
+        with contextlib.suppress(NodeError):  # the runner itself may be the one killed
+            await hog.run_action("hog", HOG, {}, 20)
+        assert group.oom_kills() > 0
+        await hog.close()
+        after = await open_box(provider, 2)
+        try:
+            assert after.cgroup is group  # the same group, reused
+            with pytest.raises(NodeError) as info:
+                await after.run_action("quit", "import os\nos._exit(3)", {}, 10)
+            assert info.value.type == "SandboxCrashed" and "status 3" in info.value.message, info.value
+        finally:
+            await after.close()
     finally:
         await provider.aclose()

@@ -221,8 +221,7 @@ class LocalSandbox(RunnerSandbox):
                     reason="timeout",
                 ) from None
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
-                returncode = await self._reap()
-                oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
+                returncode, oom = await self._reap()
                 raise _crash(node_id, returncode, oom_killed=oom > 0, wrapped=self.wrapped) from None
             except BadReply as exc:
                 # The node's own doing (it wrote to the protocol or lifted a cap): a failure of that
@@ -234,13 +233,16 @@ class LocalSandbox(RunnerSandbox):
                 ) from None
         return reply
 
-    async def _reap(self) -> int | None:
+    async def _reap(self) -> tuple[int | None, int]:
+        """The exit status of a sandbox that died, and the OOM kills of its cgroup (read before close,
+        which hands the group on)."""
         self.dead = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.proc.wait(), 5)
         returncode = self.proc.returncode
+        oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
         await self.close()
-        return returncode
+        return returncode, oom
 
     async def close(self) -> None:
         self.dead = True
