@@ -593,6 +593,11 @@ class Bench:
         n = 100 if self.quick else 300
         one = chain(1, "context['ok'] = 1")
         shapes = [("one_action", one, 5.0), ("nova_shaped", NOVA_SHAPED, 8.0)]
+        # The same pipeline without any node code (no sandbox at all): what the worker spends per execution
+        # on Redis, the results stream and the projection to PostgreSQL, whatever the sandbox.
+        self.figures["cpu_ms_per_exec_start_end_no_sandbox"] = figure(
+            [net for _, net in [await self._cpu_per_execution(START_END, n) for _ in range(self.reps)]], "ms"
+        )
         if os.environ.get("BENCH_SHAPES"):
             shapes = [shape for shape in shapes if shape[0] in os.environ["BENCH_SHAPES"].split(",")]
         for name, definition, goal in shapes:
@@ -739,6 +744,8 @@ def _machine(redis_server: RedisServer, pg: PostgresServer) -> dict[str, Any]:
 
     return {
         "cores": os.cpu_count(),
+        # The machine may be shared: wall-clock figures (round trips) mean little under a high load.
+        "load_average_at_end": [round(v, 1) for v in os.getloadavg()],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "redis_server": redis_server.version(),
@@ -752,7 +759,8 @@ def _machine(redis_server: RedisServer, pg: PostgresServer) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
-        f"Machine: {m['cores']} cores, Python {m['python']}, Redis {m['redis_server']}, {m['postgres']}"
+        f"Machine: {m['cores']} cores (load average {m.get('load_average_at_end')}), Python {m['python']}, "
+        f"Redis {m['redis_server']}, {m['postgres']}"
         f"{' (quick run)' if report['quick'] else ''}.",
         "",
         "| figure | median | min | max | unit | goal | met |",

@@ -10,8 +10,8 @@ for it. bubblewrap (a proven, small setuid-free tool, shipped on PyPI as `bubble
 The cgroup (v1 or v2) caps memory, processes and CPU for the whole tree, and is how the worker knows
 that nothing of a sandbox is left before its uid goes back to the pool.
 
-This is the exec-per-sandbox form; a fork server that enters the same namespaces itself replaces the
-exec on the hot path later, and keeps these guarantees.
+This is the exec-per-sandbox form, the fallback; where it can run, the fork server (zygote.py) enters the
+same namespaces itself, with the same guarantees, and no program starts per sandbox.
 
 What is missing on a machine (no root, no cgroup controllers, no bwrap) is stated by `Isolation`,
 which the worker prints at start-up.

@@ -12,6 +12,10 @@ is enforced (Linux does not apply RLIMIT_NPROC to root). Without root every sand
 worker's uid: limits still apply, but isolation between executions is weaker; use E2B for that.
 
 A warm pool keeps a few processes started ahead of need, so a node does not pay interpreter start-up.
+
+How a sandbox process starts (NOVA_SANDBOX_LAUNCH): forked by the worker's fork server (zygote.py, with
+forkserver.py its client here), which enters the namespaces, cgroup and uid itself; or, where that cannot
+run, through bubblewrap and a fresh interpreter (isolation.py). The worker's start-up lines say which.
 """
 
 from __future__ import annotations
