@@ -8,13 +8,17 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from consumer.sandbox import local
 from consumer.sandbox.base import NodeError, SandboxSpec
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
 from shared.settings import Settings
+from tests.support import create_workflow, enqueue, linear, start_worker_process
 from tests.test_sandbox_attacks import processes_of
 
 
@@ -215,3 +219,54 @@ async def test_a_reused_cgroup_does_not_blame_the_next_sandbox_for_an_old_oom_ki
             await after.close()
     finally:
         await provider.aclose()
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """pid -> parent pid of every live process below `root`."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if stat[0] != "Z":
+                    parents[int(entry.name)] = int(stat[1])
+    found: dict[int, int] = {}
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in found}
+        found.update({pid: parents[pid] for pid in frontier})
+    return found
+
+
+async def test_a_worker_killed_with_sigkill_leaves_no_zygote_and_no_sandbox(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # The node leaves a daemonised grandchild and then sleeps: worker, zygote, init, runner, grandchild.
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(300)\ntime.sleep(300)"
+    wf = await create_workflow(redis, settings, pool, linear(code))
+    await enqueue(redis, settings, wf)
+    worker = start_worker_process(settings, tmp_path / "worker.log", NOVA_SANDBOX_LAUNCH="fork")
+    try:
+        tree: dict[int, int] = {}
+        for _ in range(6000):  # a minute, in hundredths
+            tree = _descendants(worker.pid)
+            if len(tree) >= 4 and max(_depth(tree, pid, worker.pid) for pid in tree) >= 4:
+                break
+            await asyncio.sleep(0.01)
+        assert max(_depth(tree, pid, worker.pid) for pid in tree) >= 4, (tree, (tmp_path / "worker.log").read_text())
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)  # the worker alone: the zygote and sandboxes have sessions of their own
+        worker.wait()
+    for _ in range(3000):
+        left = [pid for pid in tree if not _gone(pid)]
+        if not left:
+            break
+        await asyncio.sleep(0.01)
+    assert left == [], left
+
+
+def _depth(tree: dict[int, int], pid: int, root: int) -> int:
+    depth = 0
+    while pid != root and pid in tree:
+        pid, depth = tree[pid], depth + 1
+    return depth
