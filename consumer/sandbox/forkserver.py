@@ -226,7 +226,12 @@ class ForkServer:
             finally:
                 for fd in fds:
                     os.close(fd)
-            reply, got = await asyncio.wait_for(self._pending, _START_TIMEOUT)
+            try:
+                reply, got = await asyncio.wait_for(self._pending, _START_TIMEOUT)
+            except TimeoutError:
+                # A zygote that does not answer is of no more use: the next request starts another.
+                self._gone()
+                raise OSError(f"the fork server did not answer in {_START_TIMEOUT:g}s") from None
         if "error" in reply or not got:
             for fd in got:
                 os.close(fd)
