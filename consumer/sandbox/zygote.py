@@ -65,6 +65,7 @@ _AT_RECURSIVE = 0x8000
 _MOUNT_ATTR_RDONLY = 0x1
 _MOUNT_ATTR_NOSUID = 0x2
 
+_MNT_DETACH = 0x2
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
@@ -137,6 +138,10 @@ def prepare_view() -> None:
         os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
         mount(f"/proc/self/fd/{fd}", f"/dev/{name}", None, MS_BIND)
         os.close(fd)
+    # The cgroup file systems (a dozen mounts on v1): nothing in a sandbox needs them, and every mount
+    # of this view is copied into each sandbox's namespace and torn down with it.
+    if os.path.ismount("/sys/fs/cgroup"):
+        _check(_libc.umount2(b"/sys/fs/cgroup", ctypes.c_int(_MNT_DETACH)), "umount /sys/fs/cgroup")
     os.mkdir("/dev/shm")
     os.mkdir("/dev/pts")
     for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
