@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -270,3 +271,37 @@ def _depth(tree: dict[int, int], pid: int, root: int) -> int:
     while pid != root and pid in tree:
         pid, depth = tree[pid], depth + 1
     return depth
+
+
+async def test_without_an_own_uid_the_sandbox_is_root_without_any_capability() -> None:
+    # An interpreter other users cannot run (a virtualenv under /root): sandboxes keep the worker's uid.
+    settings = Settings(sandbox_pool_size=0, sandbox_launch="fork", sandbox_python=sys.executable)
+    provider = LocalSandboxProvider(settings)
+    if provider.separate_uids:
+        pytest.skip(f"{sys.executable} is usable by other users here: sandboxes get their own uids")
+    code = (
+        LOOK
+        + """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+context['umount'] = libc.umount2(b'/tmp', 2) == 0 or ctypes.get_errno()
+status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())
+context['cap_bnd'] = status['CapBnd'].strip()
+try:
+    open('/proc/sys/kernel/hostname', 'w').write('owned')
+    context['sysctl'] = 'written'
+except OSError as exc:
+    context['sysctl'] = type(exc).__name__
+"""
+    )
+    try:
+        assert "sandboxes share the worker's uid" in "\n".join(provider.statement())
+        sb = await open_box(provider, 1)
+        try:
+            seen = (await sb.run_action("look", code, {}, 10)).context
+        finally:
+            await sb.close()
+    finally:
+        await provider.aclose()
+    assert seen["uid"] == 0 and int(seen["cap_eff"], 16) == 0 and int(seen["cap_bnd"], 16) == 0, seen
+    assert seen["umount"] == 1 and seen["sysctl"] in ("OSError", "PermissionError"), seen

@@ -66,6 +66,10 @@ _MOUNT_ATTR_RDONLY = 0x1
 _MOUNT_ATTR_NOSUID = 0x2
 
 _MNT_DETACH = 0x2
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
@@ -110,6 +114,25 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
 
 def prctl(option: int, value: int) -> None:
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), 0, 0, 0), "prctl")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> None:
+    """Every capability gone (bounding set, ambient, effective, permitted, inheritable), uid unchanged."""
+    for cap in range(64):
+        if _libc.prctl(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), 0, 0, 0) < 0:
+            break  # EINVAL: past the last capability this kernel knows
+    _libc.prctl(ctypes.c_int(_PR_CAP_AMBIENT), ctypes.c_ulong(_PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def _read_only_everywhere() -> None:
@@ -283,6 +306,11 @@ class Zygote:
                 _bind(fd, path, rw)
                 os.close(fd)
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            # As bwrap does: the kernel's knobs in /proc stay read-only, whatever uid node code has.
+            for knob in ("sys", "sysrq-trigger", "irq", "bus"):
+                if os.path.exists(f"/proc/{knob}"):
+                    mount(f"/proc/{knob}", f"/proc/{knob}", None, MS_BIND)
+                    mount(None, f"/proc/{knob}", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.chdir(workdir)
         runner = os.fork() if self.isolate else 0
         if runner == 0:
@@ -322,6 +350,10 @@ class Zygote:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
+        elif self.isolate:
+            # No uid of its own (no interpreter other users can run): root without any capability, as
+            # bwrap leaves it; the worker states the missing uid and serves one client only.
+            drop_capabilities()
         prctl(_PR_SET_NO_NEW_PRIVS, 1)
         # After the uid change, which clears it: the runner dies with its init, or with the zygote.
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
