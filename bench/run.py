@@ -47,29 +47,6 @@ RESULTS = ROOT / "bench" / "results"
 ADMIN = "bench-admin-key"
 AUTH = f"Authorization: Bearer {ADMIN}"
 START_END = {"nodes": [{"id": "s", "type": "start", "next": "e"}, {"id": "e", "type": "end"}]}
-# The shape of NOVA's own workflows: start, three actions, a decision, one of two branch actions, end.
-NOVA_SHAPED: dict[str, Any] = {
-    "nodes": [
-        {"id": "start", "type": "start"},
-        {"id": "read", "type": "action", "code": "context['emails'] = [{'id': i} for i in range(3)]"},
-        {"id": "parse", "type": "action", "code": "context['amount'] = 120 + len(context['emails'])"},
-        {"id": "check", "type": "action", "code": "context['valid'] = context['amount'] > 100"},
-        {"id": "route", "type": "decision", "code": "context['route'] = context['valid']"},
-        {"id": "approve", "type": "action", "code": "context['status'] = 'approved'"},
-        {"id": "review", "type": "action", "code": "context['status'] = 'review'"},
-        {"id": "end", "type": "end"},
-    ],
-    "edges": [
-        {"from": "start", "to": "read"},
-        {"from": "read", "to": "parse"},
-        {"from": "parse", "to": "check"},
-        {"from": "check", "to": "route"},
-        {"from": "route", "to": "approve", "condition": "true"},
-        {"from": "route", "to": "review", "condition": "false"},
-        {"from": "approve", "to": "end"},
-        {"from": "review", "to": "end"},
-    ],
-}
 
 
 def chain(n: int, code: str = "context['i'] = context.get('i', 0) + 1") -> dict[str, Any]:
@@ -79,6 +56,38 @@ def chain(n: int, code: str = "context['i'] = context.get('i', 0) + 1") -> dict[
     ]
     nodes.append({"id": "e", "type": "end"})
     return {"nodes": nodes}
+
+
+# NOVA-shaped: start, three actions, a decision, one of two branch actions, end (issue 13).
+NOVA_SHAPED: dict[str, Any] = {
+    "nodes": [
+        {"id": "s", "type": "start", "next": "a1"},
+        {"id": "a1", "type": "action", "code": "context['items'] = [12, 30, 75]", "next": "a2"},
+        {"id": "a2", "type": "action", "code": "context['total'] = sum(context['items'])", "next": "a3"},
+        {"id": "a3", "type": "action", "code": "context['vendor'] = json.dumps({'n': 'acme'})", "next": "d"},
+        {"id": "d", "type": "decision", "code": "context['total'] > 100", "on_true": "b1", "on_false": "b2"},
+        {"id": "b1", "type": "action", "code": "context['route'] = 'manual'", "next": "e"},
+        {"id": "b2", "type": "action", "code": "context['route'] = 'auto'", "next": "e"},
+        {"id": "e", "type": "end"},
+    ]
+}
+
+
+def _cpu_ms(pid: int, children: bool = True) -> float:
+    """CPU of a process from /proc: its own, plus that of the children it has reaped (sandboxes)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(v) for v in fields[11:13] + (fields[13:15] if children else []))
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
 
 
 def figure(samples: list[float], unit: str, goal: float | None = None, higher: bool = True) -> dict[str, Any]:
@@ -530,6 +539,104 @@ class Bench:
         self.figures["node_cold_p50"] = figure([cold[len(cold) // 2]], "ms")
         self.figures["node_cold_p99"] = figure([cold[int(len(cold) * 0.99)]], "ms")
 
+    async def _worker_cpu(self, worker: subprocess.Popen[bytes]) -> float:
+        """CPU ms of a worker and of every process it uses: itself and the sandboxes it reaped (bwrap), its
+        zygote and the sandboxes that reaped (fork server); from /proc."""
+        total = _cpu_ms(worker.pid)
+        for child in _children_of(worker.pid):
+            with contextlib.suppress(OSError):
+                if b"zygote.py" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    total += _cpu_ms(child)
+        return total
+
+    async def _cpu_per_execution(self, definition: dict[str, Any], n: int, **env: str) -> tuple[float, float]:
+        """(gross, net) CPU ms per execution: net leaves out what the idle worker spends in the same time
+        (its blocking reads, heartbeats and timers), measured just before."""
+        redis, pool = await self.fresh()
+        api, base = await self.api()
+        try:
+            wf = await self.workflow(base, definition)
+        finally:
+            self.stop(api)
+        worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="2", **env)
+        try:
+            # Warm: the worker, its zygote and pool up, every code path run once.
+            await self._preload(redis, wf, 10)
+            await self._projected(pool, 10)
+            await asyncio.sleep(0.5)
+            idle_t0, idle_before = time.monotonic(), await self._worker_cpu(worker)
+            await asyncio.sleep(3)
+            idle_rate = (await self._worker_cpu(worker) - idle_before) / (time.monotonic() - idle_t0)
+            t0, before = time.monotonic(), await self._worker_cpu(worker)
+            await self._preload(redis, wf, n)
+            await self._projected(pool, 10 + n)
+            await asyncio.sleep(0.5)  # the last sandboxes closed and reaped
+            t1, after = time.monotonic(), await self._worker_cpu(worker)
+        finally:
+            self.stop(worker)
+            await pool.close()
+            await redis.aclose()
+        # The enqueue (done by this process, as the API would) is not counted: only the worker's side.
+        return (after - before) / n, (after - before - idle_rate * (t1 - t0)) / n
+
+    async def _projected(self, pool: asyncpg.Pool, n: int) -> None:
+        deadline = time.monotonic() + 600
+        while await pool.fetchval("SELECT count(*) FROM executions WHERE status = 'completed'") < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n} executions completed")
+            await asyncio.sleep(0.05)
+
+    async def sandbox_cpu(self) -> None:
+        """Issue 13's goals: CPU per execution with the fork server, with and without isolation, and the
+        NOVA-shaped idle round trip. Needs root for isolation (else the isolated figures say what ran)."""
+        from consumer.sandbox.local import LocalSandboxProvider
+
+        launcher = LocalSandboxProvider(Settings(sandbox_pool_size=0)).launcher
+        n = 100 if self.quick else 300
+        one = chain(1, "context['ok'] = 1")
+        shapes = [("one_action", one, 5.0), ("nova_shaped", NOVA_SHAPED, 8.0)]
+        # The same pipeline without any node code (no sandbox at all): what the worker spends per execution
+        # on Redis, the results stream and the projection to PostgreSQL, whatever the sandbox.
+        self.figures["cpu_ms_per_exec_start_end_no_sandbox"] = figure(
+            [net for _, net in [await self._cpu_per_execution(START_END, n) for _ in range(self.reps)]], "ms"
+        )
+        if os.environ.get("BENCH_SHAPES"):
+            shapes = [shape for shape in shapes if shape[0] in os.environ["BENCH_SHAPES"].split(",")]
+        for name, definition, goal in shapes:
+            for mode, env, g in (("isolated", {}, goal), ("no_isolation", {"NOVA_SANDBOX_LAUNCH": "plain"}, None)):
+                env = {**env, "NOVA_SANDBOX_INSECURE": "1"} if mode == "no_isolation" else env
+                runs = [await self._cpu_per_execution(definition, n, **env) for _ in range(self.reps)]
+                unit = f"ms ({launcher})" if mode == "isolated" else "ms (fork server, no isolation)"
+                self.figures[f"cpu_ms_per_exec_{name}_{mode}"] = figure([net for _, net in runs], unit, g, higher=False)
+                self.figures[f"cpu_ms_per_exec_{name}_{mode}_gross"] = figure([gross for gross, _ in runs], unit)
+            iso = self.figures[f"cpu_ms_per_exec_{name}_isolated"]["median"]
+            plain = self.figures[f"cpu_ms_per_exec_{name}_no_isolation"]["median"]
+            self.figures[f"cpu_ms_per_exec_{name}_isolation_share"] = figure([iso - plain], "ms")
+        await self._nova_round_trip()
+
+    async def _nova_round_trip(self) -> None:
+        await self.fresh()
+        api, base = await self.api()
+        worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="2")
+        try:
+            wf = await self.workflow(base, NOVA_SHAPED)
+            samples = []
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+                for i in range(40 if self.quick else 120):
+                    await asyncio.sleep(0.05)  # idle: the warm pool refilled, nothing else running
+                    t0 = time.perf_counter()
+                    task = (await http.post(f"/workflows/{wf}/execute", json={"client_slug": "bench"})).json()
+                    while (await http.get(f"/tasks/{task['task_id']}")).json()["status"] not in ("SUCCESS", "FAILURE"):
+                        await asyncio.sleep(0.001)
+                    if i >= 5:  # the first few warm the API's and worker's caches
+                        samples.append((time.perf_counter() - t0) * 1000)
+        finally:
+            self.stop(worker)
+            self.stop(api)
+        samples.sort()
+        self.figures["nova_shaped_round_trip_p50"] = figure([samples[len(samples) // 2]], "ms", 15, higher=False)
+        self.figures["nova_shaped_round_trip_p99"] = figure([samples[int(len(samples) * 0.99)]], "ms")
+
     async def memory(self) -> None:
         redis, pool = await self.fresh()
         api, base = await self.api()
@@ -690,6 +797,7 @@ class Bench:
             ("memory", self.memory),
             ("sandbox_overhead", self.sandbox_overhead),
             ("cost_model", self.cost_model),
+            ("sandbox_cpu", self.sandbox_cpu),
         ]
         try:
             for name, scenario in scenarios:
@@ -751,6 +859,8 @@ def _machine(redis_server: RedisServer, pg: PostgresServer) -> dict[str, Any]:
 
     return {
         "cores": os.cpu_count(),
+        # The machine may be shared: wall-clock figures (round trips) mean little under a high load.
+        "load_average_at_end": [round(v, 1) for v in os.getloadavg()],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "redis_server": redis_server.version(),
@@ -764,7 +874,8 @@ def _machine(redis_server: RedisServer, pg: PostgresServer) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
-        f"Machine: {m['cores']} cores, Python {m['python']}, Redis {m['redis_server']}, {m['postgres']}"
+        f"Machine: {m['cores']} cores (load average {m.get('load_average_at_end')}), Python {m['python']}, "
+        f"Redis {m['redis_server']}, {m['postgres']}"
         f"{' (quick run)' if report['quick'] else ''}.",
         "",
         "| figure | median | min | max | unit | goal | met |",
@@ -790,8 +901,10 @@ def main() -> None:
     args = parser.parse_args()
     report = asyncio.run(Bench(args.quick, set(args.only or [])).run())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "latest.md").write_text(markdown(report))
+    # A partial run (--only) has its own files: it must not replace the whole run's.
+    stem = "latest" if not args.only else "only-" + "-".join(sorted(args.only))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
 
 

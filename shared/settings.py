@@ -196,6 +196,12 @@ class Settings(BaseSettings):
         default=None, description="Python interpreter for the local sandbox (default: this one)."
     )
     sandbox_pool_size: int = Field(default=2, ge=0, description="Pre-started local sandbox interpreters.")
+    sandbox_launch: Literal["auto", "fork", "bwrap", "plain"] = Field(
+        default="auto",
+        description="How local sandboxes start: 'fork' (a pre-imported fork server per worker enters the "
+        "namespaces, cgroup and uid itself), 'bwrap' (bubblewrap and a fresh interpreter per sandbox), 'auto' "
+        "(fork where it can run, else bwrap), or 'plain' (forked without any isolation: for measurements).",
+    )
     sandbox_network: Literal["egress", "none"] = Field(
         default="egress",
         description="Network of local sandboxes: 'none' (own network namespace, loopback only) or 'egress' "

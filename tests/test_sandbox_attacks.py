@@ -39,6 +39,20 @@ _WHY_NOT = _full_isolation()
 isolated = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
 
 
+@pytest.fixture(autouse=True, params=["fork", "bwrap"])
+def launch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every attack runs against both ways of starting a sandbox: the fork server and bubblewrap."""
+    monkeypatch.setenv("NOVA_SANDBOX_LAUNCH", request.param)
+    return str(request.param)
+
+
+@isolated
+def test_each_attack_meets_the_launcher_it_names(launch: str) -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0))
+    assert provider.launcher == {"fork": "fork server", "bwrap": "bubblewrap"}[launch]
+    assert provider.statement()[0].startswith(f"local sandbox: started by {'the ' if launch == 'fork' else ''}")
+
+
 @pytest.fixture
 async def provider() -> AsyncIterator[LocalSandboxProvider]:
     p = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none"), memory_limit_mb=256)
@@ -327,3 +341,20 @@ async def test_closing_mid_refill_leaves_no_process_or_cgroup() -> None:
     assert provider.cgroups is not None
     mine = [f for parent in provider.cgroups.parents.values() for f in parent.glob(f"{os.getpid()}-*")]
     assert mine == []
+
+
+@isolated
+async def test_filling_the_private_tmpfs_past_the_memory_limit_fails_the_node_as_over_the_limit() -> None:
+    # tmpfs pages count against the sandbox's cgroup, not against any process's address space: the OOM
+    # killer ends the runner, and the node's error names the memory limit (read before the group is let go).
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none"), memory_limit_mb=128)
+    try:
+        sb = await open_box(provider, 1)
+        code = "chunk = b'x' * (8 << 20)\nwith open('/dev/shm/fill', 'wb') as f:\n"
+        code += "    for _ in range(64):\n        f.write(chunk)"
+        with pytest.raises(NodeError) as info:
+            await sb.run_action("fill", code, {}, 20)
+        assert info.value.reason == "limit:memory" and info.value.type == "MemoryLimitExceeded", info.value
+        await sb.close()
+    finally:
+        await provider.aclose()

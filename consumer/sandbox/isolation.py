@@ -10,8 +10,8 @@ for it. bubblewrap (a proven, small setuid-free tool, shipped on PyPI as `bubble
 The cgroup (v1 or v2) caps memory, processes and CPU for the whole tree, and is how the worker knows
 that nothing of a sandbox is left before its uid goes back to the pool.
 
-This is the exec-per-sandbox form; a fork server that enters the same namespaces itself replaces the
-exec on the hot path later, and keeps these guarantees.
+This is the exec-per-sandbox form, the fallback; where it can run, the fork server (zygote.py) enters the
+same namespaces itself, with the same guarantees, and no program starts per sandbox.
 
 What is missing on a machine (no root, no cgroup controllers, no bwrap) is stated by `Isolation`,
 which the worker prints at start-up.
@@ -179,6 +179,8 @@ class SandboxCgroup:
     version: int
     folders: dict[str, Path]
     procs_files: list[str] = field(init=False)
+    # OOM kills counted before this sandbox had the group (a reused group keeps the kernel's counter).
+    oom_base: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.procs_files = [str(folder / "cgroup.procs") for folder in self.folders.values()]
@@ -222,6 +224,14 @@ class SandboxCgroup:
 
     def oom_kills(self) -> int:
         """Processes the kernel killed for this sandbox's memory limit."""
+        return self._oom_total() - self.oom_base
+
+    def reuse(self) -> None:
+        """Hand an empty group (its limits unchanged) to the next sandbox: cheaper than a new one, whose
+        mkdir, limits and rmdir cost more than the whole fork of a sandbox on cgroup v1."""
+        self.oom_base = self._oom_total()
+
+    def _oom_total(self) -> int:
         name = "memory.events" if self.version == 2 else "memory.oom_control"
         folder = self.folders["" if self.version == 2 else "memory"]
         with contextlib.suppress(OSError, ValueError):

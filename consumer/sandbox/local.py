@@ -12,6 +12,10 @@ is enforced (Linux does not apply RLIMIT_NPROC to root). Without root every sand
 worker's uid: limits still apply, but isolation between executions is weaker; use E2B for that.
 
 A warm pool keeps a few processes started ahead of need, so a node does not pay interpreter start-up.
+
+How a sandbox process starts (NOVA_SANDBOX_LAUNCH): forked by the worker's fork server (zygote.py, with
+forkserver.py its client here), which enters the namespaces, cgroup and uid itself; or, where that cannot
+run, through bubblewrap and a fresh interpreter (isolation.py). The worker's start-up lines say which.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
+from consumer.sandbox.forkserver import ForkedProcess, ForkServer, probe_fork_server
 from consumer.sandbox.isolation import (
     CgroupRoot,
     Isolation,
@@ -112,6 +117,8 @@ class UidLease:
 
 
 _START_TIMEOUT = 30.0
+# Emptied sandbox cgroups a provider keeps for reuse.
+_SPARE_CGROUPS = 8
 # Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
 _REPLY_SLACK = 1 << 20
 
@@ -119,7 +126,7 @@ _REPLY_SLACK = 1 << 20
 class LocalSandbox(RunnerSandbox):
     def __init__(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: asyncio.subprocess.Process | ForkedProcess,
         workdir: Path,
         max_context_bytes: int,
         lease: UidLease | None = None,
@@ -128,6 +135,8 @@ class LocalSandbox(RunnerSandbox):
     ) -> None:
         self.proc = proc
         self.cgroup = cgroup
+        # Where an emptied cgroup goes (the provider keeps a few for the next sandboxes), else removed.
+        self.recycle: Callable[[SandboxCgroup], Awaitable[None]] | None = None
         # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
         self.wrapped = False
         self.workdir = workdir
@@ -180,7 +189,9 @@ class LocalSandbox(RunnerSandbox):
             ready = await asyncio.wait_for(self._receive(), _START_TIMEOUT)
         except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
             await self.close()
-            raise SandboxInfraError(f"local sandbox did not start: {exc!r}") from None
+            raise SandboxInfraError(
+                f"local sandbox did not start: {exc!r} (exit status {self.proc.returncode})"
+            ) from None
         if not ready.get("ready"):
             await self.close()
             raise SandboxInfraError(f"local sandbox sent {ready!r} instead of its greeting")
@@ -217,8 +228,7 @@ class LocalSandbox(RunnerSandbox):
                     reason="timeout",
                 ) from None
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
-                returncode = await self._reap()
-                oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
+                returncode, oom = await self._reap()
                 raise _crash(node_id, returncode, oom_killed=oom > 0, wrapped=self.wrapped) from None
             except BadReply as exc:
                 # The node's own doing (it wrote to the protocol or lifted a cap): a failure of that
@@ -230,19 +240,27 @@ class LocalSandbox(RunnerSandbox):
                 ) from None
         return reply
 
-    async def _reap(self) -> int | None:
+    async def _reap(self) -> tuple[int | None, int]:
+        """The exit status of a sandbox that died, and the OOM kills of its cgroup (read before close,
+        which hands the group on)."""
         self.dead = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.proc.wait(), 5)
         returncode = self.proc.returncode
+        oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
         await self.close()
-        return returncode
+        return returncode, oom
 
     async def close(self) -> None:
         self.dead = True
-        # The whole process group: whatever node code spawned dies with its sandbox.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        forked = isinstance(self.proc, ForkedProcess)
+        if forked:
+            # Its init, through a pidfd; the kernel kills the rest of its PID namespace.
+            self.proc.kill()
+        if not forked or self.proc.returncode is None:
+            # The whole process group: whatever node code spawned dies with its sandbox.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.returncode is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 10)
@@ -252,11 +270,13 @@ class LocalSandbox(RunnerSandbox):
             # PID namespace dies with its first process anyway).
             empty = await self.cgroup.kill_all()
             if empty:
-                await self.cgroup.remove_soon()
-                self.cgroup = None
+                cgroup, self.cgroup = self.cgroup, None
+                await (self.recycle(cgroup) if self.recycle is not None else cgroup.remove_soon())
         else:
             await _group_gone(self.proc.pid)
-        if self.proc.stdin is not None:
+        if isinstance(self.proc, ForkedProcess):
+            self.proc.close_pipes()
+        elif self.proc.stdin is not None:
             with contextlib.suppress(Exception):
                 self.proc.stdin.close()
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
@@ -384,31 +404,7 @@ class LocalSandboxProvider:
         self.writable = [p.strip() for p in settings.sandbox_writable.split(",") if p.strip()]
         self.cpus = settings.sandbox_cpus
         self.insecure = settings.sandbox_insecure
-        self.bwrap = find_bwrap()
-        why_not = probe_bwrap(self.bwrap, self.network, self._root)
-        if why_not is not None:
-            self.bwrap = None
-        self.cgroups, cgroups_why = CgroupRoot.detect()
-        egress_why = "not needed"
-        if self.network == "egress":
-            if not self.separate_uids:
-                egress_why = "the filter matches the sandboxes' own uids, which need root"
-            else:
-                allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
-                egress_why = install_egress_filter(_UID_BASE, _UID_BASE + _UID_SPAN - 1, allow) or ""
-        self.isolation = Isolation(
-            root=self._root,
-            separate_uids=self.separate_uids,
-            namespaces=self.bwrap is not None,
-            namespaces_why=why_not or "bubblewrap",
-            cgroups=cgroups_why if self.cgroups else None,
-            cgroups_why=cgroups_why,
-            network=self.network,
-            egress_filtered=self.network == "egress" and not egress_why,
-            egress_why=egress_why,
-        )
-        # Without full isolation one worker serves one client only (the first it sees), unless allowed.
-        self._client: str | None = None
+        self.launch = settings.sandbox_launch
         self.pool_size = settings.sandbox_pool_size
         self.max_context_bytes = max_context_bytes
         self.limits = {
@@ -420,15 +416,88 @@ class LocalSandboxProvider:
             "open_files": max_open_files,
             "file_bytes": max_file_bytes,
         }
+        self.bwrap: str | None = None
+        self.forkserver: ForkServer | None = None
+        why_not: str | None = None
+        self.fork_why: str | None = None
+        if self.launch == "plain":
+            # Forked without namespaces, cgroup or own uid: the fork server's cost without isolation.
+            self.separate_uids = False
+            why_not = "NOVA_SANDBOX_LAUNCH=plain"
+            self.forkserver = self._forkserver(isolate=False)
+        else:
+            if self.launch in ("auto", "fork"):
+                self.fork_why = self._probe_fork_server()
+                if self.fork_why is None:
+                    self.forkserver = self._forkserver(isolate=True)
+                elif self.launch == "fork":
+                    why_not = self.fork_why
+            if self.forkserver is None and self.launch in ("auto", "bwrap"):
+                self.bwrap = find_bwrap()
+                why_not = probe_bwrap(self.bwrap, self.network, self._root)
+                if why_not is not None:
+                    self.bwrap = None
+        self.launcher = (
+            "fork server"
+            if self.forkserver is not None and self.launch != "plain"
+            else ("bubblewrap" if self.bwrap is not None else "plain process")
+        )
+        if self.launch == "plain":
+            self.cgroups, cgroups_why = None, "NOVA_SANDBOX_LAUNCH=plain"
+        else:
+            self.cgroups, cgroups_why = CgroupRoot.detect()
+        egress_why = "not needed"
+        if self.network == "egress":
+            if not self.separate_uids:
+                egress_why = "the filter matches the sandboxes' own uids, which need root"
+            else:
+                allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
+                egress_why = install_egress_filter(_UID_BASE, _UID_BASE + _UID_SPAN - 1, allow) or ""
+        self.isolation = Isolation(
+            root=self._root,
+            separate_uids=self.separate_uids,
+            namespaces=why_not is None and self.launcher != "plain process",
+            namespaces_why=why_not or self.launcher,
+            cgroups=cgroups_why if self.cgroups else None,
+            cgroups_why=cgroups_why,
+            network=self.network,
+            egress_filtered=self.network == "egress" and not egress_why,
+            egress_why=egress_why,
+        )
+        # Without full isolation one worker serves one client only (the first it sees), unless allowed.
+        self._client: str | None = None
         self._limits_arg = orjson.dumps(self.limits).decode()
         self._pool: list[LocalSandbox] = []
+        self._spare_cgroups: list[SandboxCgroup] = []
         self._refilling: set[asyncio.Task[None]] = set()
         self._closed = False
         self.started = 0
 
+    def _probe_fork_server(self) -> str | None:
+        _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="nova-probe-", dir=_WORK_BASE))
+        try:
+            return probe_fork_server(self.python, RUNNER, self.network, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _forkserver(self, *, isolate: bool) -> ForkServer:
+        # The zygote reads the runner as root before any sandbox exists: the install's own copy, not the
+        # shared one in the base folder (which another install's workers may overwrite).
+        return ForkServer(self.python, RUNNER, {"isolate": isolate, "network": self.network, "limits": self.limits})
+
     def statement(self) -> list[str]:
         """What this worker's local sandboxes guarantee, one line each, for its start-up log."""
-        lines = [
+        if self.launcher == "fork server":
+            how = "started by the fork server (one pre-imported zygote per worker forks each sandbox)"
+        elif self.launcher == "bubblewrap":
+            how = "started by bubblewrap and a fresh interpreter each" + (
+                f" (the fork server cannot run: {self.fork_why})" if self.fork_why else ""
+            )
+        else:
+            how = f"started as plain processes ({self.isolation.namespaces_why})"
+        lines = [f"local sandbox: {how}"]
+        lines += [
             f"local sandbox: {'holds' if holds else 'MISSING'}: {what}" for holds, what in self.isolation.statements()
         ]
         if self.isolation.complete:
@@ -447,6 +516,11 @@ class LocalSandboxProvider:
     async def start(self) -> None:
         for line in self.statement():
             (log.warning if "MISSING" in line or "INSECURE" in line else log.info)("%s", line)
+        if self.forkserver is not None and not self.forkserver.alive:
+            try:
+                await self.forkserver.start()
+            except OSError as exc:
+                log.warning("sandbox fork server: %s (starting it again on first need)", exc)
         await self._refill()
 
     async def _spawn(self) -> LocalSandbox:
@@ -464,7 +538,7 @@ class LocalSandboxProvider:
         if uid is not None:
             os.chown(workdir, uid, uid)
         os.chmod(workdir, 0o700)
-        command = [self.python, "-I", str(_sandbox_runner()), self._limits_arg]
+        command = [] if self.forkserver is not None else [self.python, "-I", str(_sandbox_runner()), self._limits_arg]
         setup_uid = uid
         if self.bwrap is not None:
             command = [
@@ -482,25 +556,28 @@ class LocalSandboxProvider:
         cgroup = None
         if self.cgroups is not None:
             try:
-                cgroup = self.cgroups.create(self.limits["memory_bytes"], self.limits["processes"], self.cpus)
+                cgroup = self._cgroup()
             except OSError as exc:
                 shutil.rmtree(workdir, ignore_errors=True)
                 if lease is not None:
                     lease.release()
                 raise SandboxInfraError(f"could not create the sandbox's cgroup: {exc}") from None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-                cwd=workdir,
-                env=env,
-                start_new_session=True,
-                limit=self.max_context_bytes * 2 + (1 << 20),
-                # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
-                preexec_fn=_child_setup(setup_uid, cgroup),
-            )
+            if self.forkserver is not None:
+                proc: asyncio.subprocess.Process | ForkedProcess = await self._fork(workdir, env, uid, cgroup)
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    *command,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
+                    cwd=workdir,
+                    env=env,
+                    start_new_session=True,
+                    limit=self.max_context_bytes * 2 + (1 << 20),
+                    # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
+                    preexec_fn=_child_setup(setup_uid, cgroup),
+                )
         except (OSError, subprocess.SubprocessError) as exc:
             if cgroup is not None:
                 cgroup.remove()
@@ -520,7 +597,9 @@ class LocalSandboxProvider:
         sandbox = LocalSandbox(
             proc, workdir, self.max_context_bytes, lease, max_output_bytes=self.limits["output_bytes"], cgroup=cgroup
         )
-        sandbox.wrapped = self.bwrap is not None
+        # bwrap's init and the fork server's both exit with 128 + the signal that killed the runner.
+        sandbox.wrapped = self.bwrap is not None or self.launcher == "fork server"
+        sandbox.recycle = self._recycle
         try:
             await sandbox.handshake()
         except asyncio.CancelledError:
@@ -528,6 +607,55 @@ class LocalSandboxProvider:
             raise
         self.started += 1
         return sandbox
+
+    def _cgroup(self) -> SandboxCgroup:
+        assert self.cgroups is not None
+        if self._spare_cgroups:
+            group = self._spare_cgroups.pop()
+            group.reuse()
+            return group
+        return self.cgroups.create(self.limits["memory_bytes"], self.limits["processes"], self.cpus)
+
+    async def _recycle(self, group: SandboxCgroup) -> None:
+        """Keep an emptied group (no process of it is left: LocalSandbox.close checked) for the next sandbox."""
+        if self._closed or len(self._spare_cgroups) >= _SPARE_CGROUPS:
+            await group.remove_soon()
+        else:
+            self._spare_cgroups.append(group)
+
+    async def _fork(
+        self, workdir: Path, env: dict[str, str], uid: int | None, cgroup: SandboxCgroup | None
+    ) -> ForkedProcess:
+        """A sandbox from the fork server: it gets its ends of the protocol pipes and its cgroup.procs
+        files (opened here: the zygote's view of the cgroup file system is read-only)."""
+        assert self.forkserver is not None
+        to_sandbox_r, to_sandbox_w = os.pipe()
+        from_sandbox_r, from_sandbox_w = os.pipe()
+        fds = [to_sandbox_r, from_sandbox_w]
+        try:
+            if cgroup is not None:
+                fds += [os.open(path, os.O_WRONLY) for path in cgroup.procs_files]
+        except OSError:
+            for fd in (*fds, to_sandbox_w, from_sandbox_r):
+                os.close(fd)
+            raise
+        request = {
+            "uid": uid,
+            "workdir": str(workdir),
+            "env": env,
+            "shared": [str(_WORK_BASE)],
+            "writable": self.writable,
+            "limits": self.limits,
+        }
+        try:
+            return await self.forkserver.fork(
+                request, fds, to_sandbox_w, from_sandbox_r, self.max_context_bytes * 2 + (1 << 20)
+            )
+        except BaseException:
+            for fd in (to_sandbox_w, from_sandbox_r):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
 
     async def _refill(self) -> None:
         while not self._closed and len(self._pool) < self.pool_size:
@@ -583,3 +711,7 @@ class LocalSandboxProvider:
         await asyncio.gather(*self._refilling, return_exceptions=True)
         pool, self._pool = self._pool, []
         await asyncio.gather(*(s.close() for s in pool), return_exceptions=True)
+        spares, self._spare_cgroups = self._spare_cgroups, []
+        await asyncio.gather(*(group.remove_soon() for group in spares), return_exceptions=True)
+        if self.forkserver is not None:
+            await self.forkserver.aclose()

@@ -275,7 +275,11 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--once":
         run_once(sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
         return
-    limits = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    serve_stdio(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
+
+
+def serve_stdio(limits: dict) -> None:
+    """Serve the protocol on stdin/stdout: a process of its own, or a fork of the fork server (zygote.py)."""
     # Keep the protocol on private descriptors, then close the standard ones to node code.
     proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
     proto_out = os.fdopen(os.dup(1), "wb")

@@ -1,0 +1,307 @@
+"""The fork server (consumer/sandbox/zygote.py): what it adds to the attacks of test_sandbox_attacks.py,
+which run against it too. Node code is hostile; the zygote is killed as a crash would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from consumer.sandbox import local
+from consumer.sandbox.base import NodeError, SandboxSpec
+from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
+from shared.settings import Settings
+from tests.support import create_workflow, enqueue, linear, start_worker_process
+from tests.test_sandbox_attacks import processes_of
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the fork server needs the worker to run as root"
+    probe = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none", sandbox_launch="fork"))
+    if probe.launcher != "fork server" or not probe.isolation.complete:
+        return f"the fork server cannot run here: {probe.fork_why}"
+    return None
+
+
+_WHY_NOT = _why_not()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[LocalSandboxProvider]:
+    p = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none", sandbox_launch="fork"))
+    await p.start()
+    yield p
+    await p.aclose()
+
+
+async def open_box(provider: LocalSandboxProvider, execution_id: int, client: str = "acme") -> LocalSandbox:
+    return await provider.open(SandboxSpec(execution_id=execution_id, client=client))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "State:\tZ" in open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return True
+
+
+LOOK = """
+import os
+fds = {}
+for fd in os.listdir('/proc/self/fd'):
+    try:
+        fds[fd] = os.readlink(f'/proc/self/fd/{fd}')
+    except OSError:
+        pass
+status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())
+context.update(
+    pid=os.getpid(), fds=fds, dev=sorted(os.listdir('/dev')), net=os.readlink('/proc/self/ns/net'),
+    cap_eff=status['CapEff'].strip(), cap_prm=status['CapPrm'].strip(), no_new_privs=status['NoNewPrivs'].strip(),
+    groups=status['Groups'].strip(), uid=os.getuid(), gid=os.getgid(),
+)
+"""
+
+
+async def test_a_sandbox_holds_no_privilege_and_nothing_of_the_zygotes(provider: LocalSandboxProvider) -> None:
+    sb = await open_box(provider, 1)
+    try:
+        seen = (await sb.run_action("look", LOOK, {}, 10)).context
+    finally:
+        await sb.close()
+    assert sb.lease is None  # released at close: it was leased while the sandbox lived
+    # The runner is PID 2 of its own namespace (its init, PID 1, reaps and relays its exit).
+    assert seen["pid"] == 2
+    # Its own uid and gid, no supplementary group, no capability, no way to gain one.
+    assert seen["uid"] == seen["gid"] and seen["uid"] >= 200_000 and seen["groups"] == ""
+    assert int(seen["cap_eff"], 16) == 0 and int(seen["cap_prm"], 16) == 0 and seen["no_new_privs"] == "1"
+    # Descriptors: /dev/null on 0-2, the protocol's two pipes, the one listdir had open; no socket (the
+    # zygote's control socket), no other sandbox's pipe.
+    kinds = sorted(target.split(":")[0] if ":" in target else target for target in seen["fds"].values())
+    assert len(seen["fds"]) <= 6 and not any(k == "socket" for k in kinds), seen["fds"]
+    assert sum(k == "pipe" for k in kinds) == 2, seen["fds"]
+    # A minimal /dev: no disk, no kmsg, nothing of the host's but these.
+    assert set(seen["dev"]) <= {"null", "zero", "full", "random", "urandom", "tty", "shm", "pts", "fd", "stdin",
+                                "stdout", "stderr"}, seen["dev"]  # fmt: skip
+
+
+async def test_live_sandboxes_never_share_a_network_namespace(provider: LocalSandboxProvider) -> None:
+    boxes = [await open_box(provider, i) for i in range(3)]
+    try:
+        nets = [(await b.run_action("n", LOOK, {}, 10)).context["net"] for b in boxes]
+    finally:
+        for b in boxes:
+            await b.close()
+    assert len(set(nets)) == 3 and os.readlink("/proc/self/ns/net") not in nets
+
+
+async def test_node_code_cannot_undo_its_mounts(provider: LocalSandboxProvider) -> None:
+    code = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+context['umount'] = libc.umount2(b'/tmp', 2) == 0 or ctypes.get_errno()
+context['remount'] = libc.mount(None, b'/', None, 0x20 | 0x1000, None) == 0 or ctypes.get_errno()
+"""
+    sb = await open_box(provider, 1)
+    try:
+        seen = (await sb.run_action("mounts", code, {}, 10)).context
+    finally:
+        await sb.close()
+    assert seen == {"umount": 1, "remount": 1}  # EPERM both: no CAP_SYS_ADMIN left
+
+
+async def test_a_killed_zygote_takes_its_sandboxes_along_and_is_started_again(
+    provider: LocalSandboxProvider,
+) -> None:
+    assert provider.forkserver is not None and provider.forkserver.pid is not None
+    first_zygote = provider.forkserver.pid
+    sb = await open_box(provider, 1)
+    assert sb.lease is not None
+    uid = sb.lease.uid
+    await sb.run_action(
+        "escape", "import os\nif os.fork() == 0:\n    os.setsid()\n    import time; time.sleep(300)", {}, 10
+    )
+    os.kill(first_zygote, signal.SIGKILL)
+    # The kill lands when the kernel gets to it: wait (generously) for the sandbox's init to be gone.
+    for _ in range(3000):
+        if _gone(sb.pid):
+            break
+        await asyncio.sleep(0.01)
+    # The node after it finds its sandbox gone: a crash of that node, not a hang.
+    with pytest.raises(NodeError) as info:
+        await sb.run_action("next", "context['x'] = 1", {}, 10)
+    assert info.value.reason == "crashed", info.value
+    await sb.close()
+    assert processes_of(uid) == []
+    again = await open_box(provider, 2)
+    try:
+        assert (await again.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
+        assert provider.forkserver.pid not in (None, first_zygote)
+    finally:
+        await again.close()
+
+
+async def test_auto_falls_back_to_bwrap_where_the_fork_server_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kernel without mount_setattr (before 5.12), as the probe reports it there.
+    why = "the fork server cannot run here: mount_setattr: Function not implemented"
+    monkeypatch.setattr(local, "probe_fork_server", lambda *args: why)
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none"))
+    try:
+        assert provider.launcher == "bubblewrap" and provider.forkserver is None
+        assert why in provider.statement()[0] and provider.isolation.complete
+        sb = await open_box(provider, 1)
+        try:
+            assert (await sb.run_action("n", "import os\ncontext['p'] = os.getpid()", {}, 10)).context["p"] <= 2
+        finally:
+            await sb.close()
+    finally:
+        await provider.aclose()
+
+
+async def test_plain_mode_says_it_isolates_nothing() -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_launch="plain"))
+    try:
+        assert not provider.isolation.complete and provider.cgroups is None and not provider.separate_uids
+        assert "plain processes" in provider.statement()[0]
+        sb = await open_box(provider, 1)
+        try:
+            assert (await sb.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
+        finally:
+            await sb.close()
+    finally:
+        await provider.aclose()
+
+
+# Children that together pass the sandbox's memory limit, each under the per-process one: the kernel's
+# OOM killer (counted in the cgroup) ends one of them.
+HOG = """
+import os, time
+children = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(120 << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(1)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+async def test_a_reused_cgroup_does_not_blame_the_next_sandbox_for_an_old_oom_kill() -> None:
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_launch="fork"), memory_limit_mb=256)
+    try:
+        hog = await open_box(provider, 1)
+        assert hog.cgroup is not None
+        group = hog.cgroup
+        with contextlib.suppress(NodeError):  # the runner itself may be the one killed
+            await hog.run_action("hog", HOG, {}, 20)
+        assert group.oom_kills() > 0
+        await hog.close()
+        after = await open_box(provider, 2)
+        try:
+            assert after.cgroup is group  # the same group, reused
+            with pytest.raises(NodeError) as info:
+                await after.run_action("quit", "import os\nos._exit(3)", {}, 10)
+            assert info.value.type == "SandboxCrashed" and "status 3" in info.value.message, info.value
+        finally:
+            await after.close()
+    finally:
+        await provider.aclose()
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """pid -> parent pid of every live process below `root`."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if stat[0] != "Z":
+                    parents[int(entry.name)] = int(stat[1])
+    found: dict[int, int] = {}
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in found}
+        found.update({pid: parents[pid] for pid in frontier})
+    return found
+
+
+async def test_a_worker_killed_with_sigkill_leaves_no_zygote_and_no_sandbox(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # The node leaves a daemonised grandchild and then sleeps: worker, zygote, init, runner, grandchild.
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(300)\ntime.sleep(300)"
+    wf = await create_workflow(redis, settings, pool, linear(code))
+    await enqueue(redis, settings, wf)
+    worker = start_worker_process(settings, tmp_path / "worker.log", NOVA_SANDBOX_LAUNCH="fork")
+    try:
+        tree: dict[int, int] = {}
+        for _ in range(6000):  # a minute, in hundredths
+            tree = _descendants(worker.pid)
+            if len(tree) >= 4 and max(_depth(tree, pid, worker.pid) for pid in tree) >= 4:
+                break
+            await asyncio.sleep(0.01)
+        assert max(_depth(tree, pid, worker.pid) for pid in tree) >= 4, (tree, (tmp_path / "worker.log").read_text())
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)  # the worker alone: the zygote and sandboxes have sessions of their own
+        worker.wait()
+    for _ in range(3000):
+        left = [pid for pid in tree if not _gone(pid)]
+        if not left:
+            break
+        await asyncio.sleep(0.01)
+    assert left == [], left
+
+
+def _depth(tree: dict[int, int], pid: int, root: int) -> int:
+    depth = 0
+    while pid != root and pid in tree:
+        pid, depth = tree[pid], depth + 1
+    return depth
+
+
+async def test_without_an_own_uid_the_sandbox_is_root_without_any_capability() -> None:
+    # An interpreter other users cannot run (a virtualenv under /root): sandboxes keep the worker's uid.
+    settings = Settings(sandbox_pool_size=0, sandbox_launch="fork", sandbox_python=sys.executable)
+    provider = LocalSandboxProvider(settings)
+    if provider.separate_uids:
+        pytest.skip(f"{sys.executable} is usable by other users here: sandboxes get their own uids")
+    code = (
+        LOOK
+        + """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+context['umount'] = libc.umount2(b'/tmp', 2) == 0 or ctypes.get_errno()
+status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())
+context['cap_bnd'] = status['CapBnd'].strip()
+try:
+    open('/proc/sys/kernel/hostname', 'w').write('owned')
+    context['sysctl'] = 'written'
+except OSError as exc:
+    context['sysctl'] = type(exc).__name__
+"""
+    )
+    try:
+        assert "sandboxes share the worker's uid" in "\n".join(provider.statement())
+        sb = await open_box(provider, 1)
+        try:
+            seen = (await sb.run_action("look", code, {}, 10)).context
+        finally:
+            await sb.close()
+    finally:
+        await provider.aclose()
+    assert seen["uid"] == 0 and int(seen["cap_eff"], 16) == 0 and int(seen["cap_bnd"], 16) == 0, seen
+    assert seen["umount"] == 1 and seen["sysctl"] in ("OSError", "PermissionError"), seen
