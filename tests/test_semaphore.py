@@ -54,13 +54,18 @@ async def test_never_more_holders_than_the_limit_under_a_race(scripts: Scripts) 
     # Two "workers" (separate Semaphore objects) racing for 3 slots with 12 holders.
     sems = [Semaphore(scripts, "race", limit=3, ttl=5) for _ in range(2)]
     inside = peak = 0
+    full = asyncio.Event()
 
     async def use(sem: Semaphore, holder: str) -> None:
         nonlocal inside, peak
         await sem.acquire(holder)
         inside += 1
         peak = max(peak, inside)
-        await asyncio.sleep(0.02)
+        if inside == 3:
+            full.set()
+        # The first holders stay until three are in at once, however slow the machine: a fixed sleep let
+        # one leave before the third came in on a loaded machine (peak 2), which proved nothing either way.
+        await asyncio.wait_for(full.wait(), 30)
         inside -= 1
         await sem.release(holder)
 
