@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -39,6 +40,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,11 @@ from shared.connections import create_redis
 from shared.db import migrate_url
 from shared.settings import Settings
 from shared.streams import TERMINAL_STATUSES, Keys
+
+# The worker's line when its watchdog gives its runs up (consumer/worker.py), as `nova` logs it.
+_GAVE_UP = re.compile(
+    r"(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) worker\[(?P<pid>\d+)\] \w+ [\w.]+: no heartbeat reached Redis"
+)
 
 SUCCEEDING = {
     "nodes": [
@@ -435,24 +442,41 @@ class Chaos:
         return poison, len(bad_dead)
 
     def _node_starts(self) -> tuple[int, int]:
-        """(nodes started again with no kill to explain it, restarts explained by a kill)."""
+        """(nodes started again with nothing to explain it, restarts explained by a kill or by runs given up
+        in a Redis outage)."""
         starts: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for line in self.starts_path.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 start = json.loads(line)
                 starts.setdefault((start["task"], start["step"]), []).append(start)
+        gave_up = self._runs_given_up()
         twice = restarts = 0
         for runs in starts.values():
             unexplained = False
             # File order is start order: O_APPEND writes land one after the other.
             for earlier, later in itertools.pairwise(runs):
                 killed = self.killed_at.get(earlier["worker"])
-                if killed is not None and killed <= later["t"]:
+                # A worker whose heartbeat could not reach Redis for half the visibility timeout (the Redis
+                # restart, or lost replies on a loaded machine) gives its runs up before anyone can take
+                # them over, and logs it: the node starts again, as after a SIGKILL.
+                outage = any(earlier["t"] <= t <= later["t"] for t in gave_up.get(earlier["worker"], ()))
+                if (killed is not None and killed <= later["t"]) or outage:
                     restarts += 1
                 else:
                     unexplained = True
             twice += unexplained
         return twice, restarts
+
+    def _runs_given_up(self) -> dict[int, list[float]]:
+        """Worker pid -> when it gave its runs up for a silent heartbeat (from the workers' logs)."""
+        found: dict[int, list[float]] = {}
+        for log_path in self.log_dir.glob("worker*.log"):
+            for line in log_path.read_text(errors="replace").splitlines():
+                match = _GAVE_UP.match(line)
+                if match:
+                    at = datetime.strptime(match["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    found.setdefault(int(match["pid"]), []).append(at)
+        return found
 
     async def _projector_caught_up(self, deadline: float) -> None:
         """Every event projected: the chain check must not race the last batches."""
