@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, ResponseError
@@ -41,7 +44,26 @@ def create_redis(settings: Settings, **kwargs: object) -> Redis:
         "max_connections": 256,
     }
     options.update(kwargs)
+    if settings.cluster:
+        # The cluster client follows MOVED/ASK and refreshes its slot map itself; it offers the same
+        # commands, so callers keep their `Redis` type. Its pool limit is per node.
+        url = settings.redis_url.replace("+cluster://", "://", 1)
+        options.pop("health_check_interval", None)
+        return cast(Redis, RedisCluster.from_url(url, **options))  # type: ignore[arg-type]
     return Redis.from_url(settings.redis_url, **options)  # type: ignore[arg-type]
+
+
+def is_cluster(redis: Any) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+async def info_of(redis: Redis, section: str, key: str) -> dict[str, Any]:
+    """INFO `section` of the server that holds `key`: on a cluster, the master of its slot (INFO
+    elsewhere says nothing about that key's data)."""
+    if isinstance(redis, RedisCluster):
+        node = redis.get_node_from_key(key)
+        return cast(dict[str, Any], await redis.info(section, target_nodes=node))
+    return cast(dict[str, Any], await redis.info(section))
 
 
 async def open_pool(settings: Settings, *, max_size: int = 10) -> asyncpg.Pool:

@@ -5,7 +5,6 @@ goes through, so the request entry, its payload and its queued event are built i
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +81,7 @@ async def _enqueue(
     scripts: Scripts, execution: NewExecution, floor: SequenceFloor, payload: str | None
 ) -> EnqueueResult:
     enqueued_at = now_iso()
-    task_id = execution.task_id or uuid.uuid4().hex
+    task_id = execution.task_id or scripts.keys.new_task_id()
     call = {
         "task_id": task_id,
         "workflow_id": execution.workflow_id,

@@ -151,7 +151,7 @@ class Scripts:
                 self.keys.results,
                 self.keys.execution_seq,
                 self.keys.task(task_id),
-                self.keys.idempotency(client, idempotency_key) if idempotency_key else "",
+                self.keys.idempotency(client, idempotency_key) if idempotency_key else self.keys.absent,
                 self.keys.task_events(task_id),
                 self.keys.inflight(client),
                 self.keys.rate_bucket(client),
@@ -170,6 +170,8 @@ class Scripts:
                 burst,
                 self.keys.execution(""),
                 EXECUTION_KEY_TTL,
+                self.keys.shard_count,
+                self.keys.shard_index,
             ],
         )
         existing_task, exec_id, entry, outcome_raw = (_s(x) for x in reply)
@@ -228,7 +230,10 @@ class Scripts:
         return RecordResult(outcome=RecordOutcome(int(outcome)), event_id=event_id or None, status=status)
 
     async def raise_sequence(self, floor: int) -> int:
-        return int(await self._call("raise_sequence", keys=[self.keys.execution_seq], args=[floor]))
+        """Raise this shard's id sequence so that its next id is above `floor` (ids are n * shards + shard)."""
+        return int(
+            await self._call("raise_sequence", keys=[self.keys.execution_seq], args=[floor // self.keys.shard_count])
+        )
 
     async def retry_later(
         self,
@@ -285,10 +290,10 @@ class Scripts:
             keys=[
                 self.keys.dead_letter,
                 self.keys.requests,
-                self.keys.task(task_id) if task_id and has_task else "",
+                self.keys.task(task_id) if task_id and has_task else self.keys.absent,
                 self.keys.results,
-                self.keys.task_events(task_id) if task_id and has_task else "",
-                self.keys.inflight(client) if client and has_task else "",
+                self.keys.task_events(task_id) if task_id and has_task else self.keys.absent,
+                self.keys.inflight(client) if client and has_task else self.keys.absent,
             ],
             args=[
                 self.keys.worker_group,
