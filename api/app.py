@@ -40,7 +40,8 @@ async def _sync_sequence(scripts: Scripts, pool: asyncpg.Pool | None) -> None:
     if pool is None:
         return
     highest = await pool.fetchval("SELECT coalesce(max(id), 0) FROM executions")
-    await scripts.raise_sequence(int(highest))
+    for keys in scripts.keys.all_shards:
+        await scripts.of(keys).raise_sequence(int(highest))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             scripts=scripts,
             catalog=WorkflowCatalog(redis, pool, keys),
             clients=ClientStore(redis, pool, keys, vault),
-            hub=EventHub(redis, keys),
+            hub=EventHub(redis, keys, shards=keys.all_shards),
             metrics=Metrics(),
             stream_slots=StreamSlots(settings.sse_max_connections_per_key),
             known_clients=KnownClients(redis, keys),
@@ -75,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         res.hub.observe(res.metrics.observe)
         try:
-            await ensure_groups(redis, keys)
+            for shard in keys.all_shards:
+                await ensure_groups(redis, shard)
             await _sync_sequence(scripts, pool)
         except REDIS_UNAVAILABLE as exc:
             log.warning("Redis unavailable at start (%s); requests will answer 503 until it is back", exc)

@@ -36,6 +36,7 @@ from shared.streams import (
     DeadLetterField,
     EventType,
     Keys,
+    Layout,
     decode_fields,
     entry_id_parts,
     now_iso,
@@ -266,15 +267,22 @@ def pg_safe_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 class Projector:
     def __init__(
-        self, settings: Settings, redis: Redis, pool: asyncpg.Pool | LazyPool | None, *, consumer: str
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: asyncpg.Pool | LazyPool | None,
+        *,
+        consumer: str,
+        keys: Keys | None = None,
     ) -> None:
         """`pool` may be an open pool, a LazyPool (opened when PostgreSQL answers), or None: the
-        projector then opens its own from the settings, and closes it when it stops."""
+        projector then opens its own from the settings, and closes it when it stops. `keys` names the
+        shard whose results stream it reads (the home shard by default); one projector per shard."""
         self.settings = settings
         self.redis = redis
         self._own_pool = pool is None
         self.pool = pool
-        self.keys = Keys.from_settings(settings)
+        self.keys = keys or Keys.from_settings(settings)
         self.dead_letters = self.keys.projector_dead_letter
         self.consumer = consumer
         self.projected = 0
@@ -445,8 +453,17 @@ async def serve_projector(settings: Settings, *, stop: asyncio.Event) -> None:
     from shared.connections import create_redis
 
     redis = create_redis(settings)
+    consumer = settings.new_consumer_name()
+    pool = LazyPool(settings.database_url) if settings.database_url else None
     try:
-        await ensure_groups(redis, Keys.from_settings(settings))
-        await Projector(settings, redis, None, consumer=settings.new_consumer_name()).run(stop)
+        shards = Layout.from_settings(settings).shards
+        for keys in shards:
+            await ensure_groups(redis, keys)
+        # One projector per shard's results stream, sharing one pool.
+        await asyncio.gather(
+            *(Projector(settings, redis, pool, consumer=consumer, keys=keys).run(stop) for keys in shards)
+        )
     finally:
+        if pool is not None:
+            await pool.close()
         await redis.aclose()

@@ -69,6 +69,8 @@ async def enqueue_execution(
 
     Raises AtCapacity / RateLimited (admission refused), SequenceUnavailable, NotDurable.
     """
+    # The client's shard: its limits, its idempotency keys and the new task all live there.
+    scripts = scripts.of(scripts.keys.of_client(execution.client))
     if strict is None:
         return await _enqueue(scripts, execution, floor, payload)
     async with scripts.redis.client() as connection:
@@ -81,7 +83,7 @@ async def _enqueue(
     scripts: Scripts, execution: NewExecution, floor: SequenceFloor, payload: str | None
 ) -> EnqueueResult:
     enqueued_at = now_iso()
-    task_id = execution.task_id or scripts.keys.new_task_id()
+    task_id = scripts.keys.placed_task_id(execution.task_id) if execution.task_id else scripts.keys.new_task_id()
     call = {
         "task_id": task_id,
         "workflow_id": execution.workflow_id,

@@ -39,10 +39,17 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
     streams: dict[str, Any] = {}
     groups: list[dict[str, Any]] = []
     consumers: list[dict[str, Any]] = []
-    for label, stream in (("requests", keys.requests), ("results", keys.results), ("dead_letter", keys.dead_letter)):
+    # Every shard's streams: labelled `requests`, ... with one shard, `requests:0`, ... with several.
+    shards = keys.all_shards
+    named = [
+        (f"{label}:{k.shard_index}" if len(shards) > 1 else label, stream)
+        for k in shards
+        for label, stream in (("requests", k.requests), ("results", k.results), ("dead_letter", k.dead_letter))
+    ]
+    for label, stream in named:
         length = await redis.xlen(stream)
         streams[label] = {"key": stream, "length": length}
-        if label == "dead_letter" or (not length and not await redis.exists(stream)):
+        if label.startswith("dead_letter") or (not length and not await redis.exists(stream)):
             continue
         try:
             infos = await redis.xinfo_groups(stream)
@@ -79,8 +86,8 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
         "streams": streams,
         "groups": groups,
         "consumers": consumers,
-        "delayed_retries": await redis.zcard(keys.delayed),
-        "dead_letters": streams["dead_letter"]["length"],
+        "delayed_retries": sum([int(await redis.zcard(k.delayed)) for k in shards]),
+        "dead_letters": sum(v["length"] for label, v in streams.items() if label.startswith("dead_letter")),
         # Pauses, what they hold back, and drain progress (shared/control.py).
         "control": await RunControl(redis, keys, task_ttl=0).state(),
     }

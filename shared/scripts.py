@@ -121,6 +121,15 @@ class Scripts:
         self.redis = redis
         self.keys = keys
         self._registered: dict[str, AsyncScript] = {}
+        self._siblings: dict[int, Scripts] = {keys.shard_index: self}
+
+    def of(self, keys: Keys) -> Scripts:
+        """The same steps on another shard's keys (kept, so scripts are registered once per shard)."""
+        found = self._siblings.get(keys.shard_index)
+        if found is None:
+            found = self._siblings[keys.shard_index] = Scripts(self.redis, keys)
+            found._siblings = self._siblings
+        return found
 
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self._registered.get(name)
@@ -144,6 +153,22 @@ class Scripts:
         rate: float = 0,
         burst: int = 1,
     ) -> EnqueueResult:
+        if self.keys.of_client(client) is not self.keys:
+            # A client's executions all live in its shard (its limits are checked there, in one slot).
+            return await self.of(self.keys.of_client(client)).enqueue(
+                task_id=task_id,
+                workflow_id=workflow_id,
+                workflow_name=workflow_name,
+                client=client,
+                enqueued_at=enqueued_at,
+                payload=payload,
+                queued_data=queued_data,
+                idempotency_key=idempotency_key,
+                idempotency_ttl=idempotency_ttl,
+                max_inflight=max_inflight,
+                rate=rate,
+                burst=burst,
+            )
         reply = await self._call(
             "enqueue",
             keys=[
@@ -311,6 +336,11 @@ class Scripts:
     async def reopen(
         self, *, task_id: str, client: str, token: str, event: dict[str, str], request: dict[str, str]
     ) -> str:
+        if self.keys.of_task(task_id) is not self.keys:
+            # The request goes back onto the stream of the shard that holds the task.
+            return await self.of(self.keys.of_task(task_id)).reopen(
+                task_id=task_id, client=client, token=token, event=event, request=request
+            )
         reply = await self._call(
             "reopen",
             keys=[
@@ -370,6 +400,11 @@ class Scripts:
 
         `client` None cancels any client's task (operators); otherwise only that client's (another's
         answers MISSING, exactly like an unknown id). The in-flight count is the task's client's."""
+        if self.keys.of_task(task_id) is not self.keys:
+            # Its event goes onto the results stream of the shard that holds the task.
+            return await self.of(self.keys.of_task(task_id)).cancel(
+                task_id=task_id, client=client, event=event, task_fields=task_fields, task_ttl=task_ttl
+            )
         owner = client
         if owner is None:
             owner = _s(await self.redis.hget(self.keys.task(task_id), "client") or "")

@@ -8,7 +8,7 @@ values (contexts, results, errors) travel as one JSON field encoded with orjson.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -257,6 +257,13 @@ class Keys:
         low = low - (low - self.shard_index) % self.shard_count if low >= self.shard_index else self.shard_index
         return f"{raw[:-8]}{low:08x}"
 
+    def placed_task_id(self, task_id: str) -> str:
+        """A task id chosen by its caller (a schedule's tick), made to name this shard if it does not:
+        the shard's index as 8 hex digits is appended (deterministic, so a repeat names the same task)."""
+        if self.of_task(task_id) is self:
+            return task_id
+        return f"{task_id}-{self.shard_index:08x}"
+
     @property
     def absent(self) -> str:
         """What a script's optional KEYS slot gets when the caller has no key for it: '' on a single
@@ -272,20 +279,58 @@ class Keys:
     def _name(self, *parts: str) -> str:
         return ":".join((self.prefix, self.tag, *parts) if self.tag else (self.prefix, *parts))
 
+    def sibling(self, shard: int) -> Keys:
+        """Shard `shard`'s keys, from any shard's."""
+        if shard == self.shard_index or not self.tag:
+            return self
+        tag = f"{{{self.prefix}:{shard}}}"
+
+        def moved(name: str) -> str:
+            return f"{name.removesuffix(':' + self.tag)}:{tag}"
+
+        return replace(
+            self,
+            requests=moved(self.requests),
+            results=moved(self.results),
+            dead_letter=moved(self.dead_letter),
+            tag=tag,
+            shard_index=shard,
+        )
+
+    @property
+    def all_shards(self) -> list[Keys]:
+        return [self.sibling(n) for n in range(self.shard_count)]
+
+    # A task's keys and a client's are named in the shard that holds them, whichever shard's `Keys`
+    # is asked: the ids say which (`shard_of_task`, `shard_of_client`), so no caller has to.
+
+    def of_task(self, task_id: str) -> Keys:
+        return self.sibling(Keys.shard_of_task(task_id, self.shard_count))
+
+    def of_client(self, client: str) -> Keys:
+        return self.sibling(Keys.shard_of_client(client, self.shard_count))
+
+    def of_execution(self, execution_id: int | str) -> Keys:
+        """Execution ids are handed out per shard as n * shards + shard (shared/lua/enqueue.lua)."""
+        try:
+            return self.sibling(int(execution_id) % self.shard_count)
+        except ValueError:
+            return self
+
     def task(self, task_id: str) -> str:
-        return self._name("task", task_id)
+        return self.of_task(task_id)._name("task", task_id)
 
     def task_events(self, task_id: str) -> str:
         """List of the task's results-stream entry ids, in order: replays one task without a scan."""
-        return self._name("task", task_id, "events")
+        return self.of_task(task_id)._name("task", task_id, "events")
 
     def inflight(self, client: str) -> str:
         """A client's count of accepted, not yet finished executions (the per-client cap)."""
-        return self._name("inflight", client)
+        return self.of_client(client)._name("inflight", client)
 
     def rate_bucket(self, client: str) -> str:
         """A client's token bucket (the per-client rate limit), shared by every API replica."""
-        return self._name("ratelimit", client)
+        return self.of_client(client)._name("ratelimit", client)
 
     def workflow(self, workflow_id: int) -> str:
         """The workflow's current version and state (JSON, without its definition)."""
@@ -296,8 +341,10 @@ class Keys:
         return f"{self.prefix}:workflow:{workflow_id}:v{version}"
 
     def execution(self, execution_id: int | str) -> str:
-        """The task id of an execution, so that it can be read from Redis before PostgreSQL has it."""
-        return self._name("execution", str(execution_id))
+        """The task id of an execution, so that it can be read from Redis before PostgreSQL has it.
+        (With an empty id: this shard's prefix of these keys, which the enqueue step completes.)"""
+        keys = self.of_execution(execution_id) if execution_id != "" else self
+        return keys._name("execution", str(execution_id))
 
     @property
     def clients(self) -> str:
@@ -305,7 +352,7 @@ class Keys:
         return f"{self.prefix}:clients"
 
     def idempotency(self, client: str, key: str) -> str:
-        return self._name("idem", client, key)
+        return self.of_client(client)._name("idem", client, key)
 
     @property
     def execution_seq(self) -> str:
@@ -356,26 +403,20 @@ class Layout:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Layout:
-        if not settings.tagged:
-            return cls((Keys.from_settings(settings),))
-        return cls(tuple(Keys.shard(settings, n) for n in range(settings.shards)))
+        return cls(tuple(Keys.from_settings(settings).all_shards))
 
     @property
     def home(self) -> Keys:
         return self.shards[0]
 
     def of_client(self, client: str) -> Keys:
-        return self.shards[Keys.shard_of_client(client, len(self.shards))]
+        return self.home.of_client(client)
 
     def of_task(self, task_id: str) -> Keys:
-        return self.shards[Keys.shard_of_task(task_id, len(self.shards))]
+        return self.home.of_task(task_id)
 
     def of_execution(self, execution_id: int | str) -> Keys:
-        """Execution ids are handed out per shard as n * shards + shard (shared/lua/enqueue.lua)."""
-        try:
-            return self.shards[int(execution_id) % len(self.shards)]
-        except ValueError:
-            return self.home
+        return self.home.of_execution(execution_id)
 
 
 def now_iso() -> str:
