@@ -24,7 +24,7 @@ from api.version import SERVICE, VERSION
 from api.worker_watch import WorkerWatch
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
-from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
+from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool, prepare
 from shared.durability import StrictDurability
 from shared.executions import KnownClients
 from shared.reporting import init_reporting
@@ -52,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Here, in the running loop, for Sentry's asyncio integration (a no-op without SENTRY_DSN).
         init_reporting(settings, "api")
         redis = create_redis(settings)
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await prepare(redis)
         keys = Keys.from_settings(settings)
         pool: asyncpg.Pool | None = None
         try:

@@ -17,6 +17,7 @@ shared rows in the same order; a deadlock or serialization failure is retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -450,9 +451,11 @@ class Projector:
 
 async def serve_projector(settings: Settings, *, stop: asyncio.Event) -> None:
     """Run only the projector (`nova projector`), for deployments that separate it from workers."""
-    from shared.connections import create_redis
+    from shared.connections import create_redis, prepare
 
     redis = create_redis(settings)
+    with contextlib.suppress(*REDIS_UNAVAILABLE):
+        await prepare(redis)
     consumer = settings.new_consumer_name()
     pool = LazyPool(settings.database_url) if settings.database_url else None
     try:

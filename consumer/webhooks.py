@@ -229,7 +229,11 @@ class WebhookDelivery:
         for the other groups, so the group's consumer list does not grow with every restart."""
         removed = []
         for keys in self.layout.shards:
-            for consumer in await self.redis.xinfo_consumers(keys.results, self.group):
+            try:
+                consumers = await self.redis.xinfo_consumers(keys.results, self.group)
+            except ResponseError:
+                continue  # no stream or group in this shard yet
+            for consumer in consumers:
                 name = consumer["name"]
                 if name == self.consumer or consumer["pending"] or consumer["idle"] < GONE_AFTER_MS:
                     continue

@@ -55,6 +55,8 @@ from shared.connections import (
     info_of,
     is_missing_group,
     open_pool,
+    prepare,
+    pubsub_client,
 )
 from shared.db import LazyPool
 from shared.scripts import Scripts
@@ -379,7 +381,8 @@ class Worker:
         what was pushed meanwhile is picked up by the heartbeat's re-check."""
         backoff = Backoff()
         while not closed.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            client, owned = pubsub_client(self.redis)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.control_channel)
                 backoff.reset()
@@ -399,6 +402,9 @@ class Worker:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+                if owned:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
 
     def _on_control(self, message: str) -> None:
         verb, _, arg = message.partition(" ")
@@ -608,6 +614,8 @@ async def serve(
 
     init_reporting(settings, "worker")
     redis = create_redis(settings)
+    with contextlib.suppress(*REDIS_UNAVAILABLE):
+        await prepare(redis)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.
     lazy_pool = LazyPool(settings.database_url) if settings.database_url else None
     pool: asyncpg.Pool | None = None

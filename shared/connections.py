@@ -53,6 +53,25 @@ def create_redis(settings: Settings, **kwargs: object) -> Redis:
     return Redis.from_url(settings.redis_url, **options)  # type: ignore[arg-type]
 
 
+async def prepare(redis: Redis) -> None:
+    """Learn a cluster's slot map now, once, before a process's loops start: the cluster client
+    otherwise learns it on first use, from many concurrent commands at once (some of them bounded by
+    timeouts that cancel them mid-way)."""
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()
+
+
+def pubsub_client(redis: Redis) -> tuple[Redis, bool]:
+    """A client for SUBSCRIBE and whether the caller must close it. On a cluster, a plain client to
+    one master: channels (not sharded ones) reach every node over the cluster bus, and a subscribed
+    connection of its own never shares the cluster client's node pools."""
+    if isinstance(redis, RedisCluster):
+        node = redis.get_random_primary_node()
+        kwargs = {k: v for k, v in node.connection_kwargs.items() if k not in ("retry",)}
+        return Redis(**kwargs), True
+    return redis, False
+
+
 def is_cluster(redis: Any) -> bool:
     return isinstance(redis, RedisCluster)
 

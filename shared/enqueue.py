@@ -4,12 +4,17 @@ goes through, so the request entry, its payload and its queued event are built i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.durability import StrictDurability
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from shared.durability import NotDurable, StrictDurability
 from shared.scripts import EnqueueResult, Scripts, SequenceLost
 from shared.streams import dumps, now_iso
 
@@ -73,10 +78,48 @@ async def enqueue_execution(
     scripts = scripts.of(scripts.keys.of_client(execution.client))
     if strict is None:
         return await _enqueue(scripts, execution, floor, payload)
+    if isinstance(scripts.redis, RedisCluster):
+        return await _enqueue_strict_on_cluster(scripts.redis, scripts, execution, floor, payload, strict)
     async with scripts.redis.client() as connection:
         result = await _enqueue(Scripts(connection, scripts.keys), execution, floor, payload)
         await strict.confirm(connection)
     return result
+
+
+# Tries of a strict enqueue on a cluster whose slot map changed under it (the slot moved).
+MOVED_TRIES = 3
+
+
+async def _enqueue_strict_on_cluster(
+    cluster: RedisCluster,
+    scripts: Scripts,
+    execution: NewExecution,
+    floor: SequenceFloor,
+    payload: str | None,
+    strict: StrictDurability,
+) -> EnqueueResult:
+    """The enqueue on one connection to the master of the client's shard, then WAIT on it: the
+    cluster client spreads commands over pooled connections, and WAIT counts one connection's writes."""
+    for _ in range(MOVED_TRIES):
+        node = cluster.get_node_from_key(scripts.keys.requests)
+        pool = ConnectionPool(connection_class=node.connection_class, max_connections=1, **node.connection_kwargs)
+        client = Redis(connection_pool=pool)
+        try:
+            async with client.client() as connection:
+                result = await _enqueue(Scripts(connection, scripts.keys), execution, floor, payload)
+                await strict.confirm(connection, node.name)
+            return result
+        except ResponseError as exc:
+            # The slot moved (MOVED), is moving (ASK, TRYAGAIN): nothing was written; look again.
+            if not str(exc).startswith(("MOVED", "ASK", "TRYAGAIN")):
+                raise
+            log.info("strict enqueue: %s; refreshing the cluster's slot map", exc)
+            await cluster.nodes_manager.initialize()
+            await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+            await pool.disconnect()
+    raise NotDurable("the shard's slot is moving between cluster nodes; retry with the same Idempotency-Key")
 
 
 async def _enqueue(
