@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, ClusterDownError, ClusterError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -17,8 +17,19 @@ from shared.db import create_pool
 from shared.settings import Settings
 from shared.streams import Keys
 
-# Errors that mean "Redis is unreachable or restarting", as opposed to a bad command.
-REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ConnectionError, OSError)
+# Errors that mean "Redis is unreachable or restarting", as opposed to a bad command. On a cluster also
+# a slot that is moving (TRYAGAIN past the client's own retries) or a shard with no master for a moment
+# (a failover): the same step succeeds when tried again.
+REDIS_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    ConnectionError,
+    OSError,
+    ClusterError,
+    ClusterDownError,
+    TryAgainError,
+)
 
 
 class NotConfigured(RuntimeError):

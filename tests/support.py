@@ -369,10 +369,15 @@ class ClusterServers:
             if not node.running:
                 continue
             with self.admin(node) as r:
-                # The client parses CLUSTER SLOTS into {(start, end): {"primary": (host, port), ...}}.
-                for (start, end), serving in r.execute_command("CLUSTER SLOTS").items():
-                    if int(start) <= slot <= int(end):
-                        port = int(serving["primary"][1])
+                reply = r.execute_command("CLUSTER SLOTS")
+                # Parsed into {(start, end): {"primary": (host, port), ...}} or left as the raw list.
+                ranges = (
+                    [(int(a), int(b), int(v["primary"][1])) for (a, b), v in reply.items()]
+                    if isinstance(reply, dict)
+                    else [(int(a), int(b), int(master[1])) for a, b, master, *_ in reply]
+                )
+                for start, end, port in ranges:
+                    if start <= slot <= end:
                         return next(n for n in self.nodes if n.port == port)
         raise LookupError(f"no node serves slot {slot}")
 

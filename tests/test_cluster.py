@@ -9,10 +9,13 @@ whole module (flushed between tests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -20,6 +23,7 @@ import orjson
 import pytest
 import uvicorn
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from api.app import create_app
 from cli.embedded import find_redis_server, free_port
@@ -261,3 +265,129 @@ async def test_dead_letters_and_replay_over_shards(sharded: Settings, client_of:
         done = await wait_terminal(client_of, sharded, [replay.task_id])
     assert done[replay.task_id].data["final_context"] == {"invoice": 7, "replayed": True}
     assert [d.reason for d in await dlq.list()] == ["malformed"]
+
+
+def _move_slot(cluster: ClusterServers, key: str, enqueue_between: Any = None) -> tuple[int, int]:
+    """Move `key`'s slot to another master as an operator would (SETSLOT IMPORTING/MIGRATING, MIGRATE
+    in batches, SETSLOT NODE everywhere); `enqueue_between()` runs between batches. Returns the
+    source and destination ports."""
+    slot = key_slot(key.encode())
+    source = cluster.master_of(key)
+    target = next(n for n in cluster.nodes[: cluster.masters] if n is not source and n.running)
+    source_id, target_id = cluster.node_id(source), cluster.node_id(target)
+    with cluster.admin(source) as src, cluster.admin(target) as dst:
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        while names := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 10):
+            src.execute_command(
+                "MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                "AUTH2", "default", source.admin_password, "KEYS", *names,
+            )  # fmt: skip
+            if enqueue_between is not None:
+                enqueue_between()
+        for node in cluster.nodes[: cluster.masters]:
+            with cluster.admin(node) as admin:
+                admin.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    return source.port, target.port
+
+
+async def test_moving_a_slot_while_executions_run_loses_nothing(
+    cluster: ClusterServers, sharded: Settings, client_of: Redis, pool: asyncpg.Pool
+) -> None:
+    slug = clients_in_every_shard()[0]
+    keys = Layout.from_settings(sharded).of_client(slug)
+    wf = await create_workflow(client_of, sharded, pool, linear("import time\ntime.sleep(0.05)", "context['n'] += 1"))
+    loop = asyncio.get_running_loop()
+    tasks = []
+
+    during: list[Any] = []
+
+    def enqueue_between() -> None:
+        # From the migrating thread: one more request into the moving slot between two batches (not
+        # waited for: a step whose keys are split between the nodes is retried until the move ends).
+        during.append(asyncio.run_coroutine_threadsafe(enqueue(client_of, sharded, wf, {"n": 0}, slug), loop))
+
+    async with in_process_worker(sharded):
+        tasks += [await enqueue(client_of, sharded, wf, {"n": 0}, slug) for _ in range(6)]
+        moved = await asyncio.to_thread(_move_slot, cluster, keys.requests, enqueue_between)
+        assert moved[0] != moved[1] and cluster.master_of(keys.requests).port == moved[1]
+        tasks += [await asyncio.wrap_future(f) for f in during]
+        tasks += [await enqueue(client_of, sharded, wf, {"n": 0}, slug) for _ in range(4)]
+        done = await wait_terminal(client_of, sharded, [t.task_id for t in tasks], timeout=90)
+        assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
+        await wait_projected(pool, [t.execution_id for t in tasks], {"completed"}, timeout=60)
+    succeeded = await wait_for_events(client_of, sharded, lambda e: e.type == EventType.SUCCEEDED, len(tasks))
+    assert sorted(e.task_id for e in succeeded) == sorted(t.task_id for t in tasks)  # each exactly once
+    assert await client_of.xlen(keys.dead_letter) == 0
+
+
+async def test_sigkill_of_a_master_keeps_what_strict_mode_acknowledged(
+    cluster: ClusterServers, sharded: Settings, pool: asyncpg.Pool
+) -> None:
+    """Strict mode answers 202 only once the master's replica has the request (WAIT): SIGKILL the
+    master of a shard mid-stream, and every acknowledged execution still runs to its end, from the
+    promoted replica. Requests refused meanwhile (503) are retried by the client with their key."""
+    strict = sharded.model_copy(update={"durability": "strict", "strict_wait_ms": 1000})
+    slugs = clients_in_every_shard()
+    victim_key = Layout.from_settings(strict).of_client(slugs[1]).requests
+    victim = cluster.master_of(victim_key)
+    server, serving, base = await _serve(strict)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    acknowledged: dict[str, dict[str, Any]] = {}
+    try:
+        async with httpx.AsyncClient(base_url=base, headers=admin, timeout=30) as http:
+            for slug in slugs:
+                assert (await http.post("/clients", json={"slug": slug, "name": slug})).status_code == 201
+            graph = linear("import time\ntime.sleep(0.05)\ncontext['n'] += 1")
+            wf_id = (await http.post("/workflows", json={"name": "kill", "graph_definition": graph})).json()["id"]
+            async with in_process_worker(strict):
+                for i in range(18):
+                    if i == 6:
+                        victim.kill()  # SIGKILL: no failover handshake, no last writes flushed
+                        # Its replica takes over; strict mode refuses that shard (503) until the old
+                        # master is back, as the new master's replica.
+                        rejoined = asyncio.create_task(asyncio.to_thread(_rejoin, cluster, victim, victim_key))
+                    key = f"req-{i}"
+                    body = {"client_slug": slugs[i % len(slugs)], "initial_context": {"n": i}}
+                    deadline = asyncio.get_running_loop().time() + 60
+                    while True:
+                        reply = await http.post(
+                            f"/workflows/{wf_id}/execute", json=body, headers={"Idempotency-Key": key}
+                        )
+                        if reply.status_code == 202:
+                            acknowledged[key] = reply.json()
+                            break
+                        assert reply.status_code in (500, 503), reply.text
+                        assert asyncio.get_running_loop().time() < deadline, reply.text
+                        await asyncio.sleep(0.2)
+                await rejoined
+                assert cluster.master_of(victim_key) is not victim  # its replica took over
+                ids = [t["task_id"] for t in acknowledged.values()]
+                redis = create_redis(strict)
+                try:
+                    done = await wait_terminal(redis, strict, ids, timeout=120)
+                finally:
+                    await redis.aclose()
+                assert len(done) == len(ids) == 18
+                assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
+                await wait_projected(pool, [t["execution_id"] for t in acknowledged.values()], {"completed"}, 90)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)
+        if not victim.running:
+            victim.start()
+
+
+def _rejoin(cluster: ClusterServers, victim: Any, key: str) -> None:
+    """Wait for the failover, then start the killed node again: it rejoins as a replica."""
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(Exception):
+            if cluster.master_of(key) is not victim:
+                break
+        assert time.monotonic() < deadline, "no replica took over the killed master's slots"
+        time.sleep(0.1)
+    victim.start()
+    while not cluster.healthy():
+        assert time.monotonic() < deadline, "the killed master did not rejoin as a replica"
+        time.sleep(0.1)
