@@ -79,3 +79,15 @@ async def test_a_clients_in_flight_cap_holds_across_shards(redis: Redis, sharded
     # Another client, in another shard, is not held back.
     accepted = await enqueue_execution(replicas[0], execution(globex), floor=floor)
     assert Keys.shard_of_task(accepted.task_id, SHARDS) == Keys.shard_of_client(globex, SHARDS)
+
+
+def test_a_schedules_task_id_names_its_clients_shard() -> None:
+    from api.schemas import is_task_id
+    from shared.settings import Settings
+
+    keys = Keys.shard(Settings(redis_url="redis://unused", shards=SHARDS), 0)
+    for slug in one_client_per_shard():
+        home = keys.of_client(slug)
+        placed = home.placed_task_id("sched-1a2b-1700000000000")
+        assert Keys.shard_of_task(placed, SHARDS) == home.shard_index and is_task_id(placed)
+        assert home.placed_task_id(placed) == placed  # deterministic: a repeated tick names the same task
