@@ -332,7 +332,9 @@ class Projector:
             except ResponseError as exc:
                 if not is_missing_group(exc):
                     raise
-                await ensure_groups(self.redis, self.keys)
+                # Redis may be gone again (a failover): the next pass tries once more.
+                with contextlib.suppress(*REDIS_UNAVAILABLE):
+                    await ensure_groups(self.redis, self.keys)
             except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 delay = backoff.next_delay()
                 log.warning("projector waiting %.1fs: %s", delay, exc)

@@ -143,7 +143,9 @@ class WebhookDelivery:
             except ResponseError as exc:
                 if is_missing_group(exc):
                     # Redis lost its data (a flush, a restart without persistence): start again.
-                    await self.registry.ensure_group()
+                    # Redis may be gone again (a failover): the next pass tries once more.
+                    with contextlib.suppress(*REDIS_UNAVAILABLE):
+                        await self.registry.ensure_group()
                     continue
                 log.exception("webhooks: unexpected Redis error")
                 await sleep_or_stop(backoff.next_delay(), stop)

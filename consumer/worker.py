@@ -301,7 +301,9 @@ class Worker:
         if isinstance(exc, ResponseError) and is_missing_group(exc):
             # Redis lost its data (restart without AOF, FLUSHALL): recreate and go on.
             log.warning("consumer group missing; recreating it")
-            await ensure_groups(self.redis, self.keys)
+            # Redis may be gone again (a failover): the next read tries once more.
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
+                await ensure_groups(self.redis, self.keys)
             return
         raise exc
 

@@ -5,6 +5,7 @@ goes through, so the request entry, its payload and its queued event are built i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, MovedError, TryAgainError
 
+from shared.connections import REDIS_UNAVAILABLE
 from shared.durability import NotDurable, StrictDurability
 from shared.scripts import EnqueueResult, Scripts, SequenceLost
 from shared.streams import dumps, now_iso
@@ -109,13 +111,16 @@ async def _enqueue_strict_on_cluster(
                 result = await _enqueue(Scripts(connection, scripts.keys), execution, floor, payload)
                 await strict.confirm(connection, node.name)
             return result
-        except ResponseError as exc:
+        except (MovedError, AskError, TryAgainError) as exc:
             # The slot moved (MOVED), is moving (ASK, TRYAGAIN): nothing was written; look again.
-            if not str(exc).startswith(("MOVED", "ASK", "TRYAGAIN")):
-                raise
-            log.info("strict enqueue: %s; refreshing the cluster's slot map", exc)
+            log.info("strict enqueue: %r; refreshing the cluster's slot map", exc)
             await cluster.nodes_manager.initialize()
             await asyncio.sleep(0.05)
+        except REDIS_UNAVAILABLE:
+            # The master may be dead: learn the new map (a promoted replica) before the client retries.
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
+                await cluster.nodes_manager.initialize()
+            raise
         finally:
             await client.aclose()
             await pool.disconnect()
