@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import Event
@@ -128,7 +129,9 @@ class EventHub:
                 delay = 0.1
             except asyncio.CancelledError:
                 raise
-            except REDIS_UNAVAILABLE as exc:
+            except (*REDIS_UNAVAILABLE, ResponseError) as exc:
+                # ResponseError: on a cluster, a read unblocked by a slot move (UNBLOCKED) or a stream
+                # not there yet on a promoted replica; the next read finds it.
                 log.warning("event hub: Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

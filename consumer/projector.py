@@ -28,7 +28,14 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.backoff import Backoff, sleep_or_stop
-from shared.connections import REDIS_UNAVAILABLE, NotConfigured, autoclaim, ensure_groups, is_missing_group
+from shared.connections import (
+    REDIS_UNAVAILABLE,
+    NotConfigured,
+    autoclaim,
+    ensure_groups,
+    is_missing_group,
+    is_moved_away,
+)
 from shared.db import LazyPool
 from shared.events import Event
 from shared.settings import Settings
@@ -330,6 +337,8 @@ class Projector:
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
+                if is_moved_away(exc):
+                    continue
                 if not is_missing_group(exc):
                     raise
                 # Redis may be gone again (a failover): the next pass tries once more.

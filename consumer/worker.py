@@ -54,6 +54,7 @@ from shared.connections import (
     ensure_groups,
     info_of,
     is_missing_group,
+    is_moved_away,
     open_pool,
     prepare,
     pubsub_client,
@@ -298,6 +299,8 @@ class Worker:
             log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
             await sleep_or_stop(delay, stop)
             return
+        if isinstance(exc, ResponseError) and is_moved_away(exc):
+            return
         if isinstance(exc, ResponseError) and is_missing_group(exc):
             # Redis lost its data (restart without AOF, FLUSHALL): recreate and go on.
             log.warning("consumer group missing; recreating it")
@@ -305,7 +308,11 @@ class Worker:
             with contextlib.suppress(*REDIS_UNAVAILABLE):
                 await ensure_groups(self.redis, self.keys)
             return
-        raise exc
+        # Nothing a read meets may end the worker (seen on a cluster: a connection the client library
+        # closed under a concurrent command); wait, and read again.
+        delay = backoff.next_delay()
+        log.error("read of %s failed (%r); reading again in %.1fs", self.keys.requests, exc, delay)
+        await sleep_or_stop(delay, stop)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """With several streams: tell this stream's reader when an entry is appended. A plain XREAD

@@ -115,6 +115,12 @@ async def ensure_groups(redis: Redis, keys: Keys) -> None:
                 raise
 
 
+def is_moved_away(exc: ResponseError) -> bool:
+    """A blocked read whose stream was migrated to another node (a slot move): read again, and the
+    cluster client follows the slot to its new master."""
+    return str(exc).startswith("UNBLOCKED")
+
+
 def is_missing_group(exc: ResponseError) -> bool:
     """Redis lost its data (a restart without persistence, a flush): the caller recreates the groups."""
     return "NOGROUP" in str(exc)
