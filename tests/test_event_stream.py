@@ -138,8 +138,7 @@ async def test_stop_ends_the_hub_even_when_its_cancel_is_swallowed(
     client = create_redis(settings)  # as the API opens it: a socket timeout, so sends go through wait_for
     hub = EventHub(client, Keys.from_settings(settings), block_ms=100)
     await hub.start()
-    reader = hub._task
-    assert reader is not None
+    [reader] = hub._tasks
     stopping: list[asyncio.Task[None]] = []
     send = Connection._send_packed_command
 

@@ -497,24 +497,33 @@ def test_every_atomic_step_touches_one_slot_under_a_shard_tag() -> None:
 
     from shared.settings import Settings
 
-    settings = Settings(redis_url="redis://unused")
-    single = Keys.from_settings(settings)
+    single = Keys.from_settings(Settings(redis_url="redis://unused"))
     assert single.task("t") == "nova:task:t" and single.requests == "nova:requests"  # documented names
     shards = 4
+    settings = Settings(redis_url="redis://unused", shards=shards)
     for client in ("acme", "globex", "initech"):
-        keys = Keys.shard(settings, Keys.shard_of_client(client, shards))
+        # Any shard's keys name the client's keys in its shard, and a new task id of that shard.
+        keys = Keys.shard(settings, 0).of_client(client)
+        assert keys.shard_index == Keys.shard_of_client(client, shards)
+        t = keys.new_task_id()
+        assert Keys.shard_of_task(t, shards) == keys.shard_index and Keys.shard(settings, 3).task(t) == keys.task(t)
         steps = {
-            "enqueue": [keys.requests, keys.results, keys.execution_seq, keys.task("t"), keys.idempotency(client, "k"),
-                        keys.task_events("t"), keys.inflight(client), keys.rate_bucket(client)],
-            "record": [keys.task("t"), keys.results, keys.requests, keys.task_events("t"), keys.inflight(client)],
-            "retry_later": [keys.task("t"), keys.results, keys.requests, keys.delayed, keys.task_events("t")],
+            "enqueue": [keys.requests, keys.results, keys.execution_seq, keys.task(t), keys.idempotency(client, "k"),
+                        keys.task_events(t), keys.inflight(client), keys.rate_bucket(client), keys.absent],
+            "record": [keys.task(t), keys.results, keys.requests, keys.task_events(t), keys.inflight(client)],
+            "retry_later": [keys.task(t), keys.results, keys.requests, keys.delayed, keys.task_events(t)],
             "promote_due": [keys.delayed, keys.requests],
-            "dead_letter": [keys.dead_letter, keys.requests, keys.task("t"), keys.results, keys.task_events("t"),
+            "dead_letter": [keys.dead_letter, keys.requests, keys.task(t), keys.results, keys.task_events(t),
                             keys.inflight(client)],
-            "reopen": [keys.task("t"), keys.requests, keys.results, keys.task_events("t"), keys.inflight(client)],
+            "reopen": [keys.task(t), keys.requests, keys.results, keys.task_events(t), keys.inflight(client)],
+            "park": [keys.control, keys.requests, keys.parked("queue"), keys.parked("workflow:1")],
+            "resume": [keys.control, keys.parked("queue"), keys.requests],
         }  # fmt: skip
         for step, names in steps.items():
             assert len({key_slot(n.encode()) for n in names}) == 1, (step, names)
+    # The shards' slots differ (spread over a cluster's masters), and execution ids say their shard.
+    assert len({key_slot(Keys.shard(settings, n).requests.encode()) for n in range(shards)}) == shards
+    assert Keys.shard(settings, 0).of_execution(4 * 17 + 2).shard_index == 2
     assert len({Keys.shard_of_client(c, shards) for c in ("acme", "globex", "initech", "umbrella", "hooli")}) > 1
 
 
