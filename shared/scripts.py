@@ -514,16 +514,20 @@ class Scripts:
             _s(x or "") for x in await self.redis.hmget(self.keys.task(task_id), ["client", "waiting_for"])
         )
         owner = task_client if client is None else client
+        # A client's counter is in its shard, where its tasks are: an owner of another shard (or none:
+        # an unknown task) cannot hold this task, and the step answers MISSING without touching it.
+        inflight = self.keys.inflight(owner) if owner and self.keys.of_client(owner) is self.keys else self.keys.absent
         while True:
             # A task waiting for a concurrency key leaves the key's wait set in the same step.
-            wait_keys = self._concurrency_keys(waiting) if waiting else ["", "", "", "", ""]
+            # Left out (no key): the shard's bare tag on a cluster, so that every key shares its slot.
+            wait_keys = self._concurrency_keys(waiting) if waiting else [self.keys.absent] * 5
             reply = await self._call(
                 "cancel",
                 keys=[
                     self.keys.task(task_id),
                     self.keys.results,
                     self.keys.task_events(task_id),
-                    self.keys.inflight(owner),
+                    inflight,
                     *wait_keys[1:4],
                     wait_keys[0],
                     self.keys.requests,

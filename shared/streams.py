@@ -448,13 +448,14 @@ class Keys:
     @property
     def builtin_schedules(self) -> str:
         """Sorted set of the built-in schedules (the retention cleanup) scored by their next tick in ms.
-        Kept apart from operators' schedules, which the scheduler drops when their record is gone."""
-        return f"{self.prefix}:schedules:builtin"
+        Kept apart from operators' schedules, which the scheduler drops when their record is gone.
+        Deployment-wide: under `home`, beside the operators' schedules (one claim for every shard)."""
+        return f"{self.home}:schedules:builtin"
 
     @property
     def cleanup_last(self) -> str:
         """JSON of the last retention cleanup: its tick, who ran it, when, and what it deleted."""
-        return f"{self.prefix}:cleanup:last"
+        return f"{self.home}:cleanup:last"
 
     @property
     def delayed(self) -> str:
@@ -464,14 +465,16 @@ class Keys:
     @property
     def worker_reports(self) -> str:
         """Hash of what each worker reports of itself (its executors' lasting faults, its load):
-        consumer -> JSON, rewritten at each heartbeat interval (shared/lua/worker_report.lua)."""
-        return f"{self.prefix}:workers"
+        consumer -> JSON, rewritten at each heartbeat interval (shared/lua/worker_report.lua). One per
+        worker process, whatever the shards; under `home`, so that on a cluster it shares its slot with
+        the deadlines, as the script writing both needs."""
+        return f"{self.home}:workers"
 
     @property
     def worker_report_deadlines(self) -> str:
         """Sorted set: consumer -> when its report goes stale (Redis ms), one visibility timeout after it
         was written; a dead worker's report is dropped then."""
-        return f"{self.prefix}:workers:deadlines"
+        return f"{self.home}:workers:deadlines"
 
 
 @dataclass(frozen=True)
