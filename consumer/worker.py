@@ -219,8 +219,11 @@ class Worker:
             asyncio.create_task(self._every(self._promote_interval(), self._promote, stop)),
             asyncio.create_task(self._every(max(vt, 5.0), self.maintenance.run, stop)),
             asyncio.create_task(self._listen_control(closed), name="control"),
-            asyncio.create_task(self._every(vt / 4, self.report_self, closed)),
         ]
+        # One report per process, whatever the shards: the home shard's reader writes it for all.
+        reports = self.keys.shard_index == 0
+        if reports:
+            loops.append(asyncio.create_task(self._every(vt / 4, self.report_self, closed)))
         if self.budget.readers > 1:
             loops.append(asyncio.create_task(self._watch(stop), name="watch"))
         try:
@@ -229,9 +232,10 @@ class Worker:
         finally:
             closed.set()
             await cancel_until_done(loops)
-            # Gone at once rather than at its expiry: health and metrics stop counting this worker.
-            with contextlib.suppress(*REDIS_UNAVAILABLE, TimeoutError):
-                await asyncio.wait_for(self.scripts.worker_report(self.consumer, None), 1.0)
+            if reports:
+                # Gone at once rather than at its expiry: health and metrics stop counting this worker.
+                with contextlib.suppress(*REDIS_UNAVAILABLE, TimeoutError):
+                    await asyncio.wait_for(self.scripts.worker_report(self.consumer, None), 1.0)
             # Reached only on an unexpected error in the read loop: runs must not outlive it.
             await cancel_until_done(self.inflight.values())
 
@@ -416,7 +420,8 @@ class Worker:
         report = {
             "at": now_iso(),
             "concurrency": self.settings.concurrency,
-            "inflight": len(self.inflight),
+            # The process's runs, every shard's reader's (they share the slots).
+            "inflight": self.budget.used,
             "draining": self.draining,
             "executors": {name: _problem(provider) for name, provider in self.providers.items()},
         }
