@@ -214,7 +214,13 @@ def render_text(report: dict[str, Any]) -> str:
     waiting = report.get("concurrency_waiting")
     if waiting:
         keys = ", ".join(
-            f"{k['key']} ({k['waiting']} waiting, {k['holders']}/{k['limit']} held)" for k in waiting["keys"]
+            f"{k['key']}{_shard_label(k)} ({k['waiting']} waiting, {k['holders']}/{k['limit']} held)"
+            for k in waiting["keys"]
         )
         lines.append(f"concurrency:     {waiting['runs']} run(s) waiting for a key{': ' + keys if keys else ''}")
     return "\n".join(lines)
+
+
+def _shard_label(key: dict[str, Any]) -> str:
+    # Keys are counted per shard: with several shards the same key may show once per shard.
+    return f" [shard {key['shard']}]" if "shard" in key else ""
