@@ -59,17 +59,24 @@ async def task_event_stream(
     # Subscribe first: an event published while we replay is then both replayed and queued, and
     # the id check drops the copy; subscribing after would lose it.
     with hub.subscribe(lambda e: e.task_id == task_id) as sub:
-        for event in await task_events(redis, keys, task_id):
-            if not _newer(event, last):
-                continue
-            last = entry_id_parts(event.id)
-            yield _sse(event)
-            if event.type in TERMINAL_EVENTS:
+        replays = 0
+        while True:
+            for event in await task_events(redis, keys, task_id):
+                if not _newer(event, last):
+                    continue
+                last = entry_id_parts(event.id)
+                yield _sse(event)
+                if event.type in TERMINAL_EVENTS:
+                    return
+            status = await redis.hget(keys.task(task_id), TaskField.STATUS)
+            if status not in TERMINAL_STATUSES:
+                break
+            if replays:
+                # Terminal, and its terminal event not in the task's list: trimmed away, nothing more comes.
                 return
-        status = await redis.hget(keys.task(task_id), TaskField.STATUS)
-        if status in TERMINAL_STATUSES:
-            # Terminal, but its terminal event was trimmed away: nothing more will come.
-            return
+            # The task may have ended between the replay and this read (its terminal event and status
+            # are written in one step): replay once more, or that event would never be sent.
+            replays += 1
         async for item in _live(sub, last, until_terminal=True):
             yield item
 
