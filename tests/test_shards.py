@@ -3,6 +3,7 @@ keys a caller starts from, and ids say their shard."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import asyncpg
@@ -91,3 +92,34 @@ def test_a_schedules_task_id_names_its_clients_shard() -> None:
         placed = home.placed_task_id("sched-1a2b-1700000000000")
         assert Keys.shard_of_task(placed, SHARDS) == home.shard_index and is_task_id(placed)
         assert home.placed_task_id(placed) == placed  # deterministic: a repeated tick names the same task
+
+
+async def test_one_worker_report_per_process_counts_every_shards_runs(
+    redis: Redis, sharded: Settings, pool: asyncpg.Pool
+) -> None:
+    """A process reads every shard with one reader each, sharing its slots: what it reports of itself
+    (health, metrics) is one report whose in-flight count is every reader's."""
+    import time
+
+    from shared.inspection import worker_reports
+    from tests.support import private_dir
+
+    with private_dir("shards") as shared:
+        shared.chmod(0o777)
+        flag = shared / "go"
+        hold = f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
+        wf = await create_workflow(redis, sharded, pool, linear(hold))
+        slugs = one_client_per_shard()
+        settings = sharded.model_copy(update={"sandbox_writable": str(shared), "visibility_timeout": 2.0})
+        async with in_process_worker(settings, concurrency=4, consumer_name="one-process"):
+            tasks = [await enqueue(redis, settings, wf, client=slugs[n]) for n in (1, 2)]
+            deadline = time.monotonic() + 60
+            while True:
+                reports = await worker_reports(redis, Keys.from_settings(settings))
+                if [(r["consumer"], r["inflight"]) for r in reports] == [("one-process", 2)]:
+                    break
+                assert len(reports) <= 1, reports
+                assert time.monotonic() < deadline, f"never one report of both shards' runs: {reports}"
+                await asyncio.sleep(0.05)
+            flag.touch()
+            await wait_terminal(redis, settings, [t.task_id for t in tasks])
