@@ -137,11 +137,12 @@ async def worker_reports(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """What each live worker last reported of itself (consumer/worker.py report_self): `consumer`,
     `at`, `concurrency`, `inflight`, `draining`, and `executors` (name -> its lasting fault, or None).
     A report past its deadline (by Redis's clock) is a dead worker's and is left out."""
+    # TIME on its own: a cluster client refuses a keyless command in a pipeline.
+    seconds, micros = await redis.time()
     pipe = redis.pipeline(transaction=False)
-    pipe.time()
     pipe.zrange(keys.worker_report_deadlines, 0, -1, withscores=True)
     pipe.hgetall(keys.worker_reports)
-    (seconds, micros), deadlines, raw = await pipe.execute()
+    deadlines, raw = await pipe.execute()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     live = {_text(consumer) for consumer, deadline in deadlines if deadline > now_ms}
     reports = []

@@ -391,3 +391,47 @@ def _rejoin(cluster: ClusterServers, victim: Any, key: str) -> None:
     while not cluster.healthy():
         assert time.monotonic() < deadline, "the killed master did not rejoin as a replica"
         time.sleep(0.1)
+
+
+async def test_cancels_worker_reports_and_builtin_ticks_on_a_cluster(sharded: Settings, client_of: Redis) -> None:
+    """The steps that came with concurrency keys, worker reports and built-in schedules, on a real
+    cluster: each call's keys in one slot (else redis-py refuses it), whichever shard's keys start."""
+    from shared.control import RunControl
+    from shared.enqueue import NewExecution, enqueue_execution
+    from shared.inspection import worker_reports
+    from shared.scripts import CancelOutcome, Scripts
+
+    layout = Layout.from_settings(sharded)
+    home = layout.home
+    control = RunControl(client_of, home, task_ttl=60)
+    # An unknown task of another shard than the home one: MISSING, as on a single Redis.
+    stranger = layout.shards[1].new_task_id()
+    assert (await control.cancel_task(stranger)).outcome == CancelOutcome.MISSING
+
+    async def floor() -> int:
+        return 0
+
+    slugs = clients_in_every_shard()
+    for shard, slug in enumerate(slugs):
+        new = NewExecution(workflow_id=1, workflow_name="w", client=slug, initial_context={})
+        accepted = await enqueue_execution(Scripts(client_of, home), new, floor=floor)
+        keys = home.of_task(accepted.task_id)
+        assert keys.shard_index == shard
+        # Another client cancelling it: MISSING (its counter is in another shard), the task untouched.
+        other = slugs[(shard + 1) % SHARDS]
+        assert (await control.cancel_task(accepted.task_id, client=other)).outcome == CancelOutcome.MISSING
+        # Waiting for its client's concurrency key: the cancel takes it out of its shard's wait set.
+        await client_of.hset(keys.task(accepted.task_id), TaskField.WAITING_FOR, slug)
+        await client_of.zadd(keys.concurrency_waiting(slug), {accepted.task_id: 1})
+        await client_of.hset(keys.concurrency_index, slug, 1)
+        assert (await control.cancel_task(accepted.task_id)).outcome == CancelOutcome.CANCELLED
+        assert await client_of.zcard(keys.concurrency_waiting(slug)) == 0
+        assert await client_of.hget(keys.task(accepted.task_id), TaskField.STATUS) == TaskStatus.REVOKED
+        # And a task waiting for no key (the step's wait-set keys left out).
+        plain = await enqueue_execution(Scripts(client_of, home), new, floor=floor)
+        assert (await control.cancel_task(plain.task_id)).outcome == CancelOutcome.CANCELLED
+    scripts = Scripts(client_of, layout.shards[2])
+    await scripts.worker_report("w1", '{"inflight": 0}', ttl_ms=60_000)
+    assert [r["consumer"] for r in await worker_reports(client_of, home)] == ["w1"]
+    assert await scripts.claim_tick("cleanup", now_ms=1, next_ms=2) is None
+    assert await Scripts(client_of, home).claim_tick("cleanup", now_ms=5, next_ms=10) == 2
