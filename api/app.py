@@ -36,7 +36,7 @@ from api.version import SERVICE, VERSION
 from api.worker_watch import WorkerWatch
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
-from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool
+from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups, open_pool, prepare
 from shared.durability import StrictDurability
 from shared.executions import KnownClients
 from shared.reporting import init_reporting
@@ -52,7 +52,8 @@ async def _sync_sequence(scripts: Scripts, pool: asyncpg.Pool | None) -> None:
     if pool is None:
         return
     highest = await pool.fetchval("SELECT coalesce(max(id), 0) FROM executions")
-    await scripts.raise_sequence(int(highest))
+    for keys in scripts.keys.all_shards:
+        await scripts.of(keys).raise_sequence(int(highest))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Here, in the running loop, for Sentry's asyncio integration (a no-op without SENTRY_DSN).
         init_reporting(settings, "api")
         redis = create_redis(settings)
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await prepare(redis)
         keys = Keys.from_settings(settings)
         pool: asyncpg.Pool | None = None
         try:
@@ -79,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             scripts=scripts,
             catalog=WorkflowCatalog(redis, pool, keys),
             clients=clients,
-            hub=EventHub(redis, keys),
+            hub=EventHub(redis, keys, shards=keys.all_shards),
             metrics=Metrics(),
             stream_slots=StreamSlots(settings.sse_max_connections_per_key),
             known_clients=KnownClients(redis, keys),
@@ -89,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         res.hub.observe(res.metrics.observe)
         try:
-            await ensure_groups(redis, keys)
+            for shard in keys.all_shards:
+                await ensure_groups(redis, shard)
             await _sync_sequence(scripts, pool)
         except REDIS_UNAVAILABLE as exc:
             log.warning("Redis unavailable at start (%s); requests will answer 503 until it is back", exc)

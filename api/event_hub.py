@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import Event
@@ -58,15 +59,25 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, redis: Redis, keys: Keys, *, block_ms: int = 1000, batch: int = 1000) -> None:
+    """With several shards, one reading loop per shard's results stream (on a cluster they live in
+    different slots, so one XREAD cannot name them all); each event says its shard."""
+
+    def __init__(
+        self, redis: Redis, keys: Keys, *, block_ms: int = 1000, batch: int = 1000, shards: Sequence[Keys] = ()
+    ) -> None:
         self.redis = redis
         self.keys = keys
+        self.shards = list(shards) or [keys]
         self.block_ms = block_ms
         self.batch = batch
         self.subscribers: set[Subscription] = set()
         self.observers: list[Callable[[Event], None]] = []
-        self.last_id = "$"
-        self._task: asyncio.Task[None] | None = None
+        self.last_ids = {k.results: "$" for k in self.shards}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def last_id(self) -> str:
+        return self.last_ids[self.keys.results]
 
     def subscribe(self, accept: Filter | None = None, maxsize: int = 10_000) -> Subscription:
         sub = Subscription(self, accept, maxsize)
@@ -82,48 +93,54 @@ class EventHub:
 
     async def start(self) -> None:
         # Pin the position now, not when the task first runs: events appended in between count.
-        try:
-            await self._pin()
-        except REDIS_UNAVAILABLE as exc:
-            log.warning("event hub: Redis unavailable at start (%s)", exc)
-        self._task = asyncio.create_task(self._run(), name="event-hub")
+        for keys in self.shards:
+            try:
+                await self._pin(keys.results)
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("event hub: Redis unavailable at start (%s)", exc)
+        self._tasks = [
+            asyncio.create_task(self._run(n, keys.results), name=f"event-hub {keys.results}")
+            for n, keys in enumerate(self.shards)
+        ]
 
-    async def _pin(self) -> None:
-        if self.last_id == "$":
+    async def _pin(self, stream: str) -> None:
+        if self.last_ids[stream] == "$":
             # A concrete id, not "$", so a reconnect after an outage misses nothing.
-            latest = await self.redis.xrevrange(self.keys.results, count=1)
-            self.last_id = latest[0][0] if latest else "0-0"
+            latest = await self.redis.xrevrange(stream, count=1)
+            self.last_ids[stream] = latest[0][0] if latest else "0-0"
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
+        tasks, self._tasks = self._tasks, []
+        if tasks:
             # A single cancel can be lost (see cancel_until_done), and the loop would read on forever.
-            await cancel_until_done([task])
+            await cancel_until_done(tasks)
         for sub in list(self.subscribers):
             # Wake every reader so SSE responses end with the process.
             sub.overflowed = True
             with contextlib.suppress(asyncio.QueueFull):
                 sub.queue.put_nowait(None)
 
-    async def _run(self) -> None:
+    async def _run(self, shard: int, stream: str) -> None:
         delay = 0.1
         while True:
             try:
-                await self._pin()
-                reply = await self.redis.xread({self.keys.results: self.last_id}, count=self.batch, block=self.block_ms)
+                await self._pin(stream)
+                reply = await self.redis.xread({stream: self.last_ids[stream]}, count=self.batch, block=self.block_ms)
                 delay = 0.1
             except asyncio.CancelledError:
                 raise
-            except REDIS_UNAVAILABLE as exc:
+            except (*REDIS_UNAVAILABLE, ResponseError) as exc:
+                # ResponseError: on a cluster, a read unblocked by a slot move (UNBLOCKED) or a stream
+                # not there yet on a promoted replica; the next read finds it.
                 log.warning("event hub: Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             for _stream, items in reply or []:
                 for entry_id, fields in items:
-                    self.last_id = entry_id
+                    self.last_ids[stream] = entry_id
                     try:
-                        event = Event.from_entry(entry_id, fields)
+                        event = Event.from_entry(entry_id, fields, shard)
                     except (KeyError, ValueError):
                         continue
                     for observer in self.observers:

@@ -4,11 +4,16 @@ feed of all events a caller may see (bounded resume, then live).
 A client that reconnects with `Last-Event-ID` gets exactly the events after that id: no gap (each
 stream subscribes to the live feed before replaying) and no repeat (everything at or below the last id
 sent is skipped).
+
+With several shards (NOVA_SHARDS), a task's events all live in its shard, so its stream is unchanged;
+the feed of all events interleaves every shard's results stream, whose ids are independent, so the
+feed's SSE id is a cursor with one position per shard (`<id of shard 0>,<id of shard 1>,...`): resume
+is exact in every shard.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from api.event_hub import EventHub, Filter, Subscription
@@ -54,17 +59,24 @@ async def task_event_stream(
     # Subscribe first: an event published while we replay is then both replayed and queued, and
     # the id check drops the copy; subscribing after would lose it.
     with hub.subscribe(lambda e: e.task_id == task_id) as sub:
-        for event in await task_events(redis, keys, task_id):
-            if not _newer(event, last):
-                continue
-            last = entry_id_parts(event.id)
-            yield _sse(event)
-            if event.type in TERMINAL_EVENTS:
+        replays = 0
+        while True:
+            for event in await task_events(redis, keys, task_id):
+                if not _newer(event, last):
+                    continue
+                last = entry_id_parts(event.id)
+                yield _sse(event)
+                if event.type in TERMINAL_EVENTS:
+                    return
+            status = await redis.hget(keys.task(task_id), TaskField.STATUS)
+            if status not in TERMINAL_STATUSES:
+                break
+            if replays:
+                # Terminal, and its terminal event not in the task's list: trimmed away, nothing more comes.
                 return
-        status = await redis.hget(keys.task(task_id), TaskField.STATUS)
-        if status in TERMINAL_STATUSES:
-            # Terminal, but its terminal event was trimmed away: nothing more will come.
-            return
+            # The task may have ended between the replay and this read (its terminal event and status
+            # are written in one step): replay once more, or that event would never be sent.
+            replays += 1
         async for item in _live(sub, last, until_terminal=True):
             yield item
 
@@ -92,45 +104,73 @@ async def feed_stream(
     max_bytes: int = REPLAY_MAX_BYTES,
     max_entries: int = REPLAY_MAX_ENTRIES,
     page: int = REPLAY_PAGE,
+    shards: Sequence[Keys] = (),
 ) -> AsyncIterator[dict[str, Any]]:
-    last = _after(last_event_id)
+    streams = list(shards) or [keys]
+    cursor = _cursor(last_event_id, len(streams))
     with hub.subscribe(accept) as sub:
         if last_event_id:
-            # Resume: what the client missed while disconnected, bounded by entries and bytes scanned.
+            # Resume: what the client missed while disconnected, bounded by entries and bytes scanned
+            # (across every shard together).
             scanned = scanned_bytes = 0
             reason = None
-            while reason is None:
-                count = min(page, max_entries - scanned)
-                entries = await redis.xrange(keys.results, min=f"({last[0]}-{last[1]}", max="+", count=count)
-                for entry_id, fields in entries:
-                    scanned += 1
-                    scanned_bytes += _entry_bytes(fields)
-                    last = entry_id_parts(entry_id)
-                    try:
-                        event: Event | None = Event.from_entry(entry_id, fields)
-                    except (KeyError, ValueError):
-                        event = None  # not a well-formed event: skipped, as the hub does
-                    if event is not None and accept(event):
-                        yield _sse(event)
-                    if scanned_bytes >= max_bytes or scanned >= max_entries:
-                        reason = "bytes" if scanned_bytes >= max_bytes else "entries"
-                        break
-                if reason is None and len(entries) < count:
-                    break  # caught up with the stream
-                del entries  # one page at a time
+            for shard, shard_keys in enumerate(streams):
+                while reason is None:
+                    count = min(page, max_entries - scanned)
+                    last = cursor[shard]
+                    entries = await redis.xrange(shard_keys.results, min=f"({last[0]}-{last[1]}", max="+", count=count)
+                    for entry_id, fields in entries:
+                        scanned += 1
+                        scanned_bytes += _entry_bytes(fields)
+                        cursor[shard] = entry_id_parts(entry_id)
+                        try:
+                            event: Event | None = Event.from_entry(entry_id, fields, shard)
+                        except (KeyError, ValueError):
+                            event = None  # not a well-formed event: skipped, as the hub does
+                        if event is not None and accept(event):
+                            yield _feed_sse(event, cursor)
+                        if scanned_bytes >= max_bytes or scanned >= max_entries:
+                            reason = "bytes" if scanned_bytes >= max_bytes else "entries"
+                            break
+                    if reason is None and len(entries) < count:
+                        break  # caught up with this shard's stream
+                    del entries  # one page at a time
             if reason is not None:
-                yield _truncated(last, reason, scanned, scanned_bytes)
-        async for item in _live(sub, last, until_terminal=False):
-            yield item
+                yield _truncated(cursor, reason, scanned, scanned_bytes)
+        # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
+        while (event := await sub.queue.get()) is not None:
+            if event.shard >= len(cursor) or entry_id_parts(event.id) <= cursor[event.shard]:
+                continue
+            cursor[event.shard] = entry_id_parts(event.id)
+            yield _feed_sse(event, cursor)
 
 
-def _truncated(last: tuple[int, int], reason: str, scanned: int, scanned_bytes: int) -> dict[str, Any]:
+def _cursor(last_event_id: str | None, shards: int) -> list[tuple[int, int]]:
+    """Each shard's position in a feed's Last-Event-ID: one id per shard, or a plain id (one shard,
+    or a client that kept an id from before sharding: then it is every shard's position)."""
+    parts = [p.strip() for p in (last_event_id or "").split(",")]
+    if len(parts) != shards:
+        parts = [parts[0]] * shards
+    return [_after(p) for p in parts]
+
+
+def _feed_sse(event: Event, cursor: list[tuple[int, int]]) -> dict[str, Any]:
+    if len(cursor) == 1:
+        return _sse(event)
+    return {"id": _cursor_text(cursor), "event": event.type.value, "data": event.encoded}
+
+
+def _cursor_text(cursor: list[tuple[int, int]]) -> str:
+    return ",".join(f"{ms}-{seq}" for ms, seq in cursor)
+
+
+def _truncated(cursor: list[tuple[int, int]], reason: str, scanned: int, scanned_bytes: int) -> dict[str, Any]:
     """Where a resume stopped: live events follow, and what lies between is the client's to fetch.
 
     No SSE id: the client's Last-Event-ID stays its last real event. Reconnecting with
     Last-Event-ID set to `stopped_after` continues the replay from where it stopped.
     """
-    stopped_after = f"{last[0]}-{last[1]}"
+    stopped_after = _cursor_text(cursor)
     data = {
         "type": REPLAY_TRUNCATED,
         "reason": reason,

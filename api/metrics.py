@@ -14,6 +14,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from redis.asyncio import Redis
 
+from shared.connections import info_of
 from shared.events import Event
 from shared.inspection import inspect
 from shared.streams import EventType, Keys, parse_iso
@@ -124,7 +125,8 @@ class Metrics:
         self.draining.set(1 if control["draining"] else 0)
         self.drain_held.set(control["held_by_workers"])
         self.concurrency_waiting.set(report["concurrency_waiting"]["runs"])
-        memory = await redis.info("memory")
+        # On a cluster: the master of the home shard (each master's memory is its own).
+        memory = await info_of(redis, "memory", keys.requests)
         self.redis_memory.labels("used").set(int(memory.get("used_memory", 0)))
         self.redis_memory.labels("max").set(int(memory.get("maxmemory", 0)))
         if pool is not None:

@@ -22,7 +22,8 @@ StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="A stream 
 # Task ids as issued: 32 hex digits (execute, DLQ replay), or sched-<schedule id>-<tick ms> (the
 # scheduler). A task id becomes part of Redis key names ("<prefix>:task:<id>" and its ":events" list),
 # so anything else, a ':' above all, must never reach Redis.
-TASK_ID_PATTERN = r"^(?:[0-9a-f]{32}|sched-[0-9a-f]{1,32}-[0-9]{1,20})$"
+# A schedule's tick, with several shards followed by its shard (8 hex digits: Keys.placed_task_id).
+TASK_ID_PATTERN = r"^(?:[0-9a-f]{32}|sched-[0-9a-f]{1,32}-[0-9]{1,20}(?:-[0-9a-f]{8})?)$"
 _TASK_ID = re.compile(TASK_ID_PATTERN)
 
 

@@ -197,6 +197,8 @@ class RedisServer(_Server):
         appendonly: bool = False,
         appendfsync: str = "everysec",
         replicaof: RedisServer | None = None,
+        cluster: bool = False,
+        passwords_of: RedisServer | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.appendfsync = appendfsync
@@ -210,6 +212,14 @@ class RedisServer(_Server):
         self.app_password = new_password()
         # A replica logs in to its primary as this user, which may only replicate.
         self.replication_password = new_password()
+        if passwords_of is not None:
+            # A cluster's nodes share their logins: a client (or a replica) meets any of them.
+            self.admin_password = passwords_of.admin_password
+            self.app_password = passwords_of.app_password
+            self.replication_password = passwords_of.replication_password
+        # A cluster node: its bus on a port of its own (Redis 7 `cluster-port`), state in nodes.conf.
+        self.cluster = cluster
+        self.bus_port = free_port() if cluster else 0
         self.user = _unprivileged_user(("redis", "nobody"))
 
     @property
@@ -247,6 +257,21 @@ class RedisServer(_Server):
             f"user {APP_USER} on {digest(self.app_password)} ~* &* {APP_ACL}",
             f"user replication on {digest(self.replication_password)} +psync +replconf +ping",
         ]
+        if self.cluster:
+            lines += [
+                "cluster-enabled yes",
+                "cluster-config-file nodes.conf",
+                f"cluster-port {self.bus_port}",
+                # A dead master is replaced within a few seconds; slots elsewhere keep serving meanwhile.
+                "cluster-node-timeout 2000",
+                "cluster-require-full-coverage no",
+                "cluster-replica-validity-factor 0",
+                # A new replica's first sync starts at once rather than after 5 s.
+                "repl-diskless-sync-delay 0",
+                # CLUSTER REPLICATE makes a node a replica: it logs in to its master as this user.
+                "masteruser replication",
+                f"masterauth {self.replication_password}",
+            ]
         if self.replicaof is not None:
             lines += [
                 f"replicaof 127.0.0.1 {self.replicaof.port}",

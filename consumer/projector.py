@@ -23,6 +23,7 @@ trimmed past it, and the group goes on reading what follows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +34,14 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.backoff import Backoff, sleep_or_stop
-from shared.connections import REDIS_UNAVAILABLE, NotConfigured, autoclaim, ensure_groups, is_missing_group
+from shared.connections import (
+    REDIS_UNAVAILABLE,
+    NotConfigured,
+    autoclaim,
+    ensure_groups,
+    is_missing_group,
+    is_moved_away,
+)
 from shared.db import LazyPool
 from shared.events import Event
 from shared.settings import Settings
@@ -42,6 +50,7 @@ from shared.streams import (
     DeadLetterField,
     EventType,
     Keys,
+    Layout,
     decode_fields,
     entry_id_parts,
     format_version,
@@ -279,15 +288,22 @@ def pg_safe_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 class Projector:
     def __init__(
-        self, settings: Settings, redis: Redis, pool: asyncpg.Pool | LazyPool | None, *, consumer: str
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: asyncpg.Pool | LazyPool | None,
+        *,
+        consumer: str,
+        keys: Keys | None = None,
     ) -> None:
         """`pool` may be an open pool, a LazyPool (opened when PostgreSQL answers), or None: the
-        projector then opens its own from the settings, and closes it when it stops."""
+        projector then opens its own from the settings, and closes it when it stops. `keys` names the
+        shard whose results stream it reads (the home shard by default); one projector per shard."""
         self.settings = settings
         self.redis = redis
         self._own_pool = pool is None
         self.pool = pool
-        self.keys = Keys.from_settings(settings)
+        self.keys = keys or Keys.from_settings(settings)
         self.dead_letters = self.keys.projector_dead_letter
         self.consumer = consumer
         self.projected = 0
@@ -337,9 +353,13 @@ class Projector:
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
+                if is_moved_away(exc):
+                    continue
                 if not is_missing_group(exc):
                     raise
-                await ensure_groups(self.redis, self.keys)
+                # Redis may be gone again (a failover): the next pass tries once more.
+                with contextlib.suppress(*REDIS_UNAVAILABLE):
+                    await ensure_groups(self.redis, self.keys)
             except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 delay = backoff.next_delay()
                 log.warning("projector waiting %.1fs: %s", delay, exc)
@@ -497,11 +517,22 @@ class Projector:
 
 async def serve_projector(settings: Settings, *, stop: asyncio.Event) -> None:
     """Run only the projector (`nova projector`), for deployments that separate it from workers."""
-    from shared.connections import create_redis
+    from shared.connections import create_redis, prepare
 
     redis = create_redis(settings)
+    with contextlib.suppress(*REDIS_UNAVAILABLE):
+        await prepare(redis)
+    consumer = settings.new_consumer_name()
+    pool = LazyPool(settings.database_url) if settings.database_url else None
     try:
-        await ensure_groups(redis, Keys.from_settings(settings))
-        await Projector(settings, redis, None, consumer=settings.new_consumer_name()).run(stop)
+        shards = Layout.from_settings(settings).shards
+        for keys in shards:
+            await ensure_groups(redis, keys)
+        # One projector per shard's results stream, sharing one pool.
+        await asyncio.gather(
+            *(Projector(settings, redis, pool, consumer=consumer, keys=keys).run(stop) for keys in shards)
+        )
     finally:
+        if pool is not None:
+            await pool.close()
         await redis.aclose()

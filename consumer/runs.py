@@ -179,6 +179,13 @@ async def run_delivery(ctx: RunContext, delivery: Delivery) -> None:
     except MalformedRequest as exc:
         await dead_letter(ctx, delivery, None, "malformed", str(exc), None)
         return
+    home = ctx.keys.shard_index
+    if ctx.keys.of_task(request.task_id).shard_index != home or ctx.keys.of_client(request.client).shard_index != home:
+        # Written by hand into another shard's stream: its task and client keys live elsewhere, and
+        # no atomic step can span the two (on a cluster, two slots).
+        reason = f"task {request.task_id} of client {request.client} belongs to another shard than {ctx.keys.requests}"
+        await dead_letter(ctx, delivery, None, "malformed", reason, None)
+        return
     run = Run(ctx, delivery, request)
     try:
         await run.execute()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -31,12 +32,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.backoff import Backoff, sleep_or_stop
-from shared.connections import REDIS_UNAVAILABLE, autoclaim, is_missing_group
+from shared.connections import REDIS_UNAVAILABLE, autoclaim, is_cluster, is_missing_group
 from shared.events import Event
 from shared.reporting import report_failed_execution
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, decode_fields, format_version, now_iso
+from shared.streams import Keys, Layout, decode_fields, format_version, now_iso
 from shared.webhooks import (
     DEAD_LETTERS_KEPT,
     Delivery,
@@ -76,6 +77,8 @@ class WebhookDelivery:
         self.settings = settings
         self.redis = redis
         self.keys = Keys.from_settings(settings)
+        # Every shard's results stream is fanned out, each by a loop of its own.
+        self.layout = Layout.from_settings(settings)
         self.names = WebhookKeys(self.keys)
         self.registry = WebhookRegistry(redis, self.keys, settings)
         self.policy = EgressPolicy.from_settings(settings)
@@ -84,7 +87,9 @@ class WebhookDelivery:
         self._transport = transport
         self._inflight: dict[str, int] = defaultdict(int)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._claim_cursor = "0-0"
+        self._claim_cursors: dict[str, str] = {}
+        # On a cluster the deliveries (home slot) and a shard's results stream cannot share a transaction.
+        self._split_ack = is_cluster(redis)
         self.stale_pending_ms = STALE_PENDING_MS
         self._client: httpx.AsyncClient | None = None
         self._scripts = Scripts(redis, self.keys)
@@ -101,7 +106,8 @@ class WebhookDelivery:
         try:
             loops = [self._loop(self.dispatch_once, stop)]
             if fan_out:
-                loops.append(self._loop(self.fan_out_once, stop))
+                for keys in self.layout.shards:
+                    loops.append(self._loop(functools.partial(self.fan_out_once, keys=keys), stop))
             await asyncio.gather(*loops)
         finally:
             for task in list(self._tasks):
@@ -137,7 +143,9 @@ class WebhookDelivery:
             except ResponseError as exc:
                 if is_missing_group(exc):
                     # Redis lost its data (a flush, a restart without persistence): start again.
-                    await self.registry.ensure_group()
+                    # Redis may be gone again (a failover): the next pass tries once more.
+                    with contextlib.suppress(*REDIS_UNAVAILABLE):
+                        await self.registry.ensure_group()
                     continue
                 log.exception("webhooks: unexpected Redis error")
                 await sleep_or_stop(backoff.next_delay(), stop)
@@ -153,23 +161,26 @@ class WebhookDelivery:
 
     # ---- fan-out ----------------------------------------------------------------------------------
 
-    async def fan_out_once(self, block_ms: int = 1000) -> int:
-        """Turn one batch of events into deliveries; returns how many entries were handled."""
+    async def fan_out_once(self, block_ms: int = 1000, *, keys: Keys | None = None) -> int:
+        """Turn one batch of events of one shard (the home shard by default) into deliveries; returns
+        how many entries were handled."""
+        keys = keys or self.keys
         if time.monotonic() >= self._next_cleanup:
             self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
             await self.remove_gone_consumers()
-        self._claim_cursor, entries = await autoclaim(
+        cursor, entries = await autoclaim(
             self.redis,
-            self.keys.results,
+            keys.results,
             self.group,
             self.consumer,
             self.stale_pending_ms,
-            start=self._claim_cursor,
+            start=self._claim_cursors.get(keys.results, "0-0"),
             count=100,
         )
+        self._claim_cursors[keys.results] = cursor
         if not entries:
             reply = await self.redis.xreadgroup(
-                self.group, self.consumer, {self.keys.results: ">"}, count=200, block=block_ms
+                self.group, self.consumer, {keys.results: ">"}, count=200, block=block_ms
             )
             entries = [e for _, batch in reply or [] for e in batch]
         if not entries:
@@ -188,16 +199,23 @@ class WebhookDelivery:
         now_ms = await redis_ms(self.redis)
         async with self.redis.pipeline(transaction=True) as pipe:
             for entry_id, fields in entries:
-                for delivery in self._deliveries(entry_id, fields, endpoints, now_ms):
+                # Entry ids repeat across shards' streams: a delivery is named by both.
+                occurrence = entry_id if keys.shard_count == 1 else f"s{keys.shard_index}-{entry_id}"
+                for delivery in self._deliveries(occurrence, fields, endpoints, now_ms, entry_id=entry_id):
                     # HSETNX/ZADD NX: an entry read twice (a crash before the ack) makes no second delivery.
                     pipe.hsetnx(self.names.deliveries, delivery.id, delivery.encode())
                     pipe.zadd(self.names.due, {delivery.id: now_ms}, nx=True)
-            pipe.xack(self.keys.results, self.group, *[entry_id for entry_id, _ in entries])
+            if not self._split_ack:
+                pipe.xack(keys.results, self.group, *[entry_id for entry_id, _ in entries])
             await pipe.execute()
+        if self._split_ack:
+            # Deliveries first, then the ack: a crash between them re-reads the entries, and HSETNX /
+            # ZADD NX make no second delivery.
+            await self.redis.xack(keys.results, self.group, *[entry_id for entry_id, _ in entries])
         return handled
 
     def _deliveries(
-        self, entry_id: str, fields: dict[str, str], endpoints: list[Endpoint], now_ms: int
+        self, occurrence: str, fields: dict[str, str], endpoints: list[Endpoint], now_ms: int, *, entry_id: str
     ) -> list[Delivery]:
         try:
             if format_version(decode_fields(fields)) is None:
@@ -214,7 +232,7 @@ class WebhookDelivery:
             return []
         body = payload(kind, event)
         return [
-            Delivery(delivery_id(e.id, entry_id), e.id, kind.value, body, first_at_ms=now_ms)
+            Delivery(delivery_id(e.id, occurrence), e.id, kind.value, body, first_at_ms=now_ms)
             for e in endpoints
             if e.wants(kind, event)
         ]
@@ -223,12 +241,17 @@ class WebhookDelivery:
         """Consumers of processes that are gone (silent a while, owning nothing): as maintenance does
         for the other groups, so the group's consumer list does not grow with every restart."""
         removed = []
-        for consumer in await self.redis.xinfo_consumers(self.keys.results, self.group):
-            name = consumer["name"]
-            if name == self.consumer or consumer["pending"] or consumer["idle"] < GONE_AFTER_MS:
-                continue
-            if await self._scripts.remove_consumer_if_idle(self.keys.results, self.group, name):
-                removed.append(name)
+        for keys in self.layout.shards:
+            try:
+                consumers = await self.redis.xinfo_consumers(keys.results, self.group)
+            except ResponseError:
+                continue  # no stream or group in this shard yet
+            for consumer in consumers:
+                name = consumer["name"]
+                if name == self.consumer or consumer["pending"] or consumer["idle"] < GONE_AFTER_MS:
+                    continue
+                if await Scripts(self.redis, keys).remove_consumer_if_idle(keys.results, self.group, name):
+                    removed.append(name)
         return removed
 
     # ---- dispatch ---------------------------------------------------------------------------------

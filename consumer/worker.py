@@ -8,6 +8,12 @@ that keeps this worker's in-flight entries fresh, a watchdog that gives runs up 
 cannot reach Redis (another worker will take them over: running on would run their nodes twice),
 promotion of due retries, and housekeeping (trimming, removing dead consumers).
 
+Shards (NOVA_SHARDS): a worker process reads every shard's requests stream, one `Worker` per stream,
+all sharing the process's slots (`SlotBudget`). With one stream the reader blocks in XREADGROUP as
+it always did; with several, a reader takes slots only for a read that does not block, and waits for
+new entries with a plain XREAD (which consumes nothing), so an idle stream never holds slots another
+stream's backlog could use. A later kind of stream (priority lanes) is one more `Worker` here.
+
 Run control (shared/control.py): a listener on the control channel learns of a cancel by a push and
 stops the run at once (its sandbox is killed with it), and of a drain, after which the reader takes
 nothing new until it ends. The heartbeat re-reads both, so a push missed while disconnected is made
@@ -41,14 +47,62 @@ from consumer.scheduler import Scheduler
 from shared.backoff import Backoff, sleep_or_stop
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientCredentials, ClientStore, Vault
-from shared.connections import REDIS_UNAVAILABLE, autoclaim, create_redis, ensure_groups, is_missing_group, open_pool
+from shared.connections import (
+    REDIS_UNAVAILABLE,
+    autoclaim,
+    create_redis,
+    ensure_groups,
+    info_of,
+    is_missing_group,
+    is_moved_away,
+    open_pool,
+    prepare,
+    pubsub_client,
+)
 from shared.db import LazyPool
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, RequestField, decode_fields, dumps, now_iso
+from shared.streams import Keys, Layout, RequestField, decode_fields, dumps, now_iso
 from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
+
+# How long a reader of one of several streams waits for news of a new entry before it looks anyway.
+WAKE_TIMEOUT_S = 2.0
+
+
+class SlotBudget:
+    """A worker process's execution slots (NOVA_CONCURRENCY), shared by its readers of each requests
+    stream. A reader reserves the free slots for one read and hands back what it did not fill, so
+    readers of several streams never start more runs together than the process has slots."""
+
+    def __init__(self, concurrency: int, readers: int = 1) -> None:
+        self.concurrency = concurrency
+        self.readers = readers
+        self.used = 0
+        self.reserved = 0
+        self.freed = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - self.used - self.reserved
+
+    def take(self) -> None:
+        self.used += 1
+
+    def give(self) -> None:
+        self.used -= 1
+        self.freed.set()
+
+    def reserve(self) -> int:
+        n = max(self.free, 0)
+        self.reserved += n
+        return n
+
+    def unreserve(self, n: int) -> None:
+        self.reserved -= n
+        if n:
+            self.freed.set()
 
 
 class Worker:
@@ -59,12 +113,18 @@ class Worker:
         catalog: WorkflowCatalog,
         providers: dict[str, SandboxProvider],
         client_credentials: Callable[[str], Awaitable[ClientCredentials]] | None = None,
+        *,
+        keys: Keys | None = None,
+        budget: SlotBudget | None = None,
+        consumer: str | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
-        self.keys = Keys.from_settings(settings)
+        # The requests stream this reader serves (one shard's) and the process's shared slots.
+        self.keys = keys or Keys.from_settings(settings)
+        self.budget = budget or SlotBudget(settings.concurrency)
         self.scripts = Scripts(redis, self.keys)
-        self.consumer = settings.new_consumer_name()
+        self.consumer = consumer or settings.new_consumer_name()
         self.providers = providers
         self.ctx = RunContext(
             settings=settings,
@@ -78,7 +138,8 @@ class Worker:
             client_credentials=client_credentials,
         )
         self.inflight: dict[str, asyncio.Task[None]] = {}
-        self._slot_freed = asyncio.Event()
+        # Set by the watcher of this stream when an entry was appended (several streams only).
+        self._appended = asyncio.Event()
         self.maintenance = Maintenance(settings, redis, self.keys, self.scripts, self.consumer)
         # When this worker last knew its runs' entries were fresh in Redis (monotonic seconds).
         self._fresh_at = time.monotonic()
@@ -105,13 +166,14 @@ class Worker:
 
     @property
     def free_slots(self) -> int:
-        return self.settings.concurrency - len(self.inflight)
+        return self.budget.free
 
     def _start(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
         if entry_id in self.inflight:
             return
         task = asyncio.create_task(self._run(entry_id, fields, deliveries), name=f"run {entry_id}")
         self.inflight[entry_id] = task
+        self.budget.take()
         self._task_of[entry_id] = decode_fields(fields).get(RequestField.TASK_ID, "")
 
     async def _run(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
@@ -129,10 +191,10 @@ class Worker:
         except Exception:
             log.exception("entry %s: unexpected error; left pending for redelivery", entry_id)
         finally:
-            self.inflight.pop(entry_id, None)
+            if self.inflight.pop(entry_id, None) is not None:
+                self.budget.give()
             self._task_of.pop(entry_id, None)
             self.ctx.held.pop(entry_id, None)
-            self._slot_freed.set()
             if self.draining:
                 self._report(self._report_drained())
 
@@ -157,17 +219,23 @@ class Worker:
             asyncio.create_task(self._every(self._promote_interval(), self._promote, stop)),
             asyncio.create_task(self._every(max(vt, 5.0), self.maintenance.run, stop)),
             asyncio.create_task(self._listen_control(closed), name="control"),
-            asyncio.create_task(self._every(vt / 4, self.report_self, closed)),
         ]
+        # One report per process, whatever the shards: the home shard's reader writes it for all.
+        reports = self.keys.shard_index == 0
+        if reports:
+            loops.append(asyncio.create_task(self._every(vt / 4, self.report_self, closed)))
+        if self.budget.readers > 1:
+            loops.append(asyncio.create_task(self._watch(stop), name="watch"))
         try:
             await self._read_loop(stop)
             await self._drain()
         finally:
             closed.set()
             await cancel_until_done(loops)
-            # Gone at once rather than at its expiry: health and metrics stop counting this worker.
-            with contextlib.suppress(*REDIS_UNAVAILABLE, TimeoutError):
-                await asyncio.wait_for(self.scripts.worker_report(self.consumer, None), 1.0)
+            if reports:
+                # Gone at once rather than at its expiry: health and metrics stop counting this worker.
+                with contextlib.suppress(*REDIS_UNAVAILABLE, TimeoutError):
+                    await asyncio.wait_for(self.scripts.worker_report(self.consumer, None), 1.0)
             # Reached only on an unexpected error in the read loop: runs must not outlive it.
             await cancel_until_done(self.inflight.values())
 
@@ -190,53 +258,104 @@ class Worker:
                     self._reader_parked = False
                     continue
                 if self.free_slots <= 0:
-                    self._slot_freed.clear()
-                    freed = asyncio.create_task(self._slot_freed.wait())
+                    self.budget.freed.clear()
+                    freed = asyncio.create_task(self.budget.freed.wait())
                     await asyncio.wait({freed, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                     freed.cancel()
                     continue
-                if time.monotonic() >= self._next_reclaim:
-                    self._next_reclaim = time.monotonic() + self.settings.visibility_timeout / 2
-                    read: asyncio.Task[Any] = asyncio.create_task(self._reclaim())
-                else:
-                    read = asyncio.create_task(self._read(self.free_slots))
-                # A drain that begins during this read takes effect when it returns (within its 2 s
-                # block): cancelling it could strand what Redis delivered to it until a reclaim.
-                done, _ = await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if read not in done:
-                    # Stopping: an entry delivered to a cancelled read stays pending and is reclaimed.
-                    read.cancel()
-                    with contextlib.suppress(BaseException):
-                        await read
-                    break
+                # The free slots are this read's until its entries are started: another stream's
+                # reader of this process cannot take them meanwhile.
+                slots = self.budget.reserve()
+                reclaiming = time.monotonic() >= self._next_reclaim
                 try:
-                    entries = read.result()
-                    backoff.reset()
-                except REDIS_UNAVAILABLE as exc:
-                    self._outage()
-                    delay = backoff.next_delay()
-                    log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                    await sleep_or_stop(delay, stop)
+                    if reclaiming:
+                        self._next_reclaim = time.monotonic() + self.settings.visibility_timeout / 2
+                        read: asyncio.Task[Any] = asyncio.create_task(self._reclaim(slots))
+                    else:
+                        read = asyncio.create_task(self._read(slots))
+                    # A drain that begins during this read takes effect when it returns (within its 2 s
+                    # block): cancelling it could strand what Redis delivered to it until a reclaim.
+                    done, _ = await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if read not in done:
+                        # Stopping: an entry delivered to a cancelled read stays pending and is reclaimed.
+                        read.cancel()
+                        with contextlib.suppress(BaseException):
+                            await read
+                        break
+                    error = read.exception()
+                    entries = read.result() if error is None else []
+                    for entry_id, fields in entries:
+                        self._start(entry_id, fields, 1)
+                finally:
+                    self.budget.unreserve(slots)
+                if error is not None:
+                    await self._read_failed(error, backoff, stop)
                     continue
-                except ResponseError as exc:
-                    if is_missing_group(exc):
-                        # Redis lost its data (restart without AOF, FLUSHALL): recreate and go on.
-                        log.warning("consumer group missing; recreating it")
-                        await ensure_groups(self.redis, self.keys)
-                        continue
-                    raise
-                for entry_id, fields in entries:
-                    self._start(entry_id, fields, 1)
+                if entries or reclaiming or self.budget.readers == 1:
+                    backoff.reset()
+                    continue
+                # Nothing new here: wait for this stream's watcher (or look again after a while).
+                backoff.reset()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._appended.wait(), WAKE_TIMEOUT_S)
         finally:
             stop_wait.cancel()
 
+    async def _read_failed(self, exc: BaseException, backoff: Backoff, stop: asyncio.Event) -> None:
+        if isinstance(exc, REDIS_UNAVAILABLE):
+            self._outage()
+            delay = backoff.next_delay()
+            log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+            await sleep_or_stop(delay, stop)
+            return
+        if isinstance(exc, ResponseError) and is_moved_away(exc):
+            return
+        if isinstance(exc, ResponseError) and is_missing_group(exc):
+            # Redis lost its data (restart without AOF, FLUSHALL): recreate and go on.
+            log.warning("consumer group missing; recreating it")
+            # Redis may be gone again (a failover): the next read tries once more.
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
+                await ensure_groups(self.redis, self.keys)
+            return
+        # Nothing a read meets may end the worker (seen on a cluster: a connection the client library
+        # closed under a concurrent command); wait, and read again.
+        delay = backoff.next_delay()
+        log.error("read of %s failed (%r); reading again in %.1fs", self.keys.requests, exc, delay)
+        await sleep_or_stop(delay, stop)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """With several streams: tell this stream's reader when an entry is appended. A plain XREAD
+        consumes nothing, so it may wait as long as it likes without holding slots or entries."""
+        last = "$"
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                reply = await self.redis.xread({self.keys.requests: last}, count=1, block=1000)
+                backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except (*REDIS_UNAVAILABLE, ResponseError) as exc:
+                await sleep_or_stop(backoff.next_delay(), stop)
+                log.debug("watch of %s: %s", self.keys.requests, exc)
+                continue
+            for _stream, items in reply or []:
+                if items:
+                    last = items[-1][0]
+                    self._appended.set()
+
     async def _read(self, count: int) -> list[tuple[str, dict[str, str]]]:
+        if count <= 0:
+            return []
+        if self.budget.readers > 1:
+            # Cleared before the read: an entry appended after it sets the event again.
+            self._appended.clear()
         reply = await self.redis.xreadgroup(
             self.keys.worker_group,
             self.consumer,
             {self.keys.requests: ">"},
             count=count,
-            block=2000,
+            # One stream: block here, as always. Several: never hold slots while waiting (see _watch).
+            block=2000 if self.budget.readers == 1 else None,
         )
         entries: list[tuple[str, dict[str, str]]] = []
         for _stream, items in reply or []:
@@ -301,7 +420,8 @@ class Worker:
         report = {
             "at": now_iso(),
             "concurrency": self.settings.concurrency,
-            "inflight": len(self.inflight),
+            # The process's runs, every shard's reader's (they share the slots).
+            "inflight": self.budget.used,
             "draining": self.draining,
             "executors": {name: _problem(provider) for name, provider in self.providers.items()},
         }
@@ -315,7 +435,8 @@ class Worker:
         what was pushed meanwhile is picked up by the heartbeat's re-check."""
         backoff = Backoff()
         while not closed.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            client, owned = pubsub_client(self.redis)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.control_channel)
                 backoff.reset()
@@ -335,6 +456,9 @@ class Worker:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+                if owned:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
 
     def _on_control(self, message: str) -> None:
         verb, _, arg = message.partition(" ")
@@ -434,9 +558,9 @@ class Worker:
         )
         await cancel_until_done(self.inflight.values())
 
-    async def _reclaim(self) -> list[tuple[str, dict[str, str]]]:
+    async def _reclaim(self, free: int | None = None) -> list[tuple[str, dict[str, str]]]:
         """Take over entries idle past the visibility timeout; returns none (it starts them itself)."""
-        free = self.free_slots
+        free = self.free_slots if free is None else free
         if free <= 0 or time.monotonic() < self._reclaim_not_before or await self._redis_restarted_recently():
             return []
         idle_ms = int(self.settings.visibility_timeout * 1000)
@@ -467,7 +591,7 @@ class Worker:
         # A restarted Redis (or a promoted replica) keeps delivery times from its AOF or replication
         # stream, so idle times include the downtime; wait until every live worker has been able to
         # send a heartbeat since.
-        info = await self.redis.info("server")
+        info = await info_of(self.redis, "server", self.keys.requests)
         return float(info.get("uptime_in_seconds", 0)) < self.settings.visibility_timeout
 
     async def _promote(self) -> None:
@@ -566,6 +690,8 @@ async def serve(
             settings.test_only_format_version,
         )
     redis = create_redis(settings)
+    with contextlib.suppress(*REDIS_UNAVAILABLE):
+        await prepare(redis)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.
     lazy_pool = LazyPool(settings.database_url) if settings.database_url else None
     pool: asyncpg.Pool | None = None
@@ -580,16 +706,26 @@ async def serve(
     keys = Keys.from_settings(settings)
     vault = Vault.from_settings(settings)
     clients = ClientStore(redis, pool, keys, vault)
-    worker = Worker(settings, redis, WorkflowCatalog(redis, lazy_pool, keys), providers, clients.credentials_for)
-    tasks = [
-        asyncio.create_task(worker.run(stop), name="worker"),
+    catalog = WorkflowCatalog(redis, lazy_pool, keys)
+    # One reader per requests stream (every shard's), one consumer name and one set of slots.
+    streams = Layout.from_settings(settings).shards
+    budget = SlotBudget(settings.concurrency, readers=len(streams))
+    consumer = settings.new_consumer_name()
+    workers = [
+        Worker(settings, redis, catalog, providers, clients.credentials_for, keys=k, budget=budget, consumer=consumer)
+        for k in streams
+    ]
+    worker = workers[0]
+    tasks = [asyncio.create_task(w.run(stop), name=f"worker {w.keys.requests}") for w in workers]
+    tasks.append(
         asyncio.create_task(
             Scheduler(settings, redis, worker.ctx.catalog, worker.consumer, lazy_pool).run(stop), name="scheduler"
-        ),
-    ]
+        )
+    )
     if settings.run_projector:
-        projector = Projector(settings, redis, lazy_pool, consumer=worker.consumer)
-        tasks.append(asyncio.create_task(projector.run(stop), name="projector"))
+        for k in streams:
+            projector = Projector(settings, redis, lazy_pool, consumer=worker.consumer, keys=k)
+            tasks.append(asyncio.create_task(projector.run(stop), name=f"projector {k.results}"))
     if settings.run_webhooks:
         from consumer.webhooks import WebhookDelivery
 

@@ -26,7 +26,16 @@ class Alert:
 
 
 async def check_workers(redis: Redis, keys: Keys, settings: Settings) -> list[Alert]:
-    """What is wrong with the workers' group now (empty: nothing)."""
+    """What is wrong with the workers' group now (empty: nothing), in any shard (one alert per reason:
+    the first shard's that has it)."""
+    alerts: dict[str, Alert] = {}
+    for shard in keys.all_shards:
+        for alert in await _check_shard(redis, shard, settings):
+            alerts.setdefault(alert.reason, alert)
+    return list(alerts.values())
+
+
+async def _check_shard(redis: Redis, keys: Keys, settings: Settings) -> list[Alert]:
     now_ms = await redis_ms(redis)
     group = keys.worker_group
     try:

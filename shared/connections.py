@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, ClusterDownError, ClusterError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -14,8 +17,19 @@ from shared.db import create_pool
 from shared.settings import Settings
 from shared.streams import Keys
 
-# Errors that mean "Redis is unreachable or restarting", as opposed to a bad command.
-REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ConnectionError, OSError)
+# Errors that mean "Redis is unreachable or restarting", as opposed to a bad command. On a cluster also
+# a slot that is moving (TRYAGAIN past the client's own retries) or a shard with no master for a moment
+# (a failover): the same step succeeds when tried again.
+REDIS_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    ConnectionError,
+    OSError,
+    ClusterError,
+    ClusterDownError,
+    TryAgainError,
+)
 
 
 class NotConfigured(RuntimeError):
@@ -41,7 +55,45 @@ def create_redis(settings: Settings, **kwargs: object) -> Redis:
         "max_connections": 256,
     }
     options.update(kwargs)
+    if settings.cluster:
+        # The cluster client follows MOVED/ASK and refreshes its slot map itself; it offers the same
+        # commands, so callers keep their `Redis` type. Its pool limit is per node.
+        url = settings.redis_url.replace("+cluster://", "://", 1)
+        options.pop("health_check_interval", None)
+        return cast(Redis, RedisCluster.from_url(url, **options))  # type: ignore[arg-type]
     return Redis.from_url(settings.redis_url, **options)  # type: ignore[arg-type]
+
+
+async def prepare(redis: Redis) -> None:
+    """Learn a cluster's slot map now, once, before a process's loops start: the cluster client
+    otherwise learns it on first use, from many concurrent commands at once (some of them bounded by
+    timeouts that cancel them mid-way)."""
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()
+
+
+def pubsub_client(redis: Redis) -> tuple[Redis, bool]:
+    """A client for SUBSCRIBE and whether the caller must close it. On a cluster, a plain client to
+    one master: channels (not sharded ones) reach every node over the cluster bus, and a subscribed
+    connection of its own never shares the cluster client's node pools."""
+    if isinstance(redis, RedisCluster):
+        node = redis.get_random_primary_node()
+        kwargs = {k: v for k, v in node.connection_kwargs.items() if k not in ("retry",)}
+        return Redis(**kwargs), True
+    return redis, False
+
+
+def is_cluster(redis: Any) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+async def info_of(redis: Redis, section: str, key: str) -> dict[str, Any]:
+    """INFO `section` of the server that holds `key`: on a cluster, the master of its slot (INFO
+    elsewhere says nothing about that key's data)."""
+    if isinstance(redis, RedisCluster):
+        node = redis.get_node_from_key(key)
+        return cast(dict[str, Any], await redis.info(section, target_nodes=node))
+    return cast(dict[str, Any], await redis.info(section))
 
 
 async def open_pool(settings: Settings, *, max_size: int = 10) -> asyncpg.Pool:
@@ -61,6 +113,12 @@ async def ensure_groups(redis: Redis, keys: Keys) -> None:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+
+def is_moved_away(exc: ResponseError) -> bool:
+    """A blocked read whose stream was migrated to another node (a slot move): read again, and the
+    cluster client follows the slot to its new master."""
+    return str(exc).startswith("UNBLOCKED")
 
 
 def is_missing_group(exc: ResponseError) -> bool:

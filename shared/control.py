@@ -180,42 +180,64 @@ class RunControl:
 
     # ---- pause, resume, drain ------------------------------------------------------------------
 
+    # Each shard has its own control hash (its workers' park step reads it in the shard's slot): a
+    # pause, resume or drain is written to every shard, and the state read from all of them.
+
     async def pause(self, scope: str) -> None:
         """Pause `queue` or `workflow:{id}`: requests are still accepted, and parked by the workers."""
-        await self.redis.hset(self.keys.control, scope, now_iso())
+        since = now_iso()
+        for keys in self.keys.all_shards:
+            await self.redis.hset(keys.control, scope, since)
 
     async def resume(self, scope: str) -> int:
         """Resume `scope`; returns how many parked requests were put back in line."""
-        return await self.scripts.resume(scope)
+        moved = 0
+        for keys in self.keys.all_shards:
+            moved += await self.scripts.of(keys).resume(scope)
+        return moved
 
     async def drain(self, on: bool = True) -> None:
         """Start (or end) a drain: workers finish what they hold and take nothing new."""
-        pipe = self.redis.pipeline(transaction=True)
-        if on:
-            pipe.hset(self.keys.control, DRAIN, now_iso())
-        else:
-            pipe.hdel(self.keys.control, DRAIN)
-        if not on:
-            pipe.delete(self.keys.drained)
-        pipe.publish(self.keys.control_channel, f"drain {'on' if on else 'off'}")
-        await pipe.execute()
+        since = now_iso()
+        for keys in self.keys.all_shards:
+            # The flag before the push: a worker that hears the push and re-reads finds it. (No MULTI:
+            # on a cluster the channel is not in the hash's slot, and the heartbeat's re-read covers a
+            # push that is lost.)
+            pipe = self.redis.pipeline(transaction=False)
+            if on:
+                pipe.hset(keys.control, DRAIN, since)
+            else:
+                pipe.hdel(keys.control, DRAIN)
+                pipe.delete(keys.drained)
+            await pipe.execute()
+            await self.redis.publish(keys.control_channel, f"drain {'on' if on else 'off'}")
 
     async def state(self) -> dict[str, Any]:
-        """The control flags and what they hold back: for `nova inspect`, /metrics and the API."""
+        """The control flags and what they hold back (every shard's): for `nova inspect`, /metrics and the API."""
         flags = decode_fields(await self.redis.hgetall(self.keys.control))
         workflows = sorted(int(k.split(":", 1)[1]) for k in flags if k.startswith("workflow:"))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.keys.drained)
-        pipe.zcard(self.keys.parked(QUEUE))
-        for workflow_id in workflows:
-            pipe.zcard(self.keys.parked(workflow_scope(workflow_id)))
-        drained, queue_parked, *workflow_parked = await pipe.execute()
-        # Drain progress: what the workers still hold (delivered, not yet acknowledged).
-        try:
-            summary = await self.redis.xpending(self.keys.requests, self.keys.worker_group)
-            held = int(summary.get("pending", 0)) if summary else 0
-        except ResponseError:  # no stream or group yet: nothing is held
-            held = 0
+        drained: dict[str, str] = {}
+        queue_parked = 0
+        workflow_parked = [0] * len(workflows)
+        held = 0
+        for keys in self.keys.all_shards:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(keys.drained)
+            pipe.zcard(keys.parked(QUEUE))
+            for workflow_id in workflows:
+                pipe.zcard(keys.parked(workflow_scope(workflow_id)))
+            shard_drained, shard_queue, *shard_workflows = await pipe.execute()
+            # A process reads every shard: what it holds is summed over them.
+            for consumer, count in decode_fields(shard_drained).items():
+                drained[consumer] = str(int(drained.get(consumer, "0")) + int(count))
+            queue_parked += int(shard_queue)
+            workflow_parked = [a + int(b) for a, b in zip(workflow_parked, shard_workflows, strict=True)]
+            # Drain progress: what the workers still hold (delivered, not yet acknowledged).
+            try:
+                summary = await self.redis.xpending(keys.requests, keys.worker_group)
+                held += int(summary.get("pending", 0)) if summary else 0
+            except ResponseError:  # no stream or group yet: nothing is held
+                pass
         return {
             "queue_paused": QUEUE in flags,
             "queue_paused_since": flags.get(QUEUE),

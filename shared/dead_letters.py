@@ -3,6 +3,9 @@
 A replay enqueues a new task (fresh attempt count) whose payload names the dead task it replays. It
 uses the idempotency key `replay:{entry id}`, so replaying the same dead letter twice (two operators,
 a retried request) starts one task, not two; the dead letter is deleted once its replay is queued.
+
+With several shards each has its own dead-letter stream, and a letter's id names its shard:
+`s<shard>-<entry id>` (a plain entry id with one shard, as before).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.catalog import WorkflowCatalog
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
-from shared.streams import DeadLetterField, Keys, RequestField, loads, printable
+from shared.streams import DeadLetterField, Keys, RequestField, entry_id_parts, loads, printable
 
 
 class NotReplayable(ValueError):
@@ -57,24 +61,48 @@ class DeadLetters:
         self.catalog = catalog
         self.scripts = Scripts(redis, keys)
 
+    def _locate(self, letter_id: str) -> tuple[Keys, str]:
+        """The shard and stream entry id a letter id names."""
+        if self.keys.shard_count > 1 and letter_id.startswith("s") and letter_id.count("-") == 2:
+            shard, _, entry_id = letter_id[1:].partition("-")
+            if shard.isdigit() and int(shard) < self.keys.shard_count:
+                return self.keys.sibling(int(shard)), entry_id
+        return self.keys, letter_id
+
+    def _letter_id(self, keys: Keys, entry_id: str) -> str:
+        return entry_id if keys.shard_count == 1 else f"s{keys.shard_index}-{entry_id}"
+
     async def list(self, *, count: int = 100, after: str | None = None, client: str | None = None) -> list[DeadLetter]:
-        start = f"({after}" if after else "-"
-        entries = await self.redis.xrange(self.keys.dead_letter, min=start, max="+", count=count)
-        letters = [DeadLetter(i, f) for i, f in entries]
+        """Oldest first; with several shards, each shard's oldest `count` merged by time (`after`, a
+        letter id, is then a time: letters of every shard after its entry id)."""
+        start = f"({self._locate(after)[1]}" if after else "-"
+        letters: list[DeadLetter] = []
+        for keys in self.keys.all_shards:
+            entries = await self.redis.xrange(keys.dead_letter, min=start, max="+", count=count)
+            letters += [DeadLetter(self._letter_id(keys, i), f) for i, f in entries]
+        if len(letters) > count:
+            letters = sorted(letters, key=lambda d: entry_id_parts(self._locate(d.id)[1]))[:count]
         if client is not None:
             letters = [d for d in letters if d.fields.get(RequestField.CLIENT) == client]
         return letters
 
-    async def get(self, entry_id: str) -> DeadLetter | None:
-        entries = await self.redis.xrange(self.keys.dead_letter, min=entry_id, max=entry_id, count=1)
-        return DeadLetter(*entries[0]) if entries else None
+    async def get(self, letter_id: str) -> DeadLetter | None:
+        keys, entry_id = self._locate(letter_id)
+        try:
+            entries = await self.redis.xrange(keys.dead_letter, min=entry_id, max=entry_id, count=1)
+        except ResponseError:
+            return None  # not a stream id: no such letter
+        return DeadLetter(self._letter_id(keys, entries[0][0]), entries[0][1]) if entries else None
 
-    async def delete(self, entry_id: str) -> bool:
-        return bool(await self.redis.xdel(self.keys.dead_letter, entry_id))
+    async def delete(self, letter_id: str) -> bool:
+        keys, entry_id = self._locate(letter_id)
+        return bool(await self.redis.xdel(keys.dead_letter, entry_id))
 
     async def purge(self) -> int:
-        length = int(await self.redis.xlen(self.keys.dead_letter))
-        await self.redis.delete(self.keys.dead_letter)
+        length = 0
+        for keys in self.keys.all_shards:
+            length += int(await self.redis.xlen(keys.dead_letter))
+            await self.redis.delete(keys.dead_letter)
         return length
 
     async def replay(self, letter: DeadLetter) -> EnqueueResult:

@@ -4,13 +4,19 @@ goes through, so the request entry, its payload and its queued event are built i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.durability import StrictDurability
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import AskError, MovedError, TryAgainError
+
+from shared.connections import REDIS_UNAVAILABLE
+from shared.durability import NotDurable, StrictDurability
 from shared.scripts import EnqueueResult, Scripts, SequenceLost
 from shared.streams import dumps, now_iso
 
@@ -70,19 +76,62 @@ async def enqueue_execution(
 
     Raises AtCapacity / RateLimited (admission refused), SequenceUnavailable, NotDurable.
     """
+    # The client's shard: its limits, its idempotency keys and the new task all live there.
+    scripts = scripts.of(scripts.keys.of_client(execution.client))
     if strict is None:
         return await _enqueue(scripts, execution, floor, payload)
+    if isinstance(scripts.redis, RedisCluster):
+        return await _enqueue_strict_on_cluster(scripts.redis, scripts, execution, floor, payload, strict)
     async with scripts.redis.client() as connection:
         result = await _enqueue(Scripts(connection, scripts.keys), execution, floor, payload)
         await strict.confirm(connection)
     return result
 
 
+# Tries of a strict enqueue on a cluster whose slot map changed under it (the slot moved).
+MOVED_TRIES = 3
+
+
+async def _enqueue_strict_on_cluster(
+    cluster: RedisCluster,
+    scripts: Scripts,
+    execution: NewExecution,
+    floor: SequenceFloor,
+    payload: str | None,
+    strict: StrictDurability,
+) -> EnqueueResult:
+    """The enqueue on one connection to the master of the client's shard, then WAIT on it: the
+    cluster client spreads commands over pooled connections, and WAIT counts one connection's writes."""
+    for _ in range(MOVED_TRIES):
+        node = cluster.get_node_from_key(scripts.keys.requests)
+        pool = ConnectionPool(connection_class=node.connection_class, max_connections=1, **node.connection_kwargs)
+        client = Redis(connection_pool=pool)
+        try:
+            async with client.client() as connection:
+                result = await _enqueue(Scripts(connection, scripts.keys), execution, floor, payload)
+                await strict.confirm(connection, node.name)
+            return result
+        except (MovedError, AskError, TryAgainError) as exc:
+            # The slot moved (MOVED), is moving (ASK, TRYAGAIN): nothing was written; look again.
+            log.info("strict enqueue: %r; refreshing the cluster's slot map", exc)
+            await cluster.nodes_manager.initialize()
+            await asyncio.sleep(0.05)
+        except REDIS_UNAVAILABLE:
+            # The master may be dead: learn the new map (a promoted replica) before the client retries.
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
+                await cluster.nodes_manager.initialize()
+            raise
+        finally:
+            await client.aclose()
+            await pool.disconnect()
+    raise NotDurable("the shard's slot is moving between cluster nodes; retry with the same Idempotency-Key")
+
+
 async def _enqueue(
     scripts: Scripts, execution: NewExecution, floor: SequenceFloor, payload: str | None
 ) -> EnqueueResult:
     enqueued_at = now_iso()
-    task_id = execution.task_id or uuid.uuid4().hex
+    task_id = scripts.keys.placed_task_id(execution.task_id) if execution.task_id else scripts.keys.new_task_id()
     call = {
         "task_id": task_id,
         "workflow_id": execution.workflow_id,

@@ -57,9 +57,11 @@ class Event:
     client: str
     ts: str
     data: dict[str, Any]
+    # The shard whose results stream holds it (entry ids are per stream; see NOVA_SHARDS).
+    shard: int = 0
 
     @classmethod
-    def from_entry(cls, entry_id: str | bytes, fields: dict[Any, Any]) -> Event:
+    def from_entry(cls, entry_id: str | bytes, fields: dict[Any, Any], shard: int = 0) -> Event:
         """Raises ValueError/KeyError on an entry that is not a well-formed event."""
         f = decode_fields(fields)
         data = loads(f.get(EventField.DATA)) or {}
@@ -74,6 +76,7 @@ class Event:
             client=f[EventField.CLIENT],
             ts=f[EventField.TS],
             data=data,
+            shard=shard,
         )
 
     @cached_property

@@ -183,6 +183,7 @@ def nova_chain_entry(execution_id: int, run: dict[str, Any], code: dict[str, str
 async def task_events(redis: Redis, keys: Keys, task_id: str) -> list[Event]:
     """The task's events in order, from its list of results-stream ids (no scan). Entries trimmed from
     the stream are missing."""
+    keys = keys.of_task(task_id)
     ids = await redis.lrange(keys.task_events(task_id), 0, -1)
     if not ids:
         return []
@@ -316,7 +317,14 @@ UNPROJECTED_SCAN_LIMIT = 10_000
 async def unprojected_active(redis: Redis, keys: Keys, workflow_id: int) -> int:
     """Unfinished executions of a workflow that the projector has not written yet (PostgreSQL cannot
     count them): those with an event among the ones its group has not acknowledged, whose task is
-    not finished. Raises ProjectionBehind past UNPROJECTED_SCAN_LIMIT such events."""
+    not finished, in every shard. Raises ProjectionBehind past UNPROJECTED_SCAN_LIMIT such events."""
+    total = 0
+    for shard in keys.all_shards:
+        total += await _unprojected_active(redis, shard, workflow_id)
+    return total
+
+
+async def _unprojected_active(redis: Redis, keys: Keys, workflow_id: int) -> int:
     try:
         groups = await redis.xinfo_groups(keys.results)
     except ResponseError:

@@ -40,10 +40,17 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
     streams: dict[str, Any] = {}
     groups: list[dict[str, Any]] = []
     consumers: list[dict[str, Any]] = []
-    for label, stream in (("requests", keys.requests), ("results", keys.results), ("dead_letter", keys.dead_letter)):
+    # Every shard's streams: labelled `requests`, ... with one shard, `requests:0`, ... with several.
+    shards = keys.all_shards
+    named = [
+        (f"{label}:{k.shard_index}" if len(shards) > 1 else label, stream)
+        for k in shards
+        for label, stream in (("requests", k.requests), ("results", k.results), ("dead_letter", k.dead_letter))
+    ]
+    for label, stream in named:
         length = await redis.xlen(stream)
         streams[label] = {"key": stream, "length": length}
-        if label == "dead_letter" or (not length and not await redis.exists(stream)):
+        if label.startswith("dead_letter") or (not length and not await redis.exists(stream)):
             continue
         try:
             infos = await redis.xinfo_groups(stream)
@@ -82,14 +89,14 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
         "consumers": consumers,
         # What each live worker reports of itself: its executors and their lasting faults.
         "workers": await worker_reports(redis, keys),
-        "delayed_retries": await redis.zcard(keys.delayed),
-        "dead_letters": streams["dead_letter"]["length"],
+        "delayed_retries": sum([int(await redis.zcard(k.delayed)) for k in shards]),
+        "dead_letters": sum(v["length"] for label, v in streams.items() if label.startswith("dead_letter")),
         # Requests older workers left for a newer release's (a rolling deploy in progress, or one rolled
-        # back): by format, the next few after this code's (a deploy skips no more).
+        # back): by format, the next few after this code's (a deploy skips no more), over every shard.
         "left_for_newer_workers": {
             str(v): n
             for v in range(FORMAT_VERSION + 1, FORMAT_VERSION + 5)
-            if (n := int(await redis.zcard(keys.newer_format(v))))
+            if (n := sum([int(await redis.zcard(k.newer_format(v))) for k in shards]))
         },
         # Pauses, what they hold back, and drain progress (shared/control.py).
         "control": await RunControl(redis, keys, task_ttl=0).state(),
@@ -102,17 +109,26 @@ _CONCURRENCY_KEYS_LISTED = 100
 
 
 async def _concurrency_waiting(redis: Redis, keys: Keys) -> dict[str, Any]:
-    """The concurrency keys that have runs waiting (ZCARD of their wait set and of their holders)."""
-    index = {_text(k): int(v) for k, v in (await redis.hgetall(keys.concurrency_index)).items()}
-    pipe = redis.pipeline(transaction=False)
-    for key in index:
-        pipe.zcard(keys.concurrency_waiting(key))
-        pipe.zcard(keys.concurrency_holders(key))
-    counts = await pipe.execute() if index else []
-    listed = [
-        {"key": key, "limit": limit, "waiting": int(counts[2 * i]), "holders": int(counts[2 * i + 1])}
-        for i, (key, limit) in enumerate(index.items())
-    ]
+    """The concurrency keys that have runs waiting (ZCARD of their wait set and of their holders), in
+    every shard: a key is counted per shard (shared/streams.py `Keys.concurrency_holders`), so with
+    several shards each entry says its shard."""
+    shards = keys.all_shards
+    listed: list[dict[str, Any]] = []
+    for k in shards:
+        index = {_text(name): int(v) for name, v in (await redis.hgetall(k.concurrency_index)).items()}
+        if not index:
+            continue
+        pipe = redis.pipeline(transaction=False)
+        for key in index:
+            pipe.zcard(k.concurrency_waiting(key))
+            pipe.zcard(k.concurrency_holders(key))
+        counts = await pipe.execute()
+        for i, (key, limit) in enumerate(index.items()):
+            entry: dict[str, Any] = {"key": key, "limit": limit, "waiting": int(counts[2 * i])}
+            entry["holders"] = int(counts[2 * i + 1])
+            if len(shards) > 1:
+                entry["shard"] = k.shard_index
+            listed.append(entry)
     listed.sort(key=lambda k: -k["waiting"])
     return {"runs": sum(k["waiting"] for k in listed), "keys": listed[:_CONCURRENCY_KEYS_LISTED]}
 
@@ -121,11 +137,12 @@ async def worker_reports(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """What each live worker last reported of itself (consumer/worker.py report_self): `consumer`,
     `at`, `concurrency`, `inflight`, `draining`, and `executors` (name -> its lasting fault, or None).
     A report past its deadline (by Redis's clock) is a dead worker's and is left out."""
+    # TIME on its own: a cluster client refuses a keyless command in a pipeline.
+    seconds, micros = await redis.time()
     pipe = redis.pipeline(transaction=False)
-    pipe.time()
     pipe.zrange(keys.worker_report_deadlines, 0, -1, withscores=True)
     pipe.hgetall(keys.worker_reports)
-    (seconds, micros), deadlines, raw = await pipe.execute()
+    deadlines, raw = await pipe.execute()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     live = {_text(consumer) for consumer, deadline in deadlines if deadline > now_ms}
     reports = []
@@ -198,7 +215,13 @@ def render_text(report: dict[str, Any]) -> str:
     waiting = report.get("concurrency_waiting")
     if waiting:
         keys = ", ".join(
-            f"{k['key']} ({k['waiting']} waiting, {k['holders']}/{k['limit']} held)" for k in waiting["keys"]
+            f"{k['key']}{_shard_label(k)} ({k['waiting']} waiting, {k['holders']}/{k['limit']} held)"
+            for k in waiting["keys"]
         )
         lines.append(f"concurrency:     {waiting['runs']} run(s) waiting for a key{': ' + keys if keys else ''}")
     return "\n".join(lines)
+
+
+def _shard_label(key: dict[str, Any]) -> str:
+    # Keys are counted per shard: with several shards the same key may show once per shard.
+    return f" [shard {key['shard']}]" if "shard" in key else ""

@@ -86,7 +86,8 @@ class Retention:
 
     @property
     def dead_letter_streams(self) -> list[str]:
-        return [self.keys.dead_letter, self.keys.projector_dead_letter]
+        """Every shard's dead letters (the workers' and the projector's): one cleanup covers them all."""
+        return [stream for k in self.keys.all_shards for stream in (k.dead_letter, k.projector_dead_letter)]
 
     async def plan(self, cutoff: datetime) -> CleanupReport:
         """What `run(cutoff)` would delete, deleting nothing (`nova cleanup --dry-run`)."""

@@ -60,11 +60,12 @@ class ScheduleStore:
 
     @property
     def _all(self) -> str:
-        return f"{self.keys.prefix}:schedules"
+        # Under `keys.home`: on a cluster both keys share one slot, as the transactions writing them need.
+        return f"{self.keys.home}:schedules"
 
     @property
     def _next(self) -> str:
-        return f"{self.keys.prefix}:schedules:next"
+        return f"{self.keys.home}:schedules:next"
 
     async def create(
         self, *, cron: str, workflow_id: int, client: str, initial_context: dict[str, Any], name: str | None = None

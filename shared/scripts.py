@@ -131,6 +131,15 @@ class Scripts:
         self.redis = redis
         self.keys = keys
         self._registered: dict[str, AsyncScript] = {}
+        self._siblings: dict[int, Scripts] = {keys.shard_index: self}
+
+    def of(self, keys: Keys) -> Scripts:
+        """The same steps on another shard's keys (kept, so scripts are registered once per shard)."""
+        found = self._siblings.get(keys.shard_index)
+        if found is None:
+            found = self._siblings[keys.shard_index] = Scripts(self.redis, keys)
+            found._siblings = self._siblings
+        return found
 
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self._registered.get(name)
@@ -154,6 +163,22 @@ class Scripts:
         rate: float = 0,
         burst: int = 1,
     ) -> EnqueueResult:
+        if self.keys.of_client(client) is not self.keys:
+            # A client's executions all live in its shard (its limits are checked there, in one slot).
+            return await self.of(self.keys.of_client(client)).enqueue(
+                task_id=task_id,
+                workflow_id=workflow_id,
+                workflow_name=workflow_name,
+                client=client,
+                enqueued_at=enqueued_at,
+                payload=payload,
+                queued_data=queued_data,
+                idempotency_key=idempotency_key,
+                idempotency_ttl=idempotency_ttl,
+                max_inflight=max_inflight,
+                rate=rate,
+                burst=burst,
+            )
         reply = await self._call(
             "enqueue",
             keys=[
@@ -161,7 +186,7 @@ class Scripts:
                 self.keys.results,
                 self.keys.execution_seq,
                 self.keys.task(task_id),
-                self.keys.idempotency(client, idempotency_key) if idempotency_key else "",
+                self.keys.idempotency(client, idempotency_key) if idempotency_key else self.keys.absent,
                 self.keys.task_events(task_id),
                 self.keys.inflight(client),
                 self.keys.rate_bucket(client),
@@ -181,6 +206,8 @@ class Scripts:
                 self.keys.execution(""),
                 EXECUTION_KEY_TTL,
                 FORMAT_VERSION,
+                self.keys.shard_count,
+                self.keys.shard_index,
             ],
         )
         existing_task, exec_id, entry, outcome_raw = (_s(x) for x in reply)
@@ -239,7 +266,10 @@ class Scripts:
         return RecordResult(outcome=RecordOutcome(int(outcome)), event_id=event_id or None, status=status)
 
     async def raise_sequence(self, floor: int) -> int:
-        return int(await self._call("raise_sequence", keys=[self.keys.execution_seq], args=[floor]))
+        """Raise this shard's id sequence so that its next id is above `floor` (ids are n * shards + shard)."""
+        return int(
+            await self._call("raise_sequence", keys=[self.keys.execution_seq], args=[floor // self.keys.shard_count])
+        )
 
     async def retry_later(
         self,
@@ -296,10 +326,10 @@ class Scripts:
             keys=[
                 self.keys.dead_letter,
                 self.keys.requests,
-                self.keys.task(task_id) if task_id and has_task else "",
+                self.keys.task(task_id) if task_id and has_task else self.keys.absent,
                 self.keys.results,
-                self.keys.task_events(task_id) if task_id and has_task else "",
-                self.keys.inflight(client) if client and has_task else "",
+                self.keys.task_events(task_id) if task_id and has_task else self.keys.absent,
+                self.keys.inflight(client) if client and has_task else self.keys.absent,
             ],
             args=[
                 self.keys.worker_group,
@@ -317,6 +347,11 @@ class Scripts:
     async def reopen(
         self, *, task_id: str, client: str, token: str, event: dict[str, str], request: dict[str, str]
     ) -> str:
+        if self.keys.of_task(task_id) is not self.keys:
+            # The request goes back onto the stream of the shard that holds the task.
+            return await self.of(self.keys.of_task(task_id)).reopen(
+                task_id=task_id, client=client, token=token, event=event, request=request
+            )
         reply = await self._call(
             "reopen",
             keys=[
@@ -464,20 +499,35 @@ class Scripts:
         answers MISSING, exactly like an unknown id). The in-flight count is the task's client's.
         `wait_ttl_ms`: how long a slot handed to a concurrency key's next waiter is held (the visibility
         timeout), when the task was woken from that key's wait set but had not started."""
+        if self.keys.of_task(task_id) is not self.keys:
+            # Its event goes onto the results stream of the shard that holds the task (and its
+            # concurrency key's wait set is that shard's).
+            return await self.of(self.keys.of_task(task_id)).cancel(
+                task_id=task_id,
+                client=client,
+                event=event,
+                task_fields=task_fields,
+                task_ttl=task_ttl,
+                wait_ttl_ms=wait_ttl_ms,
+            )
         task_client, waiting = (
             _s(x or "") for x in await self.redis.hmget(self.keys.task(task_id), ["client", "waiting_for"])
         )
         owner = task_client if client is None else client
+        # A client's counter is in its shard, where its tasks are: an owner of another shard (or none:
+        # an unknown task) cannot hold this task, and the step answers MISSING without touching it.
+        inflight = self.keys.inflight(owner) if owner and self.keys.of_client(owner) is self.keys else self.keys.absent
         while True:
             # A task waiting for a concurrency key leaves the key's wait set in the same step.
-            wait_keys = self._concurrency_keys(waiting) if waiting else ["", "", "", "", ""]
+            # Left out (no key): the shard's bare tag on a cluster, so that every key shares its slot.
+            wait_keys = self._concurrency_keys(waiting) if waiting else [self.keys.absent] * 5
             reply = await self._call(
                 "cancel",
                 keys=[
                     self.keys.task(task_id),
                     self.keys.results,
                     self.keys.task_events(task_id),
-                    self.keys.inflight(owner),
+                    inflight,
                     *wait_keys[1:4],
                     wait_keys[0],
                     self.keys.requests,

@@ -101,6 +101,18 @@ class Settings(BaseSettings):
         default="nova-projector", description="Consumer group that projects events to PostgreSQL."
     )
     key_prefix: str = Field(default="nova", description="Prefix of every other Redis key NOVA writes.")
+    redis_cluster: bool = Field(
+        default=False,
+        description="REDIS_URL names a node of a Redis Cluster: use the cluster client (follows MOVED/ASK) and "
+        "hash-tagged key names (also set by a redis+cluster:// or rediss+cluster:// URL).",
+    )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Shards the requests and results streams are split into (each with its own consumer groups); "
+        "a client's executions all go to one shard.",
+    )
 
     concurrency: int = Field(default=10, ge=1, le=1000, description="Executions in flight per worker.")
     consumer_name: str | None = Field(
@@ -287,6 +299,17 @@ class Settings(BaseSettings):
         if len(value.split()) not in (5, 6) or not croniter.is_valid(value):
             raise ValueError(f"'{value}' is not a cron expression (5 fields, or 6 with seconds last)")
         return value
+
+    @property
+    def cluster(self) -> bool:
+        """Whether Redis is a cluster: said by NOVA_REDIS_CLUSTER or by the URL's scheme."""
+        return self.redis_cluster or bool(self.redis_url and "+cluster://" in self.redis_url.split("@", 1)[0])
+
+    @property
+    def tagged(self) -> bool:
+        """Whether key names carry hash tags: on a cluster, or with more than one shard. One shard on a
+        single Redis keeps the documented names (`nova:requests`, `nova:task:<id>`)."""
+        return self.cluster or self.shards > 1
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -7,7 +7,8 @@ values (contexts, results, errors) travel as one JSON field encoded with orjson.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -203,14 +204,17 @@ class Keys:
     """Redis key names for one deployment (one shard of it), derived from settings.
 
     The layout is decided for Redis Cluster too, where every atomic step must touch one slot. On a
-    single Redis (`tag` empty) the names are the documented ones. For a cluster, `Keys.shard()` gives
-    shard n's names, each carrying the hash tag `{<prefix>:<n>}`:
-    - the shard's streams (requests, results, dead letters), delayed retries and id sequence;
-    - each task's hash and event list, in the shard that holds its request and events;
+    single Redis with one shard (`tag` empty) the names are the documented ones. On a cluster, or with
+    `NOVA_SHARDS` > 1, `Keys.shard()` gives shard n's names, each carrying the hash tag `{<prefix>:<n>}`:
+    - the shard's streams (requests, results, dead letters), delayed retries, id sequence and the
+      run-control keys its workers obey (pause flags, parked requests, the control channel);
+    - each task's hash and event list, in the shard that holds its request and events (the task id
+      says which: `shard_of_task`);
     - each client's in-flight counter, rate bucket and idempotency keys, in the client's shard
       (`shard_of_client`): a client's executions all go to one shard, so the enqueue step checks its
       limits and idempotency in one slot, exactly, across every API replica. Many clients spread the load.
-    Workflow copies and the scheduler's keys are read and written alone, so they need no tag.
+    Workflow copies and the client list are read and written alone, so they need no tag; the webhook
+    and schedule keys, which transactions write together, share the `home` tag on a cluster.
     """
 
     requests: str
@@ -220,9 +224,16 @@ class Keys:
     projector_group: str
     prefix: str
     tag: str = ""
+    shard_index: int = 0
+    shard_count: int = 1
+    cluster: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keys:
+        """The home shard's keys (shard 0): all of them with one shard, the documented names on a single
+        Redis. Code that touches a task or a client's executions asks `Layout` for their shard."""
+        if settings.tagged:
+            return cls.shard(settings, 0)
         return cls(
             requests=settings.requests_stream,
             results=settings.results_stream,
@@ -234,7 +245,7 @@ class Keys:
 
     @classmethod
     def shard(cls, settings: Settings, shard: int) -> Keys:
-        """Shard `shard`'s keys on Redis Cluster: every name carries the shard's hash tag."""
+        """Shard `shard`'s keys: every name carries the shard's hash tag."""
         tag = f"{{{settings.key_prefix}:{shard}}}"
         return cls(
             requests=f"{settings.requests_stream}:{tag}",
@@ -244,6 +255,9 @@ class Keys:
             projector_group=settings.projector_group,
             prefix=settings.key_prefix,
             tag=tag,
+            shard_index=shard,
+            shard_count=settings.shards,
+            cluster=settings.cluster,
         )
 
     @staticmethod
@@ -251,23 +265,101 @@ class Keys:
         """The shard that holds a client's executions and counters (stable across processes)."""
         return key_slot(client.encode()) % shards if shards > 1 else 0
 
+    @staticmethod
+    def shard_of_task(task_id: str, shards: int) -> int:
+        """The shard that holds a task: new task ids carry it in their last 8 hex digits (`new_task_id`);
+        any other id (one written by hand) is placed by its hash slot."""
+        if shards <= 1:
+            return 0
+        tail = task_id[-8:]
+        if len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
+            return int(tail, 16) % shards
+        return key_slot(task_id.encode()) % shards
+
+    def new_task_id(self) -> str:
+        """A random task id (32 hex digits, as before) that `shard_of_task` maps to this shard."""
+        raw = uuid.uuid4().hex
+        if self.shard_count <= 1:
+            return raw
+        low = int(raw[-8:], 16)
+        # The largest number of the form k * shards + shard that is <= low, or the smallest above it.
+        low = low - (low - self.shard_index) % self.shard_count if low >= self.shard_index else self.shard_index
+        return f"{raw[:-8]}{low:08x}"
+
+    def placed_task_id(self, task_id: str) -> str:
+        """A task id chosen by its caller (a schedule's tick), made to name this shard if it does not:
+        the shard's index as 8 hex digits is appended (deterministic, so a repeat names the same task)."""
+        if self.of_task(task_id) is self:
+            return task_id
+        return f"{task_id}-{self.shard_index:08x}"
+
+    @property
+    def absent(self) -> str:
+        """What a script's optional KEYS slot gets when the caller has no key for it: '' on a single
+        Redis; the shard's bare tag on a cluster, where every key of a script must share its slot."""
+        return self.tag
+
+    @property
+    def home(self) -> str:
+        """The prefix of deployment-wide keys that transactions write together (webhooks, schedules):
+        `nova` on a single Redis, `nova:{nova}` on a cluster, so that they share one slot."""
+        return f"{self.prefix}:{{{self.prefix}}}" if self.cluster else self.prefix
+
     def _name(self, *parts: str) -> str:
         return ":".join((self.prefix, self.tag, *parts) if self.tag else (self.prefix, *parts))
 
+    def sibling(self, shard: int) -> Keys:
+        """Shard `shard`'s keys, from any shard's."""
+        if shard == self.shard_index or not self.tag:
+            return self
+        tag = f"{{{self.prefix}:{shard}}}"
+
+        def moved(name: str) -> str:
+            return f"{name.removesuffix(':' + self.tag)}:{tag}"
+
+        return replace(
+            self,
+            requests=moved(self.requests),
+            results=moved(self.results),
+            dead_letter=moved(self.dead_letter),
+            tag=tag,
+            shard_index=shard,
+        )
+
+    @property
+    def all_shards(self) -> list[Keys]:
+        return [self.sibling(n) for n in range(self.shard_count)]
+
+    # A task's keys and a client's are named in the shard that holds them, whichever shard's `Keys`
+    # is asked: the ids say which (`shard_of_task`, `shard_of_client`), so no caller has to.
+
+    def of_task(self, task_id: str) -> Keys:
+        return self.sibling(Keys.shard_of_task(task_id, self.shard_count))
+
+    def of_client(self, client: str) -> Keys:
+        return self.sibling(Keys.shard_of_client(client, self.shard_count))
+
+    def of_execution(self, execution_id: int | str) -> Keys:
+        """Execution ids are handed out per shard as n * shards + shard (shared/lua/enqueue.lua)."""
+        try:
+            return self.sibling(int(execution_id) % self.shard_count)
+        except ValueError:
+            return self
+
     def task(self, task_id: str) -> str:
-        return self._name("task", task_id)
+        return self.of_task(task_id)._name("task", task_id)
 
     def task_events(self, task_id: str) -> str:
         """List of the task's results-stream entry ids, in order: replays one task without a scan."""
-        return self._name("task", task_id, "events")
+        return self.of_task(task_id)._name("task", task_id, "events")
 
     def inflight(self, client: str) -> str:
         """A client's count of accepted, not yet finished executions (the per-client cap)."""
-        return self._name("inflight", client)
+        return self.of_client(client)._name("inflight", client)
 
     def rate_bucket(self, client: str) -> str:
         """A client's token bucket (the per-client rate limit), shared by every API replica."""
-        return self._name("ratelimit", client)
+        return self.of_client(client)._name("ratelimit", client)
 
     def workflow(self, workflow_id: int) -> str:
         """The workflow's current version and state (JSON, without its definition)."""
@@ -278,8 +370,10 @@ class Keys:
         return f"{self.prefix}:workflow:{workflow_id}:v{version}"
 
     def execution(self, execution_id: int | str) -> str:
-        """The task id of an execution, so that it can be read from Redis before PostgreSQL has it."""
-        return self._name("execution", str(execution_id))
+        """The task id of an execution, so that it can be read from Redis before PostgreSQL has it.
+        (With an empty id: this shard's prefix of these keys, which the enqueue step completes.)"""
+        keys = self.of_execution(execution_id) if execution_id != "" else self
+        return keys._name("execution", str(execution_id))
 
     def session(self, digest: str) -> str:
         """A dashboard session (JSON: who signed in, with which key's digest, its CSRF token), expiring with
@@ -292,7 +386,7 @@ class Keys:
         return f"{self.prefix}:clients"
 
     def idempotency(self, client: str, key: str) -> str:
-        return self._name("idem", client, key)
+        return self.of_client(client)._name("idem", client, key)
 
     @property
     def execution_seq(self) -> str:
@@ -354,13 +448,14 @@ class Keys:
     @property
     def builtin_schedules(self) -> str:
         """Sorted set of the built-in schedules (the retention cleanup) scored by their next tick in ms.
-        Kept apart from operators' schedules, which the scheduler drops when their record is gone."""
-        return f"{self.prefix}:schedules:builtin"
+        Kept apart from operators' schedules, which the scheduler drops when their record is gone.
+        Deployment-wide: under `home`, beside the operators' schedules (one claim for every shard)."""
+        return f"{self.home}:schedules:builtin"
 
     @property
     def cleanup_last(self) -> str:
         """JSON of the last retention cleanup: its tick, who ran it, when, and what it deleted."""
-        return f"{self.prefix}:cleanup:last"
+        return f"{self.home}:cleanup:last"
 
     @property
     def delayed(self) -> str:
@@ -370,14 +465,44 @@ class Keys:
     @property
     def worker_reports(self) -> str:
         """Hash of what each worker reports of itself (its executors' lasting faults, its load):
-        consumer -> JSON, rewritten at each heartbeat interval (shared/lua/worker_report.lua)."""
-        return f"{self.prefix}:workers"
+        consumer -> JSON, rewritten at each heartbeat interval (shared/lua/worker_report.lua). One per
+        worker process, whatever the shards; under `home`, so that on a cluster it shares its slot with
+        the deadlines, as the script writing both needs."""
+        return f"{self.home}:workers"
 
     @property
     def worker_report_deadlines(self) -> str:
         """Sorted set: consumer -> when its report goes stale (Redis ms), one visibility timeout after it
         was written; a dead worker's report is dropped then."""
-        return f"{self.prefix}:workers:deadlines"
+        return f"{self.home}:workers:deadlines"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every shard's keys, and which shard holds a client's executions, a task or an execution.
+
+    The requests streams a worker reads are `shards` in this order; a later kind of stream (priority
+    lanes) would be more entries of the same list, each a `Keys` with its own stream names.
+    """
+
+    shards: tuple[Keys, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Layout:
+        return cls(tuple(Keys.from_settings(settings).all_shards))
+
+    @property
+    def home(self) -> Keys:
+        return self.shards[0]
+
+    def of_client(self, client: str) -> Keys:
+        return self.home.of_client(client)
+
+    def of_task(self, task_id: str) -> Keys:
+        return self.home.of_task(task_id)
+
+    def of_execution(self, execution_id: int | str) -> Keys:
+        return self.home.of_execution(execution_id)
 
 
 def now_iso() -> str:

@@ -38,7 +38,7 @@ from shared.clients import ClientError, Vault
 from shared.events import Event
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import EventType, Keys, dumps, loads, now_iso
+from shared.streams import EventType, Keys, Layout, dumps, loads, now_iso
 
 # Dead deliveries kept per endpoint: enough for an operator to replay an outage's worth, bounded so a
 # dead endpoint cannot grow Redis without limit.
@@ -120,12 +120,13 @@ def payload(kind: WebhookEvent, event: Event) -> str:
 
 
 class WebhookKeys:
+    # Under `keys.home`: on a cluster they share one slot, as the transactions writing them need.
     def __init__(self, keys: Keys) -> None:
-        self.prefix = keys.prefix
-        self.endpoints = f"{keys.prefix}:webhooks"
-        self.deliveries = f"{keys.prefix}:webhooks:deliveries"
-        self.due = f"{keys.prefix}:webhooks:due"
-        self.previous = f"{keys.prefix}:webhooks:previous"
+        self.prefix = keys.home
+        self.endpoints = f"{self.prefix}:webhooks"
+        self.deliveries = f"{self.prefix}:webhooks:deliveries"
+        self.due = f"{self.prefix}:webhooks:due"
+        self.previous = f"{self.prefix}:webhooks:previous"
 
     def lease(self, delivery_id: str) -> str:
         return f"{self.prefix}:webhooks:lease:{delivery_id}"
@@ -344,11 +345,12 @@ class WebhookRegistry:
         Created by the first registration as well as by workers, so events between a registration and
         the first worker's start are not skipped.
         """
-        try:
-            await self.redis.xgroup_create(self.keys.results, self.settings.webhook_group, id="$", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for keys in Layout.from_settings(self.settings).shards:
+            try:
+                await self.redis.xgroup_create(keys.results, self.settings.webhook_group, id="$", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def create(
         self, url: str, event_types: list[str], client: str | None, description: str | None = None

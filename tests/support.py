@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
-from cli.embedded import RedisServer, find_redis_server, packaged_redis_server
+from cli.embedded import RedisServer, find_redis_server, free_port, packaged_redis_server
 from consumer.sandbox.base import SandboxProvider
 from consumer.worker import serve
 from shared.catalog import StoredWorkflow, WorkflowCatalog
@@ -32,7 +34,7 @@ from shared.enqueue import NewExecution, enqueue_execution
 from shared.events import Event
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
-from shared.streams import TERMINAL_EVENTS, Keys
+from shared.streams import TERMINAL_EVENTS, Keys, Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,32 +94,37 @@ async def enqueue(
         initial_context=context or {},
         idempotency_key=key,
     )
-    return await enqueue_execution(Scripts(redis, Keys.from_settings(settings)), execution, floor=floor)
+    keys = Layout.from_settings(settings).of_client(client)
+    return await enqueue_execution(Scripts(redis, keys), execution, floor=floor)
 
 
 async def wait_for_events(
     redis: Redis, settings: Settings, predicate: Any, count: int = 1, timeout: float = 30.0
 ) -> list[Event]:
-    """Block on the results stream until `count` events match `predicate`; returns them."""
+    """Block on the results stream (every shard's) until `count` events match `predicate`; returns them."""
     found: list[Event] = []
-    cursor = "0"
+    streams = [keys.results for keys in Layout.from_settings(settings).shards]
+    cursors = dict.fromkeys(streams, "0")
     deadline = time.monotonic() + timeout
     while len(found) < count:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"saw {len(found)} of {count} expected events within {timeout}s")
-        try:
-            reply = await redis.xread({settings.results_stream: cursor}, block=int(min(remaining, 1.0) * 1000) or 1)
-        except REDIS_UNAVAILABLE:
-            # The fault tests restart Redis under our feet; the events are still there afterwards.
-            await asyncio.sleep(0.05)
-            continue
-        for _stream, items in reply or []:
-            for entry_id, fields in items:
-                cursor = entry_id
-                event = Event.from_entry(entry_id, fields)
-                if predicate(event):
-                    found.append(event)
+        # One stream per read: on a cluster, shards' streams live in different slots.
+        block = int(min(remaining, 1.0 if len(streams) == 1 else 0.1) * 1000) or 1
+        for stream in streams:
+            try:
+                reply = await redis.xread({stream: cursors[stream]}, block=block)
+            except REDIS_UNAVAILABLE:
+                # The fault tests restart Redis under our feet; the events are still there afterwards.
+                await asyncio.sleep(0.05)
+                continue
+            for _stream, items in reply or []:
+                for entry_id, fields in items:
+                    cursors[stream] = entry_id
+                    event = Event.from_entry(entry_id, fields)
+                    if predicate(event):
+                        found.append(event)
     return found
 
 
@@ -186,6 +193,8 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         NOVA_SHUTDOWN_GRACE=str(settings.shutdown_grace),
         NOVA_SANDBOX_POOL_SIZE=str(settings.sandbox_pool_size),
         NOVA_SANDBOX_WRITABLE=settings.sandbox_writable,
+        NOVA_REDIS_CLUSTER="true" if settings.redis_cluster else "false",
+        NOVA_SHARDS=str(settings.shards),
         NOVA_LOG_LEVEL="INFO",
     )
     env.update(extra)
@@ -266,3 +275,116 @@ def make_settings(redis_url: str, db_url: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+# ---- a Redis Cluster the suite starts itself ---------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+
+
+class ClusterServers:
+    """Three masters with a replica each, from one redis-server binary, slots assigned here
+    (CLUSTER ADDSLOTSRANGE, MEET, REPLICATE), all on free ports in one temp folder. The nodes share
+    their logins (one app password, one admin password), as a managed cluster does."""
+
+    def __init__(self, root: Path, *, masters: int = 3, binary: str | None = None) -> None:
+        self.root = root
+        first = RedisServer(root / "node0", binary=binary, cluster=True)
+        self.nodes = [first] + [
+            RedisServer(root / f"node{i}", binary=binary, cluster=True, passwords_of=first)
+            for i in range(1, masters * 2)
+        ]
+        self.masters = masters
+        # Ports are picked before any node binds one: the same free port may come up twice.
+        taken: set[int] = set()
+        for node in self.nodes:
+            while node.port in taken:
+                node.port = free_port()
+            taken.add(node.port)
+            while node.bus_port in taken:
+                node.bus_port = free_port()
+            taken.add(node.bus_port)
+
+    @property
+    def url(self) -> str:
+        """NOVA's login to one node; the cluster client finds the others."""
+        return self.nodes[0].url
+
+    def admin(self, node: RedisServer) -> SyncRedis:
+        return SyncRedis.from_url(node.admin_url, decode_responses=True)
+
+    def start(self, timeout: float = 30.0) -> ClusterServers:
+        for node in self.nodes:
+            node.start()
+        ids = []
+        for node in self.nodes:
+            with self.admin(node) as r:
+                ids.append(r.execute_command("CLUSTER MYID"))
+        per = CLUSTER_SLOTS // self.masters
+        for i, node in enumerate(self.nodes[: self.masters]):
+            last = CLUSTER_SLOTS - 1 if i == self.masters - 1 else (i + 1) * per - 1
+            with self.admin(node) as r:
+                r.execute_command("CLUSTER ADDSLOTSRANGE", i * per, last)
+        with self.admin(self.nodes[0]) as r:
+            for node in self.nodes[1:]:
+                r.execute_command("CLUSTER MEET", "127.0.0.1", node.port, node.bus_port)
+        self._until(lambda: all(self._known(n) == len(self.nodes) for n in self.nodes), timeout, "nodes to meet")
+        for i, replica in enumerate(self.nodes[self.masters :]):
+            with self.admin(replica) as r:
+                r.execute_command("CLUSTER REPLICATE", ids[i])
+        self._until(self.healthy, timeout, "the cluster to be ok with its replicas in sync")
+        return self
+
+    def _known(self, node: RedisServer) -> int:
+        with self.admin(node) as r:
+            # The client parses CLUSTER NODES into {address: node}.
+            return len(r.execute_command("CLUSTER NODES"))
+
+    def healthy(self) -> bool:
+        """Every live node says the cluster is ok, and every live master has a replica in sync."""
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with self.admin(node) as r:
+                if r.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                    return False
+                info = r.info("replication")
+                if info.get("role") == "master" and info.get("connected_slaves", 0) < 1:
+                    return False
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    return False
+        return True
+
+    def _until(self, condition: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout}s for {what}")
+            time.sleep(0.05)
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node that serves `key`'s slot now."""
+        slot = key_slot(key.encode())
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with self.admin(node) as r:
+                reply = r.execute_command("CLUSTER SLOTS")
+                # Parsed into {(start, end): {"primary": (host, port), ...}} or left as the raw list.
+                ranges = (
+                    [(int(a), int(b), int(v["primary"][1])) for (a, b), v in reply.items()]
+                    if isinstance(reply, dict)
+                    else [(int(a), int(b), int(master[1])) for a, b, master, *_ in reply]
+                )
+                for start, end, port in ranges:
+                    if start <= slot <= end:
+                        return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no node serves slot {slot}")
+
+    def node_id(self, node: RedisServer) -> str:
+        with self.admin(node) as r:
+            return str(r.execute_command("CLUSTER MYID"))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()

@@ -339,17 +339,18 @@ async def test_a_cancel_finds_a_task_parked_after_it_was_read(r: Redis) -> None:
 def test_concurrency_steps_touch_one_slot_under_a_shard_tag() -> None:
     from redis.crc import key_slot
 
-    settings = Settings(redis_url="redis://unused")
+    settings = Settings(redis_url="redis://unused", shards=4)
     for shard in range(4):
         keys = Keys.shard(settings, shard)
+        t = keys.new_task_id()  # a task of this shard (its id says so): its keys carry the shard's tag
         box = "acme:{in}box"  # a rendered key may hold braces: the shard's tag comes first
         common = [keys.concurrency_holders(box), keys.concurrency_waiting(box), keys.concurrency_parked(box),
                   keys.concurrency_index, keys.requests]  # fmt: skip
         steps = {
-            "concurrency_acquire": [*common, keys.task("t")],
+            "concurrency_acquire": [*common, keys.task(t)],
             "concurrency_release": common,
             "semaphore refresh": [keys.concurrency_holders(box), keys.concurrency_holders(box) + ":rate"],
-            "cancel": [keys.task("t"), keys.results, keys.task_events("t"), *common],
+            "cancel": [keys.task(t), keys.results, keys.task_events(t), *common],
         }
         for step, names in steps.items():
             assert len({key_slot(n.encode()) for n in names}) == 1, (step, names)
@@ -701,3 +702,42 @@ async def test_a_run_waiting_out_a_retry_gives_its_slot_to_the_next(
     assert await redis.hget(keys.task(retrying), TaskField.STATUS) == TaskStatus.RETRY
     assert await redis.zcard(keys.delayed) == 1
     assert await redis.zcard(keys.concurrency_holders("acme")) == 0
+
+
+async def test_with_shards_a_clients_key_holds_in_its_shard_and_every_shards_waiters_are_seen(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    """NOVA_SHARDS=3: each client's runs (one client per shard) wait for `{client}` in the client's shard;
+    inspection counts every shard's waiters, a cancel from any shard's keys takes the waiter out of its
+    shard's wait set, and each shard's reader wakes the next."""
+    sharded = settings.model_copy(update={"shards": 3})
+    flag = shared_dir / "go"
+    hold = f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
+    wf = await create_workflow(redis, sharded, pool, linear(hold, concurrency={"key": "{client}", "limit": 1}))
+    slugs: dict[int, str] = {}
+    for i in range(1000):
+        slugs.setdefault(Keys.shard_of_client(f"ck{i}", 3), f"ck{i}")
+    home = Keys.from_settings(sharded)
+    async with in_process_worker(sharded, concurrency=6):
+        tasks = {n: [await enqueue(redis, sharded, wf, client=slugs[n]) for _ in range(2)] for n in range(3)}
+        deadline = time.monotonic() + 30
+        # Per shard: one holder, one waiter (the key is the client's, and the client is in one shard).
+        while [await redis.zcard(home.sibling(n).concurrency_waiting(slugs[n])) for n in range(3)] != [1, 1, 1]:
+            assert time.monotonic() < deadline, "the runs never parked in their shards"
+            await asyncio.sleep(0.02)
+        report = await inspect(redis, home)
+        assert report["concurrency_waiting"]["runs"] == 3
+        assert sorted((k["shard"], k["key"], k["holders"]) for k in report["concurrency_waiting"]["keys"]) == [
+            (n, slugs[n], 1) for n in range(3)
+        ]
+        assert f"{slugs[1]} [shard 1] (1 waiting, 1/1 held)" in render_text(report)
+        # Cancelled from the home shard's keys: the waiter is in shard 1.
+        [waiter] = await redis.zrange(home.sibling(1).concurrency_waiting(slugs[1]), 0, -1)
+        control = RunControl(redis, home, task_ttl=sharded.task_ttl, visibility_timeout=sharded.visibility_timeout)
+        assert (await control.cancel_task(waiter)).outcome == CancelOutcome.CANCELLED
+        assert await redis.zcard(home.sibling(1).concurrency_waiting(slugs[1])) == 0
+        flag.touch()
+        ids = [t.task_id for ts in tasks.values() for t in ts]
+        ends = await wait_terminal(redis, sharded, ids, timeout=60)
+    assert ends[waiter].type == EventType.CANCELLED
+    assert sorted(e.type for e in ends.values()) == sorted([EventType.SUCCEEDED] * 5 + [EventType.CANCELLED])

@@ -138,8 +138,7 @@ async def test_stop_ends_the_hub_even_when_its_cancel_is_swallowed(
     client = create_redis(settings)  # as the API opens it: a socket timeout, so sends go through wait_for
     hub = EventHub(client, Keys.from_settings(settings), block_ms=100)
     await hub.start()
-    reader = hub._task
-    assert reader is not None
+    [reader] = hub._tasks
     stopping: list[asyncio.Task[None]] = []
     send = Connection._send_packed_command
 
@@ -167,3 +166,35 @@ async def test_stop_ends_the_hub_even_when_its_cancel_is_swallowed(
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(asyncio.gather(reader, *stopping), 5)
         await client.aclose()
+
+
+async def test_a_task_ending_between_the_replay_and_the_status_read_still_sends_its_end(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """The task's terminal event and status are written in one step: a task that ends after its events
+    were replayed but before its status is read is terminal there, and its end must still be sent (it
+    once closed the stream after the events replayed, the terminal one never sent)."""
+    from shared.control import RunControl
+
+    keys = Keys.from_settings(settings)
+    hub = await started_hub(redis, settings)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    task = await enqueue(redis, settings, wf)
+    real_hget = redis.hget
+    ended = False
+
+    async def hget_after_the_end(name: str, key: str) -> Any:
+        nonlocal ended
+        if not ended and name == keys.task(task.task_id):
+            # The task ends right here, between the replay and the status read (a cancel: one step).
+            ended = True
+            assert (await RunControl(redis, keys, task_ttl=0).cancel_task(task.task_id)).outcome == 1
+        return await real_hget(name, key)
+
+    redis.hget = hget_after_the_end  # type: ignore[method-assign]
+    try:
+        sent = await collect(task_event_stream(redis, keys, hub, task.task_id, None))
+    finally:
+        redis.hget = real_hget  # type: ignore[method-assign]
+        await hub.stop()
+    assert ended and [e["event"] for e in sent] == ["queued", "cancelled"]

@@ -266,3 +266,26 @@ async def test_the_largest_execution_id_stays_so_ids_are_never_handed_out_twice(
     await redis.delete(keys.execution_seq)
     task = await enqueue(redis, settings, wf)
     assert task.execution_id == 4
+
+
+async def test_the_cleanup_trims_every_shards_dead_letters(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """With several shards each has its own dead-letter streams (the workers' and the projector's): one
+    cleanup, wherever it runs, covers them all."""
+    sharded = settings.model_copy(update={"shards": 3})
+    shards = Keys.from_settings(sharded).all_shards
+    old_ms = int((datetime.now(UTC) - 40 * DAY).timestamp() * 1000)
+    streams = [s for k in shards for s in (k.dead_letter, k.projector_dead_letter)]
+    assert len(set(streams)) == 6
+    for stream in streams:
+        await redis.xadd(stream, {"dlq_reason": "old"}, id=f"{old_ms}-0")
+        await redis.xadd(stream, {"dlq_reason": "recent"})
+    retention = Retention(redis, shards[0], pool)
+    planned = await retention.plan(cutoff_for(30))
+    assert planned.dead_letters == dict.fromkeys(streams, 1)
+    report = await retention.run(cutoff_for(30), pause=0)
+    assert report.dead_letters == dict.fromkeys(streams, 1)
+    for stream in streams:
+        [(_, fields)] = await redis.xrange(stream)
+        assert fields["dlq_reason"] == "recent"

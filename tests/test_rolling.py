@@ -303,6 +303,31 @@ async def test_an_old_worker_leaves_newer_requests_to_a_new_worker_which_runs_ea
     await wait_projected(pool, [t.execution_id for t in [*left, *current]], {"completed"})
 
 
+async def test_with_shards_each_shards_newer_requests_are_left_counted_and_taken_back(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOVA_SHARDS=3: an old worker's reader of each shard leaves that shard's newer requests in the
+    shard's own set; inspection counts every shard's; a new worker's readers take each shard's back."""
+    sharded = settings.model_copy(update={"shards": 3})
+    shards = Keys.from_settings(sharded).all_shards
+    slugs: dict[int, str] = {}
+    for i in range(1000):
+        slugs.setdefault(Keys.shard_of_client(f"r{i}", 3), f"r{i}")
+    wf = await create_workflow(redis, sharded, pool, linear("context['n'] = context['i'] * 2"))
+    with monkeypatch.context() as m:
+        m.setattr("shared.scripts.FORMAT_VERSION", NEWER)
+        left = [await enqueue(redis, sharded, wf, {"i": n}, client=slugs[n]) for n in range(3)]
+    async with in_process_worker(sharded, consumer_name="old-worker"):
+        for k in shards:
+            await until(lambda k=k: _zcard(redis, k.newer_format(NEWER), 1), f"shard {k.shard_index}'s request left")
+        report = await inspect(redis, shards[0])
+        assert report["left_for_newer_workers"] == {str(NEWER): 3}
+    async with in_process_worker(sharded, consumer_name="new-worker", test_only_format_version=NEWER):
+        done = await wait_terminal(redis, sharded, [t.task_id for t in left])
+    assert sorted(e.data["final_context"]["n"] for e in done.values()) == [0, 2, 4]
+    assert [await redis.zcard(k.newer_format(NEWER)) for k in shards] == [0, 0, 0]
+
+
 async def test_a_newer_request_a_crashed_worker_held_is_reclaimed_left_and_run_once(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

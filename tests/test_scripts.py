@@ -495,27 +495,120 @@ async def test_lost_sequence_is_raised_from_the_floor_before_any_id_is_handed_ou
 def test_every_atomic_step_touches_one_slot_under_a_shard_tag() -> None:
     from redis.crc import key_slot
 
+    from shared.scripts import semaphore_keys
     from shared.settings import Settings
+    from shared.webhooks import WebhookKeys
 
-    settings = Settings(redis_url="redis://unused")
-    single = Keys.from_settings(settings)
+    single = Keys.from_settings(Settings(redis_url="redis://unused"))
     assert single.task("t") == "nova:task:t" and single.requests == "nova:requests"  # documented names
     shards = 4
-    for client in ("acme", "globex", "initech"):
-        keys = Keys.shard(settings, Keys.shard_of_client(client, shards))
-        steps = {
-            "enqueue": [keys.requests, keys.results, keys.execution_seq, keys.task("t"), keys.idempotency(client, "k"),
-                        keys.task_events("t"), keys.inflight(client), keys.rate_bucket(client)],
-            "record": [keys.task("t"), keys.results, keys.requests, keys.task_events("t"), keys.inflight(client)],
-            "retry_later": [keys.task("t"), keys.results, keys.requests, keys.delayed, keys.task_events("t")],
-            "promote_due": [keys.delayed, keys.requests],
-            "dead_letter": [keys.dead_letter, keys.requests, keys.task("t"), keys.results, keys.task_events("t"),
-                            keys.inflight(client)],
-            "reopen": [keys.task("t"), keys.requests, keys.results, keys.task_events("t"), keys.inflight(client)],
-        }  # fmt: skip
-        for step, names in steps.items():
-            assert len({key_slot(n.encode()) for n in names}) == 1, (step, names)
+    # On a cluster too: deployment-wide keys are tagged with `home` there, not by a shard.
+    for settings in (
+        Settings(redis_url="redis://unused", shards=shards),
+        Settings(redis_url="redis://unused", shards=shards, redis_cluster=True),
+    ):
+        for client in ("acme", "globex", "initech"):
+            # Any shard's keys name the client's keys in its shard, and a new task id of that shard.
+            keys = Keys.shard(settings, 0).of_client(client)
+            assert keys.shard_index == Keys.shard_of_client(client, shards)
+            t = keys.new_task_id()
+            assert Keys.shard_of_task(t, shards) == keys.shard_index and Keys.shard(settings, 3).task(t) == keys.task(t)
+            ckey = Scripts(None, keys)._concurrency_keys(f"{{{client}}}:reports")  # type: ignore[arg-type]
+            hooks = WebhookKeys(keys)
+            steps = {
+                "enqueue": [keys.requests, keys.results, keys.execution_seq, keys.task(t),
+                            keys.idempotency(client, "k"),
+                            keys.task_events(t), keys.inflight(client), keys.rate_bucket(client), keys.absent],
+                "record": [keys.task(t), keys.results, keys.requests, keys.task_events(t), keys.inflight(client)],
+                "retry_later": [keys.task(t), keys.results, keys.requests, keys.delayed, keys.task_events(t)],
+                "promote_due": [keys.delayed, keys.requests],
+                "dead_letter": [keys.dead_letter, keys.requests, keys.task(t), keys.results, keys.task_events(t),
+                                keys.inflight(client)],
+                "reopen": [keys.task(t), keys.requests, keys.results, keys.task_events(t), keys.inflight(client)],
+                "park": [keys.control, keys.requests, keys.parked("queue"), keys.parked("workflow:1")],
+                "resume": [keys.control, keys.parked("queue"), keys.requests],
+                # The steps that came with concurrency keys, rolling deploys, worker reports, built-in
+                # schedules and secret rotation, with the keys shared/scripts.py passes them.
+                "cancel": [keys.task(t), keys.results, keys.task_events(t), keys.inflight(client), *ckey[1:4], ckey[0],
+                           keys.requests],
+                "cancel (no concurrency key)": [keys.task(t), keys.results, keys.task_events(t), keys.inflight(client),
+                                                *[keys.absent] * 4, keys.requests],
+                "concurrency_acquire": [*ckey, keys.task(t)],
+                "concurrency_release": ckey,
+                "leave_to_newer": [keys.requests, keys.newer_format(2)],
+                "take_from_older": [keys.control, keys.newer_format(2), keys.requests],
+                "heartbeat holders": [keys.concurrency_holders("k")],
+                "worker_report": [keys.worker_reports, keys.worker_report_deadlines],
+                "claim_tick": [keys.builtin_schedules],
+                "rotate_secret": [hooks.endpoints, hooks.previous],
+                "semaphore": semaphore_keys(keys.prefix, "gpu"),
+            }  # fmt: skip
+            if not settings.cluster:
+                # Deployment-wide keys need one slot only on a cluster (`Keys.home`).
+                for step in ("worker_report", "rotate_secret"):
+                    steps.pop(step)
+            for step, names in steps.items():
+                assert len({key_slot(n.encode()) for n in names}) == 1, (step, names)
+            # Deployment-wide keys are one set whichever shard's `Keys` names them.
+            assert keys.worker_reports == Keys.shard(settings, 0).worker_reports
+            assert keys.builtin_schedules == Keys.shard(settings, 0).builtin_schedules
+    # The shards' slots differ (spread over a cluster's masters), and execution ids say their shard.
+    assert len({key_slot(Keys.shard(settings, n).requests.encode()) for n in range(shards)}) == shards
+    assert Keys.shard(settings, 0).of_execution(4 * 17 + 2).shard_index == 2
     assert len({Keys.shard_of_client(c, shards) for c in ("acme", "globex", "initech", "umbrella", "hooli")}) > 1
+
+
+class _SlotRecorder(Scripts):
+    """The steps as shared/scripts.py calls them, each call's keys recorded instead of run (our own
+    interface: what goes to EVAL is what a cluster checks for one slot)."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        super().__init__(redis, keys)
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def of(self, keys: Keys) -> Scripts:
+        recorder = _SlotRecorder(self.redis, keys)
+        recorder.calls = self.calls
+        return recorder
+
+    async def _call(self, name: str, keys: list[str], args: list[object]) -> object:
+        self.calls.append((name, keys))
+        return {"cancel": [1, "REVOKED"], "resume": 0}.get(name, 1)
+
+
+async def test_the_keys_each_new_step_passes_share_one_slot_on_a_cluster_of_shards(r: Redis) -> None:
+    """Cancel (with and without a concurrency key), the concurrency steps, rolling deploys' steps,
+    worker reports and built-in schedules, called as the workers call them, on a cluster's names."""
+    from redis.crc import key_slot
+
+    from shared.settings import Settings
+
+    settings = Settings(
+        redis_url="redis://unused", shards=3, redis_cluster=True, key_prefix=f"slot{uuid.uuid4().hex[:6]}"
+    )
+    for shard in range(3):
+        keys = Keys.shard(settings, shard)
+        recorder = _SlotRecorder(r, keys)
+        task_id = keys.new_task_id()
+        # Unknown to Redis: no concurrency key; then one that waits for a key (read before the step).
+        await recorder.cancel(task_id=task_id, client=None, event={}, task_fields={}, task_ttl=0)
+        waiting = keys.new_task_id()
+        await r.hset(keys.task(waiting), mapping={"client": "acme", "waiting_for": "{acme}:k"})
+        await recorder.cancel(task_id=waiting, client=None, event={}, task_fields={}, task_ttl=0)
+        await recorder.concurrency_acquire(
+            key="k", limit=1, task_id=task_id, entry_id="1-0", consumer="c", order=1, request={}, ttl_ms=1000
+        )
+        await recorder.concurrency_release(key="k", limit=1, task_id=task_id, ttl_ms=1000)
+        await recorder.leave_to_newer(entry_id="1-0", consumer="c", version=2, score=1, member="{}")
+        await recorder.take_from_older(3)
+        await recorder.worker_report("c", "{}", ttl_ms=1000)
+        await recorder.worker_report("c", None)
+        await recorder.claim_tick("cleanup", now_ms=1, next_ms=2)
+        names = {name for name, _ in recorder.calls}
+        assert {"cancel", "concurrency_acquire", "concurrency_release", "leave_to_newer", "resume"} <= names
+        assert {"worker_report", "claim_tick"} <= names
+        for name, used in recorder.calls:
+            assert len({key_slot(k.encode()) for k in used}) == 1, (shard, name, used)
 
 
 # ---- built-in schedules ----------------------------------------------------------------------------

@@ -709,3 +709,27 @@ async def test_a_rotation_racing_another_or_a_delete_writes_once_or_not_at_all(
     await registry.delete(endpoint.id)
     assert not await step(99)
     assert await registry.get(endpoint.id) is None and await redis.hlen(registry.names.previous) == 0
+
+
+@pytest.mark.parametrize("overrides", [{"shards": 3}])
+async def test_every_shards_events_are_delivered_once_each(
+    redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """With several shards each results stream is fanned out; entry ids repeat across streams, so a
+    delivery is named by its shard too."""
+    from shared.streams import Keys
+
+    settings = hook_settings
+    await register(hook_api, receiver, "/all", event_types=["execution.succeeded"])
+    slugs: dict[int, str] = {}
+    for i in range(1000):
+        slugs.setdefault(Keys.shard_of_client(f"c{i}", 3), f"c{i}")
+    wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
+    async with in_process_worker(settings):
+        tasks = [await enqueue(redis, settings, wf, client=slugs[n]) for n in range(3)]
+        await wait_terminal(redis, settings, [t.task_id for t in tasks])
+        await until(lambda: len(receiver.accepted("/all")) == 3)
+    delivered = receiver.accepted("/all")
+    assert sorted(orjson.loads(b[0])["data"]["task_id"] for b in delivered.values()) == sorted(t.task_id for t in tasks)
+    assert {webhook_id.split("_")[2][:3] for webhook_id in delivered} == {"s0-", "s1-", "s2-"}
+    assert receiver.bad_signatures == []

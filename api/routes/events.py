@@ -69,6 +69,7 @@ async def all_events(
         last_event_id,
         max_bytes=res.settings.sse_replay_max_bytes,
         max_entries=res.settings.sse_replay_max_entries,
+        shards=res.keys.all_shards,
     )
     return sse_response(res, caller, stream)
 

@@ -14,11 +14,11 @@
 local task_key = KEYS[1]
 local results_stream = KEYS[2]
 local task_events_key = KEYS[3]
-local inflight_key = KEYS[4]
-local waiting_key = KEYS[5]  -- the wait set of the concurrency key the task waits for ('' if none)
-local parked_key = KEYS[6]   -- and that key's parked requests ('' with waiting_key)
-local index_key = KEYS[7]    -- the index of keys with waiters ('' with waiting_key)
-local holders_key = KEYS[8]  -- that key's semaphore ('' with waiting_key)
+local inflight_key = KEYS[4]     -- the owner's count; left out when the task cannot be the owner's
+local waiting_key = KEYS[5]  -- the wait set of the concurrency key the task waits for (left out if none)
+local parked_key = KEYS[6]   -- and that key's parked requests (left out with waiting_key)
+local index_key = KEYS[7]    -- the index of keys with waiters (left out with waiting_key)
+local holders_key = KEYS[8]  -- that key's semaphore (left out with waiting_key)
 local requests_stream = KEYS[9]
 
 local client = ARGV[1]      -- '' for any client (operators); else the task must be this client's
@@ -63,6 +63,6 @@ if task_ttl > 0 then
   redis.call('EXPIRE', task_key, task_ttl)
   redis.call('EXPIRE', task_events_key, task_ttl)
 end
-if redis.call('DECR', inflight_key) <= 0 then redis.call('DEL', inflight_key) end
+if given(inflight_key) and redis.call('DECR', inflight_key) <= 0 then redis.call('DEL', inflight_key) end
 redis.call('PUBLISH', channel, 'cancel ' .. task_id)
 return {CANCELLED, 'REVOKED'}

@@ -6,7 +6,7 @@
 -- Safe to run twice: the second call finds the entry acknowledged and writes nothing.
 local dead_letter_stream = KEYS[1]
 local requests_stream = KEYS[2]
-local task_key = KEYS[3]         -- '' when the request has no usable task id
+local task_key = KEYS[3]         -- left out (see given()) when the request has no usable task id
 local results_stream = KEYS[4]
 local task_events_key = KEYS[5]  -- '' with task_key
 local inflight_key = KEYS[6]     -- '' with task_key
@@ -20,7 +20,7 @@ local task_ttl = tonumber(ARGV[4])
 
 -- Reply: {1 if a DEAD event was written else 0, dead-letter entry id or ''}
 if not owns(requests_stream, group, entry, consumer) then return {0, ''} end
-if task_key ~= '' and is_terminal(redis.call('HGET', task_key, 'status')) then
+if given(task_key) and is_terminal(redis.call('HGET', task_key, 'status')) then
   redis.call('XACK', requests_stream, group, entry)
   return {0, ''}
 end
@@ -28,7 +28,7 @@ local lists, pos = read_lists(2, 5)
 local letter, event = lists[1], lists[2]
 local letter_id = redis.call('XADD', dead_letter_stream, '*', unpack(letter))
 redis.call('XACK', requests_stream, group, entry)
-if task_key == '' then return {0, letter_id} end
+if not given(task_key) then return {0, letter_id} end
 if #event > 0 then append_event(results_stream, task_events_key, event) end
 local fields = rest_of_argv(pos)
 if #fields > 0 then

@@ -10,7 +10,7 @@ local requests_stream = KEYS[1]
 local results_stream = KEYS[2]
 local sequence_key = KEYS[3]     -- the execution id sequence
 local task_key = KEYS[4]
-local idempotency_key = KEYS[5]  -- '' when the caller gave none
+local idempotency_key = KEYS[5]  -- left out (see given()) when the caller gave none
 local task_events_key = KEYS[6]  -- the task's results-stream ids, in order
 local inflight_key = KEYS[7]     -- the client's count of unfinished executions
 local rate_key = KEYS[8]         -- the client's token bucket
@@ -29,11 +29,13 @@ local burst = tonumber(ARGV[11])
 local execution_key_prefix = ARGV[12]    -- + execution id: the execution -> task id map; '' for none
 local execution_key_ttl = tonumber(ARGV[13])
 local format = ARGV[14]          -- the format version written on the entry, the task hash and the event
+local id_stride = tonumber(ARGV[15])     -- the number of shards: ids are n * stride + offset, so that
+local id_offset = tonumber(ARGV[16])     -- an execution id says its shard (offset: this shard's index)
 
 -- Reply: {task_id, execution_id, request entry id or '', outcome}
 local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE = 1, 0, 2, 3, 4
 
-if idempotency_key ~= '' then
+if given(idempotency_key) then
   local existing = redis.call('GET', idempotency_key)
   if existing then
     local sep = string.find(existing, ' ', 1, true)
@@ -67,7 +69,7 @@ if rate > 0 then
   redis.call('PEXPIRE', rate_key, math.ceil(burst * 1000 / rate) + 1000)
 end
 redis.call('INCR', inflight_key)
-local execution_id = redis.call('INCR', sequence_key)
+local execution_id = redis.call('INCR', sequence_key) * id_stride + id_offset
 if execution_key_prefix ~= '' then
   -- Named from the new id, so not in KEYS: it carries the same hash tag as the keys above (one slot).
   -- GET /executions/{id} reads it to answer from the task hash before PostgreSQL has the execution.
@@ -85,7 +87,7 @@ local event_id = redis.call('XADD', results_stream, '*',
   'type', 'queued', 'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
   'client', client, 'ts', enqueued_at, 'data', queued_data, 'v', format)
 redis.call('RPUSH', task_events_key, event_id)
-if idempotency_key ~= '' then
+if given(idempotency_key) then
   -- "task_id execution_id": a repeat is answered from this key alone.
   redis.call('SET', idempotency_key, task_id .. ' ' .. execution_id, 'EX', idempotency_ttl)
 end

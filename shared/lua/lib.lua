@@ -1,6 +1,13 @@
 -- Helpers prepended to every script of this folder (EVAL has no includes). Only functions here:
 -- each script names its own KEYS and ARGV at its top.
 
+-- Whether the caller passed a key in a KEYS slot it may leave out. Left out, it is '' on a single
+-- Redis, and on a cluster (where every key of a script must share one slot) the shard's bare hash tag
+-- (`Keys.absent`, e.g. `{nova:3}`): no key NOVA writes starts with '{'.
+local function given(key)
+  return key ~= '' and string.sub(key, 1, 1) ~= '{'
+end
+
 -- A task has exactly one terminal state; nothing is written over it.
 local function is_terminal(status)
   return status == 'SUCCESS' or status == 'FAILURE' or status == 'DEAD' or status == 'REVOKED'

@@ -1,0 +1,437 @@
+"""NOVA on a real Redis Cluster the suite starts itself (three masters with a replica each): the
+pipeline with one shard and with three (the API, SSE, projection), reclaim after kill -9, dead letters,
+a slot moved while executions run, and a master SIGKILLed while the API acknowledges in strict mode.
+
+Scaled down for a shared 2-core machine: a handful of executions each, short nodes, one cluster for the
+whole module (flushed between tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from api.app import create_app
+from cli.embedded import find_redis_server, free_port
+from consumer.sandbox.local import LocalSandboxProvider
+from shared.catalog import WorkflowCatalog
+from shared.connections import create_redis
+from shared.dead_letters import DeadLetters
+from shared.settings import Settings
+from shared.streams import EventType, Keys, Layout, TaskField, TaskStatus, loads
+from tests.support import (
+    ADMIN_KEY,
+    ClusterServers,
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    kill9,
+    linear,
+    make_settings,
+    private_dir,
+    redis_version,
+    start_worker_process,
+    wait_for_events,
+    wait_projected,
+    wait_terminal,
+)
+from tests.test_faults import FlakyProvider
+
+# Cluster mode needs Redis 7 (`cluster-port`, CLUSTER ADDSLOTSRANGE): the redis-server on PATH.
+pytestmark = pytest.mark.skipif(
+    not redis_version(find_redis_server()).startswith("redis-7"), reason="Redis Cluster tests need Redis 7"
+)
+
+SHARDS = 3
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterServers]:
+    with private_dir("cluster") as root:
+        servers = ClusterServers(root).start()
+        try:
+            yield servers
+        finally:
+            servers.stop()
+
+
+def _reset(cluster: ClusterServers) -> None:
+    """Flush every master; a test that killed one leaves the cluster to be built again."""
+    if not all(node.running for node in cluster.nodes):
+        raise RuntimeError("a previous test left the cluster without a node")
+    for node in cluster.nodes:
+        with cluster.admin(node) as admin:
+            if admin.info("replication").get("role") == "master":
+                admin.flushall()
+
+
+@pytest.fixture
+def one_shard(cluster: ClusterServers, db_url: str) -> Settings:
+    _reset(cluster)
+    return make_settings(cluster.url, db_url, redis_cluster=True)
+
+
+@pytest.fixture
+def sharded(cluster: ClusterServers, db_url: str) -> Settings:
+    _reset(cluster)
+    return make_settings(cluster.url, db_url, redis_cluster=True, shards=SHARDS)
+
+
+@pytest.fixture
+async def client_of(sharded: Settings) -> AsyncIterator[Redis]:
+    client = create_redis(sharded)
+    yield client
+    await client.aclose()
+
+
+def clients_in_every_shard(shards: int = SHARDS) -> list[str]:
+    """One client slug per shard (the shard of a client is fixed by its name)."""
+    found: dict[int, str] = {}
+    for i in range(1000):
+        found.setdefault(Keys.shard_of_client(f"client{i}", shards), f"client{i}")
+        if len(found) == shards:
+            break
+    return [found[n] for n in range(shards)]
+
+
+async def test_pipeline_on_a_cluster_with_one_shard(one_shard: Settings, pool: asyncpg.Pool) -> None:
+    redis = create_redis(one_shard)
+    try:
+        wf = await create_workflow(redis, one_shard, pool, linear("context['n'] = context['n'] * 2"))
+        async with in_process_worker(one_shard):
+            task = await enqueue(redis, one_shard, wf, {"n": 21})
+            events = await wait_terminal(redis, one_shard, [task.task_id])
+            assert events[task.task_id].type == EventType.SUCCEEDED
+            keys = Layout.from_settings(one_shard).of_task(task.task_id)
+            # One shard on a cluster: the documented names with the shard's hash tag.
+            assert keys.requests == "nova:requests:{nova:0}" and keys.task("x") == "nova:{nova:0}:task:x"
+            state = await redis.hgetall(keys.task(task.task_id))
+            assert state[TaskField.STATUS] == TaskStatus.SUCCESS
+            assert loads(state[TaskField.RESULT])["final_context"] == {"n": 42}
+            await wait_projected(pool, [task.execution_id], {"completed"})
+    finally:
+        await redis.aclose()
+
+
+async def _serve(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+        await asyncio.sleep(0.01)
+    return server, task, f"http://127.0.0.1:{port}"
+
+
+async def _sse(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
+    current: dict[str, str] = {}
+    async for line in response.aiter_lines():
+        if not line and current:
+            yield current
+            current = {}
+        elif line and not line.startswith(":"):
+            field, _, value = line.partition(":")
+            current[field] = value.removeprefix(" ")
+
+
+async def test_api_sse_and_projection_over_three_shards(
+    sharded: Settings, client_of: Redis, pool: asyncpg.Pool
+) -> None:
+    slugs = clients_in_every_shard()
+    server, serving, base = await _serve(sharded)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    try:
+        async with httpx.AsyncClient(base_url=base, headers=admin, timeout=30) as http:
+            for slug in slugs:
+                assert (await http.post("/clients", json={"slug": slug, "name": slug})).status_code == 201
+            graph = linear("context['n'] = context['n'] + 1")
+            created = await http.post("/workflows", json={"name": "inc", "graph_definition": graph})
+            wf_id = created.json()["id"]
+            async with http.stream("GET", "/events", params={"workflow_id": wf_id}) as feed:
+                async with in_process_worker(sharded):
+                    tasks = []
+                    for n, slug in enumerate(slugs):
+                        body = {"client_slug": slug, "initial_context": {"n": n}}
+                        accepted = await http.post(f"/workflows/{wf_id}/execute", json=body)
+                        assert accepted.status_code == 202, accepted.text
+                        tasks.append(accepted.json())
+                    # Each client's task is in its own shard, and its id and execution id say which.
+                    shards = {Keys.shard_of_task(t["task_id"], SHARDS) for t in tasks}
+                    assert shards == set(range(SHARDS))
+                    assert {t["execution_id"] % SHARDS for t in tasks} == shards
+                    for t in tasks:
+                        async with http.stream("GET", f"/tasks/{t['task_id']}/events") as response:
+                            seen = [e async for e in _sse(response)]
+                        assert seen[0]["event"] == "queued" and seen[-1]["event"] == "succeeded"
+                    live: list[dict[str, str]] = []
+                    async for event in _sse(feed):
+                        live.append(event)
+                        if sum(e["event"] == "succeeded" for e in live) == SHARDS:
+                            break
+            for n, t in enumerate(tasks):
+                got = (await http.get(f"/tasks/{t['task_id']}")).json()
+                assert got["status"] == "SUCCESS" and got["result"]["final_context"] == {"n": n + 1}
+            # The feed's ids hold one position per shard; resuming after the first event replays the
+            # rest exactly, from every shard.
+            assert all(len(e["id"].split(",")) == SHARDS for e in live)
+            async with http.stream("GET", "/events", headers={"Last-Event-ID": live[0]["id"]}) as response:
+                replayed: list[dict[str, str]] = []
+                async for event in _sse(response):
+                    replayed.append(event)
+                    if len(replayed) == len(live) - 1:
+                        break
+
+            def key(e: dict[str, str]) -> tuple[str, str]:
+                return orjson.loads(e["data"])["task_id"], e["event"]
+
+            assert sorted(map(key, replayed)) == sorted(map(key, live[1:]))
+            await wait_projected(pool, [t["execution_id"] for t in tasks], {"completed"})
+            detail = (await http.get(f"/executions/{tasks[1]['execution_id']}")).json()
+            assert detail["status"] == "completed"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)
+
+
+async def test_kill9_mid_run_is_reclaimed_on_a_cluster(
+    sharded: Settings, client_of: Redis, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    shared = Path(tempfile.mkdtemp())
+    shared.chmod(0o777)
+    effects, marker = shared / "effects.txt", shared / "a2-started"
+    once = f"open({str(effects)!r}, 'a').write(context['_nova']['node_id'] + '\\n')"
+    slow_first_time = (
+        f"import os, time\nif not os.path.exists({str(marker)!r}):\n"
+        f"    open({str(marker)!r}, 'w').close()\n    time.sleep(60)\ncontext['done'] = True"
+    )
+    wf = await create_workflow(client_of, sharded, pool, linear(once, slow_first_time))
+    fast = sharded.model_copy(update={"visibility_timeout": 1.0, "sandbox_writable": str(shared)})
+    victim = start_worker_process(fast, tmp_path / "victim.log")
+    try:
+        task = await enqueue(client_of, sharded, wf, client=clients_in_every_shard()[2])
+        await wait_for_events(
+            client_of, sharded, lambda e: e.type == EventType.NODE_STARTED and e.data["node_id"] == "a2", timeout=60
+        )
+        for _ in range(500):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        kill9(victim)
+    async with in_process_worker(fast):
+        done = await wait_terminal(client_of, sharded, [task.task_id], timeout=60)
+        assert done[task.task_id].type == EventType.SUCCEEDED, done[task.task_id].data
+        await wait_projected(pool, [task.execution_id], {"completed"})
+    # a1 finished before the crash and is not run again; the second delivery resumed after it.
+    assert effects.read_text().splitlines() == ["a1"]
+    started = await wait_for_events(
+        client_of, sharded, lambda e: e.task_id == task.task_id and e.type == EventType.STARTED, 2
+    )
+    assert [e.data["delivery"] for e in started] == [1, 2]
+    shutil.rmtree(shared)
+
+
+async def test_dead_letters_and_replay_over_shards(sharded: Settings, client_of: Redis, pool: asyncpg.Pool) -> None:
+    wf = await create_workflow(client_of, sharded, pool, linear("context['replayed'] = True"))
+    slug = clients_in_every_shard()[1]
+    home = Layout.from_settings(sharded).of_client(slug)
+    broken = {"local": FlakyProvider(LocalSandboxProvider(sharded), 100)}
+    # Written by hand into shard 1's stream: not a request, dead-lettered there with its reason.
+    await client_of.xadd(home.requests, {"garbage": "yes"})
+    async with in_process_worker(sharded, providers=broken, max_retries=0):
+        task = await enqueue(client_of, sharded, wf, {"invoice": 7}, client=slug)
+        assert (await wait_terminal(client_of, sharded, [task.task_id]))[task.task_id].type == EventType.DEAD
+    keys = Layout.from_settings(sharded).home
+    dlq = DeadLetters(client_of, keys, sharded, WorkflowCatalog(client_of, pool, keys))
+    letters = await dlq.list()
+    assert sorted(d.reason for d in letters) == ["malformed", "retries_exhausted"]
+    assert all(d.id.startswith("s1-") for d in letters)  # a letter's id names its shard
+    [dead] = [d for d in letters if d.reason == "retries_exhausted"]
+    replay = await dlq.replay(dead)
+    async with in_process_worker(sharded):
+        done = await wait_terminal(client_of, sharded, [replay.task_id])
+    assert done[replay.task_id].data["final_context"] == {"invoice": 7, "replayed": True}
+    assert [d.reason for d in await dlq.list()] == ["malformed"]
+
+
+def _move_slot(cluster: ClusterServers, key: str, enqueue_between: Any = None) -> tuple[int, int]:
+    """Move `key`'s slot to another master as an operator would (SETSLOT IMPORTING/MIGRATING, MIGRATE
+    in batches, SETSLOT NODE everywhere); `enqueue_between()` runs between batches. Returns the
+    source and destination ports."""
+    slot = key_slot(key.encode())
+    source = cluster.master_of(key)
+    target = next(n for n in cluster.nodes[: cluster.masters] if n is not source and n.running)
+    source_id, target_id = cluster.node_id(source), cluster.node_id(target)
+    with cluster.admin(source) as src, cluster.admin(target) as dst:
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        while names := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 10):
+            src.execute_command(
+                "MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                "AUTH2", "default", source.admin_password, "KEYS", *names,
+            )  # fmt: skip
+            if enqueue_between is not None:
+                enqueue_between()
+        for node in cluster.nodes[: cluster.masters]:
+            with cluster.admin(node) as admin:
+                admin.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    return source.port, target.port
+
+
+async def test_moving_a_slot_while_executions_run_loses_nothing(
+    cluster: ClusterServers, sharded: Settings, client_of: Redis, pool: asyncpg.Pool
+) -> None:
+    slug = clients_in_every_shard()[0]
+    keys = Layout.from_settings(sharded).of_client(slug)
+    wf = await create_workflow(client_of, sharded, pool, linear("import time\ntime.sleep(0.05)", "context['n'] += 1"))
+    loop = asyncio.get_running_loop()
+    tasks = []
+
+    during: list[Any] = []
+
+    def enqueue_between() -> None:
+        # From the migrating thread: one more request into the moving slot between two batches (not
+        # waited for: a step whose keys are split between the nodes is retried until the move ends).
+        during.append(asyncio.run_coroutine_threadsafe(enqueue(client_of, sharded, wf, {"n": 0}, slug), loop))
+
+    async with in_process_worker(sharded):
+        tasks += [await enqueue(client_of, sharded, wf, {"n": 0}, slug) for _ in range(6)]
+        moved = await asyncio.to_thread(_move_slot, cluster, keys.requests, enqueue_between)
+        assert moved[0] != moved[1] and cluster.master_of(keys.requests).port == moved[1]
+        tasks += [await asyncio.wrap_future(f) for f in during]
+        tasks += [await enqueue(client_of, sharded, wf, {"n": 0}, slug) for _ in range(4)]
+        done = await wait_terminal(client_of, sharded, [t.task_id for t in tasks], timeout=90)
+        assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
+        await wait_projected(pool, [t.execution_id for t in tasks], {"completed"}, timeout=60)
+    succeeded = await wait_for_events(client_of, sharded, lambda e: e.type == EventType.SUCCEEDED, len(tasks))
+    assert sorted(e.task_id for e in succeeded) == sorted(t.task_id for t in tasks)  # each exactly once
+    assert await client_of.xlen(keys.dead_letter) == 0
+
+
+async def test_sigkill_of_a_master_keeps_what_strict_mode_acknowledged(
+    cluster: ClusterServers, sharded: Settings, pool: asyncpg.Pool
+) -> None:
+    """Strict mode answers 202 only once the master's replica has the request (WAIT): SIGKILL the
+    master of a shard mid-stream, and every acknowledged execution still runs to its end, from the
+    promoted replica. Requests refused meanwhile (503) are retried by the client with their key."""
+    strict = sharded.model_copy(update={"durability": "strict", "strict_wait_ms": 1000})
+    slugs = clients_in_every_shard()
+    victim_key = Layout.from_settings(strict).of_client(slugs[1]).requests
+    victim = cluster.master_of(victim_key)
+    server, serving, base = await _serve(strict)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    acknowledged: dict[str, dict[str, Any]] = {}
+    try:
+        async with httpx.AsyncClient(base_url=base, headers=admin, timeout=30) as http:
+            for slug in slugs:
+                assert (await http.post("/clients", json={"slug": slug, "name": slug})).status_code == 201
+            graph = linear("import time\ntime.sleep(0.05)\ncontext['n'] += 1")
+            wf_id = (await http.post("/workflows", json={"name": "kill", "graph_definition": graph})).json()["id"]
+            async with in_process_worker(strict):
+                for i in range(18):
+                    if i == 6:
+                        victim.kill()  # SIGKILL: no failover handshake, no last writes flushed
+                        # Its replica takes over; strict mode refuses that shard (503) until the old
+                        # master is back, as the new master's replica.
+                        rejoined = asyncio.create_task(asyncio.to_thread(_rejoin, cluster, victim, victim_key))
+                    key = f"req-{i}"
+                    body = {"client_slug": slugs[i % len(slugs)], "initial_context": {"n": i}}
+                    deadline = asyncio.get_running_loop().time() + 60
+                    while True:
+                        reply = await http.post(
+                            f"/workflows/{wf_id}/execute", json=body, headers={"Idempotency-Key": key}
+                        )
+                        if reply.status_code == 202:
+                            acknowledged[key] = reply.json()
+                            break
+                        assert reply.status_code in (500, 503), reply.text
+                        assert asyncio.get_running_loop().time() < deadline, reply.text
+                        await asyncio.sleep(0.2)
+                await rejoined
+                assert cluster.master_of(victim_key) is not victim  # its replica took over
+                ids = [t["task_id"] for t in acknowledged.values()]
+                redis = create_redis(strict)
+                try:
+                    done = await wait_terminal(redis, strict, ids, timeout=120)
+                finally:
+                    await redis.aclose()
+                assert len(done) == len(ids) == 18
+                assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
+                await wait_projected(pool, [t["execution_id"] for t in acknowledged.values()], {"completed"}, 90)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)
+        if not victim.running:
+            victim.start()
+
+
+def _rejoin(cluster: ClusterServers, victim: Any, key: str) -> None:
+    """Wait for the failover, then start the killed node again: it rejoins as a replica."""
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(Exception):
+            if cluster.master_of(key) is not victim:
+                break
+        assert time.monotonic() < deadline, "no replica took over the killed master's slots"
+        time.sleep(0.1)
+    victim.start()
+    while not cluster.healthy():
+        assert time.monotonic() < deadline, "the killed master did not rejoin as a replica"
+        time.sleep(0.1)
+
+
+async def test_cancels_worker_reports_and_builtin_ticks_on_a_cluster(sharded: Settings, client_of: Redis) -> None:
+    """The steps that came with concurrency keys, worker reports and built-in schedules, on a real
+    cluster: each call's keys in one slot (else redis-py refuses it), whichever shard's keys start."""
+    from shared.control import RunControl
+    from shared.enqueue import NewExecution, enqueue_execution
+    from shared.inspection import worker_reports
+    from shared.scripts import CancelOutcome, Scripts
+
+    layout = Layout.from_settings(sharded)
+    home = layout.home
+    control = RunControl(client_of, home, task_ttl=60)
+    # An unknown task of another shard than the home one: MISSING, as on a single Redis.
+    stranger = layout.shards[1].new_task_id()
+    assert (await control.cancel_task(stranger)).outcome == CancelOutcome.MISSING
+
+    async def floor() -> int:
+        return 0
+
+    slugs = clients_in_every_shard()
+    for shard, slug in enumerate(slugs):
+        new = NewExecution(workflow_id=1, workflow_name="w", client=slug, initial_context={})
+        accepted = await enqueue_execution(Scripts(client_of, home), new, floor=floor)
+        keys = home.of_task(accepted.task_id)
+        assert keys.shard_index == shard
+        # Another client cancelling it: MISSING (its counter is in another shard), the task untouched.
+        other = slugs[(shard + 1) % SHARDS]
+        assert (await control.cancel_task(accepted.task_id, client=other)).outcome == CancelOutcome.MISSING
+        # Waiting for its client's concurrency key: the cancel takes it out of its shard's wait set.
+        await client_of.hset(keys.task(accepted.task_id), TaskField.WAITING_FOR, slug)
+        await client_of.zadd(keys.concurrency_waiting(slug), {accepted.task_id: 1})
+        await client_of.hset(keys.concurrency_index, slug, 1)
+        assert (await control.cancel_task(accepted.task_id)).outcome == CancelOutcome.CANCELLED
+        assert await client_of.zcard(keys.concurrency_waiting(slug)) == 0
+        assert await client_of.hget(keys.task(accepted.task_id), TaskField.STATUS) == TaskStatus.REVOKED
+        # And a task waiting for no key (the step's wait-set keys left out).
+        plain = await enqueue_execution(Scripts(client_of, home), new, floor=floor)
+        assert (await control.cancel_task(plain.task_id)).outcome == CancelOutcome.CANCELLED
+    scripts = Scripts(client_of, layout.shards[2])
+    await scripts.worker_report("w1", '{"inflight": 0}', ttl_ms=60_000)
+    assert [r["consumer"] for r in await worker_reports(client_of, home)] == ["w1"]
+    assert await scripts.claim_tick("cleanup", now_ms=1, next_ms=2) is None
+    assert await Scripts(client_of, home).claim_tick("cleanup", now_ms=5, next_ms=10) == 2
