@@ -171,3 +171,12 @@ async def api(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 async def anonymous(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://nova") as client:
         yield client
+
+
+@pytest.fixture
+def shared_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A folder node code can write (with the module's `sandbox_writable`): sandboxes run under their
+    own uid when the worker is root, and see the rest of the host read-only."""
+    with private_dir(request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")) as root:
+        root.chmod(0o777)
+        yield root

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ from tests.support import (
     in_process_worker,
     kill9,
     linear,
-    private_dir,
     start_worker_process,
     wait_for_events,
     wait_terminal,
@@ -357,14 +356,6 @@ def test_concurrency_steps_touch_one_slot_under_a_shard_tag() -> None:
 
 
 # ---- the real pipeline -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder node code can write: sandboxes may run under their own uid (a root worker)."""
-    with private_dir("ckeys") as root:
-        root.chmod(0o777)
-        yield root
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -33,7 +33,6 @@ from tests.support import (
     in_process_worker,
     kill9,
     linear,
-    private_dir,
     start_worker_process,
     wait_for_events,
     wait_projected,
@@ -236,14 +235,6 @@ async def test_reopen_retries_a_revoked_task_and_only_once(r: Redis) -> None:
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder node code can use: sandboxes may run under their own uid (a root worker)."""
-    with private_dir("control") as root:
-        root.chmod(0o777)
-        yield root
 
 
 @pytest.fixture

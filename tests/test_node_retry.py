@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +28,12 @@ from tests.support import (
     in_process_worker,
     kill9,
     linear,
-    private_dir,
     start_worker_process,
     wait_for_events,
     wait_projected,
     wait_terminal,
 )
 from tests.test_api import assert_error
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder node code can write: sandboxes may run under their own uid (a root worker)."""
-    with private_dir("noderetry") as root:
-        root.chmod(0o777)
-        yield root
 
 
 @pytest.fixture

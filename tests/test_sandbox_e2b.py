@@ -34,7 +34,6 @@ from tests.support import (
     enqueue,
     in_process_worker,
     linear,
-    private_dir,
     wait_for_events,
     wait_terminal,
     worker_env,
@@ -359,14 +358,6 @@ async def test_a_short_wait_for_a_create_token_is_waited_inline(standin: StandIn
     await p.open(spec())
     assert len(standin.state.created) == 2
     await p.aclose()
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder local node code may write (sandboxes may run under their own uid and see the host read-only)."""
-    with private_dir("e2b") as root:
-        root.chmod(0o777)
-        yield root
 
 
 def _on(executor: str, code: str) -> dict[str, Any]:
