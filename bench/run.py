@@ -73,23 +73,6 @@ NOVA_SHAPED: dict[str, Any] = {
 }
 
 
-def _cpu_ms(pid: int, children: bool = True) -> float:
-    """CPU of a process from /proc: its own, plus that of the children it has reaped (sandboxes)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(v) for v in fields[11:13] + (fields[13:15] if children else []))
-    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
-
-
-def _children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
-
-
 def figure(samples: list[float], unit: str, goal: float | None = None, higher: bool = True) -> dict[str, Any]:
     median = statistics.median(samples)
     met = None if goal is None else (median >= goal if higher else median <= goal)
@@ -540,14 +523,9 @@ class Bench:
         self.figures["node_cold_p99"] = figure([cold[int(len(cold) * 0.99)]], "ms")
 
     async def _worker_cpu(self, worker: subprocess.Popen[bytes]) -> float:
-        """CPU ms of a worker and of every process it uses: itself and the sandboxes it reaped (bwrap), its
-        zygote and the sandboxes that reaped (fork server); from /proc."""
-        total = _cpu_ms(worker.pid)
-        for child in _children_of(worker.pid):
-            with contextlib.suppress(OSError):
-                if b"zygote.py" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    total += _cpu_ms(child)
-        return total
+        """CPU ms of a worker and of every process it uses: its live descendants (zygote, sandboxes) and
+        those they reaped; from /proc (bench/cost.py)."""
+        return cost.tree_cpu_seconds([worker.pid]) * 1000
 
     async def _cpu_per_execution(self, definition: dict[str, Any], n: int, **env: str) -> tuple[float, float]:
         """(gross, net) CPU ms per execution: net leaves out what the idle worker spends in the same time
