@@ -308,7 +308,13 @@ async def test_cancel_stops_a_running_node_and_kills_its_sandbox(
             await asyncio.sleep(0.02)
         assert _sandboxes(pids) and not any(_sandbox_alive(*who) for who in _sandboxes(pids))
         await wait_projected(pool, [task.execution_id], {"cancelled"})
-        pending = await redis.xpending(settings.requests_stream, settings.worker_group)
+        # The cancelled event is written (and may be projected) before the worker has stopped the run and
+        # acknowledged its entry: wait for the acknowledgement rather than race it.
+        for _ in range(500):
+            pending = await redis.xpending(settings.requests_stream, settings.worker_group)
+            if pending["pending"] == 0:
+                break
+            await asyncio.sleep(0.02)
         assert pending["pending"] == 0
     events = [e for e in await wait_for_events(redis, settings, lambda e: e.task_id == task.task_id, 6)]
     types = [e.type for e in events]

@@ -134,7 +134,9 @@ async def test_reclaim_scans_past_live_entries_to_reach_dead_ones(
     # Redis 7 looks at no more than ten pending entries per claimed one (6.2 scans on until it claims).
     for i in range(25):
         await client.xadd(keys.requests, {"junk": f"live{i}"})
-    await client.xreadgroup(keys.worker_group, "alive", {keys.requests: ">"})
+    live = [
+        entry_id for entry_id, _ in (await client.xreadgroup(keys.worker_group, "alive", {keys.requests: ">"}))[0][1]
+    ]
     for i in range(2):
         await client.xadd(keys.requests, {"junk": f"dead{i}"})
     reply = await client.xreadgroup(keys.worker_group, "crashed", {keys.requests: ">"})
@@ -145,6 +147,9 @@ async def test_reclaim_scans_past_live_entries_to_reach_dead_ones(
     # One free slot per pass: each pass must move on from where the last one stopped, not look at the
     # live entries at the head of the pending list again.
     for _ in range(6):
+        # The live worker's heartbeat, as it would send it: on a slow machine a second could pass between
+        # reads and make the live entries look dead (visibility timeout 1 s).
+        await client.xclaim(keys.requests, keys.worker_group, "alive", 0, live, justid=True)
         await worker._reclaim()
         await asyncio.gather(*worker.inflight.values())
     letters = await client.xrange(keys.dead_letter)
