@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 from pydantic import AliasChoices, BaseModel, Field
 
+from shared.streams import Lane
+
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # PostgreSQL text cannot hold U+0000: refused here with a 422 rather than there with a 500.
 NO_NUL = r"^[^\x00]*$"
@@ -111,6 +113,11 @@ class ExecuteIn(BaseModel):
         "admin key without one runs with no client's credentials",
     )
     initial_context: dict[str, Any] | None = Field(default=None, description="null is the same as {}")
+    priority: Lane | None = Field(
+        default=None,
+        description="The priority lane the run joins: high, normal or low (default: the workflow's `priority`, "
+        "else normal). Workers start runs from busy lanes 4:2:1 (NOVA_LANE_WEIGHTS); no lane is starved",
+    )
 
 
 class ExecuteOut(BaseModel):
@@ -120,6 +127,7 @@ class ExecuteOut(BaseModel):
     workflow_name: str
     workflow_version: int | None = None
     execution_id: int
+    priority: Lane = Lane.NORMAL
     message: str
 
 
@@ -138,6 +146,7 @@ class TaskOut(BaseModel):
         default=None,
         description="The workflow's concurrency key this queued run waits for a slot of (status PENDING)",
     )
+    priority: Lane = Field(default=Lane.NORMAL, description="The priority lane the run was queued in")
     meta: dict[str, Any] | None = None
     result: dict[str, Any] | None = Field(
         default=None,

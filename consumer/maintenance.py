@@ -37,6 +37,12 @@ class Maintenance:
         await self.trim_dead_letters()
         await self.remove_dead_consumers()
 
+    async def run_stream(self) -> None:
+        """Only the steps for this reader's requests stream: what a priority lane's reader does (the
+        shard's other streams are its normal lane's reader's)."""
+        await self.trim_requests()
+        await self.remove_dead_consumers(results=False)
+
     async def trim_requests(self) -> int:
         """Drop entries every group has acknowledged; returns how many were removed."""
         floor = await self.group_floor(self.keys.requests)
@@ -110,15 +116,15 @@ class Maintenance:
             await self.redis.xack(stream, group, *ids)
         return bool(ids)
 
-    async def remove_dead_consumers(self) -> list[str]:
+    async def remove_dead_consumers(self, *, results: bool = True) -> list[str]:
         # Idle longer than several visibility timeouts and owning nothing: a replica that is gone.
         # Deleting a live-but-quiet consumer is harmless: its next XREADGROUP recreates it.
         threshold_ms = int(max(self.settings.visibility_timeout * 5, 60) * 1000)
         removed: list[str] = []
-        for stream, group in (
-            (self.keys.requests, self.keys.worker_group),
-            (self.keys.results, self.keys.projector_group),
-        ):
+        streams = [(self.keys.requests, self.keys.worker_group)]
+        if results:
+            streams.append((self.keys.results, self.keys.projector_group))
+        for stream, group in streams:
             for consumer in await self.redis.xinfo_consumers(stream, group):
                 name = consumer["name"]
                 if name == self.consumer or consumer["pending"] or consumer["idle"] < threshold_ms:

@@ -33,6 +33,7 @@ from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys, dumps, now_iso
 from shared.webhooks import announce_schedule_failure
+from shared.workflow import workflow_lane
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class Scheduler:
                         task_id=f"sched-{schedule.id}-{tick_ms}",
                         idempotency_key=f"schedule:{schedule.id}:{tick_ms}",
                         idempotency_ttl=max(24 * 3600, self.settings.task_ttl),
+                        lane=workflow_lane(workflow.definition),
                     ),
                     floor=self.catalog.highest_execution_id,
                 )

@@ -8,11 +8,13 @@ that keeps this worker's in-flight entries fresh, a watchdog that gives runs up 
 cannot reach Redis (another worker will take them over: running on would run their nodes twice),
 promotion of due retries, and housekeeping (trimming, removing dead consumers).
 
-Shards (NOVA_SHARDS): a worker process reads every shard's requests stream, one `Worker` per stream,
-all sharing the process's slots (`SlotBudget`). With one stream the reader blocks in XREADGROUP as
-it always did; with several, a reader takes slots only for a read that does not block, and waits for
-new entries with a plain XREAD (which consumes nothing), so an idle stream never holds slots another
-stream's backlog could use. A later kind of stream (priority lanes) is one more `Worker` here.
+Shards (NOVA_SHARDS) and priority lanes: a worker process reads every requests stream (each shard's,
+in each lane), one `Worker` per stream, all sharing the process's slots (consumer/slots.py, which says
+how lanes share them). With one stream the reader blocks in XREADGROUP; with several, a reader takes
+slots only for a read that does not block, and waits for new entries with a plain XREAD (which
+consumes nothing), so an idle stream never holds slots another stream's backlog could use. The
+shard-wide loops (promotion of due retries, trimming the results stream, the worker's report) run in
+the normal lane's reader of each shard only.
 
 Run control (shared/control.py): a listener on the control channel learns of a cancel by a push and
 stops the run at once (its sandbox is killed with it), and of a drain, after which the reader takes
@@ -44,6 +46,7 @@ from consumer.sandbox.base import (
     UnavailableProvider,
 )
 from consumer.scheduler import Scheduler
+from consumer.slots import SlotBudget
 from shared.backoff import Backoff, sleep_or_stop
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientCredentials, ClientStore, Vault
@@ -59,50 +62,17 @@ from shared.connections import (
     prepare,
     pubsub_client,
 )
+from shared.control import drained_field
 from shared.db import LazyPool
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, Layout, RequestField, decode_fields, dumps, now_iso
+from shared.streams import Keys, Lane, Layout, RequestField, decode_fields, dumps, now_iso
 from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
 # How long a reader of one of several streams waits for news of a new entry before it looks anyway.
 WAKE_TIMEOUT_S = 2.0
-
-
-class SlotBudget:
-    """A worker process's execution slots (NOVA_CONCURRENCY), shared by its readers of each requests
-    stream. A reader reserves the free slots for one read and hands back what it did not fill, so
-    readers of several streams never start more runs together than the process has slots."""
-
-    def __init__(self, concurrency: int, readers: int = 1) -> None:
-        self.concurrency = concurrency
-        self.readers = readers
-        self.used = 0
-        self.reserved = 0
-        self.freed = asyncio.Event()
-
-    @property
-    def free(self) -> int:
-        return self.concurrency - self.used - self.reserved
-
-    def take(self) -> None:
-        self.used += 1
-
-    def give(self) -> None:
-        self.used -= 1
-        self.freed.set()
-
-    def reserve(self) -> int:
-        n = max(self.free, 0)
-        self.reserved += n
-        return n
-
-    def unreserve(self, n: int) -> None:
-        self.reserved -= n
-        if n:
-            self.freed.set()
 
 
 class Worker:
@@ -123,6 +93,7 @@ class Worker:
         # The requests stream this reader serves (one shard's) and the process's shared slots.
         self.keys = keys or Keys.from_settings(settings)
         self.budget = budget or SlotBudget(settings.concurrency)
+        self.budget.register(self.keys.lane, self.keys.requests)
         self.scripts = Scripts(redis, self.keys)
         self.consumer = consumer or settings.new_consumer_name()
         self.providers = providers
@@ -138,8 +109,13 @@ class Worker:
             client_credentials=client_credentials,
         )
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        # Runs started by the current read (what it used of the slots it reserved).
+        self._started = 0
         # Set by the watcher of this stream when an entry was appended (several streams only).
         self._appended = asyncio.Event()
+        # The readers whose streams this one's watcher watches: None for its own only; [] when another
+        # reader's watcher watches this stream (serve() gives a shard's normal lane reader its lanes').
+        self.watches: list[Worker] | None = None
         self.maintenance = Maintenance(settings, redis, self.keys, self.scripts, self.consumer)
         # When this worker last knew its runs' entries were fresh in Redis (monotonic seconds).
         self._fresh_at = time.monotonic()
@@ -174,6 +150,7 @@ class Worker:
         task = asyncio.create_task(self._run(entry_id, fields, deliveries), name=f"run {entry_id}")
         self.inflight[entry_id] = task
         self.budget.take()
+        self._started += 1
         self._task_of[entry_id] = decode_fields(fields).get(RequestField.TASK_ID, "")
 
     async def _run(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
@@ -213,18 +190,21 @@ class Worker:
         closed = asyncio.Event()
         vt = self.settings.visibility_timeout
         self._fresh_at = time.monotonic()
+        # The shard's keys outside its requests streams are looked after by its normal lane's reader.
+        shard_wide = self.keys.lane == Lane.NORMAL
         loops = [
             asyncio.create_task(self._every(vt / 4, self._heartbeat, closed)),
             asyncio.create_task(self._every(vt / 8, self._watchdog, closed)),
-            asyncio.create_task(self._every(self._promote_interval(), self._promote, stop)),
-            asyncio.create_task(self._every(max(vt, 5.0), self.maintenance.run, stop)),
+            asyncio.create_task(self._every(max(vt, 5.0), self._maintain, stop)),
             asyncio.create_task(self._listen_control(closed), name="control"),
         ]
+        if shard_wide:
+            loops.append(asyncio.create_task(self._every(self._promote_interval(), self._promote, stop)))
         # One report per process, whatever the shards: the home shard's reader writes it for all.
-        reports = self.keys.shard_index == 0
+        reports = self.keys.shard_index == 0 and shard_wide
         if reports:
             loops.append(asyncio.create_task(self._every(vt / 4, self.report_self, closed)))
-        if self.budget.readers > 1:
+        if self.budget.readers > 1 and self.watches != []:
             loops.append(asyncio.create_task(self._watch(stop), name="watch"))
         try:
             await self._read_loop(stop)
@@ -238,6 +218,12 @@ class Worker:
                     await asyncio.wait_for(self.scripts.worker_report(self.consumer, None), 1.0)
             # Reached only on an unexpected error in the read loop: runs must not outlive it.
             await cancel_until_done(self.inflight.values())
+
+    async def _maintain(self) -> None:
+        if self.keys.lane == Lane.NORMAL:
+            await self.maintenance.run()
+        else:
+            await self.maintenance.run_stream()
 
     def _promote_interval(self) -> float:
         return min(1.0, max(0.02, self.settings.retry_backoff / 2))
@@ -257,15 +243,16 @@ class Worker:
                     undrained.cancel()
                     self._reader_parked = False
                     continue
-                if self.free_slots <= 0:
+                # This lane's share of the free slots is this read's until its entries are started:
+                # another stream's reader of this process cannot take them meanwhile.
+                slots = self.budget.reserve(self.keys.lane, self.keys.requests)
+                if slots <= 0:
                     self.budget.freed.clear()
                     freed = asyncio.create_task(self.budget.freed.wait())
                     await asyncio.wait({freed, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                     freed.cancel()
                     continue
-                # The free slots are this read's until its entries are started: another stream's
-                # reader of this process cannot take them meanwhile.
-                slots = self.budget.reserve()
+                self._started = 0
                 reclaiming = time.monotonic() >= self._next_reclaim
                 try:
                     if reclaiming:
@@ -287,15 +274,16 @@ class Worker:
                     for entry_id, fields in entries:
                         self._start(entry_id, fields, 1)
                 finally:
-                    self.budget.unreserve(slots)
+                    self.budget.unreserve(slots, self.keys.lane, unused=slots - self._started)
                 if error is not None:
                     await self._read_failed(error, backoff, stop)
                     continue
-                if entries or reclaiming or self.budget.readers == 1:
-                    backoff.reset()
-                    continue
-                # Nothing new here: wait for this stream's watcher (or look again after a while).
                 backoff.reset()
+                if reclaiming or self.budget.readers == 1 or len(entries) >= slots:
+                    continue
+                # The stream is empty now: its lane takes no slots until this stream's watcher sees an
+                # entry appended (or a while has passed, and it looks again).
+                self.budget.idle(self.keys.lane, self.keys.requests)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._appended.wait(), WAKE_TIMEOUT_S)
         finally:
@@ -313,9 +301,12 @@ class Worker:
         if isinstance(exc, ResponseError) and is_missing_group(exc):
             # Redis lost its data (restart without AOF, FLUSHALL): recreate and go on.
             log.warning("consumer group missing; recreating it")
-            # Redis may be gone again (a failover): the next read tries once more.
-            with contextlib.suppress(*REDIS_UNAVAILABLE):
+            # Redis may be gone again (a failover), or the cluster client may fail under us: the next
+            # read tries once more.
+            try:
                 await ensure_groups(self.redis, self.keys)
+            except Exception as exc:
+                log.warning("consumer groups not created yet (%r)", exc)
             return
         # Nothing a read meets may end the worker (seen on a cluster: a connection the client library
         # closed under a concurrent command); wait, and read again.
@@ -324,24 +315,28 @@ class Worker:
         await sleep_or_stop(delay, stop)
 
     async def _watch(self, stop: asyncio.Event) -> None:
-        """With several streams: tell this stream's reader when an entry is appended. A plain XREAD
-        consumes nothing, so it may wait as long as it likes without holding slots or entries."""
-        last = "$"
+        """With several streams: tell the readers of this shard's lanes (or this one's alone) when an
+        entry is appended to their stream. A plain XREAD consumes nothing, so it may wait as long as it
+        likes without holding slots or entries; one XREAD watches every lane of a shard (one slot)."""
+        readers = {w.keys.requests: w for w in (self.watches if self.watches is not None else [self])}
+        last = dict.fromkeys(readers, "$")
         backoff = Backoff()
         while not stop.is_set():
             try:
-                reply = await self.redis.xread({self.keys.requests: last}, count=1, block=1000)
+                reply = await self.redis.xread(last, count=1, block=1000)
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
-            except (*REDIS_UNAVAILABLE, ResponseError) as exc:
+            except Exception as exc:
+                # Whatever it meets (on a cluster, a connection the client library closed under a
+                # concurrent command), the watch goes on: the readers look anyway every few seconds.
                 await sleep_or_stop(backoff.next_delay(), stop)
-                log.debug("watch of %s: %s", self.keys.requests, exc)
+                log.debug("watch of %s: %r", ", ".join(readers), exc)
                 continue
-            for _stream, items in reply or []:
+            for stream, items in reply or []:
                 if items:
-                    last = items[-1][0]
-                    self._appended.set()
+                    last[stream] = items[-1][0]
+                    readers[stream]._appended.set()
 
     async def _read(self, count: int) -> list[tuple[str, dict[str, str]]]:
         if count <= 0:
@@ -483,7 +478,8 @@ class Worker:
         """Tell the operators this worker reads nothing now, and what it still holds (drain progress)."""
         with contextlib.suppress(*REDIS_UNAVAILABLE):
             if self.draining and self._reader_parked:
-                await self.redis.hset(self.keys.drained, self.consumer, str(len(self.inflight)))
+                holding = str(len(self.inflight))
+                await self.redis.hset(self.keys.drained, drained_field(self.consumer, self.keys.lane), holding)
 
     def stop_task(self, task_id: str) -> bool:
         """Stop the run of a cancelled task, if this worker holds it: the run is cancelled (its sandbox
@@ -621,9 +617,13 @@ class Worker:
             try:
                 await action()
                 return
-            except REDIS_UNAVAILABLE as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Nothing may end a reader at start either (on a cluster: a connection the client
+                # library closed under a concurrent command, seen as an AttributeError).
                 delay = backoff.next_delay()
-                log.warning("Redis unavailable at start (%s); retrying in %.1fs", exc, delay)
+                log.warning("Redis unavailable at start (%r); retrying in %.1fs", exc, delay)
                 await sleep_or_stop(delay, stop)
 
     async def _drain(self) -> None:
@@ -708,14 +708,21 @@ async def serve(
     clients = ClientStore(redis, pool, keys, vault)
     catalog = WorkflowCatalog(redis, lazy_pool, keys)
     # One reader per requests stream (every shard's), one consumer name and one set of slots.
-    streams = Layout.from_settings(settings).shards
-    budget = SlotBudget(settings.concurrency, readers=len(streams))
+    layout = Layout.from_settings(settings)
+    streams = layout.streams
+    budget = SlotBudget(settings.concurrency, readers=len(streams), weights=settings.lane_weight_map)
     consumer = settings.new_consumer_name()
     workers = [
         Worker(settings, redis, catalog, providers, clients.credentials_for, keys=k, budget=budget, consumer=consumer)
         for k in streams
     ]
-    worker = workers[0]
+    for shard in layout.shards:
+        # One watcher per shard, in its normal lane's reader, for all its lanes' streams.
+        lanes = [w for w in workers if w.keys.shard_index == shard.shard_index]
+        for w in lanes:
+            w.watches = lanes if w.keys.lane == Lane.NORMAL else []
+    # The home shard's normal lane: the reader whose context the scheduler shares.
+    worker = next(w for w in workers if w.keys.shard_index == 0 and w.keys.lane == Lane.NORMAL)
     tasks = [asyncio.create_task(w.run(stop), name=f"worker {w.keys.requests}") for w in workers]
     tasks.append(
         asyncio.create_task(
@@ -723,7 +730,7 @@ async def serve(
         )
     )
     if settings.run_projector:
-        for k in streams:
+        for k in layout.shards:
             projector = Projector(settings, redis, lazy_pool, consumer=worker.consumer, keys=k)
             tasks.append(asyncio.create_task(projector.run(stop), name=f"projector {k.results}"))
     if settings.run_webhooks:
@@ -732,7 +739,14 @@ async def serve(
         webhooks = WebhookDelivery(settings, redis, consumer=worker.consumer)
         tasks.append(asyncio.create_task(webhooks.run(stop), name="webhooks"))
     try:
-        await asyncio.gather(*tasks)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+        if failed:
+            # A part that ends on an unexpected error ends the process (its platform restarts it),
+            # never leaving the other parts running on the resources closed below.
+            log.error("%s failed; stopping the worker", failed[0].get_name(), exc_info=failed[0].exception())
+            await cancel_until_done(tasks)
+            raise failed[0].exception()  # type: ignore[misc]
     finally:
         for provider in providers.values():
             await provider.aclose()

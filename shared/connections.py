@@ -103,11 +103,13 @@ async def open_pool(settings: Settings, *, max_size: int = 10) -> asyncpg.Pool:
 
 
 async def ensure_groups(redis: Redis, keys: Keys) -> None:
-    """Create both consumer groups (and their streams) if missing.
+    """Create the consumer groups (and their streams) of a shard if missing: the workers' on every
+    lane's requests stream, the projector's on the results stream.
 
     Groups start at id 0, not $, so entries appended before the first worker ever ran are not skipped.
     """
-    for stream, group in ((keys.requests, keys.worker_group), (keys.results, keys.projector_group)):
+    streams = [(lane.requests, keys.worker_group) for lane in keys.lanes]
+    for stream, group in (*streams, (keys.results, keys.projector_group)):
         try:
             await redis.xgroup_create(stream, group, id="0", mkstream=True)
         except ResponseError as exc:

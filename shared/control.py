@@ -30,6 +30,7 @@ from shared.streams import (
     EventType,
     ExecutionStatus,
     Keys,
+    Lane,
     TaskField,
     decode_fields,
     dumps,
@@ -74,6 +75,15 @@ class CancelFilter:
     @property
     def by_query(self) -> bool:
         return self.workflow_id is not None or self.client_slug is not None or self.status is not None
+
+
+# A worker's field in a shard's drained hash is its consumer name, then `|` and the lane for a reader of
+# a priority lane (each of its readers reports what it holds; the state sums them per worker).
+_LANE_SEPARATOR = "|"
+
+
+def drained_field(consumer: str, lane: Lane) -> str:
+    return consumer if lane == Lane.NORMAL else f"{consumer}{_LANE_SEPARATOR}{lane}"
 
 
 class RunControl:
@@ -228,16 +238,18 @@ class RunControl:
                 pipe.zcard(keys.parked(workflow_scope(workflow_id)))
             shard_drained, shard_queue, *shard_workflows = await pipe.execute()
             # A process reads every shard: what it holds is summed over them.
-            for consumer, count in decode_fields(shard_drained).items():
+            for reader, count in decode_fields(shard_drained).items():
+                consumer = reader.partition(_LANE_SEPARATOR)[0]
                 drained[consumer] = str(int(drained.get(consumer, "0")) + int(count))
             queue_parked += int(shard_queue)
             workflow_parked = [a + int(b) for a, b in zip(workflow_parked, shard_workflows, strict=True)]
             # Drain progress: what the workers still hold (delivered, not yet acknowledged).
-            try:
-                summary = await self.redis.xpending(keys.requests, keys.worker_group)
-                held += int(summary.get("pending", 0)) if summary else 0
-            except ResponseError:  # no stream or group yet: nothing is held
-                pass
+            for lane in keys.lanes:
+                try:
+                    summary = await self.redis.xpending(lane.requests, lane.worker_group)
+                    held += int(summary.get("pending", 0)) if summary else 0
+                except ResponseError:  # no stream or group yet: nothing is held
+                    pass
         return {
             "queue_paused": QUEUE in flags,
             "queue_paused_since": flags.get(QUEUE),

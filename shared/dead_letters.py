@@ -20,7 +20,7 @@ from shared.catalog import WorkflowCatalog
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
-from shared.streams import DeadLetterField, Keys, RequestField, entry_id_parts, loads, printable
+from shared.streams import DeadLetterField, Keys, RequestField, entry_id_parts, lane_of, loads, printable
 
 
 class NotReplayable(ValueError):
@@ -128,6 +128,8 @@ class DeadLetters:
                 initial_context=payload.get("initial_context", {}),
                 extra={**extra, "replay_of": f.get(RequestField.TASK_ID)},
                 idempotency_key=f"replay:{letter.id}",
+                # Its lane as it was queued (a forged or unknown value: normal).
+                lane=lane_of(f),
             ),
             floor=self.catalog.highest_execution_id,
         )

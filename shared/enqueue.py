@@ -18,7 +18,7 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 from shared.connections import REDIS_UNAVAILABLE
 from shared.durability import NotDurable, StrictDurability
 from shared.scripts import EnqueueResult, Scripts, SequenceLost
-from shared.streams import dumps, now_iso
+from shared.streams import Lane, dumps, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,16 @@ class NewExecution:
     idempotency_key: str | None = None
     idempotency_ttl: int = 24 * 3600
     admission: Admission = Admission()
+    # The priority lane whose stream the request joins (consumer/slots.py: how workers weigh lanes).
+    lane: Lane = Lane.NORMAL
 
     def extra_fields(self) -> dict[str, Any]:
         version = {} if self.workflow_version is None else {"workflow_version": self.workflow_version}
         return {**self.extra, **version}
+
+    def queued_fields(self) -> dict[str, Any]:
+        """What the queued event tells beside the request's payload: the lane, when not normal."""
+        return {} if self.lane == Lane.NORMAL else {"priority": str(self.lane)}
 
     def payload(self) -> str:
         return dumps({**self.extra_fields(), "initial_context": self.initial_context})
@@ -145,6 +151,7 @@ async def _enqueue(
                 "enqueued_at": enqueued_at,
                 "initial_context": execution.initial_context,
                 **execution.extra_fields(),
+                **execution.queued_fields(),
             }
         ),
         "idempotency_key": execution.idempotency_key,
@@ -152,6 +159,7 @@ async def _enqueue(
         "max_inflight": execution.admission.max_inflight,
         "rate": execution.admission.rate,
         "burst": execution.admission.burst,
+        "lane": execution.lane,
     }
     try:
         return await scripts.enqueue(**call)

@@ -35,6 +35,7 @@ from shared.streams import (
     TaskStatus,
     decode_fields,
     dumps,
+    lane_of,
     loads,
     parse_iso,
 )
@@ -583,6 +584,9 @@ async def retry_failure(scripts: Scripts, execution_id: int, owner: Owner) -> Re
         RequestField.PAYLOAD: dumps(payload),
         RequestField.VERSION: str(FORMAT_VERSION),
     }
+    if task.get(TaskField.LANE):
+        # Back into the lane it was queued in.
+        request[RequestField.LANE] = lane_of(task)
     attempt = int(task.get(TaskField.ATTEMPT) or 0) + 1
     event = event_fields(
         EventType.RETRY,

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.control import RunControl
-from shared.streams import FORMAT_VERSION, Keys, entry_id_parts, loads
+from shared.streams import FORMAT_VERSION, Keys, Lane, entry_id_parts, loads
 
 # Redis 6.2 has no `lag` in XINFO GROUPS; counting undelivered entries by hand stops here.
 _LAG_SCAN_LIMIT = 100_000
@@ -40,12 +40,17 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
     streams: dict[str, Any] = {}
     groups: list[dict[str, Any]] = []
     consumers: list[dict[str, Any]] = []
-    # Every shard's streams: labelled `requests`, ... with one shard, `requests:0`, ... with several.
+    # Every shard's streams: labelled `requests`, `requests:high`, ... with one shard, `requests:0`,
+    # `requests:high:0`, ... with several.
     shards = keys.all_shards
     named = [
         (f"{label}:{k.shard_index}" if len(shards) > 1 else label, stream)
         for k in shards
-        for label, stream in (("requests", k.requests), ("results", k.results), ("dead_letter", k.dead_letter))
+        for label, stream in (
+            *((_lane_label(lane), lane.requests) for lane in k.lanes),
+            ("results", k.results),
+            ("dead_letter", k.dead_letter),
+        )
     ]
     for label, stream in named:
         length = await redis.xlen(stream)
@@ -102,6 +107,10 @@ async def inspect(redis: Redis, keys: Keys) -> dict[str, Any]:
         "control": await RunControl(redis, keys, task_ttl=0).state(),
         "concurrency_waiting": await _concurrency_waiting(redis, keys),
     }
+
+
+def _lane_label(keys: Keys) -> str:
+    return "requests" if keys.lane == Lane.NORMAL else f"requests:{keys.lane}"
 
 
 # Most concurrency keys listed one by one (the total of waiting runs counts them all).

@@ -20,7 +20,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from shared.streams import FORMAT_VERSION, Keys, RequestField
+from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField
 
 
 @cache
@@ -131,13 +131,13 @@ class Scripts:
         self.redis = redis
         self.keys = keys
         self._registered: dict[str, AsyncScript] = {}
-        self._siblings: dict[int, Scripts] = {keys.shard_index: self}
+        self._siblings: dict[tuple[int, str], Scripts] = {(keys.shard_index, keys.lane): self}
 
     def of(self, keys: Keys) -> Scripts:
-        """The same steps on another shard's keys (kept, so scripts are registered once per shard)."""
-        found = self._siblings.get(keys.shard_index)
+        """The same steps on another shard's (or lane's) keys (kept, so scripts are registered once each)."""
+        found = self._siblings.get((keys.shard_index, keys.lane))
         if found is None:
-            found = self._siblings[keys.shard_index] = Scripts(self.redis, keys)
+            found = self._siblings[(keys.shard_index, keys.lane)] = Scripts(self.redis, keys)
             found._siblings = self._siblings
         return found
 
@@ -162,6 +162,7 @@ class Scripts:
         max_inflight: int = 0,
         rate: float = 0,
         burst: int = 1,
+        lane: str = "",
     ) -> EnqueueResult:
         if self.keys.of_client(client) is not self.keys:
             # A client's executions all live in its shard (its limits are checked there, in one slot).
@@ -178,11 +179,13 @@ class Scripts:
                 max_inflight=max_inflight,
                 rate=rate,
                 burst=burst,
+                lane=lane,
             )
+        lane = Lane(lane or Lane.NORMAL)
         reply = await self._call(
             "enqueue",
             keys=[
-                self.keys.requests,
+                self.keys.in_lane(lane).requests,
                 self.keys.results,
                 self.keys.execution_seq,
                 self.keys.task(task_id),
@@ -208,6 +211,7 @@ class Scripts:
                 FORMAT_VERSION,
                 self.keys.shard_count,
                 self.keys.shard_index,
+                "" if lane == Lane.NORMAL else lane,
             ],
         )
         existing_task, exec_id, entry, outcome_raw = (_s(x) for x in reply)
@@ -305,7 +309,7 @@ class Scripts:
         return int(reply)
 
     async def promote_due(self, limit: int = 100) -> int:
-        return int(await self._call("promote_due", keys=[self.keys.delayed, self.keys.requests], args=[limit]))
+        return int(await self._call("promote_due", keys=[self.keys.delayed, self.keys.normal_requests], args=[limit]))
 
     async def dead_letter(
         self,
@@ -356,7 +360,8 @@ class Scripts:
             "reopen",
             keys=[
                 self.keys.task(task_id),
-                self.keys.requests,
+                # The request goes back onto its lane's stream.
+                self.keys.in_lane(request.get(RequestField.LANE)).requests,
                 self.keys.results,
                 self.keys.task_events(task_id),
                 self.keys.inflight(client),
@@ -421,14 +426,16 @@ class Scripts:
         )
         return int(reply[0]) == 1, int(reply[1])
 
-    def _concurrency_keys(self, key: str) -> list[str]:
+    def _concurrency_keys(self, key: str, requests: str | None = None) -> list[str]:
+        """A concurrency key's keys, then a requests stream: by default the shard's normal-lane one, which
+        the steps that wake waiters put their requests back onto (each onto its lane's)."""
         k = self.keys
         return [
             k.concurrency_holders(key),
             k.concurrency_waiting(key),
             k.concurrency_parked(key),
             k.concurrency_index,
-            k.requests,
+            requests or k.normal_requests,
         ]
 
     async def concurrency_acquire(
@@ -448,7 +455,8 @@ class Scripts:
         member = {**request, RequestField.CONCURRENCY_ORDER.value: str(order)}
         reply = await self._call(
             "concurrency_acquire",
-            keys=[*self._concurrency_keys(key), self.keys.task(task_id)],
+            # The stream this reader read the entry from: the step acknowledges it there.
+            keys=[*self._concurrency_keys(key, self.keys.requests), self.keys.task(task_id)],
             args=[
                 entry_id,
                 self.keys.worker_group,
@@ -530,7 +538,7 @@ class Scripts:
                     inflight,
                     *wait_keys[1:4],
                     wait_keys[0],
-                    self.keys.requests,
+                    self.keys.normal_requests,
                 ],
                 args=[
                     client or "",
@@ -581,7 +589,7 @@ class Scripts:
                 n = int(
                     await self._call(
                         "resume",
-                        keys=[self.keys.control, self.keys.newer_format(version), self.keys.requests],
+                        keys=[self.keys.control, self.keys.newer_format(version), self.keys.normal_requests],
                         args=[f"format:{version}", limit, "0"],
                     )
                 )
@@ -599,7 +607,7 @@ class Scripts:
             n = int(
                 await self._call(
                     "resume",
-                    keys=[self.keys.control, self.keys.parked(scope), self.keys.requests],
+                    keys=[self.keys.control, self.keys.parked(scope), self.keys.normal_requests],
                     args=[scope, limit, "1" if clear else "0"],
                 )
             )

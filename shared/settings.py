@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.lanes import Lane, parse_lane_weights
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NOVA_", extra="ignore", populate_by_name=True)
@@ -115,6 +117,11 @@ class Settings(BaseSettings):
     )
 
     concurrency: int = Field(default=10, ge=1, le=1000, description="Executions in flight per worker.")
+    lane_weights: str = Field(
+        default="high:4,normal:2,low:1",
+        description="How a worker shares its free slots among the priority lanes that have runs waiting: "
+        "`lane:weight` for high, normal and low, each weight 1 to 100 (consumer/slots.py).",
+    )
     consumer_name: str | None = Field(
         default=None, description="Consumer name in the group; default host-pid-random, unique per process."
     )
@@ -289,6 +296,16 @@ class Settings(BaseSettings):
             value = value.strip().lower()
             return None if value in {"", "none", "off"} else value
         return value
+
+    @field_validator("lane_weights")
+    @classmethod
+    def _lane_weights(cls, value: str) -> str:
+        parse_lane_weights(value)
+        return value
+
+    @property
+    def lane_weight_map(self) -> dict[Lane, int]:
+        return parse_lane_weights(self.lane_weights)
 
     @field_validator("cleanup_cron")
     @classmethod

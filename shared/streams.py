@@ -16,6 +16,10 @@ from typing import Any
 import orjson
 from redis.crc import key_slot
 
+# Re-exported: the lanes are part of the key layout.
+from shared.lanes import LANES as LANES
+from shared.lanes import Lane as Lane
+from shared.lanes import lane_of as lane_of
 from shared.settings import Settings
 
 # The format of request entries, events and task hashes this code writes, and the newest it reads. An
@@ -140,6 +144,9 @@ class RequestField(StrEnum):
     # A run that waited for a concurrency key: its first entry's place (shared/lua/concurrency_acquire.lua),
     # kept on the entries it comes back as, so that it keeps its turn.
     CONCURRENCY_ORDER = "ckey_order"
+    # The priority lane (`high` or `low`; absent: normal): whatever puts the request back onto a stream
+    # (a retry, a resume, a concurrency slot) puts it back onto its lane's.
+    LANE = "lane"
 
 
 class EventField(StrEnum):
@@ -186,6 +193,9 @@ class TaskField(StrEnum):
     CANCEL_REASON = "cancel_reason"  # who cancelled and why, on REVOKED
     VERSION = VERSION_FIELD  # the format of the hash's fields (the checkpoint's above all); absent: 1
     WAITING_FOR = "waiting_for"  # the concurrency key a queued run waits for a slot of (status PENDING)
+    LANE = "lane"  # the priority lane, when not normal
+    # A node retry waiting for its backoff: the node, its attempt and when it runs again (status RETRY).
+    NODE_RETRY = "node_retry"
 
 
 class DeadLetterField(StrEnum):
@@ -227,6 +237,9 @@ class Keys:
     shard_index: int = 0
     shard_count: int = 1
     cluster: bool = False
+    # The lane whose stream `requests` is (a reader's Keys); every other name is the shard's, shared
+    # by its lanes.
+    lane: Lane = Lane.NORMAL
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keys:
@@ -308,10 +321,32 @@ class Keys:
     def _name(self, *parts: str) -> str:
         return ":".join((self.prefix, self.tag, *parts) if self.tag else (self.prefix, *parts))
 
+    @property
+    def normal_requests(self) -> str:
+        """The shard's normal-lane requests stream: what the steps that put a request back onto a stream
+        are given (they pick its lane's stream from the request's `lane` field)."""
+        return self.requests.removesuffix(f":{self.lane}") if self.lane != Lane.NORMAL else self.requests
+
+    def in_lane(self, lane: str | None) -> Keys:
+        """The keys of a reader of `lane`'s requests stream in this shard (None or '': normal). The name
+        keeps the shard's hash tag, so on a cluster every lane of a shard shares its slot."""
+        lane = Lane(lane or Lane.NORMAL)
+        if lane == self.lane:
+            return self
+        base = self.normal_requests
+        return replace(self, requests=base if lane == Lane.NORMAL else f"{base}:{lane}", lane=lane)
+
+    @property
+    def lanes(self) -> list[Keys]:
+        """This shard's readers' keys, one per lane, highest first."""
+        return [self.in_lane(lane) for lane in LANES]
+
     def sibling(self, shard: int) -> Keys:
-        """Shard `shard`'s keys, from any shard's."""
+        """Shard `shard`'s keys, from any shard's (in the same lane)."""
         if shard == self.shard_index or not self.tag:
             return self
+        if self.lane != Lane.NORMAL:
+            return self.in_lane(Lane.NORMAL).sibling(shard).in_lane(self.lane)
         tag = f"{{{self.prefix}:{shard}}}"
 
         def moved(name: str) -> str:
@@ -481,8 +516,7 @@ class Keys:
 class Layout:
     """Every shard's keys, and which shard holds a client's executions, a task or an execution.
 
-    The requests streams a worker reads are `shards` in this order; a later kind of stream (priority
-    lanes) would be more entries of the same list, each a `Keys` with its own stream names.
+    The requests streams a worker reads are `streams`: every shard's, in each lane.
     """
 
     shards: tuple[Keys, ...]
@@ -494,6 +528,11 @@ class Layout:
     @property
     def home(self) -> Keys:
         return self.shards[0]
+
+    @property
+    def streams(self) -> list[Keys]:
+        """One `Keys` per requests stream: each shard's lanes, highest lane first."""
+        return [lane for shard in self.shards for lane in shard.lanes]
 
     def of_client(self, client: str) -> Keys:
         return self.home.of_client(client)

@@ -1,10 +1,12 @@
 """The workflow graph format, ours and NOVA's side by side: the model, its validation, how to walk it.
 
-A definition is ``{"nodes": [...], "edges": [...], "timeout"?: seconds, "concurrency"?: {"key", "limit"}}``.
+A definition is ``{"nodes": [...], "edges": [...], "timeout"?: seconds, "concurrency"?: {"key", "limit"},
+"priority"?: "high" | "normal" | "low"}``.
 Any other top-level key (NOVA's ``name``, ``description``, ``model``, ``initial_context``...) and any
 unknown node key (``label``, ``model``...) is kept and ignored. Nodes have an ``id`` and a ``type``
 (start, action, decision, end); action and decision nodes carry Python ``code`` that reads and updates
 ``context``. ``concurrency`` caps how many runs sharing a key run at once (see Concurrency).
+``priority`` is the lane its runs join unless an execute request names one (consumer/slots.py).
 
 Where a node goes next:
 - a start or action node: its ``next``, else its single out-edge (``{"from", "to", "condition"?}``; a
@@ -34,6 +36,8 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from shared.streams import Lane, lane_of
 
 MAX_NODES = 500
 MAX_CODE_BYTES = 64 * 1024
@@ -270,6 +274,7 @@ class Definition(BaseModel):
     edges: list[Edge] = Field(default_factory=list)
     timeout: float | None = Field(default=None, gt=0, le=24 * 3600)
     concurrency: Concurrency | None = None
+    priority: Lane | None = None
 
     def node(self, node_id: str) -> Node:
         return self._index()[node_id]
@@ -618,3 +623,9 @@ def _cycles(d: Definition, within: set[str]) -> list[set[str]]:
                 parent = work[-1][0]
                 low[parent] = min(low[parent], low[v])
     return result
+
+
+def workflow_lane(definition: dict[str, Any]) -> Lane:
+    """The lane a workflow's runs join by default: its stored definition's `priority` (validated when
+    it was saved), normal when it names none."""
+    return lane_of({"lane": definition.get("priority") or ""})

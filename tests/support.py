@@ -34,7 +34,7 @@ from shared.enqueue import NewExecution, enqueue_execution
 from shared.events import Event
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
-from shared.streams import TERMINAL_EVENTS, Keys, Layout
+from shared.streams import TERMINAL_EVENTS, Keys, Lane, Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +77,7 @@ async def enqueue(
     context: dict[str, Any] | None = None,
     client: str = "acme",
     key: str | None = None,
+    lane: Lane = Lane.NORMAL,
 ) -> EnqueueResult:
     async def floor() -> int:
         # The tests' PostgreSQL, as the API's catalog would read it.
@@ -93,6 +94,7 @@ async def enqueue(
         client=client,
         initial_context=context or {},
         idempotency_key=key,
+        lane=lane,
     )
     keys = Layout.from_settings(settings).of_client(client)
     return await enqueue_execution(Scripts(redis, keys), execution, floor=floor)

@@ -81,8 +81,9 @@ async def test_execute_returns_202_and_task_is_pending_at_once(
         "workflow_version",
         "message",
         "execution_id",
+        "priority",
     }
-    assert body["workflow_version"] == 1
+    assert body["workflow_version"] == 1 and body["priority"] == "normal"
     assert body["status"] == "queued" and body["workflow_id"] == wf and body["workflow_name"] == "Invoice Processing V3"
     assert f"GET /tasks/{body['task_id']}" in body["message"]
     task = (await api.get(f"/tasks/{body['task_id']}")).json()

@@ -32,7 +32,7 @@ from shared.catalog import WorkflowCatalog
 from shared.connections import create_redis
 from shared.dead_letters import DeadLetters
 from shared.settings import Settings
-from shared.streams import EventType, Keys, Layout, TaskField, TaskStatus, loads
+from shared.streams import EventType, Keys, Lane, Layout, TaskField, TaskStatus, loads
 from tests.support import (
     ADMIN_KEY,
     ClusterServers,
@@ -49,7 +49,7 @@ from tests.support import (
     wait_projected,
     wait_terminal,
 )
-from tests.test_faults import FlakyProvider
+from tests.test_faults import FlakyProvider, flaky
 
 # Cluster mode needs Redis 7 (`cluster-port`, CLUSTER ADDSLOTSRANGE): the redis-server on PATH.
 pytestmark = pytest.mark.skipif(
@@ -112,13 +112,20 @@ async def test_pipeline_on_a_cluster_with_one_shard(one_shard: Settings, pool: a
     redis = create_redis(one_shard)
     try:
         wf = await create_workflow(redis, one_shard, pool, linear("context['n'] = context['n'] * 2"))
-        async with in_process_worker(one_shard):
-            task = await enqueue(redis, one_shard, wf, {"n": 21})
+        high = Layout.from_settings(one_shard).home.in_lane(Lane.HIGH)
+        # A group that never reads keeps every entry from the workers' trimming, to be counted.
+        await redis.xgroup_create(high.requests, "spy", id="0", mkstream=True)
+        # The first sandbox fails: the run is retried, put back by the promote step onto its lane's
+        # stream, a key the step derives from the one it is given (the same slot).
+        async with in_process_worker(one_shard, providers=flaky(one_shard, 1)):
+            task = await enqueue(redis, one_shard, wf, {"n": 21}, lane=Lane.HIGH)
             events = await wait_terminal(redis, one_shard, [task.task_id])
             assert events[task.task_id].type == EventType.SUCCEEDED
             keys = Layout.from_settings(one_shard).of_task(task.task_id)
             # One shard on a cluster: the documented names with the shard's hash tag.
             assert keys.requests == "nova:requests:{nova:0}" and keys.task("x") == "nova:{nova:0}:task:x"
+            assert high.requests == "nova:requests:{nova:0}:high"
+            assert [f["task_id"] for _, f in await redis.xrange(high.requests)] == [task.task_id] * 2
             state = await redis.hgetall(keys.task(task.task_id))
             assert state[TaskField.STATUS] == TaskStatus.SUCCESS
             assert loads(state[TaskField.RESULT])["final_context"] == {"n": 42}
@@ -252,7 +259,7 @@ async def test_dead_letters_and_replay_over_shards(sharded: Settings, client_of:
     # Written by hand into shard 1's stream: not a request, dead-lettered there with its reason.
     await client_of.xadd(home.requests, {"garbage": "yes"})
     async with in_process_worker(sharded, providers=broken, max_retries=0):
-        task = await enqueue(client_of, sharded, wf, {"invoice": 7}, client=slug)
+        task = await enqueue(client_of, sharded, wf, {"invoice": 7}, client=slug, lane=Lane.LOW)
         assert (await wait_terminal(client_of, sharded, [task.task_id]))[task.task_id].type == EventType.DEAD
     keys = Layout.from_settings(sharded).home
     dlq = DeadLetters(client_of, keys, sharded, WorkflowCatalog(client_of, pool, keys))
@@ -264,6 +271,8 @@ async def test_dead_letters_and_replay_over_shards(sharded: Settings, client_of:
     async with in_process_worker(sharded):
         done = await wait_terminal(client_of, sharded, [replay.task_id])
     assert done[replay.task_id].data["final_context"] == {"invoice": 7, "replayed": True}
+    # Replayed in the lane it was queued in.
+    assert await client_of.hget(home.task(replay.task_id), TaskField.LANE) == Lane.LOW
     assert [d.reason for d in await dlq.list()] == ["malformed"]
 
 

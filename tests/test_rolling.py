@@ -195,7 +195,9 @@ async def test_two_versions_of_a_script_under_one_name_each_run_their_own_code(
 def previous_enqueue_source() -> str:
     """The enqueue step as releases before format versions had it (no `v` written anywhere)."""
     current = lua_source("enqueue")
-    previous = current.replace(",\n  'v', format)", ")").replace(", 'v', format)", ")")
+    previous = current
+    for written, before in ((",\n  'v', format}", "}"), (", 'v', format}", "}"), (", 'v', format)", ")")):
+        previous = previous.replace(written, before)
     assert previous != current and "'v', format" not in previous
     return previous
 

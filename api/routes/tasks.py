@@ -12,7 +12,7 @@ from api.deps import Caller, Res
 from api.errors import ApiError
 from api.schemas import TaskOut, errors, is_task_id
 from shared.executions import Executions, error_message
-from shared.streams import TaskField, TaskStatus, loads
+from shared.streams import Lane, TaskField, TaskStatus, loads
 
 router = APIRouter(tags=["tasks"])
 
@@ -47,6 +47,7 @@ def task_view(task: dict[str, str], trace: list[dict[str, Any]] | None = None, f
         "enqueued_at": task.get(TaskField.ENQUEUED_AT),
         "started_at": task.get(TaskField.STARTED_AT),
         "finished_at": task.get(TaskField.FINISHED_AT),
+        "priority": task.get(TaskField.LANE) or Lane.NORMAL,
     }
     if status in (TaskStatus.PENDING, TaskStatus.RETRY) and task.get(TaskField.WAITING_FOR):
         out["waiting_for"] = task[TaskField.WAITING_FOR]

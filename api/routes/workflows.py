@@ -40,7 +40,8 @@ from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
 from shared.scripts import AtCapacity, RateLimited
-from shared.workflow import Definition, InvalidDefinition, validate_definition
+from shared.streams import Lane
+from shared.workflow import Definition, InvalidDefinition, validate_definition, workflow_lane
 
 router = APIRouter(tags=["workflows"])
 
@@ -213,6 +214,12 @@ async def _client_of(res: Res, caller_client: str | None, admin: bool, requested
     return requested
 
 
+async def _workflow_lane(res: Res, workflow: WorkflowHead) -> Lane:
+    """The lane the workflow's definition names (its version is cached in the process after one read)."""
+    stored = await res.catalog.get(workflow.id, workflow.version)
+    return workflow_lane(stored.definition) if stored is not None else Lane.NORMAL
+
+
 @router.post(
     "/workflows/{workflow_id}/execute",
     status_code=202,
@@ -230,6 +237,7 @@ async def execute_workflow(
     if workflow is None:
         raise ApiError(404, f"Workflow {workflow_id} not found")
     client = await _client_of(res, caller.client, caller.admin, body.client_slug)
+    lane = body.priority or await _workflow_lane(res, workflow)
     execution = NewExecution(
         workflow_id=workflow.id,
         workflow_name=workflow.name,
@@ -242,6 +250,7 @@ async def execute_workflow(
             rate=res.settings.client_rate,
             burst=res.settings.client_burst,
         ),
+        lane=lane,
     )
     try:
         payload = execution.payload()
@@ -282,5 +291,6 @@ async def execute_workflow(
         # A repeated Idempotency-Key answers the task queued first, whose version may be older.
         workflow_version=workflow.version if result.created else None,
         execution_id=result.execution_id,
+        priority=lane,
         message=message,
     )

@@ -19,7 +19,7 @@ local waiting_key = KEYS[5]  -- the wait set of the concurrency key the task wai
 local parked_key = KEYS[6]   -- and that key's parked requests (left out with waiting_key)
 local index_key = KEYS[7]    -- the index of keys with waiters (left out with waiting_key)
 local holders_key = KEYS[8]  -- that key's semaphore (left out with waiting_key)
-local requests_stream = KEYS[9]
+local requests_stream = KEYS[9]  -- the shard's normal-lane stream (a woken waiter goes to its lane's)
 
 local client = ARGV[1]      -- '' for any client (operators); else the task must be this client's
 local task_ttl = tonumber(ARGV[2])   -- seconds a finished task is kept (0: for ever)

@@ -12,7 +12,7 @@ local holders_key = KEYS[1]     -- the key's semaphore: holder (task id) -> dead
 local waiting_key = KEYS[2]     -- sorted set: waiting task id -> order
 local parked_key = KEYS[3]      -- hash: waiting task id -> JSON of its request's fields
 local index_key = KEYS[4]       -- hash: concurrency keys with waiters -> limit (for the promote loop)
-local requests_stream = KEYS[5]
+local requests_stream = KEYS[5]  -- the stream the entry was read from (its lane's)
 local task_key = KEYS[6]
 
 local entry = ARGV[1]

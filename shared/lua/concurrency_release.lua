@@ -11,7 +11,7 @@ local holders_key = KEYS[1]
 local waiting_key = KEYS[2]
 local parked_key = KEYS[3]
 local index_key = KEYS[4]
-local requests_stream = KEYS[5]
+local requests_stream = KEYS[5]  -- the shard's normal-lane stream (a woken waiter goes to its lane's)
 
 local name = ARGV[1]            -- the rendered concurrency key
 local holder = ARGV[2]          -- the finished run's task id; '' to wake only

@@ -6,7 +6,7 @@
 -- idempotency key maps to exactly one task.
 -- Safe to run twice (a reply lost on the way back and the call re-sent): a second call for a task id
 -- that already has its hash answers what the first call did and writes nothing.
-local requests_stream = KEYS[1]
+local requests_stream = KEYS[1]  -- the request's lane's stream
 local results_stream = KEYS[2]
 local sequence_key = KEYS[3]     -- the execution id sequence
 local task_key = KEYS[4]
@@ -31,6 +31,7 @@ local execution_key_ttl = tonumber(ARGV[13])
 local format = ARGV[14]          -- the format version written on the entry, the task hash and the event
 local id_stride = tonumber(ARGV[15])     -- the number of shards: ids are n * stride + offset, so that
 local id_offset = tonumber(ARGV[16])     -- an execution id says its shard (offset: this shard's index)
+local lane = ARGV[17]            -- the priority lane: 'high' or 'low', '' for normal
 
 -- Reply: {task_id, execution_id, request entry id or '', outcome}
 local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE = 1, 0, 2, 3, 4
@@ -75,14 +76,22 @@ if execution_key_prefix ~= '' then
   -- GET /executions/{id} reads it to answer from the task hash before PostgreSQL has the execution.
   redis.call('SET', execution_key_prefix .. execution_id, task_id, 'EX', execution_key_ttl)
 end
-local entry = redis.call('XADD', requests_stream, '*',
+local request = {
   'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
   'workflow_name', workflow_name, 'client', client, 'enqueued_at', enqueued_at, 'payload', payload,
-  'v', format)
-redis.call('HSET', task_key,
+  'v', format}
+local task = {
   'status', 'PENDING', 'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
   'workflow_name', workflow_name, 'client', client, 'enqueued_at', enqueued_at, 'attempt', '0',
-  'updated_at', enqueued_at, 'entry', entry, 'v', format)
+  'updated_at', enqueued_at, 'v', format}
+if lane ~= '' then
+  -- On the entry, so that a retry, a resume or a concurrency slot puts it back onto its lane's stream.
+  request[#request + 1] = 'lane'; request[#request + 1] = lane
+  task[#task + 1] = 'lane'; task[#task + 1] = lane
+end
+local entry = redis.call('XADD', requests_stream, '*', unpack(request))
+task[#task + 1] = 'entry'; task[#task + 1] = entry
+redis.call('HSET', task_key, unpack(task))
 local event_id = redis.call('XADD', results_stream, '*',
   'type', 'queued', 'task_id', task_id, 'execution_id', execution_id, 'workflow_id', workflow_id,
   'client', client, 'ts', enqueued_at, 'data', queued_data, 'v', format)

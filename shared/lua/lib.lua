@@ -50,12 +50,22 @@ local function append_event(results_stream, task_events_key, event)
   return id
 end
 
--- Appends a request kept aside as JSON (a parked or delayed member) back onto the requests stream.
+-- The requests stream of a request's priority lane, from the shard's normal-lane stream: its name
+-- plus ':high' or ':low' (shared/streams.py `Keys.in_lane`). The hash tag stays in the name, so on a
+-- cluster the lane's stream is in the same slot as the keys the script was given. Any other value
+-- (none, 'normal', a forged one) means the normal lane: a request is never put where nobody reads.
+local function lane_stream(requests_stream, lane)
+  if lane == 'high' or lane == 'low' then return requests_stream .. ':' .. lane end
+  return requests_stream
+end
+
+-- Appends a request kept aside as JSON (a parked or delayed member) back onto the requests stream of
+-- its lane; `requests_stream` is the shard's normal-lane stream.
 local function requeue(requests_stream, member)
   local fields = cjson.decode(member)
   local flat = {}
   for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(v) end
-  redis.call('XADD', requests_stream, '*', unpack(flat))
+  redis.call('XADD', lane_stream(requests_stream, fields['lane']), '*', unpack(flat))
 end
 
 -- Milliseconds since the epoch by Redis's clock: every caller agrees on it, whatever its own clock.

@@ -3,7 +3,7 @@
 -- Why a script: two workers promoting at once move each retry exactly once.
 -- Safe to run twice: a promoted member is gone from the set.
 local delayed_key = KEYS[1]
-local requests_stream = KEYS[2]
+local requests_stream = KEYS[2]  -- the shard's normal-lane stream (each request goes to its lane's)
 
 local limit = tonumber(ARGV[1])  -- most to move per call
 

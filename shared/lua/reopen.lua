@@ -4,7 +4,7 @@
 -- Why a script: two operators retrying at once must start one run, not two.
 -- Safe to run twice: each call carries a token; the same token again answers as the first call did.
 local task_key = KEYS[1]
-local requests_stream = KEYS[2]
+local requests_stream = KEYS[2]  -- the request's lane's stream
 local results_stream = KEYS[3]
 local task_events_key = KEYS[4]
 local inflight_key = KEYS[5]

@@ -8,7 +8,7 @@
 -- 'format:N' scope is never a flag, and the caller never asks to clear it.
 local control_key = KEYS[1]
 local parked_key = KEYS[2]
-local requests_stream = KEYS[3]
+local requests_stream = KEYS[3]  -- the shard's normal-lane stream (each request goes to its lane's)
 
 local field = ARGV[1]            -- 'queue' or 'workflow:{id}'
 local limit = tonumber(ARGV[2])  -- most to move per call (a long backlog is moved in several calls)

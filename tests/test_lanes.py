@@ -1,0 +1,233 @@
+"""Priority lanes: the rule by which a worker's slots go to the lanes (consumer/slots.py), each lane's
+stream, and every path that puts a request back onto a stream keeping its lane, through the real
+pipeline with real servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from cli.embedded import RedisServer
+from consumer.slots import SlotBudget
+from shared.control import QUEUE, RunControl
+from shared.executions import Owner, retry_failure
+from shared.scripts import Scripts
+from shared.settings import Settings
+from shared.streams import LANES, EventType, Keys, Lane, TaskField, dumps, now_iso
+from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_for_events, wait_terminal
+
+WEIGHTS = {Lane.HIGH: 4, Lane.NORMAL: 2, Lane.LOW: 1}
+
+
+def starts(budget: SlotBudget, n: int, stocked: dict[Lane, int] | None = None) -> str:
+    """The lanes of the next `n` starts of a one-slot budget whose readers read what `stocked` holds
+    (every lane unlimited when None), as a string of h/n/l."""
+    order = ""
+    while len(order) < n:
+        for lane in LANES:
+            got = budget.reserve(lane, lane)
+            if not got:
+                continue
+            if stocked is not None and stocked[lane] == 0:
+                # Its stream is empty: the slot goes back, and the lane waits for an append.
+                budget.unreserve(got, lane)
+                budget.idle(lane, lane)
+                continue
+            if stocked is not None:
+                stocked[lane] -= 1
+            budget.take()
+            budget.unreserve(got, lane, unused=0)
+            budget.give()
+            order += lane.value[0]
+            break
+        else:
+            return order
+    return order
+
+
+async def test_busy_lanes_share_slots_4_2_1_highest_first() -> None:
+    budget = SlotBudget(1, readers=3, weights=WEIGHTS)
+    for lane in LANES:
+        budget.register(lane, lane)
+    assert starts(budget, 21) == "hhnhhnl" * 3
+
+
+async def test_a_lane_that_empties_gives_its_turns_to_the_others() -> None:
+    budget = SlotBudget(1, readers=3, weights=WEIGHTS)
+    for lane in LANES:
+        budget.register(lane, lane)
+    # High runs out after 6 starts; normal and low then share 2:1 until normal runs out too.
+    order = starts(budget, 18, {Lane.HIGH: 6, Lane.NORMAL: 6, Lane.LOW: 6})
+    assert order == "hhnhhnlhhnnlnnllll"
+
+
+async def test_a_lane_idle_for_a_while_earns_no_credit() -> None:
+    budget = SlotBudget(1, readers=3, weights=WEIGHTS)
+    budget.register(Lane.HIGH, "high")
+    for _ in range(40):  # only high has work for 40 starts
+        assert starts(budget, 1) == "h"
+    # Low joins: it gets its 1 in 7 from now on, not the 40 starts it missed.
+    budget.register(Lane.LOW, "low")
+    assert 1 <= starts(budget, 10).count("l") <= 2
+
+
+async def test_slots_a_lane_does_not_use_go_back_with_its_turn() -> None:
+    budget = SlotBudget(4, readers=3, weights=WEIGHTS)
+    for lane in LANES:
+        budget.register(lane, lane)
+    high = budget.reserve(Lane.HIGH, "high")
+    assert high == 3  # 4 free slots: high, high, normal, high
+    assert budget.free == 0 and budget.granted[Lane.NORMAL] == 1
+    budget.unreserve(high, Lane.HIGH)  # its read found nothing
+    budget.idle(Lane.HIGH, "high")
+    normal = budget.reserve(Lane.NORMAL, "normal")
+    low = budget.reserve(Lane.LOW, "low")
+    assert (normal, low) == (3, 1) and budget.free == 0
+
+
+def test_lane_weights_setting_is_checked(settings: Settings) -> None:
+    assert settings.model_copy().lane_weight_map == WEIGHTS
+    assert Settings(lane_weights="low:1, normal:1,high:9").lane_weight_map[Lane.HIGH] == 9
+    for bad in ("high:4,normal:2", "high:0,normal:1,low:1", "high:4,normal:2,low:x", "urgent:1,normal:1,low:1"):
+        with pytest.raises(ValidationError, match="lane"):
+            Settings(lane_weights=bad)
+
+
+# ---- the real pipeline -------------------------------------------------------------------------
+
+
+async def test_a_worker_starts_a_backlog_by_the_rule_whatever_the_arrival_order(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
+    lane_of: dict[str, str] = {}
+    # Lowest first: arrival order is the opposite of priority.
+    for lane in (Lane.LOW, Lane.NORMAL, Lane.HIGH):
+        for i in range(6):
+            lane_of[(await enqueue(redis, settings, wf, {"i": i}, lane=lane)).task_id] = lane.value[0]
+    keys = Keys.from_settings(settings)
+    assert [await redis.xlen(k.requests) for k in keys.lanes] == [6, 6, 6]
+    # One slot: each run starts after the one before it finished, so start order is exact.
+    async with in_process_worker(settings, concurrency=1):
+        done = await wait_terminal(redis, settings, list(lane_of))
+    assert all(e.type == EventType.SUCCEEDED for e in done.values())
+    started = await wait_for_events(redis, settings, lambda e: e.type == EventType.STARTED, len(lane_of))
+    assert "".join(lane_of[e.task_id] for e in started) == "hhnhhnlhhnnlnnllll"
+
+
+async def test_every_way_back_onto_a_stream_keeps_the_lane(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """A paused run resumed, a failed run retried, and a run waiting for its concurrency key go back
+    onto their own lane's stream."""
+    keys = Keys.from_settings(settings)
+    high, low = keys.in_lane(Lane.HIGH), keys.in_lane(Lane.LOW)
+    for lane in keys.lanes:
+        # A group that never reads: the workers' maintenance trims nothing it has not delivered, so
+        # every entry ever appended stays to be counted.
+        await redis.xgroup_create(lane.requests, "spy", id="0", mkstream=True)
+    wf = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
+    control = RunControl(redis, keys, task_ttl=settings.task_ttl, pool=pool)
+    await control.pause(QUEUE)
+    async with in_process_worker(settings):
+        parked = await enqueue(redis, settings, wf, {}, lane=Lane.HIGH)
+        for _ in range(500):
+            if (await control.state())["parked"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert (await control.state())["parked"] == 1
+        assert await control.resume(QUEUE) == 1
+        await wait_terminal(redis, settings, [parked.task_id])
+    entries = [f["task_id"] for _, f in await redis.xrange(high.requests)]
+    assert entries == [parked.task_id] * 2  # queued, then resumed: both times on the high stream
+
+    # A failed low run retried from its failed node.
+    failing = await create_workflow(redis, settings, pool, linear("raise ValueError('no')"))
+    async with in_process_worker(settings):
+        failed = await enqueue(redis, settings, failing, {}, lane=Lane.LOW)
+        await wait_terminal(redis, settings, [failed.task_id])
+        assert await redis.hget(keys.task(failed.task_id), TaskField.LANE) == "low"
+        owner = Owner(failed.task_id, "acme", failing.id, failing.version)
+        await retry_failure(Scripts(redis, keys), failed.execution_id, owner)
+        await wait_for_events(
+            redis, settings, lambda e: e.task_id == failed.task_id and e.type == EventType.FAILED, count=2
+        )
+    assert [f["task_id"] for _, f in await redis.xrange(low.requests)] == [failed.task_id] * 2
+
+    # Two high runs of a workflow with a concurrency key of limit 1: the second waits, and is woken
+    # back onto the high stream.
+    serial = await create_workflow(
+        redis,
+        settings,
+        pool,
+        {**linear("import time; time.sleep(0.3)"), "concurrency": {"key": "{client}", "limit": 1}},
+    )
+    async with in_process_worker(settings):
+        pair = [await enqueue(redis, settings, serial, {}, lane=Lane.HIGH) for _ in range(2)]
+        await wait_terminal(redis, settings, [t.task_id for t in pair])
+    ids = {t.task_id for t in pair}
+    # Both queued, and whichever was read second woken when the first finished.
+    assert len([f for _, f in await redis.xrange(high.requests) if f["task_id"] in ids]) == 3
+    assert await redis.xlen(keys.requests) == 0  # nothing went to the normal stream
+
+
+async def test_api_takes_a_priority_per_execution_or_from_the_workflow(
+    api: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    graph = linear("context['ran'] = True")
+    low_wf = (
+        await api.post("/workflows", json={"name": "Low", "graph_definition": {**graph, "priority": "low"}})
+    ).json()
+    plain_wf = (await api.post("/workflows", json={"name": "Plain", "graph_definition": graph})).json()
+    by_default = (await api.post(f"/workflows/{low_wf['id']}/execute", json={})).json()
+    assert by_default["priority"] == "low"
+    named = (await api.post(f"/workflows/{low_wf['id']}/execute", json={"priority": "high"})).json()
+    assert named["priority"] == "high"
+    plain = (await api.post(f"/workflows/{plain_wf['id']}/execute", json={})).json()
+    assert plain["priority"] == "normal"
+    for task, lane in ((by_default, Lane.LOW), (named, Lane.HIGH), (plain, Lane.NORMAL)):
+        assert (await api.get(f"/tasks/{task['task_id']}")).json()["priority"] == lane
+        stream = keys.in_lane(lane).requests
+        assert task["task_id"] in [f["task_id"] for _, f in await redis.xrange(stream)]
+    refused = await api.post(f"/workflows/{plain_wf['id']}/execute", json={"priority": "urgent"})
+    assert refused.status_code == 422 and "priority" in refused.text
+    bad_wf = await api.post("/workflows", json={"name": "Bad", "graph_definition": {**graph, "priority": "asap"}})
+    assert bad_wf.status_code == 422 and "priority" in bad_wf.text
+
+
+# ---- the Lua step every way back goes through, on each Redis version ---------------------------
+
+KEYS = Keys(
+    requests="l:requests",
+    results="l:results",
+    dead_letter="l:dlq",
+    worker_group="workers",
+    projector_group="projector",
+    prefix="l",
+)
+
+
+@pytest.fixture
+async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+async def test_a_due_retry_goes_back_to_its_lane_and_a_forged_lane_to_normal(r: Redis) -> None:
+    scripts = Scripts(r, KEYS.in_lane(Lane.LOW))  # a low lane's reader promotes for the whole shard
+    request = {"task_id": "t", "payload": dumps({}), "enqueued_at": now_iso()}
+    for n, lane in enumerate(("high", "low", "", "evil", "normal")):
+        member = {**request, "task_id": f"t{n}", **({"lane": lane} if lane else {})}
+        await r.zadd(KEYS.delayed, {dumps(member): 0})
+    assert await scripts.promote_due() == 5
+    on = {lane: [f["task_id"] for _, f in await r.xrange(KEYS.in_lane(lane).requests)] for lane in LANES}
+    assert on == {Lane.HIGH: ["t0"], Lane.LOW: ["t1"], Lane.NORMAL: ["t2", "t3", "t4"]}
+    assert sorted(await r.keys("l:requests*")) == ["l:requests", "l:requests:high", "l:requests:low"]
