@@ -357,9 +357,12 @@ class Projector:
                     continue
                 if not is_missing_group(exc):
                     raise
-                # Redis may be gone again (a failover): the next pass tries once more.
-                with contextlib.suppress(*REDIS_UNAVAILABLE):
+                # Redis may be gone again (a failover), or the cluster client may fail under us: the
+                # next pass tries once more (an error raised here would escape the loop).
+                try:
                     await ensure_groups(self.redis, self.keys)
+                except Exception as exc:
+                    log.warning("projector: consumer groups not created yet (%r)", exc)
             except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 delay = backoff.next_delay()
                 log.warning("projector waiting %.1fs: %s", delay, exc)

@@ -143,9 +143,12 @@ class WebhookDelivery:
             except ResponseError as exc:
                 if is_missing_group(exc):
                     # Redis lost its data (a flush, a restart without persistence): start again.
-                    # Redis may be gone again (a failover): the next pass tries once more.
-                    with contextlib.suppress(*REDIS_UNAVAILABLE):
+                    # Redis may be gone again (a failover), or the cluster client may fail under us:
+                    # the next pass tries once more (an error raised here would escape the loop).
+                    try:
                         await self.registry.ensure_group()
+                    except Exception as exc:
+                        log.warning("webhooks: consumer group not created yet (%r)", exc)
                     continue
                 log.exception("webhooks: unexpected Redis error")
                 await sleep_or_stop(backoff.next_delay(), stop)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from consumer.projector import apply_events
+from consumer.worker import serve
 from shared.events import Event
 from shared.settings import Settings
 from shared.streams import EventType, Keys, TaskField, TaskStatus, loads
@@ -156,3 +160,20 @@ async def test_reads_only_as_many_entries_as_free_slots(redis: Redis, settings: 
         undelivered = await redis.xrange(settings.requests_stream, min=f"({group['last-delivered-id']}", max="+")
         assert len(undelivered) == 4
         await wait_terminal(redis, settings, [t.task_id for t in tasks])
+
+
+async def test_a_part_that_fails_stops_the_whole_worker(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One part of a worker process ending on an unexpected error (seen: the cluster client failing
+    under a step that recreates a group) ends the process, rather than leaving its readers running on
+    the sandbox providers and pool that are closed as it ends."""
+
+    async def broken(self: object, stop: asyncio.Event) -> None:
+        raise RuntimeError("projector broke")
+
+    monkeypatch.setattr("consumer.projector.Projector.run", broken)
+    with pytest.raises(RuntimeError, match="projector broke"):
+        await asyncio.wait_for(serve(settings, stop=asyncio.Event()), 30)
+    left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(("worker ", "scheduler", "webhooks"))]
+    assert left == []
