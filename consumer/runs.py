@@ -387,6 +387,10 @@ class Run:
         if workflow is None:
             await self._dead_letter("unknown_workflow", f"workflow {workflow_id} does not exist", task)
             return None
+        # A request without a version runs the current one: validated once per version all the same.
+        definition = ctx.definitions.get((workflow_id, workflow.version))
+        if definition is not None:
+            return definition
         try:
             definition = validate_definition(workflow.definition)
         except (InvalidDefinition, ValueError) as exc:
