@@ -310,8 +310,14 @@ class Bench:
             for _ in range(start, min(n, start + 50)):
                 task_id = uuid.uuid4().hex
                 ids.append(task_id)
+                # Versioned, as the API enqueues: the workflows here are new, at version 1.
                 execution = NewExecution(
-                    workflow_id=wf_id, workflow_name="bench", client="bench", initial_context={}, task_id=task_id
+                    workflow_id=wf_id,
+                    workflow_name="bench",
+                    client="bench",
+                    initial_context={},
+                    task_id=task_id,
+                    workflow_version=1,
                 )
                 batch.append(enqueue_execution(scripts, execution, floor=floor))
             await asyncio.gather(*batch)
