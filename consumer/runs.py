@@ -693,6 +693,10 @@ async def dead_letter(
     return bool(letter_id)
 
 
+# The masker of a run without credentials: shared, as a Masker never changes once built.
+NO_SECRETS = Masker()
+
+
 class Recorder:
     """A run's status events and task fields, buffered and written in one atomic step per flush."""
 
@@ -703,7 +707,7 @@ class Recorder:
         self._events: list[dict[str, str]] = []
         self._fields: dict[str, str] = {}
         # The run's credentials, once loaded; until then there is nothing to hide.
-        self.masker = Masker()
+        self.masker = NO_SECRETS
 
     def shown(self, data: dict[str, Any]) -> dict[str, Any]:
         """Event data as it may be shown: credential keys dropped from contexts, secrets masked."""
