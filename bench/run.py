@@ -310,8 +310,14 @@ class Bench:
             for _ in range(start, min(n, start + 50)):
                 task_id = uuid.uuid4().hex
                 ids.append(task_id)
+                # Versioned, as the API enqueues: the workflows here are new, at version 1.
                 execution = NewExecution(
-                    workflow_id=wf_id, workflow_name="bench", client="bench", initial_context={}, task_id=task_id
+                    workflow_id=wf_id,
+                    workflow_name="bench",
+                    client="bench",
+                    initial_context={},
+                    task_id=task_id,
+                    workflow_version=1,
                 )
                 batch.append(enqueue_execution(scripts, execution, floor=floor))
             await asyncio.gather(*batch)
@@ -615,6 +621,207 @@ class Bench:
         self.figures["nova_shaped_round_trip_p50"] = figure([samples[len(samples) // 2]], "ms", 15, higher=False)
         self.figures["nova_shaped_round_trip_p99"] = figure([samples[int(len(samples) * 0.99)]], "ms")
 
+    # ---- NOVA's own Celery task against ours, on the NOVA-shaped workflow --------------------------
+
+    async def nova_peer(self) -> None:
+        """The peer NOVA users run (bench/celery_nova.py: one Celery task walks the whole graph, each action
+        and decision in a fresh `python -c`) beside ours, on NOVA_SHAPED, same worker concurrency (4), in one
+        run: executions/s of a backlog from the first enqueue to the last result seen, the worker's CPU per
+        execution (its whole process tree), and the idle round trip through each one's API (enqueue to
+        result seen). Ours runs with the NOVA-shaped scenario's local sandbox settings (pool of 2)."""
+        from consumer.sandbox.local import LocalSandboxProvider
+
+        iso = LocalSandboxProvider(Settings(sandbox_pool_size=0)).isolation
+        mode = (
+            f"local sandbox: {'namespaces' if iso.namespaces else 'no namespaces (' + iso.namespaces_why + ')'}, "
+            f"{'separate uids' if iso.separate_uids else 'shared uid'}, "
+            f"{'cgroups' if iso.cgroups else 'no cgroups (' + iso.cgroups_why + ')'}, network {iso.network}"
+        )
+        n = 60 if self.quick else 200
+        ours: list[tuple[float, float, float]] = []
+        peer: list[tuple[float, float]] = []
+        # Alternated, so that a burst of load from the machine's other users falls on both sides alike.
+        for _ in range(self.reps):
+            ours.append(await self._ours_backlog(NOVA_SHAPED, n))
+            peer.append(await self._celery_nova_backlog(NOVA_SHAPED, n))
+        launcher = LocalSandboxProvider(Settings(sandbox_pool_size=0)).launcher
+        self.figures["nova_peer_ours_exec_s"] = figure([r for r, _, _ in ours], "exec/s")
+        self.figures["nova_peer_ours_exec_s"]["sandbox"] = f"{launcher}; {mode}"
+        self.figures["nova_peer_ours_exec_s_projected"] = figure([p for _, p, _ in ours], "exec/s")
+        self.figures["nova_peer_celery_exec_s"] = figure([r for r, _ in peer], "exec/s")
+        self.figures["nova_peer_celery_exec_s"]["sandbox"] = "a fresh `python -c` per action and decision"
+        self.figures["nova_peer_ours_worker_cpu_ms"] = figure([c for _, _, c in ours], "ms/exec")
+        self.figures["nova_peer_celery_worker_cpu_ms"] = figure([c for _, c in peer], "ms/exec")
+        ours_rt = await self._ours_round_trips(NOVA_SHAPED)
+        peer_rt = await self._celery_nova_round_trips(NOVA_SHAPED)
+        for side, samples in (("ours", ours_rt), ("celery", peer_rt)):
+            samples.sort()
+            self.figures[f"nova_peer_{side}_round_trip_p50"] = figure([samples[len(samples) // 2]], "ms")
+            self.figures[f"nova_peer_{side}_round_trip_p99"] = figure([samples[int(len(samples) * 0.99)]], "ms")
+        f = self.figures
+        f["nova_peer_exec_s_vs_celery"] = figure(
+            [f["nova_peer_ours_exec_s"]["median"] / f["nova_peer_celery_exec_s"]["median"]], "x"
+        )
+        f["nova_peer_round_trip_p50_vs_celery"] = figure(
+            [f["nova_peer_celery_round_trip_p50"]["median"] / f["nova_peer_ours_round_trip_p50"]["median"]], "x"
+        )
+
+    async def _ours_backlog(self, definition: dict[str, Any], n: int) -> tuple[float, float, float]:
+        """(exec/s to every result in Redis, exec/s to every execution projected, worker CPU ms per execution)
+        for a backlog of `n` enqueued at once onto a warm worker."""
+        redis, pool = await self.fresh()
+        api, base = await self.api()
+        try:
+            wf = await self.workflow(base, definition)
+        finally:
+            self.stop(api)
+        worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="2")
+        try:
+            warm = 8
+            await self._preload(redis, wf, warm)
+            await self._projected(pool, warm)
+            await asyncio.sleep(0.5)
+            cpu0, t0 = cost.tree_cpu_seconds([worker.pid]), time.perf_counter()
+            await self._preload(redis, wf, n)
+            await self._drained(redis)
+            seen = time.perf_counter()
+            await self._projected(pool, warm + n)
+            projected = time.perf_counter()
+            cpu = cost.tree_cpu_seconds([worker.pid]) - cpu0
+        finally:
+            self.stop(worker)
+            await pool.close()
+            await redis.aclose()
+        return n / (seen - t0), n / (projected - t0), cpu * 1000 / n
+
+    async def _celery_nova_setup(self, definition: dict[str, Any]) -> tuple[Redis, int, subprocess.Popen[bytes]]:
+        """An empty Celery database, the peer's tables with the workflow in them, and a warm prefork worker
+        of concurrency 4."""
+        from bench import celery_nova
+
+        url = self.env()["BENCH_CELERY_REDIS"]
+        celery_nova.app.conf.update(broker_url=url, result_backend=url)
+        # FLUSHDB is an admin command: NOVA's own login (in `url`) may not run it.
+        admin = Redis.from_url(self.redis_server.admin_url)
+        await admin.flushall()
+        await admin.aclose()
+        redis = Redis.from_url(url, decode_responses=True)
+        conn = await asyncpg.connect(self.pg.url)
+        try:
+            await celery_nova.create_tables(conn)
+            wf = await conn.fetchval(
+                "INSERT INTO bench_celery_workflows (name, graph_definition) VALUES ('bench', $1) RETURNING id",
+                json.dumps(definition),
+            )
+        finally:
+            await conn.close()
+        worker = self.spawn(
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_nova",
+            "worker",
+            "--pool",
+            "prefork",
+            "-c",
+            "4",
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        )
+        # Warm: every pool process has its database connection and has run the task once.
+        await self._celery_results(redis, [self._celery_submit(wf) for _ in range(8)])
+        return redis, wf, worker
+
+    def _celery_submit(self, wf: int) -> str:
+        from bench import celery_nova
+
+        return str(celery_nova.execute_workflow_task.apply_async(args=[wf, {}]).id)
+
+    async def _celery_results(self, redis: Redis, ids: list[str]) -> None:
+        """Wait until every task's result is in Celery's backend (STARTED and RUNNING are not results)."""
+        deadline = time.perf_counter() + 600
+        keys = [f"celery-task-meta-{i}" for i in ids]
+        while True:
+            metas = await redis.mget(keys)
+            if all(m is not None and json.loads(m)["status"] in ("SUCCESS", "FAILURE") for m in metas):
+                failed = sum(json.loads(m)["status"] == "FAILURE" for m in metas)
+                if failed:
+                    raise RuntimeError(f"{failed} of the Celery peer's executions failed")
+                return
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the Celery peer did not finish")
+            await asyncio.sleep(0.05)
+
+    async def _celery_nova_backlog(self, definition: dict[str, Any], n: int) -> tuple[float, float]:
+        """(exec/s to every result in the backend, worker CPU ms per execution) for a backlog of `n`."""
+        redis, wf, worker = await self._celery_nova_setup(definition)
+        try:
+            await asyncio.sleep(0.5)
+            cpu0, t0 = cost.tree_cpu_seconds([worker.pid]), time.perf_counter()
+            ids = [self._celery_submit(wf) for _ in range(n)]
+            await self._celery_results(redis, ids)
+            elapsed = time.perf_counter() - t0
+            cpu = cost.tree_cpu_seconds([worker.pid]) - cpu0
+        finally:
+            self.stop(worker)
+            await redis.aclose()
+        return n / elapsed, cpu * 1000 / n
+
+    async def _round_trips(self, http: httpx.AsyncClient, execute: str, task: str) -> list[float]:
+        """Idle round trips, one at a time: POST `execute`, then poll `task` until a result is seen."""
+        samples = []
+        for i in range(40 if self.quick else 120):
+            await asyncio.sleep(0.05)  # idle: a warm pool refilled, nothing else running
+            t0 = time.perf_counter()
+            task_id = (await http.post(execute, json={"client_slug": "bench"})).json()["task_id"]
+            while (await http.get(task.format(task_id))).json()["status"] not in ("SUCCESS", "FAILURE"):
+                await asyncio.sleep(0.001)
+            if i >= 5:  # the first few warm the API's and worker's caches
+                samples.append((time.perf_counter() - t0) * 1000)
+        return samples
+
+    async def _ours_round_trips(self, definition: dict[str, Any]) -> list[float]:
+        redis, pool = await self.fresh()
+        await pool.close()
+        await redis.aclose()
+        api, base = await self.api()
+        worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="2")
+        try:
+            wf = await self.workflow(base, definition)
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+                return await self._round_trips(http, f"/workflows/{wf}/execute", "/tasks/{}")
+        finally:
+            self.stop(worker)
+            self.stop(api)
+
+    async def _celery_nova_round_trips(self, definition: dict[str, Any]) -> list[float]:
+        redis, wf, worker = await self._celery_nova_setup(definition)
+        port = free_port()
+        api = self.spawn(
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.celery_api:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            await self._wait_http(f"{base}/docs")
+            async with httpx.AsyncClient(base_url=base) as http:
+                return await self._round_trips(http, f"/nova/workflows/{wf}/execute", "/nova/tasks/{}")
+        finally:
+            self.stop(api)
+            self.stop(worker)
+            await redis.aclose()
+
     async def memory(self) -> None:
         redis, pool = await self.fresh()
         api, base = await self.api()
@@ -776,6 +983,7 @@ class Bench:
             ("sandbox_overhead", self.sandbox_overhead),
             ("cost_model", self.cost_model),
             ("sandbox_cpu", self.sandbox_cpu),
+            ("nova_peer", self.nova_peer),
         ]
         try:
             for name, scenario in scenarios:

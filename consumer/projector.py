@@ -236,10 +236,12 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
     node_runs: list[tuple[tuple[Any, ...], Event]] = []
     for event in events:
         try:
-            row = pg_safe_row(execution_row(event))
+            # The scan for U+0000 walks every context: skipped when the entry's text shows there is none.
+            safe = (lambda row: row) if event.nul_free else pg_safe_row
+            row = safe(execution_row(event))
             node = None
             if event.type in (EventType.NODE_STARTED, EventType.NODE_FINISHED):
-                node = pg_safe_row(node_run_row(event))
+                node = safe(node_run_row(event))
         except Exception as exc:
             # Building rows is pure computation: any failure is this event's content, never the system.
             refused.append(Refusal(event.id, "malformed", f"{type(exc).__name__}: {exc}"))
@@ -420,8 +422,9 @@ class Projector:
         refused: list[Refusal] = []
         newer: list[str] = []
         readable = self.settings.readable_format
-        for entry_id, fields in entries:
-            version = format_version(decode_fields(fields))
+        for entry_id, raw in entries:
+            fields = decode_fields(raw)
+            version = format_version(fields)
             if version is None:
                 refused.append(Refusal(entry_id, "malformed", "field v (the format version) is not a positive integer"))
                 continue
@@ -429,7 +432,7 @@ class Projector:
                 newer.append(entry_id)
                 continue
             try:
-                events.append(Event.from_entry(entry_id, fields))
+                events.append(Event.from_fields(entry_id, fields))
             except (KeyError, ValueError, TypeError) as exc:
                 refused.append(Refusal(entry_id, "malformed", f"not an event: {type(exc).__name__}: {exc}"))
         pool = await self._db()

@@ -387,6 +387,10 @@ class Run:
         if workflow is None:
             await self._dead_letter("unknown_workflow", f"workflow {workflow_id} does not exist", task)
             return None
+        # A request without a version runs the current one: validated once per version all the same.
+        definition = ctx.definitions.get((workflow_id, workflow.version))
+        if definition is not None:
+            return definition
         try:
             definition = validate_definition(workflow.definition)
         except (InvalidDefinition, ValueError) as exc:
@@ -689,6 +693,10 @@ async def dead_letter(
     return bool(letter_id)
 
 
+# The masker of a run without credentials: shared, as a Masker never changes once built.
+NO_SECRETS = Masker()
+
+
 class Recorder:
     """A run's status events and task fields, buffered and written in one atomic step per flush."""
 
@@ -699,7 +707,7 @@ class Recorder:
         self._events: list[dict[str, str]] = []
         self._fields: dict[str, str] = {}
         # The run's credentials, once loaded; until then there is nothing to hide.
-        self.masker = Masker()
+        self.masker = NO_SECRETS
 
     def shown(self, data: dict[str, Any]) -> dict[str, Any]:
         """Event data as it may be shown: credential keys dropped from contexts, secrets masked."""

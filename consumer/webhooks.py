@@ -37,7 +37,7 @@ from shared.events import Event
 from shared.reporting import report_failed_execution
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, Layout, decode_fields, format_version, now_iso
+from shared.streams import EventField, EventType, Keys, Layout, decode_fields, format_version, now_iso
 from shared.webhooks import (
     DEAD_LETTERS_KEPT,
     Delivery,
@@ -61,6 +61,12 @@ STALE_PENDING_MS = 30_000
 DISPATCH_BATCH = 64
 DISPATCH_IDLE_S = 0.2
 CLEANUP_INTERVAL_S = 60.0
+# The event types that may become a webhook (webhook_event; node_finished only when it failed), and
+# those that may become a Sentry report (report_failed_execution).
+_ANNOUNCED = frozenset(
+    t.value for t in (EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD, EventType.NODE_FINISHED)
+)
+_REPORTED = frozenset(t.value for t in (EventType.FAILED, EventType.DEAD))
 # A live consumer reads at least every second (its XREADGROUP blocks for one): far past that, it is gone.
 GONE_AFTER_MS = 300_000
 
@@ -194,12 +200,14 @@ class WebhookDelivery:
         # are not announced from what this one understands of them: left pending, unacknowledged, a newer
         # process claims them once they are stale (an old one that claims them leaves them again).
         readable = self.settings.readable_format
-        newer = {i for i, f in entries if (v := format_version(decode_fields(f))) is not None and v > readable}
-        entries = [(i, f) for i, f in entries if i not in newer]
+        decoded = [(i, decode_fields(f)) for i, f in entries]
+        newer = {i for i, f in decoded if (v := format_version(f)) is not None and v > readable}
+        entries = [(i, f) for i, f in decoded if i not in newer]
         if not entries:
             return handled
         endpoints = await self.registry.list()
-        now_ms = await redis_ms(self.redis)
+        # Redis's clock dates deliveries: without an endpoint there are none to date.
+        now_ms = await redis_ms(self.redis) if endpoints else 0
         async with self.redis.pipeline(transaction=True) as pipe:
             for entry_id, fields in entries:
                 # Entry ids repeat across shards' streams: a delivery is named by both.
@@ -220,8 +228,13 @@ class WebhookDelivery:
     def _deliveries(
         self, occurrence: str, fields: dict[str, str], endpoints: list[Endpoint], now_ms: int, *, entry_id: str
     ) -> list[Delivery]:
+        """`fields` decoded (decode_fields)."""
+        # Most events can become neither a webhook nor a Sentry report: they are passed over by their
+        # type alone, their data never parsed (with no endpoint, only failures are reported).
+        if fields.get(EventField.TYPE) not in (_ANNOUNCED if endpoints else _REPORTED):
+            return []
         try:
-            if format_version(decode_fields(fields)) is None:
+            if format_version(fields) is None:
                 raise ValueError("the format version is not a positive integer")
             event = Event.from_entry(entry_id, fields)
         except (ValueError, KeyError):

@@ -18,7 +18,7 @@ An `error` is {node_id, type, message, traceback, reason}.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -59,14 +59,25 @@ class Event:
     data: dict[str, Any]
     # The shard whose results stream holds it (entry ids are per stream; see NOVA_SHARDS).
     shard: int = 0
+    # True when no string of the event (its data's keys and values included) can hold U+0000, known
+    # from the entry's text; False when it may, or is not known (PostgreSQL's copy then replaces them).
+    nul_free: bool = field(default=False, compare=False, repr=False)
 
     @classmethod
     def from_entry(cls, entry_id: str | bytes, fields: dict[Any, Any], shard: int = 0) -> Event:
         """Raises ValueError/KeyError on an entry that is not a well-formed event."""
-        f = decode_fields(fields)
-        data = loads(f.get(EventField.DATA)) or {}
+        return cls.from_fields(entry_id, decode_fields(fields), shard)
+
+    @classmethod
+    def from_fields(cls, entry_id: str | bytes, f: dict[str, str], shard: int = 0) -> Event:
+        """from_entry for fields already decoded (decode_fields)."""
+        raw = f.get(EventField.DATA)
+        data = loads(raw) or {}
         if not isinstance(data, dict):
             raise ValueError("event data is not a JSON object")
+        # JSON can carry U+0000 only as the escape \u0000 (or, from a lenient writer, raw): a data text
+        # without either, and fields without one, hold none. A false alarm only costs the scan.
+        nul_free = not any("\x00" in v for v in f.values()) and (raw is None or "\\u0000" not in raw)
         return cls(
             id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
             type=EventType(f[EventField.TYPE]),
@@ -77,6 +88,7 @@ class Event:
             ts=f[EventField.TS],
             data=data,
             shard=shard,
+            nul_free=nul_free,
         )
 
     @cached_property

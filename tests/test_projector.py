@@ -148,6 +148,22 @@ async def test_a_run_whose_context_carries_nul_lands_its_terminal_status(
     assert final == {"pdf": f"page{REPLACEMENT}one", "text": f"PAGE{REPLACEMENT}ONE"}
 
 
+def test_only_an_entry_whose_text_shows_no_nul_skips_the_replacement() -> None:
+    def event(client: str, data: dict[str, Any]) -> Event:
+        fields = event_fields(EventType.SUCCEEDED, task_id="t", execution_id=1, workflow_id=1, client=client, data=data)
+        return Event.from_entry("1-0", fields)
+
+    assert event("acme", {"final_context": {"a": "b"}}).nul_free
+    assert not event("acme", {"final_context": {"a": f"x{NUL}"}}).nul_free
+    assert not event("acme", {"final_context": {f"k{NUL}": 1}}).nul_free
+    assert not event(f"ac{NUL}me", {"final_context": {}}).nul_free
+    # The text of the escape, not the character: a false alarm, which only costs the scan.
+    lookalike = event("acme", {"final_context": {"a": "\\u0000"}})
+    assert not lookalike.nul_free and lookalike.data["final_context"]["a"] == "\\u0000"
+    # Built otherwise than from an entry: not known, so replaced.
+    assert not Event("1-0", EventType.SUCCEEDED, "t", 1, 1, "acme", "2024-05-01T10:00:00.000Z", {}).nul_free
+
+
 async def test_events_postgresql_refuses_are_logged_and_kept_not_dropped(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
