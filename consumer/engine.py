@@ -175,6 +175,29 @@ class Outcome:
     error: dict[str, Any] | None = None
 
 
+class RetryParked(Exception):
+    """A node's next attempt is due after a wait long enough to give the worker's slot back for it
+    (run_workflow's `park_retries_after`): its failed attempt and the checkpoint that runs it again are
+    durable (the hooks' node_finished), and the caller parks the run until `due_ms`."""
+
+    def __init__(self, node_id: str, next_attempt: int, max_attempts: int, due_ms: int, error: dict[str, Any]) -> None:
+        super().__init__(f"node '{node_id}' retries at {_iso_ms(due_ms)} (attempt {next_attempt} of {max_attempts})")
+        self.node_id = node_id
+        self.next_attempt = next_attempt
+        self.max_attempts = max_attempts
+        self.due_ms = due_ms
+        self.error = error
+
+    def as_json(self) -> dict[str, Any]:
+        """What GET /tasks and the retry event show of the wait."""
+        return {
+            "node_id": self.node_id,
+            "attempt": self.next_attempt,
+            "max_attempts": self.max_attempts,
+            "retry_at": _iso_ms(self.due_ms),
+        }
+
+
 class Hooks(Protocol):
     async def node_started(
         self, step: int, node: Node, started_at: str, context: dict[str, Any], attempt: Attempt | None = None
@@ -241,11 +264,13 @@ async def run_workflow(
     execution_timeout: float = 600.0,
     resume: Checkpoint | None = None,
     extra_context: ExtraContext | None = None,
+    park_retries_after: float | None = None,
 ) -> Outcome:
     """Run the graph from start (or from `resume`) to an end node or the first failure.
 
     `extra_context(step, node)` adds read-only keys to the context a node sees (such as its stable
-    idempotency key); they are removed from what the node leaves behind.
+    idempotency key); they are removed from what the node leaves behind. A node retry whose wait is
+    at least `park_retries_after` seconds raises RetryParked instead of waiting (None: always wait).
     """
     run = _Run(
         definition,
@@ -257,6 +282,7 @@ async def run_workflow(
         node_timeout=node_timeout,
         deadline=time.monotonic() + (definition.timeout or execution_timeout),
         extra_context=extra_context,
+        park_retries_after=park_retries_after,
     )
     try:
         return await run.to_end()
@@ -290,6 +316,7 @@ class _Run:
         node_timeout: float,
         deadline: float,
         extra_context: ExtraContext | None,
+        park_retries_after: float | None = None,
     ) -> None:
         self.definition = definition
         self.hooks = hooks
@@ -298,6 +325,7 @@ class _Run:
         self.node_timeout = node_timeout
         self.deadline = deadline
         self.extra_context = extra_context
+        self.park_retries_after = park_retries_after
         self.step = start.step
         self.current = start.next_node
         self.ctx = dict(start.context)
@@ -396,6 +424,8 @@ class _Run:
         await self.hooks.node_finished(
             record, Checkpoint(self.step, node_id, self.ctx, self.visits, self.retries, self.pending)
         )
+        if self.park_retries_after is not None and delay >= self.park_retries_after:
+            raise RetryParked(node_id, attempt.number + 1, attempt.of, due_ms, record.error or {})
 
     def _error(self, visit: _Visit, exc: NodeError, stopped: str | None = None) -> dict[str, Any]:
         error = exc.as_json(visit.node.id)

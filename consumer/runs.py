@@ -26,7 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
-from consumer.engine import Attempt, Checkpoint, NodeRecord, OpenSandbox, Outcome, run_workflow
+from consumer.engine import Attempt, Checkpoint, NodeRecord, OpenSandbox, Outcome, RetryParked, run_workflow
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
 from consumer.sandbox.base import NodeError, Sandbox, SandboxBusy, SandboxInfraError, SandboxSpec
 from shared.catalog import CatalogUnavailable, WorkflowCatalog
@@ -271,6 +271,12 @@ class Run:
             await self.recorder.flush()
             await self._transient_failure(attempt, exc, spend_retry=False, delay=exc.retry_after)
             return
+        except RetryParked as parked:
+            # A node retry with a long wait: likewise, it resumes at the node, from the checkpoint the
+            # engine made durable with the failed attempt, once due.
+            await self.recorder.flush()
+            await self._park_node_retry(attempt, parked)
+            return
         except SandboxInfraError as exc:
             await self.recorder.flush()
             await self._transient_failure(attempt, exc)
@@ -422,6 +428,8 @@ class Run:
                 TaskField.WORKFLOW_NAME: request.workflow_name,
                 TaskField.CLIENT: request.client,
                 TaskField.TASK_ID: request.task_id,
+                # Not waiting for a node retry any more (if it was).
+                TaskField.NODE_RETRY: "",
                 # The format this worker writes the task's state in (its checkpoint): an older worker
                 # that reclaims the entry leaves it to workers that read it.
                 TaskField.VERSION: str(FORMAT_VERSION),
@@ -441,6 +449,7 @@ class Run:
             execution_timeout=ctx.settings.execution_timeout,
             resume=resume,
             extra_context=self._node_context,
+            park_retries_after=ctx.settings.node_retry_park_after,
         )
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:
@@ -570,6 +579,28 @@ class Run:
         event = self.recorder.event(
             EventType.RETRY, {"attempt": next_attempt, "error": error, "retry_at": retry_at}, shown=True
         )
+        await self._delay(event, delay, {TaskField.ATTEMPT: str(next_attempt), TaskField.ERROR: dumps(error)})
+
+    async def _park_node_retry(self, attempt: int, parked: RetryParked) -> None:
+        """Park the run until a node's next attempt is due (its retry policy's wait), freeing the slot.
+        The execution's own attempt is unchanged: no execution retry is spent."""
+        request = self.request
+        waiting = parked.as_json()
+        error = self.recorder.shown({"error": parked.error})["error"]
+        delay = max(parked.due_ms / 1000 - time.time(), 0.0)
+        log.info(
+            "task %s: node %s waits %.2fs for attempt %d", request.task_id, parked.node_id, delay, parked.next_attempt
+        )
+        event = self.recorder.event(
+            EventType.RETRY,
+            {"attempt": attempt, "error": error, "retry_at": waiting["retry_at"], "node_retry": waiting},
+            shown=True,
+        )
+        await self._delay(event, delay, {TaskField.ERROR: dumps(error), TaskField.NODE_RETRY: dumps(waiting)})
+
+    async def _delay(self, event: dict[str, str], delay: float, task_fields: dict[str, str]) -> None:
+        """The run waits `delay` seconds in the delayed set (status RETRY), its entry acknowledged."""
+        ctx, request = self.ctx, self.request
         parked = await _durably(
             lambda: ctx.scripts.retry_later(
                 task_id=request.task_id,
@@ -578,12 +609,7 @@ class Run:
                 request=request.fields,
                 delay_ms=int(delay * 1000),
                 event=event,
-                task_fields={
-                    TaskField.STATUS: TaskStatus.RETRY,
-                    TaskField.ATTEMPT: str(next_attempt),
-                    TaskField.ERROR: dumps(error),
-                    TaskField.UPDATED_AT: now_iso(),
-                },
+                task_fields={TaskField.STATUS: TaskStatus.RETRY, **task_fields, TaskField.UPDATED_AT: now_iso()},
             ),
             ctx.settings,
         )

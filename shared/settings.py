@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     )
 
     concurrency: int = Field(default=10, ge=1, le=1000, description="Executions in flight per worker.")
+    node_retry_park_after: float = Field(
+        default=1.0,
+        ge=0,
+        description="A node retry (its `retry` policy) waiting at least this many seconds gives its worker slot "
+        "back meanwhile: the run waits in the delayed set and resumes at the node when due (shorter waits "
+        "stay in the slot).",
+    )
     lane_weights: str = Field(
         default="high:4,normal:2,low:1",
         description="How a worker shares its free slots among the priority lanes that have runs waiting: "

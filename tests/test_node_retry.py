@@ -282,8 +282,9 @@ async def test_kill9_during_the_backoff_resumes_at_the_node_with_the_attempt_cou
     send = f"open({str(effects)!r}, 'a').write(context['_nova']['idempotency_key'] + '\\n')"
     policy = {"attempts": 3, "backoff": {"initial": 6, "max": 6, "jitter": False}, "on": ["ConnectionError"]}
     wf = await create_workflow(redis, settings, pool, with_retry(linear(send, flaky(counter, 1)), "a2", policy))
-    fast = settings.model_copy(update={"visibility_timeout": 1.0})
-    victim = start_worker_process(fast, tmp_path / "victim.log")
+    # The wait is kept in the worker's slot here (parking is the next test's): the kill lands in it.
+    fast = settings.model_copy(update={"visibility_timeout": 1.0, "node_retry_park_after": 60.0})
+    victim = start_worker_process(fast, tmp_path / "victim.log", NOVA_NODE_RETRY_PARK_AFTER="60")
     try:
         task = await enqueue(redis, settings, wf, {})
         failed = await wait_for_events(
@@ -318,6 +319,47 @@ async def test_kill9_during_the_backoff_resumes_at_the_node_with_the_attempt_cou
         ("a2", "success", 2),
         ("end", "success", None),
     ]
+
+
+async def test_a_long_wait_gives_the_slot_back_and_get_tasks_shows_it(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path, api: httpx.AsyncClient
+) -> None:
+    counter = shared_file(shared_dir, "runs")
+    # A 2 s wait, past NOVA_NODE_RETRY_PARK_AFTER (1 s): the run waits in the delayed set.
+    policy = {"attempts": 3, "backoff": {"initial": 2, "max": 2, "jitter": False}, "on": ["ConnectionError"]}
+    wf = await create_workflow(redis, settings, pool, with_retry(linear(flaky(counter, 1)), "a1", policy))
+    quick = await create_workflow(redis, settings, pool, linear("context['quick'] = True"))
+    # One slot: the quick run can only start while the first one waits if the wait gave the slot back.
+    async with in_process_worker(settings, concurrency=1):
+        task = await enqueue(redis, settings, wf, {})
+        [waiting] = await wait_for_events(
+            redis, settings, lambda e: e.task_id == task.task_id and e.type == EventType.RETRY
+        )
+        assert waiting.data["node_retry"]["node_id"] == "a1" and waiting.data["attempt"] == 0
+        shown = (await api.get(f"/tasks/{task.task_id}")).json()
+        other = await enqueue(redis, settings, quick, {})
+        done = await wait_terminal(redis, settings, [task.task_id, other.task_id])
+        await wait_projected(pool, [task.execution_id], {"completed"})
+    assert shown["status"] == "RETRY" and shown["meta"]["node_retry"] == waiting.data["node_retry"]
+    assert shown["meta"]["node_retry"]["attempt"] == 2 and shown["meta"]["node_retry"]["max_attempts"] == 3
+    assert "Node 'a1' failed and will be retried (attempt 2 of 3)" in shown["message"]
+    assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
+    # The quick run finished before the waiting node's second attempt began.
+    # Every event of both (13 of the retried run, 9 of the quick one), in the order they were written.
+    events = await wait_for_events(redis, settings, lambda e: e.task_id in (task.task_id, other.task_id), 22)
+    second = _events([e for e in events if e.task_id == task.task_id], EventType.NODE_STARTED, "a1")[-1]
+    assert events.index(done[other.task_id]) < events.index(second)
+    assert second.data["attempt"] == 2 and second.data["started_at"] >= waiting.data["retry_at"]
+    assert [r["attempt"] for r in runs_of(counter)] == [1, 2]
+    rows = await _chain(pool, task.execution_id)
+    assert [(r["node_id"], r["status"], r["attempt"]) for r in rows] == [
+        ("start", "success", None),
+        ("a1", "failure", 1),
+        ("a1", "success", 2),
+        ("end", "success", None),
+    ]
+    # Running again, the task no longer says it waits.
+    assert (await api.get(f"/tasks/{task.task_id}")).json()["meta"] is None
 
 
 async def test_graphs_without_a_policy_run_as_before(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:

@@ -62,6 +62,14 @@ def task_view(task: dict[str, str], trace: list[dict[str, Any]] | None = None, f
             "nodes_executed": _int(task.get(TaskField.NODES_EXECUTED)) or 0,
             "attempt": _int(task.get(TaskField.ATTEMPT)) or 0,
         }
+        waiting = loads(task.get(TaskField.NODE_RETRY)) if status == TaskStatus.RETRY else None
+        if isinstance(waiting, dict):
+            # A node's own retry policy is waiting out its backoff (the worker's slot given back).
+            out["meta"]["node_retry"] = waiting
+            out["message"] = (
+                f"Node '{waiting.get('node_id')}' failed and will be retried (attempt {waiting.get('attempt')} of "
+                f"{waiting.get('max_attempts')}) at {waiting.get('retry_at')}"
+            )
     error = loads(task.get(TaskField.ERROR)) if status != TaskStatus.SUCCESS else None
     if status in (TaskStatus.FAILURE, TaskStatus.DEAD, TaskStatus.RETRY, TaskStatus.REVOKED):
         out["error"] = error_message(error)
