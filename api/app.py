@@ -11,7 +11,7 @@ import asyncpg
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors
+from api import errors, heap
 from api.deps import Resources
 from api.event_hub import EventHub
 from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
@@ -56,7 +56,9 @@ async def _sync_sequence(scripts: Scripts, pool: asyncpg.Pool | None) -> None:
         await scripts.of(keys).raise_sequence(int(highest))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, settle_heap: bool = False) -> FastAPI:
+    """`settle_heap`: once started, tune the garbage collector for serving (see api/heap.py); for the
+    API process only, not for tests."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -101,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.resources = res
         watch_stop = asyncio.Event()
         watch = asyncio.create_task(WorkerWatch(settings, redis).run(watch_stop), name="worker watch")
+        if settle_heap:
+            heap.settle_heap()
         try:
             yield
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from api import heap
 from api.app import create_app
 from cli.embedded import PostgresServer, RedisServer
 from shared.db import migrate_url
@@ -400,3 +402,23 @@ async def test_limits_answer_with_the_limit_named(api: httpx.AsyncClient) -> Non
     assert_error(await api.post("/workflows", json={"name": "big", "definition": huge_code}), 422, "code")
     many = {"nodes": [{"id": f"n{i}", "type": "end"} for i in range(501)]}
     assert_error(await api.post("/workflows", json={"name": "many", "definition": many}), 422, "nodes")
+
+
+async def test_a_serving_api_freezes_its_start_up_heap_and_collects_young_objects_less_often(
+    settings: Settings,
+) -> None:
+    threshold = gc.get_threshold()
+    plain = create_app(settings)
+    async with plain.router.lifespan_context(plain):
+        # Tests and other embedders keep the interpreter's collector as it is.
+        assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
+    serving = create_app(settings, settle_heap=True)
+    try:
+        async with serving.router.lifespan_context(serving):
+            assert gc.get_freeze_count() > 0
+            assert gc.get_threshold() == (heap.YOUNG_THRESHOLD, *threshold[1:])
+            # The application itself is among what start-up made: a full collection no longer walks it.
+            assert all(o is not serving for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
