@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import heap
+from api import fast_execute, heap
 from api.app import create_app
 from cli.embedded import PostgresServer, RedisServer
 from shared.db import migrate_url
@@ -422,3 +422,67 @@ async def test_a_serving_api_freezes_its_start_up_heap_and_collects_young_object
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def _scope(path: str, headers: dict[str, str], query: bytes = b"") -> dict[str, Any]:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return {"type": "http", "method": "POST", "path": path, "query_string": query, "root_path": "", "headers": raw}
+
+
+def test_the_execute_fast_path_takes_only_requests_fastapi_would_accept_as_they_are() -> None:
+    plain = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    body = b'{"client_slug": "acme", "initial_context": {"a": 1}}'
+    taken = fast_execute._plain(_scope("/workflows/7/execute", plain), body, 7)
+    assert taken is not None and taken[:2] == (7, ADMIN_KEY)
+    assert taken[2].client_slug == "acme" and taken[2].initial_context == {"a": 1} and taken[3] is None
+    assert fast_execute._plain(_scope("/workflows/7/execute", plain), b"{}", 7) is not None
+    refused = [
+        (plain, b'{"client_slug": "acme\\n"}'),  # a slug its pattern refuses
+        (plain, b'{"client_slug": "Acme"}'),
+        (plain, b'{"client_slug": 5}'),
+        (plain, b'{"initial_context": [1]}'),
+        (plain, b'{"client_slug": "acme", "client_slug": 5}'),  # the last one counts, as for FastAPI
+        (plain, b'{"other": 1}'),
+        (plain, b"[]"),
+        (plain, b""),
+        ({**plain, "Idempotency-Key": "k" * 201}, b"{}"),
+        ({"Authorization": f"Basic {ADMIN_KEY}", "Content-Type": "application/json"}, b"{}"),
+        ({"Content-Type": "application/json", "Cookie": "nova_session=x"}, b"{}"),
+        ({"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "text/plain"}, b"{}"),
+    ]
+    for headers, refused_body in refused:
+        assert fast_execute._plain(_scope("/workflows/7/execute", headers), refused_body, 7) is None, headers
+    assert fast_execute._plain(_scope("/workflows/7/execute", plain, b"x=1"), b"{}", 7) is None
+    assert fast_execute._plain(_scope("/workflows/7/execute", plain), b"{}", 2**63) is None
+
+
+async def test_the_execute_fast_path_answers_as_the_fastapi_route_does(api: httpx.AsyncClient) -> None:
+    wf = await create(api, linear("pass"))
+    await add_clients(api, "acme")
+    body = {"client_slug": "acme", "initial_context": {"invoice": 1}}
+    # A query string sends the same request through FastAPI's route (it has no query parameters).
+    fast, routed = (
+        await api.post(f"/workflows/{wf}/execute", json=body),
+        await api.post(f"/workflows/{wf}/execute?via=fastapi", json=body),
+    )
+    assert fast.status_code == routed.status_code == 202
+    assert fast.headers["content-type"] == routed.headers["content-type"]
+    one, other = fast.json(), routed.json()
+    assert list(one) == list(other)
+    assert one["execution_id"] == other["execution_id"] - 1
+    for varying in ("task_id", "execution_id", "message"):
+        one.pop(varying), other.pop(varying)
+    assert one == other
+    # Errors come from the same handlers.
+    for path, headers, status in (
+        ("/workflows/999999/execute", {}, 404),
+        (f"/workflows/{wf}/execute", {"Authorization": "Bearer not-a-key"}, 401),
+    ):
+        fast, routed = (
+            await api.post(path, json=body, headers=headers),
+            await api.post(f"{path}?via=fastapi", json=body, headers=headers),
+        )
+        assert fast.status_code == routed.status_code == status
+        assert fast.json() == routed.json() and fast.headers.get("www-authenticate") == routed.headers.get(
+            "www-authenticate"
+        )
