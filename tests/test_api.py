@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -10,10 +11,15 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import fast_execute, heap
 from api.app import create_app
 from cli.embedded import PostgresServer, RedisServer
+from cli.faultproxy import FaultProxy
+from shared.connections import PromptWrites, create_redis
 from shared.db import migrate_url
 from shared.settings import Settings
 from shared.streams import EventType, Keys
@@ -486,3 +492,28 @@ async def test_the_execute_fast_path_answers_as_the_fastapi_route_does(api: http
         assert fast.json() == routed.json() and fast.headers.get("www-authenticate") == routed.headers.get(
             "www-authenticate"
         )
+
+
+async def test_the_apis_redis_client_writes_small_commands_promptly_and_still_times_out_a_silent_redis(
+    redis_server: RedisServer, settings: Settings
+) -> None:
+    async with FaultProxy("127.0.0.1", redis_server.port, seed=1, credentials=redis_server.credentials) as proxy:
+        client = create_redis(
+            settings.model_copy(update={"redis_url": proxy.url}),
+            prompt_writes=True,
+            socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            assert await client.set("k", "v")
+            connection = await client.connection_pool.get_connection()
+            assert isinstance(connection, PromptWrites)
+            await client.connection_pool.release(connection)
+            proxy.pause()
+            # Written without wait_for, the command still fails on the read's timeout: no hang.
+            with pytest.raises(RedisTimeoutError):
+                await asyncio.wait_for(client.get("k"), 30)
+            assert connection.socket_timeout == 1
+        finally:
+            proxy.resume()
+            await client.aclose()
