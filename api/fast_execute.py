@@ -106,8 +106,14 @@ def _plain(scope: Scope, body: bytes, workflow_id: int) -> tuple[int, str, Execu
         return None
     authorization: bytes | None = None
     idempotency_key: bytes | None = None
+    content_types = 0
     for name, value in scope["headers"]:
-        if name == b"authorization":
+        if name == b"content-type":
+            # Two of them: FastAPI reads the first, is_json the last; not plain.
+            content_types += 1
+            if content_types > 1:
+                return None
+        elif name == b"authorization":
             if authorization is not None:
                 return None
             authorization = value

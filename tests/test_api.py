@@ -459,6 +459,9 @@ def test_the_execute_fast_path_takes_only_requests_fastapi_would_accept_as_they_
     for headers, refused_body in refused:
         assert fast_execute._plain(_scope("/workflows/7/execute", headers), refused_body, 7) is None, headers
     assert fast_execute._plain(_scope("/workflows/7/execute", plain, b"x=1"), b"{}", 7) is None
+    doubled = _scope("/workflows/7/execute", plain)
+    doubled["headers"].insert(0, (b"content-type", b"text/plain"))
+    assert fast_execute._plain(doubled, b"{}", 7) is None
     assert fast_execute._plain(_scope("/workflows/7/execute", plain), b"{}", 2**63) is None
 
 
