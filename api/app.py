@@ -11,9 +11,10 @@ import asyncpg
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors
+from api import errors, heap
 from api.deps import Resources
 from api.event_hub import EventHub
+from api.fast_execute import ExecuteFastPath
 from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
 from api.metrics import Metrics
 from api.request_context import RequestContext
@@ -56,14 +57,16 @@ async def _sync_sequence(scripts: Scripts, pool: asyncpg.Pool | None) -> None:
         await scripts.of(keys).raise_sequence(int(highest))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, settle_heap: bool = False) -> FastAPI:
+    """`settle_heap`: once started, tune the garbage collector for serving (see api/heap.py); for the
+    API process only, not for tests."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Here, in the running loop, for Sentry's asyncio integration (a no-op without SENTRY_DSN).
         init_reporting(settings, "api")
-        redis = create_redis(settings)
+        redis = create_redis(settings, prompt_writes=True)
         with contextlib.suppress(*REDIS_UNAVAILABLE):
             await prepare(redis)
         keys = Keys.from_settings(settings)
@@ -101,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.resources = res
         watch_stop = asyncio.Event()
         watch = asyncio.create_task(WorkerWatch(settings, redis).run(watch_stop), name="worker watch")
+        if settle_heap:
+            heap.settle_heap()
         try:
             yield
         finally:
@@ -121,6 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last added runs first: the size limit bounds what the JSON guard buffers; CORS answers
     # preflights before any of them (and adds its headers to their refusals); every response,
     # whichever layer wrote it, carries the request id.
+    # Innermost: the hot route's plain requests skip FastAPI's routing and validation (api/fast_execute.py).
+    app.add_middleware(ExecuteFastPath, fastapi=app)
     app.add_middleware(JsonBodyGuard, max_depth=settings.max_json_depth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origin_list:

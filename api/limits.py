@@ -85,7 +85,7 @@ class JsonBodyGuard:
         self.max_depth = max_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _is_json(scope):
+        if scope["type"] != "http" or not is_json(scope):
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -113,7 +113,7 @@ class JsonBodyGuard:
         await self.app(scope, replay, send)
 
 
-def _is_json(scope: Scope) -> bool:
+def is_json(scope: Scope) -> bool:
     # As FastAPI decides: it parses application/json and application/*+json bodies only.
     content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
     media = content_type.split(b";", 1)[0].strip().lower()

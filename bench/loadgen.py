@@ -4,16 +4,26 @@ The benchmarks need a client that costs less than the server it measures; a raw 
 persistent connections does, where a general-purpose HTTP client would be the bottleneck on 2 cores.
 
     python -m bench.loadgen post URL BODY_JSON CONCURRENCY SECONDS [HEADER ...]
+    python -m bench.loadgen open URL BODY_JSON RATE SECONDS CONNECTIONS [HEADER ...]
     python -m bench.loadgen sse URL SUBSCRIBERS EXPECTED_EVENTS [HEADER ...]
 Each prints one JSON line.
+
+`post` is a closed loop: each connection sends its next request when the previous one is answered,
+so a slow server slows the arrivals down and its slow answers are under-sampled (coordinated
+omission). `open` is an open loop: requests arrive at fixed intended times, RATE per second,
+whatever the server does; each goes out on an idle keep-alive connection of the pool, or waits for
+one, and its latency counts from its intended time, so waiting in the client counts too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import resource
 import sys
 import time
+from typing import cast
 from urllib.parse import urlsplit
 
 
@@ -116,11 +126,182 @@ async def sse(url: str, subscribers: int, expected: int, headers: list[str]) -> 
     }
 
 
+def _percentile(ordered: list[float], q: float) -> float | None:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000 if ordered else None
+
+
+class _OpenLoop:
+    """The open loop's state, driven by callbacks rather than a coroutine per request: at thousands of
+    requests a second the generator must stay cheaper than the server it measures."""
+
+    def __init__(self, request: bytes, rate: float, seconds: float) -> None:
+        self.request = request
+        self.interval = 1.0 / rate
+        self.total = int(rate * seconds)
+        self.idle: list[_Connection] = []
+        # Intended times of the requests that found every connection busy, oldest first.
+        self.backlog: collections.deque[float] = collections.deque()
+        self.latencies: list[float] = []
+        self.send_lag: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.errors = 0
+        self.late = 0
+        self.scheduled = 0
+        self.outstanding = 0
+        self.done = asyncio.Event()
+        self.t0 = 0.0
+        self.last_answer = 0.0
+
+    def tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Release every request whose intended time has come, then sleep until the next one's."""
+        now = time.perf_counter()
+        while self.scheduled < self.total:
+            intended = self.t0 + self.scheduled * self.interval
+            if intended > now:
+                # Only the difference crosses between the two clocks. A timer that fires early (uvloop's
+                # clock is cached per iteration, in milliseconds) finds nothing due and sets another.
+                loop.call_at(loop.time() + (intended - now), self.tick, loop)
+                return
+            self.scheduled += 1
+            self.outstanding += 1
+            if self.idle:
+                self.idle.pop().send(intended, now)
+            else:
+                self.late += 1
+                self.backlog.append(intended)
+        self._maybe_done()
+
+    def answered(self, connection: _Connection, intended: float, status: int | None) -> None:
+        now = time.perf_counter()
+        self.outstanding -= 1
+        if status is None:
+            self.errors += 1
+        else:
+            self.latencies.append(now - intended)
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            self.last_answer = now
+        if self.backlog and connection.usable:
+            connection.send(self.backlog.popleft(), now)
+        elif connection.usable:
+            self.idle.append(connection)
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.scheduled >= self.total and self.outstanding == 0:
+            self.done.set()
+
+
+def _content_length(head: bytes) -> int:
+    # The head's end (the blank line) is not in `head`: its last header line has no CRLF after it.
+    head = head.lower() + b"\r\n"
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0:
+        return 0
+    return int(head[at + 17 : head.index(b"\r\n", at + 2)])
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: one request in flight at a time, its response parsed from
+    Content-Length (the API never answers in chunks)."""
+
+    def __init__(self, state: _OpenLoop) -> None:
+        self.state = state
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.intended: float | None = None
+        self.usable = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, intended: float, now: float) -> None:
+        assert self.transport is not None
+        self.intended = intended
+        self.state.send_lag.append(now - intended)
+        self.transport.write(self.state.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while self.intended is not None:
+            head_end = self.buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            end = head_end + 4 + _content_length(self.buffer[:head_end])
+            if len(self.buffer) < end:
+                return
+            status = int(self.buffer.split(b" ", 2)[1])
+            self.buffer = self.buffer[end:]
+            intended, self.intended = self.intended, None
+            self.state.answered(self, intended, status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.usable = False
+        if self.intended is not None:
+            intended, self.intended = self.intended, None
+            self.state.answered(self, intended, None)
+
+
+async def open_loop(
+    url: str, body: str, rate: float, seconds: float, connections: int, headers: list[str]
+) -> dict[str, object]:
+    parts = urlsplit(url)
+    state = _OpenLoop(_request("POST", parts.path, parts.netloc, headers, body.encode()), rate, seconds)
+    loop = asyncio.get_running_loop()
+    for _ in range(connections):
+        _, protocol = await loop.create_connection(lambda: _Connection(state), parts.hostname, parts.port)
+        state.idle.append(protocol)
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    state.t0 = time.perf_counter()
+    state.tick(loop)
+    # Arrivals stop after `seconds`; what is still in flight may take a while longer, not for ever.
+    try:
+        await asyncio.wait_for(state.done.wait(), seconds + 15)
+    except TimeoutError:
+        state.errors += state.outstanding
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    latencies = sorted(state.latencies)
+    send_lag = sorted(state.send_lag)
+    n = len(latencies)
+    elapsed = (state.last_answer or time.perf_counter()) - state.t0
+    return {
+        "loop": type(loop).__module__.split(".")[0],
+        "intended_rps": rate,
+        "requests": n,
+        "rps": n / elapsed if elapsed > 0 else None,
+        "p50_ms": _percentile(latencies, 0.50),
+        "p90_ms": _percentile(latencies, 0.90),
+        "p99_ms": _percentile(latencies, 0.99),
+        "p999_ms": _percentile(latencies, 0.999),
+        "max_ms": latencies[-1] * 1000 if n else None,
+        "statuses": state.statuses,
+        "errors": state.errors,
+        # Requests that found every connection busy at their intended time and waited for one.
+        "late": state.late,
+        # How long after its intended time each request went out (the generator's timer slack included).
+        "send_lag_p99_ms": _percentile(send_lag, 0.99),
+        "send_lag_max_ms": send_lag[-1] * 1000 if send_lag else None,
+        "cpu_s": round(cpu, 3),
+        "cpu_ms_per_request": cpu * 1000 / n if n else None,
+    }
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
     if mode == "post":
         url, body, concurrency, seconds, *headers = args
         result = asyncio.run(post(url, body, int(concurrency), float(seconds), headers))
+    elif mode == "open":
+        url, body, rate, seconds, connections, *headers = args
+        run = open_loop(url, body, float(rate), float(seconds), int(connections), headers)
+        try:
+            import uvloop
+        except ImportError:
+            result = asyncio.run(run)
+        else:
+            # uvloop's loop costs less CPU per request than asyncio's: the generator stays cheaper than the server.
+            result = uvloop.run(run)
     else:
         url, subscribers, expected, *headers = args
         result = asyncio.run(sse(url, int(subscribers), int(expected), headers))

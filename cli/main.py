@@ -125,7 +125,7 @@ def api(
     settings = _settings(port=port, host=host)
     _configure_logging(settings, "api", request_ids=True)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, settle_heap=True),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

@@ -36,7 +36,48 @@ class NotConfigured(RuntimeError):
     pass
 
 
-def create_redis(settings: Settings, **kwargs: object) -> Redis:
+# A command this small is written without asyncio.wait_for (see PromptWrites).
+PROMPT_WRITE_BYTES = 16 * 1024
+
+
+class PromptWrites:
+    """For a connection class: small commands are written without asyncio.wait_for.
+
+    redis-py 8 gives every connection a socket timeout (5 s) and wraps each write in asyncio.wait_for.
+    On Python 3.11 that runs the write in a task of its own: one more pass of the event loop and a task
+    per command, about an eighth of the API's CPU per enqueue (measured in-process, two commands). The
+    timeout guards nothing there: a write goes to the transport's buffer, and drain() returns at once
+    below its high-water mark (64 KiB), which a connection holding one small command at a time does not
+    reach. Reads keep their timeout, so a Redis that stops answering still fails the command after it;
+    connecting, health checks and large commands keep redis-py's whole path.
+    """
+
+    socket_timeout: float | None
+    is_connected: bool
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        send = super().send_packed_command  # type: ignore[misc]
+        if (
+            not self.socket_timeout
+            or not self.is_connected
+            or not isinstance(command, list)
+            or sum(len(part) for part in command) > PROMPT_WRITE_BYTES
+        ):
+            await send(command, check_health)
+            return
+        if check_health:
+            await self.check_health()  # type: ignore[attr-defined]
+        # Only this write goes without: the connection is this task's alone until its reply is read.
+        timeout, self.socket_timeout = self.socket_timeout, None
+        try:
+            await send(command, False)
+        finally:
+            self.socket_timeout = timeout
+
+
+def create_redis(settings: Settings, *, prompt_writes: bool = False, **kwargs: object) -> Redis:
+    """`prompt_writes`: the API's client, whose requests each wait on a couple of small commands (see
+    PromptWrites); not on a cluster, whose client keeps a pool per node."""
     if not settings.redis_url:
         raise NotConfigured("REDIS_URL is not set (or run `nova dev`, which starts an embedded Redis)")
     options: dict[str, object] = {
@@ -61,7 +102,13 @@ def create_redis(settings: Settings, **kwargs: object) -> Redis:
         url = settings.redis_url.replace("+cluster://", "://", 1)
         options.pop("health_check_interval", None)
         return cast(Redis, RedisCluster.from_url(url, **options))  # type: ignore[arg-type]
-    return Redis.from_url(settings.redis_url, **options)  # type: ignore[arg-type]
+    client = Redis.from_url(settings.redis_url, **options)  # type: ignore[arg-type]
+    if prompt_writes:
+        # The class the URL chose (plain, TLS or Unix socket), with small writes made promptly.
+        pool = client.connection_pool
+        base = pool.connection_class
+        pool.connection_class = type(f"Prompt{base.__name__}", (PromptWrites, base), {})
+    return client
 
 
 async def prepare(redis: Redis) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -9,9 +11,15 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api import fast_execute, heap
 from api.app import create_app
 from cli.embedded import PostgresServer, RedisServer
+from cli.faultproxy import FaultProxy
+from shared.connections import PromptWrites, create_redis
 from shared.db import migrate_url
 from shared.settings import Settings
 from shared.streams import EventType, Keys
@@ -401,3 +409,115 @@ async def test_limits_answer_with_the_limit_named(api: httpx.AsyncClient) -> Non
     assert_error(await api.post("/workflows", json={"name": "big", "definition": huge_code}), 422, "code")
     many = {"nodes": [{"id": f"n{i}", "type": "end"} for i in range(501)]}
     assert_error(await api.post("/workflows", json={"name": "many", "definition": many}), 422, "nodes")
+
+
+async def test_a_serving_api_freezes_its_start_up_heap_and_collects_young_objects_less_often(
+    settings: Settings,
+) -> None:
+    threshold = gc.get_threshold()
+    plain = create_app(settings)
+    async with plain.router.lifespan_context(plain):
+        # Tests and other embedders keep the interpreter's collector as it is.
+        assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
+    serving = create_app(settings, settle_heap=True)
+    try:
+        async with serving.router.lifespan_context(serving):
+            assert gc.get_freeze_count() > 0
+            assert gc.get_threshold() == (heap.YOUNG_THRESHOLD, *threshold[1:])
+            # The application itself is among what start-up made: a full collection no longer walks it.
+            assert all(o is not serving for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+def _scope(path: str, headers: dict[str, str], query: bytes = b"") -> dict[str, Any]:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return {"type": "http", "method": "POST", "path": path, "query_string": query, "root_path": "", "headers": raw}
+
+
+def test_the_execute_fast_path_takes_only_requests_fastapi_would_accept_as_they_are() -> None:
+    plain = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    body = b'{"client_slug": "acme", "initial_context": {"a": 1}}'
+    taken = fast_execute._plain(_scope("/workflows/7/execute", plain), body, 7)
+    assert taken is not None and taken[:2] == (7, ADMIN_KEY)
+    assert taken[2].client_slug == "acme" and taken[2].initial_context == {"a": 1} and taken[3] is None
+    assert fast_execute._plain(_scope("/workflows/7/execute", plain), b"{}", 7) is not None
+    refused = [
+        (plain, b'{"client_slug": "acme\\n"}'),  # a slug its pattern refuses
+        (plain, b'{"client_slug": "Acme"}'),
+        (plain, b'{"client_slug": 5}'),
+        (plain, b'{"initial_context": [1]}'),
+        (plain, b'{"client_slug": "acme", "client_slug": 5}'),  # the last one counts, as for FastAPI
+        (plain, b'{"other": 1}'),
+        (plain, b"[]"),
+        (plain, b""),
+        ({**plain, "Idempotency-Key": "k" * 201}, b"{}"),
+        ({"Authorization": f"Basic {ADMIN_KEY}", "Content-Type": "application/json"}, b"{}"),
+        ({"Content-Type": "application/json", "Cookie": "nova_session=x"}, b"{}"),
+        ({"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "text/plain"}, b"{}"),
+    ]
+    for headers, refused_body in refused:
+        assert fast_execute._plain(_scope("/workflows/7/execute", headers), refused_body, 7) is None, headers
+    assert fast_execute._plain(_scope("/workflows/7/execute", plain, b"x=1"), b"{}", 7) is None
+    doubled = _scope("/workflows/7/execute", plain)
+    doubled["headers"].insert(0, (b"content-type", b"text/plain"))
+    assert fast_execute._plain(doubled, b"{}", 7) is None
+    assert fast_execute._plain(_scope("/workflows/7/execute", plain), b"{}", 2**63) is None
+
+
+async def test_the_execute_fast_path_answers_as_the_fastapi_route_does(api: httpx.AsyncClient) -> None:
+    wf = await create(api, linear("pass"))
+    await add_clients(api, "acme")
+    body = {"client_slug": "acme", "initial_context": {"invoice": 1}}
+    # A query string sends the same request through FastAPI's route (it has no query parameters).
+    fast, routed = (
+        await api.post(f"/workflows/{wf}/execute", json=body),
+        await api.post(f"/workflows/{wf}/execute?via=fastapi", json=body),
+    )
+    assert fast.status_code == routed.status_code == 202
+    assert fast.headers["content-type"] == routed.headers["content-type"]
+    one, other = fast.json(), routed.json()
+    assert list(one) == list(other)
+    assert one["execution_id"] == other["execution_id"] - 1
+    for varying in ("task_id", "execution_id", "message"):
+        one.pop(varying), other.pop(varying)
+    assert one == other
+    # Errors come from the same handlers.
+    for path, headers, status in (
+        ("/workflows/999999/execute", {}, 404),
+        (f"/workflows/{wf}/execute", {"Authorization": "Bearer not-a-key"}, 401),
+    ):
+        fast, routed = (
+            await api.post(path, json=body, headers=headers),
+            await api.post(f"{path}?via=fastapi", json=body, headers=headers),
+        )
+        assert fast.status_code == routed.status_code == status
+        assert fast.json() == routed.json() and fast.headers.get("www-authenticate") == routed.headers.get(
+            "www-authenticate"
+        )
+
+
+async def test_the_apis_redis_client_writes_small_commands_promptly_and_still_times_out_a_silent_redis(
+    redis_server: RedisServer, settings: Settings
+) -> None:
+    async with FaultProxy("127.0.0.1", redis_server.port, seed=1, credentials=redis_server.credentials) as proxy:
+        client = create_redis(
+            settings.model_copy(update={"redis_url": proxy.url}),
+            prompt_writes=True,
+            socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            assert await client.set("k", "v")
+            connection = await client.connection_pool.get_connection()
+            assert isinstance(connection, PromptWrites)
+            await client.connection_pool.release(connection)
+            proxy.pause()
+            # Written without wait_for, the command still fails on the read's timeout: no hang.
+            with pytest.raises(RedisTimeoutError):
+                await asyncio.wait_for(client.get("k"), 30)
+            assert connection.socket_timeout == 1
+        finally:
+            proxy.resume()
+            await client.aclose()

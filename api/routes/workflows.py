@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from pydantic import ValidationError
 
-from api.deps import Admin, Caller, Res
+from api.deps import Admin, Caller, Res, Resources
 from api.errors import ApiError, unavailable
 from api.schemas import (
     BIGINT_MAX,
@@ -36,6 +36,7 @@ from shared.catalog import (
     WorkflowHead,
     definition_warnings,
 )
+from shared.clients import Principal
 from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
@@ -46,6 +47,7 @@ from shared.workflow import Definition, InvalidDefinition, validate_definition, 
 router = APIRouter(tags=["workflows"])
 
 MAX_CONTEXT_BYTES = 256 * 1024
+IDEMPOTENCY_KEY_MAX = 200
 
 
 def _out(workflow: StoredWorkflow) -> WorkflowOut:
@@ -231,8 +233,16 @@ async def execute_workflow(
     body: ExecuteIn,
     res: Res,
     caller: Caller,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=IDEMPOTENCY_KEY_MAX)] = None,
 ) -> ExecuteOut:
+    return await execute(res, workflow_id, body, caller, idempotency_key)
+
+
+async def execute(
+    res: Resources, workflow_id: int, body: ExecuteIn, caller: Principal, idempotency_key: str | None
+) -> ExecuteOut:
+    """The execute route's work once its request is validated: shared with api/fast_execute.py, which
+    answers the plain requests of this route without FastAPI's layers."""
     workflow: WorkflowHead | None = await res.catalog.current(workflow_id)
     if workflow is None:
         raise ApiError(404, f"Workflow {workflow_id} not found")
