@@ -231,3 +231,14 @@ async def test_a_due_retry_goes_back_to_its_lane_and_a_forged_lane_to_normal(r: 
     on = {lane: [f["task_id"] for _, f in await r.xrange(KEYS.in_lane(lane).requests)] for lane in LANES}
     assert on == {Lane.HIGH: ["t0"], Lane.LOW: ["t1"], Lane.NORMAL: ["t2", "t3", "t4"]}
     assert sorted(await r.keys("l:requests*")) == ["l:requests", "l:requests:high", "l:requests:low"]
+
+
+async def test_a_priority_is_never_dropped_on_the_way_in(api: httpx.AsyncClient, redis: Redis, keys: Keys) -> None:
+    """Execute requests take two ways into the route (api/fast_execute.py answers the plain ones): a
+    priority, valid or not, goes the way that validates it."""
+    wf = (await api.post("/workflows", json={"name": "P", "graph_definition": linear("pass")})).json()
+    high = (await api.post(f"/workflows/{wf['id']}/execute", json={"priority": "high", "initial_context": {}})).json()
+    assert high["priority"] == "high"
+    assert await redis.hget(keys.task(high["task_id"]), TaskField.LANE) == "high"
+    refused = await api.post(f"/workflows/{wf['id']}/execute", json={"priority": "asap"})
+    assert refused.status_code == 422 and "priority" in refused.text

@@ -216,7 +216,7 @@ async def _client_of(res: Res, caller_client: str | None, admin: bool, requested
     return requested
 
 
-async def _workflow_lane(res: Res, workflow: WorkflowHead) -> Lane:
+async def _workflow_lane(res: Resources, workflow: WorkflowHead) -> Lane:
     """The lane the workflow's definition names (its version is cached in the process after one read)."""
     stored = await res.catalog.get(workflow.id, workflow.version)
     return workflow_lane(stored.definition) if stored is not None else Lane.NORMAL
