@@ -242,9 +242,6 @@ class Scripts:
         token: str,
         task_ttl: int,
     ) -> RecordResult:
-        event_items: list[Any] = []
-        for event in events:
-            event_items.extend(counted(pairs(event)))
         reply = await self._call(
             "record",
             keys=[
@@ -261,9 +258,8 @@ class Scripts:
                 task_ttl,
                 "1" if terminal else "0",
                 token,
-                len(events),
-                *event_items,
-                *pairs(task_fields),
+                orjson.dumps([pairs(event) for event in events]),
+                orjson.dumps(pairs(task_fields)),
             ],
         )
         outcome, event_id, status = (_s(x) for x in reply)
