@@ -54,6 +54,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def initdb_cache() -> Iterator[Path]:
+    """One initdb per test process, copied for each new PostgreSQL (the session's, a test's own, chaos
+    runs'): initdb takes seconds on a loaded machine, the copy a fraction of that."""
+    with private_dir("initdb") as root:
+        PostgresServer.initdb_cache = root
+        try:
+            yield root
+        finally:
+            PostgresServer.initdb_cache = None
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     with private_dir("postgres") as root:
