@@ -9,19 +9,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import typer
 
 from cli.ops import _with_redis
-from shared.control import QUEUE, CancelFilter, RunControl, workflow_scope
-from shared.scripts import CancelOutcome
-from shared.settings import Settings
-from shared.streams import Keys
+
+# Imported by every `nova` command: what these commands need is imported when they run (see cli/ops.py).
+if TYPE_CHECKING:
+    import asyncpg
+
+    from shared.control import RunControl
+    from shared.settings import Settings
+    from shared.streams import Keys
 
 
 def _control(redis: Any, keys: Keys, settings: Settings, pool: asyncpg.Pool | None = None) -> RunControl:
+    from shared.control import RunControl
+
     return RunControl(
         redis, keys, task_ttl=settings.task_ttl, visibility_timeout=settings.visibility_timeout, pool=pool
     )
@@ -49,6 +54,11 @@ def cancel_command(
     if not task and not all(i.isdigit() for i in ids):
         typer.echo("error: execution ids are numbers (task ids need --task)", err=True)
         raise typer.Exit(2)
+
+    import asyncpg
+
+    from shared.control import CancelFilter
+    from shared.scripts import CancelOutcome
 
     async def run(redis: Any, keys: Keys, settings: Settings) -> list[dict[str, Any]]:
         by_query = workflow is not None or client is not None or status is not None
@@ -98,6 +108,8 @@ def cancel_command(
 
 
 def _scope(workflow: int | None) -> str:
+    from shared.control import QUEUE, workflow_scope
+
     return workflow_scope(workflow) if workflow is not None else QUEUE
 
 

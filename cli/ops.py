@@ -2,6 +2,9 @@
 
 They talk to Redis directly (REDIS_URL), so they work when the API is down, which is when operators
 need them most.
+
+`nova` imports this module for every command (to know the commands' options), so what a command
+needs beyond typer is imported inside it: each process pays only for its own command's imports.
 """
 
 from __future__ import annotations
@@ -9,18 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import asyncpg
 import typer
 
-from shared.catalog import WorkflowCatalog
-from shared.connections import REDIS_UNAVAILABLE, NotConfigured, create_redis
-from shared.db import create_pool
-from shared.dead_letters import DeadLetters, NotReplayable
-from shared.inspection import inspect, render_text
-from shared.settings import Settings
-from shared.streams import Keys
+if TYPE_CHECKING:
+    from shared.dead_letters import DeadLetters
+    from shared.settings import Settings
+    from shared.streams import Keys
 
 T = TypeVar("T")
 
@@ -28,6 +27,10 @@ dlq_app = typer.Typer(help="Inspect, replay and purge the dead-letter stream.", 
 
 
 def _with_redis(action: Callable[[Any, Keys, Settings], Awaitable[T]]) -> T:
+    from shared.connections import REDIS_UNAVAILABLE, NotConfigured, create_redis
+    from shared.settings import Settings
+    from shared.streams import Keys
+
     settings = Settings()
 
     async def run() -> T:
@@ -49,11 +52,16 @@ def _with_redis(action: Callable[[Any, Keys, Settings], Awaitable[T]]) -> T:
 
 def inspect_command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
     """Stream lengths, group lag and pending, consumers with pending and idle time, DLQ size."""
+    from shared.inspection import inspect, render_text
+
     report = _with_redis(lambda redis, keys, _settings: inspect(redis, keys))
     typer.echo(json.dumps(report, indent=2) if as_json else render_text(report))
 
 
 def _dead_letters(redis: Any, keys: Keys, settings: Settings) -> DeadLetters:
+    from shared.catalog import WorkflowCatalog
+    from shared.dead_letters import DeadLetters
+
     # Without PostgreSQL: replays read workflows from their Redis copy.
     return DeadLetters(redis, keys, settings, WorkflowCatalog(redis, None, keys))
 
@@ -78,6 +86,7 @@ def dlq_list(
 @dlq_app.command("replay")
 def dlq_replay(entry_id: str = typer.Argument(..., help="Dead-letter entry id (see `nova dlq list`).")) -> None:
     """Run a dead letter again as a new task (once, however often this is called)."""
+    from shared.dead_letters import NotReplayable
 
     async def replay(redis: Any, keys: Keys, settings: Settings) -> str:
         dlq = _dead_letters(redis, keys, settings)
@@ -121,6 +130,9 @@ def cleanup_command(
 
     Workers do this by themselves on NOVA_CLEANUP_CRON; this is for doing it at once, or seeing what
     it would do. Needs REDIS_URL and DATABASE_URL."""
+    import asyncpg
+
+    from shared.db import create_pool
     from shared.retention import Retention, cutoff_for
 
     async def run(redis: Any, keys: Keys, settings: Settings) -> dict[str, Any]:

@@ -10,23 +10,17 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cli.ops import _with_redis
-from shared.db import create_pool
-from shared.executions import CatalogUnavailable, KnownClients, UnknownClient
-from shared.settings import Settings
-from shared.streams import Keys
-from shared.webhooks import (
-    EgressRefused,
-    InvalidEndpoint,
-    RotationConflict,
-    WebhookEvent,
-    WebhookRegistry,
-    endpoint_event_types,
-)
+from shared.webhook_events import WebhookEvent
+
+# Imported by every `nova` command: the registry is imported by the commands that use it (see cli/ops.py).
+if TYPE_CHECKING:
+    from shared.settings import Settings
+    from shared.streams import Keys
 
 webhooks_app = typer.Typer(
     help="Webhook endpoints: list, add, delete, their deliveries, and replays.", no_args_is_help=True
@@ -44,6 +38,8 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 @webhooks_app.command("list")
 def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Every endpoint: id, URL, whose executions (operators' or a client's) and its event types."""
+    from shared.webhooks import WebhookRegistry
+
     endpoints = _with_redis(lambda redis, keys, settings: WebhookRegistry(redis, keys, settings).list())
     if as_json:
         typer.echo(json.dumps([e.as_json() for e in endpoints], indent=2))
@@ -63,6 +59,10 @@ def add_command(
     description: str | None = typer.Option(None, "--description", help="A note shown in listings."),
 ) -> None:
     """Register an endpoint and print its signing secret (shown once)."""
+    from shared.db import create_pool
+    from shared.executions import CatalogUnavailable, KnownClients, UnknownClient
+    from shared.webhooks import EgressRefused, InvalidEndpoint, WebhookRegistry, endpoint_event_types
+
     if client is not None and not _SLUG.match(client):
         raise _fail(f"'{client}' is not a client slug (lower-case letters, digits, '-' and '_')", 2)
     if description is not None and len(description) > 500:
@@ -100,6 +100,8 @@ def add_command(
 @webhooks_app.command("delete")
 def delete_command(endpoint_id: str = typer.Argument(..., help="Endpoint id (see `nova webhooks list`).")) -> None:
     """Delete an endpoint with its dead-lettered deliveries; nothing more is sent to it."""
+    from shared.webhooks import WebhookRegistry
+
     if not _with_redis(lambda redis, keys, settings: WebhookRegistry(redis, keys, settings).delete(endpoint_id)):
         raise _fail(f"webhook {endpoint_id} not found")
     typer.echo(f"deleted webhook {endpoint_id}")
@@ -112,6 +114,7 @@ def deliveries_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with each payload)."),
 ) -> None:
     """Deliveries being retried, then dead-lettered ones (newest first), with attempts and last error."""
+    from shared.webhooks import WebhookRegistry
 
     async def run(redis: Any, keys: Keys, settings: Settings) -> list[dict[str, Any]] | None:
         registry = WebhookRegistry(redis, keys, settings)
@@ -139,6 +142,7 @@ def replay_command(
     delivery_id: str = typer.Argument(..., help="A dead delivery's id (see `nova webhooks deliveries`)."),
 ) -> None:
     """Send a dead-lettered delivery again (same webhook-id, a fresh retry budget)."""
+    from shared.webhooks import WebhookRegistry
 
     async def run(redis: Any, keys: Keys, settings: Settings) -> str:
         registry = WebhookRegistry(redis, keys, settings)
@@ -167,6 +171,7 @@ def rotate_command(
 ) -> None:
     """Give an endpoint a new signing secret and print it (shown once); during the grace period every
     delivery carries signatures from both, so the receiver can switch at its own pace."""
+    from shared.webhooks import RotationConflict, WebhookRegistry
 
     async def run(redis: Any, keys: Keys, settings: Settings) -> dict[str, Any] | None:
         registry = WebhookRegistry(redis, keys, settings)

@@ -25,7 +25,6 @@ import socket
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,25 +38,13 @@ from shared.events import Event
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, Layout, dumps, loads, now_iso
+from shared.webhook_events import WebhookEvent
 
 # Dead deliveries kept per endpoint: enough for an operator to replay an outage's worth, bounded so a
 # dead endpoint cannot grow Redis without limit.
 DEAD_LETTERS_KEPT = 1000
 RESOLVE_TIMEOUT = 5.0
 SEALED = "sealed:"
-
-
-class WebhookEvent(StrEnum):
-    """The event types an endpoint may subscribe to (the payload's `type`)."""
-
-    EXECUTION_SUCCEEDED = "execution.succeeded"
-    EXECUTION_FAILED = "execution.failed"
-    EXECUTION_DEAD = "execution.dead_lettered"
-    NODE_FAILED = "node.failed"
-    # Raised by the API's dead man's switch; operators' endpoints only (api/worker_watch.py).
-    WORKERS_UNAVAILABLE = "workers.unavailable"
-    # A schedule's tick that could not be enqueued (its workflow is gone).
-    SCHEDULE_FAILED = "schedule.failed"
 
 
 class InvalidEndpoint(ValueError):

@@ -188,6 +188,9 @@ async def test_api_sse_and_projection_over_three_shards(
                         live.append(event)
                         if sum(e["event"] == "succeeded" for e in live) == SHARDS:
                             break
+                    # The projector runs inside the worker: what it has not written when the worker
+                    # stops waits for the next worker, so the projection is awaited while it runs.
+                    await wait_projected(pool, [t["execution_id"] for t in tasks], {"completed"})
             for n, t in enumerate(tasks):
                 got = (await http.get(f"/tasks/{t['task_id']}")).json()
                 assert got["status"] == "SUCCESS" and got["result"]["final_context"] == {"n": n + 1}
@@ -205,7 +208,6 @@ async def test_api_sse_and_projection_over_three_shards(
                 return orjson.loads(e["data"])["task_id"], e["event"]
 
             assert sorted(map(key, replayed)) == sorted(map(key, live[1:]))
-            await wait_projected(pool, [t["execution_id"] for t in tasks], {"completed"})
             detail = (await http.get(f"/executions/{tasks[1]['execution_id']}")).json()
             assert detail["status"] == "completed"
     finally:

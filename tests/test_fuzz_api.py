@@ -1,30 +1,25 @@
-"""The API fuzzed from its own OpenAPI schema: no 5xx, and every response matches its declared schema."""
+"""The API fuzzed from its own OpenAPI schema: no 5xx, and every response matches its declared schema.
+
+Examples per operation: NOVA_FUZZ_EXAMPLES, 10 by default in the suite; `NOVA_FUZZ_EXAMPLES=20` (or more)
+for a longer run of this test alone:
+
+    NOVA_FUZZ_EXAMPLES=50 pytest -q tests/test_fuzz_api.py
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
-import schemathesis
 import uvicorn
-from hypothesis import HealthCheck, given
-from hypothesis import settings as hypothesis_settings
-from schemathesis import checks
 
 from api.app import create_app
 from cli.embedded import free_port
 from shared.settings import Settings
 from tests.support import ADMIN_KEY
 
-# What the API promises under any input: never a 5xx, and responses (status codes, bodies, content
-# types) as the schema declares them. Semantic refusals of schema-valid input (an invalid graph,
-# an unknown workflow) are the API working, so "positive data acceptance" is not among them.
-CHECKS = [
-    checks.not_a_server_error,
-    checks.response_schema_conformance,
-    checks.status_code_conformance,
-    checks.content_type_conformance,
-]
+EXAMPLES = int(os.environ.get("NOVA_FUZZ_EXAMPLES", "10"))
 
 
 class ServerThread:
@@ -48,6 +43,22 @@ class ServerThread:
 
 
 def test_api_fuzz(settings: Settings) -> None:
+    # Imported here, not at collection: without a bytecode cache (PYTHONDONTWRITEBYTECODE) pytest parses
+    # and rewrites hypothesis and schemathesis (plugin packages) on import, seconds of every process's start.
+    import schemathesis
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hypothesis_settings
+    from schemathesis import checks
+
+    # What the API promises under any input: never a 5xx, and responses (status codes, bodies, content
+    # types) as the schema declares them. Semantic refusals of schema-valid input (an invalid graph,
+    # an unknown workflow) are the API working, so "positive data acceptance" is not among them.
+    promises = [
+        checks.not_a_server_error,
+        checks.response_schema_conformance,
+        checks.status_code_conformance,
+        checks.content_type_conformance,
+    ]
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     with ServerThread(settings) as base:
         # SSE responses never end by design: they are tested on their own.
@@ -57,9 +68,11 @@ def test_api_fuzz(settings: Settings) -> None:
             operation = result.ok()
 
             @given(case=operation.as_strategy())
-            @hypothesis_settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @hypothesis_settings(
+                max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
+            )
             def fuzz(case: schemathesis.Case) -> None:
-                case.call_and_validate(headers=headers, checks=CHECKS)
+                case.call_and_validate(headers=headers, checks=promises)
 
             fuzz()
             tested.append(operation.label)
