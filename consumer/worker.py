@@ -284,8 +284,10 @@ class Worker:
                 # The stream is empty now: its lane takes no slots until this stream's watcher sees an
                 # entry appended (or a while has passed, and it looks again).
                 self.budget.idle(self.keys.lane, self.keys.requests)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._appended.wait(), WAKE_TIMEOUT_S)
+                # A stop ends the wait too: the drain's grace starts at once, not after it.
+                appended = asyncio.create_task(self._appended.wait())
+                await asyncio.wait({appended, stop_wait}, timeout=WAKE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+                appended.cancel()
         finally:
             stop_wait.cancel()
 

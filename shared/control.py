@@ -237,10 +237,15 @@ class RunControl:
             for workflow_id in workflows:
                 pipe.zcard(keys.parked(workflow_scope(workflow_id)))
             shard_drained, shard_queue, *shard_workflows = await pipe.execute()
-            # A process reads every shard: what it holds is summed over them.
+            # A process reads every shard, each in every lane: what it holds is summed over them, once
+            # each of its readers of the shard has stopped (one that still reads is not drained yet).
+            readers: dict[str, dict[str, int]] = {}
             for reader, count in decode_fields(shard_drained).items():
-                consumer = reader.partition(_LANE_SEPARATOR)[0]
-                drained[consumer] = str(int(drained.get(consumer, "0")) + int(count))
+                consumer, _, lane = reader.partition(_LANE_SEPARATOR)
+                readers.setdefault(consumer, {})[lane or Lane.NORMAL] = int(count)
+            for consumer, lanes in readers.items():
+                if len(lanes) == len(Lane):
+                    drained[consumer] = str(int(drained.get(consumer, "0")) + sum(lanes.values()))
             queue_parked += int(shard_queue)
             workflow_parked = [a + int(b) for a, b in zip(workflow_parked, shard_workflows, strict=True)]
             # Drain progress: what the workers still hold (delivered, not yet acknowledged).

@@ -158,7 +158,9 @@ async def test_inspect_shows_a_stuck_consumer(live: Live, redis: Redis, settings
     await enqueue(redis, settings, wf)
     async with httpx.AsyncClient(base_url=live.base, headers=live.admin, timeout=30) as http:
         report = (await http.get("/inspect")).json()
-    workers = next(g for g in report["groups"] if g["group"] == settings.worker_group)
+    workers = next(
+        g for g in report["groups"] if g["group"] == settings.worker_group and g["stream"] == settings.requests_stream
+    )
     assert workers["pending"] == 1 and workers["lag"] == 1 and workers["oldest_pending_age_s"] >= 0
     stuck = next(c for c in report["consumers"] if c["consumer"] == "stuck-host-1")
     assert stuck["pending"] == 1 and stuck["idle_s"] >= 0
