@@ -47,6 +47,16 @@ def versioned_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     server.stop()
 
 
+@pytest.fixture
+async def versioned_redis(versioned_server: RedisServer) -> AsyncIterator[Redis]:
+    """An empty `versioned_server`, as its admin user: the race tests flush and list every key (the
+    scripts' own rights are tested in test_embedded)."""
+    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()

@@ -390,3 +390,22 @@ class ClusterServers:
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+def script_keys(prefix: str) -> Keys:
+    """Keys of a test of the atomic steps alone, under their own prefix."""
+    return Keys(
+        requests=f"{prefix}:requests",
+        results=f"{prefix}:results",
+        dead_letter=f"{prefix}:dlq",
+        worker_group="workers",
+        projector_group="projector",
+        prefix=prefix,
+    )
+
+
+async def ready_for_scripts(redis: Redis, keys: Keys) -> Redis:
+    """The workers' group on the requests stream and the id sequence, as a running system has them."""
+    await redis.xgroup_create(keys.requests, keys.worker_group, id="0", mkstream=True)
+    await Scripts(redis, keys).raise_sequence(0)
+    return redis

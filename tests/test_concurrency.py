@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import pydantic
 import pytest
 from redis.asyncio import Redis
 
-from cli.embedded import RedisServer
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.control import RunControl, workflow_scope
@@ -38,19 +36,14 @@ from tests.support import (
     in_process_worker,
     kill9,
     linear,
+    ready_for_scripts,
+    script_keys,
     start_worker_process,
     wait_for_events,
     wait_terminal,
 )
 
-KEYS = Keys(
-    requests="k:requests",
-    results="k:results",
-    dead_letter="k:dlq",
-    worker_group="workers",
-    projector_group="projector",
-    prefix="k",
-)
+KEYS = script_keys("k")
 TTL_MS = 60_000
 
 
@@ -115,13 +108,8 @@ async def test_the_api_refuses_a_bad_template_naming_it(api: httpx.AsyncClient) 
 
 
 @pytest.fixture
-async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
-    await client.flushall()
-    await client.xgroup_create(KEYS.requests, KEYS.worker_group, id="0", mkstream=True)
-    await Scripts(client, KEYS).raise_sequence(0)
-    yield client
-    await client.aclose()
+async def r(versioned_redis: Redis) -> Redis:
+    return await ready_for_scripts(versioned_redis, KEYS)
 
 
 async def _deliver(r: Redis, task_id: str, consumer: str = "w1") -> tuple[str, dict[str, str]]:

@@ -20,7 +20,6 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from cli.embedded import RedisServer
 from shared.control import QUEUE, CancelFilter, RunControl, workflow_scope
 from shared.events import event_fields
 from shared.executions import NotRetryable, Owner, retry_failure
@@ -33,31 +32,20 @@ from tests.support import (
     in_process_worker,
     kill9,
     linear,
+    ready_for_scripts,
+    script_keys,
     start_worker_process,
     wait_for_events,
     wait_projected,
     wait_terminal,
 )
 
-KEYS = Keys(
-    requests="c:requests",
-    results="c:results",
-    dead_letter="c:dlq",
-    worker_group="workers",
-    projector_group="projector",
-    prefix="c",
-)
+KEYS = script_keys("c")
 
 
 @pytest.fixture
-async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
-    # The admin user: the fixture flushes; the scripts' own rights are tested in test_embedded.
-    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
-    await client.flushall()
-    await client.xgroup_create(KEYS.requests, KEYS.worker_group, id="0", mkstream=True)
-    await Scripts(client, KEYS).raise_sequence(0)
-    yield client
-    await client.aclose()
+async def r(versioned_redis: Redis) -> Redis:
+    return await ready_for_scripts(versioned_redis, KEYS)
 
 
 def _control(r: Redis) -> RunControl:

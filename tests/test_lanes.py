@@ -5,7 +5,6 @@ pipeline with real servers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
@@ -13,14 +12,21 @@ import pytest
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from cli.embedded import RedisServer
 from consumer.slots import SlotBudget
 from shared.control import QUEUE, RunControl
 from shared.executions import Owner, retry_failure
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import LANES, EventType, Keys, Lane, TaskField, dumps, now_iso
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_for_events, wait_terminal
+from tests.support import (
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    script_keys,
+    wait_for_events,
+    wait_terminal,
+)
 
 WEIGHTS = {Lane.HIGH: 4, Lane.NORMAL: 2, Lane.LOW: 1}
 
@@ -203,22 +209,12 @@ async def test_api_takes_a_priority_per_execution_or_from_the_workflow(
 
 # ---- the Lua step every way back goes through, on each Redis version ---------------------------
 
-KEYS = Keys(
-    requests="l:requests",
-    results="l:results",
-    dead_letter="l:dlq",
-    worker_group="workers",
-    projector_group="projector",
-    prefix="l",
-)
+KEYS = script_keys("l")
 
 
 @pytest.fixture
-async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
-    await client.flushall()
-    yield client
-    await client.aclose()
+def r(versioned_redis: Redis) -> Redis:
+    return versioned_redis
 
 
 async def test_a_due_retry_goes_back_to_its_lane_and_a_forged_lane_to_normal(r: Redis) -> None:

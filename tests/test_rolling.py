@@ -21,7 +21,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ from tests.support import (
     enqueue,
     in_process_worker,
     linear,
+    ready_for_scripts,
+    script_keys,
     wait_projected,
     wait_terminal,
     worker_env,
@@ -55,14 +57,7 @@ from tests.support import (
 
 NEWER = FORMAT_VERSION + 1
 
-KEYS = Keys(
-    requests="t:requests",
-    results="t:results",
-    dead_letter="t:dlq",
-    worker_group="workers",
-    projector_group="projector",
-    prefix="t",
-)
+KEYS = script_keys("t")
 
 
 async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
@@ -78,13 +73,8 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout: fl
 
 
 @pytest.fixture
-async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
-    await client.flushall()
-    await client.xgroup_create(KEYS.requests, KEYS.worker_group, id="0", mkstream=True)
-    await Scripts(client, KEYS).raise_sequence(0)
-    yield client
-    await client.aclose()
+async def r(versioned_redis: Redis) -> Redis:
+    return await ready_for_scripts(versioned_redis, KEYS)
 
 
 async def newer_entry(r: Redis, task_id: str) -> tuple[str, dict[str, str]]:

@@ -5,37 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
 
-from cli.embedded import RedisServer
 from shared.events import event_fields
 from shared.inspection import worker_reports
 from shared.scripts import RecordOutcome, Scripts
 from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
+from tests.support import ready_for_scripts, script_keys
 
-KEYS = Keys(
-    requests="t:requests",
-    results="t:results",
-    dead_letter="t:dlq",
-    worker_group="workers",
-    projector_group="projector",
-    prefix="t",
-)
+KEYS = script_keys("t")
 
 
 @pytest.fixture
-async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
-    # The admin user: these tests flush and list every key; the scripts' own rights are tested in
-    # test_embedded.
-    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
-    await client.flushall()
-    await client.xgroup_create(KEYS.requests, KEYS.worker_group, id="0", mkstream=True)
-    await Scripts(client, KEYS).raise_sequence(0)
-    yield client
-    await client.aclose()
+async def r(versioned_redis: Redis) -> Redis:
+    return await ready_for_scripts(versioned_redis, KEYS)
 
 
 @pytest.fixture

@@ -5,32 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
-from cli.embedded import RedisServer
 from shared.scripts import Scripts
 from shared.semaphore import Semaphore, SemaphoreTimeout
-from shared.streams import Keys
+from tests.support import script_keys
 
-KEYS = Keys(
-    requests="t:requests",
-    results="t:results",
-    dead_letter="t:dlq",
-    worker_group="workers",
-    projector_group="projector",
-    prefix="t",
-)
+KEYS = script_keys("t")
 
 
 @pytest.fixture
-async def r(versioned_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(versioned_server.admin_url, decode_responses=True)
-    await client.flushall()
-    yield client
-    await client.aclose()
+def r(versioned_redis: Redis) -> Redis:
+    return versioned_redis
 
 
 @pytest.fixture
