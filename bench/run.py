@@ -317,23 +317,25 @@ class Bench:
         f[f"{name}_api_cpu_ms"] = figure([r["api_cpu_ms_per_request"] for r in runs], "ms/req")
         f[f"{name}_loadgen_cpu_ms"] = figure([r["cpu_ms_per_request"] for r in runs], "ms/req")
 
-    async def enqueue_celery(self) -> None:
-        await self.fresh()
+    async def celery_api(self) -> tuple[subprocess.Popen[bytes], str]:
+        """The Celery peer's HTTP API (bench/celery_api.py) in a process of its own, and its base URL."""
         port = free_port()
         proc = self.spawn(
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.celery_api:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        )
+            sys.executable, "-m", "uvicorn", "bench.celery_api:app",
+            "--port", str(port), "--log-level", "warning", "--no-access-log",
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
         try:
-            base = f"http://127.0.0.1:{port}"
             await self._wait_http(f"{base}/docs")
+        except BaseException:
+            self.stop(proc)
+            raise
+        return proc, base
+
+    async def enqueue_celery(self) -> None:
+        await self.fresh()
+        proc, base = await self.celery_api()
+        try:
             body = json.dumps({"initial_context": {"invoice": 1}})
             seconds = "3" if self.quick else "5"
             runs = [self.loadgen("post", f"{base}/workflows/1/execute", body, "64", seconds) for _ in range(self.reps)]
@@ -845,21 +847,8 @@ class Bench:
 
     async def _celery_nova_round_trips(self, definition: dict[str, Any]) -> list[float]:
         redis, wf, worker = await self._celery_nova_setup(definition)
-        port = free_port()
-        api = self.spawn(
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.celery_api:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        )
+        api, base = await self.celery_api()
         try:
-            base = f"http://127.0.0.1:{port}"
-            await self._wait_http(f"{base}/docs")
             async with httpx.AsyncClient(base_url=base) as http:
                 return await self._round_trips(http, f"/nova/workflows/{wf}/execute", "/nova/tasks/{}")
         finally:
