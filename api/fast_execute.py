@@ -25,10 +25,10 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import authenticate
-from api.limits import is_json
+from api.limits import is_json, read_body, replaying
 from api.routes.workflows import IDEMPOTENCY_KEY_MAX, execute
 from api.schemas import BIGINT_MAX, SLUG_PATTERN, ExecuteIn
 
@@ -49,19 +49,13 @@ class ExecuteFastPath:
         if scope["type"] != "http" or scope["method"] != "POST" or not (match := _PATH.match(scope["path"])):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body: nobody to answer
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await read_body(receive)
+        if body is None:
+            return  # the client left before sending its body: nobody to answer
         plain = _plain(scope, body, int(match.group(1)))
         if plain is None or self.fastapi.state.resources.pool is None:
             # FastAPI's dependency also retries PostgreSQL when it was down at start: left to it.
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replaying(body, receive), send)
             return
         workflow_id, key, request, idempotency_key = plain
         res = self.fastapi.state.resources
@@ -87,19 +81,6 @@ class ExecuteFastPath:
             if cls in self.fastapi.exception_handlers:
                 return self.fastapi.exception_handlers[cls]
         return None
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    replayed = False
-
-    async def again() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return again
 
 
 def _plain(scope: Scope, body: bytes, workflow_id: int) -> tuple[int, str, ExecuteIn, str | None] | None:
