@@ -370,14 +370,19 @@ class Bench:
             await asyncio.gather(*batch)
         return ids
 
-    async def consumer_throughput(self, processes: int, definition: dict[str, Any], n: int) -> tuple[float, float]:
-        """Executions per second until all are terminal in Redis, and until all are projected to PostgreSQL."""
+    async def fresh_with(self, definition: dict[str, Any]) -> tuple[Redis, asyncpg.Pool, int]:
+        """Fresh servers with one workflow created through the API (stopped again): Redis, pool, its id."""
         redis, pool = await self.fresh()
         api, base = await self.api()
         try:
             wf = await self.workflow(base, definition)
         finally:
             self.stop(api)
+        return redis, pool, wf
+
+    async def consumer_throughput(self, processes: int, definition: dict[str, Any], n: int) -> tuple[float, float]:
+        """Executions per second until all are terminal in Redis, and until all are projected to PostgreSQL."""
+        redis, pool, wf = await self.fresh_with(definition)
         await self._preload(redis, wf, n)
         t0 = time.perf_counter()
         workers = [self.nova("worker", NOVA_CONCURRENCY="64", NOVA_SANDBOX_POOL_SIZE="8") for _ in range(processes)]
@@ -583,12 +588,7 @@ class Bench:
     async def _cpu_per_execution(self, definition: dict[str, Any], n: int, **env: str) -> tuple[float, float]:
         """(gross, net) CPU ms per execution: net leaves out what the idle worker spends in the same time
         (its blocking reads, heartbeats and timers), measured just before."""
-        redis, pool = await self.fresh()
-        api, base = await self.api()
-        try:
-            wf = await self.workflow(base, definition)
-        finally:
-            self.stop(api)
+        redis, pool, wf = await self.fresh_with(definition)
         worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="2", **env)
         try:
             # Warm: the worker, its zygote and pool up, every code path run once.
@@ -716,12 +716,7 @@ class Bench:
     async def _ours_backlog(self, definition: dict[str, Any], n: int) -> tuple[float, float, float]:
         """(exec/s to every result in Redis, exec/s to every execution projected, worker CPU ms per execution)
         for a backlog of `n` enqueued at once onto a warm worker."""
-        redis, pool = await self.fresh()
-        api, base = await self.api()
-        try:
-            wf = await self.workflow(base, definition)
-        finally:
-            self.stop(api)
+        redis, pool, wf = await self.fresh_with(definition)
         worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="2")
         try:
             warm = 8
@@ -857,12 +852,7 @@ class Bench:
             await redis.aclose()
 
     async def memory(self) -> None:
-        redis, pool = await self.fresh()
-        api, base = await self.api()
-        try:
-            wf = await self.workflow(base, START_END)
-        finally:
-            self.stop(api)
+        redis, pool, wf = await self.fresh_with(START_END)
         n = 10000 if self.quick else 100000
         worker = self.nova("worker", NOVA_CONCURRENCY="50")
         try:
