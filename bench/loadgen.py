@@ -6,7 +6,8 @@ persistent connections does, where a general-purpose HTTP client would be the bo
     python -m bench.loadgen post URL BODY_JSON CONCURRENCY SECONDS [HEADER ...]
     python -m bench.loadgen open URL BODY_JSON RATE SECONDS CONNECTIONS [HEADER ...]
     python -m bench.loadgen sse URL SUBSCRIBERS EXPECTED_EVENTS [HEADER ...]
-Each prints one JSON line.
+Each prints one JSON line (`sse` prints `{"ready": ...}` first, and after its result waits for a line
+on stdin before it lets its connections go).
 
 `post` is a closed loop: each connection sends its next request when the previous one is answered,
 so a slow server slows the arrivals down and its slow answers are under-sampled (coordinated
@@ -23,7 +24,8 @@ import json
 import resource
 import sys
 import time
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 
@@ -81,48 +83,146 @@ async def post(url: str, body: str, concurrency: int, seconds: float, headers: l
     }
 
 
+class _Subscriber(asyncio.Protocol):
+    """One SSE connection, parsed only as far as latency needs: each event's `id:` line.
+
+    The id is the event's results-stream entry id, `<ms>-<seq>`, whose first part is the time Redis
+    wrote the entry (its clock, in whole milliseconds). Latency is then the receipt time minus that
+    write time, with no JSON parsed: the listener must cost far less than the server it measures.
+    """
+
+    def __init__(self, state: _Listener) -> None:
+        self.state = state
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.head = True
+        self.got = 0
+        self.left = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.state.request)
+
+    def data_received(self, data: bytes) -> None:
+        now_ms = time.time() * 1000
+        buffer = self.buffer + data
+        if self.head:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self.buffer = buffer
+                return
+            status = int(buffer.split(b" ", 2)[1])
+            if status != 200:
+                self.state.failed(self, f"status {status}")
+                return
+            self.head = False
+            self.state.subscribed()
+            # Keep the CRLF that ends the head: every `id:` line then follows a CRLF, the first one too.
+            buffer = buffer[end + 2 :]
+        # Every `id:` line starts after a CRLF (the previous line's or a chunk-size line's) and is whole
+        # once its own CRLF has arrived; a line cut by the segment's end waits for the next segment.
+        pos = 0
+        while (at := buffer.find(b"\nid: ", pos)) >= 0:
+            line_end = buffer.find(b"\r", at + 5)
+            if line_end < 0:
+                pos = at
+                break
+            written_ms = int(buffer[at + 5 : buffer.index(b"-", at + 5, line_end)])
+            self.state.latencies.append(now_ms - written_ms)
+            pos = line_end
+            self.got += 1
+        else:
+            pos = max(pos, buffer.rfind(b"\n"))
+        self.buffer = buffer[pos:]
+        if self.got >= self.state.expected:
+            # Kept open until the run ends: closing now would add the server's clean-up to its fan-out.
+            self.state.leave(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.got < self.state.expected:
+            self.state.failed(self, f"closed after {self.got} events ({exc})")
+
+
+class _Listener:
+    def __init__(self, request: bytes, subscribers: int, expected: int) -> None:
+        self.request = request
+        self.subscribers = subscribers
+        self.expected = expected
+        self.latencies: list[float] = []
+        self.ready = 0
+        self.open = subscribers
+        self.errors: list[str] = []
+        self.all_ready = asyncio.Event()
+        self.done = asyncio.Event()
+        self.connections: list[_Subscriber] = []
+
+    def subscribed(self) -> None:
+        self.ready += 1
+        if self.ready == self.subscribers:
+            self.all_ready.set()
+
+    def failed(self, sub: _Subscriber, why: str) -> None:
+        if sub.left:
+            return
+        self.errors.append(why)
+        if sub.head:
+            # It never subscribed: do not wait for it to.
+            self.subscribed()
+        self.leave(sub)
+        if sub.transport is not None:
+            sub.transport.close()
+
+    def leave(self, sub: _Subscriber) -> None:
+        if sub.left:
+            return
+        sub.left = True
+        self.open -= 1
+        if self.open == 0:
+            self.done.set()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def sse(url: str, subscribers: int, expected: int, headers: list[str]) -> dict[str, object]:
-    """Each subscriber reads events whose data carries `sent_at` (epoch seconds); reports delivery latency."""
+    """Holds `subscribers` SSE connections until each has had `expected` events; prints `{"ready": n}`
+    once all are subscribed, and at the end the delivery latencies (ms, write to receipt) with this
+    process's CPU over the fan-out window (from ready to the last event)."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     request = _request("GET", path, parts.netloc, [*headers, "Accept: text/event-stream"])
-    latencies: list[float] = []
-    ready = 0
-    all_ready = asyncio.Event()
-
-    async def subscriber() -> None:
-        nonlocal ready
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port, limit=1 << 20)
-        writer.write(request)
-        await reader.readline()
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass
-        ready += 1
-        if ready == subscribers:
-            all_ready.set()
-        got = 0
-        while got < expected:
-            line = await reader.readline()
-            if not line:
-                break
-            if line.startswith(b"data:"):
-                sent = json.loads(line[5:])["data"].get("sent_at")
-                if sent is not None:
-                    latencies.append(time.time() - sent)
-                    got += 1
-        writer.close()
-
-    tasks = [asyncio.create_task(subscriber()) for _ in range(subscribers)]
-    await all_ready.wait()
-    print(json.dumps({"ready": subscribers}), flush=True)
-    await asyncio.gather(*tasks)
-    latencies.sort()
+    state = _Listener(request, subscribers, expected)
+    loop = asyncio.get_running_loop()
+    for _ in range(subscribers):
+        _, sub = await loop.create_connection(lambda: _Subscriber(state), parts.hostname, parts.port)
+        state.connections.append(sub)
+    await asyncio.wait_for(state.all_ready.wait(), 60)
+    print(json.dumps({"ready": state.ready, "errors": state.errors[:5]}), flush=True)
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    try:
+        await asyncio.wait_for(state.done.wait(), 120)
+    except TimeoutError:
+        state.errors.append("timed out")
+    cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+    latencies = sorted(state.latencies)
     n = len(latencies)
     return {
+        "loop": type(loop).__module__.split(".")[0],
+        "subscribers": subscribers,
         "received": n,
-        "p50_ms": latencies[n // 2] * 1000 if n else None,
-        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else None,
-        "max_ms": latencies[-1] * 1000 if n else None,
+        "errors": state.errors[:5],
+        "p50_ms": latencies[n // 2] if n else None,
+        "p99_ms": latencies[min(n - 1, int(n * 0.99))] if n else None,
+        "max_ms": latencies[-1] if n else None,
+        # This process's CPU over the window and its share of it: well below 1, it was not what delayed events.
+        "cpu_s": round(cpu, 4),
+        "wall_s": round(wall, 4),
+        "utilisation": round(cpu / wall, 4) if wall > 0 else None,
+        "cpu_us_per_event": round(cpu * 1e6 / n, 2) if n else None,
+        # For merging with the other listener processes' percentiles.
+        "latencies_ms": [round(v, 3) for v in latencies],
     }
 
 
@@ -287,6 +387,15 @@ async def open_loop(
     }
 
 
+def _uvloop_run(run: Coroutine[Any, Any, dict[str, object]]) -> dict[str, object]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run)
+    # uvloop's loop costs less CPU per request than asyncio's: the generator stays cheaper than the server.
+    return uvloop.run(run)
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
     if mode == "post":
@@ -294,17 +403,15 @@ def main() -> None:
         result = asyncio.run(post(url, body, int(concurrency), float(seconds), headers))
     elif mode == "open":
         url, body, rate, seconds, connections, *headers = args
-        run = open_loop(url, body, float(rate), float(seconds), int(connections), headers)
-        try:
-            import uvloop
-        except ImportError:
-            result = asyncio.run(run)
-        else:
-            # uvloop's loop costs less CPU per request than asyncio's: the generator stays cheaper than the server.
-            result = uvloop.run(run)
+        result = _uvloop_run(open_loop(url, body, float(rate), float(seconds), int(connections), headers))
     else:
         url, subscribers, expected, *headers = args
-        result = asyncio.run(sse(url, int(subscribers), int(expected), headers))
+        result = _uvloop_run(sse(url, int(subscribers), int(expected), headers))
+        print(json.dumps(result), flush=True)
+        # The connections stay open until the caller has read the server's CPU: their closing is no
+        # part of the fan-out it measures.
+        sys.stdin.readline()
+        return
     print(json.dumps(result), flush=True)
 
 
