@@ -51,16 +51,16 @@ def _after(last_event_id: str | None) -> tuple[int, int]:
 
 def _newer(event: Event, last: tuple[int, int]) -> bool:
     """Whether the client has not had this event yet (stream ids order events totally)."""
-    return entry_id_parts(event.id) > last
+    return event.id_parts > last
 
 
 async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: bool) -> AsyncIterator[ServerSentEvent]:
     """The hub's events after `last`, in order and without repeats."""
     # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
-    while (event := await sub.queue.get()) is not None:
+    while (event := await sub.next()) is not None:
         if not _newer(event, last):
             continue
-        last = entry_id_parts(event.id)
+        last = event.id_parts
         yield _sse(event)
         if until_terminal and event.type in TERMINAL_EVENTS:
             return
@@ -152,10 +152,10 @@ async def feed_stream(
             if reason is not None:
                 yield _truncated(cursor, reason, scanned, scanned_bytes)
         # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
-        while (event := await sub.queue.get()) is not None:
-            if event.shard >= len(cursor) or entry_id_parts(event.id) <= cursor[event.shard]:
+        while (event := await sub.next()) is not None:
+            if event.shard >= len(cursor) or event.id_parts <= cursor[event.shard]:
                 continue
-            cursor[event.shard] = entry_id_parts(event.id)
+            cursor[event.shard] = event.id_parts
             yield _feed_sse(event, cursor)
 
 

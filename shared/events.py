@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from shared.streams import FORMAT_VERSION, EventField, EventType, decode_fields, dumps, loads, now_iso
+from shared.streams import FORMAT_VERSION, EventField, EventType, decode_fields, dumps, entry_id_parts, loads, now_iso
 
 
 def event_fields(
@@ -95,6 +95,11 @@ class Event:
     def encoded(self) -> str:
         """as_json() encoded once: fanned out to many SSE clients, it is not re-encoded for each."""
         return dumps(self.as_json())
+
+    @cached_property
+    def id_parts(self) -> tuple[int, int]:
+        """The entry id as (ms, seq), for ordering: computed once, though every subscriber compares it."""
+        return entry_id_parts(self.id)
 
     @cached_property
     def sse_lines(self) -> bytes:
