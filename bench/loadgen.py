@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import resource
+import socket
+import struct
 import sys
 import time
 from collections.abc import Coroutine
@@ -83,28 +86,50 @@ async def post(url: str, body: str, concurrency: int, seconds: float, headers: l
     }
 
 
-class _Subscriber(asyncio.Protocol):
+# Linux's SO_TIMESTAMPNS (asm-generic, x86-64 and arm64 alike; Python's socket module does not name it):
+# each read then carries the time the kernel received its data, as a struct timespec.
+SO_TIMESTAMPNS = 35
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(16)
+
+
+class _Subscriber:
     """One SSE connection, parsed only as far as latency needs: each event's `id:` line.
 
     The id is the event's results-stream entry id, `<ms>-<seq>`, whose first part is the time Redis
-    wrote the entry (its clock, in whole milliseconds). Latency is then the receipt time minus that
-    write time, with no JSON parsed: the listener must cost far less than the server it measures.
+    wrote the entry (its clock, in whole milliseconds). Two receipt times are kept per event: when the
+    kernel received its bytes on this socket (SO_TIMESTAMPNS: the listener's own scheduling and
+    queueing are no part of it) and when this process read them. No JSON is parsed: the listener must
+    cost far less than the server it measures.
     """
 
-    def __init__(self, state: _Listener) -> None:
+    def __init__(self, state: _Listener, sock: socket.socket) -> None:
         self.state = state
-        self.transport: asyncio.Transport | None = None
+        self.sock = sock
         self.buffer = b""
         self.head = True
         self.got = 0
         self.left = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.state.request)
+    def readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(1 << 16, _TIMESTAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.closed(str(exc))
+            return
+        read_ms = time.time() * 1000
+        if not data:
+            self.closed("closed by the server")
+            return
+        arrived_ms = read_ms
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                arrived_ms = seconds * 1000 + nanoseconds / 1e6
+        self.received(data, arrived_ms, read_ms)
 
-    def data_received(self, data: bytes) -> None:
-        now_ms = time.time() * 1000
+    def received(self, data: bytes, arrived_ms: float, read_ms: float) -> None:
         buffer = self.buffer + data
         if self.head:
             end = buffer.find(b"\r\n\r\n")
@@ -128,7 +153,8 @@ class _Subscriber(asyncio.Protocol):
                 pos = at
                 break
             written_ms = int(buffer[at + 5 : buffer.index(b"-", at + 5, line_end)])
-            self.state.latencies.append(now_ms - written_ms)
+            self.state.arrived.append(arrived_ms - written_ms)
+            self.state.read.append(read_ms - written_ms)
             pos = line_end
             self.got += 1
         else:
@@ -138,9 +164,16 @@ class _Subscriber(asyncio.Protocol):
             # Kept open until the run ends: closing now would add the server's clean-up to its fan-out.
             self.state.leave(self)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def closed(self, why: str) -> None:
         if self.got < self.state.expected:
-            self.state.failed(self, f"closed after {self.got} events ({exc})")
+            self.state.failed(self, f"{why} after {self.got} events")
+        else:
+            self.stop()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 class _Listener:
@@ -148,7 +181,9 @@ class _Listener:
         self.request = request
         self.subscribers = subscribers
         self.expected = expected
-        self.latencies: list[float] = []
+        # Write-to-receipt latencies (ms): by the kernel's receive time, and by this process's read.
+        self.arrived: list[float] = []
+        self.read: list[float] = []
         self.ready = 0
         self.open = subscribers
         self.errors: list[str] = []
@@ -169,8 +204,7 @@ class _Listener:
             # It never subscribed: do not wait for it to.
             self.subscribed()
         self.leave(sub)
-        if sub.transport is not None:
-            sub.transport.close()
+        sub.stop()
 
     def leave(self, sub: _Subscriber) -> None:
         if sub.left:
@@ -188,15 +222,22 @@ def _cpu_seconds() -> float:
 
 async def sse(url: str, subscribers: int, expected: int, headers: list[str]) -> dict[str, object]:
     """Holds `subscribers` SSE connections until each has had `expected` events; prints `{"ready": n}`
-    once all are subscribed, and at the end the delivery latencies (ms, write to receipt) with this
-    process's CPU over the fan-out window (from ready to the last event)."""
+    once all are subscribed, and at the end the delivery latencies (ms, write to receipt: to the
+    kernel's receipt on the socket, and to this process's read) with this process's CPU over the
+    fan-out window (from ready to the last event)."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     request = _request("GET", path, parts.netloc, [*headers, "Accept: text/event-stream"])
     state = _Listener(request, subscribers, expected)
     loop = asyncio.get_running_loop()
     for _ in range(subscribers):
-        _, sub = await loop.create_connection(lambda: _Subscriber(state), parts.hostname, parts.port)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (parts.hostname or "127.0.0.1", parts.port or 80))
+        await loop.sock_sendall(sock, request)
+        sub = _Subscriber(state, sock)
+        loop.add_reader(sock.fileno(), sub.readable)
         state.connections.append(sub)
     await asyncio.wait_for(state.all_ready.wait(), 60)
     print(json.dumps({"ready": state.ready, "errors": state.errors[:5]}), flush=True)
@@ -206,24 +247,50 @@ async def sse(url: str, subscribers: int, expected: int, headers: list[str]) -> 
     except TimeoutError:
         state.errors.append("timed out")
     cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
-    latencies = sorted(state.latencies)
-    n = len(latencies)
+    arrived, read = sorted(state.arrived), sorted(state.read)
+    n = len(arrived)
     return {
         "loop": type(loop).__module__.split(".")[0],
         "subscribers": subscribers,
         "received": n,
         "errors": state.errors[:5],
-        "p50_ms": latencies[n // 2] if n else None,
-        "p99_ms": latencies[min(n - 1, int(n * 0.99))] if n else None,
-        "max_ms": latencies[-1] if n else None,
+        "p50_ms": _percentile_ms(arrived, 0.50),
+        "p99_ms": _percentile_ms(arrived, 0.99),
+        "max_ms": arrived[-1] if n else None,
+        "read_p99_ms": _percentile_ms(read, 0.99),
         # This process's CPU over the window and its share of it: well below 1, it was not what delayed events.
         "cpu_s": round(cpu, 4),
         "wall_s": round(wall, 4),
         "utilisation": round(cpu / wall, 4) if wall > 0 else None,
         "cpu_us_per_event": round(cpu * 1e6 / n, 2) if n else None,
-        # For merging with the other listener processes' percentiles.
-        "latencies_ms": [round(v, 3) for v in latencies],
+        # For merging with the other listener processes' percentiles: how many latencies fell in each
+        # tenth of a millisecond (the write time is whole milliseconds: finer would be false precision).
+        "arrived_hist": _histogram(arrived),
+        "read_hist": _histogram(read),
     }
+
+
+def _percentile_ms(ordered: list[float], q: float) -> float | None:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else None
+
+
+def _histogram(values: list[float]) -> dict[str, int]:
+    return dict(collections.Counter(f"{v:.1f}" for v in values))
+
+
+def merged_percentile(histograms: list[dict[str, int]], q: float) -> float:
+    """The q-quantile (as _percentile_ms picks it) of the latencies behind several `_histogram`s."""
+    counts: collections.Counter[float] = collections.Counter()
+    for histogram in histograms:
+        for value, count in histogram.items():
+            counts[float(value)] += count
+    rank = int(sum(counts.values()) * q)
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen > rank:
+            return value
+    return max(counts)
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
