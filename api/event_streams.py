@@ -16,14 +16,28 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from sse_starlette import ServerSentEvent
+
 from api.event_hub import EventHub, Filter, Subscription
 from shared.events import Event
 from shared.executions import task_events
 from shared.streams import TERMINAL_EVENTS, TERMINAL_STATUSES, Keys, TaskField, dumps, entry_id_parts
 
 
-def _sse(event: Event) -> dict[str, Any]:
-    return {"id": event.id, "event": event.type.value, "data": event.encoded}
+class EncodedEvent(ServerSentEvent):
+    """A server-sent event whose bytes are built once per event, not once per subscriber: the response
+    sends what encode() returns, and a thousand subscribers of one event share one frame."""
+
+    def __init__(self, event: Event, frame: bytes, sse_id: str | None) -> None:
+        super().__init__(event.encoded, event=event.type.value, id=sse_id)
+        self.frame = frame
+
+    def encode(self) -> bytes:
+        return self.frame
+
+
+def _sse(event: Event) -> EncodedEvent:
+    return EncodedEvent(event, event.sse_frame, event.id)
 
 
 def _after(last_event_id: str | None) -> tuple[int, int]:
@@ -37,16 +51,16 @@ def _after(last_event_id: str | None) -> tuple[int, int]:
 
 def _newer(event: Event, last: tuple[int, int]) -> bool:
     """Whether the client has not had this event yet (stream ids order events totally)."""
-    return entry_id_parts(event.id) > last
+    return event.id_parts > last
 
 
-async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: bool) -> AsyncIterator[dict[str, Any]]:
+async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: bool) -> AsyncIterator[ServerSentEvent]:
     """The hub's events after `last`, in order and without repeats."""
     # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
-    while (event := await sub.queue.get()) is not None:
+    while (event := await sub.next()) is not None:
         if not _newer(event, last):
             continue
-        last = entry_id_parts(event.id)
+        last = event.id_parts
         yield _sse(event)
         if until_terminal and event.type in TERMINAL_EVENTS:
             return
@@ -54,7 +68,7 @@ async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: boo
 
 async def task_event_stream(
     redis: Any, keys: Keys, hub: EventHub, task_id: str, last_event_id: str | None
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncIterator[ServerSentEvent]:
     last = _after(last_event_id)
     # Subscribe first: an event published while we replay is then both replayed and queued, and
     # the id check drops the copy; subscribing after would lose it.
@@ -105,7 +119,7 @@ async def feed_stream(
     max_entries: int = REPLAY_MAX_ENTRIES,
     page: int = REPLAY_PAGE,
     shards: Sequence[Keys] = (),
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncIterator[ServerSentEvent]:
     streams = list(shards) or [keys]
     cursor = _cursor(last_event_id, len(streams))
     with hub.subscribe(accept) as sub:
@@ -138,10 +152,10 @@ async def feed_stream(
             if reason is not None:
                 yield _truncated(cursor, reason, scanned, scanned_bytes)
         # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
-        while (event := await sub.queue.get()) is not None:
-            if event.shard >= len(cursor) or entry_id_parts(event.id) <= cursor[event.shard]:
+        while (event := await sub.next()) is not None:
+            if event.shard >= len(cursor) or event.id_parts <= cursor[event.shard]:
                 continue
-            cursor[event.shard] = entry_id_parts(event.id)
+            cursor[event.shard] = event.id_parts
             yield _feed_sse(event, cursor)
 
 
@@ -154,17 +168,19 @@ def _cursor(last_event_id: str | None, shards: int) -> list[tuple[int, int]]:
     return [_after(p) for p in parts]
 
 
-def _feed_sse(event: Event, cursor: list[tuple[int, int]]) -> dict[str, Any]:
+def _feed_sse(event: Event, cursor: list[tuple[int, int]]) -> EncodedEvent:
     if len(cursor) == 1:
         return _sse(event)
-    return {"id": _cursor_text(cursor), "event": event.type.value, "data": event.encoded}
+    # The id is this feed's cursor, its own; the rest of the frame is the event's, shared.
+    sse_id = _cursor_text(cursor)
+    return EncodedEvent(event, b"id: " + sse_id.encode() + b"\r\n" + event.sse_lines, sse_id)
 
 
 def _cursor_text(cursor: list[tuple[int, int]]) -> str:
     return ",".join(f"{ms}-{seq}" for ms, seq in cursor)
 
 
-def _truncated(cursor: list[tuple[int, int]], reason: str, scanned: int, scanned_bytes: int) -> dict[str, Any]:
+def _truncated(cursor: list[tuple[int, int]], reason: str, scanned: int, scanned_bytes: int) -> ServerSentEvent:
     """Where a resume stopped: live events follow, and what lies between is the client's to fetch.
 
     No SSE id: the client's Last-Event-ID stays its last real event. Reconnecting with
@@ -180,7 +196,7 @@ def _truncated(cursor: list[tuple[int, int]], reason: str, scanned: int, scanned
         "message": f"replay stopped after {stopped_after} ({reason} limit); live events follow. Reconnect with "
         f"Last-Event-ID: {stopped_after} for the rest.",
     }
-    return {"event": REPLAY_TRUNCATED, "data": dumps(data)}
+    return ServerSentEvent(dumps(data), event=REPLAY_TRUNCATED)
 
 
 def feed_filter(workflow_id: int | None, client: str | None) -> Filter:

@@ -6,7 +6,8 @@ persistent connections does, where a general-purpose HTTP client would be the bo
     python -m bench.loadgen post URL BODY_JSON CONCURRENCY SECONDS [HEADER ...]
     python -m bench.loadgen open URL BODY_JSON RATE SECONDS CONNECTIONS [HEADER ...]
     python -m bench.loadgen sse URL SUBSCRIBERS EXPECTED_EVENTS [HEADER ...]
-Each prints one JSON line.
+Each prints one JSON line (`sse` prints `{"ready": ...}` first, and after its result waits for a line
+on stdin before it lets its connections go).
 
 `post` is a closed loop: each connection sends its next request when the previous one is answered,
 so a slow server slows the arrivals down and its slow answers are under-sampled (coordinated
@@ -19,11 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import resource
+import socket
+import struct
 import sys
 import time
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 
@@ -81,49 +86,211 @@ async def post(url: str, body: str, concurrency: int, seconds: float, headers: l
     }
 
 
+# Linux's SO_TIMESTAMPNS (asm-generic, x86-64 and arm64 alike; Python's socket module does not name it):
+# each read then carries the time the kernel received its data, as a struct timespec.
+SO_TIMESTAMPNS = 35
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(16)
+
+
+class _Subscriber:
+    """One SSE connection, parsed only as far as latency needs: each event's `id:` line.
+
+    The id is the event's results-stream entry id, `<ms>-<seq>`, whose first part is the time Redis
+    wrote the entry (its clock, in whole milliseconds). Two receipt times are kept per event: when the
+    kernel received its bytes on this socket (SO_TIMESTAMPNS: the listener's own scheduling and
+    queueing are no part of it) and when this process read them. No JSON is parsed: the listener must
+    cost far less than the server it measures.
+    """
+
+    def __init__(self, state: _Listener, sock: socket.socket) -> None:
+        self.state = state
+        self.sock = sock
+        self.buffer = b""
+        self.head = True
+        self.got = 0
+        self.left = False
+
+    def readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(1 << 16, _TIMESTAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.closed(str(exc))
+            return
+        read_ms = time.time() * 1000
+        if not data:
+            self.closed("closed by the server")
+            return
+        arrived_ms = read_ms
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                arrived_ms = seconds * 1000 + nanoseconds / 1e6
+        self.received(data, arrived_ms, read_ms)
+
+    def received(self, data: bytes, arrived_ms: float, read_ms: float) -> None:
+        buffer = self.buffer + data
+        if self.head:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self.buffer = buffer
+                return
+            status = int(buffer.split(b" ", 2)[1])
+            if status != 200:
+                self.state.failed(self, f"status {status}")
+                return
+            self.head = False
+            self.state.subscribed()
+            # Keep the CRLF that ends the head: every `id:` line then follows a CRLF, the first one too.
+            buffer = buffer[end + 2 :]
+        # Every `id:` line starts after a CRLF (the previous line's or a chunk-size line's) and is whole
+        # once its own CRLF has arrived; a line cut by the segment's end waits for the next segment.
+        pos = 0
+        while (at := buffer.find(b"\nid: ", pos)) >= 0:
+            line_end = buffer.find(b"\r", at + 5)
+            if line_end < 0:
+                pos = at
+                break
+            written_ms = int(buffer[at + 5 : buffer.index(b"-", at + 5, line_end)])
+            self.state.arrived.append(arrived_ms - written_ms)
+            self.state.read.append(read_ms - written_ms)
+            pos = line_end
+            self.got += 1
+        else:
+            pos = max(pos, buffer.rfind(b"\n"))
+        self.buffer = buffer[pos:]
+        if self.got >= self.state.expected:
+            # Kept open until the run ends: closing now would add the server's clean-up to its fan-out.
+            self.state.leave(self)
+
+    def closed(self, why: str) -> None:
+        if self.got < self.state.expected:
+            self.state.failed(self, f"{why} after {self.got} events")
+        else:
+            self.stop()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class _Listener:
+    def __init__(self, request: bytes, subscribers: int, expected: int) -> None:
+        self.request = request
+        self.subscribers = subscribers
+        self.expected = expected
+        # Write-to-receipt latencies (ms): by the kernel's receive time, and by this process's read.
+        self.arrived: list[float] = []
+        self.read: list[float] = []
+        self.ready = 0
+        self.open = subscribers
+        self.errors: list[str] = []
+        self.all_ready = asyncio.Event()
+        self.done = asyncio.Event()
+        self.connections: list[_Subscriber] = []
+
+    def subscribed(self) -> None:
+        self.ready += 1
+        if self.ready == self.subscribers:
+            self.all_ready.set()
+
+    def failed(self, sub: _Subscriber, why: str) -> None:
+        if sub.left:
+            return
+        self.errors.append(why)
+        if sub.head:
+            # It never subscribed: do not wait for it to.
+            self.subscribed()
+        self.leave(sub)
+        sub.stop()
+
+    def leave(self, sub: _Subscriber) -> None:
+        if sub.left:
+            return
+        sub.left = True
+        self.open -= 1
+        if self.open == 0:
+            self.done.set()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def sse(url: str, subscribers: int, expected: int, headers: list[str]) -> dict[str, object]:
-    """Each subscriber reads events whose data carries `sent_at` (epoch seconds); reports delivery latency."""
+    """Holds `subscribers` SSE connections until each has had `expected` events; prints `{"ready": n}`
+    once all are subscribed, and at the end the delivery latencies (ms, write to receipt: to the
+    kernel's receipt on the socket, and to this process's read) with this process's CPU over the
+    fan-out window (from ready to the last event)."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     request = _request("GET", path, parts.netloc, [*headers, "Accept: text/event-stream"])
-    latencies: list[float] = []
-    ready = 0
-    all_ready = asyncio.Event()
-
-    async def subscriber() -> None:
-        nonlocal ready
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port, limit=1 << 20)
-        writer.write(request)
-        await reader.readline()
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass
-        ready += 1
-        if ready == subscribers:
-            all_ready.set()
-        got = 0
-        while got < expected:
-            line = await reader.readline()
-            if not line:
-                break
-            if line.startswith(b"data:"):
-                sent = json.loads(line[5:])["data"].get("sent_at")
-                if sent is not None:
-                    latencies.append(time.time() - sent)
-                    got += 1
-        writer.close()
-
-    tasks = [asyncio.create_task(subscriber()) for _ in range(subscribers)]
-    await all_ready.wait()
-    print(json.dumps({"ready": subscribers}), flush=True)
-    await asyncio.gather(*tasks)
-    latencies.sort()
-    n = len(latencies)
+    state = _Listener(request, subscribers, expected)
+    loop = asyncio.get_running_loop()
+    for _ in range(subscribers):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (parts.hostname or "127.0.0.1", parts.port or 80))
+        await loop.sock_sendall(sock, request)
+        sub = _Subscriber(state, sock)
+        loop.add_reader(sock.fileno(), sub.readable)
+        state.connections.append(sub)
+    await asyncio.wait_for(state.all_ready.wait(), 60)
+    print(json.dumps({"ready": state.ready, "errors": state.errors[:5]}), flush=True)
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    try:
+        await asyncio.wait_for(state.done.wait(), 120)
+    except TimeoutError:
+        state.errors.append("timed out")
+    cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+    arrived, read = sorted(state.arrived), sorted(state.read)
+    n = len(arrived)
     return {
+        "loop": type(loop).__module__.split(".")[0],
+        "subscribers": subscribers,
         "received": n,
-        "p50_ms": latencies[n // 2] * 1000 if n else None,
-        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else None,
-        "max_ms": latencies[-1] * 1000 if n else None,
+        "errors": state.errors[:5],
+        "p50_ms": _percentile_ms(arrived, 0.50),
+        "p99_ms": _percentile_ms(arrived, 0.99),
+        "max_ms": arrived[-1] if n else None,
+        "read_p99_ms": _percentile_ms(read, 0.99),
+        # This process's CPU over the window and its share of it: well below 1, it was not what delayed events.
+        "cpu_s": round(cpu, 4),
+        "wall_s": round(wall, 4),
+        "utilisation": round(cpu / wall, 4) if wall > 0 else None,
+        "cpu_us_per_event": round(cpu * 1e6 / n, 2) if n else None,
+        # For merging with the other listener processes' percentiles: how many latencies fell in each
+        # tenth of a millisecond (the write time is whole milliseconds: finer would be false precision).
+        "arrived_hist": _histogram(arrived),
+        "read_hist": _histogram(read),
     }
+
+
+def _percentile_ms(ordered: list[float], q: float) -> float | None:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else None
+
+
+def _histogram(values: list[float]) -> dict[str, int]:
+    return dict(collections.Counter(f"{v:.1f}" for v in values))
+
+
+def merged_percentile(histograms: list[dict[str, int]], q: float) -> float:
+    """The q-quantile (as _percentile_ms picks it) of the latencies behind several `_histogram`s."""
+    counts: collections.Counter[float] = collections.Counter()
+    for histogram in histograms:
+        for value, count in histogram.items():
+            counts[float(value)] += count
+    rank = int(sum(counts.values()) * q)
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen > rank:
+            return value
+    return max(counts)
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
@@ -287,6 +454,15 @@ async def open_loop(
     }
 
 
+def _uvloop_run(run: Coroutine[Any, Any, dict[str, object]]) -> dict[str, object]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run)
+    # uvloop's loop costs less CPU per request than asyncio's: the generator stays cheaper than the server.
+    return uvloop.run(run)
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
     if mode == "post":
@@ -294,17 +470,15 @@ def main() -> None:
         result = asyncio.run(post(url, body, int(concurrency), float(seconds), headers))
     elif mode == "open":
         url, body, rate, seconds, connections, *headers = args
-        run = open_loop(url, body, float(rate), float(seconds), int(connections), headers)
-        try:
-            import uvloop
-        except ImportError:
-            result = asyncio.run(run)
-        else:
-            # uvloop's loop costs less CPU per request than asyncio's: the generator stays cheaper than the server.
-            result = uvloop.run(run)
+        result = _uvloop_run(open_loop(url, body, float(rate), float(seconds), int(connections), headers))
     else:
         url, subscribers, expected, *headers = args
-        result = asyncio.run(sse(url, int(subscribers), int(expected), headers))
+        result = _uvloop_run(sse(url, int(subscribers), int(expected), headers))
+        print(json.dumps(result), flush=True)
+        # The connections stay open until the caller has read the server's CPU: their closing is no
+        # part of the fan-out it measures.
+        sys.stdin.readline()
+        return
     print(json.dumps(result), flush=True)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from shared.streams import FORMAT_VERSION, EventField, EventType, decode_fields, dumps, loads, now_iso
+from shared.streams import FORMAT_VERSION, EventField, EventType, decode_fields, dumps, entry_id_parts, loads, now_iso
 
 
 def event_fields(
@@ -95,6 +95,23 @@ class Event:
     def encoded(self) -> str:
         """as_json() encoded once: fanned out to many SSE clients, it is not re-encoded for each."""
         return dumps(self.as_json())
+
+    @cached_property
+    def id_parts(self) -> tuple[int, int]:
+        """The entry id as (ms, seq), for ordering: computed once, though every subscriber compares it."""
+        return entry_id_parts(self.id)
+
+    @cached_property
+    def sse_lines(self) -> bytes:
+        """The event's server-sent-event lines after its `id:` line (`event:`, `data:`, the blank line
+        ending it), CRLF-separated, encoded once: one event goes to every subscriber as the same bytes."""
+        # `encoded` is JSON, whose strings escape CR and LF: it always fits on one `data:` line.
+        return b"event: " + self.type.value.encode() + b"\r\ndata: " + self.encoded.encode() + b"\r\n\r\n"
+
+    @cached_property
+    def sse_frame(self) -> bytes:
+        """The whole server-sent event with the entry id as its SSE id, encoded once (see sse_lines)."""
+        return b"id: " + self.id.encode() + b"\r\n" + self.sse_lines
 
     def as_json(self) -> dict[str, Any]:
         return {

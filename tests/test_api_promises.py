@@ -144,15 +144,15 @@ async def test_feed_resume_holds_one_page_of_other_clients_events_and_stops_at_t
     finally:
         tracemalloc.stop()
     try:
-        assert first["id"] == ours
+        assert first.id == ours
         assert peak < 3 << 20, f"replay peaked at {peak} bytes"
-        assert notice["event"] == "replay_truncated" and "id" not in notice
-        stopped = orjson.loads(notice["data"])
+        assert notice.event == "replay_truncated" and notice.id is None
+        stopped = orjson.loads(notice.data)
         assert stopped["reason"] == "bytes" and stopped["stopped_after"] in theirs
         assert 4 << 20 <= stopped["scanned_bytes"] < (4 << 20) + 16384
         # Then live: a new event of ours arrives.
         [live] = await add_entries(redis, settings, [results_entry("acme", "later")])
-        assert (await asyncio.wait_for(anext(feed), 10))["id"] == live
+        assert (await asyncio.wait_for(anext(feed), 10)).id == live
     finally:
         await feed.aclose()
         await hub.stop()

@@ -635,7 +635,7 @@ async def test_sse_task_stream_ends_with_the_cancel(redis: Redis, settings: Sett
         await RunControl(redis, keys, task_ttl=settings.task_ttl).cancel_task(task.task_id)
         # The cancel is the terminal event: the stream replays it, then closes.
         events = [e async for e in task_event_stream(redis, keys, hub, task.task_id, None)]
-        assert [e["event"] for e in events] == ["queued", "cancelled"]
+        assert [e.event for e in events] == ["queued", "cancelled"]
     finally:
         await hub.stop()
 

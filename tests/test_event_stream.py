@@ -12,17 +12,22 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.event_hub import EventHub
-from api.event_streams import feed_filter, feed_stream, task_event_stream
+from api.event_streams import _feed_sse, _sse, feed_filter, feed_stream, task_event_stream
+from api.routes.events import HeldStream
 from shared.connections import create_redis
+from shared.events import Event, event_fields
 from shared.settings import Settings
-from shared.streams import Keys
+from shared.streams import EventType, Keys
 from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal
 
 
-async def collect(stream: AsyncIterator[dict[str, Any]], limit: int = 100, timeout: float = 20) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+async def collect(
+    stream: AsyncIterator[ServerSentEvent], limit: int = 100, timeout: float = 20
+) -> list[ServerSentEvent]:
+    out: list[ServerSentEvent] = []
 
     async def run() -> None:
         async for item in stream:
@@ -51,23 +56,23 @@ async def test_task_stream_replays_then_follows_live_then_closes(
         # Subscribed before any worker runs: the queued event is replayed, the rest arrive live.
         stream = task_event_stream(redis, keys, hub, task.task_id, None)
         first = await anext(stream)
-        assert first["event"] == "queued"
+        assert first.event == "queued"
         async with in_process_worker(settings):
             rest = await collect(stream)
-        types = [first["event"]] + [e["event"] for e in rest]
+        types = [first.event] + [e.event for e in rest]
         assert types[0] == "queued" and types[-1] == "succeeded"
         assert "node_started" in types and "node_finished" in types
-        ids = [first["id"]] + [e["id"] for e in rest]
+        ids = [first.id] + [e.id for e in rest]
         assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))) and len(set(ids)) == len(ids)
-        data = orjson.loads(rest[-1]["data"])
+        data = orjson.loads(rest[-1].data)
         assert data["task_id"] == task.task_id and data["data"]["final_context"] == {"x": 1}
 
         # A finished task replays in full and closes; resuming from the middle gives exactly the rest.
         replay = await collect(task_event_stream(redis, keys, hub, task.task_id, None))
-        assert [e["id"] for e in replay] == ids
+        assert [e.id for e in replay] == ids
         middle = ids[len(ids) // 2]
         resumed = await collect(task_event_stream(redis, keys, hub, task.task_id, middle))
-        assert [e["id"] for e in resumed] == ids[len(ids) // 2 + 1 :]
+        assert [e.id for e in resumed] == ids[len(ids) // 2 + 1 :]
     finally:
         await hub.stop()
 
@@ -86,15 +91,15 @@ async def test_feed_filters_by_workflow_and_resumes(redis: Redis, settings: Sett
             b = await enqueue(redis, settings, two)
             await wait_terminal(redis, settings, [a.task_id, b.task_id])
         got = [await asyncio.wait_for(first, 10)]
-        while orjson.loads(got[-1]["data"])["type"] != "succeeded":
+        while orjson.loads(got[-1].data)["type"] != "succeeded":
             got.append(await asyncio.wait_for(anext(feed), 10))
         await feed.aclose()
-        assert {orjson.loads(e["data"])["workflow_id"] for e in got} == {two.id}
+        assert {orjson.loads(e.data)["workflow_id"] for e in got} == {two.id}
         # Resume after the first event: the backlog is replayed from Redis, filtered the same way.
-        resumed_feed = feed_stream(redis, keys, hub, feed_filter(two.id, None), got[0]["id"])
+        resumed_feed = feed_stream(redis, keys, hub, feed_filter(two.id, None), got[0].id)
         resumed = [await asyncio.wait_for(anext(resumed_feed), 10) for _ in range(len(got) - 1)]
         await resumed_feed.aclose()
-        assert [e["id"] for e in resumed] == [e["id"] for e in got[1:]]
+        assert [e.id for e in resumed] == [e.id for e in got[1:]]
     finally:
         await hub.stop()
 
@@ -197,4 +202,29 @@ async def test_a_task_ending_between_the_replay_and_the_status_read_still_sends_
     finally:
         redis.hget = real_hget  # type: ignore[method-assign]
         await hub.stop()
-    assert ended and [e["event"] for e in sent] == ["queued", "cancelled"]
+    assert ended and [e.event for e in sent] == ["queued", "cancelled"]
+
+
+def test_an_event_is_framed_once_as_the_library_would_frame_it() -> None:
+    """Every subscriber is sent the event's frame built once; it must be the bytes sse-starlette would
+    write for the same id, type and data, line breaks and non-ASCII text in the data included."""
+    data = {"stdout": "line one\nline two\r\nthree\r", "text": "caf\u00e9 \u2028 \U0001f600", "nul": "a\u0000b"}
+    fields = event_fields(
+        EventType.NODE_FINISHED, task_id="t1", execution_id=7, workflow_id=3, client="acme", data=data
+    )
+    event = Event.from_entry("1700000000000-5", fields)
+    library = ServerSentEvent(event.encoded, event=event.type.value, id=event.id).encode()
+    assert _sse(event).encode() == library
+    # The same event to a subscriber of a sharded feed: its own cursor as the id, the rest shared.
+    cursor = [(1700000000000, 5), (1699999999999, 2)]
+    sharded = _feed_sse(event, cursor)
+    assert sharded.id == "1700000000000-5,1699999999999-2"
+    assert sharded.encode() == ServerSentEvent(event.encoded, event=event.type.value, id=sharded.id).encode()
+    assert _feed_sse(event, cursor[:1]).encode() == library
+
+
+def test_the_stream_response_overrides_the_library_send_it_means_to() -> None:
+    # HeldStream replaces sse-starlette's per-send wrapper to skip a cancel scope per event; a release
+    # of the library without that method would keep streams working but silently lose the saving.
+    assert "_send_with_timeout" in vars(EventSourceResponse)
+    assert "_send_with_timeout" in vars(HeldStream)
