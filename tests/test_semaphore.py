@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import pytest
 from redis.asyncio import Redis
@@ -150,9 +151,11 @@ async def test_a_crashed_holders_slot_comes_back_after_its_ttl(scripts: Scripts)
 
 async def test_a_refreshed_holder_keeps_its_slot_past_its_ttl(r: Redis, scripts: Scripts) -> None:
     # A ttl long enough that a loop stalled by a loaded host still refreshes in time (every ttl/3).
-    sem = Semaphore(scripts, "kept", limit=1, ttl=2)
-    await sem.acquire("a")
-    first_deadline = await r.zscore(scripts.semaphore_holders_key("kept"), "a")
+    # A name of its own: a holder some other test's semaphore left behind could never take its slot.
+    name = f"kept-{uuid.uuid4().hex}"
+    sem = Semaphore(scripts, name, limit=1, ttl=2)
+    await sem.acquire("a", deadline=time.monotonic() + 10)
+    first_deadline = await r.zscore(scripts.semaphore_holders_key(name), "a")
     assert first_deadline is not None
     # Past the deadline it was given at acquire, by Redis's clock: only the refreshes keep it.
     while (now := await r.time())[0] * 1000 + now[1] // 1000 <= first_deadline:  # noqa: ASYNC110 - Redis time
