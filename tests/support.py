@@ -409,3 +409,15 @@ async def ready_for_scripts(redis: Redis, keys: Keys) -> Redis:
     await redis.xgroup_create(keys.requests, keys.worker_group, id="0", mkstream=True)
     await Scripts(redis, keys).raise_sequence(0)
     return redis
+
+
+async def sse_events(response: Any) -> AsyncIterator[dict[str, str]]:
+    """The events of a server-sent event stream (an httpx streaming response), each as its fields."""
+    current: dict[str, str] = {}
+    async for line in response.aiter_lines():
+        if not line and current:
+            yield current
+            current = {}
+        elif line and not line.startswith(":"):
+            field, _, value = line.partition(":")
+            current[field] = value.removeprefix(" ")

@@ -44,6 +44,7 @@ from tests.support import (
     make_settings,
     private_dir,
     redis_version,
+    sse_events,
     start_worker_process,
     wait_for_events,
     wait_projected,
@@ -143,17 +144,6 @@ async def _serve(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None]
     return server, task, f"http://127.0.0.1:{port}"
 
 
-async def _sse(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
-    current: dict[str, str] = {}
-    async for line in response.aiter_lines():
-        if not line and current:
-            yield current
-            current = {}
-        elif line and not line.startswith(":"):
-            field, _, value = line.partition(":")
-            current[field] = value.removeprefix(" ")
-
-
 async def test_api_sse_and_projection_over_three_shards(
     sharded: Settings, client_of: Redis, pool: asyncpg.Pool
 ) -> None:
@@ -181,10 +171,10 @@ async def test_api_sse_and_projection_over_three_shards(
                     assert {t["execution_id"] % SHARDS for t in tasks} == shards
                     for t in tasks:
                         async with http.stream("GET", f"/tasks/{t['task_id']}/events") as response:
-                            seen = [e async for e in _sse(response)]
+                            seen = [e async for e in sse_events(response)]
                         assert seen[0]["event"] == "queued" and seen[-1]["event"] == "succeeded"
                     live: list[dict[str, str]] = []
-                    async for event in _sse(feed):
+                    async for event in sse_events(feed):
                         live.append(event)
                         if sum(e["event"] == "succeeded" for e in live) == SHARDS:
                             break
@@ -199,7 +189,7 @@ async def test_api_sse_and_projection_over_three_shards(
             assert all(len(e["id"].split(",")) == SHARDS for e in live)
             async with http.stream("GET", "/events", headers={"Last-Event-ID": live[0]["id"]}) as response:
                 replayed: list[dict[str, str]] = []
-                async for event in _sse(response):
+                async for event in sse_events(response):
                     replayed.append(event)
                     if len(replayed) == len(live) - 1:
                         break

@@ -26,6 +26,7 @@ from tests.support import (
     enqueue,
     in_process_worker,
     linear,
+    sse_events,
     wait_projected,
     wait_terminal,
 )
@@ -100,22 +101,11 @@ async def test_events_feed_streams_live_events(
             async with in_process_worker(settings):
                 task = await enqueue(redis, settings, wf)
                 events = []
-                async for event in _events(response):
+                async for event in sse_events(response):
                     events.append(event)
                     if event["event"] == "succeeded":
                         break
     assert {orjson.loads(e["data"])["task_id"] for e in events} == {task.task_id}
-
-
-async def _events(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
-    current: dict[str, str] = {}
-    async for line in response.aiter_lines():
-        if not line and current:
-            yield current
-            current = {}
-        elif line and not line.startswith(":"):
-            field, _, value = line.partition(":")
-            current[field] = value.removeprefix(" ")
 
 
 async def test_metrics_after_known_work(live: Live, redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
