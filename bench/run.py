@@ -550,7 +550,8 @@ class Bench:
                 assert listener.stdout is not None
                 ready = json.loads(await asyncio.to_thread(listener.stdout.readline))
                 assert not ready["errors"], ready
-            api_cpu0, t0 = _cpu_seconds(api.pid), time.perf_counter()
+            api_user0, api_system0 = _user_system_seconds(api.pid)
+            t0 = time.perf_counter()
             for i in range(events):
                 fields = {
                     "type": "queued",
@@ -569,7 +570,9 @@ class Bench:
                 line = await asyncio.wait_for(asyncio.to_thread(listener.stdout.readline), 120)
                 outs.append(json.loads(line))
             # Read before the listeners let go: the API's clean-up of 1,000 streams is not fan-out.
-            api_cpu, window = _cpu_seconds(api.pid) - api_cpu0, time.perf_counter() - t0
+            api_user, api_system = _user_system_seconds(api.pid)
+            api_user, api_system = api_user - api_user0, api_system - api_system0
+            api_cpu, window = api_user + api_system, time.perf_counter() - t0
         finally:
             for listener in listeners:
                 with contextlib.suppress(OSError, subprocess.TimeoutExpired):
@@ -596,6 +599,10 @@ class Bench:
         self.figures["sse_fanout_listener_utilisation"] = figure([o["utilisation"] for o in outs], "cpu/wall")
         self.figures["sse_fanout_listener_cpu_per_delivery"] = figure([o["cpu_us_per_event"] for o in outs], "us")
         self.figures["sse_fanout_api_cpu_per_delivery"] = figure([api_cpu * 1e6 / received], "us")
+        # Apart: the server's Python per delivery, and the kernel's (mostly the socket write, which on
+        # loopback also runs the receiving side's TCP path).
+        self.figures["sse_fanout_api_user_cpu_per_delivery"] = figure([api_user * 1e6 / received], "us")
+        self.figures["sse_fanout_api_system_cpu_per_delivery"] = figure([api_system * 1e6 / received], "us")
         self.figures["sse_fanout_api_cpu_per_event"] = figure([api_cpu * 1000 / events], "ms")
         self.figures["sse_fanout_api_utilisation"] = figure([api_cpu / window], "cpu/wall")
 
@@ -1102,9 +1109,15 @@ class Bench:
 
 def _cpu_seconds(pid: int) -> float:
     """A process's user + system CPU so far (all its threads), from /proc/<pid>/stat in clock ticks."""
+    return sum(_user_system_seconds(pid))
+
+
+def _user_system_seconds(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU so far, apart: what its Python costs, and what its system calls do."""
     # The command name (field 2) may hold spaces: the fields after its closing parenthesis are plain.
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _rss_mb(pid: int) -> float:

@@ -139,6 +139,8 @@ async def test_a_failed_execution_reaches_sentry_tagged_and_without_secrets(
 @pytest.fixture
 async def reporting_api(settings: Settings, ingest: Ingest) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings.model_copy(update={"sentry_dsn": ingest.dsn}))
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
     try:
         async with app.router.lifespan_context(app):
             headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -149,6 +151,10 @@ async def reporting_api(settings: Settings, ingest: Ingest) -> AsyncIterator[htt
         # The SDK is process-wide: the rest of the suite runs without it.
         sentry_sdk.get_client().flush(timeout=2)
         sentry_sdk.init()
+        # Its asyncio integration wrapped the loop's task factory, and the loop is the whole session's:
+        # later tests' tasks would run wrapped (and a task cancelled before it starts warns that its
+        # coroutine was never awaited).
+        loop.set_task_factory(factory)
 
 
 async def test_an_unhandled_api_error_reaches_sentry_without_the_key(

@@ -8,15 +8,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
 
+from api.app import NovaApi
 from api.event_hub import EventHub
 from api.event_streams import _feed_sse, _sse, feed_filter, feed_stream, task_event_stream
-from api.routes.events import HeldStream
+from api.routes.events import SERVER_SEND, HeldStream
 from shared.connections import create_redis
 from shared.events import Event, event_fields
 from shared.settings import Settings
@@ -228,3 +231,47 @@ def test_the_stream_response_overrides_the_library_send_it_means_to() -> None:
     # of the library without that method would keep streams working but silently lose the saving.
     assert "_send_with_timeout" in vars(EventSourceResponse)
     assert "_send_with_timeout" in vars(HeldStream)
+
+
+async def test_events_go_to_the_server_past_the_middlewares_and_the_end_through_them() -> None:
+    # The middlewares' send wrappers look only at a response's start (and see how it ends); the events
+    # between go to the server's own send, which NovaApi leaves in the scope.
+    through_layers: list[dict[str, Any]] = []
+    to_server: list[dict[str, Any]] = []
+
+    async def layered_send(message: Any) -> None:
+        through_layers.append(message)
+
+    async def server_send(message: Any) -> None:
+        to_server.append(message)
+
+    async def receive() -> Any:
+        await asyncio.Event().wait()  # the client never leaves
+
+    async def two_events() -> AsyncIterator[ServerSentEvent]:
+        yield ServerSentEvent("1", event="a")
+        yield ServerSentEvent("2", event="b")
+
+    released: list[bool] = []
+    response = HeldStream(two_events(), lambda: released.append(True))
+    scope = {"type": "http", "method": "GET", "path": "/events", "headers": [], SERVER_SEND: server_send}
+    await asyncio.wait_for(response(scope, receive, layered_send), 10)
+    assert [m["type"] for m in through_layers] == ["http.response.start", "http.response.body"]
+    assert through_layers[-1].get("more_body", False) is False
+    assert [m["body"] for m in to_server] == [b"event: a\r\ndata: 1\r\n\r\n", b"event: b\r\ndata: 2\r\n\r\n"]
+    assert released == [True]
+
+
+async def test_the_application_leaves_the_servers_send_in_each_http_scope() -> None:
+    seen: list[Any] = []
+    app = NovaApi()
+
+    @app.get("/probe")
+    async def probe(request: Request) -> dict[str, bool]:
+        seen.append(request.scope.get(SERVER_SEND))
+        return {"ok": True}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        assert (await client.get("/probe")).status_code == 200
+    assert len(seen) == 1 and callable(seen[0])

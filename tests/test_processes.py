@@ -12,8 +12,9 @@ from pathlib import Path
 import asyncpg
 from redis.asyncio import Redis
 
+from shared.inspection import worker_reports
 from shared.settings import Settings
-from shared.streams import EventType
+from shared.streams import EventType, Keys
 from tests.support import (
     create_workflow,
     enqueue,
@@ -26,6 +27,16 @@ from tests.support import (
     wait_terminal,
 )
 
+TASKS = 60
+
+
+async def until_workers(redis: Redis, keys: Keys, count: int, timeout: float = 60) -> None:
+    """Until `count` workers have reported themselves live (each does as it starts its loops)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(await worker_reports(redis, keys)) < count:
+        assert asyncio.get_running_loop().time() < deadline, f"fewer than {count} workers live in {timeout} s"
+        await asyncio.sleep(0.05)
+
 
 async def _exit_code(proc: object, timeout: float) -> int:
     return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)  # type: ignore[attr-defined]
@@ -37,7 +48,10 @@ async def test_two_worker_processes_run_each_task_exactly_once(
     wf = await create_workflow(redis, settings, pool, linear("import time\ntime.sleep(0.01)\ncontext['n'] += 1"))
     procs = [start_worker_process(settings, tmp_path / f"w{i}.log", NOVA_CONCURRENCY="8") for i in range(2)]
     try:
-        tasks = [await enqueue(redis, settings, wf, {"n": i}) for i in range(200)]
+        # Both replicas reading before the first request: then both take some without a long backlog
+        # (a replica that started late on a busy host would otherwise find the work done).
+        await until_workers(redis, Keys.from_settings(settings), 2)
+        tasks = [await enqueue(redis, settings, wf, {"n": i}) for i in range(TASKS)]
         done = await wait_terminal(redis, settings, [t.task_id for t in tasks], timeout=90)
         assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
         assert all(done[t.task_id].data["final_context"]["n"] == i + 1 for i, t in enumerate(tasks))
@@ -46,12 +60,12 @@ async def test_two_worker_processes_run_each_task_exactly_once(
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         assert [await _exit_code(p, 30) for p in procs] == [0, 0]
-    started = await wait_for_events(redis, settings, lambda e: e.type == EventType.STARTED, 200)
+    started = await wait_for_events(redis, settings, lambda e: e.type == EventType.STARTED, TASKS)
     per_task = Counter(e.task_id for e in started)
     assert set(per_task.values()) == {1}
     consumers = Counter(e.data["consumer"] for e in started)
     assert len(consumers) == 2, consumers
-    assert await pool.fetchval("SELECT count(*) FROM node_runs") == 200 * 3
+    assert await pool.fetchval("SELECT count(*) FROM node_runs") == TASKS * 3
 
 
 async def test_kill9_mid_run_resumes_elsewhere_without_repeating_finished_nodes(

@@ -21,6 +21,8 @@ from shared.streams import TaskField
 router = APIRouter(tags=["events"])
 
 KEEPALIVE_SECONDS = 15
+# The scope key under which the application (api/app.py NovaApi) leaves the server's own send.
+SERVER_SEND = "nova.server_send"
 STREAM_RETRY_AFTER_SECONDS = 5
 
 
@@ -30,8 +32,12 @@ class HeldStream(EventSourceResponse):
     def __init__(self, events: AsyncIterator[ServerSentEvent], release: Callable[[], None]) -> None:
         super().__init__(events, ping=KEEPALIVE_SECONDS, headers={"Cache-Control": "no-cache"})
         self._release = release
+        self._server_send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Events go straight to the server once the response has started through every layer; the
+        # closing message still takes the whole chain, so each layer sees how the response ended.
+        self._server_send = scope.get(SERVER_SEND)
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -44,6 +50,8 @@ class HeldStream(EventSourceResponse):
         if self.send_timeout is not None:
             await super()._send_with_timeout(send, message)
             return
+        if self._server_send is not None and message.get("more_body"):
+            send = self._server_send
         try:
             await send(message)
         except BaseException:
