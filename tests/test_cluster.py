@@ -29,8 +29,9 @@ from api.app import create_app
 from cli.embedded import find_redis_server, free_port
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.catalog import WorkflowCatalog
-from shared.connections import create_redis
+from shared.connections import create_redis, ensure_groups
 from shared.dead_letters import DeadLetters
+from shared.inspection import inspect
 from shared.settings import Settings
 from shared.streams import EventType, Keys, Lane, Layout, TaskField, TaskStatus, loads
 from tests.support import (
@@ -436,3 +437,86 @@ async def test_cancels_worker_reports_and_builtin_ticks_on_a_cluster(sharded: Se
     assert [r["consumer"] for r in await worker_reports(client_of, home)] == ["w1"]
     assert await scripts.claim_tick("cleanup", now_ms=1, next_ms=2) is None
     assert await Scripts(client_of, home).claim_tick("cleanup", now_ms=5, next_ms=10) == 2
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A Prometheus page as {(metric, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_and_inspect_count_every_shard_and_lane(
+    sharded: Settings, client_of: Redis, pool: asyncpg.Pool
+) -> None:
+    """Queued, pending and dead entries put by hand in every shard's lanes, counted by `GET /metrics`,
+    `/inspect` and `nova inspect` alike: each stream under its own key, totals summed over the shards."""
+    from tests.test_cli import nova
+
+    wf = await create_workflow(client_of, sharded, pool, linear("pass"))
+    layout = Layout.from_settings(sharded)
+    for shard in layout.shards:
+        await ensure_groups(client_of, shard)
+    lanes = list(Lane)
+    queued: dict[str, int] = {}
+    delivered: dict[str, int] = {}
+    for slug in clients_in_every_shard():
+        shard = layout.of_client(slug)
+        for i, lane in enumerate(lanes):
+            # A different count in each stream: a total, or another stream's figure, cannot pass for it.
+            stream = shard.in_lane(lane).requests
+            queued[stream] = 1 + (shard.shard_index + i) % 3
+            delivered[stream] = (shard.shard_index + i) % 2
+            for _ in range(queued[stream]):
+                await enqueue(client_of, sharded, wf, client=slug, lane=lane)
+            if delivered[stream]:
+                # Delivered to a consumer that never acknowledges: pending, no longer lag.
+                await client_of.xreadgroup(sharded.worker_group, "spy", {stream: ">"}, count=delivered[stream])
+        for _ in range(shard.shard_index):
+            await client_of.xadd(shard.dead_letter, {"reason": "malformed"})
+    dead = sum(range(SHARDS))
+
+    def check(report: dict[str, Any]) -> None:
+        lengths = {s["key"]: s["length"] for s in report["streams"].values()}
+        groups = {g["stream"]: g for g in report["groups"] if g["group"] == sharded.worker_group}
+        for stream, n in queued.items():
+            assert lengths[stream] == n, stream
+            assert (groups[stream]["pending"], groups[stream]["lag"]) == (delivered[stream], n - delivered[stream])
+        for shard in layout.shards:
+            assert lengths[shard.dead_letter] == shard.shard_index
+            assert report["streams"][f"dead_letter:{shard.shard_index}"]["key"] == shard.dead_letter
+        assert report["dead_letters"] == dead
+        assert report["control"]["held_by_workers"] == sum(delivered.values())
+        spy = [c for c in report["consumers"] if c["consumer"] == "spy"]
+        assert sorted((c["stream"], c["pending"]) for c in spy) == sorted((s, n) for s, n in delivered.items() if n)
+
+    check(await inspect(client_of, layout.home))
+    env = {
+        "REDIS_URL": sharded.redis_url or "",
+        "NOVA_REDIS_CLUSTER": "true",
+        "NOVA_SHARDS": str(SHARDS),
+    }
+    cli = await asyncio.to_thread(nova, "inspect", "--json", env=env)
+    assert cli.returncode == 0, cli.stderr
+    check(orjson.loads(cli.stdout))
+
+    app = create_app(sharded)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=admin) as http:
+            check((await http.get("/inspect")).json())
+            metrics = _samples((await http.get("/metrics")).text)
+    group = sharded.worker_group
+    for stream, n in queued.items():
+        assert metrics[("nova_stream_length", (("stream", stream),))] == n
+        labels = (("group", group), ("stream", stream))
+        assert metrics[("nova_group_pending", labels)] == delivered[stream]
+        assert metrics[("nova_group_lag", labels)] == n - delivered[stream]
+    assert metrics[("nova_dead_letters", ())] == dead
+    assert metrics[("nova_drain_held", ())] == sum(delivered.values())
+    assert metrics[("nova_consumer_inflight", (("consumer", "spy"), ("group", group)))] == sum(delivered.values())
