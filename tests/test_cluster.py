@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +31,7 @@ from cli.embedded import find_redis_server, free_port
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.catalog import WorkflowCatalog
 from shared.connections import create_redis, ensure_groups
+from shared.control import RunControl
 from shared.dead_letters import DeadLetters
 from shared.inspection import inspect
 from shared.settings import Settings
@@ -520,3 +522,160 @@ async def test_metrics_and_inspect_count_every_shard_and_lane(
     assert metrics[("nova_dead_letters", ())] == dead
     assert metrics[("nova_drain_held", ())] == sum(delivered.values())
     assert metrics[("nova_consumer_inflight", (("consumer", "spy"), ("group", group)))] == sum(delivered.values())
+
+
+async def test_schedules_fire_once_per_tick_with_two_schedulers_across_shards(
+    sharded: Settings, client_of: Redis, pool: asyncpg.Pool
+) -> None:
+    """A schedule per shard (its client's), one in the high lane: two schedulers, each on a cluster
+    client of its own as in two worker processes, tick together; every tick is enqueued once, into its
+    client's shard and its workflow's lane. Then two workers fire an every-second schedule on their own."""
+    from consumer.scheduler import Scheduler
+    from shared.schedules import ScheduleStore
+
+    layout = Layout.from_settings(sharded)
+    plain = await create_workflow(client_of, sharded, pool, linear("context['ran'] = True"))
+    urgent = await create_workflow(client_of, sharded, pool, linear("context['ran'] = True", priority="high"))
+    store = ScheduleStore(client_of, layout.home)
+    slugs = clients_in_every_shard()
+    schedules = {
+        slug: await store.create(
+            cron="* * * * *", workflow_id=(urgent if n == 1 else plain).id, client=slug, initial_context={}
+        )
+        for n, slug in enumerate(slugs)
+    }
+    lane_of = {slug: Lane.HIGH if n == 1 else Lane.NORMAL for n, slug in enumerate(slugs)}
+    clients = [create_redis(sharded) for _ in range(2)]
+    try:
+        schedulers = [
+            Scheduler(sharded, c, WorkflowCatalog(c, pool, layout.home), f"replica{i}") for i, c in enumerate(clients)
+        ]
+        ticks = sorted({tick for _, tick in await store.due(int(time.time() * 1000) + 61_000)})
+        assert len(ticks) == 1  # every schedule's first tick is the next minute
+        for _ in range(2):
+            fired = await asyncio.gather(*(s.tick(now_ms=ticks[-1] + 10) for s in schedulers))
+            assert sum(fired) == SHARDS, fired
+            ticks.append(max(next_ms for _, next_ms in await store.due(ticks[-1] + 61_000)))
+        ticks.pop()
+        for slug, schedule in schedules.items():
+            stream = layout.of_client(slug).in_lane(lane_of[slug]).requests
+            entries = [f for _, f in await client_of.xrange(stream)]
+            assert [e["task_id"] for e in entries] == [
+                layout.of_client(slug).placed_task_id(f"sched-{schedule.id}-{tick}") for tick in ticks
+            ]
+            assert all(Keys.shard_of_task(e["task_id"], SHARDS) == layout.of_client(slug).shard_index for e in entries)
+        # Nothing else anywhere: one request per schedule and tick in all the streams of all the shards.
+        assert sum([await client_of.xlen(k.requests) for k in layout.streams]) == SHARDS * len(ticks)
+        for schedule in schedules.values():
+            await store.delete(schedule.id)
+    finally:
+        for c in clients:
+            await c.aclose()
+    every_second = await store.create(cron="* * * * * *", workflow_id=urgent.id, client=slugs[2], initial_context={})
+    async with in_process_worker(sharded), in_process_worker(sharded):
+        done = await wait_for_events(
+            client_of,
+            sharded,
+            lambda e: e.type == EventType.SUCCEEDED and e.task_id.startswith(f"sched-{every_second.id}-"),
+            2,
+        )
+        await store.delete(every_second.id)
+    assert all(e.data["final_context"]["ran"] for e in done)
+    queued = await wait_for_events(
+        client_of,
+        sharded,
+        lambda e: e.type == EventType.QUEUED and e.task_id.startswith(f"sched-{every_second.id}-"),
+        2,
+    )
+    fired_ticks = [e.data["initial_context"]["_schedule"]["tick_ms"] for e in queued]
+    assert len(fired_ticks) == len(set(fired_ticks))
+
+
+async def _until(condition: Any, what: str, timeout: float = 30.0) -> None:
+    """Poll Redis-held state that has no notification (drain progress), bounded."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_drain_and_sigterm_finish_runs_held_on_every_shard_and_lane(
+    sharded: Settings, client_of: Redis, pool: asyncpg.Pool, shared_dir: Path, tmp_path: Path
+) -> None:
+    """A worker process holds a run in each shard, each in another lane. `nova drain`: it finishes them
+    and takes nothing new, in no shard; the drain ended, it runs what waited. SIGTERM with runs held
+    again: it finishes them and exits 0. Every run starts once, and nothing is left pending anywhere."""
+    from tests.test_cli import nova
+
+    layout = Layout.from_settings(sharded)
+    hold = "import os, time\nwhile not os.path.exists(context['flag']): time.sleep(0.05)\ncontext['done'] = True"
+    slow = await create_workflow(client_of, sharded, pool, linear(hold))
+    quick = await create_workflow(client_of, sharded, pool, linear("context['done'] = True"))
+    placements = list(zip(clients_in_every_shard(), (Lane.HIGH, Lane.NORMAL, Lane.LOW), strict=True))
+    control = RunControl(client_of, layout.home, task_ttl=sharded.task_ttl, pool=pool)
+    log = tmp_path / "worker.log"
+    # Node code sees the host read-only, but for the folders an operator shares.
+    shared = sharded.model_copy(update={"sandbox_writable": str(shared_dir)})
+    worker = start_worker_process(shared, log, NOVA_CONCURRENCY="6", NOVA_SHUTDOWN_GRACE="30")
+    all_tasks: list[str] = []
+
+    async def hold_one_per_shard(flag: Path) -> list[str]:
+        held = [
+            await enqueue(client_of, sharded, slow, {"flag": str(flag)}, slug, lane=lane) for slug, lane in placements
+        ]
+        ids = [t.task_id for t in held]
+        all_tasks.extend(ids)
+        await wait_for_events(
+            client_of, sharded, lambda e: e.task_id in ids and e.type == EventType.STARTED, len(ids), timeout=60
+        )
+        return ids
+
+    try:
+        held = await hold_one_per_shard(shared_dir / "a")
+        env = {"REDIS_URL": sharded.redis_url or "", "NOVA_REDIS_CLUSTER": "true", "NOVA_SHARDS": str(SHARDS)}
+        drained = await asyncio.to_thread(nova, "drain", "--json", env=env)
+        assert drained.returncode == 0, drained.stderr
+        assert orjson.loads(drained.stdout)["held_by_workers"] == len(placements)
+
+        async def parked_holding(n: int) -> bool:
+            # The process has stopped reading in every shard and lane, holding n runs in all.
+            return list((await control.state())["drained_workers"].values()) == [n]
+
+        await _until(lambda: parked_holding(len(placements)), "the worker to stop reading everywhere")
+        waiting = [await enqueue(client_of, sharded, quick, {}, slug, lane=lane) for slug, lane in placements]
+        all_tasks.extend(t.task_id for t in waiting)
+        (shared_dir / "a").write_text("")
+        done = await wait_terminal(client_of, sharded, held, timeout=60)
+        assert {e.type for e in done.values()} == {EventType.SUCCEEDED}, [e.data for e in done.values()]
+        await _until(lambda: parked_holding(0), "the drain's progress to reach 0")
+        assert (await control.state())["held_by_workers"] == 0
+        for task in waiting:
+            status = await client_of.hget(layout.of_task(task.task_id).task(task.task_id), TaskField.STATUS)
+            assert status == TaskStatus.PENDING  # no shard's reader took it during the drain
+        await control.drain(False)
+        await wait_terminal(client_of, sharded, [t.task_id for t in waiting], timeout=60)
+
+        held = await hold_one_per_shard(shared_dir / "b")
+        worker.send_signal(signal.SIGTERM)
+        # Each reader holding a run says it drains it (in the log: the worker has no other trace of it).
+        await _until(
+            lambda: _logged(log, "draining 1 in-flight run(s)", len(placements)), "every reader to start draining"
+        )
+        (shared_dir / "b").write_text("")
+        assert await asyncio.wait_for(asyncio.to_thread(worker.wait), 60) == 0
+    finally:
+        if worker.poll() is None:
+            kill9(worker)
+    done = await wait_terminal(client_of, sharded, held, timeout=10)
+    assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
+    started = await wait_for_events(
+        client_of, sharded, lambda e: e.type == EventType.STARTED and e.task_id in all_tasks, len(all_tasks)
+    )
+    assert sorted(e.task_id for e in started) == sorted(all_tasks)  # each once
+    assert {e.data["delivery"] for e in started} == {1}
+    for stream in layout.streams:
+        assert (await client_of.xpending(stream.requests, sharded.worker_group))["pending"] == 0, stream.requests
+
+
+async def _logged(log: Path, line: str, times: int) -> bool:
+    return log.read_text(errors="replace").count(line) >= times
