@@ -30,7 +30,7 @@ from api.app import create_app
 from cli.embedded import find_redis_server, free_port
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.catalog import WorkflowCatalog
-from shared.connections import create_redis, ensure_groups
+from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups
 from shared.control import RunControl
 from shared.dead_letters import DeadLetters
 from shared.inspection import inspect
@@ -38,6 +38,7 @@ from shared.settings import Settings
 from shared.streams import EventType, Keys, Lane, Layout, TaskField, TaskStatus, loads
 from tests.support import (
     ADMIN_KEY,
+    CLUSTER_SLOTS,
     ClusterServers,
     create_workflow,
     enqueue,
@@ -679,3 +680,64 @@ async def test_drain_and_sigterm_finish_runs_held_on_every_shard_and_lane(
 
 async def _logged(log: Path, line: str, times: int) -> bool:
     return log.read_text(errors="replace").count(line) >= times
+
+
+@contextlib.contextmanager
+def _uncovered(cluster: ClusterServers, key: str) -> Iterator[None]:
+    """`key`'s slot served by no master (CLUSTER DELSLOTS in every node's view), as between an
+    operator's mistake and its repair; given back to its master on leaving, and awaited everywhere."""
+    slot = key_slot(key.encode())
+    owner = cluster.master_of(key)
+    owner_id = cluster.node_id(owner)
+    for node in cluster.nodes:
+        with cluster.admin(node) as admin:
+            admin.execute_command("CLUSTER DELSLOTS", slot)
+    try:
+        yield
+    finally:
+        for node in cluster.nodes[: cluster.masters]:
+            with cluster.admin(node) as admin:
+                admin.execute_command("CLUSTER SETSLOT", slot, "NODE", owner_id)
+
+        def served_everywhere() -> bool:
+            for node in cluster.nodes:
+                with cluster.admin(node) as admin:
+                    if int(admin.execute_command("CLUSTER INFO")["cluster_slots_assigned"]) != CLUSTER_SLOTS:
+                        return False
+            return True
+
+        cluster._until(served_everywhere, 30, "the slot to be served again")
+
+
+async def test_a_slot_without_a_master_is_transient(
+    cluster: ClusterServers,
+    sharded: Settings,
+    client_of: Redis,
+    pool: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A shard's slot served by no master: the cluster client learns no slot map while it lasts, and
+    refuses every command; that is Redis being unavailable (the API's 503, a worker's backoff), and the
+    API's event hub reads every shard again once the slot is served."""
+    from api.event_hub import EventHub
+
+    wf = await create_workflow(client_of, sharded, pool, linear("pass"))
+    layout = Layout.from_settings(sharded)
+    hub = EventHub(client_of, layout.home, shards=layout.shards)
+    await hub.start()
+    feed = hub.subscribe()
+    try:
+        with _uncovered(cluster, layout.shards[1].results):
+            with pytest.raises(REDIS_UNAVAILABLE):
+                await enqueue(client_of, sharded, wf, client=clients_in_every_shard()[1])
+
+            async def hub_waits() -> bool:
+                return sum("event hub: Redis unavailable" in r.getMessage() for r in caplog.records) >= SHARDS
+
+            await _until(hub_waits, "the event hub's readers to meet the unserved slot")
+        tasks = [await enqueue(client_of, sharded, wf, client=slug) for slug in clients_in_every_shard()]
+        seen = {(await feed.get(30)).task_id for _ in tasks}  # type: ignore[union-attr]
+        assert seen == {t.task_id for t in tasks}
+    finally:
+        feed.close()
+        await hub.stop()
