@@ -9,6 +9,7 @@ replica sees every event, so take one replica's histograms (or max across them),
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -22,6 +23,17 @@ from shared.streams import EventType, Keys, parse_iso
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+
+
+def per_consumer(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, float]]:
+    """A consumer's rows of every stream it reads (each shard's, in each lane) as one: what it holds in
+    all of them, and its idle time in the stream it last read (a worker process is one consumer)."""
+    merged: dict[tuple[str, str], tuple[int, float]] = {}
+    for row in rows:
+        key = (row["group"], row["consumer"])
+        pending, idle_s = merged.get(key, (0, float(row["idle_s"])))
+        merged[key] = (pending + int(row["pending"]), min(idle_s, float(row["idle_s"])))
+    return merged
 
 
 class Metrics:
@@ -109,9 +121,9 @@ class Metrics:
             self.oldest_pending.labels(*labels).set(group["oldest_pending_age_s"] or 0)
         self.consumer_inflight.clear()
         self.consumer_idle.clear()
-        for consumer in report["consumers"]:
-            self.consumer_inflight.labels(consumer["group"], consumer["consumer"]).set(consumer["pending"])
-            self.consumer_idle.labels(consumer["group"], consumer["consumer"]).set(consumer["idle_s"])
+        for (group, consumer), (pending, idle_s) in per_consumer(report["consumers"]).items():
+            self.consumer_inflight.labels(group, consumer).set(pending)
+            self.consumer_idle.labels(group, consumer).set(idle_s)
         self.executor_problem.clear()
         for worker in report["workers"]:
             for executor, problem in (worker.get("executors") or {}).items():

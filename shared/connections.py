@@ -9,7 +9,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ClusterDownError, ClusterError, ResponseError, TryAgainError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -19,7 +26,9 @@ from shared.streams import Keys
 
 # Errors that mean "Redis is unreachable or restarting", as opposed to a bad command. On a cluster also
 # a slot that is moving (TRYAGAIN past the client's own retries) or a shard with no master for a moment
-# (a failover): the same step succeeds when tried again.
+# (a failover): the same step succeeds when tried again. And what the cluster client raises when it
+# cannot learn a slot map: no node reachable, or a slot that no master serves (it then refuses every
+# command, whatever its slot, until the map is whole again).
 REDIS_UNAVAILABLE = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -28,6 +37,7 @@ REDIS_UNAVAILABLE = (
     OSError,
     ClusterError,
     ClusterDownError,
+    RedisClusterException,
     TryAgainError,
 )
 

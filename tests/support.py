@@ -383,6 +383,16 @@ class ClusterServers:
                         return next(n for n in self.nodes if n.port == port)
         raise LookupError(f"no node serves slot {slot}")
 
+    def live_masters(self) -> list[RedisServer]:
+        """The running nodes that are masters now: a failover swaps a master and its replica."""
+        live = []
+        for node in self.nodes:
+            if node.running:
+                with self.admin(node) as admin:
+                    if admin.info("replication").get("role") == "master":
+                        live.append(node)
+        return live
+
     def node_id(self, node: RedisServer) -> str:
         with self.admin(node) as r:
             return str(r.execute_command("CLUSTER MYID"))

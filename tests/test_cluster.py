@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,12 +30,15 @@ from api.app import create_app
 from cli.embedded import find_redis_server, free_port
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.catalog import WorkflowCatalog
-from shared.connections import create_redis
+from shared.connections import REDIS_UNAVAILABLE, create_redis, ensure_groups
+from shared.control import RunControl
 from shared.dead_letters import DeadLetters
+from shared.inspection import inspect
 from shared.settings import Settings
 from shared.streams import EventType, Keys, Lane, Layout, TaskField, TaskStatus, loads
 from tests.support import (
     ADMIN_KEY,
+    CLUSTER_SLOTS,
     ClusterServers,
     create_workflow,
     enqueue,
@@ -51,6 +55,7 @@ from tests.support import (
     wait_terminal,
 )
 from tests.test_faults import FlakyProvider, flaky
+from tests.test_live_api import _samples
 
 # Cluster mode needs Redis 7 (`cluster-port`, CLUSTER ADDSLOTSRANGE): the redis-server on PATH.
 pytestmark = pytest.mark.skipif(
@@ -74,10 +79,9 @@ def _reset(cluster: ClusterServers) -> None:
     """Flush every master; a test that killed one leaves the cluster to be built again."""
     if not all(node.running for node in cluster.nodes):
         raise RuntimeError("a previous test left the cluster without a node")
-    for node in cluster.nodes:
+    for node in cluster.live_masters():
         with cluster.admin(node) as admin:
-            if admin.info("replication").get("role") == "master":
-                admin.flushall()
+            admin.flushall()
 
 
 @pytest.fixture
@@ -436,3 +440,302 @@ async def test_cancels_worker_reports_and_builtin_ticks_on_a_cluster(sharded: Se
     assert [r["consumer"] for r in await worker_reports(client_of, home)] == ["w1"]
     assert await scripts.claim_tick("cleanup", now_ms=1, next_ms=2) is None
     assert await Scripts(client_of, home).claim_tick("cleanup", now_ms=5, next_ms=10) == 2
+
+
+async def test_metrics_and_inspect_count_every_shard_and_lane(
+    sharded: Settings, client_of: Redis, pool: asyncpg.Pool
+) -> None:
+    """Queued, pending and dead entries put by hand in every shard's lanes, counted by `GET /metrics`,
+    `/inspect` and `nova inspect` alike: each stream under its own key, totals summed over the shards."""
+    from tests.test_cli import nova
+
+    wf = await create_workflow(client_of, sharded, pool, linear("pass"))
+    layout = Layout.from_settings(sharded)
+    for shard in layout.shards:
+        await ensure_groups(client_of, shard)
+    lanes = list(Lane)
+    queued: dict[str, int] = {}
+    delivered: dict[str, int] = {}
+    for slug in clients_in_every_shard():
+        shard = layout.of_client(slug)
+        for i, lane in enumerate(lanes):
+            # A different count in each stream: a total, or another stream's figure, cannot pass for it.
+            stream = shard.in_lane(lane).requests
+            queued[stream] = 1 + (shard.shard_index + i) % 3
+            delivered[stream] = (shard.shard_index + i) % 2
+            for _ in range(queued[stream]):
+                await enqueue(client_of, sharded, wf, client=slug, lane=lane)
+            if delivered[stream]:
+                # Delivered to a consumer that never acknowledges: pending, no longer lag.
+                await client_of.xreadgroup(sharded.worker_group, "spy", {stream: ">"}, count=delivered[stream])
+        for _ in range(shard.shard_index):
+            await client_of.xadd(shard.dead_letter, {"reason": "malformed"})
+    dead = sum(range(SHARDS))
+
+    def check(report: dict[str, Any]) -> None:
+        lengths = {s["key"]: s["length"] for s in report["streams"].values()}
+        groups = {g["stream"]: g for g in report["groups"] if g["group"] == sharded.worker_group}
+        for stream, n in queued.items():
+            assert lengths[stream] == n, stream
+            assert (groups[stream]["pending"], groups[stream]["lag"]) == (delivered[stream], n - delivered[stream])
+        for shard in layout.shards:
+            assert lengths[shard.dead_letter] == shard.shard_index
+            assert report["streams"][f"dead_letter:{shard.shard_index}"]["key"] == shard.dead_letter
+        assert report["dead_letters"] == dead
+        assert report["control"]["held_by_workers"] == sum(delivered.values())
+        spy = [c for c in report["consumers"] if c["consumer"] == "spy"]
+        assert sorted((c["stream"], c["pending"]) for c in spy) == sorted((s, n) for s, n in delivered.items() if n)
+
+    check(await inspect(client_of, layout.home))
+    env = {
+        "REDIS_URL": sharded.redis_url or "",
+        "NOVA_REDIS_CLUSTER": "true",
+        "NOVA_SHARDS": str(SHARDS),
+    }
+    cli = await asyncio.to_thread(nova, "inspect", "--json", env=env)
+    assert cli.returncode == 0, cli.stderr
+    check(orjson.loads(cli.stdout))
+
+    app = create_app(sharded)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=admin) as http:
+            check((await http.get("/inspect")).json())
+            metrics = _samples((await http.get("/metrics")).text)
+    group = sharded.worker_group
+    for stream, n in queued.items():
+        assert metrics[f'nova_stream_length{{stream="{stream}"}}'] == n
+        labels = f'{{group="{group}",stream="{stream}"}}'
+        assert metrics[f"nova_group_pending{labels}"] == delivered[stream]
+        assert metrics[f"nova_group_lag{labels}"] == n - delivered[stream]
+    assert metrics["nova_dead_letters"] == dead
+    assert metrics["nova_drain_held"] == sum(delivered.values())
+    # One worker process is one consumer, whatever the streams it reads: what it holds in all of them.
+    assert metrics[f'nova_consumer_inflight{{consumer="spy",group="{group}"}}'] == sum(delivered.values())
+
+
+async def test_schedules_fire_once_per_tick_with_two_schedulers_across_shards(
+    sharded: Settings, client_of: Redis, pool: asyncpg.Pool
+) -> None:
+    """A schedule per shard (its client's), one in the high lane: two schedulers, each on a cluster
+    client of its own as in two worker processes, tick together; every tick is enqueued once, into its
+    client's shard and its workflow's lane. Then two workers fire an every-second schedule on their own."""
+    from consumer.scheduler import Scheduler
+    from shared.schedules import ScheduleStore
+
+    layout = Layout.from_settings(sharded)
+    plain = await create_workflow(client_of, sharded, pool, linear("context['ran'] = True"))
+    urgent = await create_workflow(client_of, sharded, pool, linear("context['ran'] = True", priority="high"))
+    store = ScheduleStore(client_of, layout.home)
+    slugs = clients_in_every_shard()
+    schedules = {
+        slug: await store.create(
+            cron="* * * * *", workflow_id=(urgent if n == 1 else plain).id, client=slug, initial_context={}
+        )
+        for n, slug in enumerate(slugs)
+    }
+    lane_of = {slug: Lane.HIGH if n == 1 else Lane.NORMAL for n, slug in enumerate(slugs)}
+    clients = [create_redis(sharded) for _ in range(2)]
+    try:
+        schedulers = [
+            Scheduler(sharded, c, WorkflowCatalog(c, pool, layout.home), f"replica{i}") for i, c in enumerate(clients)
+        ]
+        ticks: dict[str, list[int]] = {s.id: [] for s in schedules.values()}
+        for _ in range(2):
+            due = {s.id: next_ms for s, next_ms in await store.list() if next_ms is not None}
+            # When every schedule is due (their first ticks differ if created across a minute's turn).
+            now_ms = max(due.values()) + 10
+            fired = await asyncio.gather(*(s.tick(now_ms=now_ms) for s in schedulers))
+            assert sum(fired) == SHARDS, fired
+            for schedule_id, tick in due.items():
+                ticks[schedule_id].append(tick)
+        for slug, schedule in schedules.items():
+            stream = layout.of_client(slug).in_lane(lane_of[slug]).requests
+            entries = [f for _, f in await client_of.xrange(stream)]
+            assert [e["task_id"] for e in entries] == [
+                layout.of_client(slug).placed_task_id(f"sched-{schedule.id}-{tick}") for tick in ticks[schedule.id]
+            ]
+            assert all(Keys.shard_of_task(e["task_id"], SHARDS) == layout.of_client(slug).shard_index for e in entries)
+        # Nothing else anywhere: one request per schedule and tick in all the streams of all the shards.
+        assert sum([await client_of.xlen(k.requests) for k in layout.streams]) == 2 * SHARDS
+        for schedule in schedules.values():
+            await store.delete(schedule.id)
+    finally:
+        for c in clients:
+            await c.aclose()
+    every_second = await store.create(cron="* * * * * *", workflow_id=urgent.id, client=slugs[2], initial_context={})
+    async with in_process_worker(sharded), in_process_worker(sharded):
+        done = await wait_for_events(
+            client_of,
+            sharded,
+            lambda e: e.type == EventType.SUCCEEDED and e.task_id.startswith(f"sched-{every_second.id}-"),
+            2,
+        )
+        await store.delete(every_second.id)
+    assert all(e.data["final_context"]["ran"] for e in done)
+    queued = await wait_for_events(
+        client_of,
+        sharded,
+        lambda e: e.type == EventType.QUEUED and e.task_id.startswith(f"sched-{every_second.id}-"),
+        2,
+    )
+    fired_ticks = [e.data["initial_context"]["_schedule"]["tick_ms"] for e in queued]
+    assert len(fired_ticks) == len(set(fired_ticks))
+
+
+async def _until(condition: Any, what: str, timeout: float = 30.0) -> None:
+    """Poll Redis-held state that has no notification (drain progress), bounded."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_drain_and_sigterm_finish_runs_held_on_every_shard_and_lane(
+    sharded: Settings, client_of: Redis, pool: asyncpg.Pool, shared_dir: Path, tmp_path: Path
+) -> None:
+    """A worker process holds a run in each shard, each in another lane. `nova drain`: it finishes them
+    and takes nothing new, in no shard; the drain ended, it runs what waited. SIGTERM with runs held
+    again: it finishes them and exits 0. Every run starts once, and nothing is left pending anywhere."""
+    from tests.test_cli import nova
+
+    layout = Layout.from_settings(sharded)
+    hold = "import os, time\nwhile not os.path.exists(context['flag']): time.sleep(0.05)\ncontext['done'] = True"
+    slow = await create_workflow(client_of, sharded, pool, linear(hold))
+    quick = await create_workflow(client_of, sharded, pool, linear("context['done'] = True"))
+    placements = list(zip(clients_in_every_shard(), (Lane.HIGH, Lane.NORMAL, Lane.LOW), strict=True))
+    control = RunControl(client_of, layout.home, task_ttl=sharded.task_ttl, pool=pool)
+    log = tmp_path / "worker.log"
+    # Node code sees the host read-only, but for the folders an operator shares.
+    shared = sharded.model_copy(update={"sandbox_writable": str(shared_dir)})
+    worker = start_worker_process(shared, log, NOVA_CONCURRENCY="6", NOVA_SHUTDOWN_GRACE="30")
+    all_tasks: list[str] = []
+
+    async def hold_one_per_shard(flag: Path) -> list[str]:
+        held = [
+            await enqueue(client_of, sharded, slow, {"flag": str(flag)}, slug, lane=lane) for slug, lane in placements
+        ]
+        ids = [t.task_id for t in held]
+        all_tasks.extend(ids)
+        await wait_for_events(
+            client_of, sharded, lambda e: e.task_id in ids and e.type == EventType.STARTED, len(ids), timeout=60
+        )
+        return ids
+
+    try:
+        held = await hold_one_per_shard(shared_dir / "a")
+        env = {"REDIS_URL": sharded.redis_url or "", "NOVA_REDIS_CLUSTER": "true", "NOVA_SHARDS": str(SHARDS)}
+        drained = await asyncio.to_thread(nova, "drain", "--json", env=env)
+        assert drained.returncode == 0, drained.stderr
+        assert orjson.loads(drained.stdout)["held_by_workers"] == len(placements)
+
+        async def parked_holding(n: int) -> bool:
+            # The process has stopped reading in every shard and lane, holding n runs in all.
+            return list((await control.state())["drained_workers"].values()) == [n]
+
+        await _until(lambda: parked_holding(len(placements)), "the worker to stop reading everywhere")
+        waiting = [await enqueue(client_of, sharded, quick, {}, slug, lane=lane) for slug, lane in placements]
+        all_tasks.extend(t.task_id for t in waiting)
+        (shared_dir / "a").write_text("")
+        done = await wait_terminal(client_of, sharded, held, timeout=60)
+        assert {e.type for e in done.values()} == {EventType.SUCCEEDED}, [e.data for e in done.values()]
+        await _until(lambda: parked_holding(0), "the drain's progress to reach 0")
+        assert (await control.state())["held_by_workers"] == 0
+        for task in waiting:
+            status = await client_of.hget(layout.of_task(task.task_id).task(task.task_id), TaskField.STATUS)
+            assert status == TaskStatus.PENDING  # no shard's reader took it during the drain
+        await control.drain(False)
+        await wait_terminal(client_of, sharded, [t.task_id for t in waiting], timeout=60)
+
+        held = await hold_one_per_shard(shared_dir / "b")
+        worker.send_signal(signal.SIGTERM)
+        # Each reader holding a run says it drains it (in the log: the worker has no other trace of it).
+        await _until(
+            lambda: _logged(log, "draining 1 in-flight run(s)", len(placements)), "every reader to start draining"
+        )
+        (shared_dir / "b").write_text("")
+        assert await asyncio.wait_for(asyncio.to_thread(worker.wait), 60) == 0
+    finally:
+        if worker.poll() is None:
+            kill9(worker)
+    done = await wait_terminal(client_of, sharded, held, timeout=10)
+    assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
+    started = await wait_for_events(
+        client_of, sharded, lambda e: e.type == EventType.STARTED and e.task_id in all_tasks, len(all_tasks)
+    )
+    assert sorted(e.task_id for e in started) == sorted(all_tasks)  # each once
+    assert {e.data["delivery"] for e in started} == {1}
+    for stream in layout.streams:
+        assert (await client_of.xpending(stream.requests, sharded.worker_group))["pending"] == 0, stream.requests
+
+
+async def _logged(log: Path, line: str, times: int) -> bool:
+    return log.read_text(errors="replace").count(line) >= times
+
+
+@contextlib.contextmanager
+def _uncovered(cluster: ClusterServers, key: str) -> Iterator[None]:
+    """`key`'s slot served by no master (CLUSTER DELSLOTS in every node's view), as between an
+    operator's mistake and its repair; given back to its master on leaving, and awaited everywhere."""
+    slot = key_slot(key.encode())
+    owner = cluster.master_of(key)
+    owner_id = cluster.node_id(owner)
+    for node in cluster.nodes:
+        with cluster.admin(node) as admin:
+            admin.execute_command("CLUSTER DELSLOTS", slot)
+    try:
+        yield
+    finally:
+        for node in cluster.live_masters():
+            with cluster.admin(node) as admin:
+                admin.execute_command("CLUSTER SETSLOT", slot, "NODE", owner_id)
+
+        def served_everywhere() -> bool:
+            for node in cluster.nodes:
+                with cluster.admin(node) as admin:
+                    if int(admin.execute_command("CLUSTER INFO")["cluster_slots_assigned"]) != CLUSTER_SLOTS:
+                        return False
+            return True
+
+        cluster._until(served_everywhere, 30, "the slot to be served again")
+
+
+async def test_a_slot_without_a_master_is_transient(
+    cluster: ClusterServers,
+    sharded: Settings,
+    client_of: Redis,
+    pool: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A shard's slot served by no master: the cluster client learns no slot map while it lasts, and
+    refuses every command; that is Redis being unavailable (the API's 503, a worker's backoff), and the
+    API's event hub reads every shard again once the slot is served.
+
+    The hub has a cluster client of its own, as in an API process. Its readers' failures make that
+    client close its connections under the other readers' commands (redis-py's own recovery), which
+    some of them meet as an AttributeError: the test's own commands stay out of that."""
+    from api.event_hub import EventHub
+
+    wf = await create_workflow(client_of, sharded, pool, linear("pass"))
+    layout = Layout.from_settings(sharded)
+    hub_redis = create_redis(sharded)
+    hub = EventHub(hub_redis, layout.home, shards=layout.shards)
+    await hub.start()
+    feed = hub.subscribe()
+    try:
+        with _uncovered(cluster, layout.shards[1].results):
+            with pytest.raises(REDIS_UNAVAILABLE):
+                await enqueue(client_of, sharded, wf, client=clients_in_every_shard()[1])
+
+            async def hub_waits() -> bool:
+                return sum("event hub: Redis unavailable" in r.getMessage() for r in caplog.records) >= SHARDS
+
+            await _until(hub_waits, "the event hub's readers to meet the unserved slot")
+        tasks = [await enqueue(client_of, sharded, wf, client=slug) for slug in clients_in_every_shard()]
+        seen = {(await feed.get(30)).task_id for _ in tasks}  # type: ignore[union-attr]
+        assert seen == {t.task_id for t in tasks}
+    finally:
+        feed.close()
+        await hub.stop()
+        await hub_redis.aclose()
