@@ -288,11 +288,7 @@ class Run:
         or its workflow or the queue is paused (the request is then parked until resumed)."""
         ctx, request = self.ctx, self.request
         # The pause flags ride in the same round trip as the task: a delivery costs nothing more.
-        pipe = ctx.redis.pipeline(transaction=False)
-        pipe.hgetall(ctx.keys.task(request.task_id))
-        pipe.hmget(ctx.keys.control, "queue", f"workflow:{request.workflow_id}")
-        raw, paused = await pipe.execute()
-        task = decode_fields(raw)
+        task, paused = await ctx.scripts.task_state(request.task_id, request.workflow_id)
         # Only a retry of a cancelled run can have a request left behind (a failure's is acknowledged with
         # its terminal event); its requests carry the retry's token (shared/executions.py retry_failure).
         replaced = task.get(TaskField.REOPENED_FROM) == TaskStatus.REVOKED and request.payload.get(
@@ -310,7 +306,7 @@ class Run:
             # a format at all is treated as newer than this worker: it is not this worker's to judge.
             await leave_to_newer(ctx, self.delivery, request.fields, hash_format or ctx.settings.readable_format + 1)
             return None
-        if any(paused) and await self._park():
+        if paused and await self._park():
             return None
         return task
 

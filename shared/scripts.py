@@ -20,7 +20,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField
+from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField, decode_fields
 
 
 @cache
@@ -552,6 +552,13 @@ class Scripts:
                 return CancelOutcome(int(outcome)), status
             # It was parked for (or left) a concurrency key after it was read: once more with the key it has.
             waiting = status
+
+    async def task_state(self, task_id: str, workflow_id: int) -> tuple[dict[str, str], bool]:
+        """The task's fields (empty if it has none), and whether its workflow or the queue is paused."""
+        flat, flags = await self._call(
+            "task_state", keys=[self.keys.task(task_id), self.keys.control], args=[f"workflow:{workflow_id}"]
+        )
+        return decode_fields(dict(zip(flat[::2], flat[1::2], strict=True))), any(flags)
 
     async def park(self, *, entry_id: str, consumer: str, workflow_id: int, score: int, request: dict[str, str]) -> int:
         """1 parked (paused), 0 not paused: run it, -1 the entry is not this consumer's (any more).

@@ -212,6 +212,21 @@ async def test_remove_consumer_only_when_it_owns_nothing(r: Redis, scripts: Scri
     assert names == {"busy"}
 
 
+async def test_task_state_reads_the_task_and_both_pause_flags(r: Redis, scripts: Scripts) -> None:
+    assert await scripts.task_state("nothing", 1) == ({}, False)
+    await enqueue(scripts, "t1")
+    task, paused = await scripts.task_state("t1", 1)
+    assert task == await r.hgetall(KEYS.task("t1")) and task[TaskField.STATUS] == TaskStatus.PENDING
+    assert not paused
+    # Either flag pauses the run: its own workflow's, or the whole queue's; another workflow's does not.
+    await r.hset(KEYS.control, "workflow:2", "1")
+    assert (await scripts.task_state("t1", 1))[1] is False
+    assert (await scripts.task_state("t1", 2))[1] is True
+    await r.hdel(KEYS.control, "workflow:2")
+    await r.hset(KEYS.control, "queue", "1")
+    assert (await scripts.task_state("t1", 1))[1] is True
+
+
 async def test_raise_sequence_only_raises(r: Redis, scripts: Scripts) -> None:
     assert await scripts.raise_sequence(10) == 10
     assert await scripts.raise_sequence(3) == 10
@@ -512,6 +527,7 @@ def test_every_atomic_step_touches_one_slot_under_a_shard_tag() -> None:
                                 keys.inflight(client)],
                 "reopen": [keys.task(t), keys.requests, keys.results, keys.task_events(t), keys.inflight(client)],
                 "park": [keys.control, keys.requests, keys.parked("queue"), keys.parked("workflow:1")],
+                "task_state": [keys.task(t), keys.control],
                 "resume": [keys.control, keys.parked("queue"), keys.requests],
                 # The steps that came with concurrency keys, rolling deploys, worker reports, built-in
                 # schedules and secret rotation, with the keys shared/scripts.py passes them.
