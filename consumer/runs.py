@@ -266,9 +266,8 @@ class Run:
         would have shown. That saves a round trip per run. Runs holding a concurrency key read first.
         """
         definition = self._known_definition()
-        if definition is None or definition.concurrency is not None or self.delivery.deliveries != 1:
-            return False
-        if self.delivery.deliveries > self.ctx.settings.max_deliveries:
+        first = self.delivery.deliveries == 1 <= self.ctx.settings.max_deliveries
+        if definition is None or definition.concurrency is not None or not first:
             return False
         self.recorder.assumed_first_run = True
         try:
