@@ -691,7 +691,8 @@ async def serve(
             "newer release); never set it in a deployment",
             settings.test_only_format_version,
         )
-    redis = create_redis(settings)
+    # Prompt writes: every run waits on a few small commands, each otherwise written in a task of its own.
+    redis = create_redis(settings, prompt_writes=True)
     with contextlib.suppress(*REDIS_UNAVAILABLE):
         await prepare(redis)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.

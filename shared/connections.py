@@ -86,8 +86,8 @@ class PromptWrites:
 
 
 def create_redis(settings: Settings, *, prompt_writes: bool = False, **kwargs: object) -> Redis:
-    """`prompt_writes`: the API's client, whose requests each wait on a couple of small commands (see
-    PromptWrites); not on a cluster, whose client keeps a pool per node."""
+    """`prompt_writes`: the API's and the worker's clients, whose requests and runs each wait on a couple
+    of small commands (see PromptWrites); not on a cluster, whose client keeps a pool per node."""
     if not settings.redis_url:
         raise NotConfigured("REDIS_URL is not set (or run `nova dev`, which starts an embedded Redis)")
     options: dict[str, object] = {

@@ -20,7 +20,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField
+from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField, decode_fields
 
 
 @cache
@@ -63,6 +63,7 @@ class RecordOutcome(IntEnum):
     NOT_OWNER = -1  # the entry was taken over by another worker: nothing written
     FINISHED = 0  # the task was terminal already: nothing written, the entry acknowledged
     WRITTEN = 1
+    STALE = 2  # an assumed first run's task was not as enqueued (or was paused): nothing written
 
 
 # cancel.lua's reply when the task waits for another concurrency key than the one read (internal).
@@ -241,7 +242,12 @@ class Scripts:
         consumer: str = "",
         token: str,
         task_ttl: int,
+        first_run_of: int | None = None,
+        readable: int = FORMAT_VERSION,
     ) -> RecordResult:
+        """`first_run_of`: the workflow id of a first delivery's first write, made without reading the
+        task before it; written only if the task is as enqueued, its workflow and the queue not paused
+        (else STALE). `readable`: the newest task hash format the caller reads."""
         reply = await self._call(
             "record",
             keys=[
@@ -250,6 +256,7 @@ class Scripts:
                 self.keys.requests,
                 self.keys.task_events(task_id),
                 self.keys.inflight(client),
+                self.keys.control,
             ],
             args=[
                 ack_entry_id or "",
@@ -260,6 +267,8 @@ class Scripts:
                 token,
                 orjson.dumps([pairs(event) for event in events]),
                 orjson.dumps(pairs(task_fields)),
+                "" if first_run_of is None else f"workflow:{first_run_of}",
+                readable,
             ],
         )
         outcome, event_id, status = (_s(x) for x in reply)
@@ -552,6 +561,13 @@ class Scripts:
                 return CancelOutcome(int(outcome)), status
             # It was parked for (or left) a concurrency key after it was read: once more with the key it has.
             waiting = status
+
+    async def task_state(self, task_id: str, workflow_id: int) -> tuple[dict[str, str], bool]:
+        """The task's fields (empty if it has none), and whether its workflow or the queue is paused."""
+        flat, flags = await self._call(
+            "task_state", keys=[self.keys.task(task_id), self.keys.control], args=[f"workflow:{workflow_id}"]
+        )
+        return decode_fields(dict(zip(flat[::2], flat[1::2], strict=True))), any(flags)
 
     async def park(self, *, entry_id: str, consumer: str, workflow_id: int, score: int, request: dict[str, str]) -> int:
         """1 parked (paused), 0 not paused: run it, -1 the entry is not this consumer's (any more).

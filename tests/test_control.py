@@ -386,6 +386,33 @@ async def test_a_paused_workflow_starts_nothing_until_resumed_and_loses_nothing(
     assert [e.execution_id for e in starts] == [t.execution_id for t in held]
 
 
+async def test_a_workflow_paused_after_a_worker_ran_it_parks_its_next_runs(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """A worker that knows a workflow runs its first deliveries without reading their task first; the
+    pause must hold them all the same (the first write checks it)."""
+    wf = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
+    keys = Keys.from_settings(settings)
+    control = RunControl(redis, keys, task_ttl=settings.task_ttl, pool=pool)
+    async with in_process_worker(settings):
+        first = await enqueue(redis, settings, wf, {})
+        await wait_terminal(redis, settings, [first.task_id])
+        await control.pause(workflow_scope(wf.id))
+        held = [await enqueue(redis, settings, wf, {"i": i}) for i in range(3)]
+        for _ in range(500):
+            if (await control.state())["parked"] == len(held):
+                break
+            await asyncio.sleep(0.02)
+        assert (await control.state())["parked"] == len(held)
+        for t in held:
+            assert await redis.hget(keys.task(t.task_id), TaskField.STATUS) == TaskStatus.PENDING
+        assert not [e for e in await redis.xrange(keys.results) if e[1]["type"] == "started" and e[1]["task_id"] in
+                    {t.task_id for t in held}]  # fmt: skip
+        assert await control.resume(workflow_scope(wf.id)) == len(held)
+        done = await wait_terminal(redis, settings, [t.task_id for t in held])
+    assert all(e.type == EventType.SUCCEEDED for e in done.values())
+
+
 async def test_a_paused_queue_parks_every_workflow(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
     wf = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
     control = RunControl(redis, Keys.from_settings(settings), task_ttl=settings.task_ttl, pool=pool)

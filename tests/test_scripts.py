@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from shared.events import event_fields
 from shared.inspection import worker_reports
 from shared.scripts import RecordOutcome, Scripts
-from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
+from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, now_iso
 from tests.support import ready_for_scripts, script_keys
 
 KEYS = script_keys("t")
@@ -210,6 +210,21 @@ async def test_remove_consumer_only_when_it_owns_nothing(r: Redis, scripts: Scri
     assert await scripts.remove_consumer_if_idle(KEYS.requests, KEYS.worker_group, "idle")
     names = {c["name"] for c in await r.xinfo_consumers(KEYS.requests, KEYS.worker_group)}
     assert names == {"busy"}
+
+
+async def test_task_state_reads_the_task_and_both_pause_flags(r: Redis, scripts: Scripts) -> None:
+    assert await scripts.task_state("nothing", 1) == ({}, False)
+    await enqueue(scripts, "t1")
+    task, paused = await scripts.task_state("t1", 1)
+    assert task == await r.hgetall(KEYS.task("t1")) and task[TaskField.STATUS] == TaskStatus.PENDING
+    assert not paused
+    # Either flag pauses the run: its own workflow's, or the whole queue's; another workflow's does not.
+    await r.hset(KEYS.control, "workflow:2", "1")
+    assert (await scripts.task_state("t1", 1))[1] is False
+    assert (await scripts.task_state("t1", 2))[1] is True
+    await r.hdel(KEYS.control, "workflow:2")
+    await r.hset(KEYS.control, "queue", "1")
+    assert (await scripts.task_state("t1", 1))[1] is True
 
 
 async def test_raise_sequence_only_raises(r: Redis, scripts: Scripts) -> None:
@@ -444,6 +459,65 @@ async def test_a_run_that_lost_its_entry_writes_nothing(r: Redis, scripts: Scrip
     assert await snapshot(r) == before
 
 
+@pytest.mark.parametrize(
+    "not_as_enqueued",
+    [
+        {TaskField.STATUS: TaskStatus.RETRY, TaskField.ATTEMPT: "1"},
+        {TaskField.STATUS: TaskStatus.RUNNING},
+        {TaskField.ATTEMPT: "2"},
+        {TaskField.STARTED_AT: "2026-01-01T00:00:00.000Z"},
+        {TaskField.CHECKPOINT: '{"step": 1}'},
+        {TaskField.REOPENED_FROM: TaskStatus.REVOKED},
+        {TaskField.VERSION: str(FORMAT_VERSION + 1)},
+        {TaskField.VERSION: "x"},
+        "queue paused",
+        "workflow paused",
+    ],
+)
+async def test_an_assumed_first_run_writes_only_onto_a_task_as_enqueued(
+    r: Redis, scripts: Scripts, not_as_enqueued: dict[str, str] | str
+) -> None:
+    """A first delivery's first write, made without a read of its task, is refused (STALE, nothing
+    written) when the task is not as enqueued or is paused; onto one as enqueued it is written."""
+    entry_id, _ = await delivered(r, scripts, "a")
+    first_write = dict(
+        task_id="a", client="acme", events=[event("a", EventType.STARTED)],
+        task_fields={TaskField.STATUS: TaskStatus.RUNNING}, terminal=False, ack_entry_id=entry_id,
+        consumer="w1", task_ttl=60, first_run_of=1, readable=FORMAT_VERSION,
+    )  # fmt: skip
+    if not_as_enqueued == "queue paused":
+        await r.hset(KEYS.control, "queue", "1")
+    elif not_as_enqueued == "workflow paused":
+        await r.hset(KEYS.control, "workflow:1", "1")
+    else:
+        await r.hset(KEYS.task("a"), mapping=not_as_enqueued)
+    before = await snapshot(r)
+    refused = await scripts.record(token="first", **first_write)  # type: ignore[arg-type]
+    assert refused.outcome == RecordOutcome.STALE and not refused.written
+    assert await snapshot(r) == before
+    # Another workflow's pause does not hold this one back; as enqueued, the task takes the write.
+    await r.delete(KEYS.control)
+    await r.hset(KEYS.control, "workflow:2", "1")
+    as_enqueued = {TaskField.STATUS: TaskStatus.PENDING, TaskField.ATTEMPT: "0", TaskField.VERSION: str(FORMAT_VERSION)}
+    await r.hset(KEYS.task("a"), mapping=as_enqueued)
+    await r.hdel(KEYS.task("a"), TaskField.STARTED_AT, TaskField.CHECKPOINT, TaskField.REOPENED_FROM)
+    written = await scripts.record(token="again", **first_write)  # type: ignore[arg-type]
+    assert written.written and (await r.hget(KEYS.task("a"), TaskField.STATUS)) == TaskStatus.RUNNING
+
+
+async def test_an_assumed_first_run_of_a_finished_task_only_acknowledges(r: Redis, scripts: Scripts) -> None:
+    entry_id, _ = await delivered(r, scripts, "a")
+    await r.hset(KEYS.task("a"), TaskField.STATUS, TaskStatus.REVOKED)
+    finished = await scripts.record(
+        task_id="a", client="acme", events=[event("a", EventType.STARTED)],
+        task_fields={TaskField.STATUS: TaskStatus.RUNNING}, terminal=False, ack_entry_id=entry_id,
+        consumer="w1", token="first", task_ttl=60, first_run_of=1,
+    )  # fmt: skip
+    assert finished.outcome == RecordOutcome.FINISHED and finished.status == TaskStatus.REVOKED
+    assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
+    assert await r.xlen(KEYS.results) == 1  # its queued event only
+
+
 async def test_dead_letter_of_a_finished_task_writes_no_letter(r: Redis, scripts: Scripts) -> None:
     entry_id, fields = await delivered(r, scripts, "a")
     await r.hset(KEYS.task("a"), TaskField.STATUS, TaskStatus.SUCCESS)  # a copy finished meanwhile
@@ -505,13 +579,15 @@ def test_every_atomic_step_touches_one_slot_under_a_shard_tag() -> None:
                 "enqueue": [keys.requests, keys.results, keys.execution_seq, keys.task(t),
                             keys.idempotency(client, "k"),
                             keys.task_events(t), keys.inflight(client), keys.rate_bucket(client), keys.absent],
-                "record": [keys.task(t), keys.results, keys.requests, keys.task_events(t), keys.inflight(client)],
+                "record": [keys.task(t), keys.results, keys.requests, keys.task_events(t), keys.inflight(client),
+                           keys.control],
                 "retry_later": [keys.task(t), keys.results, keys.requests, keys.delayed, keys.task_events(t)],
                 "promote_due": [keys.delayed, keys.requests],
                 "dead_letter": [keys.dead_letter, keys.requests, keys.task(t), keys.results, keys.task_events(t),
                                 keys.inflight(client)],
                 "reopen": [keys.task(t), keys.requests, keys.results, keys.task_events(t), keys.inflight(client)],
                 "park": [keys.control, keys.requests, keys.parked("queue"), keys.parked("workflow:1")],
+                "task_state": [keys.task(t), keys.control],
                 "resume": [keys.control, keys.parked("queue"), keys.requests],
                 # The steps that came with concurrency keys, rolling deploys, worker reports, built-in
                 # schedules and secret rotation, with the keys shared/scripts.py passes them.

@@ -7,11 +7,14 @@
 -- worker writes nothing (its checkpoint would overwrite the new owner's). Several events per call
 -- let a run record a node's end and the next node's start in one round trip.
 -- Safe to run twice: each call carries a token; the same token again answers as the first call did.
+-- A first delivery's first write may come without a read of the task before it (a round trip less per
+-- run): it then says what it assumed, and is written only if the task is still as enqueued.
 local task_key = KEYS[1]
 local results_stream = KEYS[2]
 local requests_stream = KEYS[3]
 local task_events_key = KEYS[4]
 local inflight_key = KEYS[5]
+local control_key = KEYS[6]   -- the pause flags (read only for an assumed first run)
 
 local entry = ARGV[1]       -- the request entry this run holds ('' for none: no ownership check)
 local group = ARGV[2]       -- the workers' group
@@ -23,9 +26,29 @@ local events = cjson.decode(ARGV[7])  -- JSON: the events, each a flat list of f
 local fields = cjson.decode(ARGV[8])  -- JSON: the task's new fields, a flat list of field/value pairs
 -- (Two JSON arguments rather than one argument per item: packing ~140 arguments per call was a tenth
 -- of a worker's CPU per execution.)
+local first_run = ARGV[9]   -- '' for none; else the run's 'workflow:{id}' field in the control hash,
+                            -- and the events assume a first run: see fresh() below
+local readable = tonumber(ARGV[10])  -- the newest format of task hash this worker reads
 
 -- Reply: {outcome, last event id or '', current status}
-local WRITTEN, FINISHED, NOT_OWNER = 1, 0, -1
+local WRITTEN, FINISHED, NOT_OWNER, STALE = 1, 0, -1, 2
+
+local function blank(value)
+  return not value or value == ''
+end
+
+-- Whether the task is as enqueued and may start: what a worker that read it first would have found
+-- before writing the same events (status PENDING, attempt 0, never started, no checkpoint, not
+-- re-opened, a hash format it reads), and neither its workflow nor the queue is paused.
+local function fresh(status)
+  local t = redis.call('HMGET', task_key, 'attempt', 'started_at', 'checkpoint', 'reopened_from', 'v')
+  local version = t[5]
+  local readable_version = blank(version) or (string.match(version, '^%d+$') and tonumber(version) >= 1
+    and tonumber(version) <= readable)
+  local flags = redis.call('HMGET', control_key, 'queue', first_run)
+  return status == 'PENDING' and (blank(t[1]) or t[1] == '0') and blank(t[2]) and blank(t[3]) and blank(t[4])
+    and readable_version and not flags[1] and not flags[2]
+end
 
 local state = redis.call('HMGET', task_key, 'status', 'token', 'last_event')
 if state[2] == token then
@@ -37,6 +60,10 @@ if is_terminal(state[1]) then
 end
 if entry ~= '' and not owns(requests_stream, group, entry, consumer) then
   return {NOT_OWNER, '', state[1] or ''}
+end
+if first_run ~= '' and not fresh(state[1]) then
+  -- Retried, resumed, re-opened or paused: the worker reads the task and runs it as it is.
+  return {STALE, '', state[1] or ''}
 end
 local id = ''
 for _, event in ipairs(events) do id = append_event(results_stream, task_events_key, event) end
