@@ -223,7 +223,7 @@ class Scripts:
                 FORMAT_VERSION,
                 self.keys.shard_count,
                 self.keys.shard_index,
-                "" if lane == Lane.NORMAL else lane,
+                "" if lane == Lane.NORMAL else lane.value,
                 "" if live_version is None else live_version,
             ],
         )
