@@ -224,6 +224,28 @@ async def test_a_delete_between_reading_the_workflow_and_enqueueing_refuses_the_
     assert await redis.xlen(keys.requests) == 0
 
 
+async def test_an_execute_gives_up_with_a_503_while_the_workflow_keeps_changing(
+    api: httpx.AsyncClient, redis: Redis, keys: Keys, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wf = (await post_workflow(api, "Churning", graph("context['x'] = 1")))["id"]
+    real_enqueue = workflows.enqueue_execution
+    other_replica = WorkflowCatalog(redis, pool, keys)
+    tries = 0
+
+    async def updated_first(*args: Any, **kwargs: Any) -> Any:
+        # Another replica stores a new version between each read of the head and its enqueue.
+        nonlocal tries
+        tries += 1
+        await other_replica.update(wf, description=f"v{tries + 1}")
+        return await real_enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(workflows, "enqueue_execution", updated_first)
+    refused = await api.post(f"/workflows/{wf}/execute", json={})
+    assert_error(refused, 503, "kept changing")
+    assert refused.headers["retry-after"] == "1" and tries == workflows.ENQUEUE_TRIES
+    assert await redis.xlen(keys.requests) == 0
+
+
 async def test_an_execute_follows_an_update_made_by_another_replica(
     api: httpx.AsyncClient, redis: Redis, keys: Keys, pool: asyncpg.Pool
 ) -> None:
