@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.telemetry import TelemetryConfig
 from starlette.types import Receive, Scope, Send
 
 from api import errors, heap
@@ -72,6 +74,15 @@ class NovaApi(FastAPI):
         if scope["type"] == "http":
             scope[SERVER_SEND] = send
         await super().__call__(scope, receive, send)
+
+
+def _telemetry() -> TelemetryConfig | None:
+    """FastAPI's own OpenTelemetry support, on (its defaults) only where an OpenTelemetry SDK is
+    installed: without one no provider can be configured, yet FastAPI would still look the global
+    providers up on every request, 3% of the execute route's CPU."""
+    if importlib.util.find_spec("opentelemetry.sdk") is not None:
+        return None
+    return {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: Settings | None = None, *, settle_heap: bool = False) -> FastAPI:
@@ -138,6 +149,7 @@ def create_app(settings: Settings | None = None, *, settle_heap: bool = False) -
         version=VERSION,
         description="Workflow executions on Redis Streams. Every route but /health needs a Bearer key.",
         lifespan=lifespan,
+        telemetry=_telemetry(),
     )
     errors.install(app)
     # The last added runs first: the size limit bounds what the JSON guard buffers; CORS answers

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
-from shared.streams import dumps
+from shared.streams import dumps, random_id
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming(scope) or uuid.uuid4().hex
+        request_id = _incoming(scope) or random_id()
         token = REQUEST_ID.set(request_id)
         started = False
 

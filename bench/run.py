@@ -317,6 +317,9 @@ class Bench:
         f[f"{name}_rps"]["loop"] = runs[0]["loop"]
         # Requests that found all 64 connections busy at their intended time (they waited, and it counts).
         f[f"{name}_late"] = figure([r["late"] for r in runs], "requests")
+        # How late the requests went out (part of their latency): the generator's timers (whole milliseconds)
+        # and its scheduling on a busy machine, and for a late request its wait for a free connection.
+        f[f"{name}_send_lag_p99"] = figure([r["send_lag_p99_ms"] for r in runs], "ms")
         f[f"{name}_errors"] = figure([r["errors"] for r in runs], "requests", 0, higher=False)
         f[f"{name}_api_cpu_ms"] = figure([r["api_cpu_ms_per_request"] for r in runs], "ms/req")
         f[f"{name}_loadgen_cpu_ms"] = figure([r["cpu_ms_per_request"] for r in runs], "ms/req")

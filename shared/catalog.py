@@ -191,6 +191,8 @@ class WorkflowCatalog:
         self.pool = pool
         self.keys = keys
         self._versions: dict[tuple[int, int], StoredWorkflow] = {}
+        # The head this process last read or wrote, per workflow: see last_seen().
+        self._heads: dict[int, WorkflowHead] = {}
 
     async def _db(self, needed_for: str) -> asyncpg.Pool:
         if self.pool is None:
@@ -261,8 +263,9 @@ class WorkflowCatalog:
             if row is None:
                 return False
             head = _head(row)
-            # Refuse new executions first, then count the unfinished ones: an execute call that read
-            # the head before this write is the only one that can still slip in (a moment's window).
+            # Refuse new executions first, then count the unfinished ones. On a single Redis the enqueue
+            # step checks the head itself; on a cluster an execute call that read the head before this
+            # write is the only one that can still slip in (a moment's window).
             published.add(workflow_id)
             await self._write_head(dataclasses.replace(head, deleted=True))
             try:
@@ -310,6 +313,7 @@ class WorkflowCatalog:
 
     async def _write_head(self, head: WorkflowHead) -> None:
         await self.redis.set(self.keys.workflow(head.id), dumps(head.as_json()))
+        self._heads[head.id] = head
 
     async def _live_id(self, name: str) -> int | None:
         pool = await self._db("reading a workflow")
@@ -319,6 +323,14 @@ class WorkflowCatalog:
 
     async def head(self, workflow_id: int) -> WorkflowHead | None:
         """The workflow's current version and state (deleted ones too); None if it never existed."""
+        head = await self._read_head(workflow_id)
+        if head is None:
+            self._heads.pop(workflow_id, None)
+        else:
+            self._heads[workflow_id] = head
+        return head
+
+    async def _read_head(self, workflow_id: int) -> WorkflowHead | None:
         raw = await self.redis.get(self.keys.workflow(workflow_id))
         data = loads(raw) if raw else None
         # A copy written before workflows had versions has no "version": PostgreSQL says.
@@ -333,6 +345,13 @@ class WorkflowCatalog:
         # NX: a head an update or delete wrote meanwhile is newer than what was just read.
         await self.redis.set(self.keys.workflow(workflow_id), dumps(head.as_json()), nx=data is None)
         return head
+
+    def last_seen(self, workflow_id: int) -> WorkflowHead | None:
+        """The live head this process last read or wrote for the workflow, without a round trip; it may
+        be stale (another replica changed it since), so only for a step that checks it again atomically,
+        as the enqueue does (NewExecution.check_head). One small entry per workflow executed here."""
+        head = self._heads.get(workflow_id)
+        return None if head is None or head.deleted else head
 
     async def current(self, workflow_id: int) -> WorkflowHead | None:
         """The head of a live workflow; None if it does not exist or was deleted."""

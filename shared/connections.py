@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import asyncpg
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -85,9 +86,29 @@ class PromptWrites:
             self.socket_timeout = timeout
 
 
+class CPacking:
+    """For a connection class: commands are packed by hiredis, in C, as redis-py's synchronous client does
+    when hiredis is installed; its asyncio client packs in Python. The bytes are the same; an enqueue's
+    EVALSHA (27 arguments) took 33 us to pack in Python and takes 3 us, a tenth of the API's CPU per request.
+    What hiredis does not take as redis-py would goes the Python way, with its errors: a first argument of
+    several words ("CLIENT SETINFO"), another encoding than UTF-8, text that is not UTF-8 (surrogate-escaped
+    bytes), bools, subclasses of str or int (enums), None.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        command = args[0]
+        if type(command) is str and " " not in command and self.encoder.encoding == "utf-8":  # type: ignore[attr-defined]
+            try:
+                return [hiredis.pack_command(args)]
+            except (TypeError, UnicodeEncodeError):
+                pass
+        packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+        return packed
+
+
 def create_redis(settings: Settings, *, prompt_writes: bool = False, **kwargs: object) -> Redis:
     """`prompt_writes`: the API's and the worker's clients, whose requests and runs each wait on a couple
-    of small commands (see PromptWrites); not on a cluster, whose client keeps a pool per node."""
+    of small commands (see PromptWrites and CPacking); not on a cluster, whose client keeps a pool per node."""
     if not settings.redis_url:
         raise NotConfigured("REDIS_URL is not set (or run `nova dev`, which starts an embedded Redis)")
     options: dict[str, object] = {
@@ -117,7 +138,7 @@ def create_redis(settings: Settings, *, prompt_writes: bool = False, **kwargs: o
         # The class the URL chose (plain, TLS or Unix socket), with small writes made promptly.
         pool = client.connection_pool
         base = pool.connection_class
-        pool.connection_class = type(f"Prompt{base.__name__}", (PromptWrites, base), {})
+        pool.connection_class = type(f"Prompt{base.__name__}", (PromptWrites, CPacking, base), {})
     return client
 
 

@@ -55,6 +55,14 @@ class NewExecution:
     admission: Admission = Admission()
     # The priority lane whose stream the request joins (consumer/slots.py: how workers weigh lanes).
     lane: Lane = Lane.NORMAL
+    # Enqueue only while the workflow's head in Redis is live at workflow_version, in the same atomic
+    # step (raises WorkflowChanged otherwise): the caller may then build the request from a head it
+    # remembers instead of reading it first. Not on a Redis Cluster (the head is in another slot).
+    check_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.check_head and self.workflow_version is None:
+            raise ValueError("check_head needs the workflow_version the request was built for")
 
     def extra_fields(self) -> dict[str, Any]:
         version = {} if self.workflow_version is None else {"workflow_version": self.workflow_version}
@@ -80,7 +88,8 @@ async def enqueue_execution(
     caller has already serialized it (to measure it); it must equal `execution.payload()`. With
     `strict`, return only once the request is durable (see shared/durability.py).
 
-    Raises AtCapacity / RateLimited (admission refused), SequenceUnavailable, NotDurable.
+    Raises AtCapacity / RateLimited (admission refused), WorkflowChanged (with `check_head`),
+    SequenceUnavailable, NotDurable.
     """
     # The client's shard: its limits, its idempotency keys and the new task all live there.
     scripts = scripts.of(scripts.keys.of_client(execution.client))
@@ -160,6 +169,7 @@ async def _enqueue(
         "rate": execution.admission.rate,
         "burst": execution.admission.burst,
         "lane": execution.lane,
+        "live_version": execution.workflow_version if execution.check_head else None,
     }
     try:
         return await scripts.enqueue(**call)

@@ -57,6 +57,7 @@ class EnqueueOutcome(IntEnum):
     AT_CAPACITY = 2  # execution id slot: the client's in-flight count
     RATE_LIMITED = 3  # execution id slot: milliseconds until a token frees
     NO_SEQUENCE = 4  # Redis lost the id sequence: raise it from PostgreSQL, then call again
+    WORKFLOW_CHANGED = 5  # the workflow's head is not live at the version the request names: nothing written
 
 
 class RecordOutcome(IntEnum):
@@ -100,6 +101,10 @@ class RateLimited(Exception):
 
 class SequenceLost(Exception):
     """Redis has no execution id sequence (it lost its data): it must be raised before enqueueing."""
+
+
+class WorkflowChanged(Exception):
+    """The workflow was updated or deleted since the caller read the version its request names."""
 
 
 @dataclass
@@ -164,7 +169,12 @@ class Scripts:
         rate: float = 0,
         burst: int = 1,
         lane: str = "",
+        live_version: int | None = None,
     ) -> EnqueueResult:
+        """With `live_version`, only while the workflow's head in Redis is live at that version (raises
+        WorkflowChanged otherwise): not on a cluster, where the head is in another slot than the client's."""
+        if live_version is not None and self.keys.cluster:
+            raise ValueError("a cluster cannot check a workflow's head in the client's shard")
         if self.keys.of_client(client) is not self.keys:
             # A client's executions all live in its shard (its limits are checked there, in one slot).
             return await self.of(self.keys.of_client(client)).enqueue(
@@ -181,6 +191,7 @@ class Scripts:
                 rate=rate,
                 burst=burst,
                 lane=lane,
+                live_version=live_version,
             )
         lane = Lane(lane or Lane.NORMAL)
         reply = await self._call(
@@ -194,6 +205,7 @@ class Scripts:
                 self.keys.task_events(task_id),
                 self.keys.inflight(client),
                 self.keys.rate_bucket(client),
+                self.keys.absent if live_version is None else self.keys.workflow(workflow_id),
             ],
             args=[
                 task_id,
@@ -212,11 +224,14 @@ class Scripts:
                 FORMAT_VERSION,
                 self.keys.shard_count,
                 self.keys.shard_index,
-                "" if lane == Lane.NORMAL else lane,
+                "" if lane == Lane.NORMAL else lane.value,
+                "" if live_version is None else live_version,
             ],
         )
         existing_task, exec_id, entry, outcome_raw = (_s(x) for x in reply)
         outcome = EnqueueOutcome(int(outcome_raw))
+        if outcome == EnqueueOutcome.WORKFLOW_CHANGED:
+            raise WorkflowChanged(f"workflow {workflow_id} is no longer live at version {live_version}")
         if outcome == EnqueueOutcome.AT_CAPACITY:
             raise AtCapacity(client, int(exec_id), max_inflight)
         if outcome == EnqueueOutcome.RATE_LIMITED:

@@ -7,8 +7,8 @@ values (contexts, results, errors) travel as one JSON field encoded with orjson.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -292,7 +292,7 @@ class Keys:
 
     def new_task_id(self) -> str:
         """A random task id (32 hex digits, as before) that `shard_of_task` maps to this shard."""
-        raw = uuid.uuid4().hex
+        raw = random_id()
         if self.shard_count <= 1:
             return raw
         low = int(raw[-8:], 16)
@@ -548,6 +548,12 @@ class Layout:
 # The text of the current second, kept: a run stamps about a dozen times a second-long span, and
 # formatting the date each time was a measurable share of a worker's CPU per execution.
 _second: tuple[int, str] = (-1, "")
+
+
+def random_id() -> str:
+    """128 random bits as 32 hex digits (a task id, a request id): what uuid4().hex gave, in a third
+    of its time (no UUID object is made), which is paid twice per enqueue request."""
+    return os.urandom(16).hex()
 
 
 def now_iso() -> str:

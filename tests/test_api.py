@@ -13,16 +13,17 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import fast_execute, heap
 from api.app import create_app
 from cli.embedded import PostgresServer, RedisServer
 from cli.faultproxy import FaultProxy
-from shared.connections import PromptWrites, create_redis
+from shared.connections import CPacking, PromptWrites, create_redis
 from shared.db import migrate_url
 from shared.settings import Settings
-from shared.streams import EventType, Keys
+from shared.streams import EventType, Keys, Lane
 from tests.support import (
     ADMIN_KEY,
     BRANCHING,
@@ -496,6 +497,26 @@ async def test_the_execute_fast_path_answers_as_the_fastapi_route_does(api: http
         assert fast.json() == routed.json() and fast.headers.get("www-authenticate") == routed.headers.get(
             "www-authenticate"
         )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("EVALSHA", "f" * 40, 2, "nova:task:a", "nova:requests", "héllo ✓", b"\x00raw", 7, -3, 0.1, 1e300, 2**70),
+        ("CLIENT SETINFO", "LIB-NAME", "nova"),  # several words: redis-py splits them
+        ("SET", "k", "bytes\udcffthat are not UTF-8"),  # surrogate-escaped, as the client decodes them
+        ("SET", "k", Lane.HIGH),  # a str subclass
+        ("SET", "k", memoryview(b"view")),
+    ],
+)
+def test_the_apis_redis_client_packs_in_c_the_bytes_redis_py_would(settings: Settings, args: tuple[Any, ...]) -> None:
+    api = create_redis(settings, prompt_writes=True).connection_pool.make_connection()
+    plain = create_redis(settings).connection_pool.make_connection()
+    assert isinstance(api, CPacking) and not isinstance(plain, CPacking)
+    assert b"".join(api.pack_command(*args)) == b"".join(plain.pack_command(*args))
+    for refused in (True, None, 1.5j):
+        with pytest.raises(DataError):
+            api.pack_command("SET", "k", refused)
 
 
 async def test_the_apis_redis_client_writes_small_commands_promptly_and_still_times_out_a_silent_redis(

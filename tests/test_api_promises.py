@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
 import orjson
+import pytest
 import uvicorn
 from redis.asyncio import Redis
 
 from api.app import create_app
 from api.event_hub import EventHub
 from api.event_streams import feed_filter, feed_stream
-from api.server import uvicorn_options
+from api.server import COALESCE_MAX_BYTES, CoalescedWrites, uvicorn_options
 from cli.embedded import free_port
 from shared.events import event_fields
 from shared.settings import Settings
@@ -253,6 +255,59 @@ async def test_oversized_request_heads_are_refused_with_431(settings: Settings) 
         error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
         assert error["code"] == "headers_too_large" and "65536 bytes" in error["message"]
     assert fine.startswith(b"HTTP/1.1 200 "), fine[:200]
+
+
+async def test_writes_made_in_one_pass_of_the_loop_go_out_together_and_in_order() -> None:
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(cast(asyncio.Transport, transport))
+
+    server = await loop.create_server(Accept, "127.0.0.1", 0)
+    peer = socket.create_connection(server.sockets[0].getsockname()[:2])
+    peer.setblocking(False)
+    try:
+        transport = await accepted
+        writes = CoalescedWrites(transport, loop)
+        writes.write(b"head|")
+        writes.write(b"body|")
+        # Nothing is sent until the pass ends: the two writes are one.
+        with pytest.raises(BlockingIOError):
+            peer.recv(1024)
+        await asyncio.sleep(0.05)
+        assert peer.recv(1024) == b"head|body|"
+        # A large write goes at once, after what was pending; close() sends what is left first.
+        writes.write(b"small|")
+        writes.write(b"x" * (COALESCE_MAX_BYTES + 1))
+        writes.write(b"|last")
+        writes.close()
+        received = b""
+        while not received.endswith(b"|last"):
+            await asyncio.sleep(0.01)
+            with contextlib.suppress(BlockingIOError):
+                received += peer.recv(1 << 20)
+        assert received == b"small|" + b"x" * (COALESCE_MAX_BYTES + 1) + b"|last"
+    finally:
+        peer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_keep_alive_requests_are_answered_whole_through_the_coalesced_writes(settings: Settings) -> None:
+    async with serving(settings, **uvicorn_options(settings)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for _ in range(3):
+                writer.write(b"GET /health HTTP/1.1\r\nHost: nova\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+                assert orjson.loads(await reader.readexactly(length))
+        finally:
+            writer.close()
 
 
 async def test_text_postgresql_cannot_hold_is_a_422_not_a_500(api: httpx.AsyncClient) -> None:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from api.app import create_app
+from api.routes import workflows
 from cli.embedded import PostgresServer
 from shared.catalog import WorkflowCatalog
 from shared.clients import ClientStore, Vault
@@ -204,6 +205,58 @@ async def test_delete_refuses_while_executions_are_queued_then_hides_the_workflo
     assert record["status"] == "completed" and record["result"] == {"x": 1}
     assert (await api.get(f"/executions/{queued['execution_id']}/chain")).json()["total"] == 3
     assert (await api.get("/executions", params={"workflow_id": wf})).json()["total"] == 2
+
+
+async def test_a_delete_between_reading_the_workflow_and_enqueueing_refuses_the_execution(
+    api: httpx.AsyncClient, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wf = (await post_workflow(api, "Racing", graph("context['x'] = 1")))["id"]
+    real_enqueue = workflows.enqueue_execution
+
+    async def deleted_first(*args: Any, **kwargs: Any) -> Any:
+        # Another replica's DELETE lands after the route built its request, before the enqueue.
+        monkeypatch.setattr(workflows, "enqueue_execution", real_enqueue)
+        assert (await api.delete(f"/workflows/{wf}")).status_code == 200
+        return await real_enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(workflows, "enqueue_execution", deleted_first)
+    assert_error(await api.post(f"/workflows/{wf}/execute", json={}), 404, f"Workflow {wf} not found")
+    assert await redis.xlen(keys.requests) == 0
+
+
+async def test_an_execute_gives_up_with_a_503_while_the_workflow_keeps_changing(
+    api: httpx.AsyncClient, redis: Redis, keys: Keys, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wf = (await post_workflow(api, "Churning", graph("context['x'] = 1")))["id"]
+    real_enqueue = workflows.enqueue_execution
+    other_replica = WorkflowCatalog(redis, pool, keys)
+    tries = 0
+
+    async def updated_first(*args: Any, **kwargs: Any) -> Any:
+        # Another replica stores a new version between each read of the head and its enqueue.
+        nonlocal tries
+        tries += 1
+        await other_replica.update(wf, description=f"v{tries + 1}")
+        return await real_enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(workflows, "enqueue_execution", updated_first)
+    refused = await api.post(f"/workflows/{wf}/execute", json={})
+    assert_error(refused, 503, "kept changing")
+    assert refused.headers["retry-after"] == "1" and tries == workflows.ENQUEUE_TRIES
+    assert await redis.xlen(keys.requests) == 0
+
+
+async def test_an_execute_follows_an_update_made_by_another_replica(
+    api: httpx.AsyncClient, redis: Redis, keys: Keys, pool: asyncpg.Pool
+) -> None:
+    wf = (await post_workflow(api, "Shared", graph("context['ran'] = 'v1'")))["id"]
+    assert (await execute(api, wf))["workflow_version"] == 1
+    # This process remembers version 1; another replica stores version 2.
+    await WorkflowCatalog(redis, pool, keys).update(wf, definition=graph("context['ran'] = 'v2'"))
+    accepted = await execute(api, wf)
+    assert accepted["workflow_version"] == 2
+    [*_, (_, request)] = await redis.xrange(keys.requests)
+    assert request["task_id"] == accepted["task_id"] and '"workflow_version":2' in request["payload"]
 
 
 async def test_a_deleted_workflows_failure_is_not_retried(

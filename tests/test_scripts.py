@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from shared.events import event_fields
 from shared.inspection import worker_reports
-from shared.scripts import RecordOutcome, Scripts
+from shared.scripts import RecordOutcome, Scripts, WorkflowChanged
 from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, now_iso
 from tests.support import ready_for_scripts, script_keys
 
@@ -337,6 +337,32 @@ async def test_enqueue_twice_is_enqueue_once(r: Redis, scripts: Scripts) -> None
     assert again.created and again.execution_id == 1 and again.entry_id == (await r.xrange(KEYS.requests))[0][0]
 
 
+async def test_enqueue_with_a_live_version_goes_in_only_while_the_workflow_is_live_at_it(
+    r: Redis, scripts: Scripts
+) -> None:
+    head = {"id": 1, "name": "wf", "description": None, "version": 2, "created_at": "t", "updated_at": "t"}
+    call = dict(workflow_id=1, workflow_name="wf", client="acme", enqueued_at="t", payload="{}", queued_data="{}")
+    await r.set(KEYS.workflow(1), dumps({**head, "deleted": False}))
+    assert (await scripts.enqueue(task_id="a", live_version=2, **call)).created
+    head_key = KEYS.workflow(1)
+    before = {k: v for k, v in (await snapshot(r)).items() if k != head_key}
+    # Updated since the caller read version 1, deleted, gone from Redis, a copy without a version, not
+    # JSON: nothing is written, and the caller is told to read the head again.
+    for written in (
+        dumps({**head, "deleted": False, "version": 3}),
+        dumps({**head, "deleted": True}),
+        None,
+        dumps({k: v for k, v in head.items() if k != "version"}),
+        "not json",
+    ):
+        await (r.delete(head_key) if written is None else r.set(head_key, written))
+        with pytest.raises(WorkflowChanged):
+            await scripts.enqueue(task_id="b", idempotency_key="k", live_version=2, **call)
+        assert {k: v for k, v in (await snapshot(r)).items() if k != head_key} == before
+    # Without a live version the head is not looked at (the caller read it itself).
+    assert (await scripts.enqueue(task_id="b", **call)).created
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 async def test_record_twice_is_record_once(r: Redis, scripts: Scripts, terminal: bool) -> None:
     entry_id, _ = await delivered(r, scripts, "a")
@@ -444,7 +470,8 @@ async def test_heartbeat_keeps_live_entries_behind_many_orphans(r: Redis, script
 async def test_a_run_that_lost_its_entry_writes_nothing(r: Redis, scripts: Scripts) -> None:
     entry_id, _ = await delivered(r, scripts, "a")
     await r.xclaim(KEYS.requests, KEYS.worker_group, "w2", 0, [entry_id])  # reclaimed by w2
-    before = await snapshot(r)
+    head_key = KEYS.workflow(1)
+    before = {k: v for k, v in (await snapshot(r)).items() if k != head_key}
     stale = await scripts.record(
         task_id="a", client="acme", events=[event("a", EventType.NODE_FINISHED)],
         task_fields={TaskField.CHECKPOINT: '{"step": 9}'}, terminal=False, ack_entry_id=entry_id,

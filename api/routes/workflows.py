@@ -40,7 +40,7 @@ from shared.clients import Principal
 from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
-from shared.scripts import AtCapacity, RateLimited
+from shared.scripts import AtCapacity, EnqueueResult, RateLimited, WorkflowChanged
 from shared.streams import Lane
 from shared.workflow import Definition, InvalidDefinition, validate_definition, workflow_lane
 
@@ -48,6 +48,8 @@ router = APIRouter(tags=["workflows"])
 
 MAX_CONTEXT_BYTES = 256 * 1024
 IDEMPOTENCY_KEY_MAX = 200
+# Tries of one execute request's enqueue while the workflow keeps changing under it (each reads its head again).
+ENQUEUE_TRIES = 3
 
 
 def _out(workflow: StoredWorkflow) -> WorkflowOut:
@@ -238,15 +240,23 @@ async def execute_workflow(
     return await execute(res, workflow_id, body, caller, idempotency_key)
 
 
-async def execute(
-    res: Resources, workflow_id: int, body: ExecuteIn, caller: Principal, idempotency_key: str | None
-) -> ExecuteOut:
-    """The execute route's work once its request is validated: shared with api/fast_execute.py, which
-    answers the plain requests of this route without FastAPI's layers."""
-    workflow: WorkflowHead | None = await res.catalog.current(workflow_id)
+async def _current_workflow(res: Resources, workflow_id: int) -> WorkflowHead:
+    workflow = await res.catalog.current(workflow_id)
     if workflow is None:
         raise ApiError(404, f"Workflow {workflow_id} not found")
-    client = await _client_of(res, caller.client, caller.admin, body.client_slug)
+    return workflow
+
+
+async def _enqueue_version(
+    res: Resources,
+    workflow: WorkflowHead,
+    body: ExecuteIn,
+    client: str,
+    idempotency_key: str | None,
+    checked: bool,
+) -> tuple[EnqueueResult, Lane]:
+    """Enqueue the request for this version of the workflow (with `checked`, only while it is still
+    the live one: raises WorkflowChanged otherwise); the result and the lane it went to."""
     lane = body.priority or await _workflow_lane(res, workflow)
     execution = NewExecution(
         workflow_id=workflow.id,
@@ -261,6 +271,7 @@ async def execute(
             burst=res.settings.client_burst,
         ),
         lane=lane,
+        check_head=checked,
     )
     try:
         payload = execution.payload()
@@ -288,6 +299,35 @@ async def execute(
     except AtCapacity as exc:
         # One client cannot fill the queue: its share is capped, so others' requests stay close to the front.
         raise ApiError(429, str(exc), headers={"Retry-After": "1"}) from None
+    return result, lane
+
+
+async def execute(
+    res: Resources, workflow_id: int, body: ExecuteIn, caller: Principal, idempotency_key: str | None
+) -> ExecuteOut:
+    """The execute route's work once its request is validated: shared with api/fast_execute.py, which
+    answers the plain requests of this route without FastAPI's layers.
+
+    On a single Redis the request is built from the workflow's head as this process last saw it, and
+    the enqueue step checks in Redis that the workflow is still live at that version: one round trip,
+    and an update or a delete cannot slip in between a read and the enqueue. A head it finds changed
+    is read again. On a cluster the head is in another slot than the client's shard: it is read first.
+    """
+    checked = not res.keys.cluster
+    workflow = res.catalog.last_seen(workflow_id) if checked else None
+    if workflow is None:
+        workflow = await _current_workflow(res, workflow_id)
+    client = await _client_of(res, caller.client, caller.admin, body.client_slug)
+    for _ in range(ENQUEUE_TRIES):
+        try:
+            result, lane = await _enqueue_version(res, workflow, body, client, idempotency_key, checked)
+            break
+        except WorkflowChanged:
+            workflow = await _current_workflow(res, workflow_id)
+    else:
+        raise ApiError(
+            503, f"Workflow {workflow_id} kept changing while it was queued; retry", headers={"Retry-After": "1"}
+        )
     message = (
         f"Workflow queued for execution. Use GET /tasks/{result.task_id} to check status."
         if result.created

@@ -14,6 +14,7 @@ local idempotency_key = KEYS[5]  -- left out (see given()) when the caller gave 
 local task_events_key = KEYS[6]  -- the task's results-stream ids, in order
 local inflight_key = KEYS[7]     -- the client's count of unfinished executions
 local rate_key = KEYS[8]         -- the client's token bucket
+local workflow_key = KEYS[9]     -- the workflow's head (JSON); left out when the caller read it itself
 
 local task_id = ARGV[1]
 local workflow_id = ARGV[2]
@@ -32,9 +33,22 @@ local format = ARGV[14]          -- the format version written on the entry, the
 local id_stride = tonumber(ARGV[15])     -- the number of shards: ids are n * stride + offset, so that
 local id_offset = tonumber(ARGV[16])     -- an execution id says its shard (offset: this shard's index)
 local lane = ARGV[17]            -- the priority lane: 'high' or 'low', '' for normal
+local workflow_version = tonumber(ARGV[18])  -- with KEYS[9]: the version the request was built for
 
 -- Reply: {task_id, execution_id, request entry id or '', outcome}
-local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE = 1, 0, 2, 3, 4
+local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE, WORKFLOW_CHANGED = 1, 0, 2, 3, 4, 5
+
+if given(workflow_key) then
+  -- The request names a version the caller remembered: it goes in only while the workflow is live at
+  -- that version, so an update or a delete cannot slip in between the caller's read and this step.
+  -- Anything else (changed, deleted, missing, unreadable): the caller reads the head again.
+  local raw = redis.call('GET', workflow_key)
+  local ok, head = false, nil
+  if raw then ok, head = pcall(cjson.decode, raw) end
+  if not ok or type(head) ~= 'table' or head.deleted == true or tonumber(head.version) ~= workflow_version then
+    return {'', '', '', WORKFLOW_CHANGED}
+  end
+end
 
 if given(idempotency_key) then
   local existing = redis.call('GET', idempotency_key)
