@@ -24,9 +24,10 @@ R is read from the scheduler, not fitted: the machine's mean count of runnable t
 The bench compares X(1) and X(2) with measured runs on the same machine.
 
 Left out, and so the rest of the error: a worker is not runnable all the time (a run's start, the projector's
-last batches waiting on PostgreSQL), which makes X too high when few threads compete; a thread that often
-blocks gets more than an equal share beside busy ones (and the kernel's autogroups share first between
-sessions), which makes X too low when many do; and w grows a little with N.
+last batches waiting on PostgreSQL), which makes X too high when few threads compete; a worker got 1.1-1.4
+times an equal share beside the other threads in exploratory runs (likely: the kernel's autogroups share
+first between sessions, and a thread that often blocks is favoured when it wakes), which makes X too low
+when many do; and w grows a little with N.
 """
 
 from __future__ import annotations
