@@ -4,19 +4,38 @@ Each role's CPU is the sum over its whole process tree (the API, a worker with i
 PostgreSQL with its backends): user + system time of every live process plus the time of the children
 each has waited for, so a sandbox that came and went between two readings is still counted. Two
 readings around one run, divided by the executions it did, give CPU seconds per execution per role.
+Those costs are taken while a backlog is drained (the rate the projection is about): at a paced low rate
+each read and each projector batch carries fewer executions, and the same work costs more per execution.
 
 From those figures, a throughput is projected for N worker processes on C cores:
 
-    X(N) = min(N / w, 1 / r, C / (w + r + p + a))
+    X(N) = min(N / w, 1 / r, C / (w + r + p + a + w * R / N))
 
-with w, r, p, a the worker's, Redis's, PostgreSQL's and the API's CPU per execution: a worker process
-and Redis each use at most one core (one event loop, one main thread), and all of them share C cores.
+with w, r, p, a the worker's, Redis's, PostgreSQL's and the API's CPU per execution. A worker process and
+Redis each use at most one core (one event loop, one main thread), and all of them share the C cores.
+R is the mean number of other runnable threads on the machine (other programs, the load generator):
+the scheduler gives each runnable thread the same share of the cores, so while the N busy workers get
+X * w of CPU per second, R competing threads take X * w * R / N. On a machine of its own R = 0, and
+the formula is the plain CPU budget; that is the capacity to plan with.
+
+R is read from the scheduler, not fitted: the machine's mean count of runnable threads, sampled from
+/proc/loadavg (`RunQueue`), less the time the run's own processes were runnable or waiting to run
+(their threads' /proc/<pid>/task/<tid>/schedstat, `scheduled_seconds`), less the sampling thread itself.
 The bench compares X(1) and X(2) with measured runs on the same machine.
+
+Left out, and so the rest of the error: a worker is not runnable all the time (a run's start, the projector's
+last batches waiting on PostgreSQL), which makes X too high when few threads compete; a worker got 1.1-1.4
+times an equal share beside the other threads in exploratory runs (likely: the kernel's autogroups share
+first between sessions, and a thread that often blocks is favoured when it wakes), which makes X too low
+when many do; and w grows a little with N.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,24 +56,35 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return ppid, (utime + stime + cutime + cstime) / _TICKS
 
 
-def tree_cpu_seconds(roots: Iterable[int]) -> float:
-    """CPU seconds used so far by the processes `roots` and all their live descendants."""
+def _process_table() -> dict[int, tuple[int, float]]:
+    """Every live process: pid -> (parent pid, CPU seconds)."""
     table: dict[int, tuple[int, float]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (stat := _stat(int(entry))) is not None:
             table[int(entry)] = stat
+    return table
+
+
+def _descendants(roots: Iterable[int], table: Mapping[int, tuple[int, float]] | None = None) -> set[int]:
+    """The live processes among `roots` and all their live descendants."""
+    table = _process_table() if table is None else table
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    total, seen, todo = 0.0, set(), [p for p in roots if p in table]
+    seen: set[int] = set()
+    todo = [p for p in roots if p in table]
     while todo:
         pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += table[pid][1]
-        todo.extend(children.get(pid, ()))
-    return total
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, ()))
+    return seen
+
+
+def tree_cpu_seconds(roots: Iterable[int]) -> float:
+    """CPU seconds used so far by the processes `roots` and all their live descendants."""
+    table = _process_table()
+    return sum(table[pid][1] for pid in _descendants(roots, table))
 
 
 @dataclass
@@ -71,11 +101,13 @@ def per_execution_ms(before: Mapping[str, float], after: Mapping[str, float], ex
     return {role: (after[role] - before[role]) * 1000 / executions for role in before}
 
 
-def projected_throughput(cost_ms: Mapping[str, float], workers: int, cores: int) -> float:
-    """Executions per second the per-execution costs allow for `workers` worker processes on `cores`."""
+def projected_throughput(cost_ms: Mapping[str, float], workers: int, cores: int, competing: float = 0.0) -> float:
+    """Executions per second the per-execution costs allow for `workers` worker processes on `cores`,
+    beside `competing` other runnable threads (the module's formula; 0 on a machine of its own)."""
     w, r = cost_ms["worker"], cost_ms["redis"]
-    total = sum(cost_ms.values())
-    return min(workers * 1000 / w, 1000 / r, cores * 1000 / total)
+    # Every competing thread gets as much CPU as one busy worker: w / N per execution each.
+    budget = sum(cost_ms.values()) + w * competing / workers
+    return min(workers * 1000 / w, 1000 / r, cores * 1000 / budget)
 
 
 def capacity(cost_ms: Mapping[str, float]) -> dict[str, float]:
@@ -83,3 +115,52 @@ def capacity(cost_ms: Mapping[str, float]) -> dict[str, float]:
     out = {f"{role}_exec_s_per_core": 1000 / ms for role, ms in cost_ms.items() if ms > 0}
     out["workers_per_redis"] = cost_ms["worker"] / cost_ms["redis"]
     return out
+
+
+def scheduled_seconds(roots: Iterable[int]) -> tuple[float, float]:
+    """Seconds the threads of `roots` and their live descendants have run, and have waited to run, so
+    far (the first two fields of each thread's schedstat). Over a run's wall time, their sum is the
+    mean count of its runnable threads, and ran / (ran + waited) the share of a core they got."""
+    ran = waited = 0
+    for pid in _descendants(roots):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+                    ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran / 1e9, waited / 1e9
+
+
+def competing_threads(machine_runnable: float, own_runnable: float) -> float:
+    """Other runnable threads, on average: the machine's mean count (which includes the sampling thread,
+    running as it reads) less the run's own processes'."""
+    return max(0.0, machine_runnable - 1 - own_runnable)
+
+
+class RunQueue:
+    """Samples the machine's count of runnable threads (/proc/loadavg) every `interval` seconds from a
+    thread of its own, while used as a context manager; `mean` is their average."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            # Fourth field: runnable/total scheduling entities.
+            self.samples.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RunQueue:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples) if self.samples else 0.0

@@ -947,9 +947,12 @@ class Bench:
     async def _drain(self, http: httpx.AsyncClient, on: bool) -> None:
         (await (http.post if on else http.delete)("/queue/drain")).raise_for_status()
 
-    async def _until_projected(self, pool: asyncpg.Pool, n: int) -> None:
+    async def _until_projected(self, pool: asyncpg.Pool, n: int, status: str | None = "completed") -> None:
+        """Until `n` executions are in PostgreSQL with this status (None: with any)."""
+        query = "SELECT count(*) FROM executions" + ("" if status is None else " WHERE status = $1")
+        args = () if status is None else (status,)
         deadline = time.perf_counter() + 600
-        while await pool.fetchval("SELECT count(*) FROM executions WHERE status = 'completed'") < n:
+        while await pool.fetchval(query, *args) < n:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"fewer than {n} executions projected")
             await asyncio.sleep(0.05)
@@ -981,6 +984,8 @@ class Bench:
                     run = self.loadgen("post", f"{base}/workflows/{wf}/execute", body, "16", "1", AUTH)
                     assert set(run["statuses"]) == {"202"}, run
                     sent += run["requests"]
+                # The queued events projected before the reading: their cost is the enqueue's, not the run's.
+                await self._until_projected(pool, sent + 1, status=None)
                 enqueued = clock.read()
                 await self._drain(http, False)
                 await self._until_projected(pool, sent + 1)
@@ -991,9 +996,12 @@ class Bench:
             await pool.close()
         return cost.per_execution_ms(before, enqueued, sent), cost.per_execution_ms(enqueued, done, sent)
 
-    async def _steady_throughput(self, processes: int, n: int) -> float:
-        """Executions/s from the moment `processes` warm, drained workers may read a backlog of `n` until
-        all are projected: start-up and the enqueueing are not in the figure."""
+    async def _saturated_run(self, processes: int, n: int) -> dict[str, Any]:
+        """A measured run: `processes` warm, drained workers may read a backlog of `n`, timed until all
+        are projected (start-up and the enqueueing are not in it). Beside the executions/s: what the
+        projection may take from it (the other runnable threads on the machine meanwhile) and what
+        checks it (each role's CPU per execution; how much of the time each worker was runnable, and
+        its share of a core while it was)."""
         redis, pool = await self.fresh()
         api, base = await self.api()
         control = RunControl(redis, Keys.from_settings(Settings()), task_ttl=3600)
@@ -1002,48 +1010,85 @@ class Bench:
         finally:
             self.stop(api)
         await control.drain(True)
-        workers = [self.nova("worker", NOVA_CONCURRENCY="64") for _ in range(processes)]
+        # Set up as the cost run's workers are (_cost_of).
+        workers = [self.nova("worker", NOVA_CONCURRENCY="64", NOVA_SANDBOX_POOL_SIZE="8") for _ in range(processes)]
+        clock = cost.RoleClock(
+            {"worker": [w.pid for w in workers], "redis": [self.redis_server.proc.pid], "pg": [self._pg_pid()]}
+        )
+        own = [pid for pids in clock.roles.values() for pid in pids]
+        worker_pids = [w.pid for w in workers]
+
+        def read() -> tuple[dict[str, float], tuple[float, float], tuple[float, float]]:
+            return clock.read(), cost.scheduled_seconds(own), cost.scheduled_seconds(worker_pids)
+
         try:
             await asyncio.sleep(2.0)  # up, connected and drained before the backlog appears
             await self._preload(redis, wf, n)
+            # The backlog's queued events projected too: the run is the executions alone.
+            await self._until_projected(pool, n, status=None)
+            before, own_before, workers_before = read()
             t0 = time.perf_counter()
-            await control.drain(False)
-            await self._until_projected(pool, n)
-            return n / (time.perf_counter() - t0)
+            with cost.RunQueue() as queue:
+                await control.drain(False)
+                await self._until_projected(pool, n)
+                wall = time.perf_counter() - t0
+            after, own_after, workers_after = read()
         finally:
             for w in workers:
                 self.stop(w)
             await pool.close()
             await redis.aclose()
+        ran, queued = (a - b for a, b in zip(workers_after, workers_before, strict=True))
+        own_runnable = (sum(own_after) - sum(own_before)) / wall
+        return {
+            "exec_s": n / wall,
+            "competing": cost.competing_threads(queue.mean, own_runnable),
+            "cpu_ms": cost.per_execution_ms(before, after, n),
+            "worker_runnable": (ran + queued) / wall / processes,
+            "worker_share": ran / (ran + queued),
+        }
 
     async def cost_model(self) -> None:
         """Issue 17's cost model: CPU per execution per role, the capacity it implies, and its
         projection of 1 and 2 worker processes against measured runs on this machine."""
         n = 2000 if self.quick else 6000
-        enqueue, consume = await self._cost_of(START_END, n, "64")
-        for role, ms in enqueue.items():
-            self.figures[f"cpu_enqueue_{role}_ms"] = figure([ms], "ms/exec")
-        for role, ms in consume.items():
+        # Repeated: one cost run's figures move by a fifth from one to the next on a shared machine.
+        costs = [await self._cost_of(START_END, n, "64") for _ in range(self.reps)]
+        enqueue = _median_by_role([e for e, _ in costs])
+        consume = _median_by_role([c for _, c in costs])
+        for role in enqueue:
+            self.figures[f"cpu_enqueue_{role}_ms"] = figure([e[role] for e, _ in costs], "ms/exec")
+        for role in consume:
             goal = 0.25 if role == "worker" else None
-            self.figures[f"cpu_noop_{role}_ms"] = figure([ms], "ms/exec", goal, higher=False)
+            samples = [c[role] for _, c in costs]
+            self.figures[f"cpu_noop_{role}_ms"] = figure(samples, "ms/exec", goal, higher=False)
         _, nova = await self._cost_of(NOVA_SHAPED, 60 if self.quick else 200, "8")
         for role, ms in nova.items():
             self.figures[f"cpu_nova_{role}_ms"] = figure([ms], "ms/exec")
         total = {role: enqueue[role] + consume[role] for role in consume}
         for name, value in cost.capacity(total).items():
             self.figures[f"capacity_{name}"] = figure([value], "x" if name == "workers_per_redis" else "exec/s")
-        # The measured runs have no API in them: project them from the consume phase alone.
-        consume_only = {"worker": consume["worker"], "redis": consume["redis"], "pg": consume["pg"]}
         cores = os.cpu_count() or 1
+        # The measured runs have no API in them: project them from the consume phase's costs alone, taken
+        # in the run above, never in the measured runs themselves.
+        consume_only = {"worker": consume["worker"], "redis": consume["redis"], "pg": consume["pg"]}
         for processes in (1, 2):
-            projected = cost.projected_throughput(consume_only, processes, cores)
-            measured = statistics.median(
-                [await self._steady_throughput(processes, n) for _ in range(1 if self.quick else 2)]
+            self.figures[f"projected_{processes}proc_own_machine_exec_s"] = figure(
+                [cost.projected_throughput(consume_only, processes, cores)], "exec/s"
             )
-            self.figures[f"projected_{processes}proc_exec_s"] = figure([projected], "exec/s")
-            self.figures[f"measured_{processes}proc_exec_s"] = figure([measured], "exec/s")
-            error = abs(projected - measured) / measured * 100
-            self.figures[f"projection_error_{processes}proc"] = figure([error], "%", 25, higher=False)
+            runs = [await self._saturated_run(processes, n) for _ in range(self.reps)]
+            projected = [cost.projected_throughput(consume_only, processes, cores, r["competing"]) for r in runs]
+            measured = [r["exec_s"] for r in runs]
+            f = f"{processes}proc"
+            self.figures[f"competing_threads_{f}"] = figure([r["competing"] for r in runs], "threads")
+            self.figures[f"projected_{f}_exec_s"] = figure(projected, "exec/s")
+            self.figures[f"measured_{f}_exec_s"] = figure(measured, "exec/s")
+            errors = [abs(p - m) / m * 100 for p, m in zip(projected, measured, strict=True)]
+            self.figures[f"projection_error_{f}"] = figure(errors, "%", 25, higher=False)
+            self.figures[f"measured_{f}_worker_runnable"] = figure([r["worker_runnable"] for r in runs], "of the time")
+            self.figures[f"measured_{f}_worker_core_share"] = figure([r["worker_share"] for r in runs], "of a core")
+            for role in consume_only:
+                self.figures[f"measured_{f}_cpu_{role}_ms"] = figure([r["cpu_ms"][role] for r in runs], "ms/exec")
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -1121,6 +1166,10 @@ def _user_system_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _median_by_role(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {role: statistics.median(run[role] for run in runs) for role in runs[0]}
 
 
 def _rss_mb(pid: int) -> float:
