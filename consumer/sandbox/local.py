@@ -279,7 +279,7 @@ class LocalSandbox(RunnerSandbox):
         elif self.proc.stdin is not None:
             with contextlib.suppress(Exception):
                 self.proc.stdin.close()
-        await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+        await _remove_folder(self.workdir)
         if self.lease is not None and empty:
             # Only now: no process of this uid is left, and its files are gone. A sandbox whose cgroup
             # would not empty keeps its uid (leaked, logged) rather than hand it to another client.
@@ -318,6 +318,17 @@ def _child_setup(uid: int | None, cgroup: SandboxCgroup | None = None) -> Callab
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return setup
+
+
+async def _remove_folder(path: Path) -> None:
+    """Remove a work folder: at once when node code left it empty (the common case), else on a thread
+    (whatever it wrote may be a large tree, which must not stall the event loop)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        await asyncio.to_thread(shutil.rmtree, path, True)
 
 
 async def _group_gone(pgid: int, timeout: float = 5.0) -> None:
