@@ -64,8 +64,8 @@ _HEADER = struct.Struct(">I")
 _UID_BASE = 200_000
 _UID_SPAN = 50_000
 _UID_LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-uids"
-# Work folders live here (mode 0711: traversable, not listable), seen read-only by every sandbox, so a
-# path to another sandbox's folder meets its 0700 mode rather than nothing.
+# Work folders made on the host (bwrap, plain) live here (mode 0711: traversable, not listable), seen
+# read-only by every bwrap sandbox, so a path to another sandbox's folder meets its 0700 mode.
 _WORK_BASE = Path(tempfile.gettempdir()) / "nova-sandboxes"
 # With the fork server a sandbox makes its work folder itself, on its own /tmp (zygote.py): the same
 # path in every sandbox, private to each, and nothing of it on the host.
