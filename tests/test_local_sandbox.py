@@ -34,6 +34,14 @@ def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/status").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
 
 
+def in_workdir(sb: LocalSandbox, name: str) -> Path:
+    """A file of the sandbox's work folder as the worker sees it: on the host, or (the fork server's
+    sandboxes make theirs on their own /tmp) through its init's root, which lives as long as the sandbox."""
+    if sb.host_folder is not None:
+        return sb.host_folder / name
+    return Path(f"/proc/{sb.pid}/root") / sb.workdir.relative_to("/") / name
+
+
 async def test_actions_decisions_and_persistent_globals(provider: LocalSandboxProvider) -> None:
     sb = await sandbox(provider)
     try:
@@ -71,7 +79,7 @@ async def test_infinite_loop_times_out_and_kills_the_process(provider: LocalSand
     with pytest.raises(NodeError) as info:
         await sb.run_action("spin", "while True: pass", {}, 0.5)
     assert info.value.reason == "timeout" and "spin" in info.value.message and "0.5s" in info.value.message
-    assert not alive(sb.pid) and not sb.workdir.exists()
+    assert not alive(sb.pid) and not in_workdir(sb, "").exists()
 
 
 async def test_memory_bomb_fails_the_node_only(provider: LocalSandboxProvider) -> None:
@@ -133,10 +141,10 @@ async def test_environment_is_scrubbed_and_secrets_are_private(
 async def test_close_kills_the_process_and_removes_its_directory(provider: LocalSandboxProvider) -> None:
     sb = await sandbox(provider)
     await sb.run_action("w", "open('scratch.txt', 'w').write('x')", {}, 5)
-    assert (sb.workdir / "scratch.txt").exists()
+    assert in_workdir(sb, "scratch.txt").read_text() == "x"
     await sb.close()
     await sb.close()  # idempotent
-    assert not alive(sb.pid) and not sb.workdir.exists()
+    assert not alive(sb.pid) and not in_workdir(sb, "scratch.txt").exists() and not in_workdir(sb, "").exists()
 
 
 async def test_pool_never_hands_out_a_process_twice(provider: LocalSandboxProvider) -> None:
@@ -159,11 +167,18 @@ async def test_one_execution_cannot_read_anothers_directory(provider: LocalSandb
     thief = await sandbox(provider, 2)
     try:
         await victim.run_action("w", "open('invoice.txt', 'w').write('secret')", {}, 5)
+        assert in_workdir(victim, "invoice.txt").read_text() == "secret"
+        listing = f"import os\ncontext['x'] = os.listdir({str(victim.workdir)!r})"
+        if victim.host_folder is None:
+            # Each sandbox's folder is on its own /tmp: at the victim's path the thief finds its own, empty.
+            assert (await thief.run_action("ls", listing, {}, 5)).context == {"x": []}
+            return
+        # Folders on the host: the victim's 0700 mode turns the thief away.
         with pytest.raises(NodeError) as info:
             await thief.run_action("r", f"context['x'] = open({str(victim.workdir / 'invoice.txt')!r}).read()", {}, 5)
         assert info.value.type == "PermissionError"
         with pytest.raises(NodeError) as info:
-            await thief.run_action("ls", f"import os\ncontext['x'] = os.listdir({str(victim.workdir)!r})", {}, 5)
+            await thief.run_action("ls", listing, {}, 5)
         assert info.value.type == "PermissionError"
     finally:
         await victim.close()

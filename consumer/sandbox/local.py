@@ -64,9 +64,12 @@ _HEADER = struct.Struct(">I")
 _UID_BASE = 200_000
 _UID_SPAN = 50_000
 _UID_LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-uids"
-# Work folders live here (mode 0711: traversable, not listable), seen read-only by every sandbox, so a
-# path to another sandbox's folder meets its 0700 mode rather than nothing.
+# Work folders made on the host (bwrap, plain) live here (mode 0711: traversable, not listable), seen
+# read-only by every bwrap sandbox, so a path to another sandbox's folder meets its 0700 mode.
 _WORK_BASE = Path(tempfile.gettempdir()) / "nova-sandboxes"
+# With the fork server a sandbox makes its work folder itself, on its own /tmp (zygote.py): the same
+# path in every sandbox, private to each, and nothing of it on the host.
+_SANDBOX_WORKDIR = Path("/tmp/nova-sandbox")
 
 
 def _sandbox_runner() -> Path:
@@ -132,6 +135,7 @@ class LocalSandbox(RunnerSandbox):
         lease: UidLease | None = None,
         max_output_bytes: int = 1 << 20,
         cgroup: SandboxCgroup | None = None,
+        host_folder: Path | None = None,
     ) -> None:
         self.proc = proc
         self.cgroup = cgroup
@@ -140,6 +144,9 @@ class LocalSandbox(RunnerSandbox):
         # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
         self.wrapped = False
         self.workdir = workdir
+        # The work folder the worker made on the host (bwrap, plain), removed at close; None when the
+        # sandbox made its own (the fork server's), which goes with its mount namespace.
+        self.host_folder = host_folder
         self.lease = lease
         self.max_context_bytes = max_context_bytes
         self.max_output_bytes = max_output_bytes
@@ -279,7 +286,8 @@ class LocalSandbox(RunnerSandbox):
         elif self.proc.stdin is not None:
             with contextlib.suppress(Exception):
                 self.proc.stdin.close()
-        await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+        if self.host_folder is not None:
+            await _remove_folder(self.host_folder)
         if self.lease is not None and empty:
             # Only now: no process of this uid is left, and its files are gone. A sandbox whose cgroup
             # would not empty keeps its uid (leaked, logged) rather than hand it to another client.
@@ -318,6 +326,32 @@ def _child_setup(uid: int | None, cgroup: SandboxCgroup | None = None) -> Callab
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return setup
+
+
+def _host_folder(uid: int | None) -> Path:
+    """A work folder on the host, under the base folder: mode 0700, the sandbox's uid's."""
+    _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="nova-sandbox-", dir=_WORK_BASE))
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    os.chmod(workdir, 0o700)
+    return workdir
+
+
+def _discard(host_folder: Path | None) -> None:
+    if host_folder is not None:
+        shutil.rmtree(host_folder, ignore_errors=True)
+
+
+async def _remove_folder(path: Path) -> None:
+    """Remove a work folder: at once when node code left it empty (the common case), else on a thread
+    (whatever it wrote may be a large tree, which must not stall the event loop)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        await asyncio.to_thread(shutil.rmtree, path, True)
 
 
 async def _group_gone(pgid: int, timeout: float = 5.0) -> None:
@@ -474,12 +508,7 @@ class LocalSandboxProvider:
         self.started = 0
 
     def _probe_fork_server(self) -> str | None:
-        _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix="nova-probe-", dir=_WORK_BASE))
-        try:
-            return probe_fork_server(self.python, RUNNER, self.network, workdir)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        return probe_fork_server(self.python, RUNNER, self.network, _SANDBOX_WORKDIR)
 
     def _forkserver(self, *, isolate: bool) -> ForkServer:
         # The zygote reads the runner as root before any sandbox exists: the install's own copy, not the
@@ -524,8 +553,16 @@ class LocalSandboxProvider:
         await self._refill()
 
     async def _spawn(self) -> LocalSandbox:
-        _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix="nova-sandbox-", dir=_WORK_BASE))
+        lease = UidLease() if self.separate_uids else None
+        uid = lease.uid if lease else None
+        # The fork server's sandboxes (isolated) make their own; every other kind gets one on the host.
+        try:
+            host_folder = None if self.launcher == "fork server" else _host_folder(uid)
+        except OSError:
+            if lease is not None:
+                lease.release()
+            raise
+        workdir = host_folder or _SANDBOX_WORKDIR
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": str(workdir),
@@ -533,11 +570,6 @@ class LocalSandboxProvider:
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
-        lease = UidLease() if self.separate_uids else None
-        uid = lease.uid if lease else None
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        os.chmod(workdir, 0o700)
         command = [] if self.forkserver is not None else [self.python, "-I", str(_sandbox_runner()), self._limits_arg]
         setup_uid = uid
         if self.bwrap is not None:
@@ -558,7 +590,7 @@ class LocalSandboxProvider:
             try:
                 cgroup = self._cgroup()
             except OSError as exc:
-                shutil.rmtree(workdir, ignore_errors=True)
+                _discard(host_folder)
                 if lease is not None:
                     lease.release()
                 raise SandboxInfraError(f"could not create the sandbox's cgroup: {exc}") from None
@@ -581,7 +613,7 @@ class LocalSandboxProvider:
         except (OSError, subprocess.SubprocessError) as exc:
             if cgroup is not None:
                 cgroup.remove()
-            shutil.rmtree(workdir, ignore_errors=True)
+            _discard(host_folder)
             if lease is not None:
                 lease.release()
             raise SandboxInfraError(f"could not start the local sandbox ({self.python}): {exc}") from None
@@ -590,12 +622,18 @@ class LocalSandboxProvider:
             if cgroup is not None:
                 await cgroup.kill_all()
                 await cgroup.remove_soon()
-            shutil.rmtree(workdir, ignore_errors=True)
+            _discard(host_folder)
             if lease is not None:
                 lease.release()
             raise
         sandbox = LocalSandbox(
-            proc, workdir, self.max_context_bytes, lease, max_output_bytes=self.limits["output_bytes"], cgroup=cgroup
+            proc,
+            workdir,
+            self.max_context_bytes,
+            lease,
+            max_output_bytes=self.limits["output_bytes"],
+            cgroup=cgroup,
+            host_folder=host_folder,
         )
         # bwrap's init and the fork server's both exit with 128 + the signal that killed the runner.
         sandbox.wrapped = self.bwrap is not None or self.launcher == "fork server"
@@ -643,7 +681,6 @@ class LocalSandboxProvider:
             "uid": uid,
             "workdir": str(workdir),
             "env": env,
-            "shared": [str(_WORK_BASE)],
             "writable": self.writable,
             "limits": self.limits,
         }

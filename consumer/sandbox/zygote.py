@@ -15,9 +15,9 @@ Per request (fds: the protocol pipes, then the sandbox's cgroup.procs files open
 2. the child, PID 1 of that namespace (the sandbox's "init"), joins its cgroup first (everything after
    is counted and limited), enters a network namespace from the pool (`none`) or keeps the host's
    (`egress`: the per-uid routing rules apply), unshares mount, IPC and UTS namespaces (a copy of the
-   read-only view), mounts a fresh tmpfs on /tmp and /dev/shm, binds back the work folders' parent
-   read-only and its own work folder (and NOVA_SANDBOX_WRITABLE folders) read-write, mounts /proc of
-   its namespace;
+   read-only view), mounts a fresh tmpfs on /tmp and /dev/shm, binds back NOVA_SANDBOX_WRITABLE
+   folders read-write, makes its work folder on its own /tmp (0700, its uid's), mounts /proc of its
+   namespace;
 3. init forks the runner (PID 2: PID 1 ignores signals it has no handler for, so node code must not be
    PID 1), which closes every inherited fd but the protocol, drops to its uid and gids
    (setgroups/setresgid/setresuid: every capability goes), sets no-new-privs and its parent-death
@@ -195,6 +195,15 @@ def _bind(fd: int, path: str, writable: bool) -> None:
     mount(None, path, None, flags)
 
 
+def _make_workdir(path: str, uid: int | None) -> None:
+    """The sandbox's work folder, made by the sandbox on its own /tmp: nothing for the worker to make or
+    remove, counted in the sandbox's memory cgroup like the rest of /tmp, gone with its mount namespace.
+    Mode 0700, its uid's: its processes alone use it."""
+    os.mkdir(path, 0o700)
+    if uid is not None:
+        os.chown(path, uid, uid)
+
+
 def _exit_status(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -295,16 +304,15 @@ class Zygote:
                 setns(netns, CLONE_NEWNET)
                 os.close(netns)
             unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
-            # Opened before /tmp is covered by the fresh tmpfs (the work folders may live under /tmp),
-            # and inside this namespace (a bind's source must be a mount of the caller's namespace).
-            shared = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p, False) for p in request.get("shared", [])]
-            writable = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p, True) for p in request.get("writable", [])]
-            own = (os.open(workdir, os.O_PATH | os.O_DIRECTORY), workdir, True)
+            # Opened before /tmp is covered by the fresh tmpfs (they may live under /tmp), and inside this
+            # namespace (a bind's source must be a mount of the caller's namespace).
+            writable = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p) for p in request.get("writable", [])]
             mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
             mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-            for fd, path, rw in [*shared, *writable, own]:
-                _bind(fd, path, rw)
+            for fd, path in writable:
+                _bind(fd, path, True)
                 os.close(fd)
+            _make_workdir(workdir, uid)
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             # As bwrap does: the kernel's knobs in /proc stay read-only, whatever uid node code has.
             for knob in ("sys", "sysrq-trigger", "irq", "bus"):
@@ -419,7 +427,7 @@ def probe(zygote: Zygote, workdir: str) -> str | None:
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
     try:
-        pid = zygote.spawn({"workdir": workdir, "shared": [os.path.dirname(workdir)], "env": {}}, [to_r, from_w])
+        pid = zygote.spawn({"workdir": workdir, "env": {}}, [to_r, from_w])
     except OSError as exc:
         return str(exc)
     os.close(to_r)
