@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -293,6 +295,9 @@ class Isolation:
     network: str
     egress_filtered: bool = False
     egress_why: str = ""
+    # With `egress`: a network namespace of its own per sandbox (netns.py), else the host's shared one.
+    egress_netns: bool = False
+    egress_netns_why: str = ""
 
     def statements(self) -> list[tuple[bool, str]]:
         """(holds, what) per guarantee, for the worker's start-up lines and the README's table."""
@@ -303,13 +308,27 @@ class Isolation:
                 net = f"network none impossible ({self.namespaces_why}): the host's network, unfiltered"
         else:
             net_ok = self.egress_filtered
-            net = (
-                "network egress: internet only; the host's loopback and own addresses, private, shared and "
-                "link-local ranges (cloud metadata), IPv6 ULA and link-local refused by policy routing"
-                if self.egress_filtered
-                else f"network egress unfiltered ({self.egress_why}): node code can reach services on the host's "
-                "loopback and private networks"
+            refused = (
+                "the host's loopback and own addresses, private, shared and link-local ranges (cloud metadata), "
+                "IPv6 ULA and link-local"
             )
+            if self.egress_netns:
+                net = (
+                    "network egress: own network namespace per sandbox (veth pair, NAT; it sees only lo and its "
+                    f"veth), internet only; {refused} and other sandboxes refused by nftables (table "
+                    "inet nova_sandbox)"
+                )
+            elif self.egress_filtered:
+                net = (
+                    f"network egress: internet only; {refused} refused by policy routing for the sandbox uids, in "
+                    f"the host's network namespace (no namespace of its own: {self.egress_netns_why}; host "
+                    "interfaces and abstract unix sockets stay visible)"
+                )
+            else:
+                net = (
+                    f"network egress unfiltered ({self.egress_why}): node code can reach services on the host's "
+                    "loopback and private networks"
+                )
         return [
             (self.separate_uids, "own uid per sandbox" if self.separate_uids else "sandboxes share the worker's uid"),
             (
@@ -351,7 +370,35 @@ _LOCAL_PREF = 100
 _LOCAL_TABLE, _MAIN_TABLE = 255, 254
 
 
-def _nameservers() -> list[str]:
+class FlockLease:
+    """An exclusive number in [first, first + span) across every worker process on this machine.
+
+    Held as an flock on a per-number file in `folder`: the kernel releases it if the worker dies, so a
+    crashed worker never leaks one, and two workers never hold the same number at once.
+    """
+
+    def __init__(self, folder: Path, first: int, span: int, what: str) -> None:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        start = random.randrange(span)
+        for i in range(span):
+            value = first + (start + i) % span
+            fd = os.open(folder / str(value), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.value, self._fd = value, fd
+            return
+        raise OSError(errno.EAGAIN, f"no free {what}")
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def nameservers() -> list[str]:
     servers = []
     with contextlib.suppress(OSError):
         for line in Path("/etc/resolv.conf").read_text().splitlines():
@@ -423,7 +470,7 @@ def _install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> s
                 family, dst, length = net(cidr)
                 quietly(ip.route, "add", family=family, dst=dst, dst_len=length, type="prohibit", table=_EGRESS_TABLE)
             allowed: list[tuple[str, dict[str, object]]] = [(cidr, {}) for cidr in allow]
-            for server in _nameservers():
+            for server in nameservers():
                 for proto in (socket.IPPROTO_UDP, socket.IPPROTO_TCP):
                     allowed.append((server, {"FRA_IP_PROTO": proto, "FRA_DPORT_RANGE": "53:53"}))
             for cidr, match in allowed:
