@@ -23,6 +23,7 @@ from cli.dev import sandbox_insecure_env
 from consumer.sandbox.base import NodeError, SandboxSpec
 from consumer.sandbox.isolation import Isolation
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
+from consumer.sandbox.netns import find_nft
 from shared.settings import Settings
 from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal
 
@@ -421,6 +422,13 @@ class OutsideHost:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
+def skip_without_egress_namespaces(launch: str) -> None:
+    if launch == "bwrap":
+        pytest.skip("bwrap keeps the host's network namespace with egress (README, Sandboxes)")
+    if find_nft() is None:
+        pytest.skip("no nft binary (Debian package nftables): egress falls back to uid policy routing")
+
+
 def _reach(host: str, port: int) -> str:
     """Node code: connect and read the greeting; context['reached'] is what it read, or the error's
     name (a refusal, never a wait: a timeout would read 'TimeoutError')."""
@@ -480,8 +488,7 @@ except OSError as exc:
 async def test_egress_sandbox_reaches_the_internet_only_from_a_namespace_of_its_own(
     launch: str, settings: Settings, redis: Redis, pool: asyncpg.Pool, outside_hosts: tuple[OutsideHost, OutsideHost]
 ) -> None:
-    if launch == "bwrap":
-        pytest.skip("bwrap keeps the host's network namespace with egress (README, Sandboxes)")
+    skip_without_egress_namespaces(launch)
     internet, lan = outside_hosts
     own = _host_addresses()
     # A host process's abstract unix socket (the kind D-Bus, X11 and container runtimes listen on).
@@ -517,8 +524,7 @@ async def test_egress_sandbox_reaches_the_internet_only_from_a_namespace_of_its_
 
 @isolated
 async def test_two_live_egress_sandboxes_are_in_different_network_namespaces(launch: str) -> None:
-    if launch == "bwrap":
-        pytest.skip("bwrap keeps the host's network namespace with egress (README, Sandboxes)")
+    skip_without_egress_namespaces(launch)
     provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
     code = "import os\ncontext['ns'] = os.stat('/proc/self/ns/net').st_ino"
     try:
@@ -598,8 +604,7 @@ asyncio.run(main())
 
 @isolated
 async def test_egress_namespace_allows_the_allow_list_and_a_resolver_on_the_hosts_loopback(launch: str) -> None:
-    if launch == "bwrap":
-        pytest.skip("bwrap keeps the host's network namespace with egress (README, Sandboxes)")
+    skip_without_egress_namespaces(launch)
     proc = await asyncio.create_subprocess_exec(
         "unshare", "--net", "--mount", sys.executable, "-c", ALLOW_AND_DNS_SCRIPT,
         cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
