@@ -612,3 +612,34 @@ async def test_egress_namespace_allows_the_allow_list_and_a_resolver_on_the_host
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()[-3000:]
     assert out.decode().strip().split("|") == ["hello from 10.88.0.2", "OSError", "answer:query"], err.decode()[-3000:]
+
+
+# In a network namespace of its own with a lock folder of its own (TMPDIR), so slot 0 is the one leased:
+# a killed worker's interface still there (here with its peer beside it, which no namespace's removal
+# takes away) is deleted and the slot made again.
+LEFTOVER_SCRIPT = """
+import subprocess
+for command in ("ip link set lo up", "ip link add nvsb0 type veth peer name leftover0",
+                "ip addr add 10.213.0.1/30 dev nvsb0"):
+    subprocess.run(command.split(), check=True)
+from consumer.sandbox.netns import EgressNetworks
+networks, why = EgressNetworks.start([])
+assert networks is not None, why
+kind = subprocess.run("ip -d -o link show nvsb0", shell=True, capture_output=True, text=True).stdout
+print("veth" if " veth " in kind else kind, flush=True)
+networks.close()
+print(subprocess.run("ip -o link show", shell=True, capture_output=True, text=True).stdout.count("nvsb"))
+"""
+
+
+@isolated
+async def test_a_killed_workers_leftover_interface_does_not_break_the_next_start(launch: str, tmp_path: Path) -> None:
+    skip_without_egress_namespaces(launch)
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--net", sys.executable, "-c", LEFTOVER_SCRIPT, cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    # The slot's veth took the leftover's place, and closing the pool removed it.
+    assert out.decode().split() == ["veth", "0"], out.decode()

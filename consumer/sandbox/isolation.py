@@ -377,9 +377,9 @@ class FlockLease:
     crashed worker never leaks one, and two workers never hold the same number at once.
     """
 
-    def __init__(self, folder: Path, first: int, span: int, what: str) -> None:
+    def __init__(self, folder: Path, first: int, span: int, what: str, lowest: bool = False) -> None:
         folder.mkdir(mode=0o700, exist_ok=True)
-        start = random.randrange(span)
+        start = 0 if lowest else random.randrange(span)
         for i in range(span):
             value = first + (start + i) % span
             fd = os.open(folder / str(value), os.O_CREAT | os.O_RDWR, 0o600)

@@ -244,7 +244,8 @@ class EgressNetworks:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
-        lease = FlockLease(_LOCKS, 0, _SLOTS, "sandbox network slot")
+        # The lowest free number: names and subnets stay few, and a killed worker's are the first reused.
+        lease = FlockLease(_LOCKS, 0, _SLOTS, "sandbox network slot", lowest=True)
         index = lease.value
         ifname = f"{IFNAME_PREFIX}{index}"
         host_addr, inside_addr = self._addresses(index)
