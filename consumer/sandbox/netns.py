@@ -67,6 +67,12 @@ def _sysctl(path: str, value: str) -> None:
     Path("/proc/sys/net", path).write_text(value)
 
 
+def _no_ipv6(ifname: str) -> None:
+    """No IPv6 on an interface (nothing to do on a kernel without IPv6)."""
+    with contextlib.suppress(FileNotFoundError):
+        _no_ipv6(ifname)
+
+
 def find_nft() -> str | None:
     return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
 
@@ -266,7 +272,7 @@ class EgressNetworks:
                         ip.link("del", index=old)
                 ip.link("add", ifname=ifname, kind="veth", peer={"ifname": _INSIDE, "net_ns_fd": fd})
                 host_if = ip.link_lookup(ifname=ifname)[0]
-                _sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "1")
+                _no_ipv6(ifname)
                 _sysctl(f"ipv4/conf/{ifname}/route_localnet", "1")
                 ip.addr("add", index=host_if, address=host_addr, prefixlen=30)
                 ip.link("set", index=host_if, state="up")
@@ -290,7 +296,7 @@ class EgressNetworks:
 
         # No IPv6 inside: no link-local address to reach the host's side with, and the host routes
         # only IPv4 for sandboxes (an IPv6 connect fails at once with "Network is unreachable").
-        _sysctl(f"ipv6/conf/{_INSIDE}/disable_ipv6", "1")
+        _no_ipv6(_INSIDE)
         _sysctl(f"ipv4/conf/{_INSIDE}/route_localnet", "1")
         with IPRoute() as ip:
             ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
