@@ -70,7 +70,7 @@ def _sysctl(path: str, value: str) -> None:
 def _no_ipv6(ifname: str) -> None:
     """No IPv6 on an interface (nothing to do on a kernel without IPv6)."""
     with contextlib.suppress(FileNotFoundError):
-        _no_ipv6(ifname)
+        _sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "1")
 
 
 def find_nft() -> str | None:
