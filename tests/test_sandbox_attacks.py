@@ -643,3 +643,62 @@ async def test_a_killed_workers_leftover_interface_does_not_break_the_next_start
     assert proc.returncode == 0, err.decode()[-3000:]
     # The slot's veth took the leftover's place, and closing the pool removed it.
     assert out.decode().split() == ["veth", "0"], out.decode()
+
+
+# In a network namespace of its own: a process of a sandbox uid keeps trying the host's loopback while
+# workers start one after the other (each installs the policy routing filter again): it is never let
+# through, not even while a start replaces an earlier worker's rules.
+REINSTALL_SCRIPT = """
+import os, socket, sys, threading
+from consumer.sandbox.isolation import _install_egress_filter
+os.system("ip link set lo up")
+assert _install_egress_filter(200000, 249999, []) is None
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(1024)
+stop_r, stop_w = os.pipe()
+pid = os.fork()
+if pid != 0:
+    # Accepted and closed as they come: a full backlog would leave the next connect waiting.
+    threading.Thread(target=lambda: [server.accept()[0].close() for _ in iter(int, 1)], daemon=True).start()
+if pid == 0:
+    os.setgroups([]); os.setgid(200009); os.setuid(200009)
+    os.set_blocking(stop_r, False)
+    reached = tries = 0
+    while True:
+        try:
+            os.read(stop_r, 1)
+            break
+        except BlockingIOError:
+            pass
+        c = socket.socket()
+        # A SYN let through, whose retransmission the rules then refuse, would wait minutes.
+        c.settimeout(1)
+        try:
+            c.connect(server.getsockname())
+            reached += 1
+        except OSError:
+            pass
+        c.close()
+        tries += 1
+    print(reached, tries, flush=True)
+    os._exit(0)
+for i in range(10):
+    assert _install_egress_filter(200000, 249999, [f"192.0.2.{i}/32"]) is None
+os.write(stop_w, b"x")
+os.waitpid(pid, 0)
+"""
+
+
+@isolated
+async def test_a_worker_start_never_lifts_the_policy_routing_filter_of_live_sandboxes(launch: str) -> None:
+    if launch != "bwrap":
+        pytest.skip("the policy routing filter is the bwrap (and fallback) path; one run is enough")
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--net", sys.executable, "-c", REINSTALL_SCRIPT,
+        cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    reached, tries = map(int, out.split())
+    assert tries > 0 and reached == 0, out.decode()

@@ -31,9 +31,11 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +423,37 @@ def install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> st
     return _installed[key]
 
 
+def _allow_rules(
+    allowed: list[tuple[str, dict[str, object]]], uids: str, net: Callable[[str], tuple[int, str, int]]
+) -> list[dict[str, object]]:
+    """The rules that let sandbox uids reach `allowed` (CIDR, extra match): looked up in the `local`
+    table, then in `main`."""
+    rules = []
+    for cidr, match in allowed:
+        family, dst, length = net(cidr)
+        for offset, table in ((0, _LOCAL_TABLE), (1, _MAIN_TABLE)):
+            rules.append(
+                {"family": family, "priority": _ALLOW_PREF + offset, "table": table, "dst": dst, "dst_len": length,
+                 "FRA_UID_RANGE": uids, **match}
+            )  # fmt: skip
+    return rules
+
+
+def _found_rule(found: Any, family: int) -> dict[str, object]:
+    """A rule read from the kernel, in the form `_allow_rules` gives."""
+    rule: dict[str, object] = {
+        "family": family, "priority": found.get_attr("FRA_PRIORITY"), "table": found.get_attr("FRA_TABLE"),
+        "dst": found.get_attr("FRA_DST"), "dst_len": found["dst_len"], "FRA_UID_RANGE": found.get_attr("FRA_UID_RANGE"),
+    }  # fmt: skip
+    for name in ("FRA_IP_PROTO", "FRA_DPORT_RANGE"):
+        rule[name] = found.get_attr(name)
+    return {key: value for key, value in rule.items() if value is not None}
+
+
+def _rule_key(rule: dict[str, object]) -> tuple[object, ...]:
+    return tuple(sorted((k, str(v)) for k, v in rule.items()))
+
+
 def _install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> str | None:
     """Refuse connections from sandbox uids to the blocked ranges and this host's own addresses.
 
@@ -459,29 +492,34 @@ def _install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> s
             for family in (socket.AF_INET, socket.AF_INET6):
                 quietly(ip.rule, "add", family=family, priority=_LOCAL_PREF, table=_LOCAL_TABLE)
                 quietly(ip.rule, "del", family=family, priority=0, table=_LOCAL_TABLE)
-                # Start from a clean slate: an earlier worker may have allowed other hosts.
-                for rule in ip.get_rules(family=family):
-                    if rule.get_attr("FRA_PRIORITY") in (_ALLOW_PREF, _ALLOW_PREF + 1, _BLOCK_PREF):
-                        quietly(ip.rule, "del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
             blocked = [*BLOCKED_V4, *BLOCKED_V6] + [
                 f"{addr}/{32 if fam == socket.AF_INET else 128}" for fam, addr in own if addr
             ]
             for cidr in blocked:
                 family, dst, length = net(cidr)
                 quietly(ip.route, "add", family=family, dst=dst, dst_len=length, type="prohibit", table=_EGRESS_TABLE)
+            # The refusal first, and never taken away: live sandboxes of other workers stay filtered
+            # while this one replaces the allow rules.
+            for family in (socket.AF_INET, socket.AF_INET6):
+                quietly(ip.rule, "add", family=family, priority=_BLOCK_PREF, table=_EGRESS_TABLE, FRA_UID_RANGE=uids)
             allowed: list[tuple[str, dict[str, object]]] = [(cidr, {}) for cidr in allow]
             for server in nameservers():
                 for proto in (socket.IPPROTO_UDP, socket.IPPROTO_TCP):
                     allowed.append((server, {"FRA_IP_PROTO": proto, "FRA_DPORT_RANGE": "53:53"}))
-            for cidr, match in allowed:
-                family, dst, length = net(cidr)
-                for offset, table in ((0, _LOCAL_TABLE), (1, _MAIN_TABLE)):
-                    quietly(
-                        ip.rule, "add", family=family, priority=_ALLOW_PREF + offset, table=table, dst=dst,
-                        dst_len=length, FRA_UID_RANGE=uids, **match,
-                    )  # fmt: skip
+            wanted = _allow_rules(allowed, uids, net)
+            for rule in wanted:
+                quietly(ip.rule, "add", **rule)
+            # An earlier worker may have allowed other hosts: its rules go (taking one away only ever
+            # refuses more), then this worker's are added again (a delete matches loosely, and may have
+            # taken one of them).
+            keys = {_rule_key(rule) for rule in wanted}
             for family in (socket.AF_INET, socket.AF_INET6):
-                quietly(ip.rule, "add", family=family, priority=_BLOCK_PREF, table=_EGRESS_TABLE, FRA_UID_RANGE=uids)
+                for found in ip.get_rules(family=family):
+                    rule = _found_rule(found, family)
+                    if rule["priority"] in (_ALLOW_PREF, _ALLOW_PREF + 1) and _rule_key(rule) not in keys:
+                        quietly(ip.rule, "del", **rule)
+            for rule in wanted:
+                quietly(ip.rule, "add", **rule)
     except Exception as exc:  # netlink refused, or pyroute2 itself failed: egress stays unfiltered, said so
         return f"could not install the egress filter ({exc})"
     return None
