@@ -393,10 +393,11 @@ class OutsideHost:
 
     def __init__(self, name: str, host_side: str, address: str) -> None:
         self.name, self.host_side, self.address = name, host_side, address
+        self.veth = f"nvt{name[-9:]}"
         self.server: asyncio.subprocess.Process | None = None
 
     async def start(self, port: int) -> None:
-        ns, veth = self.name, f"nvt{self.name[-9:]}"
+        ns, veth = self.name, self.veth
         for command in (
             f"ip netns add {ns}",
             f"ip link add {veth} type veth peer name eth0 netns {ns}",
@@ -419,6 +420,8 @@ class OutsideHost:
         if self.server is not None:
             self.server.kill()
             await self.server.wait()
+        # The pair now: a namespace's removal takes it away only later, and the next test makes it again.
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
@@ -459,8 +462,9 @@ def _host_addresses() -> dict[str, str]:
 
 
 @pytest.fixture
-async def outside_hosts() -> AsyncIterator[tuple[OutsideHost, OutsideHost]]:
+async def outside_hosts(launch: str) -> AsyncIterator[tuple[OutsideHost, OutsideHost]]:
     """An 'internet' host (TEST-NET-3, not in any blocked range) and a private 'LAN' host."""
+    skip_without_egress_namespaces(launch)
     slot = os.getpid() % 60
     internet = OutsideHost(f"nova-inet-{os.getpid()}", f"203.0.113.{4 * slot + 1}", f"203.0.113.{4 * slot + 2}")
     lan = OutsideHost(f"nova-lan-{os.getpid()}", f"10.77.{slot}.1", f"10.77.{slot}.2")
@@ -702,3 +706,25 @@ async def test_a_worker_start_never_lifts_the_policy_routing_filter_of_live_sand
     assert proc.returncode == 0, err.decode()[-3000:]
     reached, tries = map(int, out.split())
     assert tries > 0 and reached == 0, out.decode()
+
+
+@isolated
+async def test_another_workers_start_and_end_leave_a_live_egress_sandbox_working(
+    launch: str, outside_hosts: tuple[OutsideHost, OutsideHost]
+) -> None:
+    skip_without_egress_namespaces(launch)
+    internet, lan = outside_hosts
+    first = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
+    code = _reach(internet.address, 8080) + _reach(lan.address, 8080).replace("'reached'", "'lan'")
+    try:
+        box = await open_box(first, 1)
+        # Another worker of the host starts (the ruleset applied again), opens and closes a sandbox, ends.
+        second = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
+        other = await open_box(second, 2)
+        await other.close()
+        await second.aclose()
+        seen = (await box.run_action("reach", code, {}, 20)).context
+        await box.close()
+    finally:
+        await first.aclose()
+    assert seen["reached"] == f"hello from {internet.address}" and seen["lan"] == "OSError", seen
