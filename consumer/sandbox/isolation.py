@@ -22,16 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +310,9 @@ class Isolation:
     network: str
     egress_filtered: bool = False
     egress_why: str = ""
+    # With `egress`: a network namespace of its own per sandbox (netns.py), else the host's shared one.
+    egress_netns: bool = False
+    egress_netns_why: str = ""
 
     def statements(self) -> list[tuple[bool, str]]:
         """(holds, what) per guarantee, for the worker's start-up lines and the README's table."""
@@ -316,13 +323,27 @@ class Isolation:
                 net = f"network none impossible ({self.namespaces_why}): the host's network, unfiltered"
         else:
             net_ok = self.egress_filtered
-            net = (
-                "network egress: internet only; the host's loopback and own addresses, private, shared and "
-                "link-local ranges (cloud metadata), IPv6 ULA and link-local refused by policy routing"
-                if self.egress_filtered
-                else f"network egress unfiltered ({self.egress_why}): node code can reach services on the host's "
-                "loopback and private networks"
+            refused = (
+                "the host's loopback and own addresses, private, shared and link-local ranges (cloud metadata), "
+                "IPv6 ULA and link-local"
             )
+            if self.egress_netns:
+                net = (
+                    "network egress: own network namespace per sandbox (veth pair, NAT; it sees only lo and its "
+                    f"veth), internet only; {refused} and other sandboxes refused by nftables (table "
+                    "inet nova_sandbox)"
+                )
+            elif self.egress_filtered:
+                net = (
+                    f"network egress: internet only; {refused} refused by policy routing for the sandbox uids, in "
+                    f"the host's network namespace (no namespace of its own: {self.egress_netns_why}; host "
+                    "interfaces and abstract unix sockets stay visible)"
+                )
+            else:
+                net = (
+                    f"network egress unfiltered ({self.egress_why}): node code can reach services on the host's "
+                    "loopback and private networks"
+                )
         return [
             (self.separate_uids, "own uid per sandbox" if self.separate_uids else "sandboxes share the worker's uid"),
             (
@@ -364,7 +385,35 @@ _LOCAL_PREF = 100
 _LOCAL_TABLE, _MAIN_TABLE = 255, 254
 
 
-def _nameservers() -> list[str]:
+class FlockLease:
+    """An exclusive number in [first, first + span) across every worker process on this machine.
+
+    Held as an flock on a per-number file in `folder`: the kernel releases it if the worker dies, so a
+    crashed worker never leaks one, and two workers never hold the same number at once.
+    """
+
+    def __init__(self, folder: Path, first: int, span: int, what: str, lowest: bool = False) -> None:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        start = 0 if lowest else random.randrange(span)
+        for i in range(span):
+            value = first + (start + i) % span
+            fd = os.open(folder / str(value), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.value, self._fd = value, fd
+            return
+        raise OSError(errno.EAGAIN, f"no free {what}")
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def nameservers() -> list[str]:
     servers = []
     with contextlib.suppress(OSError):
         for line in Path("/etc/resolv.conf").read_text().splitlines():
@@ -385,6 +434,37 @@ def install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> st
         with ThreadPoolExecutor(1) as pool:
             _installed[key] = pool.submit(_install_egress_filter, uid_first, uid_last, allow).result()
     return _installed[key]
+
+
+def _allow_rules(
+    allowed: list[tuple[str, dict[str, object]]], uids: str, net: Callable[[str], tuple[int, str, int]]
+) -> list[dict[str, object]]:
+    """The rules that let sandbox uids reach `allowed` (CIDR, extra match): looked up in the `local`
+    table, then in `main`."""
+    rules = []
+    for cidr, match in allowed:
+        family, dst, length = net(cidr)
+        for offset, table in ((0, _LOCAL_TABLE), (1, _MAIN_TABLE)):
+            rules.append(
+                {"family": family, "priority": _ALLOW_PREF + offset, "table": table, "dst": dst, "dst_len": length,
+                 "FRA_UID_RANGE": uids, **match}
+            )  # fmt: skip
+    return rules
+
+
+def _found_rule(found: Any, family: int) -> dict[str, object]:
+    """A rule read from the kernel, in the form `_allow_rules` gives."""
+    rule: dict[str, object] = {
+        "family": family, "priority": found.get_attr("FRA_PRIORITY"), "table": found.get_attr("FRA_TABLE"),
+        "dst": found.get_attr("FRA_DST"), "dst_len": found["dst_len"], "FRA_UID_RANGE": found.get_attr("FRA_UID_RANGE"),
+    }  # fmt: skip
+    for name in ("FRA_IP_PROTO", "FRA_DPORT_RANGE"):
+        rule[name] = found.get_attr(name)
+    return {key: value for key, value in rule.items() if value is not None}
+
+
+def _rule_key(rule: dict[str, object]) -> tuple[object, ...]:
+    return tuple(sorted((k, str(v)) for k, v in rule.items()))
 
 
 def _install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> str | None:
@@ -425,29 +505,34 @@ def _install_egress_filter(uid_first: int, uid_last: int, allow: list[str]) -> s
             for family in (socket.AF_INET, socket.AF_INET6):
                 quietly(ip.rule, "add", family=family, priority=_LOCAL_PREF, table=_LOCAL_TABLE)
                 quietly(ip.rule, "del", family=family, priority=0, table=_LOCAL_TABLE)
-                # Start from a clean slate: an earlier worker may have allowed other hosts.
-                for rule in ip.get_rules(family=family):
-                    if rule.get_attr("FRA_PRIORITY") in (_ALLOW_PREF, _ALLOW_PREF + 1, _BLOCK_PREF):
-                        quietly(ip.rule, "del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
             blocked = [*BLOCKED_V4, *BLOCKED_V6] + [
                 f"{addr}/{32 if fam == socket.AF_INET else 128}" for fam, addr in own if addr
             ]
             for cidr in blocked:
                 family, dst, length = net(cidr)
                 quietly(ip.route, "add", family=family, dst=dst, dst_len=length, type="prohibit", table=_EGRESS_TABLE)
-            allowed: list[tuple[str, dict[str, object]]] = [(cidr, {}) for cidr in allow]
-            for server in _nameservers():
-                for proto in (socket.IPPROTO_UDP, socket.IPPROTO_TCP):
-                    allowed.append((server, {"FRA_IP_PROTO": proto, "FRA_DPORT_RANGE": "53:53"}))
-            for cidr, match in allowed:
-                family, dst, length = net(cidr)
-                for offset, table in ((0, _LOCAL_TABLE), (1, _MAIN_TABLE)):
-                    quietly(
-                        ip.rule, "add", family=family, priority=_ALLOW_PREF + offset, table=table, dst=dst,
-                        dst_len=length, FRA_UID_RANGE=uids, **match,
-                    )  # fmt: skip
+            # The refusal first, and never taken away: live sandboxes of other workers stay filtered
+            # while this one replaces the allow rules.
             for family in (socket.AF_INET, socket.AF_INET6):
                 quietly(ip.rule, "add", family=family, priority=_BLOCK_PREF, table=_EGRESS_TABLE, FRA_UID_RANGE=uids)
+            allowed: list[tuple[str, dict[str, object]]] = [(cidr, {}) for cidr in allow]
+            for server in nameservers():
+                for proto in (socket.IPPROTO_UDP, socket.IPPROTO_TCP):
+                    allowed.append((server, {"FRA_IP_PROTO": proto, "FRA_DPORT_RANGE": "53:53"}))
+            wanted = _allow_rules(allowed, uids, net)
+            for rule in wanted:
+                quietly(ip.rule, "add", **rule)
+            # An earlier worker may have allowed other hosts: its rules go (taking one away only ever
+            # refuses more), then this worker's are added again (a delete matches loosely, and may have
+            # taken one of them).
+            keys = {_rule_key(rule) for rule in wanted}
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for found in ip.get_rules(family=family):
+                    rule = _found_rule(found, family)
+                    if rule["priority"] in (_ALLOW_PREF, _ALLOW_PREF + 1) and _rule_key(rule) not in keys:
+                        quietly(ip.rule, "del", **rule)
+            for rule in wanted:
+                quietly(ip.rule, "add", **rule)
     except Exception as exc:  # netlink refused, or pyroute2 itself failed: egress stays unfiltered, said so
         return f"could not install the egress filter ({exc})"
     return None

@@ -24,11 +24,9 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import fcntl
 import hashlib
 import logging
 import os
-import random
 import shutil
 import signal
 import struct
@@ -46,6 +44,7 @@ from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
 from consumer.sandbox.forkserver import ForkedProcess, ForkServer, probe_fork_server
 from consumer.sandbox.isolation import (
     CgroupRoot,
+    FlockLease,
     Isolation,
     SandboxCgroup,
     bwrap_args,
@@ -53,6 +52,7 @@ from consumer.sandbox.isolation import (
     install_egress_filter,
     probe_bwrap,
 )
+from consumer.sandbox.netns import EgressNetworks, NetSlot
 from consumer.sandbox.runner_client import RunnerSandbox
 from shared.settings import Settings
 
@@ -91,32 +91,15 @@ def _sandbox_runner() -> Path:
     return target
 
 
-class UidLease:
-    """An exclusive uid for one sandbox, across every worker process on this machine.
-
-    Held as an flock on a per-uid file: the kernel releases it if the worker dies, so a crashed
-    worker never leaks uids, and two workers never hand the same uid to two live sandboxes.
-    """
+class UidLease(FlockLease):
+    """An exclusive uid for one sandbox, across every worker process on this machine."""
 
     def __init__(self) -> None:
-        _UID_LOCKS.mkdir(mode=0o700, exist_ok=True)
-        start = random.randrange(_UID_SPAN)
-        for i in range(_UID_SPAN):
-            uid = _UID_BASE + (start + i) % _UID_SPAN
-            fd = os.open(_UID_LOCKS / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self.uid, self._fd = uid, fd
-            return
-        raise SandboxInfraError("no free sandbox uid")
+        super().__init__(_UID_LOCKS, _UID_BASE, _UID_SPAN, "sandbox uid")
 
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+    @property
+    def uid(self) -> int:
+        return self.value
 
 
 _START_TIMEOUT = 30.0
@@ -148,6 +131,8 @@ class LocalSandbox(RunnerSandbox):
         # sandbox made its own (the fork server's), which goes with its mount namespace.
         self.host_folder = host_folder
         self.lease = lease
+        # With `egress` and the fork server: the network namespace lent to it, given back at close.
+        self.net: NetSlot | None = None
         self.max_context_bytes = max_context_bytes
         self.max_output_bytes = max_output_bytes
         self.dead = False
@@ -293,6 +278,10 @@ class LocalSandbox(RunnerSandbox):
             # would not empty keeps its uid (leaked, logged) rather than hand it to another client.
             self.lease.release()
             self.lease = None
+        if self.net is not None and empty:
+            # Likewise: no process is left inside, so the next sandbox gets the namespace to itself.
+            self.net.release()
+            self.net = None
 
 
 class BadReply(Exception):
@@ -481,11 +470,17 @@ class LocalSandboxProvider:
         else:
             self.cgroups, cgroups_why = CgroupRoot.detect()
         egress_why = "not needed"
-        if self.network == "egress":
+        self.egress_networks: EgressNetworks | None = None
+        allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
+        netns_why = "the fork server is not in use"
+        if self.network == "egress" and self.launcher == "fork server":
+            self.egress_networks, netns_why = EgressNetworks.start(allow)
+        if self.egress_networks is not None:
+            egress_why = ""
+        elif self.network == "egress":
             if not self.separate_uids:
                 egress_why = "the filter matches the sandboxes' own uids, which need root"
             else:
-                allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
                 egress_why = install_egress_filter(_UID_BASE, _UID_BASE + _UID_SPAN - 1, allow) or ""
         self.isolation = Isolation(
             root=self._root,
@@ -497,6 +492,8 @@ class LocalSandboxProvider:
             network=self.network,
             egress_filtered=self.network == "egress" and not egress_why,
             egress_why=egress_why,
+            egress_netns=self.egress_networks is not None,
+            egress_netns_why=netns_why,
         )
         # Without full isolation one worker serves one client only (the first it sees), unless allowed.
         self._client: str | None = None
@@ -553,7 +550,10 @@ class LocalSandboxProvider:
         await self._refill()
 
     async def _spawn(self) -> LocalSandbox:
-        lease = UidLease() if self.separate_uids else None
+        try:
+            lease = UidLease() if self.separate_uids else None
+        except OSError as exc:
+            raise SandboxInfraError(str(exc)) from None
         uid = lease.uid if lease else None
         # The fork server's sandboxes (isolated) make their own; every other kind gets one on the host.
         try:
@@ -594,9 +594,12 @@ class LocalSandboxProvider:
                 if lease is not None:
                     lease.release()
                 raise SandboxInfraError(f"could not create the sandbox's cgroup: {exc}") from None
+        net: NetSlot | None = None
         try:
+            if self.egress_networks is not None:
+                net = await self.egress_networks.lend()
             if self.forkserver is not None:
-                proc: asyncio.subprocess.Process | ForkedProcess = await self._fork(workdir, env, uid, cgroup)
+                proc: asyncio.subprocess.Process | ForkedProcess = await self._fork(workdir, env, uid, cgroup, net)
             else:
                 proc = await asyncio.create_subprocess_exec(
                     *command,
@@ -611,6 +614,8 @@ class LocalSandboxProvider:
                     preexec_fn=_child_setup(setup_uid, cgroup),
                 )
         except (OSError, subprocess.SubprocessError) as exc:
+            if net is not None:
+                net.release()
             if cgroup is not None:
                 cgroup.remove()
             _discard(host_folder)
@@ -622,6 +627,8 @@ class LocalSandboxProvider:
             if cgroup is not None:
                 await cgroup.kill_all()
                 await cgroup.remove_soon()
+            if net is not None:
+                net.release()
             _discard(host_folder)
             if lease is not None:
                 lease.release()
@@ -638,6 +645,7 @@ class LocalSandboxProvider:
         # bwrap's init and the fork server's both exit with 128 + the signal that killed the runner.
         sandbox.wrapped = self.bwrap is not None or self.launcher == "fork server"
         sandbox.recycle = self._recycle
+        sandbox.net = net
         try:
             await sandbox.handshake()
         except asyncio.CancelledError:
@@ -662,10 +670,11 @@ class LocalSandboxProvider:
             self._spare_cgroups.append(group)
 
     async def _fork(
-        self, workdir: Path, env: dict[str, str], uid: int | None, cgroup: SandboxCgroup | None
+        self, workdir: Path, env: dict[str, str], uid: int | None, cgroup: SandboxCgroup | None, net: NetSlot | None
     ) -> ForkedProcess:
-        """A sandbox from the fork server: it gets its ends of the protocol pipes and its cgroup.procs
-        files (opened here: the zygote's view of the cgroup file system is read-only)."""
+        """A sandbox from the fork server: it gets its ends of the protocol pipes, its cgroup.procs
+        files (opened here: the zygote's view of the cgroup file system is read-only) and the network
+        namespace lent to it (a duplicate: the zygote closes what it is sent)."""
         assert self.forkserver is not None
         to_sandbox_r, to_sandbox_w = os.pipe()
         from_sandbox_r, from_sandbox_w = os.pipe()
@@ -673,6 +682,8 @@ class LocalSandboxProvider:
         try:
             if cgroup is not None:
                 fds += [os.open(path, os.O_WRONLY) for path in cgroup.procs_files]
+            if net is not None:
+                fds.append(os.dup(net.fd))
         except OSError:
             for fd in (*fds, to_sandbox_w, from_sandbox_r):
                 os.close(fd)
@@ -683,6 +694,7 @@ class LocalSandboxProvider:
             "env": env,
             "writable": self.writable,
             "limits": self.limits,
+            "netns": net is not None,
         }
         try:
             return await self.forkserver.fork(
@@ -752,3 +764,5 @@ class LocalSandboxProvider:
         await asyncio.gather(*(group.remove_soon() for group in spares), return_exceptions=True)
         if self.forkserver is not None:
             await self.forkserver.aclose()
+        if self.egress_networks is not None:
+            await asyncio.to_thread(self.egress_networks.close)

@@ -10,14 +10,16 @@ Prepared once, at start (the "view"): a mount namespace of its own, private prop
 system read-only and nosuid, a minimal /dev (null, zero, full, random, urandom, tty bound from the
 host's), and, with network `none`, a pool of network namespaces with loopback up.
 
-Per request (fds: the protocol pipes, then the sandbox's cgroup.procs files opened by the worker):
+Per request (fds: the protocol pipes, the sandbox's cgroup.procs files opened by the worker, and with
+`egress` the network namespace it lends):
 1. the zygote unshares a PID namespace for its next child only, forks, and returns to its own;
 2. the child, PID 1 of that namespace (the sandbox's "init"), joins its cgroup first (everything after
-   is counted and limited), enters a network namespace from the pool (`none`) or keeps the host's
-   (`egress`: the per-uid routing rules apply), unshares mount, IPC and UTS namespaces (a copy of the
-   read-only view), mounts a fresh tmpfs on /tmp and /dev/shm, binds back NOVA_SANDBOX_WRITABLE
-   folders read-write, makes its work folder on its own /tmp (0700, its uid's), mounts /proc of its
-   namespace;
+   is counted and limited), enters a network namespace: from the pool (`none`), the one the worker lent
+   with the request (`egress`: a veth pair to the host, see netns.py), or, with neither, keeps the
+   host's (`egress` where namespaces cannot be prepared: the per-uid routing rules apply); unshares
+   mount, IPC and UTS namespaces (a copy of the read-only view), mounts a fresh tmpfs on /tmp and
+   /dev/shm, binds back NOVA_SANDBOX_WRITABLE folders read-write, makes its work folder on its own /tmp
+   (0700, its uid's), mounts /proc of its namespace;
 3. init forks the runner (PID 2: PID 1 ignores signals it has no handler for, so node code must not be
    PID 1), which closes every inherited fd but the protocol, drops to its uid and gids
    (setgroups/setresgid/setresuid: every capability goes), sets no-new-privs and its parent-death
@@ -262,9 +264,14 @@ class Zygote:
         """Fork one sandbox; returns its init's pid (in the zygote's PID namespace)."""
         proto_in, proto_out, *cgroup_fds = fds
         netns = None
-        if self.isolate and self.network == "none":
+        pooled = False
+        if self.isolate and request.get("netns"):
+            # An `egress` namespace the worker lends (veth and NAT set up once): the last fd, closed by
+            # serve() with the others; the worker takes it back once the sandbox is gone.
+            netns = cgroup_fds.pop()
+        elif self.isolate and self.network == "none":
             self.refill_netns()
-            netns = self.netns_pool.pop()
+            netns, pooled = self.netns_pool.pop(), True
         sys.stdout.flush()
         sys.stderr.flush()
         if self.isolate:
@@ -283,7 +290,7 @@ class Zygote:
             except BaseException as exc:  # anything: the child must never return into the zygote's loop
                 _say_failed(proto_out, f"{type(exc).__name__}: {exc}")
             os._exit(127)
-        if netns is not None:
+        if pooled and netns is not None:
             os.close(netns)
         return pid
 

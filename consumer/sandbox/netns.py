@@ -1,0 +1,339 @@
+"""A network namespace of its own for each `egress` sandbox of the fork server: veth, NAT, nftables.
+
+A slot is an anonymous network namespace (held only by descriptors: the kernel removes it, and its veth
+pair with it, once the worker, its zygote and the sandboxes in it are gone, so a killed worker leaves
+nothing behind) joined to the host by a veth pair: `nvsbN` on the host, `eth0` inside, on the /30 number
+N of a private block the host does not use, the host side the default route. Slots are made once, on a
+thread of their own (unshare and setns act on the calling thread only), kept by the worker, and lent to
+one live sandbox at a time: the worker passes the namespace to the zygote with the fork request, and
+takes the slot back only once the sandbox's cgroup is empty (no process of it can still be inside).
+N is leased with an flock, like sandbox uids, so workers on one host never share a name or a subnet.
+
+The host forwards and masquerades their traffic; one nftables table (`inet nova_sandbox`) filters it,
+matching the sandboxes by interface name prefix, so nothing is added per sandbox: the host itself (input),
+other sandboxes, the blocked ranges of isolation.py (forward) are refused with an ICMP error (a quick
+"No route to host", not a hang); an operator's allow-list and the resolvers of /etc/resolv.conf (port 53)
+pass. A resolver on the host's loopback (127.0.0.53, 127.0.0.11) is reached through DNAT: inside the
+namespace to the host side of the veth, on the host to the resolver, with route_localnet on both ends.
+The ruleset is applied with `nft -f -`: the kernel's nftables netlink protocol has no maintained Python
+binding in our dependencies, and nft applies a whole file in one transaction (atomic, and idempotent:
+the table is replaced, never added to, so every worker's start yields the same rules and a second
+worker's start leaves the first one's live sandboxes working).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from consumer.sandbox.isolation import BLOCKED_V4, BLOCKED_V6, FlockLease, nameservers
+
+log = logging.getLogger(__name__)
+
+IFNAME_PREFIX = "nvsb"
+TABLE = "inet nova_sandbox"
+_LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-nets"
+_SLOTS = 4096  # /30 each: a /18 of the block
+# Candidate blocks, the first one the host neither has an address in nor routes: every worker of a host
+# picks the same one (the choice depends only on the host's routes, not on the worker).
+_BLOCKS = ("10.213.0.0/16", "10.214.0.0/16", "10.215.0.0/16", "172.29.0.0/16")
+_INSIDE = "eth0"
+_CLONE_NEWNET = 0x40000000
+_REJECT = "reject with icmpx type admin-prohibited"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(ctypes.c_int(fd), ctypes.c_int(_CLONE_NEWNET)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _sysctl(path: str, value: str) -> None:
+    """A /proc/sys/net knob of the calling thread's network namespace."""
+    Path("/proc/sys/net", path).write_text(value)
+
+
+def _no_ipv6(ifname: str) -> None:
+    """No IPv6 on an interface (nothing to do on a kernel without IPv6)."""
+    with contextlib.suppress(FileNotFoundError):
+        _sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "1")
+
+
+def find_nft() -> str | None:
+    return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+
+
+def _nft(nft: str, ruleset: str) -> None:
+    done = subprocess.run([nft, "-f", "-"], input=ruleset.encode(), capture_output=True, timeout=30)
+    if done.returncode != 0:
+        raise OSError(errno.EINVAL, f"nft: {done.stderr.decode(errors='replace').strip()[-500:]}")
+
+
+def _elements(cidrs: list[str]) -> str:
+    return f"elements = {{ {', '.join(cidrs)} }}" if cidrs else ""
+
+
+def host_ruleset(block: str, allow: list[str], resolvers: list[str]) -> str:
+    """The host's table: forward, NAT and the refusals, for every sandbox interface at once."""
+    nets = [ipaddress.ip_network(c, strict=False) for c in allow]
+    allow4 = [str(n) for n in nets if n.version == 4]
+    allow6 = [str(n) for n in nets if n.version == 6]
+    servers = [ipaddress.ip_address(r) for r in resolvers]
+    dns4 = [str(s) for s in servers if s.version == 4 and not s.is_loopback]
+    loopback = [str(s) for s in servers if s.version == 4 and s.is_loopback][:1]
+    sb = f'"{IFNAME_PREFIX}*"'
+    dnat = ""
+    if loopback:
+        dnat = f"iifname {sb} ip daddr {block} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {loopback[0]}"
+    return f"""table {TABLE}
+delete table {TABLE}
+table {TABLE} {{
+    set allow4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(allow4)} }}
+    set allow6 {{ type ipv6_addr; flags interval; auto-merge; {_elements(allow6)} }}
+    set dns4 {{ type ipv4_addr; {_elements(dns4)} }}
+    set blocked4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(list(BLOCKED_V4))} }}
+    set blocked6 {{ type ipv6_addr; flags interval; auto-merge; {_elements(list(BLOCKED_V6))} }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        {dnat}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        iifname {sb} oifname != {sb} masquerade
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname {sb} ct status dnat meta l4proto {{ tcp, udp }} th dport 53 accept
+        iifname {sb} {_REJECT}
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        oifname {sb} ct state established,related accept
+        oifname {sb} {_REJECT}
+        iifname {sb} jump from_sandbox
+    }}
+    chain from_sandbox {{
+        ip daddr @allow4 accept
+        ip6 daddr @allow6 accept
+        ip daddr @dns4 meta l4proto {{ tcp, udp }} th dport 53 accept
+        ip daddr @blocked4 {_REJECT}
+        ip6 daddr @blocked6 {_REJECT}
+    }}
+}}
+"""
+
+
+def inside_ruleset(resolvers: list[str], gateway: str) -> str:
+    """Inside a slot: DNS to a resolver on the host's loopback goes to the host side of the veth."""
+    loopback = [r for r in resolvers if ipaddress.ip_address(r).version == 4 and ipaddress.ip_address(r).is_loopback]
+    return f"""table ip nova_dns {{
+    chain output {{
+        type nat hook output priority -100; policy accept;
+        ip daddr {{ {", ".join(loopback)} }} meta l4proto {{ tcp, udp }} th dport 53 dnat to {gateway}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority 100; policy accept;
+        oifname "{_INSIDE}" ip saddr 127.0.0.0/8 masquerade
+    }}
+}}
+"""
+
+
+def _host_block() -> str:
+    """The first candidate block that overlaps no address or route of the host (ours aside)."""
+    from pyroute2 import IPRoute
+
+    taken: list[ipaddress.IPv4Network] = []
+    with IPRoute() as ip:
+        ours = {link["index"] for link in ip.get_links() if str(link.get_attr("IFLA_IFNAME")).startswith(IFNAME_PREFIX)}
+        for addr in ip.get_addr(family=socket.AF_INET):
+            if addr["index"] not in ours:
+                taken.append(ipaddress.ip_network(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}", strict=False))
+        for route in ip.get_routes(family=socket.AF_INET, table=254):
+            if route["dst_len"] and route.get_attr("RTA_OIF") not in ours:
+                taken.append(ipaddress.ip_network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}", strict=False))
+    for block in _BLOCKS:
+        if not any(ipaddress.ip_network(block).overlaps(net) for net in taken):
+            return block
+    raise OSError(errno.EADDRINUSE, f"every candidate block ({', '.join(_BLOCKS)}) is in use on this host")
+
+
+@dataclass
+class NetSlot:
+    """One prepared namespace: lent to one live sandbox at a time."""
+
+    index: int
+    fd: int
+    ifname: str
+    lease: FlockLease
+    pool: EgressNetworks = field(repr=False)
+
+    def release(self) -> None:
+        """Back to the pool: call only once no process of the sandbox that had it is left."""
+        self.pool.give_back(self)
+
+
+class EgressNetworks:
+    """The worker's slots, and the host's side of their network (ruleset, forwarding)."""
+
+    def __init__(self, nft: str, resolvers: list[str]) -> None:
+        self.nft = nft
+        self.resolvers = resolvers
+        self.block = ipaddress.ip_network(_BLOCKS[0])  # until _prepare_host picks one
+        self._free: list[NetSlot] = []
+        # One thread: it enters slots' namespaces while it sets them up, and always comes back.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="nova-netns")
+        self._closed = False
+
+    @classmethod
+    def start(cls, allow: list[str]) -> tuple[EgressNetworks | None, str]:
+        """Apply the host's ruleset and make a first slot; (None, why) where that cannot be done here."""
+        if os.geteuid() != 0:
+            return None, "not root"
+        nft = find_nft()
+        if nft is None:
+            return None, "no nft binary (Debian package nftables)"
+        try:
+            import pyroute2  # noqa: F401
+        except ImportError:
+            return None, "pyroute2 is not installed"
+        resolvers = [r for r in nameservers() if _is_ip(r)]
+        networks = cls(nft, resolvers)
+        try:
+            # On the slot thread: pyroute2's synchronous API runs an event loop, which cannot nest in
+            # the worker's.
+            networks._thread.submit(networks._prepare_host, allow).result()
+            networks.give_back(networks._thread.submit(networks._create).result())
+        except Exception as exc:  # nft refused, netlink refused, no namespaces: the fallback is said
+            networks.close()
+            return None, f"could not prepare sandbox network namespaces ({exc})"
+        return networks, ""
+
+    def _prepare_host(self, allow: list[str]) -> None:
+        self.block = ipaddress.ip_network(_host_block())
+        _nft(self.nft, host_ruleset(str(self.block), allow, self.resolvers))
+        _sysctl("ipv4/ip_forward", "1")
+
+    async def lend(self) -> NetSlot:
+        """A free slot, made now (once, on the slot thread) if every one is lent."""
+        if self._free:
+            return self._free.pop()
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._create)
+
+    def give_back(self, slot: NetSlot) -> None:
+        if self._closed:
+            # Its namespace, and the veth pair with it, goes with this last descriptor.
+            os.close(slot.fd)
+            slot.lease.release()
+        else:
+            self._free.append(slot)
+
+    def _addresses(self, index: int) -> tuple[str, str]:
+        base = self.block.network_address + 4 * index
+        return str(base + 1), str(base + 2)
+
+    def _create(self) -> NetSlot:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        # The lowest free number: names and subnets stay few, and a killed worker's are the first reused.
+        lease = FlockLease(_LOCKS, 0, _SLOTS, "sandbox network slot", lowest=True)
+        index = lease.value
+        ifname = f"{IFNAME_PREFIX}{index}"
+        host_addr, inside_addr = self._addresses(index)
+        host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        fd = -1
+        try:
+            if _libc.unshare(ctypes.c_int(_CLONE_NEWNET)) < 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+            try:
+                fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            finally:
+                _setns(host_ns)
+            with IPRoute() as ip:
+                # Ours by the lease: a leftover of a killed worker whose namespace the kernel has not
+                # finished removing.
+                for old in ip.link_lookup(ifname=ifname):
+                    with contextlib.suppress(NetlinkError):
+                        ip.link("del", index=old)
+                ip.link("add", ifname=ifname, kind="veth", peer={"ifname": _INSIDE, "net_ns_fd": fd})
+                host_if = ip.link_lookup(ifname=ifname)[0]
+                _no_ipv6(ifname)
+                _sysctl(f"ipv4/conf/{ifname}/route_localnet", "1")
+                ip.addr("add", index=host_if, address=host_addr, prefixlen=30)
+                ip.link("set", index=host_if, state="up")
+            _setns(fd)
+            try:
+                self._inside(inside_addr, host_addr)
+            finally:
+                _setns(host_ns)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            lease.release()
+            raise
+        finally:
+            os.close(host_ns)
+        return NetSlot(index, fd, ifname, lease, self)
+
+    def _inside(self, address: str, gateway: str) -> None:
+        """In the slot's namespace (this thread entered it): loopback, eth0, the route out, DNS."""
+        from pyroute2 import IPRoute
+
+        # No IPv6 inside: no link-local address to reach the host's side with, and the host routes
+        # only IPv4 for sandboxes (an IPv6 connect fails at once with "Network is unreachable").
+        _no_ipv6(_INSIDE)
+        _sysctl(f"ipv4/conf/{_INSIDE}/route_localnet", "1")
+        with IPRoute() as ip:
+            ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+            inside = ip.link_lookup(ifname=_INSIDE)[0]
+            ip.addr("add", index=inside, address=address, prefixlen=30)
+            ip.link("set", index=inside, state="up")
+            ip.route("add", dst="0.0.0.0/0", gateway=gateway)
+        if any(ipaddress.ip_address(r).is_loopback for r in self.resolvers):
+            # nft started from this thread runs in the namespace it is in.
+            _nft(self.nft, inside_ruleset(self.resolvers, gateway))
+
+    def _destroy(self, slots: list[NetSlot]) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        # Deleting the host ends removes the pairs now, rather than when the kernel gets round to
+        # removing the namespaces (after their last descriptor, closed here).
+        with IPRoute() as ip:
+            for slot in slots:
+                for index in ip.link_lookup(ifname=slot.ifname):
+                    with contextlib.suppress(NetlinkError):
+                        ip.link("del", index=index)
+                os.close(slot.fd)
+                slot.lease.release()
+
+    def close(self) -> None:
+        """Remove every slot not lent (the provider closes its sandboxes first; one lent still is
+        removed when given back)."""
+        self._closed = True
+        free, self._free = self._free, []
+        self._thread.submit(self._destroy, free).result()
+        self._thread.shutdown(wait=False)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
