@@ -11,12 +11,12 @@ comes back when its run is reclaimed, not never.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 
 from shared.scripts import Scripts
+from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,8 @@ class Semaphore:
     async def aclose(self) -> None:
         """Stop refreshing and give back every slot still held."""
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            # A single cancel can be lost (see cancel_until_done), and the refresher would refresh on.
+            await cancel_until_done([self._refresher])
         if self.held:
             holders, self.held = sorted(self.held), set()
             await self.scripts.semaphore("release", self.name, holders, ttl_ms=self.ttl_ms)

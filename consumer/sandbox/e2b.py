@@ -60,6 +60,7 @@ from shared.scripts import Scripts
 from shared.semaphore import Semaphore, SemaphoreTimeout
 from shared.settings import Settings
 from shared.streams import Keys
+from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -430,9 +431,8 @@ class E2BSandboxProvider:
     async def aclose(self) -> None:
         # Worker shutdown: nothing may outlive it on E2B's bill.
         if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            # Its Redis reads can lose a single cancel (see cancel_until_done), and it would reap on.
+            await cancel_until_done([self._reaper])
         if self._creating:
             # Creates cancelled mid-way: their sandboxes are killed as their ids arrive.
             await asyncio.gather(*self._creating, return_exceptions=True)
