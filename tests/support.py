@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 
 from cli.embedded import RedisServer, find_redis_server, free_port, packaged_redis_server
@@ -431,3 +432,31 @@ async def sse_events(response: Any) -> AsyncIterator[dict[str, str]]:
         elif line and not line.startswith(":"):
             field, _, value = line.partition(":")
             current[field] = value.removeprefix(" ")
+
+
+async def stop_in_a_lost_cancel_window(
+    monkeypatch: Any, stop: Callable[[], Awaitable[None]], what: str
+) -> asyncio.Task[None]:
+    """Starts `stop` (which cancels a task that sends Redis commands) right after that task's next send,
+    inside redis-py's asyncio.wait_for: on Python 3.11 a cancel landing as the awaited send completes is
+    lost, and the task runs on. Returns the task running `stop`; the caller checks that it ends."""
+    stopping: list[asyncio.Task[None]] = []
+    send = Connection._send_packed_command
+
+    async def send_then_stop(self: Connection, command: Any) -> None:
+        await send(self, command)
+        if not stopping:
+            # Runs in wait_for's inner task, which ends right after this: `stop` cancels while wait_for's
+            # inner future is already done, the exact window in which the cancel is dropped.
+            stopping.append(asyncio.ensure_future(stop()))
+
+    monkeypatch.setattr(Connection, "_send_packed_command", send_then_stop)
+    try:
+        for _ in range(500):
+            if stopping:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        monkeypatch.undo()
+    assert stopping, f"{what} sent no command"
+    return stopping[0]

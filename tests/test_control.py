@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from shared.control import QUEUE, CancelFilter, RunControl, workflow_scope
 from shared.events import event_fields
 from shared.executions import NotRetryable, Owner, retry_failure
-from shared.scripts import CancelOutcome, RecordOutcome, Scripts
+from shared.scripts import CancelOutcome, EnqueueResult, RecordOutcome, Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
 from tests.support import (
@@ -354,6 +354,17 @@ async def test_a_cancelled_run_is_retried_from_its_last_completed_node(
     assert result == {"a": 1, "b": 2}
 
 
+async def until_parked(redis: Redis, keys: Keys, control: RunControl, held: list[EnqueueResult]) -> None:
+    """Until every run of `held` is parked (delivered, put back, not started)."""
+    for _ in range(500):
+        if (await control.state())["parked"] == len(held):
+            break
+        await asyncio.sleep(0.02)
+    assert (await control.state())["parked"] == len(held)
+    for t in held:
+        assert await redis.hget(keys.task(t.task_id), TaskField.STATUS) == TaskStatus.PENDING
+
+
 async def test_a_paused_workflow_starts_nothing_until_resumed_and_loses_nothing(
     redis: Redis, settings: Settings, pool: asyncpg.Pool
 ) -> None:
@@ -368,13 +379,7 @@ async def test_a_paused_workflow_starts_nothing_until_resumed_and_loses_nothing(
         other = await enqueue(redis, settings, running, {})
         await wait_terminal(redis, settings, [other.task_id])
         # Every paused request was delivered and parked, none started.
-        for _ in range(500):
-            if (await control.state())["parked"] == len(held):
-                break
-            await asyncio.sleep(0.02)
-        assert (await control.state())["parked"] == len(held)
-        for t in held:
-            assert await redis.hget(keys.task(t.task_id), TaskField.STATUS) == TaskStatus.PENDING
+        await until_parked(redis, keys, control, held)
         assert (await redis.xpending(settings.requests_stream, settings.worker_group))["pending"] == 0
         assert await control.resume(workflow_scope(paused.id)) == len(held)
         done = await wait_terminal(redis, settings, [t.task_id for t in held])
@@ -399,13 +404,7 @@ async def test_a_workflow_paused_after_a_worker_ran_it_parks_its_next_runs(
         await wait_terminal(redis, settings, [first.task_id])
         await control.pause(workflow_scope(wf.id))
         held = [await enqueue(redis, settings, wf, {"i": i}) for i in range(3)]
-        for _ in range(500):
-            if (await control.state())["parked"] == len(held):
-                break
-            await asyncio.sleep(0.02)
-        assert (await control.state())["parked"] == len(held)
-        for t in held:
-            assert await redis.hget(keys.task(t.task_id), TaskField.STATUS) == TaskStatus.PENDING
+        await until_parked(redis, keys, control, held)
         assert not [e for e in await redis.xrange(keys.results) if e[1]["type"] == "started" and e[1]["task_id"] in
                     {t.task_id for t in held}]  # fmt: skip
         assert await control.resume(workflow_scope(wf.id)) == len(held)

@@ -12,7 +12,6 @@ import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 
@@ -24,7 +23,14 @@ from shared.connections import create_redis
 from shared.events import Event, event_fields
 from shared.settings import Settings
 from shared.streams import EventType, Keys
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal
+from tests.support import (
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    stop_in_a_lost_cancel_window,
+    wait_terminal,
+)
 
 
 async def collect(
@@ -148,28 +154,13 @@ async def test_stop_ends_the_hub_even_when_its_cancel_is_swallowed(
     await hub.start()
     [reader] = hub._tasks
     stopping: list[asyncio.Task[None]] = []
-    send = Connection._send_packed_command
-
-    async def send_then_stop(self: Connection, command: Any) -> None:
-        await send(self, command)
-        if not stopping:
-            # Runs in wait_for's inner task, which ends right after this: stop() cancels the hub while
-            # wait_for's inner future is already done, the exact window in which the cancel is dropped.
-            stopping.append(asyncio.ensure_future(hub.stop()))
-
-    monkeypatch.setattr(Connection, "_send_packed_command", send_then_stop)
     try:
-        for _ in range(500):  # the hub's next XREAD (every 100 ms) trips it
-            if stopping:
-                break
-            await asyncio.sleep(0.01)
-        monkeypatch.undo()
-        assert stopping, "the hub sent no command"
+        # The hub's next XREAD (every 100 ms) trips it.
+        stopping.append(await stop_in_a_lost_cancel_window(monkeypatch, hub.stop, "the hub"))
         done, _ = await asyncio.wait(stopping, timeout=5)
         assert done, "EventHub.stop() is still waiting for a reader loop that lost its cancel"
         assert reader.done()
     finally:
-        monkeypatch.undo()
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(asyncio.gather(reader, *stopping), 5)

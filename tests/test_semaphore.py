@@ -7,18 +7,16 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
 
 from shared.connections import create_redis
 from shared.scripts import Scripts
 from shared.semaphore import Semaphore, SemaphoreTimeout
 from shared.settings import Settings
 from shared.streams import Keys
-from tests.support import script_keys
+from tests.support import script_keys, stop_in_a_lost_cancel_window
 
 KEYS = script_keys("t")
 
@@ -186,7 +184,7 @@ async def test_aclose_ends_the_refresher_even_when_its_cancel_is_swallowed(
 ) -> None:
     """redis-py sends each command through asyncio.wait_for, which on Python 3.11 returns normally when the
     task is cancelled just as the send completes: the cancel is lost. aclose() must end the refresher anyway
-    (a single cancel left a test awaiting a refresher that refreshed on for ever)."""
+    (after a single cancel, a worker's shutdown would await a refresher that refreshes on for ever)."""
     client = create_redis(settings)  # a socket timeout, as the workers open it: sends go through wait_for
     scripts = Scripts(client, Keys.from_settings(settings))
     sem = Semaphore(scripts, f"lost-{uuid.uuid4().hex}", limit=1, ttl=0.3)  # a refresh every 100 ms
@@ -194,30 +192,14 @@ async def test_aclose_ends_the_refresher_even_when_its_cancel_is_swallowed(
     refresher = sem._refresher
     assert refresher is not None
     closing: list[asyncio.Task[None]] = []
-    send = Connection._send_packed_command
-
-    async def send_then_close(self: Connection, command: Any) -> None:
-        await send(self, command)
-        if not closing:
-            # Runs in wait_for's inner task, which ends right after this: aclose() cancels the refresher
-            # while wait_for's inner future is already done, the window in which the cancel is dropped.
-            closing.append(asyncio.ensure_future(sem.aclose()))
-
     try:
         await asyncio.sleep(0.2)  # past the acquire's own commands: the next send is a refresh
-        monkeypatch.setattr(Connection, "_send_packed_command", send_then_close)
-        for _ in range(500):
-            if closing:
-                break
-            await asyncio.sleep(0.01)
-        monkeypatch.undo()
-        assert closing, "the refresher sent no command"
+        closing.append(await stop_in_a_lost_cancel_window(monkeypatch, sem.aclose, "the refresher"))
         done, _ = await asyncio.wait(closing, timeout=5)
         assert done, "Semaphore.aclose() is still waiting for a refresher that lost its cancel"
         assert refresher.done()
         assert await sem.live_holders() == set()
     finally:
-        monkeypatch.undo()
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(asyncio.gather(refresher, *closing), 5)
