@@ -164,6 +164,14 @@ class EventHub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            except Exception:
+                # Nothing may end a reader: the API would serve no live events until restarted (seen:
+                # redis-py's cluster client failing a read with an AttributeError when it closes its
+                # own connections under a command).
+                log.exception("event hub: reading %s failed; retrying in %.1fs", stream, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
             for _stream, items in reply or []:
                 for entry_id, fields in items:
                     self.last_ids[stream] = entry_id

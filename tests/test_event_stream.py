@@ -113,6 +113,43 @@ async def test_feed_filters_by_workflow_and_resumes(redis: Redis, settings: Sett
         await hub.stop()
 
 
+async def test_a_hub_reader_survives_an_error_nobody_expected(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py's cluster client can fail a read with an AttributeError when it closes its own connections
+    # under a command (its close race); a reader that died on it left the API without live events for good.
+    client = create_redis(settings)
+    hub = EventHub(client, Keys.from_settings(settings), block_ms=100)
+    read = client.xread
+    failures = 0
+
+    async def failing_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if not failures:
+            failures += 1
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(client, "xread", failing_once)
+    await hub.start()
+    try:
+        with hub.subscribe() as sub:
+            for _ in range(500):
+                if failures:
+                    break
+                await asyncio.sleep(0.01)
+            assert failures == 1
+            await redis.xadd(
+                settings.results_stream,
+                event_fields(EventType.QUEUED, task_id="after", execution_id=1, workflow_id=1, client="c", data={}),
+            )
+            event = await sub.get(10)
+            assert event is not None and event.task_id == "after"
+    finally:
+        await hub.stop()
+        await client.aclose()
+
+
 async def test_hub_fans_out_with_one_reader_and_drops_laggards(redis: Redis, settings: Settings) -> None:
     hub = await started_hub(redis, settings)
     try:
