@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from consumer.sandbox import local
-from consumer.sandbox.base import NodeError, SandboxSpec
+from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
 from shared.settings import Settings
 from tests.support import create_workflow, enqueue, linear, start_worker_process
@@ -305,3 +305,32 @@ except OSError as exc:
         await provider.aclose()
     assert seen["uid"] == 0 and int(seen["cap_eff"], 16) == 0 and int(seen["cap_bnd"], 16) == 0, seen
     assert seen["umount"] == 1 and seen["sysctl"] in ("OSError", "PermissionError"), seen
+
+
+async def test_a_start_failing_after_the_fork_leaves_no_pipe_end_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sandbox start that fails while the pipes' transports are being made (a cancelled pool refill, an
+    # error): each end must be closed once, by its owner. The worker closed the raw numbers while a read
+    # transport still watched one: the loop went on watching a closed number, and the next file to get
+    # it was read, then closed, by a dead transport (seen as "Bad file descriptor" when it was collected).
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_insecure=True))
+    await provider.start()
+    loop = asyncio.get_running_loop()
+    selector = getattr(loop, "_selector", None)
+    if provider.forkserver is None or selector is None:
+        await provider.aclose()
+        pytest.skip("needs the fork server and a selector event loop, whose watched files can be listed")
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise OSError("no write pipe (injected)")
+
+    watched = set(selector.get_map())
+    monkeypatch.setattr(loop, "connect_write_pipe", refused)
+    try:
+        with pytest.raises(SandboxInfraError):
+            await provider.open(SandboxSpec(execution_id=1, client="c"))
+    finally:
+        monkeypatch.undo()
+        await asyncio.sleep(0.1)  # a transport's close completes on the loop
+        left = set(selector.get_map()) - watched
+        await provider.aclose()
+    assert not left, f"the loop still watches {sorted(left)} after the failed start"

@@ -206,43 +206,58 @@ class ForkServer:
         self, request: dict[str, Any], fds: list[int], write_end: int, read_end: int, limit: int
     ) -> ForkedProcess:
         """One sandbox: `fds` go to it (and are closed here once sent); `write_end`/`read_end` are the
-        worker's ends of its protocol pipes."""
-        async with self._lock:
-            try:
-                if not self.alive:
-                    if self.started:
-                        log.warning("sandbox fork server exited; starting it again")
-                    await self.start()
-                assert self.sock is not None
-                loop = asyncio.get_running_loop()
-                self._pending = loop.create_future()
-                self._next_id += 1
-                # A late answer to a request given up on (cancelled) must not answer this one.
-                self._pending_id = self._next_id
-                payload = json.dumps({**request, "id": self._next_id}).encode()
-                self.sock.sendmsg(
-                    [payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-                )
-            finally:
-                for fd in fds:
+        worker's ends of its protocol pipes, this call's from the start: closed here if it fails, and
+        only here (a second close of a number since reused would close someone else's file)."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._lock:
+                try:
+                    if not self.alive:
+                        if self.started:
+                            log.warning("sandbox fork server exited; starting it again")
+                        await self.start()
+                    assert self.sock is not None
+                    self._pending = loop.create_future()
+                    self._next_id += 1
+                    # A late answer to a request given up on (cancelled) must not answer this one.
+                    self._pending_id = self._next_id
+                    payload = json.dumps({**request, "id": self._next_id}).encode()
+                    self.sock.sendmsg(
+                        [payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+                    )
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                try:
+                    reply, got = await asyncio.wait_for(self._pending, _START_TIMEOUT)
+                except TimeoutError:
+                    # A zygote that does not answer is of no more use: the next request starts another.
+                    self._gone()
+                    raise OSError(f"the fork server did not answer in {_START_TIMEOUT:g}s") from None
+            if "error" in reply or not got:
+                for fd in got:
                     os.close(fd)
-            try:
-                reply, got = await asyncio.wait_for(self._pending, _START_TIMEOUT)
-            except TimeoutError:
-                # A zygote that does not answer is of no more use: the next request starts another.
-                self._gone()
-                raise OSError(f"the fork server did not answer in {_START_TIMEOUT:g}s") from None
-        if "error" in reply or not got:
-            for fd in got:
-                os.close(fd)
-            raise OSError(f"the fork server could not fork a sandbox: {reply.get('error')}")
-        reader = asyncio.StreamReader(limit=limit)
-        read_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0)
-        )
-        write_transport, protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(write_end, "wb", buffering=0)
-        )
+                raise OSError(f"the fork server could not fork a sandbox: {reply.get('error')}")
+        except BaseException:
+            os.close(write_end)
+            os.close(read_end)
+            raise
+        # From here the ends are file objects, whose close is idempotent, and then transports'.
+        read_file = os.fdopen(read_end, "rb", buffering=0)
+        write_file = os.fdopen(write_end, "wb", buffering=0)
+        transports: list[asyncio.BaseTransport] = []
+        try:
+            reader = asyncio.StreamReader(limit=limit)
+            read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
+            transports.append(read_transport)
+            write_transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, write_file)
+        except BaseException:
+            for transport in transports:
+                transport.close()
+            read_file.close()
+            write_file.close()
+            os.close(got[0])
+            raise
         writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
         child = ForkedProcess(int(reply["pid"]), got[0], writer, reader)
         child.read_transport = read_transport

@@ -696,15 +696,10 @@ class LocalSandboxProvider:
             "limits": self.limits,
             "netns": net is not None,
         }
-        try:
-            return await self.forkserver.fork(
-                request, fds, to_sandbox_w, from_sandbox_r, self.max_context_bytes * 2 + (1 << 20)
-            )
-        except BaseException:
-            for fd in (to_sandbox_w, from_sandbox_r):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
+        # The worker's ends are the fork server's from here, closed by it if the start fails.
+        return await self.forkserver.fork(
+            request, fds, to_sandbox_w, from_sandbox_r, self.max_context_bytes * 2 + (1 << 20)
+        )
 
     async def _refill(self) -> None:
         while not self._closed and len(self._pool) < self.pool_size:
