@@ -25,24 +25,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from celery import Celery
 
-REDIS = os.environ.get("BENCH_CELERY_REDIS", "redis://127.0.0.1:6379/0")
+from bench.celery_app import celery_app
+
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 
-app = Celery("bench_nova", broker=REDIS, backend=REDIS)
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    task_acks_late=True,
-    task_track_started=True,
-    result_extended=True,
-    worker_prefetch_multiplier=1,
-    task_time_limit=600,
-    task_default_queue="workflows",
-    broker_connection_retry_on_startup=True,
-)
+app = celery_app("bench_nova", task_track_started=True, result_extended=True, task_default_queue="workflows")
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS bench_celery_workflows (
