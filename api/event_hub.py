@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared.backoff import Backoff
 from shared.connections import REDIS_UNAVAILABLE
 from shared.events import Event
 from shared.streams import Keys
@@ -149,28 +150,26 @@ class EventHub:
             sub.end()
 
     async def _run(self, shard: int, stream: str) -> None:
-        delay = 0.1
+        backoff = Backoff()
         while True:
             try:
                 await self._pin(stream)
                 reply = await self.redis.xread({stream: self.last_ids[stream]}, count=self.batch, block=self.block_ms)
-                delay = 0.1
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
-            except (*REDIS_UNAVAILABLE, ResponseError) as exc:
-                # ResponseError: on a cluster, a read unblocked by a slot move (UNBLOCKED) or a stream
-                # not there yet on a promoted replica; the next read finds it.
-                log.warning("event hub: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+            except Exception as exc:
+                # Nothing may end a reader: the API would serve no live events until restarted.
+                delay = backoff.next_delay()
+                if isinstance(exc, (*REDIS_UNAVAILABLE, ResponseError)):
+                    # ResponseError: on a cluster, a read unblocked by a slot move (UNBLOCKED) or a stream
+                    # not there yet on a promoted replica; the next read finds it.
+                    log.warning("event hub: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                else:
+                    # Seen: redis-py's cluster client failing a read with an AttributeError when it closes
+                    # its own connections under a command.
+                    log.exception("event hub: reading %s failed; retrying in %.1fs", stream, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            except Exception:
-                # Nothing may end a reader: the API would serve no live events until restarted (seen:
-                # redis-py's cluster client failing a read with an AttributeError when it closes its
-                # own connections under a command).
-                log.exception("event hub: reading %s failed; retrying in %.1fs", stream, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
             for _stream, items in reply or []:
                 for entry_id, fields in items:
