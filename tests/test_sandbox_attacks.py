@@ -649,6 +649,44 @@ async def test_a_killed_workers_leftover_interface_does_not_break_the_next_start
     assert out.decode().split() == ["veth", "0"], out.decode()
 
 
+# In a network namespace of its own with a lock folder of its own: a sandbox start cancelled while its slot
+# is being made (a pool refill at close, an execution given up) still gets the slot into the free list.
+CANCELLED_LEND_SCRIPT = """
+import asyncio, subprocess
+subprocess.run("ip link set lo up".split(), check=True)
+from consumer.sandbox.netns import EgressNetworks
+networks, why = EgressNetworks.start([])
+assert networks is not None, why
+async def main():
+    first = await networks.lend()  # the one made at start: none is free now
+    lending = asyncio.ensure_future(networks.lend())
+    await asyncio.sleep(0)  # making one on the slot thread
+    lending.cancel()
+    try:
+        await lending
+    except asyncio.CancelledError:
+        pass
+    networks._thread.submit(lambda: None).result()  # the slot thread is done making it
+    await asyncio.sleep(0.1)  # and its completion has reached this loop
+    print(len(networks._free), flush=True)
+    networks.give_back(first)
+asyncio.run(main())
+networks.close()
+"""
+
+
+@isolated
+async def test_a_slot_made_for_a_cancelled_start_is_not_lost(launch: str, tmp_path: Path) -> None:
+    skip_without_egress_namespaces(launch)
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--net", sys.executable, "-c", CANCELLED_LEND_SCRIPT, cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert out.decode().split() == ["1"], out.decode()
+
+
 # In a network namespace of its own: a process of a sandbox uid keeps trying the host's loopback while
 # workers start one after the other (each installs the policy routing filter again): it is never let
 # through, not even while a start replaces an earlier worker's rules.

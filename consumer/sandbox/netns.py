@@ -232,7 +232,14 @@ class EgressNetworks:
         """A free slot, made now (once, on the slot thread) if every one is lent."""
         if self._free:
             return self._free.pop()
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._create)
+        made = asyncio.get_running_loop().run_in_executor(self._thread, self._create)
+        try:
+            return await asyncio.shield(made)
+        except asyncio.CancelledError:
+            # The thread makes it all the same: into the free list, or its namespace, veth pair and
+            # lease would be held, lent to nobody, until the worker exits.
+            made.add_done_callback(lambda f: f.cancelled() or f.exception() or self.give_back(f.result()))
+            raise
 
     def give_back(self, slot: NetSlot) -> None:
         if self._closed:
