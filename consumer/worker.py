@@ -321,10 +321,15 @@ class Worker:
         entry is appended to their stream. A plain XREAD consumes nothing, so it may wait as long as it
         likes without holding slots or entries; one XREAD watches every lane of a shard (one slot)."""
         readers = {w.keys.requests: w for w in (self.watches if self.watches is not None else [self])}
-        last = dict.fromkeys(readers, "$")
+        # Concrete ids, never "$": Redis takes "$" anew at each read, so an entry appended to a quiet lane
+        # between two reads (a busy lane answering each at once) would never be seen.
+        last: dict[str, str] = {}
         backoff = Backoff()
         while not stop.is_set():
             try:
+                for stream in readers.keys() - last.keys():
+                    latest = await self.redis.xrevrange(stream, count=1)
+                    last[stream] = latest[0][0] if latest else "0-0"
                 reply = await self.redis.xread(last, count=1, block=1000)
                 backoff.reset()
             except asyncio.CancelledError:

@@ -5,6 +5,7 @@ pipeline with real servers."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import httpx
@@ -13,6 +14,8 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from consumer.slots import SlotBudget
+from consumer.worker import Worker
+from shared.catalog import WorkflowCatalog
 from shared.control import QUEUE, RunControl
 from shared.executions import Owner, retry_failure
 from shared.scripts import Scripts
@@ -238,3 +241,46 @@ async def test_a_priority_is_never_dropped_on_the_way_in(api: httpx.AsyncClient,
     assert await redis.hget(keys.task(high["task_id"]), TaskField.LANE) == "high"
     refused = await api.post(f"/workflows/{wf['id']}/execute", json={"priority": "asap"})
     assert refused.status_code == 422 and "priority" in refused.text
+
+
+async def test_the_watch_sees_an_entry_appended_to_a_quiet_lane_between_its_reads(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One XREAD watches every lane of a shard. A lane it had not yet seen an entry of was watched from
+    # "$", which Redis takes anew at each read: an entry appended to it between two reads (the busy lane
+    # answering every read at once) was never seen, and its reader slept its full wake-up timeout.
+    keys = Keys.from_settings(settings)
+    budget = SlotBudget(settings.concurrency, readers=2)
+    catalog = WorkflowCatalog(redis, pool, keys)
+    high, normal = (
+        Worker(settings, redis, catalog, providers={}, keys=keys.in_lane(lane), budget=budget)
+        for lane in (Lane.HIGH, Lane.NORMAL)
+    )
+    high.watches = [high, normal]
+    read = redis.xread
+    reads = 0
+
+    async def busy_high_lane(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads > 1:
+            return await read(*args, **kwargs)
+        # The first read is answered by an entry of the busy lane; the quiet lane's entry comes just after.
+        appending = asyncio.get_running_loop().call_later(
+            0.05, lambda: asyncio.ensure_future(redis.xadd(high.keys.requests, {"n": "1"}))
+        )
+        try:
+            reply = await read(*args, **kwargs)
+        finally:
+            appending.cancel()
+        await redis.xadd(normal.keys.requests, {"n": "1"})
+        return reply
+
+    monkeypatch.setattr(redis, "xread", busy_high_lane)
+    stop = asyncio.Event()
+    watch = asyncio.create_task(high._watch(stop))
+    try:
+        await asyncio.wait_for(normal._appended.wait(), 10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(watch, 10)
