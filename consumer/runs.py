@@ -17,7 +17,6 @@ import logging
 import random
 import time
 import traceback
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -54,6 +53,7 @@ from shared.streams import (
     now_iso,
     parse_iso,
     printable,
+    random_id,
 )
 from shared.workflow import (
     Concurrency,
@@ -804,7 +804,7 @@ class Recorder:
         self._events, self._fields = [], {}
         # One token per write, kept across re-sends: a call whose reply was lost and that is sent
         # again (by the client's retry or _durably) is answered without writing twice.
-        token = uuid.uuid4().hex
+        token = random_id()
         result = await _durably(
             lambda: ctx.scripts.record(
                 task_id=request.task_id,

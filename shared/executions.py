@@ -8,7 +8,6 @@ Routes and the CLI call these, so the SQL, the Redis reads and the shapes are wr
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +37,7 @@ from shared.streams import (
     lane_of,
     loads,
     parse_iso,
+    random_id,
 )
 
 # Errors that mean "PostgreSQL is unreachable", as opposed to a bad query.
@@ -563,7 +563,7 @@ async def retry_failure(scripts: Scripts, execution_id: int, owner: Owner) -> Re
     if not task:
         raise NotRetryable(f"execution {execution_id} has expired from Redis and can no longer be retried")
     workflow_id, client = int(task[TaskField.WORKFLOW_ID]), task[TaskField.CLIENT]
-    token = uuid.uuid4().hex
+    token = random_id()
     payload: dict[str, Any] = {
         "initial_context": {},
         "retry_of": "cancel" if task.get(TaskField.STATUS) == TaskStatus.REVOKED else "failure",
