@@ -82,8 +82,13 @@ class SlotBudget:
         self._set_waiting(lane, reader, True)
 
     def idle(self, lane: Lane, reader: str) -> None:
-        """`reader` found its stream empty: its lane gets no slots for it until it reserves again."""
+        """`reader` found its stream empty: its lane gets no slots for it until it reserves again. Slots
+        allotted to the lane meanwhile go back, with its turn, once none of its readers has runs waiting."""
         self._set_waiting(lane, reader, False)
+        if not self._waiting[lane] and (n := self.granted[lane]):
+            self.granted[lane] = 0
+            self._start[lane] -= n * self._cost[lane]
+            self.freed.set()
 
     def _set_waiting(self, lane: Lane, reader: str, waiting: bool) -> None:
         readers = self._waiting[lane]

@@ -100,6 +100,18 @@ async def test_slots_a_lane_does_not_use_go_back_with_its_turn() -> None:
     assert (normal, low) == (3, 1) and budget.free == 0
 
 
+async def test_slots_granted_to_a_lane_that_turns_idle_go_back_to_the_others() -> None:
+    budget = SlotBudget(2, readers=2)
+    budget.register(Lane.HIGH, "h")
+    budget.register(Lane.NORMAL, "n")
+    assert budget.reserve(Lane.HIGH, "h") == 1  # the other slot is allotted to the normal lane
+    budget.take()
+    budget.unreserve(1, Lane.HIGH, unused=0)
+    # The normal lane's reader finds its stream empty before it reserves: its slot is the high lane's.
+    budget.idle(Lane.NORMAL, "n")
+    assert budget.reserve(Lane.HIGH, "h") == 1
+
+
 def test_lane_weights_setting_is_checked(settings: Settings) -> None:
     assert settings.model_copy().lane_weight_map == WEIGHTS
     assert Settings(lane_weights="low:1, normal:1,high:9").lane_weight_map[Lane.HIGH] == 9
