@@ -372,13 +372,7 @@ class PostgresServer(_Server):
 
     def _init(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.user is not None:
-            # The unprivileged user must be able to reach its folders (temp dirs are 0700).
-            self.data_dir.chmod(0o755)
-            for parent in self.data_dir.resolve().parents:
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    parent.chmod(mode | 0o011)
+        self._reachable(self.data_dir)
         for path in (self.socket_dir, self.pgdata):
             path.mkdir(exist_ok=True)
             self._own(path)
@@ -394,17 +388,24 @@ class PostgresServer(_Server):
                 subprocess.run(["cp", "-a", f"{cached}/.", str(self.pgdata)], check=True)
         self._secure()
 
+    def _reachable(self, folder: Path) -> None:
+        """With the server under an unprivileged user (started as root): it must be able to reach
+        `folder` (temp dirs are 0700). Otherwise nothing is opened up."""
+        if self.user is None:
+            return
+        folder.chmod(0o755)
+        for parent in folder.resolve().parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o011)
+
     def _cached_initdb(self, cache: Path) -> Path:
         """initdb's output for these binaries and this user, made in `cache` the first time."""
         key = hashlib.sha256(f"{self.bindir.resolve()}:{self.user.pw_uid if self.user else ''}".encode()).hexdigest()
         made = cache / key[:16]
         if not made.exists():
             cache.mkdir(parents=True, exist_ok=True)
-            cache.chmod(0o755)
-            for parent in cache.resolve().parents:
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    parent.chmod(mode | 0o011)
+            self._reachable(cache)
             fresh = cache / f"{key[:16]}.{secrets.token_hex(4)}"
             fresh.mkdir()
             self._own(fresh)
