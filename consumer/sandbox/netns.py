@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from consumer.sandbox.isolation import BLOCKED_V4, BLOCKED_V6, FlockLease, nameservers
+from consumer.sandbox.zygote import CLONE_NEWNET, new_netns, setns
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,7 @@ _SLOTS = 4096  # /30 each: a /18 of the block
 # picks the same one (the choice depends only on the host's routes, not on the worker).
 _BLOCKS = ("10.213.0.0/16", "10.214.0.0/16", "10.215.0.0/16", "172.29.0.0/16")
 _INSIDE = "eth0"
-_CLONE_NEWNET = 0x40000000
 _REJECT = "reject with icmpx type admin-prohibited"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(ctypes.c_int(fd), ctypes.c_int(_CLONE_NEWNET)) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -265,12 +256,7 @@ class EgressNetworks:
         host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         fd = -1
         try:
-            if _libc.unshare(ctypes.c_int(_CLONE_NEWNET)) < 0:
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
-            try:
-                fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-            finally:
-                _setns(host_ns)
+            fd = new_netns(host_ns)
             with IPRoute() as ip:
                 # Ours by the lease: a leftover of a killed worker whose namespace the kernel has not
                 # finished removing.
@@ -283,11 +269,11 @@ class EgressNetworks:
                 _sysctl(f"ipv4/conf/{ifname}/route_localnet", "1")
                 ip.addr("add", index=host_if, address=host_addr, prefixlen=30)
                 ip.link("set", index=host_if, state="up")
-            _setns(fd)
+            setns(fd, CLONE_NEWNET)
             try:
                 self._inside(inside_addr, host_addr)
             finally:
-                _setns(host_ns)
+                setns(host_ns, CLONE_NEWNET)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -298,7 +284,8 @@ class EgressNetworks:
         return NetSlot(index, fd, ifname, lease, self)
 
     def _inside(self, address: str, gateway: str) -> None:
-        """In the slot's namespace (this thread entered it): loopback, eth0, the route out, DNS."""
+        """In the slot's namespace (this thread entered it; new_netns brought loopback up): eth0, the
+        route out, DNS."""
         from pyroute2 import IPRoute
 
         # No IPv6 inside: no link-local address to reach the host's side with, and the host routes
@@ -306,7 +293,6 @@ class EgressNetworks:
         _no_ipv6(_INSIDE)
         _sysctl(f"ipv4/conf/{_INSIDE}/route_localnet", "1")
         with IPRoute() as ip:
-            ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
             inside = ip.link_lookup(ifname=_INSIDE)[0]
             ip.addr("add", index=inside, address=address, prefixlen=30)
             ip.link("set", index=inside, state="up")

@@ -179,7 +179,8 @@ def new_netns(host_netns: int) -> int:
     """A network namespace with only loopback, up; returns its fd (the zygote stays in the host's)."""
     unshare(CLONE_NEWNET)
     try:
-        fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+        # The calling thread's: the worker makes its egress namespaces on a thread of its own.
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             ifreq = struct.pack("16sH22x", b"lo", 0)
             flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), 0x8913, ifreq))[1]  # SIOCGIFFLAGS
