@@ -217,6 +217,10 @@ class EgressNetworks:
     def _prepare_host(self, allow: list[str]) -> None:
         self.block = ipaddress.ip_network(_host_block())
         _nft(self.nft, host_ruleset(str(self.block), allow, self.resolvers))
+        if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0":
+            # Host-wide: the ruleset handles only the sandboxes' interfaces, so the host now forwards
+            # between its others too (README, Sandboxes); said once, by the worker that turned it on.
+            log.warning("sandbox networks: turning on IPv4 forwarding for this host (net.ipv4.ip_forward=1)")
         _sysctl("ipv4/ip_forward", "1")
 
     async def lend(self) -> NetSlot:
