@@ -34,11 +34,12 @@ from redis.exceptions import ResponseError
 from shared.backoff import Backoff, sleep_or_stop
 from shared.connections import REDIS_UNAVAILABLE, autoclaim, is_cluster, is_missing_group
 from shared.events import Event
-from shared.reporting import report_failed_execution
+from shared.reporting import REPORTED_TYPES, report_failed_execution
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import EventField, EventType, Keys, Layout, decode_fields, format_version, now_iso
+from shared.streams import EventField, Keys, Layout, decode_fields, format_version, now_iso
 from shared.webhooks import (
+    ANNOUNCED_TYPES,
     DEAD_LETTERS_KEPT,
     Delivery,
     EgressPolicy,
@@ -65,12 +66,6 @@ DISPATCH_IDLE_S = 0.2
 # worker waits on it: a quarter second, at four cheap reads a second per idle shard.
 IDLE_BLOCK_MS = 250
 CLEANUP_INTERVAL_S = 60.0
-# The event types that may become a webhook (webhook_event; node_finished only when it failed), and
-# those that may become a Sentry report (report_failed_execution).
-_ANNOUNCED = frozenset(
-    t.value for t in (EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD, EventType.NODE_FINISHED)
-)
-_REPORTED = frozenset(t.value for t in (EventType.FAILED, EventType.DEAD))
 # A live consumer reads several times a second (its XREADGROUP blocks for IDLE_BLOCK_MS): far past that,
 # it is gone.
 GONE_AFTER_MS = 300_000
@@ -236,7 +231,7 @@ class WebhookDelivery:
         """`fields` decoded (decode_fields)."""
         # Most events can become neither a webhook nor a Sentry report: they are passed over by their
         # type alone, their data never parsed (with no endpoint, only failures are reported).
-        if fields.get(EventField.TYPE) not in (_ANNOUNCED if endpoints else _REPORTED):
+        if fields.get(EventField.TYPE) not in (ANNOUNCED_TYPES if endpoints else REPORTED_TYPES):
             return []
         try:
             if format_version(fields) is None:

@@ -74,9 +74,13 @@ def init_reporting(settings: Settings, component: str) -> bool:
     return True
 
 
+# The event types report_failed_execution reports: a reader can pass over the others without parsing them.
+REPORTED_TYPES = frozenset(t.value for t in (EventType.FAILED, EventType.DEAD))
+
+
 def report_failed_execution(event: Event) -> None:
     """One Sentry event for a failed or dead-lettered execution (no-op without SENTRY_DSN)."""
-    if event.type not in (EventType.FAILED, EventType.DEAD) or not sentry_sdk.get_client().is_active():
+    if event.type.value not in REPORTED_TYPES or not sentry_sdk.get_client().is_active():
         return
     error = event.data.get("error") if isinstance(event.data.get("error"), dict) else {}
     node = str(error.get("node_id") or "-")

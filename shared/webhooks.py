@@ -71,6 +71,13 @@ def endpoint_event_types(requested: list[str] | None, client: str | None) -> lis
     return sorted(t.value for t in types)
 
 
+# The event types webhook_event may turn into a webhook (node_finished only when it failed): a reader
+# can pass over the others without parsing them.
+ANNOUNCED_TYPES = frozenset(
+    t.value for t in (EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD, EventType.NODE_FINISHED)
+)
+
+
 def webhook_event(event: Event) -> WebhookEvent | None:
     """The webhook type a results-stream event is, if any."""
     if event.type is EventType.SUCCEEDED:
