@@ -585,16 +585,29 @@ class LocalSandboxProvider:
                 *command,
             ]
             setup_uid = None  # setpriv drops to it inside the namespaces
-        cgroup = None
+        cgroup: SandboxCgroup | None = None
+        net: NetSlot | None = None
+
+        async def undo() -> None:
+            """Leave nothing of a sandbox that did not start. As at close, its uid and network slot go
+            back only once its cgroup is empty: the zygote may have forked it before the failure."""
+            empty = True
+            if cgroup is not None:
+                empty = await cgroup.kill_all()
+                if empty:
+                    await cgroup.remove_soon()
+            _discard(host_folder)
+            if net is not None and empty:
+                net.release()
+            if lease is not None and empty:
+                lease.release()
+
         if self.cgroups is not None:
             try:
                 cgroup = self._cgroup()
             except OSError as exc:
-                _discard(host_folder)
-                if lease is not None:
-                    lease.release()
+                await undo()
                 raise SandboxInfraError(f"could not create the sandbox's cgroup: {exc}") from None
-        net: NetSlot | None = None
         try:
             if self.egress_networks is not None:
                 net = await self.egress_networks.lend()
@@ -614,24 +627,11 @@ class LocalSandboxProvider:
                     preexec_fn=_child_setup(setup_uid, cgroup),
                 )
         except (OSError, subprocess.SubprocessError) as exc:
-            if net is not None:
-                net.release()
-            if cgroup is not None:
-                cgroup.remove()
-            _discard(host_folder)
-            if lease is not None:
-                lease.release()
+            await undo()
             raise SandboxInfraError(f"could not start the local sandbox ({self.python}): {exc}") from None
         except asyncio.CancelledError:
-            # The worker is closing (a pool refill cancelled mid-start): leave nothing of this sandbox.
-            if cgroup is not None:
-                await cgroup.kill_all()
-                await cgroup.remove_soon()
-            if net is not None:
-                net.release()
-            _discard(host_folder)
-            if lease is not None:
-                lease.release()
+            # The worker is closing (a pool refill cancelled mid-start).
+            await undo()
             raise
         sandbox = LocalSandbox(
             proc,
