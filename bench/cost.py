@@ -43,14 +43,25 @@ from pathlib import Path
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat from its third field on (raises FileNotFoundError when the process is gone)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU so far, apart: what its Python costs, and what its system calls do."""
+    fields = _stat_fields(pid)
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
+
+
 def _stat(pid: int) -> tuple[int, float] | None:
     """(parent pid, CPU seconds of the process and of the children it waited for), or None if gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat_fields(pid)
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
     ppid = int(fields[1])
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return ppid, (utime + stime + cutime + cstime) / _TICKS

@@ -255,10 +255,10 @@ async def sse(url: str, subscribers: int, expected: int, headers: list[str]) -> 
         "subscribers": subscribers,
         "received": n,
         "errors": state.errors[:5],
-        "p50_ms": _percentile_ms(arrived, 0.50),
-        "p99_ms": _percentile_ms(arrived, 0.99),
+        "p50_ms": percentile(arrived, 0.50),
+        "p99_ms": percentile(arrived, 0.99),
         "max_ms": arrived[-1] if n else None,
-        "read_p99_ms": _percentile_ms(read, 0.99),
+        "read_p99_ms": percentile(read, 0.99),
         # This process's CPU over the window and its share of it: well below 1, it was not what delayed events.
         "cpu_s": round(cpu, 4),
         "wall_s": round(wall, 4),
@@ -271,8 +271,9 @@ async def sse(url: str, subscribers: int, expected: int, headers: list[str]) -> 
     }
 
 
-def _percentile_ms(ordered: list[float], q: float) -> float | None:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else None
+def percentile(ordered: list[float], q: float, scale: float = 1.0) -> float | None:
+    """The `q` quantile of sorted samples (the sample at rank len * q), times `scale`; None for none."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * scale if ordered else None
 
 
 def _histogram(values: list[float]) -> dict[str, int]:
@@ -292,10 +293,6 @@ def merged_percentile(histograms: list[dict[str, int]], q: float) -> float:
         if seen > rank:
             return value
     return max(counts)
-
-
-def _percentile(ordered: list[float], q: float) -> float | None:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000 if ordered else None
 
 
 class _OpenLoop:
@@ -442,17 +439,17 @@ async def open_loop(
         "intended_rps": rate,
         "requests": n,
         "rps": n / elapsed if elapsed > 0 else None,
-        "p50_ms": _percentile(latencies, 0.50),
-        "p90_ms": _percentile(latencies, 0.90),
-        "p99_ms": _percentile(latencies, 0.99),
-        "p999_ms": _percentile(latencies, 0.999),
+        "p50_ms": percentile(latencies, 0.50, 1000),
+        "p90_ms": percentile(latencies, 0.90, 1000),
+        "p99_ms": percentile(latencies, 0.99, 1000),
+        "p999_ms": percentile(latencies, 0.999, 1000),
         "max_ms": latencies[-1] * 1000 if n else None,
         "statuses": state.statuses,
         "errors": state.errors,
         # Requests that found every connection busy at their intended time and waited for one.
         "late": state.late,
         # How long after its intended time each request went out (the generator's timer slack included).
-        "send_lag_p99_ms": _percentile(send_lag, 0.99),
+        "send_lag_p99_ms": percentile(send_lag, 0.99, 1000),
         "send_lag_max_ms": send_lag[-1] * 1000 if send_lag else None,
         "cpu_s": round(cpu, 3),
         "cpu_ms_per_request": cpu * 1000 / n if n else None,

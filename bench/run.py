@@ -34,7 +34,7 @@ import httpx
 from redis.asyncio import Redis
 
 from bench import cost
-from bench.loadgen import merged_percentile
+from bench.loadgen import merged_percentile, percentile
 from cli.embedded import APP_USER, PostgresServer, RedisServer, free_port
 from shared.control import RunControl
 from shared.db import migrate_url
@@ -499,7 +499,7 @@ class Bench:
             self.stop(api)
         samples.sort()
         self.figures["round_trip_p50"] = figure([samples[len(samples) // 2]], "ms", 3, higher=False)
-        self.figures["round_trip_p99"] = figure([samples[int(len(samples) * 0.99)]], "ms", 10, higher=False)
+        self.figures["round_trip_p99"] = figure([percentile(samples, 0.99)], "ms", 10, higher=False)
 
     async def chain40(self) -> None:
         await self.fresh()
@@ -553,7 +553,7 @@ class Bench:
                 assert listener.stdout is not None
                 ready = json.loads(await asyncio.to_thread(listener.stdout.readline))
                 assert not ready["errors"], ready
-            api_user0, api_system0 = _user_system_seconds(api.pid)
+            api_user0, api_system0 = cost.user_system_seconds(api.pid)
             t0 = time.perf_counter()
             for i in range(events):
                 fields = {
@@ -573,7 +573,7 @@ class Bench:
                 line = await asyncio.wait_for(asyncio.to_thread(listener.stdout.readline), 120)
                 outs.append(json.loads(line))
             # Read before the listeners let go: the API's clean-up of 1,000 streams is not fan-out.
-            api_user, api_system = _user_system_seconds(api.pid)
+            api_user, api_system = cost.user_system_seconds(api.pid)
             api_user, api_system = api_user - api_user0, api_system - api_system0
             api_cpu, window = api_user + api_system, time.perf_counter() - t0
         finally:
@@ -634,9 +634,9 @@ class Bench:
         warm.sort()
         cold.sort()
         self.figures["node_warm_p50"] = figure([warm[len(warm) // 2]], "ms", 3, higher=False)
-        self.figures["node_warm_p99"] = figure([warm[int(len(warm) * 0.99)]], "ms")
+        self.figures["node_warm_p99"] = figure([percentile(warm, 0.99)], "ms")
         self.figures["node_cold_p50"] = figure([cold[len(cold) // 2]], "ms")
-        self.figures["node_cold_p99"] = figure([cold[int(len(cold) * 0.99)]], "ms")
+        self.figures["node_cold_p99"] = figure([percentile(cold, 0.99)], "ms")
 
     async def _worker_cpu(self, worker: subprocess.Popen[bytes]) -> float:
         """CPU ms of a worker and of every process it uses: its live descendants (zygote, sandboxes) and
@@ -651,14 +651,14 @@ class Bench:
         try:
             # Warm: the worker, its zygote and pool up, every code path run once.
             await self._preload(redis, wf, 10)
-            await self._projected(pool, 10)
+            await self._until_projected(pool, 10)
             await asyncio.sleep(0.5)
             idle_t0, idle_before = time.monotonic(), await self._worker_cpu(worker)
             await asyncio.sleep(3)
             idle_rate = (await self._worker_cpu(worker) - idle_before) / (time.monotonic() - idle_t0)
             t0, before = time.monotonic(), await self._worker_cpu(worker)
             await self._preload(redis, wf, n)
-            await self._projected(pool, 10 + n)
+            await self._until_projected(pool, 10 + n)
             await asyncio.sleep(0.5)  # the last sandboxes closed and reaped
             t1, after = time.monotonic(), await self._worker_cpu(worker)
         finally:
@@ -667,13 +667,6 @@ class Bench:
             await redis.aclose()
         # The enqueue (done by this process, as the API would) is not counted: only the worker's side.
         return (after - before) / n, (after - before - idle_rate * (t1 - t0)) / n
-
-    async def _projected(self, pool: asyncpg.Pool, n: int) -> None:
-        deadline = time.monotonic() + 600
-        while await pool.fetchval("SELECT count(*) FROM executions WHERE status = 'completed'") < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n} executions completed")
-            await asyncio.sleep(0.05)
 
     async def sandbox_cpu(self) -> None:
         """Issue 13's goals: CPU per execution with the fork server, with and without isolation, and the
@@ -724,7 +717,7 @@ class Bench:
             self.stop(api)
         samples.sort()
         self.figures["nova_shaped_round_trip_p50"] = figure([samples[len(samples) // 2]], "ms", 15, higher=False)
-        self.figures["nova_shaped_round_trip_p99"] = figure([samples[int(len(samples) * 0.99)]], "ms")
+        self.figures["nova_shaped_round_trip_p99"] = figure([percentile(samples, 0.99)], "ms")
 
     # ---- NOVA's own Celery task against ours, on the NOVA-shaped workflow --------------------------
 
@@ -762,7 +755,7 @@ class Bench:
         for side, samples in (("ours", ours_rt), ("celery", peer_rt)):
             samples.sort()
             self.figures[f"nova_peer_{side}_round_trip_p50"] = figure([samples[len(samples) // 2]], "ms")
-            self.figures[f"nova_peer_{side}_round_trip_p99"] = figure([samples[int(len(samples) * 0.99)]], "ms")
+            self.figures[f"nova_peer_{side}_round_trip_p99"] = figure([percentile(samples, 0.99)], "ms")
         f = self.figures
         f["nova_peer_exec_s_vs_celery"] = figure(
             [f["nova_peer_ours_exec_s"]["median"] / f["nova_peer_celery_exec_s"]["median"]], "x"
@@ -779,13 +772,13 @@ class Bench:
         try:
             warm = 8
             await self._preload(redis, wf, warm)
-            await self._projected(pool, warm)
+            await self._until_projected(pool, warm)
             await asyncio.sleep(0.5)
             cpu0, t0 = cost.tree_cpu_seconds([worker.pid]), time.perf_counter()
             await self._preload(redis, wf, n)
-            await self._drained(redis)
+            await self._until_acknowledged(redis)
             seen = time.perf_counter()
-            await self._projected(pool, warm + n)
+            await self._until_projected(pool, warm + n)
             projected = time.perf_counter()
             cpu = cost.tree_cpu_seconds([worker.pid]) - cpu0
         finally:
@@ -916,11 +909,11 @@ class Bench:
         try:
             warm = 2000
             await self._preload(redis, wf, warm)
-            await self._drained(redis)
+            await self._until_acknowledged(redis)
             start_rss = _rss_mb(worker.pid)
             for chunk in range(0, n, 20000):
                 await self._preload(redis, wf, min(20000, n - chunk))
-                await self._drained(redis)
+                await self._until_acknowledged(redis)
             end_rss = _rss_mb(worker.pid)
         finally:
             self.stop(worker)
@@ -929,15 +922,6 @@ class Bench:
         self.figures["worker_rss_start_mb"] = figure([start_rss], "MB", 120, higher=False)
         self.figures["worker_rss_end_mb"] = figure([end_rss], "MB", 120, higher=False)
         self.figures["worker_rss_executions"] = figure([n], "executions")
-
-    async def _drained(self, redis: Redis) -> None:
-        while True:
-            pending = await redis.xpending("nova:requests", "nova-workers")
-            group = (await redis.xinfo_groups("nova:requests"))[0]
-            undelivered = await redis.xrange("nova:requests", min=f"({group['last-delivered-id']}", count=1)
-            if not pending["pending"] and not undelivered:
-                return
-            await asyncio.sleep(0.1)
 
     # ---- the cost model ------------------------------------------------------------------------
 
@@ -957,17 +941,19 @@ class Bench:
                 raise TimeoutError(f"fewer than {n} executions projected")
             await asyncio.sleep(0.05)
 
-    async def _until_acknowledged(self, redis: Redis, keys: Keys) -> float:
-        """Until the workers' group has read and acknowledged every request (Redis 7's lag); returns when."""
+    async def _until_acknowledged(self, redis: Redis, every: float = 0.1) -> float:
+        """Until the workers' group has read and acknowledged every request (each `every` s); returns when."""
+        keys = Keys.from_settings(Settings())
         deadline = time.perf_counter() + 600
         while True:
-            groups = await redis.xinfo_groups(keys.requests)
-            group = next(g for g in groups if g["name"] == keys.worker_group)
-            if group.get("lag") == 0 and group["pending"] == 0:
+            pending = await redis.xpending(keys.requests, keys.worker_group)
+            group = next(g for g in await redis.xinfo_groups(keys.requests) if g["name"] == keys.worker_group)
+            undelivered = await redis.xrange(keys.requests, min=f"({group['last-delivered-id']}", count=1)
+            if not pending["pending"] and not undelivered:
                 return time.perf_counter()
             if time.perf_counter() > deadline:
                 raise TimeoutError("the workers never caught up with the backlog")
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(every)
 
     async def _cost_of(self, definition: dict[str, Any], n: int, concurrency: str) -> tuple[dict, dict]:
         """CPU ms per execution by role in two phases of one run: the API enqueueing `n` requests while
@@ -1044,7 +1030,7 @@ class Bench:
                 await control.drain(False)
                 # When the runs themselves are done (every entry read and acknowledged), apart from when
                 # PostgreSQL has them all: which of the two bounds the measured rate.
-                runs_done = asyncio.create_task(self._until_acknowledged(redis, Keys.from_settings(Settings())))
+                runs_done = asyncio.create_task(self._until_acknowledged(redis, every=0.005))
                 await self._until_projected(pool, n)
                 wall = time.perf_counter() - t0
                 runs_wall = await runs_done - t0
@@ -1172,19 +1158,6 @@ class Bench:
         ratio("consumer_1proc_exec_s", "celery_best_exec_s", "consumer_vs_celery", 5)
         ratio("enqueue_http_rps", "redis_xadd_ceiling", "enqueue_vs_redis_ceiling", None)
         ratio("consumer_1proc_exec_s", "redis_xadd_ceiling", "consumer_vs_redis_ceiling", None)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """A process's user + system CPU so far (all its threads), from /proc/<pid>/stat in clock ticks."""
-    return sum(_user_system_seconds(pid))
-
-
-def _user_system_seconds(pid: int) -> tuple[float, float]:
-    """A process's user and system CPU so far, apart: what its Python costs, and what its system calls do."""
-    # The command name (field 2) may hold spaces: the fields after its closing parenthesis are plain.
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _median_by_role(runs: list[dict[str, float]]) -> dict[str, float]:
