@@ -618,6 +618,18 @@ async def test_egress_namespace_allows_the_allow_list_and_a_resolver_on_the_host
     assert out.decode().strip().split("|") == ["hello from 10.88.0.2", "OSError", "answer:query"], err.decode()[-3000:]
 
 
+async def in_own_netns(script: str, tmp_path: Path) -> str:
+    """What `script` prints, run by this Python in a network namespace of its own with `tmp_path` as its
+    TMPDIR (so its slot leases are its own), from the project's folder; it must succeed."""
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--net", sys.executable, "-c", script, cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out.decode()
+
+
 # In a network namespace of its own with a lock folder of its own (TMPDIR), so slot 0 is the one leased:
 # a killed worker's interface still there (here with its peer beside it, which no namespace's removal
 # takes away) is deleted and the slot made again.
@@ -639,14 +651,9 @@ print(subprocess.run("ip -o link show", shell=True, capture_output=True, text=Tr
 @isolated
 async def test_a_killed_workers_leftover_interface_does_not_break_the_next_start(launch: str, tmp_path: Path) -> None:
     skip_without_egress_namespaces(launch)
-    proc = await asyncio.create_subprocess_exec(
-        "unshare", "--net", sys.executable, "-c", LEFTOVER_SCRIPT, cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()[-3000:]
+    out = await in_own_netns(LEFTOVER_SCRIPT, tmp_path)
     # The slot's veth took the leftover's place, and closing the pool removed it.
-    assert out.decode().split() == ["veth", "0"], out.decode()
+    assert out.split() == ["veth", "0"], out
 
 
 # In a network namespace of its own with a lock folder of its own: a sandbox start cancelled while its slot
@@ -678,13 +685,8 @@ networks.close()
 @isolated
 async def test_a_slot_made_for_a_cancelled_start_is_not_lost(launch: str, tmp_path: Path) -> None:
     skip_without_egress_namespaces(launch)
-    proc = await asyncio.create_subprocess_exec(
-        "unshare", "--net", sys.executable, "-c", CANCELLED_LEND_SCRIPT, cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    assert out.decode().split() == ["1"], out.decode()
+    out = await in_own_netns(CANCELLED_LEND_SCRIPT, tmp_path)
+    assert out.split() == ["1"], out
 
 
 # In a network namespace of its own: a process of a sandbox uid keeps trying the host's loopback while
