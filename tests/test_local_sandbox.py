@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.sandbox import local
+from consumer.sandbox import isolation, local
 from consumer.sandbox.base import NodeError, SandboxSpec
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
 from shared.settings import Settings
@@ -273,3 +273,25 @@ def test_workers_of_two_releases_on_one_host_each_run_their_own_runner(
     assert theirs != ours and theirs.read_bytes() == other.read_bytes()
     monkeypatch.undo()
     assert local._sandbox_runner() == ours and ours.read_bytes() == local.RUNNER.read_bytes()
+
+
+def test_a_cgroup_name_left_by_an_earlier_process_with_this_pid_is_passed_over() -> None:
+    # Cgroups are named pid-number; a worker killed with groups left (its spares) leaves names that a
+    # later process with the same pid would make next.
+    root, why = isolation.CgroupRoot.detect()
+    if root is None:
+        pytest.skip(f"no cgroups here ({why})")
+    following = next(isolation._counter) + 1
+    leftovers = [parent / f"{os.getpid()}-{following + i}" for parent in root.parents.values() for i in range(3)]
+    for folder in leftovers:
+        folder.mkdir()
+    group = None
+    try:
+        group = root.create(64 << 20, 16, 1.0)
+        assert all(folder.exists() for folder in leftovers)
+        assert all(folder.name == f"{os.getpid()}-{following + 3}" for folder in group.folders.values())
+    finally:
+        if group is not None:
+            group.remove()
+        for folder in leftovers:
+            folder.rmdir()

@@ -152,10 +152,20 @@ class CgroupRoot:
         return cls(1, parents), "cgroup v1"
 
     def create(self, memory_bytes: int, processes: int, cpus: float) -> SandboxCgroup:
-        name = f"{os.getpid()}-{next(_counter)}"
-        folders = {key: parent / name for key, parent in self.parents.items()}
-        for folder in folders.values():
-            folder.mkdir()
+        while True:
+            name = f"{os.getpid()}-{next(_counter)}"
+            folders = {key: parent / name for key, parent in self.parents.items()}
+            made: list[Path] = []
+            try:
+                for folder in folders.values():
+                    folder.mkdir()
+                    made.append(folder)
+                break
+            except FileExistsError:
+                # A group of an earlier process that had this pid (a worker killed with its spare groups
+                # kept): its name is taken, not ours to remove; the next number is free.
+                for folder in made:
+                    folder.rmdir()
         group = SandboxCgroup(self.version, folders)
         try:
             group.limit(memory_bytes, processes, cpus)
