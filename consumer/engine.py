@@ -26,7 +26,9 @@ The rules, NOVA's unless said otherwise:
   bounds count the node once). The failed attempt's record and a checkpoint naming the node and the
   attempts made are durable before the wait, so a worker that dies during it resumes at that node with
   the count kept. A wait that would end past the execution's deadline is not started: the node fails
-  with its last error. A dead sandbox (a node killed at its time limit) is replaced for the next attempt.
+  with its last error. The wait counts against the execution's time limit, also when the run resumes
+  at the node on another pass (a parked wait, a worker's crash): the checkpoint carries the time left.
+  A dead sandbox (a node killed at its time limit) is replaced for the next attempt.
 """
 
 from __future__ import annotations
@@ -60,13 +62,32 @@ class PendingRetry:
     failed: int  # attempts made so far, all failed
     first_step: int  # the step of its first attempt: the idempotency key every attempt shares
     due_ms: int  # wall-clock time (ms since the epoch) before which the next attempt does not start
+    # What is left of the execution's time limit once the wait is over: a run resumed at the node (after a
+    # parked wait, or on another worker) keeps its deadline instead of starting the clock again. Only the
+    # wait itself is counted, not a late pickup or a pause. None in checkpoints of older workers.
+    time_left_ms: int | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "failed": self.failed, "first_step": self.first_step, "due_ms": self.due_ms}
+        data: dict[str, Any] = {
+            "node_id": self.node_id,
+            "failed": self.failed,
+            "first_step": self.first_step,
+            "due_ms": self.due_ms,
+        }
+        if self.time_left_ms is not None:
+            data["time_left_ms"] = self.time_left_ms
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PendingRetry:
-        return cls(str(data["node_id"]), int(data["failed"]), int(data["first_step"]), int(data["due_ms"]))
+        left = data.get("time_left_ms")
+        return cls(
+            str(data["node_id"]),
+            int(data["failed"]),
+            int(data["first_step"]),
+            int(data["due_ms"]),
+            int(left) if left is not None else None,
+        )
 
 
 @dataclass
@@ -272,15 +293,20 @@ async def run_workflow(
     idempotency key); they are removed from what the node leaves behind. A node retry whose wait is
     at least `park_retries_after` seconds raises RetryParked instead of waiting (None: always wait).
     """
+    limit = definition.timeout or execution_timeout
+    deadline = time.monotonic() + limit
+    if resume is not None and resume.retry is not None and resume.retry.time_left_ms is not None:
+        # Resumed at a node's retry: the limit is what the run had left after the wait, not a new one.
+        deadline = time.monotonic() + min(resume.retry.time_left_ms / 1000, limit)
     run = _Run(
         definition,
         hooks,
-        _Sandboxes(open_sandbox, dataclasses.replace(spec, timeout=definition.timeout or execution_timeout)),
+        _Sandboxes(open_sandbox, dataclasses.replace(spec, timeout=limit)),
         # A fresh run is a resume from before the start node.
         resume or Checkpoint(step=0, next_node=definition.start.id, context=context),
         default_executor=default_executor,
         node_timeout=node_timeout,
-        deadline=time.monotonic() + (definition.timeout or execution_timeout),
+        deadline=deadline,
         extra_context=extra_context,
         park_retries_after=park_retries_after,
     )
@@ -414,12 +440,13 @@ class _Run:
         """Record the failed attempt and a checkpoint that runs the node again, from the context it was
         given, once `delay` has passed; the hooks make both durable before the loop waits."""
         due_ms = int((time.time() + delay) * 1000)
+        time_left_ms = int((self.deadline - time.monotonic() - delay) * 1000)
         if visit.merged is None:
             visit.stdout, visit.stderr = exc.stdout, exc.stderr
         record = self._record(visit, "failure", visit.merged, error=self._error(visit, exc))
         record.retry_at = _iso_ms(due_ms)
         node_id = visit.node.id
-        self.pending = PendingRetry(node_id, attempt.number, attempt.first_step, due_ms)
+        self.pending = PendingRetry(node_id, attempt.number, attempt.first_step, due_ms, time_left_ms)
         # The context stays the node's input: nothing of the failed attempt is kept.
         await self.hooks.node_finished(
             record, Checkpoint(self.step, node_id, self.ctx, self.visits, self.retries, self.pending)

@@ -245,6 +245,28 @@ async def test_the_wait_never_runs_past_the_execution_deadline(
     assert len(runs_of(counter)) == 1
 
 
+async def test_parked_waits_count_against_the_execution_deadline(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    counter = shared_file(shared_dir, "runs")
+    # Waits of 1.2 s, each parked (past NOVA_NODE_RETRY_PARK_AFTER, 1 s), in a workflow given 3 s: a run
+    # resumed from a parked wait keeps its first deadline, so at most 3 attempts start (at 0, 1.2 and 2.4 s)
+    # and the 4th wait is not begun. A resume that started the clock again would run all 5.
+    policy = {"attempts": 5, "backoff": {"initial": 1.2, "max": 1.2, "jitter": False}, "on": ["ConnectionError"]}
+    wf = await create_workflow(
+        redis, settings, pool, with_retry(linear(flaky(counter, 99)), "a1", policy) | {"timeout": 3}
+    )
+    async with in_process_worker(settings):
+        task = await enqueue(redis, settings, wf, {})
+        done = await wait_terminal(redis, settings, [task.task_id], timeout=30)
+    error = done[task.task_id].data["error"]
+    assert done[task.task_id].type == EventType.FAILED
+    assert (error["type"], error.get("retry_stopped")) == ("ConnectionError", "deadline")
+    events = await wait_for_events(redis, settings, lambda e: e.task_id == task.task_id and e.type == EventType.RETRY)
+    assert events, "the waits were parked"
+    assert 1 <= len(runs_of(counter)) <= 3
+
+
 async def test_cancel_during_the_backoff_wait_stops_the_run(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
 ) -> None:
