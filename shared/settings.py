@@ -7,6 +7,7 @@ NOVA is prefixed with ``NOVA_``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
@@ -310,6 +311,21 @@ class Settings(BaseSettings):
         parse_lane_weights(value)
         return value
 
+    @field_validator("sandbox_egress_allow")
+    @classmethod
+    def _egress_allow(cls, value: str) -> str:
+        for cidr in _cidrs(value):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"NOVA_SANDBOX_EGRESS_ALLOW: '{cidr}' is not an IP address or CIDR") from None
+        return value
+
+    @property
+    def egress_allow_list(self) -> list[str]:
+        """The CIDRs of NOVA_SANDBOX_EGRESS_ALLOW (checked at start)."""
+        return _cidrs(self.sandbox_egress_allow)
+
     @property
     def lane_weight_map(self) -> dict[Lane, int]:
         return parse_lane_weights(self.lane_weights)
@@ -355,6 +371,10 @@ class Settings(BaseSettings):
         if self.consumer_name:
             return self.consumer_name
         return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _cidrs(value: str) -> list[str]:
+    return [cidr.strip() for cidr in value.split(",") if cidr.strip()]
 
 
 def describe_settings() -> str:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from consumer.sandbox import isolation, local
 from consumer.sandbox.base import NodeError, SandboxSpec
@@ -295,3 +296,14 @@ def test_a_cgroup_name_left_by_an_earlier_process_with_this_pid_is_passed_over()
             group.remove()
         for folder in leftovers:
             folder.rmdir()
+
+
+def test_the_egress_allow_list_is_checked_at_start() -> None:
+    assert Settings(sandbox_egress_allow=" 10.88.0.2/32, fd12:3456::/48 ,").egress_allow_list == [
+        "10.88.0.2/32",
+        "fd12:3456::/48",
+    ]
+    # A typo is a clear error at start-up, not an allow-list that quietly lets nothing (or everything) through.
+    for bad in ("10.88.0.300/32", "10.0.0.0/33", "internal-api"):
+        with pytest.raises(ValidationError, match="NOVA_SANDBOX_EGRESS_ALLOW"):
+            Settings(sandbox_egress_allow=bad)

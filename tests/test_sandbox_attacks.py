@@ -618,6 +618,98 @@ async def test_egress_namespace_allows_the_allow_list_and_a_resolver_on_the_host
     assert out.decode().strip().split("|") == ["hello from 10.88.0.2", "OSError", "answer:query"], err.decode()[-3000:]
 
 
+# In a network and mount namespace of its own: a second worker starts once the host has an address in the
+# first worker's private block, so it picks another block and applies the host's table again; a live
+# sandbox of the first worker still reaches the resolver on the host's loopback.
+DNS_AFTER_ANOTHER_BLOCK_SCRIPT = """
+import asyncio, os, socket, subprocess, sys, tempfile, threading
+subprocess.run("ip link set lo up", shell=True, check=True)
+conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
+conf.write("nameserver 127.0.0.53\\n")
+conf.close()
+subprocess.run(["mount", "--bind", conf.name, "/etc/resolv.conf"], check=True)
+sys.path.insert(0, os.getcwd())
+from consumer.sandbox.base import SandboxSpec
+from consumer.sandbox.local import LocalSandboxProvider
+from shared.settings import Settings
+
+resolver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+resolver.bind(("127.0.0.53", 53))
+
+def answer():
+    while True:
+        data, peer = resolver.recvfrom(512)
+        resolver.sendto(b"answer:" + data, peer)
+
+threading.Thread(target=answer, daemon=True).start()
+CODE = '''
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+try:
+    s.sendto(b"query", ("127.0.0.53", 53))
+    context["out"] = s.recv(100).decode()
+except OSError as exc:
+    context["out"] = type(exc).__name__
+'''
+
+async def main():
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress", sandbox_launch="fork"))
+    try:
+        networks = provider.egress_networks
+        assert networks is not None, provider.statement()
+        box = await provider.open(SandboxSpec(execution_id=1, client="acme"))
+        print((await box.run_action("n", CODE, {}, 20)).context["out"], flush=True)
+        subprocess.run("ip link add taken0 type veth peer name taken1", shell=True, check=True)
+        subprocess.run(f"ip addr add {networks.block.network_address + 200 * 256 + 1}/24 dev taken0", shell=True,
+                       check=True)
+        second = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress", sandbox_launch="fork"))
+        try:
+            assert second.egress_networks is not None and second.egress_networks.block != networks.block
+            print((await box.run_action("n", CODE, {}, 20)).context["out"], flush=True)
+        finally:
+            await second.aclose()
+        await box.close()
+    finally:
+        await provider.aclose()
+
+asyncio.run(main())
+"""
+
+
+@isolated
+async def test_a_resolver_on_the_hosts_loopback_stays_reachable_whichever_block_the_table_names(launch: str) -> None:
+    skip_without_egress_namespaces(launch)
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--net", "--mount", sys.executable, "-c", DNS_AFTER_ANOTHER_BLOCK_SCRIPT,
+        cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert out.decode().split() == ["answer:query", "answer:query"], err.decode()[-3000:]
+
+
+# In a network namespace of its own: sandboxes in namespaces have no IPv6, so an IPv6 entry of the
+# allow-list cannot be reached from them; the worker says so at start-up rather than let it fail quietly.
+IPV6_ALLOW_SCRIPT = """
+import logging, subprocess, sys
+subprocess.run("ip link set lo up".split(), check=True)
+logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
+from consumer.sandbox.netns import EgressNetworks
+networks, why = EgressNetworks.start(["fd12:3456::/48", "10.88.0.2/32"])
+assert networks is not None, why
+networks.close()
+"""
+
+
+@isolated
+async def test_an_ipv6_allow_list_entry_is_said_to_be_out_of_reach(launch: str, tmp_path: Path) -> None:
+    skip_without_egress_namespaces(launch)
+    out = await in_own_netns(IPV6_ALLOW_SCRIPT, tmp_path)
+    said = [line for line in out.splitlines() if "fd12:3456::/48" in line]
+    assert len(said) == 1 and "no IPv6" in said[0] and "10.88.0.2" not in said[0], out
+
+
 async def in_own_netns(script: str, tmp_path: Path) -> str:
     """What `script` prints, run by this Python in a network namespace of its own with `tmp_path` as its
     TMPDIR (so its slot leases are its own), from the project's folder; it must succeed."""

@@ -471,7 +471,7 @@ class LocalSandboxProvider:
             self.cgroups, cgroups_why = CgroupRoot.detect()
         egress_why = "not needed"
         self.egress_networks: EgressNetworks | None = None
-        allow = [cidr.strip() for cidr in settings.sandbox_egress_allow.split(",") if cidr.strip()]
+        allow = settings.egress_allow_list
         netns_why = "the fork server is not in use"
         if self.network == "egress" and self.launcher == "fork server":
             self.egress_networks, netns_why = EgressNetworks.start(allow)

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consumer.sandbox.isolation import BLOCKED_V4, BLOCKED_V6, FlockLease, nameservers
+from consumer.sandbox.isolation import BLOCKED_V4, FlockLease, nameservers
 from consumer.sandbox.zygote import CLONE_NEWNET, new_netns, setns
 
 log = logging.getLogger(__name__)
@@ -78,26 +78,25 @@ def _elements(cidrs: list[str]) -> str:
     return f"elements = {{ {', '.join(cidrs)} }}" if cidrs else ""
 
 
-def host_ruleset(block: str, allow: list[str], resolvers: list[str]) -> str:
+def host_ruleset(allow: list[str], resolvers: list[str]) -> str:
     """The host's table: forward, NAT and the refusals, for every sandbox interface at once."""
-    nets = [ipaddress.ip_network(c, strict=False) for c in allow]
-    allow4 = [str(n) for n in nets if n.version == 4]
-    allow6 = [str(n) for n in nets if n.version == 6]
+    # Sandboxes in a namespace have no IPv6 (README, Sandboxes): IPv6 entries cannot apply (start() says so).
+    allow4 = [str(n) for n in (ipaddress.ip_network(c, strict=False) for c in allow) if n.version == 4]
     servers = [ipaddress.ip_address(r) for r in resolvers]
     dns4 = [str(s) for s in servers if s.version == 4 and not s.is_loopback]
     loopback = [str(s) for s in servers if s.version == 4 and s.is_loopback][:1]
     sb = f'"{IFNAME_PREFIX}*"'
     dnat = ""
     if loopback:
-        dnat = f"iifname {sb} ip daddr {block} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {loopback[0]}"
+        # To the host itself (the veth's host side): matched by type, not by the block, which a worker that
+        # started while the host's routes differed may have chosen otherwise.
+        dnat = f"iifname {sb} fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {loopback[0]}"
     return f"""table {TABLE}
 delete table {TABLE}
 table {TABLE} {{
     set allow4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(allow4)} }}
-    set allow6 {{ type ipv6_addr; flags interval; auto-merge; {_elements(allow6)} }}
     set dns4 {{ type ipv4_addr; {_elements(dns4)} }}
     set blocked4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(list(BLOCKED_V4))} }}
-    set blocked6 {{ type ipv6_addr; flags interval; auto-merge; {_elements(list(BLOCKED_V6))} }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         {dnat}
@@ -119,10 +118,10 @@ table {TABLE} {{
     }}
     chain from_sandbox {{
         ip daddr @allow4 accept
-        ip6 daddr @allow6 accept
         ip daddr @dns4 meta l4proto {{ tcp, udp }} th dport 53 accept
         ip daddr @blocked4 {_REJECT}
-        ip6 daddr @blocked6 {_REJECT}
+        # None is expected (their interfaces have IPv6 off): refused whole should that ever change.
+        meta nfproto ipv6 {_REJECT}
     }}
 }}
 """
@@ -203,6 +202,13 @@ class EgressNetworks:
         except ImportError:
             return None, "pyroute2 is not installed"
         resolvers = [r for r in nameservers() if _is_ip(r)]
+        unreachable = [c for c in allow if ipaddress.ip_network(c, strict=False).version == 6]
+        if unreachable:
+            log.warning(
+                "sandbox networks: NOVA_SANDBOX_EGRESS_ALLOW entries %s are out of reach: sandboxes in network "
+                "namespaces have no IPv6; name the hosts' IPv4 addresses",
+                ", ".join(unreachable),
+            )
         networks = cls(nft, resolvers)
         try:
             # On the slot thread: pyroute2's synchronous API runs an event loop, which cannot nest in
@@ -216,7 +222,7 @@ class EgressNetworks:
 
     def _prepare_host(self, allow: list[str]) -> None:
         self.block = ipaddress.ip_network(_host_block())
-        _nft(self.nft, host_ruleset(str(self.block), allow, self.resolvers))
+        _nft(self.nft, host_ruleset(allow, self.resolvers))
         if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0":
             # Host-wide: the ruleset handles only the sandboxes' interfaces, so the host now forwards
             # between its others too (README, Sandboxes); said once, by the worker that turned it on.
