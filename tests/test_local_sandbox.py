@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -277,20 +278,21 @@ def test_workers_of_two_releases_on_one_host_each_run_their_own_runner(
 
 
 def test_a_cgroup_name_left_by_an_earlier_process_with_this_pid_is_passed_over() -> None:
-    # Cgroups are named pid-number; a worker killed with groups left (its spares) leaves names that a
+    # Cgroups are named pidns-pid-number; a worker killed with groups left (its spares) leaves names that a
     # later process with the same pid would make next.
     root, why = isolation.CgroupRoot.detect()
     if root is None:
         pytest.skip(f"no cgroups here ({why})")
     following = next(isolation._counter) + 1
-    leftovers = [parent / f"{os.getpid()}-{following + i}" for parent in root.parents.values() for i in range(3)]
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    leftovers = [parent / f"{ns}-{os.getpid()}-{following + i}" for parent in root.parents.values() for i in range(3)]
     for folder in leftovers:
         folder.mkdir()
     group = None
     try:
         group = root.create(64 << 20, 16, 1.0)
         assert all(folder.exists() for folder in leftovers)
-        assert all(folder.name == f"{os.getpid()}-{following + 3}" for folder in group.folders.values())
+        assert all(folder.name == f"{ns}-{os.getpid()}-{following + 3}" for folder in group.folders.values())
     finally:
         if group is not None:
             group.remove()
@@ -307,3 +309,42 @@ def test_the_egress_allow_list_is_checked_at_start() -> None:
     for bad in ("10.88.0.300/32", "10.0.0.0/33", "internal-api"):
         with pytest.raises(ValidationError, match="NOVA_SANDBOX_EGRESS_ALLOW"):
             Settings(sandbox_egress_allow=bad)
+
+
+def test_a_killed_workers_cgroups_are_swept_at_the_next_start() -> None:
+    # Groups are named <pid namespace>-<pid>-<number>. A worker killed with groups left (its spares, or a
+    # sandbox still in one) leaves them; the next worker of the host removes those whose maker is gone,
+    # killing what is left in them, and leaves alone those of live workers and of other pid namespaces
+    # (another container sharing the hierarchy, whose pids mean nothing here).
+    root, why = isolation.CgroupRoot.detect()
+    if root is None:
+        pytest.skip(f"no cgroups here ({why})")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    names = {
+        "dead": f"{ns}-{gone.pid}-0",
+        "dead_busy": f"{ns}-{gone.pid}-1",
+        "alive": f"{ns}-{os.getpid()}-999999",
+        "other_ns": f"{ns + 1}-{gone.pid}-0",
+    }
+    folders = {key: [parent / name for parent in root.parents.values()] for key, name in names.items()}
+    for group in folders.values():
+        for folder in group:
+            folder.mkdir()
+    orphan = subprocess.Popen(["sleep", "60"])
+    try:
+        for folder in folders["dead_busy"]:
+            (folder / "cgroup.procs").write_text(str(orphan.pid))
+        again, _ = isolation.CgroupRoot.detect()
+        assert again is not None
+        assert orphan.wait(timeout=10) == -9
+        assert not any(folder.exists() for key in ("dead", "dead_busy") for folder in folders[key])
+        assert all(folder.exists() for key in ("alive", "other_ns") for folder in folders[key])
+    finally:
+        orphan.kill()
+        orphan.wait()
+        for group in folders.values():
+            for folder in group:
+                if folder.exists():
+                    folder.rmdir()

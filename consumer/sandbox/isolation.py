@@ -43,6 +43,9 @@ _CGROUP_FS = Path("/sys/fs/cgroup")
 _V1_CONTROLLERS = ("memory", "pids", "cpu")
 _CFS_PERIOD_US = 100_000
 _counter = itertools.count()
+# Group names start with the pid namespace of the worker that made them: a sweep judges only its own
+# namespace's pids (another container sharing the hierarchy has pids that mean nothing here).
+_PIDNS = os.stat("/proc/self/ns/pid").st_ino
 
 
 def find_bwrap() -> str | None:
@@ -137,7 +140,9 @@ class CgroupRoot:
                 _enable_v2_controllers(parent)
             except OSError as exc:
                 return None, f"cgroup v2 not writable here ({exc})"
-            return cls(2, {"": parent}), "cgroup v2"
+            root = cls(2, {"": parent})
+            root.sweep()
+            return root, "cgroup v2"
         parents: dict[str, Path] = {}
         for name in _V1_CONTROLLERS:
             base = _CGROUP_FS / name
@@ -149,11 +154,34 @@ class CgroupRoot:
             except OSError as exc:
                 return None, f"cgroup v1 '{name}' not writable here ({exc})"
             parents[name] = parent
-        return cls(1, parents), "cgroup v1"
+        root = cls(1, parents)
+        root.sweep()
+        return root, "cgroup v1"
+
+    def sweep(self) -> None:
+        """Remove the groups of workers of this pid namespace that are gone (killed with spare groups,
+        or with a sandbox still in one: what is left in them is killed first)."""
+        names = {folder.name for parent in self.parents.values() for folder in _children(parent)}
+        for name in names:
+            parts = name.split("-")
+            earlier = len(parts) == 2  # pid-number, of an earlier release: removed only if empty
+            ns, pid = (str(_PIDNS), parts[0]) if earlier else (parts[0], parts[1] if len(parts) == 3 else "")
+            if ns != str(_PIDNS) or not pid.isdigit() or _alive(int(pid)):
+                continue
+            group = SandboxCgroup(self.version, {key: parent / name for key, parent in self.parents.items()})
+            if earlier:
+                group.remove()
+                continue
+            for leftover in group.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(leftover, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while not group.remove() and time.monotonic() < deadline:
+                time.sleep(0.005)  # killed processes leave their groups a moment later
 
     def create(self, memory_bytes: int, processes: int, cpus: float) -> SandboxCgroup:
         while True:
-            name = f"{os.getpid()}-{next(_counter)}"
+            name = f"{_PIDNS}-{os.getpid()}-{next(_counter)}"
             folders = {key: parent / name for key, parent in self.parents.items()}
             made: list[Path] = []
             try:
@@ -173,6 +201,22 @@ class CgroupRoot:
             group.remove()
             raise
         return group
+
+
+def _children(parent: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return [child for child in parent.iterdir() if child.is_dir()]
+    return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _enable_v2_controllers(parent: Path) -> None:
