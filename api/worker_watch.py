@@ -4,13 +4,15 @@ is alive in the group or requests wait longer than `NOVA_ALERT_PENDING_AGE`, an 
 
 Each API process checks every `NOVA_ALERT_CHECK_INTERVAL`; a key set with NX (`{prefix}:alerts:{reason}`,
 expiring after `NOVA_ALERT_REPEAT`) makes one alert per reason and interval, however many API replicas
-there are. The API also sends due webhook deliveries itself, so the alert leaves while no worker runs.
+there are. The API also sends due webhook deliveries itself, so the alert leaves while no worker runs. No worker
+is said to be missing before the API has watched for one visibility timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import sentry_sdk
 from redis.asyncio import Redis
@@ -33,6 +35,9 @@ class WorkerWatch:
         self.keys = Keys.from_settings(settings)
         self.registry = WebhookRegistry(redis, self.keys, settings)
         self.names = WebhookKeys(self.keys)
+        # A worker is live if it read or heartbeat within the visibility timeout: until this API has
+        # watched that long, workers starting beside it (a fresh install, a deploy) are not yet missing.
+        self._quiet_until = time.monotonic() + settings.visibility_timeout
 
     async def run(self, stop: asyncio.Event) -> None:
         # Deliveries (alerts among them) go out from the API as well: the workers may be what is down.
@@ -53,6 +58,8 @@ class WorkerWatch:
         """Check, and raise the alerts not raised within the repeat interval; returns those raised."""
         raised = []
         for alert in await check_workers(self.redis, self.keys, self.settings):
+            if alert.reason == "no_live_worker" and time.monotonic() < self._quiet_until:
+                continue
             key = f"{self.keys.prefix}:alerts:{alert.reason}"
             if await self.redis.set(key, now_iso(), nx=True, ex=max(int(self.settings.alert_repeat), 1)):
                 await self.raise_alert(alert)

@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
@@ -506,6 +507,20 @@ async def test_the_api_alerts_operators_when_no_worker_is_alive(
     body = orjson.loads(receiver.accepted("/ops")[webhook_id][0])
     assert body["type"] == "workers.unavailable" and body["data"]["reason"] == "no_live_worker"
     assert receiver.bad_signatures == []
+
+
+async def test_a_starting_api_waits_one_visibility_timeout_before_it_says_no_worker_is_alive(
+    redis: Redis, hook_settings: Settings
+) -> None:
+    """A fresh install, or an API that comes up before its workers: no alert while the workers may still be
+    starting; once the API has watched for one visibility timeout with none live, the alert goes out."""
+    settings = hook_settings.model_copy(
+        update={"visibility_timeout": 2.0, "run_webhooks": False, "key_prefix": f"fresh{uuid.uuid4().hex[:8]}"}
+    )
+    watch = WorkerWatch(settings, redis)
+    assert await watch.check_once() == []
+    await asyncio.sleep(2.0)
+    assert [a.reason for a in await watch.check_once()] == ["no_live_worker"]
 
 
 async def test_requests_waiting_past_the_threshold_raise_an_alert_until_a_worker_takes_them(
