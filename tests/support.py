@@ -460,3 +460,11 @@ async def stop_in_a_lost_cancel_window(
         monkeypatch.undo()
     assert stopping, f"{what} sent no command"
     return stopping[0]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a running process: a zombie is dead for a test's purposes (reaped later)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

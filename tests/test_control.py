@@ -32,6 +32,7 @@ from tests.support import (
     in_process_worker,
     kill9,
     linear,
+    process_alive,
     ready_for_scripts,
     script_keys,
     start_worker_process,
@@ -244,7 +245,7 @@ def _sandboxes(path: Path) -> list[tuple[int, int]]:
 
 def _sandbox_alive(uid: int, pid: int) -> bool:
     if uid == os.getuid():
-        return _alive(pid)
+        return process_alive(pid)
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             lines = status.read_text().splitlines()
@@ -258,20 +259,6 @@ def _sandbox_alive(uid: int, pid: int) -> bool:
 
 
 SLOW = "import time\nfor _ in range(300): time.sleep(0.1)\ncontext['slow'] = True"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes: reaped by its parent later.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 async def test_cancel_stops_a_running_node_and_kills_its_sandbox(

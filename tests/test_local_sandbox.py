@@ -14,6 +14,7 @@ from consumer.sandbox import isolation, local
 from consumer.sandbox.base import NodeError, SandboxSpec
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
 from shared.settings import Settings
+from tests.support import process_alive
 
 
 @pytest.fixture
@@ -26,14 +27,6 @@ async def provider() -> AsyncIterator[LocalSandboxProvider]:
 
 async def sandbox(provider: LocalSandboxProvider, execution_id: int = 1, **secrets: str) -> LocalSandbox:
     return await provider.open(SandboxSpec(execution_id=execution_id, client="acme", secrets=secrets))
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/status").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
 
 
 def in_workdir(sb: LocalSandbox, name: str) -> Path:
@@ -81,7 +74,7 @@ async def test_infinite_loop_times_out_and_kills_the_process(provider: LocalSand
     with pytest.raises(NodeError) as info:
         await sb.run_action("spin", "while True: pass", {}, 0.5)
     assert info.value.reason == "timeout" and "spin" in info.value.message and "0.5s" in info.value.message
-    assert not alive(sb.pid) and not in_workdir(sb, "").exists()
+    assert not process_alive(sb.pid) and not in_workdir(sb, "").exists()
 
 
 async def test_memory_bomb_fails_the_node_only(provider: LocalSandboxProvider) -> None:
@@ -146,7 +139,7 @@ async def test_close_kills_the_process_and_removes_its_directory(provider: Local
     assert in_workdir(sb, "scratch.txt").read_text() == "x"
     await sb.close()
     await sb.close()  # idempotent
-    assert not alive(sb.pid) and not in_workdir(sb, "scratch.txt").exists() and not in_workdir(sb, "").exists()
+    assert not process_alive(sb.pid) and not in_workdir(sb, "scratch.txt").exists() and not in_workdir(sb, "").exists()
 
 
 async def test_pool_never_hands_out_a_process_twice(provider: LocalSandboxProvider) -> None:
@@ -236,7 +229,7 @@ async def test_a_forged_frame_header_fails_the_node_without_reading_it(provider:
     with pytest.raises(NodeError) as info:
         await sb.run_action("forger", code, {}, 10)
     assert info.value.reason == "limit:output" and "314572800 bytes" in info.value.message
-    assert sb.dead and not alive(sb.pid)
+    assert sb.dead and not process_alive(sb.pid)
 
 
 async def test_a_reply_that_is_not_json_fails_the_node(provider: LocalSandboxProvider) -> None:

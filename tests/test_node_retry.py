@@ -227,20 +227,32 @@ async def test_a_node_killed_at_its_time_limit_is_retried_in_a_fresh_sandbox(
     assert (failed.data["error"]["reason"], failed.data["attempt"]) == ("timeout", 1)
 
 
+async def _always_failing(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, counter: Path, wait: float, attempts: int, timeout: float
+) -> tuple[str, dict[str, Any]]:
+    """Run a workflow whose a1 always fails with a retryable error, waits `wait` s between attempts and
+    has `timeout` s in all: the task id and its terminal error (it must fail)."""
+    policy = {
+        "attempts": attempts,
+        "backoff": {"initial": wait, "max": wait, "jitter": False},
+        "on": ["ConnectionError"],
+    }
+    wf = await create_workflow(
+        redis, settings, pool, with_retry(linear(flaky(counter, 99)), "a1", policy) | {"timeout": timeout}
+    )
+    async with in_process_worker(settings):
+        task = await enqueue(redis, settings, wf, {})
+        done = await wait_terminal(redis, settings, [task.task_id], timeout=30)
+    assert done[task.task_id].type == EventType.FAILED
+    return task.task_id, done[task.task_id].data["error"]
+
+
 async def test_the_wait_never_runs_past_the_execution_deadline(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
 ) -> None:
     counter = shared_file(shared_dir, "runs")
     # A 60 s wait in a workflow given 20 s: the node fails at once with its error rather than wait.
-    policy = {"attempts": 3, "backoff": {"initial": 60, "max": 60, "jitter": False}, "on": ["ConnectionError"]}
-    wf = await create_workflow(
-        redis, settings, pool, with_retry(linear(flaky(counter, 99)), "a1", policy) | {"timeout": 20}
-    )
-    async with in_process_worker(settings):
-        task = await enqueue(redis, settings, wf, {})
-        done = await wait_terminal(redis, settings, [task.task_id], timeout=15)
-    error = done[task.task_id].data["error"]
-    assert done[task.task_id].type == EventType.FAILED
+    _, error = await _always_failing(redis, settings, pool, counter, wait=60, attempts=3, timeout=20)
     assert (error["type"], error["attempt"], error["retry_stopped"]) == ("ConnectionError", 1, "deadline")
     assert len(runs_of(counter)) == 1
 
@@ -252,17 +264,9 @@ async def test_parked_waits_count_against_the_execution_deadline(
     # Waits of 1.2 s, each parked (past NOVA_NODE_RETRY_PARK_AFTER, 1 s), in a workflow given 3 s: a run
     # resumed from a parked wait keeps its first deadline, so at most 3 attempts start (at 0, 1.2 and 2.4 s)
     # and the 4th wait is not begun. A resume that started the clock again would run all 5.
-    policy = {"attempts": 5, "backoff": {"initial": 1.2, "max": 1.2, "jitter": False}, "on": ["ConnectionError"]}
-    wf = await create_workflow(
-        redis, settings, pool, with_retry(linear(flaky(counter, 99)), "a1", policy) | {"timeout": 3}
-    )
-    async with in_process_worker(settings):
-        task = await enqueue(redis, settings, wf, {})
-        done = await wait_terminal(redis, settings, [task.task_id], timeout=30)
-    error = done[task.task_id].data["error"]
-    assert done[task.task_id].type == EventType.FAILED
+    task_id, error = await _always_failing(redis, settings, pool, counter, wait=1.2, attempts=5, timeout=3)
     assert (error["type"], error.get("retry_stopped")) == ("ConnectionError", "deadline")
-    events = await wait_for_events(redis, settings, lambda e: e.task_id == task.task_id and e.type == EventType.RETRY)
+    events = await wait_for_events(redis, settings, lambda e: e.task_id == task_id and e.type == EventType.RETRY)
     assert events, "the waits were parked"
     assert 1 <= len(runs_of(counter)) <= 3
 

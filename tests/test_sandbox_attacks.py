@@ -546,10 +546,9 @@ async def test_two_live_egress_sandboxes_are_in_different_network_namespaces(lau
     assert again == seen[0]
 
 
-# In a network and mount namespace of its own (so neither its allow-list nor its resolv.conf touches the
-# machine's): a worker's egress sandbox reaches an allow-listed private host, and a resolver on the
-# host's loopback named by resolv.conf; another private host stays refused.
-ALLOW_AND_DNS_SCRIPT = """
+# Run in a network and mount namespace of its own: resolv.conf names a resolver on the host's loopback
+# (127.0.0.53), which answers every query with "answer:" and the query.
+LOOPBACK_RESOLVER = """
 import asyncio, os, socket, subprocess, sys, tempfile, threading
 subprocess.run("ip link set lo up", shell=True, check=True)
 conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
@@ -557,7 +556,6 @@ conf.write("nameserver 127.0.0.53\\n")
 conf.close()
 subprocess.run(["mount", "--bind", conf.name, "/etc/resolv.conf"], check=True)
 sys.path.insert(0, os.getcwd())
-from tests.test_sandbox_attacks import OutsideHost
 from consumer.sandbox.base import SandboxSpec
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.settings import Settings
@@ -566,10 +564,21 @@ resolver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 resolver.bind(("127.0.0.53", 53))
 
 def answer():
-    data, peer = resolver.recvfrom(512)
-    resolver.sendto(b"answer:" + data, peer)
+    while True:
+        data, peer = resolver.recvfrom(512)
+        resolver.sendto(b"answer:" + data, peer)
 
 threading.Thread(target=answer, daemon=True).start()
+"""
+
+
+# In a network and mount namespace of its own (so neither its allow-list nor its resolv.conf touches the
+# machine's): a worker's egress sandbox reaches an allow-listed private host, and a resolver on the
+# host's loopback named by resolv.conf; another private host stays refused.
+ALLOW_AND_DNS_SCRIPT = (
+    LOOPBACK_RESOLVER
+    + """
+from tests.test_sandbox_attacks import OutsideHost
 CODE = '''
 import socket
 out = []
@@ -604,44 +613,24 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 @isolated
-async def test_egress_namespace_allows_the_allow_list_and_a_resolver_on_the_hosts_loopback(launch: str) -> None:
+async def test_egress_namespace_allows_the_allow_list_and_a_resolver_on_the_hosts_loopback(
+    launch: str, tmp_path: Path
+) -> None:
     skip_without_egress_namespaces(launch)
-    proc = await asyncio.create_subprocess_exec(
-        "unshare", "--net", "--mount", sys.executable, "-c", ALLOW_AND_DNS_SCRIPT,
-        cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    assert out.decode().strip().split("|") == ["hello from 10.88.0.2", "OSError", "answer:query"], err.decode()[-3000:]
+    out = await in_own_netns(ALLOW_AND_DNS_SCRIPT, tmp_path, mount=True)
+    assert out.strip().split("|") == ["hello from 10.88.0.2", "OSError", "answer:query"], out
 
 
 # In a network and mount namespace of its own: a second worker starts once the host has an address in the
 # first worker's private block, so it picks another block and applies the host's table again; a live
 # sandbox of the first worker still reaches the resolver on the host's loopback.
-DNS_AFTER_ANOTHER_BLOCK_SCRIPT = """
-import asyncio, os, socket, subprocess, sys, tempfile, threading
-subprocess.run("ip link set lo up", shell=True, check=True)
-conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
-conf.write("nameserver 127.0.0.53\\n")
-conf.close()
-subprocess.run(["mount", "--bind", conf.name, "/etc/resolv.conf"], check=True)
-sys.path.insert(0, os.getcwd())
-from consumer.sandbox.base import SandboxSpec
-from consumer.sandbox.local import LocalSandboxProvider
-from shared.settings import Settings
-
-resolver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-resolver.bind(("127.0.0.53", 53))
-
-def answer():
-    while True:
-        data, peer = resolver.recvfrom(512)
-        resolver.sendto(b"answer:" + data, peer)
-
-threading.Thread(target=answer, daemon=True).start()
+DNS_AFTER_ANOTHER_BLOCK_SCRIPT = (
+    LOOPBACK_RESOLVER
+    + """
 CODE = '''
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -675,18 +664,16 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 @isolated
-async def test_a_resolver_on_the_hosts_loopback_stays_reachable_whichever_block_the_table_names(launch: str) -> None:
+async def test_a_resolver_on_the_hosts_loopback_stays_reachable_whichever_block_the_table_names(
+    launch: str, tmp_path: Path
+) -> None:
     skip_without_egress_namespaces(launch)
-    proc = await asyncio.create_subprocess_exec(
-        "unshare", "--net", "--mount", sys.executable, "-c", DNS_AFTER_ANOTHER_BLOCK_SCRIPT,
-        cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    assert out.decode().split() == ["answer:query", "answer:query"], err.decode()[-3000:]
+    out = await in_own_netns(DNS_AFTER_ANOTHER_BLOCK_SCRIPT, tmp_path, mount=True)
+    assert out.split() == ["answer:query", "answer:query"], out
 
 
 # In a network namespace of its own: sandboxes in namespaces have no IPv6, so an IPv6 entry of the
@@ -710,12 +697,14 @@ async def test_an_ipv6_allow_list_entry_is_said_to_be_out_of_reach(launch: str, 
     assert len(said) == 1 and "no IPv6" in said[0] and "10.88.0.2" not in said[0], out
 
 
-async def in_own_netns(script: str, tmp_path: Path) -> str:
-    """What `script` prints, run by this Python in a network namespace of its own with `tmp_path` as its
-    TMPDIR (so its slot leases are its own), from the project's folder; it must succeed."""
+async def in_own_netns(script: str, tmp_path: Path, mount: bool = False) -> str:
+    """What `script` prints, run by this Python in a network namespace of its own (and a mount namespace,
+    with `mount`) with `tmp_path` as its TMPDIR (so its slot leases are its own), from the project's
+    folder; it must succeed."""
     proc = await asyncio.create_subprocess_exec(
-        "unshare", "--net", sys.executable, "-c", script, cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "unshare", "--net", *(["--mount"] if mount else []), sys.executable, "-c", script,
+        cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()[-3000:]
