@@ -546,6 +546,44 @@ async def test_two_live_egress_sandboxes_are_in_different_network_namespaces(lau
     assert again == seen[0]
 
 
+# Node code: serve a greeting on port 9000 of every address of its sandbox from a thread that outlives
+# the node (the sandbox lives on for the execution's next nodes), and give the sandbox's own address.
+_LISTEN = (
+    "import socket, threading\n"
+    "server = socket.socket()\n"
+    "server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "server.bind(('0.0.0.0', 9000))\n"
+    "server.listen()\n"
+    "def serve():\n"
+    "    while True:\n"
+    "        conn, _ = server.accept()\n"
+    "        conn.sendall(b'hello from a sandbox')\n"
+    "        conn.close()\n"
+    "threading.Thread(target=serve, daemon=True).start()\n"
+    "probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "probe.connect(('203.0.113.1', 9))\n"
+    "context['address'] = probe.getsockname()[0]\n"
+)
+
+
+@isolated
+async def test_an_egress_sandbox_cannot_reach_another_live_sandbox(launch: str) -> None:
+    skip_without_egress_namespaces(launch)
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
+    try:
+        listener, other = await open_box(provider, 1, "acme"), await open_box(provider, 2, "globex")
+        address = (await listener.run_action("listen", _LISTEN, {}, 5)).context["address"]
+        # The listener answers in its own sandbox: what the other one gets is the network's refusal.
+        own = (await listener.run_action("self", _reach(address, 9000), {}, 10)).context["reached"]
+        theirs = (await other.run_action("other", _reach(address, 9000), {}, 10)).context["reached"]
+        await listener.close()
+        await other.close()
+    finally:
+        await provider.aclose()
+    assert own == "hello from a sandbox"
+    assert theirs == "OSError", theirs
+
+
 # Run in a network and mount namespace of its own: resolv.conf names a resolver on the host's loopback
 # (127.0.0.53), which answers every query with "answer:" and the query.
 LOOPBACK_RESOLVER = """
