@@ -53,7 +53,7 @@ from cli.faultproxy import FaultProxy
 from shared.connections import create_redis
 from shared.db import migrate_url
 from shared.settings import Settings
-from shared.streams import TERMINAL_STATUSES, Keys
+from shared.streams import TERMINAL_STATUSES, Keys, TaskField
 
 # The worker's line when its watchdog gives its runs up (consumer/worker.py), as `nova` logs it.
 _GAVE_UP = re.compile(
@@ -410,6 +410,9 @@ class Chaos:
             "chains_not_matching_runs": rows["bad_chains"],
             "events_written_twice": sum(n - 1 for n in events.values() if n > 1),
             "projected": rows["projected"],
+            # What ended otherwise than its workflow must (succeed, or fail at its node): the first few,
+            # with their errors, so that a count off by one says why.
+            "unexpected": await self._unexpected(redis, keys, accepted, statuses),
         }
         if self.long_nodes:
             report["long_succeeded"] = f"{sum(1 for t in long_ids if statuses.get(t) == 'SUCCESS')}/{len(long_ids)}"
@@ -418,6 +421,20 @@ class Chaos:
         if self.bad_bytes:
             report["bad_bytes_dead_lettered"] = f"{bad_dead}/{len(bad)}"
         return report
+
+    async def _unexpected(
+        self, redis: Redis, keys: Keys, accepted: dict[str, str], statuses: dict[str, str | None]
+    ) -> list[dict[str, Any]]:
+        wrong = [t for t, kind in accepted.items() if statuses.get(t) != ("FAILURE" if kind == "fail" else "SUCCESS")][
+            :5
+        ]
+        found = []
+        for task_id in wrong:
+            error = await redis.hget(keys.task(task_id), TaskField.ERROR)
+            found.append(
+                {"task_id": task_id, "kind": accepted[task_id], "status": statuses.get(task_id), "error": error}
+            )
+        return found
 
     async def _dead_letters(self, bad: set[str]) -> tuple[int, int]:
         """Poison entries dead-lettered as malformed, and bad-bytes entries dead-lettered with a readable reason.

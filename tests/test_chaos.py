@@ -31,6 +31,7 @@ async def test_small_chaos_run_loses_and_duplicates_nothing() -> None:
     assert report["accepted"] == 200, report
     assert report["lost"] == 0 and report["duplicated"] == 0, report
     assert report["succeeded"] + report["failed"] + report["dead"] == 200, report
+    assert report["unexpected"] == [], str(report["unexpected"])
     assert report["failed"] == 20 and report["poison_dead_lettered"] == "2/2", report
     assert report["worker_kills"] >= 3, report
 
