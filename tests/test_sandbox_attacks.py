@@ -860,3 +860,58 @@ async def test_another_workers_start_and_end_leave_a_live_egress_sandbox_working
     finally:
         await first.aclose()
     assert seen["reached"] == f"hello from {internet.address}" and seen["lan"] == "OSError", seen
+
+
+# --- the reply channel: node code runs in the runner's interpreter and can write frames of its own ---
+
+# Writes one frame of its choosing on the runner's reply pipe (fd 4: the runner's private copy of its
+# stdout, as /proc/self/fd shows it), then waits for the worker to take it for the node's reply.
+FORGE = """
+import json, os, struct, time
+payload = json.dumps({reply}).encode()
+os.write(4, struct.pack('>I', len(payload)) + payload)
+time.sleep(5)
+"""
+
+FORGED_REPLIES = [
+    {"ok": True},  # no context
+    {"ok": True, "context": [1, 2]},
+    {"ok": True, "context": {}, "stdout": 5},
+    {"ok": False, "error": "not an object"},
+    {"ok": False, "error": {"type": "X", "message": {"not": "text"}}},
+    {"context": {}},  # no ok
+]
+
+
+@isolated
+@pytest.mark.parametrize(
+    "reply", FORGED_REPLIES, ids=lambda r: "-".join(f"{k}={type(v).__name__}" for k, v in r.items())
+)
+async def test_a_forged_reply_of_the_wrong_shape_fails_the_node(
+    provider: LocalSandboxProvider, reply: dict[str, object]
+) -> None:
+    sb = await open_box(provider, 1)
+    try:
+        with pytest.raises(NodeError) as info:
+            await sb.run_action("forge", FORGE.format(reply=reply), {}, 20)
+        assert info.value.type == "BadReply" and info.value.reason == "output", info.value
+        assert sb.dead  # the protocol is out of step: the sandbox is not trusted after it
+    finally:
+        await sb.close()
+
+
+@isolated
+async def test_a_forged_reply_fails_the_execution_once_not_on_every_redelivery(
+    settings: Settings, redis: Redis, pool: asyncpg.Pool
+) -> None:
+    # Before: a KeyError in the worker, "unexpected error; left pending for redelivery": the node ran on
+    # every delivery until the entry was dead-lettered for max_deliveries.
+    from shared.events import EventType
+
+    wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1", FORGE.format(reply={"ok": True})))
+    task = await enqueue(redis, settings, wf)
+    async with in_process_worker(settings, sandbox_network="none"):
+        done = (await wait_terminal(redis, settings, [task.task_id]))[task.task_id]
+    assert done.type == EventType.FAILED, done.data
+    error = done.data["error"]
+    assert error["node_id"] == "a2" and error["type"] == "BadReply" and error["reason"] == "output", error
