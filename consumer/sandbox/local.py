@@ -53,7 +53,7 @@ from consumer.sandbox.isolation import (
     probe_bwrap,
 )
 from consumer.sandbox.netns import EgressNetworks, NetSlot
-from consumer.sandbox.runner_client import RunnerSandbox
+from consumer.sandbox.runner_client import RunnerSandbox, reply_problem
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,9 @@ class LocalSandbox(RunnerSandbox):
             try:
                 await self._send(request)
                 reply = await asyncio.wait_for(self._receive(), timeout)
+                problem = reply_problem(reply)
+                if problem is not None:
+                    raise BadReply(problem, "output")
             except TimeoutError:
                 await self.close()
                 raise NodeError(
