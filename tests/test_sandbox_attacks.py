@@ -915,3 +915,123 @@ async def test_a_forged_reply_fails_the_execution_once_not_on_every_redelivery(
     assert done.type == EventType.FAILED, done.data
     error = done.data["error"]
     assert error["node_id"] == "a2" and error["type"] == "BadReply" and error["reason"] == "output", error
+
+
+# --- what a sandbox leaves behind for the next one, and what it can reach in the kernel ---
+
+# The kernel's key syscalls by architecture (Python has no binding): add_key, keyctl.
+_KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
+_KEYS = """
+import ctypes, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+ADD_KEY, KEYCTL = SYSCALLS[platform.machine()]
+USER_KEYRING, GET_PERSISTENT, SEARCH, READ, CLEAR = -4, 22, 10, 11, 7
+persistent = libc.syscall(KEYCTL, GET_PERSISTENT, -1, USER_KEYRING)
+rings = {'user': USER_KEYRING, 'persistent': persistent}
+"""
+PLANT_KEYS = (
+    _KEYS
+    + """
+for name, ring in rings.items():
+    libc.syscall(ADD_KEY, b'user', b'nova-planted', b'from-acme', 9, ring)
+"""
+)
+FIND_KEYS = (
+    _KEYS
+    + """
+found = {}
+buf = ctypes.create_string_buffer(64)
+for name, ring in rings.items():
+    key = libc.syscall(KEYCTL, SEARCH, ring, b'user', b'nova-planted', 0)
+    if key > 0:
+        found[name] = buf.raw[:libc.syscall(KEYCTL, READ, key, buf, 64)].decode()
+context['found'] = found
+"""
+)
+CLEAR_KEYS = (
+    _KEYS
+    + """
+for ring in rings.values():
+    libc.syscall(KEYCTL, CLEAR, ring)
+"""
+)
+
+
+@isolated
+async def test_a_key_left_in_the_kernels_keyrings_is_not_found_by_the_next_sandbox_of_its_uid(
+    provider: LocalSandboxProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FAILING: the user keyring and the persistent keyring (kept three days) are the kernel's, per uid,
+    # and outlive every process of it; the next execution leased the same uid (another client's) reads
+    # what the first left. Docker's default seccomp profile refuses add_key, keyctl and request_key.
+    import platform
+
+    if platform.machine() not in _KEY_SYSCALLS:
+        pytest.skip(f"no key syscall numbers for {platform.machine()}")
+    syscalls = repr(_KEY_SYSCALLS)
+    # Both sandboxes lease the same uid (the lease starts its search at a random number).
+    monkeypatch.setattr("consumer.sandbox.isolation.random.randrange", lambda span: 40_000 + os.getpid() % 5_000)
+    first = await open_box(provider, 1, "acme")
+    assert first.lease is not None
+    uid = first.lease.uid
+    try:
+        await first.run_action("plant", PLANT_KEYS.replace("SYSCALLS", syscalls), {}, 10)
+        await first.close()
+        second = await open_box(provider, 2, "globex")
+        assert second.lease is not None and second.lease.uid == uid
+        try:
+            seen = (await second.run_action("find", FIND_KEYS.replace("SYSCALLS", syscalls), {}, 10)).context
+        finally:
+            await second.close()
+    finally:
+        # What the sandboxes left in the kernel goes, whatever the outcome (imports first: the uid may not
+        # read this interpreter's library).
+        become = f"os.setgroups([]); os.setresgid({uid}, {uid}, {uid}); os.setresuid({uid}, {uid}, {uid})\n"
+        clear = "import ctypes, os, platform\n" + become
+        context = "context = {}\n"
+        subprocess.run([sys.executable, "-c", clear + context + CLEAR_KEYS.replace("SYSCALLS", syscalls)], check=True)
+    assert seen["found"] == {}, seen
+
+
+CLONE_NEWUSER = 0x10000000
+USER_NAMESPACE = f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+context['unshare'] = libc.unshare({CLONE_NEWUSER}) or 'created'
+if context['unshare'] == 'created':
+    context['caps'] = [line for line in open('/proc/self/status').read().splitlines() if line.startswith('CapEff')]
+"""
+
+
+@isolated
+async def test_node_code_cannot_make_a_user_namespace(provider: LocalSandboxProvider) -> None:
+    # FAILING: without a seccomp filter node code makes a user namespace, where it holds every capability
+    # (CapEff 1ff...): network, mount and nftables code of the kernel that an unprivileged process never
+    # reaches, the usual first step of a local privilege escalation (CVE-2024-1086 in nf_tables). bwrap
+    # offers --disable-userns; Docker's default seccomp profile refuses it.
+    sb = await open_box(provider, 1)
+    try:
+        seen = (await sb.run_action("userns", USER_NAMESPACE, {}, 10)).context
+    finally:
+        await sb.close()
+    assert seen["unshare"] != "created", seen
+
+
+@isolated
+async def test_filling_the_work_folder_past_the_memory_limit_fails_the_node(launch: str) -> None:
+    # FAILING with bwrap (and the plain fallback): the work folder is a folder on the host's disk, capped
+    # per file (256 MiB) but not in total, so one node fills the host's disk (its Redis, PostgreSQL) for as
+    # long as its execution lives. The fork server's is on the sandbox's own tmpfs, counted as memory.
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none"), memory_limit_mb=128)
+    code = "import os\nchunk = b'x' * (4 << 20)\nfor n in range(3):\n    with open(f'fill{n}', 'wb') as f:\n"
+    code += "        for _ in range(25):\n            f.write(chunk)\ncontext['where'] = os.getcwd()"
+    try:
+        sb = await open_box(provider, 1)
+        try:
+            with pytest.raises(NodeError) as info:
+                await sb.run_action("fill", code, {}, 60)
+            assert info.value.reason == "limit:memory" or "space" in info.value.message, info.value
+        finally:
+            await sb.close()
+    finally:
+        await provider.aclose()
