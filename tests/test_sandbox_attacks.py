@@ -1035,3 +1035,107 @@ async def test_filling_the_work_folder_past_the_memory_limit_fails_the_node(laun
             await sb.close()
     finally:
         await provider.aclose()
+
+
+# Calls Python has no binding for, by architecture: bpf, perf_event_open, userfaultfd, io_uring_setup.
+_KERNEL_SURFACE = {"x86_64": (321, 298, 323, 425), "aarch64": (280, 241, 282, 425)}
+KERNEL_SURFACE = """
+import ctypes, errno, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+BPF, PERF, USERFAULTFD, IO_URING_SETUP = SYSCALLS[platform.machine()]
+params = ctypes.create_string_buffer(120)
+attr = ctypes.create_string_buffer(128)
+calls = {
+    'bpf': lambda: libc.syscall(BPF, 0, attr, 128),
+    'perf_event_open': lambda: libc.syscall(PERF, attr, 0, -1, -1, 0),
+    'userfaultfd': lambda: libc.syscall(USERFAULTFD, 0),
+    'io_uring_setup': lambda: libc.syscall(IO_URING_SETUP, 4, params),
+    'mount': lambda: libc.mount(b'none', b'/tmp', b'tmpfs', 0, None),
+    'setns': lambda: libc.setns(os.open('/proc/self/ns/net', os.O_RDONLY), 0),
+    'unshare_net': lambda: libc.unshare(0x40000000),
+}
+for name, call in calls.items():
+    context[name] = errno.errorcode.get(ctypes.get_errno(), '?') if call() < 0 else 'allowed'
+context['seccomp'] = [line.split()[1] for line in open('/proc/self/status') if line.startswith('Seccomp:')]
+"""
+
+
+@isolated
+async def test_the_seccomp_filter_refuses_kernel_surface_node_code_never_needs(provider: LocalSandboxProvider) -> None:
+    import platform
+
+    if platform.machine() not in _KERNEL_SURFACE:
+        pytest.skip(f"no syscall numbers for {platform.machine()}")
+    sb = await open_box(provider, 1)
+    try:
+        code = KERNEL_SURFACE.replace("SYSCALLS", repr(_KERNEL_SURFACE))
+        seen = (await sb.run_action("surface", code, {}, 10)).context
+    finally:
+        await sb.close()
+    assert seen.pop("seccomp") == ["2"], seen  # a filter is loaded (mode 2)
+    assert seen == {name: "EPERM" for name in seen}, seen
+
+
+ORDINARY = """
+import asyncio, multiprocessing, os, socket, subprocess, threading
+context['subprocess'] = subprocess.run(['sh', '-c', 'echo hi'], capture_output=True, text=True).stdout
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+context['fork'] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+box = []
+thread = threading.Thread(target=box.append, args=(1,))
+thread.start()
+thread.join()
+context['thread'] = box
+with multiprocessing.get_context('fork').Pool(2) as pool:
+    context['multiprocessing'] = pool.map(abs, [-1, -2])
+with multiprocessing.get_context('spawn').Pool(1) as pool:
+    context['spawn'] = pool.map(abs, [-3])
+async def echo():
+    a, b = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=a)
+    b.sendall(b'ping')
+    got = await reader.readexactly(4)
+    writer.close()
+    b.close()
+    return got.decode()
+context['asyncio'] = asyncio.run(echo())
+with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+    server.bind(('127.0.0.1', 0))
+    server.listen()
+    with socket.create_connection(server.getsockname()) as client:
+        conn, _ = server.accept()
+        client.sendall(b'x')
+        context['tcp'] = conn.recv(1).decode()
+        conn.close()
+"""
+
+
+@isolated
+async def test_ordinary_node_code_runs_under_the_seccomp_filter(provider: LocalSandboxProvider) -> None:
+    # clone3 is refused with ENOSYS: libc's threads and posix_spawn fall back to clone.
+    sb = await open_box(provider, 1)
+    try:
+        seen = (await sb.run_action("ordinary", ORDINARY, {}, 60)).context
+    finally:
+        await sb.close()
+    assert seen == {
+        "subprocess": "hi\n",
+        "fork": 7,
+        "thread": [1],
+        "multiprocessing": [1, 2],
+        "spawn": [3],
+        "asyncio": "ping",
+        "tcp": "x",
+    }, seen
+
+
+def test_without_libseccomp_the_statement_says_the_filter_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("consumer.sandbox.local.compiled_seccomp", lambda: (None, "libseccomp is missing"))
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0))
+    if provider.launcher == "plain process":
+        pytest.skip("no sandbox launcher here: the filter is missing for that reason already")
+    assert not provider.isolation.complete
+    missing = [line for line in provider.statement() if "MISSING" in line and "seccomp" in line]
+    assert missing and "libseccomp is missing" in missing[0], provider.statement()

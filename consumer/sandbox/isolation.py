@@ -66,8 +66,10 @@ def bwrap_args(
     network: str,
     uid: int | None,
     writable: list[str] = (),  # type: ignore[assignment]
+    seccomp_fd: int | None = None,
 ) -> list[str]:
-    """The bwrap command line (without the program) for one sandbox."""
+    """The bwrap command line (without the program) for one sandbox; `seccomp_fd` is a descriptor to
+    read the compiled seccomp filter from, which bwrap loads right before it runs the program."""
     args = [
         bwrap,
         "--ro-bind", "/", "/",
@@ -87,6 +89,11 @@ def bwrap_args(
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
     if network == "none":
         args.append("--unshare-net")
+    if seccomp_fd is not None:
+        # bwrap sets no-new-privs and loads it last, so setpriv and the interpreter's start are covered too.
+        # (Its --disable-userns needs --unshare-user, which a root worker's sandboxes do not use: the filter
+        # refuses new user namespaces instead.)
+        args += ["--seccomp", str(seccomp_fd)]
     if uid is not None:
         # bwrap drops every capability of a root caller; setpriv needs these two to change uid, and
         # loses them (and every other) as it does.
@@ -367,6 +374,9 @@ class Isolation:
     # With `egress`: a network namespace of its own per sandbox (netns.py), else the host's shared one.
     egress_netns: bool = False
     egress_netns_why: str = ""
+    # The seccomp filter (seccomp.py) loaded into every sandbox, else why not.
+    seccomp: bool = False
+    seccomp_why: str = "not set up"
 
     def statements(self) -> list[tuple[bool, str]]:
         """(holds, what) per guarantee, for the worker's start-up lines and the README's table."""
@@ -414,6 +424,14 @@ class Isolation:
                 else f"no cgroups ({self.cgroups_why}): limits are per process only",
             ),
             (net_ok, net),
+            (
+                self.seccomp,
+                "seccomp filter: kernel keyrings, new namespaces (user namespaces first), mounts, io_uring, bpf, "
+                "perf_event_open, userfaultfd, kernel modules and kexec refused"
+                if self.seccomp
+                else f"no seccomp filter ({self.seccomp_why}): node code reaches the kernel's keyrings (which the next "
+                "sandbox of its uid shares) and makes user namespaces (every capability inside)",
+            ),
         ]
 
     @property

@@ -21,6 +21,7 @@ run, through bubblewrap and a fresh interpreter (isolation.py). The worker's sta
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import ctypes.util
@@ -54,6 +55,7 @@ from consumer.sandbox.isolation import (
 )
 from consumer.sandbox.netns import EgressNetworks, NetSlot
 from consumer.sandbox.runner_client import RunnerSandbox, reply_problem
+from consumer.sandbox.seccomp import compiled as compiled_seccomp
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -320,6 +322,19 @@ def _child_setup(uid: int | None, cgroup: SandboxCgroup | None = None) -> Callab
     return setup
 
 
+def _seccomp_pipe(program: bytes | None) -> int | None:
+    """A pipe's read end holding the compiled filter, for bwrap's --seccomp (it reads to the end). A
+    program is a few hundred instructions, far below a pipe's capacity: the write never blocks."""
+    if program is None:
+        return None
+    read, write = os.pipe()
+    try:
+        os.write(write, program)
+    finally:
+        os.close(write)
+    return read
+
+
 def _host_folder(uid: int | None) -> Path:
     """A work folder on the host, under the base folder: mode 0700, the sandbox's uid's."""
     _WORK_BASE.mkdir(mode=0o711, exist_ok=True)
@@ -446,6 +461,9 @@ class LocalSandboxProvider:
         self.forkserver: ForkServer | None = None
         why_not: str | None = None
         self.fork_why: str | None = None
+        # Compiled once here; the zygote and bwrap load it into each sandbox (consumer/sandbox/seccomp.py).
+        plain = self.launch == "plain"
+        self.seccomp, seccomp_why = (None, "NOVA_SANDBOX_LAUNCH=plain") if plain else compiled_seccomp()
         if self.launch == "plain":
             # Forked without namespaces, cgroup or own uid: the fork server's cost without isolation.
             self.separate_uids = False
@@ -497,6 +515,8 @@ class LocalSandboxProvider:
             egress_why=egress_why,
             egress_netns=self.egress_networks is not None,
             egress_netns_why=netns_why,
+            seccomp=self.seccomp is not None and self.launcher != "plain process",
+            seccomp_why=seccomp_why if self.launcher != "plain process" else self.launcher,
         )
         # Without full isolation one worker serves one client only (the first it sees), unless allowed.
         self._client: str | None = None
@@ -513,7 +533,10 @@ class LocalSandboxProvider:
     def _forkserver(self, *, isolate: bool) -> ForkServer:
         # The zygote reads the runner as root before any sandbox exists: the install's own copy, not the
         # shared one in the base folder (which another install's workers may overwrite).
-        return ForkServer(self.python, RUNNER, {"isolate": isolate, "network": self.network, "limits": self.limits})
+        config: dict[str, Any] = {"isolate": isolate, "network": self.network, "limits": self.limits}
+        if isolate and self.seccomp is not None:
+            config["seccomp"] = base64.b64encode(self.seccomp).decode()
+        return ForkServer(self.python, RUNNER, config)
 
     def statement(self) -> list[str]:
         """What this worker's local sandboxes guarantee, one line each, for its start-up log."""
@@ -575,7 +598,9 @@ class LocalSandboxProvider:
         }
         command = [] if self.forkserver is not None else [self.python, "-I", str(_sandbox_runner()), self._limits_arg]
         setup_uid = uid
+        seccomp_fd: int | None = None
         if self.bwrap is not None:
+            seccomp_fd = _seccomp_pipe(self.seccomp)
             command = [
                 *bwrap_args(
                     self.bwrap,
@@ -584,6 +609,7 @@ class LocalSandboxProvider:
                     network=self.network,
                     uid=uid,
                     writable=self.writable,
+                    seccomp_fd=seccomp_fd,
                 ),
                 *command,
             ]
@@ -610,6 +636,8 @@ class LocalSandboxProvider:
                 cgroup = self._cgroup()
             except OSError as exc:
                 await undo()
+                if seccomp_fd is not None:
+                    os.close(seccomp_fd)
                 raise SandboxInfraError(f"could not create the sandbox's cgroup: {exc}") from None
         try:
             if self.egress_networks is not None:
@@ -628,6 +656,7 @@ class LocalSandboxProvider:
                     limit=self.max_context_bytes * 2 + (1 << 20),
                     # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
                     preexec_fn=_child_setup(setup_uid, cgroup),
+                    pass_fds=() if seccomp_fd is None else (seccomp_fd,),
                 )
         except (OSError, subprocess.SubprocessError) as exc:
             await undo()
@@ -636,6 +665,9 @@ class LocalSandboxProvider:
             # The worker is closing (a pool refill cancelled mid-start).
             await undo()
             raise
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         sandbox = LocalSandbox(
             proc,
             workdir,
