@@ -66,11 +66,11 @@ _HEADER = struct.Struct(">I")
 _UID_BASE = 200_000
 _UID_SPAN = 50_000
 _UID_LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-uids"
-# Work folders made on the host (bwrap, plain) live here (mode 0711: traversable, not listable), seen
-# read-only by every bwrap sandbox, so a path to another sandbox's folder meets its 0700 mode.
+# Work folders made on the host (sandboxes without namespaces) live here (mode 0711: traversable, not
+# listable), as does the runner's copy, seen read-only by every bwrap sandbox.
 _WORK_BASE = Path(tempfile.gettempdir()) / "nova-sandboxes"
-# With the fork server a sandbox makes its work folder itself, on its own /tmp (zygote.py): the same
-# path in every sandbox, private to each, and nothing of it on the host.
+# With the fork server (zygote.py) and bwrap a sandbox makes its work folder itself, on its own /tmp: the
+# same path in every sandbox, private to each, counted as its memory, and nothing of it on the host.
 _SANDBOX_WORKDIR = Path("/tmp/nova-sandbox")
 
 
@@ -129,8 +129,8 @@ class LocalSandbox(RunnerSandbox):
         # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
         self.wrapped = False
         self.workdir = workdir
-        # The work folder the worker made on the host (bwrap, plain), removed at close; None when the
-        # sandbox made its own (the fork server's), which goes with its mount namespace.
+        # The work folder the worker made on the host (no namespaces), removed at close; None when the
+        # sandbox made its own (fork server, bwrap), which goes with its mount namespace.
         self.host_folder = host_folder
         self.lease = lease
         # With `egress` and the fork server: the network namespace lent to it, given back at close.
@@ -583,7 +583,7 @@ class LocalSandboxProvider:
         uid = lease.uid if lease else None
         # The fork server's sandboxes (isolated) make their own; every other kind gets one on the host.
         try:
-            host_folder = None if self.launcher == "fork server" else _host_folder(uid)
+            host_folder = None if self.launcher in ("fork server", "bubblewrap") else _host_folder(uid)
         except OSError:
             if lease is not None:
                 lease.release()
@@ -610,6 +610,8 @@ class LocalSandboxProvider:
                     uid=uid,
                     writable=self.writable,
                     seccomp_fd=seccomp_fd,
+                    make_workdir=True,
+                    tmpfs_bytes=self.limits["memory_bytes"],
                 ),
                 *command,
             ]
@@ -650,7 +652,8 @@ class LocalSandboxProvider:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.DEVNULL,
-                    cwd=workdir,
+                    # bwrap's sandbox makes its work folder itself (on its own /tmp) and starts there.
+                    cwd=workdir if host_folder is not None else "/",
                     env=env,
                     start_new_session=True,
                     limit=self.max_context_bytes * 2 + (1 << 20),
