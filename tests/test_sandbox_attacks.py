@@ -1139,3 +1139,32 @@ def test_without_libseccomp_the_statement_says_the_filter_is_missing(monkeypatch
     assert not provider.isolation.complete
     missing = [line for line in provider.statement() if "MISSING" in line and "seccomp" in line]
     assert missing and "libseccomp is missing" in missing[0], provider.statement()
+
+
+# A background child of node code that writes on the reply pipe between nodes (while the worker waits for
+# no reply) makes the worker read it into memory, outside any cgroup, up to twice its reader's limit.
+BACKGROUND_WRITER = """
+import os
+if os.fork() == 0:
+    junk = b'x' * 65536
+    while True:
+        os.write(1, junk)
+"""
+
+
+@isolated
+async def test_junk_on_the_reply_pipe_between_nodes_is_buffered_by_the_worker_only_up_to_a_mebibyte(
+    provider: LocalSandboxProvider,
+) -> None:
+    sb = await open_box(provider, 1)
+    try:
+        # A reply far larger than the reader's buffer still arrives whole (readexactly resumes the pipe).
+        big = (await sb.run_action("big", "context['s'] = 'y' * (8 << 20)", {}, 30)).context
+        assert big == {"s": "y" * (8 << 20)}
+        await sb.run_action("junk", BACKGROUND_WRITER, {}, 10)
+        # asyncio pauses the pipe once it holds twice the limit: the limit is what node code can make the
+        # worker hold (it was twice the context cap and 1 MiB more: 66 MiB with the default 16 MiB cap).
+        assert sb.proc.stdout is not None
+        assert sb.proc.stdout._limit <= 1 << 20  # type: ignore[attr-defined]
+    finally:
+        await sb.close()

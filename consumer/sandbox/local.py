@@ -109,6 +109,10 @@ _START_TIMEOUT = 30.0
 _SPARE_CGROUPS = 8
 # Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
 _REPLY_SLACK = 1 << 20
+# The reply reader's limit: asyncio reads a pipe ahead into memory until it holds twice this, which node
+# code controls (a child of it can write between nodes, when no reply is awaited), outside any cgroup. A
+# larger reply still arrives: readexactly resumes the paused pipe while it waits for the rest.
+_READ_BUFFER = 1 << 20
 
 
 class LocalSandbox(RunnerSandbox):
@@ -656,7 +660,7 @@ class LocalSandboxProvider:
                     cwd=workdir if host_folder is not None else "/",
                     env=env,
                     start_new_session=True,
-                    limit=self.max_context_bytes * 2 + (1 << 20),
+                    limit=_READ_BUFFER,
                     # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
                     preexec_fn=_child_setup(setup_uid, cgroup),
                     pass_fds=() if seccomp_fd is None else (seccomp_fd,),
@@ -735,9 +739,7 @@ class LocalSandboxProvider:
             "netns": net is not None,
         }
         # The worker's ends are the fork server's from here, closed by it if the start fails.
-        return await self.forkserver.fork(
-            request, fds, to_sandbox_w, from_sandbox_r, self.max_context_bytes * 2 + (1 << 20)
-        )
+        return await self.forkserver.fork(request, fds, to_sandbox_w, from_sandbox_r, _READ_BUFFER)
 
     async def _refill(self) -> None:
         while not self._closed and len(self._pool) < self.pool_size:
