@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import AsyncIterator
@@ -30,11 +31,19 @@ async def sandbox(provider: LocalSandboxProvider, execution_id: int = 1, **secre
 
 
 def in_workdir(sb: LocalSandbox, name: str) -> Path:
-    """A file of the sandbox's work folder as the worker sees it: on the host, or (the fork server's
-    sandboxes make theirs on their own /tmp) through its init's root, which lives as long as the sandbox."""
+    """A file of the sandbox's work folder as the worker sees it: on the host, or (the fork server's and
+    bwrap's sandboxes make theirs on their own /tmp) through the root of a process in its mount namespace:
+    the fork server's init (sb.pid), or bwrap's child (sb.pid is bwrap itself, in the host's)."""
     if sb.host_folder is not None:
         return sb.host_folder / name
-    return Path(f"/proc/{sb.pid}/root") / sb.workdir.relative_to("/") / name
+    own = os.readlink("/proc/self/ns/mnt")
+    inside = sb.pid
+    for pid in [sb.pid, *(sb.cgroup.pids() if sb.cgroup is not None else [])]:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/mnt") != own:
+                inside = pid
+                break
+    return Path(f"/proc/{inside}/root") / sb.workdir.relative_to("/") / name
 
 
 async def test_actions_decisions_and_persistent_globals(provider: LocalSandboxProvider) -> None:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -66,16 +67,24 @@ def bwrap_args(
     network: str,
     uid: int | None,
     writable: list[str] = (),  # type: ignore[assignment]
+    seccomp_fd: int | None = None,
+    make_workdir: bool = False,
+    tmpfs_bytes: int | None = None,
 ) -> list[str]:
-    """The bwrap command line (without the program) for one sandbox."""
+    """The bwrap command line (without the program) for one sandbox. `seccomp_fd`: a descriptor to read
+    the compiled seccomp filter from, which bwrap loads right before it runs the program. `make_workdir`:
+    the work folder is made on the sandbox's own /tmp (else it is a host folder, bound). `tmpfs_bytes`:
+    the size of its /tmp and /dev/shm (where this bwrap can set it)."""
+    size = ["--size", str(tmpfs_bytes)] if tmpfs_bytes and _bwrap_sizes_tmpfs(bwrap) else []
     args = [
         bwrap,
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
         # Fresh and empty per sandbox; sticky and world-writable as usual, since the sandbox's uid is not root.
-        "--perms", "1777", "--tmpfs", "/tmp",
-        "--perms", "1777", "--tmpfs", "/dev/shm",
+        # Their pages count in the sandbox's memory cgroup; the size caps them where no cgroup does.
+        "--perms", "1777", *size, "--tmpfs", "/tmp",
+        "--perms", "1777", *size, "--tmpfs", "/dev/shm",
     ]  # fmt: skip
     for path in shared_dirs:
         # Read-only parents of the work folder (mode 0711: nothing in them can be listed).
@@ -83,10 +92,22 @@ def bwrap_args(
     for path in writable:
         # Folders an operator chose to share with node code (NOVA_SANDBOX_WRITABLE), read-write.
         args += ["--bind", path, path]
-    args += ["--bind", workdir, workdir, "--chdir", workdir]
+    if make_workdir:
+        # On the sandbox's /tmp: nothing on the host's disk, its size counted as the sandbox's memory. bwrap
+        # makes it as root (it cannot give it to the uid), so it is open to all: the sandbox's uid is the
+        # only one in its mount namespace, and no other process sees that namespace.
+        args += ["--perms", "0777", "--dir", workdir]
+    else:
+        args += ["--bind", workdir, workdir]
+    args += ["--chdir", workdir]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
     if network == "none":
         args.append("--unshare-net")
+    if seccomp_fd is not None:
+        # bwrap sets no-new-privs and loads it last, so setpriv and the interpreter's start are covered too.
+        # (Its --disable-userns needs --unshare-user, which a root worker's sandboxes do not use: the filter
+        # refuses new user namespaces instead.)
+        args += ["--seccomp", str(seccomp_fd)]
     if uid is not None:
         # bwrap drops every capability of a root caller; setpriv needs these two to change uid, and
         # loses them (and every other) as it does.
@@ -95,6 +116,16 @@ def bwrap_args(
     else:
         args.append("--")
     return args
+
+
+@functools.cache
+def _bwrap_sizes_tmpfs(bwrap: str) -> bool:
+    """Whether this bwrap takes --size for a tmpfs (bubblewrap 0.10 and later)."""
+    try:
+        done = subprocess.run([bwrap, "--help"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return b"--size" in done.stdout + done.stderr
 
 
 def probe_bwrap(bwrap: str | None, network: str, as_root: bool) -> str | None:
@@ -362,6 +393,9 @@ class Isolation:
     # With `egress`: a network namespace of its own per sandbox (netns.py), else the host's shared one.
     egress_netns: bool = False
     egress_netns_why: str = ""
+    # The seccomp filter (seccomp.py) loaded into every sandbox, else why not.
+    seccomp: bool = False
+    seccomp_why: str = "not set up"
 
     def statements(self) -> list[tuple[bool, str]]:
         """(holds, what) per guarantee, for the worker's start-up lines and the README's table."""
@@ -409,6 +443,14 @@ class Isolation:
                 else f"no cgroups ({self.cgroups_why}): limits are per process only",
             ),
             (net_ok, net),
+            (
+                self.seccomp,
+                "seccomp filter: kernel keyrings, new namespaces (user namespaces first), mounts, io_uring, bpf, "
+                "perf_event_open, userfaultfd, kernel modules and kexec refused"
+                if self.seccomp
+                else f"no seccomp filter ({self.seccomp_why}): node code reaches the kernel's keyrings (which the next "
+                "sandbox of its uid shares) and makes user namespaces (every capability inside)",
+            ),
         ]
 
     @property

@@ -21,6 +21,7 @@ run, through bubblewrap and a fresh interpreter (isolation.py). The worker's sta
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import ctypes.util
@@ -53,7 +54,8 @@ from consumer.sandbox.isolation import (
     probe_bwrap,
 )
 from consumer.sandbox.netns import EgressNetworks, NetSlot
-from consumer.sandbox.runner_client import RunnerSandbox
+from consumer.sandbox.runner_client import RunnerSandbox, reply_problem
+from consumer.sandbox.seccomp import compiled as compiled_seccomp
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,11 @@ _HEADER = struct.Struct(">I")
 _UID_BASE = 200_000
 _UID_SPAN = 50_000
 _UID_LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-uids"
-# Work folders made on the host (bwrap, plain) live here (mode 0711: traversable, not listable), seen
-# read-only by every bwrap sandbox, so a path to another sandbox's folder meets its 0700 mode.
+# Work folders made on the host (sandboxes without namespaces) live here (mode 0711: traversable, not
+# listable), as does the runner's copy, seen read-only by every bwrap sandbox.
 _WORK_BASE = Path(tempfile.gettempdir()) / "nova-sandboxes"
-# With the fork server a sandbox makes its work folder itself, on its own /tmp (zygote.py): the same
-# path in every sandbox, private to each, and nothing of it on the host.
+# With the fork server (zygote.py) and bwrap a sandbox makes its work folder itself, on its own /tmp: the
+# same path in every sandbox, private to each, counted as its memory, and nothing of it on the host.
 _SANDBOX_WORKDIR = Path("/tmp/nova-sandbox")
 
 
@@ -107,6 +109,10 @@ _START_TIMEOUT = 30.0
 _SPARE_CGROUPS = 8
 # Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
 _REPLY_SLACK = 1 << 20
+# The reply reader's limit: asyncio reads a pipe ahead into memory until it holds twice this, which node
+# code controls (a child of it can write between nodes, when no reply is awaited), outside any cgroup. A
+# larger reply still arrives: readexactly resumes the paused pipe while it waits for the rest.
+_READ_BUFFER = 1 << 20
 
 
 class LocalSandbox(RunnerSandbox):
@@ -127,8 +133,8 @@ class LocalSandbox(RunnerSandbox):
         # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
         self.wrapped = False
         self.workdir = workdir
-        # The work folder the worker made on the host (bwrap, plain), removed at close; None when the
-        # sandbox made its own (the fork server's), which goes with its mount namespace.
+        # The work folder the worker made on the host (no namespaces), removed at close; None when the
+        # sandbox made its own (fork server, bwrap), which goes with its mount namespace.
         self.host_folder = host_folder
         self.lease = lease
         # With `egress` and the fork server: the network namespace lent to it, given back at close.
@@ -212,6 +218,9 @@ class LocalSandbox(RunnerSandbox):
             try:
                 await self._send(request)
                 reply = await asyncio.wait_for(self._receive(), timeout)
+                problem = reply_problem(reply)
+                if problem is not None:
+                    raise BadReply(problem, "output")
             except TimeoutError:
                 await self.close()
                 raise NodeError(
@@ -315,6 +324,19 @@ def _child_setup(uid: int | None, cgroup: SandboxCgroup | None = None) -> Callab
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return setup
+
+
+def _seccomp_pipe(program: bytes | None) -> int | None:
+    """A pipe's read end holding the compiled filter, for bwrap's --seccomp (it reads to the end). A
+    program is a few hundred instructions, far below a pipe's capacity: the write never blocks."""
+    if program is None:
+        return None
+    read, write = os.pipe()
+    try:
+        os.write(write, program)
+    finally:
+        os.close(write)
+    return read
 
 
 def _host_folder(uid: int | None) -> Path:
@@ -443,6 +465,9 @@ class LocalSandboxProvider:
         self.forkserver: ForkServer | None = None
         why_not: str | None = None
         self.fork_why: str | None = None
+        # Compiled once here; the zygote and bwrap load it into each sandbox (consumer/sandbox/seccomp.py).
+        plain = self.launch == "plain"
+        self.seccomp, seccomp_why = (None, "NOVA_SANDBOX_LAUNCH=plain") if plain else compiled_seccomp()
         if self.launch == "plain":
             # Forked without namespaces, cgroup or own uid: the fork server's cost without isolation.
             self.separate_uids = False
@@ -494,6 +519,8 @@ class LocalSandboxProvider:
             egress_why=egress_why,
             egress_netns=self.egress_networks is not None,
             egress_netns_why=netns_why,
+            seccomp=self.seccomp is not None and self.launcher != "plain process",
+            seccomp_why=seccomp_why if self.launcher != "plain process" else self.launcher,
         )
         # Without full isolation one worker serves one client only (the first it sees), unless allowed.
         self._client: str | None = None
@@ -510,7 +537,10 @@ class LocalSandboxProvider:
     def _forkserver(self, *, isolate: bool) -> ForkServer:
         # The zygote reads the runner as root before any sandbox exists: the install's own copy, not the
         # shared one in the base folder (which another install's workers may overwrite).
-        return ForkServer(self.python, RUNNER, {"isolate": isolate, "network": self.network, "limits": self.limits})
+        config: dict[str, Any] = {"isolate": isolate, "network": self.network, "limits": self.limits}
+        if isolate and self.seccomp is not None:
+            config["seccomp"] = base64.b64encode(self.seccomp).decode()
+        return ForkServer(self.python, RUNNER, config)
 
     def statement(self) -> list[str]:
         """What this worker's local sandboxes guarantee, one line each, for its start-up log."""
@@ -557,7 +587,7 @@ class LocalSandboxProvider:
         uid = lease.uid if lease else None
         # The fork server's sandboxes (isolated) make their own; every other kind gets one on the host.
         try:
-            host_folder = None if self.launcher == "fork server" else _host_folder(uid)
+            host_folder = None if self.launcher in ("fork server", "bubblewrap") else _host_folder(uid)
         except OSError:
             if lease is not None:
                 lease.release()
@@ -572,7 +602,9 @@ class LocalSandboxProvider:
         }
         command = [] if self.forkserver is not None else [self.python, "-I", str(_sandbox_runner()), self._limits_arg]
         setup_uid = uid
+        seccomp_fd: int | None = None
         if self.bwrap is not None:
+            seccomp_fd = _seccomp_pipe(self.seccomp)
             command = [
                 *bwrap_args(
                     self.bwrap,
@@ -581,6 +613,9 @@ class LocalSandboxProvider:
                     network=self.network,
                     uid=uid,
                     writable=self.writable,
+                    seccomp_fd=seccomp_fd,
+                    make_workdir=True,
+                    tmpfs_bytes=self.limits["memory_bytes"],
                 ),
                 *command,
             ]
@@ -607,6 +642,8 @@ class LocalSandboxProvider:
                 cgroup = self._cgroup()
             except OSError as exc:
                 await undo()
+                if seccomp_fd is not None:
+                    os.close(seccomp_fd)
                 raise SandboxInfraError(f"could not create the sandbox's cgroup: {exc}") from None
         try:
             if self.egress_networks is not None:
@@ -619,12 +656,14 @@ class LocalSandboxProvider:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.DEVNULL,
-                    cwd=workdir,
+                    # bwrap's sandbox makes its work folder itself (on its own /tmp) and starts there.
+                    cwd=workdir if host_folder is not None else "/",
                     env=env,
                     start_new_session=True,
-                    limit=self.max_context_bytes * 2 + (1 << 20),
+                    limit=_READ_BUFFER,
                     # preexec_fn, not user=/group=: uvloop's subprocess support accepts only the former.
                     preexec_fn=_child_setup(setup_uid, cgroup),
+                    pass_fds=() if seccomp_fd is None else (seccomp_fd,),
                 )
         except (OSError, subprocess.SubprocessError) as exc:
             await undo()
@@ -633,6 +672,9 @@ class LocalSandboxProvider:
             # The worker is closing (a pool refill cancelled mid-start).
             await undo()
             raise
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         sandbox = LocalSandbox(
             proc,
             workdir,
@@ -697,9 +739,7 @@ class LocalSandboxProvider:
             "netns": net is not None,
         }
         # The worker's ends are the fork server's from here, closed by it if the start fails.
-        return await self.forkserver.fork(
-            request, fds, to_sandbox_w, from_sandbox_r, self.max_context_bytes * 2 + (1 << 20)
-        )
+        return await self.forkserver.fork(request, fds, to_sandbox_w, from_sandbox_r, _READ_BUFFER)
 
     async def _refill(self) -> None:
         while not self._closed and len(self._pool) < self.pool_size:

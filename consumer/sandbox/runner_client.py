@@ -12,9 +12,35 @@ from typing import Any
 from consumer.sandbox.base import NodeError, NodeResult
 
 
+def reply_problem(reply: dict[str, Any]) -> str | None:
+    """What makes a node's reply unusable, or None.
+
+    The runner lives in node code's own interpreter: a node can write a frame of its own on the reply
+    pipe, or change the runner. A reply of another shape than the runner's must fail that node here; let
+    through, it raised in the worker (a missing context, an error that is not an object), which leaves the
+    entry pending, so the node ran again on every redelivery.
+    """
+    if not isinstance(reply.get("ok"), bool):
+        return "a reply without a boolean 'ok'"
+    for key in ("stdout", "stderr"):
+        if not isinstance(reply.get(key, ""), str):
+            return f"a reply whose {key} is not a string"
+    if reply["ok"]:
+        return None if isinstance(reply.get("context"), dict) else "a reply whose context is not an object"
+    error = reply.get("error")
+    if not isinstance(error, dict):
+        return "a failure whose error is not an object"
+    if not all(isinstance(error.get(key, ""), str) for key in ("type", "message", "traceback", "reason")):
+        return "a failure whose error has a field that is not a string"
+    return None
+
+
 def checked(reply: dict[str, Any]) -> dict[str, Any]:
-    """The reply, or the NodeError it reports."""
-    if reply.get("ok"):
+    """The reply, or the NodeError it reports (BadReply for a reply of the wrong shape)."""
+    problem = reply_problem(reply)
+    if problem is not None:
+        raise NodeError(type="BadReply", message=f"the sandbox sent {problem}", reason="output")
+    if reply["ok"]:
         return reply
     error = reply.get("error") or {}
     raise NodeError(

@@ -23,7 +23,7 @@ Per request (fds: the protocol pipes, the sandbox's cgroup.procs files opened by
 3. init forks the runner (PID 2: PID 1 ignores signals it has no handler for, so node code must not be
    PID 1), which closes every inherited fd but the protocol, drops to its uid and gids
    (setgroups/setresgid/setresuid: every capability goes), sets no-new-privs and its parent-death
-   signal, and serves the runner protocol;
+   signal, loads the seccomp filter the worker compiled (seccomp.py), and serves the runner protocol;
 4. init drops to the overflow uid, reaps whatever is orphaned in the namespace, and exits with the
    runner's status (128 + a signal's number, as bwrap does); when it exits the kernel kills the rest.
 The worker gets init's pid and a pidfd (a kill that cannot hit a reused pid), and an exit message when
@@ -32,6 +32,7 @@ the zygote reaps it. Init dies with the zygote and the zygote with the worker (p
 Python 3.11 has no os.unshare/os.setns/mount: they are libc calls through ctypes.
 """
 
+import base64
 import ctypes
 import errno
 import fcntl
@@ -43,6 +44,7 @@ import signal
 import socket
 import struct
 import sys
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -222,6 +224,18 @@ def _say_failed(proto_out: int, why: str) -> None:
         pass
 
 
+def _seccomp_loader(program: str | None) -> Any:
+    """The worker's compiled seccomp filter (base64), made ready to load: seccomp.py, next to this file,
+    read by path (a script run with -I imports nothing from its own folder)."""
+    if not program:
+        return None
+    spec = importlib.util.spec_from_file_location("nova_seccomp", os.path.join(os.path.dirname(__file__), "seccomp.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Loader(base64.b64decode(program))
+
+
 class Zygote:
     def __init__(self, runner_path: str, config: dict) -> None:
         spec = importlib.util.spec_from_file_location("nova_runner", runner_path)
@@ -234,6 +248,7 @@ class Zygote:
         self.host_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.host_netns = os.open("/proc/self/ns/net", os.O_RDONLY)
         self.netns_pool: list[int] = []
+        self.seccomp = _seccomp_loader(config.get("seccomp"))
         self._warm_up()
         if self.isolate:
             prepare_view()
@@ -371,6 +386,8 @@ class Zygote:
             # bwrap leaves it; the worker states the missing uid and serves one client only.
             drop_capabilities()
         prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        if self.seccomp is not None:
+            self.seccomp.load()  # before any node code: it and every process it starts keep the filter
         # After the uid change, which clears it: the runner dies with its init, or with the zygote.
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         os.environ.clear()
