@@ -9,10 +9,14 @@ each read and each projector batch carries fewer executions, and the same work c
 
 From those figures, a throughput is projected for N worker processes on C cores:
 
-    X(N) = min(N / w, 1 / r, C / (w + r + p + a + w * R / N))
+    X(N) = min(N / w, 1 / r, N * J, C / (w + r + p + a + w * R / N))
 
 with w, r, p, a the worker's, Redis's, PostgreSQL's and the API's CPU per execution. A worker process and
 Redis each use at most one core (one event loop, one main thread), and all of them share the C cores.
+J is the most executions per second one projector writes to PostgreSQL (each worker process has its
+own): a serial stage, each batch waiting on PostgreSQL and then on the projector's loop, so it is
+measured, not derived from CPU: a projector alone draining a backlog, less the time its and its
+PostgreSQL backends' threads waited for a core (on a machine of its own, as the other terms are).
 R is the mean number of other runnable threads on the machine (other programs, the load generator):
 the scheduler gives each runnable thread the same share of the cores, so while the N busy workers get
 X * w of CPU per second, R competing threads take X * w * R / N. On a machine of its own R = 0, and
@@ -23,8 +27,9 @@ R is read from the scheduler, not fitted: the machine's mean count of runnable t
 (their threads' /proc/<pid>/task/<tid>/schedstat, `scheduled_seconds`), less the sampling thread itself.
 The bench compares X(1) and X(2) with measured runs on the same machine.
 
-Left out, and so the rest of the error: a worker is not runnable all the time (a run's start, the projector's
-last batches waiting on PostgreSQL), which makes X too high when few threads compete; a worker got 1.1-1.4
+Left out, and so the rest of the error: a worker is not runnable all the time (a run's start; and its
+projector, which shares the worker's event loop, falls behind the runs while they go on and writes the
+last batches alone, waiting on PostgreSQL), which makes X too high when few threads compete; a worker got 1.1-1.4
 times an equal share beside the other threads in exploratory runs (likely: the kernel's autogroups share
 first between sessions, and a thread that often blocks is favoured when it wakes), which makes X too low
 when many do; and w grows a little with N.
@@ -112,13 +117,20 @@ def per_execution_ms(before: Mapping[str, float], after: Mapping[str, float], ex
     return {role: (after[role] - before[role]) * 1000 / executions for role in before}
 
 
-def projected_throughput(cost_ms: Mapping[str, float], workers: int, cores: int, competing: float = 0.0) -> float:
+def projected_throughput(
+    cost_ms: Mapping[str, float],
+    workers: int,
+    cores: int,
+    competing: float = 0.0,
+    projector_exec_s: float = float("inf"),
+) -> float:
     """Executions per second the per-execution costs allow for `workers` worker processes on `cores`,
-    beside `competing` other runnable threads (the module's formula; 0 on a machine of its own)."""
+    beside `competing` other runnable threads (the module's formula; 0 on a machine of its own), each
+    worker with its projector, which carries at most `projector_exec_s` alone."""
     w, r = cost_ms["worker"], cost_ms["redis"]
     # Every competing thread gets as much CPU as one busy worker: w / N per execution each.
     budget = sum(cost_ms.values()) + w * competing / workers
-    return min(workers * 1000 / w, 1000 / r, cores * 1000 / budget)
+    return min(workers * 1000 / w, 1000 / r, workers * projector_exec_s, cores * 1000 / budget)
 
 
 def capacity(cost_ms: Mapping[str, float]) -> dict[str, float]:

@@ -50,6 +50,9 @@ AUTH = f"Authorization: Bearer {ADMIN}"
 # Listener processes holding the SSE subscribers between them: one process parsing 1,000 streams was
 # itself saturated, and its queueing counted as the server's latency.
 SSE_LISTENERS = 4
+# application_name of the projector whose serial capacity the cost model measures.
+PROJECTOR_ALONE = "bench-projector-alone"
+
 START_END = {"nodes": [{"id": "s", "type": "start", "next": "e"}, {"id": "e", "type": "end"}]}
 
 
@@ -931,15 +934,17 @@ class Bench:
     async def _drain(self, http: httpx.AsyncClient, on: bool) -> None:
         (await (http.post if on else http.delete)("/queue/drain")).raise_for_status()
 
-    async def _until_projected(self, pool: asyncpg.Pool, n: int, status: str | None = "completed") -> None:
-        """Until `n` executions are in PostgreSQL with this status (None: with any)."""
+    async def _until_projected(
+        self, pool: asyncpg.Pool, n: int, status: str | None = "completed", every: float = 0.05
+    ) -> None:
+        """Until `n` executions are in PostgreSQL with this status (None: with any), polled each `every` s."""
         query = "SELECT count(*) FROM executions" + ("" if status is None else " WHERE status = $1")
         args = () if status is None else (status,)
         deadline = time.perf_counter() + 600
         while await pool.fetchval(query, *args) < n:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"fewer than {n} executions projected")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(every)
 
     async def _until_acknowledged(self, redis: Redis, every: float = 0.1) -> float:
         """Until the workers' group has read and acknowledged every request (each `every` s); returns when."""
@@ -993,6 +998,70 @@ class Bench:
             self.stop(api)
             await pool.close()
         return cost.per_execution_ms(before, enqueued, sent), cost.per_execution_ms(enqueued, done, sent)
+
+    async def _projector_alone(self, n: int) -> dict[str, float]:
+        """The projector's serial capacity: a `nova projector` process alone writing the run events of `n`
+        no-op executions to PostgreSQL, timed from when it may start on them until all are there. A
+        worker without a projector runs them first, while the projector (warm, connected, the queued
+        events already written) is paused, so the runs are in neither its time nor its CPU.
+
+        Its batches are serial (each waits on PostgreSQL, then on the projector's loop), so the time
+        its and its PostgreSQL backends' threads waited for a core while runnable (schedstat) adds to
+        the wall time and is taken out of it: what is left is its time on a machine of its own, as the
+        costs are (a little less: the next batch's read overlaps the write, and a wait then is counted)."""
+        redis, pool = await self.fresh()
+        api, base = await self.api()
+        control = RunControl(redis, Keys.from_settings(Settings()), task_ttl=3600)
+        try:
+            wf = await self.workflow(base, START_END)
+        finally:
+            self.stop(api)
+        await control.drain(True)
+        # Named, so that PostgreSQL's backends serving it can be told from the others.
+        projector = self.nova("projector", DATABASE_URL=f"{self.pg.url}?application_name={PROJECTOR_ALONE}")
+        worker = self.nova("worker", NOVA_CONCURRENCY="64", NOVA_SANDBOX_POOL_SIZE="8", NOVA_RUN_PROJECTOR="false")
+        clock = cost.RoleClock({"projector": [projector.pid], "pg": [self._pg_pid()]})
+        try:
+            await self._preload(redis, wf, n)
+            await self._until_projected(pool, n, status=None)
+            os.kill(projector.pid, signal.SIGSTOP)
+            await control.drain(False)
+            await self._until_acknowledged(redis)
+            self.stop(worker)
+            # The chain: the projector's process and its backends (not PostgreSQL's other processes).
+            backends = await pool.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1", PROJECTOR_ALONE)
+            chain = [projector.pid, *(b["pid"] for b in backends)]
+            before, waited_before = clock.read(), cost.scheduled_seconds(chain)[1]
+            t0 = time.perf_counter()
+            os.kill(projector.pid, signal.SIGCONT)
+            # Watched in Redis, not PostgreSQL: a poll of PostgreSQL would be one more of its threads
+            # waiting for a core, and PostgreSQL's wait is taken out of the time.
+            await self._until_projector_acknowledged(redis)
+            wall = time.perf_counter() - t0
+            after, waited = clock.read(), cost.scheduled_seconds(chain)[1] - waited_before
+            await self._until_projected(pool, n)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(projector.pid, signal.SIGCONT)
+            self.stop(worker)
+            self.stop(projector)
+            await pool.close()
+            await redis.aclose()
+        own_machine = n / (wall - waited)
+        return {"exec_s": n / wall, "own_machine_exec_s": own_machine, **cost.per_execution_ms(before, after, n)}
+
+    async def _until_projector_acknowledged(self, redis: Redis) -> None:
+        """Until the projectors' group has read and acknowledged every entry of the results stream."""
+        keys = Keys.from_settings(Settings())
+        deadline = time.perf_counter() + 600
+        while True:
+            last = (await redis.xinfo_stream(keys.results))["last-generated-id"]
+            group = next(g for g in await redis.xinfo_groups(keys.results) if g["name"] == keys.projector_group)
+            if group["last-delivered-id"] == last and not group["pending"]:
+                return
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the projector never caught up with the results stream")
+            await asyncio.sleep(0.005)
 
     async def _saturated_run(self, processes: int, n: int) -> dict[str, Any]:
         """A measured run: `processes` warm, drained workers may read a backlog of `n`, timed until all
@@ -1071,16 +1140,25 @@ class Bench:
         total = {role: enqueue[role] + consume[role] for role in consume}
         for name, value in cost.capacity(total).items():
             self.figures[f"capacity_{name}"] = figure([value], "x" if name == "workers_per_redis" else "exec/s")
+        alone = [await self._projector_alone(n) for _ in range(self.reps)]
+        projector_exec_s = statistics.median(a["own_machine_exec_s"] for a in alone)
+        self.figures["projector_alone_exec_s"] = figure([a["exec_s"] for a in alone], "exec/s")
+        self.figures["projector_alone_own_machine_exec_s"] = figure([a["own_machine_exec_s"] for a in alone], "exec/s")
+        self.figures["cpu_projector_alone_ms"] = figure([a["projector"] for a in alone], "ms/exec")
+        self.figures["cpu_projector_alone_pg_ms"] = figure([a["pg"] for a in alone], "ms/exec")
         cores = os.cpu_count() or 1
         # The measured runs have no API in them: project them from the consume phase's costs alone, taken
         # in the run above, never in the measured runs themselves.
         consume_only = {"worker": consume["worker"], "redis": consume["redis"], "pg": consume["pg"]}
         for processes in (1, 2):
             self.figures[f"projected_{processes}proc_own_machine_exec_s"] = figure(
-                [cost.projected_throughput(consume_only, processes, cores)], "exec/s"
+                [cost.projected_throughput(consume_only, processes, cores, projector_exec_s=projector_exec_s)], "exec/s"
             )
             runs = [await self._saturated_run(processes, n) for _ in range(self.reps)]
-            projected = [cost.projected_throughput(consume_only, processes, cores, r["competing"]) for r in runs]
+            projected = [
+                cost.projected_throughput(consume_only, processes, cores, r["competing"], projector_exec_s)
+                for r in runs
+            ]
             measured = [r["exec_s"] for r in runs]
             f = f"{processes}proc"
             self.figures[f"competing_threads_{f}"] = figure([r["competing"] for r in runs], "threads")

@@ -7,6 +7,14 @@ row, so replaying an event, or applying two in either order, leaves the same row
 transaction and is acknowledged only after it commits; while PostgreSQL is down the events simply
 wait in the stream.
 
+Batches are pipelined: while one is being written, the next is read and parsed (a lone projector
+waited on PostgreSQL with nothing else to do, and fell behind its own worker). A batch is written only
+once the previous one has committed and been acknowledged, or has failed: then nothing more is written
+until the entries still pending are read again. A read that comes back full doubles the next one, up
+to BATCH_GROWTH times `projector_batch`: a projector behind its stream pays its per-batch round trips
+(each a turn of the worker's busy event loop) for more events at once, and one that keeps up reads
+small batches again.
+
 Every event read is either written or kept: an entry that is not an event, an event PostgreSQL
 refuses, or one that claims an execution id already stored for another task is logged and moved,
 with its reason, to the projector's dead-letter stream (`{prefix}:projector:dlq`) in the same Redis
@@ -64,6 +72,9 @@ log = logging.getLogger(__name__)
 # leave what Redis delivered to it pending until a reclaim), so this bounds how long a stopping worker
 # waits on an idle projector: a quarter second, at four cheap reads a second per idle shard.
 IDLE_BLOCK_MS = 250
+
+# How many times `projector_batch` a projector behind its stream reads at once (see the module's doc).
+BATCH_GROWTH = 8
 
 # Columns taken from the newest event win; "first" columns keep the first value seen.
 _NEWER = "(EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (e.last_event_ms, e.last_event_seq)"
@@ -146,6 +157,17 @@ class Refusal:
     entry_id: str
     reason: str  # "malformed" | "rejected" | "execution_id_reused"
     detail: str
+
+
+@dataclass
+class Batch:
+    """A batch read and parsed: the events to write, the entries refused before writing, the events
+    left pending for a newer projector, and every entry acknowledged once the events are committed."""
+
+    entries: list[tuple[str, dict[str, str]]]
+    events: list[Event]
+    refused: list[Refusal]
+    newer: list[str]
 
 
 def pg_safe(value: Any) -> Any:
@@ -318,6 +340,10 @@ class Projector:
         # Events of a newer format left pending for a newer projector (counted each time seen).
         self.left_to_newer = 0
         self._reclaim_cursor = "0-0"
+        # The batch being written while the next is read (None: none).
+        self._writing: asyncio.Task[None] | None = None
+        # Entries the next read of new ones asks for.
+        self._count = settings.projector_batch
 
     async def _db(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -334,6 +360,18 @@ class Projector:
                 await self.pool.close()
 
     async def _loop(self, stop: asyncio.Event) -> None:
+        try:
+            await self._passes(stop)
+            # A stop lets the batch in flight commit and be acknowledged.
+            await self._quiesce()
+        finally:
+            # Cancelled: so is the batch in flight (rolled back, its entries left pending).
+            if self._writing is not None:
+                self._writing.cancel()
+                await asyncio.wait([self._writing])
+                self._writing = None
+
+    async def _passes(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
         # Our own pending entries first (a previous life of this consumer name), then new ones.
         cursor = "0"
@@ -343,6 +381,7 @@ class Projector:
                 # Events a dead projector read but never wrote: taken over on a timer, not only
                 # when idle, so a busy stream does not keep them waiting.
                 if time.monotonic() >= next_reclaim:
+                    await self._settle()
                     await self._reclaim_stale()
                     next_reclaim = time.monotonic() + self.settings.visibility_timeout / 2
                 entries = await self._next_batch(cursor)
@@ -353,13 +392,21 @@ class Projector:
                     cursor = ">"
                     continue
                 if entries:
-                    await self._project(entries)
+                    # Parsed while the previous batch is still being written; written once it is done.
+                    batch = self._prepare(entries)
+                    if await self._settle():
+                        backoff.reset()
+                    self._writing = asyncio.create_task(self._write_batch(batch), name="projector batch")
                     if cursor != ">":
                         cursor = entries[-1][0]
-                backoff.reset()
+                else:
+                    await self._settle()
+                    backoff.reset()
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
+                await self._quiesce()
+                cursor = "0"
                 if is_moved_away(exc):
                     continue
                 if not is_missing_group(exc):
@@ -371,6 +418,7 @@ class Projector:
                 except Exception as exc:
                     log.warning("projector: consumer groups not created yet (%r)", exc)
             except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                await self._quiesce()
                 delay = backoff.next_delay()
                 log.warning("projector waiting %.1fs: %s", delay, exc)
                 # Unacknowledged entries stay pending for this consumer; re-read them from the start.
@@ -380,11 +428,31 @@ class Projector:
                 # The projector runs inside each worker: nothing it meets may end the worker (seen:
                 # asyncpg's InternalClientError on a connection broken by a PostgreSQL restart).
                 # Drop the pool's connections, wait, and read the unacknowledged entries again.
+                await self._quiesce()
                 delay = backoff.next_delay()
                 log.exception("projector failed unexpectedly; retrying in %.1fs", delay)
                 await self._expire_connections()
                 cursor = "0"
                 await sleep_or_stop(delay, stop)
+
+    async def _settle(self) -> bool:
+        """Wait for the batch being written, raising its error; True if there was one and it is written."""
+        task, self._writing = self._writing, None
+        if task is None:
+            return False
+        await task
+        return True
+
+    async def _quiesce(self) -> None:
+        """Wait for the batch being written, whatever its outcome, before the pending entries are read
+        again: each of its entries is then acknowledged or pending, never also being written."""
+        try:
+            await self._settle()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The error that brought us here, or one from the same cause, is handled by the caller.
+            log.warning("projector batch not written: %r", exc)
 
     async def _expire_connections(self) -> None:
         pool = self.pool.current if isinstance(self.pool, LazyPool) else self.pool
@@ -392,16 +460,23 @@ class Projector:
             await pool.expire_connections()
 
     async def _next_batch(self, cursor: str) -> list[tuple[str, dict[str, str]]]:
+        base = self.settings.projector_batch
+        count = self._count if cursor == ">" else base
         reply = await self.redis.xreadgroup(
             self.keys.projector_group,
             self.consumer,
             {self.keys.results: cursor},
-            count=self.settings.projector_batch,
+            count=count,
             block=IDLE_BLOCK_MS if cursor == ">" else None,
         )
+        read = 0
         entries: list[tuple[str, dict[str, str]]] = []
         for _stream, items in reply or []:
+            read += len(items)
             entries.extend((i, f) for i, f in items if f is not None)
+        if cursor == ">":
+            # Full: more are waiting, and twice as many are read next. Not: back towards the base.
+            self._count = min(2 * count, base * BATCH_GROWTH) if read >= count else max(base, count // 2)
         return entries
 
     async def _reclaim_stale(self) -> None:
@@ -423,6 +498,9 @@ class Projector:
             await self._project(claimed)
 
     async def _project(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        await self._write_batch(self._prepare(entries))
+
+    def _prepare(self, entries: list[tuple[str, dict[str, str]]]) -> Batch:
         events: list[Event] = []
         refused: list[Refusal] = []
         newer: list[str] = []
@@ -440,26 +518,33 @@ class Projector:
                 events.append(Event.from_fields(entry_id, fields))
             except (KeyError, ValueError, TypeError) as exc:
                 refused.append(Refusal(entry_id, "malformed", f"not an event: {type(exc).__name__}: {exc}"))
+        if newer:
+            left = set(newer)
+            entries = [(i, f) for i, f in entries if i not in left]
+        return Batch(entries, events, refused, newer)
+
+    async def _write_batch(self, batch: Batch) -> None:
+        """Commit a batch's events, then dead-letter its refused entries and acknowledge the rest."""
         pool = await self._db()
-        written: list[Refusal] = []
+        refused = batch.refused + await self._write_retrying(pool, batch.events)
+        if batch.newer:
+            await self._leave_to_newer(batch.newer)
+        if batch.entries:
+            await self._dead_letter_and_ack(batch.entries, refused)
+        self.refused += len(refused)
+        self.projected += len(batch.entries) - len(refused)
+
+    async def _write_retrying(self, pool: asyncpg.Pool, events: list[Event]) -> list[Refusal]:
         for attempt in range(1, RETRIES_ON_ROLLBACK + 1):
             try:
                 async with pool.acquire() as conn:
-                    written = await self._write(conn, events)
-                break
+                    return await self._write(conn, events)
             except asyncpg.TransactionRollbackError as exc:
                 # Rows are written in key order, so this is rare; the rollback undid the batch.
                 if attempt == RETRIES_ON_ROLLBACK:
                     raise
                 log.warning("projector batch rolled back (%s); writing it again", exc)
-        refused += written
-        if newer:
-            await self._leave_to_newer(newer)
-            entries = [(i, f) for i, f in entries if i not in set(newer)]
-        if entries:
-            await self._dead_letter_and_ack(entries, refused)
-        self.refused += len(refused)
-        self.projected += len(entries) - len(refused)
+        raise AssertionError("unreachable")
 
     async def _leave_to_newer(self, entry_ids: list[str]) -> None:
         """Leave events of a newer format pending, idle enough for any projector's next reclaim: a newer

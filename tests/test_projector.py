@@ -367,3 +367,147 @@ async def test_an_unexpected_error_in_a_batch_does_not_end_the_projector(
     await drain(redis, settings, pool, BrokenOnce)
     assert BrokenOnce.failed
     assert await pool.fetchval("SELECT status FROM executions WHERE id = 7") == "completed"
+
+
+# ---- pipelined batches ---------------------------------------------------------------------------
+
+
+class Gated(Projector):
+    """Holds its first write until released (the next batch is read meanwhile), and counts the
+    batches whose write failed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.writing, self.release = asyncio.Event(), asyncio.Event()
+        self.failures = 0
+
+    async def _write(self, conn: asyncpg.Connection, events: list[Event]) -> Any:
+        if not self.writing.is_set():
+            self.writing.set()
+            await self.release.wait()
+        return await super()._write(conn, events)
+
+    async def _write_batch(self, batch: Any) -> None:
+        try:
+            await super()._write_batch(batch)
+        except Exception:
+            self.failures += 1
+            raise
+
+
+async def pending_ids(redis: Redis, settings: Settings) -> set[str]:
+    keys = Keys.from_settings(settings)
+    return {p["message_id"] for p in await redis.xpending_range(keys.results, keys.projector_group, "-", "+", 1000)}
+
+
+async def until(condition: Callable[[], Any], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.02)
+
+
+async def test_postgresql_stopping_under_a_batch_in_flight_loses_and_repeats_nothing(
+    redis: Redis, settings: Settings, pg_factory: Callable[..., PostgresServer]
+) -> None:
+    pg = pg_factory()
+    await migrate_url(pg.url)
+    settings = settings.model_copy(update={"database_url": pg.url, "projector_batch": 5})
+    pool = await create_pool(pg.url, min_size=1, max_size=2)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await ensure_groups(redis, Keys.from_settings(settings))
+    runs = [
+        Emitter(redis, settings, execution_id=i, task_id=f"t{i}", client="acme", workflow_id=wf.id) for i in (1, 2, 3)
+    ]
+    await runs[0].whole_run({}, {"n": 1})  # five events: the first batch, whole
+    first = {i for i, _ in await redis.xrange(settings.results_stream)}
+    stop = asyncio.Event()
+    projector = Gated(settings, redis, pool, consumer="p-test")
+    task = asyncio.create_task(projector.run(stop))
+    try:
+        await asyncio.wait_for(projector.writing.wait(), 30)
+        await runs[1].whole_run({}, {"n": 2})
+
+        async def read_ahead() -> bool:
+            return len(await pending_ids(redis, settings)) > len(first)
+
+        # The next batch is read while the first is being written.
+        await until(read_ahead, "the next batch was not read during the write")
+        pg.stop()
+        projector.release.set()
+
+        async def failed() -> bool:
+            return projector.failures > 0
+
+        await until(failed, "the write did not fail")
+        # A batch whose commit failed stays pending, every entry of it.
+        assert first <= await pending_ids(redis, settings)
+        pg.start()
+        await runs[2].whole_run({}, {"n": 3})
+        await wait_read(redis, settings, task, acked=True)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await pool.close()
+    check = await create_pool(pg.url, min_size=1, max_size=1)
+    try:
+        statuses = dict(await check.fetch("SELECT id, status FROM executions ORDER BY id"))
+        node_runs = dict(await check.fetch("SELECT execution_id, count(*) FROM node_runs GROUP BY execution_id"))
+    finally:
+        await check.close()
+    assert statuses == {1: "completed", 2: "completed", 3: "completed"}
+    assert node_runs == {1: 1, 2: 1, 3: 1}
+    assert await dead_letters(redis, settings) == []
+
+
+async def test_a_stop_lets_the_batch_in_flight_commit_and_be_acknowledged(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await ensure_groups(redis, Keys.from_settings(settings))
+    await Emitter(redis, settings, execution_id=4, task_id="t4", client="acme", workflow_id=wf.id).whole_run({}, {})
+    stop = asyncio.Event()
+    projector = Gated(settings, redis, pool, consumer="p-test")
+    task = asyncio.create_task(projector.run(stop))
+    await asyncio.wait_for(projector.writing.wait(), 30)
+    stop.set()
+    projector.release.set()
+    await asyncio.wait_for(task, 10)
+    assert await pending_ids(redis, settings) == set()
+    assert await pool.fetchval("SELECT status FROM executions WHERE id = 4") == "completed"
+
+
+async def test_a_projector_dying_between_commit_and_ack_is_taken_over_and_changes_nothing(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """As a kill -9 after the commit: the batch stays pending, another projector reclaims and writes it
+    again, and the rows are exactly those of the first write."""
+
+    class DiesBeforeAck(Projector):
+        committed = asyncio.Event()
+
+        async def _dead_letter_and_ack(self, entries: Any, refused: Any) -> None:
+            DiesBeforeAck.committed.set()
+            await asyncio.Event().wait()  # never acknowledges
+
+    settings = settings.model_copy(update={"visibility_timeout": 0.5})
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await ensure_groups(redis, Keys.from_settings(settings))
+    await Emitter(redis, settings, execution_id=5, task_id="t5", client="acme", workflow_id=wf.id).whole_run(
+        {"a": 1}, {"a": 2}
+    )
+    task = asyncio.create_task(DiesBeforeAck(settings, redis, pool, consumer="p-dies").run(asyncio.Event()))
+    await asyncio.wait_for(DiesBeforeAck.committed.wait(), 30)
+    task.cancel()
+    await asyncio.wait([task])
+    assert len(await pending_ids(redis, settings)) == 5
+    execution = dict(await pool.fetchrow("SELECT * FROM executions WHERE id = 5"))
+    runs = [dict(r) for r in await pool.fetch("SELECT * FROM node_runs WHERE execution_id = 5")]
+    assert execution["status"] == "completed"
+
+    await drain(redis, settings, pool)
+
+    assert dict(await pool.fetchrow("SELECT * FROM executions WHERE id = 5")) == execution
+    assert [dict(r) for r in await pool.fetch("SELECT * FROM node_runs WHERE execution_id = 5")] == runs
+    assert await dead_letters(redis, settings) == []
