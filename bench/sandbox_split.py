@@ -2,7 +2,8 @@
 
 Opens, runs one action in, and closes 100 sandboxes in this process (no Redis, no PostgreSQL) and prints
 CPU milliseconds per sandbox of the worker side (this process), of the processes it reaped itself (bwrap
-and its interpreter), of the zygote alone, and of the zygote with the sandboxes it reaped; from /proc.
+and its interpreter), of the zygote alone, and of the zygote with the sandboxes it reaped, and the minor
+page faults of the zygote and of its sandboxes (init and runner); from /proc.
 LAUNCH is a NOVA_SANDBOX_LAUNCH value (fork, bwrap, plain), NETWORK egress or none.
 """
 
@@ -20,10 +21,21 @@ from shared.settings import Settings
 N = 100
 
 
-def _cpu_ms(pid: int, children: bool) -> float:
+def _stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _cpu_ms(pid: int, children: bool) -> float:
+    fields = _stat(pid)
     return sum(int(v) for v in fields[11:13] + (fields[13:15] if children else [])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _faults(pid: int) -> tuple[int, int]:
+    """Minor page faults of a process and of the children it reaped: after a fork, most are copies of
+    pages the parent and child shared until one of them wrote (the bulk of a forked sandbox's cost)."""
+    fields = _stat(pid)
+    return int(fields[7]), int(fields[8])
 
 
 async def main(launch: str, network: str) -> None:
@@ -41,9 +53,9 @@ async def main(launch: str, network: str) -> None:
     await asyncio.sleep(0.3)
     zygote = provider.forkserver.pid if provider.forkserver is not None else None
 
-    def sample() -> tuple[float, float, float, float]:
+    def sample() -> tuple[float, float, float, float, float, float]:
         t = os.times()
-        zyg = (_cpu_ms(zygote, False), _cpu_ms(zygote, True)) if zygote else (0.0, 0.0)
+        zyg = (_cpu_ms(zygote, False), _cpu_ms(zygote, True), *_faults(zygote)) if zygote else (0.0,) * 4
         return (t.user + t.system) * 1000, (t.children_user + t.children_system) * 1000, *zyg
 
     before, t0 = sample(), time.perf_counter()
@@ -53,11 +65,12 @@ async def main(launch: str, network: str) -> None:
     await asyncio.sleep(0.3)  # the last sandbox reaped
     after = sample()
     await provider.aclose()
-    worker, reaped, zyg, zyg_all = ((a - b) / N for a, b in zip(after, before, strict=True))
+    worker, reaped, zyg, zyg_all, zyg_faults, sandbox_faults = ((a - b) / N for a, b in zip(after, before, strict=True))
     print(
         f"{provider.launcher} ({launch}, {network}), per sandbox: worker {worker:.1f} ms, reaped by the worker "
         f"{reaped:.1f} ms, zygote {zyg:.1f} ms, zygote and its sandboxes {zyg_all:.1f} ms; "
-        f"total {worker + reaped + zyg_all:.1f} ms; wall {wall * 1000 / N:.0f} ms"
+        f"total {worker + reaped + zyg_all:.1f} ms; wall {wall * 1000 / N:.0f} ms; "
+        f"page faults: zygote {zyg_faults:.0f}, its sandboxes {sandbox_faults:.0f}"
     )
 
 

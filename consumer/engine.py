@@ -286,12 +286,15 @@ async def run_workflow(
     resume: Checkpoint | None = None,
     extra_context: ExtraContext | None = None,
     park_retries_after: float | None = None,
+    finish: Callable[[Outcome], Awaitable[None]] | None = None,
 ) -> Outcome:
     """Run the graph from start (or from `resume`) to an end node or the first failure.
 
     `extra_context(step, node)` adds read-only keys to the context a node sees (such as its stable
     idempotency key); they are removed from what the node leaves behind. A node retry whose wait is
     at least `park_retries_after` seconds raises RetryParked instead of waiting (None: always wait).
+    `finish(outcome)` records the outcome before the run's sandboxes close: the result waits for no
+    sandbox's teardown (its processes killed and gone), which nothing in it depends on.
     """
     limit = definition.timeout or execution_timeout
     deadline = time.monotonic() + limit
@@ -311,7 +314,10 @@ async def run_workflow(
         park_retries_after=park_retries_after,
     )
     try:
-        return await run.to_end()
+        outcome = await run.to_end()
+        if finish is not None:
+            await finish(outcome)
+        return outcome
     finally:
         await run.sandboxes.close()
 

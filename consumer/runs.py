@@ -291,7 +291,7 @@ class Run:
             return
         self._start(task, attempt, resume)
         try:
-            outcome = await self._run_workflow(definition, resume)
+            await self._run_workflow(definition, resume)
         except SandboxBusy as exc:
             # Nothing failed: no sandbox can be had now. The run waits in the delayed set, not in
             # this worker's slot, and resumes from its checkpoint.
@@ -308,7 +308,6 @@ class Run:
             await self.recorder.flush()
             await self._transient_failure(attempt, exc)
             return
-        await self._finish(outcome)
 
     async def _task_state(self) -> dict[str, str] | None:
         """The task hash, or None when the task is finished already (the entry is then acknowledged)
@@ -481,6 +480,8 @@ class Run:
             resume=resume,
             extra_context=self._node_context,
             park_retries_after=ctx.settings.node_retry_park_after,
+            # The terminal event first: the client sees the result without waiting for the sandbox's end.
+            finish=self._finish,
         )
 
     async def _open_sandbox(self, spec: SandboxSpec) -> Sandbox:

@@ -130,6 +130,8 @@ class LocalSandbox(RunnerSandbox):
         self.cgroup = cgroup
         # Where an emptied cgroup goes (the provider keeps a few for the next sandboxes), else removed.
         self.recycle: Callable[[SandboxCgroup], Awaitable[None]] | None = None
+        # Called once it is closed (the provider tops up its warm pool then, see open()).
+        self.on_closed: Callable[[], None] | None = None
         # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
         self.wrapped = False
         self.workdir = workdir
@@ -291,6 +293,9 @@ class LocalSandbox(RunnerSandbox):
             # Likewise: no process is left inside, so the next sandbox gets the namespace to itself.
             self.net.release()
             self.net = None
+        if self.on_closed is not None:
+            on_closed, self.on_closed = self.on_closed, None
+            on_closed()
 
 
 class BadReply(Exception):
@@ -782,7 +787,13 @@ class LocalSandboxProvider:
             await candidate.close()
         if sandbox is None:
             sandbox = await self._spawn()
-        self._refill_later()
+        if self._pool:
+            # A warm one is left for the next execution: the pool is topped up once this one closes, not
+            # now, when starting a sandbox (a fork, its cgroup, its namespaces) would take CPU from this
+            # execution's own nodes. As many sandboxes start either way: one per execution.
+            sandbox.on_closed = self._refill_later
+        else:
+            self._refill_later()
         if spec.secrets:
             await sandbox.init(spec.secrets)
         log.debug("sandbox for execution %s ready in %.1f ms", spec.execution_id, (time.perf_counter() - t0) * 1000)
