@@ -67,7 +67,7 @@ from shared.control import drained_field
 from shared.db import LazyPool
 from shared.scripts import Scripts
 from shared.settings import Settings
-from shared.streams import Keys, Lane, Layout, RequestField, decode_fields, dumps, now_iso
+from shared.streams import Keys, Lane, Layout, RequestField, decode_fields, dumps, entry_id_parts, now_iso
 from shared.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,9 @@ class Worker:
         self._started = 0
         # Set by the watcher of this stream when an entry was appended (several streams only).
         self._appended = asyncio.Event()
+        # The newest entry a read of this reader was given. Every entry up to it has been delivered to
+        # the group (a stream's ids only grow), so the watch need not wake this reader for any of them.
+        self._read_up_to = "0-0"
         # The readers whose streams this one's watcher watches: None for its own only; [] when another
         # reader's watcher watches this stream (serve() gives a shard's normal lane reader its lanes').
         self.watches: list[Worker] | None = None
@@ -336,6 +339,11 @@ class Worker:
                 for stream in readers.keys() - last.keys():
                     latest = await self.redis.xrevrange(stream, count=1)
                     last[stream] = latest[0][0] if latest else "0-0"
+                for stream, reader in readers.items():
+                    # Entries the reader has read already: a watch behind a backlog would otherwise
+                    # wake for each of them, one round trip per entry.
+                    if entry_id_parts(reader._read_up_to) > entry_id_parts(last[stream]):
+                        last[stream] = reader._read_up_to
                 reply = await self.redis.xread(last, count=1, block=1000)
                 backoff.reset()
             except asyncio.CancelledError:
@@ -368,6 +376,8 @@ class Worker:
         entries: list[tuple[str, dict[str, str]]] = []
         for _stream, items in reply or []:
             entries.extend(items)
+        if entries:
+            self._read_up_to = entries[-1][0]
         return entries
 
     def _outage(self) -> None:
