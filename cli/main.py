@@ -98,7 +98,7 @@ def worker(
     _configure_logging(settings, "worker")
     from consumer.worker import serve
 
-    _run_until_signal(lambda stop: serve(settings, stop=stop))
+    _run_until_signal(lambda stop: serve(settings, stop=stop, own_process=True))
 
 
 @app.command()

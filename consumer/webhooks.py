@@ -26,6 +26,7 @@ import logging
 import random
 import time
 from collections import defaultdict
+from typing import Any
 
 import httpx
 from redis.asyncio import Redis
@@ -57,6 +58,10 @@ from shared.webhooks import (
 
 log = logging.getLogger(__name__)
 
+# An entry of the results stream: its id and its fields, decoded.
+Entry = tuple[str, dict[str, str]]
+# The event types an endpoint or the error reporting may want (see _deliveries).
+SUBSCRIBED_TYPES = ANNOUNCED_TYPES | REPORTED_TYPES
 # Entries a crashed process read but never acknowledged are taken over after this long idle.
 STALE_PENDING_MS = 30_000
 DISPATCH_BATCH = 64
@@ -196,20 +201,15 @@ class WebhookDelivery:
             # Blocking already waited: no idle sleep on top of it.
             return 1
         handled = len(entries)
-        # Events of a format newer than this process reads (a newer release's, during a rolling deploy)
-        # are not announced from what this one understands of them: left pending, unacknowledged, a newer
-        # process claims them once they are stale (an old one that claims them leaves them again).
-        readable = self.settings.readable_format
-        decoded = [(i, decode_fields(f)) for i, f in entries]
-        newer = {i for i, f in decoded if (v := format_version(f)) is not None and v > readable}
-        entries = [(i, f) for i, f in decoded if i not in newer]
-        if not entries:
+        acked, wanted = self._sort_out(entries)
+        if not acked:
             return handled
-        endpoints = await self.registry.list()
-        # Redis's clock dates deliveries: without an endpoint there are none to date.
+        # Only events some subscriber may want need the endpoints (and Redis's clock, which dates their
+        # deliveries): a batch of other events is only acknowledged.
+        endpoints = await self.registry.list() if wanted else []
         now_ms = await redis_ms(self.redis) if endpoints else 0
         async with self.redis.pipeline(transaction=True) as pipe:
-            for entry_id, fields in entries:
+            for entry_id, fields in wanted:
                 # Entry ids repeat across shards' streams: a delivery is named by both.
                 occurrence = entry_id if keys.shard_count == 1 else f"s{keys.shard_index}-{entry_id}"
                 for delivery in self._deliveries(occurrence, fields, endpoints, now_ms, entry_id=entry_id):
@@ -217,13 +217,34 @@ class WebhookDelivery:
                     pipe.hsetnx(self.names.deliveries, delivery.id, delivery.encode())
                     pipe.zadd(self.names.due, {delivery.id: now_ms}, nx=True)
             if not self._split_ack:
-                pipe.xack(keys.results, self.group, *[entry_id for entry_id, _ in entries])
+                pipe.xack(keys.results, self.group, *acked)
             await pipe.execute()
         if self._split_ack:
             # Deliveries first, then the ack: a crash between them re-reads the entries, and HSETNX /
             # ZADD NX make no second delivery.
-            await self.redis.xack(keys.results, self.group, *[entry_id for entry_id, _ in entries])
+            await self.redis.xack(keys.results, self.group, *acked)
         return handled
+
+    def _sort_out(self, entries: list[tuple[str, dict[Any, Any]]]) -> tuple[list[str], list[Entry]]:
+        """The ids of the entries to acknowledge, and those of them whose type some subscriber (an
+        endpoint or the error reporting) may want, with their fields decoded. Most events are of neither
+        kind: their data is never parsed, and nothing but their type and format is looked at."""
+        # Events of a format newer than this process reads (a newer release's, during a rolling deploy)
+        # are not announced from what this one understands of them: left pending, unacknowledged, a newer
+        # process claims them once they are stale (an old one that claims them leaves them again).
+        readable = self.settings.readable_format
+        acked: list[str] = []
+        wanted: list[Entry] = []
+        for entry_id, raw in entries:
+            # A client that decodes responses (ours) gives text already; another, bytes.
+            fields = raw if type(next(iter(raw), "")) is str else decode_fields(raw)
+            version = format_version(fields)
+            if version is not None and version > readable:
+                continue
+            acked.append(entry_id)
+            if fields.get(EventField.TYPE) in SUBSCRIBED_TYPES:
+                wanted.append((entry_id, fields))
+        return acked, wanted
 
     def _deliveries(
         self, occurrence: str, fields: dict[str, str], endpoints: list[Endpoint], now_ms: int, *, entry_id: str

@@ -19,7 +19,11 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.connections import lean_command, takes_lean_commands
 from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField, decode_fields
 
 
@@ -138,6 +142,8 @@ class Scripts:
         self.keys = keys
         self._registered: dict[str, AsyncScript] = {}
         self._siblings: dict[tuple[int, str], Scripts] = {(keys.shard_index, keys.lane): self}
+        # Script calls are each run's and each enqueue's hottest command: sent the short way when it may.
+        self._lean = takes_lean_commands(redis)
 
     def of(self, keys: Keys) -> Scripts:
         """The same steps on another shard's (or lane's) keys (kept, so scripts are registered once each)."""
@@ -151,6 +157,13 @@ class Scripts:
         script = self._registered.get(name)
         if script is None:
             script = self._registered[name] = self.redis.register_script(lua_source(name))  # type: ignore[assignment]
+        if self._lean:
+            try:
+                return await lean_command(self.redis, "EVALSHA", script.sha, len(keys), *keys, *args)
+            except (NoScriptError, RedisConnectionError, RedisTimeoutError):
+                # The script object loads a script Redis lost; the client's retries get a new connection.
+                # Sending again is safe: every script gives the same outcome when run twice.
+                pass
         return await script(keys=keys, args=args)
 
     async def enqueue(

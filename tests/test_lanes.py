@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from consumer.slots import SlotBudget
 from consumer.worker import Worker
 from shared.catalog import WorkflowCatalog
+from shared.connections import ensure_groups
 from shared.control import QUEUE, RunControl
 from shared.executions import Owner, retry_failure
 from shared.scripts import Scripts
@@ -296,3 +297,52 @@ async def test_the_watch_sees_an_entry_appended_to_a_quiet_lane_between_its_read
     finally:
         stop.set()
         await asyncio.wait_for(watch, 10)
+
+
+async def test_the_watch_passes_over_entries_its_reader_has_read(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watch reads one entry per XREAD, only to wake the reader. Behind a backlog it went through the
+    # whole backlog an entry at a time, one round trip per request, though the reader had read them all.
+    keys = Keys.from_settings(settings)
+    budget = SlotBudget(settings.concurrency, readers=2)
+    normal = Worker(settings, redis, WorkflowCatalog(redis, pool, keys), providers={}, keys=keys, budget=budget)
+    normal.watches = [normal]
+    await ensure_groups(redis, keys)
+    read = redis.xread
+    calls = 0
+    replies: list[Any] = []
+    watching, second_read, backlog_read = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def after_the_reader(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        (watching if calls == 1 else second_read).set()
+        reply = await read(*args, **kwargs)
+        replies.append(reply)
+        if calls == 1:
+            # Woken by the backlog's first entry: the reader reads the whole backlog meanwhile.
+            await backlog_read.wait()
+        return reply
+
+    monkeypatch.setattr(redis, "xread", after_the_reader)
+    stop = asyncio.Event()
+    watch = asyncio.create_task(normal._watch(stop))
+    try:
+        await asyncio.wait_for(watching.wait(), 10)
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(20):
+                pipe.xadd(keys.requests, {"n": str(n)})
+            backlog = await pipe.execute()
+        got = await normal._read(len(backlog))
+        assert [entry_id for entry_id, _ in got] == backlog
+        backlog_read.set()
+        await asyncio.wait_for(second_read.wait(), 10)
+    finally:
+        stop.set()
+        backlog_read.set()
+        await asyncio.wait_for(watch, 10)
+    assert normal._appended.is_set()
+    assert replies[0] and replies[0][0][1][0][0] == backlog[0]
+    # Past the first: the reads found nothing the reader had not read.
+    assert all(not reply for reply in replies[1:]), replies

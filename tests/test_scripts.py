@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded import RedisServer
 from shared.events import event_fields
 from shared.inspection import worker_reports
 from shared.scripts import RecordOutcome, Scripts, WorkflowChanged
@@ -769,3 +770,18 @@ async def test_worker_report_race_a_dead_workers_report_goes_a_live_ones_stays(r
             scripts.worker_report("live", None), scripts.worker_report("live", dumps({}), ttl_ms=60_000)
         )
         assert set(await r.hkeys(KEYS.worker_reports)) == set(await r.zrange(KEYS.worker_report_deadlines, 0, -1))
+
+
+async def test_a_script_call_goes_through_after_redis_closed_its_connection(
+    r: Redis, scripts: Scripts, versioned_server: RedisServer
+) -> None:
+    # Script calls take a shorter way than other commands (shared/connections.py lean_command): a pooled
+    # connection that Redis closed since (a restart, a proxy's idle timeout) must not fail the next call.
+    assert (await enqueue(scripts, "before")).created
+    admin = Redis.from_url(versioned_server.admin_url)
+    try:
+        assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        await admin.aclose()
+    assert (await enqueue(scripts, "after")).created
+    assert await r.hget(KEYS.task("after"), TaskField.STATUS) == TaskStatus.PENDING
