@@ -334,3 +334,45 @@ async def test_a_start_failing_after_the_fork_leaves_no_pipe_end_behind(monkeypa
         left = set(selector.get_map()) - watched
         await provider.aclose()
     assert not left, f"the loop still watches {sorted(left)} after the failed start"
+
+
+def test_under_uvloop_no_sandbox_pipe_is_closed_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nova worker` runs on uvloop, whose pipe transports hand the file's number to libuv, which closes
+    it, and then close the file object as well: a second close of a number another thread may have been
+    given meanwhile (seen: a netns slot's setns failing with EINVAL, a pipe with EBADF). Each file a
+    sandbox's pipes are made from is checked as it is closed: the number must still be its own."""
+    import io
+
+    import uvloop
+
+    closed_twice: list[int] = []
+
+    class Probe(io.FileIO):
+        def close(self) -> None:
+            if not self.closed and self.closefd:
+                try:
+                    os.fstat(self.fileno())
+                except OSError:
+                    closed_twice.append(self.fileno())
+            super().close()
+
+    def probe(fd: int, mode: str = "r", buffering: int = -1, closefd: bool = True) -> io.FileIO:
+        assert buffering == 0
+        return Probe(fd, mode.replace("b", ""), closefd=closefd)
+
+    monkeypatch.setattr(os, "fdopen", probe)
+
+    async def main() -> None:
+        provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none", sandbox_launch="fork"))
+        await provider.start()
+        try:
+            for i in range(3):
+                box = await open_box(provider, i)
+                assert (await box.run_action("n", "context['n'] = 1", {}, 10)).context == {"n": 1}
+                await box.close()
+            await asyncio.sleep(0.05)  # the transports' closes complete on the loop
+        finally:
+            await provider.aclose()
+
+    uvloop.run(main())
+    assert closed_twice == []

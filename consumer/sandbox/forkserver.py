@@ -93,6 +93,14 @@ class ForkedProcess:
             self.read_transport.close()
 
 
+def _libuv_closes_pipes(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the loop's pipe transports close the pipe's number themselves (uvloop: libuv owns it once
+    connected). uvloop then also closes the file object it was given, a second close of the same number
+    one loop pass later, when another thread (the network slots' thread) or this one may have been given
+    it: the file objects handed to such a loop must not own their numbers (uvloop issue 763)."""
+    return type(loop).__module__.partition(".")[0] == "uvloop"
+
+
 class ForkServer:
     def __init__(self, python: str, runner: Path, config: dict[str, Any]) -> None:
         self.python = python
@@ -243,8 +251,9 @@ class ForkServer:
             os.close(read_end)
             raise
         # From here the ends are file objects, whose close is idempotent, and then transports'.
-        read_file = os.fdopen(read_end, "rb", buffering=0)
-        write_file = os.fdopen(write_end, "wb", buffering=0)
+        owned = not _libuv_closes_pipes(loop)
+        read_file = os.fdopen(read_end, "rb", buffering=0, closefd=owned)
+        write_file = os.fdopen(write_end, "wb", buffering=0, closefd=owned)
         transports: list[asyncio.BaseTransport] = []
         try:
             reader = asyncio.StreamReader(limit=limit)
@@ -254,8 +263,11 @@ class ForkServer:
         except BaseException:
             for transport in transports:
                 transport.close()
-            read_file.close()
-            write_file.close()
+            for file, taken in ((read_file, bool(transports)), (write_file, False)):
+                if owned:
+                    file.close()
+                elif not taken:
+                    os.close(file.fileno())  # no transport took this number over: it is still ours
             os.close(got[0])
             raise
         writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
