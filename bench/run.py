@@ -1020,14 +1020,7 @@ class Bench:
         its and its PostgreSQL backends' threads waited for a core while runnable (schedstat) adds to
         the wall time and is taken out of it: what is left is its time on a machine of its own, as the
         costs are (a little less: the next batch's read overlaps the write, and a wait then is counted)."""
-        redis, pool = await self.fresh()
-        api, base = await self.api()
-        control = RunControl(redis, Keys.from_settings(Settings()), task_ttl=3600)
-        try:
-            wf = await self.workflow(base, START_END)
-        finally:
-            self.stop(api)
-        await control.drain(True)
+        redis, pool, control, wf = await self._drained_start_end()
         # Named, so that PostgreSQL's backends serving it can be told from the others.
         projector = self.nova("projector", DATABASE_URL=f"{self.pg.url}?application_name={PROJECTOR_ALONE}")
         worker = self.nova("worker", NOVA_CONCURRENCY="64", NOVA_SANDBOX_POOL_SIZE="8", NOVA_RUN_PROJECTOR="false")
@@ -1074,12 +1067,9 @@ class Bench:
                 raise TimeoutError("the projector never caught up with the results stream")
             await asyncio.sleep(0.005)
 
-    async def _saturated_run(self, processes: int, n: int) -> dict[str, Any]:
-        """A measured run: `processes` warm, drained workers may read a backlog of `n`, timed until all
-        are projected (start-up and the enqueueing are not in it). Beside the executions/s: what the
-        projection may take from it (the other runnable threads on the machine meanwhile) and what
-        checks it (each role's CPU per execution; how much of the time each worker was runnable, and
-        its share of a core while it was)."""
+    async def _drained_start_end(self) -> tuple[Redis, asyncpg.Pool, RunControl, int]:
+        """Fresh servers with the start-to-end workflow created (through the API, stopped again) and the
+        queue drained, so that workers started next take nothing until it is resumed."""
         redis, pool = await self.fresh()
         api, base = await self.api()
         control = RunControl(redis, Keys.from_settings(Settings()), task_ttl=3600)
@@ -1088,6 +1078,15 @@ class Bench:
         finally:
             self.stop(api)
         await control.drain(True)
+        return redis, pool, control, wf
+
+    async def _saturated_run(self, processes: int, n: int) -> dict[str, Any]:
+        """A measured run: `processes` warm, drained workers may read a backlog of `n`, timed until all
+        are projected (start-up and the enqueueing are not in it). Beside the executions/s: what the
+        projection may take from it (the other runnable threads on the machine meanwhile) and what
+        checks it (each role's CPU per execution; how much of the time each worker was runnable, and
+        its share of a core while it was)."""
+        redis, pool, control, wf = await self._drained_start_end()
         # Set up as the cost run's workers are (_cost_of).
         workers = [self.nova("worker", NOVA_CONCURRENCY="64", NOVA_SANDBOX_POOL_SIZE="8") for _ in range(processes)]
         clock = cost.RoleClock(

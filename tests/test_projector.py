@@ -338,12 +338,7 @@ async def test_after_a_postgresql_outage_the_projector_writes_the_events_it_held
         stop.set()
         await asyncio.wait_for(projector, 10)
         await pool.close()
-    check = await create_pool(pg.url, min_size=1, max_size=1)
-    try:
-        statuses = dict(await check.fetch("SELECT id, status FROM executions ORDER BY id"))
-    finally:
-        await check.close()
-    assert statuses == {1: "completed", 2: "completed", 3: "completed"}
+    assert await _statuses(pg.url) == {1: "completed", 2: "completed", 3: "completed"}
 
 
 async def test_an_unexpected_error_in_a_batch_does_not_end_the_projector(
@@ -450,12 +445,7 @@ async def test_postgresql_stopping_under_a_batch_in_flight_loses_and_repeats_not
         stop.set()
         await asyncio.wait_for(task, 10)
         await pool.close()
-    check = await create_pool(pg.url, min_size=1, max_size=1)
-    try:
-        statuses = dict(await check.fetch("SELECT id, status FROM executions ORDER BY id"))
-        node_runs = dict(await check.fetch("SELECT execution_id, count(*) FROM node_runs GROUP BY execution_id"))
-    finally:
-        await check.close()
+    statuses, node_runs = await _statuses(pg.url), await _node_runs(pg.url)
     assert statuses == {1: "completed", 2: "completed", 3: "completed"}
     assert node_runs == {1: 1, 2: 1, 3: 1}
     assert await dead_letters(redis, settings) == []
@@ -511,3 +501,21 @@ async def test_a_projector_dying_between_commit_and_ack_is_taken_over_and_change
     assert dict(await pool.fetchrow("SELECT * FROM executions WHERE id = 5")) == execution
     assert [dict(r) for r in await pool.fetch("SELECT * FROM node_runs WHERE execution_id = 5")] == runs
     assert await dead_letters(redis, settings) == []
+
+
+async def _statuses(url: str) -> dict[int, str]:
+    """Each execution's status in the PostgreSQL at `url`, read on a connection of its own."""
+    conn = await asyncpg.connect(url)
+    try:
+        return dict(await conn.fetch("SELECT id, status FROM executions ORDER BY id"))
+    finally:
+        await conn.close()
+
+
+async def _node_runs(url: str) -> dict[int, int]:
+    """How many node runs each execution has in the PostgreSQL at `url`."""
+    conn = await asyncpg.connect(url)
+    try:
+        return dict(await conn.fetch("SELECT execution_id, count(*) FROM node_runs GROUP BY execution_id"))
+    finally:
+        await conn.close()
