@@ -299,8 +299,12 @@ async def run_workflow(
     limit = definition.timeout or execution_timeout
     deadline = time.monotonic() + limit
     if resume is not None and resume.retry is not None and resume.retry.time_left_ms is not None:
-        # Resumed at a node's retry: the limit is what the run had left after the wait, not a new one.
-        deadline = time.monotonic() + min(resume.retry.time_left_ms / 1000, limit)
+        # Resumed at a node's retry: the limit is what the run had left after the wait, not a new one,
+        # counted from when the wait ends (a run resumed before it is due waits the rest first).
+        policy = next((n.retry for n in definition.nodes if n.id == resume.retry.node_id), None)
+        # As _sleep_until bounds it: another worker's clock ahead of ours waits no longer than the backoff.
+        wait = min(max(resume.retry.due_ms / 1000 - time.time(), 0.0), policy.backoff.max if policy else 0.0)
+        deadline = time.monotonic() + wait + min(resume.retry.time_left_ms / 1000, limit)
     run = _Run(
         definition,
         hooks,

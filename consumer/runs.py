@@ -96,6 +96,9 @@ class RunContext:
     # The concurrency-key slot each in-flight entry holds: the worker's heartbeat refreshes them, and a
     # cancelled run's is given back once its run has stopped.
     held: dict[str, HeldSlot] = field(default_factory=dict)
+    # Entries whose run has recorded its outcome (the entry is acknowledged) and is still ending (its
+    # sandboxes closing): not heartbeated, so never mistaken for entries another worker took over.
+    settled: set[str] = field(default_factory=set)
 
     @cached_property
     def vault(self) -> Vault:
@@ -577,6 +580,7 @@ class Run:
                 shown=True,
             )
         await self.recorder.flush(terminal=True)
+        self.ctx.settled.add(self.delivery.entry_id)
 
     async def _transient_failure(
         self, attempt: int, exc: Exception, *, spend_retry: bool = True, delay: float | None = None

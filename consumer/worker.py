@@ -181,6 +181,7 @@ class Worker:
                 self.budget.give()
             self._task_of.pop(entry_id, None)
             self.ctx.held.pop(entry_id, None)
+            self.ctx.settled.discard(entry_id)
             if self.draining:
                 self._report(self._report_drained())
 
@@ -386,7 +387,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         sent_at = time.monotonic()
-        ids = list(self.inflight)
+        ids = [entry_id for entry_id in self.inflight if entry_id not in self.ctx.settled]
         if not ids:
             self._fresh_at = sent_at
             await self._recheck_control_bounded(ids)

@@ -347,6 +347,34 @@ async def test_kill9_during_the_backoff_resumes_at_the_node_with_the_attempt_cou
     ]
 
 
+async def test_a_run_resumed_before_its_retry_is_due_keeps_the_time_it_had_after_the_wait(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path, tmp_path: Path
+) -> None:
+    counter = shared_file(shared_dir, "runs")
+    # a1 fails once, then waits 6 s in the worker's slot, in a workflow given 8 s: under 2 s are left after
+    # the wait. The worker is killed during it and another resumes the run after the visibility timeout (1 s),
+    # seconds before the retry is due: it waits the rest, and the node must still have what was left, not
+    # have it spent on the wait a second time.
+    policy = {"attempts": 2, "backoff": {"initial": 6, "max": 6, "jitter": False}, "on": ["ConnectionError"]}
+    wf = await create_workflow(
+        redis, settings, pool, with_retry(linear(flaky(counter, 1)), "a1", policy) | {"timeout": 8}
+    )
+    fast = settings.model_copy(update={"visibility_timeout": 1.0, "node_retry_park_after": 60.0})
+    victim = start_worker_process(fast, tmp_path / "victim.log", NOVA_NODE_RETRY_PARK_AFTER="60")
+    try:
+        task = await enqueue(redis, settings, wf, {})
+        await wait_for_events(
+            redis, settings, lambda e: e.task_id == task.task_id and e.type == EventType.NODE_FINISHED
+            and e.data.get("node_id") == "a1", timeout=60,
+        )  # fmt: skip
+    finally:
+        kill9(victim)
+    async with in_process_worker(fast):
+        done = await wait_terminal(redis, settings, [task.task_id], timeout=60)
+    assert done[task.task_id].type == EventType.SUCCEEDED, done[task.task_id].data
+    assert [r["attempt"] for r in runs_of(counter)] == [1, 2]
+
+
 async def test_a_long_wait_gives_the_slot_back_and_get_tasks_shows_it(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path, api: httpx.AsyncClient
 ) -> None:

@@ -255,19 +255,24 @@ class ForkServer:
         read_file = os.fdopen(read_end, "rb", buffering=0, closefd=owned)
         write_file = os.fdopen(write_end, "wb", buffering=0, closefd=owned)
         transports: list[asyncio.BaseTransport] = []
+        # Files handed to the loop: under uvloop libuv owns their numbers from then on, and closes them
+        # itself if the connect fails (a cancel while it completes included).
+        handed: list[object] = []
         try:
             reader = asyncio.StreamReader(limit=limit)
+            handed.append(read_file)
             read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
             transports.append(read_transport)
+            handed.append(write_file)
             write_transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, write_file)
         except BaseException:
             for transport in transports:
                 transport.close()
-            for file, taken in ((read_file, bool(transports)), (write_file, False)):
+            for file in (read_file, write_file):
                 if owned:
                     file.close()
-                elif not taken:
-                    os.close(file.fileno())  # no transport took this number over: it is still ours
+                elif file not in handed:
+                    os.close(file.fileno())  # never handed to the loop: the number is still ours
             os.close(got[0])
             raise
         writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
