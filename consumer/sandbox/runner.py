@@ -288,7 +288,20 @@ def serve_stdio(limits: dict) -> None:
         os.dup2(devnull, fd)
     os.close(devnull)
     _apply_limits(limits)
+    _forget_main_file()
     Runner(proto_in, proto_out, limits).serve()
+
+
+def _forget_main_file() -> None:
+    """Children that node code starts with multiprocessing's spawn (or forkserver) method import the parent's
+    __main__ again from its file: this program's (the fork server's or the runner's), which node code does not
+    need and the sandbox may not even see (an install under /tmp, hidden by the sandbox's private /tmp: the
+    children died at start, and the pool waited for them until the node's time limit). Without a file or a
+    spec, the children import nothing of it."""
+    main_module = sys.modules.get("__main__")
+    if main_module is not None:
+        main_module.__dict__.pop("__file__", None)
+        main_module.__spec__ = None
 
 
 if __name__ == "__main__":
