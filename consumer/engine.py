@@ -301,9 +301,8 @@ async def run_workflow(
     if resume is not None and resume.retry is not None and resume.retry.time_left_ms is not None:
         # Resumed at a node's retry: the limit is what the run had left after the wait, not a new one,
         # counted from when the wait ends (a run resumed before it is due waits the rest first).
-        policy = next((n.retry for n in definition.nodes if n.id == resume.retry.node_id), None)
-        # As _sleep_until bounds it: another worker's clock ahead of ours waits no longer than the backoff.
-        wait = min(max(resume.retry.due_ms / 1000 - time.time(), 0.0), policy.backoff.max if policy else 0.0)
+        node = definition.node(resume.retry.node_id)
+        wait = _wait_left(resume.retry.due_ms, node)
         deadline = time.monotonic() + wait + min(resume.retry.time_left_ms / 1000, limit)
     run = _Run(
         definition,
@@ -379,7 +378,7 @@ class _Run:
             if pending is not None:
                 # A retry: the same visit, counted and bounded on its first attempt.
                 self.retries += 1
-                await _sleep_until(pending.due_ms, node.retry.backoff.max if node.retry else 0.0)
+                await _sleep_until(time.time() + _wait_left(pending.due_ms, node))
                 attempt = _attempt(node, pending.failed + 1, pending.first_step)
             else:
                 self.visits[node.id] = self.visits.get(node.id, 0) + 1
@@ -610,11 +609,16 @@ def _attempt(node: Node, number: int, first_step: int) -> Attempt | None:
     return Attempt(number, node.retry.attempts, first_step) if node.retry is not None else None
 
 
-async def _sleep_until(due_ms: int, longest: float) -> None:
-    """Wait for a retry's due time, by the wall clock (the time it was set by may be another worker's).
-    `longest` (the policy's largest wait) caps it, should this worker's clock be behind that one's; a
-    cancel ends the wait at once (it is a plain sleep)."""
-    until = min(due_ms / 1000, time.time() + longest)
+def _wait_left(due_ms: int, node: Node) -> float:
+    """Seconds until a retry of `node` is due, by the wall clock (the time it was set by may be another
+    worker's), capped by the policy's largest wait should this worker's clock be behind that one's."""
+    longest = node.retry.backoff.max if node.retry else 0.0
+    return min(max(due_ms / 1000 - time.time(), 0.0), longest)
+
+
+async def _sleep_until(until: float) -> None:
+    """Wait until `until` (wall clock, seconds since the epoch); a cancel ends the wait at once (it is a
+    plain sleep)."""
     # The sleep keeps the monotonic clock, which may end it a hair before the wall clock's due time
     # (or the wall clock may be stepped meanwhile): sleep what is left, a few times at most.
     for _ in range(3):
