@@ -54,7 +54,7 @@ from consumer.sandbox.isolation import (
     probe_bwrap,
 )
 from consumer.sandbox.netns import EgressNetworks, NetSlot
-from consumer.sandbox.runner_client import RunnerSandbox, reply_problem
+from consumer.sandbox.runner_client import RunnerSandbox
 from consumer.sandbox.seccomp import compiled as compiled_seccomp
 from shared.settings import Settings
 
@@ -220,9 +220,6 @@ class LocalSandbox(RunnerSandbox):
             try:
                 await self._send(request)
                 reply = await asyncio.wait_for(self._receive(), timeout)
-                problem = reply_problem(reply)
-                if problem is not None:
-                    raise BadReply(problem, "output")
             except TimeoutError:
                 await self.close()
                 raise NodeError(
@@ -242,6 +239,9 @@ class LocalSandbox(RunnerSandbox):
                     type="BadReply", message=f"node '{node_id}' sent {exc.args[0]}", reason=exc.reason
                 ) from None
         return reply
+
+    async def _distrust(self) -> None:
+        await self.close()
 
     async def _reap(self) -> tuple[int | None, int]:
         """The exit status of a sandbox that died, and the OOM kills of its cgroup (read before close,

@@ -36,10 +36,7 @@ def reply_problem(reply: dict[str, Any]) -> str | None:
 
 
 def checked(reply: dict[str, Any]) -> dict[str, Any]:
-    """The reply, or the NodeError it reports (BadReply for a reply of the wrong shape)."""
-    problem = reply_problem(reply)
-    if problem is not None:
-        raise NodeError(type="BadReply", message=f"the sandbox sent {problem}", reason="output")
+    """The reply (of the runner's shape: reply_problem found nothing), or the NodeError it reports."""
     if reply["ok"]:
         return reply
     error = reply.get("error") or {}
@@ -58,9 +55,22 @@ class RunnerSandbox:
     async def _call(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
         raise NotImplementedError
 
+    async def _distrust(self) -> None:
+        """Called when a reply was not of the runner's shape: node code wrote it, so the sandbox's
+        protocol may be out of step (a sandbox that keeps a conversation closes itself here)."""
+
+    async def _reply(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
+        reply = await self._call(request, node_id, timeout)
+        problem = reply_problem(reply)
+        if problem is not None:
+            # The node's own doing: a failure of that node, not of the sandbox service (not retried).
+            await self._distrust()
+            raise NodeError(type="BadReply", message=f"node '{node_id}' sent {problem}", reason="output")
+        return checked(reply)
+
     async def run_action(self, node_id: str, code: str, context: dict[str, Any], timeout: float) -> NodeResult:
         request = {"op": "action", "node_id": node_id, "code": code, "context": context}
-        reply = checked(await self._call(request, node_id, timeout))
+        reply = await self._reply(request, node_id, timeout)
         return NodeResult(
             context=reply["context"],
             stdout=reply.get("stdout", ""),
@@ -70,7 +80,7 @@ class RunnerSandbox:
 
     async def evaluate(self, node_id: str, expression: str, context: dict[str, Any], timeout: float) -> NodeResult:
         request = {"op": "evaluate", "node_id": node_id, "code": expression, "context": context}
-        reply = checked(await self._call(request, node_id, timeout))
+        reply = await self._reply(request, node_id, timeout)
         value = reply.get("value")
         return NodeResult(
             # What the expression left (a call may change the context; NOVA keeps a decision's changes).
