@@ -236,8 +236,7 @@ class WebhookDelivery:
         acked: list[str] = []
         wanted: list[Entry] = []
         for entry_id, raw in entries:
-            # A client that decodes responses (ours) gives text already; another, bytes.
-            fields = raw if type(next(iter(raw), "")) is str else decode_fields(raw)
+            fields = decode_fields(raw)
             version = format_version(fields)
             if version is not None and version > readable:
                 continue
