@@ -194,14 +194,12 @@ class CgroupRoot:
         or with a sandbox still in one: what is left in them is killed first)."""
         names = {folder.name for parent in self.parents.values() for folder in _children(parent)}
         for name in names:
-            parts = name.split("-")
-            earlier = len(parts) == 2  # pid-number, of an earlier release: removed only if empty
-            ns, pid = (str(_PIDNS), parts[0]) if earlier else (parts[0], parts[1] if len(parts) == 3 else "")
-            if ns != str(_PIDNS) or not pid.isdigit() or _alive(int(pid)):
+            maker = _maker(name)
+            if maker is None or _alive(maker):
                 continue
             group = SandboxCgroup(self.version, {key: parent / name for key, parent in self.parents.items()})
-            if earlier:
-                group.remove()
+            if name.count("-") == 1:
+                group.remove()  # an earlier release's (pid-number): removed only if empty
                 continue
             for leftover in group.pids():
                 with contextlib.suppress(ProcessLookupError):
@@ -238,6 +236,15 @@ def _children(parent: Path) -> list[Path]:
     with contextlib.suppress(OSError):
         return [child for child in parent.iterdir() if child.is_dir()]
     return []
+
+
+def _maker(name: str) -> int | None:
+    """The pid of the worker of this pid namespace that made a group so named, or None (another namespace's,
+    or not a name of ours). Earlier releases named groups pid-number, without the namespace."""
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0] == str(_PIDNS):
+        parts = parts[1:]
+    return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit() else None
 
 
 def _alive(pid: int) -> bool:
