@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from api import errors, heap
 from api.deps import Resources
 from api.event_hub import EventHub
-from api.fast_execute import ExecuteFastPath
+from api.fast_paths import FastPaths
 from api.limits import BodySizeLimit, JsonBodyGuard, StreamSlots
 from api.metrics import Metrics
 from api.request_context import RequestContext
@@ -155,8 +155,8 @@ def create_app(settings: Settings | None = None, *, settle_heap: bool = False) -
     # The last added runs first: the size limit bounds what the JSON guard buffers; CORS answers
     # preflights before any of them (and adds its headers to their refusals); every response,
     # whichever layer wrote it, carries the request id.
-    # Innermost: the hot route's plain requests skip FastAPI's routing and validation (api/fast_execute.py).
-    app.add_middleware(ExecuteFastPath, fastapi=app)
+    # Innermost: the hot routes' plain requests skip FastAPI's routing and validation (api/fast_paths.py).
+    app.add_middleware(FastPaths, fastapi=app)
     app.add_middleware(JsonBodyGuard, max_depth=settings.max_json_depth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origin_list:

@@ -6,6 +6,7 @@ persistent connections does, where a general-purpose HTTP client would be the bo
     python -m bench.loadgen post URL BODY_JSON CONCURRENCY SECONDS [HEADER ...]
     python -m bench.loadgen open URL BODY_JSON RATE SECONDS CONNECTIONS [HEADER ...]
     python -m bench.loadgen sse URL SUBSCRIBERS EXPECTED_EVENTS [HEADER ...]
+    python -m bench.loadgen roundtrip BASE_URL EXECUTE_PATH BODY_JSON RUNS WARM [HEADER ...]
 Each prints one JSON line (`sse` prints `{"ready": ...}` first, and after its result waits for a line
 on stdin before it lets its connections go).
 
@@ -33,14 +34,21 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 
-def _request(method: str, path: str, host: str, headers: list[str], body: bytes = b"") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: keep-alive", *headers]
+def _request(
+    method: str, path: str, host: str, headers: list[str], body: bytes = b"", connection: str = "keep-alive"
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Connection: {connection}", *headers]
     if body:
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
+    return (await _read_answer(reader))[0]
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """A response's status and body (of a Content-Length; the routes measured answer so)."""
     status_line = await reader.readline()
     status = int(status_line.split()[1])
     length = 0
@@ -51,9 +59,7 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
         name, _, value = line.decode().partition(":")
         if name.lower() == "content-length":
             length = int(value)
-    if length:
-        await reader.readexactly(length)
-    return status
+    return status, await reader.readexactly(length) if length else b""
 
 
 async def post(url: str, body: str, concurrency: int, seconds: float, headers: list[str]) -> dict[str, object]:
@@ -84,6 +90,62 @@ async def post(url: str, body: str, concurrency: int, seconds: float, headers: l
         "p50_ms": latencies[n // 2] * 1000 if n else None,
         "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else None,
         "statuses": statuses,
+    }
+
+
+END_STATUSES = frozenset({"SUCCESS", "FAILURE", "DEAD", "REVOKED"})
+
+
+async def round_trips(
+    base: str, execute: str, body: str, runs: int, warm: int, headers: list[str]
+) -> dict[str, object]:
+    """Idle round trips, one at a time: POST `execute`, then learn the task's end, alternately by polling
+    GET /tasks/{id} every millisecond (as NOVA's clients poll, only faster) and by following
+    GET /tasks/{id}/events, which closes after the end event. Each run waits 50 ms first (the worker's
+    warm pool refills; nothing else runs) and the first `warm` runs warm caches and count for nothing."""
+    parts = urlsplit(base)
+    host, port = parts.hostname, parts.port
+    post_request = _request("POST", execute, parts.netloc, headers, body.encode())
+    reader, writer = await asyncio.open_connection(host, port)
+    polled: list[float] = []
+    followed: list[float] = []
+    requests = 0
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    for i in range(runs + warm):
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        writer.write(post_request)
+        status, answer = await _read_answer(reader)
+        if status != 202:
+            raise RuntimeError(f"execute answered {status}: {answer[:200]!r}")
+        task_id = json.loads(answer)["task_id"]
+        requests += 1
+        if i % 2 == 0:
+            poll = _request("GET", f"/tasks/{task_id}", parts.netloc, headers)
+            while True:
+                writer.write(poll)
+                _, answer = await _read_answer(reader)
+                requests += 1
+                if json.loads(answer)["status"] in END_STATUSES:
+                    break
+                await asyncio.sleep(0.001)
+        else:
+            events_reader, events_writer = await asyncio.open_connection(host, port)
+            events_writer.write(_request("GET", f"/tasks/{task_id}/events", parts.netloc, headers, connection="close"))
+            while await events_reader.read(65536):
+                pass  # the server closes the stream after the task's end event
+            events_writer.close()
+            requests += 1
+        if i >= warm:
+            (polled if i % 2 == 0 else followed).append((time.perf_counter() - t0) * 1000)
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    writer.close()
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return {
+        "polled_ms": polled,
+        "followed_ms": followed,
+        "requests": requests,
+        "cpu_ms_per_request": cpu * 1000 / requests,
     }
 
 
@@ -473,6 +535,9 @@ def main() -> None:
     elif mode == "open":
         url, body, rate, seconds, connections, *headers = args
         result = _uvloop_run(open_loop(url, body, float(rate), float(seconds), int(connections), headers))
+    elif mode == "roundtrip":
+        base, execute, body, runs, warm, *headers = args
+        result = _uvloop_run(round_trips(base, execute, body, int(runs), int(warm), headers))
     else:
         url, subscribers, expected, *headers = args
         result = _uvloop_run(sse(url, int(subscribers), int(expected), headers))

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api import fast_execute, heap
+from api import fast_paths, heap
 from api.app import create_app
 from cli.embedded import PostgresServer, RedisServer
 from cli.faultproxy import FaultProxy
@@ -440,10 +440,10 @@ def _scope(path: str, headers: dict[str, str], query: bytes = b"") -> dict[str, 
 def test_the_execute_fast_path_takes_only_requests_fastapi_would_accept_as_they_are() -> None:
     plain = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
     body = b'{"client_slug": "acme", "initial_context": {"a": 1}}'
-    taken = fast_execute._plain(_scope("/workflows/7/execute", plain), body, 7)
+    taken = fast_paths._plain(_scope("/workflows/7/execute", plain), body, 7)
     assert taken is not None and taken[:2] == (7, ADMIN_KEY)
     assert taken[2].client_slug == "acme" and taken[2].initial_context == {"a": 1} and taken[3] is None
-    assert fast_execute._plain(_scope("/workflows/7/execute", plain), b"{}", 7) is not None
+    assert fast_paths._plain(_scope("/workflows/7/execute", plain), b"{}", 7) is not None
     refused = [
         (plain, b'{"client_slug": "acme\\n"}'),  # a slug its pattern refuses
         (plain, b'{"client_slug": "Acme"}'),
@@ -459,12 +459,12 @@ def test_the_execute_fast_path_takes_only_requests_fastapi_would_accept_as_they_
         ({"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "text/plain"}, b"{}"),
     ]
     for headers, refused_body in refused:
-        assert fast_execute._plain(_scope("/workflows/7/execute", headers), refused_body, 7) is None, headers
-    assert fast_execute._plain(_scope("/workflows/7/execute", plain, b"x=1"), b"{}", 7) is None
+        assert fast_paths._plain(_scope("/workflows/7/execute", headers), refused_body, 7) is None, headers
+    assert fast_paths._plain(_scope("/workflows/7/execute", plain, b"x=1"), b"{}", 7) is None
     doubled = _scope("/workflows/7/execute", plain)
     doubled["headers"].insert(0, (b"content-type", b"text/plain"))
-    assert fast_execute._plain(doubled, b"{}", 7) is None
-    assert fast_execute._plain(_scope("/workflows/7/execute", plain), b"{}", 2**63) is None
+    assert fast_paths._plain(doubled, b"{}", 7) is None
+    assert fast_paths._plain(_scope("/workflows/7/execute", plain), b"{}", 2**63) is None
 
 
 async def test_the_execute_fast_path_answers_as_the_fastapi_route_does(api: httpx.AsyncClient) -> None:
@@ -497,6 +497,65 @@ async def test_the_execute_fast_path_answers_as_the_fastapi_route_does(api: http
         assert fast.json() == routed.json() and fast.headers.get("www-authenticate") == routed.headers.get(
             "www-authenticate"
         )
+
+
+def test_the_task_fast_path_takes_only_requests_fastapi_would_read_as_they_are() -> None:
+    assert fast_paths._TASK.match("/tasks/abc") and fast_paths._TASK.match("/tasks/abc").group(1) == "abc"
+    for other in ("/tasks/abc/events", "/tasks/abc/cancel", "/tasks/", "/tasks/abc/"):
+        assert fast_paths._TASK.match(other) is None, other
+    bearer = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert fast_paths._headers(_scope("/tasks/abc", bearer)) == (ADMIN_KEY, None)
+    for headers, query in (
+        ({}, b""),
+        ({"Authorization": f"bearer {ADMIN_KEY}"}, b""),  # another spelling of the scheme: FastAPI's to read
+        ({"Authorization": "Bearer  "}, b""),
+        ({**bearer, "Cookie": "nova_session=x"}, b""),
+        (bearer, b"access_token=x"),
+    ):
+        assert fast_paths._headers(_scope("/tasks/abc", headers, query)) is None, (headers, query)
+    doubled = _scope("/tasks/abc", bearer)
+    doubled["headers"].append((b"authorization", b"Bearer other"))
+    assert fast_paths._headers(doubled) is None
+
+
+async def test_the_task_fast_path_answers_as_the_fastapi_route_does(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    ok = await create(api, BRANCHING)
+    failing = await create(api, linear("raise RuntimeError('no vendor')"), name="Failing")
+    keys = {}
+    for slug in ("idom", "acme"):
+        created = await api.post("/clients", json={"slug": slug, "name": slug.title()})
+        keys[slug] = created.json()["api_key"]
+    body = {"client_slug": "idom", "initial_context": {"items": [700, 600]}}
+    pending = (await api.post(f"/workflows/{ok}/execute", json=body)).json()["task_id"]
+
+    async def same(task_id: str, key: str = ADMIN_KEY) -> dict[str, Any]:
+        # A query string sends the same request through FastAPI's route (it has no query parameters).
+        headers = {"Authorization": f"Bearer {key}"}
+        fast = await api.get(f"/tasks/{task_id}", headers=headers)
+        routed = await api.get(f"/tasks/{task_id}?via=fastapi", headers=headers)
+        assert fast.status_code == routed.status_code, (fast.text, routed.text)
+        assert fast.headers["content-type"] == routed.headers["content-type"]
+        assert fast.headers.get("www-authenticate") == routed.headers.get("www-authenticate")
+        assert fast.json() == routed.json() and list(fast.json()) == list(routed.json())
+        return dict(fast.json())
+
+    assert (await same(pending))["status"] == "PENDING"
+    assert (await same(pending, keys["idom"]))["status"] == "PENDING"
+    async with in_process_worker(settings):
+        done = (await api.post(f"/workflows/{ok}/execute", json=body)).json()["task_id"]
+        failed = (await api.post(f"/workflows/{failing}/execute", json={"client_slug": "idom"})).json()["task_id"]
+        await wait_terminal(redis, settings, [pending, done, failed])
+    succeeded = await same(done)
+    assert succeeded["status"] == "SUCCESS" and succeeded["result"]["final_context"]["route"] == "manual"
+    assert [t["node_id"] for t in succeeded["result"]["execution_trace"]] == ["start", "total", "big", "approve", "end"]
+    assert (await same(failed, keys["idom"]))["error"].endswith("no vendor")
+    # Errors come from the same handlers: another client's task is unknown, a bad key is 401.
+    assert (await same(done, keys["acme"]))["error"]["message"] == f"task {done} not found"
+    for missing in ("nope", "0" * 32):
+        assert "not found" in (await same(missing))["error"]["message"]
+    assert "unknown or revoked" in (await same(done, "not-a-key"))["error"]["message"]
 
 
 @pytest.mark.parametrize(

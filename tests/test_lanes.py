@@ -246,7 +246,7 @@ async def test_a_due_retry_goes_back_to_its_lane_and_a_forged_lane_to_normal(r: 
 
 
 async def test_a_priority_is_never_dropped_on_the_way_in(api: httpx.AsyncClient, redis: Redis, keys: Keys) -> None:
-    """Execute requests take two ways into the route (api/fast_execute.py answers the plain ones): a
+    """Execute requests take two ways into the route (api/fast_paths.py answers the plain ones): a
     priority, valid or not, goes the way that validates it."""
     wf = (await api.post("/workflows", json={"name": "P", "graph_definition": linear("pass")})).json()
     high = (await api.post(f"/workflows/{wf['id']}/execute", json={"priority": "high", "initial_context": {}})).json()

@@ -305,7 +305,7 @@ async def _enqueue_version(
 async def execute(
     res: Resources, workflow_id: int, body: ExecuteIn, caller: Principal, idempotency_key: str | None
 ) -> ExecuteOut:
-    """The execute route's work once its request is validated: shared with api/fast_execute.py, which
+    """The execute route's work once its request is validated: shared with api/fast_paths.py, which
     answers the plain requests of this route without FastAPI's layers.
 
     On a single Redis the request is built from the workflow's head as this process last saw it, and
