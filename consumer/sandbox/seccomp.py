@@ -32,6 +32,10 @@ What it refuses, and why (each refusal is EPERM unless said otherwise):
   into it (need capabilities: listed so that no gained capability reaches them).
 - open_by_handle_at: opens any file of a mount by its handle, past every folder's permissions (a known
   container escape with CAP_DAC_READ_SEARCH).
+- ptrace, process_vm_readv, process_vm_writev: reading and writing other processes' memory and registers.
+  Within one sandbox everything shares a uid, so node code could take over the runner (which still answers
+  the worker) or any process it starts; no node needs a debugger, and ptrace has a long record of kernel
+  privilege escalations of its own.
 - syslog: the kernel's log (kernel addresses, other sandboxes' out-of-memory kills) where the host does
   not restrict it.
 """
@@ -68,6 +72,7 @@ REFUSED = (
     "bpf", "perf_event_open", "userfaultfd",
     "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
     "open_by_handle_at", "syslog",
+    "ptrace", "process_vm_readv", "process_vm_writev",
 )  # fmt: skip
 
 # clone's flags are its first argument, but its second on s390 (the stack comes first there).
