@@ -16,12 +16,12 @@ Per request (fds: the protocol pipes, the sandbox's cgroup.procs files opened by
 2. the child, PID 1 of that namespace (the sandbox's "init"), joins its cgroup first (everything after
    is counted and limited), enters a network namespace: from the pool (`none`), the one the worker lent
    with the request (`egress`: a veth pair to the host, see netns.py), or, with neither, keeps the
-   host's (`egress` where namespaces cannot be prepared: the per-uid routing rules apply); unshares
-   mount, IPC and UTS namespaces (a copy of the read-only view), mounts a fresh tmpfs on /tmp and
-   /dev/shm, binds back NOVA_SANDBOX_WRITABLE folders read-write, makes its work folder on its own /tmp
-   (0700, its uid's), mounts /proc of its namespace;
-3. init forks the runner (PID 2: PID 1 ignores signals it has no handler for, so node code must not be
-   PID 1), which closes every inherited fd but the protocol, drops to its uid and gids
+   host's (`egress` where namespaces cannot be prepared: the per-uid routing rules apply), unshares
+   mount, IPC and UTS namespaces (a copy of the read-only view), and forks the runner at once;
+3. the runner (PID 2: PID 1 ignores signals it has no handler for, so node code must not be PID 1),
+   still root and alone in those namespaces, mounts a fresh tmpfs on /tmp and /dev/shm, binds back
+   NOVA_SANDBOX_WRITABLE folders read-write, makes its work folder on its own /tmp (0700, its uid's),
+   mounts /proc of its namespace; then it closes every inherited fd but the protocol, drops to its uid and gids
    (setgroups/setresgid/setresuid: every capability goes), sets no-new-privs and its parent-death
    signal, loads the seccomp filter the worker compiled (seccomp.py), and serves the runner protocol;
 4. init drops to the overflow uid, reaps whatever is orphaned in the namespace, and exits with the
@@ -209,6 +209,27 @@ def _make_workdir(path: str, uid: int | None) -> None:
         os.chown(path, uid, uid)
 
 
+def _build_view(request: dict, workdir: str, uid: int | None) -> None:
+    """In the runner, as root, before it drops its privileges (its mount namespace is its init's, and no
+    other process is in it): a fresh /tmp and /dev/shm, the writable folders, its work folder, /proc of
+    its PID namespace with the kernel's knobs read-only."""
+    # Opened before /tmp is covered by the fresh tmpfs (they may live under /tmp), and inside this
+    # namespace (a bind's source must be a mount of the caller's namespace).
+    writable = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p) for p in request.get("writable", [])]
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for fd, path in writable:
+        _bind(fd, path, True)
+        os.close(fd)
+    _make_workdir(workdir, uid)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # As bwrap does: the kernel's knobs in /proc stay read-only, whatever uid node code has.
+    for knob in ("sys", "sysrq-trigger", "irq", "bus"):
+        if os.path.exists(f"/proc/{knob}"):
+            mount(f"/proc/{knob}", f"/proc/{knob}", None, MS_BIND)
+            mount(None, f"/proc/{knob}", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
 def _exit_status(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -311,7 +332,8 @@ class Zygote:
         return pid
 
     def _sandbox(self, request: dict, proto_in: int, proto_out: int, cgroup_fds: list[int], netns: int | None) -> None:
-        """In the forked child (init of its PID namespace when isolated): build the sandbox, run the runner."""
+        """In the forked child (init of its PID namespace when isolated): enter the sandbox's cgroup and
+        namespaces, fork the runner at once, and wait for it."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()  # its own session and group: the worker can kill it as a group
@@ -327,24 +349,18 @@ class Zygote:
                 setns(netns, CLONE_NEWNET)
                 os.close(netns)
             unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
-            # Opened before /tmp is covered by the fresh tmpfs (they may live under /tmp), and inside this
-            # namespace (a bind's source must be a mount of the caller's namespace).
-            writable = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p) for p in request.get("writable", [])]
-            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-            mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-            for fd, path in writable:
-                _bind(fd, path, True)
-                os.close(fd)
-            _make_workdir(workdir, uid)
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-            # As bwrap does: the kernel's knobs in /proc stay read-only, whatever uid node code has.
-            for knob in ("sys", "sysrq-trigger", "irq", "bus"):
-                if os.path.exists(f"/proc/{knob}"):
-                    mount(f"/proc/{knob}", f"/proc/{knob}", None, MS_BIND)
-                    mount(None, f"/proc/{knob}", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        os.chdir(workdir)
+        # The runner is forked before the mounts, which it makes itself (its namespaces are init's): each
+        # page init writes after the zygote's fork is copied, and again when the runner, which shares it
+        # with init, writes it too; init writes as few as it can, and only what the runner does not need.
         runner = os.fork() if self.isolate else 0
         if runner == 0:
+            try:
+                if self.isolate:
+                    _build_view(request, workdir, uid)
+                os.chdir(workdir)
+            except BaseException as exc:
+                _say_failed(proto_out, f"{type(exc).__name__}: {exc}")
+                os._exit(127)
             try:
                 self._runner(request, proto_in, proto_out, uid)
             except BaseException as exc:  # after its descriptors moved: the protocol is fd 1 now
