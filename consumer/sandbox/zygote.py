@@ -32,7 +32,6 @@ the zygote reaps it. Init dies with the zygote and the zygote with the worker (p
 Python 3.11 has no os.unshare/os.setns/mount: they are libc calls through ctypes.
 """
 
-import _signal
 import base64
 import ctypes
 import errno
@@ -78,8 +77,6 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
-_SIGCHLD = int(signal.SIGCHLD)
-_SIG_DFL = int(signal.SIG_DFL)
 _OVERFLOW_UID = 65534  # "nobody": init's uid once the sandbox is set up
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _HEADER = struct.Struct(">I")
@@ -345,10 +342,9 @@ class Zygote:
     def _sandbox(self, request: dict, proto_in: int, proto_out: int, cgroup_fds: list[int], netns: int | None) -> None:
         """In the forked child (init of its PID namespace when isolated): enter the sandbox's cgroup and
         namespaces, fork the runner at once, and wait for it."""
-        signal.set_wakeup_fd(-1)
-        # _signal's, not signal.signal: the latter's enum conversions run Python code of the signal and
-        # enum modules, and every page a forked child writes is copied (80 page faults here, 20 so).
-        _signal.signal(_SIGCHLD, _SIG_DFL)
+        # Every signal's disposition is the zygote's, the default (it has no handler and no wakeup fd: see
+        # serve): nothing to reset here, where each line of Python writes pages the fork shares, each one
+        # then copied (signal.signal's reset cost 80 page faults, 20 through _signal).
         os.setsid()  # its own session and group: the worker can kill it as a group
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with the zygote (and so with the worker)
         for fd in cgroup_fds:
@@ -423,19 +419,22 @@ class Zygote:
         os._exit(0)
 
     def serve(self, control: socket.socket) -> None:
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.set_wakeup_fd(wake_w)
-        children: set[int] = set()
+        # A child's exit is seen on its pidfd (readable once it exits), not through SIGCHLD: the zygote runs
+        # no Python handler per exit and keeps every signal's default disposition, which each sandbox
+        # inherits as it is (no reset in each init).
+        poller = select.poll()
+        poller.register(control, select.POLLIN)
+        children: dict[int, int] = {}  # pidfd -> pid
         control.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
         self.refill_netns()
         while True:
-            ready, _, _ = select.select([control, wake_r], [], [])
-            if wake_r in ready:
-                os.read(wake_r, 4096)
-                self._reap(control, children)
-            if control not in ready:
+            requested = False
+            for fd, _ in poller.poll():
+                if fd in children:
+                    self._reap(control, poller, children, fd)
+                else:
+                    requested = True
+            if not requested:
                 continue
             data, ancdata, _, _ = control.recvmsg(1 << 20, socket.CMSG_SPACE(_MAX_FDS * 4))
             if not data:
@@ -445,33 +444,34 @@ class Zygote:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
             request = json.loads(data)
+            pid = None
             try:
                 pid = self.spawn(request, fds)
                 pidfd = os.pidfd_open(pid)
             except OSError as exc:
+                if pid is not None:  # forked, but it cannot be watched: it goes at once
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
                 control.send(json.dumps({"id": request["id"], "error": str(exc)}).encode())
             else:
-                children.add(pid)
+                children[pidfd] = pid
+                poller.register(pidfd, select.POLLIN)
                 control.sendmsg(
                     [json.dumps({"id": request["id"], "pid": pid}).encode()],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", pidfd))],
                 )
-                os.close(pidfd)
             finally:
                 for fd in fds:
                     os.close(fd)
             self.refill_netns()
 
-    def _reap(self, control: socket.socket, children: set[int]) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            children.discard(pid)
-            control.send(json.dumps({"exit": pid, "status": status}).encode())
+    def _reap(self, control: socket.socket, poller: select.poll, children: dict[int, int], pidfd: int) -> None:
+        """A child whose pidfd turned readable: it has exited; reap it and tell the worker."""
+        pid = children.pop(pidfd)
+        poller.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        control.send(json.dumps({"exit": pid, "status": status}).encode())
 
 
 def probe(zygote: Zygote, workdir: str) -> str | None:
