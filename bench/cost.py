@@ -32,7 +32,10 @@ projector, which shares the worker's event loop, falls behind the runs while the
 last batches alone, waiting on PostgreSQL), which makes X too high when few threads compete; a worker got 1.1-1.4
 times an equal share beside the other threads in exploratory runs (likely: the kernel's autogroups share
 first between sessions, and a thread that often blocks is favoured when it wakes), which makes X too low
-when many do; and w grows a little with N.
+when many do; and w grows a little with N. Not counted at all: a process reaped by the kernel instead of
+a parent, which is what a PID namespace's init's last children are (PID 1 ignores SIGCHLD while its
+namespace ends): a fork server sandbox's runner killed through its init (a timeout, a failure). A sandbox
+closed after its work lets its runner exit first, reaped and counted by its init (consumer/sandbox/local.py).
 """
 
 from __future__ import annotations

@@ -150,6 +150,31 @@ async def test_a_killed_zygote_takes_its_sandboxes_along_and_is_started_again(
         await again.close()
 
 
+def _reaped_cpu_seconds(pid: int) -> float:
+    """CPU of the children a process has waited for (its own reaped children and what they reaped)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_closed_sandboxs_runner_is_counted_in_the_zygotes_reaped_cpu(provider: LocalSandboxProvider) -> None:
+    # The runner of a closed sandbox is reaped by its init, and init by the zygote, so its CPU shows in
+    # the zygote's reaped time, where the benchmarks and the cost model read it. Killed through init, it
+    # was reaped by the kernel as the namespace ended (PID 1 ignores SIGCHLD then) and counted nowhere.
+    assert provider.forkserver is not None and provider.forkserver.pid is not None
+    zygote = provider.forkserver.pid
+    burn = "import os, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n    pass\nt = os.times()\n"
+    burn += "context['cpu'] = t.user + t.system"
+    sb = await open_box(provider, 1)
+    before = _reaped_cpu_seconds(zygote)
+    try:
+        runner_cpu = (await sb.run_action("burn", burn, {}, 10)).context["cpu"]
+    finally:
+        await sb.close()
+    assert runner_cpu >= 0.2  # os.times counts in clock ticks
+    # Reaped once the zygote has seen init go (it reports the exit before the close returns).
+    assert _reaped_cpu_seconds(zygote) - before >= runner_cpu - 0.02
+
+
 async def test_auto_falls_back_to_bwrap_where_the_fork_server_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # A kernel without mount_setattr (before 5.12), as the probe reports it there.
     why = "the fork server cannot run here: mount_setattr: Function not implemented"

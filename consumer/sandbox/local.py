@@ -105,6 +105,8 @@ class UidLease(FlockLease):
 
 
 _START_TIMEOUT = 30.0
+# How long an idle sandbox's runner has to exit by itself at close before it is killed.
+_EXIT_GRACE = 1.0
 # Emptied sandbox cgroups a provider keeps for reuse.
 _SPARE_CGROUPS = 8
 # Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
@@ -188,11 +190,13 @@ class LocalSandbox(RunnerSandbox):
         try:
             ready = await asyncio.wait_for(self._receive(), _START_TIMEOUT)
         except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
+            self.dead = True
             await self.close()
             raise SandboxInfraError(
                 f"local sandbox did not start: {exc!r} (exit status {self.proc.returncode})"
             ) from None
         if not ready.get("ready"):
+            self.dead = True
             await self.close()
             raise SandboxInfraError(f"local sandbox sent {ready!r} instead of its greeting")
 
@@ -241,7 +245,25 @@ class LocalSandbox(RunnerSandbox):
         return reply
 
     async def _distrust(self) -> None:
+        self.dead = True
         await self.close()
+
+    async def _let_exit(self) -> None:
+        """An idle fork server sandbox's end: its runner reads the end of its requests and exits, and its
+        init, which reaps it, exits in turn. Reaped so, the runner's CPU is counted in its init's, and so
+        in the zygote's reaped time (what the worker's cost is read from); a runner killed through its init
+        is reaped by the kernel as the namespace ends, and counted nowhere. A runner that does not exit
+        in time (node code took over its loop) is killed as any other sandbox is."""
+        assert isinstance(self.proc, ForkedProcess)
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), _EXIT_GRACE)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            self.proc.kill()
+            raise
 
     async def _reap(self) -> tuple[int | None, int]:
         """The exit status of a sandbox that died, and the OOM kills of its cgroup (read before close,
@@ -255,8 +277,12 @@ class LocalSandbox(RunnerSandbox):
         return returncode, oom
 
     async def close(self) -> None:
+        # Closed after its work, not for a failure (which marks it dead first) nor while a node runs.
+        idle = not self.dead and not self._lock.locked()
         self.dead = True
         forked = isinstance(self.proc, ForkedProcess)
+        if forked and idle and self.proc.returncode is None:
+            await self._let_exit()
         if forked:
             # Its init, through a pidfd; the kernel kills the rest of its PID namespace.
             self.proc.kill()

@@ -47,8 +47,6 @@ import ctypes
 import errno
 import functools
 import os
-import platform
-import tempfile
 
 # Namespace flags of clone and unshare (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -75,12 +73,15 @@ REFUSED = (
     "ptrace", "process_vm_readv", "process_vm_writev",
 )  # fmt: skip
 
-# clone's flags are its first argument, but its second on s390 (the stack comes first there).
-_CLONE_FLAGS_ARG = 1 if platform.machine().startswith("s390") else 0
+# clone's flags are its first argument, but its second on s390 (the stack comes first there). os.uname, not
+# platform: the zygote imports this file, and every module it imports is in each sandbox's copy.
+_CLONE_FLAGS_ARG = 1 if os.uname().machine.startswith("s390") else 0
 
 
 def _compile() -> bytes:
     """The filter as a classic BPF program (struct sock_filter[]), for this machine's architecture."""
+    import tempfile  # here: the zygote, which loads the program only, must not import it (and random)
+
     import pyseccomp as seccomp
 
     refuse = seccomp.ERRNO(errno.EPERM)

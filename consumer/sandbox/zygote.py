@@ -16,12 +16,12 @@ Per request (fds: the protocol pipes, the sandbox's cgroup.procs files opened by
 2. the child, PID 1 of that namespace (the sandbox's "init"), joins its cgroup first (everything after
    is counted and limited), enters a network namespace: from the pool (`none`), the one the worker lent
    with the request (`egress`: a veth pair to the host, see netns.py), or, with neither, keeps the
-   host's (`egress` where namespaces cannot be prepared: the per-uid routing rules apply); unshares
-   mount, IPC and UTS namespaces (a copy of the read-only view), mounts a fresh tmpfs on /tmp and
-   /dev/shm, binds back NOVA_SANDBOX_WRITABLE folders read-write, makes its work folder on its own /tmp
-   (0700, its uid's), mounts /proc of its namespace;
-3. init forks the runner (PID 2: PID 1 ignores signals it has no handler for, so node code must not be
-   PID 1), which closes every inherited fd but the protocol, drops to its uid and gids
+   host's (`egress` where namespaces cannot be prepared: the per-uid routing rules apply), unshares
+   mount, IPC and UTS namespaces (a copy of the read-only view), and forks the runner at once;
+3. the runner (PID 2: PID 1 ignores signals it has no handler for, so node code must not be PID 1),
+   still root and alone in those namespaces, mounts a fresh tmpfs on /tmp and /dev/shm, binds back
+   NOVA_SANDBOX_WRITABLE folders read-write, makes its work folder on its own /tmp (0700, its uid's),
+   mounts /proc of its namespace; then it closes every inherited fd but the protocol, drops to its uid and gids
    (setgroups/setresgid/setresuid: every capability goes), sets no-new-privs and its parent-death
    signal, loads the seccomp filter the worker compiled (seccomp.py), and serves the runner protocol;
 4. init drops to the overflow uid, reaps whatever is orphaned in the namespace, and exits with the
@@ -209,6 +209,27 @@ def _make_workdir(path: str, uid: int | None) -> None:
         os.chown(path, uid, uid)
 
 
+def _build_view(request: dict, workdir: str, uid: int | None) -> None:
+    """In the runner, as root, before it drops its privileges (its mount namespace is its init's, and no
+    other process is in it): a fresh /tmp and /dev/shm, the writable folders, its work folder, /proc of
+    its PID namespace with the kernel's knobs read-only."""
+    # Opened before /tmp is covered by the fresh tmpfs (they may live under /tmp), and inside this
+    # namespace (a bind's source must be a mount of the caller's namespace).
+    writable = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p) for p in request.get("writable", [])]
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for fd, path in writable:
+        _bind(fd, path, True)
+        os.close(fd)
+    _make_workdir(workdir, uid)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # As bwrap does: the kernel's knobs in /proc stay read-only, whatever uid node code has.
+    for knob in ("sys", "sysrq-trigger", "irq", "bus"):
+        if os.path.exists(f"/proc/{knob}"):
+            mount(f"/proc/{knob}", f"/proc/{knob}", None, MS_BIND)
+            mount(None, f"/proc/{knob}", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
 def _exit_status(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -248,6 +269,7 @@ class Zygote:
         self.host_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.host_netns = os.open("/proc/self/ns/net", os.O_RDONLY)
         self.netns_pool: list[int] = []
+        self.env: dict[str, str] | None = None  # the environment last set for sandboxes (spawn)
         self.seccomp = _seccomp_loader(config.get("seccomp"))
         self._warm_up()
         if self.isolate:
@@ -288,6 +310,13 @@ class Zygote:
         elif self.isolate and self.network == "none":
             self.refill_netns()
             netns, pooled = self.netns_pool.pop(), True
+        env = request.get("env") or {}
+        if env != self.env:
+            # The sandboxes' environment, set here (it is the same for each sandbox of a worker) and
+            # inherited: set in each sandbox, os.environ's Python code cost 80 page faults per sandbox.
+            os.environ.clear()
+            os.environ.update(env)
+            self.env = dict(env)
         sys.stdout.flush()
         sys.stderr.flush()
         if self.isolate:
@@ -311,9 +340,11 @@ class Zygote:
         return pid
 
     def _sandbox(self, request: dict, proto_in: int, proto_out: int, cgroup_fds: list[int], netns: int | None) -> None:
-        """In the forked child (init of its PID namespace when isolated): build the sandbox, run the runner."""
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        """In the forked child (init of its PID namespace when isolated): enter the sandbox's cgroup and
+        namespaces, fork the runner at once, and wait for it."""
+        # Every signal's disposition is the zygote's, the default (it has no handler and no wakeup fd: see
+        # serve): nothing to reset here, where each line of Python writes pages the fork shares, each one
+        # then copied (signal.signal's reset cost 80 page faults, 20 through _signal).
         os.setsid()  # its own session and group: the worker can kill it as a group
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with the zygote (and so with the worker)
         for fd in cgroup_fds:
@@ -327,24 +358,18 @@ class Zygote:
                 setns(netns, CLONE_NEWNET)
                 os.close(netns)
             unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
-            # Opened before /tmp is covered by the fresh tmpfs (they may live under /tmp), and inside this
-            # namespace (a bind's source must be a mount of the caller's namespace).
-            writable = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p) for p in request.get("writable", [])]
-            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-            mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-            for fd, path in writable:
-                _bind(fd, path, True)
-                os.close(fd)
-            _make_workdir(workdir, uid)
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-            # As bwrap does: the kernel's knobs in /proc stay read-only, whatever uid node code has.
-            for knob in ("sys", "sysrq-trigger", "irq", "bus"):
-                if os.path.exists(f"/proc/{knob}"):
-                    mount(f"/proc/{knob}", f"/proc/{knob}", None, MS_BIND)
-                    mount(None, f"/proc/{knob}", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        os.chdir(workdir)
+        # The runner is forked before the mounts, which it makes itself (its namespaces are init's): each
+        # page init writes after the zygote's fork is copied, and again when the runner, which shares it
+        # with init, writes it too; init writes as few as it can, and only what the runner does not need.
         runner = os.fork() if self.isolate else 0
         if runner == 0:
+            try:
+                if self.isolate:
+                    _build_view(request, workdir, uid)
+                os.chdir(workdir)
+            except BaseException as exc:
+                _say_failed(proto_out, f"{type(exc).__name__}: {exc}")
+                os._exit(127)
             try:
                 self._runner(request, proto_in, proto_out, uid)
             except BaseException as exc:  # after its descriptors moved: the protocol is fd 1 now
@@ -390,25 +415,26 @@ class Zygote:
             self.seccomp.load()  # before any node code: it and every process it starts keep the filter
         # After the uid change, which clears it: the runner dies with its init, or with the zygote.
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.environ.clear()
-        os.environ.update(request.get("env") or {})
         self.runner.serve_stdio(request.get("limits") or self.limits)
         os._exit(0)
 
     def serve(self, control: socket.socket) -> None:
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.set_wakeup_fd(wake_w)
-        children: set[int] = set()
+        # A child's exit is seen on its pidfd (readable once it exits), not through SIGCHLD: the zygote runs
+        # no Python handler per exit and keeps every signal's default disposition, which each sandbox
+        # inherits as it is (no reset in each init).
+        poller = select.poll()
+        poller.register(control, select.POLLIN)
+        children: dict[int, int] = {}  # pidfd -> pid
         control.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
         self.refill_netns()
         while True:
-            ready, _, _ = select.select([control, wake_r], [], [])
-            if wake_r in ready:
-                os.read(wake_r, 4096)
-                self._reap(control, children)
-            if control not in ready:
+            requested = False
+            for fd, _ in poller.poll():
+                if fd in children:
+                    self._reap(control, poller, children, fd)
+                else:
+                    requested = True
+            if not requested:
                 continue
             data, ancdata, _, _ = control.recvmsg(1 << 20, socket.CMSG_SPACE(_MAX_FDS * 4))
             if not data:
@@ -418,33 +444,34 @@ class Zygote:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
             request = json.loads(data)
+            pid = None
             try:
                 pid = self.spawn(request, fds)
                 pidfd = os.pidfd_open(pid)
             except OSError as exc:
+                if pid is not None:  # forked, but it cannot be watched: it goes at once
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
                 control.send(json.dumps({"id": request["id"], "error": str(exc)}).encode())
             else:
-                children.add(pid)
+                children[pidfd] = pid
+                poller.register(pidfd, select.POLLIN)
                 control.sendmsg(
                     [json.dumps({"id": request["id"], "pid": pid}).encode()],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", pidfd))],
                 )
-                os.close(pidfd)
             finally:
                 for fd in fds:
                     os.close(fd)
             self.refill_netns()
 
-    def _reap(self, control: socket.socket, children: set[int]) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            children.discard(pid)
-            control.send(json.dumps({"exit": pid, "status": status}).encode())
+    def _reap(self, control: socket.socket, poller: select.poll, children: dict[int, int], pidfd: int) -> None:
+        """A child whose pidfd turned readable: it has exited; reap it and tell the worker."""
+        pid = children.pop(pidfd)
+        poller.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        control.send(json.dumps({"exit": pid, "status": status}).encode())
 
 
 def probe(zygote: Zygote, workdir: str) -> str | None:
