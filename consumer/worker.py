@@ -726,8 +726,9 @@ async def serve(
             "newer release); never set it in a deployment",
             settings.test_only_format_version,
         )
-    # Prompt writes: every run waits on a few small commands, each otherwise written in a task of its own.
-    redis = create_redis(settings, prompt_writes=True)
+    # Prompt writes: every run waits on a few small commands, each otherwise written in a task of its own;
+    # the runs' script calls of one pass of the loop go in one batch.
+    redis = create_redis(settings, prompt_writes=True, batch_commands=True)
     with contextlib.suppress(*REDIS_UNAVAILABLE):
         await prepare(redis)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.
