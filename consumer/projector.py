@@ -106,6 +106,13 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE e.task_id = EXCLUDED.task_id
 """  # noqa: E501
 
+# Several events of one execution in a batch, folded into one row (see _folded): written only where every
+# one of them is newer than the row's last event, which is the case in which one upsert of the fold ends as
+# their upserts one by one would (the fold's oldest event id is its $21, $22). Anywhere else (an event the
+# row is newer than, which only a redelivered or reclaimed event can be) nothing is written, and the
+# events go one by one.
+UPSERT_FOLDED_EXECUTION = UPSERT_EXECUTION + "  AND ($21::bigint, $22::bigint) > (e.last_event_ms, e.last_event_seq)\n"
+
 _NODE_NEWER = "(EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (n.last_event_ms, n.last_event_seq)"
 
 # A node_started event resets the row (a node re-run after a crash shows as running again); a
@@ -286,29 +293,85 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
         if clients:
             await conn.executemany(UPSERT_CLIENT, [(c,) for c in clients])
         if executions:
-            await conn.executemany(UPSERT_EXECUTION, [row for row, _ in executions])
+            folds = _folds(executions)
+            await conn.executemany(UPSERT_FOLDED_EXECUTION, [fold.row for fold in folds])
             # The upsert leaves a row stored for another task untouched; find the events it refused.
             # Every id of the batch has a row now, locked by this transaction, so this read is exact.
-            stored: dict[int, str] = dict(
-                await conn.fetch(
-                    "SELECT id, task_id FROM executions WHERE id = ANY($1::bigint[])",
-                    sorted({row[0] for row, _ in executions}),
+            stored = {
+                r[0]: (r[1], (r[2], r[3]))
+                for r in await conn.fetch(
+                    "SELECT id, task_id, last_event_ms, last_event_seq FROM executions WHERE id = ANY($1::bigint[])",
+                    sorted({fold.row[0] for fold in folds}),
                 )
-            )
-            for row, event in executions:
-                if stored.get(row[0]) != row[1]:
-                    refused.append(
+            }
+            one_by_one: list[tuple[Any, ...]] = []
+            for fold in folds:
+                task_id, last = stored.get(fold.row[0], (None, None))
+                if task_id != fold.row[1]:
+                    refused.extend(
                         Refusal(
                             event.id,
                             "execution_id_reused",
-                            f"execution {row[0]} is stored for task {stored.get(row[0])}, not {row[1]}",
+                            f"execution {fold.row[0]} is stored for task {task_id}, not {fold.row[1]}",
                         )
+                        for _, event in fold.pairs
                     )
+                elif last != (fold.row[17], fold.row[18]):
+                    # Not written: the row had an event as new as the fold's oldest (see UPSERT_FOLDED_EXECUTION).
+                    one_by_one.extend(row for row, _ in fold.pairs)
+            if one_by_one:
+                await conn.executemany(UPSERT_EXECUTION, one_by_one)
         skip = {r.entry_id for r in refused}
         rows = [row for row, event in node_runs if event.id not in skip]
         if rows:
             await conn.executemany(UPSERT_NODE_RUN, rows)
     return refused
+
+
+@dataclass
+class _Fold:
+    """The events of one execution and task in a batch (in stream order), and the one row they fold into."""
+
+    pairs: list[tuple[tuple[Any, ...], Event]]
+    row: tuple[Any, ...]
+
+
+# Columns of an execution row (execution_row) by how several events fold into one: the first event's (the
+# row's identity, and what only an insert writes); the first value that is not NULL (the columns the upsert
+# COALESCEs with the stored one); the newest event's (status and the event's position); and the newest
+# value that is not NULL (the columns the upsert takes only from a newer event that has one).
+_FIRST_ROW = (0, 1, 2, 4)
+_FIRST_VALUE = (3, 6, 13, 14, 19)
+_NEWEST_ROW = (5, 16, 17, 18)
+_NEWEST_VALUE = (7, 8, 9, 10, 11, 12, 15)
+
+
+def _folds(executions: list[tuple[tuple[Any, ...], Event]]) -> list[_Fold]:
+    """The batch's execution rows (in key order, each execution's in stream order) folded per execution
+    and task: a run's events mostly arrive in one batch, and one upsert of their fold does what theirs
+    did one by one (when every one is newer than the stored row: UPSERT_FOLDED_EXECUTION). Each fold's
+    row is execution_row's, then the stream id of its oldest event."""
+    groups: dict[tuple[Any, Any], list[tuple[tuple[Any, ...], Event]]] = {}
+    for pair in executions:
+        groups.setdefault((pair[0][0], pair[0][1]), []).append(pair)
+    folds = []
+    for pairs in groups.values():
+        first = pairs[0][0]
+        if len(pairs) == 1:
+            folds.append(_Fold(pairs, (*first, first[17], first[18])))
+            continue
+        row = list(pairs[-1][0])
+        for i in _FIRST_ROW:
+            row[i] = first[i]
+        for i in _FIRST_VALUE:
+            row[i] = next((r[i] for r, _ in pairs if r[i] is not None), None)
+        for i in _NEWEST_VALUE:
+            row[i] = next((r[i] for r, _ in reversed(pairs) if r[i] is not None), None)
+        folds.append(_Fold(pairs, (*row, first[17], first[18])))
+    # Key order (see apply_events), then the fold's first event: the first of two tasks to claim an id
+    # (Redis lost its data) inserts the row, as its event would have alone.
+    folds.sort(key=lambda fold: (fold.row[0], fold.row[20], fold.row[21]))
+    return folds
 
 
 def pg_safe_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
