@@ -46,6 +46,7 @@ from shared.connections import (
     REDIS_UNAVAILABLE,
     NotConfigured,
     autoclaim,
+    decodes_responses,
     ensure_groups,
     is_missing_group,
     is_moved_away,
@@ -407,6 +408,8 @@ class Projector:
         self._writing: asyncio.Task[None] | None = None
         # Entries the next read of new ones asks for.
         self._count = settings.projector_batch
+        # Whether the client decodes replies (each of ours does): every field read is text already.
+        self._decoded = decodes_responses(redis)
 
     async def _db(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -569,7 +572,7 @@ class Projector:
         newer: list[str] = []
         readable = self.settings.readable_format
         for entry_id, raw in entries:
-            fields = decode_fields(raw)
+            fields = raw if self._decoded else decode_fields(raw)
             version = format_version(fields)
             if version is None:
                 refused.append(Refusal(entry_id, "malformed", "field v (the format version) is not a positive integer"))

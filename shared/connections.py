@@ -279,6 +279,14 @@ def pubsub_client(redis: Redis) -> tuple[Redis, bool]:
     return redis, False
 
 
+def decodes_responses(redis: Redis | None) -> bool:
+    """Whether the client answers text, never bytes (create_redis's clients do): its stream entries need no
+    decode_fields, which only copies them then."""
+    if isinstance(redis, RedisCluster):
+        return bool(redis.get_encoder().decode_responses)
+    return redis is not None and bool(redis.connection_pool.connection_kwargs.get("decode_responses"))
+
+
 def is_cluster(redis: Any) -> bool:
     return isinstance(redis, RedisCluster)
 
