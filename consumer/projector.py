@@ -195,9 +195,10 @@ def pg_safe(value: Any) -> Any:
     return value
 
 
-def execution_row(event: Event) -> tuple[Any, ...]:
+def execution_row(event: Event, ms_seq: tuple[int, int] | None = None) -> tuple[Any, ...]:
+    """`ms_seq`: the event's id as entry_id_parts gives it, if the caller has it already."""
     d = event.data
-    ms, seq = entry_id_parts(event.id)
+    ms, seq = ms_seq or entry_id_parts(event.id)
     t = event.type
     ts = parse_iso(event.ts)
     error = d.get("error") if t in (EventType.FAILED, EventType.DEAD, EventType.RETRY, EventType.CANCELLED) else None
@@ -231,9 +232,13 @@ def execution_row(event: Event) -> tuple[Any, ...]:
     )
 
 
-def node_run_row(event: Event) -> tuple[Any, ...]:
+_NODE_EVENTS = (EventType.NODE_STARTED, EventType.NODE_FINISHED)
+
+
+def node_run_row(event: Event, ms_seq: tuple[int, int] | None = None) -> tuple[Any, ...]:
+    """`ms_seq` as execution_row's."""
     d = event.data
-    ms, seq = entry_id_parts(event.id)
+    ms, seq = ms_seq or entry_id_parts(event.id)
     started = event.type == EventType.NODE_STARTED
     return (
         event.execution_id,
@@ -271,12 +276,13 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
     node_runs: list[tuple[tuple[Any, ...], Event]] = []
     for event in events:
         try:
+            ms_seq = entry_id_parts(event.id)
+            row = execution_row(event, ms_seq)
+            node = node_run_row(event, ms_seq) if event.type in _NODE_EVENTS else None
             # The scan for U+0000 walks every context: skipped when the entry's text shows there is none.
-            safe = (lambda row: row) if event.nul_free else pg_safe_row
-            row = safe(execution_row(event))
-            node = None
-            if event.type in (EventType.NODE_STARTED, EventType.NODE_FINISHED):
-                node = safe(node_run_row(event))
+            if not event.nul_free:
+                row = pg_safe_row(row)
+                node = None if node is None else pg_safe_row(node)
         except Exception as exc:
             # Building rows is pure computation: any failure is this event's content, never the system.
             refused.append(Refusal(event.id, "malformed", f"{type(exc).__name__}: {exc}"))
@@ -287,8 +293,9 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
     # Key order, not stream order: two projectors whose batches share rows take their row locks in
     # the same order and cannot deadlock each other. Events of one row stay in stream order (the id
     # is the row's tiebreaker), though the upserts would converge in any order.
-    executions.sort(key=lambda pair: (pair[0][0], entry_id_parts(pair[1].id)))
-    node_runs.sort(key=lambda pair: (pair[0][0], pair[0][1], entry_id_parts(pair[1].id)))
+    # (Each row holds its event's id, as last_event_ms and last_event_seq.)
+    executions.sort(key=lambda pair: (pair[0][0], pair[0][17], pair[0][18]))
+    node_runs.sort(key=lambda pair: (pair[0][0], pair[0][1], pair[0][15], pair[0][16]))
     async with conn.transaction():
         clients = sorted({row[4] for row, _ in executions})
         if clients:
@@ -361,13 +368,16 @@ def _folds(executions: list[tuple[tuple[Any, ...], Event]]) -> list[_Fold]:
         if len(pairs) == 1:
             folds.append(_Fold(pairs, (*first, first[17], first[18])))
             continue
-        row = list(pairs[-1][0])
-        for i in _FIRST_ROW:
-            row[i] = first[i]
-        for i in _FIRST_VALUE:
-            row[i] = next((r[i] for r, _ in pairs if r[i] is not None), None)
-        for i in _NEWEST_VALUE:
-            row[i] = next((r[i] for r, _ in reversed(pairs) if r[i] is not None), None)
+        row = list(first)
+        for later, _ in pairs[1:]:
+            for i in _FIRST_VALUE:
+                if row[i] is None:
+                    row[i] = later[i]
+            for i in _NEWEST_VALUE:
+                if later[i] is not None:
+                    row[i] = later[i]
+            for i in _NEWEST_ROW:
+                row[i] = later[i]
         folds.append(_Fold(pairs, (*row, first[17], first[18])))
     # Key order (see apply_events), then the fold's first event: the first of two tasks to claim an id
     # (Redis lost its data) inserts the row, as its event would have alone.

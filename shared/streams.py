@@ -566,10 +566,23 @@ def now_iso() -> str:
     return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
 
 
+# Timestamps parsed lately (parse_iso): the events of a run share a few, and the projector parses each
+# event's several. Emptied when full: a dict lookup, not an LRU's bookkeeping.
+_PARSED: dict[str, datetime] = {}
+_PARSED_KEPT = 4096
+
+
 def parse_iso(value: str | None) -> datetime | None:
     if not value:
         return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    parsed = _PARSED.get(value)
+    if parsed is None:
+        # Python 3.11 reads the `Z` suffix itself.
+        parsed = datetime.fromisoformat(value)
+        if len(_PARSED) >= _PARSED_KEPT:
+            _PARSED.clear()
+        _PARSED[value] = parsed
+    return parsed
 
 
 def dumps(value: Any) -> str:
