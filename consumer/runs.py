@@ -496,9 +496,7 @@ class Run:
         and the masker must know them before anything is shown."""
         client = self.request.client
         # Only action and decision code sees credentials: runs without any cost no round trip.
-        if self.ctx.client_credentials is None or all(
-            n.type in (NodeType.START, NodeType.END) for n in definition.nodes
-        ):
+        if self.ctx.client_credentials is None or not definition.runs_code():
             return
         try:
             self.credentials = await self.ctx.client_credentials(client)
