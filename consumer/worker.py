@@ -160,7 +160,11 @@ class Worker:
         self.inflight[entry_id] = task
         self.budget.take()
         self._started += 1
-        self._task_of[entry_id] = decode_fields(fields).get(RequestField.TASK_ID, "")
+        task_id = fields.get(RequestField.TASK_ID)
+        # Text already from a client that decodes replies (ours does): no copy of the fields to read it.
+        self._task_of[entry_id] = (
+            task_id if type(task_id) is str else decode_fields(fields).get(RequestField.TASK_ID, "")
+        )
 
     async def _run(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
         try:
