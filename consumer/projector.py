@@ -46,6 +46,7 @@ from shared.connections import (
     REDIS_UNAVAILABLE,
     NotConfigured,
     autoclaim,
+    decodes_responses,
     ensure_groups,
     is_missing_group,
     is_moved_away,
@@ -105,6 +106,13 @@ ON CONFLICT (id) DO UPDATE SET
     last_event_seq  = CASE WHEN {_NEWER} THEN EXCLUDED.last_event_seq ELSE e.last_event_seq END
 WHERE e.task_id = EXCLUDED.task_id
 """  # noqa: E501
+
+# Several events of one execution in a batch, folded into one row (see _folded): written only where every
+# one of them is newer than the row's last event, which is the case in which one upsert of the fold ends as
+# their upserts one by one would (the fold's oldest event id is its $21, $22). Anywhere else (an event the
+# row is newer than, which only a redelivered or reclaimed event can be) nothing is written, and the
+# events go one by one.
+UPSERT_FOLDED_EXECUTION = UPSERT_EXECUTION + "  AND ($21::bigint, $22::bigint) > (e.last_event_ms, e.last_event_seq)\n"
 
 _NODE_NEWER = "(EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (n.last_event_ms, n.last_event_seq)"
 
@@ -187,9 +195,10 @@ def pg_safe(value: Any) -> Any:
     return value
 
 
-def execution_row(event: Event) -> tuple[Any, ...]:
+def execution_row(event: Event, ms_seq: tuple[int, int] | None = None) -> tuple[Any, ...]:
+    """`ms_seq`: the event's id as entry_id_parts gives it, if the caller has it already."""
     d = event.data
-    ms, seq = entry_id_parts(event.id)
+    ms, seq = ms_seq or entry_id_parts(event.id)
     t = event.type
     ts = parse_iso(event.ts)
     error = d.get("error") if t in (EventType.FAILED, EventType.DEAD, EventType.RETRY, EventType.CANCELLED) else None
@@ -223,9 +232,13 @@ def execution_row(event: Event) -> tuple[Any, ...]:
     )
 
 
-def node_run_row(event: Event) -> tuple[Any, ...]:
+_NODE_EVENTS = (EventType.NODE_STARTED, EventType.NODE_FINISHED)
+
+
+def node_run_row(event: Event, ms_seq: tuple[int, int] | None = None) -> tuple[Any, ...]:
+    """`ms_seq` as execution_row's."""
     d = event.data
-    ms, seq = entry_id_parts(event.id)
+    ms, seq = ms_seq or entry_id_parts(event.id)
     started = event.type == EventType.NODE_STARTED
     return (
         event.execution_id,
@@ -263,12 +276,13 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
     node_runs: list[tuple[tuple[Any, ...], Event]] = []
     for event in events:
         try:
+            ms_seq = entry_id_parts(event.id)
+            row = execution_row(event, ms_seq)
+            node = node_run_row(event, ms_seq) if event.type in _NODE_EVENTS else None
             # The scan for U+0000 walks every context: skipped when the entry's text shows there is none.
-            safe = (lambda row: row) if event.nul_free else pg_safe_row
-            row = safe(execution_row(event))
-            node = None
-            if event.type in (EventType.NODE_STARTED, EventType.NODE_FINISHED):
-                node = safe(node_run_row(event))
+            if not event.nul_free:
+                row = pg_safe_row(row)
+                node = None if node is None else pg_safe_row(node)
         except Exception as exc:
             # Building rows is pure computation: any failure is this event's content, never the system.
             refused.append(Refusal(event.id, "malformed", f"{type(exc).__name__}: {exc}"))
@@ -279,36 +293,96 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
     # Key order, not stream order: two projectors whose batches share rows take their row locks in
     # the same order and cannot deadlock each other. Events of one row stay in stream order (the id
     # is the row's tiebreaker), though the upserts would converge in any order.
-    executions.sort(key=lambda pair: (pair[0][0], entry_id_parts(pair[1].id)))
-    node_runs.sort(key=lambda pair: (pair[0][0], pair[0][1], entry_id_parts(pair[1].id)))
+    # (Each row holds its event's id, as last_event_ms and last_event_seq.)
+    executions.sort(key=lambda pair: (pair[0][0], pair[0][17], pair[0][18]))
+    node_runs.sort(key=lambda pair: (pair[0][0], pair[0][1], pair[0][15], pair[0][16]))
     async with conn.transaction():
         clients = sorted({row[4] for row, _ in executions})
         if clients:
             await conn.executemany(UPSERT_CLIENT, [(c,) for c in clients])
         if executions:
-            await conn.executemany(UPSERT_EXECUTION, [row for row, _ in executions])
+            folds = _folds(executions)
+            await conn.executemany(UPSERT_FOLDED_EXECUTION, [fold.row for fold in folds])
             # The upsert leaves a row stored for another task untouched; find the events it refused.
             # Every id of the batch has a row now, locked by this transaction, so this read is exact.
-            stored: dict[int, str] = dict(
-                await conn.fetch(
-                    "SELECT id, task_id FROM executions WHERE id = ANY($1::bigint[])",
-                    sorted({row[0] for row, _ in executions}),
+            stored = {
+                r[0]: (r[1], (r[2], r[3]))
+                for r in await conn.fetch(
+                    "SELECT id, task_id, last_event_ms, last_event_seq FROM executions WHERE id = ANY($1::bigint[])",
+                    sorted({fold.row[0] for fold in folds}),
                 )
-            )
-            for row, event in executions:
-                if stored.get(row[0]) != row[1]:
-                    refused.append(
+            }
+            one_by_one: list[tuple[Any, ...]] = []
+            for fold in folds:
+                task_id, last = stored.get(fold.row[0], (None, None))
+                if task_id != fold.row[1]:
+                    refused.extend(
                         Refusal(
                             event.id,
                             "execution_id_reused",
-                            f"execution {row[0]} is stored for task {stored.get(row[0])}, not {row[1]}",
+                            f"execution {fold.row[0]} is stored for task {task_id}, not {fold.row[1]}",
                         )
+                        for _, event in fold.pairs
                     )
+                elif last != (fold.row[17], fold.row[18]):
+                    # Not written: the row had an event as new as the fold's oldest (see UPSERT_FOLDED_EXECUTION).
+                    one_by_one.extend(row for row, _ in fold.pairs)
+            if one_by_one:
+                await conn.executemany(UPSERT_EXECUTION, one_by_one)
         skip = {r.entry_id for r in refused}
         rows = [row for row, event in node_runs if event.id not in skip]
         if rows:
             await conn.executemany(UPSERT_NODE_RUN, rows)
     return refused
+
+
+@dataclass
+class _Fold:
+    """The events of one execution and task in a batch (in stream order), and the one row they fold into."""
+
+    pairs: list[tuple[tuple[Any, ...], Event]]
+    row: tuple[Any, ...]
+
+
+# Columns of an execution row (execution_row) by how several events fold into one: the first event's (the
+# row's identity, and what only an insert writes); the first value that is not NULL (the columns the upsert
+# COALESCEs with the stored one); the newest event's (status and the event's position); and the newest
+# value that is not NULL (the columns the upsert takes only from a newer event that has one).
+_FIRST_ROW = (0, 1, 2, 4)
+_FIRST_VALUE = (3, 6, 13, 14, 19)
+_NEWEST_ROW = (5, 16, 17, 18)
+_NEWEST_VALUE = (7, 8, 9, 10, 11, 12, 15)
+
+
+def _folds(executions: list[tuple[tuple[Any, ...], Event]]) -> list[_Fold]:
+    """The batch's execution rows (in key order, each execution's in stream order) folded per execution
+    and task: a run's events mostly arrive in one batch, and one upsert of their fold does what theirs
+    did one by one (when every one is newer than the stored row: UPSERT_FOLDED_EXECUTION). Each fold's
+    row is execution_row's, then the stream id of its oldest event."""
+    groups: dict[tuple[Any, Any], list[tuple[tuple[Any, ...], Event]]] = {}
+    for pair in executions:
+        groups.setdefault((pair[0][0], pair[0][1]), []).append(pair)
+    folds = []
+    for pairs in groups.values():
+        first = pairs[0][0]
+        if len(pairs) == 1:
+            folds.append(_Fold(pairs, (*first, first[17], first[18])))
+            continue
+        row = list(first)
+        for later, _ in pairs[1:]:
+            for i in _FIRST_VALUE:
+                if row[i] is None:
+                    row[i] = later[i]
+            for i in _NEWEST_VALUE:
+                if later[i] is not None:
+                    row[i] = later[i]
+            for i in _NEWEST_ROW:
+                row[i] = later[i]
+        folds.append(_Fold(pairs, (*row, first[17], first[18])))
+    # Key order (see apply_events), then the fold's first event: the first of two tasks to claim an id
+    # (Redis lost its data) inserts the row, as its event would have alone.
+    folds.sort(key=lambda fold: (fold.row[0], fold.row[20], fold.row[21]))
+    return folds
 
 
 def pg_safe_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -344,6 +418,8 @@ class Projector:
         self._writing: asyncio.Task[None] | None = None
         # Entries the next read of new ones asks for.
         self._count = settings.projector_batch
+        # Whether the client decodes replies (each of ours does): every field read is text already.
+        self._decoded = decodes_responses(redis)
 
     async def _db(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -506,7 +582,7 @@ class Projector:
         newer: list[str] = []
         readable = self.settings.readable_format
         for entry_id, raw in entries:
-            fields = decode_fields(raw)
+            fields = raw if self._decoded else decode_fields(raw)
             version = format_version(fields)
             if version is None:
                 refused.append(Refusal(entry_id, "malformed", "field v (the format version) is not a positive integer"))

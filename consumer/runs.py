@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from consumer.engine import Attempt, Checkpoint, NodeRecord, OpenSandbox, Outcome, RetryParked, run_workflow
-from consumer.requests import ExecutionRequest, MalformedRequest, parse_request
+from consumer.requests import ExecutionRequest, MalformedRequest, parse_fields
 from consumer.sandbox.base import NodeError, Sandbox, SandboxBusy, SandboxInfraError, SandboxSpec
 from shared.catalog import CatalogUnavailable, WorkflowCatalog
 from shared.clients import ClientCredentials, ClientError, Vault
@@ -178,7 +178,7 @@ async def run_delivery(ctx: RunContext, delivery: Delivery) -> None:
         await leave_to_newer(ctx, delivery, fields, version)
         return
     try:
-        request = parse_request(delivery.entry_id, delivery.raw)
+        request = parse_fields(delivery.entry_id, fields)
     except MalformedRequest as exc:
         await dead_letter(ctx, delivery, None, "malformed", str(exc), None)
         return
@@ -471,11 +471,13 @@ class Run:
 
     async def _run_workflow(self, definition: Definition, resume: Checkpoint | None) -> Outcome:
         ctx, request = self.ctx, self.request
+        # With the limit run_workflow gives it (it copies a spec with another one).
+        limit = definition.timeout or ctx.settings.execution_timeout
         return await run_workflow(
             definition,
             request.initial_context,
             open_sandbox=self._open_sandbox,
-            spec=SandboxSpec(execution_id=request.execution_id, client=request.client),
+            spec=SandboxSpec(execution_id=request.execution_id, client=request.client, timeout=limit),
             hooks=RecordingHooks(self.recorder, ctx.vault, seal=self.credentials.has_secrets),
             default_executor=ctx.settings.default_executor,
             node_timeout=ctx.settings.node_timeout,
@@ -496,9 +498,7 @@ class Run:
         and the masker must know them before anything is shown."""
         client = self.request.client
         # Only action and decision code sees credentials: runs without any cost no round trip.
-        if self.ctx.client_credentials is None or all(
-            n.type in (NodeType.START, NodeType.END) for n in definition.nodes
-        ):
+        if self.ctx.client_credentials is None or not definition.runs_code():
             return
         try:
             self.credentials = await self.ctx.client_credentials(client)

@@ -160,7 +160,11 @@ class Worker:
         self.inflight[entry_id] = task
         self.budget.take()
         self._started += 1
-        self._task_of[entry_id] = decode_fields(fields).get(RequestField.TASK_ID, "")
+        task_id = fields.get(RequestField.TASK_ID)
+        # Text already from a client that decodes replies (ours does): no copy of the fields to read it.
+        self._task_of[entry_id] = (
+            task_id if type(task_id) is str else decode_fields(fields).get(RequestField.TASK_ID, "")
+        )
 
     async def _run(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
         try:
@@ -726,8 +730,9 @@ async def serve(
             "newer release); never set it in a deployment",
             settings.test_only_format_version,
         )
-    # Prompt writes: every run waits on a few small commands, each otherwise written in a task of its own.
-    redis = create_redis(settings, prompt_writes=True)
+    # Prompt writes: every run waits on a few small commands, each otherwise written in a task of its own;
+    # the runs' script calls of one pass of the loop go in one batch.
+    redis = create_redis(settings, prompt_writes=True, batch_commands=True)
     with contextlib.suppress(*REDIS_UNAVAILABLE):
         await prepare(redis)
     # Opened again on demand if PostgreSQL is down now, so the catalog and projector get it once it is back.

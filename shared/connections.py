@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any, cast
 
 import asyncpg
@@ -136,9 +138,93 @@ async def lean_command(redis: Redis, *args: Any) -> Any:
         await pool.release(conn)
 
 
-def create_redis(settings: Settings, *, prompt_writes: bool = False, **kwargs: object) -> Redis:
+class CommandBatcher:
+    """Lean commands (see lean_command) issued in one pass of the event loop, sent together: one
+    connection, one write, their replies read in turn, each handed to its caller.
+
+    A busy worker's runs each end with a script call, dozens of them in the same pass of the loop (a
+    read hands a batch of entries to runs that all reach their call before the loop turns). Each on a
+    connection of its own cost a write (a system call that also carries the command through the
+    loopback to Redis) and a read, each in the worker and in Redis; together they cost one of each.
+    Only commands that Redis answers at once belong here (scripts; never a blocking read), as one
+    reply waits for those before it.
+
+    Nothing of a command's meaning changes: each is the command it was, atomic on its own, and commands
+    in one batch never depended on each other's order (they would have gone on different connections).
+    A failure of the connection fails every command of its batch not yet answered, with the error
+    lean_command raises, and each caller goes the whole way as it does after that (its command may
+    have run: what is sent this way must be safe to send twice, as every script is).
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # The sends in progress (kept, so they are not collected mid-way).
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def command(self, *args: Any) -> asyncio.Future[Any]:
+        """The command's reply, once its batch is answered."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((args, future))
+        if len(self._queued) == 1:
+            # The task's first step runs in the loop's next pass: every command issued in this one is
+            # queued by then.
+            task = asyncio.create_task(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        return future
+
+    async def _send(self) -> None:
+        batch, self._queued = self._queued, []
+        answered = 0
+        try:
+            pool = self.redis.connection_pool
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(conn.pack_commands([args for args, _ in batch]))
+                for _, future in batch:
+                    try:
+                        reply = await conn.read_response()
+                    except ResponseError as exc:
+                        # This command's own error (NOSCRIPT, a script's error): the connection is fine,
+                        # and the next reply follows it.
+                        answered += 1
+                        if not future.done():
+                            future.set_exception(exc)
+                        continue
+                    answered += 1
+                    if not future.done():
+                        future.set_result(reply)
+            finally:
+                # A failed read or write has closed the connection already (redis-py does so itself).
+                await pool.release(conn)
+        except BaseException as exc:
+            # A lost connection, a read timeout, or this task cancelled (the loop closing): the callers
+            # not yet answered see a lost connection, and go the whole way.
+            error = exc if isinstance(exc, (RedisConnectionError, RedisTimeoutError)) else None
+            for _, future in batch[answered:]:
+                if not future.done():
+                    future.set_exception(error or RedisConnectionError(f"batched command not answered: {exc!r}"))
+            if not isinstance(exc, Exception):
+                raise
+
+
+# The batchers of the clients made with batch_commands (create_redis): kept with their client.
+_BATCHERS: weakref.WeakKeyDictionary[Redis, CommandBatcher] = weakref.WeakKeyDictionary()
+
+
+def batcher_of(redis: Redis) -> CommandBatcher | None:
+    """The client's command batcher, if it was made with one (create_redis's `batch_commands`)."""
+    return _BATCHERS.get(redis)
+
+
+def create_redis(
+    settings: Settings, *, prompt_writes: bool = False, batch_commands: bool = False, **kwargs: object
+) -> Redis:
     """`prompt_writes`: the API's and the worker's clients, whose requests and runs each wait on a couple
-    of small commands (see PromptWrites and CPacking); not on a cluster, whose client keeps a pool per node."""
+    of small commands (see PromptWrites and CPacking); not on a cluster, whose client keeps a pool per node.
+    `batch_commands`: the worker's, whose runs' script calls go in batches (see CommandBatcher), when
+    the client may take lean commands."""
     if not settings.redis_url:
         raise NotConfigured("REDIS_URL is not set (or run `nova dev`, which starts an embedded Redis)")
     options: dict[str, object] = {
@@ -169,6 +255,8 @@ def create_redis(settings: Settings, *, prompt_writes: bool = False, **kwargs: o
         pool = client.connection_pool
         base = pool.connection_class
         pool.connection_class = type(f"Prompt{base.__name__}", (PromptWrites, CPacking, base), {})
+    if batch_commands and takes_lean_commands(client):
+        _BATCHERS[client] = CommandBatcher(client)
     return client
 
 
@@ -189,6 +277,14 @@ def pubsub_client(redis: Redis) -> tuple[Redis, bool]:
         kwargs = {k: v for k, v in node.connection_kwargs.items() if k not in ("retry",)}
         return Redis(**kwargs), True
     return redis, False
+
+
+def decodes_responses(redis: Redis | None) -> bool:
+    """Whether the client answers text, never bytes (create_redis's clients do): its stream entries need no
+    decode_fields, which only copies them then."""
+    if isinstance(redis, RedisCluster):
+        return bool(redis.get_encoder().decode_responses)
+    return redis is not None and bool(redis.connection_pool.connection_kwargs.get("decode_responses"))
 
 
 def is_cluster(redis: Any) -> bool:

@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.connections import lean_command, takes_lean_commands
+from shared.connections import batcher_of, lean_command, takes_lean_commands
 from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField, decode_fields
 
 
@@ -144,6 +144,8 @@ class Scripts:
         self._siblings: dict[tuple[int, str], Scripts] = {(keys.shard_index, keys.lane): self}
         # Script calls are each run's and each enqueue's hottest command: sent the short way when it may.
         self._lean = takes_lean_commands(redis)
+        # A worker's: the calls of its runs that reach them in the same pass of the loop go together.
+        self._batcher = batcher_of(redis) if self._lean else None
 
     def of(self, keys: Keys) -> Scripts:
         """The same steps on another shard's (or lane's) keys (kept, so scripts are registered once each)."""
@@ -159,6 +161,8 @@ class Scripts:
             script = self._registered[name] = self.redis.register_script(lua_source(name))  # type: ignore[assignment]
         if self._lean:
             try:
+                if self._batcher is not None:
+                    return await self._batcher.command("EVALSHA", script.sha, len(keys), *keys, *args)
                 return await lean_command(self.redis, "EVALSHA", script.sha, len(keys), *keys, *args)
             except (NoScriptError, RedisConnectionError, RedisTimeoutError):
                 # The script object loads a script Redis lost; the client's retries get a new connection.

@@ -11,12 +11,22 @@ import ipaddress
 import os
 import socket
 import uuid
+from functools import cache
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.lanes import Lane, parse_lane_weights
+
+
+@cache
+def _format_version() -> int:
+    """shared.streams.FORMAT_VERSION, imported once (that module imports this one): an import statement
+    run at each read of readable_format cost a worker about 2 us, a couple of times per run."""
+    from shared.streams import FORMAT_VERSION
+
+    return FORMAT_VERSION
 
 
 class Settings(BaseSettings):
@@ -358,9 +368,7 @@ class Settings(BaseSettings):
     @property
     def readable_format(self) -> int:
         """The newest format of entries, events and task hashes this process reads (older ones too)."""
-        from shared.streams import FORMAT_VERSION
-
-        return max(FORMAT_VERSION, self.test_only_format_version)
+        return max(_format_version(), self.test_only_format_version)
 
     def new_consumer_name(self) -> str:
         """A consumer name unique to the caller, so that replicas share a group without colliding.

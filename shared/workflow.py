@@ -286,6 +286,14 @@ class Definition(BaseModel):
             self.__dict__["_node_index"] = index
         return index
 
+    def runs_code(self) -> bool:
+        """Whether any node runs code (an action or a decision): only those see the client's credentials.
+        Kept once known, as the node index is (a run asks it each time)."""
+        known = self.__dict__.get("_runs_code")
+        if known is None:
+            known = self.__dict__["_runs_code"] = any(n.type not in (NodeType.START, NodeType.END) for n in self.nodes)
+        return bool(known)
+
     def out_edges(self, node_id: str) -> list[Edge]:
         index = self.__dict__.get("_edge_index")
         if index is None:

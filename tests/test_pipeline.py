@@ -146,6 +146,36 @@ async def test_projector_applies_events_in_any_order_to_the_same_rows(
     assert statuses == ["success"] * 5
 
 
+async def test_a_batch_holding_events_older_and_newer_than_the_row_ends_as_one_by_one(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # A batch's events of one execution are written as one row when all are newer than the stored row; a
+    # batch that also holds older ones (a redelivered or reclaimed event) must end as their upserts one by
+    # one do, e.g. the current node of the newest node_started, not of the batch's last one.
+    wf = await create_workflow(redis, settings, pool, BRANCHING)
+    async with in_process_worker(settings, run_projector=False):
+        task = await enqueue(redis, settings, wf, {"items": [500]})
+        await wait_terminal(redis, settings, [task.task_id])
+    events = [Event.from_entry(i, f) for i, f in await redis.xrange(settings.results_stream)]
+
+    async def after(conn: asyncpg.Connection, first: list[Event], batches: list[list[Event]]) -> dict[str, object]:
+        await conn.execute("DELETE FROM node_runs WHERE execution_id = $1", task.execution_id)
+        await conn.execute("DELETE FROM executions WHERE id = $1", task.execution_id)
+        for batch in [first, *batches]:
+            if batch:
+                await apply_events(conn, batch)
+        return dict(await conn.fetchrow("SELECT * FROM executions WHERE id = $1", task.execution_id))
+
+    async with pool.acquire() as conn:
+        # All newer than the row (none stored yet): as one by one.
+        assert await after(conn, [], [events]) == await after(conn, [], [[e] for e in events])
+        for k in range(len(events)):
+            rest = events[:k] + events[k + 1 :]
+            one_by_one = await after(conn, [events[k]], [[e] for e in rest])
+            assert await after(conn, [events[k]], [rest]) == one_by_one, f"event {k} ({events[k].type}) first"
+    assert one_by_one["status"] == "completed"
+
+
 async def test_reads_only_as_many_entries_as_free_slots(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
     wf = await create_workflow(redis, settings, pool, linear("import time\ntime.sleep(0.5)"))
     async with in_process_worker(settings, concurrency=2):

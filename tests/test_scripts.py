@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from cli.embedded import RedisServer
+from shared.connections import batcher_of, create_redis
 from shared.events import event_fields
 from shared.inspection import worker_reports
 from shared.scripts import RecordOutcome, Scripts, WorkflowChanged
+from shared.settings import Settings
 from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, now_iso
 from tests.support import ready_for_scripts, script_keys
 
@@ -785,3 +788,53 @@ async def test_a_script_call_goes_through_after_redis_closed_its_connection(
         await admin.aclose()
     assert (await enqueue(scripts, "after")).created
     assert await r.hget(KEYS.task("after"), TaskField.STATUS) == TaskStatus.PENDING
+
+
+@pytest.fixture
+async def batched(versioned_server: RedisServer) -> AsyncIterator[Redis]:
+    """A client as the worker's: its script calls of one pass of the event loop go in one batch."""
+    client = create_redis(Settings(redis_url=versioned_server.admin_url), prompt_writes=True, batch_commands=True)
+    assert batcher_of(client) is not None
+    yield client
+    await client.aclose()
+
+
+async def test_script_calls_of_one_pass_of_the_loop_share_one_connection(r: Redis, batched: Redis) -> None:
+    scripts = Scripts(batched, KEYS)
+    # Warm: the script loaded, the client's one connection open.
+    assert (await enqueue(scripts, "warm")).created
+    before = (await r.info("stats"))["total_connections_received"]
+    results = await asyncio.gather(*(enqueue(scripts, f"t{i}") for i in range(20)))
+    # Each call got its own reply, as if it had been alone...
+    assert all(x.created for x in results)
+    assert [x.task_id for x in results] == [f"t{i}" for i in range(20)]
+    assert len({x.execution_id for x in results}) == 20
+    assert await r.xlen(KEYS.requests) == 21
+    # ...and all went on the connection the first one had opened: one at a time, they would have taken 20.
+    assert (await r.info("stats"))["total_connections_received"] == before
+
+
+async def test_one_failed_command_of_a_batch_fails_alone(r: Redis, batched: Redis) -> None:
+    batcher = batcher_of(batched)
+    assert batcher is not None
+    replies = await asyncio.gather(
+        batcher.command("ECHO", "a"),
+        batcher.command("EVALSHA", "0" * 40, 0),  # a script Redis does not have
+        batcher.command("ECHO", "b"),
+        return_exceptions=True,
+    )
+    assert replies[0] == "a" and replies[2] == "b"
+    assert isinstance(replies[1], NoScriptError)
+
+
+async def test_a_batch_whose_connection_redis_closed_goes_through(
+    r: Redis, batched: Redis, versioned_server: RedisServer
+) -> None:
+    scripts = Scripts(batched, KEYS)
+    assert (await enqueue(scripts, "before")).created
+    assert await r.client_kill_filter(_type="normal", skipme=True) >= 1
+    # Every call of the batch fails on the closed connection and goes the whole way (a new connection):
+    # each is written once.
+    results = await asyncio.gather(*(enqueue(scripts, f"after{i}") for i in range(10)))
+    assert all(x.created for x in results)
+    assert await r.xlen(KEYS.requests) == 11
