@@ -416,8 +416,9 @@ class Projector:
         self._reclaim_cursor = "0-0"
         # The batch being written while the next is read (None: none).
         self._writing: asyncio.Task[None] | None = None
-        # Entries the next read of new ones asks for.
+        # Entries the next read of new ones asks for, and whether the last read of new ones got as many.
         self._count = settings.projector_batch
+        self._full = False
         # Whether the client decodes replies (each of ours does): every field read is text already.
         self._decoded = decodes_responses(redis)
 
@@ -475,6 +476,10 @@ class Projector:
                     self._writing = asyncio.create_task(self._write_batch(batch), name="projector batch")
                     if cursor != ">":
                         cursor = entries[-1][0]
+                    elif not self._full and self.settings.results_linger_ms:
+                        # A short read: the stream is quiet, or a run is between its steps. Waiting a
+                        # little takes the rest of its events in one batch after it (see results_linger_ms).
+                        await sleep_or_stop(self.settings.results_linger_ms / 1000, stop)
                 else:
                     await self._settle()
                     backoff.reset()
@@ -552,7 +557,8 @@ class Projector:
             entries.extend((i, f) for i, f in items if f is not None)
         if cursor == ">":
             # Full: more are waiting, and twice as many are read next. Not: back towards the base.
-            self._count = min(2 * count, base * BATCH_GROWTH) if read >= count else max(base, count // 2)
+            self._full = read >= count
+            self._count = min(2 * count, base * BATCH_GROWTH) if self._full else max(base, count // 2)
         return entries
 
     async def _reclaim_stale(self) -> None:

@@ -72,6 +72,8 @@ DISPATCH_IDLE_S = 0.2
 # would leave what Redis delivered to it pending until a reclaim), so this bounds how long a stopping
 # worker waits on it: a quarter second, at four cheap reads a second per idle shard.
 IDLE_BLOCK_MS = 250
+# Events one fan-out read asks for.
+FAN_OUT_BATCH = 200
 CLEANUP_INTERVAL_S = 60.0
 # A live consumer reads several times a second (its XREADGROUP blocks for IDLE_BLOCK_MS): far past that,
 # it is gone.
@@ -124,7 +126,7 @@ class WebhookDelivery:
             loops = [self._loop(self.dispatch_once, stop)]
             if fan_out:
                 for keys in self.layout.shards:
-                    loops.append(self._loop(functools.partial(self.fan_out_once, keys=keys), stop))
+                    loops.append(self._loop(functools.partial(self._fan_out_pass, keys, stop), stop))
             await asyncio.gather(*loops)
         finally:
             for task in list(self._tasks):
@@ -181,6 +183,14 @@ class WebhookDelivery:
 
     # ---- fan-out ----------------------------------------------------------------------------------
 
+    async def _fan_out_pass(self, keys: Keys, stop: asyncio.Event) -> int:
+        handled = await self.fan_out_once(keys=keys)
+        if handled < FAN_OUT_BATCH and self.settings.results_linger_ms:
+            # A short read: the stream is quiet, or a run is between its steps. Waiting a little takes
+            # the rest of its events in one batch after it (see results_linger_ms).
+            await sleep_or_stop(self.settings.results_linger_ms / 1000, stop)
+        return handled
+
     async def fan_out_once(self, block_ms: int = IDLE_BLOCK_MS, *, keys: Keys | None = None) -> int:
         """Turn one batch of events of one shard (the home shard by default) into deliveries; returns
         how many entries were handled."""
@@ -207,7 +217,7 @@ class WebhookDelivery:
                 self._next_claim[keys.results] = time.monotonic() + self.stale_pending_ms / 4000
         if not entries:
             reply = await self.redis.xreadgroup(
-                self.group, self.consumer, {keys.results: ">"}, count=200, block=block_ms
+                self.group, self.consumer, {keys.results: ">"}, count=FAN_OUT_BATCH, block=block_ms
             )
             entries = [e for _, batch in reply or [] for e in batch]
         if not entries:

@@ -519,3 +519,49 @@ async def _node_runs(url: str) -> dict[int, int]:
         return dict(await conn.fetch("SELECT execution_id, count(*) FROM node_runs GROUP BY execution_id"))
     finally:
         await conn.close()
+
+
+class Batches(Projector):
+    """Records how many entries each batch it writes holds."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sizes: list[int] = []
+
+    async def _write_batch(self, batch: Any) -> None:
+        self.sizes.append(len(batch.entries))
+        await super()._write_batch(batch)
+
+
+async def test_after_a_short_read_the_projector_lingers_and_takes_a_runs_next_events_in_one_batch(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # The longest linger: the events below, 20 ms apart, all come during it even on a busy machine.
+    settings = settings.model_copy(update={"results_linger_ms": 1000})
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await ensure_groups(redis, Keys.from_settings(settings))
+    run = Emitter(redis, settings, execution_id=5, task_id="t5", client="acme", workflow_id=wf.id)
+    stop = asyncio.Event()
+    projector = Batches(settings, redis, pool, consumer="p-test")
+    task = asyncio.create_task(projector.run(stop))
+    try:
+        t = "2024-05-01T10:00:00.000Z"
+        await run.emit(EventType.QUEUED, {"workflow_name": "wf", "enqueued_at": t, "initial_context": {}})
+        await wait_read(redis, settings, task, acked=True)
+        started = {"workflow_name": "wf", "enqueued_at": t, "started_at": t, "consumer": "w1", "delivery": 1}
+        await run.emit(EventType.STARTED, {**started, "attempt": 0})
+        node = {"step": 1, "node_id": "a1", "node_type": "action", "started_at": t}
+        for type_, data in (
+            (EventType.NODE_STARTED, {**node, "input_context": {}}),
+            (EventType.NODE_FINISHED, {**node, "status": "success", "finished_at": t, "output_context": {}}),
+            (EventType.SUCCEEDED, {"started_at": t, "finished_at": t, "final_context": {}, "nodes_executed": 1}),
+        ):
+            await asyncio.sleep(0.02)  # a run's steps, each flushed on its own
+            await run.emit(type_, data)
+        await wait_read(redis, settings, task, acked=True)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    # The first read found one event; the run's next four waited out the linger and came in one batch.
+    assert projector.sizes == [1, 4]
+    assert await pool.fetchval("SELECT status FROM executions WHERE id = 5") == "completed"

@@ -748,3 +748,49 @@ async def test_every_shards_events_are_delivered_once_each(
     assert sorted(orjson.loads(b[0])["data"]["task_id"] for b in delivered.values()) == sorted(t.task_id for t in tasks)
     assert {webhook_id.split("_")[2][:3] for webhook_id in delivered} == {"s0-", "s1-", "s2-"}
     assert receiver.bad_signatures == []
+
+
+class Passes(WebhookDelivery):
+    """Records how many entries each fan-out pass handled."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handled: list[int] = []
+
+    async def fan_out_once(self, block_ms: int = 250, *, keys: Any = None) -> int:
+        reply = await super().fan_out_once(block_ms, keys=keys)
+        self.handled.append(reply)
+        return reply
+
+
+async def test_after_a_short_read_the_fan_out_lingers_and_takes_a_runs_next_events_in_one_pass(
+    redis: Redis, hook_settings: Settings
+) -> None:
+    # The longest linger: the events below, 20 ms apart, all come during it even on a busy machine.
+    settings = hook_settings.model_copy(update={"results_linger_ms": 1000})
+    fan_out = Passes(settings, redis, consumer="c1")
+    await fan_out.registry.ensure_group()
+    fields = {"task_id": "t1", "execution_id": "1", "workflow_id": "1", "client": "acme", "data": "{}"}
+    ts = "2026-01-01T00:00:00Z"
+
+    async def one(type_: EventType) -> None:
+        await redis.xadd(settings.results_stream, {**fields, "type": type_.value, "ts": ts})
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(fan_out.run(stop))
+    try:
+        await one(EventType.QUEUED)
+        deadline = time.monotonic() + 30
+        while 1 not in fan_out.handled:
+            assert time.monotonic() < deadline, fan_out.handled
+            await asyncio.sleep(0.01)
+        for type_ in (EventType.STARTED, EventType.NODE_STARTED, EventType.NODE_FINISHED, EventType.SUCCEEDED):
+            await asyncio.sleep(0.02)  # a run's steps, each flushed on its own
+            await one(type_)
+        while 4 not in fan_out.handled:
+            assert time.monotonic() < deadline and sum(fan_out.handled) <= 5, fan_out.handled
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert (await redis.xpending(settings.results_stream, settings.webhook_group))["pending"] == 0
