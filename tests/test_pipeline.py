@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from consumer.projector import apply_events
 from consumer.worker import serve
 from shared.events import Event
+from shared.scripts import EnqueueResult
 from shared.settings import Settings
 from shared.streams import EventType, Keys, TaskField, TaskStatus, loads
 from tests.support import (
@@ -98,14 +99,21 @@ async def test_failing_node_fails_the_execution_once(redis: Redis, settings: Set
     assert failed_run["status"] == "failure" and failed_run["error"]["type"] == "ValueError"
 
 
+async def unprojected_run(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, items: list[int]
+) -> tuple[EnqueueResult, list[Event]]:
+    """A BRANCHING run's task and its events, run by a worker without a projector (nothing written yet)."""
+    wf = await create_workflow(redis, settings, pool, BRANCHING)
+    async with in_process_worker(settings, run_projector=False):
+        task = await enqueue(redis, settings, wf, {"items": items})
+        await wait_terminal(redis, settings, [task.task_id])
+    return task, [Event.from_entry(i, f) for i, f in await redis.xrange(settings.results_stream)]
+
+
 async def test_projector_is_idempotent_and_order_independent(
     redis: Redis, settings: Settings, pool: asyncpg.Pool
 ) -> None:
-    wf = await create_workflow(redis, settings, pool, BRANCHING)
-    async with in_process_worker(settings, run_projector=False):
-        task = await enqueue(redis, settings, wf, {"items": [500]})
-        await wait_terminal(redis, settings, [task.task_id])
-    events = [Event.from_entry(i, f) for i, f in await redis.xrange(settings.results_stream)]
+    task, events = await unprojected_run(redis, settings, pool, [500])
     assert len(events) >= 10
 
     async def snapshot() -> tuple[object, object]:
@@ -129,11 +137,7 @@ async def test_projector_is_idempotent_and_order_independent(
 async def test_projector_applies_events_in_any_order_to_the_same_rows(
     redis: Redis, settings: Settings, pool: asyncpg.Pool
 ) -> None:
-    wf = await create_workflow(redis, settings, pool, BRANCHING)
-    async with in_process_worker(settings, run_projector=False):
-        task = await enqueue(redis, settings, wf, {"items": [1]})
-        await wait_terminal(redis, settings, [task.task_id])
-    events = [Event.from_entry(i, f) for i, f in await redis.xrange(settings.results_stream)]
+    task, events = await unprojected_run(redis, settings, pool, [1])
     async with pool.acquire() as conn:
         for event in reversed(events):
             await apply_events(conn, [event])
@@ -152,11 +156,7 @@ async def test_a_batch_holding_events_older_and_newer_than_the_row_ends_as_one_b
     # A batch's events of one execution are written as one row when all are newer than the stored row; a
     # batch that also holds older ones (a redelivered or reclaimed event) must end as their upserts one by
     # one do, e.g. the current node of the newest node_started, not of the batch's last one.
-    wf = await create_workflow(redis, settings, pool, BRANCHING)
-    async with in_process_worker(settings, run_projector=False):
-        task = await enqueue(redis, settings, wf, {"items": [500]})
-        await wait_terminal(redis, settings, [task.task_id])
-    events = [Event.from_entry(i, f) for i, f in await redis.xrange(settings.results_stream)]
+    task, events = await unprojected_run(redis, settings, pool, [500])
 
     async def after(conn: asyncpg.Connection, first: list[Event], batches: list[list[Event]]) -> dict[str, object]:
         await conn.execute("DELETE FROM node_runs WHERE execution_id = $1", task.execution_id)
