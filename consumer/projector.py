@@ -305,16 +305,20 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
             await conn.executemany(UPSERT_FOLDED_EXECUTION, [fold.row for fold in folds])
             # The upsert leaves a row stored for another task untouched; find the events it refused.
             # Every id of the batch has a row now, locked by this transaction, so this read is exact.
+            # Whether this transaction wrote a row is its xmin: the row's last event alone cannot tell,
+            # as a fold whose newest event was stored before (read again with older ones never written,
+            # after a reclaim) ends with the same last event whether it was written or refused.
             stored = {
-                r[0]: (r[1], (r[2], r[3]))
+                r[0]: (r[1], r[2])
                 for r in await conn.fetch(
-                    "SELECT id, task_id, last_event_ms, last_event_seq FROM executions WHERE id = ANY($1::bigint[])",
+                    "SELECT id, task_id, xmin::text::bigint = txid_current() % 4294967296 FROM executions"
+                    " WHERE id = ANY($1::bigint[])",
                     sorted({fold.row[0] for fold in folds}),
                 )
             }
             one_by_one: list[tuple[Any, ...]] = []
             for fold in folds:
-                task_id, last = stored.get(fold.row[0], (None, None))
+                task_id, written = stored.get(fold.row[0], (None, False))
                 if task_id != fold.row[1]:
                     refused.extend(
                         Refusal(
@@ -324,8 +328,8 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
                         )
                         for _, event in fold.pairs
                     )
-                elif last != (fold.row[17], fold.row[18]):
-                    # Not written: the row had an event as new as the fold's oldest (see UPSERT_FOLDED_EXECUTION).
+                elif not written:
+                    # The row had an event as new as the fold's oldest (see UPSERT_FOLDED_EXECUTION).
                     one_by_one.extend(row for row, _ in fold.pairs)
             if one_by_one:
                 await conn.executemany(UPSERT_EXECUTION, one_by_one)
