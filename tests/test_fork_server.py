@@ -19,7 +19,7 @@ from consumer.sandbox import local
 from consumer.sandbox.base import NodeError, SandboxInfraError, SandboxSpec
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
 from shared.settings import Settings
-from tests.support import create_workflow, enqueue, linear, start_worker_process
+from tests.support import create_workflow, enqueue, linear, process_alive, start_worker_process
 from tests.test_sandbox_attacks import processes_of
 
 
@@ -173,6 +173,40 @@ async def test_a_closed_sandboxs_runner_is_counted_in_the_zygotes_reaped_cpu(pro
     assert runner_cpu >= 0.2  # os.times counts in clock ticks
     # Reaped once the zygote has seen init go (it reports the exit before the close returns).
     assert _reaped_cpu_seconds(zygote) - before >= runner_cpu - 0.02
+
+
+async def test_a_run_cancelled_in_a_node_is_killed_at_its_close_not_left_to_exit(
+    provider: LocalSandboxProvider,
+) -> None:
+    # An idle sandbox's close gives its runner a moment to exit by itself (so its CPU is counted); one
+    # whose node was still running when the run was cancelled (revoked, the worker stopping) must not get
+    # it: the node would go on with its side effects after the cancel was reported.
+    sb = await open_box(provider, 1)
+    call = asyncio.create_task(sb.run_action("slow", "import time\ntime.sleep(30)", {}, 60))
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+    assert sb.dead
+    await sb.close()
+    assert sb.proc.returncode is not None and sb.proc.returncode != 0
+
+
+async def test_without_a_pid_namespace_what_node_code_started_dies_at_close() -> None:
+    # The fork server without isolation (NOVA_SANDBOX_LAUNCH=plain): no PID namespace takes node code's
+    # processes with it, so the close kills the sandbox's process group at once, runner and all.
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_launch="plain"))
+    try:
+        sb = await open_box(provider, 1)
+        started = "import subprocess\ncontext['pid'] = subprocess.Popen(['sleep', '60']).pid"
+        pid = (await sb.run_action("bg", started, {}, 10)).context["pid"]
+        await sb.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while process_alive(pid):
+            assert asyncio.get_running_loop().time() < deadline, f"node code's process {pid} outlived its sandbox"
+            await asyncio.sleep(0.05)
+    finally:
+        await provider.aclose()
 
 
 async def test_auto_falls_back_to_bwrap_where_the_fork_server_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:

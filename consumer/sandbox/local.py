@@ -136,6 +136,8 @@ class LocalSandbox(RunnerSandbox):
         self.on_closed: Callable[[], None] | None = None
         # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
         self.wrapped = False
+        # A fork server sandbox in a PID namespace of its own: everything of it dies with its init.
+        self.own_pid_namespace = False
         self.workdir = workdir
         # The work folder the worker made on the host (no namespaces), removed at close; None when the
         # sandbox made its own (fork server, bwrap), which goes with its mount namespace.
@@ -205,6 +207,9 @@ class LocalSandbox(RunnerSandbox):
             try:
                 await self._send({"op": "init", "env": env})
                 await asyncio.wait_for(self._receive(), _START_TIMEOUT)
+            except asyncio.CancelledError:
+                self.dead = True  # its runner may still be at work: close() must not wait for it
+                raise
             except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
                 await self.close()
                 raise SandboxInfraError(f"local sandbox did not accept its environment: {exc!r}") from None
@@ -224,6 +229,11 @@ class LocalSandbox(RunnerSandbox):
             try:
                 await self._send(request)
                 reply = await asyncio.wait_for(self._receive(), timeout)
+            except asyncio.CancelledError:
+                # The run was cancelled (revoked, the worker stopping) with node code still running: the
+                # sandbox is killed at its close, not left the grace an idle one has to exit.
+                self.dead = True
+                raise
             except TimeoutError:
                 await self.close()
                 raise NodeError(
@@ -281,7 +291,9 @@ class LocalSandbox(RunnerSandbox):
         idle = not self.dead and not self._lock.locked()
         self.dead = True
         forked = isinstance(self.proc, ForkedProcess)
-        if forked and idle and self.proc.returncode is None:
+        # Only in a PID namespace of its own: without one, what node code left running outlives the runner
+        # and is found only through the process group, whose id may be reused once the runner is reaped.
+        if forked and idle and self.own_pid_namespace and self.proc.returncode is None:
             await self._let_exit()
         if forked:
             # Its init, through a pidfd; the kernel kills the rest of its PID namespace.
@@ -717,6 +729,7 @@ class LocalSandboxProvider:
         )
         # bwrap's init and the fork server's both exit with 128 + the signal that killed the runner.
         sandbox.wrapped = self.bwrap is not None or self.launcher == "fork server"
+        sandbox.own_pid_namespace = self.forkserver is not None and bool(self.forkserver.config.get("isolate"))
         sandbox.recycle = self._recycle
         sandbox.net = net
         try:
