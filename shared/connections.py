@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from typing import Any, cast
 
@@ -157,29 +158,42 @@ class CommandBatcher:
     """
 
     def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # The client's pool, not the client: the registry below keys batchers by client, weakly.
+        self.pool = redis.connection_pool
+        # The batch of this pass of the loop, until its send takes it (None: no batch open).
+        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
         # The sends in progress (kept, so they are not collected mid-way).
         self._sending: set[asyncio.Task[None]] = set()
 
     def command(self, *args: Any) -> asyncio.Future[Any]:
         """The command's reply, once its batch is answered."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((args, future))
-        if len(self._queued) == 1:
+        if self._queued is None:
             # The task's first step runs in the loop's next pass: every command issued in this one is
             # queued by then.
-            task = asyncio.create_task(self._send())
+            batch = self._queued = []
+            task = asyncio.create_task(self._send(batch))
             self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            task.add_done_callback(functools.partial(self._sent, batch))
+        self._queued.append((args, future))
         return future
 
-    async def _send(self) -> None:
-        batch, self._queued = self._queued, []
+    def _sent(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._queued is batch:
+            # Cancelled before its first step (the loop closing): nothing of it was written, and the
+            # next command must open a batch of its own rather than join one that is never sent.
+            self._queued = None
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(RedisConnectionError("batched command not sent: its batch was cancelled"))
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        if self._queued is batch:
+            self._queued = None  # closed: what is issued from here on goes in the next batch
         answered = 0
         try:
-            pool = self.redis.connection_pool
-            conn = await pool.get_connection()
+            conn = await self.pool.get_connection()
             try:
                 await conn.send_packed_command(conn.pack_commands([args for args, _ in batch]))
                 for _, future in batch:
@@ -196,8 +210,12 @@ class CommandBatcher:
                     if not future.done():
                         future.set_result(reply)
             finally:
-                # A failed read or write has closed the connection already (redis-py does so itself).
-                await pool.release(conn)
+                if answered < len(batch):
+                    # Replies may be left unread: an error redis-py raises without closing the connection
+                    # (LOADING, NOAUTH are ConnectionErrors, not ResponseErrors) must not hand them to the
+                    # connection's next user. A failed read or write has closed it already.
+                    await conn.disconnect()
+                await self.pool.release(conn)
         except BaseException as exc:
             # A lost connection, a read timeout, or this task cancelled (the loop closing): the callers
             # not yet answered see a lost connection, and go the whole way.

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from cli.embedded import RedisServer
@@ -825,6 +828,27 @@ async def test_one_failed_command_of_a_batch_fails_alone(r: Redis, batched: Redi
     )
     assert replies[0] == "a" and replies[2] == "b"
     assert isinstance(replies[1], NoScriptError)
+
+
+async def test_a_batch_cancelled_before_it_was_sent_fails_its_commands_and_the_next_ones_go(batched: Redis) -> None:
+    batcher = batcher_of(batched)
+    assert batcher is not None
+    lost = batcher.command("ECHO", "a")
+    [send] = batcher._sending
+    send.cancel()  # before its first step, as when the loop closes
+    with pytest.raises(RedisConnectionError):
+        await lost
+    # The next command opens a batch of its own; before, it joined the cancelled one and waited for ever.
+    assert await asyncio.wait_for(batcher.command("ECHO", "b"), 10) in (b"b", "b")
+
+
+def test_a_client_with_a_batcher_can_still_be_collected() -> None:
+    client = create_redis(Settings(redis_url="redis://127.0.0.1:1/0"), prompt_writes=True, batch_commands=True)
+    assert batcher_of(client) is not None
+    gone = weakref.ref(client)
+    del client
+    gc.collect()
+    assert gone() is None
 
 
 async def test_a_batch_whose_connection_redis_closed_goes_through(
