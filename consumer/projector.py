@@ -41,7 +41,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.backoff import Backoff, sleep_or_stop
+from shared.backoff import Backoff, linger, sleep_or_stop
 from shared.connections import (
     REDIS_UNAVAILABLE,
     NotConfigured,
@@ -480,10 +480,8 @@ class Projector:
                     self._writing = asyncio.create_task(self._write_batch(batch), name="projector batch")
                     if cursor != ">":
                         cursor = entries[-1][0]
-                    elif not self._full and self.settings.results_linger_ms:
-                        # A short read: the stream is quiet, or a run is between its steps. Waiting a
-                        # little takes the rest of its events in one batch after it (see results_linger_ms).
-                        await sleep_or_stop(self.settings.results_linger_ms / 1000, stop)
+                    elif not self._full:
+                        await linger(self.settings.results_linger_ms, stop)
                 else:
                     await self._settle()
                     backoff.reset()

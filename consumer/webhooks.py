@@ -32,7 +32,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.backoff import Backoff, sleep_or_stop
+from shared.backoff import Backoff, linger, sleep_or_stop
 from shared.connections import REDIS_UNAVAILABLE, autoclaim, decodes_responses, is_cluster, is_missing_group
 from shared.events import Event
 from shared.reporting import REPORTED_TYPES, report_failed_execution
@@ -185,10 +185,8 @@ class WebhookDelivery:
 
     async def _fan_out_pass(self, keys: Keys, stop: asyncio.Event) -> int:
         handled = await self.fan_out_once(keys=keys)
-        if handled < FAN_OUT_BATCH and self.settings.results_linger_ms:
-            # A short read: the stream is quiet, or a run is between its steps. Waiting a little takes
-            # the rest of its events in one batch after it (see results_linger_ms).
-            await sleep_or_stop(self.settings.results_linger_ms / 1000, stop)
+        if handled < FAN_OUT_BATCH:
+            await linger(self.settings.results_linger_ms, stop)
         return handled
 
     async def fan_out_once(self, block_ms: int = IDLE_BLOCK_MS, *, keys: Keys | None = None) -> int:

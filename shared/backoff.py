@@ -32,3 +32,12 @@ async def sleep_or_stop(seconds: float, stop: asyncio.Event) -> None:
     """Sleep, but wake at once when `stop` is set."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def linger(ms: int, stop: asyncio.Event) -> None:
+    """After a read of the results stream that found fewer events than it asked for (the stream is quiet,
+    or a run is between its steps): wait NOVA_RESULTS_LINGER_MS before the next, so that the rest of a
+    run's events come in one batch after it rather than one flush at a time between its steps. The
+    projector's and the webhook fan-out's reads both do."""
+    if ms:
+        await sleep_or_stop(ms / 1000, stop)
