@@ -273,6 +273,11 @@ class _Sandboxes:
         self._open_ones.clear()
 
 
+def execution_limit(definition: Definition, execution_timeout: float) -> float:
+    """Seconds a run of `definition` may take: its own timeout, else the worker's execution_timeout."""
+    return definition.timeout or execution_timeout
+
+
 async def run_workflow(
     definition: Definition,
     context: dict[str, Any],
@@ -296,7 +301,7 @@ async def run_workflow(
     `finish(outcome)` records the outcome before the run's sandboxes close: the result waits for no
     sandbox's teardown (its processes killed and gone), which nothing in it depends on.
     """
-    limit = definition.timeout or execution_timeout
+    limit = execution_limit(definition, execution_timeout)
     deadline = time.monotonic() + limit
     if resume is not None and resume.retry is not None and resume.retry.time_left_ms is not None:
         # Resumed at a node's retry: the limit is what the run had left after the wait, not a new one,

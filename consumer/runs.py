@@ -25,7 +25,16 @@ from typing import Any
 from redis.asyncio import Redis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
-from consumer.engine import Attempt, Checkpoint, NodeRecord, OpenSandbox, Outcome, RetryParked, run_workflow
+from consumer.engine import (
+    Attempt,
+    Checkpoint,
+    NodeRecord,
+    OpenSandbox,
+    Outcome,
+    RetryParked,
+    execution_limit,
+    run_workflow,
+)
 from consumer.requests import ExecutionRequest, MalformedRequest, parse_fields
 from consumer.sandbox.base import NodeError, Sandbox, SandboxBusy, SandboxInfraError, SandboxSpec
 from shared.catalog import CatalogUnavailable, WorkflowCatalog
@@ -472,7 +481,7 @@ class Run:
     async def _run_workflow(self, definition: Definition, resume: Checkpoint | None) -> Outcome:
         ctx, request = self.ctx, self.request
         # With the limit run_workflow gives it (it copies a spec with another one).
-        limit = definition.timeout or ctx.settings.execution_timeout
+        limit = execution_limit(definition, ctx.settings.execution_timeout)
         return await run_workflow(
             definition,
             request.initial_context,
