@@ -1,11 +1,11 @@
 """The worker's side of the fork server (consumer/sandbox/zygote.py): start it, ask it for sandboxes.
 
 One zygote per worker process, started with the worker's sandboxes (or on first need) and started
-again on the next request if it died; sandboxes it had forked die with it (their init's parent-death
+again on the next request if it died; sandboxes it had forked die with it (their runner's parent-death
 signal), which their executions see as a crashed sandbox.
 
 A request carries the sandbox's protocol pipes and its cgroup.procs files (opened here, where the
-cgroup file system is writable) as SCM_RIGHTS; the answer carries the sandbox init's pid and a pidfd.
+cgroup file system is writable) as SCM_RIGHTS; the answer carries the sandbox runner's pid and a pidfd.
 Requests are answered in order, one at a time (the zygote is single-threaded).
 """
 
@@ -68,8 +68,8 @@ class ForkedProcess:
         self.read_transport: asyncio.BaseTransport | None = None
 
     def kill(self) -> None:
-        """SIGKILL its init (through the pidfd: never another process that reused the pid); the kernel
-        then kills everything in its PID namespace."""
+        """SIGKILL its runner (through the pidfd: never another process that reused the pid); isolated, it
+        is PID 1 of its namespace, and the kernel then kills everything else in it."""
         if self.pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)

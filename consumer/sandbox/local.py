@@ -105,8 +105,6 @@ class UidLease(FlockLease):
 
 
 _START_TIMEOUT = 30.0
-# How long an idle sandbox's runner has to exit by itself at close before it is killed.
-_EXIT_GRACE = 1.0
 # Emptied sandbox cgroups a provider keeps for reuse.
 _SPARE_CGROUPS = 8
 # Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
@@ -136,8 +134,6 @@ class LocalSandbox(RunnerSandbox):
         self.on_closed: Callable[[], None] | None = None
         # Started through bwrap: the exit status is bwrap's, which reports a signal as 128 + its number.
         self.wrapped = False
-        # A fork server sandbox in a PID namespace of its own: everything of it dies with its init.
-        self.own_pid_namespace = False
         self.workdir = workdir
         # The work folder the worker made on the host (no namespaces), removed at close; None when the
         # sandbox made its own (fork server, bwrap), which goes with its mount namespace.
@@ -230,8 +226,8 @@ class LocalSandbox(RunnerSandbox):
                 await self._send(request)
                 reply = await asyncio.wait_for(self._receive(), timeout)
             except asyncio.CancelledError:
-                # The run was cancelled (revoked, the worker stopping) with node code still running: the
-                # sandbox is killed at its close, not left the grace an idle one has to exit.
+                # The run was cancelled (revoked, the worker stopping) with node code still running: its
+                # sandbox is not used again.
                 self.dead = True
                 raise
             except TimeoutError:
@@ -258,23 +254,6 @@ class LocalSandbox(RunnerSandbox):
         self.dead = True
         await self.close()
 
-    async def _let_exit(self) -> None:
-        """An idle fork server sandbox's end: its runner reads the end of its requests and exits, and its
-        init, which reaps it, exits in turn. Reaped so, the runner's CPU is counted in its init's, and so
-        in the zygote's reaped time (what the worker's cost is read from); a runner killed through its init
-        is reaped by the kernel as the namespace ends, and counted nowhere. A runner that does not exit
-        in time (node code took over its loop) is killed as any other sandbox is."""
-        assert isinstance(self.proc, ForkedProcess)
-        with contextlib.suppress(Exception):
-            self.proc.stdin.close()
-        try:
-            await asyncio.wait_for(self.proc.wait(), _EXIT_GRACE)
-        except TimeoutError:
-            pass
-        except asyncio.CancelledError:
-            self.proc.kill()
-            raise
-
     async def _reap(self) -> tuple[int | None, int]:
         """The exit status of a sandbox that died, and the OOM kills of its cgroup (read before close,
         which hands the group on)."""
@@ -287,16 +266,11 @@ class LocalSandbox(RunnerSandbox):
         return returncode, oom
 
     async def close(self) -> None:
-        # Closed after its work, not for a failure (which marks it dead first) nor while a node runs.
-        idle = not self.dead and not self._lock.locked()
         self.dead = True
         forked = isinstance(self.proc, ForkedProcess)
-        # Only in a PID namespace of its own: without one, what node code left running outlives the runner
-        # and is found only through the process group, whose id may be reused once the runner is reaped.
-        if forked and idle and self.own_pid_namespace and self.proc.returncode is None:
-            await self._let_exit()
         if forked:
-            # Its init, through a pidfd; the kernel kills the rest of its PID namespace.
+            # Its runner, through a pidfd; isolated, it is PID 1 of its namespace and the kernel kills the
+            # rest. The zygote reaps it, so its CPU is counted however it ends.
             self.proc.kill()
         if not forked or self.proc.returncode is None:
             # The whole process group: whatever node code spawned dies with its sandbox.
@@ -727,9 +701,9 @@ class LocalSandboxProvider:
             cgroup=cgroup,
             host_folder=host_folder,
         )
-        # bwrap's init and the fork server's both exit with 128 + the signal that killed the runner.
-        sandbox.wrapped = self.bwrap is not None or self.launcher == "fork server"
-        sandbox.own_pid_namespace = self.forkserver is not None and bool(self.forkserver.config.get("isolate"))
+        # bwrap's init exits with 128 + the signal that killed the runner; the fork server reports the
+        # runner's own status.
+        sandbox.wrapped = self.bwrap is not None
         sandbox.recycle = self._recycle
         sandbox.net = net
         try:

@@ -13,21 +13,28 @@ host's), and, with network `none`, a pool of network namespaces with loopback up
 Per request (fds: the protocol pipes, the sandbox's cgroup.procs files opened by the worker, and with
 `egress` the network namespace it lends):
 1. the zygote unshares a PID namespace for its next child only, forks, and returns to its own;
-2. the child, PID 1 of that namespace (the sandbox's "init"), joins its cgroup first (everything after
-   is counted and limited), enters a network namespace: from the pool (`none`), the one the worker lent
-   with the request (`egress`: a veth pair to the host, see netns.py), or, with neither, keeps the
-   host's (`egress` where namespaces cannot be prepared: the per-uid routing rules apply), unshares
-   mount, IPC and UTS namespaces (a copy of the read-only view), and forks the runner at once;
-3. the runner (PID 2: PID 1 ignores signals it has no handler for, so node code must not be PID 1),
-   still root and alone in those namespaces, mounts a fresh tmpfs on /tmp and /dev/shm, binds back
+2. the child is the sandbox's runner and PID 1 of that namespace: it joins its cgroup first (everything
+   after is counted and limited), enters a network namespace: from the pool (`none`), the one the worker
+   lent with the request (`egress`: a veth pair to the host, see netns.py), or, with neither, keeps the
+   host's (`egress` where namespaces cannot be prepared: the per-uid routing rules apply), and unshares
+   mount, IPC and UTS namespaces (a copy of the read-only view);
+3. still root and alone in those namespaces, it mounts a fresh tmpfs on /tmp and /dev/shm, binds back
    NOVA_SANDBOX_WRITABLE folders read-write, makes its work folder on its own /tmp (0700, its uid's),
    mounts /proc of its namespace; then it closes every inherited fd but the protocol, drops to its uid and gids
    (setgroups/setresgid/setresuid: every capability goes), sets no-new-privs and its parent-death
-   signal, loads the seccomp filter the worker compiled (seccomp.py), and serves the runner protocol;
-4. init drops to the overflow uid, reaps whatever is orphaned in the namespace, and exits with the
-   runner's status (128 + a signal's number, as bwrap does); when it exits the kernel kills the rest.
-The worker gets init's pid and a pidfd (a kill that cannot hit a reused pid), and an exit message when
-the zygote reaps it. Init dies with the zygote and the zygote with the worker (parent-death signals).
+   signal, loads the seccomp filter the worker compiled (seccomp.py), and serves the runner protocol.
+When it exits or is killed, the kernel kills the rest of its namespace: nothing node code started
+outlives it. The zygote is its parent and reaps it, so its CPU is counted in the zygote's reaped time
+however it ended (what the benchmarks and the cost model read).
+
+Why no separate init: an init is one more copy of this interpreter per sandbox, and each page it writes
+is a page fault (a third of a sandbox's faults, about 0.9 ms). What PID 1 changes for node code: a
+signal sent from inside the sandbox to the runner with no handler is ignored (the worker's kill, the
+sandbox's time and CPU limits and the OOM killer are not: they come from outside or from the kernel),
+and the exited processes node code orphaned stay zombies (counted in the sandbox's process limit) until
+the sandbox ends with its execution.
+The worker gets the runner's pid and a pidfd (a kill that cannot hit a reused pid), and an exit message when
+the zygote reaps it. The runner dies with the zygote and the zygote with the worker (parent-death signals).
 
 Python 3.11 has no os.unshare/os.setns/mount: they are libc calls through ctypes.
 """
@@ -77,7 +84,6 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
-_OVERFLOW_UID = 65534  # "nobody": init's uid once the sandbox is set up
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _HEADER = struct.Struct(">I")
 _MAX_FDS = 16
@@ -210,8 +216,7 @@ def _make_workdir(path: str, uid: int | None) -> None:
 
 
 def _build_view(request: dict, workdir: str, uid: int | None) -> None:
-    """In the runner, as root, before it drops its privileges (its mount namespace is its init's, and no
-    other process is in it): a fresh /tmp and /dev/shm, the writable folders, its work folder, /proc of
+    """In the runner, as root, before it drops its privileges (no other process is in its namespaces): a fresh /tmp and /dev/shm, the writable folders, its work folder, /proc of
     its PID namespace with the kernel's knobs read-only."""
     # Opened before /tmp is covered by the fresh tmpfs (they may live under /tmp), and inside this
     # namespace (a bind's source must be a mount of the caller's namespace).
@@ -228,12 +233,6 @@ def _build_view(request: dict, workdir: str, uid: int | None) -> None:
         if os.path.exists(f"/proc/{knob}"):
             mount(f"/proc/{knob}", f"/proc/{knob}", None, MS_BIND)
             mount(None, f"/proc/{knob}", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-
-
-def _exit_status(status: int) -> int:
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
 
 
 def _say_failed(proto_out: int, why: str) -> None:
@@ -299,7 +298,7 @@ class Zygote:
             self.netns_pool.append(new_netns(self.host_netns))
 
     def spawn(self, request: dict, fds: list[int]) -> int:
-        """Fork one sandbox; returns its init's pid (in the zygote's PID namespace)."""
+        """Fork one sandbox; returns its runner's pid (in the zygote's PID namespace)."""
         proto_in, proto_out, *cgroup_fds = fds
         netns = None
         pooled = False
@@ -340,8 +339,8 @@ class Zygote:
         return pid
 
     def _sandbox(self, request: dict, proto_in: int, proto_out: int, cgroup_fds: list[int], netns: int | None) -> None:
-        """In the forked child (init of its PID namespace when isolated): enter the sandbox's cgroup and
-        namespaces, fork the runner at once, and wait for it."""
+        """In the forked child, the runner (PID 1 of its own namespace when isolated): enter the sandbox's
+        cgroup and namespaces, make its view as root, then drop every privilege and serve."""
         # Every signal's disposition is the zygote's, the default (it has no handler and no wakeup fd: see
         # serve): nothing to reset here, where each line of Python writes pages the fork shares, each one
         # then copied (signal.signal's reset cost 80 page faults, 20 through _signal).
@@ -353,49 +352,24 @@ class Zygote:
             os.close(fd)
         workdir = request["workdir"]
         uid = request.get("uid")
-        if self.isolate:
-            if netns is not None:
-                setns(netns, CLONE_NEWNET)
-                os.close(netns)
-            unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
-        # The runner is forked before the mounts, which it makes itself (its namespaces are init's): each
-        # page init writes after the zygote's fork is copied, and again when the runner, which shares it
-        # with init, writes it too; init writes as few as it can, and only what the runner does not need.
-        runner = os.fork() if self.isolate else 0
-        if runner == 0:
-            try:
-                if self.isolate:
-                    _build_view(request, workdir, uid)
-                os.chdir(workdir)
-            except BaseException as exc:
-                _say_failed(proto_out, f"{type(exc).__name__}: {exc}")
-                os._exit(127)
-            try:
-                self._runner(request, proto_in, proto_out, uid)
-            except BaseException as exc:  # after its descriptors moved: the protocol is fd 1 now
-                _say_failed(1, f"{type(exc).__name__}: {exc}")
+        try:
+            if self.isolate:
+                if netns is not None:
+                    setns(netns, CLONE_NEWNET)
+                    os.close(netns)
+                unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
+                _build_view(request, workdir, uid)
+            os.chdir(workdir)
+        except BaseException as exc:
+            _say_failed(proto_out, f"{type(exc).__name__}: {exc}")
             os._exit(127)
-        # Init: nothing of the sandbox's but its own wait loop; it holds no descriptor and no privilege.
-        os.closerange(0, 3)
-        os.closerange(3, 1 << 20)
-        os.setgroups([])
-        os.setresgid(_OVERFLOW_UID, _OVERFLOW_UID, _OVERFLOW_UID)
-        os.setresuid(_OVERFLOW_UID, _OVERFLOW_UID, _OVERFLOW_UID)
-        prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        # Again: the uid change cleared it. Should the zygote die in between, the worker's cgroup sweep
-        # (it sees the zygote go and closes the sandbox) kills init all the same.
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        while True:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                os._exit(1)
-            if pid == runner:
-                os._exit(_exit_status(status))
+        try:
+            self._runner(request, proto_in, proto_out, uid)
+        except BaseException as exc:  # after its descriptors moved: the protocol is fd 1 now
+            _say_failed(1, f"{type(exc).__name__}: {exc}")
+        os._exit(127)
 
     def _runner(self, request: dict, proto_in: int, proto_out: int, uid: int | None) -> None:
-        if self.isolate:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         os.dup2(proto_in, 0)
         os.dup2(proto_out, 1)
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -413,7 +387,7 @@ class Zygote:
         prctl(_PR_SET_NO_NEW_PRIVS, 1)
         if self.seccomp is not None:
             self.seccomp.load()  # before any node code: it and every process it starts keep the filter
-        # After the uid change, which clears it: the runner dies with its init, or with the zygote.
+        # After the uid change, which clears it: the runner dies with the zygote.
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         self.runner.serve_stdio(request.get("limits") or self.limits)
         os._exit(0)
@@ -421,7 +395,7 @@ class Zygote:
     def serve(self, control: socket.socket) -> None:
         # A child's exit is seen on its pidfd (readable once it exits), not through SIGCHLD: the zygote runs
         # no Python handler per exit and keeps every signal's default disposition, which each sandbox
-        # inherits as it is (no reset in each init).
+        # inherits as it is (no reset in each sandbox).
         poller = select.poll()
         poller.register(control, select.POLLIN)
         children: dict[int, int] = {}  # pidfd -> pid
