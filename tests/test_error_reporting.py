@@ -138,7 +138,10 @@ async def test_a_failed_execution_reaches_sentry_tagged_and_without_secrets(
 
 @pytest.fixture
 async def reporting_api(settings: Settings, ingest: Ingest) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings.model_copy(update={"sentry_dsn": ingest.dsn}))
+    # The dead man's switch checks often and holds back only a second (not a visibility timeout) before it
+    # may call workers missing: the alert the test waits for comes in a second or two, not after 15 s.
+    watch = {"alert_check_interval": 0.2, "visibility_timeout": 1.0}
+    app = create_app(settings.model_copy(update={"sentry_dsn": ingest.dsn, **watch}))
     loop = asyncio.get_running_loop()
     factory = loop.get_task_factory()
     try:
