@@ -488,6 +488,85 @@ except OSError as exc:
 """
 
 
+# An outside UDP service that answers at once, remembers who asked, and on "late" sends a late answer to
+# the first asker and then a marker to whoever asked for it (both down the same path, in that order).
+UDP_SERVE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print('listening', flush=True)
+first = None
+while True:
+    data, peer = s.recvfrom(100)
+    if data == b'late':
+        s.sendto(b'late answer', first)
+        s.sendto(b'marker', peer)
+    else:
+        first = first or peer
+        s.sendto(b'answer', peer)
+"""
+
+ASK = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('0.0.0.0', 40123))
+s.settimeout(10)
+s.sendto(b'query', ({host!r}, 9053))
+context['answer'] = s.recv(100).decode()
+"""
+
+LISTEN_FOR_THE_LATE_ANSWER = """
+import select, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('0.0.0.0', 40123))
+trigger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+trigger.settimeout(10)
+trigger.sendto(b'late', ({host!r}, 9053))
+context['marker'] = trigger.recv(100).decode()
+ready, _, _ = select.select([s], [], [], 0.5)
+context['late'] = s.recv(100).decode() if ready else None
+"""
+
+
+@isolated
+async def test_a_late_reply_to_a_closed_sandbox_never_reaches_the_next_one_on_its_network_slot(
+    launch: str, outside_hosts: tuple[OutsideHost, OutsideHost]
+) -> None:
+    # Slots (namespace, veth, address) are reused; the host's connection tracking remembered each flow and
+    # translated a late UDP reply back to the slot's address, where the next sandbox, another client's,
+    # listened on the same port and read it.
+    skip_without_egress_namespaces(launch)
+    internet, _ = outside_hosts
+    server = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", internet.name, sys.executable, "-c", UDP_SERVE, internet.address, "9053",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
+    try:
+        assert server.stdout is not None and await server.stdout.readline() == b"listening\n"
+        first = await open_box(provider, 1, "acme")
+        try:
+            asked = await first.run_action("ask", ASK.format(host=internet.address), {}, 20)
+            assert asked.context == {"answer": "answer"}  # the path works both ways
+            assert first.net is not None
+            slot = first.net.index
+        finally:
+            await first.close()
+        second = await open_box(provider, 2, "globex")
+        try:
+            assert second.net is not None and second.net.index == slot  # the same slot, lent again
+            seen = (await second.run_action("listen", LISTEN_FOR_THE_LATE_ANSWER.format(host=internet.address), {},
+                                            20)).context  # fmt: skip
+        finally:
+            await second.close()
+    finally:
+        await provider.aclose()
+        server.kill()
+        await server.wait()
+    # The marker came after the late answer, down the same path: the late answer was not let through.
+    assert seen == {"marker": "marker", "late": None}, seen
+
+
 @isolated
 async def test_egress_sandbox_reaches_the_internet_only_from_a_namespace_of_its_own(
     launch: str, settings: Settings, redis: Redis, pool: asyncpg.Pool, outside_hosts: tuple[OutsideHost, OutsideHost]

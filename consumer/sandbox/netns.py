@@ -15,6 +15,11 @@ other sandboxes, the blocked ranges of isolation.py (forward) are refused with a
 "No route to host", not a hang); an operator's allow-list and the resolvers of /etc/resolv.conf (port 53)
 pass. A resolver on the host's loopback (127.0.0.53, 127.0.0.11) is reached through DNAT: inside the
 namespace to the host side of the veth, on the host to the resolver, with route_localnet on both ends.
+A slot outlives its sandboxes, and the host's connection tracking remembers their flows: a late reply to
+one sandbox's UDP query would be translated back to its slot's address, where the next sandbox (maybe
+another client's) could be listening on the same port. So every flow from a slot carries the slot's
+conntrack mark (set from a map of every slot name, the same on every worker's start), and before a slot
+is lent again its flows are forgotten: one netlink request deletes every conntrack entry with its mark.
 The ruleset is applied with `nft -f -`: the kernel's nftables netlink protocol has no maintained Python
 binding in our dependencies, and nft applies a whole file in one transaction (atomic, and idempotent:
 the table is replaced, never added to, so every worker's start yields the same rules and a second
@@ -31,6 +36,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +56,10 @@ _SLOTS = 4096  # /30 each: a /18 of the block
 # picks the same one (the choice depends only on the host's routes, not on the worker).
 _BLOCKS = ("10.213.0.0/16", "10.214.0.0/16", "10.215.0.0/16", "172.29.0.0/16")
 _INSIDE = "eth0"
+# A slot's conntrack mark: its number under a prefix of our own ("nv"), so that no other user of marks
+# on the host is matched by the flush.
+_MARK_PREFIX = 0x6E760000
+_NETLINK_NETFILTER = 12
 _REJECT = "reject with icmpx type admin-prohibited"
 
 
@@ -74,6 +84,25 @@ def _nft(nft: str, ruleset: str) -> None:
         raise OSError(errno.EINVAL, f"nft: {done.stderr.decode(errors='replace').strip()[-500:]}")
 
 
+def slot_mark(index: int) -> int:
+    return _MARK_PREFIX | index
+
+
+def _forget_flows_request(index: int) -> bytes:
+    """The netlink request that deletes every conntrack entry of slot `index` (by its mark), encoded
+    once per slot: sent each time the slot comes back."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+    from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_DELETE, nfct_msg
+
+    msg = nfct_msg.create_from(mark=slot_mark(index), mark_mask=0xFFFFFFFF)
+    msg["nfgen_family"] = socket.AF_INET
+    msg["header"]["type"] = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+    msg.encode()
+    return bytes(msg.data)
+
+
 def _elements(cidrs: list[str]) -> str:
     return f"elements = {{ {', '.join(cidrs)} }}" if cidrs else ""
 
@@ -91,12 +120,18 @@ def host_ruleset(allow: list[str], resolvers: list[str]) -> str:
         # To the host itself (the veth's host side): matched by type, not by the block, which a worker that
         # started while the host's routes differed may have chosen otherwise.
         dnat = f"iifname {sb} fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {loopback[0]}"
+    marks = ", ".join(f'"{IFNAME_PREFIX}{i}" : {slot_mark(i):#x}' for i in range(_SLOTS))
     return f"""table {TABLE}
 delete table {TABLE}
 table {TABLE} {{
+    map slot_marks {{ type ifname : mark; elements = {{ {marks} }} }}
     set allow4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(allow4)} }}
     set dns4 {{ type ipv4_addr; {_elements(dns4)} }}
     set blocked4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(list(BLOCKED_V4))} }}
+    chain mark_flows {{
+        type filter hook prerouting priority mangle; policy accept;
+        iifname {sb} ct mark set iifname map @slot_marks
+    }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         {dnat}
@@ -171,6 +206,7 @@ class NetSlot:
     ifname: str
     lease: FlockLease
     pool: EgressNetworks = field(repr=False)
+    forget_flows: bytes = field(default=b"", repr=False)
 
     def release(self) -> None:
         """Back to the pool: call only once no process of the sandbox that had it is left."""
@@ -185,6 +221,10 @@ class EgressNetworks:
         self.resolvers = resolvers
         self.block = ipaddress.ip_network(_BLOCKS[0])  # until _prepare_host picks one
         self._free: list[NetSlot] = []
+        # ctnetlink, in the host's namespace (made here, on the worker's thread): slots' flows forgotten.
+        self._conntrack = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+        self._conntrack.bind((0, 0))
+        self._conntrack.setblocking(False)
         # One thread: it enters slots' namespaces while it sets them up, and always comes back.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="nova-netns")
         self._closed = False
@@ -209,12 +249,19 @@ class EgressNetworks:
                 "namespaces have no IPv6; name the hosts' IPv4 addresses",
                 ", ".join(unreachable),
             )
-        networks = cls(nft, resolvers)
+        try:
+            networks = cls(nft, resolvers)
+        except OSError as exc:  # no ctnetlink (nfnetlink_conntrack) on this host
+            return None, f"could not open the host's connection tracking ({exc})"
         try:
             # On the slot thread: pyroute2's synchronous API runs an event loop, which cannot nest in
             # the worker's.
             networks._thread.submit(networks._prepare_host, allow).result()
-            networks.give_back(networks._thread.submit(networks._create).result())
+            first = networks._thread.submit(networks._create).result()
+            if not networks._forget_flows(first):
+                networks._closed_slot(first)
+                raise OSError("the host's connection tracking refused to forget a slot's flows (ctnetlink)")
+            networks._free.append(first)
         except Exception as exc:  # nft refused, netlink refused, no namespaces: the fallback is said
             networks.close()
             return None, f"could not prepare sandbox network namespaces ({exc})"
@@ -235,20 +282,46 @@ class EgressNetworks:
             return self._free.pop()
         made = asyncio.get_running_loop().run_in_executor(self._thread, self._create)
         try:
-            return await asyncio.shield(made)
+            slot = await asyncio.shield(made)
         except asyncio.CancelledError:
             # The thread makes it all the same: into the free list, or its namespace, veth pair and
             # lease would be held, lent to nobody, until the worker exits.
             made.add_done_callback(lambda f: f.cancelled() or f.exception() or self.give_back(f.result()))
             raise
+        # A killed worker's slot of the same number may have left flows with this mark.
+        if not self._forget_flows(slot):
+            self._closed_slot(slot)
+            raise OSError(f"could not forget the connections of sandbox network slot {slot.index}")
+        return slot
 
     def give_back(self, slot: NetSlot) -> None:
-        if self._closed:
-            # Its namespace, and the veth pair with it, goes with this last descriptor.
-            os.close(slot.fd)
-            slot.lease.release()
+        if self._closed or not self._forget_flows(slot):
+            # Closing, or its flows might still be translated back to it: not lent again.
+            self._closed_slot(slot)
         else:
             self._free.append(slot)
+
+    def _forget_flows(self, slot: NetSlot) -> bool:
+        """Delete the host's conntrack entries of the slot's flows (the kernel does it within the send; its
+        answer is waiting when send returns). False if they could not be."""
+        try:
+            self._conntrack.send(slot.forget_flows)
+            answer = self._conntrack.recv(4096)
+        except OSError as exc:
+            log.error("sandbox networks: could not forget slot %s's connections (%s); not reused", slot.index, exc)
+            return False
+        # An acknowledgement: nlmsgerr, its error 0 (or ENOENT: nothing of the slot was tracked).
+        error = -struct.unpack_from("=i", answer, 16)[0] if len(answer) >= 20 else errno.EIO
+        if error not in (0, errno.ENOENT):
+            log.error("sandbox networks: forgetting slot %s's connections failed (%s); not reused", slot.index,
+                      os.strerror(error))  # fmt: skip
+            return False
+        return True
+
+    def _closed_slot(self, slot: NetSlot) -> None:
+        # Its namespace, and the veth pair with it, goes with this last descriptor.
+        os.close(slot.fd)
+        slot.lease.release()
 
     def _addresses(self, index: int) -> tuple[str, str]:
         base = self.block.network_address + 4 * index
@@ -291,7 +364,7 @@ class EgressNetworks:
             raise
         finally:
             os.close(host_ns)
-        return NetSlot(index, fd, ifname, lease, self)
+        return NetSlot(index, fd, ifname, lease, self, _forget_flows_request(index))
 
     def _inside(self, address: str, gateway: str) -> None:
         """In the slot's namespace (this thread entered it; new_netns brought loopback up): eth0, the
@@ -332,6 +405,7 @@ class EgressNetworks:
         free, self._free = self._free, []
         self._thread.submit(self._destroy, free).result()
         self._thread.shutdown(wait=False)
+        self._conntrack.close()
 
 
 def _is_ip(text: str) -> bool:
