@@ -216,8 +216,9 @@ def _make_workdir(path: str, uid: int | None) -> None:
 
 
 def _build_view(request: dict, workdir: str, uid: int | None) -> None:
-    """In the runner, as root, before it drops its privileges (no other process is in its namespaces): a fresh /tmp and /dev/shm, the writable folders, its work folder, /proc of
-    its PID namespace with the kernel's knobs read-only."""
+    """In the runner, as root, before it drops its privileges (no other process is in its namespaces): a
+    fresh /tmp and /dev/shm, the writable folders, its work folder, /proc of its PID namespace with the
+    kernel's knobs read-only."""
     # Opened before /tmp is covered by the fresh tmpfs (they may live under /tmp), and inside this
     # namespace (a bind's source must be a mount of the caller's namespace).
     writable = [(os.open(p, os.O_PATH | os.O_DIRECTORY), p) for p in request.get("writable", [])]
