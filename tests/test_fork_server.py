@@ -444,3 +444,62 @@ def test_under_uvloop_no_sandbox_pipe_is_closed_twice(monkeypatch: pytest.Monkey
 
     uvloop.run(main())
     assert closed_twice == []
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_opens_cancelled_at_every_step_leak_no_descriptor_and_close_none_twice(loop_kind: str) -> None:
+    # An open cancelled while the worker connects the sandbox's pipes to its loop: under uvloop libuv owns
+    # a pipe's number once it is handed over and closes it itself when the connect fails, so closing it
+    # again would close whatever took that number meanwhile (another sandbox's pipe, a Redis socket), or
+    # fail. Each open is cancelled one loop pass later than the last, counted from the zygote's answer (the
+    # pipes are connected in the passes right after it, with no wait between). A descriptor opened before
+    # must stay open, none may be left behind, and the provider still opens sandboxes after.
+    async def main() -> None:
+        provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none", sandbox_launch="fork"))
+        await provider.start()
+        forkserver = provider.forkserver
+        assert forkserver is not None
+        try:
+            warm = await open_box(provider, 0)  # the zygote started, its socket open
+            await warm.close()
+            bystander = os.open(os.devnull, os.O_RDONLY)
+            before = _open_fds()
+            for passes in range(16):
+                forkserver._pending = None
+                opening = asyncio.ensure_future(open_box(provider, passes + 1))
+                for _ in range(1_000_000):  # loop passes until the zygote has answered
+                    if forkserver._pending is not None and forkserver._pending.done():
+                        break
+                    await asyncio.sleep(0)
+                for _ in range(passes):
+                    await asyncio.sleep(0)
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    sandbox = await opening
+                    await sandbox.close()  # it finished before the cancel landed
+            # What a cancelled open left is closed by the zygote's exit reports: let them arrive.
+            for _ in range(300):
+                if _open_fds() <= before:
+                    break
+                await asyncio.sleep(0.01)
+            assert os.fstat(bystander) is not None  # still ours: nothing closed it a second time
+            assert _open_fds() <= before, sorted(_open_fds() - before)
+            os.close(bystander)
+            after = await open_box(provider, 100)
+            try:
+                assert (await after.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
+            finally:
+                await after.close()
+        finally:
+            await provider.aclose()
+
+    if loop_kind == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
