@@ -21,9 +21,9 @@ from redis.asyncio import Redis
 
 from cli.dev import sandbox_insecure_env
 from consumer.sandbox.base import NodeError, SandboxSpec
-from consumer.sandbox.isolation import Isolation
+from consumer.sandbox.isolation import Isolation, nameservers
 from consumer.sandbox.local import LocalSandbox, LocalSandboxProvider
-from consumer.sandbox.netns import find_nft
+from consumer.sandbox.netns import TABLE, find_nft, host_ruleset
 from shared.settings import Settings
 from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_terminal
 
@@ -528,13 +528,24 @@ context['late'] = s.recv(100).decode() if ready else None
 """
 
 
+def _start_older_release_worker() -> None:
+    """What a worker of the release before slot marking does at its start on this host: replace the
+    sandbox table whole (the same rules, none of the marking)."""
+    ruleset = host_ruleset([], [r for r in nameservers() if r.replace(".", "").isdigit()])
+    older = ruleset[ruleset.index(f"table {TABLE}\n") :]
+    assert "ct mark" not in older
+    subprocess.run(["nft", "-f", "-"], input=older.encode(), check=True, capture_output=True)
+
+
 @isolated
+@pytest.mark.parametrize("older_worker_started", [False, True])
 async def test_a_late_reply_to_a_closed_sandbox_never_reaches_the_next_one_on_its_network_slot(
-    launch: str, outside_hosts: tuple[OutsideHost, OutsideHost]
+    launch: str, outside_hosts: tuple[OutsideHost, OutsideHost], older_worker_started: bool
 ) -> None:
     # Slots (namespace, veth, address) are reused; the host's connection tracking remembered each flow and
     # translated a late UDP reply back to the slot's address, where the next sandbox, another client's,
-    # listened on the same port and read it.
+    # listened on the same port and read it. Also while a worker of the release before (a rolling deploy on
+    # one host) replaced the sandbox table after this one's start.
     skip_without_egress_namespaces(launch)
     internet, _ = outside_hosts
     server = await asyncio.create_subprocess_exec(
@@ -544,6 +555,8 @@ async def test_a_late_reply_to_a_closed_sandbox_never_reaches_the_next_one_on_it
     provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
     try:
         assert server.stdout is not None and await server.stdout.readline() == b"listening\n"
+        if older_worker_started:
+            _start_older_release_worker()
         first = await open_box(provider, 1, "acme")
         try:
             asked = await first.run_action("ask", ASK.format(host=internet.address), {}, 20)
@@ -565,6 +578,66 @@ async def test_a_late_reply_to_a_closed_sandbox_never_reaches_the_next_one_on_it
         await server.wait()
     # The marker came after the late answer, down the same path: the late answer was not let through.
     assert seen == {"marker": "marker", "late": None}, seen
+
+
+# An outside TCP service that waits for its client to finish, then closes: the client closes first.
+TCP_SERVE_TO_EOF = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+print('listening', flush=True)
+while True:
+    c, _ = s.accept()
+    while c.recv(100):
+        pass
+    c.close()
+"""
+
+CONNECT_AND_CLOSE_FIRST = """
+import socket
+c = socket.create_connection(({host!r}, 9080), timeout=10)
+c.shutdown(socket.SHUT_WR)
+context['eof'] = c.recv(100) == b''  # the service's close: this side goes to TIME_WAIT
+c.close()
+"""
+
+LIST_TCP = "context['tcp'] = open('/proc/net/tcp').read().splitlines()[1:]"
+
+
+@isolated
+async def test_the_next_sandbox_on_a_network_slot_sees_none_of_the_last_ones_connections(
+    launch: str, outside_hosts: tuple[OutsideHost, OutsideHost]
+) -> None:
+    # A namespace's /proc/net/tcp (and sock_diag) lists every TCP socket in it, TIME_WAIT included, remote
+    # address and port with it: a connection its last sandbox closed first stayed there a minute for the
+    # next sandbox on the slot, another client's, to read.
+    skip_without_egress_namespaces(launch)
+    internet, _ = outside_hosts
+    server = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", internet.name, sys.executable, "-c", TCP_SERVE_TO_EOF, internet.address, "9080",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
+    try:
+        assert server.stdout is not None and await server.stdout.readline() == b"listening\n"
+        first = await open_box(provider, 1, "acme")
+        try:
+            closed = await first.run_action("c", CONNECT_AND_CLOSE_FIRST.format(host=internet.address), {}, 20)
+            assert closed.context == {"eof": True}
+        finally:
+            await first.close()
+        second = await open_box(provider, 2, "globex")
+        try:
+            seen = (await second.run_action("list", LIST_TCP, {}, 20)).context["tcp"]
+        finally:
+            await second.close()
+    finally:
+        await provider.aclose()
+        server.kill()
+        await server.wait()
+    assert seen == [], seen
 
 
 @isolated

@@ -824,4 +824,4 @@ class LocalSandboxProvider:
         if self.forkserver is not None:
             await self.forkserver.aclose()
         if self.egress_networks is not None:
-            await asyncio.to_thread(self.egress_networks.close)
+            await self.egress_networks.aclose()

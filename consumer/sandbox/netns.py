@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 IFNAME_PREFIX = "nvsb"
 TABLE = "inet nova_sandbox"
+# The slots' conntrack marks, in a table of their own: a worker of a release before them replaces
+# TABLE whole at its start, and would otherwise take the marking away from this release's slots.
+MARKS_TABLE = "inet nova_sandbox_marks"
 _LOCKS = Path(tempfile.gettempdir()) / "nova-sandbox-nets"
 _SLOTS = 4096  # /30 each: a /18 of the block
 # Candidate blocks, the first one the host neither has an address in nor routes: every worker of a host
@@ -62,6 +65,7 @@ _INSIDE = "eth0"
 # on the host is matched by the flush.
 _MARK_PREFIX = 0x6E760000
 _NETLINK_NETFILTER = 12
+_NLMSG_ERROR = 2
 _REJECT = "reject with icmpx type admin-prohibited"
 
 
@@ -105,6 +109,30 @@ def _forget_flows_request(index: int) -> bytes:
     return bytes(msg.data)
 
 
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while True:
+            sock.recv(65536)
+
+
+def _sockets_left(netns: int) -> int:
+    """TCP sockets in a network namespace (every state, TIME_WAIT and orphans included). Entered on the
+    calling thread and left at once, with nothing else run in between: setns acts on this thread only."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        setns(netns, CLONE_NEWNET)
+        try:
+            count = 0
+            for table in ("tcp", "tcp6"):
+                with contextlib.suppress(FileNotFoundError), open(f"/proc/thread-self/net/{table}", "rb") as f:
+                    count += f.read().count(b"\n") - 1
+            return count
+        finally:
+            setns(own, CLONE_NEWNET)
+    finally:
+        os.close(own)
+
+
 def _elements(cidrs: list[str]) -> str:
     return f"elements = {{ {', '.join(cidrs)} }}" if cidrs else ""
 
@@ -123,17 +151,21 @@ def host_ruleset(allow: list[str], resolvers: list[str]) -> str:
         # started while the host's routes differed may have chosen otherwise.
         dnat = f"iifname {sb} fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {loopback[0]}"
     marks = ", ".join(f'"{IFNAME_PREFIX}{i}" : {slot_mark(i):#x}' for i in range(_SLOTS))
-    return f"""table {TABLE}
-delete table {TABLE}
-table {TABLE} {{
+    return f"""table {MARKS_TABLE}
+delete table {MARKS_TABLE}
+table {MARKS_TABLE} {{
     map slot_marks {{ type ifname : mark; elements = {{ {marks} }} }}
-    set allow4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(allow4)} }}
-    set dns4 {{ type ipv4_addr; {_elements(dns4)} }}
-    set blocked4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(list(BLOCKED_V4))} }}
     chain mark_flows {{
         type filter hook prerouting priority mangle; policy accept;
         iifname {sb} ct mark set iifname map @slot_marks
     }}
+}}
+table {TABLE}
+delete table {TABLE}
+table {TABLE} {{
+    set allow4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(allow4)} }}
+    set dns4 {{ type ipv4_addr; {_elements(dns4)} }}
+    set blocked4 {{ type ipv4_addr; flags interval; auto-merge; {_elements(list(BLOCKED_V4))} }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         {dnat}
@@ -209,7 +241,7 @@ class NetSlot:
     lease: FlockLease
     pool: EgressNetworks = field(repr=False)
     forget_flows: bytes = field(default=b"", repr=False)
-    # Packets the host end had received from the slot when it was last lent (None: never counted).
+    # Packets the host end had received from the slot when its flows were last forgotten (None: never).
     received: int | None = None
 
     def packets_received(self) -> int | None:
@@ -235,6 +267,9 @@ class EgressNetworks:
         self.resolvers = resolvers
         self.block = ipaddress.ip_network(_BLOCKS[0])  # until _prepare_host picks one
         self._free: list[NetSlot] = []
+        # Given back with sockets of their last sandbox still in their namespace (oldest first).
+        self._resting: list[NetSlot] = []
+        self._sequence = 0
         # ctnetlink, in the host's namespace (made here, on the worker's thread): slots' flows forgotten.
         self._conntrack = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
         self._conntrack.bind((0, 0))
@@ -291,10 +326,9 @@ class EgressNetworks:
         _sysctl("ipv4/ip_forward", "1")
 
     async def lend(self) -> NetSlot:
-        """A free slot, made now (once, on the slot thread) if every one is lent."""
-        if self._free:
-            slot = self._free.pop()
-            slot.received = slot.packets_received()
+        """A free slot, made now (once, on the slot thread) if every one is lent or still resting."""
+        slot = self._take_free() or self._take_rested()
+        if slot is not None:
             return slot
         made = asyncio.get_running_loop().run_in_executor(self._thread, self._create)
         try:
@@ -308,33 +342,72 @@ class EgressNetworks:
         if not self._forget_flows(slot):
             self._closed_slot(slot)
             raise OSError(f"could not forget the connections of sandbox network slot {slot.index}")
-        slot.received = slot.packets_received()
         return slot
 
-    def give_back(self, slot: NetSlot) -> None:
-        # A sandbox that sent nothing made no flow (an unknown count is taken as one that moved).
-        quiet = slot.received is not None and slot.packets_received() == slot.received
-        if self._closed or not (quiet or self._forget_flows(slot)):
-            # Closing, or its flows might still be translated back to it: not lent again.
+    def _take_free(self) -> NetSlot | None:
+        while self._free:
+            slot = self._free.pop()
+            # Sent since its flows were last forgotten (a retransmission of a socket its last sandbox
+            # left, a packet counted but not yet tracked when they were): forgotten again.
+            if slot.packets_received() == slot.received or self._forget_flows(slot):
+                return slot
             self._closed_slot(slot)
+        return None
+
+    def _take_rested(self) -> NetSlot | None:
+        """The longest-resting slot whose namespace no longer holds a socket of its last sandbox."""
+        for slot in list(self._resting):
+            if _sockets_left(slot.fd) == 0:
+                self._resting.remove(slot)
+                if self._forget_flows(slot):
+                    return slot
+                self._closed_slot(slot)
+        return None
+
+    def give_back(self, slot: NetSlot) -> None:
+        if self._closed:
+            self._closed_slot(slot)
+            return
+        # A sandbox that sent nothing made no flow and no socket that outlives it (an unknown count is
+        # taken as one that moved).
+        if slot.received is not None and slot.packets_received() == slot.received:
+            self._free.append(slot)
+        elif not self._forget_flows(slot):
+            self._closed_slot(slot)  # its flows might still be translated back to it: not lent again
+        elif _sockets_left(slot.fd):
+            # Connections its sandbox left (closing, orphaned): listed in the namespace's /proc/net/tcp and
+            # by sock_diag to whoever is in it next, remote addresses and ports included. It rests until
+            # they are gone (seconds: the namespace keeps no TIME_WAIT and gives up on orphans quickly).
+            self._resting.append(slot)
         else:
             self._free.append(slot)
 
     def _forget_flows(self, slot: NetSlot) -> bool:
-        """Delete the host's conntrack entries of the slot's flows (the kernel does it within the send; its
-        answer is waiting when send returns). False if they could not be."""
+        """Delete the host's conntrack entries of the slot's flows: the kernel does it within the send, and
+        its acknowledgement is waiting when send returns. False if they could not be. On the worker's
+        thread only (the socket is not shared). Records the slot's packet count read before the request:
+        a packet counted after it is seen as one sent since."""
+        count = slot.packets_received()
+        self._sequence = self._sequence % 0x7FFFFFFF + 1
+        request = bytearray(slot.forget_flows)
+        struct.pack_into("=I", request, 8, self._sequence)
+        error = errno.EIO
         try:
-            self._conntrack.send(slot.forget_flows)
-            answer = self._conntrack.recv(4096)
+            _drain(self._conntrack)  # an acknowledgement left by a failed exchange is not this one's
+            self._conntrack.send(request)
+            for _ in range(8):
+                answer = self._conntrack.recv(65536)
+                # nlmsghdr (length, type, flags, sequence, port), then nlmsgerr's error (0 or -errno).
+                if len(answer) >= 20 and struct.unpack_from("=HHI", answer, 4)[::2] == (_NLMSG_ERROR, self._sequence):
+                    error = -struct.unpack_from("=i", answer, 16)[0]
+                    break
         except OSError as exc:
-            log.error("sandbox networks: could not forget slot %s's connections (%s); not reused", slot.index, exc)
-            return False
-        # An acknowledgement: nlmsgerr, its error 0 (or ENOENT: nothing of the slot was tracked).
-        error = -struct.unpack_from("=i", answer, 16)[0] if len(answer) >= 20 else errno.EIO
-        if error not in (0, errno.ENOENT):
-            log.error("sandbox networks: forgetting slot %s's connections failed (%s); not reused", slot.index,
+            error = exc.errno or errno.EIO
+        if error not in (0, errno.ENOENT):  # ENOENT: nothing of the slot was tracked
+            log.error("sandbox networks: could not forget slot %s's connections (%s); not lent again", slot.index,
                       os.strerror(error))  # fmt: skip
             return False
+        slot.received = count
         return True
 
     def _closed_slot(self, slot: NetSlot) -> None:
@@ -394,6 +467,11 @@ class EgressNetworks:
         # only IPv4 for sandboxes (an IPv6 connect fails at once with "Network is unreachable").
         _no_ipv6(_INSIDE)
         _sysctl(f"ipv4/conf/{_INSIDE}/route_localnet", "1")
+        # A sandbox's connections end with it, for the next one on this slot not to find (see give_back):
+        # no TIME_WAIT (a new connection takes a fresh port anyway), orphans given up on within seconds.
+        _sysctl("ipv4/tcp_max_tw_buckets", "0")
+        _sysctl("ipv4/tcp_fin_timeout", "1")
+        _sysctl("ipv4/tcp_orphan_retries", "1")
         with IPRoute() as ip:
             inside = ip.link_lookup(ifname=_INSIDE)[0]
             ip.addr("add", index=inside, address=address, prefixlen=30)
@@ -419,12 +497,20 @@ class EgressNetworks:
 
     def close(self) -> None:
         """Remove every slot not lent (the provider closes its sandboxes first; one lent still is
-        removed when given back)."""
+        removed when given back). On the worker's thread: slots are given back there."""
         self._closed = True
-        free, self._free = self._free, []
+        free, self._free, self._resting = self._free + self._resting, [], []
+        self._conntrack.close()
         self._thread.submit(self._destroy, free).result()
         self._thread.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        """close() from the event loop: marked closed here, the slots removed on the slot thread."""
+        self._closed = True
+        free, self._free, self._resting = self._free + self._resting, [], []
         self._conntrack.close()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._destroy, free)
+        self._thread.shutdown(wait=False)
 
 
 def _is_ip(text: str) -> bool:
