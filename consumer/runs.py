@@ -832,6 +832,8 @@ class Recorder:
                 task_ttl=ctx.settings.task_ttl,
                 first_run_of=request.workflow_id if self.assumed_first_run else None,
                 readable=ctx.settings.readable_format,
+                # Every event here is this run's, made by event() (event_fields).
+                of_one_task=True,
             ),
             ctx.settings,
         )

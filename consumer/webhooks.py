@@ -72,8 +72,13 @@ DISPATCH_IDLE_S = 0.2
 # would leave what Redis delivered to it pending until a reclaim), so this bounds how long a stopping
 # worker waits on it: a quarter second, at four cheap reads a second per idle shard.
 IDLE_BLOCK_MS = 250
-# Events one fan-out read asks for.
+# Events one fan-out read asks for, at first and once it keeps up with its stream.
 FAN_OUT_BATCH = 200
+# How many times FAN_OUT_BATCH a fan-out behind its stream reads at once: a full read doubles the next,
+# a short one halves it (as the projector's reads: consumer/projector.py). Under a backlog each read came
+# back full, and the next, asked at once, short: a round trip, a transaction and the endpoints' read for
+# every ~100 events.
+BATCH_GROWTH = 8
 CLEANUP_INTERVAL_S = 60.0
 # A live consumer reads several times a second (its XREADGROUP blocks for IDLE_BLOCK_MS): far past that,
 # it is gone.
@@ -116,6 +121,10 @@ class WebhookDelivery:
         # Set when a send ends: an endpoint's slot is free, so the dispatcher looks again at once.
         self._slot_freed = asyncio.Event()
         self._sending: set[str] = set()
+        # Events the next read of each results stream asks for (see BATCH_GROWTH), and whether its last
+        # read came back full (then the next follows at once, without lingering).
+        self._count: dict[str, int] = {}
+        self._full: dict[str, bool] = {}
 
     # ---- loops ------------------------------------------------------------------------------------
 
@@ -185,7 +194,7 @@ class WebhookDelivery:
 
     async def _fan_out_pass(self, keys: Keys, stop: asyncio.Event) -> int:
         handled = await self.fan_out_once(keys=keys)
-        if handled < FAN_OUT_BATCH:
+        if not self._full.get(keys.results, False):
             await linger(self.settings.results_linger_ms, stop)
         return handled
 
@@ -208,16 +217,24 @@ class WebhookDelivery:
                 count=CLAIM_BATCH,
             )
             self._claim_cursors[keys.results] = cursor
+            if entries:
+                # Taken over, not read: the pass lingers after it, as after any short read.
+                self._full[keys.results] = False
             # A scan that stopped part way goes on at the next pass; one that went round looks again after a
             # quarter of the idle time that makes an entry stale: a crashed process's entries wait at most
             # that much longer, and a busy fan-out pays a round trip per pass less.
             if cursor == "0-0":
                 self._next_claim[keys.results] = time.monotonic() + self.stale_pending_ms / 4000
         if not entries:
+            count = self._count.get(keys.results, FAN_OUT_BATCH)
             reply = await self.redis.xreadgroup(
-                self.group, self.consumer, {keys.results: ">"}, count=FAN_OUT_BATCH, block=block_ms
+                self.group, self.consumer, {keys.results: ">"}, count=count, block=block_ms
             )
             entries = [e for _, batch in reply or [] for e in batch]
+            full = self._full[keys.results] = len(entries) >= count
+            self._count[keys.results] = (
+                min(2 * count, FAN_OUT_BATCH * BATCH_GROWTH) if full else max(FAN_OUT_BATCH, count // 2)
+            )
         if not entries:
             # Blocking already waited: no idle sleep on top of it.
             return 1
@@ -229,14 +246,21 @@ class WebhookDelivery:
         # deliveries): a batch of other events is only acknowledged.
         endpoints = await self.registry.list() if wanted else []
         now_ms = await redis_ms(self.redis) if endpoints else 0
+        deliveries: list[Delivery] = []
+        for entry_id, fields in wanted:
+            # Entry ids repeat across shards' streams: a delivery is named by both.
+            occurrence = entry_id if keys.shard_count == 1 else f"s{keys.shard_index}-{entry_id}"
+            deliveries.extend(self._deliveries(occurrence, fields, endpoints, now_ms, entry_id=entry_id))
+        if not deliveries:
+            # Nothing to write with the ack (most batches: no endpoint wants their events): one command,
+            # atomic on its own, instead of a transaction around it.
+            await self.redis.xack(keys.results, self.group, *acked)
+            return handled
         async with self.redis.pipeline(transaction=True) as pipe:
-            for entry_id, fields in wanted:
-                # Entry ids repeat across shards' streams: a delivery is named by both.
-                occurrence = entry_id if keys.shard_count == 1 else f"s{keys.shard_index}-{entry_id}"
-                for delivery in self._deliveries(occurrence, fields, endpoints, now_ms, entry_id=entry_id):
-                    # HSETNX/ZADD NX: an entry read twice (a crash before the ack) makes no second delivery.
-                    pipe.hsetnx(self.names.deliveries, delivery.id, delivery.encode())
-                    pipe.zadd(self.names.due, {delivery.id: now_ms}, nx=True)
+            for delivery in deliveries:
+                # HSETNX/ZADD NX: an entry read twice (a crash before the ack) makes no second delivery.
+                pipe.hsetnx(self.names.deliveries, delivery.id, delivery.encode())
+                pipe.zadd(self.names.due, {delivery.id: now_ms}, nx=True)
             if not self._split_ack:
                 pipe.xack(keys.results, self.group, *acked)
             await pipe.execute()

@@ -261,6 +261,34 @@ async def test_record_writes_several_events_in_order(r: Redis, scripts: Scripts)
     assert await r.ttl(KEYS.task("a")) == -1
 
 
+async def test_record_writes_each_event_field_for_field_in_its_order(r: Redis, scripts: Scripts) -> None:
+    """A run's events may be sent without the fields they share (of_one_task, a shorter call): each
+    entry is written as given all the same, every field in its place; so are events sent whole."""
+    await enqueue(scripts, "a")
+    same = [
+        event_fields(k, task_id="a", execution_id=1, workflow_id=1, client="acme", data={"step": i, "x": "é\x00"})
+        for i, k in enumerate([EventType.STARTED, EventType.NODE_STARTED, EventType.NODE_FINISHED])
+    ]
+    odd = {**event_fields(EventType.NODE_STARTED, task_id="a", execution_id=1, workflow_id=2, client="acme", data={})}
+    unordered = dict(reversed(list(same[0].items())))
+    for events, of_one_task in ((same, True), (same, False), ([*same, odd], False), ([unordered], False)):
+        before = await r.xrange(KEYS.results)
+        await scripts.record(
+            task_id="a",
+            client="acme",
+            events=events,
+            task_fields={TaskField.STATUS: TaskStatus.RUNNING},
+            terminal=False,
+            ack_entry_id=None,
+            token=uuid.uuid4().hex,
+            task_ttl=60,
+            of_one_task=of_one_task,
+        )
+        written = (await r.xrange(KEYS.results))[len(before) :]
+        # Field for field, in order (a dict's items keep the entry's order).
+        assert [list(f.items()) for _, f in written] == [list(e.items()) for e in events]
+
+
 async def test_inflight_cap_counts_unfinished_tasks_per_client(r: Redis, scripts: Scripts) -> None:
     from shared.scripts import AtCapacity
 

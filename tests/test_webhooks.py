@@ -794,3 +794,29 @@ async def test_after_a_short_read_the_fan_out_lingers_and_takes_a_runs_next_even
         stop.set()
         await asyncio.wait_for(task, 10)
     assert (await redis.xpending(settings.results_stream, settings.webhook_group))["pending"] == 0
+
+
+async def test_a_fan_out_behind_its_stream_reads_more_at_once_and_less_again_once_it_keeps_up(
+    redis: Redis, hook_settings: Settings
+) -> None:
+    """A full read doubles the next one (up to BATCH_GROWTH times FAN_OUT_BATCH), as the projector's: a
+    fan-out behind a busy stream pays its per-read round trips for more events at once; a short read
+    halves it again."""
+    from consumer.webhooks import FAN_OUT_BATCH
+
+    fan_out = WebhookDelivery(hook_settings, redis, consumer="c1")
+    await fan_out.registry.ensure_group()
+    fields = {"task_id": "t1", "execution_id": "1", "workflow_id": "1", "client": "acme", "data": "{}"}
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(5 * FAN_OUT_BATCH):
+            pipe.xadd(hook_settings.results_stream, {**fields, "type": "node_started", "ts": "2026-01-01T00:00:00Z"})
+        await pipe.execute()
+    handled = [await fan_out.fan_out_once(block_ms=10) for _ in range(3)]
+    assert handled == [FAN_OUT_BATCH, 2 * FAN_OUT_BATCH, 2 * FAN_OUT_BATCH]
+    # The last read was short: the next asks for half as many (back towards FAN_OUT_BATCH).
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(5 * FAN_OUT_BATCH):
+            pipe.xadd(hook_settings.results_stream, {**fields, "type": "node_started", "ts": "2026-01-01T00:00:00Z"})
+        await pipe.execute()
+    assert await fan_out.fan_out_once(block_ms=10) == 2 * FAN_OUT_BATCH
+    assert (await redis.xpending(hook_settings.results_stream, hook_settings.webhook_group))["pending"] == 0

@@ -29,6 +29,12 @@ local fields = cjson.decode(ARGV[8])  -- JSON: the task's new fields, a flat lis
 local first_run = ARGV[9]   -- '' for none; else the run's 'workflow:{id}' field in the control hash,
                             -- and the events assume a first run: see fresh() below
 local readable = tonumber(ARGV[10])  -- the newest format of task hash this worker reads
+-- '' or absent: each event of ARGV[7] is its whole entry. Else JSON: the values every event shares
+-- (task_id, execution_id, workflow_id, client, v: SHARED_EVENT_FIELDS in shared/scripts.py), and each
+-- event of ARGV[7] is only its own {type, ts, data}; each entry is written with every field, in the
+-- order shared/events.py gives them. (Sent whole, a run's events repeat the shared ones: ~40% of the bytes.)
+local shared = ARGV[11]
+if shared == nil or shared == '' then shared = nil else shared = cjson.decode(shared) end
 
 -- Reply: {outcome, last event id or '', current status}
 local WRITTEN, FINISHED, NOT_OWNER, STALE = 1, 0, -1, 2
@@ -66,7 +72,13 @@ if first_run ~= '' and not fresh(state[1]) then
   return {STALE, '', state[1] or ''}
 end
 local id = ''
-for _, event in ipairs(events) do id = append_event(results_stream, task_events_key, event) end
+for _, event in ipairs(events) do
+  if shared then
+    event = {'type', event[1], 'task_id', shared[1], 'execution_id', shared[2], 'workflow_id', shared[3],
+      'client', shared[4], 'ts', event[2], 'data', event[3], 'v', shared[5]}
+  end
+  id = append_event(results_stream, task_events_key, event)
+end
 fields[#fields + 1] = 'token'; fields[#fields + 1] = token
 fields[#fields + 1] = 'last_event'; fields[#fields + 1] = id
 redis.call('HSET', task_key, unpack(fields))
