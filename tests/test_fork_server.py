@@ -503,3 +503,18 @@ def test_opens_cancelled_at_every_step_leak_no_descriptor_and_close_none_twice(l
         uvloop.run(main())
     else:
         asyncio.run(main())
+
+
+async def test_a_node_at_the_cpu_limit_fails_as_over_it_not_as_a_crash() -> None:
+    # The kernel ends a runner at RLIMIT_CPU with SIGKILL (soft and hard limits are equal): reported as any
+    # kill ("crashed") before the zygote sent the runner's CPU with its exit.
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="none", sandbox_launch="fork"),
+                                    cpu_seconds=1)  # fmt: skip
+    try:
+        sb = await open_box(provider, 1)
+        with pytest.raises(NodeError) as info:
+            await sb.run_action("burn", "while True:\n    pass", {}, 120)
+        await sb.close()
+    finally:
+        await provider.aclose()
+    assert (info.value.type, info.value.reason) == ("CPUTimeLimitExceeded", "limit:cpu"), info.value

@@ -64,6 +64,8 @@ class ForkedProcess:
         self.stdin = stdin
         self.stdout = stdout
         self.returncode: int | None = None
+        # CPU seconds of the runner (and what it reaped), from the zygote's wait; None if unknown.
+        self.cpu_seconds: float | None = None
         self._exited = asyncio.Event()
         self.read_transport: asyncio.BaseTransport | None = None
 
@@ -78,9 +80,9 @@ class ForkedProcess:
         await self._exited.wait()
         return self.returncode
 
-    def exited(self, returncode: int) -> None:
+    def exited(self, returncode: int, cpu_seconds: float | None = None) -> None:
         if self.returncode is None:
-            self.returncode = returncode
+            self.returncode, self.cpu_seconds = returncode, cpu_seconds
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -115,7 +117,7 @@ class ForkServer:
         self._pending_id = 0  # the request it answers (0: the greeting)
         self._children: dict[int, ForkedProcess] = {}
         # Exits reported before their sandbox was handed over (it died at once): kept for it.
-        self._early_exits: dict[int, int] = {}
+        self._early_exits: dict[int, tuple[int, float | None]] = {}
         self._next_id = 0
 
     @property
@@ -178,10 +180,11 @@ class ForkServer:
             if "exit" in message:
                 child = self._children.pop(int(message["exit"]), None)
                 code = os.waitstatus_to_exitcode(int(message["status"]))
+                cpu = message.get("cpu")
                 if child is not None:
-                    child.exited(code)
+                    child.exited(code, cpu)
                 else:
-                    self._early_exits[int(message["exit"])] = code
+                    self._early_exits[int(message["exit"])] = (code, cpu)
             elif self._pending is not None and not self._pending.done() and message.get("id", 0) == self._pending_id:
                 self._pending.set_result((message, fds))
             else:
@@ -279,7 +282,7 @@ class ForkServer:
         child = ForkedProcess(int(reply["pid"]), got[0], writer, reader)
         child.read_transport = read_transport
         if child.pid in self._early_exits:
-            child.exited(self._early_exits.pop(child.pid))
+            child.exited(*self._early_exits.pop(child.pid))
         elif self.alive:
             self._children[child.pid] = child
         else:

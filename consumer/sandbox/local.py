@@ -105,6 +105,9 @@ class UidLease(FlockLease):
 
 
 _START_TIMEOUT = 30.0
+# The kernel checks RLIMIT_CPU at its ticks: a runner killed at the limit has used at least about this much
+# less than it (CPU time as wait4 reports it is exact, the check is not).
+_CPU_TICK = 0.05
 # Emptied sandbox cgroups a provider keeps for reuse.
 _SPARE_CGROUPS = 8
 # Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
@@ -143,6 +146,8 @@ class LocalSandbox(RunnerSandbox):
         self.net: NetSlot | None = None
         self.max_context_bytes = max_context_bytes
         self.max_output_bytes = max_output_bytes
+        # The runner's CPU limit in seconds (RLIMIT_CPU), where its CPU is reported at its exit.
+        self.cpu_limit: int | None = None
         self.dead = False
         self._lock = asyncio.Lock()
 
@@ -239,7 +244,14 @@ class LocalSandbox(RunnerSandbox):
                 ) from None
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 returncode, oom = await self._reap()
-                raise _crash(node_id, returncode, oom_killed=oom > 0, wrapped=self.wrapped) from None
+                cpu_limited = (
+                    self.cpu_limit is not None
+                    and returncode == -signal.SIGKILL
+                    and (getattr(self.proc, "cpu_seconds", None) or 0.0) >= self.cpu_limit - _CPU_TICK
+                )
+                raise _crash(
+                    node_id, returncode, oom_killed=oom > 0, wrapped=self.wrapped, cpu_limited=cpu_limited
+                ) from None
             except BadReply as exc:
                 # The node's own doing (it wrote to the protocol or lifted a cap): a failure of that
                 # node, not of the sandbox service, so it is not retried or redelivered. The sandbox
@@ -421,13 +433,23 @@ def _interpreter(configured: str | None, root: bool) -> tuple[str, bool]:
     return preferred, False
 
 
-def _crash(node_id: str, returncode: int | None, *, oom_killed: bool = False, wrapped: bool = False) -> NodeError:
+def _crash(
+    node_id: str,
+    returncode: int | None,
+    *,
+    oom_killed: bool = False,
+    wrapped: bool = False,
+    cpu_limited: bool = False,
+) -> NodeError:
     if oom_killed:
         return NodeError(
             type="MemoryLimitExceeded",
             message=f"node '{node_id}' exceeded the sandbox's memory limit (all its processes together)",
             reason="limit:memory",
         )
+    if cpu_limited:
+        # Killed (SIGKILL) with its CPU at the limit: the kernel's doing at RLIMIT_CPU.
+        returncode = -signal.SIGXCPU
     if wrapped and returncode is not None and 128 < returncode < 128 + 65:
         # bwrap, the sandbox's first process, exits with 128 + the signal that killed the runner.
         returncode = 128 - returncode
@@ -704,6 +726,8 @@ class LocalSandboxProvider:
         # bwrap's init exits with 128 + the signal that killed the runner; the fork server reports the
         # runner's own status.
         sandbox.wrapped = self.bwrap is not None
+        if self.forkserver is not None:
+            sandbox.cpu_limit = int(self.limits["cpu_seconds"])
         sandbox.recycle = self._recycle
         sandbox.net = net
         try:

@@ -445,8 +445,10 @@ class Zygote:
         pid = children.pop(pidfd)
         poller.unregister(pidfd)
         os.close(pidfd)
-        _, status = os.waitpid(pid, 0)
-        control.send(json.dumps({"exit": pid, "status": status}).encode())
+        _, status, usage = os.wait4(pid, 0)
+        # Its CPU, with its exit: a runner the kernel killed at the CPU limit (SIGKILL: its soft and hard
+        # limits are equal) is told from any other kill by it.
+        control.send(json.dumps({"exit": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime}).encode())
 
 
 def probe(zygote: Zygote, workdir: str) -> str | None:
