@@ -7,12 +7,14 @@ states at start-up which guarantees are missing (test_isolation_statement_* run 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -488,6 +490,46 @@ except OSError as exc:
 """
 
 
+@contextlib.asynccontextmanager
+async def _service(host: OutsideHost, script: str, port: int) -> AsyncIterator[None]:
+    """A service (a script that prints 'listening') on an outside host, for the test's duration."""
+    server = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", host.name, sys.executable, "-c", script, host.address, str(port),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and await server.stdout.readline() == b"listening\n"
+        yield
+    finally:
+        server.kill()
+        await server.wait()
+
+
+async def _acme_then_globex(
+    first_code: str, second_code: str, meanwhile: Callable[[], None] | None = None
+) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
+    """One node in an egress sandbox of acme's, closed, then one in the next sandbox, globex's (one at a
+    time: the slot is lent again); their contexts and the two sandboxes' network slots. `meanwhile` runs
+    once the worker's network is set up, before the first sandbox."""
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
+    contexts: list[dict[str, Any]] = []
+    slots: list[int] = []
+    try:
+        if meanwhile is not None:
+            meanwhile()
+        for i, (client, code) in enumerate((("acme", first_code), ("globex", second_code))):
+            box = await open_box(provider, i + 1, client)
+            try:
+                contexts.append((await box.run_action(client, code, {}, 20)).context)
+                assert box.net is not None
+                slots.append(box.net.index)
+            finally:
+                await box.close()
+    finally:
+        await provider.aclose()
+    return contexts[0], contexts[1], (slots[0], slots[1])
+
+
 # An outside UDP service that answers at once, remembers who asked, and on "late" sends a late answer to
 # the first asker and then a marker to whoever asked for it (both down the same path, in that order).
 UDP_SERVE = """
@@ -548,34 +590,14 @@ async def test_a_late_reply_to_a_closed_sandbox_never_reaches_the_next_one_on_it
     # one host) replaced the sandbox table after this one's start.
     skip_without_egress_namespaces(launch)
     internet, _ = outside_hosts
-    server = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", internet.name, sys.executable, "-c", UDP_SERVE, internet.address, "9053",
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
-    try:
-        assert server.stdout is not None and await server.stdout.readline() == b"listening\n"
-        if older_worker_started:
-            _start_older_release_worker()
-        first = await open_box(provider, 1, "acme")
-        try:
-            asked = await first.run_action("ask", ASK.format(host=internet.address), {}, 20)
-            assert asked.context == {"answer": "answer"}  # the path works both ways
-            assert first.net is not None
-            slot = first.net.index
-        finally:
-            await first.close()
-        second = await open_box(provider, 2, "globex")
-        try:
-            assert second.net is not None and second.net.index == slot  # the same slot, lent again
-            seen = (await second.run_action("listen", LISTEN_FOR_THE_LATE_ANSWER.format(host=internet.address), {},
-                                            20)).context  # fmt: skip
-        finally:
-            await second.close()
-    finally:
-        await provider.aclose()
-        server.kill()
-        await server.wait()
+    async with _service(internet, UDP_SERVE, 9053):
+        asked, seen, slots = await _acme_then_globex(
+            ASK.format(host=internet.address),
+            LISTEN_FOR_THE_LATE_ANSWER.format(host=internet.address),
+            _start_older_release_worker if older_worker_started else None,
+        )
+    assert asked == {"answer": "answer"}  # the path works both ways
+    assert slots[0] == slots[1]  # the same slot, lent again
     # The marker came after the late answer, down the same path: the late answer was not let through.
     assert seen == {"marker": "marker", "late": None}, seen
 
@@ -615,28 +637,10 @@ async def test_the_next_sandbox_on_a_network_slot_sees_none_of_the_last_ones_con
     # next sandbox on the slot, another client's, to read.
     skip_without_egress_namespaces(launch)
     internet, _ = outside_hosts
-    server = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", internet.name, sys.executable, "-c", TCP_SERVE_TO_EOF, internet.address, "9080",
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network="egress"))
-    try:
-        assert server.stdout is not None and await server.stdout.readline() == b"listening\n"
-        first = await open_box(provider, 1, "acme")
-        try:
-            closed = await first.run_action("c", CONNECT_AND_CLOSE_FIRST.format(host=internet.address), {}, 20)
-            assert closed.context == {"eof": True}
-        finally:
-            await first.close()
-        second = await open_box(provider, 2, "globex")
-        try:
-            seen = (await second.run_action("list", LIST_TCP, {}, 20)).context["tcp"]
-        finally:
-            await second.close()
-    finally:
-        await provider.aclose()
-        server.kill()
-        await server.wait()
+    async with _service(internet, TCP_SERVE_TO_EOF, 9080):
+        closed, listed, _ = await _acme_then_globex(CONNECT_AND_CLOSE_FIRST.format(host=internet.address), LIST_TCP)
+    assert closed == {"eof": True}
+    seen = listed["tcp"]
     assert seen == [], seen
 
 
