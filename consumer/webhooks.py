@@ -236,7 +236,8 @@ class WebhookDelivery:
                 min(2 * count, FAN_OUT_BATCH * BATCH_GROWTH) if full else max(FAN_OUT_BATCH, count // 2)
             )
         if not entries:
-            # Blocking already waited: no idle sleep on top of it.
+            # Blocking already waited; the pass then lingers as after any short read (a linger is short
+            # beside the block, and an event arriving meanwhile waits at most that).
             return 1
         handled = len(entries)
         acked, wanted = self._sort_out(entries)
