@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -88,6 +89,47 @@ def _nft(nft: str, ruleset: str) -> None:
     done = subprocess.run([nft, "-f", "-"], input=ruleset.encode(), capture_output=True, timeout=30)
     if done.returncode != 0:
         raise OSError(errno.EINVAL, f"nft: {done.stderr.decode(errors='replace').strip()[-500:]}")
+
+
+def merged(networks: list[ipaddress.IPv4Network]) -> list[tuple[int, int]]:
+    """IPv4 networks as merged ranges of addresses (how nft's auto-merged interval set holds them)."""
+    spans = sorted((int(n.network_address), int(n.broadcast_address)) for n in networks)
+    merged: list[tuple[int, int]] = []
+    for first, last in spans:
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def shown(spans: list[tuple[int, int]]) -> str:
+    if not spans:
+        return "nothing beyond the defaults"
+    nets = [n for first, last in spans for n in ipaddress.summarize_address_range(
+        ipaddress.IPv4Address(first), ipaddress.IPv4Address(last))]  # fmt: skip
+    return ", ".join(str(n) for n in nets)
+
+
+def _allowed_now(nft: str) -> list[tuple[int, int]] | None:
+    """The allow-list of the host's sandbox table as another worker left it; None if there is no table."""
+    done = subprocess.run([nft, "-j", "list", "set", *TABLE.split(), "allow4"], capture_output=True, timeout=30)
+    return allowed_in(json.loads(done.stdout)) if done.returncode == 0 else None
+
+
+def allowed_in(listing: dict) -> list[tuple[int, int]]:
+    """The addresses of an `nft -j list set` listing of allow4, as merged ranges."""
+    networks: list[ipaddress.IPv4Network] = []
+    for item in listing.get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []):
+            if isinstance(elem, str):
+                networks.append(ipaddress.ip_network(elem))
+            elif "prefix" in elem:
+                networks.append(ipaddress.ip_network(f"{elem['prefix']['addr']}/{elem['prefix']['len']}"))
+            elif "range" in elem:
+                first, last = (ipaddress.IPv4Address(a) for a in elem["range"])
+                networks.extend(ipaddress.summarize_address_range(first, last))
+    return merged([n for n in networks if isinstance(n, ipaddress.IPv4Network)])
 
 
 def slot_mark(index: int) -> int:
@@ -318,7 +360,18 @@ class EgressNetworks:
 
     def _prepare_host(self, allow: list[str]) -> None:
         self.block = ipaddress.ip_network(_host_block())
+        before = _allowed_now(self.nft)
         _nft(self.nft, host_ruleset(allow, self.resolvers))
+        mine = merged([ipaddress.ip_network(c, strict=False) for c in allow if ":" not in c])
+        if before is not None and before != mine:
+            # One table serves every worker of the host: this start changed what the others' sandboxes reach.
+            log.warning(
+                "sandbox networks: this host's sandboxes were allowed %s (another worker's NOVA_SANDBOX_EGRESS_ALLOW)"
+                " and are now allowed %s, for every worker's sandboxes on this host: give every worker of a host"
+                " the same setting",
+                shown(before),
+                shown(mine),
+            )
         if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0":
             # Host-wide: the ruleset handles only the sandboxes' interfaces, so the host now forwards
             # between its others too (README, Sandboxes); said once, by the worker that turned it on.
