@@ -21,7 +21,8 @@ another client's) could be listening on the same port. So every flow from a slot
 conntrack mark (set from a map of every slot name, the same on every worker's start), and before a slot
 is lent again its flows are forgotten: one netlink request deletes every conntrack entry with its mark.
 That request walks the host's whole conntrack table (about 0.5 ms of CPU with 262,144 buckets), so it is
-made only for a slot whose sandbox sent anything: the host end's count of received packets moved.
+made only for a slot whose sandbox sent anything: the host end's count of received packets moved. Such a
+slot is lent again only once its namespace holds no TCP socket of its last sandbox (see _ready).
 The ruleset is applied with `nft -f -`: the kernel's nftables netlink protocol has no maintained Python
 binding in our dependencies, and nft applies a whole file in one transaction (atomic, and idempotent:
 the table is replaced, never added to, so every worker's start yields the same rules and a second
@@ -93,14 +94,13 @@ def _nft(nft: str, ruleset: str) -> None:
 
 def merged(networks: list[ipaddress.IPv4Network]) -> list[tuple[int, int]]:
     """IPv4 networks as merged ranges of addresses (how nft's auto-merged interval set holds them)."""
-    spans = sorted((int(n.network_address), int(n.broadcast_address)) for n in networks)
-    merged: list[tuple[int, int]] = []
-    for first, last in spans:
-        if merged and first <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+    spans: list[tuple[int, int]] = []
+    for first, last in sorted((int(n.network_address), int(n.broadcast_address)) for n in networks):
+        if spans and first <= spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], last))
         else:
-            merged.append((first, last))
-    return merged
+            spans.append((first, last))
+    return spans
 
 
 def shown(spans: list[tuple[int, int]]) -> str:
@@ -309,8 +309,6 @@ class EgressNetworks:
         self.resolvers = resolvers
         self.block = ipaddress.ip_network(_BLOCKS[0])  # until _prepare_host picks one
         self._free: list[NetSlot] = []
-        # Given back with sockets of their last sandbox still in their namespace (oldest first).
-        self._resting: list[NetSlot] = []
         self._sequence = 0
         # ctnetlink, in the host's namespace (made here, on the worker's thread): slots' flows forgotten.
         self._conntrack = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
@@ -348,11 +346,7 @@ class EgressNetworks:
             # On the slot thread: pyroute2's synchronous API runs an event loop, which cannot nest in
             # the worker's.
             networks._thread.submit(networks._prepare_host, allow).result()
-            first = networks._thread.submit(networks._create).result()
-            if not networks._forget_flows(first):
-                networks._closed_slot(first)
-                raise OSError("the host's connection tracking refused to forget a slot's flows (ctnetlink)")
-            networks._free.append(first)
+            networks._free.append(networks._first_use(networks._thread.submit(networks._create).result()))
         except Exception as exc:  # nft refused, netlink refused, no namespaces: the fallback is said
             networks.close()
             return None, f"could not prepare sandbox network namespaces ({exc})"
@@ -379,8 +373,9 @@ class EgressNetworks:
         _sysctl("ipv4/ip_forward", "1")
 
     async def lend(self) -> NetSlot:
-        """A free slot, made now (once, on the slot thread) if every one is lent or still resting."""
-        slot = self._take_free() or self._take_rested()
+        """A free slot that holds nothing of its last sandbox, made now (once, on the slot thread) if every
+        one is lent or still holds sockets of its last sandbox."""
+        slot = self._take()
         if slot is not None:
             return slot
         made = asyncio.get_running_loop().run_in_executor(self._thread, self._create)
@@ -391,49 +386,50 @@ class EgressNetworks:
             # lease would be held, lent to nobody, until the worker exits.
             made.add_done_callback(lambda f: f.cancelled() or f.exception() or self.give_back(f.result()))
             raise
-        # A killed worker's slot of the same number may have left flows with this mark.
-        if not self._forget_flows(slot):
-            self._closed_slot(slot)
-            raise OSError(f"could not forget the connections of sandbox network slot {slot.index}")
-        return slot
-
-    def _take_free(self) -> NetSlot | None:
-        while self._free:
-            slot = self._free.pop()
-            # Sent since its flows were last forgotten (a retransmission of a socket its last sandbox
-            # left, a packet counted but not yet tracked when they were): forgotten again.
-            if slot.packets_received() == slot.received or self._forget_flows(slot):
-                return slot
-            self._closed_slot(slot)
-        return None
-
-    def _take_rested(self) -> NetSlot | None:
-        """The longest-resting slot whose namespace no longer holds a socket of its last sandbox."""
-        for slot in list(self._resting):
-            if _sockets_left(slot.fd) == 0:
-                self._resting.remove(slot)
-                if self._forget_flows(slot):
-                    return slot
-                self._closed_slot(slot)
-        return None
+        return self._first_use(slot)
 
     def give_back(self, slot: NetSlot) -> None:
+        """Back to the free list (call only once no process of its sandbox is left); what its sandbox left
+        in it is looked at when it is lent again (_ready)."""
         if self._closed:
             self._closed_slot(slot)
-            return
-        # A sandbox that sent nothing made no flow and no socket that outlives it (an unknown count is
-        # taken as one that moved).
-        if slot.received is not None and slot.packets_received() == slot.received:
-            self._free.append(slot)
-        elif not self._forget_flows(slot):
-            self._closed_slot(slot)  # its flows might still be translated back to it: not lent again
-        elif _sockets_left(slot.fd):
-            # Connections its sandbox left (closing, orphaned): listed in the namespace's /proc/net/tcp and
-            # by sock_diag to whoever is in it next, remote addresses and ports included. It rests until
-            # they are gone (seconds: the namespace keeps no TIME_WAIT and gives up on orphans quickly).
-            self._resting.append(slot)
         else:
             self._free.append(slot)
+
+    def _take(self) -> NetSlot | None:
+        """The free slot given back last of those ready to be lent; one whose namespace still holds
+        sockets of its last sandbox stays in the list, one whose flows cannot be forgotten is closed."""
+        for i in range(len(self._free) - 1, -1, -1):
+            slot = self._free[i]
+            ready = self._ready(slot)
+            if ready is None:
+                continue
+            del self._free[i]
+            if ready:
+                return slot
+            self._closed_slot(slot)  # its flows might still be translated back to it: not lent again
+        return None
+
+    def _ready(self, slot: NetSlot) -> bool | None:
+        """Whether nothing of the slot's last sandbox is left for the next one to find: True if it sent
+        nothing since its flows were last forgotten (it made no flow and no socket; an unknown count is
+        taken as one that moved), or they are forgotten now; None while its namespace still holds its
+        sockets (closing or orphaned ones, listed in /proc/net/tcp and by sock_diag with their remote
+        addresses: gone within seconds, as the namespace keeps no TIME_WAIT); False if its flows could
+        not be forgotten."""
+        if slot.received is not None and slot.packets_received() == slot.received:
+            return True
+        if _sockets_left(slot.fd):
+            return None
+        return self._forget_flows(slot)
+
+    def _first_use(self, slot: NetSlot) -> NetSlot:
+        """A slot just made, ready to be lent: a killed worker's slot of the same number may have left
+        flows with its mark."""
+        if not self._ready(slot):
+            self._closed_slot(slot)
+            raise OSError(f"could not forget the connections of sandbox network slot {slot.index} (ctnetlink)")
+        return slot
 
     def _forget_flows(self, slot: NetSlot) -> bool:
         """Delete the host's conntrack entries of the slot's flows: the kernel does it within the send, and
@@ -551,19 +547,19 @@ class EgressNetworks:
     def close(self) -> None:
         """Remove every slot not lent (the provider closes its sandboxes first; one lent still is
         removed when given back). On the worker's thread: slots are given back there."""
-        self._closed = True
-        free, self._free, self._resting = self._free + self._resting, [], []
-        self._conntrack.close()
-        self._thread.submit(self._destroy, free).result()
+        self._thread.submit(self._destroy, self._closing()).result()
         self._thread.shutdown(wait=False)
 
     async def aclose(self) -> None:
         """close() from the event loop: marked closed here, the slots removed on the slot thread."""
-        self._closed = True
-        free, self._free, self._resting = self._free + self._resting, [], []
-        self._conntrack.close()
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._destroy, free)
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._destroy, self._closing())
         self._thread.shutdown(wait=False)
+
+    def _closing(self) -> list[NetSlot]:
+        self._closed = True
+        free, self._free = self._free, []
+        self._conntrack.close()
+        return free
 
 
 def _is_ip(text: str) -> bool:
