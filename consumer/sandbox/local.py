@@ -244,13 +244,8 @@ class LocalSandbox(RunnerSandbox):
                 ) from None
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 returncode, oom = await self._reap()
-                cpu_limited = (
-                    self.cpu_limit is not None
-                    and returncode == -signal.SIGKILL
-                    and (getattr(self.proc, "cpu_seconds", None) or 0.0) >= self.cpu_limit - _CPU_TICK
-                )
                 raise _crash(
-                    node_id, returncode, oom_killed=oom > 0, wrapped=self.wrapped, cpu_limited=cpu_limited
+                    node_id, returncode, oom_killed=oom > 0, wrapped=self.wrapped, cpu_limited=self._at_cpu_limit()
                 ) from None
             except BadReply as exc:
                 # The node's own doing (it wrote to the protocol or lifted a cap): a failure of that
@@ -261,6 +256,17 @@ class LocalSandbox(RunnerSandbox):
                     type="BadReply", message=f"node '{node_id}' sent {exc.args[0]}", reason=exc.reason
                 ) from None
         return reply
+
+    def _at_cpu_limit(self) -> bool:
+        """Ended by the kernel at RLIMIT_CPU: SIGKILL (its soft and hard limits are equal) with the runner's
+        CPU, as the zygote reported it with its exit, at the limit."""
+        cpu = self.proc.cpu_seconds if isinstance(self.proc, ForkedProcess) else None
+        return (
+            self.cpu_limit is not None
+            and cpu is not None
+            and self.proc.returncode == -signal.SIGKILL
+            and cpu >= self.cpu_limit - _CPU_TICK
+        )
 
     async def _distrust(self) -> None:
         self.dead = True
