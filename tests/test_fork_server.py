@@ -48,6 +48,15 @@ async def open_box(provider: LocalSandboxProvider, execution_id: int, client: st
     return await provider.open(SandboxSpec(execution_id=execution_id, client=client))
 
 
+async def assert_runs_a_node(provider: LocalSandboxProvider, execution_id: int) -> None:
+    """A sandbox of the provider opens, runs a node, and closes."""
+    sb = await open_box(provider, execution_id)
+    try:
+        assert (await sb.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
+    finally:
+        await sb.close()
+
+
 def _gone(pid: int) -> bool:
     try:
         return "State:\tZ" in open(f"/proc/{pid}/status").read()
@@ -240,11 +249,7 @@ async def test_plain_mode_says_it_isolates_nothing() -> None:
     try:
         assert not provider.isolation.complete and provider.cgroups is None and not provider.separate_uids
         assert "plain processes" in provider.statement()[0]
-        sb = await open_box(provider, 1)
-        try:
-            assert (await sb.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
-        finally:
-            await sb.close()
+        await assert_runs_a_node(provider, 1)
     finally:
         await provider.aclose()
 
@@ -489,11 +494,7 @@ def test_opens_cancelled_at_every_step_leak_no_descriptor_and_close_none_twice(l
             assert os.fstat(bystander) is not None  # still ours: nothing closed it a second time
             assert _open_fds() <= before, sorted(_open_fds() - before)
             os.close(bystander)
-            after = await open_box(provider, 100)
-            try:
-                assert (await after.run_action("n", "context['x'] = 1", {}, 10)).context == {"x": 1}
-            finally:
-                await after.close()
+            await assert_runs_a_node(provider, 100)
         finally:
             await provider.aclose()
 
