@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 from collections.abc import AsyncIterator
@@ -225,6 +226,44 @@ async def test_concurrent_sandboxes_never_share_a_uid_even_across_workers() -> N
             await b.close()
         for p in providers:
             await p.aclose()
+
+
+def _locked_elsewhere(uid: int) -> bool:
+    """Whether some open lease holds `uid`'s lock (an flock: this process's other descriptions count)."""
+    fd = os.open(local._UID_LOCKS / str(uid), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@needs_uids
+async def test_a_released_uid_stays_the_workers_for_its_next_sandbox_until_it_closes() -> None:
+    # A uid taken afresh makes its lock file, the worker's largest cost per sandbox: the uids its sandboxes
+    # release (nothing of them left) are kept, still locked against other workers, for its next ones.
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0))
+    try:
+        first = await provider.open(SandboxSpec(execution_id=1, client="acme"))
+        assert first.lease is not None
+        uid = first.lease.uid
+        await first.run_action(
+            "w", "open('invoice.txt', 'w').write('secret')\nopen('/dev/shm/s', 'w').write('s')", {}, 5
+        )
+        await first.close()
+        assert _locked_elsewhere(uid)
+        second = await provider.open(SandboxSpec(execution_id=2, client="globex"))
+        assert second.lease is not None and second.lease.uid == uid
+        # Nothing of the first sandbox is left to the next one of its uid.
+        look = "import os\ncontext['seen'] = os.listdir('.') + os.listdir('/dev/shm')"
+        assert (await second.run_action("ls", look, {}, 5)).context == {"seen": []}
+        await second.close()
+    finally:
+        await provider.aclose()
+    # The worker's end lets it go for every worker.
+    assert not _locked_elsewhere(uid)
 
 
 # Node code is hostile: it can reach the runner object in its own interpreter and write to the

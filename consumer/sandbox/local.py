@@ -94,14 +94,47 @@ def _sandbox_runner() -> Path:
 
 
 class UidLease(FlockLease):
-    """An exclusive uid for one sandbox, across every worker process on this machine."""
+    """An exclusive uid for one sandbox, across every worker process on this machine. Released, it goes
+    back to the worker's `KeptUids` (if it came from them and they are open), its lock still held."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: KeptUids | None = None) -> None:
         super().__init__(_UID_LOCKS, _UID_BASE, _UID_SPAN, "sandbox uid")
+        self._kept = kept
 
     @property
     def uid(self) -> int:
         return self.value
+
+    def release(self) -> None:
+        if self._kept is None or not self._kept.keep(self):
+            super().release()
+
+
+class KeptUids:
+    """The uids a worker's sandboxes have released, their locks still held, handed to its next sandboxes
+    before any other. A uid taken afresh is a random one of _UID_SPAN, whose lock file the machine most
+    likely never made: creating it cost the worker 0.4 ms of CPU per sandbox (ext4), a tenth of the
+    sandbox's whole cost. A kept uid is as safe to hand on as a fresh one: a sandbox releases its uid
+    only once nothing of it is left (no process, its files gone with its mounts or its host folder)."""
+
+    def __init__(self) -> None:
+        self._free: list[UidLease] = []
+        self._open = True
+
+    def take(self) -> UidLease:
+        return self._free.pop() if self._free else UidLease(self)
+
+    def keep(self, lease: UidLease) -> bool:
+        """False once closed: the lease is then let go for good."""
+        if self._open:
+            self._free.append(lease)
+        return self._open
+
+    def close(self) -> None:
+        self._open = False
+        free, self._free = self._free, []
+        for lease in free:
+            lease.release()
 
 
 _START_TIMEOUT = 30.0
@@ -490,6 +523,7 @@ class LocalSandboxProvider:
     ) -> None:
         self._root = os.geteuid() == 0
         self.python, self.separate_uids = _interpreter(settings.sandbox_python, self._root)
+        self._uids = KeptUids()
         self.network = settings.sandbox_network
         self.writable = [p.strip() for p in settings.sandbox_writable.split(",") if p.strip()]
         self.cpus = settings.sandbox_cpus
@@ -626,7 +660,7 @@ class LocalSandboxProvider:
 
     async def _spawn(self) -> LocalSandbox:
         try:
-            lease = UidLease() if self.separate_uids else None
+            lease = self._uids.take() if self.separate_uids else None
         except OSError as exc:
             raise SandboxInfraError(str(exc)) from None
         uid = lease.uid if lease else None
@@ -851,6 +885,7 @@ class LocalSandboxProvider:
         await asyncio.gather(*(s.close() for s in pool), return_exceptions=True)
         spares, self._spare_cgroups = self._spare_cgroups, []
         await asyncio.gather(*(group.remove_soon() for group in spares), return_exceptions=True)
+        self._uids.close()
         if self.forkserver is not None:
             await self.forkserver.aclose()
         if self.egress_networks is not None:
