@@ -78,9 +78,14 @@ def init_reporting(settings: Settings, component: str) -> bool:
 REPORTED_TYPES = frozenset(t.value for t in (EventType.FAILED, EventType.DEAD))
 
 
+def reporting_failures() -> bool:
+    """Whether this process reports failed executions (SENTRY_DSN set and reporting started)."""
+    return sentry_sdk.get_client().is_active()
+
+
 def report_failed_execution(event: Event) -> None:
     """One Sentry event for a failed or dead-lettered execution (no-op without SENTRY_DSN)."""
-    if event.type.value not in REPORTED_TYPES or not sentry_sdk.get_client().is_active():
+    if event.type.value not in REPORTED_TYPES or not reporting_failures():
         return
     error = event.data.get("error") if isinstance(event.data.get("error"), dict) else {}
     node = str(error.get("node_id") or "-")

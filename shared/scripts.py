@@ -438,6 +438,10 @@ class Scripts:
         )
         return int(reply) == 1
 
+    async def pass_unwatched(self, endpoints: str, results: str, group: str) -> bool:
+        """Move the webhook group past the results stream's end if no endpoint is registered (True)."""
+        return int(await self._call("pass_unwatched", keys=[endpoints, results], args=[group])) == 1
+
     async def remove_consumer_if_idle(self, stream: str, group: str, consumer: str) -> bool:
         return int(await self._call("remove_idle_consumer", keys=[stream], args=[group, consumer])) == 1
 

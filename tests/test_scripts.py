@@ -219,6 +219,27 @@ async def test_remove_consumer_only_when_it_owns_nothing(r: Redis, scripts: Scri
     assert names == {"busy"}
 
 
+async def test_pass_unwatched_moves_the_webhook_group_only_while_no_endpoint_is_registered(
+    r: Redis, scripts: Scripts
+) -> None:
+    endpoints, group = f"{KEYS.home}:webhooks", "webhooks"
+    first = await r.xadd(KEYS.results, {"type": "queued"})
+    await r.xgroup_create(KEYS.results, group, id="0")
+    assert await scripts.pass_unwatched(endpoints, KEYS.results, group)
+    [info] = await r.xinfo_groups(KEYS.results)
+    assert info["last-delivered-id"] == first and info["pending"] == 0
+    # The race the script closes: an endpoint registered, then an event. It is never passed over.
+    await r.hset(endpoints, "e1", "{}")
+    after = await r.xadd(KEYS.results, {"type": "succeeded"})
+    assert not await scripts.pass_unwatched(endpoints, KEYS.results, group)
+    assert await r.xreadgroup(group, "c1", {KEYS.results: ">"}) == [[KEYS.results, [(after, {"type": "succeeded"})]]]
+    # Entries read and not acknowledged stay pending when the group is moved on.
+    await r.hdel(endpoints, "e1")
+    await r.xadd(KEYS.results, {"type": "started"})
+    await twice(r, lambda: scripts.pass_unwatched(endpoints, KEYS.results, group))
+    assert (await r.xpending(KEYS.results, group))["pending"] == 1
+
+
 async def test_task_state_reads_the_task_and_both_pause_flags(r: Redis, scripts: Scripts) -> None:
     assert await scripts.task_state("nothing", 1) == ({}, False)
     await enqueue(scripts, "t1")

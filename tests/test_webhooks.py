@@ -770,6 +770,8 @@ async def test_after_a_short_read_the_fan_out_lingers_and_takes_a_runs_next_even
     settings = hook_settings.model_copy(update={"results_linger_ms": 1000})
     fan_out = Passes(settings, redis, consumer="c1")
     await fan_out.registry.ensure_group()
+    # An endpoint (of other events): without any, the fan-out passes over the events unread.
+    await fan_out.registry.create("http://127.0.0.1:9/hook", ["execution.failed"], None)
     fields = {"task_id": "t1", "execution_id": "1", "workflow_id": "1", "client": "acme", "data": "{}"}
     ts = "2026-01-01T00:00:00Z"
 
@@ -806,6 +808,7 @@ async def test_a_fan_out_behind_its_stream_reads_more_at_once_and_less_again_onc
 
     fan_out = WebhookDelivery(hook_settings, redis, consumer="c1")
     await fan_out.registry.ensure_group()
+    await fan_out.registry.create("http://127.0.0.1:9/hook", ["execution.failed"], None)
     fields = {"task_id": "t1", "execution_id": "1", "workflow_id": "1", "client": "acme", "data": "{}"}
     async with redis.pipeline(transaction=False) as pipe:
         for _ in range(5 * FAN_OUT_BATCH):
@@ -820,3 +823,30 @@ async def test_a_fan_out_behind_its_stream_reads_more_at_once_and_less_again_onc
         await pipe.execute()
     assert await fan_out.fan_out_once(block_ms=10) == 2 * FAN_OUT_BATCH
     assert (await redis.xpending(hook_settings.results_stream, hook_settings.webhook_group))["pending"] == 0
+
+
+async def test_with_no_endpoint_the_fan_out_passes_over_the_events_unread_until_one_is_registered(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """No endpoint, no failure reporting: no event can become a delivery, so the group moves past them
+    without the fan-out reading one. The first event after a registration is delivered."""
+    keys = hook_settings_keys(hook_settings)
+    fan_out = WebhookDelivery(hook_settings, redis, consumer="c1")
+    await fan_out.registry.ensure_group()
+    fields = {"task_id": "t1", "execution_id": "1", "workflow_id": "1", "client": "acme", "data": "{}"}
+    ts = "2026-01-01T00:00:00Z"
+    last = None
+    for type_ in ("queued", "started", "succeeded"):
+        last = await redis.xadd(hook_settings.results_stream, {**fields, "type": type_, "ts": ts})
+    assert await fan_out.fan_out_once(block_ms=10) == 0
+    group = next(
+        g for g in await redis.xinfo_groups(hook_settings.results_stream) if g["name"] == hook_settings.webhook_group
+    )
+    assert group["last-delivered-id"] == last and group["pending"] == 0
+    # Nothing was read: the group's one consumer, if any, never received an entry.
+    consumers = await redis.xinfo_consumers(hook_settings.results_stream, hook_settings.webhook_group)
+    assert all(c["pending"] == 0 for c in consumers)
+    endpoint = await fan_out.registry.create(receiver.url("/x"), ["execution.succeeded"], None)
+    after = await redis.xadd(hook_settings.results_stream, {**fields, "type": "succeeded", "ts": ts})
+    assert await fan_out.fan_out_once(block_ms=10) == 1
+    assert await redis.hkeys(WebhookKeys(keys).deliveries) == [delivery_id(endpoint.id, after)]
