@@ -266,6 +266,48 @@ async def test_a_released_uid_stays_the_workers_for_its_next_sandbox_until_it_cl
     assert not _locked_elsewhere(uid)
 
 
+def test_a_uid_released_twice_is_kept_once() -> None:
+    # Kept twice, it would go to two live sandboxes at once.
+    kept = local.KeptUids(keep=True)
+    lease = kept.take()
+    lease.release()
+    lease.release()
+    assert kept.take() is lease
+    other = kept.take()
+    try:
+        assert other is not lease and other.uid != lease.uid
+    finally:
+        kept.close()
+        for held in (lease, other):
+            held.release()
+
+
+@needs_uids
+async def test_with_a_writable_folder_the_next_sandbox_never_gets_the_uid_of_the_files_left_there(
+    shared_dir: Path,
+) -> None:
+    # Files of a sandbox's uid outlive it in a writable folder: a uid kept for the worker's next sandbox
+    # (another client's) would open them, mode 0600 or not. Each sandbox then takes a fresh uid.
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_writable=str(shared_dir)))
+    secret = shared_dir / "acme-secret"
+    try:
+        first = await provider.open(SandboxSpec(execution_id=1, client="acme"))
+        write = f"import os\nos.close(os.open({str(secret)!r}, os.O_CREAT | os.O_WRONLY, 0o600))\n"
+        await first.run_action("w", write + f"open({str(secret)!r}, 'w').write('card 4111')", {}, 5)
+        assert first.lease is not None
+        uid = first.lease.uid
+        await first.close()
+        assert secret.stat().st_uid == uid and secret.stat().st_mode & 0o777 == 0o600
+        second = await provider.open(SandboxSpec(execution_id=2, client="globex"))
+        assert second.lease is not None and second.lease.uid != uid
+        with pytest.raises(NodeError) as info:
+            await second.run_action("r", f"context['x'] = open({str(secret)!r}).read()", {}, 5)
+        assert info.value.type == "PermissionError"
+        await second.close()
+    finally:
+        await provider.aclose()
+
+
 # Node code is hostile: it can reach the runner object in its own interpreter and write to the
 # protocol itself. The worker checks every reply frame where node code cannot reach.
 FIND_RUNNER = "import gc\nrunner = next(o for o in gc.get_objects() if type(o).__name__ == 'Runner')\n"

@@ -114,19 +114,24 @@ class KeptUids:
     """The uids a worker's sandboxes have released, their locks still held, handed to its next sandboxes
     before any other. A uid taken afresh is a random one of _UID_SPAN, whose lock file the machine most
     likely never made: creating it cost the worker 0.4 ms of CPU per sandbox (ext4), a tenth of the
-    sandbox's whole cost. A kept uid is as safe to hand on as a fresh one: a sandbox releases its uid
-    only once nothing of it is left (no process, its files gone with its mounts or its host folder)."""
+    sandbox's whole cost.
 
-    def __init__(self) -> None:
+    `keep` only where nothing of a sandbox can outlive it, as the next sandbox, another client's maybe,
+    gets its uid at once: every process in a cgroup that emptied before the release, every file on the
+    sandbox's own mounts. Writable folders (NOVA_SANDBOX_WRITABLE) keep files of its uid on the host, and
+    without namespaces or cgroups so do /tmp, /dev/shm, IPC objects and setsid() daemons: there each
+    sandbox takes a fresh uid, as before."""
+
+    def __init__(self, *, keep: bool) -> None:
         self._free: list[UidLease] = []
-        self._open = True
+        self._open = keep
 
     def take(self) -> UidLease:
         return self._free.pop() if self._free else UidLease(self)
 
     def keep(self, lease: UidLease) -> bool:
-        """False once closed: the lease is then let go for good."""
-        if self._open:
+        """False when not kept (closed, or not keeping): the lease is then let go for good."""
+        if self._open and not any(kept is lease for kept in self._free):
             self._free.append(lease)
         return self._open
 
@@ -523,7 +528,6 @@ class LocalSandboxProvider:
     ) -> None:
         self._root = os.geteuid() == 0
         self.python, self.separate_uids = _interpreter(settings.sandbox_python, self._root)
-        self._uids = KeptUids()
         self.network = settings.sandbox_network
         self.writable = [p.strip() for p in settings.sandbox_writable.split(",") if p.strip()]
         self.cpus = settings.sandbox_cpus
@@ -601,6 +605,7 @@ class LocalSandboxProvider:
             seccomp=self.seccomp is not None and self.launcher != "plain process",
             seccomp_why=seccomp_why if self.launcher != "plain process" else self.launcher,
         )
+        self._uids = KeptUids(keep=self.cgroups is not None and self.isolation.namespaces and not self.writable)
         # Without full isolation one worker serves one client only (the first it sees), unless allowed.
         self._client: str | None = None
         self._limits_arg = orjson.dumps(self.limits).decode()
