@@ -83,6 +83,9 @@ CLEANUP_INTERVAL_S = 60.0
 # A live consumer reads several times a second (its XREADGROUP blocks for IDLE_BLOCK_MS): far past that,
 # it is gone.
 GONE_AFTER_MS = 300_000
+# After a look found endpoints registered, how long the fan-out reads without looking again (reading is
+# always right; the look is a round trip per pass saved only while there is none).
+WATCHED_RECHECK_S = 5.0
 
 
 class WebhookDelivery:
@@ -125,6 +128,8 @@ class WebhookDelivery:
         # read came back full (then the next follows at once, without lingering).
         self._count: dict[str, int] = {}
         self._full: dict[str, bool] = {}
+        # Until when the fan-out reads without asking whether anything is watched (_pass_unwatched).
+        self._read_until = 0.0
 
     # ---- loops ------------------------------------------------------------------------------------
 
@@ -282,9 +287,17 @@ class WebhookDelivery:
         where the endpoints and a shard's stream are in different slots (no one script holds both).
         Failure reports then come only from processes with SENTRY_DSN; as with a shared group's reads,
         they are complete only when every worker has it (README, Operations)."""
-        if self._split_ack or reporting_failures():
+        if self._split_ack or time.monotonic() < self._read_until or reporting_failures():
             return False
-        return await self._scripts.pass_unwatched(self.names.endpoints, keys.results, self.group)
+        try:
+            if await self._scripts.pass_unwatched(self.names.endpoints, keys.results, self.group):
+                return True
+        except ResponseError as exc:
+            # Redis 6.2 at its memory limit refuses a script's writes (OOM) where a read still goes.
+            if "OOM command not allowed" not in str(exc):
+                raise
+        self._read_until = time.monotonic() + WATCHED_RECHECK_S
+        return False
 
     def _sort_out(self, entries: list[tuple[str, dict[Any, Any]]]) -> tuple[list[str], list[Entry]]:
         """The ids of the entries to acknowledge, and those of them whose type some subscriber (an

@@ -223,11 +223,18 @@ async def test_pass_unwatched_moves_the_webhook_group_only_while_no_endpoint_is_
     r: Redis, scripts: Scripts
 ) -> None:
     endpoints, group = f"{KEYS.home}:webhooks", "webhooks"
+    # No stream, then no group: nothing to move; the fan-out reads, and its read makes them.
+    assert not await scripts.pass_unwatched(endpoints, KEYS.results, group)
     first = await r.xadd(KEYS.results, {"type": "queued"})
+    assert not await scripts.pass_unwatched(endpoints, KEYS.results, group)
     await r.xgroup_create(KEYS.results, group, id="0")
     assert await scripts.pass_unwatched(endpoints, KEYS.results, group)
     [info] = await r.xinfo_groups(KEYS.results)
     assert info["last-delivered-id"] == first and info["pending"] == 0
+    # At the end already: no write (each would go to the replicas and the append-only file).
+    writes = (await r.info("persistence"))["rdb_changes_since_last_save"]
+    assert await scripts.pass_unwatched(endpoints, KEYS.results, group)
+    assert (await r.info("persistence"))["rdb_changes_since_last_save"] == writes
     # The race the script closes: an endpoint registered, then an event. It is never passed over.
     await r.hset(endpoints, "e1", "{}")
     after = await r.xadd(KEYS.results, {"type": "succeeded"})

@@ -850,3 +850,23 @@ async def test_with_no_endpoint_the_fan_out_passes_over_the_events_unread_until_
     after = await redis.xadd(hook_settings.results_stream, {**fields, "type": "succeeded", "ts": ts})
     assert await fan_out.fan_out_once(block_ms=10) == 1
     assert await redis.hkeys(WebhookKeys(keys).deliveries) == [delivery_id(endpoint.id, after)]
+
+
+async def test_at_the_memory_limit_the_fan_out_reads_instead_of_passing_over(
+    versioned_redis: Redis, hook_settings: Settings
+) -> None:
+    """Redis 6.2 refuses a script's writes at its memory limit (noeviction) where reads still go: the
+    fan-out falls back to reading the events (7.0 lets the script's move through)."""
+    fan_out = WebhookDelivery(hook_settings, versioned_redis, consumer="c1")
+    await fan_out.registry.ensure_group()
+    fields = {"task_id": "t1", "execution_id": "1", "workflow_id": "1", "client": "acme", "data": "{}"}
+    for type_ in ("queued", "started", "succeeded"):
+        last = await versioned_redis.xadd(hook_settings.results_stream, {**fields, "type": type_, "ts": "x"})
+    await versioned_redis.config_set("maxmemory-policy", "noeviction")
+    await versioned_redis.config_set("maxmemory", "1")
+    try:
+        assert await fan_out.fan_out_once(block_ms=10) in (0, 3)
+    finally:
+        await versioned_redis.config_set("maxmemory", "0")
+    [group] = await versioned_redis.xinfo_groups(hook_settings.results_stream)
+    assert group["last-delivered-id"] == last and group["pending"] == 0
