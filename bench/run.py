@@ -279,7 +279,9 @@ class Bench:
             self.stop(proc)
         assert all(set(r["statuses"]) == {"202"} for r in runs), runs
         self.figures["enqueue_http_rps"] = figure([r["rps"] for r in runs], "req/s", 3000)
-        self.figures["enqueue_http_p99"] = figure([r["p99_ms"] for r in runs], "ms", 15, higher=False)
+        # No goal: a closed loop slows its arrivals down when the API stalls, and under-samples the stall;
+        # the p99 goal is enqueue_open's (issue 17).
+        self.figures["enqueue_http_p99"] = figure([r["p99_ms"] for r in runs], "ms")
 
     async def enqueue_open(self) -> None:
         """Enqueue latency at a fixed arrival rate (an open loop, see bench/loadgen.py): the closed loop
@@ -427,7 +429,8 @@ class Bench:
         two = [await self.consumer_throughput(2, START_END, n) for _ in range(self.reps)]
         self.figures["consumer_2proc_exec_s"] = figure([p for _, p in two], "exec/s")
         ratio = self.figures["consumer_2proc_exec_s"]["median"] / self.figures["consumer_1proc_exec_s"]["median"]
-        self.figures["consumer_2proc_scaling"] = figure([ratio], "x", 1.7)
+        # No goal: two processes share two cores with Redis, PostgreSQL and the projectors here (issue 17).
+        self.figures["consumer_2proc_scaling"] = figure([ratio], "x")
         m = 300 if self.quick else 1000
         action = [await self.consumer_throughput(1, chain(1, "context['ok'] = 1"), m) for _ in range(self.reps)]
         self.figures["consumer_1proc_action_exec_s"] = figure([p for _, p in action], "exec/s", 500)
@@ -1240,7 +1243,8 @@ class Bench:
                 f[name] = figure([f[a]["median"] / f[b]["median"]], "x", goal)
 
         ratio("enqueue_http_rps", "celery_enqueue_http_rps", "enqueue_vs_celery", 3)
-        ratio("consumer_1proc_exec_s", "celery_best_exec_s", "consumer_vs_celery", 5)
+        # No goal: it follows from the worker's CPU per no-op execution, cost_model's goal (issue 17).
+        ratio("consumer_1proc_exec_s", "celery_best_exec_s", "consumer_vs_celery", None)
         ratio("enqueue_http_rps", "redis_xadd_ceiling", "enqueue_vs_redis_ceiling", None)
         ratio("consumer_1proc_exec_s", "redis_xadd_ceiling", "consumer_vs_redis_ceiling", None)
 
