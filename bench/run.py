@@ -441,8 +441,11 @@ class Bench:
         for pool_name, concurrency in (("prefork", "2"), ("threads", "16")):
             samples = []
             for _ in range(self.reps):
+                # FLUSHDB is an admin command: NOVA's own login (BENCH_CELERY_REDIS's) may not run it.
+                admin = Redis.from_url(self.redis_server.admin_url.replace("/0", "/1"))
+                await admin.flushdb()
+                await admin.aclose()
                 redis = Redis.from_url(self.env()["BENCH_CELERY_REDIS"], decode_responses=True)
-                await redis.flushdb()
                 code = f"from bench.celery_app import noop\nfor i in range({n}): noop.apply_async(args=[{{}}])"
                 subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=self.env(), check=True, timeout=600)
                 t0 = time.perf_counter()
