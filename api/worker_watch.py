@@ -14,13 +14,13 @@ import asyncio
 import logging
 import time
 
-import sentry_sdk
 from redis.asyncio import Redis
 
 from consumer.webhooks import WebhookDelivery
 from shared.alerts import Alert, check_workers
 from shared.backoff import sleep_or_stop
 from shared.connections import REDIS_UNAVAILABLE
+from shared.reporting import active_sentry
 from shared.settings import Settings
 from shared.streams import Keys, now_iso
 from shared.webhooks import WebhookEvent, WebhookKeys, WebhookRegistry, redis_ms
@@ -68,7 +68,8 @@ class WorkerWatch:
 
     async def raise_alert(self, alert: Alert) -> None:
         log.error("ALERT %s: %s", alert.reason, alert.message)
-        if sentry_sdk.get_client().is_active():
+        sentry_sdk = active_sentry()
+        if sentry_sdk is not None:
             with sentry_sdk.new_scope() as scope:
                 scope.set_tag("alert", alert.reason)
                 scope.fingerprint = ["nova-alert", alert.reason]

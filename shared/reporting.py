@@ -11,13 +11,9 @@ tagged with client, execution id and task id, and grouped by workflow and node.
 from __future__ import annotations
 
 import logging
+import sys
+from types import ModuleType
 from typing import Any
-
-import sentry_sdk
-from sentry_sdk.integrations.asyncio import AsyncioIntegration
-from sentry_sdk.integrations.fastapi import FastApiIntegration
-from sentry_sdk.integrations.starlette import StarletteIntegration
-from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 
 from shared.events import Event
 from shared.settings import Settings
@@ -26,7 +22,7 @@ from shared.streams import EventType
 log = logging.getLogger(__name__)
 
 # Our own names for secrets, on top of Sentry's list (authorization, password, token, api_key, ...).
-DENYLIST = [*DEFAULT_DENYLIST, "secret", "secrets_key", "admin_key", "access_token", "initial_context", "context"]
+OWN_DENYLIST = ["secret", "secrets_key", "admin_key", "access_token", "initial_context", "context"]
 
 
 # How runs end, not errors of NOVA: a node's own failure, a sandbox to retry, a run another worker took
@@ -56,15 +52,23 @@ def _scrub_request(event: dict[str, Any], _hint: dict[str, Any]) -> dict[str, An
 
 
 def init_reporting(settings: Settings, component: str) -> bool:
-    """Start the SDK when SENTRY_DSN is set (inside the running loop, for the asyncio integration)."""
+    """Start the SDK when SENTRY_DSN is set (inside the running loop, for the asyncio integration).
+    Imported only then: the SDK with its FastAPI integration (which loads FastAPI and Starlette) was
+    about 27 MB of a worker's memory that never reports."""
     if not settings.sentry_dsn:
         return False
+    import sentry_sdk
+    from sentry_sdk.integrations.asyncio import AsyncioIntegration
+    from sentry_sdk.integrations.fastapi import FastApiIntegration
+    from sentry_sdk.integrations.starlette import StarletteIntegration
+    from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
+
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         integrations=[StarletteIntegration(), FastApiIntegration(), AsyncioIntegration()],
         include_local_variables=False,
         max_request_body_size="never",
-        event_scrubber=EventScrubber(denylist=DENYLIST, recursive=True),
+        event_scrubber=EventScrubber(denylist=[*DEFAULT_DENYLIST, *OWN_DENYLIST], recursive=True),
         before_send=_scrub_request,
         traces_sample_rate=0.0,
         ignore_errors=RUN_OUTCOMES,
@@ -78,14 +82,21 @@ def init_reporting(settings: Settings, component: str) -> bool:
 REPORTED_TYPES = frozenset(t.value for t in (EventType.FAILED, EventType.DEAD))
 
 
+def active_sentry() -> ModuleType | None:
+    """The SDK, if reporting started in this process (SENTRY_DSN set); else None, without importing it."""
+    sdk = sys.modules.get("sentry_sdk")
+    return sdk if sdk is not None and sdk.get_client().is_active() else None
+
+
 def reporting_failures() -> bool:
     """Whether this process reports failed executions (SENTRY_DSN set and reporting started)."""
-    return sentry_sdk.get_client().is_active()
+    return active_sentry() is not None
 
 
 def report_failed_execution(event: Event) -> None:
     """One Sentry event for a failed or dead-lettered execution (no-op without SENTRY_DSN)."""
-    if event.type.value not in REPORTED_TYPES or not reporting_failures():
+    sentry_sdk = active_sentry() if event.type.value in REPORTED_TYPES else None
+    if sentry_sdk is None:
         return
     error = event.data.get("error") if isinstance(event.data.get("error"), dict) else {}
     node = str(error.get("node_id") or "-")

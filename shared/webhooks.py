@@ -28,13 +28,13 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import sentry_sdk
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from standardwebhooks import Webhook
 
 from shared.clients import ClientError, Vault
 from shared.events import Event
+from shared.reporting import active_sentry
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, Layout, dumps, loads, now_iso
@@ -478,7 +478,8 @@ async def announce_schedule_failure(settings: Settings, redis: Redis, schedule: 
     }
     registry = WebhookRegistry(redis, Keys.from_settings(settings), settings)
     await registry.announce(WebhookEvent.SCHEDULE_FAILED, data, f"schedule-{schedule.id}-{tick_ms}", schedule.client)
-    if sentry_sdk.get_client().is_active():
+    sentry_sdk = active_sentry()
+    if sentry_sdk is not None:
         with sentry_sdk.new_scope() as scope:
             scope.set_tag("client", schedule.client)
             scope.set_tag("schedule_id", schedule.id)

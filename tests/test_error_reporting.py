@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -26,6 +28,7 @@ from shared.settings import Settings
 from shared.streams import Keys
 from tests.support import (
     ADMIN_KEY,
+    ROOT,
     SECRETS_KEY,
     create_workflow,
     enqueue,
@@ -175,3 +178,18 @@ async def test_an_unhandled_api_error_reaches_sentry_without_the_key(
     assert alert["level"] == "fatal" and alert["fingerprint"] == ["nova-alert", "no_live_worker"]
     everything = b"".join(ingest.raw)
     assert ADMIN_KEY.encode() not in everything
+
+
+def test_a_worker_without_sentry_dsn_never_loads_the_sdk() -> None:
+    # The SDK with its FastAPI integration was about 27 MB of every worker's memory, reporting or not.
+    code = (
+        "import sys\n"
+        "import consumer.worker, consumer.webhooks, consumer.projector, shared.webhooks\n"
+        "from shared.reporting import init_reporting, reporting_failures\n"
+        "from shared.settings import Settings\n"
+        "assert not init_reporting(Settings(sentry_dsn=''), 'worker') and not reporting_failures()\n"
+        "print(sorted(m for m in ('sentry_sdk', 'fastapi', 'starlette') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
