@@ -33,7 +33,14 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.backoff import Backoff, linger, sleep_or_stop
-from shared.connections import REDIS_UNAVAILABLE, autoclaim, decodes_responses, is_cluster, is_missing_group
+from shared.connections import (
+    REDIS_UNAVAILABLE,
+    autoclaim,
+    decodes_responses,
+    is_cluster,
+    is_missing_group,
+    is_out_of_memory,
+)
 from shared.events import Event
 from shared.reporting import REPORTED_TYPES, report_failed_execution, reporting_failures
 from shared.scripts import Scripts
@@ -293,8 +300,8 @@ class WebhookDelivery:
             if await self._scripts.pass_unwatched(self.names.endpoints, keys.results, self.group):
                 return True
         except ResponseError as exc:
-            # Redis 6.2 at its memory limit refuses a script's writes (OOM) where a read still goes.
-            if "OOM command not allowed" not in str(exc):
+            # Redis 6.2 at its memory limit refuses a script's writes where a read still goes.
+            if not is_out_of_memory(exc):
                 raise
         self._read_until = time.monotonic() + WATCHED_RECHECK_S
         return False

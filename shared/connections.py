@@ -17,6 +17,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     ClusterError,
+    OutOfMemoryError,
     RedisClusterException,
     ResponseError,
     TryAgainError,
@@ -40,6 +41,7 @@ REDIS_UNAVAILABLE = (
     ConnectionError,
     OSError,
     ClusterError,
+    OutOfMemoryError,
     ClusterDownError,
     RedisClusterException,
     TryAgainError,
@@ -348,6 +350,12 @@ def is_moved_away(exc: ResponseError) -> bool:
 def is_missing_group(exc: ResponseError) -> bool:
     """Redis lost its data (a restart without persistence, a flush): the caller recreates the groups."""
     return "NOGROUP" in str(exc)
+
+
+def is_out_of_memory(exc: ResponseError) -> bool:
+    """Redis at `maxmemory` under noeviction refused a write; from inside a script (Redis 6.2 refuses a
+    script's writes so) it comes as a script error that carries the same message."""
+    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 async def autoclaim(
