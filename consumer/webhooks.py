@@ -42,7 +42,7 @@ from shared.connections import (
     is_out_of_memory,
 )
 from shared.events import Event
-from shared.reporting import REPORTED_TYPES, report_failed_execution, reporting_failures
+from shared.reporting import REPORTED_TYPES, active_sentry, report_failed_execution
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventField, Keys, Layout, decode_fields, format_version, now_iso
@@ -294,7 +294,7 @@ class WebhookDelivery:
         where the endpoints and a shard's stream are in different slots (no one script holds both).
         Failure reports then come only from processes with SENTRY_DSN; as with a shared group's reads,
         they are complete only when every worker has it (README, Operations)."""
-        if self._split_ack or time.monotonic() < self._read_until or reporting_failures():
+        if self._split_ack or time.monotonic() < self._read_until or active_sentry() is not None:
             return False
         try:
             if await self._scripts.pass_unwatched(self.names.endpoints, keys.results, self.group):

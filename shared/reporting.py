@@ -83,14 +83,14 @@ REPORTED_TYPES = frozenset(t.value for t in (EventType.FAILED, EventType.DEAD))
 
 
 def active_sentry() -> ModuleType | None:
-    """The SDK, if reporting started in this process (SENTRY_DSN set); else None, without importing it."""
+    """The SDK, if reporting started in this process (SENTRY_DSN set); else None, without importing it.
+    A client made without a DSN (`sentry_sdk.init()`, as a test resets it) is active yet sends nothing:
+    it does not count, or the webhook fan-out would read every event for no one."""
     sdk = sys.modules.get("sentry_sdk")
-    return sdk if sdk is not None and sdk.get_client().is_active() else None
-
-
-def reporting_failures() -> bool:
-    """Whether this process reports failed executions (SENTRY_DSN set and reporting started)."""
-    return active_sentry() is not None
+    if sdk is None:
+        return None
+    client = sdk.get_client()
+    return sdk if client.is_active() and client.dsn else None
 
 
 def report_failed_execution(event: Event) -> None:
