@@ -176,11 +176,15 @@ class Bench:
             raise RuntimeError(f"loadgen {args[0]} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    async def fresh(self) -> tuple[Redis, asyncpg.Pool]:
-        # FLUSHALL is an admin command: NOVA's own login (redis_server.url) may not run it.
+    async def flush_redis(self) -> None:
+        """Empty every database of the bench's Redis (NOVA's and Celery's). FLUSHALL is an admin command:
+        NOVA's own login (redis_server.url) may not run it."""
         admin = Redis.from_url(self.redis_server.admin_url)
         await admin.flushall()
         await admin.aclose()
+
+    async def fresh(self) -> tuple[Redis, asyncpg.Pool]:
+        await self.flush_redis()
         redis = Redis.from_url(self.redis_server.url, decode_responses=True)
         conn = await asyncpg.connect(self.pg.url)
         await conn.execute("TRUNCATE executions, node_runs, workflows, clients CASCADE")
@@ -441,10 +445,7 @@ class Bench:
         for pool_name, concurrency in (("prefork", "2"), ("threads", "16")):
             samples = []
             for _ in range(self.reps):
-                # FLUSHDB is an admin command: NOVA's own login (BENCH_CELERY_REDIS's) may not run it.
-                admin = Redis.from_url(self.redis_server.admin_url.replace("/0", "/1"))
-                await admin.flushdb()
-                await admin.aclose()
+                await self.flush_redis()
                 redis = Redis.from_url(self.env()["BENCH_CELERY_REDIS"], decode_responses=True)
                 code = f"from bench.celery_app import noop\nfor i in range({n}): noop.apply_async(args=[{{}}])"
                 subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=self.env(), check=True, timeout=600)
@@ -810,10 +811,7 @@ class Bench:
 
         url = self.env()["BENCH_CELERY_REDIS"]
         celery_nova.app.conf.update(broker_url=url, result_backend=url)
-        # FLUSHDB is an admin command: NOVA's own login (in `url`) may not run it.
-        admin = Redis.from_url(self.redis_server.admin_url)
-        await admin.flushall()
-        await admin.aclose()
+        await self.flush_redis()
         redis = Redis.from_url(url, decode_responses=True)
         conn = await asyncpg.connect(self.pg.url)
         try:
