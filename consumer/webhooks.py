@@ -6,7 +6,8 @@ Two loops per process (inside every worker by default):
   one delivery (body fixed now, so every attempt sends the same bytes) into the retry set, and
   acknowledges the entry in the same transaction. The group's backlog is therefore never pending
   entries: a dead endpoint does not hold back the trimming of the results stream (maintenance trims
-  only below every group's floor).
+  only below every group's floor). While no endpoint is registered (and the process reports nothing to
+  Sentry) it reads nothing: the group is moved to the stream's end (_pass_unwatched).
 - Dispatch takes due deliveries from the retry set under a short lease (so replicas do not send the
   same one at once, and a crash mid-send only delays it until the lease runs out) and sends each in
   its own task, at most `webhook_endpoint_concurrency` at a time per endpoint: a slow endpoint fills
