@@ -41,7 +41,6 @@ REDIS_UNAVAILABLE = (
     ConnectionError,
     OSError,
     ClusterError,
-    OutOfMemoryError,
     ClusterDownError,
     RedisClusterException,
     TryAgainError,
