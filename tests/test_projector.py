@@ -490,7 +490,9 @@ async def test_a_projector_dying_between_commit_and_ack_is_taken_over_and_change
     task = asyncio.create_task(DiesBeforeAck(settings, redis, pool, consumer="p-dies").run(asyncio.Event()))
     await asyncio.wait_for(DiesBeforeAck.committed.wait(), 30)
     task.cancel()
-    await asyncio.wait([task])
+    # Bounded: a projector that does not end when cancelled fails here, by name, not at the suite's timeout.
+    await asyncio.wait([task], timeout=30)
+    assert task.done(), "the projector did not end when cancelled"
     assert len(await pending_ids(redis, settings)) == 5
     execution = dict(await pool.fetchrow("SELECT * FROM executions WHERE id = 5"))
     runs = [dict(r) for r in await pool.fetch("SELECT * FROM node_runs WHERE execution_id = 5")]
