@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, *, settle_heap: bool = False) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Here, in the running loop, for Sentry's asyncio integration (a no-op without SENTRY_DSN).
         init_reporting(settings, "api")
-        redis = create_redis(settings, prompt_writes=True)
+        redis = create_redis(settings, prompt_writes=True, batch_commands=True)
         with contextlib.suppress(*REDIS_UNAVAILABLE):
             await prepare(redis)
         keys = Keys.from_settings(settings)

@@ -145,7 +145,9 @@ class CommandBatcher:
     connection, one write, their replies read in turn, each handed to its caller.
 
     A busy worker's runs each end with a script call, dozens of them in the same pass of the loop (a
-    read hands a batch of entries to runs that all reach their call before the loop turns). Each on a
+    read hands a batch of entries to runs that all reach their call before the loop turns); a busy API's
+    execute requests, each one enqueue script call, arrive together the same way (the loop reads every
+    connection that is ready, then runs their requests). Each on a
     connection of its own cost a write (a system call that also carries the command through the
     loopback to Redis) and a read, each in the worker and in Redis; together they cost one of each.
     Only commands that Redis answers at once belong here (scripts; never a blocking read), as one
@@ -242,8 +244,8 @@ def create_redis(
 ) -> Redis:
     """`prompt_writes`: the API's and the worker's clients, whose requests and runs each wait on a couple
     of small commands (see PromptWrites and CPacking); not on a cluster, whose client keeps a pool per node.
-    `batch_commands`: the worker's, whose runs' script calls go in batches (see CommandBatcher), when
-    the client may take lean commands."""
+    `batch_commands`: the worker's and the API's, whose script calls go in batches (see CommandBatcher),
+    when the client may take lean commands."""
     if not settings.redis_url:
         raise NotConfigured("REDIS_URL is not set (or run `nova dev`, which starts an embedded Redis)")
     options: dict[str, object] = {

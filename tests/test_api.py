@@ -467,6 +467,31 @@ def test_the_execute_fast_path_takes_only_requests_fastapi_would_accept_as_they_
     assert fast_paths._plain(_scope("/workflows/7/execute", plain), b"{}", 2**63) is None
 
 
+async def test_execute_requests_of_one_pass_of_the_loop_share_one_redis_connection(
+    api: httpx.AsyncClient, redis: Redis, keys: Keys
+) -> None:
+    """The API's script calls go as the worker's do (CommandBatcher, shared/connections.py): requests that
+    reach their enqueue in the same pass of the event loop share one connection and one write."""
+    wf = await create(api, linear("pass"))
+    await add_clients(api, "idom")
+    # Warm: the workflow's head known to the API, the script loaded, a connection open.
+    assert (await api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom"})).status_code == 202
+    before = (await redis.info("stats"))["total_connections_received"]
+    responses = await asyncio.gather(
+        *(
+            api.post(f"/workflows/{wf}/execute", json={"client_slug": "idom", "initial_context": {"i": i}})
+            for i in range(20)
+        )
+    )
+    # Each request got its own answer, as if it had been alone...
+    assert [r.status_code for r in responses] == [202] * 20
+    bodies = [r.json() for r in responses]
+    assert len({b["task_id"] for b in bodies}) == len({b["execution_id"] for b in bodies}) == 20
+    assert await redis.xlen(keys.requests) == 21
+    # ...and all went on the connection already open: one at a time, they would have opened about 20.
+    assert (await redis.info("stats"))["total_connections_received"] == before
+
+
 async def test_the_execute_fast_path_answers_as_the_fastapi_route_does(api: httpx.AsyncClient) -> None:
     wf = await create(api, linear("pass"))
     await add_clients(api, "acme")
