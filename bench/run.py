@@ -1132,10 +1132,33 @@ class Bench:
 
     async def cost_model(self) -> None:
         """Issue 17's cost model: CPU per execution per role, the capacity it implies, and its
-        projection of 1 and 2 worker processes against measured runs on this machine."""
+        projection of 1 and 2 worker processes against measured runs on this machine.
+
+        Each repetition takes its costs, its projector's capacity and its measured runs one after the
+        other, and each measured run is projected from its own repetition's costs: this machine's speed
+        drifts by up to 2x within minutes, and a projection from costs taken minutes before its
+        measurement compares two speeds, not the model with the system."""
         n = 2000 if self.quick else 6000
-        # Repeated: one cost run's figures move by a fifth from one to the next on a shared machine.
-        costs = [await self._cost_of(START_END, n, "64") for _ in range(self.reps)]
+        costs: list[tuple[dict, dict]] = []
+        alone: list[dict[str, float]] = []
+        runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+        projected: dict[int, list[float]] = {1: [], 2: []}
+        cores = os.cpu_count() or 1
+        for _ in range(self.reps):
+            enqueue_costs, consume_costs = await self._cost_of(START_END, n, "64")
+            costs.append((enqueue_costs, consume_costs))
+            alone.append(await self._projector_alone(n))
+            # The measured runs have no API in them: projected from the consume phase's costs alone, taken
+            # in the cost run, never in the measured runs themselves.
+            consume_only = {role: consume_costs[role] for role in ("worker", "redis", "pg")}
+            for processes in (1, 2):
+                run = await self._saturated_run(processes, n)
+                runs[processes].append(run)
+                projected[processes].append(
+                    cost.projected_throughput(
+                        consume_only, processes, cores, run["competing"], alone[-1]["own_machine_exec_s"]
+                    )
+                )
         enqueue = _median_by_role([e for e, _ in costs])
         consume = _median_by_role([c for _, c in costs])
         for role in enqueue:
@@ -1150,38 +1173,35 @@ class Bench:
         total = {role: enqueue[role] + consume[role] for role in consume}
         for name, value in cost.capacity(total).items():
             self.figures[f"capacity_{name}"] = figure([value], "x" if name == "workers_per_redis" else "exec/s")
-        alone = [await self._projector_alone(n) for _ in range(self.reps)]
         projector_exec_s = statistics.median(a["own_machine_exec_s"] for a in alone)
         self.figures["projector_alone_exec_s"] = figure([a["exec_s"] for a in alone], "exec/s")
         self.figures["projector_alone_own_machine_exec_s"] = figure([a["own_machine_exec_s"] for a in alone], "exec/s")
         self.figures["cpu_projector_alone_ms"] = figure([a["projector"] for a in alone], "ms/exec")
         self.figures["cpu_projector_alone_pg_ms"] = figure([a["pg"] for a in alone], "ms/exec")
-        cores = os.cpu_count() or 1
-        # The measured runs have no API in them: project them from the consume phase's costs alone, taken
-        # in the run above, never in the measured runs themselves.
-        consume_only = {"worker": consume["worker"], "redis": consume["redis"], "pg": consume["pg"]}
+        consume_only = {role: consume[role] for role in ("worker", "redis", "pg")}
         for processes in (1, 2):
             self.figures[f"projected_{processes}proc_own_machine_exec_s"] = figure(
                 [cost.projected_throughput(consume_only, processes, cores, projector_exec_s=projector_exec_s)], "exec/s"
             )
-            runs = [await self._saturated_run(processes, n) for _ in range(self.reps)]
-            projected = [
-                cost.projected_throughput(consume_only, processes, cores, r["competing"], projector_exec_s)
-                for r in runs
-            ]
-            measured = [r["exec_s"] for r in runs]
             f = f"{processes}proc"
-            self.figures[f"competing_threads_{f}"] = figure([r["competing"] for r in runs], "threads")
-            self.figures[f"projected_{f}_exec_s"] = figure(projected, "exec/s")
+            measured = [r["exec_s"] for r in runs[processes]]
+            self.figures[f"competing_threads_{f}"] = figure([r["competing"] for r in runs[processes]], "threads")
+            self.figures[f"projected_{f}_exec_s"] = figure(projected[processes], "exec/s")
             self.figures[f"measured_{f}_exec_s"] = figure(measured, "exec/s")
             # The runs alone (acknowledged in Redis), not waiting for their projection into PostgreSQL.
-            self.figures[f"measured_{f}_runs_exec_s"] = figure([r["runs_exec_s"] for r in runs], "exec/s")
-            errors = [abs(p - m) / m * 100 for p, m in zip(projected, measured, strict=True)]
+            self.figures[f"measured_{f}_runs_exec_s"] = figure([r["runs_exec_s"] for r in runs[processes]], "exec/s")
+            errors = [abs(p - m) / m * 100 for p, m in zip(projected[processes], measured, strict=True)]
             self.figures[f"projection_error_{f}"] = figure(errors, "%", 25, higher=False)
-            self.figures[f"measured_{f}_worker_runnable"] = figure([r["worker_runnable"] for r in runs], "of the time")
-            self.figures[f"measured_{f}_worker_core_share"] = figure([r["worker_share"] for r in runs], "of a core")
+            self.figures[f"measured_{f}_worker_runnable"] = figure(
+                [r["worker_runnable"] for r in runs[processes]], "of the time"
+            )
+            self.figures[f"measured_{f}_worker_core_share"] = figure(
+                [r["worker_share"] for r in runs[processes]], "of a core"
+            )
             for role in consume_only:
-                self.figures[f"measured_{f}_cpu_{role}_ms"] = figure([r["cpu_ms"][role] for r in runs], "ms/exec")
+                self.figures[f"measured_{f}_cpu_{role}_ms"] = figure(
+                    [r["cpu_ms"][role] for r in runs[processes]], "ms/exec"
+                )
 
     # ---- the run -------------------------------------------------------------------------------
 
