@@ -183,15 +183,22 @@ class Bench:
         await admin.flushall()
         await admin.aclose()
 
-    async def fresh(self) -> tuple[Redis, asyncpg.Pool]:
+    async def reset(self) -> None:
+        """Redis emptied and PostgreSQL's tables truncated: what a scenario starts from."""
         await self.flush_redis()
-        redis = Redis.from_url(self.redis_server.url, decode_responses=True)
         conn = await asyncpg.connect(self.pg.url)
-        await conn.execute("TRUNCATE executions, node_runs, workflows, clients CASCADE")
-        await conn.close()
+        try:
+            await conn.execute("TRUNCATE executions, node_runs, workflows, clients CASCADE")
+        finally:
+            await conn.close()
+
+    async def fresh(self) -> tuple[Redis, asyncpg.Pool]:
+        """reset(), and a Redis client and a PostgreSQL pool for the scenario, which closes them (a pool
+        left open would try to keep its connections after the bench stops PostgreSQL)."""
+        await self.reset()
         from shared.db import create_pool
 
-        return redis, await create_pool(self.pg.url)
+        return Redis.from_url(self.redis_server.url, decode_responses=True), await create_pool(self.pg.url)
 
     async def workflow(self, base: str, definition: dict[str, Any]) -> int:
         async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
@@ -269,7 +276,7 @@ class Bench:
         return per_client * 50 / elapsed
 
     async def enqueue_http(self) -> None:
-        await self.fresh()
+        await self.reset()
         proc, base = await self.api()
         try:
             wf = await self.workflow(base, START_END)
@@ -293,7 +300,7 @@ class Bench:
         goal's 3,000 req/s, and at 500 req/s, where a machine that cannot keep up with 3,000 still shows
         the tail that stalls (not queueing for the CPU) make. Beside them, the API's CPU per request
         (its process, from /proc) and the generator's own."""
-        await self.fresh()
+        await self.reset()
         proc, base = await self.api()
         seconds = "3" if self.quick else "10"
         try:
@@ -349,7 +356,7 @@ class Bench:
         return proc, base
 
     async def enqueue_celery(self) -> None:
-        await self.fresh()
+        await self.reset()
         proc, base = await self.celery_api()
         try:
             body = json.dumps({"initial_context": {"invoice": 1}})
@@ -490,7 +497,7 @@ class Bench:
         self.figures["celery_best_exec_s"] = best
 
     async def round_trip(self) -> None:
-        await self.fresh()
+        await self.reset()
         api, base = await self.api()
         worker = self.nova("worker", NOVA_CONCURRENCY="8")
         try:
@@ -515,7 +522,7 @@ class Bench:
         self.figures["round_trip_p99"] = figure([percentile(samples, 0.99)], "ms", 10, higher=False)
 
     async def chain40(self) -> None:
-        await self.fresh()
+        await self.reset()
         api, base = await self.api()
         worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="4")
         try:
@@ -716,7 +723,7 @@ class Bench:
         The client is bench/loadgen.py's, in a process of its own: on two cores a client that spends
         more per poll than the API answering it takes its CPU from the run it waits for (its CPU per
         request is reported)."""
-        await self.fresh()
+        await self.reset()
         api, base = await self.api()
         worker = self.nova("worker", NOVA_CONCURRENCY="4", NOVA_SANDBOX_POOL_SIZE="2")
         try:
