@@ -74,8 +74,6 @@ log = logging.getLogger(__name__)
 
 # How long a reader of one of several streams waits for news of a new entry before it looks anyway.
 WAKE_TIMEOUT_S = 2.0
-# How long a watch waits for a reader it woke to read before it looks at its streams again anyway.
-WATCH_PARK_S = 1.0
 # Container objects allocated (net) before the cycle collector's youngest generation is collected: at
 # Python's default (700) a busy worker collected it a couple of times per 10 runs, each collection
 # promoting the objects of the runs in flight, and every few thousand runs a full collection scanned the
@@ -124,9 +122,6 @@ class Worker:
         # The newest entry a read of this reader was given. Every entry up to it has been delivered to
         # the group (a stream's ids only grow), so the watch need not wake this reader for any of them.
         self._read_up_to = "0-0"
-        # Set after each read of this reader: the watch of its stream, parked while every reader it
-        # watches has been woken and has not read yet, looks again (see _watch).
-        self._watch_wake: asyncio.Event | None = None
         # The readers whose streams this one's watcher watches: None for its own only; [] when another
         # reader's watcher watches this stream (serve() gives a shard's normal lane reader its lanes').
         self.watches: list[Worker] | None = None
@@ -340,9 +335,6 @@ class Worker:
         entry is appended to their stream. A plain XREAD consumes nothing, so it may wait as long as it
         likes without holding slots or entries; one XREAD watches every lane of a shard (one slot)."""
         readers = {w.keys.requests: w for w in (self.watches if self.watches is not None else [self])}
-        wake = asyncio.Event()
-        for reader in readers.values():
-            reader._watch_wake = wake
         # Concrete ids, never "$": Redis takes "$" anew at each read, so an entry appended to a quiet lane
         # between two reads (a busy lane answering each at once) would never be seen.
         last: dict[str, str] = {}
@@ -357,16 +349,7 @@ class Worker:
                     # wake for each of them, one round trip per entry.
                     if entry_id_parts(reader._read_up_to) > entry_id_parts(last[stream]):
                         last[stream] = reader._read_up_to
-                # A reader woken and not yet read takes all it has slots for at its next read: a look
-                # at its stream meanwhile would find the next entry of the same backlog, and the next,
-                # one round trip each (a reader whose slots are all taken does not read for a while).
-                watched = {stream: last[stream] for stream, r in readers.items() if not r._appended.is_set()}
-                if not watched:
-                    wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), WATCH_PARK_S)
-                    continue
-                reply = await self.redis.xread(watched, count=1, block=1000)
+                reply = await self.redis.xread(last, count=1, block=1000)
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
@@ -379,11 +362,7 @@ class Worker:
             for stream, items in reply or []:
                 if items:
                     last[stream] = items[-1][0]
-                    reader = readers[stream]
-                    # Not for an entry its reader read while the XREAD was on its way back: a woken reader
-                    # reads again, and the watch waits for that read.
-                    if entry_id_parts(items[-1][0]) > entry_id_parts(reader._read_up_to):
-                        reader._appended.set()
+                    readers[stream]._appended.set()
 
     async def _read(self, count: int) -> list[tuple[str, dict[str, str]]]:
         if count <= 0:
@@ -404,9 +383,6 @@ class Worker:
             entries.extend(items)
         if entries:
             self._read_up_to = entries[-1][0]
-        if self._watch_wake is not None:
-            # After the read, not before: the watch looks again from what it returned.
-            self._watch_wake.set()
         return entries
 
     def _outage(self) -> None:
