@@ -426,6 +426,27 @@ async def test_enqueue_with_a_live_version_goes_in_only_while_the_workflow_is_li
     assert (await scripts.enqueue(task_id="b", **call)).created
 
 
+async def test_an_enqueue_sent_again_answers_as_its_first_call_did_though_the_workflow_changed_between(
+    r: Redis, scripts: Scripts
+) -> None:
+    # A reply lost on its way back: the call is sent again, the same task id. The step looked at the
+    # workflow's head first: updated in between, it answered "changed", and the API queued the request
+    # again under a new task id, two executions of one request.
+    head = {"id": 1, "name": "wf", "description": None, "version": 2, "created_at": "t", "updated_at": "t"}
+    call = dict(workflow_id=1, workflow_name="wf", client="acme", enqueued_at="t", payload="{}", queued_data="{}")
+    await r.set(KEYS.workflow(1), dumps({**head, "deleted": False}))
+    first = await scripts.enqueue(task_id="a", live_version=2, **call)
+    await r.set(KEYS.workflow(1), dumps({**head, "deleted": False, "version": 3}))
+    again = await scripts.enqueue(task_id="a", live_version=2, **call)
+    assert (again.task_id, again.execution_id, again.entry_id) == (first.task_id, first.execution_id, first.entry_id)
+    # The same for a request repeated with its Idempotency-Key (a new task id each time it is sent).
+    keyed = await scripts.enqueue(task_id="b", idempotency_key="k", live_version=3, **call)
+    await r.set(KEYS.workflow(1), dumps({**head, "deleted": False, "version": 4}))
+    repeated = await scripts.enqueue(task_id="c", idempotency_key="k", live_version=3, **call)
+    assert not repeated.created and (repeated.task_id, repeated.execution_id) == (keyed.task_id, keyed.execution_id)
+    assert await r.xlen(KEYS.requests) == 2
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 async def test_record_twice_is_record_once(r: Redis, scripts: Scripts, terminal: bool) -> None:
     entry_id, _ = await delivered(r, scripts, "a")

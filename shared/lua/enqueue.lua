@@ -38,18 +38,6 @@ local workflow_version = tonumber(ARGV[18])  -- with KEYS[9]: the version the re
 -- Reply: {task_id, execution_id, request entry id or '', outcome}
 local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE, WORKFLOW_CHANGED = 1, 0, 2, 3, 4, 5
 
-if given(workflow_key) then
-  -- The request names a version the caller remembered: it goes in only while the workflow is live at
-  -- that version, so an update or a delete cannot slip in between the caller's read and this step.
-  -- Anything else (changed, deleted, missing, unreadable): the caller reads the head again.
-  local raw = redis.call('GET', workflow_key)
-  local ok, head = false, nil
-  if raw then ok, head = pcall(cjson.decode, raw) end
-  if not ok or type(head) ~= 'table' or head.deleted == true or tonumber(head.version) ~= workflow_version then
-    return {'', '', '', WORKFLOW_CHANGED}
-  end
-end
-
 if given(idempotency_key) then
   local existing = redis.call('GET', idempotency_key)
   if existing then
@@ -61,6 +49,20 @@ local previous = redis.call('HMGET', task_key, 'execution_id', 'entry')
 if previous[1] then
   -- This very call again: answer as the first time did.
   return {task_id, previous[1], previous[2] or '', NEW}
+end
+if given(workflow_key) then
+  -- The request names a version the caller remembered: it goes in only while the workflow is live at
+  -- that version, so an update or a delete cannot slip in between the caller's read and this step.
+  -- Anything else (changed, deleted, missing, unreadable): the caller reads the head again.
+  -- After the two checks above: a call sent again (its reply lost) or a request repeated with its
+  -- idempotency key answers as its first call did whatever became of the workflow since; told
+  -- "changed", the caller would queue the request again under a new task id.
+  local raw = redis.call('GET', workflow_key)
+  local ok, head = false, nil
+  if raw then ok, head = pcall(cjson.decode, raw) end
+  if not ok or type(head) ~= 'table' or head.deleted == true or tonumber(head.version) ~= workflow_version then
+    return {'', '', '', WORKFLOW_CHANGED}
+  end
 end
 if redis.call('EXISTS', sequence_key) == 0 then
   -- Redis lost its data: the caller raises the sequence above every id PostgreSQL knows, then
