@@ -37,7 +37,7 @@ from bench import cost
 from bench.loadgen import merged_percentile, percentile
 from cli.embedded import APP_USER, PostgresServer, RedisServer, free_port
 from shared.control import RunControl
-from shared.db import migrate_url
+from shared.db import create_pool, migrate_url
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.scripts import Scripts
 from shared.settings import Settings
@@ -196,8 +196,6 @@ class Bench:
         """reset(), and a Redis client and a PostgreSQL pool for the scenario, which closes them (a pool
         left open would try to keep its connections after the bench stops PostgreSQL)."""
         await self.reset()
-        from shared.db import create_pool
-
         return Redis.from_url(self.redis_server.url, decode_responses=True), await create_pool(self.pg.url)
 
     async def workflow(self, base: str, definition: dict[str, Any]) -> int:
@@ -982,7 +980,8 @@ class Bench:
         """CPU ms per execution by role in two phases of one run: the API enqueueing `n` requests while
         the workers are drained (nothing consumed), then the worker running them to PostgreSQL while
         the API idles. Each phase's readings cover every process of every role."""
-        _, pool = await self.fresh()
+        await self.reset()
+        pool = await create_pool(self.pg.url)
         api, base = await self.api()
         worker = self.nova("worker", NOVA_CONCURRENCY=concurrency, NOVA_SANDBOX_POOL_SIZE="8")
         clock = cost.RoleClock(

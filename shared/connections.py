@@ -140,6 +140,11 @@ async def lean_command(redis: Redis, *args: Any) -> Any:
         await pool.release(conn)
 
 
+# The most a batch carries (its commands' arguments): a burst of large requests (an enqueue carries its
+# context twice) is sent in several writes, each within the client's socket timeout.
+MAX_BATCH_BYTES = 1 << 20
+
+
 class CommandBatcher:
     """Lean commands (see lean_command) issued in one pass of the event loop, sent together: one
     connection, one write, their replies read in turn, each handed to its caller.
@@ -160,36 +165,48 @@ class CommandBatcher:
     have run: what is sent this way must be safe to send twice, as every script is).
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
         # The client's pool, not the client: the registry below keys batchers by client, weakly.
         self.pool = redis.connection_pool
+        self.max_batch_bytes = max_batch_bytes
         # The batch of this pass of the loop, until its send takes it (None: no batch open).
         self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
+        # The size of the open batch's arguments, in characters and bytes (about its bytes on the wire).
+        self._queued_bytes = 0
         # The sends in progress (kept, so they are not collected mid-way).
         self._sending: set[asyncio.Task[None]] = set()
 
     def command(self, *args: Any) -> asyncio.Future[Any]:
         """The command's reply, once its batch is answered."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        size = sum(len(arg) for arg in args if isinstance(arg, (str, bytes)))
+        if self._queued is not None and self._queued_bytes + size > self.max_batch_bytes:
+            # Full: one write, and one socket timeout, for no more than this; the rest go in batches of
+            # their own, on connections of their own, in the same pass.
+            self._queued = None
         if self._queued is None:
             # The task's first step runs in the loop's next pass: every command issued in this one is
             # queued by then.
             batch = self._queued = []
+            self._queued_bytes = 0
             task = asyncio.create_task(self._send(batch))
             self._sending.add(task)
             task.add_done_callback(functools.partial(self._sent, batch))
         self._queued.append((args, future))
+        self._queued_bytes += size
         return future
 
     def _sent(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
         if self._queued is batch:
-            # Cancelled before its first step (the loop closing): nothing of it was written, and the
-            # next command must open a batch of its own rather than join one that is never sent.
+            # Cancelled before its first step (the loop closing): the next command must open a batch of
+            # its own rather than join one that is never sent.
             self._queued = None
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(RedisConnectionError("batched command not sent: its batch was cancelled"))
+        # A batch cancelled before its first step (open, or closed full) wrote nothing; a send that ran
+        # answered every caller itself.
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(RedisConnectionError("batched command not sent: its batch was cancelled"))
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         if self._queued is batch:

@@ -919,6 +919,34 @@ async def test_a_batch_cancelled_before_it_was_sent_fails_its_commands_and_the_n
     assert await asyncio.wait_for(batcher.command("ECHO", "b"), 10) in (b"b", "b")
 
 
+async def test_a_batch_takes_commands_up_to_its_size_and_the_rest_go_in_batches_of_their_own(
+    batched: Redis,
+) -> None:
+    # One write per batch, under one socket timeout: a burst of large commands (an enqueue carries its
+    # context twice) went as one write however large.
+    batcher = batcher_of(batched)
+    assert batcher is not None
+    big = "x" * (batcher.max_batch_bytes // 4)
+    replies = [batcher.command("ECHO", f"{i}{big}") for i in range(7)]
+    # Issued in one pass: three commands fit in a batch, so three batches are under way.
+    assert len(batcher._sending) == 3
+    assert [len(r) for r in await asyncio.gather(*replies)] == [len(big) + 1] * 7
+    assert [r[0] for r in await asyncio.gather(*replies)] == [str(i) for i in range(7)]
+
+
+async def test_a_full_batch_cancelled_before_it_was_sent_fails_its_commands(batched: Redis) -> None:
+    batcher = batcher_of(batched)
+    assert batcher is not None
+    big = "x" * (batcher.max_batch_bytes // 2 + 1)
+    first, second = batcher.command("ECHO", big), batcher.command("ECHO", big)
+    assert len(batcher._sending) == 2
+    for send in list(batcher._sending):
+        send.cancel()  # before their first step, as when the loop closes
+    for lost in (first, second):
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(lost, 10)
+
+
 def test_a_client_with_a_batcher_can_still_be_collected() -> None:
     client = create_redis(Settings(redis_url="redis://127.0.0.1:1/0"), prompt_writes=True, batch_commands=True)
     assert batcher_of(client) is not None
