@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.catalog import CatalogUnavailable
@@ -107,6 +107,13 @@ def install(app: FastAPI) -> None:
         # maxmemory reached under noeviction: nothing was written; retrying later is right.
         log.error("Redis is out of memory: %s", exc)
         return retry_shortly("Redis is out of memory; retry shortly")
+
+    @app.exception_handler(ReadOnlyError)
+    async def redis_read_only(_: Request, exc: Exception) -> JSONResponse:
+        # The server this API reaches is a replica now (a failover under way, or the address points at
+        # a demoted master): nothing was written; the same request goes through once writes are back.
+        log.error("Redis refuses writes (read-only replica): %s", exc)
+        return retry_shortly("Redis is read-only right now (a replica, or a failover under way); retry shortly")
 
     for error in REDIS_UNAVAILABLE:
 

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import httpx
 
 from api.app import create_app
-from cli.embedded import RedisServer
+from cli.embedded import RedisServer, free_port
 from tests.support import ADMIN_KEY, linear, make_settings
 
 
@@ -88,6 +88,30 @@ async def _replica_online(server: RedisServer) -> None:
         raise TimeoutError("the replica did not come online")
     finally:
         await client.aclose()
+
+
+async def test_a_read_only_redis_answers_503_and_the_request_goes_through_once_writes_are_back(
+    redis_factory: Callable[..., RedisServer], db_url: str
+) -> None:
+    # A failover leaves the API's address on a replica for a while: Redis answers writes with READONLY,
+    # which the API answered with a 500.
+    from redis.asyncio import Redis
+
+    server = redis_factory()
+    admin = Redis.from_url(server.admin_url, decode_responses=True)
+    async with api_on(server.url, db_url) as api:
+        wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
+        assert (await api.post("/clients", json={"slug": "acme", "name": "Acme"})).status_code == 201
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a master that is not there
+        try:
+            refused = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
+        finally:
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+        accepted = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
+    await admin.aclose()
+    assert refused.status_code == 503 and "read-only" in refused.json()["error"]["message"]
+    assert refused.headers["Retry-After"]
+    assert accepted.status_code == 202
 
 
 async def test_a_full_redis_answers_503_and_shows_in_metrics(
