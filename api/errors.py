@@ -108,16 +108,18 @@ def install(app: FastAPI) -> None:
         log.error("Redis is out of memory: %s", exc)
         return retry_shortly("Redis is out of memory; retry shortly")
 
-    @app.exception_handler(ReadOnlyError)
-    async def redis_read_only(_: Request, exc: Exception) -> JSONResponse:
-        # The server this API reaches is a replica now (a failover under way, or the address points at
-        # a demoted master): nothing was written; the same request goes through once writes are back.
-        log.error("Redis refuses writes (read-only replica): %s", exc)
-        return retry_shortly("Redis is read-only right now (a replica, or a failover under way); retry shortly")
-
     for error in REDIS_UNAVAILABLE:
 
         @app.exception_handler(error)
         async def redis_down(_: Request, exc: Exception) -> JSONResponse:
             log.warning("Redis unavailable: %s", exc)
             return retry_shortly("Redis is unavailable right now; retry shortly")
+
+    # After the loop, which registers a handler for ReadOnlyError too (one of REDIS_UNAVAILABLE): this
+    # one, which says why, replaces it.
+    @app.exception_handler(ReadOnlyError)
+    async def redis_read_only(_: Request, exc: Exception) -> JSONResponse:
+        # The server this API reaches is a replica now (a failover under way, or the address points at
+        # a demoted master): nothing was written; the same request goes through once writes are back.
+        log.error("Redis refuses writes (read-only replica): %s", exc)
+        return retry_shortly("Redis is read-only right now (a replica, or a failover under way); retry shortly")

@@ -487,6 +487,14 @@ class Projector:
                     backoff.reset()
             except asyncio.CancelledError:
                 raise
+            # Before ResponseError: a replica's refusal of writes (READONLY) is one, and an outage.
+            except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                await self._quiesce()
+                delay = backoff.next_delay()
+                log.warning("projector waiting %.1fs: %s", delay, exc)
+                # Unacknowledged entries stay pending for this consumer; re-read them from the start.
+                cursor = "0"
+                await sleep_or_stop(delay, stop)
             except ResponseError as exc:
                 await self._quiesce()
                 cursor = "0"
@@ -500,13 +508,6 @@ class Projector:
                     await ensure_groups(self.redis, self.keys)
                 except Exception as exc:
                     log.warning("projector: consumer groups not created yet (%r)", exc)
-            except (*REDIS_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                await self._quiesce()
-                delay = backoff.next_delay()
-                log.warning("projector waiting %.1fs: %s", delay, exc)
-                # Unacknowledged entries stay pending for this consumer; re-read them from the start.
-                cursor = "0"
-                await sleep_or_stop(delay, stop)
             except Exception:
                 # The projector runs inside each worker: nothing it meets may end the worker (seen:
                 # asyncpg's InternalClientError on a connection broken by a PostgreSQL restart).

@@ -18,6 +18,7 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     ResponseError,
     TryAgainError,
@@ -33,8 +34,10 @@ from shared.streams import Keys
 # a slot that is moving (TRYAGAIN past the client's own retries) or a shard with no master for a moment
 # (a failover): the same step succeeds when tried again. And what the cluster client raises when it
 # cannot learn a slot map: no node reachable, or a slot that no master serves (it then refuses every
-# command, whatever its slot, until the map is whole again).
+# command, whatever its slot, until the map is whole again). And a replica's refusal of writes
+# (READONLY): a failover under way, or an address that reaches a demoted master for a while.
 REDIS_UNAVAILABLE = (
+    ReadOnlyError,
     RedisConnectionError,
     RedisTimeoutError,
     BusyLoadingError,
@@ -368,6 +371,15 @@ def is_moved_away(exc: ResponseError) -> bool:
 def is_missing_group(exc: ResponseError) -> bool:
     """Redis lost its data (a restart without persistence, a flush): the caller recreates the groups."""
     return "NOGROUP" in str(exc)
+
+
+def read_only_of(exc: ResponseError) -> ReadOnlyError | None:
+    """The replica's refusal of a write inside a script as Redis 7 reports it (ReadOnlyError, which is
+    Redis unavailable for a while); Redis 6.2 reports it as a script error carrying the same message."""
+    if isinstance(exc, ReadOnlyError):
+        return exc
+    message = str(exc)
+    return ReadOnlyError(message) if "-READONLY You can't write against a read only replica" in message else None
 
 
 def is_out_of_memory(exc: ResponseError) -> bool:

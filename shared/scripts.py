@@ -20,10 +20,10 @@ import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.connections import batcher_of, lean_command, takes_lean_commands
+from shared.connections import batcher_of, lean_command, read_only_of, takes_lean_commands
 from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField, decode_fields
 
 
@@ -164,16 +164,23 @@ class Scripts:
         script = self._registered.get(name)
         if script is None:
             script = self._registered[name] = self.redis.register_script(lua_source(name))  # type: ignore[assignment]
-        if self._lean:
-            try:
-                if self._batcher is not None:
-                    return await self._batcher.command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return await lean_command(self.redis, "EVALSHA", script.sha, len(keys), *keys, *args)
-            except (NoScriptError, RedisConnectionError, RedisTimeoutError):
-                # The script object loads a script Redis lost; the client's retries get a new connection.
-                # Sending again is safe: every script gives the same outcome when run twice.
-                pass
-        return await script(keys=keys, args=args)
+        try:
+            if self._lean:
+                try:
+                    if self._batcher is not None:
+                        return await self._batcher.command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    return await lean_command(self.redis, "EVALSHA", script.sha, len(keys), *keys, *args)
+                except (NoScriptError, RedisConnectionError, RedisTimeoutError):
+                    # The script object loads a script Redis lost; the client's retries get a new
+                    # connection. Sending again is safe: every script gives the same outcome when run twice.
+                    pass
+            return await script(keys=keys, args=args)
+        except ResponseError as exc:
+            # A replica refusing the script's writes: Redis unavailable for a while, on 6.2 as on 7.
+            read_only = read_only_of(exc)
+            if read_only is None or read_only is exc:
+                raise
+            raise read_only from exc
 
     async def enqueue(
         self,

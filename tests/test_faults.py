@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
-from cli.embedded import PostgresServer, RedisServer
+from cli.embedded import PostgresServer, RedisServer, free_port
 from consumer.maintenance import Maintenance
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
 from consumer.sandbox.local import LocalSandboxProvider
@@ -25,7 +29,10 @@ from tests.support import (
     in_process_worker,
     linear,
     make_settings,
+    redis_binaries,
+    redis_version,
     wait_for_events,
+    wait_projected,
     wait_terminal,
 )
 
@@ -228,6 +235,48 @@ async def test_worker_survives_a_redis_restart_with_aof(
         done = await wait_terminal(client, settings, [t.task_id for t in tasks], timeout=60)
     assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
     await client.aclose()
+
+
+@pytest.mark.parametrize("binary", redis_binaries(), ids=redis_version)
+async def test_worker_waits_out_a_read_only_redis_and_goes_on(
+    redis_factory: Callable[..., RedisServer],
+    db_url: str,
+    pool: asyncpg.Pool,
+    binary: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A failover leaves a worker's address on a replica for a while, which refuses writes with READONLY
+    # (6.2: inside a script, as a script error). The worker's projector took it for a bug and stopped
+    # the worker, and every run in it.
+    server = redis_factory(binary=binary)
+    settings = make_settings(server.url, db_url)
+    client = Redis.from_url(server.url, decode_responses=True)
+    admin = Redis.from_url(server.admin_url, decode_responses=True)
+    wf = await create_workflow(client, settings, pool, linear("context['x'] = 1"))
+    caplog.set_level(logging.WARNING, logger="consumer.projector")
+    async with in_process_worker(settings) as worker:
+        first = await enqueue(client, settings, wf)
+        await wait_terminal(client, settings, [first.task_id])
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a master that is not there
+        try:
+            # Until the projector has met the refusal and waits it out (or the worker has ended).
+            deadline = time.monotonic() + 30
+            while not any(
+                r.name == "consumer.projector" and "read only replica" in r.getMessage() for r in caplog.records
+            ):
+                assert not worker.task.done(), "the worker stopped on a read-only Redis"
+                assert time.monotonic() < deadline, "the projector never met the read-only Redis"
+                await asyncio.sleep(0.02)
+        finally:
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+        second = await enqueue(client, settings, wf)
+        done = await wait_terminal(client, settings, [second.task_id])
+        # Projected by the worker's own projector, which met the refusal: before the worker stops.
+        await wait_projected(pool, [first.execution_id, second.execution_id], {"completed"})
+        assert not worker.task.done()
+    assert done[second.task_id].type == EventType.SUCCEEDED
+    await client.aclose()
+    await admin.aclose()
 
 
 async def test_postgres_outage_delays_projection_but_not_execution(

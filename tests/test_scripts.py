@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ReadOnlyError
 
-from cli.embedded import RedisServer
-from shared.connections import batcher_of, create_redis
+from cli.embedded import RedisServer, free_port
+from shared.connections import REDIS_UNAVAILABLE, batcher_of, create_redis
 from shared.events import event_fields
 from shared.inspection import worker_reports
 from shared.scripts import RecordOutcome, Scripts, WorkflowChanged
@@ -945,6 +945,24 @@ async def test_a_full_batch_cancelled_before_it_was_sent_fails_its_commands(batc
     for lost in (first, second):
         with pytest.raises(RedisConnectionError):
             await asyncio.wait_for(lost, 10)
+
+
+async def test_a_script_a_read_only_redis_refuses_is_an_outage_on_every_version(
+    r: Redis, scripts: Scripts, batched: Redis
+) -> None:
+    # A failover leaves a client's address on a replica for a while. Redis 7 answers a script's write
+    # with READONLY; 6.2 wraps it in a script error, which callers took for a bug in the step (a
+    # worker's projector stopped the worker on it). Both are now an outage, as an unreachable Redis is.
+    await r.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a master that is not there
+    try:
+        for client in (scripts, Scripts(batched, KEYS)):
+            with pytest.raises(ReadOnlyError) as raised:
+                await enqueue(client, f"refused-{len(str(client))}")
+            assert isinstance(raised.value, REDIS_UNAVAILABLE)
+    finally:
+        await r.execute_command("REPLICAOF", "NO", "ONE")
+    assert (await enqueue(scripts, "after")).created
+    assert await r.xlen(KEYS.requests) == 1
 
 
 def test_a_client_with_a_batcher_can_still_be_collected() -> None:
