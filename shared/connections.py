@@ -58,6 +58,24 @@ class NotConfigured(RuntimeError):
 PROMPT_WRITE_BYTES = 16 * 1024
 
 
+class ReconnectsWhenReadOnly:
+    """For a connection class: a connection whose server refused a write as a replica (READONLY) is
+    closed, and the next command on it connects anew.
+
+    A failover of a managed Redis moves its address (DNS) to the new master, but a connection already
+    open stays with the demoted one, which refuses every write for as long as the connection lives: a
+    pooled client would answer 503 until restarted. redis-py does the same for Sentinel's connections
+    only. Closing after the error costs nothing while Redis is writable."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except ResponseError as exc:
+            if read_only_of(exc) is not None:
+                await self.disconnect()  # type: ignore[attr-defined]
+            raise
+
+
 class PromptWrites:
     """For a connection class: small commands are written without asyncio.wait_for.
 
@@ -291,11 +309,12 @@ def create_redis(
         options.pop("health_check_interval", None)
         return cast(Redis, RedisCluster.from_url(url, **options))  # type: ignore[arg-type]
     client = Redis.from_url(settings.redis_url, **options)  # type: ignore[arg-type]
-    if prompt_writes:
-        # The class the URL chose (plain, TLS or Unix socket), with small writes made promptly.
-        pool = client.connection_pool
-        base = pool.connection_class
-        pool.connection_class = type(f"Prompt{base.__name__}", (PromptWrites, CPacking, base), {})
+    # The class the URL chose (plain, TLS or Unix socket), with a reconnect after a replica's refusal and,
+    # for `prompt_writes`, small writes made promptly.
+    pool = client.connection_pool
+    base = pool.connection_class
+    mixins = (ReconnectsWhenReadOnly, PromptWrites, CPacking) if prompt_writes else (ReconnectsWhenReadOnly,)
+    pool.connection_class = type(f"Nova{base.__name__}", (*mixins, base), {})
     if batch_commands and takes_lean_commands(client):
         _BATCHERS[client] = CommandBatcher(client)
     return client

@@ -965,6 +965,32 @@ async def test_a_script_a_read_only_redis_refuses_is_an_outage_on_every_version(
     assert await r.xlen(KEYS.requests) == 1
 
 
+@pytest.mark.parametrize("prompt_writes", [False, True])
+async def test_a_connection_a_read_only_redis_refused_connects_anew(
+    r: Redis, versioned_server: RedisServer, prompt_writes: bool
+) -> None:
+    # After a managed Redis's failover its address (DNS) reaches the new master, but a connection open
+    # to the demoted one refused every write for as long as it lived: the API answered 503 until restarted.
+    client = create_redis(Settings(redis_url=versioned_server.admin_url), prompt_writes=prompt_writes)
+    scripts = Scripts(client, KEYS)
+    try:
+        await client.ping()
+        await r.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a master that is not there
+        try:
+            before = (await r.info("stats"))["total_connections_received"]
+            for write in (lambda: client.set("k", "v"), lambda: enqueue(scripts, "refused")):  # 6.2: in a script
+                with pytest.raises(ReadOnlyError):
+                    await write()
+                await client.ping()
+            # Each refusal closed its connection: the command after it connected anew.
+            assert (await r.info("stats"))["total_connections_received"] == before + 2
+        finally:
+            await r.execute_command("REPLICAOF", "NO", "ONE")
+        assert await client.set("k", "v")
+    finally:
+        await client.aclose()
+
+
 def test_a_client_with_a_batcher_can_still_be_collected() -> None:
     client = create_redis(Settings(redis_url="redis://127.0.0.1:1/0"), prompt_writes=True, batch_commands=True)
     assert batcher_of(client) is not None
