@@ -8,6 +8,7 @@ import gc
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -400,12 +401,22 @@ async def test_enqueue_twice_is_enqueue_once(r: Redis, scripts: Scripts) -> None
     assert again.created and again.execution_id == 1 and again.entry_id == (await r.xrange(KEYS.requests))[0][0]
 
 
+# Workflow 1's head in Redis, at version 2, and an enqueue call of it without its task id.
+HEAD = {"id": 1, "name": "wf", "description": None, "version": 2, "created_at": "t", "updated_at": "t"}
+HEAD_CALL: dict[str, Any] = dict(
+    workflow_id=1, workflow_name="wf", client="acme", enqueued_at="t", payload="{}", queued_data="{}"
+)
+
+
+async def set_head(r: Redis, **changes: Any) -> None:
+    await r.set(KEYS.workflow(1), dumps({**HEAD, "deleted": False, **changes}))
+
+
 async def test_enqueue_with_a_live_version_goes_in_only_while_the_workflow_is_live_at_it(
     r: Redis, scripts: Scripts
 ) -> None:
-    head = {"id": 1, "name": "wf", "description": None, "version": 2, "created_at": "t", "updated_at": "t"}
-    call = dict(workflow_id=1, workflow_name="wf", client="acme", enqueued_at="t", payload="{}", queued_data="{}")
-    await r.set(KEYS.workflow(1), dumps({**head, "deleted": False}))
+    head, call = HEAD, HEAD_CALL
+    await set_head(r)
     assert (await scripts.enqueue(task_id="a", live_version=2, **call)).created
     head_key = KEYS.workflow(1)
     before = {k: v for k, v in (await snapshot(r)).items() if k != head_key}
@@ -432,16 +443,15 @@ async def test_an_enqueue_sent_again_answers_as_its_first_call_did_though_the_wo
     # A reply lost on its way back: the call is sent again, the same task id. The step looked at the
     # workflow's head first: updated in between, it answered "changed", and the API queued the request
     # again under a new task id, two executions of one request.
-    head = {"id": 1, "name": "wf", "description": None, "version": 2, "created_at": "t", "updated_at": "t"}
-    call = dict(workflow_id=1, workflow_name="wf", client="acme", enqueued_at="t", payload="{}", queued_data="{}")
-    await r.set(KEYS.workflow(1), dumps({**head, "deleted": False}))
+    call = HEAD_CALL
+    await set_head(r)
     first = await scripts.enqueue(task_id="a", live_version=2, **call)
-    await r.set(KEYS.workflow(1), dumps({**head, "deleted": False, "version": 3}))
+    await set_head(r, version=3)
     again = await scripts.enqueue(task_id="a", live_version=2, **call)
     assert (again.task_id, again.execution_id, again.entry_id) == (first.task_id, first.execution_id, first.entry_id)
     # The same for a request repeated with its Idempotency-Key (a new task id each time it is sent).
     keyed = await scripts.enqueue(task_id="b", idempotency_key="k", live_version=3, **call)
-    await r.set(KEYS.workflow(1), dumps({**head, "deleted": False, "version": 4}))
+    await set_head(r, version=4)
     repeated = await scripts.enqueue(task_id="c", idempotency_key="k", live_version=3, **call)
     assert not repeated.created and (repeated.task_id, repeated.execution_id) == (keyed.task_id, keyed.execution_id)
     assert await r.xlen(KEYS.requests) == 2
