@@ -1154,15 +1154,16 @@ class Bench:
             enqueue_costs, consume_costs = await self._cost_of(START_END, n, "64")
             costs.append((enqueue_costs, consume_costs))
             alone.append(await self._projector_alone(n))
-            # The measured runs have no API in them: projected from the consume phase's costs alone, taken
-            # in the cost run, never in the measured runs themselves.
-            consume_only = {role: consume_costs[role] for role in ("worker", "redis", "pg")}
             for processes in (1, 2):
                 run = await self._saturated_run(processes, n)
                 runs[processes].append(run)
                 projected[processes].append(
                     cost.projected_throughput(
-                        consume_only, processes, cores, run["competing"], alone[-1]["own_machine_exec_s"]
+                        _measured_roles(consume_costs),
+                        processes,
+                        cores,
+                        run["competing"],
+                        alone[-1]["own_machine_exec_s"],
                     )
                 )
         enqueue = _median_by_role([e for e, _ in costs])
@@ -1184,30 +1185,24 @@ class Bench:
         self.figures["projector_alone_own_machine_exec_s"] = figure([a["own_machine_exec_s"] for a in alone], "exec/s")
         self.figures["cpu_projector_alone_ms"] = figure([a["projector"] for a in alone], "ms/exec")
         self.figures["cpu_projector_alone_pg_ms"] = figure([a["pg"] for a in alone], "ms/exec")
-        consume_only = {role: consume[role] for role in ("worker", "redis", "pg")}
+        consume_only = _measured_roles(consume)
         for processes in (1, 2):
             self.figures[f"projected_{processes}proc_own_machine_exec_s"] = figure(
                 [cost.projected_throughput(consume_only, processes, cores, projector_exec_s=projector_exec_s)], "exec/s"
             )
-            f = f"{processes}proc"
-            measured = [r["exec_s"] for r in runs[processes]]
-            self.figures[f"competing_threads_{f}"] = figure([r["competing"] for r in runs[processes]], "threads")
+            f, group = f"{processes}proc", runs[processes]
+            measured = [r["exec_s"] for r in group]
+            self.figures[f"competing_threads_{f}"] = figure([r["competing"] for r in group], "threads")
             self.figures[f"projected_{f}_exec_s"] = figure(projected[processes], "exec/s")
             self.figures[f"measured_{f}_exec_s"] = figure(measured, "exec/s")
             # The runs alone (acknowledged in Redis), not waiting for their projection into PostgreSQL.
-            self.figures[f"measured_{f}_runs_exec_s"] = figure([r["runs_exec_s"] for r in runs[processes]], "exec/s")
+            self.figures[f"measured_{f}_runs_exec_s"] = figure([r["runs_exec_s"] for r in group], "exec/s")
             errors = [abs(p - m) / m * 100 for p, m in zip(projected[processes], measured, strict=True)]
             self.figures[f"projection_error_{f}"] = figure(errors, "%", 25, higher=False)
-            self.figures[f"measured_{f}_worker_runnable"] = figure(
-                [r["worker_runnable"] for r in runs[processes]], "of the time"
-            )
-            self.figures[f"measured_{f}_worker_core_share"] = figure(
-                [r["worker_share"] for r in runs[processes]], "of a core"
-            )
+            self.figures[f"measured_{f}_worker_runnable"] = figure([r["worker_runnable"] for r in group], "of the time")
+            self.figures[f"measured_{f}_worker_core_share"] = figure([r["worker_share"] for r in group], "of a core")
             for role in consume_only:
-                self.figures[f"measured_{f}_cpu_{role}_ms"] = figure(
-                    [r["cpu_ms"][role] for r in runs[processes]], "ms/exec"
-                )
+                self.figures[f"measured_{f}_cpu_{role}_ms"] = figure([r["cpu_ms"][role] for r in group], "ms/exec")
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -1288,6 +1283,12 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _measured_roles(costs: dict[str, float]) -> dict[str, float]:
+    """The roles of a measured run (no API in it): what it is projected from, taken from a cost run's
+    consume phase, never from the measured run itself."""
+    return {role: costs[role] for role in ("worker", "redis", "pg")}
 
 
 def reference_cpu_ms() -> float:
