@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from shared.backoff import Backoff, linger, sleep_or_stop
 from shared.connections import (
@@ -40,7 +40,6 @@ from shared.connections import (
     decodes_responses,
     is_cluster,
     is_missing_group,
-    is_out_of_memory,
 )
 from shared.events import Event
 from shared.reporting import REPORTED_TYPES, active_sentry, report_failed_execution
@@ -300,10 +299,9 @@ class WebhookDelivery:
         try:
             if await self._scripts.pass_unwatched(self.names.endpoints, keys.results, self.group):
                 return True
-        except ResponseError as exc:
-            # Redis 6.2 at its memory limit refuses a script's writes where a read still goes.
-            if not is_out_of_memory(exc):
-                raise
+        except OutOfMemoryError:
+            # Redis at its memory limit refuses the script's write where a read still goes.
+            pass
         self._read_until = time.monotonic() + WATCHED_RECHECK_S
         return False
 

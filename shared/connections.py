@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import weakref
 from typing import Any, cast
 
@@ -71,7 +72,7 @@ class ReconnectsWhenReadOnly:
         try:
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except ResponseError as exc:
-            if read_only_of(exc) is not None:
+            if isinstance(refusal_of(exc), ReadOnlyError):
                 await self.disconnect()  # type: ignore[attr-defined]
             raise
 
@@ -392,19 +393,19 @@ def is_missing_group(exc: ResponseError) -> bool:
     return "NOGROUP" in str(exc)
 
 
-def read_only_of(exc: ResponseError) -> ReadOnlyError | None:
-    """The replica's refusal of a write inside a script as Redis 7 reports it (ReadOnlyError, which is
-    Redis unavailable for a while); Redis 6.2 reports it as a script error carrying the same message."""
-    if isinstance(exc, ReadOnlyError):
+# Refusals of a write (not errors of the command): a replica's, and maxmemory's under noeviction.
+_REFUSALS: dict[str, type[ResponseError]] = {"READONLY": ReadOnlyError, "OOM": OutOfMemoryError}
+# Redis 6.2 reports a refusal of a script's write as a script error carrying it: "... 201: -OOM ...".
+_WRAPPED_REFUSAL = re.compile(r": -(READONLY|OOM) ")
+
+
+def refusal_of(exc: ResponseError) -> ResponseError | None:
+    """The refusal `exc` is or carries, as its own class (ReadOnlyError, OutOfMemoryError), or None.
+    Redis 7 raises a script's refused write as the refusal itself; 6.2 as a script error."""
+    if isinstance(exc, tuple(_REFUSALS.values())):
         return exc
-    message = str(exc)
-    return ReadOnlyError(message) if "-READONLY You can't write against a read only replica" in message else None
-
-
-def is_out_of_memory(exc: ResponseError) -> bool:
-    """Redis at `maxmemory` under noeviction refused a write; from inside a script (Redis 6.2 refuses a
-    script's writes so) it comes as a script error that carries the same message."""
-    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
+    wrapped = _WRAPPED_REFUSAL.search(str(exc))
+    return _REFUSALS[wrapped.group(1)](str(exc)) if wrapped else None
 
 
 async def autoclaim(

@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.connections import batcher_of, lean_command, read_only_of, takes_lean_commands
+from shared.connections import batcher_of, lean_command, refusal_of, takes_lean_commands
 from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField, decode_fields
 
 
@@ -176,11 +176,12 @@ class Scripts:
                     pass
             return await script(keys=keys, args=args)
         except ResponseError as exc:
-            # A replica refusing the script's writes: Redis unavailable for a while, on 6.2 as on 7.
-            read_only = read_only_of(exc)
-            if read_only is None or read_only is exc:
+            # A refusal of the script's writes (a replica's: Redis unavailable for a while; maxmemory's)
+            # raised as its own class, on 6.2 as on 7: callers handle a refusal, not a failed script.
+            refusal = refusal_of(exc)
+            if refusal is None or refusal is exc:
                 raise
-            raise read_only from exc
+            raise refusal from exc
 
     async def enqueue(
         self,
