@@ -91,50 +91,40 @@ async def _replica_online(server: RedisServer) -> None:
         await client.aclose()
 
 
+def _refusal(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """How the admin makes Redis refuse every write, and how it takes that back."""
+    if kind == "read-only":
+        # A failover leaves the API's address on a replica for a while (here one of a master not there).
+        return ("REPLICAOF", "127.0.0.1", str(free_port())), ("REPLICAOF", "NO", "ONE")
+    # maxmemory under noeviction (the default).
+    return ("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0")
+
+
 @pytest.mark.parametrize("binary", redis_binaries(), ids=redis_version)
-async def test_a_read_only_redis_answers_503_and_the_request_goes_through_once_writes_are_back(
-    redis_factory: Callable[..., RedisServer], db_url: str, binary: str
+@pytest.mark.parametrize("kind", ["read-only", "out of memory"])
+async def test_a_redis_refusing_writes_answers_503_and_the_request_goes_through_once_writes_are_back(
+    redis_factory: Callable[..., RedisServer], db_url: str, binary: str, kind: str
 ) -> None:
-    # A failover leaves the API's address on a replica for a while: Redis answers writes with READONLY
-    # (6.2 inside a script as a script error), which the API answered with a 500.
+    # The API answered a replica's refusal with a 500, and on Redis 6.2 (which reports a refusal of a
+    # script's write as a script error) a full Redis's too.
     from redis.asyncio import Redis
 
     server = redis_factory(binary=binary)
     admin = Redis.from_url(server.admin_url, decode_responses=True)
+    refuse, restore = _refusal(kind)
     async with api_on(server.url, db_url) as api:
         wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
         assert (await api.post("/clients", json={"slug": "acme", "name": "Acme"})).status_code == 201
-        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a master that is not there
+        await admin.execute_command(*refuse)
         try:
             refused = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
-        finally:
-            await admin.execute_command("REPLICAOF", "NO", "ONE")
-        accepted = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
-    await admin.aclose()
-    assert refused.status_code == 503 and "read-only" in refused.json()["error"]["message"]
-    assert refused.headers["Retry-After"]
-    assert accepted.status_code == 202
-
-
-@pytest.mark.parametrize("binary", redis_binaries(), ids=redis_version)
-async def test_a_full_redis_answers_503_and_shows_in_metrics(
-    redis_factory: Callable[..., RedisServer], db_url: str, binary: str
-) -> None:
-    # On Redis 6.2 the refusal of a script's write comes as a script error, which the API answered
-    # with a 500.
-    from redis.asyncio import Redis
-
-    server = redis_factory(binary=binary)
-    admin = Redis.from_url(server.admin_url, decode_responses=True)
-    async with api_on(server.url, db_url) as api:
-        wf = (await api.post("/workflows", json={"name": "wf", "definition": linear("pass")})).json()["id"]
-        assert (await api.post("/clients", json={"slug": "acme", "name": "Acme"})).status_code == 201
-        await admin.config_set("maxmemory", "1")  # noeviction (the default): every write is refused
-        try:
-            response = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
             metrics = (await api.get("/metrics")).text
         finally:
-            await admin.config_set("maxmemory", "0")
+            await admin.execute_command(*restore)
+        accepted = await api.post(f"/workflows/{wf}/execute", json={"client_slug": "acme"})
     await admin.aclose()
-    assert response.status_code == 503 and "out of memory" in response.json()["error"]["message"]
-    assert 'nova_redis_memory_bytes{kind="max"} 1.0' in metrics
+    assert refused.status_code == 503 and kind in refused.json()["error"]["message"]
+    assert refused.headers["Retry-After"]
+    assert accepted.status_code == 202
+    if kind == "out of memory":
+        assert 'nova_redis_memory_bytes{kind="max"} 1.0' in metrics
