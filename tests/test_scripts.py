@@ -22,7 +22,7 @@ from shared.inspection import worker_reports
 from shared.scripts import RecordOutcome, Scripts, WorkflowChanged
 from shared.settings import Settings
 from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, now_iso
-from tests.support import ready_for_scripts, script_keys
+from tests.support import ready_for_scripts, redis_binaries, redis_version, script_keys
 
 KEYS = script_keys("t")
 
@@ -246,6 +246,38 @@ async def test_pass_unwatched_moves_the_webhook_group_only_while_no_endpoint_is_
     await r.xadd(KEYS.results, {"type": "started"})
     await twice(r, lambda: scripts.pass_unwatched(endpoints, KEYS.results, group))
     assert (await r.xpending(KEYS.results, group))["pending"] == 1
+
+
+@pytest.mark.parametrize("binary", redis_binaries(), ids=redis_version)
+async def test_pass_unwatched_holds_no_copy_of_the_streams_entries(
+    binary: str, redis_factory: Callable[..., RedisServer]
+) -> None:
+    """An idle fan-out asks at every pass: the check must not build a reply out of the stream's first and
+    last entries (a context of megabytes each). Their copy shows in Redis's peak memory, which only a
+    fresh server has at a known level."""
+    server = redis_factory(binary=binary)
+    r = Redis.from_url(server.admin_url, decode_responses=True)
+    try:
+        endpoints, group, big = f"{KEYS.home}:webhooks", "webhooks", "x" * (8 << 20)
+        await r.xadd(KEYS.results, {"data": big})
+        await r.xadd(KEYS.results, {"data": "small"})
+        await r.xadd(KEYS.results, {"data": big})
+        await r.xgroup_create(KEYS.results, group, id="$")
+        scripts = Scripts(r, KEYS)
+        before = (await r.info("memory"))["used_memory_peak"]
+        assert await scripts.pass_unwatched(endpoints, KEYS.results, group)
+        assert (await r.info("memory"))["used_memory_peak"] - before < 1 << 20
+        # Behind, it moves on; at the greatest id (nothing can come after), it leaves the group be.
+        await r.xgroup_setid(KEYS.results, group, id="0")
+        assert await scripts.pass_unwatched(endpoints, KEYS.results, group)
+        [info] = await r.xinfo_groups(KEYS.results)
+        assert info["last-delivered-id"] == (await r.xinfo_stream(KEYS.results))["last-generated-id"]
+        greatest = "18446744073709551615-18446744073709551615"
+        await r.xgroup_setid(KEYS.results, group, id=greatest)
+        assert await scripts.pass_unwatched(endpoints, KEYS.results, group)
+        assert (await r.xinfo_groups(KEYS.results))[0]["last-delivered-id"] == greatest
+    finally:
+        await r.aclose()
 
 
 async def test_task_state_reads_the_task_and_both_pause_flags(r: Redis, scripts: Scripts) -> None:
