@@ -233,7 +233,9 @@ class ClientStore:
         """Revoke the client's keys and issue a new one."""
         pool = self._db()
         async with pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT 1 FROM clients WHERE slug = $1", slug):
+            # The client's row locked: rotations at once take turns, and each revokes the key the one
+            # before it issued (unlocked, each saw only the keys committed when it began: several lived).
+            if not await conn.fetchval("SELECT 1 FROM clients WHERE slug = $1 FOR UPDATE", slug):
                 raise ClientError(f"client '{slug}' does not exist")
             revoked = await conn.fetch(
                 """UPDATE api_keys SET revoked_at = now()

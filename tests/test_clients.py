@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -43,6 +45,17 @@ async def test_rotation_revokes_the_old_key_everywhere(redis: Redis, pool: async
     assert listed["slug"] == "acme" and listed["active_keys"] == 1
     with pytest.raises(ClientError, match="does not exist"):
         await clients.rotate("nobody")
+
+
+async def test_rotations_at_once_leave_one_live_key(redis: Redis, pool: asyncpg.Pool, settings: Settings) -> None:
+    """Each rotation revokes the keys it finds: rotations at once must each find the others' keys."""
+    clients = store(redis, pool, settings)
+    await clients.create("acme", "Acme")
+    rotated = await asyncio.gather(*(clients.rotate("acme") for _ in range(5)))
+    live = [key for key in rotated if await clients.resolve(key) == "acme"]
+    assert len(live) == 1, f"{len(live)} of 5 rotated keys still work"
+    [listed] = await clients.list()
+    assert listed["active_keys"] == 1
 
 
 async def test_credentials_are_encrypted_at_rest(redis: Redis, pool: asyncpg.Pool, settings: Settings) -> None:
