@@ -179,6 +179,10 @@ def check_credential(name: str, value: CredentialValue) -> None:
         raise ClientError(f"'{name}' is set by NOVA for every run and cannot be a credential")
     if value == "":
         raise ClientError("a credential value cannot be empty")
+    if isinstance(value, str) and "\x00" in value:
+        # Node code gets it as an environment variable too, which cannot hold one: every run of the
+        # client would fail to start its sandbox.
+        raise ClientError("a credential value cannot contain U+0000 (NUL)")
     try:
         size = len(orjson.dumps(value))
     except orjson.JSONEncodeError as exc:

@@ -222,9 +222,22 @@ async def test_credential_route_takes_typed_values_and_the_secret_flag(
         ("bad-name", {"value": "x"}, "environment variable names"),
         ("ok", {"value": ""}, "value"),
         ("ok", {"secret": True}, "value"),
+        # An environment variable cannot hold U+0000: stored, it failed every run's sandbox start.
+        ("ok", {"value": "a\u0000b"}, "U+0000"),
+        ("bad%00name", {"value": "x"}, "environment variable names"),
     ):
         response = await api.put(f"/clients/acme/credentials/{name}", json=body)
         assert response.status_code == 422 and fragment in response.text, response.text
+    # Path values no client or credential can have (U+0000 made PostgreSQL fail the request) are a 422.
+    for method, path in (
+        ("PUT", "/clients/a%00b/credentials/ok"),
+        ("POST", "/clients/a%00b/rotate-key"),
+        ("GET", "/clients/a%00b/credentials"),
+        ("DELETE", "/clients/a%00b/credentials/ok"),
+        ("DELETE", "/clients/acme/credentials/%00"),
+    ):
+        response = await api.request(method, path, json={"value": "x"} if method == "PUT" else None)
+        assert response.status_code == 422 and "pattern" in response.text, (method, path, response.text)
 
 
 # ---- runs ----------------------------------------------------------------------------------------------

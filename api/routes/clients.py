@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Path, Response
 
 from api.deps import Admin, Res
 from api.errors import ApiError
-from api.schemas import ClientIn, ClientKeyOut, CredentialIn, errors
-from shared.clients import ClientError
+from api.schemas import SLUG_PATTERN, ClientIn, ClientKeyOut, CredentialIn, errors
+from shared.clients import CREDENTIAL_NAME, ClientError
 
 router = APIRouter(tags=["clients"])
+
+# Checked before any store sees them: a slug or name no client or credential can have (U+0000 included,
+# which PostgreSQL refuses with an error of its own) is a 422 that says what a valid one is.
+Slug = Annotated[str, Path(pattern=SLUG_PATTERN, description="A client's slug")]
+CredentialName = Annotated[str, Path(pattern=CREDENTIAL_NAME.pattern, description="A credential's name")]
 
 
 @router.post("/clients", status_code=201, response_model=ClientKeyOut, responses=errors(401, 403, 409, 422, 503))
@@ -33,8 +38,8 @@ async def list_clients(res: Res, _: Admin) -> dict[str, Any]:
     return {"items": items, "count": len(items)}
 
 
-@router.post("/clients/{slug}/rotate-key", response_model=ClientKeyOut, responses=errors(401, 403, 404, 503))
-async def rotate_key(slug: str, res: Res, _: Admin) -> ClientKeyOut:
+@router.post("/clients/{slug}/rotate-key", response_model=ClientKeyOut, responses=errors(401, 403, 404, 422, 503))
+async def rotate_key(slug: Slug, res: Res, _: Admin) -> ClientKeyOut:
     res.db()
     try:
         key = await res.clients.rotate(slug)
@@ -44,7 +49,7 @@ async def rotate_key(slug: str, res: Res, _: Admin) -> ClientKeyOut:
 
 
 @router.put("/clients/{slug}/credentials/{name}", status_code=204, responses=errors(401, 403, 404, 422, 503))
-async def set_credential(slug: str, name: str, body: CredentialIn, res: Res, _: Admin) -> Response:
+async def set_credential(slug: Slug, name: str, body: CredentialIn, res: Res, _: Admin) -> Response:
     """Store a credential: a secret (masked wherever a run shows it) unless `"secret": false`.
 
     Node code of the client's runs reads it as `context[name]`, typed as stored, and as the
@@ -59,8 +64,8 @@ async def set_credential(slug: str, name: str, body: CredentialIn, res: Res, _: 
     return Response(status_code=204)
 
 
-@router.get("/clients/{slug}/credentials", responses=errors(401, 403, 503))
-async def credential_names(slug: str, res: Res, _: Admin) -> dict[str, Any]:
+@router.get("/clients/{slug}/credentials", responses=errors(401, 403, 422, 503))
+async def credential_names(slug: Slug, res: Res, _: Admin) -> dict[str, Any]:
     # Names and kinds only: a stored credential's value is never returned.
     kinds = await res.clients.credential_kinds(slug)
     return {
@@ -70,8 +75,8 @@ async def credential_names(slug: str, res: Res, _: Admin) -> dict[str, Any]:
     }
 
 
-@router.delete("/clients/{slug}/credentials/{name}", status_code=204, responses=errors(401, 403, 404, 503))
-async def delete_credential(slug: str, name: str, res: Res, _: Admin) -> Response:
+@router.delete("/clients/{slug}/credentials/{name}", status_code=204, responses=errors(401, 403, 404, 422, 503))
+async def delete_credential(slug: Slug, name: CredentialName, res: Res, _: Admin) -> Response:
     if not await res.clients.delete_credential(slug, name):
         raise ApiError(404, f"credential '{name}' of client '{slug}' not found")
     return Response(status_code=204)
