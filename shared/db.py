@@ -60,6 +60,36 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+# The integers the jsonb codec (orjson) encodes: 64-bit signed, and unsigned above.
+_JSON_INT_MIN, _JSON_INT_MAX = -(2**63), 2**64 - 1
+
+
+def jsonb_problem(value: Any, where: str) -> str | None:
+    """Why `value` (decoded JSON) cannot be stored as jsonb, naming the place (`where` and the path
+    below it), or None. PostgreSQL's text and jsonb cannot hold U+0000, and the codec cannot encode an
+    integer beyond 64 bits: stored as they are, both fail in PostgreSQL or the codec (a 500 where the
+    caller's input was at fault). Walked with a stack: the JSON guard bounds the depth, not the width."""
+    stack: list[tuple[str, Any]] = [(where, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return f"{path}: text cannot contain U+0000 (NUL)"
+        elif isinstance(item, bool) or item is None or isinstance(item, float):
+            continue
+        elif isinstance(item, int):
+            if not _JSON_INT_MIN <= item <= _JSON_INT_MAX:
+                return f"{path}: {item} is beyond the 64-bit integers a stored value can hold"
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return f"{path}: a key cannot contain U+0000 (NUL)"
+                stack.append((f"{path}.{key}", inner))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}", inner) for i, inner in enumerate(item))
+    return None
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs)
 

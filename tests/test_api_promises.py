@@ -321,3 +321,25 @@ async def test_text_postgresql_cannot_hold_is_a_422_not_a_500(api: httpx.AsyncCl
         json={"name": "wf", "description": "\u0000", "graph_definition": {"nodes": [], "edges": []}},
     )
     assert described.status_code == 422, described.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"note": "a\u0000b"}, "graph_definition.note: text cannot contain U+0000"),
+        ({"k\u0000": 1}, "a key cannot contain U+0000"),
+        ({"big": 2**70}, "graph_definition.big: 1180591620717411303424 is beyond the 64-bit integers"),
+        ({"meta": [{"n": -(2**64)}]}, "graph_definition.meta.0.n"),
+    ],
+)
+async def test_a_graph_postgresql_cannot_store_is_a_422_not_a_500(
+    api: httpx.AsyncClient, extra: dict[str, Any], fragment: str
+) -> None:
+    """A fixture file's other keys are stored as sent: a NUL or an integer beyond 64 bits anywhere in it
+    failed in PostgreSQL or the jsonb codec, creating and updating alike."""
+    created = await api.post("/workflows", json={"name": "g", "graph_definition": {**linear("pass"), **extra}})
+    assert created.status_code == 422 and fragment in created.json()["error"]["message"], created.text
+    wf = await create(api, linear("pass"), "g")
+    updated = await api.put(f"/workflows/{wf}", json={"graph_definition": {**linear("pass"), **extra}})
+    assert updated.status_code == 422 and fragment in updated.json()["error"]["message"], updated.text
+    assert (await api.get(f"/workflows/{wf}")).json()["version"] == 1

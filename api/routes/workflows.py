@@ -37,6 +37,7 @@ from shared.catalog import (
     definition_warnings,
 )
 from shared.clients import Principal
+from shared.db import jsonb_problem
 from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
@@ -62,6 +63,8 @@ def _saved(workflow: StoredWorkflow, warnings: list[GraphWarning]) -> WorkflowSa
 
 def _checked(graph: dict[str, Any], max_node_timeout: float) -> list[GraphWarning]:
     """Validate a graph (422 naming the node); returns its warnings."""
+    if problem := jsonb_problem(graph, "graph_definition"):
+        raise ApiError(422, f"invalid workflow definition: {problem}")
     try:
         definition = validate_definition(graph, max_node_timeout=max_node_timeout)
     except InvalidDefinition as exc:
