@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 from redis.asyncio import Redis
 
 from shared.streams import Keys, dumps, loads, now_iso
@@ -50,6 +50,11 @@ def validate_cron(expression: str) -> str:
     expression = " ".join(expression.split())
     if len(expression.split()) not in (5, 6) or not croniter.is_valid(expression):
         raise InvalidSchedule(f"'{expression}' is not a cron expression (5 fields, or 6 with seconds last)")
+    try:
+        next_tick(expression, int(time.time() * 1000))
+    except CroniterError:
+        # Valid fields that no date matches (February 31st): a schedule that would never fire.
+        raise InvalidSchedule(f"'{expression}' never fires (no date matches it)") from None
     return expression
 
 

@@ -626,3 +626,22 @@ async def test_the_apis_redis_client_writes_small_commands_promptly_and_still_ti
         finally:
             proxy.resume()
             await client.aclose()
+
+
+async def test_a_schedule_is_refused_now_for_what_its_ticks_would_be_refused(api: httpx.AsyncClient) -> None:
+    """Each tick enqueues as the execute route does: a schedule it would refuse at every tick (or never
+    fire) is refused when it is created, with the execute route's answer."""
+    wf = await create(api, linear("pass"))
+    await add_clients(api, "acme")
+    base = {"cron": "*/5 * * * *", "workflow_id": wf, "client_slug": "acme"}
+    for change, status, fragment in (
+        ({"cron": "0 0 31 2 *"}, 422, "never fires"),
+        ({"initial_context": {"n": 2**70}}, 422, "initial_context"),
+        ({"initial_context": {"text": "x" * 300_000}}, 413, "the limit is"),
+        ({"client_slug": "ghost"}, 404, "Client 'ghost' not found"),
+        ({"workflow_id": wf + 1}, 404, "not found"),
+    ):
+        assert_error(await api.post("/schedules", json={**base, **change}), status, fragment)
+    assert (await api.get("/schedules")).json()["count"] == 0
+    created = await api.post("/schedules", json=base)
+    assert created.status_code == 201 and created.json()["next_fire_at"], created.text

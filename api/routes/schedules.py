@@ -10,8 +10,10 @@ from pydantic import BaseModel, Field
 
 from api.deps import Admin, Res
 from api.errors import ApiError
-from api.schemas import errors
+from api.routes.workflows import MAX_CONTEXT_BYTES, existing_client
+from api.schemas import SLUG_PATTERN, errors
 from shared.schedules import InvalidSchedule, Schedule, ScheduleStore
+from shared.streams import dumps
 
 router = APIRouter(tags=["schedules"])
 
@@ -19,7 +21,7 @@ router = APIRouter(tags=["schedules"])
 class ScheduleIn(BaseModel):
     cron: str = Field(description="Five cron fields, or six with seconds last", examples=["*/5 * * * *"])
     workflow_id: int = Field(ge=1, le=2**63 - 1)
-    client_slug: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    client_slug: str = Field(pattern=SLUG_PATTERN)
     initial_context: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, max_length=200)
 
@@ -37,10 +39,20 @@ def _store(res: Res) -> ScheduleStore:
     return ScheduleStore(res.redis, res.keys)
 
 
-@router.post("/schedules", status_code=201, summary="Create a schedule", responses=errors(404))
+@router.post("/schedules", status_code=201, summary="Create a schedule", responses=errors(404, 413, 422, 503))
 async def create_schedule(res: Res, _: Admin, body: ScheduleIn) -> dict[str, Any]:
+    """Each tick enqueues as POST /workflows/{id}/execute would, so what that route refuses is refused
+    here, now, rather than at every tick."""
     if await res.catalog.get(body.workflow_id) is None:
         raise ApiError(404, f"workflow {body.workflow_id} not found")
+    await existing_client(res, body.client_slug)
+    try:
+        size = len(dumps(body.initial_context))
+    except TypeError as exc:
+        # Valid JSON that the event encoding cannot carry, e.g. an integer beyond 64 bits.
+        raise ApiError(422, f"initial_context: {exc}") from None
+    if size > MAX_CONTEXT_BYTES:
+        raise ApiError(413, f"initial_context is about {size} bytes; the limit is {MAX_CONTEXT_BYTES}")
     store = _store(res)
     try:
         schedule = await store.create(

@@ -212,13 +212,18 @@ async def _client_of(res: Res, caller_client: str | None, admin: bool, requested
         return caller_client
     if requested is None:
         return NO_CLIENT
+    return await existing_client(res, requested)
+
+
+async def existing_client(res: Res, slug: str) -> str:
+    """`slug`, if such a client exists (404 if not; 503 when only PostgreSQL could say, and is down)."""
     try:
-        await res.known_clients.require(res.pool, requested)
+        await res.known_clients.require(res.pool, slug)
     except UnknownClient:
-        raise ApiError(404, f"Client '{requested}' not found") from None
+        raise ApiError(404, f"Client '{slug}' not found") from None
     except CatalogUnavailable:
         raise unavailable("PostgreSQL") from None
-    return requested
+    return slug
 
 
 async def _workflow_lane(res: Resources, workflow: WorkflowHead) -> Lane:
