@@ -102,12 +102,6 @@ def install(app: FastAPI) -> None:
         log.warning("catalog unavailable: %s", exc)
         return retry_shortly("PostgreSQL is unavailable right now; retry shortly")
 
-    @app.exception_handler(OutOfMemoryError)
-    async def redis_full(_: Request, exc: Exception) -> JSONResponse:
-        # maxmemory reached under noeviction: nothing was written; retrying later is right.
-        log.error("Redis is out of memory: %s", exc)
-        return retry_shortly("Redis is out of memory; retry shortly")
-
     for error in REDIS_UNAVAILABLE:
 
         @app.exception_handler(error)
@@ -115,8 +109,14 @@ def install(app: FastAPI) -> None:
             log.warning("Redis unavailable: %s", exc)
             return retry_shortly("Redis is unavailable right now; retry shortly")
 
-    # After the loop, which registers a handler for ReadOnlyError too (one of REDIS_UNAVAILABLE): this
-    # one, which says why, replaces it.
+    # After the loop, which registers a handler for ReadOnlyError and OutOfMemoryError too (both are
+    # REDIS_UNAVAILABLE): these, which say why, replace it.
+    @app.exception_handler(OutOfMemoryError)
+    async def redis_full(_: Request, exc: Exception) -> JSONResponse:
+        # maxmemory reached under noeviction: nothing was written; retrying later is right.
+        log.error("Redis is out of memory: %s", exc)
+        return retry_shortly("Redis is out of memory; retry shortly")
+
     @app.exception_handler(ReadOnlyError)
     async def redis_read_only(_: Request, exc: Exception) -> JSONResponse:
         # The server this API reaches is a replica now (a failover under way, or the address points at

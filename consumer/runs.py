@@ -23,7 +23,8 @@ from functools import cached_property
 from typing import Any
 
 from redis.asyncio import Redis
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
+from redis.exceptions import OutOfMemoryError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from consumer.engine import (
     Attempt,
@@ -151,16 +152,30 @@ def backoff_seconds(settings: Settings, attempt: int) -> float:
 
 
 async def _durably(action: Any, settings: Settings) -> Any:
-    """Redis writes a run cannot skip: retried through a short outage, then given up (entry stays pending)."""
+    """Redis writes a run cannot skip: retried through a short outage, then given up (entry stays pending).
+
+    A Redis at its memory limit (OOM under noeviction) refuses them for as long as it stays full, and
+    the run waits for room however long that is: its heartbeats still go (they add nothing), so its
+    entry stays this worker's, and a takeover cancels the wait. Ended instead, the run left its entry
+    to be reclaimed every visibility timeout, each reclaim a delivery, until max_deliveries buried
+    requests that never failed. A script refused so wrote nothing: Redis refuses only a script's first
+    write, so the same call is sent again whole."""
     try:
         # The common case pays for one call, not for setting up a retry loop.
         return await action()
+    except OutOfMemoryError:
+        log.warning("Redis is at its memory limit: a run waits for room (its entry stays this worker's)")
     except REDIS_UNAVAILABLE:
         pass
+
+    def outage_too_long(state: RetryCallState) -> bool:
+        full = state.outcome is not None and isinstance(state.outcome.exception(), OutOfMemoryError)
+        return not full and state.seconds_since_start >= settings.visibility_timeout
+
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(REDIS_UNAVAILABLE),
         wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
-        stop=stop_after_delay(settings.visibility_timeout),
+        stop=outage_too_long,
         reraise=True,
     ):
         with attempt:

@@ -36,9 +36,12 @@ from shared.streams import Keys
 # (a failover): the same step succeeds when tried again. And what the cluster client raises when it
 # cannot learn a slot map: no node reachable, or a slot that no master serves (it then refuses every
 # command, whatever its slot, until the map is whole again). And a replica's refusal of writes
-# (READONLY): a failover under way, or an address that reaches a demoted master for a while.
+# (READONLY): a failover under way, or an address that reaches a demoted master for a while. And a
+# master at its memory limit under noeviction (OOM): it refuses writes until memory is freed, and a
+# transaction (MULTI) whole, an acknowledgement in it included; nothing of the refused step is written.
 REDIS_UNAVAILABLE = (
     ReadOnlyError,
+    OutOfMemoryError,
     RedisConnectionError,
     RedisTimeoutError,
     BusyLoadingError,

@@ -279,6 +279,39 @@ async def test_worker_waits_out_a_read_only_redis_and_goes_on(
     await admin.aclose()
 
 
+async def test_a_full_redis_leaves_runs_waiting_not_redelivered(
+    redis_factory: Callable[..., RedisServer], db_url: str, pool: asyncpg.Pool
+) -> None:
+    """Redis at its memory limit (noeviction) refuses a run's writes for as long as it stays full. The
+    run waits for room: ended, its entry was reclaimed every visibility timeout (a delivery each), and
+    after max_deliveries both it and the request queued behind it were dead-lettered."""
+    server = redis_factory()
+    settings = make_settings(server.url, db_url, visibility_timeout=1.0, max_deliveries=1, concurrency=1)
+    client = Redis.from_url(server.url, decode_responses=True)
+    admin = Redis.from_url(server.admin_url, decode_responses=True)
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(client, settings, pool, linear("import time\ntime.sleep(0.3)", "context['b'] = 2"))
+    async with in_process_worker(settings):
+        running, queued = await enqueue(client, settings, wf), await enqueue(client, settings, wf)
+        await wait_for_events(
+            client,
+            settings,
+            lambda e: e.task_id == running.task_id and e.type == EventType.NODE_STARTED and e.data["node_id"] == "a1",
+        )
+        await admin.config_set("maxmemory", "1")
+        try:
+            # Full for three visibility timeouts: three chances to reclaim the entry of a run that ended.
+            await asyncio.sleep(3 * settings.visibility_timeout)
+            pending = await admin.xpending_range(keys.requests, keys.worker_group, min="-", max="+", count=10)
+        finally:
+            await admin.config_set("maxmemory", "0")
+        assert [p["times_delivered"] for p in pending] == [1], pending
+        done = await wait_terminal(client, settings, [running.task_id, queued.task_id])
+    assert {e.type for e in done.values()} == {EventType.SUCCEEDED}, done
+    await client.aclose()
+    await admin.aclose()
+
+
 async def test_postgres_outage_delays_projection_but_not_execution(
     redis: Redis, pg_factory: Callable[..., PostgresServer], settings: Settings
 ) -> None:
