@@ -98,7 +98,7 @@ async def enqueue_execution(
     if isinstance(scripts.redis, RedisCluster):
         return await _enqueue_strict_on_cluster(scripts.redis, scripts, execution, floor, payload, strict)
     async with scripts.redis.client() as connection:
-        result = await _enqueue(Scripts(connection, scripts.keys), execution, floor, payload)
+        result = await _enqueue(scripts.on(connection), execution, floor, payload)
         await strict.confirm(connection)
     return result
 
@@ -123,7 +123,7 @@ async def _enqueue_strict_on_cluster(
         client = Redis(connection_pool=pool)
         try:
             async with client.client() as connection:
-                result = await _enqueue(Scripts(connection, scripts.keys), execution, floor, payload)
+                result = await _enqueue(scripts.on(connection), execution, floor, payload)
                 await strict.confirm(connection, node.name)
             return result
         except (MovedError, AskError, TryAgainError) as exc:
@@ -175,8 +175,9 @@ async def _enqueue(
         return await scripts.enqueue(**call)
     except SequenceLost:
         pass
-    # Redis lost its data (a restart without persistence, a flush, a new server): ids handed out
-    # from 1 again would collide with executions PostgreSQL already holds.
+    # Redis lost its data (a restart without persistence, a flush, a new server) or some of it (an older
+    # snapshot, a lagging replica promoted): ids handed out again would collide with executions
+    # PostgreSQL already holds.
     try:
         highest = await floor()
     except Exception as exc:
@@ -184,6 +185,13 @@ async def _enqueue(
             "execution ids cannot be handed out safely: Redis lost its id sequence and PostgreSQL is unreachable"
             f" ({exc})"
         ) from exc
-    log.warning("execution id sequence missing from Redis; raised to %d from PostgreSQL", highest)
-    await scripts.raise_sequence(highest)
+    # The client's shard's sequence: the one enqueue() used.
+    shard = scripts.of(scripts.keys.of_client(execution.client))
+    raised = await shard.raise_sequence(highest)
+    log.warning(
+        "execution id sequence of %s missing from Redis or behind; raised to %d (PostgreSQL's highest id %d)",
+        shard.keys.execution_seq,
+        raised,
+        highest,
+    )
     return await scripts.enqueue(**call)

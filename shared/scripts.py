@@ -108,8 +108,14 @@ class RateLimited(Exception):
         self.client, self.wait_ms, self.rate = client, wait_ms, rate
 
 
+@dataclass
+class SequenceSeen:
+    value: int = 0
+
+
 class SequenceLost(Exception):
-    """Redis has no execution id sequence (it lost its data): it must be raised before enqueueing."""
+    """Redis's execution id sequence is missing, or below a value this process saw it hold (Redis lost
+    data): it must be raised before enqueueing."""
 
 
 class WorkflowChanged(Exception):
@@ -146,11 +152,28 @@ class Scripts:
         self.redis = redis
         self.keys = keys
         self._registered: dict[str, AsyncScript] = {}
+        # The highest value this shard's id sequence was seen to hold (enqueue's replies, raises): it
+        # only grows, so a lower one means Redis lost data (see enqueue.lua). Shared with on().
+        self._seen = SequenceSeen()
         self._siblings: dict[tuple[int, str], Scripts] = {(keys.shard_index, keys.lane): self}
         # Script calls are each run's and each enqueue's hottest command: sent the short way when it may.
         self._lean = takes_lean_commands(redis)
         # A worker's: the calls of its runs that reach them in the same pass of the loop go together.
         self._batcher = batcher_of(redis) if self._lean else None
+
+    @property
+    def sequence_seen(self) -> int:
+        return self._seen.value
+
+    def _saw_sequence(self, value: int) -> None:
+        self._seen.value = max(self._seen.value, value)
+
+    def on(self, redis: Redis) -> Scripts:
+        """The same steps on the same keys through another client (one pinned connection), sharing what
+        this one has seen of the id sequence."""
+        pinned = Scripts(redis, self.keys)
+        pinned._seen = self._seen
+        return pinned
 
     def of(self, keys: Keys) -> Scripts:
         """The same steps on another shard's (or lane's) keys (kept, so scripts are registered once each)."""
@@ -256,6 +279,7 @@ class Scripts:
                 self.keys.shard_index,
                 "" if lane == Lane.NORMAL else lane.value,
                 "" if live_version is None else live_version,
+                self.sequence_seen,
             ],
         )
         existing_task, exec_id, entry, outcome_raw = (_s(x) for x in reply)
@@ -267,7 +291,10 @@ class Scripts:
         if outcome == EnqueueOutcome.RATE_LIMITED:
             raise RateLimited(client, int(exec_id), rate)
         if outcome == EnqueueOutcome.NO_SEQUENCE:
-            raise SequenceLost("the execution id sequence is missing from Redis")
+            raise SequenceLost("the execution id sequence is missing from Redis, or behind ids it handed out")
+        if exec_id:
+            handed_out = (int(exec_id) - self.keys.shard_index) // self.keys.shard_count
+            self._saw_sequence(handed_out)
         return EnqueueResult(
             task_id=existing_task,
             execution_id=int(exec_id) if exec_id else 0,
@@ -331,10 +358,12 @@ class Scripts:
         return RecordResult(outcome=RecordOutcome(int(outcome)), event_id=event_id or None, status=status)
 
     async def raise_sequence(self, floor: int) -> int:
-        """Raise this shard's id sequence so that its next id is above `floor` (ids are n * shards + shard)."""
-        return int(
-            await self._call("raise_sequence", keys=[self.keys.execution_seq], args=[floor // self.keys.shard_count])
-        )
+        """Raise this shard's id sequence so that its next id is above `floor` (ids are n * shards + shard),
+        and above every id this process saw it hand out."""
+        target = max(floor // self.keys.shard_count, self.sequence_seen)
+        value = int(await self._call("raise_sequence", keys=[self.keys.execution_seq], args=[target]))
+        self._saw_sequence(value)
+        return value
 
     async def retry_later(
         self,

@@ -79,7 +79,10 @@ async def enqueue(
     client: str = "acme",
     key: str | None = None,
     lane: Lane = Lane.NORMAL,
+    scripts: Scripts | None = None,
 ) -> EnqueueResult:
+    """`scripts`: a long-lived one, as an API process holds (it remembers the id sequence it saw)."""
+
     async def floor() -> int:
         # The tests' PostgreSQL, as the API's catalog would read it.
         conn = await asyncpg.connect(settings.database_url)
@@ -98,7 +101,7 @@ async def enqueue(
         lane=lane,
     )
     keys = Layout.from_settings(settings).of_client(client)
-    return await enqueue_execution(Scripts(redis, keys), execution, floor=floor)
+    return await enqueue_execution(scripts or Scripts(redis, keys), execution, floor=floor)
 
 
 async def wait_for_events(

@@ -312,6 +312,39 @@ async def test_a_full_redis_leaves_runs_waiting_not_redelivered(
     await admin.aclose()
 
 
+async def test_a_redis_back_from_an_older_snapshot_hands_out_no_id_twice(
+    redis_factory: Callable[..., RedisServer], db_url: str, pool: asyncpg.Pool
+) -> None:
+    """Redis restarted from a snapshot older than its last ids (or a lagging replica promoted) has an id
+    sequence that is behind, not missing: it handed out the id of an execution PostgreSQL holds for
+    another task, whose events the projector then refused, and the new execution never reached
+    PostgreSQL. The API's process remembers how far it saw the sequence go, and raises it again."""
+    server = redis_factory()
+    settings = make_settings(server.url, db_url)
+    client = Redis.from_url(server.url, decode_responses=True)
+    admin = Redis.from_url(server.admin_url, decode_responses=True)
+    wf = await create_workflow(client, settings, pool, linear("context['x'] = 1"))
+    scripts = Scripts(client, Keys.from_settings(settings))  # the API's, for its whole life
+    async with in_process_worker(settings):
+        first = await enqueue(client, settings, wf, scripts=scripts)
+        await wait_terminal(client, settings, [first.task_id])
+        await admin.save()
+        later = [await enqueue(client, settings, wf, scripts=scripts) for _ in range(2)]
+        await wait_terminal(client, settings, [t.task_id for t in later])
+        await wait_projected(pool, [first.execution_id, *(t.execution_id for t in later)], {"completed"})
+    server.kill()
+    server.start()  # from the snapshot: the sequence is back at the first execution's id
+    async with in_process_worker(settings):
+        new = await enqueue(client, settings, wf, scripts=scripts)
+        assert new.execution_id > later[-1].execution_id
+        await wait_terminal(client, settings, [new.task_id])
+        await wait_projected(pool, [new.execution_id], {"completed"})
+    stored = await pool.fetch("SELECT id, task_id FROM executions ORDER BY id")
+    assert [r["task_id"] for r in stored] == [first.task_id, *(t.task_id for t in later), new.task_id]
+    await client.aclose()
+    await admin.aclose()
+
+
 async def test_postgres_outage_delays_projection_but_not_execution(
     redis: Redis, pg_factory: Callable[..., PostgresServer], settings: Settings
 ) -> None:

@@ -34,6 +34,7 @@ local id_stride = tonumber(ARGV[15])     -- the number of shards: ids are n * st
 local id_offset = tonumber(ARGV[16])     -- an execution id says its shard (offset: this shard's index)
 local lane = ARGV[17]            -- the priority lane: 'high' or 'low', '' for normal
 local workflow_version = tonumber(ARGV[18])  -- with KEYS[9]: the version the request was built for
+local sequence_seen = tonumber(ARGV[19])     -- the highest value the caller has seen the sequence hold
 
 -- Reply: {task_id, execution_id, request entry id or '', outcome}
 local NEW, REPEAT, AT_CAPACITY, RATE_LIMITED, NO_SEQUENCE, WORKFLOW_CHANGED = 1, 0, 2, 3, 4, 5
@@ -64,9 +65,12 @@ if given(workflow_key) then
     return {'', '', '', WORKFLOW_CHANGED}
   end
 end
-if redis.call('EXISTS', sequence_key) == 0 then
-  -- Redis lost its data: the caller raises the sequence above every id PostgreSQL knows, then
-  -- calls again. Handing out ids from 1 again would merge two clients' executions.
+local sequence = tonumber(redis.call('GET', sequence_key))
+if sequence == nil or sequence < sequence_seen then
+  -- Redis lost its data, or some of it: restarted without persistence (no sequence), or from an older
+  -- snapshot or a lagging replica (a sequence below what the caller saw it reach). The caller raises
+  -- it above every id PostgreSQL knows and every one it saw, then calls again. Handing out ids again
+  -- would give a new execution the id of one PostgreSQL holds for another task.
   return {'', '', '', NO_SEQUENCE}
 end
 local inflight = tonumber(redis.call('GET', inflight_key) or '0')
