@@ -849,6 +849,9 @@ class Recorder:
                 readable=ctx.settings.readable_format,
                 # Every event here is this run's, made by event() (event_fields).
                 of_one_task=True,
+                # A retry of a cancelled run re-opens the task with a request of its own: a run of the
+                # earlier request (its cancel missed) stops at its next write, before any more action code.
+                reopen_token=str(request.payload.get("reopen_token") or ""),
             ),
             ctx.settings,
         )

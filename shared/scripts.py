@@ -71,7 +71,7 @@ class EnqueueOutcome(IntEnum):
 
 class RecordOutcome(IntEnum):
     NOT_OWNER = -1  # the entry was taken over by another worker: nothing written
-    FINISHED = 0  # the task was terminal already: nothing written, the entry acknowledged
+    FINISHED = 0  # the task was terminal, or re-opened past the run's request: nothing written, entry acked
     WRITTEN = 1
     STALE = 2  # an assumed first run's task was not as enqueued (or was paused): nothing written
 
@@ -317,13 +317,15 @@ class Scripts:
         first_run_of: int | None = None,
         readable: int = FORMAT_VERSION,
         of_one_task: bool = False,
+        reopen_token: str | None = None,
     ) -> RecordResult:
         """`first_run_of`: the workflow id of a first delivery's first write, made without reading the
         task before it; written only if the task is as enqueued, its workflow and the queue not paused
         (else STALE). `readable`: the newest task hash format the caller reads. `of_one_task`: every
         event was made by shared.events.event_fields for this one task (the same SHARED_EVENT_FIELDS),
         so they are sent shorter: each as its type, ts and data, the shared values once (checking that
-        instead cost more than the bytes it saves)."""
+        instead cost more than the bytes it saves). `reopen_token`: a run's, the re-open token of its
+        request ('' for none); written only if the task has not been re-opened since (else FINISHED)."""
         if of_one_task and events:
             first = events[0]
             sent = orjson.dumps([[e["type"], e["ts"], e["data"]] for e in events])
@@ -352,6 +354,7 @@ class Scripts:
                 "" if first_run_of is None else f"workflow:{first_run_of}",
                 readable,
                 shared,
+                "" if reopen_token is None else f"={reopen_token}",
             ],
         )
         outcome, event_id, status = (_s(x) for x in reply)

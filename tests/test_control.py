@@ -602,6 +602,43 @@ async def test_a_cancel_whose_push_was_missed_is_caught_by_the_heartbeat(
         assert (await redis.xpending(fast.requests_stream, fast.worker_group))["pending"] == 0
 
 
+async def test_a_run_whose_cancel_was_missed_stops_once_a_retry_reopens_its_task(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    """A cancel whose push the worker missed, then a retry before the heartbeat's re-check: the task is
+    RETRY, not REVOKED, when it looks. The first run went on beside the retry's own run, and ran the
+    node after the one in flight a second time; it stops at its next write now."""
+    keys = Keys.from_settings(settings)
+    log, go = shared_dir / "steps", shared_dir / "go"
+
+    def step(name: str, wait: bool = False) -> str:
+        hold = f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\n" if wait else ""
+        return f"import os, time\nopen({str(log)!r}, 'a').write({name!r} + ' ')\n{hold}"
+
+    log.touch()
+    log.chmod(0o666)  # each sandbox has a uid of its own
+    wf = await create_workflow(redis, settings, pool, linear(step("a1", wait=True), step("a2"), step("a3")))
+    async with in_process_worker(settings):
+        task = await enqueue(redis, settings, wf, {})
+        for _ in range(500):
+            if log.read_text():
+                break
+            await asyncio.sleep(0.02)
+        assert log.read_text() == "a1 "
+        # REVOKED written without the push, as if published while the worker was away; then the retry.
+        await redis.hset(keys.task(task.task_id), TaskField.STATUS, TaskStatus.REVOKED)
+        await retry_failure(Scripts(redis, keys), task.execution_id, Owner(task.task_id, "acme", wf.id, wf.version))
+        go.touch()
+        await wait_for_events(redis, settings, lambda e: e.task_id == task.task_id and e.type == EventType.SUCCEEDED)
+        for _ in range(500):
+            if not (await redis.xpending(settings.requests_stream, settings.worker_group))["pending"]:
+                break
+            await asyncio.sleep(0.02)
+        assert (await redis.xpending(settings.requests_stream, settings.worker_group))["pending"] == 0
+    # a1 was in flight at the cancel: the retry runs it again (the first run's end of it was refused).
+    assert sorted(log.read_text().split()) == ["a1", "a1", "a2", "a3"], log.read_text()
+
+
 async def test_a_run_cancelled_while_its_worker_is_dead_is_never_resumed(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
 ) -> None:

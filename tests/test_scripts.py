@@ -122,6 +122,38 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
     assert not late.written and late.status in ("SUCCESS", "FAILURE")
 
 
+async def test_record_refuses_a_run_of_a_request_its_task_was_reopened_past(r: Redis, scripts: Scripts) -> None:
+    """A retry of a cancelled run re-opens the task (status RETRY) with a request of its own: a run of the
+    earlier request (its cancel missed) is refused at its next write and its entry acknowledged, though
+    the task is not terminal and the entry is still its worker's. The retry's own run writes."""
+    await enqueue(scripts, "a")
+    reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})
+    entry_id = reply[0][1][0][0]
+    await r.hset(KEYS.task("a"), mapping={TaskField.STATUS: TaskStatus.RETRY, TaskField.REOPEN_TOKEN: "t2"})
+
+    async def progress(reopen_token: str | None) -> RecordOutcome:
+        result = await scripts.record(
+            task_id="a",
+            client="acme",
+            events=[event("a", EventType.NODE_STARTED)],
+            task_fields={TaskField.STATUS: TaskStatus.RUNNING},
+            terminal=False,
+            ack_entry_id=entry_id,
+            consumer="w1",
+            token=uuid.uuid4().hex,
+            task_ttl=60,
+            reopen_token=reopen_token,
+        )
+        return result.outcome
+
+    assert await progress("t2") == RecordOutcome.WRITTEN  # the retry's run
+    assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 1
+    for earlier in ("", "t1"):  # a request of no re-open, or of an earlier one
+        assert await progress(earlier) == RecordOutcome.FINISHED
+    assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
+    assert await r.hget(KEYS.task("a"), TaskField.STATUS) == TaskStatus.RUNNING
+
+
 async def test_retry_later_parks_and_promote_moves_each_once(r: Redis, scripts: Scripts) -> None:
     await enqueue(scripts, "a")
     reply = await r.xreadgroup(KEYS.worker_group, "w1", {KEYS.requests: ">"})

@@ -35,6 +35,10 @@ local readable = tonumber(ARGV[10])  -- the newest format of task hash this work
 -- order shared/events.py gives them. (Sent whole, a run's events repeat the shared ones: ~40% of the bytes.)
 local shared = ARGV[11]
 if shared == nil or shared == '' then shared = nil else shared = cjson.decode(shared) end
+-- '' or absent: no check. Else '=' and the re-open token of the request this run holds ('' for a request
+-- of no re-open): a task re-opened since (a retry of a cancelled run) is no longer this run's, though not
+-- terminal and its entry still this worker's (a cancel whose push the worker missed).
+local reopen = ARGV[12]
 
 -- Reply: {outcome, last event id or '', current status}
 local WRITTEN, FINISHED, NOT_OWNER, STALE = 1, 0, -1, 2
@@ -56,13 +60,15 @@ local function fresh(status)
     and readable_version and not flags[1] and not flags[2]
 end
 
-local state = redis.call('HMGET', task_key, 'status', 'token', 'last_event')
+local state = redis.call('HMGET', task_key, 'status', 'token', 'last_event', 'reopen_token')
 if state[2] == token then
   return {WRITTEN, state[3] or '', state[1] or ''}
 end
-if is_terminal(state[1]) then
+local replaced = reopen ~= nil and reopen ~= '' and string.sub(reopen, 2) ~= (state[4] or '')
+if is_terminal(state[1]) or replaced then
+  -- Done, or superseded: the re-opened task has a request of its own.
   if entry ~= '' then redis.call('XACK', requests_stream, group, entry) end
-  return {FINISHED, '', state[1]}
+  return {FINISHED, '', state[1] or ''}
 end
 if entry ~= '' and not owns(requests_stream, group, entry, consumer) then
   return {NOT_OWNER, '', state[1] or ''}
