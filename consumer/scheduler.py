@@ -28,7 +28,7 @@ from shared.connections import REDIS_UNAVAILABLE
 from shared.db import LazyPool
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.retention import Retention, cutoff_for
-from shared.schedules import ScheduleStore, next_tick
+from shared.schedules import ScheduleStore, next_tick, tick_key
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys, dumps, now_iso
@@ -130,7 +130,7 @@ class Scheduler:
                         initial_context=context,
                         extra={"schedule_id": schedule.id},
                         task_id=f"sched-{schedule.id}-{tick_ms}",
-                        idempotency_key=f"schedule:{schedule.id}:{tick_ms}",
+                        idempotency_key=tick_key(schedule.id, tick_ms),
                         idempotency_ttl=max(24 * 3600, self.settings.task_ttl),
                         lane=workflow_lane(workflow.definition),
                     ),

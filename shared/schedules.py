@@ -40,6 +40,15 @@ class Schedule:
         return asdict(self)
 
 
+# The Idempotency-Key of a schedule's tick (one execution per tick, whichever worker fires it). Reserved:
+# the API refuses keys that start so, or a caller could fire a tick early, or stop it from firing.
+TICK_KEY_PREFIX = "schedule:"
+
+
+def tick_key(schedule_id: str, tick_ms: int) -> str:
+    return f"{TICK_KEY_PREFIX}{schedule_id}:{tick_ms}"
+
+
 def next_tick(cron: str, moment_ms: int) -> int:
     """The cron expression's first tick after `moment_ms` (ms)."""
     start = datetime.fromtimestamp(moment_ms / 1000, UTC)

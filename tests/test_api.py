@@ -126,6 +126,17 @@ async def test_idempotency_key_returns_the_same_task(api: httpx.AsyncClient, red
     )
     assert other.json()["task_id"] != first["task_id"]
     assert await redis.xlen(settings.requests_stream) == 2
+    # A key stands for one request: used again for another workflow or priority, it is a conflict (it
+    # answered 202 for a request that never ran, naming the workflow asked for).
+    wf2 = await create(api, linear("pass"), "another")
+    for path, change in ((f"/workflows/{wf2}/execute", {}), (f"/workflows/{wf}/execute", {"priority": "high"})):
+        conflict = await api.post(path, json={**body, **change}, headers={"Idempotency-Key": "k-1"})
+        error = assert_error(conflict, 409, "Idempotency-Key 'k-1' was used for task", f"of workflow {wf}")
+        assert error["details"] == {"task_id": first["task_id"], "workflow_id": wf, "priority": "normal"}
+    assert await redis.xlen(settings.requests_stream) == 2
+    # The scheduler's keys are its own: a caller could otherwise fire a tick, or stop it from firing.
+    reserved = await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "schedule:s1:1"})
+    assert_error(reserved, 422, "are the scheduler's")
 
 
 async def test_task_lifecycle_shapes_and_execution_chain(

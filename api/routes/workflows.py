@@ -41,8 +41,10 @@ from shared.db import jsonb_problem
 from shared.durability import NotDurable
 from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
+from shared.lanes import lane_of
+from shared.schedules import TICK_KEY_PREFIX
 from shared.scripts import AtCapacity, EnqueueResult, RateLimited, WorkflowChanged
-from shared.streams import Lane
+from shared.streams import Lane, TaskField
 from shared.workflow import Definition, InvalidDefinition, validate_definition, workflow_lane
 
 router = APIRouter(tags=["workflows"])
@@ -226,6 +228,26 @@ async def existing_client(res: Res, slug: str) -> str:
     return slug
 
 
+async def _same_request(res: Resources, result: EnqueueResult, workflow_id: int, lane: Lane, key: str | None) -> Lane:
+    """The lane of the task an Idempotency-Key named already, after checking it was queued for the same
+    workflow and priority: a key stands for one request, and the answer describes the task queued
+    (before, a key used again for another workflow answered 202 with that workflow, which never ran).
+    A task expired from Redis (its key outlives it) can no longer be compared: answered as asked."""
+    task_key = res.keys.of_task(result.task_id).task(result.task_id)
+    stored = await res.redis.hmget(task_key, [TaskField.WORKFLOW_ID, TaskField.LANE])
+    if stored[0] is None:
+        return lane
+    stored_lane = lane_of({"lane": stored[1] or ""})
+    if int(stored[0]) != workflow_id or stored_lane != lane:
+        raise ApiError(
+            409,
+            f"Idempotency-Key '{key}' was used for task {result.task_id} of workflow {stored[0]} "
+            f"(priority {stored_lane.value}): a key stands for one request; use another key for this one",
+            details={"task_id": result.task_id, "workflow_id": int(stored[0]), "priority": stored_lane.value},
+        )
+    return stored_lane
+
+
 async def _workflow_lane(res: Resources, workflow: WorkflowHead) -> Lane:
     """The lane the workflow's definition names (its version is cached in the process after one read)."""
     stored = await res.catalog.get(workflow.id, workflow.version)
@@ -236,7 +258,7 @@ async def _workflow_lane(res: Resources, workflow: WorkflowHead) -> Lane:
     "/workflows/{workflow_id}/execute",
     status_code=202,
     response_model=ExecuteOut,
-    responses=errors(404, 429, 503),
+    responses=errors(404, 409, 422, 429, 503),
 )
 async def execute_workflow(
     workflow_id: PathId,
@@ -321,6 +343,10 @@ async def execute(
     and an update or a delete cannot slip in between a read and the enqueue. A head it finds changed
     is read again. On a cluster the head is in another slot than the client's shard: it is read first.
     """
+    if idempotency_key is not None and idempotency_key.startswith(TICK_KEY_PREFIX):
+        raise ApiError(
+            422, f"Idempotency-Key values that start with '{TICK_KEY_PREFIX}' are the scheduler's; choose another"
+        )
     checked = not res.keys.cluster
     workflow = res.catalog.last_seen(workflow_id) if checked else None
     if workflow is None:
@@ -336,6 +362,8 @@ async def execute(
         raise ApiError(
             503, f"Workflow {workflow_id} kept changing while it was queued; retry", headers={"Retry-After": "1"}
         )
+    if not result.created:
+        lane = await _same_request(res, result, workflow.id, lane, idempotency_key)
     message = (
         f"Workflow queued for execution. Use GET /tasks/{result.task_id} to check status."
         if result.created
