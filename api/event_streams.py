@@ -40,13 +40,23 @@ def _sse(event: Event) -> EncodedEvent:
     return EncodedEvent(event, event.sse_frame, event.id)
 
 
+# A stream id's parts are 64-bit unsigned. The greatest id is no position either: a range cannot
+# start after it, and no entry is ever given it.
+_ID_PART_MAX = 2**64 - 1
+
+
 def _after(last_event_id: str | None) -> tuple[int, int]:
+    """The position a Last-Event-ID names; an id that is no position (not an id, past 64 bits, the
+    greatest id: Redis refuses a range after them) is ignored, as if none were sent."""
     if not last_event_id:
         return (0, 0)
     try:
-        return entry_id_parts(last_event_id.strip())
+        ms, seq = entry_id_parts(last_event_id.strip())
     except ValueError:
         return (0, 0)
+    if not (0 <= ms <= _ID_PART_MAX and 0 <= seq <= _ID_PART_MAX) or (ms, seq) == (_ID_PART_MAX, _ID_PART_MAX):
+        return (0, 0)
+    return ms, seq
 
 
 def _newer(event: Event, last: tuple[int, int]) -> bool:
@@ -58,10 +68,11 @@ async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: boo
     """The hub's events after `last`, in order and without repeats."""
     # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
     while (event := await sub.next()) is not None:
-        if not _newer(event, last):
-            continue
-        last = event.id_parts
-        yield _sse(event)
+        if _newer(event, last):
+            last = event.id_parts
+            yield _sse(event)
+        # The end, whether or not the client had it: nothing comes after it (a Last-Event-ID ahead of
+        # every event kept the stream open with pings after the task ended).
         if until_terminal and event.type in TERMINAL_EVENTS:
             return
 

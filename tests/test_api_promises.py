@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from api.app import create_app
 from api.event_hub import EventHub
-from api.event_streams import feed_filter, feed_stream
+from api.event_streams import feed_filter, feed_stream, task_event_stream
 from api.server import COALESCE_MAX_BYTES, CoalescedWrites, uvicorn_options
 from cli.embedded import free_port
 from shared.events import event_fields
@@ -176,6 +176,37 @@ async def test_feed_resume_stops_at_the_entry_bound_and_says_where(
     assert replayed[1]["event"] == "replay_truncated"
     stopped = orjson.loads(replayed[1]["data"])
     assert stopped["reason"] == "entries" and stopped["stopped_after"] == ids[49] and stopped["scanned_entries"] == 50
+
+
+async def test_a_last_event_id_that_is_no_position_is_ignored(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """Ids past 64 bits, or the greatest id, made Redis refuse the resume's range: the feed's connection
+    was cut after its 200, and a browser reconnected with the same id for ever. A task's stream with an
+    id ahead of all its events sent only pings, and stayed open after the task ended."""
+    acme = await _client_key(redis, pool, settings, "acme")
+    [first] = await add_entries(redis, settings, [results_entry("acme", "t1")])
+    ahead = ("99999999999999999999-0", "1-99999999999999999999999", "18446744073709551615-18446744073709551615")
+    async with serving(settings) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        for last_event_id in ahead:
+            async with http.stream("GET", "/events", headers={**acme, "Last-Event-ID": last_event_id}) as response:
+                assert response.status_code == 200
+                [replayed] = await read_sse(response, limit=1)
+            assert replayed["id"] == first, last_event_id
+    hub = EventHub(redis, Keys.from_settings(settings))
+    await hub.start()
+    try:
+        stream = task_event_stream(redis, Keys.from_settings(settings), hub, "t2", "9999999999999-0")
+        waiting = asyncio.create_task(anext(stream, None))
+        for _ in range(1000):  # until subscribed: what comes then reaches it live
+            if hub.subscribers:
+                break
+            await asyncio.sleep(0.01)
+        done = event_fields(EventType.SUCCEEDED, task_id="t2", execution_id=2, workflow_id=1, client="acme", data={})
+        await add_entries(redis, settings, [done])
+        assert await asyncio.wait_for(waiting, 10) is None
+    finally:
+        await hub.stop()
 
 
 async def test_event_streams_are_capped_per_api_key(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
