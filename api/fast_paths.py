@@ -137,7 +137,7 @@ def _headers(scope: Scope) -> tuple[str, str | None] | None:
     content_types = 0
     for name, value in scope["headers"]:
         if name == b"content-type":
-            # Two of them: FastAPI reads the first, is_json the last; not plain.
+            # Two of them: FastAPI reads the first, is_json any; not plain.
             content_types += 1
             if content_types > 1:
                 return None

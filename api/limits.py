@@ -126,10 +126,15 @@ def replaying(body: bytes, receive: Receive) -> Receive:
 
 
 def is_json(scope: Scope) -> bool:
-    # As FastAPI decides: it parses application/json and application/*+json bodies only.
-    content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+    """Whether FastAPI would parse the body as JSON: application/json and application/*+json. With
+    several Content-Type headers, whether any says so: FastAPI reads the first, and a check of only
+    the last let a JSON body through unchecked (NaN became null)."""
+    for name, value in scope.get("headers") or []:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json")):
+                return True
+    return False
 
 
 def json_problem(body: bytes, max_depth: int) -> str | None:

@@ -63,6 +63,20 @@ async def test_lone_surrogate_in_context_is_refused_with_422(api: httpx.AsyncCli
     assert (await execute_raw(api, wf, '{"k":"\\ud83d\\ude00"}')).status_code == 202
 
 
+async def test_a_second_content_type_does_not_let_a_body_past_the_json_checks(api: httpx.AsyncClient) -> None:
+    """FastAPI parses by the first Content-Type header; the checks looked at the last: with a second
+    header saying text, a NaN was stored as null and a deeply nested body was a bare 400."""
+    wf = await create(api, linear("pass"))
+    await add_clients(api, "acme")
+    for context, fragment in (('{"amount":NaN}', "not valid JSON"), (nested(5000), "limit of 64")):
+        response = await api.post(
+            f"/workflows/{wf}/execute",
+            content=('{"client_slug":"acme","initial_context":' + context + "}").encode(),
+            headers=[("Content-Type", "application/json"), ("Content-Type", "text/plain")],
+        )
+        assert_error(response, 422, fragment)
+
+
 async def test_integer_beyond_64_bits_in_context_is_refused_with_422(api: httpx.AsyncClient) -> None:
     wf = await create(api, linear("pass"))
     await add_clients(api, "acme")
