@@ -99,9 +99,22 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         self._in_head = False
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # What comes next on the connection is the next request's head.
+        self._in_head = True
+        self._head_bytes = 0
+
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
             return  # refused: the rest is discarded, never parsed nor kept
+        if self._in_head:
+            # Before parsing: a head that ends in this chunk is never counted after it (it is complete
+            # then), and a head of any size arriving in one read went through.
+            end = data.find(b"\r\n\r\n")
+            if self._head_bytes + (len(data) if end < 0 else end + 4) > self.max_head_bytes:
+                self._refuse()
+                return
         super().data_received(data)
         if not self._in_head or self.transport.is_closing():
             return
