@@ -69,6 +69,16 @@ def _location(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+def raised_by_asyncpg(exc: BaseException) -> bool:
+    """Whether `exc` was raised from asyncpg's code (a frame of its traceback is asyncpg's)."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return any(str(frame.f_globals.get("__name__", "")).startswith("asyncpg") for frame in frames)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -106,8 +116,11 @@ def install(app: FastAPI) -> None:
 
         @app.exception_handler(error)
         async def redis_down(_: Request, exc: Exception) -> JSONResponse:
-            log.warning("Redis unavailable: %s", exc)
-            return retry_shortly("Redis is unavailable right now; retry shortly")
+            # REDIS_UNAVAILABLE holds the built-in OSError and ConnectionError, which asyncpg raises too
+            # (a refused connection): the server is named by where the error was raised.
+            server = "PostgreSQL" if raised_by_asyncpg(exc) else "Redis"
+            log.warning("%s unavailable: %s", server, exc)
+            return retry_shortly(f"{server} is unavailable right now; retry shortly")
 
     # After the loop, which registers a handler for ReadOnlyError and OutOfMemoryError too (both are
     # REDIS_UNAVAILABLE): these, which say why, replace it.

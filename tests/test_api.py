@@ -383,6 +383,15 @@ async def test_postgres_down_keeps_enqueue_and_task_status_working(
             pending = (await api.get(f"/executions/{accepted.json()['execution_id']}")).json()
             assert pending["status"] == "pending" and pending["projected"] is False
             assert_error(await api.get("/executions/999"), 503, "PostgreSQL")
+            # Every route that needs PostgreSQL names it (a refused connection is an OSError, which the
+            # Redis outage handler took as Redis's).
+            for method, path, body in (
+                ("GET", "/workflows", None),
+                ("PUT", f"/workflows/{wf}", {"description": "d"}),
+                ("GET", "/clients", None),
+                ("POST", "/clients/idom/rotate-key", None),
+            ):
+                assert_error(await api.request(method, path, json=body), 503, "PostgreSQL is unavailable")
             assert (await api.get("/health")).status_code == 503
             pg.start()
             assert (await api.get("/health")).status_code == 200
