@@ -445,12 +445,17 @@ class WebhookDelivery:
                 "webhook %s to %s dead after %d attempts: %s", delivery.id, endpoint.url, delivery.attempts, error
             )
             async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hexists(self.names.endpoints, endpoint.id)
                 pipe.lpush(self.names.dead(endpoint.id), delivery.encode())
                 pipe.ltrim(self.names.dead(endpoint.id), 0, DEAD_LETTERS_KEPT - 1)
                 pipe.zrem(self.names.due, delivery.id)
                 pipe.hdel(self.names.deliveries, delivery.id)
                 pipe.delete(self.names.lease(delivery.id))
-                await pipe.execute()
+                endpoint_kept, *_ = await pipe.execute()
+            if not endpoint_kept:
+                # Deleted while this attempt was out: the push made its dead list again, which nothing
+                # would list or remove. Deleted after the push instead, the delete removes the list.
+                await self.redis.delete(self.names.dead(endpoint.id))
             return "dead"
         delay = min(self.settings.webhook_backoff * 2 ** (delivery.attempts - 1), self.settings.webhook_backoff_max)
         # Jitter, so that deliveries that failed together (an endpoint's outage) do not return together.

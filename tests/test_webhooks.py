@@ -286,6 +286,32 @@ async def test_a_dead_endpoint_is_dead_lettered_then_replayed(
     assert receiver.bad_signatures == []
 
 
+@pytest.mark.parametrize("overrides", [{"webhook_timeout": 0.5, "webhook_retry_for": 0.001}])
+async def test_an_endpoint_deleted_during_its_last_attempt_leaves_no_dead_letters_behind(
+    redis: Redis, hook_settings: Settings, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """The last attempt fails after the endpoint was deleted: its dead letter recreated the endpoint's
+    dead list, which nothing lists or removes any more."""
+    registry = WebhookRegistry(redis, hook_settings_keys(hook_settings), hook_settings)
+    created = await registry.create(receiver.url("/gone"), ["execution.succeeded"], None)
+    receiver.secrets["/gone"] = created.secret
+    receiver.default["/gone"] = "hang"
+    names = WebhookKeys(hook_settings_keys(hook_settings))
+    wf = await create_workflow(redis, hook_settings, pool, linear("context['x'] = 1"))
+    async with in_process_worker(hook_settings):
+        task = await enqueue(redis, hook_settings, wf)
+        await wait_terminal(redis, hook_settings, [task.task_id])
+        await until(lambda: receiver.hanging == 1)
+        assert await registry.delete(created.id)
+
+        async def attempted() -> bool:  # the attempt timed out, and its delivery is gone
+            return not await redis.hlen(names.deliveries)
+
+        await until(attempted)
+        receiver.release.set()
+    assert not await redis.exists(names.dead(created.id))
+
+
 @pytest.mark.parametrize("overrides", [{"webhook_timeout": 30.0, "webhook_endpoint_concurrency": 2}])
 async def test_a_slow_endpoint_delays_neither_executions_nor_other_endpoints(
     redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
