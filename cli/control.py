@@ -93,7 +93,13 @@ def cancel_command(
             for r in results
         ]
 
-    results = _with_redis(run)
+    from shared.executions import ProjectionBehind
+
+    try:
+        results = _with_redis(run)
+    except ProjectionBehind as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     for r in results:
         typer.echo(
             f"{r['execution_id'] or '-'} {r['task_id'] or '-'}: "

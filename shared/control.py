@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.events import event_fields
-from shared.executions import ExecutionFilter, ExecutionStore
+from shared.executions import ExecutionFilter, ExecutionStore, unprojected_unfinished
 from shared.scripts import CancelOutcome, Scripts
 from shared.streams import (
     ACTIVE_EXECUTION_STATUSES,
@@ -167,12 +167,22 @@ class RunControl:
     async def cancel_many(
         self, where: CancelFilter, *, client: str | None = None, by: str = "operator"
     ) -> list[Cancelled]:
-        """Cancel the listed executions and the unfinished ones matching the filter (from PostgreSQL, at
-        most BULK_LIMIT). Each is its own atomic cancel: one finishing meanwhile simply keeps its outcome."""
+        """Cancel the listed executions and the unfinished ones matching the filter (at most BULK_LIMIT):
+        PostgreSQL's, and those the projector has not written yet (Redis's; ProjectionBehind when too
+        many events wait to tell them). Each is its own atomic cancel: one finishing meanwhile simply
+        keeps its outcome."""
         ids: list[int] = list(dict.fromkeys(where.execution_ids))
+        statuses = [where.status] if where.status else sorted(s.value for s in ACTIVE_EXECUTION_STATUSES)
+        if where.by_query:
+            # First: an execution queued a moment ago is in Redis only (the projector writes it soon).
+            owner = client if client is not None else where.client_slug
+            for unprojected in await unprojected_unfinished(
+                self.redis, self.keys, workflow_id=where.workflow_id, client=owner
+            ):
+                if unprojected.status.value in statuses and unprojected.execution_id not in ids:
+                    ids.append(unprojected.execution_id)
         if where.by_query and self.pool is not None:
             store = ExecutionStore(self.pool)
-            statuses = [where.status] if where.status else sorted(s.value for s in ACTIVE_EXECUTION_STATUSES)
             for status in statuses:
                 rows, _ = await store.list(
                     ExecutionFilter(

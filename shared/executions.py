@@ -8,6 +8,7 @@ Routes and the CLI call these, so the SQL, the Redis reads and the shapes are wr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -319,17 +320,35 @@ async def unprojected_active(redis: Redis, keys: Keys, workflow_id: int) -> int:
     """Unfinished executions of a workflow that the projector has not written yet (PostgreSQL cannot
     count them): those with an event among the ones its group has not acknowledged, whose task is
     not finished, in every shard. Raises ProjectionBehind past UNPROJECTED_SCAN_LIMIT such events."""
-    total = 0
+    return len(await unprojected_unfinished(redis, keys, workflow_id=workflow_id))
+
+
+@dataclass(frozen=True)
+class Unprojected:
+    task_id: str
+    execution_id: int
+    status: ExecutionStatus
+
+
+async def unprojected_unfinished(
+    redis: Redis, keys: Keys, *, workflow_id: int | None = None, client: str | None = None
+) -> list[Unprojected]:
+    """The unfinished executions (of a workflow, of a client) that have an event the projector has not
+    written yet, in every shard, with their status as Redis has it. Raises ProjectionBehind past
+    UNPROJECTED_SCAN_LIMIT such events in a shard."""
+    found: list[Unprojected] = []
     for shard in keys.all_shards:
-        total += await _unprojected_active(redis, shard, workflow_id)
-    return total
+        found.extend(await _unprojected_unfinished(redis, shard, workflow_id, client))
+    return found
 
 
-async def _unprojected_active(redis: Redis, keys: Keys, workflow_id: int) -> int:
+async def _unprojected_unfinished(
+    redis: Redis, keys: Keys, workflow_id: int | None, client: str | None
+) -> list[Unprojected]:
     try:
         groups = await redis.xinfo_groups(keys.results)
     except ResponseError:
-        return 0  # no results stream: nothing was ever enqueued
+        return []  # no results stream: nothing was ever enqueued
     group = next((g for g in groups if g["name"] == keys.projector_group), None)
     start = "-"
     if group is not None:
@@ -342,15 +361,27 @@ async def _unprojected_active(redis: Redis, keys: Keys, workflow_id: int) -> int
         raise ProjectionBehind(
             f"more than {UNPROJECTED_SCAN_LIMIT} events wait for the projector; retry once it has caught up"
         )
-    wanted = str(workflow_id)
-    task_ids = sorted({f["task_id"] for _, f in entries if f.get("workflow_id") == wanted and "task_id" in f})
-    if not task_ids:
-        return 0
+    tasks: dict[str, int] = {}
+    for _, f in entries:
+        if "task_id" not in f or (workflow_id is not None and f.get("workflow_id") != str(workflow_id)):
+            continue
+        if client is not None and f.get("client") != client:
+            continue
+        with contextlib.suppress(KeyError, ValueError):
+            tasks.setdefault(f["task_id"], int(f["execution_id"]))
+    if not tasks:
+        return []
     pipe = redis.pipeline(transaction=False)
-    for task_id in task_ids:
+    for task_id in tasks:
         pipe.hget(keys.task(task_id), TaskField.STATUS)
     statuses = await pipe.execute()
-    return sum(1 for s in statuses if s is not None and s not in TERMINAL_STATUSES)
+    found = []
+    for (task_id, execution_id), status in zip(tasks.items(), statuses, strict=True):
+        if status is None or status in TERMINAL_STATUSES:
+            continue
+        with contextlib.suppress(ValueError):  # a status this version does not know: not counted
+            found.append(Unprojected(task_id, execution_id, EXECUTION_STATUS_BY_TASK_STATUS[TaskStatus(status)]))
+    return found
 
 
 # ---- PostgreSQL ----------------------------------------------------------------------------------
@@ -459,6 +490,25 @@ class Executions:
         if found is None and unreachable is not None:
             raise unreachable
         return found
+
+    async def owner(self, execution_id: int) -> Owner | None:
+        """Whose execution it is, as get() finds it: an execution the projector has not written yet
+        (a failure that just happened) can be retried or cancelled as soon as GET shows it."""
+        unreachable: Exception | None = None
+        try:
+            found = await self.store().owner(execution_id)
+            if found is not None:
+                return found
+        except POSTGRES_UNAVAILABLE as exc:
+            unreachable = exc
+        execution = await execution_from_redis(self.redis, self.keys, execution_id)
+        if execution is None:
+            if unreachable is not None:
+                raise unreachable
+            return None
+        return Owner(
+            execution["task_id"], execution["client_slug"], execution["workflow_id"], execution["workflow_version"]
+        )
 
     async def chain(self, execution_id: int) -> dict[str, Any] | None:
         """NOVA's chain of work: {"execution_id", "entries", "total"}, plus the owner's slug."""

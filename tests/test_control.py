@@ -470,6 +470,31 @@ async def test_bulk_cancel_by_filter_and_ids_touches_only_what_matches(
         assert await control.cancel_many(CancelFilter()) == []
 
 
+async def test_bulk_cancel_and_retry_reach_executions_the_projector_has_not_written(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """GET /executions/{id} shows an execution as soon as it is queued (from Redis); cancelling it by a
+    filter found none of them (PostgreSQL only), and retrying a failure answered 404."""
+    wf = await create_workflow(redis, settings, pool, linear("context['ran'] = True"))
+    control = RunControl(redis, Keys.from_settings(settings), task_ttl=settings.task_ttl, pool=pool)
+    queued = [await enqueue(redis, settings, wf, {}) for _ in range(3)]  # no worker: none projected
+    globex = await enqueue(redis, settings, wf, {}, client="globex")
+    assert await pool.fetchval("SELECT count(*) FROM executions") == 0
+    cancelled = await control.cancel_many(CancelFilter(workflow_id=wf.id, status="pending"), client="acme")
+    assert sorted(c.execution_id or 0 for c in cancelled) == sorted(t.execution_id for t in queued)
+    assert {c.outcome for c in cancelled} == {CancelOutcome.CANCELLED}
+    assert await redis.hget(Keys.from_settings(settings).task(globex.task_id), TaskField.STATUS) == "PENDING"
+    await control.cancel_task(globex.task_id)
+    failing = await create_workflow(redis, settings, pool, linear("raise ValueError('boom')"))
+    async with in_process_worker(settings, run_projector=False):
+        failed = await enqueue(redis, settings, failing, {})
+        await wait_terminal(redis, settings, [failed.task_id])
+        retried = await api.post(f"/executions/{failed.execution_id}/retry")
+        assert retried.status_code == 202, retried.text
+        assert retried.json()["task_id"] == failed.task_id
+        assert await pool.fetchval("SELECT count(*) FROM executions WHERE id = $1", failed.execution_id) == 0
+
+
 # ---- the API ----------------------------------------------------------------------------------------
 
 

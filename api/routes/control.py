@@ -13,7 +13,7 @@ from api.errors import ApiError, unavailable
 from api.schemas import BIGINT_MAX, SLUG_PATTERN, PathId, errors, is_task_id
 from shared.clients import Principal
 from shared.control import BULK_LIMIT, QUEUE, CancelFilter, Cancelled, RunControl, workflow_scope
-from shared.executions import POSTGRES_UNAVAILABLE
+from shared.executions import POSTGRES_UNAVAILABLE, ProjectionBehind
 from shared.scripts import CancelOutcome
 from shared.streams import ACTIVE_EXECUTION_STATUSES
 
@@ -113,6 +113,8 @@ async def cancel_executions(body: BulkCancelIn, res: Res, caller: Caller) -> Bul
         results = await _control(res).cancel_many(where, client=client, by=by)
     except POSTGRES_UNAVAILABLE:
         raise unavailable("PostgreSQL") from None
+    except ProjectionBehind as exc:
+        raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
     found = [r for r in results if r.found]
     return BulkCancelOut(
         cancelled=sum(1 for r in found if r.outcome == CancelOutcome.CANCELLED),

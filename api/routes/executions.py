@@ -110,7 +110,7 @@ async def list_executions(
 async def retry_execution(execution_id: PathId, res: Res, caller: Caller) -> ExecuteOut:
     """Run a FAILURE again from its failed node, with the context it had there and the same workflow version."""
     try:
-        owner = await _executions(res).store().owner(execution_id)
+        owner = await _executions(res).owner(execution_id)
     except POSTGRES_UNAVAILABLE:
         raise unavailable("PostgreSQL") from None
     _visible(caller, owner.client if owner else None, execution_id)
