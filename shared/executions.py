@@ -9,10 +9,10 @@ Routes and the CLI call these, so the SQL, the Redis reads and the shapes are wr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from redis.asyncio import Redis
@@ -462,6 +462,26 @@ class ExecutionStore:
         return [summary(r) for r in rows], total
 
 
+T = TypeVar("T")
+
+
+async def _preferring_postgres(
+    from_postgres: Callable[[], Awaitable[T | None]], from_redis: Callable[[], Awaitable[T | None]]
+) -> T | None:
+    """PostgreSQL's answer, else Redis's; raises POSTGRES_UNAVAILABLE only when Redis has none either."""
+    unreachable: Exception | None = None
+    try:
+        found = await from_postgres()
+        if found is not None:
+            return found
+    except POSTGRES_UNAVAILABLE as exc:
+        unreachable = exc
+    found = await from_redis()
+    if found is None and unreachable is not None:
+        raise unreachable
+    return found
+
+
 class Executions:
     """Reads that prefer PostgreSQL and fall back to Redis for what it has not projected yet."""
 
@@ -479,36 +499,21 @@ class Executions:
     async def get(self, execution_id: int) -> dict[str, Any] | None:
         """PostgreSQL's record, else Redis's (an execution the projector has not written yet); raises
         POSTGRES_UNAVAILABLE only when Redis does not know it either."""
-        unreachable: Exception | None = None
-        try:
-            found = await self.store().get(execution_id)
-            if found is not None:
-                return found
-        except POSTGRES_UNAVAILABLE as exc:
-            unreachable = exc
-        found = await execution_from_redis(self.redis, self.keys, execution_id)
-        if found is None and unreachable is not None:
-            raise unreachable
-        return found
+        return await _preferring_postgres(
+            lambda: self.store().get(execution_id), lambda: execution_from_redis(self.redis, self.keys, execution_id)
+        )
 
     async def owner(self, execution_id: int) -> Owner | None:
         """Whose execution it is, as get() finds it: an execution the projector has not written yet
         (a failure that just happened) can be retried or cancelled as soon as GET shows it."""
-        unreachable: Exception | None = None
-        try:
-            found = await self.store().owner(execution_id)
-            if found is not None:
-                return found
-        except POSTGRES_UNAVAILABLE as exc:
-            unreachable = exc
-        execution = await execution_from_redis(self.redis, self.keys, execution_id)
-        if execution is None:
-            if unreachable is not None:
-                raise unreachable
-            return None
-        return Owner(
-            execution["task_id"], execution["client_slug"], execution["workflow_id"], execution["workflow_version"]
-        )
+
+        async def from_redis() -> Owner | None:
+            found = await execution_from_redis(self.redis, self.keys, execution_id)
+            if found is None:
+                return None
+            return Owner(found["task_id"], found["client_slug"], found["workflow_id"], found["workflow_version"])
+
+        return await _preferring_postgres(lambda: self.store().owner(execution_id), from_redis)
 
     async def chain(self, execution_id: int) -> dict[str, Any] | None:
         """NOVA's chain of work: {"execution_id", "entries", "total"}, plus the owner's slug."""

@@ -19,7 +19,7 @@ from cli.embedded import RedisServer, free_port
 from shared.connections import REDIS_UNAVAILABLE, batcher_of, create_redis
 from shared.events import event_fields
 from shared.inspection import worker_reports
-from shared.scripts import RecordOutcome, Scripts, WorkflowChanged
+from shared.scripts import RecordOutcome, RecordResult, Scripts, WorkflowChanged
 from shared.settings import Settings
 from shared.streams import FORMAT_VERSION, EventType, Keys, TaskField, TaskStatus, dumps, now_iso
 from tests.support import ready_for_scripts, redis_binaries, redis_version, script_keys
@@ -108,7 +108,13 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
     assert ids == all_ids and len(ids) == 2
     assert 0 < await r.ttl(KEYS.task_events("a")) <= 60
     # Progress after the end is refused too, and does not touch the status.
-    late = await scripts.record(
+    late = await record_progress(scripts, entry_id)
+    assert not late.written and late.status in ("SUCCESS", "FAILURE")
+
+
+async def record_progress(scripts: Scripts, entry_id: str, reopen_token: str | None = None) -> RecordResult:
+    """A run's write of progress (a node started) for task "a", whose entry worker w1 holds."""
+    return await scripts.record(
         task_id="a",
         client="acme",
         events=[event("a", EventType.NODE_STARTED)],
@@ -116,10 +122,10 @@ async def test_concurrent_terminal_records_write_one_terminal_event(r: Redis, sc
         terminal=False,
         ack_entry_id=entry_id,
         consumer="w1",
-        token="late",
+        token=uuid.uuid4().hex,
         task_ttl=60,
+        reopen_token=reopen_token,
     )
-    assert not late.written and late.status in ("SUCCESS", "FAILURE")
 
 
 async def test_record_refuses_a_run_of_a_request_its_task_was_reopened_past(r: Redis, scripts: Scripts) -> None:
@@ -131,25 +137,10 @@ async def test_record_refuses_a_run_of_a_request_its_task_was_reopened_past(r: R
     entry_id = reply[0][1][0][0]
     await r.hset(KEYS.task("a"), mapping={TaskField.STATUS: TaskStatus.RETRY, TaskField.REOPEN_TOKEN: "t2"})
 
-    async def progress(reopen_token: str | None) -> RecordOutcome:
-        result = await scripts.record(
-            task_id="a",
-            client="acme",
-            events=[event("a", EventType.NODE_STARTED)],
-            task_fields={TaskField.STATUS: TaskStatus.RUNNING},
-            terminal=False,
-            ack_entry_id=entry_id,
-            consumer="w1",
-            token=uuid.uuid4().hex,
-            task_ttl=60,
-            reopen_token=reopen_token,
-        )
-        return result.outcome
-
-    assert await progress("t2") == RecordOutcome.WRITTEN  # the retry's run
+    assert (await record_progress(scripts, entry_id, "t2")).outcome == RecordOutcome.WRITTEN  # the retry's run
     assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 1
     for earlier in ("", "t1"):  # a request of no re-open, or of an earlier one
-        assert await progress(earlier) == RecordOutcome.FINISHED
+        assert (await record_progress(scripts, entry_id, earlier)).outcome == RecordOutcome.FINISHED
     assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 0
     assert await r.hget(KEYS.task("a"), TaskField.STATUS) == TaskStatus.RUNNING
 
