@@ -80,6 +80,10 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = True
         self._head_bytes = 0
+        # The last bytes of a head read so far: its end (a blank line) may be split between two reads.
+        self._tail = b""
+        # Whether a request ended in the chunk being parsed (its bytes are then not all head).
+        self._ended = False
         self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -102,25 +106,32 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         # What comes next on the connection is the next request's head.
+        self._ended = True
         self._in_head = True
         self._head_bytes = 0
+        self._tail = b""
 
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
             return  # refused: the rest is discarded, never parsed nor kept
         if self._in_head:
-            # Before parsing: a head that ends in this chunk is never counted after it (it is complete
-            # then), and a head of any size arriving in one read went through.
-            end = data.find(b"\r\n\r\n")
-            if self._head_bytes + (len(data) if end < 0 else end + 4) > self.max_head_bytes:
+            # Before parsing, the head's part of this read: a head that ends in it was never counted after
+            # parsing (complete by then), so a head of any size arriving in one read went through. Only
+            # up to its end: a body after it is not head.
+            joined = self._tail + data
+            end = joined.find(b"\r\n\r\n")
+            head_here = len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+            if self._head_bytes + head_here > self.max_head_bytes:
                 self._refuse()
                 return
+        self._ended = False
         super().data_received(data)
-        if not self._in_head or self.transport.is_closing():
+        if self._ended or not self._in_head or self.transport.is_closing():
+            # A request ended in this read: the rest of it (if any) starts the next head, whose later
+            # reads are counted (a pipelined head is counted from its next read on).
             return
-        # Counted per chunk after parsing: a chunk that ends one request and starts the next counts
-        # whole, which can only refuse early, and only a client that pipelines large bodies.
         self._head_bytes += len(data)
+        self._tail = (self._tail + data)[-3:]
         if self._head_bytes > self.max_head_bytes:
             self._refuse()
 

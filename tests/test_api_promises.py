@@ -304,6 +304,42 @@ async def test_oversized_request_heads_are_refused_with_431(settings: Settings) 
     assert fine.startswith(b"HTTP/1.1 200 "), fine[:200]
 
 
+async def test_large_bodies_are_not_taken_for_request_heads(
+    settings: Settings, api: httpx.AsyncClient, redis: Redis
+) -> None:
+    """The head limit counts the head only: a 100 kB body read with its head (whole, chunked, or after
+    a head whose blank line was split between two reads) is served, once. Counted whole, such reads were
+    answered 431 after their request had been queued."""
+    wf = await create(api, linear("pass"))
+    body = orjson.dumps({"initial_context": {"pad": "x" * 100_000}})
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with serving(settings, **uvicorn_options(settings)) as base:
+        async with httpx.AsyncClient(base_url=base, headers=auth, timeout=30) as http:
+            json_type = {"Content-Type": "application/json"}
+            whole = await http.post(f"/workflows/{wf}/execute", content=body, headers=json_type)
+
+            async def pieces() -> AsyncIterator[bytes]:
+                for i in range(0, len(body), 30_000):
+                    yield body[i : i + 30_000]
+
+            chunked = await http.post(f"/workflows/{wf}/execute", content=pieces(), headers=json_type)
+        head = (
+            f"POST /workflows/{wf}/execute HTTP/1.1\r\nHost: nova\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head[:-2])  # the blank line split: its second half comes with the body
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(head[-2:] + body)
+        split = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+    assert (whole.status_code, chunked.status_code) == (202, 202), (whole.text, chunked.text)
+    assert split.startswith(b"HTTP/1.1 202 "), split[:200]
+    assert await redis.xlen(settings.requests_stream) == 3
+
+
 async def test_writes_made_in_one_pass_of_the_loop_go_out_together_and_in_order() -> None:
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
