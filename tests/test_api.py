@@ -134,6 +134,11 @@ async def test_idempotency_key_returns_the_same_task(api: httpx.AsyncClient, red
         error = assert_error(conflict, 409, "Idempotency-Key 'k-1' was used for task", f"of workflow {wf}")
         assert error["details"] == {"task_id": first["task_id"], "workflow_id": wf, "priority": "normal"}
     assert await redis.xlen(settings.requests_stream) == 2
+    # The same request again after the workflow's own priority changed is still the same request.
+    changed = await api.put(f"/workflows/{wf}", json={"graph_definition": {**linear("pass"), "priority": "high"}})
+    assert changed.status_code == 200, changed.text
+    same = await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "k-1"})
+    assert same.status_code == 202 and same.json()["priority"] == "normal", same.text
     # The scheduler's keys are its own: a caller could otherwise fire a tick, or stop it from firing.
     reserved = await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "schedule:s1:1"})
     assert_error(reserved, 422, "are the scheduler's")

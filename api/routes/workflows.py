@@ -228,17 +228,21 @@ async def existing_client(res: Res, slug: str) -> str:
     return slug
 
 
-async def _same_request(res: Resources, result: EnqueueResult, workflow_id: int, lane: Lane, key: str | None) -> Lane:
+async def _same_request(
+    res: Resources, result: EnqueueResult, workflow_id: int, lane: Lane, asked: Lane | None, key: str | None
+) -> Lane:
     """The lane of the task an Idempotency-Key named already, after checking it was queued for the same
-    workflow and priority: a key stands for one request, and the answer describes the task queued
-    (before, a key used again for another workflow answered 202 with that workflow, which never ran).
-    A task expired from Redis (its key outlives it) can no longer be compared: answered as asked."""
+    workflow, and the same priority if the request names one (`asked`; without one, the priority is the
+    workflow's, which may have changed since: the same request sent again is still the same): a key
+    stands for one request, and the answer describes the task queued (before, a key used again for
+    another workflow answered 202 with that workflow, which never ran). A task expired from Redis (its
+    key outlives it) can no longer be compared: answered as asked."""
     task_key = res.keys.of_task(result.task_id).task(result.task_id)
     stored = await res.redis.hmget(task_key, [TaskField.WORKFLOW_ID, TaskField.LANE])
     if stored[0] is None:
         return lane
     stored_lane = lane_of({"lane": stored[1] or ""})
-    if int(stored[0]) != workflow_id or stored_lane != lane:
+    if int(stored[0]) != workflow_id or (asked is not None and stored_lane != asked):
         raise ApiError(
             409,
             f"Idempotency-Key '{key}' was used for task {result.task_id} of workflow {stored[0]} "
@@ -363,7 +367,7 @@ async def execute(
             503, f"Workflow {workflow_id} kept changing while it was queued; retry", headers={"Retry-After": "1"}
         )
     if not result.created:
-        lane = await _same_request(res, result, workflow.id, lane, idempotency_key)
+        lane = await _same_request(res, result, workflow.id, lane, body.priority, idempotency_key)
     message = (
         f"Workflow queued for execution. Use GET /tasks/{result.task_id} to check status."
         if result.created
