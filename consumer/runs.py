@@ -168,9 +168,15 @@ async def _durably(action: Any, settings: Settings) -> Any:
     except REDIS_UNAVAILABLE:
         pass
 
+    # An outage is timed from its start, or from the end of a wait for memory (however long that was).
+    outage_since = time.monotonic()
+
     def outage_too_long(state: RetryCallState) -> bool:
-        full = state.outcome is not None and isinstance(state.outcome.exception(), OutOfMemoryError)
-        return not full and state.seconds_since_start >= settings.visibility_timeout
+        nonlocal outage_since
+        if state.outcome is not None and isinstance(state.outcome.exception(), OutOfMemoryError):
+            outage_since = time.monotonic()
+            return False
+        return time.monotonic() - outage_since >= settings.visibility_timeout
 
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(REDIS_UNAVAILABLE),
@@ -272,9 +278,12 @@ class Run:
             return
         try:
             await self._execute_holding(definition, task, attempt)
-        except AlreadyFinished:
-            # Finished elsewhere or cancelled meanwhile: this run holds the slot no longer.
-            await self._release_slot()
+        except AlreadyFinished as exc:
+            # Finished elsewhere or cancelled meanwhile: this run holds the slot no longer. Not when the
+            # task goes on (a retry re-opened it past this run's request): the slot, held under the task's
+            # id, is the retry's run's now.
+            if not exc.superseded:
+                await self._release_slot()
             raise
         # Any outcome recorded (terminal, or parked for a retry): the slot goes to the next waiter. A
         # retrying run does not keep it: nothing refreshes a slot while its run sits out a backoff, and
@@ -866,7 +875,12 @@ class Recorder:
 
 
 class AlreadyFinished(Exception):
-    """Another delivery of this task reached a terminal state first; this one stops quietly."""
+    """Another delivery of this task reached a terminal state first, or a retry re-opened the task past
+    this run's request (superseded: the task goes on in the retry's run); this one stops quietly."""
+
+    def __init__(self, task_id: str, status: str = "") -> None:
+        super().__init__(task_id, status)
+        self.superseded = bool(status) and status not in TERMINAL_STATUSES
 
 
 class FirstRunStale(Exception):

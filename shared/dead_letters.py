@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.catalog import WorkflowCatalog
-from shared.enqueue import NewExecution, enqueue_execution
+from shared.enqueue import REPLAY_KEY_PREFIX, NewExecution, enqueue_execution
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
 from shared.streams import DeadLetterField, Keys, RequestField, entry_id_parts, lane_of, loads, printable
@@ -118,7 +118,8 @@ class DeadLetters:
         workflow = await self.catalog.get(workflow_id)
         if workflow is None:
             raise NotReplayable(f"workflow {workflow_id} of dead letter {letter.id} does not exist")
-        extra = {k: v for k, v in payload.items() if k != "initial_context"}
+        # A retry's re-open token and reason name the task it re-opened: a replay is a new task.
+        extra = {k: v for k, v in payload.items() if k not in ("initial_context", "reopen_token", "retry_of")}
         result = await enqueue_execution(
             self.scripts,
             NewExecution(
@@ -127,7 +128,7 @@ class DeadLetters:
                 client=client,
                 initial_context=payload.get("initial_context", {}),
                 extra={**extra, "replay_of": f.get(RequestField.TASK_ID)},
-                idempotency_key=f"replay:{letter.id}",
+                idempotency_key=f"{REPLAY_KEY_PREFIX}{letter.id}",
                 # Its lane as it was queued (a forged or unknown value: normal).
                 lane=lane_of(f),
             ),

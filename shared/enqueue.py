@@ -22,6 +22,13 @@ from shared.streams import Lane, dumps, now_iso
 
 log = logging.getLogger(__name__)
 
+# The Idempotency-Keys of the system's own enqueues: a schedule's tick (one execution per tick, whichever
+# worker fires it) and a dead letter's replay (one per letter). Reserved: the API refuses keys that start
+# so, or a caller could fire a tick or a replay early, or stop it from happening.
+SCHEDULE_KEY_PREFIX = "schedule:"
+REPLAY_KEY_PREFIX = "replay:"
+RESERVED_KEY_PREFIXES = (SCHEDULE_KEY_PREFIX, REPLAY_KEY_PREFIX)
+
 # The largest execution id PostgreSQL knows (its `executions` table): the floor of the id sequence.
 SequenceFloor = Callable[[], Awaitable[int]]
 

@@ -16,6 +16,7 @@ from typing import Any
 from croniter import CroniterError, croniter
 from redis.asyncio import Redis
 
+from shared.enqueue import SCHEDULE_KEY_PREFIX
 from shared.streams import Keys, dumps, loads, now_iso
 
 
@@ -40,13 +41,9 @@ class Schedule:
         return asdict(self)
 
 
-# The Idempotency-Key of a schedule's tick (one execution per tick, whichever worker fires it). Reserved:
-# the API refuses keys that start so, or a caller could fire a tick early, or stop it from firing.
-TICK_KEY_PREFIX = "schedule:"
-
-
 def tick_key(schedule_id: str, tick_ms: int) -> str:
-    return f"{TICK_KEY_PREFIX}{schedule_id}:{tick_ms}"
+    """The Idempotency-Key of a schedule's tick (reserved: see shared/enqueue.py)."""
+    return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:{tick_ms}"
 
 
 def next_tick(cron: str, moment_ms: int) -> int:

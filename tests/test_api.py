@@ -142,6 +142,8 @@ async def test_idempotency_key_returns_the_same_task(api: httpx.AsyncClient, red
     # The scheduler's keys are its own: a caller could otherwise fire a tick, or stop it from firing.
     reserved = await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "schedule:s1:1"})
     assert_error(reserved, 422, "are the scheduler's")
+    replay = await api.post(f"/workflows/{wf}/execute", json=body, headers={"Idempotency-Key": "replay:1-0"})
+    assert_error(replay, 422, "replays")
 
 
 async def test_task_lifecycle_shapes_and_execution_chain(

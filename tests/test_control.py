@@ -9,11 +9,13 @@ a paused workflow that starts nothing until resumed and loses nothing, and a dra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -662,6 +664,45 @@ async def test_a_run_whose_cancel_was_missed_stops_once_a_retry_reopens_its_task
         assert (await redis.xpending(settings.requests_stream, settings.worker_group))["pending"] == 0
     # a1 was in flight at the cancel: the retry runs it again (the first run's end of it was refused).
     assert sorted(log.read_text().split()) == ["a1", "a1", "a2", "a3"], log.read_text()
+
+
+async def test_a_superseded_run_leaves_the_concurrency_slot_to_its_retry(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, shared_dir: Path
+) -> None:
+    """The slot of a concurrency key is held under the task's id, the retry's run's too: the first run,
+    refused once a retry re-opened its task, released it, and a waiting run started beside the retry's
+    (two runs of a limit-1 key at once). The retry's run keeps it until its end."""
+    keys = Keys.from_settings(settings)
+    go, go2 = shared_dir / "go", shared_dir / "go2"
+
+    def wait_for(flag: Path) -> str:
+        return f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n"
+
+    wf = await create_workflow(
+        redis, settings, pool, linear(wait_for(go), wait_for(go2), concurrency={"key": "k", "limit": 1})
+    )
+
+    def started(task_id: str, node: str) -> Callable[[Any], bool]:
+        return lambda e: e.task_id == task_id and e.type == EventType.NODE_STARTED and e.data["node_id"] == node
+
+    async with in_process_worker(settings):
+        a = await enqueue(redis, settings, wf, {})
+        await wait_for_events(redis, settings, started(a.task_id, "a1"))
+        # The cancel as its step writes it (REVOKED, the slot given back), without the push; the retry.
+        await redis.hset(keys.task(a.task_id), TaskField.STATUS, TaskStatus.REVOKED)
+        await redis.zrem(keys.concurrency_holders("k"), a.task_id)
+        await retry_failure(Scripts(redis, keys), a.execution_id, Owner(a.task_id, "acme", wf.id, wf.version))
+        await wait_for_events(redis, settings, started(a.task_id, "a1"), count=2)  # the retry's run
+        b = await enqueue(redis, settings, wf, {})
+        go.touch()  # both runs of `a` end a1; the first is refused at its write
+        await wait_for_events(redis, settings, started(a.task_id, "a2"))
+        with contextlib.suppress(TimeoutError):  # b must not start meanwhile (it did, at once)
+            await wait_for_events(redis, settings, started(b.task_id, "start"), timeout=1.5)
+        go2.touch()
+        done = await wait_terminal(redis, settings, [a.task_id, b.task_id])
+    assert {e.type for e in done.values()} == {EventType.SUCCEEDED}
+    order = [(f["task_id"], f["type"]) for _, f in await redis.xrange(settings.results_stream)]
+    assert order.index((b.task_id, "started")) > order.index((a.task_id, "succeeded")), order
 
 
 async def test_a_run_cancelled_while_its_worker_is_dead_is_never_resumed(

@@ -39,10 +39,9 @@ from shared.catalog import (
 from shared.clients import Principal
 from shared.db import jsonb_problem
 from shared.durability import NotDurable
-from shared.enqueue import Admission, NewExecution, SequenceUnavailable, enqueue_execution
+from shared.enqueue import RESERVED_KEY_PREFIXES, Admission, NewExecution, SequenceUnavailable, enqueue_execution
 from shared.executions import NO_CLIENT, ProjectionBehind, UnknownClient, unprojected_active
 from shared.lanes import lane_of
-from shared.schedules import TICK_KEY_PREFIX
 from shared.scripts import AtCapacity, EnqueueResult, RateLimited, WorkflowChanged
 from shared.streams import Lane, TaskField
 from shared.workflow import Definition, InvalidDefinition, validate_definition, workflow_lane
@@ -347,9 +346,10 @@ async def execute(
     and an update or a delete cannot slip in between a read and the enqueue. A head it finds changed
     is read again. On a cluster the head is in another slot than the client's shard: it is read first.
     """
-    if idempotency_key is not None and idempotency_key.startswith(TICK_KEY_PREFIX):
+    if idempotency_key is not None and idempotency_key.startswith(RESERVED_KEY_PREFIXES):
+        reserved = "', '".join(RESERVED_KEY_PREFIXES)
         raise ApiError(
-            422, f"Idempotency-Key values that start with '{TICK_KEY_PREFIX}' are the scheduler's; choose another"
+            422, f"Idempotency-Key values that start with '{reserved}' are the scheduler's and replays'; choose another"
         )
     checked = not res.keys.cluster
     workflow = res.catalog.last_seen(workflow_id) if checked else None

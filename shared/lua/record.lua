@@ -64,7 +64,9 @@ local state = redis.call('HMGET', task_key, 'status', 'token', 'last_event', 're
 if state[2] == token then
   return {WRITTEN, state[3] or '', state[1] or ''}
 end
-local replaced = reopen ~= nil and reopen ~= '' and string.sub(reopen, 2) ~= (state[4] or '')
+-- Only a task that was re-opened has a token to compare: a request carrying one into a task without (a
+-- dead letter of a retry, replayed as a new execution) is that task's own.
+local replaced = reopen ~= nil and reopen ~= '' and not blank(state[4]) and string.sub(reopen, 2) ~= state[4]
 if is_terminal(state[1]) or replaced then
   -- Done, or superseded: the re-opened task has a request of its own.
   if entry ~= '' then redis.call('XACK', requests_stream, group, entry) end
