@@ -171,7 +171,7 @@ class ClientCredentials:
 
 def check_credential(name: str, value: CredentialValue) -> None:
     """Raises ClientError for a name or value that cannot be stored."""
-    if not CREDENTIAL_NAME.match(name):
+    if not CREDENTIAL_NAME.fullmatch(name):
         raise ClientError(
             "credential names are environment variable names (ASCII letters, digits, '_'; a letter first)"
         )
@@ -215,7 +215,7 @@ class ClientStore:
 
     async def create(self, slug: str, name: str) -> str:
         """Create a client and its first API key; returns the key (shown once, stored hashed)."""
-        if not SLUG.match(slug):
+        if not SLUG.fullmatch(slug):
             raise ClientError(f"'{slug}' is not a valid client slug (a-z, 0-9, '-', '_', up to 63 characters)")
         pool = self._db()
         async with pool.acquire() as conn, conn.transaction():

@@ -29,8 +29,9 @@ async def test_keys_are_stored_hashed_and_resolve_to_their_client(
     assert [r["key_hash"] for r in rows] == [hash_key(key)] and key not in str([dict(r) for r in rows])
     with pytest.raises(ClientError, match="already exists"):
         await clients.create("acme", "Again")
-    with pytest.raises(ClientError, match="not a valid client slug"):
-        await clients.create("Bad Slug", "x")
+    for bad in ("Bad Slug", "acme2\n"):
+        with pytest.raises(ClientError, match="not a valid client slug"):
+            await clients.create(bad, "x")
 
 
 async def test_rotation_revokes_the_old_key_everywhere(redis: Redis, pool: asyncpg.Pool, settings: Settings) -> None:

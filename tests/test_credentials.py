@@ -225,6 +225,7 @@ async def test_credential_route_takes_typed_values_and_the_secret_flag(
         # An environment variable cannot hold U+0000: stored, it failed every run's sandbox start.
         ("ok", {"value": "a\u0000b"}, "U+0000"),
         ("bad%00name", {"value": "x"}, "environment variable names"),
+        ("token%0A", {"value": "x"}, "environment variable names"),  # `$` matched before a final newline
     ):
         response = await api.put(f"/clients/acme/credentials/{name}", json=body)
         assert response.status_code == 422 and fragment in response.text, response.text
