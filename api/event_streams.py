@@ -45,18 +45,23 @@ def _sse(event: Event) -> EncodedEvent:
 _ID_PART_MAX = 2**64 - 1
 
 
-def _after(last_event_id: str | None) -> tuple[int, int]:
-    """The position a Last-Event-ID names; an id that is no position (not an id, past 64 bits, the
-    greatest id: Redis refuses a range after them) is ignored, as if none were sent."""
+def _position(last_event_id: str | None) -> tuple[int, int] | None:
+    """The position a Last-Event-ID names, or None for none: absent, or an id that is no position (not
+    an id, past 64 bits, the greatest id: Redis refuses a range after them), taken as if none were sent."""
     if not last_event_id:
-        return (0, 0)
+        return None
     try:
         ms, seq = entry_id_parts(last_event_id.strip())
     except ValueError:
-        return (0, 0)
+        return None
     if not (0 <= ms <= _ID_PART_MAX and 0 <= seq <= _ID_PART_MAX) or (ms, seq) == (_ID_PART_MAX, _ID_PART_MAX):
-        return (0, 0)
+        return None
     return ms, seq
+
+
+def _after(last_event_id: str | None) -> tuple[int, int]:
+    """A task stream's start: after the client's position, else from its first event."""
+    return _position(last_event_id) or (0, 0)
 
 
 def _newer(event: Event, last: tuple[int, int]) -> bool:
@@ -132,9 +137,10 @@ async def feed_stream(
     shards: Sequence[Keys] = (),
 ) -> AsyncIterator[ServerSentEvent]:
     streams = list(shards) or [keys]
-    cursor = _cursor(last_event_id, len(streams))
+    positions = _positions(last_event_id, len(streams))
+    cursor = [p or (0, 0) for p in positions]
     with hub.subscribe(accept) as sub:
-        if last_event_id:
+        if any(p is not None for p in positions):
             # Resume: what the client missed while disconnected, bounded by entries and bytes scanned
             # (across every shard together).
             scanned = scanned_bytes = 0
@@ -170,13 +176,14 @@ async def feed_stream(
             yield _feed_sse(event, cursor)
 
 
-def _cursor(last_event_id: str | None, shards: int) -> list[tuple[int, int]]:
+def _positions(last_event_id: str | None, shards: int) -> list[tuple[int, int] | None]:
     """Each shard's position in a feed's Last-Event-ID: one id per shard, or a plain id (one shard,
-    or a client that kept an id from before sharding: then it is every shard's position)."""
+    or a client that kept an id from before sharding: then it is every shard's position). With none
+    (or none usable), the feed starts live: nothing is replayed."""
     parts = [p.strip() for p in (last_event_id or "").split(",")]
     if len(parts) != shards:
         parts = [parts[0]] * shards
-    return [_after(p) for p in parts]
+    return [_position(p) for p in parts]
 
 
 def _feed_sse(event: Event, cursor: list[tuple[int, int]]) -> EncodedEvent:
