@@ -82,8 +82,10 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         self._head_bytes = 0
         # The last bytes of a head read so far: its end (a blank line) may be split between two reads.
         self._tail = b""
-        # Whether a request ended in the chunk being parsed (its bytes are then not all head).
+        # Whether a request ended in the chunk being parsed (its bytes are then not all head), and whether
+        # another began after it.
         self._ended = False
+        self._begun = False
         self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -98,6 +100,7 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
+        self._begun = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -107,6 +110,7 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         super().on_message_complete()
         # What comes next on the connection is the next request's head.
         self._ended = True
+        self._begun = False
         self._in_head = True
         self._head_bytes = 0
         self._tail = b""
@@ -126,9 +130,13 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
                 return
         self._ended = False
         super().data_received(data)
-        if self._ended or not self._in_head or self.transport.is_closing():
-            # A request ended in this read: the rest of it (if any) starts the next head, whose later
-            # reads are counted (a pipelined head is counted from its next read on).
+        if self._ended and self._in_head:
+            # A request ended in this read: the rest of it (if any) starts the next head, counted from
+            # its next read on (a pipelined head's part in this read is not). Its blank line may still
+            # be split: the read's last bytes are kept for the next one's check.
+            self._tail = data[-3:] if self._begun else b""
+            return
+        if not self._in_head or self.transport.is_closing():
             return
         self._head_bytes += len(data)
         self._tail = (self._tail + data)[-3:]

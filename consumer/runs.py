@@ -168,14 +168,17 @@ async def _durably(action: Any, settings: Settings) -> Any:
     except REDIS_UNAVAILABLE:
         pass
 
-    # An outage is timed from its start, or from the end of a wait for memory (however long that was).
+    # An outage is timed from its start: after a wait for memory (however long), from its first failure.
     outage_since = time.monotonic()
+    waited_for_memory = False
 
     def outage_too_long(state: RetryCallState) -> bool:
-        nonlocal outage_since
+        nonlocal outage_since, waited_for_memory
         if state.outcome is not None and isinstance(state.outcome.exception(), OutOfMemoryError):
-            outage_since = time.monotonic()
+            waited_for_memory = True
             return False
+        if waited_for_memory:
+            outage_since, waited_for_memory = time.monotonic(), False
         return time.monotonic() - outage_since >= settings.visibility_timeout
 
     async for attempt in AsyncRetrying(

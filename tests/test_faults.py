@@ -14,9 +14,12 @@ from typing import Any
 import asyncpg
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 
 from cli.embedded import PostgresServer, RedisServer, free_port
 from consumer.maintenance import Maintenance
+from consumer.runs import _durably
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.db import create_pool, migrate_url
@@ -311,6 +314,25 @@ async def test_a_full_redis_leaves_runs_waiting_not_redelivered(
     assert {e.type for e in done.values()} == {EventType.SUCCEEDED}, done
     await client.aclose()
     await admin.aclose()
+
+
+async def test_an_outage_after_a_wait_for_memory_gets_its_whole_visibility_timeout() -> None:
+    """A run's write waits out a full Redis for as long as it lasts; an outage that follows is then
+    retried for a visibility timeout from its own first failure. It was timed from the last refusal
+    for memory, so the backoff grown meanwhile (up to 2 s) was taken out of it."""
+    settings = Settings(visibility_timeout=0.5)
+    full_until = time.monotonic() + 2.0
+    failures: list[float] = []
+
+    async def write() -> None:
+        if time.monotonic() < full_until:
+            raise OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'")
+        failures.append(time.monotonic())
+        raise RedisConnectionError("Connection refused")
+
+    with pytest.raises(RedisConnectionError):
+        await _durably(write, settings)
+    assert failures[-1] - failures[0] >= 0.9 * settings.visibility_timeout, failures
 
 
 async def test_a_redis_back_from_an_older_snapshot_hands_out_no_id_twice(
