@@ -139,6 +139,14 @@ async def feed_stream(
     streams = list(shards) or [keys]
     positions = _positions(last_event_id, len(streams))
     cursor = [p or (0, 0) for p in positions]
+    if len(streams) > 1:
+        for shard, shard_keys in enumerate(streams):
+            if positions[shard] is None:
+                # Live from here: the id this feed sends names a position in every shard, its stream's
+                # end for a shard with no event yet. From (0, 0), a reconnect with it replayed the
+                # shard's whole history. (Read before subscribing: what comes after is sent.)
+                latest = await redis.xrevrange(shard_keys.results, count=1)
+                cursor[shard] = entry_id_parts(latest[0][0]) if latest else (0, 0)
     with hub.subscribe(accept) as sub:
         if any(p is not None for p in positions):
             # Resume: what the client missed while disconnected, bounded by entries and bytes scanned

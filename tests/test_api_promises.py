@@ -25,8 +25,8 @@ from api.server import COALESCE_MAX_BYTES, CoalescedWrites, uvicorn_options
 from cli.embedded import free_port
 from shared.events import event_fields
 from shared.settings import Settings
-from shared.streams import EventType, Keys
-from tests.support import ADMIN_KEY, linear
+from shared.streams import EventType, Keys, Layout
+from tests.support import ADMIN_KEY, linear, make_settings
 from tests.test_api import add_clients, assert_error, create
 from tests.test_live_api import _client_key, read_sse
 
@@ -228,6 +228,42 @@ async def test_a_last_event_id_that_is_no_position_is_ignored(
         assert await asyncio.wait_for(waiting, 10) is None
     finally:
         await hub.stop()
+
+
+async def test_a_sharded_feed_started_live_sends_ids_a_reconnect_resumes_from(
+    redis: Redis, redis_url: str, db_url: str
+) -> None:
+    """A feed's id names its position in every shard. Started live, it named (0, 0) for a shard it had
+    no event of yet, and a reconnect with that id replayed the shard's whole history."""
+    layout = Layout.from_settings(make_settings(redis_url, db_url, shards=2))
+    first_shard, second_shard = layout.shards
+    for i in range(5):
+        await redis.xadd(first_shard.results, results_entry("acme", f"old{i}"))  # type: ignore[arg-type]
+    hub = EventHub(redis, layout.home, block_ms=100, shards=layout.shards)
+    await hub.start()
+    accept = feed_filter(None, "acme")
+    try:
+        feed = feed_stream(redis, layout.home, hub, accept, None, shards=layout.shards)
+        waiting = asyncio.create_task(anext(feed))
+        for _ in range(1000):  # until subscribed
+            if hub.subscribers:
+                break
+            await asyncio.sleep(0.01)
+        await redis.xadd(second_shard.results, results_entry("acme", "live"))  # type: ignore[arg-type]
+        sent = await asyncio.wait_for(waiting, 10)
+        await feed.aclose()
+        again = feed_stream(redis, layout.home, hub, accept, sent.id, shards=layout.shards)
+        waiting = asyncio.create_task(anext(again))
+        for _ in range(1000):
+            if hub.subscribers:
+                break
+            await asyncio.sleep(0.01)
+        new = await redis.xadd(first_shard.results, results_entry("acme", "new"))  # type: ignore[arg-type]
+        resumed = await asyncio.wait_for(waiting, 10)
+        await again.aclose()
+    finally:
+        await hub.stop()
+    assert orjson.loads(resumed.data)["task_id"] == "new" and str(new) in str(resumed.id), resumed.id
 
 
 async def test_event_streams_are_capped_per_api_key(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
