@@ -86,6 +86,12 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         # another began after it.
         self._ended = False
         self._begun = False
+        # After the head: whether the read held body bytes (or the head's end), and the bytes of reads
+        # since that held neither (a chunked body's trailer fields, which the parser buffers whole
+        # before it hands them on); past the limit the connection is dropped and the rest discarded.
+        self._read_accounted = False
+        self._bodiless_bytes = 0
+        self._discarding = False
         self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -104,7 +110,13 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._read_accounted = True
+        self._bodiless_bytes = 0
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._read_accounted = True
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -116,7 +128,7 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         self._tail = b""
 
     def data_received(self, data: bytes) -> None:
-        if self._linger is not None:
+        if self._linger is not None or self._discarding:
             return  # refused: the rest is discarded, never parsed nor kept
         if self._in_head:
             # Before parsing, the head's part of this read: a head that ends in it was never counted after
@@ -129,6 +141,7 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
                 self._refuse()
                 return
         self._ended = False
+        self._read_accounted = False
         super().data_received(data)
         if self._ended and self._in_head:
             # A request ended in this read: the rest of it (if any) starts the next head, counted from
@@ -136,12 +149,27 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
             # be split: the read's last bytes are kept for the next one's check.
             self._tail = data[-3:] if self._begun else b""
             return
-        if not self._in_head or self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if not self._in_head:
+            self._count_trailer(data)
             return
         self._head_bytes += len(data)
         self._tail = (self._tail + data)[-3:]
         if self._head_bytes > self.max_head_bytes:
             self._refuse()
+
+    def _count_trailer(self, data: bytes) -> None:
+        """Bytes after the head that carry no body: trailer fields (or chunk framing). The head's limit
+        covers them too: uvicorn adds trailer fields to the request's headers, and a 32 MiB one went
+        through. The request is under way by then, so no 431 can be sent: the connection is closed."""
+        if self._read_accounted:
+            self._bodiless_bytes = 0
+            return
+        self._bodiless_bytes += len(data)
+        if self._bodiless_bytes > self.max_head_bytes:
+            self._discarding = True
+            self.transport.close()
 
     def _refuse(self) -> None:
         message = f"request line and headers exceed the limit of {self.max_head_bytes} bytes"

@@ -398,6 +398,35 @@ async def test_large_bodies_are_not_taken_for_request_heads(
     assert await redis.xlen(settings.requests_stream) == 4
 
 
+async def test_trailer_fields_are_held_to_the_head_limit(
+    settings: Settings, api: httpx.AsyncClient, redis: Redis
+) -> None:
+    """Fields after a chunked body (a trailer) went into the request's headers whatever their size: a
+    32 MiB one was taken. Past the head limit the connection is closed (the request is under way: no
+    431 can be sent) and the request not served."""
+    wf = await create(api, linear("pass"))
+    async with serving(settings, **uvicorn_options(settings)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        with contextlib.suppress(ConnectionError):
+            writer.write(
+                f"POST /workflows/{wf}/execute HTTP/1.1\r\nHost: nova\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                "2\r\n{}\r\n0\r\nX-Trailer: ".encode()
+            )
+            for _ in range(16):  # 1 MiB
+                writer.write(b"t" * 65536)
+                await writer.drain()
+            writer.write(b"\r\n\r\n")
+            await writer.drain()
+        answer = b""
+        with contextlib.suppress(ConnectionError):  # closed with the client's bytes unread: a reset
+            answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+    assert not answer.startswith(b"HTTP/1.1 202"), answer[:200]
+    assert await redis.xlen(settings.requests_stream) == 0
+
+
 async def test_writes_made_in_one_pass_of_the_loop_go_out_together_and_in_order() -> None:
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
