@@ -1,9 +1,9 @@
-"""Small chaos runs in the suite.
+"""A small chaos run in the suite.
 
-The first run has the faults the product already survives: workers SIGKILLed, Redis restarted,
-PostgreSQL stopped; nothing may be lost or duplicated. The second run adds, at small scale, the faults
-`nova chaos` turns on by default (long nodes, lost replies, non-UTF-8 request entries); it runs once
-and each of its checks is its own test, so a failure names the promise it broke.
+Workers SIGKILLed, Redis restarted, PostgreSQL stopped, and at small scale the faults `nova chaos` turns
+on by default (long nodes, lost replies, non-UTF-8 request entries): nothing may be lost or duplicated.
+It runs once and each of its checks is its own test, so a failure names the promise it broke. (A second
+run with the first three faults alone took 15 s of the suite and checked nothing this one does not.)
 """
 
 from __future__ import annotations
@@ -14,26 +14,6 @@ from typing import Any
 import pytest
 
 from cli.chaos import Chaos
-
-
-@pytest.mark.timeout(120)
-async def test_small_chaos_run_loses_and_duplicates_nothing() -> None:
-    report = await Chaos(
-        executions=200,
-        workers=3,
-        kill_every=1.5,
-        postgres_outage=2.0,
-        seed=7,
-        long_nodes=False,
-        lost_replies=False,
-        bad_bytes=False,
-    ).run()
-    assert report["accepted"] == 200, report
-    assert report["lost"] == 0 and report["duplicated"] == 0, report
-    assert report["succeeded"] + report["failed"] + report["dead"] == 200, report
-    assert report["unexpected"] == [], str(report["unexpected"])
-    assert report["failed"] == 20 and report["poison_dead_lettered"] == "2/2", report
-    assert report["worker_kills"] >= 3, report
 
 
 @pytest.fixture(scope="module")
