@@ -24,12 +24,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Three test processes on two cores: about a third of the suite is waiting (servers restarting, workers
-# killed and reclaimed, timeouts running out), which a third process fills (measured 326 s with two,
-# 265 s with three, on two cores).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -n 3
+	$(BIN)/pytest -q -n 2
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

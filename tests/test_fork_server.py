@@ -518,4 +518,5 @@ async def test_a_node_at_the_cpu_limit_fails_as_over_it_not_as_a_crash() -> None
         await sb.close()
     finally:
         await provider.aclose()
-    assert (info.value.type, info.value.reason) == ("CPUTimeLimitExceeded", "limit:cpu"), info.value
+    exit_seen = (sb.proc.returncode, getattr(sb.proc, "cpu_seconds", None))
+    assert (info.value.type, info.value.reason) == ("CPUTimeLimitExceeded", "limit:cpu"), (info.value, exit_seen)
