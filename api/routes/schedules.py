@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import Admin, Res
 from api.errors import ApiError
-from api.routes.workflows import MAX_CONTEXT_BYTES, existing_client
+from api.routes.workflows import encoded_context, existing_client
 from api.schemas import SLUG_PATTERN, errors
 from shared.schedules import InvalidSchedule, Schedule, ScheduleStore
 from shared.streams import dumps
@@ -46,13 +46,7 @@ async def create_schedule(res: Res, _: Admin, body: ScheduleIn) -> dict[str, Any
     if await res.catalog.get(body.workflow_id) is None:
         raise ApiError(404, f"workflow {body.workflow_id} not found")
     await existing_client(res, body.client_slug)
-    try:
-        size = len(dumps(body.initial_context))
-    except TypeError as exc:
-        # Valid JSON that the event encoding cannot carry, e.g. an integer beyond 64 bits.
-        raise ApiError(422, f"initial_context: {exc}") from None
-    if size > MAX_CONTEXT_BYTES:
-        raise ApiError(413, f"initial_context is about {size} bytes; the limit is {MAX_CONTEXT_BYTES}")
+    encoded_context(lambda: dumps(body.initial_context))
     store = _store(res)
     try:
         schedule = await store.create(

@@ -4,6 +4,7 @@ stream and return)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
@@ -216,6 +217,18 @@ async def _client_of(res: Res, caller_client: str | None, admin: bool, requested
     return await existing_client(res, requested)
 
 
+def encoded_context(encode: Callable[[], str]) -> str:
+    """What `encode` makes of a request's initial context, refused as the execute route refuses it: 422
+    for valid JSON the event encoding cannot carry (an integer beyond 64 bits), 413 past the limit."""
+    try:
+        encoded = encode()
+    except TypeError as exc:
+        raise ApiError(422, f"initial_context: {exc}") from None
+    if len(encoded) > MAX_CONTEXT_BYTES:
+        raise ApiError(413, f"initial_context is about {len(encoded)} bytes; the limit is {MAX_CONTEXT_BYTES}")
+    return encoded
+
+
 async def existing_client(res: Res, slug: str) -> str:
     """`slug`, if such a client exists (404 if not; 503 when only PostgreSQL could say, and is down)."""
     try:
@@ -306,13 +319,7 @@ async def _enqueue_version(
         lane=lane,
         check_head=checked,
     )
-    try:
-        payload = execution.payload()
-    except TypeError as exc:
-        # Valid JSON that the event encoding cannot carry, e.g. an integer beyond 64 bits.
-        raise ApiError(422, f"initial_context: {exc}") from None
-    if len(payload) > MAX_CONTEXT_BYTES:
-        raise ApiError(413, f"initial_context is about {len(payload)} bytes; the limit is {MAX_CONTEXT_BYTES}")
+    payload = encoded_context(execution.payload)
     try:
         result = await enqueue_execution(
             res.scripts, execution, floor=res.catalog.highest_execution_id, payload=payload, strict=res.strict
