@@ -354,12 +354,7 @@ class Run:
         ctx, request = self.ctx, self.request
         # The pause flags ride in the same round trip as the task: a delivery costs nothing more.
         task, paused = await ctx.scripts.task_state(request.task_id, request.workflow_id)
-        # Only a retry of a cancelled run can have a request left behind (a failure's is acknowledged with
-        # its terminal event); its requests carry the retry's token (shared/executions.py retry_failure).
-        replaced = task.get(TaskField.REOPENED_FROM) == TaskStatus.REVOKED and request.payload.get(
-            "reopen_token"
-        ) != task.get(TaskField.REOPEN_TOKEN)
-        if task.get(TaskField.STATUS) in TERMINAL_STATUSES or replaced:
+        if task.get(TaskField.STATUS) in TERMINAL_STATUSES or superseded(task, request):
             # A redelivery of work already finished (or cancelled while queued), or a request a retry
             # has replaced (a cancelled run's, left queued or pending): acknowledge, never run.
             await ctx.redis.xack(ctx.keys.requests, ctx.keys.worker_group, self.delivery.entry_id)
@@ -863,7 +858,7 @@ class Recorder:
                 of_one_task=True,
                 # A retry of a cancelled run re-opens the task with a request of its own: a run of the
                 # earlier request (its cancel missed) stops at its next write, before any more action code.
-                reopen_token=str(request.payload.get("reopen_token") or ""),
+                reopen_token=reopen_token_of(request),
             ),
             ctx.settings,
         )
@@ -875,6 +870,19 @@ class Recorder:
         self.assumed_first_run = False
         if not result.written:
             raise AlreadyFinished(request.task_id, result.status)
+
+
+def reopen_token_of(request: ExecutionRequest) -> str:
+    """The re-open token a request carries: a retry's (shared/executions.py retry_failure), else ''."""
+    return str(request.payload.get("reopen_token") or "")
+
+
+def superseded(task: dict[str, str], request: ExecutionRequest) -> bool:
+    """Whether a retry re-opened the task after this request: the task has a re-open token, and the
+    request carries another (a request of a cancelled run, left behind queued or on a worker that
+    missed the cancel). The rule record.lua applies at each write of a run."""
+    current = task.get(TaskField.REOPEN_TOKEN)
+    return bool(current) and reopen_token_of(request) != current
 
 
 class AlreadyFinished(Exception):
