@@ -21,6 +21,14 @@ QueryId = Annotated[int | None, Query(ge=1, le=BIGINT_MAX)]
 # A Redis stream entry id (ms-seq), checked here so that Redis never sees a malformed one.
 STREAM_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
 StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="A stream entry id, e.g. 1700000000000-0")]
+# A dead letter's id: its entry id, after `s<shard>-` with several shards (shared/dead_letters.py).
+DEAD_LETTER_ID_PATTERN = r"^(?:s[0-9]{1,5}-)?[0-9]{1,19}-[0-9]{1,19}$"
+DeadLetterId = Annotated[
+    str,
+    Path(
+        pattern=DEAD_LETTER_ID_PATTERN, description="A dead letter's id as GET /dlq lists it, e.g. s1-1700000000000-0"
+    ),
+]
 # Task ids as issued: 32 hex digits (execute, DLQ replay), or sched-<schedule id>-<tick ms> (the
 # scheduler). A task id becomes part of Redis key names ("<prefix>:task:<id>" and its ":events" list),
 # so anything else, a ':' above all, must never reach Redis.

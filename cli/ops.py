@@ -87,6 +87,7 @@ def dlq_list(
 def dlq_replay(entry_id: str = typer.Argument(..., help="Dead-letter entry id (see `nova dlq list`).")) -> None:
     """Run a dead letter again as a new task (once, however often this is called)."""
     from shared.dead_letters import NotReplayable
+    from shared.enqueue import SequenceUnavailable
 
     async def replay(redis: Any, keys: Keys, settings: Settings) -> str:
         dlq = _dead_letters(redis, keys, settings)
@@ -97,7 +98,7 @@ def dlq_replay(entry_id: str = typer.Argument(..., help="Dead-letter entry id (s
 
     try:
         task_id = _with_redis(replay)
-    except (LookupError, NotReplayable) as exc:
+    except (LookupError, NotReplayable, SequenceUnavailable) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"replayed {entry_id} as task {task_id}")

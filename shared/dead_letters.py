@@ -10,6 +10,7 @@ With several shards each has its own dead-letter stream, and a letter's id names
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,14 @@ from shared.enqueue import REPLAY_KEY_PREFIX, NewExecution, enqueue_execution
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
 from shared.streams import DeadLetterField, Keys, RequestField, entry_id_parts, lane_of, loads, printable
+
+
+class NotALetterId(ValueError):
+    """A letter id that names no letter this install could hold (not an entry id, or a shard it lacks)."""
+
+
+# A letter's id: `s<shard>-` (several shards only) and a stream entry id.
+_LETTER_ID = re.compile(r"(?:s([0-9]{1,5})-)?([0-9]{1,19}-[0-9]{1,19})")
 
 
 class NotReplayable(ValueError):
@@ -62,19 +71,24 @@ class DeadLetters:
         self.scripts = Scripts(redis, keys)
 
     def _locate(self, letter_id: str) -> tuple[Keys, str]:
-        """The shard and stream entry id a letter id names."""
-        if self.keys.shard_count > 1 and letter_id.startswith("s") and letter_id.count("-") == 2:
-            shard, _, entry_id = letter_id[1:].partition("-")
-            if shard.isdigit() and int(shard) < self.keys.shard_count:
-                return self.keys.sibling(int(shard)), entry_id
-        return self.keys, letter_id
+        """The shard and stream entry id a letter id names (a plain entry id: the home shard's).
+        Raises NotALetterId for anything else: an id Redis would refuse must not reach it."""
+        found = _LETTER_ID.fullmatch(letter_id)
+        if found is None:
+            raise NotALetterId(f"{letter_id!r} is not a dead letter id (an entry id, or s<shard>-<entry id>)")
+        shard, entry_id = found.groups()
+        if shard is None:
+            return self.keys, entry_id
+        if int(shard) >= self.keys.shard_count:
+            raise NotALetterId(f"{letter_id!r} names shard {int(shard)}; this install has {self.keys.shard_count}")
+        return self.keys.sibling(int(shard)), entry_id
 
     def _letter_id(self, keys: Keys, entry_id: str) -> str:
         return entry_id if keys.shard_count == 1 else f"s{keys.shard_index}-{entry_id}"
 
     async def list(self, *, count: int = 100, after: str | None = None, client: str | None = None) -> list[DeadLetter]:
         """Oldest first; with several shards, each shard's oldest `count` merged by time (`after`, a
-        letter id, is then a time: letters of every shard after its entry id)."""
+        letter id, is then a time: letters of every shard after its entry id). Raises NotALetterId."""
         start = f"({self._locate(after)[1]}" if after else "-"
         letters: list[DeadLetter] = []
         for keys in self.keys.all_shards:
@@ -87,16 +101,19 @@ class DeadLetters:
         return letters
 
     async def get(self, letter_id: str) -> DeadLetter | None:
-        keys, entry_id = self._locate(letter_id)
         try:
+            keys, entry_id = self._locate(letter_id)
             entries = await self.redis.xrange(keys.dead_letter, min=entry_id, max=entry_id, count=1)
-        except ResponseError:
-            return None  # not a stream id: no such letter
+        except (NotALetterId, ResponseError):
+            return None  # names no letter (an entry id past 64 bits is one Redis refuses)
         return DeadLetter(self._letter_id(keys, entries[0][0]), entries[0][1]) if entries else None
 
     async def delete(self, letter_id: str) -> bool:
-        keys, entry_id = self._locate(letter_id)
-        return bool(await self.redis.xdel(keys.dead_letter, entry_id))
+        try:
+            keys, entry_id = self._locate(letter_id)
+            return bool(await self.redis.xdel(keys.dead_letter, entry_id))
+        except (NotALetterId, ResponseError):
+            return False
 
     async def purge(self) -> int:
         length = 0

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import asyncpg
+import httpx
 import pytest
 from redis.asyncio import Redis
 
+from api.app import create_app
+from cli.embedded import PostgresServer
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.catalog import WorkflowCatalog
+from shared.db import create_pool, migrate_url
 from shared.dead_letters import DeadLetters, NotReplayable
 from shared.executions import Owner, retry_failure
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, loads
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_for_events, wait_terminal
+from tests.support import (
+    ADMIN_KEY,
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    make_settings,
+    wait_for_events,
+    wait_terminal,
+)
 from tests.test_faults import FlakyProvider
 
 
@@ -92,3 +106,74 @@ async def test_malformed_letters_are_not_replayable_but_can_be_deleted(
     await redis.xadd(settings.dead_letter_stream, {"a": "2"})
     assert await dlq.purge() == 2
     assert await dlq.list() == []
+
+
+async def test_a_letter_of_another_shard_is_replayed_and_deleted_through_the_api(
+    redis: Redis, redis_url: str, db_url: str, pool: asyncpg.Pool
+) -> None:
+    """With several shards a letter's id names its shard (`s1-<entry id>`), as GET /dlq lists it; the
+    replay and delete routes took only a plain entry id and answered 422 for every letter outside the
+    home shard, and a shard this install does not have reached Redis as an entry id (a 500)."""
+    settings = make_settings(redis_url, db_url, shards=2)
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    for _ in range(2):
+        await redis.xadd(
+            keys.sibling(1).dead_letter,
+            {"task_id": "0" * 32, "workflow_id": str(wf.id), "client": "acme", "payload": "{}", "reason": "test"},
+        )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as api:
+            first, second = (await api.get("/dlq")).json()["items"]
+            assert first["id"].startswith("s1-")
+            assert [d["id"] for d in (await api.get("/dlq", params={"after": first["id"]})).json()["items"]] == [
+                second["id"]
+            ]
+            replayed = await api.post(f"/dlq/{first['id']}/replay")
+            assert replayed.status_code == 202, replayed.text
+            deleted = await api.delete(f"/dlq/{second['id']}")
+            assert deleted.status_code == 204, deleted.text
+            assert (await api.get("/dlq")).json()["items"] == []
+            # A shard past this install's: not found, as any id that names no letter.
+            assert (await api.delete("/dlq/s7-1-0")).status_code == 404
+            assert (await api.post("/dlq/s7-1-0/replay")).status_code == 404
+            assert (await api.get("/dlq", params={"after": "s7-1-0"})).status_code == 422
+            assert (await api.delete("/dlq/x1-1-0")).status_code == 422
+    dlq = DeadLetters(redis, keys, settings, WorkflowCatalog(redis, pool, keys))
+    assert not await dlq.delete("s7-1-0") and await dlq.get("s7-1-0") is None
+    assert not await dlq.delete("garbage") and await dlq.get("garbage") is None
+
+
+async def test_a_replay_that_cannot_hand_out_an_id_safely_is_a_503(
+    redis: Redis, pg_factory: Callable[..., PostgresServer], settings: Settings
+) -> None:
+    """Redis lost its id sequence and PostgreSQL, which holds the floor, is down: execute answers 503
+    (try again), and the replay of a dead letter, which enqueues the same way, answered 500."""
+    pg = pg_factory()
+    await migrate_url(pg.url)
+    settings = settings.model_copy(update={"database_url": pg.url})
+    keys = Keys.from_settings(settings)
+    pool = await create_pool(pg.url)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await pool.close()
+    entry_id = await redis.xadd(
+        keys.dead_letter,
+        {"task_id": "0" * 32, "workflow_id": str(wf.id), "client": "acme", "payload": "{}", "reason": "test"},
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as api:
+            await redis.delete(keys.execution_seq)
+            pg.stop()
+            response = await api.post(f"/dlq/{entry_id}/replay")
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"]
+            assert "PostgreSQL" in response.json()["error"]["message"]
+            # Nothing was lost: the letter is still there to replay once PostgreSQL is back.
+            pg.start()
+            assert (await api.post(f"/dlq/{entry_id}/replay")).status_code == 202

@@ -10,8 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import Admin, Res, Resources
 from api.errors import ApiError
-from api.schemas import STREAM_ID_PATTERN, StreamId, errors
-from shared.dead_letters import DeadLetters, NotReplayable
+from api.schemas import DEAD_LETTER_ID_PATTERN, DeadLetterId, errors
+from shared.dead_letters import DeadLetters, NotALetterId, NotReplayable
+from shared.enqueue import SequenceUnavailable
 from shared.inspection import inspect
 
 router = APIRouter(tags=["operations"])
@@ -37,9 +38,14 @@ async def list_dead_letters(
     res: Res,
     _: Admin,
     count: int = Query(default=100, ge=1, le=1000),
-    after: str | None = Query(default=None, pattern=STREAM_ID_PATTERN, description="Entries after this id (paging)"),
+    after: str | None = Query(
+        default=None, pattern=DEAD_LETTER_ID_PATTERN, description="Letters after this one (paging: the last id listed)"
+    ),
 ) -> dict[str, Any]:
-    letters = await _dead_letters(res).list(count=count, after=after)
+    try:
+        letters = await _dead_letters(res).list(count=count, after=after)
+    except NotALetterId as exc:
+        raise ApiError(422, str(exc)) from None
     return {"items": [d.as_json() for d in letters], "count": len(letters)}
 
 
@@ -47,9 +53,9 @@ async def list_dead_letters(
     "/dlq/{entry_id}/replay",
     status_code=202,
     summary="Run a dead-lettered request again as a new task",
-    responses=errors(404),
+    responses=errors(404, 422, 503),
 )
-async def replay_dead_letter(res: Res, _: Admin, entry_id: StreamId) -> dict[str, Any]:
+async def replay_dead_letter(res: Res, _: Admin, entry_id: DeadLetterId) -> dict[str, Any]:
     dlq = _dead_letters(res)
     letter = await dlq.get(entry_id)
     if letter is None:
@@ -58,6 +64,9 @@ async def replay_dead_letter(res: Res, _: Admin, entry_id: StreamId) -> dict[str
         result = await dlq.replay(letter)
     except NotReplayable as exc:
         raise ApiError(422, str(exc)) from None
+    except SequenceUnavailable as exc:
+        # As execute answers it: the letter stays, and a later replay (same idempotency key) runs it once.
+        raise ApiError(503, str(exc), headers={"Retry-After": "5"}) from None
     return {
         "task_id": result.task_id,
         "execution_id": result.execution_id,
@@ -68,7 +77,7 @@ async def replay_dead_letter(res: Res, _: Admin, entry_id: StreamId) -> dict[str
 
 
 @router.delete("/dlq/{entry_id}", status_code=204, summary="Delete a dead letter", responses=errors(404))
-async def delete_dead_letter(res: Res, _: Admin, entry_id: StreamId) -> Response:
+async def delete_dead_letter(res: Res, _: Admin, entry_id: DeadLetterId) -> Response:
     if not await _dead_letters(res).delete(entry_id):
         raise ApiError(404, f"dead letter {entry_id} not found")
     return Response(status_code=204)
