@@ -236,7 +236,9 @@ class RunControl:
         """The control flags and what they hold back (every shard's): for `nova inspect`, /metrics and the API."""
         flags = decode_fields(await self.redis.hgetall(self.keys.control))
         workflows = sorted(int(k.split(":", 1)[1]) for k in flags if k.startswith("workflow:"))
-        drained: dict[str, str] = {}
+        # Per process: what its readers hold, and in how many shards every one of them has stopped.
+        drained: dict[str, int] = {}
+        shards_drained: dict[str, int] = {}
         queue_parked = 0
         workflow_parked = [0] * len(workflows)
         held = 0
@@ -248,14 +250,15 @@ class RunControl:
                 pipe.zcard(keys.parked(workflow_scope(workflow_id)))
             shard_drained, shard_queue, *shard_workflows = await pipe.execute()
             # A process reads every shard, each in every lane: what it holds is summed over them, once
-            # each of its readers of the shard has stopped (one that still reads is not drained yet).
+            # each of its readers of every shard has stopped (one that still reads is not drained yet).
             readers: dict[str, dict[str, int]] = {}
             for reader, count in decode_fields(shard_drained).items():
                 consumer, _, lane = reader.partition(_LANE_SEPARATOR)
                 readers.setdefault(consumer, {})[lane or Lane.NORMAL] = int(count)
             for consumer, lanes in readers.items():
                 if len(lanes) == len(Lane):
-                    drained[consumer] = str(int(drained.get(consumer, "0")) + sum(lanes.values()))
+                    drained[consumer] = drained.get(consumer, 0) + sum(lanes.values())
+                    shards_drained[consumer] = shards_drained.get(consumer, 0) + 1
             queue_parked += int(shard_queue)
             workflow_parked = [a + int(b) for a, b in zip(workflow_parked, shard_workflows, strict=True)]
             # Drain progress: what the workers still hold (delivered, not yet acknowledged).
@@ -277,5 +280,11 @@ class RunControl:
             "draining_since": flags.get(DRAIN),
             "held_by_workers": held,
             # Workers that have heard of the drain and stopped reading, with the runs each still holds.
-            "drained_workers": {k: int(v) for k, v in decode_fields(drained).items()} if DRAIN in flags else {},
+            "drained_workers": {
+                consumer: held_runs
+                for consumer, held_runs in drained.items()
+                if shards_drained[consumer] == self.keys.shard_count
+            }
+            if DRAIN in flags
+            else {},
         }

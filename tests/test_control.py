@@ -22,18 +22,19 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from shared.control import QUEUE, CancelFilter, RunControl, workflow_scope
+from shared.control import QUEUE, CancelFilter, RunControl, drained_field, workflow_scope
 from shared.events import event_fields
 from shared.executions import NotRetryable, Owner, retry_failure
 from shared.scripts import CancelOutcome, EnqueueResult, RecordOutcome, Scripts
 from shared.settings import Settings
-from shared.streams import EventType, Keys, TaskField, TaskStatus, dumps, now_iso
+from shared.streams import EventType, Keys, Lane, TaskField, TaskStatus, dumps, now_iso
 from tests.support import (
     create_workflow,
     enqueue,
     in_process_worker,
     kill9,
     linear,
+    make_settings,
     process_alive,
     ready_for_scripts,
     script_keys,
@@ -444,6 +445,25 @@ async def test_drain_finishes_held_runs_and_takes_nothing_new(
         assert await redis.hget(Keys.from_settings(settings).task(waiting.task_id), TaskField.STATUS) == "PENDING"
         await control.drain(False)
         await wait_terminal(redis, settings, [waiting.task_id])
+
+
+async def test_a_worker_still_reading_one_shard_is_not_reported_drained(
+    redis: Redis, redis_url: str, db_url: str
+) -> None:
+    """Drain progress summed a worker's readers shard by shard and listed it as drained once any one
+    shard had all of its lanes stopped: `nova drain` showed a worker whose readers of another shard still
+    started runs as drained (an operator stopping it then cuts those runs short)."""
+    keys = Keys.from_settings(make_settings(redis_url, db_url, shards=2))
+    control = RunControl(redis, keys, task_ttl=3600)
+    await control.drain(True)
+    first, second = keys.all_shards
+    for lane in Lane:
+        await redis.hset(first.drained, drained_field("w1", lane), "1")
+    await redis.hset(second.drained, drained_field("w1", Lane.NORMAL), "0")
+    assert (await control.state())["drained_workers"] == {}
+    for lane in (Lane.HIGH, Lane.LOW):
+        await redis.hset(second.drained, drained_field("w1", lane), "2")
+    assert (await control.state())["drained_workers"] == {"w1": 3 + 4}
 
 
 async def test_bulk_cancel_by_filter_and_ids_touches_only_what_matches(
