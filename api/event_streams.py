@@ -91,13 +91,15 @@ async def task_event_stream(
     with hub.subscribe(lambda e: e.task_id == task_id) as sub:
         replays = 0
         while True:
-            for event in await task_events(redis, keys, task_id):
-                if not _newer(event, last):
-                    continue
-                last = entry_id_parts(event.id)
-                yield _sse(event)
-                if event.type in TERMINAL_EVENTS:
-                    return
+            events = await task_events(redis, keys, task_id)
+            for event in events:
+                if _newer(event, last):
+                    last = entry_id_parts(event.id)
+                    yield _sse(event)
+            # The end is the task's last event being terminal: one followed by more was the end of a run
+            # that a retry re-opened (the stream stopped there, at a cancel the retry had undone).
+            if events and events[-1].type in TERMINAL_EVENTS:
+                return
             status = await redis.hget(keys.task(task_id), TaskField.STATUS)
             if status not in TERMINAL_STATUSES:
                 break
@@ -139,15 +141,18 @@ async def feed_stream(
     streams = list(shards) or [keys]
     positions = _positions(last_event_id, len(streams))
     cursor = [p or (0, 0) for p in positions]
-    if len(streams) > 1:
-        for shard, shard_keys in enumerate(streams):
-            if positions[shard] is None:
-                # Live from here: the id this feed sends names a position in every shard, its stream's
-                # end for a shard with no event yet. From (0, 0), a reconnect with it replayed the
-                # shard's whole history. (Read before subscribing: what comes after is sent.)
-                latest = await redis.xrevrange(shard_keys.results, count=1)
-                cursor[shard] = entry_id_parts(latest[0][0]) if latest else (0, 0)
     with hub.subscribe(accept) as sub:
+        if len(streams) > 1:
+            for shard, shard_keys in enumerate(streams):
+                if positions[shard] is None:
+                    # Live from here: the id this feed sends names a position in every shard, its stream's
+                    # end for a shard with no event yet. From (0, 0), a reconnect with it replayed the
+                    # shard's whole history. Read after subscribing: an event appended after the end read
+                    # is queued for this feed, and one the end covers is before the feed's start. Read
+                    # before, an event appended in between was neither sent nor before the start, and the
+                    # next event's id claimed it had been sent.
+                    latest = await redis.xrevrange(shard_keys.results, count=1)
+                    cursor[shard] = entry_id_parts(latest[0][0]) if latest else (0, 0)
         if any(p is not None for p in positions):
             # Resume: what the client missed while disconnected, bounded by entries and bytes scanned
             # (across every shard together).

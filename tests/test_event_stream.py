@@ -20,7 +20,9 @@ from api.event_hub import EventHub
 from api.event_streams import _feed_sse, _sse, feed_filter, feed_stream, task_event_stream
 from api.routes.events import SERVER_SEND, HeldStream
 from shared.connections import create_redis
+from shared.control import QUEUE, RunControl
 from shared.events import Event, event_fields
+from shared.executions import Owner, retry_failure
 from shared.settings import Settings
 from shared.streams import EventType, Keys
 from tests.support import (
@@ -28,6 +30,7 @@ from tests.support import (
     enqueue,
     in_process_worker,
     linear,
+    make_settings,
     stop_in_a_lost_cancel_window,
     wait_terminal,
 )
@@ -320,3 +323,74 @@ def test_an_event_read_from_its_entry_is_the_event_made_from_its_values() -> Non
         Event.from_entry("1-0", {**fields, "type": "no_such_type"})
     with pytest.raises(KeyError):
         Event.from_entry("1-0", {k: v for k, v in fields.items() if k != "task_id"})
+
+
+async def test_a_task_stream_of_a_retried_task_goes_on_past_the_end_the_retry_undid(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """The replay stopped at the first terminal event in the task's list: after a cancel and a retry, a
+    client opening the task's stream got `queued`, `cancelled` and the end of the stream, while the task
+    was about to run again."""
+    keys = Keys.from_settings(settings)
+    hub = EventHub(redis, keys, block_ms=100)
+    await hub.start()
+    try:
+        wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
+        control = RunControl(redis, keys, task_ttl=settings.task_ttl, pool=pool)
+        await control.pause(QUEUE)  # nothing runs until the stream is open
+        task = await enqueue(redis, settings, wf)
+        await control.cancel_task(task.task_id)
+        await retry_failure(control.scripts, task.execution_id, Owner(task.task_id, "acme", wf.id, wf.version))
+        stream = task_event_stream(redis, keys, hub, task.task_id, None)
+        replayed = [await asyncio.wait_for(anext(stream), 5) for _ in range(3)]
+        assert [e.event for e in replayed] == ["queued", "cancelled", "retry"]
+        async with in_process_worker(settings):
+            await control.resume(QUEUE)
+            rest = await collect(stream)
+        assert rest[-1].event == "succeeded"
+    finally:
+        await hub.stop()
+
+
+async def test_a_fresh_sharded_feed_sends_an_event_appended_while_it_reads_the_shards_ends(
+    redis: Redis, redis_url: str, db_url: str
+) -> None:
+    """A new feed over several shards reads each shard's end (its starting position) before it
+    subscribed to the hub: an event appended to a shard after its end was read, and published by the hub
+    before the subscription, was never sent, and the next event's id claimed that shard had been sent
+    up to past it, so no reconnect replayed it."""
+    keys = Keys.from_settings(make_settings(redis_url, db_url, shards=2))
+    first, second = keys.all_shards
+
+    async def append(stream: str, n: int) -> str:
+        fields = event_fields(EventType.QUEUED, task_id=f"t{n}", execution_id=n, workflow_id=1, client="acme", data={})
+        return str(await redis.xadd(stream, fields))
+
+    await append(first.results, 0)
+    await append(second.results, 100)
+    hub = EventHub(redis, keys, block_ms=100, shards=keys.all_shards)
+    await hub.start()
+    appended: list[str] = []
+    read_end = redis.xrevrange
+
+    async def end_read_while_the_first_shard_moves(name: str, *args: Any, **kwargs: Any) -> Any:
+        reply = await read_end(name, *args, **kwargs)
+        if name == second.results and not appended:
+            # The first shard's end is read already: an event appended now, and published by the hub.
+            with hub.subscribe(lambda _: True) as published:
+                appended.append(await append(first.results, 1))
+                while (event := await published.next()) is not None and event.id != appended[0]:
+                    pass
+        return reply
+
+    redis.xrevrange = end_read_while_the_first_shard_moves  # type: ignore[method-assign]
+    try:
+        feed = feed_stream(redis, keys, hub, feed_filter(None, None), None, shards=keys.all_shards)
+        sent = [await asyncio.wait_for(anext(feed), 5)]
+        later = await append(first.results, 2)
+        sent.append(await asyncio.wait_for(anext(feed), 5))
+        await feed.aclose()
+    finally:
+        redis.xrevrange = read_end  # type: ignore[method-assign]
+        await hub.stop()
+    assert [orjson.loads(e.data)["id"] for e in sent] == [appended[0], later]
