@@ -406,6 +406,11 @@ class Run:
             order = int(request.fields.get(RequestField.CONCURRENCY_ORDER) or _entry_score(self.delivery.entry_id))
         except ValueError:
             order = _entry_score(self.delivery.entry_id)
+        # Counted as held from before the call: a cancel that stops this run while the call is out (its
+        # reply not read) then releases the slot the step may have taken, once the run has stopped
+        # (consumer/worker.py _stop_cancelled). Releasing a slot the task does not hold is harmless.
+        self.slot = HeldSlot(key, concurrency.limit, request.task_id)
+        ctx.held[self.delivery.entry_id] = self.slot
         outcome = await _durably(
             lambda: ctx.scripts.concurrency_acquire(
                 key=key,
@@ -419,14 +424,18 @@ class Run:
             ),
             ctx.settings,
         )
+        if outcome == ConcurrencyOutcome.ACQUIRED:
+            return True
+        if outcome == ConcurrencyOutcome.FINISHED:
+            # Cancelled since its task was read: a slot held for it (a woken waiter) goes to the next.
+            log.info("task %s ended before it took its concurrency slot", request.task_id)
+            await self._release_slot()
+            return False
+        self.slot = None
+        ctx.held.pop(self.delivery.entry_id, None)
         if outcome == ConcurrencyOutcome.PARKED:
             log.info("task %s waits for concurrency key %r (limit %d)", request.task_id, key, concurrency.limit)
-            return False
-        if outcome == ConcurrencyOutcome.NOT_OWNER:
-            return False
-        self.slot = HeldSlot(key, concurrency.limit, request.task_id)
-        ctx.held[self.delivery.entry_id] = self.slot
-        return True
+        return False
 
     async def _release_slot(self) -> None:
         slot, self.slot = self.slot, None

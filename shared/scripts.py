@@ -84,6 +84,9 @@ class ConcurrencyOutcome(IntEnum):
     NOT_OWNER = -1  # the entry is not this worker's (taken over, or parked already): nothing written
     PARKED = 0  # the key is at its limit: the request waits in the key's wait set, its entry acknowledged
     ACQUIRED = 1  # the slot is the task's: run it
+    # The task finished meanwhile (a cancel after the worker read it): nothing held or parked, its entry
+    # acknowledged; a slot held for it (woken from the wait set) is the caller's to release.
+    FINISHED = -2
 
 
 class CancelOutcome(IntEnum):
@@ -549,7 +552,11 @@ class Scripts:
     ) -> ConcurrencyOutcome:
         """Take a slot of concurrency key `key` for the task, or park its request in the key's wait set
         (shared/lua/concurrency_acquire.lua)."""
-        member = {**request, RequestField.CONCURRENCY_ORDER.value: str(order)}
+        member = {
+            **request,
+            RequestField.CONCURRENCY_ORDER.value: str(order),
+            RequestField.CONCURRENCY_LIMIT.value: str(limit),
+        }
         reply = await self._call(
             "concurrency_acquire",
             # The stream this reader read the entry from: the step acknowledges it there.

@@ -145,6 +145,9 @@ class RequestField(StrEnum):
     # A run that waited for a concurrency key: its first entry's place (shared/lua/concurrency_acquire.lua),
     # kept on the entries it comes back as, so that it keeps its turn.
     CONCURRENCY_ORDER = "ckey_order"
+    # ... and its own workflow's limit for the key, which a release admits it against (every workflow
+    # rendering the key shares its holders, each run within its own workflow's limit).
+    CONCURRENCY_LIMIT = "ckey_limit"
     # The priority lane (`high` or `low`; absent: normal): whatever puts the request back onto a stream
     # (a retry, a resume, a concurrency slot) puts it back onto its lane's.
     LANE = "lane"

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pydantic
 import pytest
 from redis.asyncio import Redis
@@ -323,6 +324,52 @@ async def test_a_cancel_finds_a_task_parked_after_it_was_read(r: Redis) -> None:
     assert await _release(r, "h") == 0
 
 
+async def test_a_release_admits_each_waiter_against_its_own_workflows_limit(r: Redis) -> None:
+    """Every workflow rendering a key shares its holders, each run admitted within its own workflow's
+    limit. A release woke waiters up to the releasing run's limit (and the promote loop up to the limit
+    last written to the index), and a woken waiter's slot is already held for it: when a limit-3 run
+    ended, two runs of a limit-1 workflow ran side by side."""
+    assert await _acquire(r, *await _deliver(r, "b1"), limit=3) == ConcurrencyOutcome.ACQUIRED
+    for t in ("a1", "a2"):
+        assert await _acquire(r, *await _deliver(r, t), limit=1) == ConcurrencyOutcome.PARKED
+    assert await _release(r, "b1", limit=3) == 1
+    assert await _holders(r) == ["a1"] and await _waiting(r) == ["a2"]
+    entry, fields = await _read(r, "w2")
+    assert fields["task_id"] == "a1" and await _acquire(r, entry, fields, consumer="w2") == ConcurrencyOutcome.ACQUIRED
+    # The other way round: a limit-3 waiter behind a limit-1 waiter is admitted beside it, in its turn.
+    assert await _acquire(r, *await _deliver(r, "b2"), limit=3) == ConcurrencyOutcome.PARKED
+    assert await _release(r, "a1") == 2
+    assert sorted(await _holders(r)) == ["a2", "b2"] and await _waiting(r) == []
+    for _ in range(2):  # their deliveries take the slots held for them
+        entry, fields = await _read(r, "w2")
+        outcome = await _acquire(r, entry, fields, limit=int(fields["ckey_limit"]), consumer="w2")
+        assert outcome == ConcurrencyOutcome.ACQUIRED
+    # In order: a waiter its own limit holds back holds back those behind it (the promote loop's wake too).
+    for t, limit in (("a3", 1), ("b3", 3)):
+        assert await _acquire(r, *await _deliver(r, t), limit=limit) == ConcurrencyOutcome.PARKED
+    assert await _release(r, "b2", limit=3) == 0
+    assert await Scripts(r, KEYS).wake_concurrency_waiters(TTL_MS) == 0
+    assert await _holders(r) == ["a2"] and await _waiting(r) == ["a3", "b3"]
+    assert await _release(r, "a2") == 2
+
+
+async def test_a_task_cancelled_after_it_was_read_is_neither_parked_nor_given_a_slot(r: Redis) -> None:
+    """A cancel landing between a worker's read of the task and its acquire: the step parked the ended
+    task, and the release that later woke it held the key's slot for a request whose delivery is only
+    acknowledged: every live waiter waited a visibility timeout. The step now ends there."""
+    control = RunControl(r, KEYS, task_ttl=3600)
+    assert await _acquire(r, *await _deliver(r, "h")) == ConcurrencyOutcome.ACQUIRED
+    for free in (False, True):
+        late = await _deliver(r, f"late{free}")
+        if free:
+            assert await _release(r, "h") == 0
+        assert (await control.cancel_task(f"late{free}", by="test")).outcome == CancelOutcome.CANCELLED
+        assert await _acquire(r, *late) == ConcurrencyOutcome.FINISHED
+        assert await _holders(r) == ([] if free else ["h"]) and await _waiting(r) == []
+        # Its entry acknowledged: only h's own is pending.
+        assert (await r.xpending(KEYS.requests, KEYS.worker_group))["pending"] == 1
+
+
 def test_concurrency_steps_touch_one_slot_under_a_shard_tag() -> None:
     from redis.crc import key_slot
 
@@ -549,6 +596,54 @@ async def test_a_cancelled_holder_hands_its_slot_on_once_stopped(
         assert (await control.cancel_task(holder.task_id, by="test")).outcome == CancelOutcome.CANCELLED
         ends = await wait_terminal(redis, settings, [holder.task_id, waiter.task_id], timeout=60)
     assert ends[holder.task_id].type == EventType.CANCELLED
+    assert ends[waiter.task_id].type == EventType.SUCCEEDED
+    assert await redis.zcard(keys.concurrency_holders("acme")) == 0
+
+
+@pytest.mark.parametrize("cancel_lands", ["before the acquire", "while its reply is on its way"])
+async def test_a_run_cancelled_around_its_concurrency_acquire_leaves_the_key_free(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, cancel_lands: str
+) -> None:
+    """Before: the run, cancelled after its task was read, was parked anyway, then woken into a slot its
+    delivery never gave back. While: the step took the slot, the cancel's push stopped the run before
+    it read the reply, and the worker, seeing no slot held, gave none back. Either way the key's next
+    run waited for the slot to expire (a visibility timeout, two minutes here)."""
+    forever = "import time\nwhile context['n'] == 0: time.sleep(0.02)"
+    wf = await create_workflow(redis, settings, pool, linear(forever, concurrency={"key": "{client}", "limit": 1}))
+    keys = Keys.from_settings(settings)
+    patient = settings.model_copy(update={"visibility_timeout": 120.0})
+    control = RunControl(redis, keys, task_ttl=settings.task_ttl, visibility_timeout=120.0)
+    acquire = Scripts.concurrency_acquire
+    cancelled: list[str] = []
+
+    async def cancelled_around_the_acquire(self: Scripts, **kwargs: Any) -> ConcurrencyOutcome:
+        request = kwargs["request"]
+        if orjson.loads(request["payload"])["initial_context"] != {"n": 1} or cancelled:
+            return await acquire(self, **kwargs)
+        cancelled.append(kwargs["task_id"])
+        if cancel_lands == "before the acquire":
+            assert (await control.cancel_task(kwargs["task_id"], by="test")).outcome == CancelOutcome.CANCELLED
+            return await acquire(self, **kwargs)
+        outcome = await acquire(self, **kwargs)
+        assert outcome == ConcurrencyOutcome.ACQUIRED
+        assert (await control.cancel_task(kwargs["task_id"], by="test")).outcome == CancelOutcome.CANCELLED
+        await asyncio.sleep(60)  # the reply never read: the cancel's push stops the run here
+        return outcome
+
+    monkeypatch.setattr(Scripts, "concurrency_acquire", cancelled_around_the_acquire)
+    async with in_process_worker(patient):
+        if cancel_lands == "before the acquire":
+            holder = await enqueue(redis, settings, wf, {"n": 0})
+            await wait_for_events(
+                redis, settings, lambda e: e.task_id == holder.task_id and e.type == EventType.NODE_STARTED
+            )
+        victim = await enqueue(redis, settings, wf, {"n": 1})
+        ended = await wait_terminal(redis, settings, [victim.task_id], timeout=30)
+        assert cancelled == [victim.task_id] and ended[victim.task_id].type == EventType.CANCELLED
+        waiter = await enqueue(redis, settings, wf, {"n": 2})
+        if cancel_lands == "before the acquire":
+            assert (await control.cancel_task(holder.task_id, by="test")).outcome == CancelOutcome.CANCELLED
+        ends = await wait_terminal(redis, settings, [waiter.task_id], timeout=30)
     assert ends[waiter.task_id].type == EventType.SUCCEEDED
     assert await redis.zcard(keys.concurrency_holders("acme")) == 0
 

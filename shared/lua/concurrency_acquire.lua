@@ -21,12 +21,20 @@ local consumer = ARGV[3]
 local name = ARGV[4]            -- the rendered concurrency key
 local holder = ARGV[5]          -- the task id: the same across redeliveries and reclaims
 local ttl_ms = tonumber(ARGV[6])  -- holders expire this long after their last refresh (the visibility timeout)
-local limit = tonumber(ARGV[7])
+local limit = tonumber(ARGV[7])  -- this run's workflow's limit for the key
 local order = ARGV[8]           -- the run's first entry's place (ms * 1000 + sequence)
-local member = ARGV[9]          -- JSON of the request's fields, with its order
+local member = ARGV[9]          -- JSON of the request's fields, with its order and its limit
 
--- Reply: 1 the slot is the run's (run it), 0 parked, -1 not this worker's entry (taken over, or already parked).
+-- Reply: 1 the slot is the run's (run it), 0 parked, -1 not this worker's entry (taken over, or already
+-- parked), -2 the task has ended (its entry acknowledged, nothing held or parked).
 if not owns(requests_stream, group, entry, consumer) then return -1 end
+-- A cancel that landed after the worker read the task: parked, it would wait for nothing, and once woken
+-- hold a slot that its delivery (acknowledged, the task being over) never gave back. A slot held for it
+-- already (a woken waiter cancelled since) the caller releases, waking the next waiter.
+if is_terminal(redis.call('HGET', task_key, 'status')) then
+  redis.call('XACK', requests_stream, group, entry)
+  return -2
+end
 local now = clock_ms()
 local live = semaphore_live(holders_key, now)
 if redis.call('ZSCORE', holders_key, holder) then

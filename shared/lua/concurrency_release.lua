@@ -16,7 +16,7 @@ local requests_stream = KEYS[5]  -- the shard's normal-lane stream (a woken wait
 local name = ARGV[1]            -- the rendered concurrency key
 local holder = ARGV[2]          -- the finished run's task id; '' to wake only
 local ttl_ms = tonumber(ARGV[3])  -- how long a woken waiter's slot is held before its delivery refreshes it
-local limit = tonumber(ARGV[4])
+local limit = tonumber(ARGV[4])  -- the limit of a waiter parked without its own (by an older release)
 
 -- Reply: how many waiters were woken.
 local now = clock_ms()

@@ -59,13 +59,17 @@ local function lane_stream(requests_stream, lane)
   return requests_stream
 end
 
--- Appends a request kept aside as JSON (a parked or delayed member) back onto the requests stream of
--- its lane; `requests_stream` is the shard's normal-lane stream.
-local function requeue(requests_stream, member)
-  local fields = cjson.decode(member)
+-- Appends a request's fields back onto the requests stream of its lane; `requests_stream` is the
+-- shard's normal-lane stream.
+local function requeue_fields(requests_stream, fields)
   local flat = {}
   for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(v) end
   redis.call('XADD', lane_stream(requests_stream, fields['lane']), '*', unpack(flat))
+end
+
+-- The same for a request kept aside as JSON (a parked or delayed member).
+local function requeue(requests_stream, member)
+  requeue_fields(requests_stream, cjson.decode(member))
 end
 
 -- Milliseconds since the epoch by Redis's clock: every caller agrees on it, whatever its own clock.
@@ -91,20 +95,27 @@ end
 -- Hands the free slots of concurrency key `name` to its first waiters, in their order: each slot is
 -- held for its waiter at once (so that nobody arriving meanwhile takes it; the waiter's delivery
 -- finds it held and refreshes it), and the waiter's request goes back onto the requests stream.
--- The key leaves the index when nobody waits any more. Returns how many were woken.
+-- Each waiter is admitted against its own workflow's limit (its member's ckey_limit; `limit` for one
+-- parked without), as it would have been had the slot been free when it came: the releaser's limit
+-- let two runs of a limit-1 workflow through when a limit-3 run of the same key ended. The first
+-- waiter its limit holds back holds back those after it (their order is kept). The key leaves the
+-- index when nobody waits any more. Returns how many were woken.
 local function wake_waiters(holders_key, waiting_key, parked_key, index_key, requests_stream, name, limit, now, ttl_ms)
-  local free = limit - semaphore_live(holders_key, now)
+  local live = semaphore_live(holders_key, now)
   local woken = 0
-  if free > 0 then
-    for _, holder in ipairs(redis.call('ZRANGE', waiting_key, 0, free - 1)) do
-      local member = redis.call('HGET', parked_key, holder)
-      redis.call('ZREM', waiting_key, holder)
-      redis.call('HDEL', parked_key, holder)
-      if member then
-        semaphore_hold(holders_key, holder, now, ttl_ms)
-        requeue(requests_stream, member)
-        woken = woken + 1
-      end
+  while true do
+    local holder = redis.call('ZRANGE', waiting_key, 0, 0)[1]
+    if not holder then break end
+    local member = redis.call('HGET', parked_key, holder)
+    local fields = member and cjson.decode(member)
+    if fields and live >= (tonumber(fields['ckey_limit']) or limit) then break end
+    redis.call('ZREM', waiting_key, holder)
+    redis.call('HDEL', parked_key, holder)
+    if fields then
+      semaphore_hold(holders_key, holder, now, ttl_ms)
+      requeue_fields(requests_stream, fields)
+      live = live + 1
+      woken = woken + 1
     end
   end
   if redis.call('ZCARD', waiting_key) == 0 then redis.call('HDEL', index_key, name) end
