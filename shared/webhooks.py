@@ -444,7 +444,12 @@ class WebhookRegistry:
             items.append(Delivery.decode(raw).as_json("retrying"))
             if len(items) >= limit:
                 break
-        dead = await self.redis.lrange(self.names.dead(endpoint_id), 0, max(limit - len(items), 0) - 1)
+        room = limit - len(items)
+        if room <= 0:
+            # LRANGE's stop is inclusive and -1 means the end: asked for no item it would answer the whole
+            # list (up to DEAD_LETTERS_KEPT), so a full page of retrying ones reads no dead one at all.
+            return items
+        dead = await self.redis.lrange(self.names.dead(endpoint_id), 0, room - 1)
         items.extend(Delivery.decode(raw).as_json("dead") for raw in dead)
         return items
 

@@ -286,6 +286,27 @@ async def test_a_dead_endpoint_is_dead_lettered_then_replayed(
     assert receiver.bad_signatures == []
 
 
+async def test_listing_deliveries_never_returns_more_than_its_limit(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """With the retrying deliveries filling the limit, the dead ones were read with LRANGE 0 -1: the whole
+    dead list (up to DEAD_LETTERS_KEPT) on top of a full page."""
+    keys = hook_settings_keys(hook_settings)
+    registry = WebhookRegistry(redis, keys, hook_settings)
+    names = WebhookKeys(keys)
+    endpoint = await registry.create(receiver.url("/x"), ["execution.succeeded"], None)
+    for n in range(100):
+        d = Delivery(delivery_id(endpoint.id, f"1-{n}"), endpoint.id, "execution.succeeded", "{}", first_at_ms=0)
+        await redis.hset(names.deliveries, d.id, d.encode())
+    for n in range(50):
+        d = Delivery(delivery_id(endpoint.id, f"2-{n}"), endpoint.id, "execution.succeeded", "{}", first_at_ms=0)
+        await redis.lpush(names.dead(endpoint.id), d.encode())
+    assert len(await registry.deliveries(endpoint.id, limit=100)) == 100
+    # Past the retrying ones, the page goes on with the newest dead ones, up to the limit.
+    states = Counter(item["state"] for item in await registry.deliveries(endpoint.id, limit=120))
+    assert states == {"retrying": 100, "dead": 20}
+
+
 @pytest.mark.parametrize("overrides", [{"webhook_timeout": 0.5, "webhook_retry_for": 0.001}])
 async def test_an_endpoint_deleted_during_its_last_attempt_leaves_no_dead_letters_behind(
     redis: Redis, hook_settings: Settings, pool: asyncpg.Pool, receiver: Receiver
