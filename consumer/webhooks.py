@@ -14,8 +14,9 @@ Two loops per process (inside every worker by default):
   only its own slots, never execution's or another endpoint's.
 
 A 2xx answer completes a delivery; anything else (an error status, a timeout, a refused connection, an
-address the egress policy refuses) is retried with exponential backoff until `webhook_retry_for` has
-passed since the first attempt, then the delivery is moved to the endpoint's dead-letter list.
+address the egress policy refuses, a URL httpx cannot send to) is retried with exponential backoff until
+`webhook_retry_for` has passed since the first attempt, then the delivery is moved to the endpoint's
+dead-letter list.
 """
 
 from __future__ import annotations
@@ -476,7 +477,14 @@ class WebhookDelivery:
             host, address = await self.policy.resolve(endpoint.url, timeout=self.settings.webhook_timeout)
         except EgressRefused as exc:
             return str(exc), None
-        url = httpx.URL(endpoint.url)
+        try:
+            # resolve() refuses a URL httpx cannot parse; this is the rest of building the request. An
+            # InvalidURL is not an httpx.HTTPError: uncaught, the attempt would escape as an unexpected
+            # error, never counted, and be due again at every lease's end, forever.
+            url = httpx.URL(endpoint.url)
+            target = url.copy_with(host=address)
+        except httpx.InvalidURL as exc:
+            return f"the URL is malformed: {exc}", None
         now_ms = await redis_ms(self.redis)
         timestamp = now_ms // 1000
         # Both secrets during a rotation's grace, so a receiver verifies with either.
@@ -494,7 +502,7 @@ class WebhookDelivery:
             # at a time would otherwise outlast the lease).
             response = await asyncio.wait_for(
                 self._client.post(
-                    url.copy_with(host=address),
+                    target,
                     content=delivery.body.encode(),
                     headers=headers,
                     timeout=self.settings.webhook_timeout,
@@ -504,7 +512,8 @@ class WebhookDelivery:
             )
         except (httpx.TimeoutException, TimeoutError):
             return f"no answer within {self.settings.webhook_timeout:g}s", None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # InvalidURL too (raised building the request, not an HTTPError): a failed attempt like any.
             return f"{type(exc).__name__}: {exc}", None
         with contextlib.suppress(Exception):
             await response.aclose()

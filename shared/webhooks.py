@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from standardwebhooks import Webhook
@@ -202,6 +203,14 @@ class EgressPolicy:
             host, port = parts.hostname, parts.port
         except ValueError as exc:
             # Found by the schema fuzz test: a malformed host (e.g. "http://[::1") used to end in a 500.
+            raise EgressRefused(f"the URL is malformed: {exc}") from None
+        try:
+            # The sender builds its request with httpx.URL, which refuses more than urlsplit does (control
+            # characters, a host that is not valid IDNA, a URL too long): such a URL was registered, then
+            # no attempt to it could be made. Checked here, it is refused at registration (a 422), and an
+            # endpoint stored before this check fails each attempt with the reason, as any refusal does.
+            httpx.URL(url)
+        except httpx.InvalidURL as exc:
             raise EgressRefused(f"the URL is malformed: {exc}") from None
         if parts.scheme not in ("http", "https") or not host:
             raise EgressRefused("the URL must be http:// or https:// with a host")

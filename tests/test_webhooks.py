@@ -679,6 +679,43 @@ async def test_a_malformed_url_is_a_422_not_a_500(api: httpx.AsyncClient) -> Non
     assert "malformed" in response.json()["error"]["message"]
 
 
+async def test_registering_a_url_httpx_cannot_send_to_is_a_422(hook_api: httpx.AsyncClient, receiver: Receiver) -> None:
+    """Registration checked the URL with urlsplit and DNS only: a URL httpx refuses (a control character
+    in its path) was registered (201), then no attempt to it could ever be made."""
+    response = await hook_api.post("/webhooks", json={"url": receiver.url("/hook\x7f")})
+    assert response.status_code == 422, response.text
+    assert "malformed" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("overrides", [{"webhook_retry_for": 0.001}])
+async def test_a_url_httpx_cannot_send_to_is_dead_lettered_not_retried_forever(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """An endpoint registered before that check: building its request raised httpx.InvalidURL, which is
+    not an httpx.HTTPError, so the attempt escaped as an unexpected error, was never counted nor
+    dead-lettered, and came back at every lease's end."""
+    keys = hook_settings_keys(hook_settings)
+    registry = WebhookRegistry(redis, keys, hook_settings)
+    names = WebhookKeys(keys)
+    endpoint = await registry.create(receiver.url("/hook"), ["execution.succeeded"], None)
+    stored = orjson.loads(await redis.hget(names.endpoints, endpoint.id))
+    await redis.hset(names.endpoints, endpoint.id, orjson.dumps({**stored, "url": receiver.url("/hook\x7f")}))
+    delivery = Delivery(delivery_id(endpoint.id, "1-1"), endpoint.id, "execution.succeeded", "{}", first_at_ms=0)
+    await redis.hset(names.deliveries, delivery.id, delivery.encode())
+    await redis.zadd(names.due, {delivery.id: 0})
+    sender = WebhookDelivery(hook_settings, redis, consumer="c1")
+    sender._client = httpx.AsyncClient(trust_env=False)
+    try:
+        # Past its retry budget: this failed attempt dead-letters it.
+        assert await sender.attempt(delivery.id) == "dead"
+    finally:
+        await sender._client.aclose()
+    assert receiver.requests == []
+    [parked] = await registry.deliveries(endpoint.id)
+    assert parked["state"] == "dead" and parked["attempts"] == 1 and "malformed" in parked["last_error"]
+    assert await redis.zcard(names.due) == 0
+
+
 async def test_a_rotated_secret_signs_beside_the_new_one_until_its_grace_ends(
     redis: Redis, hook_settings: Settings, hook_api: httpx.AsyncClient, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
