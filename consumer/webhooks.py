@@ -74,7 +74,13 @@ SUBSCRIBED_TYPES = ANNOUNCED_TYPES | REPORTED_TYPES
 STALE_PENDING_MS = 30_000
 # Stale entries taken over per look.
 CLAIM_BATCH = 100
+# Sends one dispatch pass starts at most (each takes a lease first); a pass that starts any is followed at once.
 DISPATCH_BATCH = 64
+# How many of the oldest due deliveries one dispatch pass looks at. Those of endpoints whose slots are full
+# are moved to the back of what is due (dispatch_once), so a backlog larger than this is gone through a
+# window per pass: a delivery for another endpoint behind it waits passes in proportion to the backlog,
+# but it is reached, and a pass costs at most this many members read and re-scored, whatever the backlog.
+DISPATCH_WINDOW = 512
 DISPATCH_IDLE_S = 0.2
 # How long an idle fan-out read waits for new events. A stop waits for the read in flight (cancelling it
 # would leave what Redis delivered to it pending until a reclaim), so this bounds how long a stopping
@@ -384,12 +390,17 @@ class WebhookDelivery:
         """Start sending the deliveries that are due; returns how many were started."""
         self._slot_freed.clear()
         now_ms = await redis_ms(self.redis)
-        due = await self.redis.zrangebyscore(self.names.due, "-inf", now_ms, start=0, num=DISPATCH_BATCH)
+        due = await self.redis.zrangebyscore(self.names.due, "-inf", now_ms, start=0, num=DISPATCH_WINDOW)
         started = 0
+        # Due deliveries of endpoints whose slots here are full: they wait, and others go on.
+        waiting: list[str] = []
         for delivery in due:
+            if started >= DISPATCH_BATCH:
+                break  # the rest of the window is looked at again by the next pass, which follows at once
             endpoint_id = endpoint_of(delivery)
             if self._inflight[endpoint_id] >= self.settings.webhook_endpoint_concurrency:
-                continue  # this endpoint's slots are full; its deliveries wait, others go on
+                waiting.append(delivery)
+                continue
             if not await self.redis.set(self.names.lease(delivery), self.consumer, nx=True, px=self._lease_ms):
                 continue
             # Out of everyone's due range while leased; due again by itself if this process dies.
@@ -399,7 +410,26 @@ class WebhookDelivery:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             started += 1
+        if waiting and len(due) >= DISPATCH_WINDOW:
+            await self._to_the_back(waiting, now_ms)
         return started
+
+    async def _to_the_back(self, waiting: list[str], now_ms: int) -> None:
+        """Move due deliveries this process cannot start (their endpoints' slots are full) behind every
+        other delivery due now, still due: with a window full of them, the next pass's window (the oldest
+        due first) would be the same one, and a hanging endpoint's backlog would hide every other
+        endpoint's deliveries for as long as it lasted. Only when the window was full: otherwise this pass
+        saw everything due, and moving would reach nothing more.
+
+        One ZADD, XX GT to now_ms, safe against the other processes sending meanwhile: XX adds nothing,
+        so a delivery another process just completed or dead-lettered (ZREM) is not brought back; GT only
+        raises a score, so one another process leased (scored to its lease's end) or failed and scheduled
+        for a later retry keeps that later score (if its write lands after this one, it wins anyway). A
+        score this moves was at most now_ms: the delivery stays due, only behind the others, and takes
+        any free slot as soon as the passes come round to it (the retry budget counts from first_at_ms,
+        not from the score). The key layout is unchanged: older processes sharing the set read it the
+        same way."""
+        await self.redis.zadd(self.names.due, dict.fromkeys(waiting, now_ms), xx=True, gt=True)
 
     async def _attempt(self, delivery: str, endpoint_id: str) -> None:
         self._sending.add(delivery)

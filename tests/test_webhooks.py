@@ -26,7 +26,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from api.app import create_app
 from api.worker_watch import WorkerWatch
 from consumer.scheduler import Scheduler
-from consumer.webhooks import WebhookDelivery
+from consumer.webhooks import DISPATCH_WINDOW, WebhookDelivery
 from shared.alerts import check_workers
 from shared.catalog import WorkflowCatalog
 from shared.schedules import ScheduleStore
@@ -41,6 +41,7 @@ from shared.webhooks import (
     WebhookKeys,
     WebhookRegistry,
     delivery_id,
+    redis_ms,
 )
 from tests.support import (
     ADMIN_KEY,
@@ -58,6 +59,8 @@ from tests.support import (
 pytestmark = pytest.mark.timeout(60)
 
 WANTED = {EventType.SUCCEEDED, EventType.FAILED, EventType.DEAD}
+# Deliveries due at once for one hanging endpoint: more than the dispatcher looks at in a pass.
+BACKLOG = 3000
 
 
 class Receiver:
@@ -352,6 +355,104 @@ async def test_a_slow_endpoint_delays_neither_executions_nor_other_endpoints(
         # Two processes send here (the worker, and the API, which sends too): two slots each at most.
         assert receiver.max_hanging <= 4
         receiver.release.set()
+
+
+async def due_deliveries(redis: Redis, names: WebhookKeys, endpoint_id: str, count: int, first_score: int) -> list[str]:
+    """`count` deliveries for the endpoint written straight into the retry set, due from `first_score` on
+    (ms) one after another, as an outage's backlog is."""
+    ids = []
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(count):
+            d = Delivery(delivery_id(endpoint_id, f"{first_score}-{n}"), endpoint_id, "execution.succeeded", "{}", 0)
+            pipe.hset(names.deliveries, d.id, d.encode())
+            pipe.zadd(names.due, {d.id: first_score + n})
+            ids.append(d.id)
+        await pipe.execute()
+    return ids
+
+
+@pytest.mark.parametrize("overrides", [{"webhook_timeout": 30.0, "webhook_endpoint_concurrency": 2}])
+async def test_a_backlog_of_a_slow_endpoint_does_not_starve_other_endpoints(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """The dispatcher looked only at the first 64 due deliveries: a backlog of 70 for an endpoint that
+    hangs (its two slots full) hid the other endpoint's delivery behind it for as long as it lasted."""
+    keys = hook_settings_keys(hook_settings)
+    registry = WebhookRegistry(redis, keys, hook_settings)
+    names = WebhookKeys(keys)
+    slow = await registry.create(receiver.url("/slow"), ["execution.succeeded"], None)
+    fast = await registry.create(receiver.url("/fast"), ["execution.succeeded"], None)
+    receiver.secrets["/slow"], receiver.secrets["/fast"] = slow.secret, fast.secret
+    receiver.default["/slow"] = "hang"
+    await due_deliveries(redis, names, slow.id, 70, first_score=0)
+    [wanted] = await due_deliveries(redis, names, fast.id, 1, first_score=1000)
+    stop = asyncio.Event()
+    sender = WebhookDelivery(hook_settings, redis, consumer="c1")
+    running = asyncio.create_task(sender.run(stop, fan_out=False))
+    try:
+        await until(lambda: receiver.hanging == 2)
+        await until(lambda: wanted in receiver.accepted("/fast"), timeout=5.0)
+    finally:
+        receiver.release.set()
+        stop.set()
+        await running
+
+
+@pytest.mark.parametrize("overrides", [{"webhook_timeout": 30.0, "webhook_endpoint_concurrency": 2}])
+async def test_a_backlog_larger_than_the_dispatchers_look_starves_no_other_endpoint(
+    redis: Redis, hook_settings: Settings, receiver: Receiver
+) -> None:
+    """Thousands due for a hanging endpoint, far more than one pass of the dispatcher looks at: another
+    endpoint's delivery due behind them, and one that becomes due while the backlog waits, still go out
+    within a few passes; the backlog stays due (not delayed, not lost)."""
+    assert BACKLOG > 4 * DISPATCH_WINDOW
+    keys = hook_settings_keys(hook_settings)
+    registry = WebhookRegistry(redis, keys, hook_settings)
+    names = WebhookKeys(keys)
+    slow = await registry.create(receiver.url("/slow"), ["execution.succeeded"], None)
+    fast = await registry.create(receiver.url("/fast"), ["execution.succeeded"], None)
+    receiver.secrets["/slow"], receiver.secrets["/fast"] = slow.secret, fast.secret
+    receiver.default["/slow"] = "hang"
+    backlog = await due_deliveries(redis, names, slow.id, BACKLOG, first_score=0)
+    [behind] = await due_deliveries(redis, names, fast.id, 1, first_score=BACKLOG)
+    stop = asyncio.Event()
+    sender = WebhookDelivery(hook_settings, redis, consumer="c1")
+    running = asyncio.create_task(sender.run(stop, fan_out=False))
+    try:
+        await until(lambda: receiver.hanging == 2)
+        await until(lambda: behind in receiver.accepted("/fast"), timeout=10.0)
+        # Due now, after the dispatcher has been through the backlog (and moved some of it) a while.
+        [later] = await due_deliveries(redis, names, fast.id, 1, first_score=await redis_ms(redis))
+        await until(lambda: later in receiver.accepted("/fast"), timeout=10.0)
+        scores = await redis.zmscore(names.due, backlog)
+        now_ms = await redis_ms(redis)  # read after them: every score the dispatcher wrote is at most this
+        # Two are out (leased, due again only when the lease runs out); every other one is due now.
+        assert sum(score > now_ms for score in scores) == 2
+        assert await redis.hlen(names.deliveries) == BACKLOG
+    finally:
+        receiver.release.set()
+        stop.set()
+        await running
+    assert receiver.max_hanging == 2
+
+
+async def test_moving_waiting_deliveries_back_undoes_no_other_process_s_work(
+    redis: Redis, hook_settings: Settings
+) -> None:
+    """Between a pass's read of the due set and its move of the deliveries it cannot start, other
+    processes go on: one completes a delivery, one leases another, one schedules a retry for later. The
+    move keeps each of those, and moves only what is still due, to now."""
+    names = WebhookKeys(hook_settings_keys(hook_settings))
+    sender = WebhookDelivery(hook_settings, redis, consumer="c1")
+    now_ms = await redis_ms(redis)
+    due, done, leased, retry = (delivery_id("0123456789abcdef", f"1-{n}") for n in range(4))
+    # As the pass read them: all four due.
+    await redis.zadd(names.due, {due: now_ms - 40, done: now_ms - 30, leased: now_ms - 20, retry: now_ms - 10})
+    # Meanwhile, elsewhere: completed, leased (out of the due range until the lease ends), failed again.
+    await redis.zrem(names.due, done)
+    await redis.zadd(names.due, {leased: now_ms + 90_000, retry: now_ms + 5_000}, xx=True)
+    await sender._to_the_back([due, done, leased, retry], now_ms)
+    assert await redis.zmscore(names.due, [due, done, leased, retry]) == [now_ms, None, now_ms + 90_000, now_ms + 5_000]
 
 
 async def test_a_client_registers_endpoints_for_its_own_executions_only(
