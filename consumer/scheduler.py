@@ -21,6 +21,7 @@ import contextlib
 import logging
 
 import asyncpg
+from croniter import CroniterError
 from redis.asyncio import Redis
 
 from shared.catalog import WorkflowCatalog
@@ -76,6 +77,8 @@ class Scheduler:
         # Cleanup ticks this scheduler claimed, and the cleanup it runs now (one at a time).
         self.cleanups = 0
         self.cleanup: asyncio.Task[None] | None = None
+        # Whether the cleanup's cron was found to have no next tick (logged once, not at every pass).
+        self._cleanup_cron_refused = False
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
         try:
@@ -148,9 +151,20 @@ class Scheduler:
         """Claim the retention cleanup's tick if it is due, and start the cleanup; True if claimed."""
         if not self.settings.retention_days or self.pool is None:
             return False
-        tick = await self.scripts.claim_tick(
-            CLEANUP, now_ms=now_ms, next_ms=next_tick(self.settings.cleanup_cron, now_ms)
-        )
+        try:
+            next_ms = next_tick(self.settings.cleanup_cron, now_ms)
+        except CroniterError as exc:
+            # The settings refuse such a cron at start; one that got past them (settings built without
+            # validation) must not fail every pass, and must not go unnoticed: said once, as an error.
+            if not self._cleanup_cron_refused:
+                self._cleanup_cron_refused = True
+                log.error(
+                    "NOVA_CLEANUP_CRON '%s' has no next tick (%s): no retention cleanup runs until it is fixed",
+                    self.settings.cleanup_cron,
+                    exc,
+                )
+            return False
+        tick = await self.scripts.claim_tick(CLEANUP, now_ms=now_ms, next_ms=next_ms)
         if tick is None:
             return False
         self.cleanups += 1

@@ -10,18 +10,15 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-from croniter import CroniterError, croniter
 from redis.asyncio import Redis
 
+from shared.cron import InvalidSchedule as InvalidSchedule
+from shared.cron import next_tick as next_tick
+from shared.cron import validate_cron as validate_cron
 from shared.enqueue import SCHEDULE_KEY_PREFIX
 from shared.streams import Keys, dumps, loads, now_iso
-
-
-class InvalidSchedule(ValueError):
-    pass
 
 
 @dataclass
@@ -44,24 +41,6 @@ class Schedule:
 def tick_key(schedule_id: str, tick_ms: int) -> str:
     """The Idempotency-Key of a schedule's tick (reserved: see shared/enqueue.py)."""
     return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:{tick_ms}"
-
-
-def next_tick(cron: str, moment_ms: int) -> int:
-    """The cron expression's first tick after `moment_ms` (ms)."""
-    start = datetime.fromtimestamp(moment_ms / 1000, UTC)
-    return int(croniter(cron, start).get_next(float) * 1000)
-
-
-def validate_cron(expression: str) -> str:
-    expression = " ".join(expression.split())
-    if len(expression.split()) not in (5, 6) or not croniter.is_valid(expression):
-        raise InvalidSchedule(f"'{expression}' is not a cron expression (5 fields, or 6 with seconds last)")
-    try:
-        next_tick(expression, int(time.time() * 1000))
-    except CroniterError:
-        # Valid fields that no date matches (February 31st): a schedule that would never fire.
-        raise InvalidSchedule(f"'{expression}' never fires (no date matches it)") from None
-    return expression
 
 
 class ScheduleStore:

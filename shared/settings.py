@@ -352,12 +352,14 @@ class Settings(BaseSettings):
     @field_validator("cleanup_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from croniter import croniter
+        # The check POST /schedules makes: is_valid alone let `0 0 30 2 *` through, a cron no date
+        # matches, and the workers' cleanup then never ran. Imported on use, as croniter was (~20 ms).
+        from shared.cron import InvalidSchedule, validate_cron
 
-        value = " ".join(value.split())
-        if len(value.split()) not in (5, 6) or not croniter.is_valid(value):
-            raise ValueError(f"'{value}' is not a cron expression (5 fields, or 6 with seconds last)")
-        return value
+        try:
+            return validate_cron(value)
+        except InvalidSchedule as exc:
+            raise ValueError(f"NOVA_CLEANUP_CRON: {exc}") from None
 
     @property
     def cluster(self) -> bool:

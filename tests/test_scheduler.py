@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from consumer.scheduler import Scheduler
+from consumer.scheduler import CLEANUP, Scheduler
 from shared.catalog import WorkflowCatalog
 from shared.schedules import InvalidSchedule, ScheduleStore, validate_cron
 from shared.settings import Settings
 from shared.streams import EventType, Keys
-from tests.support import create_workflow, in_process_worker, linear, wait_for_events
+from tests.support import create_workflow, in_process_worker, linear, make_settings, wait_for_events
 
 
 def scheduler(redis: Redis, settings: Settings, pool: asyncpg.Pool, name: str) -> Scheduler:
@@ -85,3 +87,29 @@ async def test_every_second_schedule_with_two_workers(redis: Redis, settings: Se
     ticks = Counter(e.data["initial_context"]["_schedule"]["tick_ms"] for e in queued)
     assert all(n == 1 for n in ticks.values()), ticks
     assert all(tick % 1000 == 0 for tick in ticks)
+
+
+async def test_a_cleanup_cron_that_never_fires_is_refused_or_harmless(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NOVA_CLEANUP_CRON was checked with croniter.is_valid only: `0 0 30 2 *` passed, then every
+    scheduler pass raised CroniterBadDateError in claim_cleanup, logged as "scheduler tick failed" twice
+    a second, and no cleanup ever ran. POST /schedules refused the same expression (validate_cron)."""
+    with pytest.raises(ValidationError, match="never fires"):
+        make_settings(settings.redis_url or "", settings.database_url or "", cleanup_cron="0 0 30 2 *")
+    # Past the settings' check all the same (model_copy does not validate): schedules still fire, and
+    # the cleanup's cron is reported once, not at every pass.
+    bad = settings.model_copy(update={"cleanup_cron": "0 0 30 2 *", "retention_days": 30})
+    wf = await create_workflow(redis, bad, pool, linear("pass"))
+    store = ScheduleStore(redis, Keys.from_settings(bad))
+    await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    s = Scheduler(bad, redis, WorkflowCatalog(redis, pool, Keys.from_settings(bad)), "r", pool=pool)
+    now = int(time.time() * 1000)
+    with caplog.at_level(logging.ERROR, logger="consumer.scheduler"):
+        assert await s.tick(now_ms=now + 60_000) == 1
+        assert await s.tick(now_ms=now + 120_000) == 1
+        assert not await s.claim_cleanup(now + 180_000)
+    assert s.cleanup is None and s.cleanups == 0
+    assert await redis.zscore(Keys.from_settings(bad).builtin_schedules, CLEANUP) is None
+    [problem] = [r for r in caplog.records if r.name == "consumer.scheduler"]
+    assert "NOVA_CLEANUP_CRON" in problem.getMessage()
