@@ -1,8 +1,17 @@
 """Fires scheduled executions from inside the workers.
 
 Exactly once per tick, however many replicas run: each tick is enqueued with the idempotency key
-`schedule:{id}:{tick_ms}`, so the atomic enqueue step itself refuses a second copy. A lease
-(`nova:scheduler:lease`, SET NX PX) makes one replica do the work at a time so the others do not
+`schedule:{id}:{tick_ms}`, so the atomic enqueue step itself refuses a second copy. Those keys, and the
+schedules' scores, are in Redis, which can come back from an older state (an RDB snapshot, an AOF
+fsynced every second, a lagging replica promoted) that has forgotten a tick that ran. So before firing
+a tick the scheduler also asks PostgreSQL whether it holds that tick's execution (one lookup in the
+unique index on `executions.task_id`, per tick fired, none on a pass with nothing due); if so the tick
+is not fired again and the schedule moves on as if it had been. While PostgreSQL cannot answer, due ticks
+wait (a tick fired late beats a tick fired twice, and none is dropped), as enqueues refuse to hand out
+ids that PostgreSQL cannot vouch for (shared/enqueue.py SequenceUnavailable). A tick so recent that the
+projector has not yet written it is in PostgreSQL's blind spot: only its Redis key protects it then.
+
+A lease (`nova:scheduler:lease`, SET NX PX) makes one replica do the work at a time so the others do not
 even try; if the holder dies the lease expires and another replica takes over within a few seconds.
 A tick missed during downtime fires once on recovery (the schedule's score is the missed tick), and
 the next fire time is then computed from now, not from the missed tick, so a long outage does not
@@ -24,12 +33,12 @@ import asyncpg
 from croniter import CroniterError
 from redis.asyncio import Redis
 
-from shared.catalog import WorkflowCatalog
+from shared.catalog import StoredWorkflow, WorkflowCatalog
 from shared.connections import REDIS_UNAVAILABLE
 from shared.db import LazyPool
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.retention import Retention, cutoff_for
-from shared.schedules import ScheduleStore, next_tick, tick_key
+from shared.schedules import Schedule, ScheduleStore, next_tick, tick_key
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys, dumps, now_iso
@@ -39,6 +48,9 @@ from shared.workflow import workflow_lane
 log = logging.getLogger(__name__)
 
 LEASE_MS = 5000
+# How long a pass waits for PostgreSQL to say whether a tick ran: well within the lease, so that a pass
+# stuck on an unreachable PostgreSQL does not outlive it.
+RAN_CHECK_TIMEOUT = 2.0
 # The built-in schedules' names (members of Keys.builtin_schedules).
 CLEANUP = "cleanup"
 # Renew well before expiry; a release is compare-and-delete so we never drop someone else's lease.
@@ -79,6 +91,8 @@ class Scheduler:
         self.cleanup: asyncio.Task[None] | None = None
         # Whether the cleanup's cron was found to have no next tick (logged once, not at every pass).
         self._cleanup_cron_refused = False
+        # Whether PostgreSQL could not say if a tick ran, holding due ticks back (logged on each change).
+        self._ticks_held = False
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
         try:
@@ -122,30 +136,76 @@ class Scheduler:
                 log.error("schedule %s names missing workflow %s; skipping its tick", schedule_id, schedule.workflow_id)
                 await announce_schedule_failure(self.settings, self.redis, schedule, tick_ms, "workflow not found")
             else:
-                context = {**schedule.initial_context, "_schedule": {"id": schedule.id, "tick_ms": tick_ms}}
-                result = await enqueue_execution(
-                    self.scripts,
-                    NewExecution(
-                        workflow_id=workflow.id,
-                        workflow_name=workflow.name,
-                        workflow_version=workflow.version,
-                        client=schedule.client,
-                        initial_context=context,
-                        extra={"schedule_id": schedule.id},
-                        task_id=f"sched-{schedule.id}-{tick_ms}",
-                        idempotency_key=tick_key(schedule.id, tick_ms),
-                        idempotency_ttl=max(24 * 3600, self.settings.task_ttl),
-                        lane=workflow_lane(workflow.definition),
-                    ),
-                    floor=self.catalog.highest_execution_id,
-                )
-                if result.created:
+                task_id = f"sched-{schedule.id}-{tick_ms}"
+                ran = await self._tick_ran(schedule, tick_ms, task_id)
+                if ran is None:
+                    # Unknown: this tick stays due (its score is left as it is), and so do the ticks
+                    # after it in this pass, which would only wait on PostgreSQL in turn.
+                    break
+                if ran:
+                    # Redis lost it (its key and its score are older than PostgreSQL's record): moved
+                    # on below as if it had fired now.
+                    log.warning(
+                        "schedule %s tick %d already ran (PostgreSQL holds its execution); not fired again",
+                        schedule.id,
+                        tick_ms,
+                    )
+                elif await self._fire(schedule, workflow, tick_ms, task_id):
                     fired += 1
-                    log.info("schedule %s fired tick %d as task %s", schedule.id, tick_ms, result.task_id)
             await self.store.advance(schedule_id, schedule.next_after(max(now_ms, tick_ms)))
         self.fired += fired
         await self.claim_cleanup(now_ms)
         return fired
+
+    async def _fire(self, schedule: Schedule, workflow: StoredWorkflow, tick_ms: int, task_id: str) -> bool:
+        """Enqueue the tick's execution; False if its idempotency key shows it was enqueued already."""
+        context = {**schedule.initial_context, "_schedule": {"id": schedule.id, "tick_ms": tick_ms}}
+        result = await enqueue_execution(
+            self.scripts,
+            NewExecution(
+                workflow_id=workflow.id,
+                workflow_name=workflow.name,
+                workflow_version=workflow.version,
+                client=schedule.client,
+                initial_context=context,
+                extra={"schedule_id": schedule.id},
+                task_id=task_id,
+                idempotency_key=tick_key(schedule.id, tick_ms),
+                idempotency_ttl=max(24 * 3600, self.settings.task_ttl),
+                lane=workflow_lane(workflow.definition),
+            ),
+            floor=self.catalog.highest_execution_id,
+        )
+        if result.created:
+            log.info("schedule %s fired tick %d as task %s", schedule.id, tick_ms, result.task_id)
+        return result.created
+
+    async def _tick_ran(self, schedule: Schedule, tick_ms: int, task_id: str) -> bool | None:
+        """Whether PostgreSQL holds the execution of this tick; None when it cannot say."""
+        if self.catalog.pool is None:
+            return False  # a deployment without PostgreSQL: the tick's key in Redis is all there is
+        # The enqueue gives the task this id on the client's shard (a suffix names the shard when the
+        # bare id does not map to it); the bare one too, as a deployment's shard count may change.
+        placed = self.keys.of_client(schedule.client).placed_task_id(task_id)
+        try:
+            ran = await asyncio.wait_for(self.catalog.holds_any_task(sorted({task_id, placed})), RAN_CHECK_TIMEOUT)
+        except Exception as exc:
+            # Down, restarting, out of connections, or too slow: all the same to a tick that must not
+            # run twice. It waits for PostgreSQL, as an enqueue waits when it cannot vouch for an id.
+            if not self._ticks_held:
+                self._ticks_held = True
+                log.warning(
+                    "schedules' due ticks wait: PostgreSQL cannot say whether tick %d of schedule %s ran (%s: %s)",
+                    tick_ms,
+                    schedule.id,
+                    type(exc).__name__,
+                    exc,
+                )
+            return None
+        if self._ticks_held:
+            self._ticks_held = False
+            log.info("PostgreSQL answers again: schedules' due ticks fire")
+        return ran
 
     async def claim_cleanup(self, now_ms: int) -> bool:
         """Claim the retention cleanup's tick if it is due, and start the cleanup; True if claimed."""

@@ -429,6 +429,16 @@ class WorkflowCatalog:
         pool = await self._db("raising the execution id sequence")
         return int(await pool.fetchval("SELECT coalesce(max(id), 0) FROM executions"))
 
+    async def holds_any_task(self, task_ids: list[str]) -> bool:
+        """Whether PostgreSQL holds an execution of one of `task_ids`: a schedule's tick that already ran
+        (its task id names the tick), which a Redis that lost data would fire again. One lookup in the
+        unique index on executions.task_id. Raises what reaching PostgreSQL raises while it is down."""
+        pool = await self._db("checking whether a schedule's tick ran")
+        found = await pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM executions WHERE task_id = ANY($1::text[]))", task_ids
+        )
+        return bool(found)
+
     async def _cache_version(self, workflow: StoredWorkflow) -> None:
         await self.redis.set(self.keys.workflow_version(workflow.id, workflow.version), dumps(workflow.as_json()))
         self._versions[(workflow.id, workflow.version)] = workflow

@@ -6,18 +6,21 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from cli.embedded import PostgresServer, RedisServer
 from consumer.scheduler import CLEANUP, Scheduler
 from shared.catalog import WorkflowCatalog
+from shared.db import LazyPool, migrate_url
 from shared.schedules import InvalidSchedule, ScheduleStore, validate_cron
 from shared.settings import Settings
 from shared.streams import EventType, Keys
-from tests.support import create_workflow, in_process_worker, linear, make_settings, wait_for_events
+from tests.support import create_workflow, in_process_worker, linear, make_settings, wait_for_events, wait_projected
 
 
 def scheduler(redis: Redis, settings: Settings, pool: asyncpg.Pool, name: str) -> Scheduler:
@@ -87,6 +90,82 @@ async def test_every_second_schedule_with_two_workers(redis: Redis, settings: Se
     ticks = Counter(e.data["initial_context"]["_schedule"]["tick_ms"] for e in queued)
     assert all(n == 1 for n in ticks.values()), ticks
     assert all(tick % 1000 == 0 for tick in ticks)
+
+
+async def test_a_tick_already_run_is_not_fired_again_after_redis_restores_an_older_snapshot(
+    redis_factory: Callable[..., RedisServer], db_url: str, pool: asyncpg.Pool
+) -> None:
+    """Redis back from an older snapshot (or AOF everysec losing its last second, or a lagging replica
+    promoted) had neither the tick's idempotency key nor its moved-on score: "exactly once per tick"
+    rested on those Redis keys alone, so a tick PostgreSQL showed completed fired a second execution."""
+    server = redis_factory()
+    settings = make_settings(server.url, db_url)
+    keys = Keys.from_settings(settings)
+    client = Redis.from_url(server.url, decode_responses=True)
+    admin = Redis.from_url(server.admin_url)
+    try:
+        wf = await create_workflow(client, settings, pool, linear("context['ran'] = True"))
+        store = ScheduleStore(client, keys)
+        # Yearly: the worker's own scheduler (real clock) leaves it alone; the test drives the tick.
+        schedule = await store.create(cron="0 0 1 1 *", workflow_id=wf.id, client="acme", initial_context={})
+        [(_, tick)] = await store.due(2**62)
+        await admin.save()  # the snapshot Redis will come back from (taken before the tick)
+        s = Scheduler(settings, client, WorkflowCatalog(client, pool, keys), "r")
+        assert await s.tick(now_ms=tick + 10) == 1
+        async with in_process_worker(settings):
+            [done] = await wait_for_events(client, settings, lambda e: e.type == EventType.SUCCEEDED)
+            await wait_projected(pool, [done.execution_id], {"completed"})
+        assert done.task_id.startswith(f"sched-{schedule.id}-{tick}")
+        server.kill()
+        server.start()  # back from the snapshot
+        await client.aclose()
+        client = Redis.from_url(server.url, decode_responses=True)
+        store = ScheduleStore(client, keys)
+        assert await store.due(tick + 20) == [(schedule.id, tick)]  # Redis forgot the tick ran
+        s = Scheduler(settings, client, WorkflowCatalog(client, pool, keys), "r")
+        # PostgreSQL has this tick's execution, completed: skipped, and the schedule moves on.
+        assert await s.tick(now_ms=tick + 20) == 0
+        assert await client.xlen(settings.requests_stream) == 0
+        [(_, nxt)] = await store.list()
+        assert nxt is not None and nxt > tick
+        assert await pool.fetchval("SELECT count(*) FROM executions") == 1
+    finally:
+        await client.aclose()
+        await admin.aclose()
+
+
+async def test_a_tick_waits_while_postgresql_cannot_say_whether_it_ran(
+    redis: Redis, settings: Settings, pg_factory: Callable[..., PostgresServer]
+) -> None:
+    """Firing a tick rested on Redis alone, so it went ahead whatever PostgreSQL knew. Now that PostgreSQL
+    is asked first, its being down must neither fire the tick (it may have run) nor drop it (it may
+    not have): the tick stays due and fires, once, when PostgreSQL answers again."""
+    pg = pg_factory()
+    await migrate_url(pg.url)
+    own = settings.model_copy(update={"database_url": pg.url})
+    keys = Keys.from_settings(own)
+    lazy = LazyPool(pg.url)
+    try:
+        wf = await create_workflow(redis, own, await lazy.get(), linear("pass"))
+        store = ScheduleStore(redis, keys)
+        schedule = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+        [(_, first)] = await store.due(2**62)
+        s = Scheduler(own, redis, WorkflowCatalog(redis, lazy, keys), "r")
+        assert await s.tick(now_ms=first + 10) == 1
+        second = first + 60_000
+        pg.stop()
+        assert await s.tick(now_ms=second + 10) == 0
+        assert await s.tick(now_ms=second + 510) == 0
+        assert await store.due(second + 510) == [(schedule.id, second)]  # still due: delayed, not lost
+        pg.start()
+        assert await s.tick(now_ms=second + 1010) == 1
+        assert [e["task_id"] for _, e in await redis.xrange(own.requests_stream)] == [
+            f"sched-{schedule.id}-{first}",
+            f"sched-{schedule.id}-{second}",
+        ]
+        assert await s.tick(now_ms=second + 1510) == 0
+    finally:
+        await lazy.close()
 
 
 async def test_a_cleanup_cron_that_never_fires_is_refused_or_harmless(
