@@ -125,6 +125,7 @@ class Scheduler:
             # Redis's clock, not this host's: replicas with skewed clocks must agree on what is due.
             seconds, micros = await self.redis.time()
             now_ms = seconds * 1000 + micros // 1000
+        await self._after_a_step_back(now_ms)
         fired = 0
         for schedule_id, tick_ms in await self.store.due(now_ms):
             schedule = await self.store.get(schedule_id)
@@ -156,6 +157,41 @@ class Scheduler:
         self.fired += fired
         await self.claim_cleanup(now_ms)
         return fired
+
+    async def _after_a_step_back(self, now_ms: int) -> None:
+        """If Redis's clock is earlier than at the last pass (a forward step corrected, a replica with
+        an earlier clock promoted), bring back the schedules, and the built-in cleanup, that moved on
+        from the later time: until it came round again they would not fire. Ticks that fired early (at
+        the wrong time) and come due again are not run twice: their idempotency key refuses them, or,
+        if the step expired it, PostgreSQL's record of their execution does. One GET and one SET a pass;
+        the schedules are read only after a step back."""
+        last = await self.store.clock_stepped_back(now_ms)
+        if last is not None:
+            moved = await self.store.bring_back(now_ms)
+            cleanup = await self._bring_back_cleanup(now_ms)
+            log.warning(
+                "Redis's clock is %d ms behind the scheduler's last pass: %d schedule(s)%s brought back to"
+                " their cron's next tick from now",
+                last - now_ms,
+                len(moved),
+                " and the retention cleanup" if cleanup else "",
+            )
+        # After the bring-back: had it failed, the next pass would see the step and try again.
+        await self.store.passed(now_ms)
+
+    async def _bring_back_cleanup(self, now_ms: int) -> bool:
+        """Re-score the retention cleanup at its cron's next tick after `now_ms` if it is later; True if so."""
+        if not self.settings.retention_days or self.pool is None:
+            return False
+        try:
+            expected = next_tick(self.settings.cleanup_cron, now_ms)
+        except CroniterError:
+            return False  # said by claim_cleanup
+        score = await self.redis.zscore(self.keys.builtin_schedules, CLEANUP)
+        if score is None or score <= expected:
+            return False
+        await self.redis.zadd(self.keys.builtin_schedules, {CLEANUP: expected}, xx=True, lt=True)
+        return True
 
     async def _fire(self, schedule: Schedule, workflow: StoredWorkflow, tick_ms: int, task_id: str) -> bool:
         """Enqueue the tick's execution; False if its idempotency key shows it was enqueued already."""

@@ -57,6 +57,12 @@ class ScheduleStore:
     def _next(self) -> str:
         return f"{self.keys.home}:schedules:next"
 
+    @property
+    def _clock(self) -> str:
+        # Redis's time (ms) at the scheduler's last pass: a later pass that finds an earlier time knows
+        # the clock stepped back (see bring_back).
+        return f"{self.keys.home}:schedules:clock"
+
     async def create(
         self, *, cron: str, workflow_id: int, client: str, initial_context: dict[str, Any], name: str | None = None
     ) -> Schedule:
@@ -101,9 +107,46 @@ class ScheduleStore:
         return [(member, int(score)) for member, score in reply]
 
     async def advance(self, schedule_id: str, next_ms: int) -> None:
-        # GT: replicas that fired the same tick race to move it forward; nobody moves it back.
-        # XX: a schedule deleted meanwhile is not brought back.
+        # GT: replicas that fired the same tick race to move it forward; nobody moves it back (but
+        # bring_back, after the clock stepped back). XX: a schedule deleted meanwhile is not brought back.
         await self.redis.zadd(self._next, {schedule_id: next_ms}, xx=True, gt=True)
+
+    async def clock_stepped_back(self, now_ms: int) -> int | None:
+        """The time of the scheduler's last pass if it is later than `now_ms` (Redis's clock stepped
+        back since), else None."""
+        last = await self.redis.get(self._clock)
+        return int(last) if last is not None and int(last) > now_ms else None
+
+    async def passed(self, now_ms: int) -> None:
+        """Record `now_ms` as the time of the scheduler's last pass."""
+        await self.redis.set(self._clock, now_ms)
+
+    async def bring_back(self, now_ms: int, batch: int = 500) -> list[str]:
+        """Re-score at their cron's next tick after `now_ms` the schedules scored later than that; returns
+        their ids. A schedule moves on from max(now, tick) when it fires: if `now` was ahead (Redis's
+        clock stepped forward, then back), its next tick is the cron's tick after that wrong time, and
+        a minutely schedule would stay silent until that time came round again. Reads every schedule
+        not yet due, so it is for after a step back, not for every pass."""
+        ahead = await self.redis.zrangebyscore(self._next, f"({now_ms}", "+inf", withscores=True)
+        moved: list[str] = []
+        for start in range(0, len(ahead), batch):
+            chunk = ahead[start : start + batch]
+            records = await self.redis.hmget(self._all, [member for member, _ in chunk])
+            earlier: dict[str, int] = {}
+            for (member, score), raw in zip(chunk, records, strict=True):
+                if not raw:
+                    continue  # deleted meanwhile: the scheduler drops its score when it comes due
+                try:
+                    expected = Schedule(**loads(raw)).next_after(now_ms)
+                except ValueError:
+                    continue  # a cron with no tick after now (CroniterError): nothing to bring it back to
+                if expected < score:
+                    earlier[member] = expected
+            if earlier:
+                # LT: never later than a score a replica firing meanwhile set; XX: not a deleted one.
+                await self.redis.zadd(self._next, earlier, xx=True, lt=True)
+                moved.extend(earlier)
+        return moved
 
     async def drop_orphan(self, schedule_id: str) -> None:
         await self.redis.zrem(self._next, schedule_id)

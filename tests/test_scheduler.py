@@ -168,6 +168,66 @@ async def test_a_tick_waits_while_postgresql_cannot_say_whether_it_ran(
         await lazy.close()
 
 
+async def test_a_forward_clock_jump_does_not_strand_a_minutely_schedule(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """Redis's clock stepped forward a day (a bad NTP step) and was corrected: the schedule fired its due
+    tick at the wrong time and moved on to the cron's next tick after that wrong time, so after the
+    correction a `* * * * *` schedule stayed silent for a whole day."""
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, keys)
+    await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    s = scheduler(redis, settings, pool, "r")
+    now = int(time.time() * 1000)
+    assert await s.tick(now_ms=now + 86_400_000) == 1  # the clock a day ahead
+    # Corrected: within the next few minutes a minutely schedule must fire again.
+    fired = 0
+    for minute in range(1, 4):
+        fired += await s.tick(now_ms=now + minute * 60_000)
+    assert fired >= 2
+    [(_, nxt)] = await store.list()
+    assert nxt is not None and now + 3 * 60_000 < nxt <= now + 4 * 60_000
+
+
+async def test_a_schedule_brought_back_from_a_clock_jump_does_not_fire_a_tick_twice(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """The clock jumped ahead before the first tick was due: that tick fired early. Brought back, the
+    schedule is due at that same tick again, which must not run a second time."""
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, keys)
+    schedule = await store.create(cron="0 * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    [(_, first)] = await store.due(2**62)
+    s = scheduler(redis, settings, pool, "r")
+    assert await s.tick(now_ms=first + 86_400_000) == 1  # fires `first`, a day late by the clock
+    back = first - 1000  # corrected to before `first`
+    assert await s.tick(now_ms=back) == 0
+    assert await store.due(first) == [(schedule.id, first)]  # brought back to the cron's next tick
+    assert await s.tick(now_ms=first + 10) == 0  # ... which already ran
+    assert await redis.xlen(settings.requests_stream) == 1
+    [(_, nxt)] = await store.list()
+    assert nxt == first + 3_600_000
+
+
+async def test_a_forward_clock_jump_does_not_strand_the_retention_cleanup(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """The built-in cleanup's tick moved on from the wrong time too: after the clock's correction, an
+    hourly cleanup did not run for as long as the clock had been ahead."""
+    hourly = settings.model_copy(update={"cleanup_cron": "0 * * * *", "retention_days": 30})
+    keys = Keys.from_settings(hourly)
+    s = Scheduler(hourly, redis, WorkflowCatalog(redis, pool, keys), "r", pool)
+    await s.tick(now_ms=int(time.time() * 1000))  # registers the cleanup at its next tick
+    first = int(await redis.zscore(keys.builtin_schedules, CLEANUP) or 0)
+    await s.tick(now_ms=first + 86_400_000)  # the clock a day ahead: claims `first`
+    assert s.cleanups == 1 and s.cleanup is not None
+    await s.cleanup
+    await s.tick(now_ms=first + 10)  # corrected
+    assert await redis.zscore(keys.builtin_schedules, CLEANUP) == first + 3_600_000
+
+
 async def test_a_cleanup_cron_that_never_fires_is_refused_or_harmless(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
