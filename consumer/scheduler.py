@@ -93,6 +93,8 @@ class Scheduler:
         self._cleanup_cron_refused = False
         # Whether PostgreSQL could not say if a tick ran, holding due ticks back (logged on each change).
         self._ticks_held = False
+        # Schedules whose due tick failed at the last pass (logged when they start failing, not each pass).
+        self._failing: set[str] = set()
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
         try:
@@ -127,35 +129,58 @@ class Scheduler:
             now_ms = seconds * 1000 + micros // 1000
         await self._after_a_step_back(now_ms)
         fired = 0
+        failing: set[str] = set()
         for schedule_id, tick_ms in await self.store.due(now_ms):
-            schedule = await self.store.get(schedule_id)
-            if schedule is None:
-                await self.store.drop_orphan(schedule_id)
+            try:
+                outcome = await self._due(schedule_id, tick_ms, now_ms)
+            except (asyncio.CancelledError, *REDIS_UNAVAILABLE):
+                raise
+            except Exception:
+                # This schedule's own trouble (a record a newer release wrote, its workflow unreadable):
+                # it stays due and is tried again next pass, and the schedules after it fire meanwhile.
+                # Said once until it fires again, not twice a second.
+                failing.add(schedule_id)
+                if schedule_id not in self._failing:
+                    log.exception("schedule %s: tick %d not fired; tried again at each pass", schedule_id, tick_ms)
                 continue
-            workflow = await self.catalog.get(schedule.workflow_id)
-            if workflow is None:
-                log.error("schedule %s names missing workflow %s; skipping its tick", schedule_id, schedule.workflow_id)
-                await announce_schedule_failure(self.settings, self.redis, schedule, tick_ms, "workflow not found")
-            else:
-                task_id = f"sched-{schedule.id}-{tick_ms}"
-                ran = await self._tick_ran(schedule, tick_ms, task_id)
-                if ran is None:
-                    # Unknown: this tick stays due (its score is left as it is), and so do the ticks
-                    # after it in this pass, which would only wait on PostgreSQL in turn.
-                    break
-                if ran:
-                    # Redis lost it (its key and its score are older than PostgreSQL's record): moved
-                    # on below as if it had fired now.
-                    log.warning(
-                        "schedule %s tick %d already ran (PostgreSQL holds its execution); not fired again",
-                        schedule.id,
-                        tick_ms,
-                    )
-                elif await self._fire(schedule, workflow, tick_ms, task_id):
-                    fired += 1
-            await self.store.advance(schedule_id, schedule.next_after(max(now_ms, tick_ms)))
+            if outcome is None:
+                # PostgreSQL cannot say whether the tick ran: it stays due, and so do the ticks after it
+                # in this pass, which would only wait on PostgreSQL in turn.
+                break
+            fired += outcome
+        self._failing = failing
         self.fired += fired
         await self.claim_cleanup(now_ms)
+        return fired
+
+    async def _due(self, schedule_id: str, tick_ms: int, now_ms: int) -> int | None:
+        """Fire one due tick and move its schedule on; how many executions that enqueued (0 or 1), or
+        None when the tick must wait (left due)."""
+        schedule = await self.store.get(schedule_id)
+        if schedule is None:
+            await self.store.drop_orphan(schedule_id)
+            return 0
+        fired = 0
+        workflow = await self.catalog.get(schedule.workflow_id)
+        if workflow is None:
+            log.error("schedule %s names missing workflow %s; skipping its tick", schedule_id, schedule.workflow_id)
+            await announce_schedule_failure(self.settings, self.redis, schedule, tick_ms, "workflow not found")
+        else:
+            task_id = f"sched-{schedule.id}-{tick_ms}"
+            ran = await self._tick_ran(schedule, tick_ms, task_id)
+            if ran is None:
+                return None
+            if ran:
+                # Redis lost it (its key and its score are older than PostgreSQL's record): moved on below
+                # as if it had fired now.
+                log.warning(
+                    "schedule %s tick %d already ran (PostgreSQL holds its execution); not fired again",
+                    schedule.id,
+                    tick_ms,
+                )
+            elif await self._fire(schedule, workflow, tick_ms, task_id):
+                fired = 1
+        await self.store.advance(schedule_id, schedule.next_after(max(now_ms, tick_ms)))
         return fired
 
     async def _after_a_step_back(self, now_ms: int) -> None:

@@ -252,3 +252,29 @@ async def test_a_cleanup_cron_that_never_fires_is_refused_or_harmless(
     assert await redis.zscore(Keys.from_settings(bad).builtin_schedules, CLEANUP) is None
     [problem] = [r for r in caplog.records if r.name == "consumer.scheduler"]
     assert "NOVA_CLEANUP_CRON" in problem.getMessage()
+
+
+async def test_a_schedule_that_cannot_be_read_holds_back_no_other(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One schedule's failure (here a record written by a newer release, with a field this one does not
+    know) raised out of the whole pass: it stayed first in line, and every schedule due after it, and the
+    retention cleanup, waited for as long as it failed. It is said once and skipped; the others fire."""
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    keys = Keys.from_settings(settings)
+    store = ScheduleStore(redis, keys)
+    newer = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    raw = await redis.hget(store._all, newer.id)
+    await redis.hset(store._all, newer.id, raw[:-1] + ', "timezone": "Europe/Madrid"}')
+    good = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    ticks = dict(await store.due(int(time.time() * 1000) + 61_000))
+    await redis.zadd(store._next, {newer.id: ticks[newer.id] - 1})  # first in line
+    replica = scheduler(redis, settings, pool, "r")
+    with caplog.at_level(logging.ERROR):
+        for n in range(3):
+            assert await replica.tick(now_ms=max(ticks.values()) + 10) == (1 if n == 0 else 0)
+    [(_, entry)] = await redis.xrange(settings.requests_stream)
+    assert entry["task_id"] == f"sched-{good.id}-{ticks[good.id]}"
+    assert len([r for r in caplog.records if newer.id in r.getMessage()]) == 1
+    # Still due: a release that reads it fires its tick.
+    assert newer.id in dict(await store.due(max(ticks.values()) + 10))
