@@ -34,7 +34,7 @@ from croniter import CroniterError
 from redis.asyncio import Redis
 
 from shared.catalog import StoredWorkflow, WorkflowCatalog
-from shared.connections import REDIS_UNAVAILABLE
+from shared.connections import REDIS_UNAVAILABLE, redis_ms
 from shared.db import LazyPool
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.retention import Retention, cutoff_for
@@ -125,8 +125,7 @@ class Scheduler:
         """Fire every due schedule once; returns how many executions were enqueued."""
         if now_ms is None:
             # Redis's clock, not this host's: replicas with skewed clocks must agree on what is due.
-            seconds, micros = await self.redis.time()
-            now_ms = seconds * 1000 + micros // 1000
+            now_ms = await redis_ms(self.redis)
         await self._after_a_step_back(now_ms)
         fired = 0
         failing: set[str] = set()

@@ -324,6 +324,14 @@ def create_redis(
     return client
 
 
+async def redis_ms(redis: Redis) -> int:
+    """Milliseconds since the epoch by Redis's clock (TIME): what due times are counted on, so that
+    processes on hosts with skewed clocks agree on what is due. On its own, never in a pipeline: a
+    cluster client refuses a keyless command there."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def prepare(redis: Redis) -> None:
     """Learn a cluster's slot map now, once, before a process's loops start: the cluster client
     otherwise learns it on first use, from many concurrent commands at once (some of them bounded by

@@ -14,6 +14,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared.connections import redis_ms
 from shared.control import RunControl
 from shared.streams import FORMAT_VERSION, Keys, Lane, entry_id_parts, loads
 
@@ -146,13 +147,11 @@ async def worker_reports(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """What each live worker last reported of itself (consumer/worker.py report_self): `consumer`,
     `at`, `concurrency`, `inflight`, `draining`, and `executors` (name -> its lasting fault, or None).
     A report past its deadline (by Redis's clock) is a dead worker's and is left out."""
-    # TIME on its own: a cluster client refuses a keyless command in a pipeline.
-    seconds, micros = await redis.time()
+    now_ms = await redis_ms(redis)
     pipe = redis.pipeline(transaction=False)
     pipe.zrange(keys.worker_report_deadlines, 0, -1, withscores=True)
     pipe.hgetall(keys.worker_reports)
     deadlines, raw = await pipe.execute()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
     live = {_text(consumer) for consumer, deadline in deadlines if deadline > now_ms}
     reports = []
     for consumer, value in sorted((_text(k), v) for k, v in raw.items()):

@@ -7,13 +7,13 @@ fire time in ms), which is all the scheduler reads each second.
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 
+from shared.connections import redis_ms
 from shared.cron import InvalidSchedule as InvalidSchedule
 from shared.cron import next_tick as next_tick
 from shared.cron import validate_cron as validate_cron
@@ -75,7 +75,8 @@ class ScheduleStore:
             name=name,
             created_at=now_iso(),
         )
-        first = schedule.next_after(int(time.time() * 1000))
+        # Redis's clock, as the scheduler counts what is due (this host's may be skewed).
+        first = schedule.next_after(await redis_ms(self.redis))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._all, schedule.id, dumps(schedule.as_json()))
             pipe.zadd(self._next, {schedule.id: first})

@@ -34,6 +34,7 @@ from redis.exceptions import ResponseError
 from standardwebhooks import Webhook
 
 from shared.clients import ClientError, Vault
+from shared.connections import redis_ms as redis_ms
 from shared.events import Event
 from shared.reporting import active_sentry
 from shared.scripts import Scripts
@@ -128,12 +129,6 @@ class WebhookKeys:
 
     def dead(self, endpoint_id: str) -> str:
         return f"{self.prefix}:webhooks:{endpoint_id}:dead"
-
-
-async def redis_ms(redis: Redis) -> int:
-    # Due times use Redis's clock, as the workers' retries do, so processes with skewed clocks agree.
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def delivery_id(endpoint_id: str, entry_id: str) -> str:

@@ -278,3 +278,20 @@ async def test_a_schedule_that_cannot_be_read_holds_back_no_other(
     assert len([r for r in caplog.records if newer.id in r.getMessage()]) == 1
     # Still due: a release that reads it fires its tick.
     assert newer.id in dict(await store.due(max(ticks.values()) + 10))
+
+
+async def test_a_new_schedules_first_tick_is_counted_on_redis_clock(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler decides what is due by Redis's clock, but a new schedule's first tick was taken
+    from the creating host's: an API host a day ahead created a minutely schedule that stayed silent for
+    a day (and one behind fired at once a tick from before it existed)."""
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, Keys.from_settings(settings))
+    ahead = time.time() + 86_400
+    monkeypatch.setattr(time, "time", lambda: ahead)
+    await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    monkeypatch.undo()
+    seconds, _ = await redis.time()
+    [(_, first)] = await store.due(2**62)
+    assert seconds * 1000 < first <= (seconds + 61) * 1000
