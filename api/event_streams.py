@@ -69,16 +69,20 @@ def _newer(event: Event, last: tuple[int, int]) -> bool:
     return event.id_parts > last
 
 
-async def _live(sub: Subscription, last: tuple[int, int], *, until_terminal: bool) -> AsyncIterator[ServerSentEvent]:
-    """The hub's events after `last`, in order and without repeats."""
+async def _live(
+    sub: Subscription, last: tuple[int, int], *, until_terminal: bool, undone: frozenset[str] = frozenset()
+) -> AsyncIterator[ServerSentEvent]:
+    """The hub's events after `last`, in order and without repeats. `undone`: ids of terminal events
+    that did not end the task (the replay sent them, and a retry's events after them)."""
     # None means dropped for lagging (or the server stopping): the client resumes by Last-Event-ID.
     while (event := await sub.next()) is not None:
         if _newer(event, last):
             last = event.id_parts
             yield _sse(event)
         # The end, whether or not the client had it: nothing comes after it (a Last-Event-ID ahead of
-        # every event kept the stream open with pings after the task ended).
-        if until_terminal and event.type in TERMINAL_EVENTS:
+        # every event kept the stream open with pings after the task ended). Not the queued copy of an
+        # end the replay sent and a retry undid (it reaches the queue when it lands after subscribing).
+        if until_terminal and event.type in TERMINAL_EVENTS and event.id not in undone:
             return
 
 
@@ -90,6 +94,7 @@ async def task_event_stream(
     # the id check drops the copy; subscribing after would lose it.
     with hub.subscribe(lambda e: e.task_id == task_id) as sub:
         replays = 0
+        undone: frozenset[str] = frozenset()
         while True:
             events = await task_events(redis, keys, task_id)
             for event in events:
@@ -100,6 +105,7 @@ async def task_event_stream(
             # that a retry re-opened (the stream stopped there, at a cancel the retry had undone).
             if events and events[-1].type in TERMINAL_EVENTS:
                 return
+            undone = frozenset(e.id for e in events if e.type in TERMINAL_EVENTS)
             status = await redis.hget(keys.task(task_id), TaskField.STATUS)
             if status not in TERMINAL_STATUSES:
                 break
@@ -109,7 +115,7 @@ async def task_event_stream(
             # The task may have ended between the replay and this read (its terminal event and status
             # are written in one step): replay once more, or that event would never be sent.
             replays += 1
-        async for item in _live(sub, last, until_terminal=True):
+        async for item in _live(sub, last, until_terminal=True, undone=undone):
             yield item
 
 
