@@ -260,23 +260,13 @@ class Run:
         task = await self._task_state()
         if task is None:
             return
-        if self.delivery.deliveries > self.ctx.settings.max_deliveries:
-            await self._dead_letter(
-                "max_deliveries",
-                f"delivered {self.delivery.deliveries} times (max_deliveries={self.ctx.settings.max_deliveries})",
-                task,
-            )
+        ready = await self._ready(task)
+        if ready is None:
+            # Dead-lettered, or waiting for PostgreSQL: a slot held for this run (woken from a concurrency
+            # key's wait set) goes to the key's next waiter now, not a visibility timeout later.
+            await self._give_back_woken_slot(task)
             return
-        attempt = int(task.get(TaskField.ATTEMPT) or 0)
-        try:
-            definition = await self._definition(task)
-        except CatalogUnavailable as exc:
-            # Only PostgreSQL knows the workflow and it is unreachable: wait for it without spending
-            # a retry (nothing of the workflow ran), rather than bury the request as unknown.
-            await self._transient_failure(attempt, exc, spend_retry=False)
-            return
-        if definition is None:
-            return
+        definition, attempt = ready
         if definition.concurrency is not None and not await self._take_slot(definition.concurrency, task, attempt):
             return
         try:
@@ -295,6 +285,42 @@ class Run:
         # whoever runs it next takes the same slot back, or the slot expires with its holder.
         if not self.taken_over:
             await self._release_slot()
+
+    async def _ready(self, task: dict[str, str]) -> tuple[Definition, int] | None:
+        """The definition to run and the task's attempt; None when the run does not go ahead (dead-lettered
+        past its deliveries or for its workflow, or handed back to wait for PostgreSQL)."""
+        if self.delivery.deliveries > self.ctx.settings.max_deliveries:
+            await self._dead_letter(
+                "max_deliveries",
+                f"delivered {self.delivery.deliveries} times (max_deliveries={self.ctx.settings.max_deliveries})",
+                task,
+            )
+            return None
+        attempt = int(task.get(TaskField.ATTEMPT) or 0)
+        try:
+            definition = await self._definition(task)
+        except CatalogUnavailable as exc:
+            # Only PostgreSQL knows the workflow and it is unreachable: wait for it without spending
+            # a retry (nothing of the workflow ran), rather than bury the request as unknown.
+            await self._transient_failure(attempt, exc, spend_retry=False)
+            return None
+        return None if definition is None else (definition, attempt)
+
+    async def _give_back_woken_slot(self, task: dict[str, str]) -> None:
+        """A waiter woken from a concurrency key's wait set has the key's slot held for it, which its run
+        takes over at its acquire. A delivery that does not get that far (parked for a pause, left to a
+        newer worker, dead-lettered, waiting for PostgreSQL) gives it back to the key's next waiter at once:
+        held, it idled the key for a visibility timeout, every workflow sharing the key included. The run
+        waits its turn again (in its first place) when it comes back. The task names the key it waited for
+        until its acquire."""
+        key = task.get(TaskField.WAITING_FOR)
+        if not key or not self.request.fields.get(RequestField.CONCURRENCY_ORDER):
+            return
+        try:
+            limit = int(self.request.fields.get(RequestField.CONCURRENCY_LIMIT) or 1)
+        except ValueError:
+            limit = 1
+        await release_slot(self.ctx, HeldSlot(key, limit, self.request.task_id))
 
     async def _execute_as_first_run(self) -> bool:
         """Run a first delivery without reading its task first, as the task is after its enqueue; False
@@ -365,8 +391,10 @@ class Run:
             # this one does not read: resuming from it could repeat or skip nodes. A value that is not
             # a format at all is treated as newer than this worker: it is not this worker's to judge.
             await leave_to_newer(ctx, self.delivery, request.fields, hash_format or ctx.settings.readable_format + 1)
+            await self._give_back_woken_slot(task)
             return None
         if paused and await self._park():
+            await self._give_back_woken_slot(task)
             return None
         return task
 

@@ -815,3 +815,49 @@ async def test_with_shards_a_clients_key_holds_in_its_shard_and_every_shards_wai
         ends = await wait_terminal(redis, sharded, ids, timeout=60)
     assert ends[waiter].type == EventType.CANCELLED
     assert sorted(e.type for e in ends.values()) == sorted([EventType.SUCCEEDED] * 5 + [EventType.CANCELLED])
+
+
+# ---- review findings ---------------------------------------------------------------------------------
+
+
+async def test_a_woken_waiter_of_a_paused_workflow_does_not_keep_a_shared_key(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """A release holds the key's slot for the waiter it wakes; that waiter's delivery, its workflow
+    paused meanwhile, was parked for the pause with the slot still held: the other workflows sharing the
+    key waited for it to expire (a visibility timeout, two minutes here)."""
+    """Workflows A and B share the key `{client}` (limit 1). A is paused while one of its runs waits for
+    the key; a B run waits behind it. When the holder ends, the release holds the slot for A's waiter
+    and requeues it; its delivery finds A paused and parks it (park.lua) without giving the slot back:
+    B's run waits for the slot to expire (a visibility timeout, 120s here) though nothing runs."""
+    forever = "import time\nwhile context['n'] == 0: time.sleep(0.02)"
+    a = await create_workflow(redis, settings, pool, linear(forever, concurrency={"key": "{client}", "limit": 1}))
+    b = await create_workflow(redis, settings, pool, linear("pass", concurrency={"key": "{client}", "limit": 1}))
+    keys = Keys.from_settings(settings)
+    patient = settings.model_copy(update={"visibility_timeout": 120.0})
+    control = RunControl(redis, keys, task_ttl=settings.task_ttl, visibility_timeout=120.0)
+    async with in_process_worker(patient):
+        holder = await enqueue(redis, settings, a, {"n": 0})
+        await wait_for_events(
+            redis, settings, lambda e: e.task_id == holder.task_id and e.type == EventType.NODE_STARTED
+        )
+        waiter_a = await enqueue(redis, settings, a, {"n": 1})
+        deadline = time.monotonic() + 30
+        while await redis.zcard(keys.concurrency_waiting("acme")) < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await control.pause(workflow_scope(a.id))
+        waiter_b = await enqueue(redis, settings, b, {"n": 1})
+        while await redis.zcard(keys.concurrency_waiting("acme")) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert (await control.cancel_task(holder.task_id, by="test")).outcome == CancelOutcome.CANCELLED
+        while await redis.zcard(keys.parked(workflow_scope(a.id))) < 1:  # A's waiter, parked by the pause
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1)
+        holders = await redis.zrange(keys.concurrency_holders("acme"), 0, -1)
+        waiting = await redis.zrange(keys.concurrency_waiting("acme"), 0, -1)
+        assert holders != [waiter_a.task_id], f"paused {waiter_a.task_id} holds the key; B waits: {waiting}"
+        ends = await wait_terminal(redis, settings, [waiter_b.task_id], timeout=30)
+    assert ends[waiter_b.task_id].type == EventType.SUCCEEDED
