@@ -87,18 +87,32 @@ class DeadLetters:
         return entry_id if keys.shard_count == 1 else f"s{keys.shard_index}-{entry_id}"
 
     async def list(self, *, count: int = 100, after: str | None = None, client: str | None = None) -> list[DeadLetter]:
-        """Oldest first; with several shards, each shard's oldest `count` merged by time (`after`, a
-        letter id, is then a time: letters of every shard after its entry id). Raises NotALetterId."""
-        start = f"({self._locate(after)[1]}" if after else "-"
-        letters: list[DeadLetter] = []
+        """Oldest first; with several shards, each shard's oldest `count` merged in one order: by entry id,
+        then shard (shards number their entries apart, so two may hold the same id). `after` is a letter
+        id, as listed: the letters after it in that order. Raises NotALetterId."""
+        position: tuple[int, int, int] | None = None
+        if after:
+            keys, entry_id = self._locate(after)
+            # A plain entry id with several shards (one kept from before sharding): after it in every shard.
+            named = after.startswith("s")
+            position = (*entry_id_parts(entry_id), keys.shard_index if named else self.keys.shard_count)
+        letters: list[tuple[tuple[int, int, int], DeadLetter]] = []
         for keys in self.keys.all_shards:
+            if position is None:
+                start = "-"
+            else:
+                ms, seq, shard = position
+                # This shard's letters with the same entry id come after it only if the shard does.
+                start = f"{ms}-{seq}" if keys.shard_index > shard else f"({ms}-{seq}"
             entries = await self.redis.xrange(keys.dead_letter, min=start, max="+", count=count)
-            letters += [DeadLetter(self._letter_id(keys, i), f) for i, f in entries]
-        if len(letters) > count:
-            letters = sorted(letters, key=lambda d: entry_id_parts(self._locate(d.id)[1]))[:count]
+            letters += [
+                ((*entry_id_parts(i), keys.shard_index), DeadLetter(self._letter_id(keys, i), f)) for i, f in entries
+            ]
+        letters.sort(key=lambda pair: pair[0])
+        found = [letter for _, letter in letters[:count]]
         if client is not None:
-            letters = [d for d in letters if d.fields.get(RequestField.CLIENT) == client]
-        return letters
+            found = [d for d in found if d.fields.get(RequestField.CLIENT) == client]
+        return found
 
     async def get(self, letter_id: str) -> DeadLetter | None:
         try:

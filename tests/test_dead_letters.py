@@ -177,3 +177,55 @@ async def test_a_replay_that_cannot_hand_out_an_id_safely_is_a_503(
             # Nothing was lost: the letter is still there to replay once PostgreSQL is back.
             pg.start()
             assert (await api.post(f"/dlq/{entry_id}/replay")).status_code == 202
+
+
+async def test_paging_dead_letters_over_shards_neither_repeats_nor_skips(
+    redis: Redis, redis_url: str, db_url: str, pool: asyncpg.Pool
+) -> None:
+    """Shards' letters were merged in time order only when there were more than a page: an exactly
+    full page came in shard order, and paging after its last letter listed one again."""
+    """Each shard's dead-letter stream numbers its entries independently, so two shards dead-lettering in
+    the same millisecond give the same entry id (ms-0), and a page that is exactly full is not sorted.
+    Paging `after` the last id listed must still give every letter exactly once."""
+    settings = make_settings(redis_url, db_url, shards=2)
+    keys = Keys.from_settings(settings)
+    letter = {"task_id": "0" * 32, "workflow_id": "1", "client": "acme", "payload": "{}", "reason": "test"}
+    await redis.xadd(keys.sibling(0).dead_letter, letter, id="2000-0")
+    await redis.xadd(keys.sibling(1).dead_letter, letter, id="1000-0")
+    dlq = DeadLetters(redis, keys, settings, WorkflowCatalog(redis, pool, keys))
+
+    async def page_through(count: int) -> list[str]:
+        seen: list[str] = []
+        after = None
+        while True:
+            page = await dlq.list(count=count, after=after)
+            seen += [d.id for d in page]
+            if len(page) < count or len(seen) > 10:
+                return seen
+            after = page[-1].id
+
+    # A full page, oldest first: s1-1000-0 then s0-2000-0, and nothing after it.
+    assert await page_through(2) == ["s1-1000-0", "s0-2000-0"]
+
+
+async def test_paging_dead_letters_over_shards_keeps_letters_with_the_same_entry_id(
+    redis: Redis, redis_url: str, db_url: str, pool: asyncpg.Pool
+) -> None:
+    """Shards number their entries apart: two letters dead in the same millisecond in two shards have
+    the same entry id, and paging after one of them (`after`, a time for every shard) skipped the other."""
+    settings = make_settings(redis_url, db_url, shards=2)
+    keys = Keys.from_settings(settings)
+    letter = {"task_id": "0" * 32, "workflow_id": "1", "client": "acme", "payload": "{}", "reason": "test"}
+    await redis.xadd(keys.sibling(0).dead_letter, letter, id="1000-0")
+    await redis.xadd(keys.sibling(1).dead_letter, letter, id="1000-0")  # the same millisecond, its own stream
+    await redis.xadd(keys.sibling(0).dead_letter, letter, id="2000-0")
+    dlq = DeadLetters(redis, keys, settings, WorkflowCatalog(redis, pool, keys))
+    seen: list[str] = []
+    after = None
+    for _ in range(5):
+        page = await dlq.list(count=1, after=after)
+        if not page:
+            break
+        seen += [d.id for d in page]
+        after = page[-1].id
+    assert sorted(seen) == ["s0-1000-0", "s0-2000-0", "s1-1000-0"]
