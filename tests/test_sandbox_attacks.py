@@ -1063,6 +1063,9 @@ FORGED_REPLIES = [
     {"ok": False, "error": "not an object"},
     {"ok": False, "error": {"type": "X", "message": {"not": "text"}}},
     {"context": {}},  # no ok
+    # Iterated in the worker (a TypeError there left the entry pending: the node ran on every delivery).
+    {"ok": False, "error": {"type": "X", "message": "m", "traceback": "", "reason": "exception", "bases": 5}},
+    {"ok": True, "context": {}, "duration_ms": "slow"},
 ]
 
 

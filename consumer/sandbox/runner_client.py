@@ -25,6 +25,10 @@ def reply_problem(reply: dict[str, Any]) -> str | None:
     for key in ("stdout", "stderr"):
         if not isinstance(reply.get(key, ""), str):
             return f"a reply whose {key} is not a string"
+    duration = reply.get("duration_ms", 0.0)
+    if not isinstance(duration, int | float) or isinstance(duration, bool):
+        # Stored as the node run's duration: text there was refused by PostgreSQL, and the row was lost.
+        return "a reply whose duration_ms is not a number"
     if reply["ok"]:
         return None if isinstance(reply.get("context"), dict) else "a reply whose context is not an object"
     error = reply.get("error")
@@ -32,6 +36,8 @@ def reply_problem(reply: dict[str, Any]) -> str | None:
         return "a failure whose error is not an object"
     if not all(isinstance(error.get(key, ""), str) for key in ("type", "message", "traceback", "reason")):
         return "a failure whose error has a field that is not a string"
+    if not isinstance(error.get("bases", []), list):
+        return "a failure whose error's bases are not a list"
     return None
 
 
