@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -191,6 +195,96 @@ context['statuses'] = [os.waitpid(pid, 0)[1] for pid in children]
         assert killed, result.context
     finally:
         await sb.close()
+
+
+@dataclass
+class HostServices:
+    stream: str  # answers "host-secret" to whoever connects
+    datagram: str  # keeps what it is sent
+    received: list[bytes]
+
+
+@pytest.fixture
+def host_services() -> Iterator[HostServices]:
+    """Services of the host on Unix sockets outside /tmp, open to every uid: a stream one (as PostgreSQL's
+    /var/run/postgresql/.s.PGSQL.5432 with trust auth, or a container runtime's socket) and a datagram
+    one (as /dev/log)."""
+    folder = Path(tempfile.mkdtemp(prefix="nova-host-service-", dir="/run"))
+    folder.chmod(0o755)
+    services = HostServices(str(folder / "service.sock"), str(folder / "log.sock"), [])
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(services.stream)
+    server.listen(8)
+    server.settimeout(0.1)
+    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    log.bind(services.datagram)
+    log.settimeout(0.1)
+    for path in (services.stream, services.datagram):
+        os.chmod(path, 0o777)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(b"host-secret")
+            with contextlib.suppress(TimeoutError):
+                services.received.append(log.recv(100))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield services
+    stop.set()
+    thread.join(2)
+    server.close()
+    log.close()
+    shutil.rmtree(folder)
+
+
+@isolated
+@pytest.mark.parametrize("network", ["none", "egress"])
+async def test_node_code_cannot_reach_a_host_service_on_its_unix_socket(
+    host_services: HostServices, network: str
+) -> None:
+    """A Unix socket is reached through the file system, which every sandbox sees (read-only, and a
+    read-only mount does not stop a connect): node code talked to the host's services, with network
+    `none` as with `egress`. A Unix socket of its own is refused, and a datagram pair cannot be pointed
+    at one; an unnamed stream pair (asyncio's, multiprocessing's pipes) still works."""
+    code = (
+        "import socket\n"
+        "got = []\n"
+        "try:\n"
+        "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        f"    s.connect({host_services.stream!r})\n"
+        "    got.append(s.recv(100).decode())\n"
+        "except OSError as exc:\n"
+        "    got.append(type(exc).__name__)\n"
+        "for kind in (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):\n"
+        "    try:\n"
+        "        s = socket.socketpair(socket.AF_UNIX, kind)[0]\n"
+        f"        s.sendto(b'forged log line', {host_services.datagram!r})\n"
+        f"        s.connect({host_services.datagram!r})\n"
+        "        s.send(b'forged log line')\n"
+        "        got.append('sent')\n"
+        "    except OSError as exc:\n"
+        "        got.append(type(exc).__name__)\n"
+        "a, b = socket.socketpair()\n"
+        "a.sendall(b'ok')\n"
+        "context['got'], context['pair'] = got, b.recv(2).decode()\n"
+    )
+    provider = LocalSandboxProvider(Settings(sandbox_pool_size=0, sandbox_network=network), memory_limit_mb=256)
+    try:
+        sb = await open_box(provider, 1)
+        try:
+            result = (await sb.run_action("probe", code, {}, 10)).context
+        finally:
+            await sb.close()
+    finally:
+        await provider.aclose()
+    await asyncio.sleep(0.3)  # a datagram sent is received by then
+    assert result["got"] == ["PermissionError"] * 3 and host_services.received == [], result
+    assert result["pair"] == "ok"
 
 
 # A machine without root: no own uids, no cgroups, egress unfiltered (as `Isolation` reports it there).
@@ -481,8 +575,8 @@ async def outside_hosts(launch: str) -> AsyncIterator[tuple[OutsideHost, Outside
 
 ABSTRACT = """
 import socket
-c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 try:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect({name!r})
     context['abstract'] = 'connected'
 except OSError as exc:
@@ -678,7 +772,9 @@ async def test_egress_sandbox_reaches_the_internet_only_from_a_namespace_of_its_
     assert final["internet"] == f"hello from {internet.address}", final
     refused = {key: final[key] for key in targets if key != "internet"}
     assert all(not v.startswith("hello") and v != "TimeoutError" for v in refused.values()), refused
-    assert final["abstract"] == "ConnectionRefusedError", final
+    # Refused before any lookup: node code makes no Unix socket (the seccomp filter); in a network
+    # namespace of its own the host's abstract names would not be found either.
+    assert final["abstract"] == "PermissionError", final
     assert final["interfaces"] == ["eth0", "lo"], final
 
 

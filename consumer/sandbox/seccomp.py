@@ -38,6 +38,13 @@ What it refuses, and why (each refusal is EPERM unless said otherwise):
   privilege escalations of its own.
 - syslog: the kernel's log (kernel addresses, other sandboxes' out-of-memory kills) where the host does
   not restrict it.
+- socket of the Unix family, and socketpair of the Unix family of any type but a stream: a Unix socket
+  is reached through the file system, which every sandbox sees (read-only, which does not stop a
+  connect), so node code talked to the host's services whatever its network policy (PostgreSQL's socket
+  with trust auth, a container runtime's, /dev/log). An unnamed stream pair (asyncio's self-pipe,
+  multiprocessing's duplex pipes) is connected to itself for good; a datagram or seqpacket pair could be
+  pointed at a path (connect or sendto). Also refused so: multiprocessing's managers and its forkserver
+  start method, which listen on a Unix socket.
 """
 
 from __future__ import annotations
@@ -73,6 +80,13 @@ REFUSED = (
     "ptrace", "process_vm_readv", "process_vm_writev",
 )  # fmt: skip
 
+# Socket families and types (linux/socket.h, linux/net.h); a type may carry SOCK_NONBLOCK and SOCK_CLOEXEC
+# in its high bits, hence the mask.
+AF_UNIX = 1
+SOCK_TYPE_MASK = 0xF
+SOCK_DGRAM = 2
+SOCK_SEQPACKET = 5
+
 # clone's flags are its first argument, but its second on s390 (the stack comes first there). os.uname, not
 # platform: the zygote imports this file, and every module it imports is in each sandbox's copy.
 _CLONE_FLAGS_ARG = 1 if os.uname().machine.startswith("s390") else 0
@@ -98,6 +112,14 @@ def _compile() -> bytes:
         program.add_rule(refuse, "unshare", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
     for flag in NAMESPACE_FLAGS:
         program.add_rule(refuse, "clone", seccomp.Arg(_CLONE_FLAGS_ARG, seccomp.MASKED_EQ, flag, flag))
+    program.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.EQ, AF_UNIX))
+    for kind in (SOCK_DGRAM, SOCK_SEQPACKET):
+        program.add_rule(
+            refuse,
+            "socketpair",
+            seccomp.Arg(0, seccomp.EQ, AF_UNIX),
+            seccomp.Arg(1, seccomp.MASKED_EQ, SOCK_TYPE_MASK, kind),
+        )
     if _known(seccomp, "clone3"):
         program.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
     with tempfile.TemporaryFile() as out:
