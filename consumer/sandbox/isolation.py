@@ -427,7 +427,7 @@ class Isolation:
                 net = (
                     f"network egress: internet only; {refused} refused by policy routing for the sandbox uids, in "
                     f"the host's network namespace (no namespace of its own: {self.egress_netns_why}; host "
-                    "interfaces and abstract unix sockets stay visible)"
+                    "interfaces stay visible)"
                 )
             else:
                 net = (
@@ -453,10 +453,12 @@ class Isolation:
             (
                 self.seccomp,
                 "seccomp filter: kernel keyrings, new namespaces (user namespaces first), mounts, io_uring, bpf, "
-                "perf_event_open, userfaultfd, kernel modules and kexec refused"
+                "perf_event_open, userfaultfd, kernel modules, kexec and Unix sockets (the host's services on "
+                "theirs) refused"
                 if self.seccomp
                 else f"no seccomp filter ({self.seccomp_why}): node code reaches the kernel's keyrings (which the next "
-                "sandbox of its uid shares) and makes user namespaces (every capability inside)",
+                "sandbox of its uid shares), makes user namespaces (every capability inside) and connects to the "
+                "host's services on their Unix sockets",
             ),
         ]
 
