@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 
+from api.app import create_app
 from cli.embedded import RedisServer, find_redis_server, free_port, packaged_redis_server
 from consumer.sandbox.base import SandboxProvider
 from consumer.worker import serve
@@ -168,6 +170,18 @@ class RunningWorker:
     async def shutdown(self) -> None:
         self.stop.set()
         await asyncio.wait_for(self.task, 30)
+
+
+@asynccontextmanager
+async def operator_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API with these settings in-process (its lifespan run), as the operator (admin key): for a test
+    whose settings are its own (a server it stops, shards), where the `api` fixture's are not."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as client:
+            yield client
 
 
 @asynccontextmanager

@@ -6,11 +6,9 @@ import asyncio
 from collections.abc import Callable
 
 import asyncpg
-import httpx
 import pytest
 from redis.asyncio import Redis
 
-from api.app import create_app
 from cli.embedded import PostgresServer
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.catalog import WorkflowCatalog
@@ -21,12 +19,12 @@ from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import EventType, Keys, loads
 from tests.support import (
-    ADMIN_KEY,
     create_workflow,
     enqueue,
     in_process_worker,
     linear,
     make_settings,
+    operator_api,
     wait_for_events,
     wait_terminal,
 )
@@ -122,26 +120,22 @@ async def test_a_letter_of_another_shard_is_replayed_and_deleted_through_the_api
             keys.sibling(1).dead_letter,
             {"task_id": "0" * 32, "workflow_id": str(wf.id), "client": "acme", "payload": "{}", "reason": "test"},
         )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as api:
-            first, second = (await api.get("/dlq")).json()["items"]
-            assert first["id"].startswith("s1-")
-            assert [d["id"] for d in (await api.get("/dlq", params={"after": first["id"]})).json()["items"]] == [
-                second["id"]
-            ]
-            replayed = await api.post(f"/dlq/{first['id']}/replay")
-            assert replayed.status_code == 202, replayed.text
-            deleted = await api.delete(f"/dlq/{second['id']}")
-            assert deleted.status_code == 204, deleted.text
-            assert (await api.get("/dlq")).json()["items"] == []
-            # A shard past this install's: not found, as any id that names no letter.
-            assert (await api.delete("/dlq/s7-1-0")).status_code == 404
-            assert (await api.post("/dlq/s7-1-0/replay")).status_code == 404
-            assert (await api.get("/dlq", params={"after": "s7-1-0"})).status_code == 422
-            assert (await api.delete("/dlq/x1-1-0")).status_code == 422
+    async with operator_api(settings) as api:
+        first, second = (await api.get("/dlq")).json()["items"]
+        assert first["id"].startswith("s1-")
+        assert [d["id"] for d in (await api.get("/dlq", params={"after": first["id"]})).json()["items"]] == [
+            second["id"]
+        ]
+        replayed = await api.post(f"/dlq/{first['id']}/replay")
+        assert replayed.status_code == 202, replayed.text
+        deleted = await api.delete(f"/dlq/{second['id']}")
+        assert deleted.status_code == 204, deleted.text
+        assert (await api.get("/dlq")).json()["items"] == []
+        # A shard past this install's: not found, as any id that names no letter.
+        assert (await api.delete("/dlq/s7-1-0")).status_code == 404
+        assert (await api.post("/dlq/s7-1-0/replay")).status_code == 404
+        assert (await api.get("/dlq", params={"after": "s7-1-0"})).status_code == 422
+        assert (await api.delete("/dlq/x1-1-0")).status_code == 422
     dlq = DeadLetters(redis, keys, settings, WorkflowCatalog(redis, pool, keys))
     assert not await dlq.delete("s7-1-0") and await dlq.get("s7-1-0") is None
     assert not await dlq.delete("garbage") and await dlq.get("garbage") is None
@@ -163,20 +157,16 @@ async def test_a_replay_that_cannot_hand_out_an_id_safely_is_a_503(
         keys.dead_letter,
         {"task_id": "0" * 32, "workflow_id": str(wf.id), "client": "acme", "payload": "{}", "reason": "test"},
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as api:
-            await redis.delete(keys.execution_seq)
-            pg.stop()
-            response = await api.post(f"/dlq/{entry_id}/replay")
-            assert response.status_code == 503, response.text
-            assert response.headers["retry-after"]
-            assert "PostgreSQL" in response.json()["error"]["message"]
-            # Nothing was lost: the letter is still there to replay once PostgreSQL is back.
-            pg.start()
-            assert (await api.post(f"/dlq/{entry_id}/replay")).status_code == 202
+    async with operator_api(settings) as api:
+        await redis.delete(keys.execution_seq)
+        pg.stop()
+        response = await api.post(f"/dlq/{entry_id}/replay")
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"]
+        assert "PostgreSQL" in response.json()["error"]["message"]
+        # Nothing was lost: the letter is still there to replay once PostgreSQL is back.
+        pg.start()
+        assert (await api.post(f"/dlq/{entry_id}/replay")).status_code == 202
 
 
 async def test_paging_dead_letters_over_shards_neither_repeats_nor_skips(

@@ -12,20 +12,15 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from api.app import create_app
 from cli.embedded import RedisServer, free_port
-from tests.support import ADMIN_KEY, linear, make_settings, redis_binaries, redis_version
+from tests.support import linear, make_settings, operator_api, redis_binaries, redis_version
 
 
 @asynccontextmanager
 async def api_on(redis_url: str, db_url: str, **overrides: object) -> AsyncIterator[httpx.AsyncClient]:
     """The API in-process on a Redis of the test's own, as the operator."""
-    app = create_app(make_settings(redis_url, db_url, **overrides))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        async with httpx.AsyncClient(transport=transport, base_url="http://nova", headers=headers) as client:
-            yield client
+    async with operator_api(make_settings(redis_url, db_url, **overrides)) as client:
+        yield client
 
 
 STRICT: dict[str, object] = {"durability": "strict", "strict_wait_ms": 200}
