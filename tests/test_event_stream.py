@@ -325,12 +325,17 @@ def test_an_event_read_from_its_entry_is_the_event_made_from_its_values() -> Non
         Event.from_entry("1-0", {k: v for k, v in fields.items() if k != "task_id"})
 
 
+@pytest.mark.parametrize("undone", ["before the stream opens", "between its subscription and its replay"])
 async def test_a_task_stream_of_a_retried_task_goes_on_past_the_end_the_retry_undid(
-    redis: Redis, settings: Settings, pool: asyncpg.Pool
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, undone: str
 ) -> None:
-    """The replay stopped at the first terminal event in the task's list: after a cancel and a retry, a
-    client opening the task's stream got `queued`, `cancelled` and the end of the stream, while the task
-    was about to run again."""
+    """A cancel, then a retry. Before the stream opens: the replay stopped at the first terminal event in
+    the task's list, and the client got `queued`, `cancelled` and the end of the stream while the task
+    was about to run again. Between the stream's subscription and its replay: both events reach it twice,
+    replayed and queued, and the queued copy of the undone `cancelled`, already sent, was still taken for
+    the end: the stream closed after `retry`, and the retried run went unseen."""
+    import api.event_streams as event_streams
+
     keys = Keys.from_settings(settings)
     hub = EventHub(redis, keys, block_ms=100)
     await hub.start()
@@ -339,15 +344,31 @@ async def test_a_task_stream_of_a_retried_task_goes_on_past_the_end_the_retry_un
         control = RunControl(redis, keys, task_ttl=settings.task_ttl, pool=pool)
         await control.pause(QUEUE)  # nothing runs until the stream is open
         task = await enqueue(redis, settings, wf)
-        await control.cancel_task(task.task_id)
-        await retry_failure(control.scripts, task.execution_id, Owner(task.task_id, "acme", wf.id, wf.version))
+
+        async def cancel_and_retry() -> None:
+            await control.cancel_task(task.task_id)
+            await retry_failure(control.scripts, task.execution_id, Owner(task.task_id, "acme", wf.id, wf.version))
+
+        if undone == "before the stream opens":
+            await cancel_and_retry()
+        else:
+            replay = event_streams.task_events
+            done: list[bool] = []
+
+            async def undone_after_the_subscription(*args: Any) -> Any:
+                if not done:
+                    done.append(True)
+                    await cancel_and_retry()
+                return await replay(*args)
+
+            monkeypatch.setattr(event_streams, "task_events", undone_after_the_subscription)
         stream = task_event_stream(redis, keys, hub, task.task_id, None)
         replayed = [await asyncio.wait_for(anext(stream), 5) for _ in range(3)]
         assert [e.event for e in replayed] == ["queued", "cancelled", "retry"]
         async with in_process_worker(settings):
             await control.resume(QUEUE)
             rest = await collect(stream)
-        assert rest[-1].event == "succeeded"
+        assert rest and rest[-1].event == "succeeded", [e.event for e in rest]
     finally:
         await hub.stop()
 
@@ -394,46 +415,3 @@ async def test_a_fresh_sharded_feed_sends_an_event_appended_while_it_reads_the_s
         redis.xrevrange = read_end  # type: ignore[method-assign]
         await hub.stop()
     assert [orjson.loads(e.data)["id"] for e in sent] == [appended[0], later]
-
-
-async def test_a_task_stream_goes_on_when_the_end_a_retry_undid_is_still_queued_for_it(
-    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A cancel and a retry landing between the stream's subscription and its replay reach it twice:
-    replayed, then queued. The replay went on past the undone `cancelled`, but its queued copy, already
-    sent, was still taken for the end: the stream closed after `retry`, and the retried run went unseen."""
-    """The stream subscribes, then replays the task's list. A cancel and a retry landing between the two
-    are in both: the replay sends queued, cancelled, retry and (the last event not terminal) goes live;
-    the hub then hands it the cancelled event it subscribed to, which _live drops as already sent but
-    takes as the end (`until_terminal`, "whether or not the client had it"): the stream closes after
-    `retry`, and the retried run's events are never sent."""
-    import api.event_streams as event_streams
-
-    keys = Keys.from_settings(settings)
-    hub = EventHub(redis, keys, block_ms=100)
-    await hub.start()
-    try:
-        wf = await create_workflow(redis, settings, pool, linear("context['x'] = 1"))
-        control = RunControl(redis, keys, task_ttl=settings.task_ttl, pool=pool)
-        await control.pause(QUEUE)  # nothing runs until the stream is open
-        task = await enqueue(redis, settings, wf)
-        real_task_events = event_streams.task_events
-        undone: list[bool] = []
-
-        async def cancelled_and_retried_after_the_subscription(*args: Any) -> Any:
-            if not undone:
-                undone.append(True)
-                await control.cancel_task(task.task_id)
-                await retry_failure(control.scripts, task.execution_id, Owner(task.task_id, "acme", wf.id, wf.version))
-            return await real_task_events(*args)
-
-        monkeypatch.setattr(event_streams, "task_events", cancelled_and_retried_after_the_subscription)
-        stream = task_event_stream(redis, keys, hub, task.task_id, None)
-        replayed = [await asyncio.wait_for(anext(stream), 5) for _ in range(3)]
-        assert [e.event for e in replayed] == ["queued", "cancelled", "retry"]
-        async with in_process_worker(settings):
-            await control.resume(QUEUE)
-            rest = await collect(stream)
-        assert rest and rest[-1].event == "succeeded", [e.event for e in rest]
-    finally:
-        await hub.stop()
