@@ -561,3 +561,37 @@ async def test_the_e2b_plan_chaos_scenario_at_small_scale() -> None:
     ).run()  # fmt: skip
     assert chaos_e2b_passed(report), report
     assert report["retries_spent"] == 0 and report["sandboxes_created"] == 12, report
+
+
+# Review D: what node code can push into the worker through E2B, and what an E2B outage leaves behind.
+
+# The node writes its own reply line on the runner's reply descriptor and ends its interpreter: the runner's
+# context cap never runs.
+_FORGED_REPLY = """
+import os
+fd = next(int(n) for n in os.listdir('/proc/self/fd')
+          if 'reply-' in (os.readlink(f'/proc/self/fd/{n}') if os.path.exists(f'/proc/self/fd/{n}') else ''))
+line = ('{"ok":true,"stdout":"","stderr":"","context":{"big":"' + 'x' * (MIB << 20) + '"}}\\n').encode()
+view = memoryview(line)
+while view:
+    view = view[os.write(fd, view):]
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize(("mib", "reason"), [(64, "limit:output"), (17, "limit:context")])
+async def test_a_reply_over_the_limits_written_by_node_code_is_refused(
+    provider: E2BSandboxProvider, mib: int, reason: str
+) -> None:
+    """The worker read a node's whole reply file into memory and took any context in it: node code that
+    wrote its own reply past the runner's 16 MiB cap had a 64 MiB context accepted (the local sandbox
+    re-checks sizes in the worker). Now a reply over the local sandbox's reply limit is refused before it is
+    read ("limit:output"), and a context over the cap within it on receipt ("limit:context"), as locally."""
+    sb = await provider.open(spec())
+    try:
+        with pytest.raises(NodeError) as info:
+            result = await sb.run_action("big", _FORGED_REPLY.replace("MIB", str(mib)), {}, 60)
+            pytest.fail(f"accepted a context of {len(result.context['big']) >> 20} MiB (the cap is 16)")
+        assert info.value.reason == reason and "over the limit" in info.value.message
+    finally:
+        await sb.close()

@@ -24,6 +24,8 @@ at once):
 | run | the command exceeded the node's time limit | NodeError reason "timeout" |
 | run | non-zero exit, or exit 0 and no reply (node ended its interpreter) | NodeError; 137 is "limit:memory" |
 | run | node code raised, broke a limit, left a bad context | NodeError, as in the local sandbox |
+| reply | larger than the local sandbox's reply limit: refused, never read past it | NodeError "limit:output" |
+| reply | a context over the cap (16 MiB); not a JSON object (node code's) | NodeError "limit:context"; "output" |
 | kill | any error | retried a few times, then logged and left to the reaper; closing never fails an execution |
 """
 
@@ -54,7 +56,7 @@ from e2b.exceptions import (
 from e2b.sandbox.commands.command_handle import CommandExitException
 
 from consumer.sandbox.base import NodeError, SandboxBusy, SandboxInfraError, SandboxSpec
-from consumer.sandbox.runner_client import RunnerSandbox
+from consumer.sandbox.runner_client import BadReply, RunnerSandbox, decode_reply, max_reply_bytes, oversized_reply
 from shared.connections import create_redis
 from shared.scripts import Scripts
 from shared.semaphore import Semaphore, SemaphoreTimeout
@@ -129,12 +131,13 @@ class E2BSandbox(RunnerSandbox):
                 reason="timeout",
             ) from None
         try:
-            output = await self.sandbox.files.read(reply_path, format="bytes")
+            output = await self._download(reply_path, self._provider.max_reply_bytes)
         except _TRANSIENT as exc:
             raise SandboxInfraError(f"E2B could not return the reply of node '{node_id}': {exc!r}") from None
-        try:
-            reply: dict[str, Any] = orjson.loads(bytes(output).strip().splitlines()[-1])
-        except (IndexError, orjson.JSONDecodeError):
+        except BadReply as exc:
+            raise exc.error(node_id) from None
+        lines = output.strip().splitlines()
+        if not lines:
             # The runner always prints a reply before exiting 0: without one, the node's own code ended
             # its interpreter (os._exit, a signal): the node failed, running it again would do the same.
             raise NodeError(
@@ -142,8 +145,23 @@ class E2BSandbox(RunnerSandbox):
                 message=f"node '{node_id}' ended its interpreter without a result",
                 reason="crashed",
                 stderr=(stderr or "")[-2000:],
-            ) from None
-        return reply
+            )
+        try:
+            # Checked here, as the local sandbox checks its replies: node code can write the reply itself.
+            return decode_reply(lines[-1], self._provider.max_context_bytes)
+        except BadReply as exc:
+            raise exc.error(node_id) from None
+
+    async def _download(self, path: str, limit: int) -> bytes:
+        """A file of the sandbox, refused (BadReply) as soon as it passes `limit` bytes: node code decides
+        its size, and no more than the limit (and a chunk) ever enters the worker's memory."""
+        data = bytearray()
+        async with await self.sandbox.files.read(path, format="stream") as stream:
+            async for chunk in stream:
+                data += chunk
+                if len(data) > limit:
+                    raise oversized_reply(len(data), limit, at_least=True)
+        return bytes(data)
 
     async def _run(self, command: str, node_id: str, timeout: float, started: float) -> str:
         """Run the command to its end, reattaching when the stream breaks; its stderr."""
@@ -197,13 +215,21 @@ class E2BSandbox(RunnerSandbox):
 
 
 class E2BSandboxProvider:
-    def __init__(self, settings: Settings, *, max_output_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, settings: Settings, *, max_output_bytes: int = 1 << 20, max_context_bytes: int = 16 << 20
+    ) -> None:
         self.settings = settings
         self.template = settings.e2b_template
         self.api_key = settings.e2b_api_key.get_secret_value() if settings.e2b_api_key else None
         # Below the template's RAM, so that the runner's cap, not the kernel, stops a greedy node.
         memory = settings.e2b_sandbox_memory_mb * 3 // 4
-        self.limits = orjson.dumps({"memory_bytes": memory << 20, "output_bytes": max_output_bytes}).decode()
+        self.limits = orjson.dumps(
+            {"memory_bytes": memory << 20, "output_bytes": max_output_bytes, "context_bytes": max_context_bytes}
+        ).decode()
+        # The runner's caps, checked again on the worker's side (as the local sandbox does): node code can
+        # write its own reply.
+        self.max_context_bytes = max_context_bytes
+        self.max_reply_bytes = max_reply_bytes(max_context_bytes, max_output_bytes)
         self.open_sandboxes: set[E2BSandbox] = set()
         self.worker = settings.new_consumer_name()
         # Set when E2B refused the key or the template: what health and metrics report.

@@ -54,7 +54,7 @@ from consumer.sandbox.isolation import (
     probe_bwrap,
 )
 from consumer.sandbox.netns import EgressNetworks, NetSlot
-from consumer.sandbox.runner_client import RunnerSandbox
+from consumer.sandbox.runner_client import BadReply, RunnerSandbox, decode_reply, max_reply_bytes, oversized_reply
 from consumer.sandbox.seccomp import compiled as compiled_seccomp
 from shared.settings import Settings
 
@@ -151,8 +151,6 @@ _START_TIMEOUT = 30.0
 _CPU_AT_LIMIT = 0.75
 # Emptied sandbox cgroups a provider keeps for reuse.
 _SPARE_CGROUPS = 8
-# Room in a reply frame beyond its context and captured output: the JSON around them and a traceback.
-_REPLY_SLACK = 1 << 20
 # The reply reader's limit: asyncio reads a pipe ahead into memory until it holds twice this, which node
 # code controls (a child of it can write between nodes, when no reply is awaited), outside any cgroup. A
 # larger reply still arrives: readexactly resumes the paused pipe while it waits for the rest.
@@ -204,9 +202,7 @@ class LocalSandbox(RunnerSandbox):
 
     @property
     def max_reply_bytes(self) -> int:
-        # A reply carries a context, stdout and stderr, each capped by the runner; the runner lives in
-        # the node's own interpreter, where node code can lift its caps, so the worker checks again.
-        return self.max_context_bytes + 2 * self.max_output_bytes + _REPLY_SLACK
+        return max_reply_bytes(self.max_context_bytes, self.max_output_bytes)
 
     async def _receive(self) -> dict[str, Any]:
         """One reply frame, checked here where node code cannot reach: a frame over the cap or that
@@ -215,20 +211,8 @@ class LocalSandbox(RunnerSandbox):
         header = await self.proc.stdout.readexactly(_HEADER.size)
         size = _HEADER.unpack(header)[0]
         if size > self.max_reply_bytes:
-            raise BadReply(f"a reply of {size} bytes, over the limit of {self.max_reply_bytes}", "limit:output")
-        try:
-            reply = orjson.loads(await self.proc.stdout.readexactly(size))
-        except orjson.JSONDecodeError as exc:
-            raise BadReply(f"a reply that is not JSON ({exc})", "output") from None
-        if not isinstance(reply, dict):
-            raise BadReply("a reply that is not a JSON object", "output")
-        if size > self.max_context_bytes and "context" in reply:
-            context_size = len(orjson.dumps(reply["context"]))
-            if context_size > self.max_context_bytes:
-                raise BadReply(
-                    f"a context of {context_size} bytes, over the limit of {self.max_context_bytes}", "limit:context"
-                )
-        return reply
+            raise oversized_reply(size, self.max_reply_bytes)
+        return decode_reply(await self.proc.stdout.readexactly(size), self.max_context_bytes)
 
     async def handshake(self) -> None:
         try:
@@ -293,9 +277,7 @@ class LocalSandbox(RunnerSandbox):
                 # node, not of the sandbox service, so it is not retried or redelivered. The sandbox
                 # is not trusted after it.
                 await self.close()
-                raise NodeError(
-                    type="BadReply", message=f"node '{node_id}' sent {exc.args[0]}", reason=exc.reason
-                ) from None
+                raise exc.error(node_id) from None
         return reply
 
     def _at_cpu_limit(self) -> bool:
@@ -367,14 +349,6 @@ class LocalSandbox(RunnerSandbox):
         if self.on_closed is not None:
             on_closed, self.on_closed = self.on_closed, None
             on_closed()
-
-
-class BadReply(Exception):
-    """A reply frame the worker refuses: too large, not JSON, or a context over its cap."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

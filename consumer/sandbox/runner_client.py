@@ -2,14 +2,61 @@
 NodeResults out.
 
 A sandbox only has to deliver a request dict to the runner and bring back its response dict
-(`_call`); turning responses into results or NodeErrors is the same wherever the runner runs.
+(`_call`); turning responses into results or NodeErrors is the same wherever the runner runs, and so is
+the worker's own check of a reply's size (max_reply_bytes, decode_reply): the runner lives in the node's
+own interpreter, where node code can lift its caps or write a reply of its own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from consumer.sandbox.base import NodeError, NodeResult
+
+# Room in a reply beyond its context and captured output: the JSON around them and a traceback.
+_REPLY_SLACK = 1 << 20
+
+
+def max_reply_bytes(max_context_bytes: int, max_output_bytes: int) -> int:
+    """The largest reply a worker reads: a context, stdout and stderr, each capped by the runner, and room
+    around them. A sandbox refuses a larger one before reading it (oversized_reply): node code controls it."""
+    return max_context_bytes + 2 * max_output_bytes + _REPLY_SLACK
+
+
+class BadReply(Exception):
+    """A reply the worker refuses: too large, not JSON, or a context over its cap."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def error(self, node_id: str) -> NodeError:
+        """The node's failure (its own doing: not retried or redelivered)."""
+        return NodeError(type="BadReply", message=f"node '{node_id}' sent {self.args[0]}", reason=self.reason)
+
+
+def oversized_reply(size: int, limit: int, *, at_least: bool = False) -> BadReply:
+    """A reply over max_reply_bytes; `at_least`: `size` is what was read of it before it was refused."""
+    size_text = f"at least {size}" if at_least else str(size)
+    return BadReply(f"a reply of {size_text} bytes, over the limit of {limit}", "limit:output")
+
+
+def decode_reply(payload: bytes, max_context_bytes: int) -> dict[str, Any]:
+    """A reply (read whole, within max_reply_bytes) as a dict, its context within the cap; else BadReply."""
+    try:
+        reply = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BadReply(f"a reply that is not JSON ({exc})", "output") from None
+    if not isinstance(reply, dict):
+        raise BadReply("a reply that is not a JSON object", "output")
+    if len(payload) > max_context_bytes and "context" in reply:
+        # Measured only when the reply could hold a context over the cap: the usual reply is small.
+        context_size = len(orjson.dumps(reply["context"]))
+        if context_size > max_context_bytes:
+            raise BadReply(f"a context of {context_size} bytes, over the limit of {max_context_bytes}", "limit:context")
+    return reply
 
 
 def reply_problem(reply: dict[str, Any]) -> str | None:
@@ -71,7 +118,7 @@ class RunnerSandbox:
         if problem is not None:
             # The node's own doing: a failure of that node, not of the sandbox service (not retried).
             await self._distrust()
-            raise NodeError(type="BadReply", message=f"node '{node_id}' sent {problem}", reason="output")
+            raise BadReply(problem, "output").error(node_id)
         return checked(reply)
 
     async def run_action(self, node_id: str, code: str, context: dict[str, Any], timeout: float) -> NodeResult:
