@@ -179,7 +179,13 @@ class ProcessService(process_connect.Process):
             # Killed or expired with its sandbox: the stream breaks, there is no end event.
             send(ConnectError(Code.UNAVAILABLE, "sandbox not found"))
             return
-        send(_event("end", process_pb.ProcessEvent.EndEvent(exit_code=code, exited=True, status=f"exit status {code}")))
+        if code < 0:
+            # Ended by a signal: envd reports it as Go does (os.ProcessState): exit code -1, "signal: killed".
+            status = f"signal: {signal.strsignal(-code) or -code}".lower()
+            end = process_pb.ProcessEvent.EndEvent(exit_code=-1, exited=False, status=status, error=status)
+        else:
+            end = process_pb.ProcessEvent.EndEvent(exit_code=code, exited=True, status=f"exit status {code}")
+        send(_event("end", end))
         send(None)
 
     async def _follow(self, proc: Proc, drop: bool) -> AsyncIterator[process_pb.ProcessEvent]:

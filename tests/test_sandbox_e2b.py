@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -227,6 +229,8 @@ async def test_dropped_stream_reattaches_and_runs_the_node_once(
 
 
 @pytest.mark.parametrize(("code", "reason"), [("import os\nos._exit(137)", "limit:memory"),
+                                              ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+                                               "limit:memory"),
                                               ("import os\nos._exit(3)", "crashed"),
                                               ("import os\nos._exit(0)", "crashed")])  # fmt: skip
 async def test_a_crashed_node_is_a_node_failure(provider: E2BSandboxProvider, code: str, reason: str) -> None:
@@ -595,3 +599,49 @@ async def test_a_reply_over_the_limits_written_by_node_code_is_refused(
         assert info.value.reason == reason and "over the limit" in info.value.message
     finally:
         await sb.close()
+
+
+# bash stayed the runner's parent holding the command's stderr stream, which node code (same user) opened
+# through /proc and flooded: the runner's 1 MiB output cap never saw it.
+_STDERR_FLOOD = """
+import os
+fd = os.open(f'/proc/{os.getppid()}/fd/2', os.O_WRONLY)
+chunk = b'e' * (1 << 20)
+for _ in range(400):
+    os.write(fd, chunk)
+context['done'] = True
+"""
+
+
+async def test_a_stderr_flood_through_the_command_stream_is_not_held_by_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The command was `bash -l -c "python3 runner.py ... > reply"`: node code wrote 400 MiB on its shell's
+    stderr, which the SDK's command handle kept, in the worker (it grew by 800 MiB). Now the runner replaces
+    the shell (exec) with its output in files of the sandbox, and the worker keeps no stream output."""
+    # The stand-in in a process of its own: only the worker's side is in this process. Its stderr (the
+    # runner's parent's, now) goes nowhere.
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import json, time\nfrom cli.e2b_standin import StandInServer\n"
+        "with StandInServer() as s:\n    print(json.dumps(s.sdk_environment()), flush=True)\n    time.sleep(600)\n",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        env = json.loads(await asyncio.wait_for(server.stdout.readline(), 30))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-nodes"))
+        try:
+            sb = await p.open(spec())
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+            with contextlib.suppress(NodeError):
+                await sb.run_action("flood", _STDERR_FLOOD, {}, 60)
+            grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10) - before
+        finally:
+            await p.aclose()
+        assert grown < 100, f"the worker grew by {grown} MiB for one node's stderr (output cap 1 MiB)"
+    finally:
+        server.kill()
+        await server.wait()

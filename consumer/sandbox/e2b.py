@@ -3,10 +3,13 @@
 One E2B sandbox per execution, created from NOVA_E2B_TEMPLATE with the client's credentials as its
 environment, reused for the execution's nodes and killed when the execution ends (also on failure,
 timeout and worker shutdown). The node runner (the same runner.py as the local sandbox) is uploaded
-once; each node writes its request as a file and runs `python3 runner.py --once request.json` with its
-response redirected to a file, so that a dropped stream can reattach to the still-running command and
-still read its reply instead of running the node a second time. A fresh interpreter per node means
-that, unlike the local sandbox, imports and globals do not persist between nodes here: the context does.
+once; each node writes its request as a file and runs `exec python3 runner.py --once request.json` with
+its response redirected to a file, so that a dropped stream can reattach to the still-running command and
+still read its reply instead of running the node a second time. The runner replaces the shell (exec) and
+its stdout and stderr go to files, so node code has no way to the command's streams, which would reach
+the worker's memory; the worker keeps none of them (a 2000-character tail) and reads files within limits.
+A fresh interpreter per node means that, unlike the local sandbox, imports and globals do not persist
+between nodes here: the context does.
 
 Error classification (SandboxInfraError is retried by the worker, then dead-lettered; SandboxBusy is
 handed back to wait, spending no retry and freeing the worker's slot; NodeError fails the execution
@@ -22,7 +25,7 @@ at once):
 | run | stream dropped, or ended without an end event | reattach to the running command, take its result |
 | run | the sandbox vanished (expired, killed) | SandboxInfraError |
 | run | the command exceeded the node's time limit | NodeError reason "timeout" |
-| run | non-zero exit, or exit 0 and no reply (node ended its interpreter) | NodeError; 137 is "limit:memory" |
+| run | non-zero exit, or exit 0 and no reply (node ended its interpreter) | NodeError; a SIGKILL is "limit:memory" |
 | run | node code raised, broke a limit, left a bad context | NodeError, as in the local sandbox |
 | reply | larger than the local sandbox's reply limit: refused, never read past it | NodeError "limit:output" |
 | reply | a context over the cap (16 MiB); not a JSON object (node code's) | NodeError "limit:context"; "output" |
@@ -82,6 +85,20 @@ _PYTHON_CHECK = (
 )
 # Exit status of a process killed by SIGKILL (the kernel's OOM killer, or RLIMIT_AS in the runner).
 _KILLED = (137, -9)
+# What a crashed node's error carries of the runner's stderr, and the most of it ever read into the worker.
+_STDERR_TAIL = 2000
+_STDERR_READ = 64 << 10
+
+
+class _Tail:
+    """The end of a command's output stream, as it arrives (an SDK on_stdout/on_stderr callback): the
+    worker keeps _STDERR_TAIL characters of it, whatever node code pushes through."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __call__(self, chunk: str) -> None:
+        self.text = (self.text + chunk[-_STDERR_TAIL:])[-_STDERR_TAIL:]
 
 
 def _status(exc: BaseException) -> int | None:
@@ -110,18 +127,23 @@ class E2BSandbox(RunnerSandbox):
             raise SandboxInfraError(f"the E2B sandbox of this execution is closed (node '{node_id}')")
         name = uuid.uuid4().hex
         path, reply_path = f"{REMOTE_DIR}/request-{name}.json", f"{REMOTE_DIR}/reply-{name}.json"
+        stderr_path = f"{REMOTE_DIR}/stderr-{name}.txt"
         try:
             await self.sandbox.files.write(path, orjson.dumps(request), use_octet_stream=True)
         except _TRANSIENT as exc:
             raise SandboxInfraError(f"E2B upload failed before node '{node_id}': {exc!r}") from None
+        # `exec`: the runner replaces the shell, which would otherwise stay its parent holding the command's
+        # streams, open to node code through /proc/<ppid>/fd (same user) and kept by the SDK in the worker.
+        # Its own stdout (the reply) and stderr (its own failures before node code runs) go to files in the
+        # sandbox, read within limits; node code's output reaches the worker capped, inside the reply.
         command = (
-            f"python3 {REMOTE_DIR}/runner.py --once {shlex.quote(path)} {shlex.quote(self.limits)}"
-            f" > {shlex.quote(reply_path)}"
+            f"exec python3 {REMOTE_DIR}/runner.py --once {shlex.quote(path)} {shlex.quote(self.limits)}"
+            f" < /dev/null > {shlex.quote(reply_path)} 2> {shlex.quote(stderr_path)}"
         )
         started = time.monotonic()
         try:
             # Our own bound too: a daemon that ignores the deadline must not hold the worker's slot.
-            stderr = await asyncio.wait_for(self._run(command, node_id, timeout, started), timeout + 10)
+            streamed = await asyncio.wait_for(self._run(command, node_id, timeout, started, stderr_path), timeout + 10)
         except TimeoutError:
             if time.monotonic() - started < timeout * 0.9:
                 raise SandboxInfraError(f"E2B did not answer while running node '{node_id}'") from None
@@ -131,11 +153,11 @@ class E2BSandbox(RunnerSandbox):
                 reason="timeout",
             ) from None
         try:
-            output = await self._download(reply_path, self._provider.max_reply_bytes)
+            output, more = await self._download(reply_path, self._provider.max_reply_bytes)
         except _TRANSIENT as exc:
             raise SandboxInfraError(f"E2B could not return the reply of node '{node_id}': {exc!r}") from None
-        except BadReply as exc:
-            raise exc.error(node_id) from None
+        if more:
+            raise oversized_reply(len(output), self._provider.max_reply_bytes, at_least=True).error(node_id)
         lines = output.strip().splitlines()
         if not lines:
             # The runner always prints a reply before exiting 0: without one, the node's own code ended
@@ -144,7 +166,7 @@ class E2BSandbox(RunnerSandbox):
                 type="NodeCrashed",
                 message=f"node '{node_id}' ended its interpreter without a result",
                 reason="crashed",
-                stderr=(stderr or "")[-2000:],
+                stderr=(streamed + await self._stderr(stderr_path))[-_STDERR_TAIL:],
             )
         try:
             # Checked here, as the local sandbox checks its replies: node code can write the reply itself.
@@ -152,36 +174,53 @@ class E2BSandbox(RunnerSandbox):
         except BadReply as exc:
             raise exc.error(node_id) from None
 
-    async def _download(self, path: str, limit: int) -> bytes:
-        """A file of the sandbox, refused (BadReply) as soon as it passes `limit` bytes: node code decides
-        its size, and no more than the limit (and a chunk) ever enters the worker's memory."""
+    async def _download(self, path: str, limit: int) -> tuple[bytes, bool]:
+        """Up to `limit` bytes of a file of the sandbox, and whether it holds more: node code decides its
+        size, so the download stops there and no more than the limit (and a chunk) enters the worker."""
         data = bytearray()
         async with await self.sandbox.files.read(path, format="stream") as stream:
             async for chunk in stream:
                 data += chunk
                 if len(data) > limit:
-                    raise oversized_reply(len(data), limit, at_least=True)
-        return bytes(data)
+                    return bytes(data[:limit]), True
+        return bytes(data), False
 
-    async def _run(self, command: str, node_id: str, timeout: float, started: float) -> str:
-        """Run the command to its end, reattaching when the stream breaks; its stderr."""
+    async def _stderr(self, path: str) -> str:
+        """The end of the runner's stderr file, for a node that crashed: what the runner said before node
+        code ran (node code's own output goes into the reply); best effort, never more than _STDERR_READ."""
         try:
-            handle = await self.sandbox.commands.run(command, background=True, timeout=timeout)
+            data, _ = await self._download(path, _STDERR_READ)
+        except Exception as exc:
+            log.info("could not read the stderr of a crashed node (%s): %r", path, exc)
+            return ""
+        return data.decode(errors="replace")[-_STDERR_TAIL:]
+
+    async def _run(self, command: str, node_id: str, timeout: float, started: float, stderr_path: str) -> str:
+        """Run the command to its end, reattaching when the stream breaks; the end of its stderr stream."""
+        # Whatever still reaches the command's streams (the login shell's profile, before the exec) is not
+        # kept by the SDK (retain_output=False): only its end, for a failure's message.
+        tail = _Tail()
+        try:
+            handle = await self.sandbox.commands.run(
+                command, background=True, timeout=timeout, on_stderr=tail, retain_output=False
+            )
         except _TRANSIENT as exc:
             raise SandboxInfraError(f"E2B could not run node '{node_id}': {exc!r}") from None
         pid = handle.pid
         for _ in range(_REATTACHES):
             try:
-                result = await handle.wait()
-                return result.stderr or ""
+                await handle.wait()
+                return tail.text
             except CommandExitException as exc:
-                reason = "limit:memory" if exc.exit_code in _KILLED else "crashed"
+                # envd reports a process ended by a signal as exit code -1 and "signal: killed" (Go's).
+                killed = exc.exit_code in _KILLED or "killed" in (exc.error or "")
+                reason = "limit:memory" if killed else "crashed"
                 raise NodeError(
                     type="NodeCrashed",
                     message=f"node '{node_id}' ended its interpreter with exit status {exc.exit_code}"
-                    + (" (killed: most likely out of memory)" if reason == "limit:memory" else ""),
+                    + (" (killed: most likely out of memory)" if killed else ""),
                     reason=reason,
-                    stderr=(exc.stderr or "")[-2000:],
+                    stderr=(tail.text + await self._stderr(stderr_path))[-_STDERR_TAIL:],
                 ) from None
             except TimeoutException as exc:
                 if time.monotonic() - started >= timeout * 0.9:
@@ -199,10 +238,12 @@ class E2BSandbox(RunnerSandbox):
                 log.info("stream of node '%s' broke (%r); reattaching to pid %s", node_id, exc, pid)
             remaining = max(timeout - (time.monotonic() - started), 0.1)
             try:
-                handle = await self.sandbox.commands.connect(pid, timeout=remaining)
+                handle = await self.sandbox.commands.connect(
+                    pid, timeout=remaining, on_stderr=tail, retain_output=False
+                )
             except NotFoundException:
                 # It ended while we were away: its reply is in its file.
-                return ""
+                return tail.text
             except _TRANSIENT as exc:
                 raise SandboxInfraError(f"E2B lost node '{node_id}' and could not reattach: {exc!r}") from None
         raise SandboxInfraError(f"E2B kept dropping the stream of node '{node_id}'")
