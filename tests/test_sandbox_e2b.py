@@ -645,3 +645,44 @@ async def test_a_stderr_flood_through_the_command_stream_is_not_held_by_the_work
     finally:
         server.kill()
         await server.wait()
+
+
+async def test_a_failed_kill_does_not_hold_an_e2b_slot_for_the_workers_lifetime(
+    standin: StandInServer, settings: Settings
+) -> None:
+    """A sandbox whose every kill attempt failed stayed registered with its slot held and refreshed; the
+    reaper skipped it as the worker's own and nothing tried the kill again, so after a moment of E2B 500s the
+    slot stayed taken until the worker's shutdown, even once E2B had no such sandbox: every run of every
+    worker sharing NOVA_E2B_MAX_SANDBOXES was handed back. Now the reaper retries the kill, and a sandbox
+    killed or known gone (404) gives its slot back."""
+    p = E2BSandboxProvider(_e2b_settings(settings, e2b_max_sandboxes=1, e2b_inline_wait=0.2, e2b_creates_per_second=0))
+    await p.start()
+    try:
+        first = await p.open(spec())
+        # E2B answers 500 to the kill for a moment (its three attempts), then is fine again.
+        standin.state.fail["kill"] = 500
+        standin.state.fail_times["kill"] = 3
+        await first.close()
+        # Still alive as far as anyone knows: its slot stays held (the cap bounds live sandboxes).
+        with pytest.raises(SandboxBusy):
+            await p.open(spec())
+        # The sandbox is gone on E2B's side anyway (expired at its lifetime, or killed by hand).
+        standin.state.remove(first.sandbox.sandbox_id)
+        assert standin.alive() == []
+        await p.reap()  # what the reaper does every visibility timeout
+        try:
+            second = await p.open(spec())
+        except SandboxBusy as exc:
+            pytest.fail(f"no E2B sandbox is alive, yet: {exc}")
+        await second.close()
+        # A kill that failed while the sandbox lived is done by the reaper's retry, which frees the slot.
+        standin.state.fail_times["kill"] = 3
+        third = await p.open(spec())
+        await third.close()
+        assert standin.alive() == [third.sandbox.sandbox_id]
+        await p.reap()
+        assert standin.alive() == []
+        await (await p.open(spec())).close()
+    finally:
+        await p.aclose()
+    assert standin.alive() == []

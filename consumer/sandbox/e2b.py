@@ -29,7 +29,8 @@ at once):
 | run | node code raised, broke a limit, left a bad context | NodeError, as in the local sandbox |
 | reply | larger than the local sandbox's reply limit: refused, never read past it | NodeError "limit:output" |
 | reply | a context over the cap (16 MiB); not a JSON object (node code's) | NodeError "limit:context"; "output" |
-| kill | any error | retried a few times, then logged and left to the reaper; closing never fails an execution |
+| kill | any error | retried a few times, then at each reaper's pass; closing never fails an execution |
+| kill | failed | its slot is held (it may be alive) until it is killed or gone (404), then released |
 """
 
 from __future__ import annotations
@@ -272,6 +273,9 @@ class E2BSandboxProvider:
         self.max_context_bytes = max_context_bytes
         self.max_reply_bytes = max_reply_bytes(max_context_bytes, max_output_bytes)
         self.open_sandboxes: set[E2BSandbox] = set()
+        # Sandbox id -> its slot's holder: closed sandboxes whose kill failed. Each may still be alive, so its
+        # slot stays held (the cap bounds live sandboxes) until the reaper's retry kills it or finds it gone.
+        self.unkilled: dict[str, str] = {}
         self.worker = settings.new_consumer_name()
         # Set when E2B refused the key or the template: what health and metrics report.
         self.permanent_error: str | None = None
@@ -336,17 +340,18 @@ class E2BSandboxProvider:
         return self.permanent_error
 
     async def reap(self) -> list[str]:
-        """Kill this installation's sandboxes whose slot has expired (their worker died); their ids."""
+        """Retry the kills that failed, and kill this installation's sandboxes whose slot has expired
+        (their worker died); the ids of those it killed."""
+        reaped = await self._retry_kills()
         if self.semaphore is None:
-            return []
+            return reaped
         query = SandboxQuery(metadata={"nova_installation": self.settings.key_prefix})
         pages = AsyncSandbox.list(query=query, api_key=self.api_key)
         found = []
         while pages.has_next:
             found.extend(await pages.next_items())
         live = await self.semaphore.live_holders()
-        ours = {s.sandbox.sandbox_id for s in self.open_sandboxes}
-        reaped = []
+        ours = {s.sandbox.sandbox_id for s in self.open_sandboxes} | set(self.unkilled)
         for info in found:
             if info.sandbox_id in ours or (info.metadata or {}).get("nova_holder") in live:
                 continue
@@ -490,10 +495,34 @@ class E2BSandboxProvider:
         return False
 
     async def kill(self, wrapped: E2BSandbox) -> None:
-        # Dropped from the registry only once killed: an interrupted kill is retried at shutdown.
+        # Dropped from the registry only once its kill is done: one interrupted (cancelled) is retried at
+        # shutdown; one that failed is handed to the reaper, which retries it (it held its slot for good).
         if await self._kill_sandbox(wrapped.sandbox):
             self.open_sandboxes.discard(wrapped)
             await self._release(wrapped.holder)
+            return
+        self.open_sandboxes.discard(wrapped)
+        self.unkilled[wrapped.sandbox.sandbox_id] = wrapped.holder
+        log.warning(
+            "E2B sandbox %s could not be killed: its slot stays held until the reaper kills it or finds it gone",
+            wrapped.sandbox.sandbox_id,
+        )
+
+    async def _retry_kills(self) -> list[str]:
+        """One more kill of each sandbox whose kill failed (the reaper's pace is its retry schedule); the
+        slot of one killed or gone (404) is released. The ids of those killed."""
+        killed = []
+        for sandbox_id, holder in list(self.unkilled.items()):
+            try:
+                # False: E2B has no such sandbox (expired at its lifetime, killed by hand): gone too.
+                if await AsyncSandbox.kill(sandbox_id, api_key=self.api_key):
+                    killed.append(sandbox_id)
+            except Exception as exc:
+                log.warning("could not kill E2B sandbox %s (again): %r", sandbox_id, exc)
+                continue
+            del self.unkilled[sandbox_id]
+            await self._release(holder)
+        return killed
 
     async def aclose(self) -> None:
         # Worker shutdown: nothing may outlive it on E2B's bill.
@@ -506,6 +535,12 @@ class E2BSandboxProvider:
             await asyncio.sleep(0)
         for sandbox in list(self.open_sandboxes):
             await self.kill(sandbox)
+        for attempt in range(_KILL_ATTEMPTS):
+            if not self.unkilled:
+                break
+            if attempt:
+                await asyncio.sleep(0.2 * 2**attempt)
+            await self._retry_kills()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self.semaphore is not None:
