@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from consumer.sandbox.base import NodeError, NodeResult, Sandbox, SandboxSpec
+from consumer.sandbox.base import CALL_MARGIN, NodeError, NodeResult, Sandbox, SandboxSpec
 from shared.streams import now_iso
 from shared.workflow import BOOLEAN_LABELS, RETRYABLE_REASONS, Definition, Node, NodeType
 
@@ -551,9 +551,10 @@ class _Run:
                 call = sandbox.evaluate(node.id, code, given, timeout)
             else:
                 call = sandbox.run_action(node.id, code, given, timeout)
-            result = await asyncio.wait_for(call, timeout + 5)
+            result = await asyncio.wait_for(call, timeout + CALL_MARGIN)
         except TimeoutError:
-            # The sandbox enforces the limit itself; this only fires if it failed to.
+            # The sandbox enforces the limit, and bounds its own waits, itself (within CALL_MARGIN, where it
+            # can tell its service's silence from the node's timeout); this only fires if it failed to.
             raise NodeError(
                 type="TimeoutError", message=f"node '{node.id}' exceeded {timeout:g}s", reason="timeout"
             ) from None

@@ -23,9 +23,10 @@ from redis.asyncio import Redis
 from cli.chaos_e2b import E2BPlanRun
 from cli.chaos_e2b import passed as chaos_e2b_passed
 from cli.e2b_standin import StandInServer
+from cli.faultproxy import FaultProxy
 from consumer.engine import Attempt, Checkpoint, NodeRecord, run_workflow
 from consumer.sandbox.base import NodeError, SandboxBusy, SandboxInfraError, SandboxSpec
-from consumer.sandbox.e2b import E2BSandboxProvider
+from consumer.sandbox.e2b import E2BSandbox, E2BSandboxProvider
 from consumer.sandbox.local import LocalSandboxProvider
 from shared.events import Event
 from shared.settings import Settings
@@ -686,3 +687,55 @@ async def test_a_failed_kill_does_not_hold_an_e2b_slot_for_the_workers_lifetime(
     finally:
         await p.aclose()
     assert standin.alive() == []
+
+
+@pytest.mark.parametrize("where", ["upload", "run"])
+async def test_e2b_hanging_during_a_node_is_infrastructure_not_the_nodes_timeout(
+    standin: StandInServer, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The engine bounds a node call at its time limit + 5 s, before E2B's own bound (+ 10 s), and the
+    request's upload and the reply's download had no bound: E2B hanging while a node's request went up, or
+    while it ran, was recorded as the node's timeout, a permanent failure, for a node that never ran or
+    ended in time. Now E2B's waits are bounded inside the engine's margin and raised as SandboxInfraError
+    (retried, then dead-lettered)."""
+    # envd (the in-sandbox daemon) reached through a proxy that can stop every byte: E2B stalls.
+    proxy = await FaultProxy("127.0.0.1", standin.port).start()
+    monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{proxy.port}")
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-nodes"))
+    definition = validate_definition({
+        "nodes": [
+            {"id": "s", "type": "start", "next": "a"},
+            {"id": "a", "type": "action", "next": "e", "code": "import time\ntime.sleep(1)\ncontext['x'] = 1"},
+            {"id": "e", "type": "end"},
+        ]
+    })  # fmt: skip
+
+    async def stall_once_running() -> None:
+        for _ in range(3000):  # until E2B has started the node, then stall it
+            if any("runner.py --once" in c for c in standin.state.commands):
+                break
+            await asyncio.sleep(0.01)
+        proxy.pause()
+
+    async def open_then_stall(s: SandboxSpec) -> E2BSandbox:
+        sandbox = await p.open(s)
+        if where == "upload":
+            proxy.pause()  # after the sandbox is made and its runner uploaded: the node's request hangs
+        else:
+            stalls.append(asyncio.create_task(stall_once_running()))  # the node's stream (and reply) hang
+        return sandbox
+
+    stalls: list[asyncio.Task[None]] = []
+
+    try:
+        with pytest.raises(SandboxInfraError, match="E2B did not answer"):
+            outcome = await run_workflow(
+                definition, {}, open_sandbox=open_then_stall, spec=spec(), hooks=_Hooks(), node_timeout=2
+            )
+            pytest.fail(f"the run ended as {outcome.status}: {outcome.error}")
+    finally:
+        for task in stalls:
+            task.cancel()
+        proxy.resume()
+        await p.aclose()
+        await proxy.aclose()

@@ -82,7 +82,17 @@ class SandboxSpec:
     timeout: float | None = None
 
 
+# How long past a node's time limit the engine waits for a sandbox's answer (consumer/engine.py): the
+# engine's bound on each node call is `timeout + CALL_MARGIN`. It is a backstop for a sandbox that failed
+# to bound the call itself, and it can only call the node timed out. So a sandbox bounds its own waits
+# (its service's silence: an infrastructure error, retried) inside this margin, where it can still tell
+# them from the node's timeout: consumer/sandbox/e2b.py derives its budget from it.
+CALL_MARGIN = 5.0
+
+
 class Sandbox(Protocol):
+    """A node call (run_action, evaluate) with a time limit `timeout` ends within timeout + CALL_MARGIN."""
+
     async def run_action(self, node_id: str, code: str, context: dict[str, Any], timeout: float) -> NodeResult:
         """Run action code with `context` bound to a dict; returns the context it left."""
         ...

@@ -22,9 +22,10 @@ at once):
 | create | 429 (plan's concurrent sandboxes or create rate); never re-sent by the SDK (retries=0) | SandboxBusy |
 | create | 502, 503, 504 | re-sent 3 times with the same idempotency key, then SandboxInfraError |
 | create, upload, run | E2B unreachable (connect refused, read timeout), other 5xx | SandboxInfraError |
+| upload, run, reply | E2B silent past its budget in a node call (_E2B_WAIT, within CALL_MARGIN) | SandboxInfraError |
 | run | stream dropped, or ended without an end event | reattach to the running command, take its result |
 | run | the sandbox vanished (expired, killed) | SandboxInfraError |
-| run | the command exceeded the node's time limit | NodeError reason "timeout" |
+| run | the stream ended at the node's time limit and the read shows no reply | NodeError reason "timeout" |
 | run | non-zero exit, or exit 0 and no reply (node ended its interpreter) | NodeError; a SIGKILL is "limit:memory" |
 | run | node code raised, broke a limit, left a bad context | NodeError, as in the local sandbox |
 | reply | larger than the local sandbox's reply limit: refused, never read past it | NodeError "limit:output" |
@@ -59,7 +60,7 @@ from e2b.exceptions import (
 )
 from e2b.sandbox.commands.command_handle import CommandExitException
 
-from consumer.sandbox.base import NodeError, SandboxBusy, SandboxInfraError, SandboxSpec
+from consumer.sandbox.base import CALL_MARGIN, NodeError, SandboxBusy, SandboxInfraError, SandboxSpec
 from consumer.sandbox.runner_client import BadReply, RunnerSandbox, decode_reply, max_reply_bytes, oversized_reply
 from shared.connections import create_redis
 from shared.scripts import Scripts
@@ -75,6 +76,15 @@ RUNNER = Path(__file__).with_name("runner.py")
 REMOTE_DIR = ".nova"
 # Errors that say E2B (API or sandbox daemon) could not be reached or could not serve now: transient.
 _TRANSIENT = (ServiceBusyException, SandboxException, httpx.HTTPError, ConnectError, OSError)
+# E2B's share of base.CALL_MARGIN, the engine's wait past a node's time limit. Every wait on E2B in a node
+# call outside the node's own run (the request's upload, the command's start, envd's report of the end,
+# the reply's download) comes out of this one budget: the call ends within the node's limit and it, so
+# E2B's silence surfaces here as a SandboxInfraError (retried) before the engine's bound, which could only
+# call it the node's timeout (a permanent failure). The second left is the worker's own work around the
+# call, and the engine's bound firing after ours rather than with it.
+_E2B_WAIT = CALL_MARGIN - 1.0
+# How long a crashed node's stderr is waited for (best effort: the crash is reported without it).
+_STDERR_WAIT = 1.0
 # How often an interrupted stream may be reattached before the node is given up as infrastructure.
 _REATTACHES = 5
 _KILL_ATTEMPTS = 3
@@ -129,8 +139,14 @@ class E2BSandbox(RunnerSandbox):
         name = uuid.uuid4().hex
         path, reply_path = f"{REMOTE_DIR}/request-{name}.json", f"{REMOTE_DIR}/reply-{name}.json"
         stderr_path = f"{REMOTE_DIR}/stderr-{name}.txt"
+        # The call's deadline: the node's limit and E2B's budget (_E2B_WAIT), whatever of it each wait used.
+        deadline = time.monotonic() + timeout + _E2B_WAIT
         try:
-            await self.sandbox.files.write(path, orjson.dumps(request), use_octet_stream=True)
+            await asyncio.wait_for(
+                self.sandbox.files.write(path, orjson.dumps(request), use_octet_stream=True), _E2B_WAIT
+            )
+        except TimeoutError:
+            raise SandboxInfraError(f"E2B did not answer within {_E2B_WAIT:g}s taking node '{node_id}'") from None
         except _TRANSIENT as exc:
             raise SandboxInfraError(f"E2B upload failed before node '{node_id}': {exc!r}") from None
         # `exec`: the runner replaces the shell, which would otherwise stay its parent holding the command's
@@ -143,23 +159,31 @@ class E2BSandbox(RunnerSandbox):
         )
         started = time.monotonic()
         try:
-            # Our own bound too: a daemon that ignores the deadline must not hold the worker's slot.
-            streamed = await asyncio.wait_for(self._run(command, node_id, timeout, started, stderr_path), timeout + 10)
+            # envd ends the command at the node's limit and says so: silence past the budget is E2B's.
+            streamed, timed_out = await asyncio.wait_for(
+                self._run(command, node_id, timeout, started, stderr_path, deadline), deadline - started
+            )
         except TimeoutError:
-            if time.monotonic() - started < timeout * 0.9:
-                raise SandboxInfraError(f"E2B did not answer while running node '{node_id}'") from None
-            raise NodeError(
-                type="TimeoutError",
-                message=f"node '{node_id}' exceeded its time limit of {timeout:g}s",
-                reason="timeout",
-            ) from None
+            raise SandboxInfraError(f"E2B did not answer while running node '{node_id}'") from None
         try:
-            output, more = await self._download(reply_path, self._provider.max_reply_bytes)
+            output, more = await asyncio.wait_for(
+                self._download(reply_path, self._provider.max_reply_bytes), max(deadline - time.monotonic(), 0.1)
+            )
+        except TimeoutError:
+            raise SandboxInfraError(f"E2B did not answer returning the reply of node '{node_id}'") from None
         except _TRANSIENT as exc:
             raise SandboxInfraError(f"E2B could not return the reply of node '{node_id}': {exc!r}") from None
         if more:
             raise oversized_reply(len(output), self._provider.max_reply_bytes, at_least=True).error(node_id)
         lines = output.strip().splitlines()
+        if not lines and timed_out:
+            # The stream said the time limit passed, and envd, which ends the command there, answered the
+            # read: the node ran to its limit without a reply. (One that ended in time left its reply.)
+            raise NodeError(
+                type="TimeoutError",
+                message=f"node '{node_id}' exceeded its time limit of {timeout:g}s",
+                reason="timeout",
+            )
         if not lines:
             # The runner always prints a reply before exiting 0: without one, the node's own code ended
             # its interpreter (os._exit, a signal): the node failed, running it again would do the same.
@@ -167,7 +191,7 @@ class E2BSandbox(RunnerSandbox):
                 type="NodeCrashed",
                 message=f"node '{node_id}' ended its interpreter without a result",
                 reason="crashed",
-                stderr=(streamed + await self._stderr(stderr_path))[-_STDERR_TAIL:],
+                stderr=(streamed + await self._stderr(stderr_path, deadline))[-_STDERR_TAIL:],
             )
         try:
             # Checked here, as the local sandbox checks its replies: node code can write the reply itself.
@@ -186,18 +210,24 @@ class E2BSandbox(RunnerSandbox):
                     return bytes(data[:limit]), True
         return bytes(data), False
 
-    async def _stderr(self, path: str) -> str:
+    async def _stderr(self, path: str, deadline: float) -> str:
         """The end of the runner's stderr file, for a node that crashed: what the runner said before node
         code ran (node code's own output goes into the reply); best effort, never more than _STDERR_READ."""
+        wait = min(_STDERR_WAIT, deadline - time.monotonic())
         try:
-            data, _ = await self._download(path, _STDERR_READ)
+            if wait <= 0:
+                return ""
+            data, _ = await asyncio.wait_for(self._download(path, _STDERR_READ), wait)
         except Exception as exc:
             log.info("could not read the stderr of a crashed node (%s): %r", path, exc)
             return ""
         return data.decode(errors="replace")[-_STDERR_TAIL:]
 
-    async def _run(self, command: str, node_id: str, timeout: float, started: float, stderr_path: str) -> str:
-        """Run the command to its end, reattaching when the stream breaks; the end of its stderr stream."""
+    async def _run(
+        self, command: str, node_id: str, timeout: float, started: float, stderr_path: str, deadline: float
+    ) -> tuple[str, bool]:
+        """Run the command to its end, reattaching when the stream breaks: the end of its stderr stream, and
+        whether the stream ended at the node's time limit (the reply then tells whether the node finished)."""
         # Whatever still reaches the command's streams (the login shell's profile, before the exec) is not
         # kept by the SDK (retain_output=False): only its end, for a failure's message.
         tail = _Tail()
@@ -211,7 +241,7 @@ class E2BSandbox(RunnerSandbox):
         for _ in range(_REATTACHES):
             try:
                 await handle.wait()
-                return tail.text
+                return tail.text, False
             except CommandExitException as exc:
                 # envd reports a process ended by a signal as exit code -1 and "signal: killed" (Go's).
                 killed = exc.exit_code in _KILLED or "killed" in (exc.error or "")
@@ -221,15 +251,13 @@ class E2BSandbox(RunnerSandbox):
                     message=f"node '{node_id}' ended its interpreter with exit status {exc.exit_code}"
                     + (" (killed: most likely out of memory)" if killed else ""),
                     reason=reason,
-                    stderr=(tail.text + await self._stderr(stderr_path))[-_STDERR_TAIL:],
+                    stderr=(tail.text + await self._stderr(stderr_path, deadline))[-_STDERR_TAIL:],
                 ) from None
             except TimeoutException as exc:
                 if time.monotonic() - started >= timeout * 0.9:
-                    raise NodeError(
-                        type="TimeoutError",
-                        message=f"node '{node_id}' exceeded its time limit of {timeout:g}s",
-                        reason="timeout",
-                    ) from None
+                    # envd's deadline, or the SDK's own for the stream (a stalled one ends so too): which
+                    # one, the reply's read tells (E2B's silence there is infrastructure).
+                    return tail.text, True
                 # Too early for the node's own limit: the stream broke, or the sandbox is gone; reattaching
                 # tells which.
                 log.info("stream of node '%s' broke (%r); reattaching to pid %s", node_id, exc, pid)
@@ -244,7 +272,7 @@ class E2BSandbox(RunnerSandbox):
                 )
             except NotFoundException:
                 # It ended while we were away: its reply is in its file.
-                return tail.text
+                return tail.text, False
             except _TRANSIENT as exc:
                 raise SandboxInfraError(f"E2B lost node '{node_id}' and could not reattach: {exc!r}") from None
         raise SandboxInfraError(f"E2B kept dropping the stream of node '{node_id}'")
