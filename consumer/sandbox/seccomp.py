@@ -81,7 +81,10 @@ REFUSED = (
 )  # fmt: skip
 
 # Socket families and types (linux/socket.h, linux/net.h); a type may carry SOCK_NONBLOCK and SOCK_CLOEXEC
-# in its high bits, hence the mask.
+# in its high bits, hence the mask. Both are C ints to the kernel, which drops the upper 32 bits of the
+# 64-bit argument a filter sees: compared whole (EQ), a family with any of those bits set passed the filter
+# and still made a Unix socket. Only the low 32 bits are compared.
+INT_MASK = 0xFFFFFFFF
 AF_UNIX = 1
 SOCK_TYPE_MASK = 0xF
 SOCK_DGRAM = 2
@@ -112,12 +115,12 @@ def _compile() -> bytes:
         program.add_rule(refuse, "unshare", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
     for flag in NAMESPACE_FLAGS:
         program.add_rule(refuse, "clone", seccomp.Arg(_CLONE_FLAGS_ARG, seccomp.MASKED_EQ, flag, flag))
-    program.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.EQ, AF_UNIX))
+    program.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.MASKED_EQ, INT_MASK, AF_UNIX))
     for kind in (SOCK_DGRAM, SOCK_SEQPACKET):
         program.add_rule(
             refuse,
             "socketpair",
-            seccomp.Arg(0, seccomp.EQ, AF_UNIX),
+            seccomp.Arg(0, seccomp.MASKED_EQ, INT_MASK, AF_UNIX),
             seccomp.Arg(1, seccomp.MASKED_EQ, SOCK_TYPE_MASK, kind),
         )
     if _known(seccomp, "clone3"):
