@@ -48,6 +48,10 @@ from shared.workflow import workflow_lane
 log = logging.getLogger(__name__)
 
 LEASE_MS = 5000
+# Due schedules a pass reads (beside those failing, which it reads past).
+DUE_PER_PASS = 100
+# Ticks of one schedule a pass finds already run, after Redis lost them, before it leaves the rest to the next.
+CATCH_UP_PER_PASS = 100
 # How long a pass waits for PostgreSQL to say whether a tick ran: well within the lease, so that a pass
 # stuck on an unreachable PostgreSQL does not outlive it.
 RAN_CHECK_TIMEOUT = 2.0
@@ -129,7 +133,9 @@ class Scheduler:
         await self._after_a_step_back(now_ms)
         fired = 0
         failing: set[str] = set()
-        for schedule_id, tick_ms in await self.store.due(now_ms):
+        # The schedules failing at each pass stay first in line (their ticks are the oldest due): read past
+        # them, or as many failing ones as a read takes would hold every other schedule back.
+        for schedule_id, tick_ms in await self.store.due(now_ms, limit=DUE_PER_PASS + len(self._failing)):
             try:
                 outcome = await self._due(schedule_id, tick_ms, now_ms)
             except (asyncio.CancelledError, *REDIS_UNAVAILABLE):
@@ -144,7 +150,9 @@ class Scheduler:
                 continue
             if outcome is None:
                 # PostgreSQL cannot say whether the tick ran: it stays due, and so do the ticks after it
-                # in this pass, which would only wait on PostgreSQL in turn.
+                # in this pass, which would only wait on PostgreSQL in turn (those not reached keep their
+                # failing state).
+                failing |= self._failing
                 break
             fired += outcome
         self._failing = failing
@@ -170,16 +178,30 @@ class Scheduler:
             if ran is None:
                 return None
             if ran:
-                # Redis lost it (its key and its score are older than PostgreSQL's record): moved on below
-                # as if it had fired now.
+                # Redis lost it (its key and its score are older than PostgreSQL's record). Moved on to the
+                # tick after it, not after now: a tick that passed while Redis was down, which never ran,
+                # then fires (as any tick missed during downtime does), or is found run in turn.
+                next_ms = schedule.next_after(tick_ms)
+                # The ticks after it that ran too (Redis came back from further back), a bounded number per pass.
+                for _ in range(CATCH_UP_PER_PASS):
+                    if next_ms > now_ms:
+                        break
+                    if not await self._tick_ran(schedule, next_ms, f"sched-{schedule.id}-{next_ms}"):
+                        break
+                    next_ms = schedule.next_after(next_ms)
                 log.warning(
-                    "schedule %s tick %d already ran (PostgreSQL holds its execution); not fired again",
+                    "schedule %s tick %d already ran (PostgreSQL holds its execution); not fired again; next %d",
                     schedule.id,
                     tick_ms,
+                    next_ms,
                 )
-            elif await self._fire(schedule, workflow, tick_ms, task_id):
+                if not await self.store.advance(schedule_id, tick_ms, next_ms) or next_ms > now_ms:
+                    return 0
+                # Due and not run: fired now, as the tick this pass read would have been.
+                return await self._due(schedule_id, next_ms, now_ms)
+            if await self._fire(schedule, workflow, tick_ms, task_id):
                 fired = 1
-        await self.store.advance(schedule_id, schedule.next_after(max(now_ms, tick_ms)))
+        await self.store.advance(schedule_id, tick_ms, schedule.next_after(max(now_ms, tick_ms)))
         return fired
 
     async def _after_a_step_back(self, now_ms: int) -> None:

@@ -18,6 +18,7 @@ from shared.cron import InvalidSchedule as InvalidSchedule
 from shared.cron import next_tick as next_tick
 from shared.cron import validate_cron as validate_cron
 from shared.enqueue import SCHEDULE_KEY_PREFIX
+from shared.scripts import Scripts
 from shared.streams import Keys, dumps, loads, now_iso
 
 
@@ -107,10 +108,12 @@ class ScheduleStore:
         reply = await self.redis.zrangebyscore(self._next, "-inf", now_ms, start=0, num=limit, withscores=True)
         return [(member, int(score)) for member, score in reply]
 
-    async def advance(self, schedule_id: str, next_ms: int) -> None:
-        # GT: replicas that fired the same tick race to move it forward; nobody moves it back (but
-        # bring_back, after the clock stepped back). XX: a schedule deleted meanwhile is not brought back.
-        await self.redis.zadd(self._next, {schedule_id: next_ms}, xx=True, gt=True)
+    async def advance(self, schedule_id: str, fired_ms: int, next_ms: int) -> bool:
+        """Move the schedule on from the tick it fired to `next_ms`, unless another scheduler moved it
+        meanwhile (the same tick fired by a replica, a bring-back) or it was deleted."""
+        return await Scripts(self.redis, self.keys).advance_schedule(
+            self._next, schedule_id, fired_ms=fired_ms, next_ms=next_ms
+        )
 
     async def clock_stepped_back(self, now_ms: int) -> int | None:
         """The time of the scheduler's last pass if it is later than `now_ms` (Redis's clock stepped

@@ -472,6 +472,12 @@ class Scripts:
         reply = int(await self._call("claim_tick", keys=[self.keys.builtin_schedules], args=[name, now_ms, next_ms]))
         return reply or None
 
+    async def advance_schedule(self, schedules_key: str, schedule_id: str, *, fired_ms: int, next_ms: int) -> bool:
+        """Move a schedule on from the tick `fired_ms` to `next_ms` if that tick is still its score
+        (shared/lua/advance_schedule.lua); False when another scheduler moved it, or it was deleted."""
+        reply = await self._call("advance_schedule", keys=[schedules_key], args=[schedule_id, fired_ms, next_ms])
+        return bool(int(reply))
+
     async def rotate_secret(
         self, endpoints_key: str, previous_key: str, *, endpoint_id: str, expected: str, record: str, previous: str
     ) -> bool:

@@ -17,7 +17,7 @@ from cli.embedded import PostgresServer, RedisServer
 from consumer.scheduler import CLEANUP, Scheduler
 from shared.catalog import WorkflowCatalog
 from shared.db import LazyPool, migrate_url
-from shared.schedules import InvalidSchedule, ScheduleStore, validate_cron
+from shared.schedules import InvalidSchedule, ScheduleStore, tick_key, validate_cron
 from shared.settings import Settings
 from shared.streams import EventType, Keys
 from tests.support import create_workflow, in_process_worker, linear, make_settings, wait_for_events, wait_projected
@@ -295,3 +295,82 @@ async def test_a_new_schedules_first_tick_is_counted_on_redis_clock(
     seconds, _ = await redis.time()
     [(_, first)] = await store.due(2**62)
     assert seconds * 1000 < first <= (seconds + 61) * 1000
+
+
+async def test_a_tick_missed_while_redis_was_down_fires_once_after_it_comes_back_older(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """Redis came back from a snapshot taken before tick t0, which ran (PostgreSQL holds it), and t1
+    passed while it was down. The scheduler found t0 run and moved on from now, skipping t1, which never
+    ran: a tick missed during downtime fires once on recovery, Redis's data lost or not."""
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, keys)
+    schedule = await store.create(cron="0 0 1 1 *", workflow_id=wf.id, client="acme", initial_context={})
+    [(_, t0)] = await store.due(2**62)
+    t1 = schedule.next_after(t0)
+    s = scheduler(redis, settings, pool, "r")
+    assert await s.tick(now_ms=t0 + 10) == 1
+    async with in_process_worker(settings):
+        [done] = await wait_for_events(redis, settings, lambda e: e.type == EventType.SUCCEEDED)
+        await wait_projected(pool, [done.execution_id], {"completed"})
+    # Redis comes back from a snapshot taken before t0, after t1 passed while it was down.
+    await redis.delete(tick_key(schedule.id, t0))
+    await redis.zadd(store._next, {schedule.id: t0})
+    await redis.delete(store._clock)
+    s = scheduler(redis, settings, pool, "r2")
+    assert await s.tick(now_ms=t1 + 5_000) == 1, "the missed tick t1 did not fire"
+
+
+async def test_a_hundred_failing_schedules_hold_back_no_other(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """Failing schedules stay first in line (their ticks are the oldest due), and a pass read 100 due
+    schedules: with 100 of them failing (records a newer release wrote, in a rolling deploy), no other
+    schedule ever fired."""
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, Keys.from_settings(settings))
+    good = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    [(_, tick)] = await store.due(2**62)
+    for _ in range(100):
+        newer = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+        raw = await redis.hget(store._all, newer.id)
+        await redis.hset(store._all, newer.id, raw[:-1] + ', "timezone": "Europe/Madrid"}')
+        await redis.zadd(store._next, {newer.id: tick - 1})
+    replica = scheduler(redis, settings, pool, "r")
+    fired = 0
+    for n in range(3):
+        fired += await replica.tick(now_ms=tick + 10 + n * 500)
+    assert fired == 1, "the good schedule's tick never fired"
+    [(_, entry)] = await redis.xrange(settings.requests_stream)
+    assert entry["task_id"] == f"sched-{good.id}-{tick}"
+
+
+async def test_a_schedule_brought_back_stays_back_when_a_replica_fires_it_meanwhile(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """A replica's pass outlived its lease while it fired a tick due by a clock a day ahead; meanwhile
+    another replica saw the clock step back and brought the schedule back. The late pass then moved it on
+    past the wrong time ("only forward", ZADD GT, which won), silencing a minutely schedule for a day."""
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, keys)
+    schedule = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    [(_, first)] = await store.due(2**62)
+    a, b = scheduler(redis, settings, pool, "a"), scheduler(redis, settings, pool, "b")
+    ahead = first + 86_400_000
+    assert await a.tick(now_ms=ahead) == 1  # the clock a day ahead: fires `first`, moves on from `ahead`
+    [(_, wrong)] = await store.due(2**62)
+    corrected = first + 10
+
+    ran = a._tick_ran
+
+    async def slow_check(*args: object) -> bool | None:
+        answer = await ran(*args)  # type: ignore[arg-type]
+        await b.tick(now_ms=corrected)  # meanwhile: the clock corrected, B's pass
+        return answer
+
+    a._tick_ran = slow_check  # type: ignore[method-assign]
+    await a.tick(now_ms=wrong + 10)  # A's slow pass, still on the wrong clock
+    score = await redis.zscore(store._next, schedule.id)
+    assert score is not None and score <= corrected + 60_000, f"next tick {score - corrected:.0f} ms away"
