@@ -730,7 +730,7 @@ async def test_e2b_hanging_during_a_node_is_infrastructure_not_the_nodes_timeout
     try:
         # Stalled as the command's start is answered (the stand-in has it, its reply is on its way: the
         # SDK's request times out) or later, on its stream: E2B's silence either way.
-        with pytest.raises(SandboxInfraError, match="E2B (did not answer|could not run node)"):
+        with pytest.raises(SandboxInfraError, match=r"E2B (did not answer|could not run node)"):
             outcome = await run_workflow(
                 definition, {}, open_sandbox=open_then_stall, spec=spec(), hooks=_Hooks(), node_timeout=2
             )
