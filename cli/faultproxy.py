@@ -76,6 +76,8 @@ class FaultProxy:
         self._flowing.set()
         self._drop_count = 0
         self._drop_probability = 0.0
+        # Bytes a second each direction may carry (None: as fast as they come).
+        self._rate: float | None = None
         # Counters for reports and tests.
         self.accepted = 0
         self.replies_dropped = 0
@@ -138,6 +140,11 @@ class FaultProxy:
         self.severed += len(links)
         return len(links)
 
+    def throttle(self, bytes_per_second: float | None) -> None:
+        """Carry at most this many bytes a second each way (None: as fast as they come): a slow but
+        healthy link."""
+        self._rate = bytes_per_second
+
     def pause(self) -> None:
         self._flowing.clear()
 
@@ -196,3 +203,5 @@ class FaultProxy:
                     return
                 writer.write(data)
                 await writer.drain()
+                if self._rate:
+                    await asyncio.sleep(len(data) / self._rate)

@@ -551,7 +551,8 @@ class _Run:
                 call = sandbox.evaluate(node.id, code, given, timeout)
             else:
                 call = sandbox.run_action(node.id, code, given, timeout)
-            result = await asyncio.wait_for(call, timeout + CALL_MARGIN)
+            # A sandbox whose calls move large payloads over a network says how much longer it needs.
+            result = await asyncio.wait_for(call, timeout + getattr(sandbox, "call_margin", CALL_MARGIN))
         except TimeoutError:
             # The sandbox enforces the limit, and bounds its own waits, itself (within CALL_MARGIN, where it
             # can tell its service's silence from the node's timeout); this only fires if it failed to.

@@ -689,6 +689,34 @@ async def test_a_failed_kill_does_not_hold_an_e2b_slot_for_the_workers_lifetime(
     assert standin.alive() == []
 
 
+async def test_a_big_context_over_a_slow_but_healthy_link_reaches_its_node(
+    standin: StandInServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E2B's waits in a node call had one flat budget of 4 s, whatever the size of what went through: a
+    12 MiB context (the cap is 16) over a 2 MiB/s link took 6 s to go up, so every attempt was taken for
+    E2B's silence (an infrastructure error, retried, then dead-lettered) and the node never ran. A transfer
+    is now given time in proportion to its size, and the engine's bound on the call grows with it."""
+    proxy = await FaultProxy("127.0.0.1", standin.port).start()
+    proxy.throttle(2 << 20)
+    monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{proxy.port}")
+    p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-nodes"))
+    definition = validate_definition({
+        "nodes": [
+            {"id": "s", "type": "start", "next": "a"},
+            {"id": "a", "type": "action", "next": "e", "code": "context['n'] = len(context.pop('blob'))"},
+            {"id": "e", "type": "end"},
+        ]
+    })  # fmt: skip
+    try:
+        outcome = await run_workflow(
+            definition, {"blob": "x" * (12 << 20)}, open_sandbox=p.open, spec=spec(), hooks=_Hooks(), node_timeout=60
+        )
+    finally:
+        await p.aclose()
+        await proxy.aclose()
+    assert outcome.status == "success" and outcome.final_context["n"] == 12 << 20, outcome.error
+
+
 @pytest.mark.parametrize("where", ["upload", "run"])
 async def test_e2b_hanging_during_a_node_is_infrastructure_not_the_nodes_timeout(
     standin: StandInServer, monkeypatch: pytest.MonkeyPatch, where: str

@@ -88,6 +88,8 @@ class SandboxSpec:
 # (its service's silence: an infrastructure error, retried) inside this margin, where it can still tell
 # them from the node's timeout: consumer/sandbox/e2b.py derives its budget from it.
 CALL_MARGIN = 5.0
+# (A sandbox may need more, in proportion to what its calls carry: it then has a `call_margin` of its own,
+# which the engine uses instead; consumer/sandbox/e2b.py.)
 
 
 class Sandbox(Protocol):

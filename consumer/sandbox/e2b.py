@@ -22,7 +22,7 @@ at once):
 | create | 429 (plan's concurrent sandboxes or create rate); never re-sent by the SDK (retries=0) | SandboxBusy |
 | create | 502, 503, 504 | re-sent 3 times with the same idempotency key, then SandboxInfraError |
 | create, upload, run | E2B unreachable (connect refused, read timeout), other 5xx | SandboxInfraError |
-| upload, run, reply | E2B silent past its budget in a node call (_E2B_WAIT, within CALL_MARGIN) | SandboxInfraError |
+| upload, run, reply | E2B silent past its budget (_E2B_WAIT, and time for the size) | SandboxInfraError |
 | run | stream dropped, or ended without an end event | reattach to the running command, take its result |
 | run | the sandbox vanished (expired, killed) | SandboxInfraError |
 | run | the stream ended at the node's time limit and the read shows no reply | NodeError reason "timeout" |
@@ -83,6 +83,11 @@ _TRANSIENT = (ServiceBusyException, SandboxException, httpx.HTTPError, ConnectEr
 # call it the node's timeout (a permanent failure). The second left is the worker's own work around the
 # call, and the engine's bound firing after ours rather than with it.
 _E2B_WAIT = CALL_MARGIN - 1.0
+# The slowest link a transfer is given time for, beyond _E2B_WAIT: a request or a reply of n bytes may take
+# n / _TRANSFER_RATE seconds more (a context at the 16 MiB cap: 16 s). A flat budget failed every node with
+# a big context over a link slower than the budget allowed, as E2B's silence, for ever (retried, then
+# dead-lettered). The engine's bound on a call grows by the same (E2BSandbox.call_margin).
+_TRANSFER_RATE = 1 << 20
 # How long a crashed node's stderr is waited for (best effort: the crash is reported without it).
 _STDERR_WAIT = 1.0
 # How often an interrupted stream may be reattached before the node is given up as infrastructure.
@@ -133,20 +138,25 @@ class E2BSandbox(RunnerSandbox):
         self._provider = provider
         provider.open_sandboxes.add(self)
 
+    @property
+    def call_margin(self) -> float:
+        """How long past a node's limit the engine waits for a call (base.CALL_MARGIN's part for this
+        sandbox): E2B's budget for the upload, the run and the reply, and the time the largest request and
+        reply may take at the slowest link given time for; the call's own bounds all end within it."""
+        return 3 * _E2B_WAIT + 2 * self._provider.max_reply_bytes / _TRANSFER_RATE + 1.0
+
     async def _call(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
         if self.closed:
             raise SandboxInfraError(f"the E2B sandbox of this execution is closed (node '{node_id}')")
         name = uuid.uuid4().hex
         path, reply_path = f"{REMOTE_DIR}/request-{name}.json", f"{REMOTE_DIR}/reply-{name}.json"
         stderr_path = f"{REMOTE_DIR}/stderr-{name}.txt"
-        # The call's deadline: the node's limit and E2B's budget (_E2B_WAIT), whatever of it each wait used.
-        deadline = time.monotonic() + timeout + _E2B_WAIT
+        payload = orjson.dumps(request)
+        upload_wait = _E2B_WAIT + len(payload) / _TRANSFER_RATE
         try:
-            await asyncio.wait_for(
-                self.sandbox.files.write(path, orjson.dumps(request), use_octet_stream=True), _E2B_WAIT
-            )
+            await asyncio.wait_for(self.sandbox.files.write(path, payload, use_octet_stream=True), upload_wait)
         except TimeoutError:
-            raise SandboxInfraError(f"E2B did not answer within {_E2B_WAIT:g}s taking node '{node_id}'") from None
+            raise SandboxInfraError(f"E2B did not answer within {upload_wait:g}s taking node '{node_id}'") from None
         except _TRANSIENT as exc:
             raise SandboxInfraError(f"E2B upload failed before node '{node_id}': {exc!r}") from None
         # `exec`: the runner replaces the shell, which would otherwise stay its parent holding the command's
@@ -158,6 +168,8 @@ class E2BSandbox(RunnerSandbox):
             f" < /dev/null > {shlex.quote(reply_path)} 2> {shlex.quote(stderr_path)}"
         )
         started = time.monotonic()
+        # The run's deadline: the node's limit and E2B's budget (_E2B_WAIT), whatever of it each wait used.
+        deadline = started + timeout + _E2B_WAIT
         try:
             # envd ends the command at the node's limit and says so: silence past the budget is E2B's.
             streamed, timed_out = await asyncio.wait_for(
@@ -166,8 +178,11 @@ class E2BSandbox(RunnerSandbox):
         except TimeoutError:
             raise SandboxInfraError(f"E2B did not answer while running node '{node_id}'") from None
         try:
+            # E2B silent for _E2B_WAIT between two chunks is E2B's silence (_download); the whole read is
+            # bounded by what the largest reply may take at the slowest link given time for.
             output, more = await asyncio.wait_for(
-                self._download(reply_path, self._provider.max_reply_bytes), max(deadline - time.monotonic(), 0.1)
+                self._download(reply_path, self._provider.max_reply_bytes),
+                _E2B_WAIT + self._provider.max_reply_bytes / _TRANSFER_RATE,
             )
         except TimeoutError:
             raise SandboxInfraError(f"E2B did not answer returning the reply of node '{node_id}'") from None
@@ -203,8 +218,13 @@ class E2BSandbox(RunnerSandbox):
         """Up to `limit` bytes of a file of the sandbox, and whether it holds more: node code decides its
         size, so the download stops there and no more than the limit (and a chunk) enters the worker."""
         data = bytearray()
-        async with await self.sandbox.files.read(path, format="stream") as stream:
-            async for chunk in stream:
+        async with await asyncio.wait_for(self.sandbox.files.read(path, format="stream"), _E2B_WAIT) as stream:
+            chunks = aiter(stream)
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), _E2B_WAIT)
+                except StopAsyncIteration:
+                    break
                 data += chunk
                 if len(data) > limit:
                     return bytes(data[:limit]), True
