@@ -314,7 +314,8 @@ class Run:
         waits its turn again (in its first place) when it comes back. The task names the key it waited for
         until its acquire."""
         key = task.get(TaskField.WAITING_FOR)
-        if not key or not self.request.fields.get(RequestField.CONCURRENCY_ORDER):
+        if self.taken_over or not key or not self.request.fields.get(RequestField.CONCURRENCY_ORDER):
+            # Taken over: the entry, and the slot held under the task's id, are another worker's run's.
             return
         try:
             limit = int(self.request.fields.get(RequestField.CONCURRENCY_LIMIT) or 1)
@@ -390,7 +391,10 @@ class Run:
             # A newer worker ran this task and wrote its state (its checkpoint above all) in a format
             # this one does not read: resuming from it could repeat or skip nodes. A value that is not
             # a format at all is treated as newer than this worker: it is not this worker's to judge.
-            await leave_to_newer(ctx, self.delivery, request.fields, hash_format or ctx.settings.readable_format + 1)
+            if not await leave_to_newer(
+                ctx, self.delivery, request.fields, hash_format or ctx.settings.readable_format + 1
+            ):
+                self.taken_over = True
             await self._give_back_woken_slot(task)
             return None
         if paused and await self._park():
@@ -413,6 +417,9 @@ class Run:
         )
         if parked == 1:
             log.info("task %s parked: its workflow or the queue is paused", request.task_id)
+        elif parked == -1:
+            # Another worker's entry now (reclaimed): what the run holds is not ours to give back.
+            self.taken_over = True
         return bool(parked != 0)
 
     async def _take_slot(self, concurrency: Concurrency, task: dict[str, str], attempt: int) -> bool:
@@ -744,16 +751,17 @@ async def release_slot(ctx: RunContext, slot: HeldSlot) -> None:
         log.info("concurrency key %r: %d waiting run(s) woken", slot.key, woken)
 
 
-async def leave_to_newer(ctx: RunContext, delivery: Delivery, fields: dict[str, str], version: int) -> None:
+async def leave_to_newer(ctx: RunContext, delivery: Delivery, fields: dict[str, str], version: int) -> bool:
     """Leave a request of a newer format to the workers that read it: never run here, never
-    dead-lettered (see shared/lua/leave_to_newer.lua for why it is parked rather than handed back)."""
+    dead-lettered (see shared/lua/leave_to_newer.lua for why it is parked rather than handed back).
+    False when the entry is not this worker's (another took it over), or stays pending."""
     try:
         member = dumps(fields)
     except TypeError:
         # Bytes that are not UTF-8 cannot be kept as JSON: the entry stays pending, and is reclaimed
         # (by a newer worker, or again by an older one) after the visibility timeout.
         log.warning("entry %s of format %d has bytes that are not UTF-8; left pending", delivery.entry_id, version)
-        return
+        return False
     left = await _durably(
         lambda: ctx.scripts.leave_to_newer(
             entry_id=delivery.entry_id,
@@ -771,6 +779,7 @@ async def leave_to_newer(ctx: RunContext, delivery: Delivery, fields: dict[str, 
             version,
             ctx.settings.readable_format,
         )
+    return left == 1
 
 
 async def dead_letter(

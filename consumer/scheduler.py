@@ -182,11 +182,17 @@ class Scheduler:
                 # tick after it, not after now: a tick that passed while Redis was down, which never ran,
                 # then fires (as any tick missed during downtime does), or is found run in turn.
                 next_ms = schedule.next_after(tick_ms)
-                # The ticks after it that ran too (Redis came back from further back), a bounded number per pass.
+                # The ticks after it that ran too (Redis came back from further back), a bounded number per
+                # pass: the rest are the next pass's, each a PostgreSQL query.
+                not_run = False
                 for _ in range(CATCH_UP_PER_PASS):
                     if next_ms > now_ms:
                         break
-                    if not await self._tick_ran(schedule, next_ms, f"sched-{schedule.id}-{next_ms}"):
+                    ran_next = await self._tick_ran(schedule, next_ms, f"sched-{schedule.id}-{next_ms}")
+                    if ran_next is None:
+                        break  # PostgreSQL cannot say: the tick waits, due
+                    if not ran_next:
+                        not_run = True
                         break
                     next_ms = schedule.next_after(next_ms)
                 log.warning(
@@ -195,9 +201,10 @@ class Scheduler:
                     tick_ms,
                     next_ms,
                 )
-                if not await self.store.advance(schedule_id, tick_ms, next_ms) or next_ms > now_ms:
+                if not await self.store.advance(schedule_id, tick_ms, next_ms) or not not_run:
                     return 0
-                # Due and not run: fired now, as the tick this pass read would have been.
+                # Due and not run: fired now, as the tick this pass read would have been (it is found not
+                # run again there, so this goes one level deep).
                 return await self._due(schedule_id, next_ms, now_ms)
             if await self._fire(schedule, workflow, tick_ms, task_id):
                 fired = 1

@@ -23,8 +23,11 @@ import pydantic
 import pytest
 from redis.asyncio import Redis
 
+from consumer.runs import Delivery, RunContext, run_delivery
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
 from consumer.sandbox.local import LocalSandboxProvider
+from shared.catalog import WorkflowCatalog
+from shared.connections import ensure_groups
 from shared.control import RunControl, workflow_scope
 from shared.inspection import inspect, render_text
 from shared.scripts import CancelOutcome, ConcurrencyOutcome, Scripts
@@ -861,3 +864,63 @@ async def test_a_woken_waiter_of_a_paused_workflow_does_not_keep_a_shared_key(
         assert holders != [waiter_a.task_id], f"paused {waiter_a.task_id} holds the key; B waits: {waiting}"
         ends = await wait_terminal(redis, settings, [waiter_b.task_id], timeout=30)
     assert ends[waiter_b.task_id].type == EventType.SUCCEEDED
+
+
+async def test_a_park_answered_not_this_workers_entry_leaves_the_owners_slot(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """A woken waiter's entry, reclaimed by worker B (A was silent), is read by A just as the workflow is
+    paused; B takes the slot held for it (acquire) and runs. A's park answers -1 (the entry is B's), which
+    _park counts as parked, and A gives the woken slot back: it releases the slot B's running run holds,
+    waking the next waiter into a key of limit 1 (two runs at once)."""
+    keys = Keys.from_settings(settings)
+    await ensure_groups(redis, keys)
+    wf = await create_workflow(redis, settings, pool, linear("pass", concurrency={"key": "{client}", "limit": 1}))
+    holder = await enqueue(redis, settings, wf, {"n": 0})
+    waiter = await enqueue(redis, settings, wf, {"n": 1})
+    third = await enqueue(redis, settings, wf, {"n": 2})
+    scripts = Scripts(redis, keys)
+    [[_, entries]] = await redis.xreadgroup(keys.worker_group, "w0", {keys.requests: ">"}, count=3)
+
+    def order(entry: str, fields: dict[str, str]) -> int:
+        if fields.get(RequestField.CONCURRENCY_ORDER):
+            return int(fields[RequestField.CONCURRENCY_ORDER])
+        ms, _, seq = entry.partition("-")
+        return int(ms) * 1000 + int(seq)
+
+    async def acquire(entry: str, fields: dict[str, str], consumer: str) -> ConcurrencyOutcome:
+        return await scripts.concurrency_acquire(
+            key="acme", limit=1, task_id=fields["task_id"], entry_id=entry, consumer=consumer,
+            order=order(entry, fields), request=fields, ttl_ms=120_000,
+        )  # fmt: skip
+
+    assert await acquire(*entries[0], "w0") == ConcurrencyOutcome.ACQUIRED
+    assert await acquire(*entries[1], "w0") == ConcurrencyOutcome.PARKED
+    assert await acquire(*entries[2], "w0") == ConcurrencyOutcome.PARKED
+    # The holder ends: the slot is held for the waiter, whose request is back on the stream.
+    await scripts.concurrency_release(key="acme", limit=1, task_id=holder.task_id, ttl_ms=120_000)
+    assert list(await redis.zrange(keys.concurrency_holders("acme"), 0, -1)) == [waiter.task_id]
+    # Worker B has the woken waiter's entry (it reclaimed it from A).
+    [[_, [(woken, fields)]]] = await redis.xreadgroup(keys.worker_group, "B", {keys.requests: ">"}, count=1)
+    assert fields["task_id"] == waiter.task_id
+    await RunControl(redis, keys, task_ttl=settings.task_ttl, visibility_timeout=120.0).pause(workflow_scope(wf.id))
+
+    ctx = RunContext(
+        settings=settings, redis=redis, keys=keys, scripts=Scripts(redis, keys),
+        catalog=WorkflowCatalog(redis, pool, keys), open_sandbox=None,  # type: ignore[arg-type]
+        consumer="A", definitions={},
+    )  # fmt: skip
+    real_park = ctx.scripts.park
+
+    async def park_after_b_acquired(**kwargs: object) -> int:
+        # Meanwhile B (which read the task before the pause) takes the slot held for it and runs.
+        assert await acquire(woken, fields, "B") == ConcurrencyOutcome.ACQUIRED
+        reply = await real_park(**kwargs)  # type: ignore[arg-type]
+        assert reply == -1  # not A's entry
+        return reply
+
+    ctx.scripts.park = park_after_b_acquired  # type: ignore[method-assign]
+    await run_delivery(ctx, Delivery(woken, fields, 2))
+    holders = list(await redis.zrange(keys.concurrency_holders("acme"), 0, -1))
+    assert holders == [waiter.task_id], f"B runs {waiter.task_id}, yet the key's holders are {holders}"
+    assert await redis.hget(keys.task(third.task_id), TaskField.WAITING_FOR) == "acme"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from cli.embedded import PostgresServer, RedisServer
-from consumer.scheduler import CLEANUP, Scheduler
+from consumer.scheduler import CATCH_UP_PER_PASS, CLEANUP, Scheduler
 from shared.catalog import WorkflowCatalog
 from shared.db import LazyPool, migrate_url
 from shared.schedules import InvalidSchedule, ScheduleStore, tick_key, validate_cron
@@ -374,3 +375,29 @@ async def test_a_schedule_brought_back_stays_back_when_a_replica_fires_it_meanwh
     await a.tick(now_ms=wrong + 10)  # A's slow pass, still on the wrong clock
     score = await redis.zscore(store._next, schedule.id)
     assert score is not None and score <= corrected + 60_000, f"next tick {score - corrected:.0f} ms away"
+
+
+async def test_a_pass_catching_up_on_lost_ticks_asks_postgresql_a_bounded_number_of_times(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """Redis came back from a snapshot 350 minutely ticks old, all of which ran. The catch-up is meant to
+    check CATCH_UP_PER_PASS ticks per pass and leave the rest to the next, but the recursive _due starts a
+    new catch-up of 100 at each level: one pass asks PostgreSQL once per lost tick (a day of a per-second
+    schedule: 86,400 sequential lookups, each allowed 2 s, in a pass holding a 5 s lease)."""
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, keys)
+    await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    [(_, t0)] = await store.due(2**62)
+    lost = 350
+    s = scheduler(redis, settings, pool, "r")
+    checks: list[list[str]] = []
+
+    async def holds_any_task(task_ids: list[str]) -> bool:
+        checks.append(task_ids)
+        tick = int(re.search(r"-(\d{13})", task_ids[0]).group(1))  # type: ignore[union-attr]
+        return tick < t0 + lost * 60_000
+
+    s.catalog.holds_any_task = holds_any_task  # type: ignore[method-assign]
+    await s.tick(now_ms=t0 + 400 * 60_000)
+    assert len(checks) <= CATCH_UP_PER_PASS + 2, f"one pass asked PostgreSQL {len(checks)} times"
