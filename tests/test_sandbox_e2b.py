@@ -717,6 +717,47 @@ async def test_a_big_context_over_a_slow_but_healthy_link_reaches_its_node(
     assert outcome.status == "success" and outcome.final_context["n"] == 12 << 20, outcome.error
 
 
+async def test_a_request_larger_than_the_cap_is_the_nodes_failure_not_a_slow_upload(
+    standin: StandInServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload was given time for whatever size it had, while the engine's bound on the call allows for a
+    request within the caps: a context grown past them (an engine merge keeps the keys a node dropped) went
+    up slowly until the engine's bound fired first and called it the node's timeout. A request over the caps
+    is refused before it goes up, as the node's failure (its context over the limit), and any upload fits
+    the engine's bound."""
+    proxy = await FaultProxy("127.0.0.1", standin.port).start()
+    monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{proxy.port}")
+    settings = Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-nodes")
+    p = E2BSandboxProvider(settings, max_context_bytes=64 << 10, max_output_bytes=16 << 10)
+    definition = validate_definition({
+        "nodes": [
+            {"id": "s", "type": "start", "next": "a"},
+            {"id": "a", "type": "action", "next": "e", "code": "context['x'] = 1"},
+            {"id": "e", "type": "end"},
+        ]
+    })  # fmt: skip
+
+    async def open_then_slow(s: SandboxSpec) -> E2BSandbox:
+        sandbox = await p.open(s)
+        proxy.throttle(64 << 10)  # E2B all but silent while a request goes up
+        return sandbox
+
+    try:
+        outcome = await run_workflow(
+            definition,
+            {"blob": "x" * (4 << 20)},
+            open_sandbox=open_then_slow,
+            spec=spec(),
+            hooks=_Hooks(),
+            node_timeout=1,
+        )
+    finally:
+        await p.aclose()
+        await proxy.aclose()
+    assert outcome.status == "failure" and outcome.error is not None
+    assert outcome.error["reason"] == "limit:context", outcome.error
+
+
 @pytest.mark.parametrize("where", ["upload", "run"])
 async def test_e2b_hanging_during_a_node_is_infrastructure_not_the_nodes_timeout(
     standin: StandInServer, monkeypatch: pytest.MonkeyPatch, where: str

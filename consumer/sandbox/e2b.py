@@ -152,6 +152,15 @@ class E2BSandbox(RunnerSandbox):
         path, reply_path = f"{REMOTE_DIR}/request-{name}.json", f"{REMOTE_DIR}/reply-{name}.json"
         stderr_path = f"{REMOTE_DIR}/stderr-{name}.txt"
         payload = orjson.dumps(request)
+        if len(payload) > self._provider.max_reply_bytes:
+            # Beyond anything the runner takes (its context cap), and beyond the upload time call_margin
+            # allows for: given its time, the engine's bound would fire first and call it a timeout.
+            raise NodeError(
+                type="ContextTooLarge",
+                message=f"node '{node_id}' was given a request of {len(payload)} bytes, over the limit of "
+                f"{self._provider.max_reply_bytes} (a context of at most {self._provider.max_context_bytes})",
+                reason="limit:context",
+            )
         upload_wait = _E2B_WAIT + len(payload) / _TRANSFER_RATE
         try:
             await asyncio.wait_for(self.sandbox.files.write(path, payload, use_octet_stream=True), upload_wait)
