@@ -151,7 +151,7 @@ def backoff_seconds(settings: Settings, attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-async def _durably(action: Any, settings: Settings) -> Any:
+async def _durably(action: Any, settings: Settings, sends: list[int] | None = None) -> Any:
     """Redis writes a run cannot skip: retried through a short outage, then given up (entry stays pending).
 
     A Redis at its memory limit (OOM under noeviction) refuses them for as long as it stays full, and
@@ -159,10 +159,18 @@ async def _durably(action: Any, settings: Settings) -> Any:
     entry stays this worker's, and a takeover cancels the wait. Ended instead, the run left its entry
     to be reclaimed every visibility timeout, each reclaim a delivery, until max_deliveries buried
     requests that never failed. A script refused so wrote nothing: Redis refuses only a script's first
-    write, so the same call is sent again whole."""
+    write, so the same call is sent again whole. `sends`, if given, counts the calls made ([0] += 1 each):
+    after more than one, an answer may be about what a first call, its reply lost, already did."""
+    call = action
+    if sends is not None:
+
+        def call() -> Any:
+            sends[0] += 1
+            return action()
+
     try:
         # The common case pays for one call, not for setting up a retry loop.
-        return await action()
+        return await call()
     except OutOfMemoryError:
         log.warning("Redis is at its memory limit: a run waits for room (its entry stays this worker's)")
     except REDIS_UNAVAILABLE:
@@ -188,7 +196,7 @@ async def _durably(action: Any, settings: Settings) -> Any:
         reraise=True,
     ):
         with attempt:
-            return await action()
+            return await call()
     return None  # unreachable: tenacity reraises
 
 
@@ -405,6 +413,7 @@ class Run:
     async def _park(self) -> bool:
         """Park the request while paused; False when the pause ended meanwhile (the run goes ahead)."""
         ctx, request = self.ctx, self.request
+        sends = [0]
         parked = await _durably(
             lambda: ctx.scripts.park(
                 entry_id=self.delivery.entry_id,
@@ -414,10 +423,13 @@ class Run:
                 request=request.fields,
             ),
             ctx.settings,
+            sends,
         )
         if parked == 1:
             log.info("task %s parked: its workflow or the queue is paused", request.task_id)
         elif parked == -1:
+            if sends[0] > 1 and not await taken_by_another(ctx, self.delivery):
+                return True  # parked by the first call, whose reply was lost
             # Another worker's entry now (reclaimed): what the run holds is not ours to give back.
             self.taken_over = True
         return bool(parked != 0)
@@ -712,6 +724,7 @@ class Run:
     async def _delay(self, event: dict[str, str], delay: float, task_fields: dict[str, str]) -> None:
         """The run waits `delay` seconds in the delayed set (status RETRY), its entry acknowledged."""
         ctx, request = self.ctx, self.request
+        sends = [0]
         parked = await _durably(
             lambda: ctx.scripts.retry_later(
                 task_id=request.task_id,
@@ -723,8 +736,10 @@ class Run:
                 task_fields={TaskField.STATUS: TaskStatus.RETRY, **task_fields, TaskField.UPDATED_AT: now_iso()},
             ),
             ctx.settings,
+            sends,
         )
-        if parked == -1:
+        if parked == -1 and (sends[0] == 1 or await taken_by_another(ctx, self.delivery)):
+            # Another worker's entry (not a first call of ours whose reply was lost): not ours to give back.
             self.taken_over = True
 
     async def _dead_letter(self, reason: str, message: str, task: dict[str, str]) -> None:
@@ -734,6 +749,16 @@ class Run:
         if not written:
             # Not this worker's entry (or finished already): what the run holds is not ours to give back.
             self.taken_over = True
+
+
+async def taken_by_another(ctx: RunContext, delivery: Delivery) -> bool:
+    """Whether another worker holds the entry now. For a step that answered "not this worker's entry"
+    after it was sent again (its first reply lost): either another worker took the entry over, or the lost
+    first call was ours and acknowledged it; only the first leaves the entry pending, under another name."""
+    pending = await ctx.redis.xpending_range(
+        ctx.keys.requests, ctx.keys.worker_group, min=delivery.entry_id, max=delivery.entry_id, count=1
+    )
+    return bool(pending) and pending[0]["consumer"] != ctx.consumer
 
 
 async def release_slot(ctx: RunContext, slot: HeldSlot) -> None:
@@ -762,6 +787,7 @@ async def leave_to_newer(ctx: RunContext, delivery: Delivery, fields: dict[str, 
         # (by a newer worker, or again by an older one) after the visibility timeout.
         log.warning("entry %s of format %d has bytes that are not UTF-8; left pending", delivery.entry_id, version)
         return False
+    sends = [0]
     left = await _durably(
         lambda: ctx.scripts.leave_to_newer(
             entry_id=delivery.entry_id,
@@ -771,7 +797,10 @@ async def leave_to_newer(ctx: RunContext, delivery: Delivery, fields: dict[str, 
             member=member,
         ),
         ctx.settings,
+        sends,
     )
+    if left == -1 and sends[0] > 1 and not await taken_by_another(ctx, delivery):
+        left = 1  # left by a first call whose reply was lost
     if left == 1:
         log.info(
             "entry %s has format %d (this worker reads up to %d): left to newer workers",
@@ -816,6 +845,7 @@ async def dead_letter(
             TaskField.ERROR: dumps(error),
             TaskField.UPDATED_AT: finished_at,
         }
+    sends = [0]
     _, letter_id = await _durably(
         lambda: ctx.scripts.dead_letter(
             entry_id=delivery.entry_id,
@@ -828,7 +858,11 @@ async def dead_letter(
             task_ttl=ctx.settings.task_ttl,
         ),
         ctx.settings,
+        sends,
     )
+    if not letter_id and sends[0] > 1 and not await taken_by_another(ctx, delivery):
+        # Written by a first call whose reply was lost (the entry is nobody's now): done, as asked.
+        return True
     return bool(letter_id)
 
 

@@ -22,6 +22,7 @@ import orjson
 import pydantic
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consumer.runs import Delivery, RunContext, run_delivery
 from consumer.sandbox.base import Sandbox, SandboxInfraError, SandboxProvider, SandboxSpec
@@ -924,3 +925,64 @@ async def test_a_park_answered_not_this_workers_entry_leaves_the_owners_slot(
     holders = list(await redis.zrange(keys.concurrency_holders("acme"), 0, -1))
     assert holders == [waiter.task_id], f"B runs {waiter.task_id}, yet the key's holders are {holders}"
     assert await redis.hget(keys.task(third.task_id), TaskField.WAITING_FOR) == "acme"
+
+
+async def _woken_waiter(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> tuple[Keys, Any, Any, str, dict[str, str], RunContext]:
+    """A key of limit 1 whose holder released it: its first waiter woken (the slot held for it) and its
+    request read by worker A, which runs the delivery with the context returned."""
+    keys = Keys.from_settings(settings)
+    await ensure_groups(redis, keys)
+    wf = await create_workflow(redis, settings, pool, linear("pass", concurrency={"key": "{client}", "limit": 1}))
+    holder = await enqueue(redis, settings, wf, {"n": 0})
+    waiter = await enqueue(redis, settings, wf, {"n": 1})
+    await enqueue(redis, settings, wf, {"n": 2})
+    scripts = Scripts(redis, keys)
+    [[_, entries]] = await redis.xreadgroup(keys.worker_group, "A", {keys.requests: ">"}, count=3)
+    expected = [ConcurrencyOutcome.ACQUIRED, ConcurrencyOutcome.PARKED, ConcurrencyOutcome.PARKED]
+    for (entry, fields), outcome in zip(entries, expected, strict=True):
+        acquired = await scripts.concurrency_acquire(
+            key="acme", limit=1, task_id=fields["task_id"], entry_id=entry, consumer="A",
+            order=_order(entry, fields), request=fields, ttl_ms=120_000,
+        )  # fmt: skip
+        assert acquired == outcome
+    await scripts.concurrency_release(key="acme", limit=1, task_id=holder.task_id, ttl_ms=120_000)
+    assert list(await redis.zrange(keys.concurrency_holders("acme"), 0, -1)) == [waiter.task_id]
+    [[_, [(woken, fields)]]] = await redis.xreadgroup(keys.worker_group, "A", {keys.requests: ">"}, count=1)
+    ctx = RunContext(
+        settings=settings, redis=redis, keys=keys, scripts=Scripts(redis, keys),
+        catalog=WorkflowCatalog(redis, pool, keys), open_sandbox=None,  # type: ignore[arg-type]
+        consumer="A", definitions={},
+    )  # fmt: skip
+    return keys, wf, waiter, woken, fields, ctx
+
+
+@pytest.mark.parametrize("step", ["park", "dead_letter"])
+async def test_a_woken_waiters_slot_is_given_back_when_the_reply_of_its_step_was_lost(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, step: str
+) -> None:
+    """The step (a park for a pause, a dead letter) acknowledged the entry, its reply was lost, and the call
+    sent again answered "not this worker's entry": taken for a takeover, the slot held for the woken waiter
+    was kept, and the key idled for a visibility timeout. Nobody holds the entry: the lost write was ours."""
+    keys, wf, waiter, woken, fields, ctx = await _woken_waiter(redis, settings, pool)
+    real = getattr(ctx.scripts, step)
+    lost: list[Any] = []
+
+    async def reply_lost_once(**kwargs: Any) -> Any:
+        reply = await real(**kwargs)  # written in Redis...
+        if not lost:
+            lost.append(reply)
+            raise RedisConnectionError("connection lost before the reply")  # ...its reply lost
+        return reply
+
+    setattr(ctx.scripts, step, reply_lost_once)
+    deliveries = 2
+    if step == "park":
+        await RunControl(redis, keys, task_ttl=settings.task_ttl, visibility_timeout=120.0).pause(workflow_scope(wf.id))
+    else:
+        deliveries = settings.max_deliveries + 1
+    await run_delivery(ctx, Delivery(woken, fields, deliveries))
+    assert lost, "the step was never made"
+    holders = list(await redis.zrange(keys.concurrency_holders("acme"), 0, -1))
+    assert waiter.task_id not in holders, f"{waiter.task_id} still holds the key: {holders}"
