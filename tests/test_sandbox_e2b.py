@@ -31,7 +31,7 @@ from consumer.sandbox.local import LocalSandboxProvider
 from shared.events import Event
 from shared.settings import Settings
 from shared.streams import EventType, Keys
-from shared.workflow import Node, validate_definition
+from shared.workflow import Definition, Node, validate_definition
 from tests.support import (
     create_workflow,
     enqueue,
@@ -689,6 +689,17 @@ async def test_a_failed_kill_does_not_hold_an_e2b_slot_for_the_workers_lifetime(
     assert standin.alive() == []
 
 
+def one_action(code: str) -> Definition:
+    """start → one action node `a` running `code` → end."""
+    return validate_definition({
+        "nodes": [
+            {"id": "s", "type": "start", "next": "a"},
+            {"id": "a", "type": "action", "next": "e", "code": code},
+            {"id": "e", "type": "end"},
+        ]
+    })  # fmt: skip
+
+
 async def test_a_big_context_over_a_slow_but_healthy_link_reaches_its_node(
     standin: StandInServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -700,13 +711,7 @@ async def test_a_big_context_over_a_slow_but_healthy_link_reaches_its_node(
     proxy.throttle(2 << 20)
     monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{proxy.port}")
     p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-nodes"))
-    definition = validate_definition({
-        "nodes": [
-            {"id": "s", "type": "start", "next": "a"},
-            {"id": "a", "type": "action", "next": "e", "code": "context['n'] = len(context.pop('blob'))"},
-            {"id": "e", "type": "end"},
-        ]
-    })  # fmt: skip
+    definition = one_action("context['n'] = len(context.pop('blob'))")
     try:
         outcome = await run_workflow(
             definition, {"blob": "x" * (12 << 20)}, open_sandbox=p.open, spec=spec(), hooks=_Hooks(), node_timeout=60
@@ -729,13 +734,7 @@ async def test_a_request_larger_than_the_cap_is_the_nodes_failure_not_a_slow_upl
     monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{proxy.port}")
     settings = Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-nodes")
     p = E2BSandboxProvider(settings, max_context_bytes=64 << 10, max_output_bytes=16 << 10)
-    definition = validate_definition({
-        "nodes": [
-            {"id": "s", "type": "start", "next": "a"},
-            {"id": "a", "type": "action", "next": "e", "code": "context['x'] = 1"},
-            {"id": "e", "type": "end"},
-        ]
-    })  # fmt: skip
+    definition = one_action("context['x'] = 1")
 
     async def open_then_slow(s: SandboxSpec) -> E2BSandbox:
         sandbox = await p.open(s)
@@ -771,13 +770,7 @@ async def test_e2b_hanging_during_a_node_is_infrastructure_not_the_nodes_timeout
     proxy = await FaultProxy("127.0.0.1", standin.port).start()
     monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{proxy.port}")
     p = E2BSandboxProvider(Settings(e2b_api_key="e2b_standin_key", e2b_template="nova-nodes"))
-    definition = validate_definition({
-        "nodes": [
-            {"id": "s", "type": "start", "next": "a"},
-            {"id": "a", "type": "action", "next": "e", "code": "import time\ntime.sleep(1)\ncontext['x'] = 1"},
-            {"id": "e", "type": "end"},
-        ]
-    })  # fmt: skip
+    definition = one_action("import time\ntime.sleep(1)\ncontext['x'] = 1")
 
     async def stall_once_running() -> None:
         for _ in range(3000):  # until E2B has started the node, then stall it
