@@ -151,6 +151,16 @@ def backoff_seconds(settings: Settings, attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+def _counting(action: Any, sends: list[int]) -> Any:
+    """`action`, counting its calls in sends[0]."""
+
+    def call() -> Any:
+        sends[0] += 1
+        return action()
+
+    return call
+
+
 async def _durably(action: Any, settings: Settings, sends: list[int] | None = None) -> Any:
     """Redis writes a run cannot skip: retried through a short outage, then given up (entry stays pending).
 
@@ -161,13 +171,7 @@ async def _durably(action: Any, settings: Settings, sends: list[int] | None = No
     requests that never failed. A script refused so wrote nothing: Redis refuses only a script's first
     write, so the same call is sent again whole. `sends`, if given, counts the calls made ([0] += 1 each):
     after more than one, an answer may be about what a first call, its reply lost, already did."""
-    call = action
-    if sends is not None:
-
-        def call() -> Any:
-            sends[0] += 1
-            return action()
-
+    call = action if sends is None else _counting(action, sends)
     try:
         # The common case pays for one call, not for setting up a retry loop.
         return await call()
