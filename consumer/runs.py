@@ -432,8 +432,8 @@ class Run:
         if parked == 1:
             log.info("task %s parked: its workflow or the queue is paused", request.task_id)
         elif parked == -1:
-            if sends[0] > 1 and not await taken_by_another(ctx, self.delivery):
-                return True  # parked by the first call, whose reply was lost
+            if await done_by_a_lost_call(ctx, self.delivery, sends):
+                return True
             # Another worker's entry now (reclaimed): what the run holds is not ours to give back.
             self.taken_over = True
         return bool(parked != 0)
@@ -742,8 +742,8 @@ class Run:
             ctx.settings,
             sends,
         )
-        if parked == -1 and (sends[0] == 1 or await taken_by_another(ctx, self.delivery)):
-            # Another worker's entry (not a first call of ours whose reply was lost): not ours to give back.
+        if parked == -1 and not await done_by_a_lost_call(ctx, self.delivery, sends):
+            # Another worker's entry: what the run holds is not ours to give back.
             self.taken_over = True
 
     async def _dead_letter(self, reason: str, message: str, task: dict[str, str]) -> None:
@@ -755,14 +755,16 @@ class Run:
             self.taken_over = True
 
 
-async def taken_by_another(ctx: RunContext, delivery: Delivery) -> bool:
-    """Whether another worker holds the entry now. For a step that answered "not this worker's entry"
-    after it was sent again (its first reply lost): either another worker took the entry over, or the lost
-    first call was ours and acknowledged it; only the first leaves the entry pending, under another name."""
+async def done_by_a_lost_call(ctx: RunContext, delivery: Delivery, sends: list[int]) -> bool:
+    """For a step that answered "not this worker's entry": whether its own first call did the work, its
+    reply lost (`sends`, _durably's count: it was sent again), rather than another worker taking the entry
+    over. Only a takeover leaves the entry pending, under another consumer's name."""
+    if sends[0] < 2:
+        return False
     pending = await ctx.redis.xpending_range(
         ctx.keys.requests, ctx.keys.worker_group, min=delivery.entry_id, max=delivery.entry_id, count=1
     )
-    return bool(pending) and pending[0]["consumer"] != ctx.consumer
+    return not pending or pending[0]["consumer"] == ctx.consumer
 
 
 async def release_slot(ctx: RunContext, slot: HeldSlot) -> None:
@@ -803,8 +805,8 @@ async def leave_to_newer(ctx: RunContext, delivery: Delivery, fields: dict[str, 
         ctx.settings,
         sends,
     )
-    if left == -1 and sends[0] > 1 and not await taken_by_another(ctx, delivery):
-        left = 1  # left by a first call whose reply was lost
+    if left == -1 and await done_by_a_lost_call(ctx, delivery, sends):
+        left = 1
     if left == 1:
         log.info(
             "entry %s has format %d (this worker reads up to %d): left to newer workers",
@@ -864,10 +866,7 @@ async def dead_letter(
         ctx.settings,
         sends,
     )
-    if not letter_id and sends[0] > 1 and not await taken_by_another(ctx, delivery):
-        # Written by a first call whose reply was lost (the entry is nobody's now): done, as asked.
-        return True
-    return bool(letter_id)
+    return bool(letter_id) or await done_by_a_lost_call(ctx, delivery, sends)
 
 
 # The masker of a run without credentials: shared, as a Masker never changes once built.
