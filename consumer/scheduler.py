@@ -38,7 +38,7 @@ from shared.connections import REDIS_UNAVAILABLE, redis_ms
 from shared.db import LazyPool
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.retention import Retention, cutoff_for
-from shared.schedules import Schedule, ScheduleStore, next_tick, tick_key
+from shared.schedules import Schedule, ScheduleStore, next_tick, tick_key, tick_task_id
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys, dumps, now_iso
@@ -167,14 +167,15 @@ class Scheduler:
         if schedule is None:
             await self.store.drop_orphan(schedule_id)
             return 0
+        # The score this pass read: the schedule moves on from it only (advance_schedule.lua).
+        read_ms = tick_ms
         fired = 0
         workflow = await self.catalog.get(schedule.workflow_id)
         if workflow is None:
             log.error("schedule %s names missing workflow %s; skipping its tick", schedule_id, schedule.workflow_id)
             await announce_schedule_failure(self.settings, self.redis, schedule, tick_ms, "workflow not found")
         else:
-            task_id = f"sched-{schedule.id}-{tick_ms}"
-            ran = await self._tick_ran(schedule, tick_ms, task_id)
+            ran = await self._tick_ran(schedule, tick_ms)
             if ran is None:
                 return None
             if ran:
@@ -188,7 +189,7 @@ class Scheduler:
                 for _ in range(CATCH_UP_PER_PASS):
                     if next_ms > now_ms:
                         break
-                    ran_next = await self._tick_ran(schedule, next_ms, f"sched-{schedule.id}-{next_ms}")
+                    ran_next = await self._tick_ran(schedule, next_ms)
                     if ran_next is None:
                         break  # PostgreSQL cannot say: the tick waits, due
                     if not ran_next:
@@ -201,14 +202,14 @@ class Scheduler:
                     tick_ms,
                     next_ms,
                 )
-                if not await self.store.advance(schedule_id, tick_ms, next_ms) or not not_run:
+                if not not_run:
+                    await self.store.advance(schedule_id, read_ms, next_ms)
                     return 0
-                # Due and not run: fired now, as the tick this pass read would have been (it is found not
-                # run again there, so this goes one level deep).
-                return await self._due(schedule_id, next_ms, now_ms)
-            if await self._fire(schedule, workflow, tick_ms, task_id):
+                # Due and not run (as the loop just found): fired now, as the tick this pass read would be.
+                tick_ms = next_ms
+            if await self._fire(schedule, workflow, tick_ms):
                 fired = 1
-        await self.store.advance(schedule_id, tick_ms, schedule.next_after(max(now_ms, tick_ms)))
+        await self.store.advance(schedule_id, read_ms, schedule.next_after(max(now_ms, tick_ms)))
         return fired
 
     async def _after_a_step_back(self, now_ms: int) -> None:
@@ -240,13 +241,10 @@ class Scheduler:
             expected = next_tick(self.settings.cleanup_cron, now_ms)
         except CroniterError:
             return False  # said by claim_cleanup
-        score = await self.redis.zscore(self.keys.builtin_schedules, CLEANUP)
-        if score is None or score <= expected:
-            return False
-        await self.redis.zadd(self.keys.builtin_schedules, {CLEANUP: expected}, xx=True, lt=True)
-        return True
+        # LT: only ever earlier; XX: not registered here (claim_cleanup does that); CH: whether it moved.
+        return bool(await self.redis.zadd(self.keys.builtin_schedules, {CLEANUP: expected}, xx=True, lt=True, ch=True))
 
-    async def _fire(self, schedule: Schedule, workflow: StoredWorkflow, tick_ms: int, task_id: str) -> bool:
+    async def _fire(self, schedule: Schedule, workflow: StoredWorkflow, tick_ms: int) -> bool:
         """Enqueue the tick's execution; False if its idempotency key shows it was enqueued already."""
         context = {**schedule.initial_context, "_schedule": {"id": schedule.id, "tick_ms": tick_ms}}
         result = await enqueue_execution(
@@ -258,7 +256,7 @@ class Scheduler:
                 client=schedule.client,
                 initial_context=context,
                 extra={"schedule_id": schedule.id},
-                task_id=task_id,
+                task_id=tick_task_id(schedule.id, tick_ms),
                 idempotency_key=tick_key(schedule.id, tick_ms),
                 idempotency_ttl=max(24 * 3600, self.settings.task_ttl),
                 lane=workflow_lane(workflow.definition),
@@ -269,10 +267,11 @@ class Scheduler:
             log.info("schedule %s fired tick %d as task %s", schedule.id, tick_ms, result.task_id)
         return result.created
 
-    async def _tick_ran(self, schedule: Schedule, tick_ms: int, task_id: str) -> bool | None:
+    async def _tick_ran(self, schedule: Schedule, tick_ms: int) -> bool | None:
         """Whether PostgreSQL holds the execution of this tick; None when it cannot say."""
         if self.catalog.pool is None:
             return False  # a deployment without PostgreSQL: the tick's key in Redis is all there is
+        task_id = tick_task_id(schedule.id, tick_ms)
         # The enqueue gives the task this id on the client's shard (a suffix names the shard when the
         # bare id does not map to it); the bare one too, as a deployment's shard count may change.
         placed = self.keys.of_client(schedule.client).placed_task_id(task_id)

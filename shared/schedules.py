@@ -39,6 +39,11 @@ class Schedule:
         return asdict(self)
 
 
+def tick_task_id(schedule_id: str, tick_ms: int) -> str:
+    """The task id a schedule's tick is enqueued with (the API's TASK_ID_PATTERN accepts it)."""
+    return f"sched-{schedule_id}-{tick_ms}"
+
+
 def tick_key(schedule_id: str, tick_ms: int) -> str:
     """The Idempotency-Key of a schedule's tick (reserved: see shared/enqueue.py)."""
     return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:{tick_ms}"
