@@ -96,11 +96,12 @@ class ScheduleStore:
     async def list(self) -> list[tuple[Schedule, int | None]]:
         """Every schedule with its next fire time (ms)."""
         raw = await self.redis.hgetall(self._all)
-        out = []
-        for schedule_id, data in sorted(raw.items()):
-            score = await self.redis.zscore(self._next, schedule_id)
-            out.append((Schedule(**loads(data)), int(score) if score is not None else None))
-        return out
+        return [(Schedule(**loads(data)), await self.next_fire(sid)) for sid, data in sorted(raw.items())]
+
+    async def next_fire(self, schedule_id: str) -> int | None:
+        """The schedule's next tick (ms), as stored: counted on Redis's clock."""
+        score = await self.redis.zscore(self._next, schedule_id)
+        return int(score) if score is not None else None
 
     async def delete(self, schedule_id: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -58,7 +58,8 @@ async def create_schedule(res: Res, _: Admin, body: ScheduleIn) -> dict[str, Any
         )
     except InvalidSchedule as exc:
         raise ApiError(422, str(exc)) from None
-    return _out(schedule, schedule.next_after(int(datetime.now(UTC).timestamp() * 1000)))
+    # The tick as stored (on Redis's clock, as the scheduler counts it), not one worked out again here.
+    return _out(schedule, await store.next_fire(schedule.id))
 
 
 @router.get("/schedules", summary="List schedules with their next fire time", responses=errors())
