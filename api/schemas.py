@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 from pydantic import AliasChoices, BaseModel, Field
 
+from shared.dead_letters import LETTER_ID_PATTERN
 from shared.streams import Lane
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -22,7 +23,7 @@ QueryId = Annotated[int | None, Query(ge=1, le=BIGINT_MAX)]
 STREAM_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
 StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="A stream entry id, e.g. 1700000000000-0")]
 # A dead letter's id: its entry id, after `s<shard>-` with several shards (shared/dead_letters.py).
-DEAD_LETTER_ID_PATTERN = r"^(?:s[0-9]{1,5}-)?[0-9]{1,19}-[0-9]{1,19}$"
+DEAD_LETTER_ID_PATTERN = rf"^{LETTER_ID_PATTERN}$"
 DeadLetterId = Annotated[
     str,
     Path(

@@ -29,7 +29,8 @@ class NotALetterId(ValueError):
 
 
 # A letter's id: `s<shard>-` (several shards only) and a stream entry id.
-_LETTER_ID = re.compile(r"(?:s([0-9]{1,5})-)?([0-9]{1,19}-[0-9]{1,19})")
+LETTER_ID_PATTERN = r"(?:s([0-9]{1,5})-)?([0-9]{1,19}-[0-9]{1,19})"
+_LETTER_ID = re.compile(LETTER_ID_PATTERN)
 
 
 class NotReplayable(ValueError):
@@ -70,18 +71,19 @@ class DeadLetters:
         self.catalog = catalog
         self.scripts = Scripts(redis, keys)
 
-    def _locate(self, letter_id: str) -> tuple[Keys, str]:
-        """The shard and stream entry id a letter id names (a plain entry id: the home shard's).
-        Raises NotALetterId for anything else: an id Redis would refuse must not reach it."""
+    def _locate(self, letter_id: str) -> tuple[Keys, str, bool]:
+        """The shard and stream entry id a letter id names (a plain entry id: the home shard's), and
+        whether it named its shard. Raises NotALetterId for anything else: an id Redis would refuse must
+        not reach it."""
         found = _LETTER_ID.fullmatch(letter_id)
         if found is None:
             raise NotALetterId(f"{letter_id!r} is not a dead letter id (an entry id, or s<shard>-<entry id>)")
         shard, entry_id = found.groups()
         if shard is None:
-            return self.keys, entry_id
+            return self.keys, entry_id, False
         if int(shard) >= self.keys.shard_count:
             raise NotALetterId(f"{letter_id!r} names shard {int(shard)}; this install has {self.keys.shard_count}")
-        return self.keys.sibling(int(shard)), entry_id
+        return self.keys.sibling(int(shard)), entry_id, True
 
     def _letter_id(self, keys: Keys, entry_id: str) -> str:
         return entry_id if keys.shard_count == 1 else f"s{keys.shard_index}-{entry_id}"
@@ -92,9 +94,8 @@ class DeadLetters:
         id, as listed: the letters after it in that order. Raises NotALetterId."""
         position: tuple[int, int, int] | None = None
         if after:
-            keys, entry_id = self._locate(after)
+            keys, entry_id, named = self._locate(after)
             # A plain entry id with several shards (one kept from before sharding): after it in every shard.
-            named = after.startswith("s")
             position = (*entry_id_parts(entry_id), keys.shard_index if named else self.keys.shard_count)
         letters: list[tuple[tuple[int, int, int], DeadLetter]] = []
         for keys in self.keys.all_shards:
@@ -116,7 +117,7 @@ class DeadLetters:
 
     async def get(self, letter_id: str) -> DeadLetter | None:
         try:
-            keys, entry_id = self._locate(letter_id)
+            keys, entry_id, _ = self._locate(letter_id)
             entries = await self.redis.xrange(keys.dead_letter, min=entry_id, max=entry_id, count=1)
         except (NotALetterId, ResponseError):
             return None  # names no letter (an entry id past 64 bits is one Redis refuses)
@@ -124,7 +125,7 @@ class DeadLetters:
 
     async def delete(self, letter_id: str) -> bool:
         try:
-            keys, entry_id = self._locate(letter_id)
+            keys, entry_id, _ = self._locate(letter_id)
             return bool(await self.redis.xdel(keys.dead_letter, entry_id))
         except (NotALetterId, ResponseError):
             return False
