@@ -507,14 +507,7 @@ class WebhookDelivery:
             host, address = await self.policy.resolve(endpoint.url, timeout=self.settings.webhook_timeout)
         except EgressRefused as exc:
             return str(exc), None
-        try:
-            # resolve() refuses a URL httpx cannot parse; this is the rest of building the request. An
-            # InvalidURL is not an httpx.HTTPError: uncaught, the attempt would escape as an unexpected
-            # error, never counted, and be due again at every lease's end, forever.
-            url = httpx.URL(endpoint.url)
-            target = url.copy_with(host=address)
-        except httpx.InvalidURL as exc:
-            return f"the URL is malformed: {exc}", None
+        url = httpx.URL(endpoint.url)  # resolve() refused any URL httpx cannot parse
         now_ms = await redis_ms(self.redis)
         timestamp = now_ms // 1000
         # Both secrets during a rotation's grace, so a receiver verifies with either.
@@ -532,7 +525,7 @@ class WebhookDelivery:
             # at a time would otherwise outlast the lease).
             response = await asyncio.wait_for(
                 self._client.post(
-                    target,
+                    url.copy_with(host=address),
                     content=delivery.body.encode(),
                     headers=headers,
                     timeout=self.settings.webhook_timeout,
@@ -543,7 +536,8 @@ class WebhookDelivery:
         except (httpx.TimeoutException, TimeoutError):
             return f"no answer within {self.settings.webhook_timeout:g}s", None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            # InvalidURL too (raised building the request, not an HTTPError): a failed attempt like any.
+            # InvalidURL too (building the request; not an HTTPError): uncaught, the attempt would escape
+            # as an unexpected error, never counted, and be due again at every lease's end, for ever.
             return f"{type(exc).__name__}: {exc}", None
         with contextlib.suppress(Exception):
             await response.aclose()
