@@ -140,10 +140,8 @@ class E2BSandbox(RunnerSandbox):
 
     @property
     def call_margin(self) -> float:
-        """How long past a node's limit the engine waits for a call (base.CALL_MARGIN's part for this
-        sandbox): E2B's budget for the upload, the run and the reply, and the time the largest request and
-        reply may take at the slowest link given time for; the call's own bounds all end within it."""
-        return 3 * _E2B_WAIT + 2 * self._provider.max_reply_bytes / _TRANSFER_RATE + 1.0
+        """How long past a node's limit the engine waits for a call (see E2BSandboxProvider.call_margin)."""
+        return self._provider.call_margin
 
     async def _call(self, request: dict[str, Any], node_id: str, timeout: float) -> dict[str, Any]:
         if self.closed:
@@ -329,6 +327,10 @@ class E2BSandboxProvider:
         # write its own reply.
         self.max_context_bytes = max_context_bytes
         self.max_reply_bytes = max_reply_bytes(max_context_bytes, max_output_bytes)
+        # How long past a node's limit the engine waits for one of its calls (base.CALL_MARGIN's part here):
+        # E2B's budget for the upload, the run and the reply, and the time the largest request and reply
+        # may take at the slowest link given time for; the call's own bounds all end within it.
+        self.call_margin = 3 * _E2B_WAIT + 2 * self.max_reply_bytes / _TRANSFER_RATE + 1.0
         self.open_sandboxes: set[E2BSandbox] = set()
         # Sandbox id -> its slot's holder: closed sandboxes whose kill failed. Each may still be alive, so its
         # slot stays held (the cap bounds live sandboxes) until the reaper's retry kills it or finds it gone.
