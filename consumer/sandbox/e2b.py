@@ -593,13 +593,10 @@ class E2BSandboxProvider:
             await asyncio.gather(*self._creating, return_exceptions=True)
             await asyncio.sleep(0)
         for sandbox in list(self.open_sandboxes):
-            await self.kill(sandbox)
-        for attempt in range(_KILL_ATTEMPTS):
-            if not self.unkilled:
-                break
-            if attempt:
-                await asyncio.sleep(0.2 * 2**attempt)
-            await self._retry_kills()
+            await self.kill(sandbox)  # each retried _KILL_ATTEMPTS times already
+        # One more try for those whose kill failed earlier (the reaper's, which stopped); what is left
+        # expires at its E2B lifetime.
+        await self._retry_kills()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self.semaphore is not None:
