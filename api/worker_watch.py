@@ -19,11 +19,11 @@ from redis.asyncio import Redis
 from consumer.webhooks import WebhookDelivery
 from shared.alerts import Alert, check_workers
 from shared.backoff import sleep_or_stop
-from shared.connections import REDIS_UNAVAILABLE
+from shared.connections import REDIS_UNAVAILABLE, redis_ms
 from shared.reporting import active_sentry
 from shared.settings import Settings
 from shared.streams import Keys, now_iso
-from shared.webhooks import WebhookEvent, WebhookKeys, WebhookRegistry, redis_ms
+from shared.webhooks import WebhookEvent, WebhookKeys, WebhookRegistry
 
 log = logging.getLogger(__name__)
 

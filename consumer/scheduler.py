@@ -35,10 +35,11 @@ from redis.asyncio import Redis
 
 from shared.catalog import StoredWorkflow, WorkflowCatalog
 from shared.connections import REDIS_UNAVAILABLE, redis_ms
+from shared.cron import next_tick
 from shared.db import LazyPool
 from shared.enqueue import NewExecution, enqueue_execution
 from shared.retention import Retention, cutoff_for
-from shared.schedules import Schedule, ScheduleStore, next_tick, tick_key, tick_task_id
+from shared.schedules import Schedule, ScheduleStore, tick_key, tick_task_id
 from shared.scripts import Scripts
 from shared.settings import Settings
 from shared.streams import Keys, dumps, now_iso

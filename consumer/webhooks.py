@@ -41,6 +41,7 @@ from shared.connections import (
     decodes_responses,
     is_cluster,
     is_missing_group,
+    redis_ms,
 )
 from shared.events import Event
 from shared.reporting import REPORTED_TYPES, active_sentry, report_failed_execution
@@ -59,7 +60,6 @@ from shared.webhooks import (
     delivery_id,
     endpoint_of,
     payload,
-    redis_ms,
     sign,
     webhook_event,
 )

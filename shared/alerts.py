@@ -13,9 +13,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared.connections import redis_ms
 from shared.settings import Settings
 from shared.streams import Keys, entry_id_parts
-from shared.webhooks import redis_ms
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from shared.connections import redis_ms
-from shared.cron import InvalidSchedule as InvalidSchedule
-from shared.cron import next_tick as next_tick
-from shared.cron import validate_cron as validate_cron
+from shared.cron import next_tick, validate_cron
 from shared.enqueue import SCHEDULE_KEY_PREFIX
 from shared.scripts import Scripts
 from shared.streams import Keys, dumps, loads, now_iso

@@ -34,7 +34,7 @@ from redis.exceptions import ResponseError
 from standardwebhooks import Webhook
 
 from shared.clients import ClientError, Vault
-from shared.connections import redis_ms as redis_ms
+from shared.connections import redis_ms
 from shared.events import Event
 from shared.reporting import active_sentry
 from shared.scripts import Scripts

@@ -17,8 +17,9 @@ from redis.asyncio import Redis
 from cli.embedded import PostgresServer, RedisServer
 from consumer.scheduler import CATCH_UP_PER_PASS, CLEANUP, Scheduler
 from shared.catalog import WorkflowCatalog
+from shared.cron import InvalidSchedule, validate_cron
 from shared.db import LazyPool, migrate_url
-from shared.schedules import InvalidSchedule, ScheduleStore, tick_key, validate_cron
+from shared.schedules import ScheduleStore, tick_key
 from shared.settings import Settings
 from shared.streams import EventType, Keys
 from tests.support import create_workflow, in_process_worker, linear, make_settings, wait_for_events, wait_projected

@@ -29,6 +29,7 @@ from consumer.scheduler import Scheduler
 from consumer.webhooks import DISPATCH_WINDOW, WebhookDelivery
 from shared.alerts import check_workers
 from shared.catalog import WorkflowCatalog
+from shared.connections import redis_ms
 from shared.schedules import ScheduleStore
 from shared.scripts import Scripts
 from shared.settings import Settings
@@ -41,7 +42,6 @@ from shared.webhooks import (
     WebhookKeys,
     WebhookRegistry,
     delivery_id,
-    redis_ms,
 )
 from tests.support import (
     ADMIN_KEY,

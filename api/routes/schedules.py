@@ -12,7 +12,8 @@ from api.deps import Admin, Res
 from api.errors import ApiError
 from api.routes.workflows import encoded_context, existing_client
 from api.schemas import SLUG_PATTERN, errors
-from shared.schedules import InvalidSchedule, Schedule, ScheduleStore
+from shared.cron import InvalidSchedule
+from shared.schedules import Schedule, ScheduleStore
 from shared.streams import dumps
 
 router = APIRouter(tags=["schedules"])
