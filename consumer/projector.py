@@ -115,24 +115,37 @@ WHERE e.task_id = EXCLUDED.task_id
 UPSERT_FOLDED_EXECUTION = UPSERT_EXECUTION + "  AND ($21::bigint, $22::bigint) > (e.last_event_ms, e.last_event_seq)\n"
 
 _NODE_NEWER = "(EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (n.last_event_ms, n.last_event_seq)"
+_OLDER_NEWER = "($22::bigint, $23::bigint) > (n.last_event_ms, n.last_event_seq)"
 
 # A node_started event resets the row (a node re-run after a crash shows as running again); a
 # node_finished event fills in its outcome. The input context and start time of the run are kept.
 # Each attempt of a node with a retry policy is a step, hence a row, of its own (attempt numbers it).
+#
+# Two events of one node run (one step of one execution) in a batch go as one row, folded: the newer
+# one's row ($1..$19), then the older one's input context, start time and stream id ($20..$23); a lone
+# event is the fold of itself with itself. The row ends as the two upserts one after the other would
+# leave it, whatever the stored row's last event: the newer event's columns win where it is newer than
+# the row, and the two columns that keep a value met before (input context, start time) take the first
+# one that is not NULL in the order the two upserts would have met them, which depends on which of the
+# two events the stored row is newer than. A node's started and finished events mostly share a batch:
+# this halves the rows a run writes.
 UPSERT_NODE_RUN = f"""
 INSERT INTO node_runs AS n (
     execution_id, step, node_id, node_type, status, input_context, output_context, stdout, stderr,
     decision, next_node, error, started_at, finished_at, duration_ms, last_event_ms, last_event_seq,
     attempt, max_attempts)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+VALUES ($1, $2, $3, $4, $5, COALESCE($6::jsonb, $20::jsonb), $7, $8, $9, $10, $11, $12,
+        COALESCE($13::timestamptz, $21::timestamptz), $14, $15, $16, $17, $18, $19)
 ON CONFLICT (execution_id, step) DO UPDATE SET
     node_id        = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.node_id ELSE n.node_id END,
     node_type      = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.node_type ELSE n.node_type END,
     status         = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.status ELSE n.status END,
-    input_context  = CASE WHEN {_NODE_NEWER} THEN COALESCE(EXCLUDED.input_context, n.input_context)
-                          ELSE COALESCE(n.input_context, EXCLUDED.input_context) END,
-    started_at     = CASE WHEN {_NODE_NEWER} THEN COALESCE(EXCLUDED.started_at, n.started_at)
-                          ELSE COALESCE(n.started_at, EXCLUDED.started_at) END,
+    input_context  = CASE WHEN {_OLDER_NEWER} THEN COALESCE(EXCLUDED.input_context, n.input_context)
+                          WHEN {_NODE_NEWER} THEN COALESCE($6::jsonb, n.input_context, $20::jsonb)
+                          ELSE COALESCE(n.input_context, $20::jsonb, $6::jsonb) END,
+    started_at     = CASE WHEN {_OLDER_NEWER} THEN COALESCE(EXCLUDED.started_at, n.started_at)
+                          WHEN {_NODE_NEWER} THEN COALESCE($13::timestamptz, n.started_at, $21::timestamptz)
+                          ELSE COALESCE(n.started_at, $21::timestamptz, $13::timestamptz) END,
     output_context = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.output_context ELSE n.output_context END,
     stdout         = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.stdout ELSE n.stdout END,
     stderr         = CASE WHEN {_NODE_NEWER} THEN EXCLUDED.stderr ELSE n.stderr END,
@@ -336,7 +349,7 @@ async def apply_events(conn: asyncpg.Connection, events: list[Event]) -> list[Re
         skip = {r.entry_id for r in refused}
         rows = [row for row, event in node_runs if event.id not in skip]
         if rows:
-            await conn.executemany(UPSERT_NODE_RUN, rows)
+            await conn.executemany(UPSERT_NODE_RUN, _node_folds(rows))
     return refused
 
 
@@ -386,6 +399,23 @@ def _folds(executions: list[tuple[tuple[Any, ...], Event]]) -> list[_Fold]:
     # Key order (see apply_events), then the fold's first event: the first of two tasks to claim an id
     # (Redis lost its data) inserts the row, as its event would have alone.
     folds.sort(key=lambda fold: (fold.row[0], fold.row[20], fold.row[21]))
+    return folds
+
+
+def _node_folds(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """UPSERT_NODE_RUN's rows for node-run rows in key order (each step's in stream order): each
+    step's events two by two, in order, and a lone one (an odd one out) folded with itself."""
+    folds: list[tuple[Any, ...]] = []
+    i, n = 0, len(rows)
+    while i < n:
+        older = rows[i]
+        newer = rows[i + 1] if i + 1 < n else None
+        if newer is not None and newer[0] == older[0] and newer[1] == older[1]:
+            i += 2
+        else:
+            newer = older
+            i += 1
+        folds.append((*newer, older[5], older[12], older[15], older[16]))
     return folds
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import asyncpg
 import pytest
@@ -10,7 +11,7 @@ from redis.asyncio import Redis
 
 from consumer.projector import apply_events
 from consumer.worker import serve
-from shared.events import Event
+from shared.events import Event, event_fields
 from shared.scripts import EnqueueResult
 from shared.settings import Settings
 from shared.streams import EventType, Keys, TaskField, TaskStatus, loads
@@ -180,6 +181,57 @@ async def test_a_batch_holding_events_older_and_newer_than_the_row_ends_as_one_b
             one_by_one = await after(conn, [events[k]], [[e] for e in again])
             assert await after(conn, [events[k]], [again]) == one_by_one, f"event {k} ({events[k].type}) again"
     assert one_by_one["status"] == "completed"
+
+
+def node_event(type_: EventType, entry_id: str, workflow_id: int, **data: object) -> Event:
+    """An event of step 1 (node a1) of execution 77."""
+    fields = event_fields(
+        type_,
+        task_id="t77",
+        execution_id=77,
+        workflow_id=workflow_id,
+        client="acme",
+        data={"step": 1, "node_id": "a1", "node_type": "action", **data},
+    )
+    return Event.from_entry(entry_id, fields)
+
+
+async def test_a_batchs_events_of_one_node_run_end_as_one_by_one_whatever_the_row_holds(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # A node run's events in one batch are written two by two, folded; the fold must end as their upserts
+    # one by one do for any stored row: none, or one whose last event is older than both, between them, or
+    # newer. The input context and the start time keep the first value met, so the events here differ in
+    # both, and only some carry them.
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    events = [
+        node_event(EventType.NODE_STARTED, "100-0", wf.id, input_context={"v": 1}, started_at="2024-05-01T10:00:01Z"),
+        node_event(EventType.NODE_FINISHED, "100-1", wf.id, status="success", output_context={"v": 2},
+                   started_at="2024-05-01T10:00:02Z", finished_at="2024-05-01T10:00:03Z", duration_ms=1.5),
+        # The node run again (a crash before its checkpoint), without a start time the first time round.
+        node_event(EventType.NODE_STARTED, "200-0", wf.id, input_context={"v": 3}),
+        node_event(EventType.NODE_FINISHED, "200-5", wf.id, status="failure", error={"type": "E"},
+                   started_at="2024-05-01T10:00:04Z", finished_at="2024-05-01T10:00:05Z"),
+        node_event(EventType.NODE_STARTED, "300-0", wf.id, started_at="2024-05-01T10:00:06Z"),
+    ]  # fmt: skip
+
+    async def after(conn: asyncpg.Connection, stored: list[Event], batches: list[list[Event]]) -> dict[str, object]:
+        await conn.execute("DELETE FROM node_runs WHERE execution_id = 77")
+        await conn.execute("DELETE FROM executions WHERE id = 77")
+        for batch in [stored, *batches]:
+            if batch:
+                await apply_events(conn, batch)
+        return dict(await conn.fetchrow("SELECT * FROM node_runs WHERE execution_id = 77"))
+
+    async with pool.acquire() as conn:
+        # Every batch of two or more of them (a batch holds some of a run's events: the others were
+        # written before, or come later), over a stored row made by each of the events, or none.
+        for size in range(2, len(events) + 1):
+            for batch in itertools.combinations(events, size):
+                for stored in [[], *([e] for e in events)]:
+                    one_by_one = await after(conn, stored, [[e] for e in batch])
+                    folded = await after(conn, stored, [list(batch)])
+                    assert folded == one_by_one, f"{[e.id for e in batch]} over {[e.id for e in stored]}"
 
 
 async def test_reads_only_as_many_entries_as_free_slots(redis: Redis, settings: Settings, pool: asyncpg.Pool) -> None:
