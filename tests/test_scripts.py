@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cli.embedded import RedisServer, free_port
 from shared.connections import REDIS_UNAVAILABLE, batcher_of, create_redis
@@ -1013,6 +1016,31 @@ async def test_a_full_batch_cancelled_before_it_was_sent_fails_its_commands(batc
     for lost in (first, second):
         with pytest.raises(RedisConnectionError):
             await asyncio.wait_for(lost, 10)
+
+
+async def test_a_batch_redis_does_not_answer_within_the_socket_timeout_fails_as_a_timeout(
+    versioned_server: RedisServer,
+) -> None:
+    # A batch's replies are read under one socket timeout: a Redis that stops answering fails every
+    # command of the batch as a timeout (its callers go the whole way), and closes the connection, so
+    # late replies never reach the next batch.
+    client = create_redis(
+        Settings(redis_url=versioned_server.admin_url), prompt_writes=True, batch_commands=True, socket_timeout=0.3
+    )
+    batcher = batcher_of(client)
+    assert batcher is not None
+    try:
+        assert await batcher.command("ECHO", "warm") == "warm"
+        os.kill(versioned_server.proc.pid, signal.SIGSTOP)  # Redis stops answering, its sockets open
+        try:
+            commands = [batcher.command("ECHO", f"e{i}") for i in range(3)]
+            replies = await asyncio.wait_for(asyncio.gather(*commands, return_exceptions=True), 10)
+        finally:
+            os.kill(versioned_server.proc.pid, signal.SIGCONT)
+        assert all(isinstance(reply, RedisTimeoutError) for reply in replies), replies
+        assert await asyncio.gather(*(batcher.command("ECHO", f"n{i}") for i in range(3))) == ["n0", "n1", "n2"]
+    finally:
+        await client.aclose()
 
 
 async def test_a_script_a_read_only_redis_refuses_is_an_outage_on_every_version(
