@@ -44,7 +44,7 @@ from shared.connections import REDIS_UNAVAILABLE
 from shared.events import event_fields
 from shared.executions import NO_CLIENT
 from shared.masking import Masker
-from shared.scripts import ConcurrencyOutcome, RecordOutcome, Scripts
+from shared.scripts import ConcurrencyOutcome, RecordOutcome, RunEvent, Scripts
 from shared.settings import Settings
 from shared.streams import (
     FORMAT_VERSION,
@@ -880,7 +880,7 @@ class Recorder:
         self.ctx = ctx
         self.delivery = delivery
         self.request = request
-        self._events: list[dict[str, str]] = []
+        self._events: list[RunEvent] = []
         self._fields: dict[str, str] = {}
         # The run's credentials, once loaded; until then there is nothing to hide.
         self.masker = NO_SECRETS
@@ -892,7 +892,7 @@ class Recorder:
         return self.masker.event_data(data)
 
     def event(self, type_: EventType, data: dict[str, Any], *, shown: bool = False) -> dict[str, str]:
-        """An event, its data masked here (the one place every event passes) unless already `shown`."""
+        """An event, its data masked unless already `shown` (as buffer masks those of a run)."""
         request = self.request
         return event_fields(
             type_,
@@ -906,7 +906,8 @@ class Recorder:
     def buffer(
         self, type_: EventType, data: dict[str, Any], task_fields: dict[str, str], *, shown: bool = False
     ) -> None:
-        self._events.append(self.event(type_, data, shown=shown))
+        # As event() makes it, but for the fields every event of the run shares: record() adds them.
+        self._events.append((type_.value, now_iso(), dumps(data if shown else self.shown(data))))
         self._fields.update(task_fields)
 
     async def flush(self, *, terminal: bool = False) -> None:
@@ -919,7 +920,7 @@ class Recorder:
         if not self._events:
             return
         ctx, request = self.ctx, self.request
-        events, fields = self._events, {**self._fields, TaskField.UPDATED_AT: self._events[-1]["ts"]}
+        events, fields = self._events, {**self._fields, TaskField.UPDATED_AT: self._events[-1][1]}
         self._events, self._fields = [], {}
         # One token per write, kept across re-sends: a call whose reply was lost and that is sent
         # again (by the client's retry or _durably) is answered without writing twice.
@@ -937,8 +938,7 @@ class Recorder:
                 task_ttl=ctx.settings.task_ttl,
                 first_run_of=request.workflow_id if self.assumed_first_run else None,
                 readable=ctx.settings.readable_format,
-                # Every event here is this run's, made by event() (event_fields).
-                of_one_task=True,
+                of_run=(request.execution_id, request.workflow_id),
                 # A retry of a cancelled run re-opens the task with a request of its own: a run of the
                 # earlier request (its cancel missed) stops at its next write, before any more action code.
                 reopen_token=reopen_token_of(request),

@@ -43,6 +43,10 @@ def pairs(mapping: dict[str, str]) -> list[str]:
 # events are sent without them, and the script writes them into each entry (see record).
 SHARED_EVENT_FIELDS = ("task_id", "execution_id", "workflow_id", "client", "v")
 
+# An event of a run as `record` takes it (`of_run`): its type, ts and data (JSON text); the fields every
+# event of the run shares (SHARED_EVENT_FIELDS) go once per call.
+RunEvent = tuple[str, str, str]
+
 
 def counted(items: list[str]) -> list[Any]:
     """A flat list prefixed by its length: how the scripts read a list out of ARGV."""
@@ -310,7 +314,7 @@ class Scripts:
         *,
         task_id: str,
         client: str,
-        events: list[dict[str, str]],
+        events: list[dict[str, str]] | list[RunEvent],
         task_fields: dict[str, str],
         terminal: bool,
         ack_entry_id: str | None,
@@ -319,22 +323,22 @@ class Scripts:
         task_ttl: int,
         first_run_of: int | None = None,
         readable: int = FORMAT_VERSION,
-        of_one_task: bool = False,
+        of_run: tuple[int, int] | None = None,
         reopen_token: str | None = None,
     ) -> RecordResult:
         """`first_run_of`: the workflow id of a first delivery's first write, made without reading the
         task before it; written only if the task is as enqueued, its workflow and the queue not paused
-        (else STALE). `readable`: the newest task hash format the caller reads. `of_one_task`: every
-        event was made by shared.events.event_fields for this one task (the same SHARED_EVENT_FIELDS),
-        so they are sent shorter: each as its type, ts and data, the shared values once (checking that
-        instead cost more than the bytes it saves). `reopen_token`: a run's, the re-open token of its
-        request ('' for none); written only if the task has not been re-opened since (else FINISHED)."""
-        if of_one_task and events:
-            first = events[0]
-            sent = orjson.dumps([[e["type"], e["ts"], e["data"]] for e in events])
-            shared = orjson.dumps([first[f] for f in SHARED_EVENT_FIELDS])
+        (else STALE). `readable`: the newest task hash format the caller reads. `of_run`: the execution
+        id and workflow id of this task's run, whose `events` are RunEvents: each is written as
+        shared.events.event_fields makes it, and the call is shorter (the fields they share go once).
+        Else `events` are whole events. `reopen_token`: a run's, the re-open token of its request ('' for
+        none); written only if the task has not been re-opened since (else FINISHED)."""
+        if of_run is not None:
+            execution_id, workflow_id = of_run
+            sent = orjson.dumps(events)
+            shared = orjson.dumps([task_id, str(execution_id), str(workflow_id), client, str(FORMAT_VERSION)])
         else:
-            sent, shared = orjson.dumps([pairs(event) for event in events]), b""
+            sent, shared = orjson.dumps([pairs(event) for event in events]), b""  # type: ignore[arg-type]
         reply = await self._call(
             "record",
             keys=[

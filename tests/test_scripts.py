@@ -352,16 +352,23 @@ async def test_record_writes_several_events_in_order(r: Redis, scripts: Scripts)
 
 
 async def test_record_writes_each_event_field_for_field_in_its_order(r: Redis, scripts: Scripts) -> None:
-    """A run's events may be sent without the fields they share (of_one_task, a shorter call): each
-    entry is written as given all the same, every field in its place; so are events sent whole."""
+    """A run's events are sent without the fields they share (of_run, a shorter call): each entry is
+    written as event_fields makes it all the same, every field in its place; events sent whole are
+    written as given."""
     await enqueue(scripts, "a")
     same = [
-        event_fields(k, task_id="a", execution_id=1, workflow_id=1, client="acme", data={"step": i, "x": "é\x00"})
+        event_fields(k, task_id="a", execution_id=7, workflow_id=3, client="acme", data={"step": i, "x": "é\x00"})
         for i, k in enumerate([EventType.STARTED, EventType.NODE_STARTED, EventType.NODE_FINISHED])
     ]
-    odd = {**event_fields(EventType.NODE_STARTED, task_id="a", execution_id=1, workflow_id=2, client="acme", data={})}
+    odd = {**event_fields(EventType.NODE_STARTED, task_id="a", execution_id=7, workflow_id=2, client="acme", data={})}
     unordered = dict(reversed(list(same[0].items())))
-    for events, of_one_task in ((same, True), (same, False), ([*same, odd], False), ([unordered], False)):
+    of_run = [(e["type"], e["ts"], e["data"]) for e in same]
+    for events, written_as, run in (
+        (of_run, same, (7, 3)),
+        (same, same, None),
+        ([*same, odd], [*same, odd], None),
+        ([unordered], [unordered], None),
+    ):
         before = await r.xrange(KEYS.results)
         await scripts.record(
             task_id="a",
@@ -372,11 +379,11 @@ async def test_record_writes_each_event_field_for_field_in_its_order(r: Redis, s
             ack_entry_id=None,
             token=uuid.uuid4().hex,
             task_ttl=60,
-            of_one_task=of_one_task,
+            of_run=run,
         )
         written = (await r.xrange(KEYS.results))[len(before) :]
         # Field for field, in order (a dict's items keep the entry's order).
-        assert [list(f.items()) for _, f in written] == [list(e.items()) for e in events]
+        assert [list(f.items()) for _, f in written] == [list(e.items()) for e in written_as]
 
 
 async def test_inflight_cap_counts_unfinished_tasks_per_client(r: Redis, scripts: Scripts) -> None:
