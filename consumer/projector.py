@@ -46,10 +46,11 @@ from shared.connections import (
     REDIS_UNAVAILABLE,
     NotConfigured,
     autoclaim,
-    decodes_responses,
     ensure_groups,
     is_missing_group,
     is_moved_away,
+    pairs_of,
+    read_group,
 )
 from shared.db import LazyPool
 from shared.events import Event
@@ -60,7 +61,6 @@ from shared.streams import (
     EventType,
     Keys,
     Layout,
-    decode_fields,
     entry_id_parts,
     format_version,
     now_iso,
@@ -185,7 +185,7 @@ class Batch:
     """A batch read and parsed: the events to write, the entries refused before writing, the events
     left pending for a newer projector, and every entry acknowledged once the events are committed."""
 
-    entries: list[tuple[str, dict[str, str]]]
+    entries: list[tuple[str, list[str]]]  # each entry's fields as read_group gives them
     events: list[Event]
     refused: list[Refusal]
     newer: list[str]
@@ -445,6 +445,12 @@ def _folds(executions: list[tuple[tuple[Any, ...], Event]]) -> list[_Fold]:
     return folds
 
 
+def _fields_of(pairs: list[str]) -> dict[str, str]:
+    """An entry's fields by name, from read_group's flat list (a later field of the same name wins)."""
+    it = iter(pairs)
+    return dict(zip(it, it, strict=False))  # one iterator, taken two at a time
+
+
 def _node_folds(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """UPSERT_NODE_RUN's rows for node-run rows in key order (each step's in stream order): each
     step's events two by two, in order, and a lone one (an odd one out) folded with itself."""
@@ -496,8 +502,6 @@ class Projector:
         # Entries the next read of new ones asks for, and whether the last read of new ones got as many.
         self._count = settings.projector_batch
         self._full = False
-        # Whether the client decodes replies (each of ours does): every field read is text already.
-        self._decoded = decodes_responses(redis)
 
     async def _db(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -616,24 +620,22 @@ class Projector:
         if pool is not None:
             await pool.expire_connections()
 
-    async def _next_batch(self, cursor: str) -> list[tuple[str, dict[str, str]]]:
+    async def _next_batch(self, cursor: str) -> list[tuple[str, list[str]]]:
         base = self.settings.projector_batch
         count = self._count if cursor == ">" else base
-        reply = await self.redis.xreadgroup(
+        entries = await read_group(
+            self.redis,
             self.keys.projector_group,
             self.consumer,
-            {self.keys.results: cursor},
+            self.keys.results,
+            cursor,
             count=count,
-            block=IDLE_BLOCK_MS if cursor == ">" else None,
+            block_ms=IDLE_BLOCK_MS if cursor == ">" else None,
         )
-        read = 0
-        entries: list[tuple[str, dict[str, str]]] = []
-        for _stream, items in reply or []:
-            read += len(items)
-            entries.extend((i, f) for i, f in items if f is not None)
         if cursor == ">":
-            # Full: more are waiting, and twice as many are read next. Not: back towards the base.
-            self._full = read >= count
+            # Full: more are waiting, and twice as many are read next. Not: back towards the base. (New
+            # entries cannot have been deleted: all of them are here.)
+            self._full = len(entries) >= count
             self._count = min(2 * count, base * BATCH_GROWTH) if self._full else max(base, count // 2)
         return entries
 
@@ -653,29 +655,35 @@ class Projector:
         )
         if claimed:
             log.info("projector reclaimed %d stale event(s)", len(claimed))
-            await self._project(claimed)
+            await self._project([(entry_id, pairs_of(fields)) for entry_id, fields in claimed])
 
-    async def _project(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    async def _project(self, entries: list[tuple[str, list[str]]]) -> None:
         await self._write_batch(self._prepare(entries))
 
-    def _prepare(self, entries: list[tuple[str, dict[str, str]]]) -> Batch:
+    def _prepare(self, entries: list[tuple[str, list[str]]]) -> Batch:
         events: list[Event] = []
         refused: list[Refusal] = []
         newer: list[str] = []
         readable = self.settings.readable_format
-        for entry_id, raw in entries:
-            fields = raw if self._decoded else decode_fields(raw)
-            version = format_version(fields)
-            if version is None:
-                refused.append(Refusal(entry_id, "malformed", "field v (the format version) is not a positive integer"))
-                continue
-            if version > readable:
-                newer.append(entry_id)
-                continue
+        for entry_id, pairs in entries:
             try:
-                events.append(Event.from_fields(entry_id, fields))
+                # An event as event_fields made it, in this format: every event a worker writes.
+                event = Event.from_pairs(entry_id, pairs)
+                if event is None:
+                    fields = _fields_of(pairs)
+                    version = format_version(fields)
+                    if version is None:
+                        reason = "field v (the format version) is not a positive integer"
+                        refused.append(Refusal(entry_id, "malformed", reason))
+                        continue
+                    if version > readable:
+                        newer.append(entry_id)
+                        continue
+                    event = Event.from_fields(entry_id, fields)
             except (KeyError, ValueError, TypeError) as exc:
                 refused.append(Refusal(entry_id, "malformed", f"not an event: {type(exc).__name__}: {exc}"))
+                continue
+            events.append(event)
         if newer:
             left = set(newer)
             entries = [(i, f) for i, f in entries if i not in left]
@@ -743,7 +751,7 @@ class Projector:
                 refused.append(Refusal(event.id, "rejected", f"{type(exc).__name__}: {exc}"))
         return refused
 
-    async def _dead_letter_and_ack(self, entries: list[tuple[str, dict[str, str]]], refused: list[Refusal]) -> None:
+    async def _dead_letter_and_ack(self, entries: list[tuple[str, list[str]]], refused: list[Refusal]) -> None:
         """Keep the refused entries in the projector's dead-letter stream and acknowledge the batch,
         atomically: an entry leaves the pending list only once it is either written or kept."""
         by_id = dict(entries)
@@ -758,7 +766,7 @@ class Projector:
                     self.dead_letters,
                 )
                 letter = {
-                    **decode_fields(by_id.get(refusal.entry_id) or {}),
+                    **_fields_of(by_id.get(refusal.entry_id) or []),
                     DeadLetterField.REASON: refusal.reason,
                     DeadLetterField.ERROR: refusal.detail,
                     DeadLetterField.ORIGINAL_ID: refusal.entry_id,

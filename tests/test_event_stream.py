@@ -325,6 +325,28 @@ def test_an_event_read_from_its_entry_is_the_event_made_from_its_values() -> Non
         Event.from_entry("1-0", {k: v for k, v in fields.items() if k != "task_id"})
 
 
+def test_an_event_read_by_position_is_the_event_read_by_name() -> None:
+    # The projector reads an entry event_fields made by the position of its fields (from_pairs); any
+    # other entry (another order, another format) is left to the reader's whole way, from_fields.
+    fields = event_fields(
+        EventType.NODE_FINISHED, task_id="t1", execution_id=7, workflow_id=3, client="acme", data={"a": "\x00"}
+    )
+    pairs = [x for pair in fields.items() for x in pair]
+    event = Event.from_pairs("1700000000000-5", pairs, shard=2)
+    assert event is not None
+    assert vars(event) == vars(Event.from_fields("1700000000000-5", fields, shard=2))
+    assert event.nul_free is False and type(event.type) is EventType
+    assert Event.from_pairs("1-0", [x for pair in reversed(fields.items()) for x in pair]) is None
+    assert Event.from_pairs("1-0", [*pairs[:-1], "2"]) is None  # a newer format
+    # What is not an event's is refused as from_fields refuses it.
+    for field, value in (("type", "no_such_type"), ("data", "[1]"), ("data", "{"), ("execution_id", "x")):
+        broken = [value if i > 0 and pairs[i - 1] == field else x for i, x in enumerate(pairs)]
+        with pytest.raises(ValueError):
+            Event.from_pairs("1-0", broken)
+        with pytest.raises(ValueError):
+            Event.from_fields("1-0", {**fields, field: value})
+
+
 @pytest.mark.parametrize("undone", ["before the stream opens", "between its subscription and its replay"])
 async def test_a_task_stream_of_a_retried_task_goes_on_past_the_end_the_retry_undid(
     redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, undone: str

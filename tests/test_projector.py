@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from cli.embedded import PostgresServer
 from consumer.projector import Projector, apply_events
-from shared.connections import ensure_groups
+from shared.connections import create_redis, ensure_groups
 from shared.db import create_pool, migrate_url
 from shared.events import Event, event_fields
 from shared.settings import Settings
@@ -69,11 +69,14 @@ class Emitter:
         )
 
 
-async def drain(redis: Redis, settings: Settings, pool: asyncpg.Pool, kind: type[Projector] = Projector) -> None:
-    """Run a projector until it has acknowledged every entry of the results stream."""
+async def drain(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, kind: type[Projector] = Projector, reader: Redis | None = None
+) -> None:
+    """Run a projector (reading with `reader`, else `redis`) until it has acknowledged every entry of the
+    results stream."""
     await ensure_groups(redis, Keys.from_settings(settings))
     stop = asyncio.Event()
-    task = asyncio.create_task(kind(settings, redis, pool, consumer="p-test").run(stop))
+    task = asyncio.create_task(kind(settings, reader or redis, pool, consumer="p-test").run(stop))
     try:
         await wait_read(redis, settings, task, acked=True)
     finally:
@@ -162,6 +165,43 @@ def test_only_an_entry_whose_text_shows_no_nul_skips_the_replacement() -> None:
     assert not lookalike.nul_free and lookalike.data["final_context"]["a"] == "\\u0000"
     # Built otherwise than from an entry: not known, so replaced.
     assert not Event("1-0", EventType.SUCCEEDED, "t", 1, 1, "acme", "2024-05-01T10:00:00.000Z", {}).nul_free
+
+
+@pytest.mark.parametrize("client", ["RESP3", "RESP2", "bytes"])
+async def test_events_are_projected_whatever_their_field_order_and_the_clients_protocol(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, client: str
+) -> None:
+    # The projector reads a worker's events by the position of their fields (Event.from_pairs), from
+    # replies taken as the protocol parser gives them (read_group); an entry written by hand in another
+    # field order, and a client answering RESP2 or bytes, go the whole way and land the same.
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    await Emitter(redis, settings, execution_id=1, task_id="t1", client="acme", workflow_id=wf.id).whole_run(
+        {"a": 1}, {"a": 2}
+    )
+    by_hand = Emitter(redis, settings, execution_id=2, task_id="t2", client="acme", workflow_id=wf.id)
+    emit = by_hand.emit
+
+    async def reversed_fields(type_: EventType, data: dict[str, Any], **override: Any) -> str:
+        fields = event_fields(type_, **{**by_hand.ids, **override}, data=data)  # type: ignore[arg-type]
+        return str(await redis.xadd(settings.results_stream, dict(reversed(list(fields.items())))))  # type: ignore[arg-type]
+
+    by_hand.emit = reversed_fields  # type: ignore[method-assign]
+    await by_hand.whole_run({"a": 1}, {"a": 2})
+    by_hand.emit = emit  # type: ignore[method-assign]
+    options = {"RESP3": {}, "RESP2": {"protocol": 2}, "bytes": {"decode_responses": False}}[client]
+    reader = create_redis(settings, prompt_writes=True, batch_commands=True, **options)  # type: ignore[arg-type]
+    try:
+        await drain(redis, settings, pool, reader=reader)
+    finally:
+        await reader.aclose()
+    rows = await pool.fetch("SELECT id, status, final_context FROM executions ORDER BY id")
+    assert [(r["id"], r["status"], r["final_context"]) for r in rows] == [
+        (1, "completed", {"a": 2}),
+        (2, "completed", {"a": 2}),
+    ]
+    runs = await pool.fetch("SELECT execution_id, status, input_context FROM node_runs ORDER BY execution_id")
+    assert [tuple(r) for r in runs] == [(1, "success", {"a": 1}), (2, "success", {"a": 1})]
+    assert await dead_letters(redis, settings) == []
 
 
 async def test_events_postgresql_refuses_are_logged_and_kept_not_dropped(
