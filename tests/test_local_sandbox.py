@@ -125,6 +125,24 @@ async def test_unserialisable_context_names_the_key(provider: LocalSandboxProvid
         await sb.close()
 
 
+async def test_a_context_holding_a_lone_surrogate_names_the_key(provider: LocalSandboxProvider) -> None:
+    # Text decoded with surrogateescape (bytes that are not UTF-8, as in a mail's attachment) holds lone
+    # surrogates, which JSON cannot carry: the node failed as "a reply that is not JSON", with a parser's
+    # message about UTF-8 and no word of which value. A string of emoji (surrogate pairs once escaped) is fine.
+    sb = await sandbox(provider)
+    try:
+        assert (await sb.run_action("emoji", "context['x'] = '\U0001f600 ok'", {}, 5)).context == {"x": "\U0001f600 ok"}
+        with pytest.raises(NodeError) as info:
+            code = "context['mail'] = {'body': [b'caf\\xe9'.decode('utf-8', 'surrogateescape')]}"
+            await sb.run_action("mail", code, {}, 5)
+        assert info.value.reason == "serialization"
+        assert info.value.message == (
+            "context['mail']['body'][0] holds a lone surrogate (U+DCE9), which JSON cannot carry"
+        )
+    finally:
+        await sb.close()
+
+
 async def test_environment_is_scrubbed_and_secrets_are_private(
     provider: LocalSandboxProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

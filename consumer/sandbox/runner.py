@@ -89,6 +89,30 @@ def _first_unserialisable(value: object, path: str) -> str | None:
     return f"{path} is not JSON-serialisable ({type(value).__name__})"
 
 
+def _first_lone_surrogate(value: object, path: str) -> str | None:
+    """Where `value` holds a lone surrogate (text decoded with surrogateescape, say), which JSON text cannot
+    carry: json.dumps escapes one all the same, and the worker's parser refuses the reply."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{path} holds a lone surrogate (U+{ord(value[exc.start]):04X}), which JSON cannot carry"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _first_lone_surrogate(key, f"{path} has a key that") or _first_lone_surrogate(
+                item, f"{path}[{key!r}]"
+            )
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _first_lone_surrogate(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def _node_traceback(exc: BaseException) -> str:
     # Only the frames of node code: the runner's own frames tell the user nothing.
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith("<node ")]
@@ -222,6 +246,11 @@ class Runner:
         except (TypeError, ValueError):
             problem = _first_unserialisable(context, "context") or "context is not JSON-serialisable"
             return {"ok": False, "error": _error("TypeError", problem, "", "serialization")}
+        # Any surrogate is escaped as \udXXX (the text is ASCII): looked for only then. Pairs (characters
+        # past U+FFFF, such as emoji) are fine; a lone one is not.
+        problem = _first_lone_surrogate(context, "context") if "\\ud" in encoded else None
+        if problem:
+            return {"ok": False, "error": _error("UnicodeEncodeError", problem, "", "serialization")}
         size = len(encoded)
         if size > self.context_cap:
             return {
