@@ -142,7 +142,9 @@ class FaultProxy:
 
     def throttle(self, bytes_per_second: float | None) -> None:
         """Carry at most this many bytes a second each way (None: as fast as they come): a slow but
-        healthy link."""
+        healthy link. A rate that is not a positive number is refused (0 read as no throttle at all)."""
+        if bytes_per_second is not None and not bytes_per_second > 0:
+            raise ValueError(f"a throttle is a positive number of bytes a second, not {bytes_per_second!r}")
         self._rate = bytes_per_second
 
     def pause(self) -> None:

@@ -189,3 +189,13 @@ async def test_upstream_down_closes_the_client(redis_factory: Callable[..., Redi
                 await client.ping()
         finally:
             await client.aclose()
+
+
+async def test_a_throttle_that_is_not_a_positive_rate_is_refused(proxy: FaultProxy, redis: Redis) -> None:
+    # 0 read as "no throttle" and a negative rate as one too: a test meaning a stalled link got a fast one.
+    for rate in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="positive number of bytes a second"):
+            proxy.throttle(rate)
+    proxy.throttle(1 << 20)
+    proxy.throttle(None)
+    assert await redis.ping()
