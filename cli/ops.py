@@ -169,8 +169,9 @@ def cleanup_command(
         typer.echo(f"  {stream:<12} {n} dead letter(s)")
     if dry_run:
         typer.echo(f"oldest: {report['oldest'] or '-'}")
-    elif report["kept_reopened"]:
-        typer.echo(f"kept {report['kept_reopened']} execution(s) a retry has reopened")
+    if report["kept_reopened"]:
+        verb = "would keep" if dry_run else "kept"
+        typer.echo(f"{verb} {report['kept_reopened']} execution(s) a retry has reopened")
 
 
 def chaos_command(

@@ -52,6 +52,17 @@ FOR UPDATE SKIP LOCKED
 """
 
 
+_NODE_RUNS_OF = "SELECT count(*) FROM node_runs WHERE execution_id = ANY($1::bigint[])"
+
+# The same rows as _CANDIDATES, read (not locked) in id order after $3, for the dry run.
+_PLANNED = """
+SELECT id, task_id, updated_at FROM executions
+WHERE status = ANY($1::text[]) AND updated_at < $2 AND id > $3 AND id < $4
+ORDER BY id
+LIMIT $5
+"""
+
+
 @dataclass
 class CleanupReport:
     """What a cleanup removed (or, for a dry run, would remove)."""
@@ -90,27 +101,27 @@ class Retention:
         return [stream for k in self.keys.all_shards for stream in (k.dead_letter, k.projector_dead_letter)]
 
     async def plan(self, cutoff: datetime) -> CleanupReport:
-        """What `run(cutoff)` would delete, deleting nothing (`nova cleanup --dry-run`)."""
+        """What `run(cutoff)` would delete, deleting nothing (`nova cleanup --dry-run`): the same rows, those
+        a retry reopened in Redis left out (counted as kept), read a batch at a time in id order."""
         report = CleanupReport(cutoff=cutoff, dry_run=True)
         async with self.pool.acquire() as conn:
             floor = await conn.fetchval("SELECT coalesce(max(id), 0) FROM executions")
-            row = await conn.fetchrow(
-                "SELECT count(*) AS n, min(updated_at) AS oldest FROM executions "
-                "WHERE status = ANY($1::text[]) AND updated_at < $2 AND id < $3",
-                FINISHED,
-                cutoff,
-                floor,
-            )
-            report.executions, report.oldest = int(row["n"]), row["oldest"]
-            report.node_runs = int(
-                await conn.fetchval(
-                    "SELECT count(*) FROM node_runs n JOIN executions e ON e.id = n.execution_id "
-                    "WHERE e.status = ANY($1::text[]) AND e.updated_at < $2 AND e.id < $3",
-                    FINISHED,
-                    cutoff,
-                    floor,
-                )
-            )
+            after = 0
+            while True:
+                rows = await conn.fetch(_PLANNED, FINISHED, cutoff, after, floor, self.batch)
+                if not rows:
+                    break
+                after = rows[-1]["id"]
+                reopened = await self._running_in_redis([r["task_id"] for r in rows])
+                going = [r for r in rows if r["task_id"] not in reopened]
+                report.kept_reopened += len(rows) - len(going)
+                report.executions += len(going)
+                oldest = min((r["updated_at"] for r in going), default=None)
+                if oldest is not None and (report.oldest is None or oldest < report.oldest):
+                    report.oldest = oldest
+                going_ids = [r["id"] for r in going]
+                runs = await conn.fetchval(_NODE_RUNS_OF, going_ids)
+                report.node_runs += int(runs)
         for stream in self.dead_letter_streams:
             report.dead_letters[stream] = await self._count_older(stream, _ms(cutoff))
         return report
