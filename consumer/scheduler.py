@@ -186,13 +186,16 @@ class Scheduler:
                 next_ms = schedule.next_after(tick_ms)
                 # The ticks after it that ran too (Redis came back from further back), a bounded number per
                 # pass: the rest are the next pass's, each a PostgreSQL query.
-                not_run = False
+                not_run = unknown = False
                 for _ in range(CATCH_UP_PER_PASS):
                     if next_ms > now_ms:
                         break
                     ran_next = await self._tick_ran(schedule, next_ms)
                     if ran_next is None:
-                        break  # PostgreSQL cannot say: the tick waits, due
+                        # PostgreSQL cannot say: the tick waits, due, and the pass ends (the schedules
+                        # after this one would only wait on PostgreSQL in turn).
+                        unknown = True
+                        break
                     if not ran_next:
                         not_run = True
                         break
@@ -205,7 +208,7 @@ class Scheduler:
                 )
                 if not not_run:
                     await self.store.advance(schedule_id, read_ms, next_ms)
-                    return 0
+                    return None if unknown else 0
                 # Due and not run (as the loop just found): fired now, as the tick this pass read would be.
                 tick_ms = next_ms
             if await self._fire(schedule, workflow, tick_ms):

@@ -402,3 +402,34 @@ async def test_a_pass_catching_up_on_lost_ticks_asks_postgresql_a_bounded_number
     s.catalog.holds_any_task = holds_any_task  # type: ignore[method-assign]
     await s.tick(now_ms=t0 + 400 * 60_000)
     assert len(checks) <= CATCH_UP_PER_PASS + 2, f"one pass asked PostgreSQL {len(checks)} times"
+
+
+async def test_postgresql_failing_during_a_catch_up_ends_the_pass(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """A schedule catching up on ticks that ran (Redis back from an older snapshot) found PostgreSQL unable
+    to answer for the next one, and the pass went on to the other schedules, each to wait up to 2 s on
+    PostgreSQL in turn within a pass holding a 5 s lease. A pass ends as soon as PostgreSQL cannot say,
+    as it does for a first tick; the schedule keeps the progress it made, and its tick waits, due."""
+    keys = Keys.from_settings(settings)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    store = ScheduleStore(redis, keys)
+    first = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    [(_, t0)] = await store.due(2**62)
+    other = await store.create(cron="* * * * *", workflow_id=wf.id, client="acme", initial_context={})
+    await store.advance(other.id, (await store.next_fire(other.id)) or 0, t0 + 1)  # due right after the first
+    s = scheduler(redis, settings, pool, "r")
+    checks: list[str] = []
+
+    async def holds_any_task(task_ids: list[str]) -> bool:
+        checks.append(task_ids[0])
+        if len(checks) > 1:
+            raise ConnectionRefusedError("PostgreSQL is down")
+        return True  # the first tick ran; the one after it cannot be said
+
+    s.catalog.holds_any_task = holds_any_task  # type: ignore[method-assign]
+    assert await s.tick(now_ms=t0 + 10 * 60_000) == 0
+    assert len(checks) == 2 and all(f"-{first.id}-" in c for c in checks), checks
+    # The tick found run is behind it; the next waits, due, and nothing was enqueued.
+    assert await store.next_fire(first.id) == t0 + 60_000
+    assert await redis.xlen(settings.requests_stream) == 0
