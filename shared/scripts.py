@@ -41,10 +41,8 @@ def pairs(mapping: dict[str, str]) -> list[str]:
 
 # The fields every event of one task shares, as record.lua names them (EventField's values): a run's
 # events are sent without them, and the script writes them into each entry (see record).
-SHARED_EVENT_FIELDS = ("task_id", "execution_id", "workflow_id", "client", "v")
-
 # An event of a run as `record` takes it (`of_run`): its type, ts and data (JSON text); the fields every
-# event of the run shares (SHARED_EVENT_FIELDS) go once per call.
+# event of the run shares (task_id, execution_id, workflow_id, client, v) go once per call.
 RunEvent = tuple[str, str, str]
 
 

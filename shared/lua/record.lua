@@ -30,7 +30,7 @@ local first_run = ARGV[9]   -- '' for none; else the run's 'workflow:{id}' field
                             -- and the events assume a first run: see fresh() below
 local readable = tonumber(ARGV[10])  -- the newest format of task hash this worker reads
 -- '' or absent: each event of ARGV[7] is its whole entry. Else JSON: the values every event shares
--- (task_id, execution_id, workflow_id, client, v: SHARED_EVENT_FIELDS in shared/scripts.py), and each
+-- (task_id, execution_id, workflow_id, client, v: Scripts.record's `of_run` in shared/scripts.py), and each
 -- event of ARGV[7] is only its own {type, ts, data}; each entry is written with every field, in the
 -- order shared/events.py gives them. (Sent whole, a run's events repeat the shared ones: ~40% of the bytes.)
 local shared = ARGV[11]
