@@ -122,8 +122,8 @@ _OLDER_NEWER = "($22::bigint, $23::bigint) > (n.last_event_ms, n.last_event_seq)
 # Each attempt of a node with a retry policy is a step, hence a row, of its own (attempt numbers it).
 #
 # Two events of one node run (one step of one execution) in a batch go as one row, folded: the newer
-# one's row ($1..$19), then the older one's input context, start time and stream id ($20..$23); a lone
-# event is the fold of itself with itself. The row ends as the two upserts one after the other would
+# one's row ($1..$19), then the older one's input context, start time and stream id ($20..$23), when
+# that is all the older one holds (_folds_into); any other event is the fold of itself with itself. The row ends as the two upserts one after the other would
 # leave it, whatever the stored row's last event: the newer event's columns win where it is newer than
 # the row, and the two columns that keep a value met before (input context, start time) take the first
 # one that is not NULL in the order the two upserts would have met them, which depends on which of the
@@ -451,15 +451,35 @@ def _fields_of(pairs: list[str]) -> dict[str, str]:
     return dict(zip(it, it, strict=False))  # one iterator, taken two at a time
 
 
+# Columns of a node-run row (node_run_row) a fold does not send for its older event: its outcome, which
+# a node_started event leaves empty, and its node and attempt, which must then be the newer one's.
+_OUTCOME = (6, 7, 8, 9, 10, 11, 13, 14)
+_SAME = (2, 3, 17, 18)
+
+
+def _folds_into(older: tuple[Any, ...], newer: tuple[Any, ...]) -> bool:
+    """Whether two node-run rows go as one fold: the same step, and nothing of the older one but what the
+    fold sends (its input context, start time and id). Otherwise a value of the older event PostgreSQL
+    would refuse (an attempt that is not a number, say) would go unseen, and the event be written in part
+    rather than dead-lettered."""
+    if newer[0] != older[0] or newer[1] != older[1]:
+        return False
+    if any(older[i] is not None for i in _OUTCOME):
+        return False
+    # Equal and of one type: 1 and True are equal, but only one is an integer to PostgreSQL.
+    return all(type(older[i]) is type(newer[i]) and older[i] == newer[i] for i in _SAME)
+
+
 def _node_folds(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """UPSERT_NODE_RUN's rows for node-run rows in key order (each step's in stream order): each
-    step's events two by two, in order, and a lone one (an odd one out) folded with itself."""
+    """UPSERT_NODE_RUN's rows for node-run rows in key order (each step's in stream order): each step's
+    node_started event folded with the event after it (see _folds_into), and any other row folded with
+    itself."""
     folds: list[tuple[Any, ...]] = []
     i, n = 0, len(rows)
     while i < n:
         older = rows[i]
         newer = rows[i + 1] if i + 1 < n else None
-        if newer is not None and newer[0] == older[0] and newer[1] == older[1]:
+        if newer is not None and _folds_into(older, newer):
             i += 2
         else:
             newer = older

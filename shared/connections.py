@@ -428,30 +428,40 @@ async def read_group(
     redis: Redis, group: str, consumer: str, stream: str, cursor: str, *, count: int, block_ms: int | None = None
 ) -> list[tuple[str, list[str]]]:
     """XREADGROUP of one stream: its entries, each with its fields as Redis answers them (field, value,
-    ...) in text; entries deleted while pending (no fields left) are left out.
+    ...) in text; an entry deleted while pending comes with none (an empty list), for its reader to
+    settle as it would an entry without the fields it needs.
 
     On a client lean commands serve (takes_lean_commands) whose replies are text, the reply is taken as
     the protocol parser gives it: redis-py's reply callbacks made a dict of every entry, which its
     reader then looked its fields up in (see Event.from_pairs), and cost a busy projector about 3% of a
-    worker's CPU. Elsewhere (a cluster, a client answering bytes) through redis-py, each entry's fields
+    worker's CPU. A lean read that fails for want of a connection goes the whole way, with redis-py's
+    retries, as any other client's read does (a cluster, a client answering bytes): each entry's fields
     laid flat again.
     """
     if takes_lean_commands(redis) and decodes_responses(redis):
         block = ("BLOCK", block_ms) if block_ms is not None else ()
         command = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, *block, "STREAMS", stream, cursor)
-        reply = await lean_command(redis, *command)
-        if not reply:
-            return []
-        # RESP3 answers a map of streams, RESP2 a list of (stream, entries) pairs.
-        streams = reply.values() if isinstance(reply, dict) else [items for _, items in reply]
-        return [(entry_id, fields) for items in streams for entry_id, fields in items if fields is not None]
+        try:
+            reply = await lean_command(redis, *command)
+        except (RedisConnectionError, RedisTimeoutError):
+            pass
+        else:
+            if not reply:
+                return []
+            # RESP3 answers a map of streams, RESP2 a list of (stream, entries) pairs.
+            streams = reply.values() if isinstance(reply, dict) else [items for _, items in reply]
+            return [(entry_id, fields or []) for items in streams for entry_id, fields in items]
     answer = await redis.xreadgroup(group, consumer, {stream: cursor}, count=count, block=block_ms)
-    entries = answer.values() if isinstance(answer, dict) else [items for _, items in answer or []]
+    # redis-py answers a list of (stream, entries) pairs, or, asked for RESP3 by name, a map of streams
+    # to a list holding their entries.
+    if isinstance(answer, dict):
+        streams = [value[0] if value else [] for value in answer.values()]
+    else:
+        streams = [items for _, items in answer or []]
     return [
-        (entry_id if isinstance(entry_id, str) else entry_id.decode(), pairs_of(fields))
-        for items in entries
+        (entry_id if isinstance(entry_id, str) else entry_id.decode(), pairs_of(fields or {}))
+        for items in streams
         for entry_id, fields in items
-        if fields is not None
     ]
 
 

@@ -16,11 +16,11 @@ from redis.asyncio import Redis
 
 from cli.embedded import PostgresServer
 from consumer.projector import Projector, apply_events
-from shared.connections import create_redis, ensure_groups
+from shared.connections import create_redis, ensure_groups, read_group
 from shared.db import create_pool, migrate_url
 from shared.events import Event, event_fields
 from shared.settings import Settings
-from shared.streams import EventType, Keys, TaskField, loads
+from shared.streams import DeadLetterField, EventType, Keys, TaskField, loads
 from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_projected, wait_terminal
 
 NUL, REPLACEMENT = "\x00", "\ufffd"
@@ -607,3 +607,109 @@ async def test_after_a_short_read_the_projector_lingers_and_takes_a_runs_next_ev
     # The first read found one event; the run's next four waited out the linger and came in one batch.
     assert projector.sizes == [1, 4]
     assert await pool.fetchval("SELECT status FROM executions WHERE id = 5") == "completed"
+
+
+def node_event(type_: EventType, entry_id: str, workflow_id: int, **data: object) -> Event:
+    """An event of step 1 (node a1) of execution 77."""
+    fields = event_fields(
+        type_,
+        task_id="t77",
+        execution_id=77,
+        workflow_id=workflow_id,
+        client="acme",
+        data={"step": 1, "node_id": "a1", "node_type": "action", **data},
+    )
+    return Event.from_entry(entry_id, fields)
+
+
+async def test_a_node_event_postgresql_refuses_is_refused_when_it_shares_a_batch_with_the_next(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # A node run's two events in one batch go as one row, which carries only some of the older one's
+    # values: an attempt PostgreSQL refuses went unseen, and the event was written in part instead of
+    # being dead-lettered, as it is alone.
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    started = node_event(EventType.NODE_STARTED, "100-0", wf.id, input_context={"v": 1}, attempt="x")
+    finished = node_event(EventType.NODE_FINISHED, "100-1", wf.id, status="success", attempt=1)
+    projector = Projector(settings, redis, pool, consumer="p-test")
+
+    async def after(batches: list[list[Event]]) -> tuple[list[str], dict[str, object] | None]:
+        async with pool.acquire() as conn:
+            await conn.execute("DELETE FROM node_runs WHERE execution_id = 77")
+            await conn.execute("DELETE FROM executions WHERE id = 77")
+            refused: list[str] = []
+            for batch in batches:
+                refused += [r.entry_id for r in await projector._write(conn, batch)]
+            row = await conn.fetchrow("SELECT status, input_context FROM node_runs WHERE execution_id = 77")
+            return refused, None if row is None else dict(row)
+
+    one_by_one = await after([[started], [finished]])
+    assert one_by_one == (["100-0"], {"status": "success", "input_context": None})
+    assert await after([[started, finished]]) == one_by_one
+
+
+async def test_pending_entries_behind_a_page_of_deleted_ones_are_read_again_at_once(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # A re-read of the projector's own pending entries that met a page of entries deleted while pending
+    # took it for the end of them: the live ones behind waited for a reclaim (a visibility timeout), and
+    # the deleted ones stayed pending, never dead-lettered nor acknowledged.
+    settings = settings.model_copy(update={"projector_batch": 2, "visibility_timeout": 60.0})
+    keys = Keys.from_settings(settings)
+    await ensure_groups(redis, keys)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    queued = {"workflow_name": "wf", "enqueued_at": "2024-05-01T10:00:00.000Z", "initial_context": {"a": 1}}
+
+    async def emit(n: int) -> str:
+        emitter = Emitter(redis, settings, execution_id=n, task_id=f"t{n}", client="acme", workflow_id=wf.id)
+        return await emitter.emit(EventType.QUEUED, queued)
+
+    # XAUTOCLAIM scans ten times its count of pending entries a call: these keep the reclaim from them.
+    for n in range(10, 30):
+        await emit(n)
+    gone = [await emit(2), await emit(3)]
+    await emit(1)
+    await redis.xreadgroup(keys.projector_group, "p-test", {keys.results: ">"})  # pending, as a crash leaves them
+    await redis.xdel(keys.results, *gone)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Projector(settings, redis, pool, consumer="p-test").run(stop))
+    try:
+        await until(
+            lambda: pool.fetchval("SELECT count(*) FROM executions WHERE id = 1"), "the entry behind the deleted ones"
+        )
+        await until(lambda: pending_none(redis, settings), "every pending entry settled")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert sorted(f[DeadLetterField.ORIGINAL_ID] for f in await dead_letters(redis, settings)) == sorted(gone)
+
+
+async def pending_none(redis: Redis, settings: Settings) -> bool:
+    keys = Keys.from_settings(settings)
+    return (await redis.xpending(keys.results, keys.projector_group))["pending"] == 0
+
+
+@pytest.mark.parametrize("client", ["RESP3 by default", "RESP2", "RESP3 by name", "bytes", "bytes and RESP3"])
+async def test_read_group_answers_alike_on_every_client(redis: Redis, settings: Settings, client: str) -> None:
+    # The projector's reads: taken as the parser gives them on a plain client answering text, through
+    # redis-py on any other; an entry deleted while pending comes with no fields on each.
+    keys = Keys.from_settings(settings)
+    await ensure_groups(redis, keys)
+    ids = [await redis.xadd(keys.results, {"a": str(n), "b": "é"}) for n in range(3)]
+    options = {
+        "RESP3 by default": {},
+        "RESP2": {"protocol": 2},
+        "RESP3 by name": {"protocol": 3},
+        "bytes": {"decode_responses": False},
+        "bytes and RESP3": {"decode_responses": False, "protocol": 3},
+    }[client]
+    reader = create_redis(settings, prompt_writes=True, batch_commands=True, **options)  # type: ignore[arg-type]
+    try:
+        new = await read_group(reader, keys.projector_group, "c", keys.results, ">", count=10)
+        await redis.xdel(keys.results, ids[1])
+        again = await read_group(reader, keys.projector_group, "c", keys.results, "0", count=10)
+    finally:
+        await reader.aclose()
+    entries = [(i, ["a", str(n), "b", "é"]) for n, i in enumerate(ids)]
+    assert new == entries
+    assert again == [entries[0], (ids[1], []), entries[2]]
