@@ -123,12 +123,12 @@ _OLDER_NEWER = "($22::bigint, $23::bigint) > (n.last_event_ms, n.last_event_seq)
 #
 # Two events of one node run (one step of one execution) in a batch go as one row, folded: the newer
 # one's row ($1..$19), then the older one's input context, start time and stream id ($20..$23), when
-# that is all the older one holds (_folds_into); any other event is the fold of itself with itself. The row ends as the two upserts one after the other would
-# leave it, whatever the stored row's last event: the newer event's columns win where it is newer than
-# the row, and the two columns that keep a value met before (input context, start time) take the first
-# one that is not NULL in the order the two upserts would have met them, which depends on which of the
-# two events the stored row is newer than. A node's started and finished events mostly share a batch:
-# this halves the rows a run writes.
+# that is all the older one holds (_folds_into); any other event is the fold of itself with itself. The
+# row ends as the two upserts one after the other would leave it, whatever the stored row's last event:
+# the newer event's columns win where it is newer than the row, and the two columns that keep a value
+# met before (input context, start time) take the first one that is not NULL in the order the two
+# upserts would have met them, which depends on which of the two events the stored row is newer than. A
+# node's started and finished events mostly share a batch: this halves the rows a run writes.
 UPSERT_NODE_RUN = f"""
 INSERT INTO node_runs AS n (
     execution_id, step, node_id, node_type, status, input_context, output_context, stdout, stderr,

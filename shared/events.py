@@ -53,22 +53,9 @@ def event_fields(
 _EVENT_TYPES = {t.value: t for t in EventType}
 # The fields' names as plain text (from_fields): a dict lookup by an enum member compares it by its
 # class's equality, by plain text at once.
-_DATA, _TYPE, _TASK_ID, _EXECUTION_ID, _WORKFLOW_ID, _CLIENT, _TS = (
-    str(f.value)
-    for f in (
-        EventField.DATA,
-        EventField.TYPE,
-        EventField.TASK_ID,
-        EventField.EXECUTION_ID,
-        EventField.WORKFLOW_ID,
-        EventField.CLIENT,
-        EventField.TS,
-    )
-)
-_new_object = object.__new__
-_set_attribute = object.__setattr__
 # The fields of an entry event_fields made (record.lua writes a run's events the same), in its order:
-# what Event.from_pairs reads by position.
+# what Event.from_pairs reads by position. As plain text: a dict lookup by an enum member (from_fields)
+# compares it by its class's equality, by plain text at once.
 _FIELD_ORDER = [
     str(f.value)
     for f in (
@@ -82,6 +69,9 @@ _FIELD_ORDER = [
         EventField.VERSION,
     )
 ]
+_TYPE, _TASK_ID, _EXECUTION_ID, _WORKFLOW_ID, _CLIENT, _TS, _DATA, _ = _FIELD_ORDER
+_new_object = object.__new__
+_set_attribute = object.__setattr__
 _FORMAT_TEXT = str(FORMAT_VERSION)
 
 

@@ -34,10 +34,10 @@ from shared.catalog import StoredWorkflow, WorkflowCatalog
 from shared.clients import Vault
 from shared.connections import REDIS_UNAVAILABLE
 from shared.enqueue import NewExecution, enqueue_execution
-from shared.events import Event
+from shared.events import Event, event_fields
 from shared.scripts import EnqueueResult, Scripts
 from shared.settings import Settings
-from shared.streams import TERMINAL_EVENTS, Keys, Lane, Layout
+from shared.streams import TERMINAL_EVENTS, EventType, Keys, Lane, Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -485,3 +485,16 @@ def process_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def node_event(type_: EventType, entry_id: str, workflow_id: int, **data: object) -> Event:
+    """An event of step 1 (node a1) of execution 77 (task t77, client acme), as read from its entry."""
+    fields = event_fields(
+        type_,
+        task_id="t77",
+        execution_id=77,
+        workflow_id=workflow_id,
+        client="acme",
+        data={"step": 1, "node_id": "a1", "node_type": "action", **data},
+    )
+    return Event.from_entry(entry_id, fields)

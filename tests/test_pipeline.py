@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from consumer.projector import apply_events
 from consumer.worker import serve
-from shared.events import Event, event_fields
+from shared.events import Event
 from shared.scripts import EnqueueResult
 from shared.settings import Settings
 from shared.streams import EventType, Keys, TaskField, TaskStatus, loads
@@ -21,6 +21,7 @@ from tests.support import (
     enqueue,
     in_process_worker,
     linear,
+    node_event,
     wait_for_events,
     wait_projected,
     wait_terminal,
@@ -181,19 +182,6 @@ async def test_a_batch_holding_events_older_and_newer_than_the_row_ends_as_one_b
             one_by_one = await after(conn, [events[k]], [[e] for e in again])
             assert await after(conn, [events[k]], [again]) == one_by_one, f"event {k} ({events[k].type}) again"
     assert one_by_one["status"] == "completed"
-
-
-def node_event(type_: EventType, entry_id: str, workflow_id: int, **data: object) -> Event:
-    """An event of step 1 (node a1) of execution 77."""
-    fields = event_fields(
-        type_,
-        task_id="t77",
-        execution_id=77,
-        workflow_id=workflow_id,
-        client="acme",
-        data={"step": 1, "node_id": "a1", "node_type": "action", **data},
-    )
-    return Event.from_entry(entry_id, fields)
 
 
 async def test_a_batchs_events_of_one_node_run_end_as_one_by_one_whatever_the_row_holds(

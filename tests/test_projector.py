@@ -21,7 +21,15 @@ from shared.db import create_pool, migrate_url
 from shared.events import Event, event_fields
 from shared.settings import Settings
 from shared.streams import DeadLetterField, EventType, Keys, TaskField, loads
-from tests.support import create_workflow, enqueue, in_process_worker, linear, wait_projected, wait_terminal
+from tests.support import (
+    create_workflow,
+    enqueue,
+    in_process_worker,
+    linear,
+    node_event,
+    wait_projected,
+    wait_terminal,
+)
 
 NUL, REPLACEMENT = "\x00", "\ufffd"
 
@@ -607,19 +615,6 @@ async def test_after_a_short_read_the_projector_lingers_and_takes_a_runs_next_ev
     # The first read found one event; the run's next four waited out the linger and came in one batch.
     assert projector.sizes == [1, 4]
     assert await pool.fetchval("SELECT status FROM executions WHERE id = 5") == "completed"
-
-
-def node_event(type_: EventType, entry_id: str, workflow_id: int, **data: object) -> Event:
-    """An event of step 1 (node a1) of execution 77."""
-    fields = event_fields(
-        type_,
-        task_id="t77",
-        execution_id=77,
-        workflow_id=workflow_id,
-        client="acme",
-        data={"step": 1, "node_id": "a1", "node_type": "action", **data},
-    )
-    return Event.from_entry(entry_id, fields)
 
 
 async def test_a_node_event_postgresql_refuses_is_refused_when_it_shares_a_batch_with_the_next(
