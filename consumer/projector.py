@@ -451,18 +451,19 @@ def _fields_of(pairs: list[str]) -> dict[str, str]:
     return dict(zip(it, it, strict=False))  # one iterator, taken two at a time
 
 
-# Columns of a node-run row (node_run_row) a fold does not send for its older event: its outcome, which
-# a node_started event leaves empty, and its node and attempt, which must then be the newer one's.
+# Columns of a node-run row (node_run_row) a fold does not send for its older event: its status (a
+# node_started event's is "running") and outcome, which a node_started event leaves empty, and its node
+# and attempt, which must then be the newer one's.
 _OUTCOME = (6, 7, 8, 9, 10, 11, 13, 14)
 _SAME = (2, 3, 17, 18)
 
 
 def _folds_into(older: tuple[Any, ...], newer: tuple[Any, ...]) -> bool:
     """Whether two node-run rows go as one fold: the same step, and nothing of the older one but what the
-    fold sends (its input context, start time and id). Otherwise a value of the older event PostgreSQL
-    would refuse (an attempt that is not a number, say) would go unseen, and the event be written in part
-    rather than dead-lettered."""
-    if newer[0] != older[0] or newer[1] != older[1]:
+    fold sends (its input context, start time and id), as a node_started event holds. Otherwise a value
+    of the older event PostgreSQL would refuse (an attempt that is not a number, a status of null) would
+    go unseen, and the event be written in part rather than dead-lettered."""
+    if newer[0] != older[0] or newer[1] != older[1] or older[4] != "running":
         return False
     if any(older[i] is not None for i in _OUTCOME):
         return False

@@ -434,9 +434,9 @@ async def read_group(
     On a client lean commands serve (takes_lean_commands) whose replies are text, the reply is taken as
     the protocol parser gives it: redis-py's reply callbacks made a dict of every entry, which its
     reader then looked its fields up in (see Event.from_pairs), and cost a busy projector about 3% of a
-    worker's CPU. A lean read that fails for want of a connection goes the whole way, with redis-py's
-    retries, as any other client's read does (a cluster, a client answering bytes): each entry's fields
-    laid flat again.
+    worker's CPU. A lean read of pending entries (not of new ones, ">": see below) that fails for want of a
+    connection goes the whole way, with redis-py's retries, as any other client's read does (a cluster, a
+    client answering bytes): each entry's fields laid flat again.
     """
     if takes_lean_commands(redis) and decodes_responses(redis):
         block = ("BLOCK", block_ms) if block_ms is not None else ()
@@ -444,7 +444,11 @@ async def read_group(
         try:
             reply = await lean_command(redis, *command)
         except (RedisConnectionError, RedisTimeoutError):
-            pass
+            if cursor == ">":
+                # Redis may have delivered new entries whose reply was lost: they are pending for this
+                # consumer now, which another read of new ones never sees. The caller reads its own
+                # pending entries again (from "0").
+                raise
         else:
             if not reply:
                 return []

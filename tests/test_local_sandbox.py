@@ -143,6 +143,34 @@ async def test_a_context_holding_a_lone_surrogate_names_the_key(provider: LocalS
         await sb.close()
 
 
+def test_only_a_lone_surrogate_in_a_contexts_text_makes_the_runner_walk_the_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The walk for a lone surrogate is Python over the whole context: one emoji (a pair once escaped) in
+    # a big context made its reply several times slower when any escaped surrogate started it.
+    import io
+
+    from consumer.sandbox import runner as runner_module
+
+    walked: list[object] = []
+    real = runner_module._first_lone_surrogate
+
+    def counted(value: object, path: str) -> str | None:
+        walked.append(value)
+        return real(value, path)
+
+    monkeypatch.setattr(runner_module, "_first_lone_surrogate", counted)
+    r = runner_module.Runner(io.BytesIO(), io.BytesIO(), {})  # type: ignore[arg-type]
+    for context in ({"note": "ok \U0001f600", "k\U0001f600": ["\U00010348"]}, {"rows": list(range(1000))}):
+        r.globals["context"] = context
+        assert r._context_reply("n")["ok"]
+    assert walked == []
+    r.globals["context"] = {"rows": [1, "caf\udce9"]}
+    reply = r._context_reply("n")
+    assert not reply["ok"] and reply["error"]["message"].startswith("context['rows'][1] holds a lone surrogate")
+    assert walked and walked[0] is r.globals["context"]
+
+
 async def test_environment_is_scrubbed_and_secrets_are_private(
     provider: LocalSandboxProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

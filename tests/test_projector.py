@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cli.embedded import PostgresServer
 from consumer.projector import Projector, apply_events
@@ -708,3 +709,64 @@ async def test_read_group_answers_alike_on_every_client(redis: Redis, settings: 
     entries = [(i, ["a", str(n), "b", "é"]) for n, i in enumerate(ids)]
     assert new == entries
     assert again == [entries[0], (ids[1], []), entries[2]]
+
+
+async def test_an_older_node_event_that_is_not_a_start_is_written_alone(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Only a node_started event folds with the next: a node_finished without its outcome (a status of
+    # null, which PostgreSQL refuses) folded all the same, and went unseen rather than dead-lettered.
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    finished = node_event(EventType.NODE_FINISHED, "100-0", wf.id, status=None)
+    started = node_event(EventType.NODE_STARTED, "100-1", wf.id, input_context={"v": 1})
+    projector = Projector(settings, redis, pool, consumer="p-test")
+
+    async def after(batches: list[list[Event]]) -> tuple[list[str], dict[str, object] | None]:
+        async with pool.acquire() as conn:
+            await conn.execute("DELETE FROM node_runs WHERE execution_id = 77")
+            await conn.execute("DELETE FROM executions WHERE id = 77")
+            refused: list[str] = []
+            for batch in batches:
+                refused += [r.entry_id for r in await projector._write(conn, batch)]
+            row = await conn.fetchrow("SELECT status, input_context FROM node_runs WHERE execution_id = 77")
+            return refused, None if row is None else dict(row)
+
+    one_by_one = await after([[finished], [started]])
+    assert one_by_one == (["100-0"], {"status": "running", "input_context": {"v": 1}})
+    assert await after([[finished, started]]) == one_by_one
+
+
+async def test_a_read_of_new_events_whose_reply_is_lost_leaves_none_waiting_for_a_reclaim(
+    redis: Redis, settings: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis delivered the entries (pending for the projector now) and the reply was lost: reading new
+    # entries again, as a retry did, never sees them, and they waited for a reclaim (a visibility timeout)
+    # while later events were written before them. The projector reads its own pending entries instead.
+    import shared.connections as connections
+
+    settings = settings.model_copy(update={"visibility_timeout": 60.0})
+    keys = Keys.from_settings(settings)
+    await ensure_groups(redis, keys)
+    wf = await create_workflow(redis, settings, pool, linear("pass"))
+    real = connections.lean_command
+    lost: list[Any] = []
+
+    async def loses_a_reply(client: Redis, *args: Any) -> Any:
+        reply = await real(client, *args)
+        if args[0] == "XREADGROUP" and args[-1] == ">" and reply and not lost:
+            lost.append(reply)
+            raise RedisConnectionError("Connection closed by server.")
+        return reply
+
+    monkeypatch.setattr(connections, "lean_command", loses_a_reply)
+    queued = {"workflow_name": "wf", "enqueued_at": "2024-05-01T10:00:00.000Z", "initial_context": {"a": 1}}
+    emitter = Emitter(redis, settings, execution_id=1, task_id="t1", client="acme", workflow_id=wf.id)
+    await emitter.emit(EventType.QUEUED, queued)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Projector(settings, redis, pool, consumer="p-test").run(stop))
+    try:
+        await until(lambda: pool.fetchval("SELECT count(*) FROM executions WHERE id = 1"), "the lost entry projected")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert lost

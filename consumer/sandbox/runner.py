@@ -14,6 +14,7 @@ import io
 import json
 import linecache
 import os
+import re
 import resource
 import struct
 import sys
@@ -87,6 +88,14 @@ def _first_unserialisable(value: object, path: str) -> str | None:
             if found:
                 return found
     return f"{path} is not JSON-serialisable ({type(value).__name__})"
+
+
+# A surrogate escape in JSON text that is not half of a pair: a high one not followed by a low one, or a
+# low one not after a high one. (An escaped backslash before "ud800" matches too: the walk then finds
+# nothing, a false alarm that only costs the walk.)
+_LONE_SURROGATE = re.compile(
+    r"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}"
+)
 
 
 def _first_lone_surrogate(value: object, path: str) -> str | None:
@@ -246,11 +255,6 @@ class Runner:
         except (TypeError, ValueError):
             problem = _first_unserialisable(context, "context") or "context is not JSON-serialisable"
             return {"ok": False, "error": _error("TypeError", problem, "", "serialization")}
-        # Any surrogate is escaped as \udXXX (the text is ASCII): looked for only then. Pairs (characters
-        # past U+FFFF, such as emoji) are fine; a lone one is not.
-        problem = _first_lone_surrogate(context, "context") if "\\ud" in encoded else None
-        if problem:
-            return {"ok": False, "error": _error("UnicodeEncodeError", problem, "", "serialization")}
         size = len(encoded)
         if size > self.context_cap:
             return {
@@ -262,6 +266,11 @@ class Runner:
                     "limit:context",
                 ),
             }
+        # Every surrogate is escaped (the text is ASCII): the context is walked for a lone one only when the
+        # text shows one, not for pairs (characters past U+FFFF, such as emoji), which are fine.
+        problem = _first_lone_surrogate(context, "context") if _LONE_SURROGATE.search(encoded) else None
+        if problem:
+            return {"ok": False, "error": _error("UnicodeEncodeError", problem, "", "serialization")}
         return {"ok": True, "context_json": encoded}
 
 
