@@ -9,10 +9,15 @@ each read and each projector batch carries fewer executions, and the same work c
 
 From those figures, a throughput is projected for N worker processes on C cores:
 
-    X(N) = min(N / w, 1 / r, N * J, C / (w + r + p + a + w * R / N))
+    X(N) = min(N / (w + r), 1 / r, N * J, C / (w + r + p + a + w * R / N))
 
 with w, r, p, a the worker's, Redis's, PostgreSQL's and the API's CPU per execution. A worker process and
 Redis each use at most one core (one event loop, one main thread), and all of them share the C cores.
+A worker process also waits for Redis's work on its own runs: it reads up to its concurrency's worth of
+requests, runs them, and sends their writes in one batch, which all of them then wait on, so little of
+its own work overlaps Redis's on them (its projector's, a share of w, does). Each process is then a loop
+of w on its core and r on Redis's, N / (w + r) for N of them. (Before this term, X(1) was 24% over the
+measured run at w = 0.26 ms; at w = 0.18 ms, 34%: the wait counts for more the cheaper the run.)
 J is the most executions per second one projector writes to PostgreSQL (each worker process has its
 own): a serial stage, each batch waiting on PostgreSQL and then on the projector's loop, so it is
 measured, not derived from CPU: a projector alone draining a backlog, less the time its and its
@@ -27,9 +32,10 @@ R is read from the scheduler, not fitted: the machine's mean count of runnable t
 (their threads' /proc/<pid>/task/<tid>/schedstat, `scheduled_seconds`), less the sampling thread itself.
 The bench compares X(1) and X(2) with measured runs on the same machine.
 
-Left out, and so the rest of the error: a worker is not runnable all the time (a run's start; and its
-projector, which shares the worker's event loop, falls behind the runs while they go on and writes the
-last batches alone, waiting on PostgreSQL), which makes X too high when few threads compete; a worker got 1.1-1.4
+Left out, and so the rest of the error: a worker is not runnable all the time beyond its wait on Redis
+(a run's start; and its projector, which shares the worker's event loop, falls behind the runs while they
+go on and writes the last batches alone, waiting on PostgreSQL), which makes X too high when few threads
+compete; a worker got 1.1-1.4
 times an equal share beside the other threads in exploratory runs (likely: the kernel's autogroups share
 first between sessions, and a thread that often blocks is favoured when it wakes), which makes X too low
 when many do; and w grows a little with N. Not counted at all: a process reaped by the kernel instead of
@@ -133,13 +139,15 @@ def projected_throughput(
     w, r = cost_ms["worker"], cost_ms["redis"]
     # Every competing thread gets as much CPU as one busy worker: w / N per execution each.
     budget = sum(cost_ms.values()) + w * competing / workers
-    return min(workers * 1000 / w, 1000 / r, workers * projector_exec_s, cores * 1000 / budget)
+    # Each worker process waits on Redis's share of its own batches (the module's doc): a loop of w + r.
+    return min(workers * 1000 / (w + r), 1000 / r, workers * projector_exec_s, cores * 1000 / budget)
 
 
 def capacity(cost_ms: Mapping[str, float]) -> dict[str, float]:
-    """What one core of each role carries, and how many worker processes one Redis core serves."""
+    """What one core of each role carries, and how many worker processes one Redis core serves: each
+    carries 1 / (w + r) at most (it waits on Redis's share of its batches: the module's doc), Redis 1 / r."""
     out = {f"{role}_exec_s_per_core": 1000 / ms for role, ms in cost_ms.items() if ms > 0}
-    out["workers_per_redis"] = cost_ms["worker"] / cost_ms["redis"]
+    out["workers_per_redis"] = (cost_ms["worker"] + cost_ms["redis"]) / cost_ms["redis"]
     return out
 
 
