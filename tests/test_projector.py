@@ -618,6 +618,21 @@ async def test_after_a_short_read_the_projector_lingers_and_takes_a_runs_next_ev
     assert await pool.fetchval("SELECT status FROM executions WHERE id = 5") == "completed"
 
 
+async def node_run_77_after(
+    projector: Projector, pool: asyncpg.Pool, batches: list[list[Event]]
+) -> tuple[list[str], dict[str, object] | None]:
+    """The entries refused and node_event's row (its status and input context) once `batches` are written
+    in turn from nothing, as the projector writes a batch."""
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM node_runs WHERE execution_id = 77")
+        await conn.execute("DELETE FROM executions WHERE id = 77")
+        refused: list[str] = []
+        for batch in batches:
+            refused += [r.entry_id for r in await projector._write(conn, batch)]
+        row = await conn.fetchrow("SELECT status, input_context FROM node_runs WHERE execution_id = 77")
+        return refused, None if row is None else dict(row)
+
+
 async def test_a_node_event_postgresql_refuses_is_refused_when_it_shares_a_batch_with_the_next(
     redis: Redis, settings: Settings, pool: asyncpg.Pool
 ) -> None:
@@ -629,19 +644,9 @@ async def test_a_node_event_postgresql_refuses_is_refused_when_it_shares_a_batch
     finished = node_event(EventType.NODE_FINISHED, "100-1", wf.id, status="success", attempt=1)
     projector = Projector(settings, redis, pool, consumer="p-test")
 
-    async def after(batches: list[list[Event]]) -> tuple[list[str], dict[str, object] | None]:
-        async with pool.acquire() as conn:
-            await conn.execute("DELETE FROM node_runs WHERE execution_id = 77")
-            await conn.execute("DELETE FROM executions WHERE id = 77")
-            refused: list[str] = []
-            for batch in batches:
-                refused += [r.entry_id for r in await projector._write(conn, batch)]
-            row = await conn.fetchrow("SELECT status, input_context FROM node_runs WHERE execution_id = 77")
-            return refused, None if row is None else dict(row)
-
-    one_by_one = await after([[started], [finished]])
+    one_by_one = await node_run_77_after(projector, pool, [[started], [finished]])
     assert one_by_one == (["100-0"], {"status": "success", "input_context": None})
-    assert await after([[started, finished]]) == one_by_one
+    assert await node_run_77_after(projector, pool, [[started, finished]]) == one_by_one
 
 
 async def test_pending_entries_behind_a_page_of_deleted_ones_are_read_again_at_once(
@@ -721,19 +726,9 @@ async def test_an_older_node_event_that_is_not_a_start_is_written_alone(
     started = node_event(EventType.NODE_STARTED, "100-1", wf.id, input_context={"v": 1})
     projector = Projector(settings, redis, pool, consumer="p-test")
 
-    async def after(batches: list[list[Event]]) -> tuple[list[str], dict[str, object] | None]:
-        async with pool.acquire() as conn:
-            await conn.execute("DELETE FROM node_runs WHERE execution_id = 77")
-            await conn.execute("DELETE FROM executions WHERE id = 77")
-            refused: list[str] = []
-            for batch in batches:
-                refused += [r.entry_id for r in await projector._write(conn, batch)]
-            row = await conn.fetchrow("SELECT status, input_context FROM node_runs WHERE execution_id = 77")
-            return refused, None if row is None else dict(row)
-
-    one_by_one = await after([[finished], [started]])
+    one_by_one = await node_run_77_after(projector, pool, [[finished], [started]])
     assert one_by_one == (["100-0"], {"status": "running", "input_context": {"v": 1}})
-    assert await after([[finished, started]]) == one_by_one
+    assert await node_run_77_after(projector, pool, [[finished, started]]) == one_by_one
 
 
 async def test_a_read_of_new_events_whose_reply_is_lost_leaves_none_waiting_for_a_reclaim(
