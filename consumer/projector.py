@@ -49,7 +49,6 @@ from shared.connections import (
     ensure_groups,
     is_missing_group,
     is_moved_away,
-    pairs_of,
     read_group,
 )
 from shared.db import LazyPool
@@ -61,11 +60,14 @@ from shared.streams import (
     EventType,
     Keys,
     Layout,
+    decode_fields,
     entry_id_parts,
+    fields_of,
     format_version,
     now_iso,
     parse_iso,
 )
+from shared.streams import pairs as flat_fields
 
 log = logging.getLogger(__name__)
 
@@ -445,12 +447,6 @@ def _folds(executions: list[tuple[tuple[Any, ...], Event]]) -> list[_Fold]:
     return folds
 
 
-def _fields_of(pairs: list[str]) -> dict[str, str]:
-    """An entry's fields by name, from read_group's flat list (a later field of the same name wins)."""
-    it = iter(pairs)
-    return dict(zip(it, it, strict=False))  # one iterator, taken two at a time
-
-
 # Columns of a node-run row (node_run_row) a fold does not send for its older event: its status (a
 # node_started event's is "running") and outcome, which a node_started event leaves empty, and its node
 # and attempt, which must then be the newer one's.
@@ -676,7 +672,7 @@ class Projector:
         )
         if claimed:
             log.info("projector reclaimed %d stale event(s)", len(claimed))
-            await self._project([(entry_id, pairs_of(fields)) for entry_id, fields in claimed])
+            await self._project([(entry_id, flat_fields(decode_fields(f))) for entry_id, f in claimed])
 
     async def _project(self, entries: list[tuple[str, list[str]]]) -> None:
         await self._write_batch(self._prepare(entries))
@@ -691,7 +687,7 @@ class Projector:
                 # An event as event_fields made it, in this format: every event a worker writes.
                 event = Event.from_pairs(entry_id, pairs)
                 if event is None:
-                    fields = _fields_of(pairs)
+                    fields = fields_of(pairs)
                     version = format_version(fields)
                     if version is None:
                         reason = "field v (the format version) is not a positive integer"
@@ -787,7 +783,7 @@ class Projector:
                     self.dead_letters,
                 )
                 letter = {
-                    **_fields_of(by_id.get(refusal.entry_id) or []),
+                    **fields_of(by_id.get(refusal.entry_id) or []),
                     DeadLetterField.REASON: refusal.reason,
                     DeadLetterField.ERROR: refusal.detail,
                     DeadLetterField.ORIGINAL_ID: refusal.entry_id,

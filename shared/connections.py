@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.db import create_pool
 from shared.settings import Settings
-from shared.streams import Keys, decode_fields
+from shared.streams import Keys, decode_fields, pairs
 
 # Errors that mean "Redis is unreachable or restarting", as opposed to a bad command. On a cluster also
 # a slot that is moving (TRYAGAIN past the client's own retries) or a shard with no master for a moment
@@ -419,11 +419,6 @@ def refusal_of(exc: ResponseError) -> ResponseError | None:
     return _REFUSALS[wrapped.group(1)](str(exc)) if wrapped else None
 
 
-def pairs_of(fields: dict[Any, Any]) -> list[str]:
-    """An entry's fields as a flat list of text (field, value, field, value, ...), as read_group gives them."""
-    return [x for pair in decode_fields(fields).items() for x in pair]
-
-
 async def read_group(
     redis: Redis, group: str, consumer: str, stream: str, cursor: str, *, count: int, block_ms: int | None = None
 ) -> list[tuple[str, list[str]]]:
@@ -463,7 +458,7 @@ async def read_group(
     else:
         streams = [items for _, items in answer or []]
     return [
-        (entry_id if isinstance(entry_id, str) else entry_id.decode(), pairs_of(fields or {}))
+        (entry_id if isinstance(entry_id, str) else entry_id.decode(), pairs(decode_fields(fields or {})))
         for items in streams
         for entry_id, fields in items
     ]

@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.connections import batcher_of, lean_command, refusal_of, takes_lean_commands
-from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField, decode_fields
+from shared.streams import FORMAT_VERSION, Keys, Lane, RequestField, decode_fields, pairs
 
 
 @cache
@@ -32,11 +32,6 @@ def lua_source(name: str) -> str:
     """A script of shared/lua/ with the helpers of lib.lua before it."""
     folder = resources.files("shared") / "lua"
     return (folder / "lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
-
-
-def pairs(mapping: dict[str, str]) -> list[str]:
-    """A dict as the flat field/value list Redis commands (and the scripts' ARGV) take."""
-    return [x for kv in mapping.items() for x in kv]
 
 
 # The fields every event of one task shares, as record.lua names them (EventField's values): a run's

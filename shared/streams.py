@@ -617,6 +617,18 @@ def decode_fields(fields: dict[Any, Any]) -> dict[str, str]:
     return out
 
 
+def pairs(mapping: dict[str, str]) -> list[str]:
+    """A dict as the flat field/value list Redis commands (and the scripts' ARGV) take, and stream replies
+    give (field, value, field, value, ...)."""
+    return [x for kv in mapping.items() for x in kv]
+
+
+def fields_of(flat: list[str]) -> dict[str, str]:
+    """A flat field/value list by name, as pairs() made it (a later field of the same name wins)."""
+    it = iter(flat)
+    return dict(zip(it, it, strict=False))  # one iterator, taken two at a time
+
+
 def entry_id_parts(entry_id: str) -> tuple[int, int]:
     """A stream id's (milliseconds, sequence): stream ids order events totally."""
     ms, _, seq = entry_id.partition("-")
