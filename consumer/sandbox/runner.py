@@ -268,7 +268,9 @@ class Runner:
             }
         # Every surrogate is escaped (the text is ASCII): the context is walked for a lone one only when the
         # text shows one, not for pairs (characters past U+FFFF, such as emoji), which are fine.
-        problem = _first_lone_surrogate(context, "context") if _LONE_SURROGATE.search(encoded) else None
+        # The substring test first: the pattern, tried at every position, cost 19 us on a 0.6 KB context.
+        lone = "\\ud" in encoded and _LONE_SURROGATE.search(encoded)
+        problem = _first_lone_surrogate(context, "context") if lone else None
         if problem:
             return {"ok": False, "error": _error("UnicodeEncodeError", problem, "", "serialization")}
         return {"ok": True, "context_json": encoded}
